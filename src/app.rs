@@ -1,0 +1,139 @@
+//! Process lifecycle for `serve` (and `demo`): open the store and audit log, bind, run, reload on
+//! SIGHUP, drain on SIGTERM / ctrl-c.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::audit::{self, AdminRecord, AuditLog, Entry};
+use crate::cli::{CliError, audit_config, load_config};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::server::{Server, TlsHandle};
+use crate::store::Store;
+
+/// A started gateway: bound listeners and background tasks.
+pub struct Started {
+    /// The gateway handle.
+    pub gateway: Gateway,
+    /// The bound server.
+    pub server: Server,
+    /// Background tasks (stopped on drop).
+    pub background: crate::gateway::BackgroundGuard,
+}
+
+/// Opens the store (refusing to serve if it is unreadable) and the audit log, and binds.
+pub async fn start(cfg: Config) -> Result<Started, CliError> {
+    let store = Store::open(&cfg.store.path, cfg.store.busy_timeout)
+        .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
+    store
+        .ping()
+        .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
+    let audit = AuditLog::open(audit_config(&cfg)).map_err(|e| CliError::failure(format!("audit log: {e}")))?;
+    let gateway = Gateway::new(cfg, store, audit);
+    let server = Server::bind(gateway.clone())
+        .await
+        .map_err(|e| CliError::failure(e.to_string()))?;
+    let background = gateway.spawn_background();
+    Ok(Started { gateway, server, background })
+}
+
+/// `tokengate serve`.
+pub async fn serve(config: Option<&Path>) -> Result<(), CliError> {
+    let cfg = load_config(config)?;
+    let source = cfg.source.clone();
+    let started = start(cfg).await?;
+    let gw = started.gateway.clone();
+    tracing::info!(
+        public = %started.server.public_addr(),
+        admin = %started.server.admin_addr(),
+        "tokengate listening"
+    );
+    let tls = started.server.tls_handle();
+    if let Some(path) = source {
+        spawn_reloader(gw.clone(), tls, path);
+    }
+    let Started { server, background, .. } = started;
+    server.run(shutdown_signal()).await;
+    drop(background);
+    gw.audit().shutdown();
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn spawn_reloader(gw: Gateway, tls: TlsHandle, path: PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            reload(&gw, &tls, &path).await;
+        }
+    });
+}
+
+/// Reloads config and certificates; a bad new config is refused and the old one kept.
+pub async fn reload(gw: &Gateway, tls: &TlsHandle, path: &Path) -> bool {
+    let p = path.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&p)).await;
+    let result = match loaded {
+        Ok(Ok(cfg)) => match tls.reload(&cfg) {
+            Ok(()) => Ok(cfg),
+            Err(e) => Err(e.to_string()),
+        },
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let (event, ok, detail) = match result {
+        Ok(cfg) => {
+            let old = gw.config();
+            if old.server.listen != cfg.server.listen || old.admin.listen != cfg.admin.listen {
+                tracing::warn!("listen addresses changed: restart tokengate to apply them");
+            }
+            gw.set_config(cfg);
+            gw.audit().reopen();
+            gw.metrics().reloads_ok.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(config = %path.display(), "configuration reloaded");
+            ("config.reloaded", true, None)
+        }
+        Err(e) => {
+            gw.metrics().reloads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(config = %path.display(), error = %e, "new configuration refused; keeping the old one");
+            ("config.reload_failed", false, Some(e))
+        }
+    };
+    let _ = gw.audit().record(Entry::Admin(AdminRecord {
+        timestamp: audit::now_rfc3339(),
+        event: event.into(),
+        actor: "signal:SIGHUP".into(),
+        auth_type: "signal".into(),
+        target: Some(path.display().to_string()),
+        reason: detail,
+        ..AdminRecord::default()
+    }));
+    // Give the writer a moment so tests and operators see the line promptly.
+    let _ = tokio::time::timeout(Duration::from_secs(1), gw.audit().flush_async()).await;
+    ok
+}

@@ -1,0 +1,274 @@
+//! Request validation and header hygiene (SPEC §5), fail closed.
+//!
+//! Hop-by-hop headers are those of RFC 9110 §7.6.1 (`Connection`, `Proxy-Connection`,
+//! `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`) plus every header the `Connection` field
+//! names; they are removed in both directions *before* the gateway adds its own headers, so
+//! `Connection: X-Tokengate-Token-Id` can never delete a header the gateway sets.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Version};
+
+use crate::error::Reject;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, RFC 9113 §8.2.2), plus proxy credentials and the h2c
+/// upgrade settings which never cross the gateway.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+];
+
+/// Headers the gateway owns: client copies are removed, then authoritative values are set.
+pub const GATEWAY_OWNED: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "forwarded",
+    "x-real-ip",
+    "x-request-id",
+    "x-tokengate-token-id",
+    "x-tokengate-token-name",
+    "x-tokengate-account",
+    "x-tokengate-permissions",
+];
+
+/// Headers that some backends treat as a different URL or method: always removed.
+pub const ALWAYS_REMOVED: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-uri",
+    "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(*n);
+    }
+}
+
+/// Removes client copies of gateway-owned headers and the URL/method override family.
+pub fn strip_owned(headers: &mut HeaderMap) {
+    for n in GATEWAY_OWNED.iter().chain(ALWAYS_REMOVED) {
+        headers.remove(*n);
+    }
+}
+
+/// What step 1 learned about a request.
+#[derive(Debug, Clone)]
+pub struct RequestFacts {
+    /// The Host (or `:authority`) the client used.
+    pub host: Option<HeaderValue>,
+    /// A WebSocket upgrade was requested.
+    pub websocket: bool,
+}
+
+/// Limits used by [`check`].
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum request-target length.
+    pub max_uri_bytes: usize,
+    /// Maximum total header bytes.
+    pub max_header_bytes: usize,
+    /// Maximum body size.
+    pub max_body_bytes: u64,
+}
+
+/// Step 1 (everything but the path): size limits, method allow-list, Host, header names, upgrades.
+pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) -> Result<RequestFacts, Reject> {
+    let bad = |reason: &'static str, message: &str| Reject::BadRequest {
+        reason,
+        message: message.to_string(),
+    };
+    let uri_len = parts
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().len())
+        .unwrap_or(1)
+        + parts.uri().authority().map(|a| a.as_str().len()).unwrap_or(0);
+    if uri_len > limits.max_uri_bytes {
+        return Err(Reject::UriTooLong);
+    }
+    let mut header_bytes = 0usize;
+    for (name, value) in parts.headers() {
+        header_bytes += name.as_str().len() + value.len() + 4;
+        if name.as_str().contains('_') {
+            return Err(bad(
+                "bad_header",
+                "Header names with `_` are not accepted (they collide with `-` in many backends).",
+            ));
+        }
+    }
+    if header_bytes > limits.max_header_bytes {
+        return Err(Reject::HeadersTooLarge);
+    }
+    if *parts.method() == Method::TRACE || *parts.method() == Method::CONNECT {
+        return Err(bad("method_not_allowed", "TRACE and CONNECT are not accepted."));
+    }
+    if !methods.iter().any(|m| m.as_str() == parts.method().as_str()) {
+        return Err(bad("method_not_allowed", "This method is not accepted by the gateway."));
+    }
+    if let Some(cl) = parts.headers().get(header::CONTENT_LENGTH) {
+        match cl.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
+            Some(n) if n > limits.max_body_bytes => return Err(Reject::BodyTooLarge),
+            Some(_) => {}
+            None => return Err(bad("bad_header", "Invalid Content-Length.")),
+        }
+    }
+
+    // Host: exactly one; the request-target's authority (absolute-form, or HTTP/2 :authority)
+    // must agree with it.
+    let mut hosts = parts.headers().get_all(header::HOST).iter();
+    let host = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(bad("bad_host", "Send exactly one Host header."));
+    }
+    let host = match (parts.version(), parts.uri().authority(), host) {
+        (Version::HTTP_2 | Version::HTTP_3, Some(auth), Some(h)) => {
+            if !h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes()) {
+                return Err(bad("bad_host", "Host does not match :authority."));
+            }
+            Some(h)
+        }
+        (Version::HTTP_2 | Version::HTTP_3, Some(auth), None) => {
+            Some(HeaderValue::from_str(auth.as_str()).map_err(|_| bad("bad_host", "Invalid :authority."))?)
+        }
+        (_, Some(auth), Some(h)) => {
+            if !h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes()) {
+                return Err(bad("bad_host", "The absolute-form target's authority does not match Host."));
+            }
+            Some(h)
+        }
+        (_, _, None) => return Err(bad("bad_host", "A Host header is required.")),
+        (_, None, Some(h)) => Some(h),
+    };
+    if let Some(h) = &host {
+        let ok = h
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| a.as_str().find('@').is_none());
+        if !ok {
+            return Err(bad("bad_host", "Invalid Host header."));
+        }
+    }
+    if let Some(auth) = parts.uri().authority() {
+        if auth.as_str().contains('@') {
+            return Err(bad("bad_host", "User information in the request target is not accepted."));
+        }
+    }
+
+    // Upgrades: only WebSocket, only where the route allows it (checked by the caller); never h2c.
+    let mut websocket = false;
+    let upgrades: Vec<&HeaderValue> = parts.headers().get_all(header::UPGRADE).iter().collect();
+    if !upgrades.is_empty() {
+        let list: Vec<String> = upgrades
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        if list.len() != 1 || list[0] != "websocket" || parts.version() != Version::HTTP_11 || *parts.method() != Method::GET {
+            return Err(Reject::UpgradeRefused);
+        }
+        let connection_upgrade = parts
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        if !connection_upgrade {
+            return Err(Reject::UpgradeRefused);
+        }
+        websocket = true;
+    }
+    if parts.headers().contains_key("http2-settings") {
+        return Err(Reject::UpgradeRefused);
+    }
+    Ok(RequestFacts { host, websocket })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(lines: &[(&str, &str)], uri: &str, method: &str) -> http::Request<()> {
+        let mut b = http::Request::builder().uri(uri).method(method);
+        for (k, v) in lines {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn methods() -> Vec<String> {
+        vec!["GET".into(), "POST".into()]
+    }
+
+    const L: Limits = Limits {
+        max_uri_bytes: 100,
+        max_header_bytes: 1000,
+        max_body_bytes: 1000,
+    };
+
+    #[test]
+    fn connection_named_headers_go_but_gateway_headers_are_set_after() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("X-Tokengate-Token-Id, keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-tokengate-token-id", HeaderValue::from_static("spoofed"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        strip_owned(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn step_one_rejections() {
+        let ok = parts(&[("host", "api.example")], "/x", "GET");
+        assert!(check(&ok, &methods(), L).is_ok());
+        let cases: Vec<(http::Request<()>, &str)> = vec![
+            (parts(&[("host", "a")], "/x", "TRACE"), "method_not_allowed"),
+            (parts(&[("host", "a")], "/x", "DELETE"), "method_not_allowed"),
+            (parts(&[], "/x", "GET"), "bad_host"),
+            (parts(&[("host", "a"), ("host", "b")], "/x", "GET"), "bad_host"),
+            (parts(&[("host", "a")], "http://b/x", "GET"), "bad_host"),
+            (parts(&[("host", "a"), ("x_auth_user", "admin")], "/x", "GET"), "bad_header"),
+            (parts(&[("host", "a"), ("upgrade", "h2c"), ("connection", "upgrade")], "/x", "GET"), "upgrade_refused"),
+            (parts(&[("host", "a b")], "/x", "GET"), "bad_host"),
+            (parts(&[("host", "a"), ("content-length", "5000")], "/x", "POST"), "body_too_large"),
+        ];
+        for (p, reason) in cases {
+            assert_eq!(check(&p, &methods(), L).unwrap_err().reason(), reason, "{p:?}");
+        }
+        let long = format!("/{}", "a".repeat(200));
+        assert_eq!(check(&parts(&[("host", "a")], &long, "GET"), &methods(), L).unwrap_err().reason(), "uri_too_long");
+        let ws = parts(&[("host", "a"), ("upgrade", "websocket"), ("connection", "Upgrade")], "/x", "GET");
+        assert!(check(&ws, &methods(), L).unwrap().websocket);
+    }
+}

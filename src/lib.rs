@@ -1,0 +1,53 @@
+//! tokengate: a Bearer-token authentication gateway.
+//!
+//! Every request on the public listener runs the pipeline of SPEC §1 — canonicalise, failed-auth
+//! limiter, authenticate, authorise, rate-limit, audit, forward — and only then reaches the
+//! upstream. Tokens are stored only as SHA-256 hashes in SQLite and cached in memory.
+//!
+//! # Layout
+//! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
+//! - [`cli`] — clap definitions and the local-store commands (`account`, `token`, `audit`, ...).
+//! - [`app`] — process lifecycle for `serve`: start, SIGHUP reload, SIGTERM drain.
+//! - [`demo`] — `tokengate demo` and the built-in echo upstream.
+//! - [`config`] — TOML config: raw serde structs → validated [`config::Config`], named defaults.
+//! - [`error`] — [`error::Reject`] and the one function that turns a rejection into a response.
+//! - [`token`] — token format: generate, parse, checksum, display prefix, SHA-256.
+//! - [`store`] — SQLite store: migrations, accounts, tokens, change log.
+//! - [`cache`] — in-memory token cache with race-free invalidation.
+//! - [`path`] — canonical request paths (step 1).
+//! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
+//! - [`auth`] — credential extraction and token judgement (steps 3–5).
+//! - [`authz`] — rule templates, matching, permissions, scopes (step 6).
+//! - [`ratelimit`] — per-token GCRA limiter and per-IP failed-auth limiter (steps 2, 7).
+//! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
+//! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
+//! - [`body`] — body types and the streaming size/idle guard.
+//! - [`gateway`] — the state handle and the pipeline that ties the phases together.
+//! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
+//! - [`tls`] — rustls server configs from PEM files.
+//! - [`admin`] — the admin listener: health, readiness, metrics.
+//! - [`metrics`] — Prometheus counters and histograms.
+//! - [`clock`] — wall clock in ms (advanceable in tests) and RFC 3339 formatting.
+
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod authz;
+pub mod body;
+pub mod cache;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod gateway;
+pub mod hygiene;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod token;

@@ -1,0 +1,58 @@
+//! The `tokengate` binary: parse the CLI, set up operational logging, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokengate::cli::{self, Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => cli::EXIT_USAGE,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing(cli.log_format);
+    let result = match &cli.command {
+        Command::Serve | Command::Demo(_) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return cli::exit(Err(cli::CliError::failure(format!("cannot start the runtime: {e}")))),
+            };
+            rt.block_on(async {
+                match &cli.command {
+                    Command::Serve => tokengate::app::serve(cli.config.as_deref()).await,
+                    Command::Demo(args) => tokengate::demo::run(args).await,
+                    _ => unreachable!(),
+                }
+            })
+        }
+        _ => cli::run_local(&cli),
+    };
+    cli::exit(result)
+}
+
+/// Operational logs go to stderr: human-readable on a terminal, JSON otherwise or with
+/// `--log-format json`; the level comes from `RUST_LOG` (default `info`).
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,175 @@
+//! Forwarding (SPEC §1 step 9): builds the upstream request from the canonical path, streams both
+//! bodies, and cleans the upstream response.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::body::{Body, BodyOutcome, Guarded};
+use crate::config::RouteConfig;
+use crate::hygiene;
+use crate::store::TokenRow;
+
+/// Pooled keep-alive HTTP/1.1 client to the upstreams.
+pub type UpstreamClient = Client<HttpConnector, Body>;
+
+/// Builds the shared upstream client.
+pub fn client() -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .build(http)
+}
+
+/// What the gateway knows about the caller, for the forwarded headers.
+pub struct ForwardInfo<'a> {
+    /// Canonical path.
+    pub path: &'a str,
+    /// Untouched query.
+    pub query: Option<&'a str>,
+    /// Client IP (after trusted proxies).
+    pub client_ip: IpAddr,
+    /// `http` or `https` (the public listener).
+    pub proto: &'static str,
+    /// Host the client used.
+    pub host: Option<HeaderValue>,
+    /// Request id.
+    pub request_id: &'a str,
+    /// Authenticated token (None on public rules).
+    pub token: Option<&'a TokenRow>,
+    /// WebSocket upgrade.
+    pub websocket: bool,
+    /// Body limit.
+    pub max_body_bytes: u64,
+    /// Body idle timeout.
+    pub body_idle: Duration,
+}
+
+/// Builds the upstream request: the request line is the canonical path plus the untouched query;
+/// hop-by-hop and client copies of gateway-owned headers are removed before ours are set.
+pub fn upstream_request(
+    parts: http::request::Parts,
+    body: Incoming,
+    route: &RouteConfig,
+    info: &ForwardInfo<'_>,
+    outcome: BodyOutcome,
+) -> Request<Body> {
+    let mut pq = String::with_capacity(info.path.len() + info.query.map_or(0, |q| q.len() + 1));
+    pq.push_str(info.path);
+    if let Some(q) = info.query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let uri = Uri::builder()
+        .scheme(route.upstream_scheme.clone())
+        .authority(route.upstream.clone())
+        .path_and_query(pq)
+        .build()
+        .expect("canonical path and validated query form a URI");
+
+    let mut headers = parts.headers;
+    hygiene::strip_hop_by_hop(&mut headers);
+    hygiene::strip_owned(&mut headers);
+    // hyper re-frames the body; the client's framing is never copied.
+    headers.remove(header::CONTENT_LENGTH);
+    if !route.forward_authorization {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if let Some(h) = &info.host {
+        headers.insert(header::HOST, h.clone());
+        headers.insert("x-forwarded-host", h.clone());
+    }
+    let ip = info.client_ip.to_string();
+    let ip_value = HeaderValue::from_str(&ip).expect("an IP is a valid header value");
+    headers.insert("x-forwarded-for", ip_value.clone());
+    headers.insert("x-real-ip", ip_value);
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
+    let for_ = match info.client_ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut forwarded = format!("for={for_};proto={}", info.proto);
+    if let Some(h) = info.host.as_ref().and_then(|h| h.to_str().ok()) {
+        forwarded.push_str(&format!(";host=\"{h}\""));
+    }
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(info.request_id) {
+        headers.insert("x-request-id", v);
+    }
+    if let Some(t) = info.token {
+        let set = |headers: &mut http::HeaderMap, name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.insert(name, v);
+            }
+        };
+        set(&mut headers, "x-tokengate-token-id", &t.id);
+        set(&mut headers, "x-tokengate-token-name", &t.name);
+        set(&mut headers, "x-tokengate-account", &t.account);
+        set(&mut headers, "x-tokengate-permissions", &t.permissions.join(","));
+    }
+    if info.websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+
+    let body = Guarded::new(body, info.max_body_bytes, info.body_idle, outcome).boxed_unsync();
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Cleans the upstream response head and wraps its body with the idle guard.
+pub fn downstream_response(resp: Response<Incoming>, body_idle: Duration) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let upgrade = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    hygiene::strip_hop_by_hop(&mut parts.headers);
+    if upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let body = Guarded::new(body, u64::MAX, body_idle, BodyOutcome::default()).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+/// After a 101 from the upstream: splice the two upgraded connections together.
+pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (c, u) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let mut c = TokioIo::new(c);
+        let mut u = TokioIo::new(u);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+            tracing::debug!(error = %e, "websocket connection ended");
+        }
+    });
+}
+
+/// An empty body for a `Bytes` request (used by internal calls).
+pub fn bytes_body(b: Bytes) -> Body {
+    crate::body::full(b)
+}

@@ -1,0 +1,345 @@
+//! Rate limits (SPEC §4): a GCRA limiter per token, and a per-client-IP limiter on failed
+//! authentication whose memory stays bounded under a flood of new addresses.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::state::{InMemoryState, NotKeyed, keyed::DefaultKeyedStateStore};
+use governor::{Quota, RateLimiter};
+
+use crate::config::Rate;
+
+/// Result of an allowed check: what goes into the `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    /// `RateLimit-Limit`: the burst size.
+    pub limit: u32,
+    /// `RateLimit-Remaining`.
+    pub remaining: u32,
+    /// `RateLimit-Reset`: seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+/// A refused check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    /// Burst size.
+    pub limit: u32,
+    /// Seconds until one request is allowed again (rounded up, at least 1).
+    pub retry_after: u64,
+}
+
+fn quota(rate: Rate) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / rate.requests_per_second).max(Duration::from_nanos(1));
+    Quota::with_period(period)
+        .expect("non-zero period")
+        .allow_burst(NonZeroU32::new(rate.burst.max(1)).expect("non-zero"))
+}
+
+type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+
+struct Bucket<C: Clock> {
+    rate: Rate,
+    limiter: Direct<C>,
+}
+
+/// Per-token limiters, keyed by token id. Each token gets its own GCRA state with its own rate
+/// (override, else role, else default); a changed rate (config reload) replaces the state.
+pub struct TokenLimiter<C: Clock = DefaultClock> {
+    clock: C,
+    /// DashMap: lookups of different tokens never contend.
+    buckets: DashMap<Arc<str>, Arc<Bucket<C>>>,
+    limited: AtomicU64,
+}
+
+impl TokenLimiter<DefaultClock> {
+    /// Limiter on the real clock.
+    pub fn new() -> Self {
+        Self::with_clock(DefaultClock::default())
+    }
+}
+
+impl Default for TokenLimiter<DefaultClock> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: Clock + Clone> TokenLimiter<C> {
+    /// Limiter on a given clock (tests use governor's `FakeRelativeClock`).
+    pub fn with_clock(clock: C) -> Self {
+        TokenLimiter {
+            clock,
+            buckets: DashMap::new(),
+            limited: AtomicU64::new(0),
+        }
+    }
+
+    fn bucket(&self, token_id: &str, rate: Rate) -> Arc<Bucket<C>> {
+        if let Some(b) = self.buckets.get(token_id) {
+            if b.rate == rate {
+                return b.clone();
+            }
+        }
+        let b = Arc::new(Bucket {
+            rate,
+            limiter: RateLimiter::direct_with_clock(quota(rate), self.clock.clone()).with_middleware::<StateInformationMiddleware>(),
+        });
+        self.buckets.insert(Arc::from(token_id), b.clone());
+        b
+    }
+
+    /// Takes one cell for `token_id` at `rate`.
+    pub fn check(&self, token_id: &str, rate: Rate) -> Result<Allowance, Denied> {
+        let b = self.bucket(token_id, rate);
+        match b.limiter.check() {
+            Ok(snap) => {
+                let remaining = snap.remaining_burst_capacity();
+                let missing = rate.burst.saturating_sub(remaining) as f64;
+                Ok(Allowance {
+                    limit: rate.burst,
+                    remaining,
+                    reset_secs: (missing / rate.requests_per_second).ceil() as u64,
+                })
+            }
+            Err(not_until) => {
+                self.limited.fetch_add(1, Ordering::Relaxed);
+                let wait = not_until.wait_time_from(self.clock.now());
+                Err(Denied {
+                    limit: rate.burst,
+                    retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+                })
+            }
+        }
+    }
+
+    /// Forget a token (revoked).
+    pub fn forget(&self, token_id: &str) {
+        self.buckets.remove(token_id);
+    }
+
+    /// Requests refused so far.
+    pub fn limited_count(&self) -> u64 {
+        self.limited.load(Ordering::Relaxed)
+    }
+}
+
+/// Client key for the failed-auth limiter: IPv4 address, or the IPv6 /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
+type Keyed<C> = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// Failed-authentication limiter per client IP (IPv6 by /64).
+///
+/// Failures consume cells of a `failed_auth_per_minute` quota; a client that runs out is blocked
+/// until its bucket refills, and blocked clients are answered 429 before any token lookup.
+/// Memory: at most `max_clients` keys in each map; past that, keys back at a fresh state are
+/// dropped (`retain_recent` + `shrink_to_fit`), and if the flood is still larger, the state is
+/// replaced by an empty one (a flood of new addresses cannot grow memory without bound).
+pub struct FailedAuthLimiter<C: Clock = DefaultClock> {
+    clock: C,
+    quota: Quota,
+    /// ArcSwap so an overflowing state can be replaced without a lock on the request path.
+    limiter: ArcSwap<Keyed<C>>,
+    blocked: DashMap<IpAddr, C::Instant>,
+    max_clients: usize,
+    overflows: AtomicU64,
+}
+
+impl FailedAuthLimiter<DefaultClock> {
+    /// Limiter on the real clock.
+    pub fn new(per_minute: u32, max_clients: usize) -> Self {
+        Self::with_clock(per_minute, max_clients, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> FailedAuthLimiter<C> {
+    /// Limiter on a given clock.
+    pub fn with_clock(per_minute: u32, max_clients: usize, clock: C) -> Self {
+        let quota = Quota::per_minute(NonZeroU32::new(per_minute.max(1)).expect("non-zero"));
+        FailedAuthLimiter {
+            limiter: ArcSwap::from_pointee(RateLimiter::dashmap_with_clock(quota, clock.clone())),
+            quota,
+            clock,
+            blocked: DashMap::new(),
+            max_clients: max_clients.max(1),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    /// Step 2: is this client currently blocked? Returns seconds to wait.
+    pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        if self.blocked.is_empty() {
+            return None;
+        }
+        let key = client_key(ip);
+        let until = *self.blocked.get(&key)?;
+        let now = self.clock.now();
+        if until > now {
+            let wait: Duration = until.duration_since(now).into();
+            Some(wait.as_secs_f64().ceil().max(1.0) as u64)
+        } else {
+            self.blocked.remove(&key);
+            None
+        }
+    }
+
+    /// Records one failed authentication from `ip`.
+    pub fn record_failure(&self, ip: IpAddr) {
+        let key = client_key(ip);
+        let limiter = self.limiter.load();
+        let limiter = if limiter.len() >= self.max_clients {
+            self.compact();
+            self.limiter.load()
+        } else {
+            limiter
+        };
+        if let Err(not_until) = limiter.check_key(&key) {
+            if self.blocked.len() >= self.max_clients {
+                let now = self.clock.now();
+                self.blocked.retain(|_, until| *until > now);
+                if self.blocked.len() >= self.max_clients {
+                    self.overflows.fetch_add(1, Ordering::Relaxed);
+                    self.blocked.clear();
+                    self.blocked.shrink_to_fit();
+                }
+            }
+            self.blocked.insert(key, not_until.earliest_possible());
+        }
+    }
+
+    /// Drops keys whose state is back to fresh and gives memory back; starts over if still over
+    /// the cap. Also run periodically by the gateway.
+    pub fn compact(&self) {
+        let limiter = self.limiter.load();
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        if limiter.len() >= self.max_clients {
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                clients = limiter.len(),
+                cap = self.max_clients,
+                "failed-auth limiter over its client cap; forgetting tracked clients"
+            );
+            self.limiter
+                .store(Arc::new(RateLimiter::dashmap_with_clock(self.quota, self.clock.clone())));
+        }
+        let now = self.clock.now();
+        self.blocked.retain(|_, until| *until > now);
+        self.blocked.shrink_to_fit();
+    }
+
+    /// Tracked client keys (limiter state, blocked list).
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.limiter.load().len(), self.blocked.len())
+    }
+
+    /// Times the cap forced forgetting.
+    pub fn overflow_count(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    #[test]
+    fn one_token_bursts_into_429_while_another_is_unaffected_and_it_refills() {
+        let clock = FakeRelativeClock::default();
+        let l = TokenLimiter::with_clock(clock.clone());
+        let rate = Rate { requests_per_second: 2.0, burst: 3 };
+        for expect_remaining in [2, 1, 0] {
+            let a = l.check("tok_a", rate).unwrap();
+            assert_eq!(a.limit, 3);
+            assert_eq!(a.remaining, expect_remaining);
+        }
+        let d = l.check("tok_a", rate).unwrap_err();
+        assert_eq!(d.retry_after, 1);
+        assert_eq!(d.limit, 3);
+        assert_eq!(l.check("tok_b", rate).unwrap().remaining, 2);
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(l.check("tok_a", rate).unwrap().remaining, 0);
+        assert!(l.check("tok_a", rate).is_err());
+        clock.advance(Duration::from_secs(2));
+        let a = l.check("tok_a", rate).unwrap();
+        assert_eq!(a.remaining, 2);
+        assert_eq!(a.reset_secs, 1);
+        assert_eq!(l.limited_count(), 2);
+    }
+
+    #[test]
+    fn a_changed_rate_takes_effect() {
+        let l = TokenLimiter::with_clock(FakeRelativeClock::default());
+        assert!(l.check("t", Rate { requests_per_second: 1.0, burst: 1 }).is_ok());
+        assert!(l.check("t", Rate { requests_per_second: 1.0, burst: 1 }).is_err());
+        assert!(l.check("t", Rate { requests_per_second: 1.0, burst: 5 }).is_ok());
+    }
+
+    #[test]
+    fn failed_auth_blocks_after_the_quota_and_unblocks() {
+        let clock = FakeRelativeClock::default();
+        let f = FailedAuthLimiter::with_clock(3, 1000, clock.clone());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..3 {
+            assert!(f.blocked(ip).is_none());
+            f.record_failure(ip);
+        }
+        assert!(f.blocked(ip).is_none());
+        f.record_failure(ip);
+        let wait = f.blocked(ip).unwrap();
+        assert!((1..=20).contains(&wait), "{wait}");
+        assert!(f.blocked("192.0.2.8".parse().unwrap()).is_none());
+        clock.advance(Duration::from_secs(21));
+        assert!(f.blocked(ip).is_none());
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
+        let clock = FakeRelativeClock::default();
+        let f = FailedAuthLimiter::with_clock(1, 1000, clock);
+        f.record_failure(a);
+        f.record_failure(b);
+        assert!(f.blocked(a).is_some());
+        assert!(f.blocked(c).is_none());
+    }
+
+    #[test]
+    fn a_million_new_addresses_stay_under_the_cap() {
+        let clock = FakeRelativeClock::default();
+        let cap = 10_000;
+        let f = FailedAuthLimiter::with_clock(20, cap, clock);
+        for i in 0..1_000_000u32 {
+            f.record_failure(IpAddr::V4(std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761))));
+            let (tracked, blocked) = f.tracked();
+            assert!(tracked <= cap && blocked <= cap);
+        }
+        assert!(f.overflow_count() > 0);
+    }
+}

@@ -1,0 +1,296 @@
+//! Listeners: accept → connection limits → TLS handshake (own timeout) → `TokioIo` → hyper's
+//! auto (HTTP/1.1 + HTTP/2) builder with its timer set (without a timer hyper's header read
+//! timeout silently does nothing) → the gateway pipeline. Graceful drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin;
+use crate::config::Config;
+use crate::gateway::{ConnInfo, Gateway};
+use crate::tls::{self, TlsError};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A bound server, not yet running.
+pub struct Server {
+    gateway: Gateway,
+    public: TcpListener,
+    admin: TcpListener,
+    public_tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    admin_tls: Arc<ArcSwapOption<TlsAcceptor>>,
+}
+
+/// Handle to a running server's TLS material, for reloads.
+#[derive(Clone)]
+pub struct TlsHandle {
+    public: Arc<ArcSwapOption<TlsAcceptor>>,
+    admin: Arc<ArcSwapOption<TlsAcceptor>>,
+}
+
+impl TlsHandle {
+    /// Reloads certificates from the config; on error the old ones stay.
+    pub fn reload(&self, cfg: &Config) -> Result<(), TlsError> {
+        let public = acceptor(cfg.server.tls.as_ref())?;
+        let admin = acceptor(cfg.admin.tls.as_ref())?;
+        self.public.store(public.map(Arc::new));
+        self.admin.store(admin.map(Arc::new));
+        Ok(())
+    }
+}
+
+fn acceptor(files: Option<&crate::config::TlsFiles>) -> Result<Option<TlsAcceptor>, TlsError> {
+    files.map(|f| tls::server_config(f).map(TlsAcceptor::from)).transpose()
+}
+
+impl Server {
+    /// Binds both listeners (port 0 allowed) and loads TLS.
+    pub async fn bind(gateway: Gateway) -> Result<Server, ServerError> {
+        let cfg = gateway.config();
+        let public_tls = acceptor(cfg.server.tls.as_ref())?;
+        let admin_tls = acceptor(cfg.admin.tls.as_ref())?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        };
+        let public = bind(cfg.server.listen).await?;
+        let admin = bind(cfg.admin.listen).await?;
+        Ok(Server {
+            gateway,
+            public,
+            admin,
+            public_tls: Arc::new(ArcSwapOption::new(public_tls.map(Arc::new))),
+            admin_tls: Arc::new(ArcSwapOption::new(admin_tls.map(Arc::new))),
+        })
+    }
+
+    /// Public listener address.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().expect("bound")
+    }
+
+    /// Admin listener address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("bound")
+    }
+
+    /// TLS reload handle.
+    pub fn tls_handle(&self) -> TlsHandle {
+        TlsHandle {
+            public: self.public_tls.clone(),
+            admin: self.admin_tls.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, drains in-flight requests up to
+    /// `server.shutdown_grace`, and flushes last-used data and the audit log.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let gw = self.gateway.clone();
+        let public = tokio::spawn(accept_loop(
+            self.public,
+            self.public_tls.clone(),
+            Role::Public,
+            gw.clone(),
+            stop_rx.clone(),
+            graceful.clone(),
+        ));
+        let admin = tokio::spawn(accept_loop(
+            self.admin,
+            self.admin_tls.clone(),
+            Role::Admin,
+            gw.clone(),
+            stop_rx,
+            graceful.clone(),
+        ));
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = stop_tx.send(true);
+        let _ = public.await;
+        let _ = admin.await;
+        let grace = gw.config().server.shutdown_grace;
+        match Arc::try_unwrap(graceful) {
+            Ok(g) => {
+                if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
+                    tracing::warn!(?grace, "drain deadline passed; closing remaining connections");
+                }
+            }
+            Err(_) => tracing::warn!("connection tracker still shared; skipping drain"),
+        }
+        gw.flush_last_used().await;
+        if let Err(e) = gw.audit().flush_async().await {
+            tracing::error!(error = %e, "audit log flush at shutdown failed");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Public,
+    Admin,
+}
+
+/// Counts connections per client IP; the guard gives the slot back.
+struct ConnSlot {
+    ip: IpAddr,
+    per_ip: Arc<DashMap<IpAddr, usize>>,
+    gw: Gateway,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.gw.metrics().open_connections.fetch_sub(1, Ordering::Relaxed);
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(self.ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    role: Role,
+    gw: Gateway,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    let per_ip: Arc<DashMap<IpAddr, usize>> = Arc::new(DashMap::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let cfg = gw.config();
+        let slot = if role == Role::Public {
+            let open = gw.metrics().open_connections.load(Ordering::Relaxed);
+            if open >= cfg.server.max_connections as i64 {
+                tracing::debug!(%peer, "connection limit reached; closing");
+                continue;
+            }
+            let ip = peer.ip();
+            {
+                let mut n = per_ip.entry(ip).or_insert(0);
+                if *n >= cfg.server.max_connections_per_ip {
+                    tracing::debug!(%peer, "per-IP connection limit reached; closing");
+                    continue;
+                }
+                *n += 1;
+            }
+            gw.metrics().open_connections.fetch_add(1, Ordering::Relaxed);
+            Some(ConnSlot { ip, per_ip: per_ip.clone(), gw: gw.clone() })
+        } else {
+            None
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = tls.load_full();
+        let gw = gw.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_connection(stream, peer, acceptor, role, gw, watcher).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<Arc<TlsAcceptor>>,
+    role: Role,
+    gw: Gateway,
+    watcher: Watcher,
+) {
+    let cfg = gw.config();
+    let conn = ConnInfo { peer, tls: acceptor.is_some() };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.server.header_read_timeout)
+        .max_buf_size((cfg.server.max_header_bytes + cfg.server.max_uri_bytes + 4096).max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.server.h2_max_concurrent_streams)
+        .max_header_list_size((cfg.server.max_header_bytes + cfg.server.max_uri_bytes) as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let svc = {
+        let gw = gw.clone();
+        service_fn(move |req| {
+            let gw = gw.clone();
+            async move {
+                let resp = match role {
+                    Role::Public => gw.handle(req, conn).await,
+                    Role::Admin => admin::handle(&gw, req, conn).await,
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    match acceptor {
+        None => {
+            let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(c.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout(cfg.server.tls_handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let c = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            if let Err(e) = watcher.watch(c.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+    }
+}

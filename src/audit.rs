@@ -446,9 +446,14 @@ impl AuditLog {
                 if tail.skipped > 0 {
                     tracing::warn!(path = %path.display(), lines = tail.skipped, "audit log tail holds lines that are not audit records; the chain continues from the last record");
                 }
+                let mut sink = sink;
                 let repair = if tail.torn {
                     tracing::warn!(path = %path.display(), "audit log ends with an incomplete line (a crash mid-write?); it is left in place and writing continues on a fresh line");
-                    Repair::Newline
+                    // End it now; if that fails the writer retries before the first record.
+                    match write_counted(sink.as_mut(), b"\n") {
+                        (1, None) => Repair::None,
+                        _ => Repair::Newline,
+                    }
                 } else {
                     Repair::None
                 };
@@ -634,9 +639,7 @@ impl Inner {
         lock(&s.queue).closing = true;
         s.wake.notify_all();
         let handle = lock(&self.thread).take();
-        if let Some(h) = handle
-            && h.join().is_err()
-        {
+        if handle.is_some_and(|h| h.join().is_err()) {
             tracing::error!("audit writer thread panicked");
         }
     }
@@ -914,20 +917,23 @@ impl Writer {
             return;
         }
         match self.write_pending() {
-            Ok(()) => {
-                if failing {
-                    tracing::warn!(
-                        failed_attempts = self.failures_in_row,
-                        "audit log writable again; queued records written"
-                    );
-                }
-                self.next_retry = None;
-                self.failures_in_row = 0;
-                self.next_alert = None;
-                self.shared.healthy.store(true, Ordering::Release);
-            }
+            Ok(()) => self.recovered(),
             Err(e) => self.failed(&e),
         }
+    }
+
+    /// A write succeeded. Called before the written lines are published, so a `flush` that
+    /// returns never sees the writer still marked unhealthy.
+    fn recovered(&mut self) {
+        if self.next_retry.take().is_some() {
+            tracing::warn!(
+                failed_attempts = self.failures_in_row,
+                "audit log writable again; queued records are being written"
+            );
+        }
+        self.failures_in_row = 0;
+        self.next_alert = None;
+        self.shared.healthy.store(true, Ordering::Release);
     }
 
     fn failed(&mut self, e: &io::Error) {
@@ -983,11 +989,9 @@ impl Writer {
                 break;
             };
             let start = sink.size()?;
-            if let (Some(max), Some(len)) = (self.max_bytes, start)
-                && len > 0
-                && len + front.len() as u64 > max
-                && self.next_rotation_try.is_none_or(|t| Instant::now() >= t)
-            {
+            let over = matches!((self.max_bytes, start),
+                (Some(max), Some(len)) if len > 0 && len + front.len() as u64 > max);
+            if over && self.next_rotation_try.is_none_or(|t| Instant::now() >= t) {
                 self.rotate()?;
                 continue;
             }
@@ -998,8 +1002,8 @@ impl Writer {
                     if self.chunk.len() + line.len() > CHUNK_BYTES {
                         break;
                     }
-                    if let (Some(max), Some(len)) = (self.max_bytes, start)
-                        && len + (self.chunk.len() + line.len()) as u64 > max
+                    let grown = (self.chunk.len() + line.len()) as u64;
+                    if matches!((self.max_bytes, start), (Some(max), Some(len)) if len + grown > max)
                     {
                         break;
                     }
@@ -1017,24 +1021,28 @@ impl Writer {
             } else {
                 self.ends[complete - 1]
             };
+            let Some(e) = err else {
+                self.recovered();
+                self.pending.drain(..complete);
+                mark_written(&self.shared, complete);
+                continue;
+            };
             self.pending.drain(..complete);
             mark_written(&self.shared, complete);
-            if let Some(e) = err {
-                if n > boundary {
-                    // A short write left part of a line: cut it back so the file ends on a line.
-                    self.repair = match start {
-                        Some(len) => {
-                            let good = len + boundary as u64;
-                            match sink.truncate(good) {
-                                Ok(()) => Repair::None,
-                                Err(_) => Repair::Truncate(good),
-                            }
+            if n > boundary {
+                // A short write left part of a line: cut it back so the file ends on a line.
+                self.repair = match start {
+                    Some(len) => {
+                        let good = len + boundary as u64;
+                        match sink.truncate(good) {
+                            Ok(()) => Repair::None,
+                            Err(_) => Repair::Truncate(good),
                         }
-                        None => Repair::Newline,
-                    };
-                }
-                return Err(e);
+                    }
+                    None => Repair::Newline,
+                };
             }
+            return Err(e);
         }
         if let Some(sink) = self.sink.as_mut() {
             sink.flush()?;
@@ -1109,7 +1117,8 @@ fn shift_rotated(path: &Path) -> io::Result<()> {
     for n in (1..ROTATE_KEEP).rev() {
         ignore_missing(fs::rename(rotated_name(path, n), rotated_name(path, n + 1)))?;
     }
-    fs::rename(path, rotated_name(path, 1))
+    // NotFound: the live file was deleted behind our back; just start a fresh one.
+    ignore_missing(fs::rename(path, rotated_name(path, 1)))
 }
 
 fn ends_with_newline(path: &Path) -> io::Result<bool> {
@@ -1470,7 +1479,8 @@ pub fn verify_with(paths: &[PathBuf], opts: VerifyOptions) -> Result<VerifyRepor
         },
     };
     let mut buf = Vec::with_capacity(1024);
-    for path in paths {
+    for (i, path) in paths.iter().enumerate() {
+        let last_file = i + 1 == paths.len();
         let file = File::open(path).map_err(|source| AuditError::Open {
             path: path.clone(),
             source,
@@ -1493,14 +1503,24 @@ pub fn verify_with(paths: &[PathBuf], opts: VerifyOptions) -> Result<VerifyRepor
             if terminated {
                 buf.pop();
             }
-            if let Some(problem) = v.line(path, line_no, &buf, terminated) {
+            let end = match (terminated, last_file) {
+                (true, _) => LineEnd::Newline,
+                (false, true) => LineEnd::TornLast,
+                // A rotated file was not terminated after a crash: judged like a crash remnant.
+                (false, false) => LineEnd::TornRotated,
+            };
+            if let Some(problem) = v.line(path, line_no, &buf, end) {
                 v.report.problem = Some(problem);
                 return Ok(v.report);
             }
         }
     }
     v.report.problem = match v.pending.take() {
-        Some(Pending::Bad { file, line_no }) => Some(VerifyProblem::BadJson { file, line_no }),
+        Some(Pending::Bad {
+            file,
+            line_no,
+            torn,
+        }) => Some(bad_line(file, line_no, torn)),
         Some(Pending::Gap {
             file,
             line_no,
@@ -1517,10 +1537,33 @@ pub fn verify_with(paths: &[PathBuf], opts: VerifyOptions) -> Result<VerifyRepor
     Ok(v.report)
 }
 
+/// How a physical line ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LineEnd {
+    Newline,
+    /// No newline at the end of the last file.
+    TornLast,
+    /// No newline at the end of an earlier (rotated) file.
+    TornRotated,
+}
+
+fn bad_line(file: PathBuf, line_no: u64, torn: bool) -> VerifyProblem {
+    if torn {
+        VerifyProblem::TornLastLine { file, line_no }
+    } else {
+        VerifyProblem::BadJson { file, line_no }
+    }
+}
+
 /// A line whose verdict depends on the next one.
 enum Pending {
-    /// Not JSON: a torn remnant (fine) if the next record continues the chain, else an edit.
-    Bad { file: PathBuf, line_no: u64 },
+    /// Not a record: a torn remnant (fine) if the next record continues the chain, else an edit.
+    Bad {
+        file: PathBuf,
+        line_no: u64,
+        /// It was the unterminated end of a rotated file.
+        torn: bool,
+    },
     /// seq jumped: a reorder if the next seq is smaller, else a deletion.
     Gap {
         file: PathBuf,
@@ -1545,12 +1588,11 @@ impl Verifier {
         file: &Path,
         line_no: u64,
         bytes: &[u8],
-        terminated: bool,
+        end: LineEnd,
     ) -> Option<VerifyProblem> {
-        let parsed = if terminated {
-            Some(parse_line(bytes))
-        } else {
-            None
+        let parsed = match end {
+            LineEnd::Newline => Some(parse_line(bytes)),
+            LineEnd::TornLast | LineEnd::TornRotated => None,
         };
         match self.pending.take() {
             Some(Pending::Gap {
@@ -1577,6 +1619,7 @@ impl Verifier {
             Some(Pending::Bad {
                 file: bad_file,
                 line_no: bad_no,
+                torn,
             }) => {
                 let continues = match &parsed {
                     Some(Parsed::Record { seq, chain, head }) => {
@@ -1586,26 +1629,35 @@ impl Verifier {
                     _ => false,
                 };
                 if !continues {
-                    return Some(VerifyProblem::BadJson {
-                        file: bad_file,
-                        line_no: bad_no,
-                    });
+                    return Some(bad_line(bad_file, bad_no, torn));
                 }
                 self.report.torn_skipped.push((bad_file, bad_no));
             }
             None => {}
         }
         let file = file.to_owned();
-        let Some(parsed) = parsed else {
-            return Some(VerifyProblem::TornLastLine { file, line_no });
-        };
         let (seq, chain, head) = match parsed {
-            Parsed::NotJson => {
-                self.pending = Some(Pending::Bad { file, line_no });
+            None if end == LineEnd::TornLast => {
+                return Some(VerifyProblem::TornLastLine { file, line_no });
+            }
+            None => {
+                self.pending = Some(Pending::Bad {
+                    file,
+                    line_no,
+                    torn: true,
+                });
                 return None;
             }
-            Parsed::NoChain => return Some(VerifyProblem::MissingChain { file, line_no }),
-            Parsed::Record { seq, chain, head } => (seq, chain, head),
+            Some(Parsed::NotJson) => {
+                self.pending = Some(Pending::Bad {
+                    file,
+                    line_no,
+                    torn: false,
+                });
+                return None;
+            }
+            Some(Parsed::NoChain) => return Some(VerifyProblem::MissingChain { file, line_no }),
+            Some(Parsed::Record { seq, chain, head }) => (seq, chain, head),
         };
         if !self.started {
             self.started = true;
@@ -1706,13 +1758,12 @@ pub fn parse_time_arg(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
             "expected a duration like 45s, 30m, 1h, 7d or an RFC 3339 time like 2026-11-23T05:01:02Z, got {s:?}"
         )
     };
-    if let Some(unit) = s.chars().last()
-        && s.len() > 1
-        && s[..s.len() - unit.len_utf8()]
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-    {
-        let n: i64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, unit)) => (&s[..i], unit),
+        None => return Err(bad()),
+    };
+    if !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()) {
+        let n: i64 = num.parse().map_err(|_| bad())?;
         let secs = match unit {
             's' => Some(n),
             'm' => n.checked_mul(60),
@@ -1774,24 +1825,24 @@ impl<'a> Matcher<'a> {
                     && b[1..].eq_ignore_ascii_case(b"xx")
                 {
                     Some(StatusMatch::Class(u16::from(b[0] - b'0')))
-                } else if let Ok(code) = s.parse::<u16>()
-                    && (100..=599).contains(&code)
-                {
-                    Some(StatusMatch::Exact(code))
                 } else {
-                    return Err(AuditError::Filter(format!(
-                        "status must be a code like 403 or a class like 4xx, got {s:?}"
-                    )));
+                    match s.parse::<u16>() {
+                        Ok(code) if (100..=599).contains(&code) => Some(StatusMatch::Exact(code)),
+                        _ => {
+                            return Err(AuditError::Filter(format!(
+                                "status must be a code like 403 or a class like 4xx, got {s:?}"
+                            )));
+                        }
+                    }
                 }
             }
         };
-        if let Some(d) = f.decision.as_deref()
-            && d != "allow"
-            && d != "deny"
-        {
-            return Err(AuditError::Filter(format!(
-                "decision must be allow or deny, got {d:?}"
-            )));
+        if let Some(d) = f.decision.as_deref() {
+            if d != "allow" && d != "deny" {
+                return Err(AuditError::Filter(format!(
+                    "decision must be allow or deny, got {d:?}"
+                )));
+            }
         }
         if f.token.as_deref().is_some_and(str::is_empty) {
             return Err(AuditError::Filter("token must not be empty".into()));
@@ -1811,19 +1862,16 @@ impl<'a> Matcher<'a> {
                 return false;
             }
         }
-        if let Some(a) = f.account.as_deref()
-            && !eq(&v.account, a)
+        if f.account.as_deref().is_some_and(|a| !eq(&v.account, a)) {
+            return false;
+        }
+        if f.decision
+            .as_deref()
+            .is_some_and(|d| v.is_admin() || !eq(&v.rbac_decision, d))
         {
             return false;
         }
-        if let Some(d) = f.decision.as_deref()
-            && (v.is_admin() || !eq(&v.rbac_decision, d))
-        {
-            return false;
-        }
-        if let Some(r) = f.reason.as_deref()
-            && !eq(&v.reason, r)
-        {
+        if f.reason.as_deref().is_some_and(|r| !eq(&v.reason, r)) {
             return false;
         }
         if let Some(s) = &self.status {
@@ -2451,6 +2499,36 @@ mod tests {
         assert!(
             report.to_string().contains("skipped 1 incomplete line"),
             "{report}"
+        );
+    }
+
+    #[test]
+    fn torn_end_of_a_rotated_file_is_a_remnant_if_the_next_file_continues() {
+        // Crash mid-line, then logrotate moved the file before the restart wrote anything.
+        let (_dir, path) = make_log(3);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"kind":"adm"#).unwrap();
+        drop(f);
+        let older = rotated_name(&path, 1);
+        fs::rename(&path, &older).unwrap();
+        let log = AuditLog::open(cfg(&path)).unwrap();
+        write_n(&log, "new", 2);
+        log.shutdown();
+        let set = vec![older.clone(), path.clone()];
+        let report = verify(&set).unwrap();
+        assert!(report.is_ok(), "{report}");
+        assert_eq!(report.lines, 5);
+        assert_eq!(report.torn_skipped, vec![(older.clone(), 4)]);
+        // If what follows does not continue the chain, the torn end is the problem reported.
+        let mut lines = lines_of(&path);
+        lines.remove(0);
+        set_lines(&path, &lines);
+        assert_eq!(
+            problem(&set),
+            VerifyProblem::TornLastLine {
+                file: older,
+                line_no: 4
+            }
         );
     }
 

@@ -662,7 +662,7 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             DEFAULT_SESSION_IDLE_TIMEOUT,
         )?,
     };
-    if admin.listen == server.listen {
+    if admin.listen == server.listen && admin.listen.port() != 0 {
         return Err(cx.invalid("admin.listen", "must differ from server.listen"));
     }
 

@@ -65,6 +65,8 @@ struct Inner {
     change_seq: AtomicU64,
     /// Last time the change poller succeeded (ms, gateway clock).
     last_poll_ok: AtomicU64,
+    /// Web UI sessions of the admin listener (see `admin::session` for the lock choice).
+    sessions: crate::admin::session::Sessions,
 }
 
 /// Per-request facts collected for the audit line.
@@ -123,6 +125,7 @@ impl Gateway {
                 request_seq: AtomicU64::new(0),
                 change_seq: AtomicU64::new(change_seq),
                 last_poll_ok: AtomicU64::new(now as u64),
+                sessions: crate::admin::session::Sessions::new(),
             }),
         }
     }
@@ -174,6 +177,54 @@ impl Gateway {
     /// Now (ms).
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
+    }
+
+    /// Web UI sessions (admin listener).
+    pub fn sessions(&self) -> &crate::admin::session::Sessions {
+        &self.inner.sessions
+    }
+
+    /// Authenticates a Bearer token for the admin listener with the public pipeline's steps 2–5:
+    /// the per-IP failed-auth limiter, extraction, format and checksum, cache-then-store lookup,
+    /// and the judgement (revoked, expired, account disabled, IP allowlist). Failures count
+    /// towards the limiter exactly as on the public side; a success records last use.
+    pub async fn authenticate_bearer(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        client_ip: IpAddr,
+    ) -> Result<Arc<CachedToken>, Reject> {
+        if let Some(wait) = self.inner.failed_auth.load().blocked(client_ip) {
+            return Err(Reject::ClientBlocked { retry_after: wait });
+        }
+        let result = async {
+            let credential = auth::extract(headers, query)?;
+            let parsed = auth::parse(credential)?;
+            let entry = self.lookup(parsed.hash()).await?;
+            auth::judge(&entry.row, self.now_ms(), client_ip)?;
+            Ok(entry)
+        }
+        .await;
+        match &result {
+            Ok(entry) => self.note_use(entry, client_ip).await,
+            Err(e) if is_auth_failure(e) => self.inner.failed_auth.load().record_failure(client_ip),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Re-reads a token by id (a web UI session's sign-in token) and judges it as a lookup would.
+    pub async fn authenticate_id(&self, token_id: &str, client_ip: IpAddr) -> Result<TokenRow, Reject> {
+        let id = token_id.to_string();
+        let row = self.store_call(move |s| s.get_token(&id)).await.map_err(|e| match e {
+            StoreError::NoToken(_) => Reject::InvalidToken { reason: "unknown_token" },
+            e => {
+                tracing::error!(error = %e, "session token lookup failed: answering 503");
+                Reject::StoreUnavailable
+            }
+        })?;
+        auth::judge(&row, self.now_ms(), client_ip)?;
+        Ok(row)
     }
 
     fn next_request_id(&self) -> String {

@@ -1,8 +1,8 @@
 //! Fuzzes `tokengate::path::canonicalise` (SPEC §5): idempotence, the output invariants, and
 //! that a backend decoding the output once sees the same segments.
 //!
-//! Run: `cargo fuzz run path_canonicalise` from the repository root (nightly, or
-//! `RUSTC_BOOTSTRAP=1` on stable).
+//! Run from the repository root (nightly, or `RUSTC_BOOTSTRAP=1` on stable):
+//! `cargo fuzz run path_canonicalise -- -dict=fuzz/path.dict -max_total_time=600`
 
 #![no_main]
 

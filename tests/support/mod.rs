@@ -1,0 +1,516 @@
+//! Shared test harness: a real gateway on 127.0.0.1:0 with a temp SQLite store and audit log, in
+//! front of a recording upstream that keeps every request it received.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokengate::config::Config;
+use tokengate::gateway::Gateway;
+use tokengate::store::NewTokenSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Method.
+    pub method: String,
+    /// Request target exactly as received (path and query).
+    pub target: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body bytes received.
+    pub body_len: u64,
+}
+
+/// A recording upstream.
+///
+/// Paths: `/slow/...` never answers; `/status/NNN` answers NNN; `/download/N` streams N bytes;
+/// `/ws` accepts a WebSocket-style upgrade and echoes bytes; everything else 200 `upstream ok`
+/// with `x-upstream: yes` and `content-type: text/plain`.
+#[derive(Clone)]
+pub struct Upstream {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Everything received, in order.
+    pub requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Upstream {
+    /// Starts one on a free port.
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let rec = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle_upstream(req, rec.clone()));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, requests }
+    }
+
+    /// Snapshot of what was received.
+    pub fn received(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Number of requests received.
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// Forgets what was received.
+    pub fn clear(&self) {
+        self.requests.lock().unwrap().clear();
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>) -> Result<Response<UpBody>, Infallible> {
+    let target = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let method = req.method().to_string();
+    let headers = req.headers().clone();
+    let path = req.uri().path().to_string();
+    if path == "/ws" {
+        rec.lock().unwrap().push(Recorded { method, target, headers, body_len: 0 });
+        let mut req = req;
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                loop {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        resp.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+        return Ok(resp);
+    }
+    let mut body = req.into_body();
+    let mut body_len = 0u64;
+    while let Some(f) = body.frame().await {
+        match f {
+            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    rec.lock().unwrap().push(Recorded { method, target, headers, body_len });
+    if path.starts_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"status")).boxed());
+        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        return Ok(r);
+    }
+    if let Some(n) = path.strip_prefix("/download/") {
+        let total: u64 = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(0u64, move |sent| {
+            let chunk = chunk.clone();
+            async move {
+                if sent >= total {
+                    return None;
+                }
+                let n = (total - sent).min(chunk.len() as u64);
+                Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))), sent + n))
+            }
+        });
+        let mut r = Response::new(StreamBody::new(stream).boxed());
+        r.headers_mut().insert("content-type", "application/octet-stream".parse().unwrap());
+        return Ok(r);
+    }
+    let mut r = Response::new(Full::new(Bytes::from(format!("upstream ok {body_len}"))).boxed());
+    r.headers_mut().insert("x-upstream", "yes".parse().unwrap());
+    r.headers_mut().insert("content-type", "text/plain".parse().unwrap());
+    // A hop-by-hop header the gateway must strip on the way back.
+    r.headers_mut().insert("connection", "x-upstream-private".parse().unwrap());
+    r.headers_mut().insert("x-upstream-private", "secret".parse().unwrap());
+    Ok(r)
+}
+
+/// The rules every test gateway starts with.
+pub const DEFAULT_RULES: &str = r#"
+[[routes.rules]]
+methods = ["GET", "HEAD"]
+path = "/apps/{app}/**"
+permission = "apps:read"
+
+[[routes.rules]]
+methods = ["POST"]
+path = "/apps/{app}/deploy"
+permission = "apps:deploy"
+
+[[routes.rules]]
+methods = ["GET", "POST", "PUT"]
+path = "/echo/**"
+permission = "apps:read"
+
+[[routes.rules]]
+methods = ["GET"]
+path = "/health"
+public = true
+
+[[routes.rules]]
+methods = ["GET", "POST"]
+path = "/slow/**"
+permission = "apps:read"
+
+[[routes.rules]]
+methods = ["GET"]
+path = "/status/{code}"
+permission = "apps:read"
+
+[[routes.rules]]
+methods = ["GET"]
+path = "/download/{n}"
+permission = "apps:read"
+
+[[routes.rules]]
+path = "/admin/**"
+permission = "admin:all"
+"#;
+
+/// Options for a test gateway.
+pub struct Options {
+    /// Extra TOML appended to `[server]` (lines like `max_body_bytes = 10`).
+    pub server: String,
+    /// Extra top-level TOML sections (e.g. `[rate_limit]`), placed before the routes.
+    pub sections: String,
+    /// Extra keys on the route (e.g. `websocket = true`).
+    pub route: String,
+    /// Rules (default: [`DEFAULT_RULES`]).
+    pub rules: String,
+    /// Extra routes appended at the end.
+    pub extra_routes: String,
+    /// Start the server (false: only build config/store/gateway).
+    pub serve: bool,
+    /// Use this upstream address instead of a fresh recording upstream (e.g. a dead port).
+    pub upstream_override: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            server: String::new(),
+            sections: String::new(),
+            route: String::new(),
+            rules: DEFAULT_RULES.to_string(),
+            extra_routes: String::new(),
+            serve: true,
+            upstream_override: None,
+        }
+    }
+}
+
+/// A running gateway.
+pub struct TestGateway {
+    /// Temp folder with config, store and audit log.
+    pub dir: tempfile::TempDir,
+    /// Config file.
+    pub config_path: PathBuf,
+    /// The gateway.
+    pub gw: Gateway,
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin_addr: SocketAddr,
+    /// The recording upstream.
+    pub upstream: Upstream,
+    /// TLS handle for reload tests.
+    pub tls: Option<tokengate::server::TlsHandle>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _bg: Option<tokengate::gateway::BackgroundGuard>,
+}
+
+/// Writes a config file for tests.
+pub fn write_config(dir: &Path, upstream: &str, o: &Options) -> PathBuf {
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+{server}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+path = "tokengate.db"
+
+[audit]
+path = "audit.log"
+
+{sections}
+
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "http://{upstream}"
+{route}
+{rules}
+{extra}
+"#,
+        server = o.server,
+        sections = o.sections,
+        route = o.route,
+        rules = o.rules,
+        extra = o.extra_routes,
+    );
+    let p = dir.join("tokengate.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+impl TestGateway {
+    /// Default gateway.
+    pub async fn start() -> TestGateway {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Gateway with options.
+    pub async fn start_with(o: Options) -> TestGateway {
+        let upstream = Upstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let up = o.upstream_override.clone().unwrap_or_else(|| upstream.addr.to_string());
+        let config_path = write_config(dir.path(), &up, &o);
+        let cfg = Config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
+        let started = tokengate::app::start(cfg).await.map_err(|e| e.message).unwrap();
+        let gw = started.gateway.clone();
+        let addr = started.server.public_addr();
+        let admin_addr = started.server.admin_addr();
+        let tls = Some(started.server.tls_handle());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tokengate::app::Started { server, background, .. } = started;
+        let task = if o.serve {
+            Some(tokio::spawn(async move {
+                server
+                    .run(async move {
+                        let _ = rx.await;
+                    })
+                    .await;
+            }))
+        } else {
+            None
+        };
+        TestGateway {
+            dir,
+            config_path,
+            gw,
+            addr,
+            admin_addr,
+            upstream,
+            tls,
+            stop: Some(tx),
+            task,
+            _bg: Some(background),
+        }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Creates an account (ignores "exists").
+    pub fn account(&self, name: &str) {
+        let _ = self.gw.store().create_account(name, None, "test", self.gw.now_ms());
+    }
+
+    /// Issues a token with explicit permissions; returns (plaintext, id).
+    pub fn token(&self, account: &str, name: &str, perms: &[&str]) -> (String, String) {
+        self.token_with(account, name, perms, |_| {})
+    }
+
+    /// Issues a token, letting the caller adjust the spec.
+    pub fn token_with(&self, account: &str, name: &str, perms: &[&str], f: impl FnOnce(&mut NewTokenSpec)) -> (String, String) {
+        self.account(account);
+        let mut spec = NewTokenSpec {
+            account: account.into(),
+            name: name.into(),
+            role: None,
+            permissions: perms.iter().map(|s| s.to_string()).collect(),
+            scopes: Default::default(),
+            allowed_cidrs: vec![],
+            rate: None,
+            expires_at: Some(self.gw.now_ms() + 30 * 86_400_000),
+            created_by: "test".into(),
+        };
+        f(&mut spec);
+        let (row, new) = self
+            .gw
+            .store()
+            .create_token(&spec, "tg", 1000, self.gw.now_ms())
+            .unwrap();
+        (new.plaintext, row.id)
+    }
+
+    /// The audit log's lines, after flushing.
+    pub async fn audit_lines(&self) -> Vec<serde_json::Value> {
+        self.gw.audit().flush_async().await.unwrap();
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Request audit lines only.
+    pub async fn request_lines(&self) -> Vec<serde_json::Value> {
+        self.audit_lines().await.into_iter().filter(|l| l["kind"] == "request").collect()
+    }
+
+    /// The last request audit line.
+    pub async fn last_request_line(&self) -> serde_json::Value {
+        // The line is queued after the response is built; give the writer a moment.
+        for _ in 0..50 {
+            let lines = self.request_lines().await;
+            if let Some(l) = lines.last() {
+                return l.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no request line in the audit log");
+    }
+
+    /// Stops the server and waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// A plain HTTP/1.1 client.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A raw response parsed from bytes.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Status code (0 when nothing came back).
+    pub status: u16,
+    /// Header lines, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// Everything after the head.
+    pub body: String,
+    /// The whole text.
+    pub raw: String,
+}
+
+impl RawResponse {
+    /// First header value by name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends raw bytes and reads until the server closes or `timeout` passes; parses the first response.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
+    raw_all(addr, bytes, Duration::from_secs(3)).await.into_iter().next().unwrap_or(RawResponse {
+        status: 0,
+        headers: vec![],
+        body: String::new(),
+        raw: String::new(),
+    })
+}
+
+/// Sends raw bytes and returns every response found in the reply stream (pipelining).
+pub async fn raw_all(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> Vec<RawResponse> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(timeout, s.read_to_end(&mut buf)).await;
+    parse_responses(&String::from_utf8_lossy(&buf))
+}
+
+/// Parses a stream of HTTP/1.1 responses (Content-Length or chunked bodies).
+pub fn parse_responses(text: &str) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(head_end) = rest.find("\r\n\r\n") {
+        let head = &rest[..head_end];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or("");
+        let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let after = &rest[head_end + 4..];
+        let (body, consumed) = if let Some(cl) = headers.iter().find(|(k, _)| k == "content-length") {
+            let n: usize = cl.1.parse().unwrap_or(0).min(after.len());
+            (after[..n].to_string(), n)
+        } else if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+            let mut body = String::new();
+            let mut pos = 0;
+            loop {
+                let Some(le) = after[pos..].find("\r\n") else { break };
+                let size = usize::from_str_radix(after[pos..pos + le].trim(), 16).unwrap_or(0);
+                pos += le + 2;
+                if size == 0 {
+                    pos = (pos + 2).min(after.len());
+                    break;
+                }
+                let end = (pos + size).min(after.len());
+                body.push_str(&after[pos..end]);
+                pos = (end + 2).min(after.len());
+            }
+            (body, pos)
+        } else {
+            (String::new(), 0)
+        };
+        out.push(RawResponse {
+            status,
+            headers,
+            body,
+            raw: rest[..head_end + 4 + consumed].to_string(),
+        });
+        rest = &after[consumed..];
+    }
+    out
+}
+
+/// Checks the audit line for a rejected request.
+pub fn assert_rejection_line(line: &serde_json::Value, status: u16, reason: &str) {
+    assert_eq!(line["status_code"], status, "{line}");
+    assert_eq!(line["reason"], reason, "{line}");
+    assert_eq!(line["rbac_decision"], "deny", "{line}");
+    assert!(line["upstream"].is_null(), "{line}");
+}

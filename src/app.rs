@@ -42,25 +42,70 @@ pub async fn start(cfg: Config) -> Result<Started, CliError> {
 pub async fn serve(config: Option<&Path>) -> Result<(), CliError> {
     let cfg = load_config(config)?;
     let source = cfg.source.clone();
+    // Handlers go in before anything is bound: once tokengate says it listens, a SIGHUP from
+    // logrotate or systemd must never meet the default action (which would kill the process).
+    let signals = Signals::install()?;
     let started = start(cfg).await?;
     let gw = started.gateway.clone();
     tracing::info!(
         public = %started.server.public_addr(),
         admin = %started.server.admin_addr(),
+        pid = std::process::id(),
         "tokengate listening"
     );
     let tls = started.server.tls_handle();
-    if let Some(path) = source {
-        spawn_reloader(gw.clone(), tls, path);
+    let Signals { hangup, terminate } = signals;
+    match source {
+        Some(path) => spawn_reloader(gw.clone(), tls, path, hangup),
+        None => drop(hangup),
     }
     let Started { server, background, .. } = started;
-    server.run(shutdown_signal()).await;
+    server.run(terminate).await;
     drop(background);
     gw.audit().shutdown();
+    tracing::info!("exiting");
     Ok(())
 }
 
-/// Resolves on SIGTERM or ctrl-c.
+/// Signal handlers installed before the listeners bind.
+struct Signals {
+    /// SIGHUP: reload.
+    hangup: Hangup,
+    /// Resolves on SIGTERM or SIGINT.
+    terminate: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> Result<Signals, CliError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| CliError::failure(format!("cannot install the {name} handler: {e}")))
+        };
+        let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+        let hangup = install(SignalKind::hangup(), "SIGHUP")?;
+        let terminate = Box::pin(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        });
+        Ok(Signals { hangup, terminate })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> Result<Signals, CliError> {
+        Ok(Signals { hangup: (), terminate: Box::pin(shutdown_signal()) })
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c (for embedders; `serve` installs its handlers earlier).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -82,17 +127,18 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn spawn_reloader(gw: Gateway, tls: TlsHandle, path: PathBuf) {
-    #[cfg(unix)]
+#[cfg(unix)]
+fn spawn_reloader(gw: Gateway, tls: TlsHandle, path: PathBuf, mut hup: Hangup) {
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
+            tracing::info!(config = %path.display(), "SIGHUP received: reloading");
             reload(&gw, &tls, &path).await;
         }
     });
 }
+
+#[cfg(not(unix))]
+fn spawn_reloader(_gw: Gateway, _tls: TlsHandle, _path: PathBuf, _hup: Hangup) {}
 
 /// Reloads config and certificates; a bad new config is refused and the old one kept.
 pub async fn reload(gw: &Gateway, tls: &TlsHandle, path: &Path) -> bool {
@@ -115,11 +161,13 @@ pub async fn reload(gw: &Gateway, tls: &TlsHandle, path: &Path) -> bool {
             gw.set_config(cfg);
             gw.audit().reopen();
             gw.metrics().reloads_ok.fetch_add(1, Ordering::Relaxed);
+            gw.metrics().last_reload_ok.store(true, Ordering::Relaxed);
             tracing::info!(config = %path.display(), "configuration reloaded");
             ("config.reloaded", true, None)
         }
         Err(e) => {
             gw.metrics().reloads_failed.fetch_add(1, Ordering::Relaxed);
+            gw.metrics().last_reload_ok.store(false, Ordering::Relaxed);
             tracing::error!(config = %path.display(), error = %e, "new configuration refused; keeping the old one");
             ("config.reload_failed", false, Some(e))
         }

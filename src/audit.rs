@@ -226,6 +226,14 @@ pub enum AuditError {
         /// Why.
         cause: UnavailableCause,
     },
+    /// Another process (a running gateway) is the writer of this log.
+    #[error("audit log {} is being written by another tokengate process (lock {} is held); give each gateway process its own audit.path", path.display(), lock.display())]
+    InUse {
+        /// The log file.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
     /// The writer was shut down.
     #[error("the audit writer is shut down")]
     Closed,
@@ -360,6 +368,8 @@ pub struct AuditLog {
 /// Owned by the handles only: dropping the last handle shuts the writer down.
 struct Inner {
     shared: Arc<Shared>,
+    /// Exclusive lock on `<path>.lock`, released when the log is dropped.
+    _lock: Option<File>,
     /// Taken by the first `shutdown` to join the thread; a Mutex because shutdown is `&self`.
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -419,6 +429,12 @@ impl AuditLog {
     }
 
     fn open_with(cfg: AuditConfig, opts: WriterOptions) -> Result<AuditLog, AuditError> {
+        // One writer per log: the chain is kept in the writer's memory, so a second process
+        // appending to the same file would fork it. The lock is held for the writer's lifetime.
+        let lock_file = match &cfg.path {
+            None => None,
+            Some(path) => Some(take_writer_lock(path)?),
+        };
         let (sink, seq, prev, repair) = match &cfg.path {
             None => (
                 Box::new(StdoutSink(io::stdout())) as Box<dyn Sink>,
@@ -501,6 +517,7 @@ impl AuditLog {
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 shared,
+                _lock: lock_file,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -1207,6 +1224,24 @@ struct Tail {
     torn: bool,
     /// Complete lines after the last record that are not records (torn remnants of old crashes).
     skipped: u64,
+}
+
+/// Takes the exclusive writer lock `<path>.lock` (non-blocking).
+fn take_writer_lock(path: &Path) -> Result<File, AuditError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|source| AuditError::Open { path: lock.clone(), source })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse { path: path.to_path_buf(), lock }),
+        Err(std::fs::TryLockError::Error(source)) => Err(AuditError::Open { path: lock, source }),
+    }
 }
 
 /// Finds the last complete record by reading backwards in growing windows.

@@ -28,7 +28,9 @@ Examples:
   tokengate token create --account ci-bot --name deploy --role cicd --expires 30d
   tokengate token list --expiring 7d
   echo \"$LEAKED\" | tokengate token identify --revoke
-  tokengate audit --token tg_3hT9aB2x --since 1h";
+  tokengate audit --token tg_3hT9aB2x --since 1h
+  pbpaste | tokengate login --url http://127.0.0.1:9090   # then token/account commands run remotely
+  tokengate --profile staging token list";
 
 /// tokengate: a Bearer-token authentication gateway.
 #[derive(Debug, Parser)]
@@ -40,6 +42,13 @@ pub struct Cli {
     /// Operational log format (the audit log is separate and always JSON).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Admin API of a remote gateway (e.g. http://127.0.0.1:9090): `token` and `account` commands
+    /// then run there, with the token from TOKENGATE_TOKEN or the credentials file.
+    #[arg(long, global = true, env = "TOKENGATE_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// Saved remote profile (see `tokengate login --profile NAME`); implies remote mode.
+    #[arg(long, global = true, env = "TOKENGATE_PROFILE", value_name = "NAME")]
+    pub profile: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -77,6 +86,19 @@ pub enum Command {
     /// Store maintenance.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Save a token for a remote gateway's admin API; the token is read from stdin or TOKENGATE_TOKEN.
+    #[command(after_help = "Examples:\n  pbpaste | tokengate login --url http://127.0.0.1:9090\n  TOKENGATE_TOKEN=\"$T\" tokengate login --profile staging --url https://gw.example.com:9090\n\nCredentials: $XDG_CONFIG_HOME/tokengate/credentials (else ~/.config/tokengate/credentials), mode 0600.")]
+    Login,
+    /// Forget a saved remote profile (the token itself stays valid until revoked).
+    #[command(after_help = "Example:\n  tokengate logout --profile staging")]
+    Logout,
+    /// Show which token the remote CLI acts with.
+    #[command(after_help = "Example:\n  tokengate whoami --profile staging")]
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `demo` options.
@@ -281,6 +303,9 @@ pub enum AuditCmd {
     Verify {
         /// Files, oldest first (default: audit.path).
         files: Vec<PathBuf>,
+        /// Accept a set whose oldest file does not start at seq 1 (older files deleted by retention).
+        #[arg(long)]
+        allow_partial_start: bool,
     },
 }
 
@@ -353,7 +378,9 @@ pub fn os_actor() -> String {
 struct Local {
     cfg: Config,
     store: Store,
-    audit: AuditLog,
+    /// None when a running gateway owns the audit log: events then go through the store's
+    /// outbox, and the gateway writes them within a poll interval.
+    audit: Option<AuditLog>,
     actor: String,
 }
 
@@ -362,7 +389,11 @@ impl Local {
         let cfg = load_config(config)?;
         let store = Store::open(&cfg.store.path, std::time::Duration::from_secs(5))
             .map_err(|e| CliError::failure(e.to_string()))?;
-        let audit = AuditLog::open(audit_config(&cfg)).map_err(|e| CliError::failure(e.to_string()))?;
+        let audit = match AuditLog::open(audit_config(&cfg)) {
+            Ok(a) => Some(a),
+            Err(audit::AuditError::InUse { .. }) => None,
+            Err(e) => return Err(CliError::failure(e.to_string())),
+        };
         Ok(Local {
             cfg,
             store,
@@ -385,10 +416,14 @@ impl Local {
             client_ip: None,
             details,
         };
-        self.audit
-            .record(Entry::Admin(rec))
-            .and_then(|_| self.audit.flush())
-            .map_err(|e| CliError::failure(format!("the change was made, but its audit line could not be written: {e}")))
+        let result = match &self.audit {
+            Some(a) => a.record(Entry::Admin(rec)).and_then(|_| a.flush()).map_err(|e| e.to_string()),
+            None => {
+                let json = serde_json::to_string(&rec).expect("serializable");
+                self.store.outbox_push(&json).map_err(|e| e.to_string())
+            }
+        };
+        result.map_err(|e| CliError::failure(format!("the change was made, but its audit line could not be written: {e}")))
     }
 }
 
@@ -446,8 +481,17 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Serve | Command::Demo(_) => unreachable!("handled by main"),
         Command::Config(ConfigCmd::Check) => config_check(config),
-        Command::Account(cmd) => account(config, cmd),
-        Command::Token(cmd) => token(config, cmd),
+        Command::Login => crate::remote::login(cli),
+        Command::Logout => crate::remote::logout(cli),
+        Command::Whoami { json } => crate::remote::whoami(cli, *json),
+        Command::Account(cmd) => match crate::remote::target(cli)? {
+            Some(t) => crate::remote::run(&t, &cli.command),
+            None => account(config, cmd),
+        },
+        Command::Token(cmd) => match crate::remote::target(cli)? {
+            Some(t) => crate::remote::run(&t, &cli.command),
+            None => token(config, cmd),
+        },
         Command::Audit(args) => audit_cmd(config, args),
         Command::Store(StoreCmd::Backup { file }) => {
             let l = Local::open(config)?;
@@ -817,9 +861,10 @@ fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliError> {
             None => Err(CliError::usage("audit.path is stdout (\"-\"): pass the files to read")),
         }
     };
-    if let Some(AuditCmd::Verify { files }) = &a.verify {
+    if let Some(AuditCmd::Verify { files, allow_partial_start }) = &a.verify {
         let files = default_files(files)?;
-        let report = audit::verify(&files).map_err(|e| CliError::failure(e.to_string()))?;
+        let opts = audit::VerifyOptions { allow_partial_start: *allow_partial_start };
+        let report = audit::verify_with(&files, opts).map_err(|e| CliError::failure(e.to_string()))?;
         println!("{report}");
         return if report.problem.is_none() {
             Ok(())

@@ -24,6 +24,8 @@ pub enum Reject {
     HeadersTooLarge,
     /// Body larger than `server.max_body_bytes`.
     BodyTooLarge,
+    /// The client paused its request body longer than `server.body_idle_timeout`.
+    BodyIdle,
     /// Step 2: this client IP failed authentication too often.
     ClientBlocked {
         /// Seconds until it may try again.
@@ -86,6 +88,7 @@ impl Reject {
             Reject::UriTooLong => "uri_too_long",
             Reject::HeadersTooLarge => "headers_too_large",
             Reject::BodyTooLarge => "body_too_large",
+            Reject::BodyIdle => "body_idle",
             Reject::ClientBlocked { .. } => "client_blocked",
             Reject::MissingToken { reason } => reason,
             Reject::InvalidRequest { reason, .. } => reason,
@@ -110,6 +113,7 @@ impl Reject {
             Reject::UriTooLong => StatusCode::URI_TOO_LONG,
             Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::BodyIdle => StatusCode::REQUEST_TIMEOUT,
             Reject::ClientBlocked { .. } | Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Reject::MissingToken { .. } | Reject::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
             Reject::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -129,6 +133,7 @@ impl Reject {
             Reject::UriTooLong => "uri_too_long",
             Reject::HeadersTooLarge => "headers_too_large",
             Reject::BodyTooLarge => "body_too_large",
+            Reject::BodyIdle => "request_timeout",
             Reject::ClientBlocked { .. } => "too_many_failures",
             Reject::RateLimited { .. } => "rate_limited",
             Reject::MissingToken { .. } => "unauthorized",
@@ -148,6 +153,7 @@ impl Reject {
             Reject::UriTooLong => "The request target is too long.".into(),
             Reject::HeadersTooLarge => "The request header fields are too large.".into(),
             Reject::BodyTooLarge => "The request body is too large.".into(),
+            Reject::BodyIdle => "The request body stopped arriving; send it without long pauses.".into(),
             Reject::ClientBlocked { .. } => "Too many failed authentication attempts from this address; retry later.".into(),
             Reject::MissingToken { reason: "unsupported_scheme" } => {
                 "Use `Authorization: Bearer <token>`; other schemes are not accepted.".into()
@@ -236,7 +242,7 @@ pub fn respond(reject: &Reject, realm: &str, request_id: &str) -> Response<Body>
         }
         _ => {}
     }
-    if matches!(reject.status(), StatusCode::BAD_REQUEST | StatusCode::URI_TOO_LONG | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE | StatusCode::PAYLOAD_TOO_LARGE) {
+    if matches!(reject.status(), StatusCode::BAD_REQUEST | StatusCode::URI_TOO_LONG | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
         // After a framing-level problem the connection's state is suspect: close it.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

@@ -289,6 +289,30 @@ impl Gateway {
         Ok(changes.len())
     }
 
+    /// Moves admin events queued by CLI processes (store outbox) into the audit log.
+    pub async fn drain_outbox(&self) -> Result<usize, StoreError> {
+        let rows = self.store_call(|s| s.outbox_peek(500)).await?;
+        let Some(&(last, _)) = rows.last() else {
+            return Ok(0);
+        };
+        let n = rows.len();
+        for (id, line) in rows {
+            match serde_json::from_str::<AdminRecord>(&line) {
+                Ok(rec) => {
+                    if let Err(e) = self.inner.audit.record(Entry::Admin(rec)) {
+                        tracing::warn!(error = %e, "audit writer busy; CLI events stay queued");
+                        return Ok(0);
+                    }
+                }
+                Err(e) => tracing::error!(id, error = %e, "unreadable queued audit event skipped"),
+            }
+        }
+        if self.inner.audit.flush_async().await.is_ok() {
+            self.store_call(move |s| s.outbox_ack(last)).await?;
+        }
+        Ok(n)
+    }
+
     /// Writes accumulated last-use data in one transaction.
     pub async fn flush_last_used(&self) {
         let batch: Vec<LastUsed> = {
@@ -323,6 +347,9 @@ impl Gateway {
                 tokio::time::sleep(every).await;
                 match gw.poll_changes().await {
                     Ok(_) => {
+                        if let Err(e) = gw.drain_outbox().await {
+                            tracing::warn!(error = %e, "cannot move queued CLI audit events");
+                        }
                         gw.inner.last_poll_ok.store(gw.now_ms() as u64, Ordering::SeqCst);
                         warned = false;
                     }
@@ -382,6 +409,7 @@ impl Gateway {
     /// Handles one request on the public listener. Always answers; never panics on input.
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let start = Instant::now();
+        let _in_flight = self.inner.metrics.in_flight();
         let cfg = self.inner.config.load_full();
         let mut ctx = Ctx {
             request_id: self.next_request_id(),
@@ -573,14 +601,14 @@ impl Gateway {
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
         let up_start = Instant::now();
         let result = tokio::time::timeout(route.timeout, self.inner.client.request(up_req)).await;
-        self.inner.metrics.upstream_latency.observe(up_start.elapsed());
+        self.inner.metrics.upstream(&route.name, up_start.elapsed());
         match result {
             Err(_) => Err((Reject::UpstreamTimeout, Some(reservation))),
             Ok(Err(e)) => {
                 if outcome.too_large() {
                     Err((Reject::BodyTooLarge, Some(reservation)))
                 } else if outcome.idle() {
-                    Err((Reject::RequestTimeout, Some(reservation)))
+                    Err((Reject::BodyIdle, Some(reservation)))
                 } else {
                     tracing::debug!(error = %e, upstream = %route.upstream_url, "upstream request failed");
                     Err((Reject::UpstreamError, Some(reservation)))

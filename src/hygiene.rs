@@ -69,10 +69,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Name prefixes the gateway owns as whole families: its identity namespace (so a header it may
+/// add later, or one a backend invents like `X-Tokengate-Role`, can never carry a client value),
+/// and the `X-Forwarded-*` metadata (`-Server`, `-Ssl`, `-Scheme`, `-User`, ...) that frameworks
+/// trust as if a proxy had written it.
+pub const GATEWAY_OWNED_PREFIXES: &[&str] = &["x-tokengate-", "x-forwarded-"];
+
 /// Removes client copies of gateway-owned headers and the URL/method override family.
 pub fn strip_owned(headers: &mut HeaderMap) {
     for n in GATEWAY_OWNED.iter().chain(ALWAYS_REMOVED) {
         headers.remove(*n);
+    }
+    let family: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| GATEWAY_OWNED_PREFIXES.iter().any(|p| k.as_str().starts_with(p)))
+        .cloned()
+        .collect();
+    for n in family {
+        headers.remove(n);
     }
 }
 
@@ -169,7 +183,7 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
             .to_str()
             .ok()
             .and_then(|s| s.parse::<http::uri::Authority>().ok())
-            .is_some_and(|a| a.as_str().find('@').is_none());
+            .is_some_and(|a| a.as_str().find('@').is_none() && port_is_valid(a.as_str()));
         if !ok {
             return Err(bad("bad_host", "Invalid Host header."));
         }
@@ -209,6 +223,24 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
         return Err(Reject::UpgradeRefused);
     }
     Ok(RequestFacts { host, websocket })
+}
+
+/// RFC 9110 §7.2 `Host = uri-host [ ":" port ]`, RFC 3986 §3.2.3 `port = *DIGIT`: after the host
+/// (a bracketed IPv6 literal or a name) comes nothing or `:` and 1-5 digits. `http::uri::Authority`
+/// alone accepts `gw.test:abc` and `[::1]x`.
+fn port_is_valid(authority: &str) -> bool {
+    let rest = if authority.starts_with('[') {
+        match authority.split_once(']') {
+            Some((_, rest)) => rest,
+            None => return false,
+        }
+    } else {
+        authority.find(':').map_or("", |i| &authority[i..])
+    };
+    rest.is_empty()
+        || rest
+            .strip_prefix(':')
+            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -270,5 +302,31 @@ mod tests {
         assert_eq!(check(&parts(&[("host", "a")], &long, "GET"), &methods(), L).unwrap_err().reason(), "uri_too_long");
         let ws = parts(&[("host", "a"), ("upgrade", "websocket"), ("connection", "Upgrade")], "/x", "GET");
         assert!(check(&ws, &methods(), L).unwrap().websocket);
+    }
+
+    #[test]
+    fn owned_families_and_host_ports() {
+        let mut h = HeaderMap::new();
+        for n in ["x-tokengate-role", "x-forwarded-server", "x-forwarded-ssl", "x-forwarded-user"] {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("spoof"));
+        }
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_owned(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        for (host, ok) in [
+            ("a", true),
+            ("a:8080", true),
+            ("[::1]", true),
+            ("[::1]:80", true),
+            ("a:abc", false),
+            ("a:", false),
+            ("a:80:80", false),
+            ("a:123456", false),
+            ("[::1]x", false),
+            ("[::1", false),
+        ] {
+            let got = check(&parts(&[("host", host)], "/x", "GET"), &methods(), L);
+            assert_eq!(got.is_ok(), ok, "{host}: {got:?}");
+        }
     }
 }

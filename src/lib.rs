@@ -25,7 +25,9 @@
 //! - [`gateway`] — the state handle and the pipeline that ties the phases together.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
 //! - [`tls`] — rustls server configs from PEM files.
-//! - [`admin`] — the admin listener: health, readiness, metrics.
+//! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
+//!   ([`admin::ui`]) and its sessions ([`admin::session`]).
+//! - [`remote`] — the remote CLI: admin API client and the credentials file.
 //! - [`metrics`] — Prometheus counters and histograms.
 //! - [`clock`] — wall clock in ms (advanceable in tests) and RFC 3339 formatting.
 
@@ -47,6 +49,7 @@ pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod ratelimit;
+pub mod remote;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -1,20 +1,25 @@
 //! Prometheus metrics (text exposition format 0.0.4), kept in atomics so recording is lock-free
-//! on the hot path.
+//! on the hot path. Every metric is listed with its meaning in `docs/operations.md`.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
-/// Histogram bucket upper bounds, in seconds.
-const BUCKETS: &[f64] = &[
+/// Histogram bucket upper bounds, in seconds (from 0.5 ms to 30 s: a gateway's own overhead is
+/// sub-millisecond, upstreams take up to their timeout).
+pub const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Bucket slots: one per bound plus the overflow (`+Inf`) slot.
+const SLOTS: usize = BUCKETS.len() + 1;
+
 /// A fixed-bucket histogram.
 pub struct Histogram {
-    counts: [AtomicU64; 16],
+    /// Non-cumulative counts per bucket; the last slot is above the highest bound.
+    counts: [AtomicU64; SLOTS],
     sum_micros: AtomicU64,
 }
 
@@ -31,26 +36,50 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Writes the `_bucket`, `_sum` and `_count` samples; `labels` is `""` or `k="v",` pairs
+    /// ending in a comma.
+    fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
+        // Read every slot once so the buckets, +Inf and _count agree even under concurrent writes.
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cum += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        for (b, n) in BUCKETS.iter().zip(&counts) {
+            cum += n;
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {cum}");
         }
-        cum += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {cum}");
+        cum += counts[BUCKETS.len()];
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cum}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = |l: &str| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", l.trim_end_matches(','))
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {cum}", braces(labels));
     }
 }
 
-/// Gauges read from other components at scrape time.
+/// Values read from other components at scrape time.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Snapshot {
     /// Cache hits.
@@ -59,16 +88,21 @@ pub struct Snapshot {
     pub cache_misses: u64,
     /// Cached tokens.
     pub cache_size: u64,
-    /// Active tokens in the store.
-    pub active_tokens: u64,
-    /// Tokens expiring within 7 days.
-    pub expiring_7d: u64,
+    /// Whether the store answered the scrape's queries (`None`: not asked).
+    pub store_up: Option<bool>,
+    /// Active tokens in the store (`None` when the store could not be read: the sample is left
+    /// out rather than reported as 0).
+    pub active_tokens: Option<u64>,
+    /// Active tokens expiring within 7 days (`None` as above).
+    pub expiring_7d: Option<u64>,
     /// Audit queue depth.
     pub audit_queue: u64,
     /// Audit write failures.
     pub audit_failures: u64,
     /// Audit lines written.
     pub audit_lines: u64,
+    /// Whether the audit writer's last write succeeded (`None`: not asked).
+    pub audit_healthy: Option<bool>,
     /// Requests refused by the per-token limiter.
     pub rate_limited: u64,
     /// Failed-auth limiter tracked keys.
@@ -80,19 +114,57 @@ pub struct Snapshot {
 }
 
 /// Counters owned by the gateway.
-#[derive(Default)]
 pub struct Metrics {
+    /// Finished requests by (decision, reason, status / 100). DashMap: the key set is small and
+    /// fixed after warm-up, so the hot path is a shard read lock and an atomic add.
     requests: DashMap<(&'static str, &'static str, u16), AtomicU64>,
     /// Whole-request latency.
     pub request_latency: Histogram,
-    /// Upstream response-head latency.
-    pub upstream_latency: Histogram,
+    /// Upstream response-head latency per route name (bounded by the routes in the config).
+    upstream_latency: DashMap<String, Histogram>,
+    /// Requests being handled on the public listener right now.
+    pub in_flight: AtomicI64,
     /// Open client connections.
     pub open_connections: AtomicI64,
     /// Config reloads (ok).
     pub reloads_ok: AtomicU64,
     /// Config reloads refused.
     pub reloads_failed: AtomicU64,
+    /// Whether the last reload attempt succeeded (true before any).
+    pub last_reload_ok: AtomicBool,
+    /// Whether the listeners are bound and accepting (false before `run` and once draining).
+    pub listening: AtomicBool,
+    /// Process start, Unix seconds.
+    started_at: f64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: DashMap::new(),
+            request_latency: Histogram::default(),
+            upstream_latency: DashMap::new(),
+            in_flight: AtomicI64::new(0),
+            open_connections: AtomicI64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            last_reload_ok: AtomicBool::new(true),
+            listening: AtomicBool::new(false),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64().floor()),
+        }
+    }
+}
+
+/// Counts a request as in flight until dropped (also when the request future is cancelled).
+#[must_use = "the request counts as in flight only while the guard lives"]
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -103,13 +175,55 @@ impl Metrics {
             c.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.requests.entry(key).or_default().fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .entry(key)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Renders everything in Prometheus text format.
+    /// Marks one request as in flight for the guard's lifetime.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    /// Records how long the upstream of `route` took to answer with a response head.
+    pub fn upstream(&self, route: &str, d: Duration) {
+        if let Some(h) = self.upstream_latency.get(route) {
+            h.observe(d);
+            return;
+        }
+        self.upstream_latency
+            .entry(route.to_string())
+            .or_default()
+            .observe(d);
+    }
+
+    /// Requests counted so far for one (decision, reason, status class) series.
+    pub fn requests_count(&self, decision: &str, reason: &str, status_class: u16) -> u64 {
+        self.requests
+            .iter()
+            .filter(|e| e.key().0 == decision && e.key().1 == reason && e.key().2 == status_class)
+            .map(|e| e.value().load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Renders everything in Prometheus text format 0.0.4.
     pub fn render(&self, snap: &Snapshot) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str("# HELP tokengate_requests_total Requests handled on the public listener.\n# TYPE tokengate_requests_total counter\n");
+        let mut out = String::with_capacity(8192);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+
+        header(&mut out, "tokengate_build_info", "gauge", "Always 1; the version label names the running build.");
+        let _ = writeln!(
+            out,
+            "tokengate_build_info{{version=\"{}\"}} 1",
+            escape_label(env!("CARGO_PKG_VERSION"))
+        );
+        single(&mut out, "tokengate_process_start_time_seconds", "gauge", "Start time of the process, Unix seconds.", self.started_at);
+        single(&mut out, "tokengate_listening", "gauge", "1 while the listeners are bound and accepting; 0 before start and while draining.", flag(self.listening.load(Ordering::Relaxed)));
+
+        header(&mut out, "tokengate_requests_total", "counter", "Requests handled on the public listener, by decision, reason and status class.");
         let mut rows: Vec<_> = self
             .requests
             .iter()
@@ -119,31 +233,160 @@ impl Metrics {
         for ((decision, reason, class), n) in rows {
             let _ = writeln!(
                 out,
-                "tokengate_requests_total{{decision=\"{decision}\",reason=\"{reason}\",status_class=\"{class}xx\"}} {n}"
+                "tokengate_requests_total{{decision=\"{}\",reason=\"{}\",status_class=\"{class}xx\"}} {n}",
+                escape_label(decision),
+                escape_label(reason),
             );
         }
-        self.request_latency
-            .render(&mut out, "tokengate_request_duration_seconds", "Time from request head to response head.");
-        self.upstream_latency
-            .render(&mut out, "tokengate_upstream_duration_seconds", "Time the upstream took to answer with a response head.");
-        let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        gauge(&mut out, "tokengate_cache_hits_total", "counter", "Token cache hits.", snap.cache_hits as f64);
-        gauge(&mut out, "tokengate_cache_misses_total", "counter", "Token cache misses.", snap.cache_misses as f64);
-        gauge(&mut out, "tokengate_cache_entries", "gauge", "Tokens in the cache.", snap.cache_size as f64);
-        gauge(&mut out, "tokengate_active_tokens", "gauge", "Active tokens in the store.", snap.active_tokens as f64);
-        gauge(&mut out, "tokengate_tokens_expiring_7d", "gauge", "Active tokens expiring within 7 days.", snap.expiring_7d as f64);
-        gauge(&mut out, "tokengate_audit_queue_depth", "gauge", "Audit records waiting for the writer.", snap.audit_queue as f64);
-        gauge(&mut out, "tokengate_audit_write_failures_total", "counter", "Failed audit write attempts.", snap.audit_failures as f64);
-        gauge(&mut out, "tokengate_audit_lines_total", "counter", "Audit lines written.", snap.audit_lines as f64);
-        gauge(&mut out, "tokengate_rate_limited_total", "counter", "Requests refused by per-token rate limits.", snap.rate_limited as f64);
-        gauge(&mut out, "tokengate_failed_auth_tracked_clients", "gauge", "Client keys tracked by the failed-auth limiter.", snap.failed_auth_tracked as f64);
-        gauge(&mut out, "tokengate_store_lookups_total", "counter", "Token lookups that reached the store.", snap.store_lookups as f64);
-        gauge(&mut out, "tokengate_store_writes_total", "counter", "Write transactions on the store.", snap.store_writes as f64);
-        gauge(&mut out, "tokengate_open_connections", "gauge", "Open client connections on the public listener.", self.open_connections.load(Ordering::Relaxed) as f64);
-        gauge(&mut out, "tokengate_config_reloads_total", "counter", "Successful config reloads.", self.reloads_ok.load(Ordering::Relaxed) as f64);
-        gauge(&mut out, "tokengate_config_reload_failures_total", "counter", "Refused config reloads.", self.reloads_failed.load(Ordering::Relaxed) as f64);
+        single(&mut out, "tokengate_requests_in_flight", "gauge", "Requests being handled on the public listener.", self.in_flight.load(Ordering::Relaxed) as f64);
+
+        let name = "tokengate_request_duration_seconds";
+        header(&mut out, name, "histogram", "Time from request head to response head, every request.");
+        self.request_latency.render_samples(&mut out, name, "");
+        let name = "tokengate_upstream_duration_seconds";
+        header(&mut out, name, "histogram", "Time the upstream took to answer with a response head, by route.");
+        let mut routes: Vec<String> = self
+            .upstream_latency
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        routes.sort();
+        for route in routes {
+            if let Some(h) = self.upstream_latency.get(&route) {
+                let labels = format!("upstream=\"{}\",", escape_label(&route));
+                h.render_samples(&mut out, name, &labels);
+            }
+        }
+
+        single(&mut out, "tokengate_cache_hits_total", "counter", "Token lookups answered by the cache.", snap.cache_hits as f64);
+        single(&mut out, "tokengate_cache_misses_total", "counter", "Token lookups the cache could not answer.", snap.cache_misses as f64);
+        single(&mut out, "tokengate_cache_entries", "gauge", "Tokens in the cache.", snap.cache_size as f64);
+        if let Some(up) = snap.store_up {
+            single(&mut out, "tokengate_store_up", "gauge", "1 when the store answered this scrape's queries.", flag(up));
+        }
+        if let Some(n) = snap.active_tokens {
+            single(&mut out, "tokengate_active_tokens", "gauge", "Active tokens in the store (not revoked, expired or disabled).", n as f64);
+        }
+        if let Some(n) = snap.expiring_7d {
+            single(&mut out, "tokengate_tokens_expiring_7d", "gauge", "Active tokens that expire within 7 days.", n as f64);
+        }
+        single(&mut out, "tokengate_store_lookups_total", "counter", "Token lookups that reached the store.", snap.store_lookups as f64);
+        single(&mut out, "tokengate_store_writes_total", "counter", "Write transactions on the store.", snap.store_writes as f64);
+        single(&mut out, "tokengate_audit_queue_depth", "gauge", "Audit records accepted but not yet written.", snap.audit_queue as f64);
+        single(&mut out, "tokengate_audit_write_failures_total", "counter", "Failed audit write attempts (each retry counts).", snap.audit_failures as f64);
+        single(&mut out, "tokengate_audit_lines_total", "counter", "Audit lines written by this process.", snap.audit_lines as f64);
+        if let Some(ok) = snap.audit_healthy {
+            single(&mut out, "tokengate_audit_healthy", "gauge", "1 while audit writes succeed; 0 while they fail.", flag(ok));
+        }
+        single(&mut out, "tokengate_rate_limited_total", "counter", "Requests refused by per-token rate limits.", snap.rate_limited as f64);
+        single(&mut out, "tokengate_failed_auth_tracked_clients", "gauge", "Client keys tracked by the failed-auth limiter.", snap.failed_auth_tracked as f64);
+        single(&mut out, "tokengate_open_connections", "gauge", "Open client connections on the public listener.", self.open_connections.load(Ordering::Relaxed) as f64);
+        single(&mut out, "tokengate_config_reloads_total", "counter", "Successful config reloads.", load(&self.reloads_ok));
+        single(&mut out, "tokengate_config_reload_failures_total", "counter", "Refused config reloads (the old config was kept).", load(&self.reloads_failed));
+        single(&mut out, "tokengate_config_last_reload_successful", "gauge", "1 when the last reload succeeded (or none was tried).", flag(self.last_reload_ok.load(Ordering::Relaxed)));
         out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn single(out: &mut String, name: &str, kind: &str, help: &str, v: f64) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// Escapes a label value: backslash, double quote and newline (exposition format 0.0.4).
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_inf_equals_count() {
+        let h = Histogram::default();
+        for ms in [0, 1, 3, 40, 700, 2_000, 60_000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let mut out = String::new();
+        h.render_samples(&mut out, "x", "upstream=\"a\",");
+        let buckets: Vec<u64> = out
+            .lines()
+            .filter(|l| l.starts_with("x_bucket"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(buckets.len(), BUCKETS.len() + 1);
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{out}");
+        assert_eq!(*buckets.last().unwrap(), 7);
+        assert!(out.contains("x_count{upstream=\"a\"} 7\n"), "{out}");
+        assert!(out.contains("x_bucket{upstream=\"a\",le=\"+Inf\"} 7\n"), "{out}");
+        // 0 ms and 1 ms are both <= 1 ms; 60 s is only in +Inf.
+        assert!(out.contains("x_bucket{upstream=\"a\",le=\"0.001\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{upstream=\"a\",le=\"30\"} 6\n"), "{out}");
+        assert_eq!(h.count(), 7);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label("a\nb"), "a\\nb");
+        let m = Metrics::default();
+        m.upstream("we\"ird", Duration::from_millis(5));
+        let out = m.render(&Snapshot::default());
+        assert!(out.contains("upstream=\"we\\\"ird\""), "{out}");
+    }
+
+    #[test]
+    fn unknown_store_values_are_left_out_not_zero() {
+        let m = Metrics::default();
+        let out = m.render(&Snapshot::default());
+        assert!(!out.contains("tokengate_active_tokens"), "{out}");
+        let out = m.render(&Snapshot {
+            store_up: Some(true),
+            active_tokens: Some(3),
+            expiring_7d: Some(1),
+            ..Snapshot::default()
+        });
+        assert!(out.contains("\ntokengate_active_tokens 3\n"), "{out}");
+        assert!(out.contains("\ntokengate_tokens_expiring_7d 1\n"), "{out}");
+        assert!(out.contains("\ntokengate_store_up 1\n"), "{out}");
+    }
+
+    #[test]
+    fn in_flight_guard_gives_the_slot_back() {
+        let m = Metrics::default();
+        {
+            let _a = m.in_flight();
+            let _b = m.in_flight();
+            assert_eq!(m.in_flight.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(m.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn requests_are_counted_by_series() {
+        let m = Metrics::default();
+        m.request("allow", "ok", 200);
+        m.request("allow", "ok", 204);
+        m.request("deny", "no_rule", 403);
+        assert_eq!(m.requests_count("allow", "ok", 2), 2);
+        assert_eq!(m.requests_count("deny", "no_rule", 4), 1);
+        let out = m.render(&Snapshot::default());
+        assert!(out.contains(
+            "tokengate_requests_total{decision=\"allow\",reason=\"ok\",status_class=\"2xx\"} 2\n"
+        ));
     }
 }

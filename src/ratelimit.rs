@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock, Reference};
-use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed, keyed::DefaultKeyedStateStore};
 use governor::{Quota, RateLimiter};
 
@@ -37,7 +37,8 @@ pub struct Denied {
 }
 
 fn quota(rate: Rate) -> Quota {
-    let period = Duration::from_secs_f64(1.0 / rate.requests_per_second).max(Duration::from_nanos(1));
+    let period =
+        Duration::from_secs_f64(1.0 / rate.requests_per_second).max(Duration::from_nanos(1));
     Quota::with_period(period)
         .expect("non-zero period")
         .allow_burst(NonZeroU32::new(rate.burst.max(1)).expect("non-zero"))
@@ -88,12 +89,24 @@ impl<C: Clock + Clone> TokenLimiter<C> {
                 return b.clone();
             }
         }
-        let b = Arc::new(Bucket {
-            rate,
-            limiter: RateLimiter::direct_with_clock(quota(rate), self.clock.clone()).with_middleware::<StateInformationMiddleware>(),
-        });
-        self.buckets.insert(Arc::from(token_id), b.clone());
-        b
+        let fresh = || {
+            Arc::new(Bucket {
+                rate,
+                limiter: RateLimiter::direct_with_clock(quota(rate), self.clock.clone())
+                    .with_middleware::<StateInformationMiddleware>(),
+            })
+        };
+        // Through the entry (shard lock held): concurrent first requests of one token must share
+        // one bucket, or each would get a full burst of its own.
+        self.buckets
+            .entry(Arc::from(token_id))
+            .and_modify(|b| {
+                if b.rate != rate {
+                    *b = fresh();
+                }
+            })
+            .or_insert_with(fresh)
+            .clone()
     }
 
     /// Takes one cell for `token_id` at `rate`.
@@ -145,7 +158,11 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-type Keyed<C> = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, StateInformationMiddleware>;
+
+fn keyed<C: Clock>(quota: Quota, clock: C) -> Keyed<C> {
+    RateLimiter::dashmap_with_clock(quota, clock).with_middleware::<StateInformationMiddleware>()
+}
 
 /// Failed-authentication limiter per client IP (IPv6 by /64).
 ///
@@ -176,7 +193,7 @@ impl<C: Clock + Clone> FailedAuthLimiter<C> {
     pub fn with_clock(per_minute: u32, max_clients: usize, clock: C) -> Self {
         let quota = Quota::per_minute(NonZeroU32::new(per_minute.max(1)).expect("non-zero"));
         FailedAuthLimiter {
-            limiter: ArcSwap::from_pointee(RateLimiter::dashmap_with_clock(quota, clock.clone())),
+            limiter: ArcSwap::from_pointee(keyed(quota, clock.clone())),
             quota,
             clock,
             blocked: DashMap::new(),
@@ -212,18 +229,28 @@ impl<C: Clock + Clone> FailedAuthLimiter<C> {
         } else {
             limiter
         };
-        if let Err(not_until) = limiter.check_key(&key) {
+        let until = match limiter.check_key(&key) {
+            Ok(snap) if snap.remaining_burst_capacity() > 0 => return,
+            // That failure used the last cell: the client is blocked now, so its next request is
+            // answered 429 without a lookup (the quota counts failures, not failures + 1). The
+            // probe is refused, so it consumes nothing; it only tells when a cell is free again.
+            Ok(_) => match limiter.check_key(&key) {
+                Err(not_until) => not_until.earliest_possible(),
+                // A cell freed up in between (and the probe took it): still within the quota.
+                Ok(_) => return,
+            },
+            Err(not_until) => not_until.earliest_possible(),
+        };
+        if self.blocked.len() >= self.max_clients {
+            let now = self.clock.now();
+            self.blocked.retain(|_, blocked_until| *blocked_until > now);
             if self.blocked.len() >= self.max_clients {
-                let now = self.clock.now();
-                self.blocked.retain(|_, until| *until > now);
-                if self.blocked.len() >= self.max_clients {
-                    self.overflows.fetch_add(1, Ordering::Relaxed);
-                    self.blocked.clear();
-                    self.blocked.shrink_to_fit();
-                }
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+                self.blocked.clear();
+                self.blocked.shrink_to_fit();
             }
-            self.blocked.insert(key, not_until.earliest_possible());
         }
+        self.blocked.insert(key, until);
     }
 
     /// Drops keys whose state is back to fresh and gives memory back; starts over if still over
@@ -240,7 +267,7 @@ impl<C: Clock + Clone> FailedAuthLimiter<C> {
                 "failed-auth limiter over its client cap; forgetting tracked clients"
             );
             self.limiter
-                .store(Arc::new(RateLimiter::dashmap_with_clock(self.quota, self.clock.clone())));
+                .store(Arc::new(keyed(self.quota, self.clock.clone())));
         }
         let now = self.clock.now();
         self.blocked.retain(|_, until| *until > now);
@@ -267,7 +294,10 @@ mod tests {
     fn one_token_bursts_into_429_while_another_is_unaffected_and_it_refills() {
         let clock = FakeRelativeClock::default();
         let l = TokenLimiter::with_clock(clock.clone());
-        let rate = Rate { requests_per_second: 2.0, burst: 3 };
+        let rate = Rate {
+            requests_per_second: 2.0,
+            burst: 3,
+        };
         for expect_remaining in [2, 1, 0] {
             let a = l.check("tok_a", rate).unwrap();
             assert_eq!(a.limit, 3);
@@ -288,11 +318,97 @@ mod tests {
     }
 
     #[test]
+    fn a_fast_override_refills_within_milliseconds_and_reset_counts_to_full() {
+        let clock = FakeRelativeClock::default();
+        let l = TokenLimiter::with_clock(clock.clone());
+        let rate = Rate {
+            requests_per_second: 1000.0,
+            burst: 3,
+        };
+        for _ in 0..3 {
+            l.check("t", rate).unwrap();
+        }
+        let d = l.check("t", rate).unwrap_err();
+        assert_eq!(d.retry_after, 1, "rounded up to whole seconds, at least 1");
+        clock.advance(Duration::from_millis(1));
+        let a = l.check("t", rate).unwrap();
+        assert_eq!(a.remaining, 0);
+        clock.advance(Duration::from_millis(3));
+        let a = l.check("t", rate).unwrap();
+        assert_eq!((a.limit, a.remaining, a.reset_secs), (3, 2, 1));
+        // A slow rate: reset is the time until the whole burst is back.
+        let slow = Rate {
+            requests_per_second: 0.5,
+            burst: 4,
+        };
+        let a = l.check("s", slow).unwrap();
+        assert_eq!((a.remaining, a.reset_secs), (3, 2));
+        l.check("s", slow).unwrap();
+        let a = l.check("s", slow).unwrap();
+        assert_eq!((a.remaining, a.reset_secs), (1, 6));
+    }
+
+    #[test]
+    fn concurrent_first_requests_of_a_token_share_one_burst() {
+        for round in 0..20 {
+            let l = Arc::new(TokenLimiter::with_clock(FakeRelativeClock::default()));
+            let rate = Rate {
+                requests_per_second: 1.0,
+                burst: 5,
+            };
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let allowed: usize = (0..8)
+                .map(|_| {
+                    let (l, barrier) = (l.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        (0..4).filter(|_| l.check("tok", rate).is_ok()).count()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .sum();
+            assert_eq!(
+                allowed, 5,
+                "round {round}: the burst is exact under concurrency"
+            );
+        }
+    }
+
+    #[test]
     fn a_changed_rate_takes_effect() {
         let l = TokenLimiter::with_clock(FakeRelativeClock::default());
-        assert!(l.check("t", Rate { requests_per_second: 1.0, burst: 1 }).is_ok());
-        assert!(l.check("t", Rate { requests_per_second: 1.0, burst: 1 }).is_err());
-        assert!(l.check("t", Rate { requests_per_second: 1.0, burst: 5 }).is_ok());
+        assert!(
+            l.check(
+                "t",
+                Rate {
+                    requests_per_second: 1.0,
+                    burst: 1
+                }
+            )
+            .is_ok()
+        );
+        assert!(
+            l.check(
+                "t",
+                Rate {
+                    requests_per_second: 1.0,
+                    burst: 1
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            l.check(
+                "t",
+                Rate {
+                    requests_per_second: 1.0,
+                    burst: 5
+                }
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -304,13 +420,23 @@ mod tests {
             assert!(f.blocked(ip).is_none());
             f.record_failure(ip);
         }
-        assert!(f.blocked(ip).is_none());
-        f.record_failure(ip);
+        // The third failure used the quota up: the next request is refused before any lookup.
         let wait = f.blocked(ip).unwrap();
-        assert!((1..=20).contains(&wait), "{wait}");
+        assert_eq!(wait, 20, "one cell every 60 s / 3");
         assert!(f.blocked("192.0.2.8".parse().unwrap()).is_none());
-        clock.advance(Duration::from_secs(21));
+        clock.advance(Duration::from_secs(19));
+        assert_eq!(f.blocked(ip), Some(1));
+        clock.advance(Duration::from_secs(1));
         assert!(f.blocked(ip).is_none());
+        // One cell came back: exactly one more failure, then blocked again (3 a minute, not 4).
+        f.record_failure(ip);
+        assert_eq!(f.blocked(ip), Some(20));
+        clock.advance(Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(f.blocked(ip).is_none());
+            f.record_failure(ip);
+        }
+        assert!(f.blocked(ip).is_some());
     }
 
     #[test]
@@ -336,9 +462,25 @@ mod tests {
         let cap = 10_000;
         let f = FailedAuthLimiter::with_clock(20, cap, clock);
         for i in 0..1_000_000u32 {
-            f.record_failure(IpAddr::V4(std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761))));
+            f.record_failure(IpAddr::V4(std::net::Ipv4Addr::from(
+                i.wrapping_mul(2_654_435_761),
+            )));
             let (tracked, blocked) = f.tracked();
             assert!(tracked <= cap && blocked <= cap);
+        }
+        assert!(f.overflow_count() > 0);
+    }
+
+    #[test]
+    fn a_flood_of_blocked_addresses_stays_under_the_cap() {
+        // Quota 1: every new address is blocked by its first failure, so both maps fill up.
+        let clock = FakeRelativeClock::default();
+        let cap = 5_000;
+        let f = FailedAuthLimiter::with_clock(1, cap, clock);
+        for i in 0..100_000u32 {
+            f.record_failure(IpAddr::V6(Ipv6Addr::from(u128::from(i) << 64)));
+            let (tracked, blocked) = f.tracked();
+            assert!(tracked <= cap && blocked <= cap, "{tracked} {blocked}");
         }
         assert!(f.overflow_count() > 0);
     }

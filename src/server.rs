@@ -4,9 +4,12 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -15,6 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -131,9 +135,12 @@ impl Server {
             stop_rx,
             graceful.clone(),
         ));
+        gw.metrics().listening.store(true, Ordering::Relaxed);
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
+        gw.metrics().listening.store(false, Ordering::Relaxed);
         let _ = stop_tx.send(true);
+        // The accept loops return and drop their listeners: new connections are refused from here.
         let _ = public.await;
         let _ = admin.await;
         let grace = gw.config().server.shutdown_grace;
@@ -268,9 +275,12 @@ async fn serve_connection(
             }
         })
     };
+    // hyper's header read timeout starts only once it knows the protocol; until then (no byte
+    // yet, or a dribbled HTTP/2 preface) this deadline holds the connection to the same limit.
+    let deadline = cfg.server.header_read_timeout;
     match acceptor {
         None => {
-            let c = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let c = builder.serve_connection_with_upgrades(TokioIo::new(ProtocolDeadline::new(stream, deadline)), svc);
             if let Err(e) = watcher.watch(c.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -287,10 +297,99 @@ async fn serve_connection(
                     return;
                 }
             };
-            let c = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            let c = builder.serve_connection_with_upgrades(TokioIo::new(ProtocolDeadline::new(tls, deadline)), svc);
             if let Err(e) = watcher.watch(c.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
+    }
+}
+
+/// The HTTP/2 connection preface; hyper's auto builder reads up to this many bytes to choose a
+/// protocol.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+pin_project_lite::pin_project! {
+    /// Fails reads with `TimedOut` if the client has not sent enough bytes for the protocol choice
+    /// (one byte that is not the HTTP/2 preface, or the whole preface) before the deadline.
+    ///
+    /// hyper-util's auto builder waits for those bytes without any timer, and hyper's
+    /// `header_read_timeout` only starts after that choice, so without this a client that
+    /// connects and sends nothing (or `PRI * HTTP/2.0...` one byte at a time) would hold its
+    /// connection slot forever. Once the choice is made this wrapper is a plain pass-through:
+    /// from then on hyper's own timer (HTTP/1) bounds header reads.
+    struct ProtocolDeadline<I> {
+        #[pin]
+        io: I,
+        matched: usize,
+        armed: bool,
+        sleep: Pin<Box<tokio::time::Sleep>>,
+    }
+}
+
+impl<I> ProtocolDeadline<I> {
+    fn new(io: I, deadline: Duration) -> Self {
+        ProtocolDeadline {
+            io,
+            matched: 0,
+            armed: true,
+            sleep: Box::pin(tokio::time::sleep(deadline)),
+        }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for ProtocolDeadline<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !*this.armed {
+            return this.io.poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match this.io.poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                for b in &buf.filled()[before..] {
+                    if *b != H2_PREFACE[*this.matched] {
+                        *this.armed = false;
+                        break;
+                    }
+                    *this.matched += 1;
+                    if *this.matched == H2_PREFACE.len() {
+                        *this.armed = false;
+                        break;
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the header read timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for ProtocolDeadline<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }

@@ -63,6 +63,12 @@ const MIGRATIONS: &[&str] = &[
         token_id TEXT,
         account_id TEXT
     );",
+    // 2: admin audit events written by the CLI while a gateway owns the audit log; the gateway
+    // moves them into the log (a transactional outbox).
+    "CREATE TABLE audit_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        line TEXT NOT NULL
+    );",
 ];
 
 /// Milliseconds since the Unix epoch, from the system clock.
@@ -729,6 +735,37 @@ impl Store {
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
             .map_err(self.err())
+        })
+    }
+
+    /// Queues an admin audit record (JSON) for the process that owns the audit log.
+    pub fn outbox_push(&self, json: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("INSERT INTO audit_outbox (line) VALUES (?1)", [json])
+                .map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    /// Oldest queued admin audit records, with their ids.
+    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c
+                .prepare_cached("SELECT id, line FROM audit_outbox ORDER BY id LIMIT ?1")
+                .map_err(self.err())?;
+            let rows = st
+                .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(self.err())?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+        })
+    }
+
+    /// Deletes queued records up to and including `id`.
+    pub fn outbox_ack(&self, id: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM audit_outbox WHERE id <= ?1", [id])
+                .map_err(self.err())?;
+            Ok(())
         })
     }
 

@@ -1,44 +1,118 @@
-//! Admin listener (SPEC §8): operations endpoints (`/healthz`, `/readyz`, `/metrics`).
+//! Admin listener (SPEC §8): operations endpoints, the JSON API and the web UI.
 //!
-//! Loopback by default (`admin.listen`). The JSON API and web UI live in sub-modules.
+//! Loopback by default (`admin.listen`). Routes:
+//! - `/healthz`, `/readyz`, `/metrics` — operations, no authentication;
+//! - `/v1/...` — the JSON API ([`api`]), a Bearer token or a web UI session;
+//! - `/`, `/assets/...`, `/session`, `/session/logout` — the web UI ([`ui`], [`session`]).
+
+pub mod api;
+pub mod session;
+pub mod ui;
+
+use std::net::IpAddr;
+use std::time::Instant;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::audit::{AdminRecord, Entry, RequestRecord, Reservation};
+use crate::authz;
 use crate::body::{Body, full};
+use crate::error::{Reject, respond};
 use crate::gateway::{ConnInfo, Gateway};
+use crate::store::TokenRow;
+
+/// Permission that allows everything on the admin API, for every account (`*` grants it).
+pub const PERM_ADMIN: &str = "tokengate:admin";
+/// Permission that allows the admin API on the token's own account only.
+pub const PERM_SELF: &str = "tokengate:self";
+/// Largest request body the admin listener reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Routes one admin request.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
+pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let path = req.uri().path();
+    match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => readyz(gw).await,
         (&Method::GET, "/metrics") => metrics(gw).await,
+        _ if path == "/v1" || path.starts_with("/v1/") => api::handle(gw, req, conn).await,
+        _ if ui::is_ui_path(path) => ui::handle(gw, req, conn).await,
         _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "message": "Not found."})),
     }
 }
 
+/// Readiness: the store file is readable (through the pipeline's pooled connections *and* a
+/// fresh one, so a deleted or replaced file shows up), the audit writer's last write succeeded,
+/// and the listeners are accepting. 200 with one `check: ok` line each, else 503 naming the failure.
 async fn readyz(gw: &Gateway) -> Response<Body> {
-    let store = gw.store_call(|s| s.ping()).await;
-    let audit_ok = gw.audit().is_healthy();
-    match (store, audit_ok) {
-        (Ok(()), true) => text(StatusCode::OK, "ready\n"),
-        (Err(e), _) => {
-            tracing::warn!(error = %e, "readiness: store unreadable");
-            text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+    let probe = async {
+        let pooled = gw.store_call(|s| s.ping()).await.map_err(|e| e.to_string());
+        let path = gw.store().path().to_path_buf();
+        let fresh = tokio::task::spawn_blocking(move || probe_store_file(&path))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        pooled.and(fresh)
+    };
+    let store = match tokio::time::timeout(READY_STORE_TIMEOUT, probe).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {READY_STORE_TIMEOUT:?}")),
+    };
+    let audit = if gw.audit().is_healthy() {
+        Ok(())
+    } else {
+        Err("audit log writes are failing".to_string())
+    };
+    let listeners = if gw.metrics().listening.load(std::sync::atomic::Ordering::Relaxed) {
+        Ok(())
+    } else {
+        Err("not accepting connections (starting or draining)".to_string())
+    };
+    let mut body = String::new();
+    let mut ready = true;
+    for (name, r) in [("store", store), ("audit", audit), ("listeners", listeners)] {
+        match r {
+            Ok(()) => body.push_str(&format!("{name}: ok\n")),
+            Err(e) => {
+                ready = false;
+                tracing::warn!(check = name, error = %e, "readiness check failed");
+                body.push_str(&format!("{name}: FAILED\n"));
+            }
         }
-        (_, false) => text(StatusCode::SERVICE_UNAVAILABLE, "audit log not writable\n"),
     }
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    text(status, body)
+}
+
+/// How long `/readyz` waits for the store before calling it unavailable.
+const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the store file read-only on a new connection and reads a table.
+fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
+    use rusqlite::OpenFlags;
+    let c = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| e.to_string())?;
+    c.busy_timeout(READY_STORE_TIMEOUT).map_err(|e| e.to_string())?;
+    c.query_row("SELECT count(*) FROM tokens", [], |_| Ok(()))
+        .map_err(|e| e.to_string())
 }
 
 async fn metrics(gw: &Gateway) -> Response<Body> {
     let mut snap = gw.snapshot();
     let now = gw.now_ms();
-    if let Ok((active, expiring)) = gw.store_call(move |s| s.count_active(now, now + 7 * 86_400_000)).await {
-        snap.active_tokens = active;
-        snap.expiring_7d = expiring;
+    match gw.store_call(move |s| s.count_active(now, now + 7 * 86_400_000)).await {
+        Ok((active, expiring)) => {
+            snap.store_up = Some(true);
+            snap.active_tokens = Some(active);
+            snap.expiring_7d = Some(expiring);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: store unreadable; token gauges left out");
+            snap.store_up = Some(false);
+        }
     }
+    snap.audit_healthy = Some(gw.audit().is_healthy());
     let body = gw.metrics().render(&snap);
     let mut r = Response::new(full(body));
     r.headers_mut().insert(
@@ -48,7 +122,7 @@ async fn metrics(gw: &Gateway) -> Response<Body> {
     r
 }
 
-fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+fn text(status: StatusCode, s: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut r = Response::new(full(s));
     *r.status_mut() = status;
     r.headers_mut()
@@ -63,4 +137,306 @@ pub fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared by the API and the UI: who is calling, errors, audit.
+
+/// The authenticated caller of an admin request.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// The acting token, as just read (never its plaintext).
+    pub row: TokenRow,
+    /// `api_token` (Bearer) or `session` (web UI cookie).
+    pub auth_type: &'static str,
+    /// Holds `tokengate:admin` (all accounts); otherwise `tokengate:self` (own account only).
+    pub admin: bool,
+}
+
+impl Actor {
+    /// Builds the actor, or refuses a token with neither admin permission (403, as on the public side).
+    pub fn new(row: TokenRow, auth_type: &'static str) -> Result<Actor, Reject> {
+        let admin = authz::grants(&row.permissions, PERM_ADMIN);
+        if !admin && !authz::grants(&row.permissions, PERM_SELF) {
+            return Err(Reject::Forbidden {
+                reason: "insufficient_permission",
+                permission: Some(PERM_SELF.to_string()),
+            });
+        }
+        Ok(Actor { row, auth_type, admin })
+    }
+
+    /// The `actor` of audit records and `created_by`/`revoked_by` in the store: the token id.
+    pub fn label(&self) -> String {
+        self.row.id.clone()
+    }
+}
+
+/// An admin-listener failure: a pipeline rejection (same status, body and WWW-Authenticate as on
+/// the public listener) or an API-level answer with its own status and stable code.
+#[derive(Debug, Clone)]
+pub enum AdminError {
+    /// Answered by `error::respond`.
+    Reject(Reject),
+    /// Any other answer.
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// Stable `error` code in the body.
+        code: &'static str,
+        /// Audit `reason`.
+        reason: &'static str,
+        /// Human sentence.
+        message: String,
+    },
+}
+
+impl From<Reject> for AdminError {
+    fn from(r: Reject) -> Self {
+        AdminError::Reject(r)
+    }
+}
+
+impl AdminError {
+    /// 400 with a message.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::status(StatusCode::BAD_REQUEST, "invalid_request", "bad_request", message)
+    }
+    /// Any status.
+    pub fn status(status: StatusCode, code: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        AdminError::Status {
+            status,
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+    /// 403 that is not about the token's permissions (CSRF, Origin, policy).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::status(StatusCode::FORBIDDEN, code, code, message)
+    }
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::status(StatusCode::NOT_FOUND, "not_found", "not_found", message)
+    }
+    /// Audit reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AdminError::Reject(r) => r.reason(),
+            AdminError::Status { reason, .. } => reason,
+        }
+    }
+    /// The response.
+    pub fn respond(&self, realm: &str, request_id: &str) -> Response<Body> {
+        match self {
+            AdminError::Reject(r) => respond(r, realm, request_id),
+            AdminError::Status {
+                status, code, message, ..
+            } => {
+                let mut r = json(
+                    *status,
+                    serde_json::json!({"error": code, "message": message, "request_id": request_id}),
+                );
+                if *status == StatusCode::UNAUTHORIZED {
+                    if let Ok(v) = HeaderValue::from_str(&format!("Bearer realm=\"{realm}\"")) {
+                        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                    }
+                }
+                r
+            }
+        }
+    }
+}
+
+/// Per-request facts for the audit line of an admin request.
+pub(crate) struct Ctx {
+    pub(crate) start: Instant,
+    pub(crate) request_id: String,
+    pub(crate) client_ip: IpAddr,
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) token_prefix: Option<String>,
+    pub(crate) token: Option<TokenRow>,
+    pub(crate) auth_type: &'static str,
+    pub(crate) rule: Option<String>,
+    pub(crate) permission: Option<String>,
+}
+
+impl Ctx {
+    pub(crate) fn new(gw: &Gateway, method: &Method, path: &str, headers: &HeaderMap, conn: ConnInfo) -> Ctx {
+        let cfg = gw.config();
+        let id = session::random_hex();
+        Ctx {
+            start: Instant::now(),
+            request_id: id[..24].to_string(),
+            client_ip: crate::gateway::client_ip(conn.peer.ip(), headers, &cfg.server.trusted_proxies),
+            method: method.clone(),
+            path: path.chars().take(512).map(|c| if c.is_control() { '?' } else { c }).collect(),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.chars().take(256).collect()),
+            token_prefix: None,
+            token: None,
+            auth_type: "none",
+            rule: None,
+            permission: None,
+        }
+    }
+
+    /// Notes the authenticated actor for the request line.
+    pub(crate) fn set_actor(&mut self, a: &Actor) {
+        self.token_prefix = Some(a.row.prefix.clone());
+        self.token = Some(a.row.clone());
+        self.auth_type = a.auth_type;
+        self.permission = Some(if a.admin { PERM_ADMIN } else { PERM_SELF }.to_string());
+    }
+
+    /// Writes the request line (best effort: the response is already decided).
+    pub(crate) fn record(&self, gw: &Gateway, status: StatusCode, reason: &str) {
+        let row = self.token.as_ref();
+        let rec = RequestRecord {
+            timestamp: crate::audit::now_rfc3339(),
+            request_id: self.request_id.clone(),
+            auth_type: self.auth_type.to_string(),
+            api_token_id: row.map(|r| r.id.clone()),
+            api_token_name: row.map(|r| r.name.clone()),
+            token_prefix: self.token_prefix.clone(),
+            account: row.map(|r| r.account.clone()),
+            method: self.method.as_str().to_string(),
+            path: self.path.clone(),
+            status_code: status.as_u16(),
+            rbac_decision: if status.is_success() { "allow" } else { "deny" }.to_string(),
+            reason: reason.to_string(),
+            permission: self.permission.clone(),
+            rule: self.rule.clone(),
+            shadow_decision: None,
+            client_ip: self.client_ip.to_string(),
+            user_agent: self.user_agent.clone(),
+            upstream: None,
+            duration_ms: (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        };
+        if let Err(e) = gw.audit().record(Entry::Request(rec)) {
+            tracing::error!(error = %e, request_id = %self.request_id, "audit record for an admin request could not be queued");
+        }
+    }
+
+    /// Reserves the audit slot of a mutation before it is made: no change happens unaudited.
+    pub(crate) fn reserve(&self, gw: &Gateway) -> Result<Reservation, AdminError> {
+        gw.audit().reserve().map_err(|_| AdminError::Reject(Reject::AuditUnavailable))
+    }
+
+    /// An admin event by `actor`, about `target`.
+    pub(crate) fn event(&self, actor: &Actor, event: &str, target: Option<&str>, row: Option<&TokenRow>) -> AdminRecord {
+        AdminRecord {
+            timestamp: crate::audit::now_rfc3339(),
+            event: event.to_string(),
+            actor: actor.label(),
+            auth_type: actor.auth_type.to_string(),
+            target: target.map(str::to_string),
+            account: row.map(|r| r.account.clone()),
+            api_token_id: row.map(|r| r.id.clone()),
+            token_prefix: row.map(|r| r.prefix.clone()),
+            reason: None,
+            client_ip: Some(self.client_ip.to_string()),
+            details: Some(serde_json::json!({
+                "actor_name": actor.row.name,
+                "actor_account": actor.row.account,
+                "request_id": self.request_id,
+            })),
+        }
+    }
+}
+
+/// Response headers every admin API and UI answer carries.
+pub(crate) fn harden(h: &mut HeaderMap, request_id: &str) {
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+}
+
+/// The session cookie's value, if the request carries one.
+pub(crate) fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == session::COOKIE || *k == session::COOKIE_TLS)
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// For a cookie-authenticated mutation: the `Origin` (when sent) must be this listener's own, and
+/// the `X-CSRF-Token` header must equal the session's token (SameSite=Strict is the third layer).
+pub(crate) fn check_csrf(parts: &http::request::Parts, tls: bool, csrf: &str) -> Result<(), AdminError> {
+    check_origin(parts, tls)?;
+    let headers = &parts.headers;
+    let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if sent.is_empty() || !session::same_secret(sent, csrf) {
+        return Err(AdminError::forbidden(
+            "csrf_failed",
+            "Missing or wrong CSRF token: reload the page and try again.",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a browser request sent from another site: `Origin` must be this listener's own
+/// origin (scheme of the listener, authority from `Host` or, in HTTP/2, `:authority`), and
+/// `Sec-Fetch-Site`, when sent, must be `same-origin`.
+pub(crate) fn check_origin(parts: &http::request::Parts, tls: bool) -> Result<(), AdminError> {
+    let headers = &parts.headers;
+    let refuse = || AdminError::forbidden("foreign_origin", "Cross-origin requests are refused.");
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if !matches!(site.to_str(), Ok("same-origin") | Ok("none")) {
+            return Err(refuse());
+        }
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let expected = format!("{}://{}", if tls { "https" } else { "http" }, host);
+    match origin.to_str() {
+        Ok(o) if !host.is_empty() && o.eq_ignore_ascii_case(&expected) => Ok(()),
+        _ => Err(refuse()),
+    }
+}
+
+/// Shared by API and UI: the live token behind a session cookie (None: no or dead session).
+pub(crate) async fn session_actor(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Result<Option<(String, session::Session, Actor)>, AdminError> {
+    let Some(id) = session_cookie(headers) else {
+        return Ok(None);
+    };
+    let idle = gw.config().admin.session_idle_timeout.as_millis() as i64;
+    let Some(sess) = gw.sessions().touch(&id, gw.now_ms(), idle) else {
+        return Ok(None);
+    };
+    match gw.authenticate_id(&sess.token_id, client_ip).await {
+        Ok(row) => {
+            let actor = Actor::new(row, "session")?;
+            Ok(Some((id, sess, actor)))
+        }
+        Err(Reject::InvalidToken { reason }) => {
+            // The sign-in token was revoked, expired or disabled since: the session ends with it.
+            gw.sessions().remove(&id);
+            Err(AdminError::Reject(Reject::InvalidToken { reason }))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

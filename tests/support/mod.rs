@@ -36,7 +36,7 @@ pub struct Recorded {
 
 /// A recording upstream.
 ///
-/// Paths: `/slow/...` never answers; `/status/NNN` answers NNN; `/download/N` streams N bytes;
+/// Paths: `/slow/...` never answers; `/delay/{ms}` answers after `ms` milliseconds; `/status/NNN` answers NNN; `/download/N` streams N bytes;
 /// `/ws` accepts a WebSocket-style upgrade and echoes bytes; everything else 200 `upstream ok`
 /// with `x-upstream: yes` and `content-type: text/plain`.
 #[derive(Clone)]
@@ -129,6 +129,11 @@ async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>)
     rec.lock().unwrap().push(Recorded { method, target, headers, body_len });
     if path.starts_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    // `/delay/{ms}`: answers normally after `ms` milliseconds (drain tests: a slow in-flight request).
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        let ms: u64 = ms.split('/').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(Full::new(Bytes::from_static(b"status")).boxed());

@@ -1,0 +1,423 @@
+#!/usr/bin/env bash
+# Load benchmark (issue 9): tokengate side by side with nginx and the bare upstream, in one run.
+#
+#   bash benches/load.sh            # full run: 5 interleaved repetitions, 10 s each (~12 min)
+#   bash benches/load.sh --quick    # smoke run: 1 repetition, 3 s each, 5k req/s only (~1 min)
+#   options: --reps N  --duration S  --conns N  --rates "5000 15000"  --keep (keep the work dir)
+#
+# What it does:
+#   1. installs what is missing: nginx and wrk (Debian packages), oha (crates.io, `cargo install`);
+#   2. builds release: the tokengate binary and the fast upstream (examples/bench_upstream.rs);
+#   3. starts, on 127.0.0.1 only:
+#        upstream      the backend every proxy forwards to          (core 0, with the load generator)
+#        direct        a second upstream, measured without a proxy   (core 1)
+#        nginx         plain reverse proxy: 1 worker, upstream keepalive, access_log off (core 1)
+#        tg-full       tokengate, full pipeline: valid token, rules, rate limit (never triggers),
+#                      audit to a file                                            (core 1)
+#        tg-noauth     tokengate, same config but the benchmarked rule is `public = true`
+#                      (no authentication, authorisation or rate limit; still audited) (core 1)
+#      Every system under test is pinned to core 1 (`taskset -c 1`), the load generator to core 0.
+#   4. closed loop, throughput: wrk, 1 thread, N connections (default 50), per system, in rotating
+#      order, R repetitions (default 5);
+#   5. open loop, latency: oha at fixed rates (default 5k and 15k req/s) with `--latency-correction`
+#      (constant arrival rate; latency counted from when a request should have been sent, as wrk2
+#      does: Debian ships no wrk2), same rotation;
+#   6. prints per system: req/s, p50/p99/p99.9 (medians over repetitions, with min..max), the CPU
+#      time the system under test used per request, and the ratios tokengate/nginx,
+#      tokengate/direct and full/no-auth.
+# Every request must be answered 200: any other status fails the run (so a rate limit or an auth
+# failure can never pass for speed). Figures are noisy on a shared 2-core machine: compare the
+# ratios of one run, not absolute numbers across runs. Method and results: docs/performance.md.
+set -euo pipefail
+
+REPS=5
+DURATION=10
+CONNS=50
+RATES="5000 15000"
+KEEP=0
+QUICK=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
+        --reps) REPS="$2"; shift ;;
+        --duration) DURATION="$2"; shift ;;
+        --conns) CONNS="$2"; shift ;;
+        --rates) RATES="$2"; shift ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ "$(nproc --all)" -lt 2 ]; then
+    echo "load.sh: needs 2 cores (proxy on core 1, load generator on core 0)" >&2
+    exit 1
+fi
+LOADGEN="taskset -c 0"
+SUT="taskset -c 1"
+BENCH_PATH="/apps/billing/items"
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- tools
+need_apt=()
+command -v nginx >/dev/null || need_apt+=(nginx)
+command -v wrk >/dev/null || need_apt+=(wrk)
+command -v python3 >/dev/null || need_apt+=(python3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing ${need_apt[*]} (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+OHA="$(command -v oha || true)"
+if [ -z "$OHA" ] && [ -x "$HOME/.cargo/bin/oha" ]; then OHA="$HOME/.cargo/bin/oha"; fi
+if [ -z "$OHA" ]; then
+    log "installing oha (cargo install oha --locked; a few minutes, once)"
+    cargo install oha --locked --quiet
+    OHA="$HOME/.cargo/bin/oha"
+fi
+
+log "building release (tokengate, bench_upstream)"
+cargo build --release --quiet --bin tokengate --example bench_upstream
+TG="$TARGET_DIR/release/tokengate"
+UPSTREAM_BIN="$TARGET_DIR/release/examples/bench_upstream"
+
+# ---------------------------------------------------------------- processes
+WORK="$(mktemp -d /tmp/tokengate-load.XXXXXX)"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "$KEEP" = 1 ]; then
+        echo "work dir kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_http() { # url [header]
+    local i
+    for i in $(seq 1 100); do
+        if curl -fsS -o /dev/null ${2:+-H "$2"} "$1" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "load.sh: $1 did not answer 200" >&2
+    return 1
+}
+
+start_upstream() { # name core: sets PID_<name> and PORT_<name>
+    local name="$1" core="$2" out="$WORK/$1.out" i
+    taskset -c "$core" "$UPSTREAM_BIN" 127.0.0.1:0 >"$out" 2>&1 &
+    PIDS+=($!)
+    eval "PID_$name=$!"
+    for i in $(seq 1 100); do
+        if grep -q '^listening on ' "$out"; then break; fi
+        sleep 0.05
+    done
+    eval "PORT_$name=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$out")"
+}
+
+command -v curl >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq curl >/dev/null; }
+
+start_upstream upstream 0
+start_upstream direct 1
+UP_PORT="$PORT_upstream"
+DIRECT_PORT="$PORT_direct"
+
+# nginx: plain reverse proxy, one worker, upstream keepalive, no access log.
+NGINX_PORT="$(free_port)"
+mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log warn;
+events { worker_connections 4096; multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp/body;
+    proxy_temp_path $WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $WORK/nginx/tmp/scgi;
+    keepalive_requests 1000000;
+    upstream backend {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 128;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+$SUT nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+PIDS+=($!)
+PID_nginx=$!
+
+# tokengate: full pipeline and no-auth mode (same config, the benchmarked rule made public).
+tg_config() { # name public(true|false) -> writes $WORK/name/tokengate.toml, prints its path
+    local name="$1" public="$2" dir="$WORK/$1"
+    mkdir -p "$dir"
+    local rule='permission = "apps:read"'
+    [ "$public" = true ] && rule='public = true'
+    cat >"$dir/tokengate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$(free_port)"
+[admin]
+listen = "127.0.0.1:$(free_port)"
+[store]
+path = "tokengate.db"
+[audit]
+path = "audit.log"
+[rate_limit]
+# Far above what the benchmark sends: the check runs on every request and never refuses.
+requests_per_second = 100000000
+burst = 100000000
+
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "http://127.0.0.1:$UP_PORT"
+
+[[routes.rules]]
+methods = ["GET", "HEAD"]
+path = "/apps/{app}/**"
+$rule
+
+[[routes.rules]]
+methods = ["POST"]
+path = "/apps/{app}/deploy"
+permission = "apps:deploy"
+
+[[routes.rules]]
+methods = ["GET"]
+path = "/health"
+public = true
+EOF
+    echo "$dir/tokengate.toml"
+}
+FULL_CFG="$(tg_config tg-full false)"
+NOAUTH_CFG="$(tg_config tg-noauth true)"
+"$TG" --config "$FULL_CFG" account create bench >/dev/null
+# The token lives only in this shell variable (and the load generators' argv); the store and
+# audit log hold its hash and prefix; the work dir is deleted at exit.
+TOKEN="$("$TG" --config "$FULL_CFG" token create --account bench --name load --permission apps:read --expires 30d 2>/dev/null | head -n 1)"
+AUTH="Authorization: Bearer $TOKEN"
+for cfg in "$FULL_CFG" "$NOAUTH_CFG"; do
+    (cd "$(dirname "$cfg")" && exec $SUT "$TG" --config "$cfg" serve 2>"$(dirname "$cfg")/stderr.log") &
+    PIDS+=($!)
+done
+PID_tg_full="${PIDS[-2]}"
+PID_tg_noauth="${PIDS[-1]}"
+port_of() { sed -n 's/^listen = "127.0.0.1:\([0-9]*\)"$/\1/p' "$1" | head -n 1; }
+FULL_PORT="$(port_of "$FULL_CFG")"
+NOAUTH_PORT="$(port_of "$NOAUTH_CFG")"
+
+SYSTEMS="direct nginx tg-full tg-noauth"
+url_of() {
+    case "$1" in
+        direct) echo "http://127.0.0.1:$DIRECT_PORT$BENCH_PATH" ;;
+        nginx) echo "http://127.0.0.1:$NGINX_PORT$BENCH_PATH" ;;
+        tg-full) echo "http://127.0.0.1:$FULL_PORT$BENCH_PATH" ;;
+        tg-noauth) echo "http://127.0.0.1:$NOAUTH_PORT$BENCH_PATH" ;;
+    esac
+}
+pid_of() {
+    case "$1" in
+        direct) echo "$PID_direct" ;;
+        nginx) echo "$PID_nginx" ;;
+        tg-full) echo "$PID_tg_full" ;;
+        tg-noauth) echo "$PID_tg_noauth" ;;
+    esac
+}
+# Every system gets the same header, so the request bytes are identical everywhere.
+for s in $SYSTEMS; do wait_http "$(url_of "$s")" "$AUTH"; done
+curl -fsS -o /dev/null -w '' "$(url_of tg-full)" 2>/dev/null && { echo "load.sh: tg-full answered without a token" >&2; exit 1; }
+
+# CPU time (user + system, clock ticks) of a process and its children's threads (nginx worker).
+cpu_ticks() {
+    local pid="$1" total=0 p
+    for p in "$pid" $(pgrep -P "$pid" || true); do
+        if [ -r "/proc/$p/stat" ]; then
+            total=$((total + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$p/stat")))
+        fi
+    done
+    echo "$total"
+}
+TICKS="$(getconf CLK_TCK)"
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+
+rotate() { # rep -> systems in an order that moves by one each repetition
+    local n="$1" arr=($SYSTEMS) i out=()
+    for i in 0 1 2 3; do out+=("${arr[$(((i + n) % 4))]}"); done
+    echo "${out[@]}"
+}
+
+busy_note() {
+    if pgrep -x rustc >/dev/null || pgrep -x cc1 >/dev/null; then echo "busy"; else echo "quiet"; fi
+}
+
+run_wrk() { # system rep
+    local s="$1" rep="$2" pid out c0 c1
+    pid="$(pid_of "$s")"
+    c0="$(cpu_ticks "$pid")"
+    out="$($LOADGEN wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$AUTH" "$(url_of "$s")")"
+    c1="$(cpu_ticks "$pid")"
+    echo "$out" >"$WORK/wrk-$s-$rep.txt"
+    if echo "$out" | grep -q 'Non-2xx'; then
+        echo "load.sh: $s answered non-2xx under load:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    python3 - "$s" "$rep" "$((c1 - c0))" "$TICKS" "$(busy_note)" "$WORK/wrk-$s-$rep.txt" >>"$RESULTS" <<'PY'
+import re, sys
+s, rep, ticks, hz, busy = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+out = open(sys.argv[6]).read()
+def dur(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+reqs = int(re.search(r"(\d+) requests in", out).group(1))
+p = {k: dur(v) for k, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
+cpu_us = ticks / hz * 1e6 / max(reqs, 1)
+print(f"closed\t{s}\t{rep}\t{rps:.0f}\t{p.get('50', 0):.3f}\t{p.get('99', 0):.3f}\t\t{cpu_us:.1f}\t{busy}")
+PY
+}
+
+run_oha() { # system rate rep
+    local s="$1" rate="$2" rep="$3" pid json c0 c1
+    pid="$(pid_of "$s")"
+    c0="$(cpu_ticks "$pid")"
+    json="$WORK/oha-$s-$rate-$rep.json"
+    $LOADGEN "$OHA" --no-tui --output-format json -z "${DURATION}s" -q "$rate" --latency-correction \
+        -c "$CONNS" -H "$AUTH" "$(url_of "$s")" >"$json"
+    c1="$(cpu_ticks "$pid")"
+    python3 - "$s" "$rate" "$rep" "$json" "$((c1 - c0))" "$TICKS" "$(busy_note)" >>"$RESULTS" <<'PY'
+import json, sys
+s, rate, rep, path, ticks, hz, busy = sys.argv[1:8]
+d = json.load(open(path))
+codes = d.get("statusCodeDistribution", {})
+bad = {k: v for k, v in codes.items() if k != "200"}
+errors = d.get("errorDistribution", {})
+if bad or errors:
+    sys.exit(f"load.sh: {s} at {rate}/s: statuses {codes}, errors {errors}")
+n = sum(codes.values())
+lp = d["latencyPercentiles"]
+cpu_us = int(ticks) / int(hz) * 1e6 / max(n, 1)
+print(f"open{rate}\t{s}\t{rep}\t{d['summary']['requestsPerSec']:.0f}\t{lp['p50']*1e3:.3f}\t{lp['p99']*1e3:.3f}\t{lp['p99.9']*1e3:.3f}\t{cpu_us:.1f}\t{busy}")
+PY
+}
+
+log "load average: $(cut -d' ' -f1-3 /proc/loadavg); other builds: $(busy_note)"
+log "warm-up"
+for s in $SYSTEMS; do
+    $LOADGEN wrk -t1 -c"$CONNS" -d"$([ "$QUICK" = 1 ] && echo 1 || echo 3)s" -H "$AUTH" "$(url_of "$s")" >/dev/null
+done
+
+for rep in $(seq 1 "$REPS"); do
+    for s in $(rotate "$rep"); do
+        log "closed loop  rep $rep/$REPS  $s"
+        run_wrk "$s" "$rep"
+    done
+done
+for rate in $RATES; do
+    for rep in $(seq 1 "$REPS"); do
+        for s in $(rotate "$rep"); do
+            log "open loop ${rate}/s  rep $rep/$REPS  $s"
+            run_oha "$s" "$rate" "$rep"
+        done
+    done
+done
+
+# The full pipeline really ran: one audit line per request on tg-full, none refused.
+kill -TERM "$PID_tg_full" "$PID_tg_noauth" 2>/dev/null || true
+wait "$PID_tg_full" "$PID_tg_noauth" 2>/dev/null || true
+FULL_LINES="$(grep -c '"kind":"request"' "$WORK/tg-full/audit.log" || true)"
+FULL_DENIED="$(grep '"kind":"request"' "$WORK/tg-full/audit.log" | grep -vc '"reason":"ok"' || true)"
+NOAUTH_TOKEN_LINES="$(grep '"kind":"request"' "$WORK/tg-noauth/audit.log" | grep -c '"auth_type":"api_token"' || true)"
+
+python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" <<'PY'
+import statistics as st, sys, collections
+path, reps, dur, conns, lines, denied, noauth_tok = sys.argv[1:8]
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+by = collections.defaultdict(list)
+for mode, s, rep, rps, p50, p99, p999, cpu, busy in rows:
+    by[(mode, s)].append(dict(rps=float(rps), p50=float(p50), p99=float(p99),
+                              p999=float(p999) if p999 else None, cpu=float(cpu), busy=busy))
+systems = ["direct", "nginx", "tg-full", "tg-noauth"]
+modes = sorted({m for m, _ in by}, key=lambda m: (m != "closed", len(m), m))
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return st.median(xs) if xs else None
+def fmt(xs, unit="", prec=0):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{st.median(xs):.{prec}f}{unit} ({min(xs):.{prec}f}..{max(xs):.{prec}f})"
+print(f"\n# tokengate load benchmark: {reps} repetition(s) x {dur} s, {conns} connections, systems on core 1, load on core 0")
+busy = sum(r["busy"] == "busy" for v in by.values() for r in v)
+print(f"# runs with other builds (rustc/cc1) active on the machine: {busy} of {len(rows)}: figures are noisy, compare ratios")
+for mode in modes:
+    title = "closed loop (wrk): throughput" if mode == "closed" else f"open loop (oha -q {mode[4:]} --latency-correction): latency"
+    print(f"\n## {title}; median (min..max) over repetitions; latencies in ms")
+    print(f"{'system':<10} {'req/s':>22} {'p50':>22} {'p99':>22} {'p99.9':>22} {'CPU us/req':>18}")
+    for s in systems:
+        v = by.get((mode, s), [])
+        if not v:
+            continue
+        print(f"{s:<10} {fmt([r['rps'] for r in v]):>22} {fmt([r['p50'] for r in v], prec=3):>22} "
+              f"{fmt([r['p99'] for r in v], prec=3):>22} {fmt([r['p999'] for r in v], prec=3):>22} "
+              f"{fmt([r['cpu'] for r in v], prec=1):>18}")
+def ratio(mode, key, a, b):
+    x = med([r[key] for r in by.get((mode, a), [])])
+    y = med([r[key] for r in by.get((mode, b), [])])
+    return x / y if x and y else None
+print("\n## ratios (of medians)")
+def line(label, r, target=None, higher_better=True):
+    if r is None:
+        return
+    ok = ""
+    if target is not None:
+        ok = "  MET" if (r >= target if higher_better else r <= target) else "  missed"
+        ok += f" (target {'>=' if higher_better else '<='} {target})"
+    print(f"{label:<44} {r:6.3f}{ok}")
+line("throughput tg-full / nginx", ratio("closed", "rps", "tg-full", "nginx"), 1.15)
+line("throughput tg-full / direct", ratio("closed", "rps", "tg-full", "direct"))
+line("throughput tg-full / tg-noauth", ratio("closed", "rps", "tg-full", "tg-noauth"), 0.95)
+line("CPU per request tg-full / nginx", ratio("closed", "cpu", "tg-full", "nginx"), None)
+line("CPU per request tg-full / tg-noauth", ratio("closed", "cpu", "tg-full", "tg-noauth"), None)
+for mode in modes:
+    if mode == "closed":
+        continue
+    line(f"{mode[4:]}/s p50 tg-full / nginx", ratio(mode, "p50", "tg-full", "nginx"), 1.0, False)
+    line(f"{mode[4:]}/s p99 tg-full / nginx", ratio(mode, "p99", "tg-full", "nginx"), 1.0, False)
+    line(f"{mode[4:]}/s p50 tg-full / tg-noauth", ratio(mode, "p50", "tg-full", "tg-noauth"))
+print(f"\n# tg-full audit log: {lines} request lines, {denied} not allowed; tg-noauth lines with a token: {noauth_tok}")
+PY
+if [ "$FULL_DENIED" != 0 ]; then
+    echo "load.sh: tg-full refused $FULL_DENIED requests: the figures are not valid" >&2
+    exit 1
+fi

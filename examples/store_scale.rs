@@ -1,0 +1,322 @@
+//! Store-scale benchmark (issue 9): a fresh SQLite store with 1,000,000 tokens.
+//!
+//! Reports: creation time, file size, cold lookup latency (token-cache miss, `Store::lookup_hash`
+//! on a freshly opened store), gateway start time and RSS with that store (`tokengate::app::start`
+//! to bound listeners), and RSS per 100k cached tokens (cache filled through real lookups).
+//!
+//! Usage:
+//!   cargo run --release --example store_scale -- [--tokens N] [--lookups N] [--cache N] [--dir DIR]
+//! Defaults: 1,000,000 tokens, 10,000 lookups, 500,000 cached tokens, a temp dir (removed at the
+//! end; with `--dir` the files are kept). Tokens are spread over accounts of 5 tokens each (the
+//! default per-account cap). Rows are written with the store's own schema (migrations run by
+//! `Store::open`) through rusqlite in transactions of 10,000, with the store's pragmas (WAL,
+//! synchronous=FULL). No plaintext token is kept or printed: only hashes are used.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rusqlite::{Connection, params};
+use tokengate::cache::CachedToken;
+use tokengate::config::Config;
+use tokengate::store::Store;
+use tokengate::token::{self, TokenHash};
+
+const TOKENS_PER_ACCOUNT: usize = 5;
+const BATCH: usize = 10_000;
+
+struct Args {
+    tokens: usize,
+    lookups: usize,
+    cache: usize,
+    dir: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        tokens: 1_000_000,
+        lookups: 10_000,
+        cache: 500_000,
+        dir: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut num = || -> usize {
+            it.next()
+                .and_then(|v| v.replace('_', "").parse().ok())
+                .unwrap_or_else(|| usage(&flag))
+        };
+        match flag.as_str() {
+            "--tokens" => a.tokens = num(),
+            "--lookups" => a.lookups = num(),
+            "--cache" => a.cache = num(),
+            "--dir" => {
+                a.dir = Some(
+                    it.next()
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| usage("--dir")),
+                )
+            }
+            _ => usage(&flag),
+        }
+    }
+    a.cache = a.cache.min(a.tokens);
+    a.lookups = a.lookups.min(a.tokens);
+    a
+}
+
+fn usage(flag: &str) -> ! {
+    eprintln!(
+        "store_scale: bad argument {flag}\nusage: store_scale [--tokens N] [--lookups N] [--cache N] [--dir DIR]"
+    );
+    std::process::exit(64)
+}
+
+/// VmRSS of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Writes `n` tokens (and their accounts) with the store's schema; returns every token's hash.
+fn create(db: &Path, n: usize) -> rusqlite::Result<Vec<TokenHash>> {
+    let mut c = Connection::open(db)?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", "FULL")?;
+    c.pragma_update(None, "foreign_keys", "ON")?;
+    let now = tokengate::store::system_now_ms();
+    let expires = now + 90 * 86_400_000;
+    let mut hashes = Vec::with_capacity(n);
+    let mut account_id = String::new();
+    let mut done = 0;
+    while done < n {
+        let tx = c.transaction()?;
+        {
+            let mut acc = tx.prepare_cached(
+                "INSERT INTO accounts (id, name, email, created_at, created_by) VALUES (?1, ?2, NULL, ?3, 'store_scale')",
+            )?;
+            let mut tok = tx.prepare_cached(
+                "INSERT INTO tokens (id, account_id, name, display_prefix, hash, role, permissions, scopes, \
+                 allowed_cidrs, rate_rps, rate_burst, created_at, created_by, expires_at, rotated_from) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'viewer', '[\"apps:read\",\"logs:read\"]', '{}', '[]', NULL, NULL, ?6, \
+                 'store_scale', ?7, NULL)",
+            )?;
+            for i in done..(done + BATCH).min(n) {
+                if i % TOKENS_PER_ACCOUNT == 0 {
+                    account_id = token::new_id("acc");
+                    acc.execute(params![
+                        account_id,
+                        format!("account-{:07}", i / TOKENS_PER_ACCOUNT),
+                        now
+                    ])?;
+                }
+                let new = token::generate("tg");
+                tok.execute(params![
+                    token::new_id("tok"),
+                    account_id,
+                    format!("ci-token-{}", i % TOKENS_PER_ACCOUNT),
+                    new.display_prefix,
+                    &new.hash[..],
+                    now,
+                    expires
+                ])?;
+                hashes.push(new.hash);
+                // `new` (with the plaintext) is dropped here; nothing else ever sees it.
+            }
+        }
+        tx.commit()?;
+        done = (done + BATCH).min(n);
+        if done % 100_000 == 0 || done == n {
+            eprintln!("  created {done} tokens");
+        }
+    }
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+    Ok(hashes)
+}
+
+fn main() {
+    let a = args();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).expect("create dir");
+    let db = dir.join("tokengate.db");
+    if db.exists() {
+        eprintln!("store_scale: {} exists; use a fresh --dir", db.display());
+        std::process::exit(64);
+    }
+    println!(
+        "# store_scale: {} tokens, {} cold lookups, {} cached tokens",
+        a.tokens, a.lookups, a.cache
+    );
+
+    // Schema exactly as the gateway makes it.
+    drop(Store::open(&db, Duration::from_millis(250)).expect("store"));
+    let t = Instant::now();
+    let hashes = create(&db, a.tokens).expect("bulk insert");
+    let took = t.elapsed();
+    println!(
+        "creation            {:.1} s ({:.0} tokens/s, transactions of {BATCH}, synchronous=FULL)",
+        took.as_secs_f64(),
+        a.tokens as f64 / took.as_secs_f64()
+    );
+    let size = file_len(&db) + file_len(&dir.join("tokengate.db-wal"));
+    println!(
+        "file size           {} ({:.0} bytes/token incl. accounts and indexes)",
+        mib(size),
+        size as f64 / a.tokens as f64
+    );
+
+    // Cold lookups: a freshly opened store (empty SQLite page cache, new reader connection), no
+    // token cache. The OS page cache is warm from the creation (it cannot be dropped here).
+    let store = Store::open(&db, Duration::from_millis(250)).expect("store");
+    let mut rng = rand::rng();
+    let mut times = Vec::with_capacity(a.lookups);
+    let first = Instant::now();
+    store
+        .lookup_hash(&hashes[rng.random_range(0..hashes.len())])
+        .expect("lookup");
+    let first = first.elapsed();
+    for _ in 0..a.lookups {
+        let h = &hashes[rng.random_range(0..hashes.len())];
+        let t = Instant::now();
+        let row = store.lookup_hash(h).expect("lookup");
+        times.push(t.elapsed());
+        assert!(row.is_some(), "every created token is found");
+    }
+    times.sort();
+    println!(
+        "cold lookup (hit)   p50 {}  p99 {}  p99.9 {}  max {}  (first, opening a reader: {})",
+        us(pct(&times, 0.50)),
+        us(pct(&times, 0.99)),
+        us(pct(&times, 0.999)),
+        us(*times.last().unwrap_or(&Duration::ZERO)),
+        us(first)
+    );
+    let mut misses = Vec::with_capacity(a.lookups);
+    for _ in 0..a.lookups {
+        let h: TokenHash = rng.random();
+        let t = Instant::now();
+        assert!(store.lookup_hash(&h).expect("lookup").is_none());
+        misses.push(t.elapsed());
+    }
+    misses.sort();
+    println!(
+        "unknown token       p50 {}  p99 {}  (hash not in the store)",
+        us(pct(&misses, 0.50)),
+        us(pct(&misses, 0.99))
+    );
+    drop(store);
+
+    // Gateway start with that store.
+    let audit = dir.join("audit.log");
+    let cfg_path = dir.join("tokengate.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n[audit]\npath = \"{}\"\n\
+             [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n\
+             [[routes.rules]]\nmethods = [\"GET\"]\npath = \"/apps/{{app}}/**\"\npermission = \"apps:read\"\n",
+            db.display(),
+            audit.display()
+        ),
+    )
+    .expect("write config");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let rss_before = rss_kib();
+        let t = Instant::now();
+        let cfg = Config::load(&cfg_path).expect("config");
+        let started = tokengate::app::start(cfg).await.map_err(|e| e.message).expect("start");
+        let start_time = t.elapsed();
+        let rss_started = rss_kib();
+        println!(
+            "gateway start       {} ms (config, store open + ping, audit log, bind; listening on {})",
+            start_time.as_millis(),
+            started.server.public_addr()
+        );
+        println!(
+            "RSS                 {} KiB before start, {} KiB after start (+{} KiB; includes the 32 MiB of hashes this tool holds)",
+            rss_before,
+            rss_started,
+            rss_started.saturating_sub(rss_before)
+        );
+
+        // Fill the token cache through real lookups, 100k at a time, and watch RSS grow.
+        let gw = started.gateway.clone();
+        let step = 100_000.min(a.cache.max(1));
+        let mut filled = 0;
+        let mut last = rss_kib();
+        let base = last;
+        while filled < a.cache {
+            let upto = (filled + step).min(a.cache);
+            let chunk: Vec<TokenHash> = hashes[filled..upto].to_vec();
+            let gw2 = gw.clone();
+            tokio::task::spawn_blocking(move || {
+                for h in chunk {
+                    let row = gw2.store().lookup_hash(&h).expect("lookup").expect("found");
+                    let epoch = gw2.cache().epoch();
+                    assert!(gw2.cache().fill(h, Arc::new(CachedToken::new(row)), epoch));
+                }
+            })
+            .await
+            .expect("fill");
+            let now = rss_kib();
+            println!(
+                "cache {:>7} tokens  RSS {} KiB  (+{} KiB for these {}: {:.0} bytes/token)",
+                upto,
+                now,
+                now.saturating_sub(last),
+                upto - filled,
+                now.saturating_sub(last) as f64 * 1024.0 / (upto - filled) as f64
+            );
+            last = now;
+            filled = upto;
+        }
+        if filled > 0 {
+            println!(
+                "cache memory        {:.0} bytes per cached token on average ({} tokens, {} KiB; cache len {})",
+                last.saturating_sub(base) as f64 * 1024.0 / filled as f64,
+                filled,
+                last.saturating_sub(base),
+                gw.cache().len()
+            );
+        }
+        drop(started);
+    });
+    if a.dir.is_some() {
+        println!("files kept in {}", dir.display());
+    } else {
+        drop(tmp);
+    }
+}

@@ -1,0 +1,766 @@
+//! The admin JSON API (`/v1/...`, documented in `docs/openapi.yaml`).
+//!
+//! Callers authenticate with a Bearer token holding `tokengate:admin` (every account) or
+//! `tokengate:self` (its own account's tokens only), or with a web UI session cookie, in which case
+//! every mutation also needs the CSRF token and a same-origin `Origin`. A `tokengate:self` caller
+//! never sees other accounts' tokens (lists are filtered, `show`/`revoke` answer 404) and can never
+//! mint a token stronger than itself. Every mutation reserves its audit slot before it is made.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::{AdminError, Actor, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json, session_actor};
+use crate::audit::Entry;
+use crate::auth;
+use crate::authz;
+use crate::body::Body;
+use crate::cli::{CreateArgs, build_spec, token_json};
+use crate::clock::rfc3339;
+use crate::config::{Config, parse_duration};
+use crate::error::Reject;
+use crate::gateway::{ConnInfo, Gateway};
+use crate::store::{Account, NewTokenSpec, StoreError, TokenRow};
+
+/// The API's routes: (template, methods). `docs/openapi.yaml` documents exactly these.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/v1/whoami", &["GET"]),
+    ("/v1/policy", &["GET"]),
+    ("/v1/accounts", &["GET", "POST"]),
+    ("/v1/accounts/{name}/disable", &["POST"]),
+    ("/v1/tokens", &["GET", "POST"]),
+    ("/v1/tokens/identify", &["POST"]),
+    ("/v1/tokens/{id}", &["GET"]),
+    ("/v1/tokens/{id}/revoke", &["POST"]),
+    ("/v1/tokens/{id}/rotate", &["POST"]),
+];
+
+/// Longest `{id}` / `{name}` path parameter accepted.
+const MAX_PARAM: usize = 128;
+/// Longest revoke reason.
+const MAX_REASON: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Whoami,
+    Policy,
+    Accounts,
+    AccountDisable,
+    Tokens,
+    Identify,
+    Token,
+    Revoke,
+    Rotate,
+}
+
+/// Matches a path to (route, its index in [`ROUTES`], the path parameter).
+fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let param = |s: &str| pct_decode(s).filter(|p| !p.is_empty() && p.len() <= MAX_PARAM);
+    let r = match segs.as_slice() {
+        ["v1", "whoami"] => (Route::Whoami, 0, None),
+        ["v1", "policy"] => (Route::Policy, 1, None),
+        ["v1", "accounts"] => (Route::Accounts, 2, None),
+        ["v1", "accounts", name, "disable"] => (Route::AccountDisable, 3, Some(param(name)?)),
+        ["v1", "tokens"] => (Route::Tokens, 4, None),
+        ["v1", "tokens", "identify"] => (Route::Identify, 5, None),
+        ["v1", "tokens", id] => (Route::Token, 6, Some(param(id)?)),
+        ["v1", "tokens", id, "revoke"] => (Route::Revoke, 7, Some(param(id)?)),
+        ["v1", "tokens", id, "rotate"] => (Route::Rotate, 8, Some(param(id)?)),
+        _ => return None,
+    };
+    Some(r)
+}
+
+/// Handles one `/v1/...` request: authenticate, route, answer, and write the request audit line.
+pub async fn handle(gw: &Gateway, req: http::Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let cfg = gw.config();
+    let (parts, body) = req.into_parts();
+    let mut ctx = Ctx::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
+    let result = match tokio::time::timeout(cfg.server.request_timeout, serve(gw, &cfg, &parts, body, conn, &mut ctx)).await {
+        Ok(r) => r,
+        Err(_) => Err(Reject::RequestTimeout.into()),
+    };
+    let (mut resp, reason) = match result {
+        Ok(r) => (r, "ok"),
+        Err(e) => {
+            if matches!(e, AdminError::Reject(Reject::StoreUnavailable | Reject::Internal)) {
+                tracing::warn!(request_id = %ctx.request_id, reason = e.reason(), "admin request failed on our side");
+            }
+            (e.respond(&cfg.server.realm, &ctx.request_id), e.reason())
+        }
+    };
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        if let Some((_, i, _)) = match_route(parts.uri.path()) {
+            if let Ok(v) = HeaderValue::from_str(&ROUTES[i].1.join(", ")) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+        }
+    }
+    harden(resp.headers_mut(), &ctx.request_id);
+    ctx.record(gw, resp.status(), reason);
+    resp
+}
+
+async fn serve(
+    gw: &Gateway,
+    cfg: &Config,
+    parts: &Parts,
+    body: Incoming,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, AdminError> {
+    let actor = authenticate(gw, parts, conn, ctx).await?;
+    let Some((route, idx, param)) = match_route(parts.uri.path()) else {
+        return Err(AdminError::not_found("No such API endpoint; see docs/openapi.yaml."));
+    };
+    let (template, methods) = ROUTES[idx];
+    ctx.rule = Some(format!("admin:{} {template}", parts.method));
+    if !methods.contains(&parts.method.as_str()) {
+        return Err(AdminError::status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method_not_allowed",
+            format!("{template} accepts {}.", methods.join(", ")),
+        ));
+    }
+    let p = param.unwrap_or_default();
+    let get = parts.method == Method::GET;
+    match route {
+        Route::Whoami => Ok(ok(StatusCode::OK, whoami_json(&actor, gw.now_ms()))),
+        Route::Policy => Ok(ok(StatusCode::OK, policy_json(cfg, &actor))),
+        Route::Accounts if get => list_accounts(gw, &actor).await,
+        Route::Accounts => create_account(gw, &actor, ctx, read_json(parts, body, true).await?).await,
+        Route::AccountDisable => disable_account(gw, &actor, ctx, &p).await,
+        Route::Tokens if get => list_tokens(gw, &actor, parts.uri.query()).await,
+        Route::Tokens => create_token(gw, cfg, &actor, ctx, read_json(parts, body, true).await?).await,
+        Route::Identify => identify(gw, &actor, ctx, read_json(parts, body, true).await?).await,
+        Route::Token => {
+            let t = find_visible(gw, &actor, &p).await?;
+            Ok(ok(StatusCode::OK, token_json(&t, gw.now_ms())))
+        }
+        Route::Revoke => revoke(gw, &actor, ctx, &p, read_json(parts, body, false).await?).await,
+        Route::Rotate => rotate(gw, cfg, &actor, ctx, &p, read_json(parts, body, false).await?).await,
+    }
+}
+
+/// Bearer token (as on the public listener), else the web UI session cookie.
+async fn authenticate(gw: &Gateway, parts: &Parts, conn: ConnInfo, ctx: &mut Ctx) -> Result<Actor, AdminError> {
+    if !parts.headers.contains_key(header::AUTHORIZATION) {
+        if let Some((_, sess, actor)) = session_actor(gw, &parts.headers, ctx.client_ip).await? {
+            ctx.set_actor(&actor);
+            if !matches!(parts.method, Method::GET | Method::HEAD) {
+                check_csrf(parts, conn.tls, &sess.csrf)?;
+            }
+            return Ok(actor);
+        }
+    } else {
+        ctx.auth_type = "api_token";
+        if let Ok(p) = auth::extract(&parts.headers, parts.uri.query()).and_then(auth::parse) {
+            ctx.token_prefix = Some(p.display_prefix().to_string());
+        }
+    }
+    let entry = gw
+        .authenticate_bearer(&parts.headers, parts.uri.query(), ctx.client_ip)
+        .await?;
+    ctx.token = Some(entry.row.clone());
+    ctx.permission = Some(super::PERM_SELF.to_string());
+    let actor = Actor::new(entry.row.clone(), "api_token")?;
+    ctx.set_actor(&actor);
+    Ok(actor)
+}
+
+fn ok(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    json(status, v)
+}
+
+/// Reads a JSON body: at most 64 KiB, `Content-Type: application/json`, unknown fields refused.
+/// An empty body is allowed when `required` is false (it means "all defaults").
+async fn read_json<T: DeserializeOwned + Default>(parts: &Parts, body: Incoming, required: bool) -> Result<T, AdminError> {
+    let bytes: Bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                return Err(Reject::BodyTooLarge.into());
+            }
+            return Err(AdminError::bad_request("The request body could not be read."));
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        if required {
+            return Err(AdminError::bad_request("A JSON body is required."));
+        }
+        return Ok(T::default());
+    }
+    let ct = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(AdminError::status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "unsupported_media_type",
+            "Send the body as JSON with `Content-Type: application/json`.",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| AdminError::bad_request(format!("Invalid JSON body: {e}.")))
+}
+
+fn store_err(e: StoreError) -> AdminError {
+    let conflict = |m: String| AdminError::status(StatusCode::CONFLICT, "conflict", "conflict", m);
+    match e {
+        StoreError::NoAccount(a) => AdminError::not_found(format!("No account named `{a}`.")),
+        StoreError::NoToken(t) => AdminError::not_found(format!("No token with id or prefix `{t}`.")),
+        StoreError::Ambiguous(t) => AdminError::status(
+            StatusCode::BAD_REQUEST,
+            "ambiguous",
+            "ambiguous",
+            format!("`{t}` matches several tokens; use the token id."),
+        ),
+        StoreError::AccountExists(a) => conflict(format!("An account named `{a}` already exists.")),
+        StoreError::AccountDisabled(a) => conflict(format!("Account `{a}` is disabled.")),
+        StoreError::AlreadyRevoked(t) => conflict(format!("Token {t} is already revoked.")),
+        StoreError::CapReached { account, limit, list } => AdminError::status(
+            StatusCode::CONFLICT,
+            "token_limit",
+            "token_limit",
+            format!(
+                "Account `{account}` already has {limit} active tokens, the limit (tokens.max_active_per_account). \
+                 Revoke one (POST /v1/tokens/{{id}}/revoke, the web UI, or `tokengate token revoke <ID>`) and try again. Active: {}",
+                list.lines().map(str::trim).collect::<Vec<_>>().join("; ")
+            ),
+        ),
+        e => {
+            tracing::error!(error = %e, "admin API store call failed: answering 503");
+            Reject::StoreUnavailable.into()
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// whoami, policy
+
+fn whoami_json(actor: &Actor, now: i64) -> serde_json::Value {
+    let mut v = token_json(&actor.row, now);
+    v["auth_type"] = actor.auth_type.into();
+    v["access"] = if actor.admin { "admin" } else { "self" }.into();
+    v
+}
+
+fn policy_json(cfg: &Config, actor: &Actor) -> serde_json::Value {
+    let roles: Vec<serde_json::Value> = cfg
+        .roles
+        .iter()
+        .map(|(name, r)| {
+            let grantable = actor.admin || r.permissions.iter().all(|p| authz::grants(&actor.row.permissions, p));
+            serde_json::json!({"name": name, "permissions": r.permissions, "grantable": grantable})
+        })
+        .collect();
+    serde_json::json!({
+        "roles": roles,
+        "expiry": {
+            "allowed": cfg.tokens.allowed_expiry.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "default": cfg.tokens.default_expiry.to_string(),
+        },
+        "max_active_per_account": cfg.tokens.max_active_per_account,
+        "token_prefix": cfg.tokens.prefix,
+        "scanner_regex": crate::token::SCANNER_REGEX,
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// accounts
+
+/// JSON view of an account.
+pub fn account_json(a: &Account) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "name": a.name,
+        "email": a.email,
+        "created_at": rfc3339(a.created_at),
+        "created_by": a.created_by,
+        "disabled_at": a.disabled_at.map(rfc3339),
+        "status": if a.disabled_at.is_some() { "disabled" } else { "active" },
+    })
+}
+
+fn admin_only(actor: &Actor) -> Result<(), AdminError> {
+    if actor.admin {
+        Ok(())
+    } else {
+        Err(Reject::Forbidden {
+            reason: "insufficient_permission",
+            permission: Some(PERM_ADMIN.to_string()),
+        }
+        .into())
+    }
+}
+
+async fn list_accounts(gw: &Gateway, actor: &Actor) -> Result<Response<Body>, AdminError> {
+    let list = if actor.admin {
+        gw.store_call(|s| s.list_accounts()).await.map_err(store_err)?
+    } else {
+        let id = actor.row.account_id.clone();
+        vec![gw.store_call(move |s| s.get_account(&id)).await.map_err(store_err)?]
+    };
+    Ok(ok(
+        StatusCode::OK,
+        serde_json::json!({"accounts": list.iter().map(account_json).collect::<Vec<_>>()}),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountBody {
+    name: String,
+    email: Option<String>,
+}
+
+/// Account names: 1-64 letters, digits, `.`, `_`, `-`, `@` (as the CLI).
+pub fn valid_account_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+}
+
+async fn create_account(gw: &Gateway, actor: &Actor, ctx: &Ctx, b: AccountBody) -> Result<Response<Body>, AdminError> {
+    admin_only(actor)?;
+    if !valid_account_name(&b.name) {
+        return Err(AdminError::bad_request("Account names are 1-64 letters, digits, `.`, `_`, `-`, `@`."));
+    }
+    if b.email.as_ref().is_some_and(|e| e.len() > 254 || e.chars().any(char::is_control)) {
+        return Err(AdminError::bad_request("The email is too long or contains control characters."));
+    }
+    let res = ctx.reserve(gw)?;
+    let (now, label) = (gw.now_ms(), actor.label());
+    let acc = gw
+        .store_call(move |s| s.create_account(&b.name, b.email.as_deref(), &label, now))
+        .await
+        .map_err(store_err)?;
+    let mut rec = ctx.event(actor, "account.created", Some(&acc.name), None);
+    rec.account = Some(acc.name.clone());
+    res.send(Entry::Admin(rec));
+    Ok(ok(StatusCode::CREATED, account_json(&acc)))
+}
+
+async fn disable_account(gw: &Gateway, actor: &Actor, ctx: &Ctx, name: &str) -> Result<Response<Body>, AdminError> {
+    admin_only(actor)?;
+    let res = ctx.reserve(gw)?;
+    let acc = gw.disable_account(name, &actor.label()).await.map_err(store_err)?;
+    let mut rec = ctx.event(actor, "account.disabled", Some(&acc.name), None);
+    rec.account = Some(acc.name.clone());
+    res.send(Entry::Admin(rec));
+    Ok(ok(StatusCode::OK, account_json(&acc)))
+}
+
+// ------------------------------------------------------------------------------------------------
+// tokens
+
+async fn list_tokens(gw: &Gateway, actor: &Actor, query: Option<&str>) -> Result<Response<Body>, AdminError> {
+    let q = parse_query(query)?;
+    let account = q.get("account").cloned();
+    let all = match q.get("all").map(String::as_str) {
+        None | Some("") | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => return Err(AdminError::bad_request("`all` is true or false.")),
+    };
+    let dur = |k: &str| -> Result<Option<i64>, AdminError> {
+        q.get(k)
+            .map(|s| parse_duration(s).map(|d| d.as_millis() as i64).map_err(AdminError::bad_request))
+            .transpose()
+    };
+    let (stale, expiring) = (dur("stale")?, dur("expiring")?);
+    let filter = if actor.admin {
+        account
+    } else {
+        if account
+            .as_deref()
+            .is_some_and(|a| a != actor.row.account && a != actor.row.account_id)
+        {
+            return Err(AdminError::forbidden(
+                "other_account",
+                "This token may only list its own account's tokens (it holds tokengate:self, not tokengate:admin).",
+            ));
+        }
+        Some(actor.row.account_id.clone())
+    };
+    let now = gw.now_ms();
+    let rows = gw
+        .store_call(move |s| s.list_tokens(filter.as_deref(), all, now))
+        .await
+        .map_err(store_err)?;
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .filter(|t| stale.is_none_or(|s| t.last_used_at.unwrap_or(t.created_at) < now - s))
+        .filter(|t| expiring.is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w)))
+        .map(|t| token_json(t, now))
+        .collect();
+    Ok(ok(StatusCode::OK, serde_json::json!({"tokens": rows})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    account: Option<String>,
+    name: String,
+    role: Option<String>,
+    #[serde(default)]
+    permissions: Vec<String>,
+    expires: Option<String>,
+    #[serde(default)]
+    scopes: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    allowed_cidrs: Vec<String>,
+    rate: Option<String>,
+}
+
+/// A `tokengate:self` token never issues a token stronger than itself: every permission must be
+/// granted by its own list, and its scopes and allowed networks carry over (inherited when the
+/// request names none, and only narrowed when it does).
+pub fn constrain(actor: &TokenRow, spec: &mut NewTokenSpec) -> Result<(), String> {
+    for p in &spec.permissions {
+        if !authz::grants(&actor.permissions, p) {
+            return Err(format!(
+                "This token may not grant `{p}`: a tokengate:self token can only issue tokens with permissions it holds itself."
+            ));
+        }
+    }
+    for (key, allowed) in &actor.scopes {
+        match spec.scopes.get(key) {
+            None => {
+                spec.scopes.insert(key.clone(), allowed.clone());
+            }
+            Some(asked) => {
+                let mine = BTreeMap::from([(key.clone(), allowed.clone())]);
+                if let Some(bad) = asked.iter().find(|v| !authz::scopes_allow(&mine, &[(key.as_str(), (*v).clone())])) {
+                    return Err(format!("Scope `{key}={bad}` is wider than this token's own scope."));
+                }
+            }
+        }
+    }
+    if !actor.allowed_cidrs.is_empty() {
+        if spec.allowed_cidrs.is_empty() {
+            spec.allowed_cidrs = actor.allowed_cidrs.clone();
+        } else if let Some(bad) = spec
+            .allowed_cidrs
+            .iter()
+            .find(|c| !actor.allowed_cidrs.iter().any(|a| a.contains(*c)))
+        {
+            return Err(format!("Network `{bad}` is outside this token's own allowed networks."));
+        }
+    }
+    Ok(())
+}
+
+async fn create_token(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, b: CreateBody) -> Result<Response<Body>, AdminError> {
+    let account = b.account.clone().unwrap_or_else(|| actor.row.account.clone());
+    if !actor.admin && account != actor.row.account && account != actor.row.account_id {
+        return Err(AdminError::forbidden(
+            "other_account",
+            "This token may only issue tokens for its own account (it holds tokengate:self, not tokengate:admin).",
+        ));
+    }
+    if b.role.is_none() && b.permissions.is_empty() {
+        return Err(AdminError::bad_request("Give a `role` or a list of `permissions`."));
+    }
+    let now = gw.now_ms();
+    let args = CreateArgs {
+        account,
+        name: b.name,
+        role: b.role,
+        permission: b.permissions,
+        expires: b.expires,
+        scope: vec![],
+        allow_ip: b.allowed_cidrs,
+        rate: b.rate,
+        json: true,
+    };
+    let mut spec = build_spec(cfg, &args, &actor.label(), now).map_err(|e| AdminError::bad_request(e.message))?;
+    for (k, v) in &b.scopes {
+        authz::validate_scope(k, v).map_err(|e| AdminError::bad_request(e.to_string()))?;
+    }
+    spec.scopes = b.scopes;
+    if !actor.admin {
+        constrain(&actor.row, &mut spec).map_err(|m| AdminError::forbidden("escalation", m))?;
+    }
+    let res = ctx.reserve(gw)?;
+    let (prefix, cap) = (cfg.tokens.prefix.clone(), cfg.tokens.max_active_per_account);
+    let (row, new) = gw
+        .store_call(move |s| s.create_token(&spec, &prefix, cap, now))
+        .await
+        .map_err(store_err)?;
+    let mut rec = ctx.event(actor, "token.created", Some(&row.id), Some(&row));
+    if let Some(d) = rec.details.as_mut() {
+        d["name"] = row.name.clone().into();
+        d["role"] = row.role.clone().into();
+        d["permissions"] = row.permissions.clone().into();
+        d["expires_at"] = row.expires_at.map(rfc3339).into();
+    }
+    res.send(Entry::Admin(rec));
+    let mut v = token_json(&row, now);
+    v["token"] = new.plaintext.as_str().into();
+    Ok(ok(StatusCode::CREATED, v))
+}
+
+/// A token by id or display prefix, among those this actor may see. For a `tokengate:self` actor
+/// the search runs inside its own account only, so another account's token is simply "not found".
+async fn find_visible(gw: &Gateway, actor: &Actor, id: &str) -> Result<TokenRow, AdminError> {
+    if actor.admin {
+        let id2 = id.to_string();
+        return gw.store_call(move |s| s.find_token(&id2)).await.map_err(store_err);
+    }
+    let (acc, now) = (actor.row.account_id.clone(), gw.now_ms());
+    let rows = gw
+        .store_call(move |s| s.list_tokens(Some(&acc), true, now))
+        .await
+        .map_err(store_err)?;
+    if let Some(t) = rows.iter().find(|t| t.id == id || t.prefix == id) {
+        return Ok(t.clone());
+    }
+    let hits: Vec<&TokenRow> = if id.len() >= 6 {
+        rows.iter().filter(|t| t.id.starts_with(id) || t.prefix.starts_with(id)).collect()
+    } else {
+        vec![]
+    };
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(store_err(StoreError::NoToken(id.to_string()))),
+        _ => Err(store_err(StoreError::Ambiguous(id.to_string()))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    reason: Option<String>,
+}
+
+fn check_reason(r: Option<String>, default: &str) -> Result<String, AdminError> {
+    let r = r.unwrap_or_else(|| default.to_string());
+    if r.is_empty() || r.len() > MAX_REASON || r.chars().any(char::is_control) {
+        return Err(AdminError::bad_request("A reason is 1-200 characters without control characters."));
+    }
+    Ok(r)
+}
+
+async fn revoke(gw: &Gateway, actor: &Actor, ctx: &Ctx, id: &str, b: RevokeBody) -> Result<Response<Body>, AdminError> {
+    let reason = check_reason(b.reason, "revoked")?;
+    let t = find_visible(gw, actor, id).await?;
+    let res = ctx.reserve(gw)?;
+    let row = gw.revoke(&t.id, &actor.label(), &reason).await.map_err(store_err)?;
+    gw.sessions().remove_token(&row.id);
+    let mut rec = ctx.event(actor, "token.revoked", Some(&row.id), Some(&row));
+    rec.reason = Some(reason);
+    res.send(Entry::Admin(rec));
+    Ok(ok(StatusCode::OK, token_json(&row, gw.now_ms())))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    grace: Option<String>,
+}
+
+async fn rotate(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, id: &str, b: RotateBody) -> Result<Response<Body>, AdminError> {
+    let grace = match b.grace.as_deref() {
+        Some(g) => parse_duration(g).map_err(AdminError::bad_request)?,
+        None => cfg.tokens.rotation_grace,
+    };
+    let old = find_visible(gw, actor, id).await?;
+    let res = ctx.reserve(gw)?;
+    let (now, label, prefix, old_id) = (gw.now_ms(), actor.label(), cfg.tokens.prefix.clone(), old.id.clone());
+    let (row, new) = gw
+        .store_call(move |s| s.rotate(&old_id, &label, grace.as_millis() as i64, &prefix, now))
+        .await
+        .map_err(store_err)?;
+    // The old token's cached row lacks its new deadline: drop it now rather than at the next poll.
+    gw.cache().invalidate_token(&old.id);
+    let mut rec = ctx.event(actor, "token.rotated", Some(&old.id), Some(&row));
+    if let Some(d) = rec.details.as_mut() {
+        d["new_token_id"] = row.id.clone().into();
+        d["grace_seconds"] = grace.as_secs().into();
+    }
+    res.send(Entry::Admin(rec));
+    let mut v = token_json(&row, now);
+    v["token"] = new.plaintext.as_str().into();
+    v["grace_seconds"] = grace.as_secs().into();
+    Ok(ok(StatusCode::CREATED, v))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentifyBody {
+    token: String,
+    #[serde(default)]
+    revoke: bool,
+    reason: Option<String>,
+}
+
+async fn identify(gw: &Gateway, actor: &Actor, ctx: &Ctx, b: IdentifyBody) -> Result<Response<Body>, AdminError> {
+    let reason = check_reason(b.reason, "leaked")?;
+    let parsed = crate::token::parse(b.token.trim())
+        .map_err(|e| AdminError::bad_request(format!("This is not a tokengate token: {e}.")))?;
+    let (hash, shown) = (parsed.hash(), parsed.display_prefix().to_string());
+    let found = gw.store_call(move |s| s.lookup_hash(&hash)).await.map_err(store_err)?;
+    let unknown = || AdminError::not_found(format!("{shown}… is well-formed but not a token this caller can see in this store."));
+    let Some(t) = found.filter(|t| actor.admin || t.account_id == actor.row.account_id) else {
+        return Err(unknown());
+    };
+    let res = ctx.reserve(gw)?;
+    res.send(Entry::Admin(ctx.event(actor, "token.identified", Some(&t.id), Some(&t))));
+    let mut revoked_now = false;
+    let t = if b.revoke && t.revoked_at.is_none() {
+        let res = ctx.reserve(gw)?;
+        let r = gw.revoke(&t.id, &actor.label(), &reason).await.map_err(store_err)?;
+        gw.sessions().remove_token(&r.id);
+        let mut rec = ctx.event(actor, "token.revoked", Some(&r.id), Some(&r));
+        rec.reason = Some(reason);
+        res.send(Entry::Admin(rec));
+        revoked_now = true;
+        r
+    } else {
+        t
+    };
+    let mut v = token_json(&t, gw.now_ms());
+    v["revoked_now"] = revoked_now.into();
+    Ok(ok(StatusCode::OK, v))
+}
+
+// ------------------------------------------------------------------------------------------------
+// small parsers
+
+/// Strict percent-decoding to UTF-8 (`+` stays `+`); None when malformed.
+fn pct_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = b.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()?;
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    (!s.chars().any(char::is_control)).then_some(s)
+}
+
+fn parse_query(q: Option<&str>) -> Result<BTreeMap<String, String>, AdminError> {
+    let mut out = BTreeMap::new();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (pct_decode(k), pct_decode(&v.replace('+', " "))) else {
+            return Err(AdminError::bad_request("Malformed query string."));
+        };
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_their_templates() {
+        assert_eq!(match_route("/v1/tokens").unwrap().0, Route::Tokens);
+        assert_eq!(match_route("/v1/tokens/identify").unwrap().0, Route::Identify);
+        let (r, i, p) = match_route("/v1/tokens/tok_abc/revoke").unwrap();
+        assert_eq!((r, ROUTES[i].0, p.as_deref()), (Route::Revoke, "/v1/tokens/{id}/revoke", Some("tok_abc")));
+        let (r, _, p) = match_route("/v1/accounts/ci%40example/disable").unwrap();
+        assert_eq!((r, p.as_deref()), (Route::AccountDisable, Some("ci@example")));
+        assert!(match_route("/v1/tokens/a/b/c").is_none());
+        assert!(match_route("/v1/tokens/%zz").is_none());
+        assert!(match_route("/v1/tokens//revoke").is_none());
+        for (i, (t, _)) in ROUTES.iter().enumerate() {
+            let concrete = t.replace("{id}", "tok_x").replace("{name}", "acc");
+            assert_eq!(match_route(&concrete).unwrap().1, i, "{t}");
+        }
+    }
+
+    #[test]
+    fn query_parsing() {
+        let q = parse_query(Some("account=ci%40x&all=true&stale=90d")).unwrap();
+        assert_eq!(q["account"], "ci@x");
+        assert_eq!(q["all"], "true");
+        assert!(parse_query(Some("a=%0a")).is_err());
+    }
+
+    fn row(perms: &[&str]) -> TokenRow {
+        TokenRow {
+            id: "tok_1".into(),
+            account_id: "acc_1".into(),
+            account: "a".into(),
+            name: "n".into(),
+            prefix: "tg_12345678".into(),
+            role: None,
+            permissions: perms.iter().map(|s| s.to_string()).collect(),
+            scopes: BTreeMap::new(),
+            allowed_cidrs: vec![],
+            rate: None,
+            created_at: 0,
+            created_by: "t".into(),
+            expires_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+            rotated_from: None,
+            rotation_deadline: None,
+            account_disabled_at: None,
+        }
+    }
+
+    fn spec(perms: &[&str]) -> NewTokenSpec {
+        NewTokenSpec {
+            account: "a".into(),
+            name: "x".into(),
+            role: None,
+            permissions: perms.iter().map(|s| s.to_string()).collect(),
+            scopes: BTreeMap::new(),
+            allowed_cidrs: vec![],
+            rate: None,
+            expires_at: None,
+            created_by: "t".into(),
+        }
+    }
+
+    #[test]
+    fn self_tokens_never_mint_stronger_tokens() {
+        let me = row(&["tokengate:self", "apps:*"]);
+        assert!(constrain(&me, &mut spec(&["apps:read", "apps:*"])).is_ok());
+        for bad in [&["*"][..], &["tokengate:admin"], &["tokengate:*"], &["env:read"]] {
+            assert!(constrain(&me, &mut spec(bad)).is_err(), "{bad:?}");
+        }
+        let mut me = row(&["tokengate:self", "apps:read"]);
+        me.scopes.insert("app".into(), vec!["web-*".into()]);
+        me.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut s = spec(&["apps:read"]);
+        constrain(&me, &mut s).unwrap();
+        assert_eq!(s.scopes["app"], vec!["web-*"], "scopes are inherited");
+        assert_eq!(s.allowed_cidrs, me.allowed_cidrs, "networks are inherited");
+        let mut s = spec(&["apps:read"]);
+        s.scopes.insert("app".into(), vec!["web-a".into()]);
+        s.allowed_cidrs = vec!["10.1.0.0/16".parse().unwrap()];
+        assert!(constrain(&me, &mut s).is_ok(), "narrower is fine");
+        let mut s = spec(&["apps:read"]);
+        s.scopes.insert("app".into(), vec!["*".into()]);
+        assert!(constrain(&me, &mut s).is_err(), "wider scope refused");
+        let mut s = spec(&["apps:read"]);
+        s.allowed_cidrs = vec!["0.0.0.0/0".parse().unwrap()];
+        assert!(constrain(&me, &mut s).is_err(), "wider network refused");
+    }
+}

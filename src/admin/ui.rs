@@ -1,0 +1,223 @@
+//! The web UI: the "API tokens" page, its embedded assets, and sign-in / sign-out.
+//!
+//! No build step: the HTML, script and stylesheet are compiled into the binary. The page itself
+//! talks to the JSON API (`/v1/...`) with the session cookie and the CSRF token it finds in a
+//! `<meta>` tag. Sign-in takes a token once, checks it exactly like a Bearer call, and keeps only
+//! the token's id in the session.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::{AdminError, Actor, Ctx, MAX_BODY_BYTES, check_csrf, check_origin, harden, json, session, session_actor};
+use crate::audit::Entry;
+use crate::body::{Body, full};
+use crate::error::Reject;
+use crate::gateway::{ConnInfo, Gateway};
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+const ICON_SVG: &str = include_str!("assets/icon.svg");
+
+/// Content-Security-Policy of the page: only our own script, style and API; no framing.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+     connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Paths the UI serves.
+pub fn is_ui_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/" | "/index.html" | "/assets/app.js" | "/assets/app.css" | "/assets/icon.svg" | "/session" | "/session/logout"
+    )
+}
+
+/// Handles one UI request.
+pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let get = matches!(parts.method, Method::GET | Method::HEAD);
+    match (get, path.as_str()) {
+        (true, "/assets/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
+        (true, "/assets/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
+        (true, "/assets/icon.svg") => asset(ICON_SVG, "image/svg+xml"),
+        (true, "/" | "/index.html") => index(gw, &parts, conn).await,
+        (false, "/session" | "/session/logout") if parts.method == Method::POST => {
+            let cfg = gw.config();
+            let mut ctx = Ctx::new(gw, &parts.method, &path, &parts.headers, conn);
+            ctx.rule = Some(format!("admin:POST {path}"));
+            let r = if path == "/session" {
+                login(gw, &parts, body, conn, &mut ctx).await
+            } else {
+                logout(gw, &parts, conn, &mut ctx).await
+            };
+            let (mut resp, reason) = match r {
+                Ok(r) => (r, "ok"),
+                Err(e) => (e.respond(&cfg.server.realm, &ctx.request_id), e.reason()),
+            };
+            harden(resp.headers_mut(), &ctx.request_id);
+            ctx.record(gw, resp.status(), reason);
+            resp
+        }
+        _ => {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": "method_not_allowed", "message": "Method not allowed."}),
+            );
+            let allow = if path.starts_with("/session") { "POST" } else { "GET, HEAD" };
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            r
+        }
+    }
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Embedded in the binary: revalidate so an upgrade is picked up at once.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// Cookie attributes: HttpOnly and SameSite=Strict always; Secure (and the `__Host-` name) under TLS.
+pub fn cookie(tls: bool, value: &str, clear: bool) -> String {
+    let name = if tls { session::COOKIE_TLS } else { session::COOKIE };
+    let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    if tls {
+        c.push_str("; Secure");
+    }
+    if clear {
+        c.push_str("; Max-Age=0");
+    }
+    c
+}
+
+fn set_cookie(h: &mut HeaderMap, v: &str) {
+    if let Ok(v) = HeaderValue::from_str(v) {
+        h.append(header::SET_COOKIE, v);
+    }
+}
+
+/// Escapes text for an HTML attribute value.
+fn attr(s: &str) -> String {
+    s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+async fn index(gw: &Gateway, parts: &Parts, conn: ConnInfo) -> Response<Body> {
+    let ip = crate::gateway::client_ip(conn.peer.ip(), &parts.headers, &gw.config().server.trusted_proxies);
+    let live = session_actor(gw, &parts.headers, ip).await;
+    let csrf = match &live {
+        Ok(Some((_, s, _))) => s.csrf.clone(),
+        _ => String::new(),
+    };
+    let html = INDEX_HTML.replace("{{CSRF}}", &attr(&csrf));
+    let mut r = Response::new(full(html));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    harden(h, "");
+    h.remove("x-request-id");
+    if super::session_cookie(&parts.headers).is_some() && csrf.is_empty() {
+        // A cookie for a session that ended: tell the browser to drop it.
+        set_cookie(h, &cookie(conn.tls, "", true));
+    }
+    r
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    token: String,
+}
+
+async fn login(gw: &Gateway, parts: &Parts, body: Incoming, conn: ConnInfo, ctx: &mut Ctx) -> Result<Response<Body>, AdminError> {
+    check_origin(parts, conn.tls)?;
+    let bytes = Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| AdminError::from(Reject::BodyTooLarge))?
+        .to_bytes();
+    let b: LoginBody = serde_json::from_slice(&bytes)
+        .map_err(|_| AdminError::bad_request("Send {\"token\": \"...\"} as JSON."))?;
+    ctx.auth_type = "session";
+    // Check the token exactly as a Bearer call would (limiter, format, lookup, judgement).
+    let mut h = HeaderMap::new();
+    let v = HeaderValue::from_str(&format!("Bearer {}", b.token.trim()))
+        .map_err(|_| AdminError::from(Reject::InvalidToken { reason: "bad_format" }))?;
+    h.insert(header::AUTHORIZATION, v);
+    if let Ok(p) = crate::auth::extract(&h, None).and_then(crate::auth::parse) {
+        ctx.token_prefix = Some(p.display_prefix().to_string());
+    }
+    let entry = gw.authenticate_bearer(&h, None, ctx.client_ip).await?;
+    ctx.token = Some(entry.row.clone());
+    let actor = Actor::new(entry.row.clone(), "session")?;
+    ctx.set_actor(&actor);
+    let res = ctx.reserve(gw)?;
+    let idle = gw.config().admin.session_idle_timeout;
+    let (id, sess) = gw.sessions().create(&actor.row.id, gw.now_ms(), idle.as_millis() as i64);
+    let mut rec = ctx.event(&actor, "session.login", Some(&actor.row.id), Some(&actor.row));
+    if let Some(d) = rec.details.as_mut() {
+        d["idle_timeout_seconds"] = idle.as_secs().into();
+    }
+    res.send(Entry::Admin(rec));
+    let mut r = json(
+        StatusCode::OK,
+        serde_json::json!({
+            "csrf_token": sess.csrf,
+            "idle_timeout_seconds": idle.as_secs(),
+            "token": {"id": actor.row.id, "name": actor.row.name, "account": actor.row.account},
+            "access": if actor.admin { "admin" } else { "self" },
+        }),
+    );
+    set_cookie(r.headers_mut(), &cookie(conn.tls, &id, false));
+    Ok(r)
+}
+
+async fn logout(gw: &Gateway, parts: &Parts, conn: ConnInfo, ctx: &mut Ctx) -> Result<Response<Body>, AdminError> {
+    let live = session_actor(gw, &parts.headers, ctx.client_ip).await;
+    let (id, sess, actor) = match live {
+        Ok(Some(x)) => x,
+        Ok(None) | Err(_) => {
+            // Nothing to end; clear the cookie anyway.
+            let mut r = AdminError::status(StatusCode::UNAUTHORIZED, "not_signed_in", "no_session", "Not signed in.")
+                .respond(&gw.config().server.realm, &ctx.request_id);
+            set_cookie(r.headers_mut(), &cookie(conn.tls, "", true));
+            return Ok(r);
+        }
+    };
+    ctx.set_actor(&actor);
+    check_csrf(parts, conn.tls, &sess.csrf)?;
+    let res = ctx.reserve(gw)?;
+    gw.sessions().remove(&id);
+    res.send(Entry::Admin(ctx.event(&actor, "session.logout", Some(&actor.row.id), Some(&actor.row))));
+    let mut r = json(StatusCode::OK, serde_json::json!({"signed_out": true}));
+    set_cookie(r.headers_mut(), &cookie(conn.tls, "", true));
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_flags() {
+        assert_eq!(cookie(false, "abc", false), "tokengate_session=abc; Path=/; HttpOnly; SameSite=Strict");
+        let c = cookie(true, "abc", false);
+        assert!(c.starts_with("__Host-tokengate_session=abc;") && c.ends_with("; Secure"), "{c}");
+        assert!(cookie(false, "", true).ends_with("Max-Age=0"));
+    }
+
+    #[test]
+    fn page_has_the_csrf_slot_and_assets_are_local() {
+        assert!(INDEX_HTML.contains("name=\"csrf-token\" content=\"{{CSRF}}\""));
+        assert!(!INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"));
+        assert!(!APP_JS.contains("innerHTML"), "data is rendered with textContent only");
+        assert_eq!(attr("\"><x"), "&quot;&gt;&lt;x");
+    }
+}

@@ -1,0 +1,898 @@
+//! Rate limits and resource limits under abuse (issue 6, SPEC §4 and the limits of §5): per-token
+//! GCRA with its headers, the per-IP failed-auth limiter, its memory under a flood of addresses,
+//! slowloris, stalled TLS handshakes, oversized heads and bodies, connection and stream limits.
+//!
+//! Every test runs a real gateway on 127.0.0.1:0 in front of the recording upstream. Linux routes
+//! all of 127/8 to `lo`, so clients bind 127.0.0.2 and up to act as other addresses.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::*;
+use tokengate::store::RateOverride;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+// ------------------------------------------------------------------ helpers
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// An HTTP/1.1 client whose connections come from `from`.
+fn client_from(from: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip(from))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A TCP connection to `addr` from the loopback address `from`.
+async fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(ip(from), 0)).unwrap();
+    s.connect(addr).await.unwrap()
+}
+
+/// Reads until the peer closes (or fails) or `limit` passes; returns the bytes and whether the
+/// connection was closed.
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return (out, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("missing {name}"))
+        .to_str()
+        .unwrap()
+}
+
+/// Makes sure this process may open `need` files, raising the soft limit with `prlimit` if the
+/// hard limit allows (the crate forbids `unsafe`, so no direct `setrlimit`).
+fn ensure_open_files(need: u64) {
+    let read = || -> (u64, u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+        let v: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        (v[0], v[1])
+    };
+    let (soft, hard) = read();
+    if soft >= need {
+        return;
+    }
+    assert!(hard >= need, "this test needs {need} open files; the hard limit is {hard}");
+    let status = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={hard}:{hard}"))
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()) && read().0 >= need,
+        "could not raise the open-file limit to {need} (run `ulimit -n {need}` first)"
+    );
+}
+
+/// `VmRSS` and `VmHWM` (peak) of this process, in KiB.
+fn memory_kib() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A token that fails the checksum: a real token with its last character changed.
+fn bad_checksum(good: &str) -> String {
+    let mut b = good.as_bytes().to_vec();
+    let last = b.len() - 1;
+    b[last] = if b[last] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(b).unwrap()
+}
+
+// ------------------------------------------------------------------ per-token limits
+
+#[tokio::test]
+async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
+    let tg = TestGateway::start().await;
+    // 1 request a second, burst 3: the four requests below take milliseconds on loopback, far
+    // inside the one second a cell takes to come back.
+    let (hot, hot_id) = tg.token_with("ci", "hot", &["apps:read"], |s| {
+        s.rate = Some(RateOverride { requests_per_second: 1.0, burst: 3 })
+    });
+    let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
+    let c = client();
+    for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
+        let r = c.get(tg.url("/apps/a/b")).bearer_auth(&hot).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "ratelimit-limit"), "3");
+        assert_eq!(header(&r, "ratelimit-remaining"), remaining.to_string());
+        // Seconds until the whole burst is back: one second per used cell at 1/s.
+        assert_eq!(header(&r, "ratelimit-reset"), reset.to_string());
+    }
+    assert_eq!(tg.upstream.count(), 3);
+
+    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&hot).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "1");
+    assert_eq!(header(&r, "ratelimit-limit"), "3");
+    assert_eq!(header(&r, "ratelimit-remaining"), "0");
+    assert_eq!(header(&r, "ratelimit-reset"), "1");
+    assert_eq!(header(&r, "content-type"), "application/json");
+    assert!(r.headers().get("www-authenticate").is_none(), "a valid token needs no challenge");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    assert!(body["message"].as_str().unwrap().contains("Rate limit"));
+    assert!(body["request_id"].is_string());
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 429, "rate_limited");
+    assert_eq!(line["api_token_id"], hot_id.as_str(), "the audit line names the limited token");
+    assert_eq!(tg.upstream.count(), 3, "the 429 was not forwarded");
+
+    // Another token is unaffected.
+    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&calm).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-limit"), "100");
+    assert_eq!(header(&r, "ratelimit-remaining"), "99");
+    assert_eq!(header(&r, "ratelimit-reset"), "1");
+
+    // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
+    // a fake clock in ratelimit.rs).
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&hot).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-limit"), "3");
+    assert_eq!(tg.upstream.count(), 5);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_fast_override_refills_within_milliseconds() {
+    let tg = TestGateway::start().await;
+    // 1000/s, burst 3: a used cell is back after 1 ms.
+    let (fast, _) = tg.token_with("ci", "fast", &["apps:read"], |s| {
+        s.rate = Some(RateOverride { requests_per_second: 1000.0, burst: 3 })
+    });
+    let c = client();
+    for _ in 0..3 {
+        let r = c.get(tg.url("/apps/a/b")).bearer_auth(&fast).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "ratelimit-limit"), "3");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Refilled: the burst is (almost) whole again after a few ms.
+    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&fast).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-remaining"), "2");
+    assert_eq!(header(&r, "ratelimit-reset"), "1", "whole seconds, rounded up");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn token_override_beats_role_beats_global_default() {
+    let tg = TestGateway::start_with(Options {
+        sections: r#"
+[rate_limit]
+requests_per_second = 5
+burst = 7
+
+[roles.limited]
+permissions = ["apps:read"]
+rate_limit = { requests_per_second = 2, burst = 4 }
+"#
+        .into(),
+        ..Options::default()
+    })
+    .await;
+    let role = |r: &str| Some(r.to_string());
+    let (over, _) = tg.token_with("ci", "override", &["apps:read"], |s| {
+        s.role = role("limited");
+        s.rate = Some(RateOverride { requests_per_second: 1.0, burst: 2 });
+    });
+    let (by_role, _) = tg.token_with("ci", "by-role", &["apps:read"], |s| s.role = role("limited"));
+    let (plain, _) = tg.token("ci", "plain", &["apps:read"]);
+    // A role name the config no longer has falls back to the global default.
+    let (gone, _) = tg.token_with("ci", "gone-role", &["apps:read"], |s| s.role = role("retired"));
+    let c = client();
+    for (tok, limit) in [(&over, 2), (&by_role, 4), (&plain, 7), (&gone, 7)] {
+        let r = c.get(tg.url("/apps/a/b")).bearer_auth(tok).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
+        assert_eq!(header(&r, "ratelimit-remaining"), (limit - 1).to_string());
+    }
+    // The override's burst of 2 is really enforced, not just advertised.
+    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&over).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&over).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "ratelimit-limit"), "2");
+    assert_eq!(tg.upstream.count(), 5);
+    tg.stop().await;
+}
+
+// ------------------------------------------------------------------ failed-auth limiter
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
+    const LIMIT: usize = 20;
+    const TOTAL: usize = 10_000;
+    let tg = TestGateway::start_with(Options {
+        sections: format!("[rate_limit]\nfailed_auth_per_minute = {LIMIT}\n"),
+        ..Options::default()
+    })
+    .await;
+    let (good, _) = tg.token("ci", "good", &["apps:read"]);
+    // Half fail the checksum (no lookup even before the limit), half are well-formed tokens the
+    // store has never seen (each costs a lookup until the client is blocked).
+    let bad: Vec<String> = (0..TOTAL)
+        .map(|i| {
+            let t = tokengate::token::generate("tg").plaintext;
+            if i % 2 == 0 { bad_checksum(&t) } else { t }
+        })
+        .collect();
+    let attacker = client_from("127.0.0.1");
+    let lookups_before = tg.gw.store().lookup_count();
+
+    // The first LIMIT failures are answered 401, one at a time so the count is exact.
+    for (i, t) in bad[..LIMIT].iter().enumerate() {
+        let r = attacker.get(tg.url("/apps/a/b")).bearer_auth(t).send().await.unwrap();
+        assert_eq!(r.status(), 401, "failure {i}");
+        assert!(header(&r, "www-authenticate").contains("error=\"invalid_token\""));
+    }
+    let lookups_at_limit = tg.gw.store().lookup_count();
+    assert_eq!(lookups_at_limit - lookups_before, (LIMIT / 2) as u64, "only the unknown tokens were looked up");
+
+    // From now on: 429 before any lookup.
+    let r = attacker.get(tg.url("/apps/a/b")).bearer_auth(&bad[LIMIT]).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((1..=3).contains(&wait), "one cell every 60 s / {LIMIT}: {wait}");
+    assert!(r.headers().get("www-authenticate").is_none());
+    assert!(r.headers().get("ratelimit-limit").is_none(), "no per-token headers without a token");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_failures");
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 429, "client_blocked");
+    assert_eq!(line["client_ip"], "127.0.0.1");
+
+    // The rest of the 10,000, eight at a time. The flood lasts seconds, and the quota gives one
+    // failure back every 60 s / LIMIT: each time it does, exactly one more bad token is judged
+    // (401), and the client is blocked again.
+    let flood_start = Instant::now();
+    let statuses: Vec<u16> = futures_util::stream::iter(bad[LIMIT + 1..].iter())
+        .map(|t| {
+            let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
+            async move { c.get(url).bearer_auth(t).send().await.unwrap().status().as_u16() }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let flood = flood_start.elapsed();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    let judged = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!(refused + judged, statuses.len(), "only 429 or 401");
+    let refills = (flood.as_secs_f64() / (60.0 / LIMIT as f64)).ceil() as usize;
+    // Up to 8 requests are in flight when a cell comes back; each may pass the blocked check
+    // before the first of them records its failure.
+    assert!(judged <= refills * 8, "{judged} judged in {flood:?} ({refills} refills)");
+    println!("flood: {} requests in {flood:?}: {refused} refused with 429, {judged} judged", statuses.len());
+    let lines = tg.request_lines().await;
+    let unknown_past_limit = lines[LIMIT + 1..].iter().filter(|l| l["reason"] == "unknown_token").count();
+    assert_eq!(
+        tg.gw.store().lookup_count() - lookups_at_limit,
+        unknown_past_limit as u64,
+        "no store lookup for any refused request"
+    );
+
+    // Even a good token from the blocked address waits, and a spoofed X-Forwarded-For from an
+    // untrusted peer changes nothing.
+    let r = attacker
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&good)
+        .header("x-forwarded-for", "127.0.0.2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // A good token from another address is unaffected.
+    let r = client_from("127.0.0.2").get(tg.url("/apps/a/b")).bearer_auth(&good).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-limit"), "100");
+    assert_eq!(tg.upstream.count(), 1, "only the good request from 127.0.0.2 was forwarded");
+
+    let lines = tg.request_lines().await;
+    assert_eq!(lines.len(), TOTAL + 2);
+    let count = |reason: &str| lines.iter().filter(|l| l["reason"] == reason).count();
+    assert_eq!(count("bad_checksum") + count("unknown_token"), LIMIT + judged);
+    assert_eq!(count("client_blocked"), refused + 2);
+    assert_eq!(count("ok"), 1);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
+    let tg = TestGateway::start_with(Options {
+        server: r#"trusted_proxies = ["127.0.0.3/32"]"#.into(),
+        sections: "[rate_limit]\nfailed_auth_per_minute = 3\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let (good, _) = tg.token("ci", "good", &["apps:read"]);
+    let junk = bad_checksum(&good);
+    let get = |c: &reqwest::Client, tok: &str, xff: Option<&str>| {
+        let mut b = c.get(tg.url("/apps/a/b")).bearer_auth(tok);
+        if let Some(x) = xff {
+            b = b.header("x-forwarded-for", x);
+        }
+        b.send()
+    };
+
+    // Behind the trusted proxy 127.0.0.3, the client is the forwarded address.
+    let proxy = client_from("127.0.0.3");
+    for _ in 0..3 {
+        assert_eq!(get(&proxy, &junk, Some("203.0.113.5")).await.unwrap().status(), 401);
+    }
+    let r = get(&proxy, &good, Some("203.0.113.5")).await.unwrap();
+    assert_eq!(r.status(), 429, "203.0.113.5 is blocked");
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 429, "client_blocked");
+    assert_eq!(line["client_ip"], "203.0.113.5");
+    // Other clients of the same proxy, and the proxy itself, are not.
+    assert_eq!(get(&proxy, &good, Some("203.0.113.6")).await.unwrap().status(), 200);
+    assert_eq!(get(&proxy, &good, None).await.unwrap().status(), 200);
+
+    // An untrusted peer's X-Forwarded-For is ignored: the block follows the TCP peer, whatever
+    // address it claims on each request.
+    let direct = client_from("127.0.0.4");
+    for i in 0..3 {
+        let claim = format!("198.51.100.{i}");
+        assert_eq!(get(&direct, &junk, Some(&claim)).await.unwrap().status(), 401);
+    }
+    let r = get(&direct, &good, Some("198.51.100.99")).await.unwrap();
+    assert_eq!(r.status(), 429);
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 429, "client_blocked");
+    assert_eq!(line["client_ip"], "127.0.0.4");
+    assert_eq!(tg.upstream.count(), 2);
+    tg.stop().await;
+}
+
+/// Runs in a child process (see the next test) so that RSS is not shared with other tests.
+#[test]
+#[ignore = "run by failed_auth_limiter_memory_stays_under_its_cap_for_a_million_addresses"]
+fn measure_failed_auth_limiter_memory() {
+    if std::env::var_os("TOKENGATE_LIMITS_CHILD").is_none() {
+        return;
+    }
+    const CAP: usize = tokengate::config::DEFAULT_FAILED_AUTH_MAX_CLIENTS;
+    // Quota 1 a minute: every address is blocked by its first failure, so both maps (limiter
+    // state and blocked list) fill up, the worst case for memory.
+    let f = tokengate::ratelimit::FailedAuthLimiter::new(1, CAP);
+    let before = memory_kib().0;
+    let (mut max_tracked, mut max_blocked) = (0, 0);
+    for i in 0..1_000_000u128 {
+        // Each a different IPv6 /64: what a client with a /48 or larger can do.
+        f.record_failure(IpAddr::V6((0x2001_0db8_0000_0000u128 + i).wrapping_shl(64).into()));
+        if i % 1000 == 0 {
+            let (t, b) = f.tracked();
+            max_tracked = max_tracked.max(t);
+            max_blocked = max_blocked.max(b);
+        }
+    }
+    let (t, b) = f.tracked();
+    let (after, peak) = memory_kib();
+    println!(
+        "RESULT before_kib={before} after_kib={after} peak_kib={peak} max_tracked={} max_blocked={} overflows={} cap={CAP}",
+        max_tracked.max(t),
+        max_blocked.max(b),
+        f.overflow_count()
+    );
+}
+
+#[test]
+fn failed_auth_limiter_memory_stays_under_its_cap_for_a_million_addresses() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "measure_failed_auth_limiter_memory", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("TOKENGATE_LIMITS_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .expect("child printed its result");
+    println!("{line}");
+    let v = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    };
+    let cap = v("cap");
+    assert!(v("max_tracked") <= cap && v("max_blocked") <= cap, "{line}");
+    assert!(v("overflows") > 0, "the flood was larger than the cap: {line}");
+    // Both maps at the cap hold (17-byte IpAddr + 8-byte state, padded to 32) plus hash-table
+    // overhead: ~100,000 x 2 x ~70 B = ~14 MiB in the worst case. 48 MiB leaves room for the
+    // allocator keeping freed pages; without a cap 1,000,000 x 2 entries would need 60+ MiB.
+    let grown = v("peak_kib").saturating_sub(v("before_kib"));
+    assert!(grown < 48 * 1024, "peak RSS grew by {grown} KiB: {line}");
+}
+
+// ------------------------------------------------------------------ slow clients
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_normal_client_is_served() {
+    const SLOW: usize = 500;
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    // 500 client sockets and 500 accepted ones live in this one process.
+    ensure_open_files(2 * SLOW as u64 + 200);
+    let tg = TestGateway::start_with(Options {
+        server: "header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000".into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "normal", &["apps:read"]);
+    let addr = tg.addr;
+    // Each connection sends one byte of a request head, then another every 2 s. hyper's
+    // `header_read_timeout` (with `.timer(TokioTimer::new())` in server.rs) closes it 3 s after
+    // the head started, however many bytes trickle in. If the timer is removed while the timeout
+    // is still configured, hyper panics in every connection task (no client is served, the
+    // normal request below fails); if both are removed, hyper only logs a warning and never times
+    // out, so these connections stay open and the `closed` check fails.
+    let tasks: Vec<_> = (0..SLOW)
+        .map(|_| {
+            tokio::spawn(async move {
+                let head = b"GET /apps/a/b HTTP/1.1\r\nHost: tokengate\r\nX-Slow: 1\r\n\r\n";
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                let start = Instant::now();
+                let mut reply = Vec::new();
+                let mut buf = [0u8; 1024];
+                for byte in head.iter().take(head.len() - 1) {
+                    if s.write_all(std::slice::from_ref(byte)).await.is_err() {
+                        return (start.elapsed(), true, reply);
+                    }
+                    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                        Err(_) => {}
+                        Ok(Ok(0)) | Ok(Err(_)) => return (start.elapsed(), true, reply),
+                        Ok(Ok(n)) => {
+                            reply.extend_from_slice(&buf[..n]);
+                            let (rest, closed) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+                            reply.extend(rest);
+                            return (start.elapsed(), closed, reply);
+                        }
+                    }
+                    if start.elapsed() > Duration::from_secs(15) {
+                        break;
+                    }
+                }
+                (start.elapsed(), false, reply)
+            })
+        })
+        .collect();
+
+    // Meanwhile a normal client is served.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = client().get(tg.url("/apps/a/b")).bearer_auth(&tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "upstream ok 0");
+
+    let mut late = Vec::new();
+    let mut replies = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        let (after, closed, reply) = t.await.unwrap();
+        assert!(closed, "a slow connection was still open after {after:?}");
+        if after > TIMEOUT + Duration::from_secs(1) || after < TIMEOUT - Duration::from_millis(100) {
+            late.push(after);
+        }
+        let status = parse_responses(&String::from_utf8_lossy(&reply))
+            .first()
+            .map_or("closed without a response".to_string(), |r| r.status.to_string());
+        *replies.entry(status).or_default() += 1;
+    }
+    assert!(late.is_empty(), "{} of {SLOW} closed outside [3 s, 4 s]: {late:?}", late.len());
+    // hyper answers a header timeout itself (408) or just closes; never a forwarded request.
+    assert!(replies.keys().all(|k| k == "408" || k.starts_with("closed")), "{replies:?}");
+    assert_eq!(tg.upstream.count(), 1, "only the normal request reached the upstream");
+    let lines = tg.request_lines().await;
+    assert_eq!(lines.len(), 1, "slow heads never reach the pipeline, so they have no audit line");
+    assert_eq!(lines[0]["reason"], "ok");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_header_read_timeout() {
+    let tg = TestGateway::start_with(Options {
+        server: "header_read_timeout = \"1s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let addr = tg.addr;
+    // hyper-util's protocol detection reads the first bytes without a timer of its own; the
+    // gateway's ProtocolDeadline closes these at the header read timeout.
+    let silent = (0..10).map(|_| {
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let start = Instant::now();
+            let (got, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+            (start.elapsed(), closed, got)
+        })
+    });
+    let dribble = (0..10).map(|_| {
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let start = Instant::now();
+            for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n" {
+                if s.write_all(std::slice::from_ref(b)).await.is_err() {
+                    break;
+                }
+                let (got, closed) = read_until_closed(&mut s, Duration::from_millis(300)).await;
+                if closed {
+                    return (start.elapsed(), true, got);
+                }
+            }
+            let (got, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+            (start.elapsed(), closed, got)
+        })
+    });
+    let all: Vec<_> = silent.chain(dribble).collect();
+    for t in all {
+        let (after, closed, got) = t.await.unwrap();
+        assert!(closed, "still open after {after:?}");
+        assert!(got.is_empty(), "no response to a client that sent no request");
+        assert!(after >= Duration::from_millis(900) && after <= Duration::from_secs(2), "closed after {after:?}");
+    }
+    assert_eq!(tg.upstream.count(), 0);
+    assert!(tg.request_lines().await.is_empty());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let tg = TestGateway::start_with(Options {
+        server: format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
+            dir.path().join("cert.pem").display(),
+            dir.path().join("key.pem").display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
+    let addr = tg.addr;
+    // A TLS record header announcing a 512-byte ClientHello, then only part of it.
+    let partial_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x11, 0x22];
+    let stalled: Vec<_> = [&[][..], partial_hello]
+        .into_iter()
+        .flat_map(|bytes| std::iter::repeat_n(bytes, 5))
+        .map(|bytes| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                let start = Instant::now();
+                s.write_all(bytes).await.unwrap();
+                let (got, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+                (bytes.len(), start.elapsed(), closed, got)
+            })
+        })
+        .collect();
+
+    // A real TLS client is served meanwhile.
+    let ca = reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap();
+    let c = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", addr)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("https://localhost:{}/apps/a/b", addr.port()))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    for t in stalled {
+        let (sent, after, closed, got) = t.await.unwrap();
+        assert!(closed, "a stalled handshake ({sent} bytes) was still open after {after:?}");
+        assert!(got.is_empty(), "no TLS alert or HTTP reply is owed to a half-open handshake");
+        assert!(
+            after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
+            "a stalled handshake ({sent} bytes) was closed after {after:?}, not at ~1 s"
+        );
+    }
+    assert_eq!(tg.upstream.count(), 1);
+    assert_eq!(tg.request_lines().await.len(), 1);
+    tg.stop().await;
+}
+
+// ------------------------------------------------------------------ sizes
+
+#[tokio::test]
+async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded() {
+    let tg = TestGateway::start_with(Options {
+        // hyper's head buffer is max(2048 + 1024 + 4096, 8192) = 8192 bytes.
+        server: "max_header_bytes = 2048\nmax_uri_bytes = 1024\nmax_body_bytes = 1000".into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "sizes", &["apps:read"]);
+    let auth = format!("Authorization: Bearer {tok}\r\n");
+    let head = |target: &str, extra: &str| format!("GET {target} HTTP/1.1\r\nHost: tokengate\r\n{auth}{extra}\r\n");
+    let mut audited = 0;
+
+    // Answered by the gateway (step 1, with an audit line).
+    let cases = [
+        ("headers over max_header_bytes", head("/apps/a/b", &format!("X-Big: {}\r\n", "a".repeat(3000))), 431, "headers_too_large"),
+        ("URI over max_uri_bytes", head(&format!("/apps/a/{}", "u".repeat(1500)), ""), 414, "uri_too_long"),
+        (
+            "declared body over max_body_bytes",
+            format!("POST /echo/x HTTP/1.1\r\nHost: tokengate\r\n{auth}Content-Length: 2000\r\n\r\n"),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (name, req, status, reason) in cases {
+        let r = raw(tg.addr, req.as_bytes()).await;
+        assert_eq!(r.status, status, "{name}: {}", r.raw);
+        assert_eq!(r.header("content-type"), Some("application/json"), "{name}");
+        assert_eq!(r.header("connection"), Some("close"), "{name}");
+        assert!(r.header("www-authenticate").is_none(), "{name}");
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["error"], reason, "{name}");
+        audited += 1;
+        let lines = tg.request_lines().await;
+        assert_eq!(lines.len(), audited, "{name}");
+        assert_rejection_line(lines.last().unwrap(), status, reason);
+        assert_eq!(tg.upstream.count(), 0, "{name}");
+    }
+
+    // Answered by hyper before the pipeline (no audit line): a head larger than hyper's read
+    // buffer, however it is made up, and more than 100 header fields.
+    let hyper_cases = [
+        ("headers over the head buffer", head("/apps/a/b", &format!("X-Big: {}\r\n", "a".repeat(20_000)))),
+        ("URI over the head buffer", head(&format!("/apps/a/{}", "u".repeat(20_000)), "")),
+        ("101 header fields", head("/apps/a/b", &(0..101).map(|i| format!("X-H{i}: v\r\n")).collect::<String>())),
+    ];
+    for (name, req) in hyper_cases {
+        let r = raw(tg.addr, req.as_bytes()).await;
+        assert_eq!(r.status, 431, "{name}: {}", r.raw);
+        assert_eq!(tg.upstream.count(), 0, "{name}");
+    }
+    assert_eq!(tg.request_lines().await.len(), audited, "hyper's own answers have no audit line");
+
+    // A chunked body is counted while it streams: the gateway cuts it off at the limit, answers
+    // 413, and the upstream sees at most max_body_bytes of a request that never completes.
+    let mut req = format!("POST /echo/x HTTP/1.1\r\nHost: tokengate\r\n{auth}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    for _ in 0..20 {
+        req.extend_from_slice(format!("64\r\n{}\r\n", "b".repeat(100)).as_bytes());
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = raw(tg.addr, &req).await;
+    assert_eq!(r.status, 413, "{}", r.raw);
+    assert_eq!(r.header("connection"), Some("close"));
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["error"], "body_too_large");
+    let line = tg.last_request_line().await;
+    assert_eq!(line["status_code"], 413);
+    assert_eq!(line["reason"], "body_too_large");
+    for seen in tg.upstream.received() {
+        assert!(seen.body_len <= 1000, "the upstream got {} body bytes", seen.body_len);
+    }
+    tg.stop().await;
+}
+
+// ------------------------------------------------------------------ connections and streams
+
+#[tokio::test]
+async fn connections_over_the_per_ip_and_global_limits_are_closed() {
+    let tg = TestGateway::start_with(Options {
+        server: "max_connections_per_ip = 3\nmax_connections = 5".into(),
+        ..Options::default()
+    })
+    .await;
+    let addr = tg.addr;
+    let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
+    // Holds three connections from 127.0.0.1; the accept loop takes them in order.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tcp_from("127.0.0.1", addr).await);
+    }
+    let mut fourth = tcp_from("127.0.0.1", addr).await;
+    let _ = fourth.write_all(req).await;
+    let (got, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
+    assert!(closed && got.is_empty(), "the 4th connection from one IP is closed unanswered");
+
+    // Another address still gets in, until the global limit of 5.
+    let mut other = vec![tcp_from("127.0.0.2", addr).await, tcp_from("127.0.0.2", addr).await];
+    let mut sixth = tcp_from("127.0.0.5", addr).await;
+    let _ = sixth.write_all(req).await;
+    let (got, closed) = read_until_closed(&mut sixth, Duration::from_secs(5)).await;
+    assert!(closed && got.is_empty(), "the 6th connection overall is closed unanswered");
+    assert_eq!(tg.upstream.count(), 0);
+
+    // Held connections still work, and a freed slot is given back.
+    other[0].write_all(req).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = other[0].read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut s = tcp_from("127.0.0.1", addr).await;
+        let _ = s.write_all(req).await;
+        let (got, _) = read_until_closed(&mut s, Duration::from_millis(500)).await;
+        if got.starts_with(b"HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "a slot freed by a closed connection is reused");
+    assert_eq!(tg.upstream.count(), 2, "only the two served /health requests were forwarded");
+    drop(other);
+    tg.stop().await;
+}
+
+/// Minimal HPACK for a GET: indexed `:method GET` and `:scheme http`, the rest literal without
+/// indexing (RFC 7541 §6.2.2); every value here is shorter than 127 bytes.
+fn h2_get_headers(authority: &str, path: &str, bearer: &str) -> Vec<u8> {
+    let mut b = vec![0x82, 0x86];
+    let lit = |b: &mut Vec<u8>, index_prefix: &[u8], value: &str| {
+        b.extend_from_slice(index_prefix);
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+    };
+    lit(&mut b, &[0x04], path); // :path (static index 4)
+    lit(&mut b, &[0x01], authority); // :authority (1)
+    lit(&mut b, &[0x0f, 0x08], &format!("Bearer {bearer}")); // authorization (23 = 15 + 8)
+    b
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+async fn h2_read_frame(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut h = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await.expect("a frame").unwrap();
+    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    (h[3], h[4], u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff, payload)
+}
+
+#[tokio::test]
+async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
+    const MAX: u32 = 3;
+    let tg = TestGateway::start_with(Options {
+        server: format!("h2_max_concurrent_streams = {MAX}\nshutdown_grace = \"1s\""),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "h2", &["apps:read"]);
+    let mut s = TcpStream::connect(tg.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    s.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
+    // The server's SETTINGS advertise the limit.
+    let advertised = loop {
+        let (kind, flags, _, payload) = h2_read_frame(&mut s).await;
+        if kind == 0x4 && flags & 0x1 == 0 {
+            break payload
+                .chunks(6)
+                .find(|c| u16::from_be_bytes([c[0], c[1]]) == 0x3)
+                .map(|c| u32::from_be_bytes([c[2], c[3], c[4], c[5]]));
+        }
+    };
+    assert_eq!(advertised, Some(MAX), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    s.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap();
+
+    // A client that ignores it: MAX streams to a never-answering upstream path, then one more.
+    let authority = tg.addr.to_string();
+    for i in 0..=MAX {
+        let block = h2_get_headers(&authority, &format!("/slow/{i}"), &tok);
+        // END_STREAM | END_HEADERS
+        s.write_all(&h2_frame(0x1, 0x5, 2 * i + 1, &block)).await.unwrap();
+    }
+    let extra = 2 * MAX + 1;
+    let reset = loop {
+        let (kind, _, stream, payload) = h2_read_frame(&mut s).await;
+        if kind == 0x3 {
+            break (stream, u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]));
+        }
+        assert_ne!(kind, 0x1, "no stream is answered: the upstream never replies to /slow");
+    };
+    assert_eq!(reset, (extra, 0x7), "the extra stream is refused with REFUSED_STREAM");
+    // The allowed streams reached the upstream; the refused one never does.
+    for _ in 0..100 {
+        if tg.upstream.count() >= MAX as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let targets: Vec<String> = tg.upstream.received().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets.len(), MAX as usize, "{targets:?}");
+    assert!(!targets.contains(&format!("/slow/{MAX}")), "{targets:?}");
+    drop(s);
+    tg.stop().await;
+}
+
+// ------------------------------------------------------------------ body idle, request deadline
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
+    let tg = TestGateway::start_with(Options {
+        server: "body_idle_timeout = \"1s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "idle", &["apps:read"]);
+    let mut s = TcpStream::connect(tg.addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(
+        format!("POST /echo/x HTTP/1.1\r\nHost: tokengate\r\nAuthorization: Bearer {tok}\r\nContent-Length: 100\r\n\r\n0123456789")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (got, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let after = start.elapsed();
+    let r = parse_responses(&String::from_utf8_lossy(&got)).into_iter().next().expect("a response");
+    assert_eq!(r.status, 408, "the client stalled: a client error, not a gateway timeout: {}", r.raw);
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["error"], "request_timeout");
+    assert!(after >= Duration::from_millis(900), "{after:?}");
+    let line = tg.last_request_line().await;
+    assert_eq!(line["status_code"], 408);
+    assert_eq!(line["reason"], "body_idle");
+    for seen in tg.upstream.received() {
+        assert!(seen.body_len <= 10, "the upstream got only what the client sent");
+    }
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn the_total_request_deadline_answers_504() {
+    let tg = TestGateway::start_with(Options {
+        server: "request_timeout = \"1s\"\nshutdown_grace = \"1s\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "deadline", &["apps:read"]);
+    let r = client().get(tg.url("/slow/x")).bearer_auth(&tok).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "gateway_timeout");
+    let line = tg.last_request_line().await;
+    assert_eq!(line["status_code"], 504);
+    assert_eq!(line["reason"], "request_timeout");
+    tg.stop().await;
+}

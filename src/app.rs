@@ -24,7 +24,7 @@ pub struct Started {
 
 /// Opens the store (refusing to serve if it is unreadable) and the audit log, and binds.
 pub async fn start(cfg: Config) -> Result<Started, CliError> {
-    let store = Store::open(&cfg.store.path, cfg.store.busy_timeout)
+    let store = Store::open_config(&cfg.store)
         .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
     store
         .ping()
@@ -90,6 +90,15 @@ impl Signals {
         let mut term = install(SignalKind::terminate(), "SIGTERM")?;
         let mut int = install(SignalKind::interrupt(), "SIGINT")?;
         let hangup = install(SignalKind::hangup(), "SIGHUP")?;
+        // SIGXFSZ (25 on Linux, except MIPS): a write past RLIMIT_FSIZE raises it, and its
+        // default action terminates the process. With a handler installed the write fails with
+        // EFBIG instead, which the audit writer treats like a full disk (503 or `continue`,
+        // retried until the limit is raised) — the gateway never dies for a full log.
+        #[cfg(all(target_os = "linux", not(any(target_arch = "mips", target_arch = "mips64"))))]
+        {
+            let mut xfsz = install(SignalKind::from_raw(25), "SIGXFSZ")?;
+            tokio::spawn(async move { while xfsz.recv().await.is_some() {} });
+        }
         let terminate = Box::pin(async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),

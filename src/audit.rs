@@ -368,8 +368,9 @@ pub struct AuditLog {
 /// Owned by the handles only: dropping the last handle shuts the writer down.
 struct Inner {
     shared: Arc<Shared>,
-    /// Exclusive lock on `<path>.lock`, released when the log is dropped.
-    _lock: Option<File>,
+    /// Exclusive lock on `<path>.lock`, released at shutdown (after the last write) or drop.
+    /// A Mutex because shutdown is `&self`.
+    writer_lock: Mutex<Option<File>>,
     /// Taken by the first `shutdown` to join the thread; a Mutex because shutdown is `&self`.
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -517,7 +518,7 @@ impl AuditLog {
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 shared,
-                _lock: lock_file,
+                writer_lock: Mutex::new(lock_file),
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -659,6 +660,8 @@ impl Inner {
         if handle.is_some_and(|h| h.join().is_err()) {
             tracing::error!("audit writer thread panicked");
         }
+        // The writer is gone: another process may take over the log.
+        lock(&self.writer_lock).take();
     }
 }
 

@@ -387,8 +387,9 @@ struct Local {
 impl Local {
     fn open(config: Option<&Path>) -> Result<Local, CliError> {
         let cfg = load_config(config)?;
-        let store = Store::open(&cfg.store.path, std::time::Duration::from_secs(5))
-            .map_err(|e| CliError::failure(e.to_string()))?;
+        let mut store_cfg = cfg.store.clone();
+        store_cfg.busy_timeout = std::time::Duration::from_secs(5);
+        let store = Store::open_config(&store_cfg).map_err(|e| CliError::failure(e.to_string()))?;
         let audit = match AuditLog::open(audit_config(&cfg)) {
             Ok(a) => Some(a),
             Err(audit::AuditError::InUse { .. }) => None,
@@ -516,7 +517,13 @@ fn config_check(config: Option<&Path>) -> Result<(), CliError> {
     println!("{src}: OK");
     println!("  public listener  {}{}", cfg.server.listen, if cfg.server.tls.is_some() { " (TLS)" } else { "" });
     println!("  admin listener   {}{}", cfg.admin.listen, if cfg.admin.tls.is_some() { " (TLS)" } else { "" });
-    println!("  store            {}", cfg.store.path.display());
+    match &cfg.store.url {
+        Some(url) => println!("  store            {} (PostgreSQL)", crate::store::redact_url(url)),
+        None => println!("  store            {}", cfg.store.path.display()),
+    }
+    if let Some(redis) = &cfg.rate_limit.redis {
+        println!("  rate limits      exact across replicas via {}", crate::store::redact_url(redis));
+    }
     println!(
         "  audit log        {} (on_failure = {:?})",
         cfg.audit.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into()),

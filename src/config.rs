@@ -56,6 +56,15 @@ pub const DEFAULT_STORE_PATH: &str = "tokengate.db";
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often other processes' changes (revocations) are picked up from the store.
 pub const DEFAULT_CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Connections in the PostgreSQL pool (`store.url`).
+pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
+/// Deadline for one PostgreSQL store call (pool wait, connect, queries).
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for one Redis rate-limit check before the in-process fallback answers.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+/// Gateway replicas sharing the per-token limits; while Redis is unreachable each one falls
+/// back to limit/`replicas` in process (see docs/scaling.md).
+pub const DEFAULT_REPLICAS: u32 = 1;
 /// Token prefix.
 pub const DEFAULT_TOKEN_PREFIX: &str = "tg";
 /// Active tokens per account.
@@ -172,6 +181,9 @@ struct RawAdmin {
 struct RawStore {
     path: Option<PathBuf>,
     url: Option<String>,
+    ca: Option<PathBuf>,
+    pool_size: Option<usize>,
+    timeout: Option<String>,
     busy_timeout: Option<String>,
     change_poll_interval: Option<String>,
 }
@@ -205,6 +217,9 @@ struct RawRateLimit {
     burst: Option<u32>,
     failed_auth_per_minute: Option<u32>,
     failed_auth_max_clients: Option<usize>,
+    redis: Option<String>,
+    replicas: Option<u32>,
+    redis_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -325,8 +340,16 @@ pub struct AdminConfig {
 /// `[store]`.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// SQLite file (absolute).
+    /// SQLite file (absolute); unused when `url` is set.
     pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://...`), resolved from `env:NAME` if written so; None = SQLite.
+    pub url: Option<String>,
+    /// CA certificates (PEM) for TLS to PostgreSQL; None = the system's roots.
+    pub ca: Option<PathBuf>,
+    /// PostgreSQL pool size.
+    pub pool_size: usize,
+    /// Deadline for one PostgreSQL store call.
+    pub timeout: Duration,
     /// Busy timeout.
     pub busy_timeout: Duration,
     /// Cross-process change polling interval.
@@ -418,6 +441,12 @@ pub struct RateLimitConfig {
     pub failed_auth_per_minute: u32,
     /// Maximum client IPs tracked by the failed-auth limiter.
     pub failed_auth_max_clients: usize,
+    /// Redis URL for limits exact across replicas (`env:NAME` resolved); None = per process.
+    pub redis: Option<String>,
+    /// Replicas sharing the limits: the in-process fallback allows limit/`replicas` each.
+    pub replicas: u32,
+    /// Deadline for one Redis check.
+    pub redis_timeout: Duration,
 }
 
 /// `[roles.NAME]`.
@@ -667,14 +696,30 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
     }
 
     // [store]
-    if raw.store.url.is_some() {
-        return Err(cx.invalid(
-            "store.url",
-            "PostgreSQL stores are not supported by this build; use `path` (SQLite)",
-        ));
+    let url = match &raw.store.url {
+        None => None,
+        Some(u) => {
+            if raw.store.path.is_some() {
+                return Err(cx.invalid("store.url", "set either `path` (SQLite) or `url` (PostgreSQL), not both"));
+            }
+            let u = resolve_secret(&cx, "store.url", u)?;
+            crate::store::check_postgres_url(&u).map_err(|m| cx.invalid("store.url", m))?;
+            Some(u)
+        }
+    };
+    if url.is_none() && (raw.store.ca.is_some() || raw.store.pool_size.is_some()) {
+        return Err(cx.invalid("store", "`ca` and `pool_size` apply to a PostgreSQL `url` only"));
+    }
+    let pool_size = raw.store.pool_size.unwrap_or(DEFAULT_STORE_POOL_SIZE);
+    if pool_size == 0 {
+        return Err(cx.invalid("store.pool_size", "must be at least 1"));
     }
     let store = StoreConfig {
         path: base.join(raw.store.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH))),
+        url,
+        ca: raw.store.ca.as_ref().map(|c| base.join(c)),
+        pool_size,
+        timeout: cx.duration("store.timeout", &raw.store.timeout, DEFAULT_STORE_TIMEOUT)?,
         busy_timeout: cx.duration("store.busy_timeout", &raw.store.busy_timeout, DEFAULT_BUSY_TIMEOUT)?,
         change_poll_interval: cx.duration(
             "store.change_poll_interval",
@@ -768,7 +813,22 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         default: default_rate,
         failed_auth_per_minute: r.failed_auth_per_minute.unwrap_or(DEFAULT_FAILED_AUTH_PER_MINUTE),
         failed_auth_max_clients: r.failed_auth_max_clients.unwrap_or(DEFAULT_FAILED_AUTH_MAX_CLIENTS),
+        redis: match &r.redis {
+            None => None,
+            Some(u) => {
+                let u = resolve_secret(&cx, "rate_limit.redis", u)?;
+                if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("redis+unix://")) {
+                    return Err(cx.invalid("rate_limit.redis", "must be a `redis://HOST:PORT[/DB]` URL"));
+                }
+                Some(u)
+            }
+        },
+        replicas: r.replicas.unwrap_or(DEFAULT_REPLICAS),
+        redis_timeout: cx.duration("rate_limit.redis_timeout", &r.redis_timeout, DEFAULT_REDIS_TIMEOUT)?,
     };
+    if rate_limit.replicas == 0 {
+        return Err(cx.invalid("rate_limit.replicas", "must be at least 1"));
+    }
     if rate_limit.failed_auth_per_minute == 0 {
         return Err(cx.invalid("rate_limit.failed_auth_per_minute", "must be at least 1"));
     }
@@ -843,7 +903,9 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         let mut rules = Vec::new();
         for (j, rule) in r.rules.iter().enumerate() {
             let rkey = format!("{key}.rules[{j}]");
-            if !rule.path.starts_with(&r.prefix) && !(r.prefix.ends_with('/') && rule.path == r.prefix[..r.prefix.len() - 1]) {
+            let inside = rule.path.starts_with(&r.prefix)
+                || (r.prefix.ends_with('/') && rule.path == r.prefix[..r.prefix.len() - 1]);
+            if !inside {
                 return Err(cx.invalid(&rkey, format!("path `{}` is outside the route prefix `{}`", rule.path, r.prefix)));
             }
             if let Some(p) = &rule.permission {
@@ -894,6 +956,18 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         roles,
         routes,
     })
+}
+
+/// A secret written as `env:NAME` is read from that environment variable (Kubernetes Secrets,
+/// systemd credentials), so the config file itself holds no password.
+fn resolve_secret(cx: &Ctx<'_>, key: &str, value: &str) -> Result<String, ConfigError> {
+    match value.strip_prefix("env:") {
+        None => Ok(value.to_string()),
+        Some(name) => match std::env::var(name) {
+            Ok(v) if !v.is_empty() => Ok(v),
+            _ => Err(cx.invalid(key, format!("environment variable `{name}` is not set"))),
+        },
+    }
 }
 
 fn check_rate(cx: &Ctx<'_>, key: &str, rate: Rate) -> Result<(), ConfigError> {

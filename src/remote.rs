@@ -51,7 +51,11 @@ pub fn credentials_path() -> Result<PathBuf, CliError> {
         Some(x) => PathBuf::from(x),
         None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
             Some(h) => PathBuf::from(h).join(".config"),
-            None => return Err(CliError::usage("neither XDG_CONFIG_HOME nor HOME is set: cannot find the credentials file")),
+            None => {
+                return Err(CliError::usage(
+                    "neither XDG_CONFIG_HOME nor HOME is set: cannot find the credentials file",
+                ));
+            }
         },
     };
     Ok(base.join("tokengate").join("credentials"))
@@ -60,15 +64,22 @@ pub fn credentials_path() -> Result<PathBuf, CliError> {
 /// Reads every profile (none when the file does not exist).
 pub fn load_profiles(path: &Path) -> Result<BTreeMap<String, Profile>, CliError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| CliError::usage(format!("{}: {e}", path.display()))),
+        Ok(text) => {
+            toml::from_str(&text).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(CliError::failure(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(CliError::failure(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
     }
 }
 
 /// Writes every profile atomically: a 0600 temporary file in the same 0700 folder, then rename.
 pub fn save_profiles(path: &Path, profiles: &BTreeMap<String, Profile>) -> Result<(), CliError> {
-    let fail = |what: &str, e: std::io::Error| CliError::failure(format!("cannot {what} {}: {e}", path.display()));
+    let fail = |what: &str, e: std::io::Error| {
+        CliError::failure(format!("cannot {what} {}: {e}", path.display()))
+    };
     let dir = path.parent().expect("the credentials path has a folder");
     std::fs::create_dir_all(dir).map_err(|e| fail("create the folder of", e))?;
     let text = toml::to_string(profiles).expect("profiles serialize");
@@ -122,8 +133,16 @@ pub fn target(cli: &Cli) -> Result<Option<Target>, CliError> {
     resolve(cli.url.as_deref(), cli.profile.as_deref(), &profiles, &path).map(Some)
 }
 
-fn resolve(url: Option<&str>, profile: Option<&str>, profiles: &BTreeMap<String, Profile>, path: &Path) -> Result<Target, CliError> {
-    let env_token = std::env::var(ENV_TOKEN).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+fn resolve(
+    url: Option<&str>,
+    profile: Option<&str>,
+    profiles: &BTreeMap<String, Profile>,
+    path: &Path,
+) -> Result<Target, CliError> {
+    let env_token = std::env::var(ENV_TOKEN)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
     let name = profile.unwrap_or(DEFAULT_PROFILE);
     let saved = profiles.get(name);
     if profile.is_some() && saved.is_none() && (env_token.is_none() || url.is_none()) {
@@ -143,17 +162,28 @@ fn resolve(url: Option<&str>, profile: Option<&str>, profiles: &BTreeMap<String,
         }
     };
     if let Some(t) = env_token {
-        return Ok(Target { url, token: t, profile: None });
+        return Ok(Target {
+            url,
+            token: t,
+            profile: None,
+        });
     }
     // A saved token only ever goes to the URL it was saved with.
-    let from_file = saved.filter(|p| p.url == url).map(|p| (name.to_string(), p)).or_else(|| {
-        (profile.is_none())
-            .then(|| profiles.iter().find(|(_, p)| p.url == url))
-            .flatten()
-            .map(|(n, p)| (n.clone(), p))
-    });
+    let from_file = saved
+        .filter(|p| p.url == url)
+        .map(|p| (name.to_string(), p))
+        .or_else(|| {
+            (profile.is_none())
+                .then(|| profiles.iter().find(|(_, p)| p.url == url))
+                .flatten()
+                .map(|(n, p)| (n.clone(), p))
+        });
     match from_file {
-        Some((n, p)) => Ok(Target { url, token: p.token.clone(), profile: Some(n) }),
+        Some((n, p)) => Ok(Target {
+            url,
+            token: p.token.clone(),
+            profile: Some(n),
+        }),
         None => Err(CliError::usage(format!(
             "no token for {url}: set {ENV_TOKEN}, or run `tokengate login --url {url}` (credentials: {})",
             path.display()
@@ -163,7 +193,11 @@ fn resolve(url: Option<&str>, profile: Option<&str>, profiles: &BTreeMap<String,
 
 /// Checks a URL is `http(s)://host[:port][/base]` and drops a trailing `/`.
 pub fn normalize_url(u: &str) -> Result<String, CliError> {
-    let bad = || CliError::usage(format!("`{u}` is not an admin URL like http://127.0.0.1:9090"));
+    let bad = || {
+        CliError::usage(format!(
+            "`{u}` is not an admin URL like http://127.0.0.1:9090"
+        ))
+    };
     let uri: Uri = u.trim().parse().map_err(|_| bad())?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
@@ -200,30 +234,60 @@ impl Client {
     }
 
     /// Calls the API; on a non-2xx answer returns the server's message as the error.
-    pub fn call(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value, CliError> {
-        let (status, v) = self.rt.block_on(send(&self.url, &self.token, method, path, body))?;
+    pub fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, CliError> {
+        let (status, v) = self
+            .rt
+            .block_on(send(&self.url, &self.token, method, path, body))?;
         if status.is_success() {
             return Ok(v);
         }
         let msg = v["message"].as_str().unwrap_or("no message").to_string();
         let code = v["error"].as_str().unwrap_or("error");
-        Err(CliError::failure(format!("{} ({} {code}): {msg}", self.url, status.as_u16())))
+        Err(CliError::failure(format!(
+            "{} ({} {code}): {msg}",
+            self.url,
+            status.as_u16()
+        )))
     }
 }
 
-async fn send(base: &str, token: &str, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, serde_json::Value), CliError> {
+async fn send(
+    base: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(StatusCode, serde_json::Value), CliError> {
     let full: Uri = format!("{base}{path}")
         .parse()
         .map_err(|_| CliError::usage(format!("bad URL {base}{path}")))?;
     let https = full.scheme_str() == Some("https");
-    let host = full.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = full
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = full.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let unreachable = |e: &dyn std::fmt::Display| CliError::failure(format!("cannot reach the admin API at {base}: {e}"));
-    let stream = tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect((host.as_str(), port)))
-        .await
-        .map_err(|_| unreachable(&"connection timed out"))?
-        .map_err(|e| unreachable(&e))?;
-    let authority = full.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CliError::failure(format!("cannot reach the admin API at {base}: {e}"))
+    };
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| unreachable(&"connection timed out"))?
+    .map_err(|e| unreachable(&e))?;
+    let authority = full
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
     let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let mut req = Request::builder()
         .method(method)
@@ -231,7 +295,10 @@ async fn send(base: &str, token: &str, method: Method, path: &str, body: Option<
         .header(header::HOST, authority)
         .header(header::AUTHORIZATION, format!("Bearer {token}"))
         .header(header::ACCEPT, "application/json")
-        .header(header::USER_AGENT, concat!("tokengate-cli/", env!("CARGO_PKG_VERSION")));
+        .header(
+            header::USER_AGENT,
+            concat!("tokengate-cli/", env!("CARGO_PKG_VERSION")),
+        );
     if !bytes.is_empty() {
         req = req.header(header::CONTENT_TYPE, "application/json");
     }
@@ -242,7 +309,10 @@ async fn send(base: &str, token: &str, method: Method, path: &str, body: Option<
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config()?));
         let name = rustls_pki_types::ServerName::try_from(host.clone())
             .map_err(|_| CliError::usage(format!("`{host}` is not a valid TLS server name")))?;
-        let tls = connector.connect(name, stream).await.map_err(|e| unreachable(&e))?;
+        let tls = connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| unreachable(&e))?;
         exchange(TokioIo::new(tls), req).await
     } else {
         exchange(TokioIo::new(stream), req).await
@@ -258,7 +328,10 @@ async fn send(base: &str, token: &str, method: Method, path: &str, body: Option<
     Ok((status, v))
 }
 
-async fn exchange<I>(io: I, req: Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
+async fn exchange<I>(
+    io: I,
+    req: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -278,13 +351,20 @@ fn tls_config() -> Result<rustls::ClientConfig, CliError> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&file)
-        .map_err(|e| CliError::usage(format!("cannot read CA certificates from {} ({ENV_CA_FILE}): {e}", file.display())))?;
+    let certs = CertificateDer::pem_file_iter(&file).map_err(|e| {
+        CliError::usage(format!(
+            "cannot read CA certificates from {} ({ENV_CA_FILE}): {e}",
+            file.display()
+        ))
+    })?;
     for c in certs.flatten() {
         let _ = roots.add(c);
     }
     if roots.is_empty() {
-        return Err(CliError::usage(format!("no CA certificates in {}", file.display())));
+        return Err(CliError::usage(format!(
+            "no CA certificates in {}",
+            file.display()
+        )));
     }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -297,7 +377,11 @@ fn tls_config() -> Result<rustls::ClientConfig, CliError> {
 
 /// Reads a token from `TOKENGATE_TOKEN`, else the first line of stdin (echo off on a terminal).
 fn read_token() -> Result<String, CliError> {
-    if let Some(t) = std::env::var(ENV_TOKEN).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+    if let Some(t) = std::env::var(ENV_TOKEN)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+    {
         return Ok(t);
     }
     let tty = std::io::stdin().is_terminal();
@@ -334,9 +418,19 @@ fn echo(on: bool) {
 pub fn login(cli: &Cli) -> Result<(), CliError> {
     let path = credentials_path()?;
     let mut profiles = load_profiles(&path)?;
-    let name = cli.profile.clone().unwrap_or_else(|| DEFAULT_PROFILE.to_string());
-    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        return Err(CliError::usage("profile names are 1-64 letters, digits, `.`, `_`, `-`"));
+    let name = cli
+        .profile
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(CliError::usage(
+            "profile names are 1-64 letters, digits, `.`, `_`, `-`",
+        ));
     }
     let url = match (&cli.url, profiles.get(&name)) {
         (Some(u), _) => normalize_url(u)?,
@@ -344,10 +438,21 @@ pub fn login(cli: &Cli) -> Result<(), CliError> {
         (None, None) => DEFAULT_URL.to_string(),
     };
     let token = read_token()?;
-    crate::token::parse(&token).map_err(|e| CliError::usage(format!("this is not a tokengate token: {e}")))?;
-    let target = Target { url: url.clone(), token: token.clone(), profile: Some(name.clone()) };
+    crate::token::parse(&token)
+        .map_err(|e| CliError::usage(format!("this is not a tokengate token: {e}")))?;
+    let target = Target {
+        url: url.clone(),
+        token: token.clone(),
+        profile: Some(name.clone()),
+    };
     let me = Client::new(&target)?.call(Method::GET, "/v1/whoami", None)?;
-    profiles.insert(name.clone(), Profile { url: url.clone(), token });
+    profiles.insert(
+        name.clone(),
+        Profile {
+            url: url.clone(),
+            token,
+        },
+    );
     save_profiles(&path, &profiles)?;
     println!(
         "Logged in to {url} as {} ({}), account {}, access {}.",
@@ -356,7 +461,10 @@ pub fn login(cli: &Cli) -> Result<(), CliError> {
         me["account"].as_str().unwrap_or("?"),
         me["access"].as_str().unwrap_or("?"),
     );
-    println!("Saved as profile `{name}` in {} (mode 0600).", path.display());
+    println!(
+        "Saved as profile `{name}` in {} (mode 0600).",
+        path.display()
+    );
     Ok(())
 }
 
@@ -365,12 +473,21 @@ pub fn login(cli: &Cli) -> Result<(), CliError> {
 pub fn logout(cli: &Cli) -> Result<(), CliError> {
     let path = credentials_path()?;
     let mut profiles = load_profiles(&path)?;
-    let name = cli.profile.clone().unwrap_or_else(|| DEFAULT_PROFILE.to_string());
+    let name = cli
+        .profile
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
     if profiles.remove(&name).is_none() {
-        return Err(CliError::failure(format!("no profile `{name}` in {}", path.display())));
+        return Err(CliError::failure(format!(
+            "no profile `{name}` in {}",
+            path.display()
+        )));
     }
     save_profiles(&path, &profiles)?;
-    println!("Logged out: profile `{name}` removed from {}.", path.display());
+    println!(
+        "Logged out: profile `{name}` removed from {}.",
+        path.display()
+    );
     Ok(())
 }
 
@@ -385,15 +502,33 @@ pub fn whoami(cli: &Cli, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     let s = |k: &str| me[k].as_str().unwrap_or("-").to_string();
-    println!("{} ({}) of account {}", s("name"), s("prefix"), s("account"));
+    println!(
+        "{} ({}) of account {}",
+        s("name"),
+        s("prefix"),
+        s("account")
+    );
     println!("  token id     {}", s("id"));
-    println!("  access       {}", if s("access") == "admin" { "admin (all accounts)" } else { "self (own account)" });
+    println!(
+        "  access       {}",
+        if s("access") == "admin" {
+            "admin (all accounts)"
+        } else {
+            "self (own account)"
+        }
+    );
     println!("  permissions  {}", join(&me["permissions"]));
-    println!("  expires      {}", me["expires_at"].as_str().unwrap_or("never"));
+    println!(
+        "  expires      {}",
+        me["expires_at"].as_str().unwrap_or("never")
+    );
     println!(
         "  via          {} ({})",
         t.url,
-        t.profile.as_deref().map(|p| format!("profile {p}")).unwrap_or_else(|| ENV_TOKEN.to_string())
+        t.profile
+            .as_deref()
+            .map(|p| format!("profile {p}"))
+            .unwrap_or_else(|| ENV_TOKEN.to_string())
     );
     Ok(())
 }
@@ -407,18 +542,28 @@ pub fn run(t: &Target, command: &Command) -> Result<(), CliError> {
     match command {
         Command::Account(cmd) => account(&c, cmd),
         Command::Token(cmd) => token(&c, cmd),
-        _ => Err(CliError::usage("only `token` and `account` commands run remotely")),
+        _ => Err(CliError::usage(
+            "only `token` and `account` commands run remotely",
+        )),
     }
 }
 
 fn account(c: &Client, cmd: &AccountCmd) -> Result<(), CliError> {
     match cmd {
         AccountCmd::Create { name, email, json } => {
-            let v = c.call(Method::POST, "/v1/accounts", Some(serde_json::json!({"name": name, "email": email})))?;
+            let v = c.call(
+                Method::POST,
+                "/v1/accounts",
+                Some(serde_json::json!({"name": name, "email": email})),
+            )?;
             if *json {
                 print_json(&v);
             } else {
-                println!("created account {} ({})", str_of(&v, "name"), str_of(&v, "id"));
+                println!(
+                    "created account {} ({})",
+                    str_of(&v, "name"),
+                    str_of(&v, "id")
+                );
             }
         }
         AccountCmd::List { json } => {
@@ -426,7 +571,10 @@ fn account(c: &Client, cmd: &AccountCmd) -> Result<(), CliError> {
             if *json {
                 print_json(&v["accounts"]);
             } else {
-                println!("{:<24} {:<22} {:<28} {:<17} STATUS", "NAME", "ID", "EMAIL", "CREATED");
+                println!(
+                    "{:<24} {:<22} {:<28} {:<17} STATUS",
+                    "NAME", "ID", "EMAIL", "CREATED"
+                );
                 for a in v["accounts"].as_array().into_iter().flatten() {
                     println!(
                         "{:<24} {:<22} {:<28} {:<17} {}",
@@ -440,7 +588,11 @@ fn account(c: &Client, cmd: &AccountCmd) -> Result<(), CliError> {
             }
         }
         AccountCmd::Disable { name } => {
-            c.call(Method::POST, &format!("/v1/accounts/{}/disable", enc(name)), None)?;
+            c.call(
+                Method::POST,
+                &format!("/v1/accounts/{}/disable", enc(name)),
+                None,
+            )?;
             println!("disabled account {name}: its tokens are rejected from now on");
         }
     }
@@ -468,9 +620,19 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             let v = c.call(Method::POST, "/v1/tokens", Some(body))?;
             print_new(&v, a.json, "created");
         }
-        TokenCmd::List { account, stale, expiring, all, json } => {
+        TokenCmd::List {
+            account,
+            stale,
+            expiring,
+            all,
+            json,
+        } => {
             let mut q = vec![];
-            for (k, v) in [("account", account), ("stale", stale), ("expiring", expiring)] {
+            for (k, v) in [
+                ("account", account),
+                ("stale", stale),
+                ("expiring", expiring),
+            ] {
                 if let Some(v) = v {
                     q.push(format!("{k}={}", enc(v)));
                 }
@@ -478,7 +640,11 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             if *all {
                 q.push("all=true".into());
             }
-            let path = if q.is_empty() { "/v1/tokens".to_string() } else { format!("/v1/tokens?{}", q.join("&")) };
+            let path = if q.is_empty() {
+                "/v1/tokens".to_string()
+            } else {
+                format!("/v1/tokens?{}", q.join("&"))
+            };
             let v = c.call(Method::GET, &path, None)?;
             let list = v["tokens"].as_array().cloned().unwrap_or_default();
             if *json {
@@ -502,7 +668,12 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 &format!("/v1/tokens/{}/revoke", enc(id)),
                 Some(serde_json::json!({"reason": reason})),
             )?;
-            println!("revoked {} ({}, {})", str_of(&v, "id"), str_of(&v, "prefix"), str_of(&v, "name"));
+            println!(
+                "revoked {} ({}, {})",
+                str_of(&v, "id"),
+                str_of(&v, "prefix"),
+                str_of(&v, "name")
+            );
         }
         TokenCmd::Rotate { id, grace, json } => {
             let v = c.call(
@@ -517,7 +688,11 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 v["grace_seconds"].as_u64().unwrap_or(0)
             );
         }
-        TokenCmd::Identify { revoke, reason, json } => {
+        TokenCmd::Identify {
+            revoke,
+            reason,
+            json,
+        } => {
             let mut line = String::new();
             std::io::stdin()
                 .lock()
@@ -525,7 +700,9 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
             let raw = line.trim();
             if raw.is_empty() {
-                return Err(CliError::usage("paste the token on stdin, e.g. `pbpaste | tokengate token identify`"));
+                return Err(CliError::usage(
+                    "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
+                ));
             }
             let v = c.call(
                 Method::POST,
@@ -584,12 +761,18 @@ fn str_of(v: &serde_json::Value, k: &str) -> String {
 
 fn join(v: &serde_json::Value) -> String {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
         .unwrap_or_default()
 }
 
 fn short_time(s: Option<&str>) -> String {
-    s.map(|t| t.get(..16).unwrap_or(t).replace('T', " ")).unwrap_or_else(|| "-".into())
+    s.map(|t| t.get(..16).unwrap_or(t).replace('T', " "))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Percent-encodes a path segment or query value.
@@ -611,7 +794,11 @@ pub fn row_from_json(v: &serde_json::Value) -> TokenRow {
     let t = |k: &str| v[k].as_str().and_then(parse_rfc3339);
     let list = |k: &str| -> Vec<String> {
         v[k].as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let status = s("status").unwrap_or_default();
@@ -624,7 +811,10 @@ pub fn row_from_json(v: &serde_json::Value) -> TokenRow {
         role: s("role"),
         permissions: list("permissions"),
         scopes: serde_json::from_value(v["scopes"].clone()).unwrap_or_default(),
-        allowed_cidrs: list("allowed_cidrs").iter().filter_map(|c| c.parse().ok()).collect(),
+        allowed_cidrs: list("allowed_cidrs")
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
         rate: v["rate_limit"].as_object().and_then(|r| {
             Some(RateOverride {
                 requests_per_second: r.get("requests_per_second")?.as_f64()?,
@@ -652,8 +842,20 @@ mod tests {
 
     fn profiles() -> BTreeMap<String, Profile> {
         BTreeMap::from([
-            ("default".to_string(), Profile { url: "http://a:9090".into(), token: "tg_a".into() }),
-            ("staging".to_string(), Profile { url: "https://b:9090".into(), token: "tg_b".into() }),
+            (
+                "default".to_string(),
+                Profile {
+                    url: "http://a:9090".into(),
+                    token: "tg_a".into(),
+                },
+            ),
+            (
+                "staging".to_string(),
+                Profile {
+                    url: "https://b:9090".into(),
+                    token: "tg_b".into(),
+                },
+            ),
         ])
     }
 
@@ -666,13 +868,24 @@ mod tests {
             return;
         }
         let t = resolve(None, None, &p, path).unwrap();
-        assert_eq!((t.url.as_str(), t.token.as_str()), ("http://a:9090", "tg_a"));
+        assert_eq!(
+            (t.url.as_str(), t.token.as_str()),
+            ("http://a:9090", "tg_a")
+        );
         let t = resolve(None, Some("staging"), &p, path).unwrap();
         assert_eq!(t.token, "tg_b");
         let t = resolve(Some("https://b:9090/"), None, &p, path).unwrap();
-        assert_eq!((t.token.as_str(), t.profile.as_deref()), ("tg_b", Some("staging")), "matched by URL");
+        assert_eq!(
+            (t.token.as_str(), t.profile.as_deref()),
+            ("tg_b", Some("staging")),
+            "matched by URL"
+        );
         let e = resolve(Some("http://evil:9090"), None, &p, path).unwrap_err();
-        assert!(e.message.contains("no token for http://evil:9090"), "{}", e.message);
+        assert!(
+            e.message.contains("no token for http://evil:9090"),
+            "{}",
+            e.message
+        );
         assert!(resolve(Some("http://evil:9090"), Some("default"), &p, path).is_err());
         assert!(resolve(None, Some("nope"), &p, path).is_err());
     }
@@ -683,19 +896,35 @@ mod tests {
         let path = dir.path().join("tokengate").join("credentials");
         save_profiles(&path, &profiles()).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("[default]") && text.contains("[staging]"), "{text}");
+        assert!(
+            text.contains("[default]") && text.contains("[staging]"),
+            "{text}"
+        );
         assert_eq!(load_profiles(&path).unwrap(), profiles());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-            assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            assert_eq!(
+                std::fs::metadata(path.parent().unwrap())
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777,
+                0o700
+            );
         }
     }
 
     #[test]
     fn urls_are_checked() {
-        assert_eq!(normalize_url("http://127.0.0.1:9090/").unwrap(), "http://127.0.0.1:9090");
+        assert_eq!(
+            normalize_url("http://127.0.0.1:9090/").unwrap(),
+            "http://127.0.0.1:9090"
+        );
         assert!(normalize_url("ftp://x").is_err());
         assert!(normalize_url("127.0.0.1:9090").is_err());
         assert!(normalize_url("http://x/?a=1").is_err());

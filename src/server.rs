@@ -119,6 +119,8 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
         let gw = self.gateway.clone();
+        // Bound in `bind`, accepting from the next line on (readiness reports this).
+        gw.metrics().listening.store(true, Ordering::Relaxed);
         let public = tokio::spawn(accept_loop(
             self.public,
             self.public_tls.clone(),
@@ -135,7 +137,6 @@ impl Server {
             stop_rx,
             graceful.clone(),
         ));
-        gw.metrics().listening.store(true, Ordering::Relaxed);
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         gw.metrics().listening.store(false, Ordering::Relaxed);
@@ -214,7 +215,8 @@ async fn accept_loop(
                 tracing::debug!(%peer, "connection limit reached; closing");
                 continue;
             }
-            let ip = peer.ip();
+            // IPv6 by /64, like the failed-auth limiter: one host usually holds the whole /64.
+            let ip = crate::ratelimit::client_key(peer.ip());
             {
                 let mut n = per_ip.entry(ip).or_insert(0);
                 if *n >= cfg.server.max_connections_per_ip {

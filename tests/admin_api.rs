@@ -24,7 +24,13 @@ impl<'a> Admin<'a> {
         format!("http://{}{}", self.tg.admin_addr, path)
     }
 
-    async fn call(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    async fn call(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let mut rb = self.c.request(method, self.url(path));
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
@@ -61,7 +67,13 @@ async fn events(tg: &TestGateway, event: &str) -> Vec<Value> {
 /// The request audit line for the last admin request to `path`.
 async fn request_line(tg: &TestGateway, path: &str) -> Value {
     for _ in 0..50 {
-        if let Some(l) = tg.request_lines().await.into_iter().rev().find(|l| l["path"] == path) {
+        if let Some(l) = tg
+            .request_lines()
+            .await
+            .into_iter()
+            .rev()
+            .find(|l| l["path"] == path)
+        {
             return l;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -70,7 +82,9 @@ async fn request_line(tg: &TestGateway, path: &str) -> Value {
 }
 
 fn realm_challenge(h: &reqwest::header::HeaderMap) -> String {
-    h.get("www-authenticate").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    h.get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -81,22 +95,49 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
 
     let (s, me) = a.get(&root, "/v1/whoami").await;
     assert_eq!(s, 200);
-    assert_eq!((me["id"].as_str(), me["access"].as_str(), me["auth_type"].as_str()), (Some(root_id.as_str()), Some("admin"), Some("api_token")));
-    assert!(me.get("token").is_none() && !me.to_string().contains(&root), "whoami never echoes the token");
+    assert_eq!(
+        (
+            me["id"].as_str(),
+            me["access"].as_str(),
+            me["auth_type"].as_str()
+        ),
+        (Some(root_id.as_str()), Some("admin"), Some("api_token"))
+    );
+    assert!(
+        me.get("token").is_none() && !me.to_string().contains(&root),
+        "whoami never echoes the token"
+    );
 
     let (s, pol) = a.get(&root, "/v1/policy").await;
     assert_eq!(s, 200);
-    assert!(pol["roles"].as_array().unwrap().iter().any(|r| r["name"] == "viewer" && r["grantable"] == true));
+    assert!(
+        pol["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "viewer" && r["grantable"] == true)
+    );
     assert_eq!(pol["expiry"]["default"], "90d");
 
-    let (s, acc) = a.post(&root, "/v1/accounts", json!({"name": "ci", "email": "ci@example.com"})).await;
+    let (s, acc) = a
+        .post(
+            &root,
+            "/v1/accounts",
+            json!({"name": "ci", "email": "ci@example.com"}),
+        )
+        .await;
     assert_eq!(s, 201, "{acc}");
     assert_eq!(acc["status"], "active");
     let (s, _) = a.post(&root, "/v1/accounts", json!({"name": "ci"})).await;
     assert_eq!(s, 409);
     let (s, list) = a.get(&root, "/v1/accounts").await;
     assert_eq!(s, 200);
-    let names: BTreeSet<&str> = list["accounts"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let names: BTreeSet<&str> = list["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, BTreeSet::from(["ci", "ops"]));
 
     let (s, created) = a
@@ -105,53 +146,118 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     assert_eq!(s, 201, "{created}");
     let plain = created["token"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
-    assert!(plain.starts_with("tg_") && created["prefix"].as_str().is_some_and(|p| plain.starts_with(p)));
+    assert!(
+        plain.starts_with("tg_")
+            && created["prefix"]
+                .as_str()
+                .is_some_and(|p| plain.starts_with(p))
+    );
     assert_eq!(created["scopes"]["app"][0], "billing");
 
     // The new token works on the public listener.
     let pc = client();
-    let r = pc.get(tg.url("/apps/billing/x")).bearer_auth(&plain).send().await.unwrap();
+    let r = pc
+        .get(tg.url("/apps/billing/x"))
+        .bearer_auth(&plain)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     let (s, shown) = a.get(&root, &format!("/v1/tokens/{id}")).await;
     assert_eq!(s, 200);
-    assert!(shown.get("token").is_none(), "the plaintext is returned once, at creation");
-    let (s, by_prefix) = a.get(&root, &format!("/v1/tokens/{}", created["prefix"].as_str().unwrap())).await;
-    assert_eq!((s, by_prefix["id"].as_str()), (StatusCode::OK, Some(id.as_str())));
+    assert!(
+        shown.get("token").is_none(),
+        "the plaintext is returned once, at creation"
+    );
+    let (s, by_prefix) = a
+        .get(
+            &root,
+            &format!("/v1/tokens/{}", created["prefix"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(
+        (s, by_prefix["id"].as_str()),
+        (StatusCode::OK, Some(id.as_str()))
+    );
 
     let (s, list) = a.get(&root, "/v1/tokens?account=ci").await;
     assert_eq!(s, 200);
     assert_eq!(list["tokens"].as_array().unwrap().len(), 1);
     assert!(!list.to_string().contains(&plain));
 
-    let (s, found) = a.post(&root, "/v1/tokens/identify", json!({"token": plain})).await;
-    assert_eq!((s, found["id"].as_str(), found["revoked_now"].as_bool()), (StatusCode::OK, Some(id.as_str()), Some(false)));
+    let (s, found) = a
+        .post(&root, "/v1/tokens/identify", json!({"token": plain}))
+        .await;
+    assert_eq!(
+        (s, found["id"].as_str(), found["revoked_now"].as_bool()),
+        (StatusCode::OK, Some(id.as_str()), Some(false))
+    );
 
-    let (s, rotated) = a.post(&root, &format!("/v1/tokens/{id}/rotate"), json!({"grace": "1h"})).await;
+    let (s, rotated) = a
+        .post(
+            &root,
+            &format!("/v1/tokens/{id}/rotate"),
+            json!({"grace": "1h"}),
+        )
+        .await;
     assert_eq!(s, 201, "{rotated}");
     let new_plain = rotated["token"].as_str().unwrap().to_string();
     let new_id = rotated["id"].as_str().unwrap().to_string();
     assert_eq!(rotated["rotated_from"].as_str(), Some(id.as_str()));
     assert_eq!(rotated["grace_seconds"], 3600);
-    let r = pc.get(tg.url("/apps/billing/x")).bearer_auth(&new_plain).send().await.unwrap();
+    let r = pc
+        .get(tg.url("/apps/billing/x"))
+        .bearer_auth(&new_plain)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
-    let (s, revoked) = a.post(&root, &format!("/v1/tokens/{new_id}/revoke"), json!({"reason": "test over"})).await;
+    let (s, revoked) = a
+        .post(
+            &root,
+            &format!("/v1/tokens/{new_id}/revoke"),
+            json!({"reason": "test over"}),
+        )
+        .await;
     assert_eq!(s, 200);
     assert_eq!(revoked["status"], "revoked");
     assert_eq!(revoked["revoke_reason"], "test over");
     // Revocation is instant on this process's public listener.
-    let r = pc.get(tg.url("/apps/billing/x")).bearer_auth(&new_plain).send().await.unwrap();
+    let r = pc
+        .get(tg.url("/apps/billing/x"))
+        .bearer_auth(&new_plain)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("revoked"));
-    let (s, _) = a.post(&root, &format!("/v1/tokens/{new_id}/revoke"), json!({})).await;
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("revoked")
+    );
+    let (s, _) = a
+        .post(&root, &format!("/v1/tokens/{new_id}/revoke"), json!({}))
+        .await;
     assert_eq!(s, 409, "already revoked");
 
     let (s, dis) = a.post(&root, "/v1/accounts/ci/disable", json!({})).await;
-    assert_eq!((s, dis["status"].as_str()), (StatusCode::OK, Some("disabled")));
+    assert_eq!(
+        (s, dis["status"].as_str()),
+        (StatusCode::OK, Some("disabled"))
+    );
 
     // Every mutation left an admin event naming the acting token.
-    for ev in ["account.created", "token.created", "token.identified", "token.rotated", "token.revoked", "account.disabled"] {
+    for ev in [
+        "account.created",
+        "token.created",
+        "token.identified",
+        "token.rotated",
+        "token.revoked",
+        "account.disabled",
+    ] {
         let lines = events(&tg, ev).await;
         assert!(!lines.is_empty(), "{ev} missing");
         // (The rotation's automatic retirement of the old token is the gateway's own act.)
@@ -162,13 +268,25 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         }
     }
     let created_ev = &events(&tg, "token.created").await[0];
-    assert_eq!((created_ev["target"].as_str(), created_ev["account"].as_str()), (Some(id.as_str()), Some("ci")));
+    assert_eq!(
+        (
+            created_ev["target"].as_str(),
+            created_ev["account"].as_str()
+        ),
+        (Some(id.as_str()), Some("ci"))
+    );
     // Request lines for the admin API carry the caller and never a token.
     let line = request_line(&tg, "/v1/tokens").await;
-    assert_eq!((line["auth_type"].as_str(), line["api_token_id"].as_str()), (Some("api_token"), Some(root_id.as_str())));
+    assert_eq!(
+        (line["auth_type"].as_str(), line["api_token_id"].as_str()),
+        (Some("api_token"), Some(root_id.as_str()))
+    );
     let log = std::fs::read_to_string(tg.dir.path().join("audit.log")).unwrap();
     for secret in [&root, &plain, &new_plain] {
-        assert!(!log.contains(secret.as_str()), "a plaintext token reached the audit log");
+        assert!(
+            !log.contains(secret.as_str()),
+            "a plaintext token reached the audit log"
+        );
     }
     // Only the two public calls reached the upstream; no admin request ever does.
     assert_eq!(tg.upstream.count(), 2);
@@ -178,7 +296,11 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
 #[tokio::test]
 async fn a_self_token_cannot_see_or_touch_another_account() {
     let tg = TestGateway::start().await;
-    let (alice, alice_id) = tg.token("alice", "alice-ui", &["tokengate:self", "apps:read", "logs:read"]);
+    let (alice, alice_id) = tg.token(
+        "alice",
+        "alice-ui",
+        &["tokengate:self", "apps:read", "logs:read"],
+    );
     let (_, alice_ci) = tg.token("alice", "alice-ci", &["apps:read"]);
     let (bob_plain, bob_id) = tg.token("bob", "bob-ci", &["apps:read"]);
     let a = Admin::new(&tg);
@@ -189,55 +311,117 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
     // Lists are filtered to the own account.
     let (s, list) = a.get(&alice, "/v1/tokens").await;
     assert_eq!(s, 200);
-    let ids: BTreeSet<&str> = list["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let ids: BTreeSet<&str> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, BTreeSet::from([alice_id.as_str(), alice_ci.as_str()]));
     let (s, accounts) = a.get(&alice, "/v1/accounts").await;
     assert_eq!(s, 200);
     assert_eq!(accounts["accounts"].as_array().unwrap().len(), 1);
     assert_eq!(accounts["accounts"][0]["name"], "alice");
     let (s, body) = a.get(&alice, "/v1/tokens?account=bob").await;
-    assert_eq!((s, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("other_account")));
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("other_account"))
+    );
 
     // Another account's token does not exist for a self token: show, revoke, rotate, identify → 404.
     let bob_prefix = tg.gw.store().get_token(&bob_id).unwrap().prefix;
-    for path in [format!("/v1/tokens/{bob_id}"), format!("/v1/tokens/{bob_prefix}")] {
+    for path in [
+        format!("/v1/tokens/{bob_id}"),
+        format!("/v1/tokens/{bob_prefix}"),
+    ] {
         let (s, body) = a.get(&alice, &path).await;
-        assert_eq!((s, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{path}");
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{path}"
+        );
     }
     for verb in ["revoke", "rotate"] {
-        let (s, _) = a.post(&alice, &format!("/v1/tokens/{bob_id}/{verb}"), json!({})).await;
+        let (s, _) = a
+            .post(&alice, &format!("/v1/tokens/{bob_id}/{verb}"), json!({}))
+            .await;
         assert_eq!(s, 404, "{verb}");
     }
-    let (s, body) = a.post(&alice, "/v1/tokens/identify", json!({"token": bob_plain, "revoke": true})).await;
+    let (s, body) = a
+        .post(
+            &alice,
+            "/v1/tokens/identify",
+            json!({"token": bob_plain, "revoke": true}),
+        )
+        .await;
     assert_eq!(s, 404);
-    assert!(!body.to_string().contains("bob"), "nothing about bob's token leaks: {body}");
-    let r = client().get(tg.url("/apps/x/y")).bearer_auth(&bob_plain).send().await.unwrap();
+    assert!(
+        !body.to_string().contains("bob"),
+        "nothing about bob's token leaks: {body}"
+    );
+    let r = client()
+        .get(tg.url("/apps/x/y"))
+        .bearer_auth(&bob_plain)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "bob's token still works");
-    assert!(tg.gw.store().get_token(&bob_id).unwrap().revoked_at.is_none());
+    assert!(
+        tg.gw
+            .store()
+            .get_token(&bob_id)
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
 
     // Accounts belong to admins.
-    let (s, body) = a.post(&alice, "/v1/accounts", json!({"name": "mallory"})).await;
+    let (s, body) = a
+        .post(&alice, "/v1/accounts", json!({"name": "mallory"}))
+        .await;
     assert_eq!(s, 403);
     assert_eq!(body["required_permission"], "tokengate:admin");
     let (s, _) = a.post(&alice, "/v1/accounts/bob/disable", json!({})).await;
     assert_eq!(s, 403);
-    let (s, _) = a.post(&alice, "/v1/accounts/alice/disable", json!({})).await;
+    let (s, _) = a
+        .post(&alice, "/v1/accounts/alice/disable", json!({}))
+        .await;
     assert_eq!(s, 403);
-    let (s, body) = a.post(&alice, "/v1/tokens", json!({"account": "bob", "name": "x", "permissions": ["apps:read"]})).await;
-    assert_eq!((s, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("other_account")));
+    let (s, body) = a
+        .post(
+            &alice,
+            "/v1/tokens",
+            json!({"account": "bob", "name": "x", "permissions": ["apps:read"]}),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("other_account"))
+    );
     assert!(tg.gw.store().get_account("mallory").is_err());
 
     // Its own account: create (defaults to the own account), show, rotate, revoke.
-    let (s, t) = a.post(&alice, "/v1/tokens", json!({"name": "mine", "role": "viewer"})).await;
+    let (s, t) = a
+        .post(
+            &alice,
+            "/v1/tokens",
+            json!({"name": "mine", "role": "viewer"}),
+        )
+        .await;
     assert_eq!(s, 201, "{t}");
     assert_eq!(t["account"], "alice");
     let (s, _) = a.get(&alice, &format!("/v1/tokens/{alice_ci}")).await;
     assert_eq!(s, 200);
-    let (s, _) = a.post(&alice, &format!("/v1/tokens/{alice_ci}/revoke"), json!({})).await;
+    let (s, _) = a
+        .post(&alice, &format!("/v1/tokens/{alice_ci}/revoke"), json!({}))
+        .await;
     assert_eq!(s, 200);
     let audit = events(&tg, "token.revoked").await;
     assert_eq!(audit.len(), 1);
-    assert_eq!((audit[0]["actor"].as_str(), audit[0]["target"].as_str()), (Some(alice_id.as_str()), Some(alice_ci.as_str())));
+    assert_eq!(
+        (audit[0]["actor"].as_str(), audit[0]["target"].as_str()),
+        (Some(alice_id.as_str()), Some(alice_ci.as_str()))
+    );
     assert_eq!(tg.upstream.count(), 1);
     tg.stop().await;
 }
@@ -258,17 +442,40 @@ async fn a_self_token_never_mints_a_stronger_token() {
         json!({"name": "x", "permissions": ["apps:read"], "scopes": {"app": ["*"]}}),
     ] {
         let (s, r) = a.post(&alice, "/v1/tokens", body.clone()).await;
-        assert_eq!((s, r["error"].as_str()), (StatusCode::FORBIDDEN, Some("escalation")), "{body}");
+        assert_eq!(
+            (s, r["error"].as_str()),
+            (StatusCode::FORBIDDEN, Some("escalation")),
+            "{body}"
+        );
     }
     let (s, pol) = a.get(&alice, "/v1/policy").await;
     assert_eq!(s, 200);
-    let admin_role = pol["roles"].as_array().unwrap().iter().find(|r| r["name"] == "admin").unwrap().clone();
+    let admin_role = pol["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "admin")
+        .unwrap()
+        .clone();
     assert_eq!(admin_role["grantable"], false);
     // A narrower token is fine, and inherits the scope when none is asked for.
-    let (s, t) = a.post(&alice, "/v1/tokens", json!({"name": "ok", "permissions": ["apps:read"]})).await;
+    let (s, t) = a
+        .post(
+            &alice,
+            "/v1/tokens",
+            json!({"name": "ok", "permissions": ["apps:read"]}),
+        )
+        .await;
     assert_eq!(s, 201, "{t}");
     assert_eq!(t["scopes"]["app"][0], "web-*");
-    assert_eq!(tg.gw.store().list_tokens(Some("alice"), false, tg.gw.now_ms()).unwrap().len(), 2);
+    assert_eq!(
+        tg.gw
+            .store()
+            .list_tokens(Some("alice"), false, tg.gw.now_ms())
+            .unwrap()
+            .len(),
+        2
+    );
     tg.stop().await;
 }
 
@@ -279,7 +486,9 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
     let (viewer, viewer_id) = tg.token("ops", "viewer", &["apps:read"]);
     let (gone, gone_id) = tg.token("ops", "gone", &["tokengate:admin"]);
     tg.gw.revoke(&gone_id, "test", "test").await.unwrap();
-    let (old, _) = tg.token_with("ops", "old", &["tokengate:admin"], |s| s.expires_at = Some(tg.gw.now_ms() + 1000));
+    let (old, _) = tg.token_with("ops", "old", &["tokengate:admin"], |s| {
+        s.expires_at = Some(tg.gw.now_ms() + 1000)
+    });
     tg.gw.clock().advance_ms(2000);
     let a = Admin::new(&tg);
     let pc = client();
@@ -295,30 +504,90 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
         reason: &'static str,
     }
     let cases = [
-        Case { header: None, status: 401, error: "unauthorized", challenge: "Bearer realm=\"tokengate\"", reason: "missing_token" },
-        Case { header: Some("Basic dXNlcjpwdw==".into()), status: 401, error: "unauthorized", challenge: "Bearer realm=\"tokengate\"", reason: "unsupported_scheme" },
-        Case { header: Some("Bearer a b".into()), status: 400, error: "invalid_request", challenge: "error=\"invalid_request\"", reason: "malformed" },
-        Case { header: Some(format!("Bearer {bad}")), status: 401, error: "invalid_token", challenge: "error=\"invalid_token\"", reason: "bad_checksum" },
-        Case { header: Some(format!("Bearer {gone}")), status: 401, error: "invalid_token", challenge: "was revoked", reason: "revoked" },
-        Case { header: Some(format!("Bearer {old}")), status: 401, error: "invalid_token", challenge: "expired", reason: "expired" },
-        Case { header: Some(format!("Bearer {viewer}")), status: 403, error: "insufficient_scope", challenge: "error=\"insufficient_scope\"", reason: "insufficient_permission" },
+        Case {
+            header: None,
+            status: 401,
+            error: "unauthorized",
+            challenge: "Bearer realm=\"tokengate\"",
+            reason: "missing_token",
+        },
+        Case {
+            header: Some("Basic dXNlcjpwdw==".into()),
+            status: 401,
+            error: "unauthorized",
+            challenge: "Bearer realm=\"tokengate\"",
+            reason: "unsupported_scheme",
+        },
+        Case {
+            header: Some("Bearer a b".into()),
+            status: 400,
+            error: "invalid_request",
+            challenge: "error=\"invalid_request\"",
+            reason: "malformed",
+        },
+        Case {
+            header: Some(format!("Bearer {bad}")),
+            status: 401,
+            error: "invalid_token",
+            challenge: "error=\"invalid_token\"",
+            reason: "bad_checksum",
+        },
+        Case {
+            header: Some(format!("Bearer {gone}")),
+            status: 401,
+            error: "invalid_token",
+            challenge: "was revoked",
+            reason: "revoked",
+        },
+        Case {
+            header: Some(format!("Bearer {old}")),
+            status: 401,
+            error: "invalid_token",
+            challenge: "expired",
+            reason: "expired",
+        },
+        Case {
+            header: Some(format!("Bearer {viewer}")),
+            status: 403,
+            error: "insufficient_scope",
+            challenge: "error=\"insufficient_scope\"",
+            reason: "insufficient_permission",
+        },
     ];
     for c in &cases {
         for method in [Method::GET, Method::POST] {
-            let path = if method == Method::GET { "/v1/tokens" } else { "/v1/accounts" };
+            let path = if method == Method::GET {
+                "/v1/tokens"
+            } else {
+                "/v1/accounts"
+            };
             let mut rb = a.c.request(method.clone(), a.url(path));
             if let Some(h) = &c.header {
                 rb = rb.header("authorization", h);
             }
-            let r = rb.json(&json!({"name": "never-created"})).send().await.unwrap();
-            assert_eq!(r.status().as_u16(), c.status, "{} {path} {:?}", method, c.header);
+            let r = rb
+                .json(&json!({"name": "never-created"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status().as_u16(),
+                c.status,
+                "{} {path} {:?}",
+                method,
+                c.header
+            );
             let ch = realm_challenge(r.headers());
             assert!(ch.contains(c.challenge), "{ch}");
             let body: Value = r.json().await.unwrap();
             assert_eq!(body["error"], c.error);
             assert!(body["request_id"].is_string());
             let line = request_line(&tg, path).await;
-            assert_eq!((line["status_code"].as_u64(), line["reason"].as_str()), (Some(c.status as u64), Some(c.reason)), "{line}");
+            assert_eq!(
+                (line["status_code"].as_u64(), line["reason"].as_str()),
+                (Some(c.status as u64), Some(c.reason)),
+                "{line}"
+            );
             assert_eq!(line["rbac_decision"], "deny");
         }
         // The same credential on the public listener gets the same status and challenge (a 403
@@ -334,12 +603,25 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
         }
     }
     let (s, b) = a.get(&viewer, "/v1/whoami").await;
-    assert_eq!((s, b["required_permission"].as_str()), (StatusCode::FORBIDDEN, Some("tokengate:self")));
+    assert_eq!(
+        (s, b["required_permission"].as_str()),
+        (StatusCode::FORBIDDEN, Some("tokengate:self"))
+    );
     let line = request_line(&tg, "/v1/whoami").await;
     assert_eq!(line["api_token_id"], viewer_id.as_str());
     // A token in the query string is refused, as on the public side.
-    let (s, _, b) = a.call(Some(&root), Method::GET, &format!("/v1/tokens?access_token={root}"), None).await;
-    assert_eq!((s, b["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    let (s, _, b) = a
+        .call(
+            Some(&root),
+            Method::GET,
+            &format!("/v1/tokens?access_token={root}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
     // Nothing was created by any refused request, and the upstream saw none of the admin calls.
     assert!(tg.gw.store().get_account("never-created").is_err());
     assert!(events(&tg, "account.created").await.is_empty());
@@ -353,39 +635,98 @@ async fn bodies_are_json_size_limited_and_validated() {
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let a = Admin::new(&tg);
     let send = |ct: &'static str, body: Vec<u8>| {
-        a.c.post(a.url("/v1/tokens")).bearer_auth(&root).header("content-type", ct).body(body).send()
+        a.c.post(a.url("/v1/tokens"))
+            .bearer_auth(&root)
+            .header("content-type", ct)
+            .body(body)
+            .send()
     };
-    let r = send("application/json", vec![b' '; 70 * 1024]).await.unwrap();
+    let r = send("application/json", vec![b' '; 70 * 1024])
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
-    let r = send("application/x-www-form-urlencoded", b"name=x&role=viewer".to_vec()).await.unwrap();
+    let r = send(
+        "application/x-www-form-urlencoded",
+        b"name=x&role=viewer".to_vec(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 415);
-    let r = send("application/json", b"{not json".to_vec()).await.unwrap();
+    let r = send("application/json", b"{not json".to_vec())
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().await.unwrap()["message"].as_str().unwrap().contains("Invalid JSON"));
+    assert!(
+        r.json::<Value>().await.unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid JSON")
+    );
     for (body, needle) in [
-        (json!({"name": "x", "role": "viewer", "colour": "red"}), "unknown field"),
+        (
+            json!({"name": "x", "role": "viewer", "colour": "red"}),
+            "unknown field",
+        ),
         (json!({"role": "viewer"}), "missing field `name`"),
         (json!({"name": "x"}), "role"),
         (json!({"name": "x", "role": "nope"}), "no role `nope`"),
-        (json!({"name": "x", "role": "viewer", "expires": "3d"}), "not allowed"),
-        (json!({"name": "x", "permissions": ["bad perm"]}), "permission"),
-        (json!({"name": "x", "role": "viewer", "allowed_cidrs": ["nope"]}), "CIDR"),
-        (json!({"name": "x", "role": "viewer", "rate": "fast"}), "RPS/BURST"),
-        (json!({"name": "x", "role": "viewer", "scopes": {"App!": ["a"]}}), "key"),
+        (
+            json!({"name": "x", "role": "viewer", "expires": "3d"}),
+            "not allowed",
+        ),
+        (
+            json!({"name": "x", "permissions": ["bad perm"]}),
+            "permission",
+        ),
+        (
+            json!({"name": "x", "role": "viewer", "allowed_cidrs": ["nope"]}),
+            "CIDR",
+        ),
+        (
+            json!({"name": "x", "role": "viewer", "rate": "fast"}),
+            "RPS/BURST",
+        ),
+        (
+            json!({"name": "x", "role": "viewer", "scopes": {"App!": ["a"]}}),
+            "key",
+        ),
     ] {
         let (s, b) = a.post(&root, "/v1/tokens", body.clone()).await;
         assert_eq!(s, 400, "{body}");
-        assert!(b["message"].as_str().unwrap().contains(needle), "{body}: {b}");
+        assert!(
+            b["message"].as_str().unwrap().contains(needle),
+            "{body}: {b}"
+        );
     }
-    let (s, b) = a.post(&root, "/v1/accounts", json!({"name": "bad name"})).await;
-    assert_eq!((s, b["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
-    let (s, _, _) = a.call(Some(&root), Method::DELETE, "/v1/tokens", None).await;
+    let (s, b) = a
+        .post(&root, "/v1/accounts", json!({"name": "bad name"}))
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    let (s, _, _) = a
+        .call(Some(&root), Method::DELETE, "/v1/tokens", None)
+        .await;
     assert_eq!(s, 405);
-    let r = a.c.delete(a.url("/v1/tokens")).bearer_auth(&root).send().await.unwrap();
+    let r =
+        a.c.delete(a.url("/v1/tokens"))
+            .bearer_auth(&root)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.headers()["allow"], "GET, POST");
     let (s, _, _) = a.call(Some(&root), Method::GET, "/v1/nope", None).await;
     assert_eq!(s, 404);
-    assert_eq!(tg.gw.store().list_tokens(None, true, tg.gw.now_ms()).unwrap().len(), 1, "nothing was created");
+    assert_eq!(
+        tg.gw
+            .store()
+            .list_tokens(None, true, tg.gw.now_ms())
+            .unwrap()
+            .len(),
+        1,
+        "nothing was created"
+    );
     tg.stop().await;
 }
 
@@ -396,13 +737,31 @@ async fn the_per_account_cap_is_a_clear_409() {
     let a = Admin::new(&tg);
     tg.account("ci");
     for i in 0..5 {
-        let (s, _) = a.post(&root, "/v1/tokens", json!({"account": "ci", "name": format!("t{i}"), "role": "viewer"})).await;
+        let (s, _) = a
+            .post(
+                &root,
+                "/v1/tokens",
+                json!({"account": "ci", "name": format!("t{i}"), "role": "viewer"}),
+            )
+            .await;
         assert_eq!(s, 201);
     }
-    let (s, b) = a.post(&root, "/v1/tokens", json!({"account": "ci", "name": "t5", "role": "viewer"})).await;
-    assert_eq!((s, b["error"].as_str()), (StatusCode::CONFLICT, Some("token_limit")));
+    let (s, b) = a
+        .post(
+            &root,
+            "/v1/tokens",
+            json!({"account": "ci", "name": "t5", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (StatusCode::CONFLICT, Some("token_limit"))
+    );
     let m = b["message"].as_str().unwrap();
-    assert!(m.contains("5 active tokens") && m.contains("revoke") && m.contains("t0"), "{m}");
+    assert!(
+        m.contains("5 active tokens") && m.contains("revoke") && m.contains("t0"),
+        "{m}"
+    );
     tg.stop().await;
 }
 
@@ -419,17 +778,31 @@ struct Browser<'a> {
 async fn sign_in<'a>(tg: &'a TestGateway, token: &str) -> Browser<'a> {
     let a = Admin::new(tg);
     let origin = format!("http://{}", tg.admin_addr);
-    let r = a.c.post(a.url("/session")).header("origin", &origin).json(&json!({"token": token})).send().await.unwrap();
+    let r =
+        a.c.post(a.url("/session"))
+            .header("origin", &origin)
+            .json(&json!({"token": token}))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     let cookie = set.split(';').next().unwrap().to_string();
     let body: Value = r.json().await.unwrap();
-    Browser { a, cookie, csrf: body["csrf_token"].as_str().unwrap().to_string(), origin }
+    Browser {
+        a,
+        cookie,
+        csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        origin,
+    }
 }
 
 impl Browser<'_> {
     fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.a.c.request(method, self.a.url(path)).header("cookie", &self.cookie)
+        self.a
+            .c
+            .request(method, self.a.url(path))
+            .header("cookie", &self.cookie)
     }
 }
 
@@ -443,37 +816,84 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     // The page without a session: the sign-in form, a strict CSP, no CSRF token.
     let r = a.c.get(a.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
-    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
     assert_eq!(r.headers()["x-frame-options"], "DENY");
     let html = r.text().await.unwrap();
-    assert!(html.contains("<meta name=\"csrf-token\" content=\"\">") && html.contains("id=\"signin-form\""));
+    assert!(
+        html.contains("<meta name=\"csrf-token\" content=\"\">")
+            && html.contains("id=\"signin-form\"")
+    );
     for asset in ["/assets/app.js", "/assets/app.css", "/assets/icon.svg"] {
         let r = a.c.get(a.url(asset)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{asset}");
     }
 
     // Wrong tokens are refused like Bearer calls.
-    let r = a.c.post(a.url("/session")).header("origin", &origin).json(&json!({"token": "tg_nope"})).send().await.unwrap();
+    let r =
+        a.c.post(a.url("/session"))
+            .header("origin", &origin)
+            .json(&json!({"token": "tg_nope"}))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
     let (viewer, _) = tg.token("alice", "viewer", &["apps:read"]);
-    let r = a.c.post(a.url("/session")).header("origin", &origin).json(&json!({"token": viewer})).send().await.unwrap();
-    assert_eq!(r.status(), 403, "a token without tokengate:self/admin cannot sign in");
+    let r =
+        a.c.post(a.url("/session"))
+            .header("origin", &origin)
+            .json(&json!({"token": viewer}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "a token without tokengate:self/admin cannot sign in"
+    );
     // A sign-in posted from another site is refused.
-    let r = a.c.post(a.url("/session")).header("origin", "http://evil.example").json(&json!({"token": alice})).send().await.unwrap();
+    let r =
+        a.c.post(a.url("/session"))
+            .header("origin", "http://evil.example")
+            .json(&json!({"token": alice}))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "foreign_origin");
 
-    let r = a.c.post(a.url("/session")).header("origin", &origin).json(&json!({"token": alice})).send().await.unwrap();
+    let r =
+        a.c.post(a.url("/session"))
+            .header("origin", &origin)
+            .json(&json!({"token": alice}))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(set.starts_with("tokengate_session="), "{set}");
     for flag in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(flag), "{set}");
     }
-    assert!(!set.contains("Secure"), "plain HTTP: no Secure flag ({set})");
-    let id = set.split(';').next().unwrap().split_once('=').unwrap().1.to_string();
+    assert!(
+        !set.contains("Secure"),
+        "plain HTTP: no Secure flag ({set})"
+    );
+    let id = set
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_string();
     assert_eq!(id.len(), 64, "256-bit session id");
     let body: Value = r.json().await.unwrap();
     assert!(!body.to_string().contains(&alice));
@@ -482,14 +902,28 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
 
     let login = events(&tg, "session.login").await;
     assert_eq!(login.len(), 1);
-    assert_eq!((login[0]["auth_type"].as_str(), login[0]["actor"].as_str()), (Some("session"), Some(alice_id.as_str())));
+    assert_eq!(
+        (login[0]["auth_type"].as_str(), login[0]["actor"].as_str()),
+        (Some("session"), Some(alice_id.as_str()))
+    );
     let log = std::fs::read_to_string(tg.dir.path().join("audit.log")).unwrap();
-    assert!(!log.contains(&alice) && !log.contains(&id), "neither the token nor the session id is logged");
+    assert!(
+        !log.contains(&alice) && !log.contains(&id),
+        "neither the token nor the session id is logged"
+    );
 
     // The page now carries the CSRF token in its meta tag.
-    let r = a.c.get(a.url("/")).header("cookie", format!("tokengate_session={id}")).send().await.unwrap();
+    let r =
+        a.c.get(a.url("/"))
+            .header("cookie", format!("tokengate_session={id}"))
+            .send()
+            .await
+            .unwrap();
     let html = r.text().await.unwrap();
-    assert!(html.contains(&format!("content=\"{}\"", body["csrf_token"].as_str().unwrap())));
+    assert!(html.contains(&format!(
+        "content=\"{}\"",
+        body["csrf_token"].as_str().unwrap()
+    )));
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }
@@ -499,7 +933,13 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
     let tg = TestGateway::start().await;
     let (alice, alice_id) = tg.token("alice", "ui", &["tokengate:self", "apps:read", "logs:read"]);
     let b = sign_in(&tg, &alice).await;
-    let count = || tg.gw.store().list_tokens(Some("alice"), false, tg.gw.now_ms()).unwrap().len();
+    let count = || {
+        tg.gw
+            .store()
+            .list_tokens(Some("alice"), false, tg.gw.now_ms())
+            .unwrap()
+            .len()
+    };
     let body = json!({"name": "from-ui", "role": "viewer"});
 
     // Reads work with the cookie alone.
@@ -509,22 +949,53 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
 
     // No CSRF header; a wrong one; a right one from a foreign Origin; a cross-site fetch.
     let attempts = [
-        (b.req(Method::POST, "/v1/tokens").header("origin", &b.origin), "csrf_failed"),
-        (b.req(Method::POST, "/v1/tokens").header("origin", &b.origin).header("x-csrf-token", "0".repeat(64)), "csrf_failed"),
-        (b.req(Method::POST, "/v1/tokens").header("origin", "http://evil.example").header("x-csrf-token", &b.csrf), "foreign_origin"),
-        (b.req(Method::POST, "/v1/tokens").header("origin", "null").header("x-csrf-token", &b.csrf), "foreign_origin"),
-        (b.req(Method::POST, "/v1/tokens").header("sec-fetch-site", "cross-site").header("x-csrf-token", &b.csrf), "foreign_origin"),
+        (
+            b.req(Method::POST, "/v1/tokens")
+                .header("origin", &b.origin),
+            "csrf_failed",
+        ),
+        (
+            b.req(Method::POST, "/v1/tokens")
+                .header("origin", &b.origin)
+                .header("x-csrf-token", "0".repeat(64)),
+            "csrf_failed",
+        ),
+        (
+            b.req(Method::POST, "/v1/tokens")
+                .header("origin", "http://evil.example")
+                .header("x-csrf-token", &b.csrf),
+            "foreign_origin",
+        ),
+        (
+            b.req(Method::POST, "/v1/tokens")
+                .header("origin", "null")
+                .header("x-csrf-token", &b.csrf),
+            "foreign_origin",
+        ),
+        (
+            b.req(Method::POST, "/v1/tokens")
+                .header("sec-fetch-site", "cross-site")
+                .header("x-csrf-token", &b.csrf),
+            "foreign_origin",
+        ),
     ];
     for (rb, code) in attempts {
         let r = rb.json(&body).send().await.unwrap();
         assert_eq!(r.status(), 403);
         assert_eq!(r.json::<Value>().await.unwrap()["error"], code);
         let line = request_line(&tg, "/v1/tokens").await;
-        assert_eq!((line["reason"].as_str(), line["auth_type"].as_str()), (Some(code), Some("session")));
+        assert_eq!(
+            (line["reason"].as_str(), line["auth_type"].as_str()),
+            (Some(code), Some("session"))
+        );
     }
     assert_eq!(count(), 1, "nothing was created");
     // Revoke and logout need it too.
-    let r = b.req(Method::POST, &format!("/v1/tokens/{alice_id}/revoke")).send().await.unwrap();
+    let r = b
+        .req(Method::POST, &format!("/v1/tokens/{alice_id}/revoke"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     let r = b.req(Method::POST, "/session/logout").send().await.unwrap();
     assert_eq!(r.status(), 403);
@@ -541,15 +1012,32 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
     assert_eq!(r.status(), 201);
     assert_eq!(count(), 2);
     let ev = events(&tg, "token.created").await;
-    assert_eq!((ev[0]["auth_type"].as_str(), ev[0]["actor"].as_str()), (Some("session"), Some(alice_id.as_str())));
+    assert_eq!(
+        (ev[0]["auth_type"].as_str(), ev[0]["actor"].as_str()),
+        (Some("session"), Some(alice_id.as_str()))
+    );
 
     // Logout ends the session and clears the cookie.
-    let r = b.req(Method::POST, "/session/logout").header("x-csrf-token", &b.csrf).header("origin", &b.origin).send().await.unwrap();
+    let r = b
+        .req(Method::POST, "/session/logout")
+        .header("x-csrf-token", &b.csrf)
+        .header("origin", &b.origin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
     let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(events(&tg, "session.logout").await[0]["auth_type"], "session");
+    assert_eq!(
+        events(&tg, "session.logout").await[0]["auth_type"],
+        "session"
+    );
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }
@@ -561,16 +1049,36 @@ async fn sessions_end_when_idle_or_when_their_token_is_revoked() {
     let idle = tg.gw.config().admin.session_idle_timeout.as_millis() as i64;
     let b = sign_in(&tg, &alice).await;
     tg.gw.clock().advance_ms(idle - 1000);
-    assert_eq!(b.req(Method::GET, "/v1/whoami").send().await.unwrap().status(), 200, "use restarts the idle timer");
+    assert_eq!(
+        b.req(Method::GET, "/v1/whoami")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "use restarts the idle timer"
+    );
     tg.gw.clock().advance_ms(idle - 1000);
-    assert_eq!(b.req(Method::GET, "/v1/whoami").send().await.unwrap().status(), 200);
+    assert_eq!(
+        b.req(Method::GET, "/v1/whoami")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     tg.gw.clock().advance_ms(idle);
     let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
     assert_eq!(r.status(), 401, "idle past the timeout");
     assert!(realm_challenge(r.headers()).starts_with("Bearer realm="));
     // The page drops a dead cookie.
     let r = b.req(Method::GET, "/").send().await.unwrap();
-    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
 
     let b = sign_in(&tg, &alice).await;
     tg.gw.revoke(&alice_id, "test", "test").await.unwrap();
@@ -588,7 +1096,11 @@ async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
     let tg = TestGateway::start_with(Options {
-        sections: format!("[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()),
+        sections: format!(
+            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
         ..Options::default()
     })
     .await;
@@ -601,18 +1113,35 @@ async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
         .build()
         .unwrap();
     let origin = format!("https://localhost:{}", tg.admin_addr.port());
-    let r = c.post(format!("{origin}/session")).header("origin", &origin).json(&json!({"token": root})).send().await.unwrap();
+    let r = c
+        .post(format!("{origin}/session"))
+        .header("origin", &origin)
+        .json(&json!({"token": root}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    assert!(set.starts_with("__Host-tokengate_session=") && set.contains("; Secure") && set.contains("HttpOnly"), "{set}");
+    assert!(
+        set.starts_with("__Host-tokengate_session=")
+            && set.contains("; Secure")
+            && set.contains("HttpOnly"),
+        "{set}"
+    );
     let cookie = set.split(';').next().unwrap().to_string();
-    let csrf = r.json::<Value>().await.unwrap()["csrf_token"].as_str().unwrap().to_string();
+    let csrf = r.json::<Value>().await.unwrap()["csrf_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // An http:// Origin is foreign to an https listener.
     let r = c
         .post(format!("{origin}/v1/accounts"))
         .header("cookie", &cookie)
         .header("x-csrf-token", &csrf)
-        .header("origin", format!("http://localhost:{}", tg.admin_addr.port()))
+        .header(
+            "origin",
+            format!("http://localhost:{}", tg.admin_addr.port()),
+        )
         .json(&json!({"name": "x"}))
         .send()
         .await
@@ -636,14 +1165,23 @@ async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
 
 #[tokio::test]
 async fn openapi_documents_every_route_and_each_answers_as_documented() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
     // The file is JSON-compatible YAML (YAML 1.2 is a superset of JSON), so serde_json reads it.
     let spec: Value = serde_json::from_str(&text).expect("docs/openapi.yaml parses");
-    assert_eq!(spec["openapi"].as_str().map(|v| v.starts_with("3.1")), Some(true));
+    assert_eq!(
+        spec["openapi"].as_str().map(|v| v.starts_with("3.1")),
+        Some(true)
+    );
     let paths = spec["paths"].as_object().unwrap();
     let mut documented = BTreeSet::new();
     for (path, item) in paths {
-        for (method, _) in item.as_object().unwrap().iter().filter(|(k, _)| *k != "parameters") {
+        for (method, _) in item
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "parameters")
+        {
             documented.insert((path.clone(), method.to_uppercase()));
         }
     }
@@ -651,7 +1189,10 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
         .iter()
         .flat_map(|(p, ms)| ms.iter().map(move |m| (p.to_string(), m.to_string())))
         .collect();
-    assert_eq!(documented, implemented, "docs/openapi.yaml and admin::api::ROUTES differ");
+    assert_eq!(
+        documented, implemented,
+        "docs/openapi.yaml and admin::api::ROUTES differ"
+    );
 
     let tg = TestGateway::start().await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
@@ -661,13 +1202,25 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
     let a = Admin::new(&tg);
     for (path, method) in &documented {
         let op = &paths[path][method.to_lowercase()];
-        let codes: BTreeSet<String> = op["responses"].as_object().unwrap().keys().cloned().collect();
-        let concrete = path
-            .replace("{name}", "spare")
-            .replace("{id}", if path.ends_with("rotate") { &rot_id } else { &victim_id });
+        let codes: BTreeSet<String> = op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        let concrete = path.replace("{name}", "spare").replace(
+            "{id}",
+            if path.ends_with("rotate") {
+                &rot_id
+            } else {
+                &victim_id
+            },
+        );
         let body = match (method.as_str(), path.as_str()) {
             ("POST", "/v1/accounts") => Some(json!({"name": "new-account"})),
-            ("POST", "/v1/tokens") => Some(json!({"account": "ops", "name": "doc", "role": "viewer"})),
+            ("POST", "/v1/tokens") => {
+                Some(json!({"account": "ops", "name": "doc", "role": "viewer"}))
+            }
             ("POST", "/v1/tokens/identify") => Some(json!({"token": victim})),
             ("POST", _) => Some(json!({})),
             _ => None,
@@ -676,13 +1229,22 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
         // Unauthenticated: a documented 401.
         let (s, h, _) = a.call(None, m.clone(), &concrete, body.clone()).await;
         assert_eq!(s, 401, "{method} {path}");
-        assert!(codes.contains("401"), "{method} {path} does not document 401");
+        assert!(
+            codes.contains("401"),
+            "{method} {path} does not document 401"
+        );
         assert!(h.contains_key("www-authenticate"));
         let (s, _, v) = a.call(Some(&root), m, &concrete, body).await;
         assert!(s.is_success(), "{method} {path}: {s} {v}");
-        assert!(codes.contains(s.as_str()), "{method} {path} answered {s}, documented {codes:?}");
+        assert!(
+            codes.contains(s.as_str()),
+            "{method} {path} answered {s}, documented {codes:?}"
+        );
         // Every documented operation names its required permission.
-        assert!(op["security"].is_array() && op["operationId"].is_string(), "{method} {path}");
+        assert!(
+            op["security"].is_array() && op["operationId"].is_string(),
+            "{method} {path}"
+        );
     }
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;

@@ -67,15 +67,24 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
 fn ensure_open_files(need: u64) {
     let read = || -> (u64, u64) {
         let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
-        let v: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
         (v[0], v[1])
     };
     let (soft, hard) = read();
     if soft >= need {
         return;
     }
-    assert!(hard >= need, "this test needs {need} open files; the hard limit is {hard}");
+    assert!(
+        hard >= need,
+        "this test needs {need} open files; the hard limit is {hard}"
+    );
     let status = std::process::Command::new("prlimit")
         .arg("--pid")
         .arg(std::process::id().to_string())
@@ -116,12 +125,20 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     // 1 request a second, burst 3: the four requests below take milliseconds on loopback, far
     // inside the one second a cell takes to come back.
     let (hot, hot_id) = tg.token_with("ci", "hot", &["apps:read"], |s| {
-        s.rate = Some(RateOverride { requests_per_second: 1.0, burst: 3 })
+        s.rate = Some(RateOverride {
+            requests_per_second: 1.0,
+            burst: 3,
+        })
     });
     let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
     let c = client();
     for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
-        let r = c.get(tg.url("/apps/a/b")).bearer_auth(&hot).send().await.unwrap();
+        let r = c
+            .get(tg.url("/apps/a/b"))
+            .bearer_auth(&hot)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), "3");
         assert_eq!(header(&r, "ratelimit-remaining"), remaining.to_string());
@@ -130,25 +147,42 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     }
     assert_eq!(tg.upstream.count(), 3);
 
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&hot).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&hot)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "retry-after"), "1");
     assert_eq!(header(&r, "ratelimit-limit"), "3");
     assert_eq!(header(&r, "ratelimit-remaining"), "0");
     assert_eq!(header(&r, "ratelimit-reset"), "1");
     assert_eq!(header(&r, "content-type"), "application/json");
-    assert!(r.headers().get("www-authenticate").is_none(), "a valid token needs no challenge");
+    assert!(
+        r.headers().get("www-authenticate").is_none(),
+        "a valid token needs no challenge"
+    );
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
     assert!(body["message"].as_str().unwrap().contains("Rate limit"));
     assert!(body["request_id"].is_string());
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "rate_limited");
-    assert_eq!(line["api_token_id"], hot_id.as_str(), "the audit line names the limited token");
+    assert_eq!(
+        line["api_token_id"],
+        hot_id.as_str(),
+        "the audit line names the limited token"
+    );
     assert_eq!(tg.upstream.count(), 3, "the 429 was not forwarded");
 
     // Another token is unaffected.
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&calm).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&calm)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-limit"), "100");
     assert_eq!(header(&r, "ratelimit-remaining"), "99");
@@ -157,7 +191,12 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
     // a fake clock in ratelimit.rs).
     tokio::time::sleep(Duration::from_millis(1050)).await;
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&hot).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&hot)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-limit"), "3");
     assert_eq!(tg.upstream.count(), 5);
@@ -169,20 +208,37 @@ async fn a_fast_override_refills_within_milliseconds() {
     let tg = TestGateway::start().await;
     // 1000/s, burst 3: a used cell is back after 1 ms.
     let (fast, _) = tg.token_with("ci", "fast", &["apps:read"], |s| {
-        s.rate = Some(RateOverride { requests_per_second: 1000.0, burst: 3 })
+        s.rate = Some(RateOverride {
+            requests_per_second: 1000.0,
+            burst: 3,
+        })
     });
     let c = client();
     for _ in 0..3 {
-        let r = c.get(tg.url("/apps/a/b")).bearer_auth(&fast).send().await.unwrap();
+        let r = c
+            .get(tg.url("/apps/a/b"))
+            .bearer_auth(&fast)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), "3");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Refilled: the burst is (almost) whole again after a few ms.
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&fast).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&fast)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-remaining"), "2");
-    assert_eq!(header(&r, "ratelimit-reset"), "1", "whole seconds, rounded up");
+    assert_eq!(
+        header(&r, "ratelimit-reset"),
+        "1",
+        "whole seconds, rounded up"
+    );
     tg.stop().await;
 }
 
@@ -205,23 +261,45 @@ rate_limit = { requests_per_second = 2, burst = 4 }
     let role = |r: &str| Some(r.to_string());
     let (over, _) = tg.token_with("ci", "override", &["apps:read"], |s| {
         s.role = role("limited");
-        s.rate = Some(RateOverride { requests_per_second: 1.0, burst: 2 });
+        s.rate = Some(RateOverride {
+            requests_per_second: 1.0,
+            burst: 2,
+        });
     });
-    let (by_role, _) = tg.token_with("ci", "by-role", &["apps:read"], |s| s.role = role("limited"));
+    let (by_role, _) = tg.token_with("ci", "by-role", &["apps:read"], |s| {
+        s.role = role("limited")
+    });
     let (plain, _) = tg.token("ci", "plain", &["apps:read"]);
     // A role name the config no longer has falls back to the global default.
-    let (gone, _) = tg.token_with("ci", "gone-role", &["apps:read"], |s| s.role = role("retired"));
+    let (gone, _) = tg.token_with("ci", "gone-role", &["apps:read"], |s| {
+        s.role = role("retired")
+    });
     let c = client();
     for (tok, limit) in [(&over, 2), (&by_role, 4), (&plain, 7), (&gone, 7)] {
-        let r = c.get(tg.url("/apps/a/b")).bearer_auth(tok).send().await.unwrap();
+        let r = c
+            .get(tg.url("/apps/a/b"))
+            .bearer_auth(tok)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
         assert_eq!(header(&r, "ratelimit-remaining"), (limit - 1).to_string());
     }
     // The override's burst of 2 is really enforced, not just advertised.
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&over).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&over)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&over).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&over)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "ratelimit-limit"), "2");
     assert_eq!(tg.upstream.count(), 5);
@@ -253,57 +331,49 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
 
     // The first LIMIT failures are answered 401, one at a time so the count is exact.
     for (i, t) in bad[..LIMIT].iter().enumerate() {
-        let r = attacker.get(tg.url("/apps/a/b")).bearer_auth(t).send().await.unwrap();
+        let r = attacker
+            .get(tg.url("/apps/a/b"))
+            .bearer_auth(t)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401, "failure {i}");
         assert!(header(&r, "www-authenticate").contains("error=\"invalid_token\""));
     }
     let lookups_at_limit = tg.gw.store().lookup_count();
-    assert_eq!(lookups_at_limit - lookups_before, (LIMIT / 2) as u64, "only the unknown tokens were looked up");
+    assert_eq!(
+        lookups_at_limit - lookups_before,
+        (LIMIT / 2) as u64,
+        "only the unknown tokens were looked up"
+    );
 
     // From now on: 429 before any lookup.
-    let r = attacker.get(tg.url("/apps/a/b")).bearer_auth(&bad[LIMIT]).send().await.unwrap();
+    let r = attacker
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&bad[LIMIT])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     let wait: u64 = header(&r, "retry-after").parse().unwrap();
-    assert!((1..=3).contains(&wait), "one cell every 60 s / {LIMIT}: {wait}");
+    assert!(
+        (1..=3).contains(&wait),
+        "one cell every 60 s / {LIMIT}: {wait}"
+    );
     assert!(r.headers().get("www-authenticate").is_none());
-    assert!(r.headers().get("ratelimit-limit").is_none(), "no per-token headers without a token");
+    assert!(
+        r.headers().get("ratelimit-limit").is_none(),
+        "no per-token headers without a token"
+    );
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "too_many_failures");
+    assert!(body["request_id"].is_string());
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "127.0.0.1");
-
-    // The rest of the 10,000, eight at a time. The flood lasts seconds, and the quota gives one
-    // failure back every 60 s / LIMIT: each time it does, exactly one more bad token is judged
-    // (401), and the client is blocked again.
-    let flood_start = Instant::now();
-    let statuses: Vec<u16> = futures_util::stream::iter(bad[LIMIT + 1..].iter())
-        .map(|t| {
-            let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
-            async move { c.get(url).bearer_auth(t).send().await.unwrap().status().as_u16() }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    let flood = flood_start.elapsed();
-    let refused = statuses.iter().filter(|s| **s == 429).count();
-    let judged = statuses.iter().filter(|s| **s == 401).count();
-    assert_eq!(refused + judged, statuses.len(), "only 429 or 401");
-    let refills = (flood.as_secs_f64() / (60.0 / LIMIT as f64)).ceil() as usize;
-    // Up to 8 requests are in flight when a cell comes back; each may pass the blocked check
-    // before the first of them records its failure.
-    assert!(judged <= refills * 8, "{judged} judged in {flood:?} ({refills} refills)");
-    println!("flood: {} requests in {flood:?}: {refused} refused with 429, {judged} judged", statuses.len());
-    let lines = tg.request_lines().await;
-    let unknown_past_limit = lines[LIMIT + 1..].iter().filter(|l| l["reason"] == "unknown_token").count();
-    assert_eq!(
-        tg.gw.store().lookup_count() - lookups_at_limit,
-        unknown_past_limit as u64,
-        "no store lookup for any refused request"
-    );
-
-    // Even a good token from the blocked address waits, and a spoofed X-Forwarded-For from an
-    // untrusted peer changes nothing.
+    // Even a good token from the blocked address waits (the block is checked before the token),
+    // and a spoofed X-Forwarded-For from an untrusted peer changes nothing. The block began with
+    // the 20th failure a moment ago and lasts 3 s.
     let r = attacker
         .get(tg.url("/apps/a/b"))
         .bearer_auth(&good)
@@ -312,18 +382,81 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    // A good token from another address is unaffected.
-    let r = client_from("127.0.0.2").get(tg.url("/apps/a/b")).bearer_auth(&good).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "ratelimit-limit"), "100");
-    assert_eq!(tg.upstream.count(), 1, "only the good request from 127.0.0.2 was forwarded");
+    assert_eq!(tg.gw.store().lookup_count(), lookups_at_limit);
 
+    // The rest of the 10,000, eight at a time. The flood lasts seconds, and the quota gives one
+    // failure back every 60 s / LIMIT: each time it does, one more bad token is judged (401), and
+    // the client is blocked again.
+    // Meanwhile, a good token from another address is served.
+    let flood_start = Instant::now();
+    let flood = futures_util::stream::iter(bad[LIMIT + 1..].iter())
+        .map(|t| {
+            let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
+            async move {
+                c.get(url)
+                    .bearer_auth(t)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<u16>>();
+    let neighbour = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = client_from("127.0.0.2")
+            .get(tg.url("/apps/a/b"))
+            .bearer_auth(&good)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.headers().get("ratelimit-limit").cloned())
+    };
+    let (statuses, (neighbour_status, neighbour_limit)) = tokio::join!(flood, neighbour);
+    let flood = flood_start.elapsed();
+    assert_eq!(
+        neighbour_status, 200,
+        "a good token from 127.0.0.2 is served during the flood"
+    );
+    assert_eq!(neighbour_limit.unwrap(), "100");
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    let judged = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!(refused + judged, statuses.len(), "only 429 or 401");
+    let refills = (flood.as_secs_f64() / (60.0 / LIMIT as f64)).ceil() as usize;
+    // Up to 8 requests are in flight when a cell comes back; each may pass the blocked check
+    // before the first of them records its failure.
+    assert!(
+        judged <= refills * 8,
+        "{judged} judged in {flood:?} ({refills} refills)"
+    );
+    println!(
+        "flood: {} requests in {flood:?}: {refused} answered 429, {judged} judged",
+        statuses.len()
+    );
     let lines = tg.request_lines().await;
-    assert_eq!(lines.len(), TOTAL + 2);
     let count = |reason: &str| lines.iter().filter(|l| l["reason"] == reason).count();
-    assert_eq!(count("bad_checksum") + count("unknown_token"), LIMIT + judged);
+    assert_eq!(lines.len(), TOTAL + 2);
+    assert_eq!(
+        count("bad_checksum") + count("unknown_token"),
+        LIMIT + judged
+    );
     assert_eq!(count("client_blocked"), refused + 2);
     assert_eq!(count("ok"), 1);
+    assert_eq!(
+        tg.gw.store().lookup_count() - lookups_at_limit,
+        // The neighbour's good token cost one lookup (then it is cached).
+        (count("unknown_token") - LIMIT / 2) as u64 + 1,
+        "no store lookup for any request answered 429"
+    );
+    let ok = lines.iter().find(|l| l["reason"] == "ok").unwrap();
+    assert_eq!(ok["client_ip"], "127.0.0.2");
+    assert_eq!(
+        tg.upstream.count(),
+        1,
+        "only the good request from 127.0.0.2 was forwarded"
+    );
     tg.stop().await;
 }
 
@@ -348,7 +481,13 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
     // Behind the trusted proxy 127.0.0.3, the client is the forwarded address.
     let proxy = client_from("127.0.0.3");
     for _ in 0..3 {
-        assert_eq!(get(&proxy, &junk, Some("203.0.113.5")).await.unwrap().status(), 401);
+        assert_eq!(
+            get(&proxy, &junk, Some("203.0.113.5"))
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
     }
     let r = get(&proxy, &good, Some("203.0.113.5")).await.unwrap();
     assert_eq!(r.status(), 429, "203.0.113.5 is blocked");
@@ -356,7 +495,13 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "203.0.113.5");
     // Other clients of the same proxy, and the proxy itself, are not.
-    assert_eq!(get(&proxy, &good, Some("203.0.113.6")).await.unwrap().status(), 200);
+    assert_eq!(
+        get(&proxy, &good, Some("203.0.113.6"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(get(&proxy, &good, None).await.unwrap().status(), 200);
 
     // An untrusted peer's X-Forwarded-For is ignored: the block follows the TCP peer, whatever
@@ -364,7 +509,10 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
     let direct = client_from("127.0.0.4");
     for i in 0..3 {
         let claim = format!("198.51.100.{i}");
-        assert_eq!(get(&direct, &junk, Some(&claim)).await.unwrap().status(), 401);
+        assert_eq!(
+            get(&direct, &junk, Some(&claim)).await.unwrap().status(),
+            401
+        );
     }
     let r = get(&direct, &good, Some("198.51.100.99")).await.unwrap();
     assert_eq!(r.status(), 429);
@@ -390,7 +538,9 @@ fn measure_failed_auth_limiter_memory() {
     let (mut max_tracked, mut max_blocked) = (0, 0);
     for i in 0..1_000_000u128 {
         // Each a different IPv6 /64: what a client with a /48 or larger can do.
-        f.record_failure(IpAddr::V6((0x2001_0db8_0000_0000u128 + i).wrapping_shl(64).into()));
+        f.record_failure(IpAddr::V6(
+            (0x2001_0db8_0000_0000u128 + i).wrapping_shl(64).into(),
+        ));
         if i % 1000 == 0 {
             let (t, b) = f.tracked();
             max_tracked = max_tracked.max(t);
@@ -410,12 +560,22 @@ fn measure_failed_auth_limiter_memory() {
 #[test]
 fn failed_auth_limiter_memory_stays_under_its_cap_for_a_million_addresses() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "measure_failed_auth_limiter_memory", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "measure_failed_auth_limiter_memory",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("TOKENGATE_LIMITS_CHILD", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = stdout
         .lines()
         .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
@@ -429,7 +589,10 @@ fn failed_auth_limiter_memory_stays_under_its_cap_for_a_million_addresses() {
     };
     let cap = v("cap");
     assert!(v("max_tracked") <= cap && v("max_blocked") <= cap, "{line}");
-    assert!(v("overflows") > 0, "the flood was larger than the cap: {line}");
+    assert!(
+        v("overflows") > 0,
+        "the flood was larger than the cap: {line}"
+    );
     // Both maps at the cap hold (17-byte IpAddr + 8-byte state, padded to 32) plus hash-table
     // overhead: ~100,000 x 2 x ~70 B = ~14 MiB in the worst case. 48 MiB leaves room for the
     // allocator keeping freed pages; without a cap 1,000,000 x 2 entries would need 60+ MiB.
@@ -440,7 +603,8 @@ fn failed_auth_limiter_memory_stays_under_its_cap_for_a_million_addresses() {
 // ------------------------------------------------------------------ slow clients
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_normal_client_is_served() {
+async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_normal_client_is_served()
+ {
     const SLOW: usize = 500;
     const TIMEOUT: Duration = Duration::from_secs(3);
     // 500 client sockets and 500 accepted ones live in this one process.
@@ -475,7 +639,8 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
                         Ok(Ok(0)) | Ok(Err(_)) => return (start.elapsed(), true, reply),
                         Ok(Ok(n)) => {
                             reply.extend_from_slice(&buf[..n]);
-                            let (rest, closed) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+                            let (rest, closed) =
+                                read_until_closed(&mut s, Duration::from_secs(2)).await;
                             reply.extend(rest);
                             return (start.elapsed(), closed, reply);
                         }
@@ -491,7 +656,12 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
 
     // Meanwhile a normal client is served.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = client().get(tg.url("/apps/a/b")).bearer_auth(&tok).send().await.unwrap();
+    let r = client()
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "upstream ok 0");
 
@@ -500,20 +670,40 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
     for t in tasks {
         let (after, closed, reply) = t.await.unwrap();
         assert!(closed, "a slow connection was still open after {after:?}");
-        if after > TIMEOUT + Duration::from_secs(1) || after < TIMEOUT - Duration::from_millis(100) {
+        if after > TIMEOUT + Duration::from_secs(1) || after < TIMEOUT - Duration::from_millis(100)
+        {
             late.push(after);
         }
         let status = parse_responses(&String::from_utf8_lossy(&reply))
             .first()
-            .map_or("closed without a response".to_string(), |r| r.status.to_string());
+            .map_or("closed without a response".to_string(), |r| {
+                r.status.to_string()
+            });
         *replies.entry(status).or_default() += 1;
     }
-    assert!(late.is_empty(), "{} of {SLOW} closed outside [3 s, 4 s]: {late:?}", late.len());
+    assert!(
+        late.is_empty(),
+        "{} of {SLOW} closed outside [3 s, 4 s]: {late:?}",
+        late.len()
+    );
     // hyper answers a header timeout itself (408) or just closes; never a forwarded request.
-    assert!(replies.keys().all(|k| k == "408" || k.starts_with("closed")), "{replies:?}");
-    assert_eq!(tg.upstream.count(), 1, "only the normal request reached the upstream");
+    assert!(
+        replies
+            .keys()
+            .all(|k| k == "408" || k.starts_with("closed")),
+        "{replies:?}"
+    );
+    assert_eq!(
+        tg.upstream.count(),
+        1,
+        "only the normal request reached the upstream"
+    );
     let lines = tg.request_lines().await;
-    assert_eq!(lines.len(), 1, "slow heads never reach the pipeline, so they have no audit line");
+    assert_eq!(
+        lines.len(),
+        1,
+        "slow heads never reach the pipeline, so they have no audit line"
+    );
     assert_eq!(lines[0]["reason"], "ok");
     tg.stop().await;
 }
@@ -557,11 +747,33 @@ async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_heade
     for t in all {
         let (after, closed, got) = t.await.unwrap();
         assert!(closed, "still open after {after:?}");
-        assert!(got.is_empty(), "no response to a client that sent no request");
-        assert!(after >= Duration::from_millis(900) && after <= Duration::from_secs(2), "closed after {after:?}");
+        assert!(
+            got.is_empty(),
+            "no response to a client that sent no request"
+        );
+        assert!(
+            after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
+            "closed after {after:?}"
+        );
     }
     assert_eq!(tg.upstream.count(), 0);
     assert!(tg.request_lines().await.is_empty());
+
+    // An idle keep-alive connection waits for its next request head under the same timer.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let idle_from = Instant::now();
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let after = idle_from.elapsed();
+    assert!(
+        closed && after <= Duration::from_secs(2),
+        "idle keep-alive closed after {after:?}"
+    );
     tg.stop().await;
 }
 
@@ -583,7 +795,9 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
     let addr = tg.addr;
     // A TLS record header announcing a 512-byte ClientHello, then only part of it.
-    let partial_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x11, 0x22];
+    let partial_hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x11, 0x22,
+    ];
     let stalled: Vec<_> = [&[][..], partial_hello]
         .into_iter()
         .flat_map(|bytes| std::iter::repeat_n(bytes, 5))
@@ -617,8 +831,14 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
 
     for t in stalled {
         let (sent, after, closed, got) = t.await.unwrap();
-        assert!(closed, "a stalled handshake ({sent} bytes) was still open after {after:?}");
-        assert!(got.is_empty(), "no TLS alert or HTTP reply is owed to a half-open handshake");
+        assert!(
+            closed,
+            "a stalled handshake ({sent} bytes) was still open after {after:?}"
+        );
+        assert!(
+            got.is_empty(),
+            "no TLS alert or HTTP reply is owed to a half-open handshake"
+        );
         assert!(
             after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
             "a stalled handshake ({sent} bytes) was closed after {after:?}, not at ~1 s"
@@ -641,16 +861,30 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
     .await;
     let (tok, _) = tg.token("ci", "sizes", &["apps:read"]);
     let auth = format!("Authorization: Bearer {tok}\r\n");
-    let head = |target: &str, extra: &str| format!("GET {target} HTTP/1.1\r\nHost: tokengate\r\n{auth}{extra}\r\n");
+    let head = |target: &str, extra: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: tokengate\r\n{auth}{extra}\r\n")
+    };
     let mut audited = 0;
 
     // Answered by the gateway (step 1, with an audit line).
     let cases = [
-        ("headers over max_header_bytes", head("/apps/a/b", &format!("X-Big: {}\r\n", "a".repeat(3000))), 431, "headers_too_large"),
-        ("URI over max_uri_bytes", head(&format!("/apps/a/{}", "u".repeat(1500)), ""), 414, "uri_too_long"),
+        (
+            "headers over max_header_bytes",
+            head("/apps/a/b", &format!("X-Big: {}\r\n", "a".repeat(3000))),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "URI over max_uri_bytes",
+            head(&format!("/apps/a/{}", "u".repeat(1500)), ""),
+            414,
+            "uri_too_long",
+        ),
         (
             "declared body over max_body_bytes",
-            format!("POST /echo/x HTTP/1.1\r\nHost: tokengate\r\n{auth}Content-Length: 2000\r\n\r\n"),
+            format!(
+                "POST /echo/x HTTP/1.1\r\nHost: tokengate\r\n{auth}Content-Length: 2000\r\n\r\n"
+            ),
             413,
             "body_too_large",
         ),
@@ -673,20 +907,41 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
     // Answered by hyper before the pipeline (no audit line): a head larger than hyper's read
     // buffer, however it is made up, and more than 100 header fields.
     let hyper_cases = [
-        ("headers over the head buffer", head("/apps/a/b", &format!("X-Big: {}\r\n", "a".repeat(20_000)))),
-        ("URI over the head buffer", head(&format!("/apps/a/{}", "u".repeat(20_000)), "")),
-        ("101 header fields", head("/apps/a/b", &(0..101).map(|i| format!("X-H{i}: v\r\n")).collect::<String>())),
+        (
+            "headers over the head buffer",
+            head("/apps/a/b", &format!("X-Big: {}\r\n", "a".repeat(20_000))),
+        ),
+        (
+            "URI over the head buffer",
+            head(&format!("/apps/a/{}", "u".repeat(20_000)), ""),
+        ),
+        (
+            "101 header fields",
+            head(
+                "/apps/a/b",
+                &(0..101)
+                    .map(|i| format!("X-H{i}: v\r\n"))
+                    .collect::<String>(),
+            ),
+        ),
     ];
     for (name, req) in hyper_cases {
         let r = raw(tg.addr, req.as_bytes()).await;
         assert_eq!(r.status, 431, "{name}: {}", r.raw);
         assert_eq!(tg.upstream.count(), 0, "{name}");
     }
-    assert_eq!(tg.request_lines().await.len(), audited, "hyper's own answers have no audit line");
+    assert_eq!(
+        tg.request_lines().await.len(),
+        audited,
+        "hyper's own answers have no audit line"
+    );
 
     // A chunked body is counted while it streams: the gateway cuts it off at the limit, answers
     // 413, and the upstream sees at most max_body_bytes of a request that never completes.
-    let mut req = format!("POST /echo/x HTTP/1.1\r\nHost: tokengate\r\n{auth}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    let mut req = format!(
+        "POST /echo/x HTTP/1.1\r\nHost: tokengate\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
     for _ in 0..20 {
         req.extend_from_slice(format!("64\r\n{}\r\n", "b".repeat(100)).as_bytes());
     }
@@ -700,7 +955,11 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
     assert_eq!(line["status_code"], 413);
     assert_eq!(line["reason"], "body_too_large");
     for seen in tg.upstream.received() {
-        assert!(seen.body_len <= 1000, "the upstream got {} body bytes", seen.body_len);
+        assert!(
+            seen.body_len <= 1000,
+            "the upstream got {} body bytes",
+            seen.body_len
+        );
     }
     tg.stop().await;
 }
@@ -724,21 +983,34 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
     let mut fourth = tcp_from("127.0.0.1", addr).await;
     let _ = fourth.write_all(req).await;
     let (got, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
-    assert!(closed && got.is_empty(), "the 4th connection from one IP is closed unanswered");
+    assert!(
+        closed && got.is_empty(),
+        "the 4th connection from one IP is closed unanswered"
+    );
 
     // Another address still gets in, until the global limit of 5.
-    let mut other = vec![tcp_from("127.0.0.2", addr).await, tcp_from("127.0.0.2", addr).await];
+    let mut other = vec![
+        tcp_from("127.0.0.2", addr).await,
+        tcp_from("127.0.0.2", addr).await,
+    ];
     let mut sixth = tcp_from("127.0.0.5", addr).await;
     let _ = sixth.write_all(req).await;
     let (got, closed) = read_until_closed(&mut sixth, Duration::from_secs(5)).await;
-    assert!(closed && got.is_empty(), "the 6th connection overall is closed unanswered");
+    assert!(
+        closed && got.is_empty(),
+        "the 6th connection overall is closed unanswered"
+    );
     assert_eq!(tg.upstream.count(), 0);
 
     // Held connections still work, and a freed slot is given back.
     other[0].write_all(req).await.unwrap();
     let mut buf = [0u8; 1024];
     let n = other[0].read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     drop(held.pop());
     let mut served = false;
     for _ in 0..50 {
@@ -752,7 +1024,11 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         }
     }
     assert!(served, "a slot freed by a closed connection is reused");
-    assert_eq!(tg.upstream.count(), 2, "only the two served /health requests were forwarded");
+    assert_eq!(
+        tg.upstream.count(),
+        2,
+        "only the two served /health requests were forwarded"
+    );
     drop(other);
     tg.stop().await;
 }
@@ -782,11 +1058,19 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 async fn h2_read_frame(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
     let mut h = [0u8; 9];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h)).await.expect("a frame").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut h))
+        .await
+        .expect("a frame")
+        .unwrap();
     let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
     let mut payload = vec![0u8; len];
     s.read_exact(&mut payload).await.unwrap();
-    (h[3], h[4], u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff, payload)
+    (
+        h[3],
+        h[4],
+        u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+        payload,
+    )
 }
 
 #[tokio::test]
@@ -799,7 +1083,9 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
     .await;
     let (tok, _) = tg.token("ci", "h2", &["apps:read"]);
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
     s.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
     // The server's SETTINGS advertise the limit.
     let advertised = loop {
@@ -819,17 +1105,29 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
     for i in 0..=MAX {
         let block = h2_get_headers(&authority, &format!("/slow/{i}"), &tok);
         // END_STREAM | END_HEADERS
-        s.write_all(&h2_frame(0x1, 0x5, 2 * i + 1, &block)).await.unwrap();
+        s.write_all(&h2_frame(0x1, 0x5, 2 * i + 1, &block))
+            .await
+            .unwrap();
     }
     let extra = 2 * MAX + 1;
     let reset = loop {
         let (kind, _, stream, payload) = h2_read_frame(&mut s).await;
         if kind == 0x3 {
-            break (stream, u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]));
+            break (
+                stream,
+                u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+            );
         }
-        assert_ne!(kind, 0x1, "no stream is answered: the upstream never replies to /slow");
+        assert_ne!(
+            kind, 0x1,
+            "no stream is answered: the upstream never replies to /slow"
+        );
     };
-    assert_eq!(reset, (extra, 0x7), "the extra stream is refused with REFUSED_STREAM");
+    assert_eq!(
+        reset,
+        (extra, 0x7),
+        "the extra stream is refused with REFUSED_STREAM"
+    );
     // The allowed streams reached the upstream; the refused one never does.
     for _ in 0..100 {
         if tg.upstream.count() >= MAX as usize {
@@ -838,7 +1136,12 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let targets: Vec<String> = tg.upstream.received().into_iter().map(|r| r.target).collect();
+    let targets: Vec<String> = tg
+        .upstream
+        .received()
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
     assert_eq!(targets.len(), MAX as usize, "{targets:?}");
     assert!(!targets.contains(&format!("/slow/{MAX}")), "{targets:?}");
     drop(s);
@@ -865,8 +1168,15 @@ async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
     .unwrap();
     let (got, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
     let after = start.elapsed();
-    let r = parse_responses(&String::from_utf8_lossy(&got)).into_iter().next().expect("a response");
-    assert_eq!(r.status, 408, "the client stalled: a client error, not a gateway timeout: {}", r.raw);
+    let r = parse_responses(&String::from_utf8_lossy(&got))
+        .into_iter()
+        .next()
+        .expect("a response");
+    assert_eq!(
+        r.status, 408,
+        "the client stalled: a client error, not a gateway timeout: {}",
+        r.raw
+    );
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "request_timeout");
     assert!(after >= Duration::from_millis(900), "{after:?}");
@@ -874,7 +1184,10 @@ async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
     assert_eq!(line["status_code"], 408);
     assert_eq!(line["reason"], "body_idle");
     for seen in tg.upstream.received() {
-        assert!(seen.body_len <= 10, "the upstream got only what the client sent");
+        assert!(
+            seen.body_len <= 10,
+            "the upstream got only what the client sent"
+        );
     }
     tg.stop().await;
 }
@@ -887,7 +1200,12 @@ async fn the_total_request_deadline_answers_504() {
     })
     .await;
     let (tok, _) = tg.token("ci", "deadline", &["apps:read"]);
-    let r = client().get(tg.url("/slow/x")).bearer_auth(&tok).send().await.unwrap();
+    let r = client()
+        .get(tg.url("/slow/x"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout");

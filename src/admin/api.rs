@@ -17,7 +17,9 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::{AdminError, Actor, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json, session_actor};
+use super::{
+    Actor, AdminError, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json, session_actor,
+};
 use crate::audit::Entry;
 use crate::auth;
 use crate::authz;
@@ -84,14 +86,22 @@ pub async fn handle(gw: &Gateway, req: http::Request<Incoming>, conn: ConnInfo) 
     let cfg = gw.config();
     let (parts, body) = req.into_parts();
     let mut ctx = Ctx::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
-    let result = match tokio::time::timeout(cfg.server.request_timeout, serve(gw, &cfg, &parts, body, conn, &mut ctx)).await {
+    let result = match tokio::time::timeout(
+        cfg.server.request_timeout,
+        serve(gw, &cfg, &parts, body, conn, &mut ctx),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => Err(Reject::RequestTimeout.into()),
     };
     let (mut resp, reason) = match result {
         Ok(r) => (r, "ok"),
         Err(e) => {
-            if matches!(e, AdminError::Reject(Reject::StoreUnavailable | Reject::Internal)) {
+            if matches!(
+                e,
+                AdminError::Reject(Reject::StoreUnavailable | Reject::Internal)
+            ) {
                 tracing::warn!(request_id = %ctx.request_id, reason = e.reason(), "admin request failed on our side");
             }
             (e.respond(&cfg.server.realm, &ctx.request_id), e.reason())
@@ -119,7 +129,9 @@ async fn serve(
 ) -> Result<Response<Body>, AdminError> {
     let actor = authenticate(gw, parts, conn, ctx).await?;
     let Some((route, idx, param)) = match_route(parts.uri.path()) else {
-        return Err(AdminError::not_found("No such API endpoint; see docs/openapi.yaml."));
+        return Err(AdminError::not_found(
+            "No such API endpoint; see docs/openapi.yaml.",
+        ));
     };
     let (template, methods) = ROUTES[idx];
     ctx.rule = Some(format!("admin:{} {template}", parts.method));
@@ -137,22 +149,41 @@ async fn serve(
         Route::Whoami => Ok(ok(StatusCode::OK, whoami_json(&actor, gw.now_ms()))),
         Route::Policy => Ok(ok(StatusCode::OK, policy_json(cfg, &actor))),
         Route::Accounts if get => list_accounts(gw, &actor).await,
-        Route::Accounts => create_account(gw, &actor, ctx, read_json(parts, body, true).await?).await,
+        Route::Accounts => {
+            create_account(gw, &actor, ctx, read_json(parts, body, true).await?).await
+        }
         Route::AccountDisable => disable_account(gw, &actor, ctx, &p).await,
         Route::Tokens if get => list_tokens(gw, &actor, parts.uri.query()).await,
-        Route::Tokens => create_token(gw, cfg, &actor, ctx, read_json(parts, body, true).await?).await,
+        Route::Tokens => {
+            create_token(gw, cfg, &actor, ctx, read_json(parts, body, true).await?).await
+        }
         Route::Identify => identify(gw, &actor, ctx, read_json(parts, body, true).await?).await,
         Route::Token => {
             let t = find_visible(gw, &actor, &p).await?;
             Ok(ok(StatusCode::OK, token_json(&t, gw.now_ms())))
         }
         Route::Revoke => revoke(gw, &actor, ctx, &p, read_json(parts, body, false).await?).await,
-        Route::Rotate => rotate(gw, cfg, &actor, ctx, &p, read_json(parts, body, false).await?).await,
+        Route::Rotate => {
+            rotate(
+                gw,
+                cfg,
+                &actor,
+                ctx,
+                &p,
+                read_json(parts, body, false).await?,
+            )
+            .await
+        }
     }
 }
 
 /// Bearer token (as on the public listener), else the web UI session cookie.
-async fn authenticate(gw: &Gateway, parts: &Parts, conn: ConnInfo, ctx: &mut Ctx) -> Result<Actor, AdminError> {
+async fn authenticate(
+    gw: &Gateway,
+    parts: &Parts,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+) -> Result<Actor, AdminError> {
     if !parts.headers.contains_key(header::AUTHORIZATION) {
         if let Some((_, sess, actor)) = session_actor(gw, &parts.headers, ctx.client_ip).await? {
             ctx.set_actor(&actor);
@@ -183,14 +214,22 @@ fn ok(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 
 /// Reads a JSON body: at most 64 KiB, `Content-Type: application/json`, unknown fields refused.
 /// An empty body is allowed when `required` is false (it means "all defaults").
-async fn read_json<T: DeserializeOwned + Default>(parts: &Parts, body: Incoming, required: bool) -> Result<T, AdminError> {
+async fn read_json<T: DeserializeOwned + Default>(
+    parts: &Parts,
+    body: Incoming,
+    required: bool,
+) -> Result<T, AdminError> {
     let bytes: Bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 return Err(Reject::BodyTooLarge.into());
             }
-            return Err(AdminError::bad_request("The request body could not be read."));
+            return Err(AdminError::bad_request(
+                "The request body could not be read.",
+            ));
         }
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -213,14 +252,17 @@ async fn read_json<T: DeserializeOwned + Default>(parts: &Parts, body: Incoming,
             "Send the body as JSON with `Content-Type: application/json`.",
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| AdminError::bad_request(format!("Invalid JSON body: {e}.")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AdminError::bad_request(format!("Invalid JSON body: {e}.")))
 }
 
 fn store_err(e: StoreError) -> AdminError {
     let conflict = |m: String| AdminError::status(StatusCode::CONFLICT, "conflict", "conflict", m);
     match e {
         StoreError::NoAccount(a) => AdminError::not_found(format!("No account named `{a}`.")),
-        StoreError::NoToken(t) => AdminError::not_found(format!("No token with id or prefix `{t}`.")),
+        StoreError::NoToken(t) => {
+            AdminError::not_found(format!("No token with id or prefix `{t}`."))
+        }
         StoreError::Ambiguous(t) => AdminError::status(
             StatusCode::BAD_REQUEST,
             "ambiguous",
@@ -230,7 +272,11 @@ fn store_err(e: StoreError) -> AdminError {
         StoreError::AccountExists(a) => conflict(format!("An account named `{a}` already exists.")),
         StoreError::AccountDisabled(a) => conflict(format!("Account `{a}` is disabled.")),
         StoreError::AlreadyRevoked(t) => conflict(format!("Token {t} is already revoked.")),
-        StoreError::CapReached { account, limit, list } => AdminError::status(
+        StoreError::CapReached {
+            account,
+            limit,
+            list,
+        } => AdminError::status(
             StatusCode::CONFLICT,
             "token_limit",
             "token_limit",
@@ -262,7 +308,10 @@ fn policy_json(cfg: &Config, actor: &Actor) -> serde_json::Value {
         .roles
         .iter()
         .map(|(name, r)| {
-            let grantable = actor.admin || r.permissions.iter().all(|p| authz::grants(&actor.row.permissions, p));
+            let grantable = actor.admin
+                || r.permissions
+                    .iter()
+                    .all(|p| authz::grants(&actor.row.permissions, p));
             serde_json::json!({"name": name, "permissions": r.permissions, "grantable": grantable})
         })
         .collect();
@@ -308,10 +357,16 @@ fn admin_only(actor: &Actor) -> Result<(), AdminError> {
 
 async fn list_accounts(gw: &Gateway, actor: &Actor) -> Result<Response<Body>, AdminError> {
     let list = if actor.admin {
-        gw.store_call(|s| s.list_accounts()).await.map_err(store_err)?
+        gw.store_call(|s| s.list_accounts())
+            .await
+            .map_err(store_err)?
     } else {
         let id = actor.row.account_id.clone();
-        vec![gw.store_call(move |s| s.get_account(&id)).await.map_err(store_err)?]
+        vec![
+            gw.store_call(move |s| s.get_account(&id))
+                .await
+                .map_err(store_err)?,
+        ]
     };
     Ok(ok(
         StatusCode::OK,
@@ -328,16 +383,31 @@ struct AccountBody {
 
 /// Account names: 1-64 letters, digits, `.`, `_`, `-`, `@` (as the CLI).
 pub fn valid_account_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
 }
 
-async fn create_account(gw: &Gateway, actor: &Actor, ctx: &Ctx, b: AccountBody) -> Result<Response<Body>, AdminError> {
+async fn create_account(
+    gw: &Gateway,
+    actor: &Actor,
+    ctx: &Ctx,
+    b: AccountBody,
+) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
     if !valid_account_name(&b.name) {
-        return Err(AdminError::bad_request("Account names are 1-64 letters, digits, `.`, `_`, `-`, `@`."));
+        return Err(AdminError::bad_request(
+            "Account names are 1-64 letters, digits, `.`, `_`, `-`, `@`.",
+        ));
     }
-    if b.email.as_ref().is_some_and(|e| e.len() > 254 || e.chars().any(char::is_control)) {
-        return Err(AdminError::bad_request("The email is too long or contains control characters."));
+    if b.email
+        .as_ref()
+        .is_some_and(|e| e.len() > 254 || e.chars().any(char::is_control))
+    {
+        return Err(AdminError::bad_request(
+            "The email is too long or contains control characters.",
+        ));
     }
     let res = ctx.reserve(gw)?;
     let (now, label) = (gw.now_ms(), actor.label());
@@ -351,10 +421,18 @@ async fn create_account(gw: &Gateway, actor: &Actor, ctx: &Ctx, b: AccountBody) 
     Ok(ok(StatusCode::CREATED, account_json(&acc)))
 }
 
-async fn disable_account(gw: &Gateway, actor: &Actor, ctx: &Ctx, name: &str) -> Result<Response<Body>, AdminError> {
+async fn disable_account(
+    gw: &Gateway,
+    actor: &Actor,
+    ctx: &Ctx,
+    name: &str,
+) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
     let res = ctx.reserve(gw)?;
-    let acc = gw.disable_account(name, &actor.label()).await.map_err(store_err)?;
+    let acc = gw
+        .disable_account(name, &actor.label())
+        .await
+        .map_err(store_err)?;
     let mut rec = ctx.event(actor, "account.disabled", Some(&acc.name), None);
     rec.account = Some(acc.name.clone());
     res.send(Entry::Admin(rec));
@@ -364,7 +442,11 @@ async fn disable_account(gw: &Gateway, actor: &Actor, ctx: &Ctx, name: &str) -> 
 // ------------------------------------------------------------------------------------------------
 // tokens
 
-async fn list_tokens(gw: &Gateway, actor: &Actor, query: Option<&str>) -> Result<Response<Body>, AdminError> {
+async fn list_tokens(
+    gw: &Gateway,
+    actor: &Actor,
+    query: Option<&str>,
+) -> Result<Response<Body>, AdminError> {
     let q = parse_query(query)?;
     let account = q.get("account").cloned();
     let all = match q.get("all").map(String::as_str) {
@@ -374,7 +456,11 @@ async fn list_tokens(gw: &Gateway, actor: &Actor, query: Option<&str>) -> Result
     };
     let dur = |k: &str| -> Result<Option<i64>, AdminError> {
         q.get(k)
-            .map(|s| parse_duration(s).map(|d| d.as_millis() as i64).map_err(AdminError::bad_request))
+            .map(|s| {
+                parse_duration(s)
+                    .map(|d| d.as_millis() as i64)
+                    .map_err(AdminError::bad_request)
+            })
             .transpose()
     };
     let (stale, expiring) = (dur("stale")?, dur("expiring")?);
@@ -440,8 +526,13 @@ pub fn constrain(actor: &TokenRow, spec: &mut NewTokenSpec) -> Result<(), String
             }
             Some(asked) => {
                 let mine = BTreeMap::from([(key.clone(), allowed.clone())]);
-                if let Some(bad) = asked.iter().find(|v| !authz::scopes_allow(&mine, &[(key.as_str(), (*v).clone())])) {
-                    return Err(format!("Scope `{key}={bad}` is wider than this token's own scope."));
+                if let Some(bad) = asked
+                    .iter()
+                    .find(|v| !authz::scopes_allow(&mine, &[(key.as_str(), (*v).clone())]))
+                {
+                    return Err(format!(
+                        "Scope `{key}={bad}` is wider than this token's own scope."
+                    ));
                 }
             }
         }
@@ -454,14 +545,25 @@ pub fn constrain(actor: &TokenRow, spec: &mut NewTokenSpec) -> Result<(), String
             .iter()
             .find(|c| !actor.allowed_cidrs.iter().any(|a| a.contains(*c)))
         {
-            return Err(format!("Network `{bad}` is outside this token's own allowed networks."));
+            return Err(format!(
+                "Network `{bad}` is outside this token's own allowed networks."
+            ));
         }
     }
     Ok(())
 }
 
-async fn create_token(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, b: CreateBody) -> Result<Response<Body>, AdminError> {
-    let account = b.account.clone().unwrap_or_else(|| actor.row.account.clone());
+async fn create_token(
+    gw: &Gateway,
+    cfg: &Config,
+    actor: &Actor,
+    ctx: &Ctx,
+    b: CreateBody,
+) -> Result<Response<Body>, AdminError> {
+    let account = b
+        .account
+        .clone()
+        .unwrap_or_else(|| actor.row.account.clone());
     if !actor.admin && account != actor.row.account && account != actor.row.account_id {
         return Err(AdminError::forbidden(
             "other_account",
@@ -469,7 +571,9 @@ async fn create_token(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, b: C
         ));
     }
     if b.role.is_none() && b.permissions.is_empty() {
-        return Err(AdminError::bad_request("Give a `role` or a list of `permissions`."));
+        return Err(AdminError::bad_request(
+            "Give a `role` or a list of `permissions`.",
+        ));
     }
     let now = gw.now_ms();
     let args = CreateArgs {
@@ -483,7 +587,8 @@ async fn create_token(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, b: C
         rate: b.rate,
         json: true,
     };
-    let mut spec = build_spec(cfg, &args, &actor.label(), now).map_err(|e| AdminError::bad_request(e.message))?;
+    let mut spec = build_spec(cfg, &args, &actor.label(), now)
+        .map_err(|e| AdminError::bad_request(e.message))?;
     for (k, v) in &b.scopes {
         authz::validate_scope(k, v).map_err(|e| AdminError::bad_request(e.to_string()))?;
     }
@@ -515,7 +620,10 @@ async fn create_token(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, b: C
 async fn find_visible(gw: &Gateway, actor: &Actor, id: &str) -> Result<TokenRow, AdminError> {
     if actor.admin {
         let id2 = id.to_string();
-        return gw.store_call(move |s| s.find_token(&id2)).await.map_err(store_err);
+        return gw
+            .store_call(move |s| s.find_token(&id2))
+            .await
+            .map_err(store_err);
     }
     let (acc, now) = (actor.row.account_id.clone(), gw.now_ms());
     let rows = gw
@@ -526,7 +634,9 @@ async fn find_visible(gw: &Gateway, actor: &Actor, id: &str) -> Result<TokenRow,
         return Ok(t.clone());
     }
     let hits: Vec<&TokenRow> = if id.len() >= 6 {
-        rows.iter().filter(|t| t.id.starts_with(id) || t.prefix.starts_with(id)).collect()
+        rows.iter()
+            .filter(|t| t.id.starts_with(id) || t.prefix.starts_with(id))
+            .collect()
     } else {
         vec![]
     };
@@ -546,16 +656,27 @@ struct RevokeBody {
 fn check_reason(r: Option<String>, default: &str) -> Result<String, AdminError> {
     let r = r.unwrap_or_else(|| default.to_string());
     if r.is_empty() || r.len() > MAX_REASON || r.chars().any(char::is_control) {
-        return Err(AdminError::bad_request("A reason is 1-200 characters without control characters."));
+        return Err(AdminError::bad_request(
+            "A reason is 1-200 characters without control characters.",
+        ));
     }
     Ok(r)
 }
 
-async fn revoke(gw: &Gateway, actor: &Actor, ctx: &Ctx, id: &str, b: RevokeBody) -> Result<Response<Body>, AdminError> {
+async fn revoke(
+    gw: &Gateway,
+    actor: &Actor,
+    ctx: &Ctx,
+    id: &str,
+    b: RevokeBody,
+) -> Result<Response<Body>, AdminError> {
     let reason = check_reason(b.reason, "revoked")?;
     let t = find_visible(gw, actor, id).await?;
     let res = ctx.reserve(gw)?;
-    let row = gw.revoke(&t.id, &actor.label(), &reason).await.map_err(store_err)?;
+    let row = gw
+        .revoke(&t.id, &actor.label(), &reason)
+        .await
+        .map_err(store_err)?;
     gw.sessions().remove_token(&row.id);
     let mut rec = ctx.event(actor, "token.revoked", Some(&row.id), Some(&row));
     rec.reason = Some(reason);
@@ -569,14 +690,26 @@ struct RotateBody {
     grace: Option<String>,
 }
 
-async fn rotate(gw: &Gateway, cfg: &Config, actor: &Actor, ctx: &Ctx, id: &str, b: RotateBody) -> Result<Response<Body>, AdminError> {
+async fn rotate(
+    gw: &Gateway,
+    cfg: &Config,
+    actor: &Actor,
+    ctx: &Ctx,
+    id: &str,
+    b: RotateBody,
+) -> Result<Response<Body>, AdminError> {
     let grace = match b.grace.as_deref() {
         Some(g) => parse_duration(g).map_err(AdminError::bad_request)?,
         None => cfg.tokens.rotation_grace,
     };
     let old = find_visible(gw, actor, id).await?;
     let res = ctx.reserve(gw)?;
-    let (now, label, prefix, old_id) = (gw.now_ms(), actor.label(), cfg.tokens.prefix.clone(), old.id.clone());
+    let (now, label, prefix, old_id) = (
+        gw.now_ms(),
+        actor.label(),
+        cfg.tokens.prefix.clone(),
+        old.id.clone(),
+    );
     let (row, new) = gw
         .store_call(move |s| s.rotate(&old_id, &label, grace.as_millis() as i64, &prefix, now))
         .await
@@ -604,22 +737,42 @@ struct IdentifyBody {
     reason: Option<String>,
 }
 
-async fn identify(gw: &Gateway, actor: &Actor, ctx: &Ctx, b: IdentifyBody) -> Result<Response<Body>, AdminError> {
+async fn identify(
+    gw: &Gateway,
+    actor: &Actor,
+    ctx: &Ctx,
+    b: IdentifyBody,
+) -> Result<Response<Body>, AdminError> {
     let reason = check_reason(b.reason, "leaked")?;
     let parsed = crate::token::parse(b.token.trim())
         .map_err(|e| AdminError::bad_request(format!("This is not a tokengate token: {e}.")))?;
     let (hash, shown) = (parsed.hash(), parsed.display_prefix().to_string());
-    let found = gw.store_call(move |s| s.lookup_hash(&hash)).await.map_err(store_err)?;
-    let unknown = || AdminError::not_found(format!("{shown}… is well-formed but not a token this caller can see in this store."));
+    let found = gw
+        .store_call(move |s| s.lookup_hash(&hash))
+        .await
+        .map_err(store_err)?;
+    let unknown = || {
+        AdminError::not_found(format!(
+            "{shown}… is well-formed but not a token this caller can see in this store."
+        ))
+    };
     let Some(t) = found.filter(|t| actor.admin || t.account_id == actor.row.account_id) else {
         return Err(unknown());
     };
     let res = ctx.reserve(gw)?;
-    res.send(Entry::Admin(ctx.event(actor, "token.identified", Some(&t.id), Some(&t))));
+    res.send(Entry::Admin(ctx.event(
+        actor,
+        "token.identified",
+        Some(&t.id),
+        Some(&t),
+    )));
     let mut revoked_now = false;
     let t = if b.revoke && t.revoked_at.is_none() {
         let res = ctx.reserve(gw)?;
-        let r = gw.revoke(&t.id, &actor.label(), &reason).await.map_err(store_err)?;
+        let r = gw
+            .revoke(&t.id, &actor.label(), &reason)
+            .await
+            .map_err(store_err)?;
         gw.sessions().remove_token(&r.id);
         let mut rec = ctx.event(actor, "token.revoked", Some(&r.id), Some(&r));
         rec.reason = Some(reason);
@@ -676,11 +829,20 @@ mod tests {
     #[test]
     fn routes_match_their_templates() {
         assert_eq!(match_route("/v1/tokens").unwrap().0, Route::Tokens);
-        assert_eq!(match_route("/v1/tokens/identify").unwrap().0, Route::Identify);
+        assert_eq!(
+            match_route("/v1/tokens/identify").unwrap().0,
+            Route::Identify
+        );
         let (r, i, p) = match_route("/v1/tokens/tok_abc/revoke").unwrap();
-        assert_eq!((r, ROUTES[i].0, p.as_deref()), (Route::Revoke, "/v1/tokens/{id}/revoke", Some("tok_abc")));
+        assert_eq!(
+            (r, ROUTES[i].0, p.as_deref()),
+            (Route::Revoke, "/v1/tokens/{id}/revoke", Some("tok_abc"))
+        );
         let (r, _, p) = match_route("/v1/accounts/ci%40example/disable").unwrap();
-        assert_eq!((r, p.as_deref()), (Route::AccountDisable, Some("ci@example")));
+        assert_eq!(
+            (r, p.as_deref()),
+            (Route::AccountDisable, Some("ci@example"))
+        );
         assert!(match_route("/v1/tokens/a/b/c").is_none());
         assert!(match_route("/v1/tokens/%zz").is_none());
         assert!(match_route("/v1/tokens//revoke").is_none());
@@ -742,7 +904,12 @@ mod tests {
     fn self_tokens_never_mint_stronger_tokens() {
         let me = row(&["tokengate:self", "apps:*"]);
         assert!(constrain(&me, &mut spec(&["apps:read", "apps:*"])).is_ok());
-        for bad in [&["*"][..], &["tokengate:admin"], &["tokengate:*"], &["env:read"]] {
+        for bad in [
+            &["*"][..],
+            &["tokengate:admin"],
+            &["tokengate:*"],
+            &["env:read"],
+        ] {
             assert!(constrain(&me, &mut spec(bad)).is_err(), "{bad:?}");
         }
         let mut me = row(&["tokengate:self", "apps:read"]);

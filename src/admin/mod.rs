@@ -39,7 +39,10 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
         (&Method::GET, "/metrics") => metrics(gw).await,
         _ if path == "/v1" || path.starts_with("/v1/") => api::handle(gw, req, conn).await,
         _ if ui::is_ui_path(path) => ui::handle(gw, req, conn).await,
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found", "message": "Not found."})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "message": "Not found."}),
+        ),
     }
 }
 
@@ -49,10 +52,14 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
 async fn readyz(gw: &Gateway) -> Response<Body> {
     let probe = async {
         let pooled = gw.store_call(|s| s.ping()).await.map_err(|e| e.to_string());
-        let path = gw.store().path().to_path_buf();
-        let fresh = tokio::task::spawn_blocking(move || probe_store_file(&path))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+        // SQLite only: PostgreSQL has no file to replace, and `ping` already used the pool.
+        let path = gw.store().sqlite_path().map(|p| p.to_path_buf());
+        let fresh = match path {
+            Some(path) => tokio::task::spawn_blocking(move || probe_store_file(&path))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+            None => Ok(()),
+        };
         pooled.and(fresh)
     };
     let store = match tokio::time::timeout(READY_STORE_TIMEOUT, probe).await {
@@ -64,7 +71,11 @@ async fn readyz(gw: &Gateway) -> Response<Body> {
     } else {
         Err("audit log writes are failing".to_string())
     };
-    let listeners = if gw.metrics().listening.load(std::sync::atomic::Ordering::Relaxed) {
+    let listeners = if gw
+        .metrics()
+        .listening
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         Ok(())
     } else {
         Err("not accepting connections (starting or draining)".to_string())
@@ -81,7 +92,11 @@ async fn readyz(gw: &Gateway) -> Response<Body> {
             }
         }
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     text(status, body)
 }
 
@@ -91,9 +106,13 @@ const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Opens the store file read-only on a new connection and reads a table.
 fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
     use rusqlite::OpenFlags;
-    let c = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    let c = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| e.to_string())?;
+    c.busy_timeout(READY_STORE_TIMEOUT)
         .map_err(|e| e.to_string())?;
-    c.busy_timeout(READY_STORE_TIMEOUT).map_err(|e| e.to_string())?;
     c.query_row("SELECT count(*) FROM tokens", [], |_| Ok(()))
         .map_err(|e| e.to_string())
 }
@@ -101,7 +120,10 @@ fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
 async fn metrics(gw: &Gateway) -> Response<Body> {
     let mut snap = gw.snapshot();
     let now = gw.now_ms();
-    match gw.store_call(move |s| s.count_active(now, now + 7 * 86_400_000)).await {
+    match gw
+        .store_call(move |s| s.count_active(now, now + 7 * 86_400_000))
+        .await
+    {
         Ok((active, expiring)) => {
             snap.store_up = Some(true);
             snap.active_tokens = Some(active);
@@ -125,8 +147,10 @@ async fn metrics(gw: &Gateway) -> Response<Body> {
 fn text(status: StatusCode, s: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut r = Response::new(full(s));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -134,8 +158,10 @@ fn text(status: StatusCode, s: impl Into<bytes::Bytes>) -> Response<Body> {
 pub fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(v.to_string() + "\n"));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -163,7 +189,11 @@ impl Actor {
                 permission: Some(PERM_SELF.to_string()),
             });
         }
-        Ok(Actor { row, auth_type, admin })
+        Ok(Actor {
+            row,
+            auth_type,
+            admin,
+        })
     }
 
     /// The `actor` of audit records and `created_by`/`revoked_by` in the store: the token id.
@@ -200,10 +230,20 @@ impl From<Reject> for AdminError {
 impl AdminError {
     /// 400 with a message.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::status(StatusCode::BAD_REQUEST, "invalid_request", "bad_request", message)
+        Self::status(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "bad_request",
+            message,
+        )
     }
     /// Any status.
-    pub fn status(status: StatusCode, code: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn status(
+        status: StatusCode,
+        code: &'static str,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         AdminError::Status {
             status,
             code,
@@ -231,7 +271,10 @@ impl AdminError {
         match self {
             AdminError::Reject(r) => respond(r, realm, request_id),
             AdminError::Status {
-                status, code, message, ..
+                status,
+                code,
+                message,
+                ..
             } => {
                 let mut r = json(
                     *status,
@@ -264,15 +307,29 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    pub(crate) fn new(gw: &Gateway, method: &Method, path: &str, headers: &HeaderMap, conn: ConnInfo) -> Ctx {
+    pub(crate) fn new(
+        gw: &Gateway,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        conn: ConnInfo,
+    ) -> Ctx {
         let cfg = gw.config();
         let id = session::random_hex();
         Ctx {
             start: Instant::now(),
             request_id: id[..24].to_string(),
-            client_ip: crate::gateway::client_ip(conn.peer.ip(), headers, &cfg.server.trusted_proxies),
+            client_ip: crate::gateway::client_ip(
+                conn.peer.ip(),
+                headers,
+                &cfg.server.trusted_proxies,
+            ),
             method: method.clone(),
-            path: path.chars().take(512).map(|c| if c.is_control() { '?' } else { c }).collect(),
+            path: path
+                .chars()
+                .take(512)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
             user_agent: headers
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -324,11 +381,19 @@ impl Ctx {
 
     /// Reserves the audit slot of a mutation before it is made: no change happens unaudited.
     pub(crate) fn reserve(&self, gw: &Gateway) -> Result<Reservation, AdminError> {
-        gw.audit().reserve().map_err(|_| AdminError::Reject(Reject::AuditUnavailable))
+        gw.audit()
+            .reserve()
+            .map_err(|_| AdminError::Reject(Reject::AuditUnavailable))
     }
 
     /// An admin event by `actor`, about `target`.
-    pub(crate) fn event(&self, actor: &Actor, event: &str, target: Option<&str>, row: Option<&TokenRow>) -> AdminRecord {
+    pub(crate) fn event(
+        &self,
+        actor: &Actor,
+        event: &str,
+        target: Option<&str>,
+        row: Option<&TokenRow>,
+    ) -> AdminRecord {
         AdminRecord {
             timestamp: crate::audit::now_rfc3339(),
             event: event.to_string(),
@@ -352,7 +417,10 @@ impl Ctx {
 /// Response headers every admin API and UI answer carries.
 pub(crate) fn harden(h: &mut HeaderMap, request_id: &str) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -375,10 +443,17 @@ pub(crate) fn session_cookie(headers: &HeaderMap) -> Option<String> {
 
 /// For a cookie-authenticated mutation: the `Origin` (when sent) must be this listener's own, and
 /// the `X-CSRF-Token` header must equal the session's token (SameSite=Strict is the third layer).
-pub(crate) fn check_csrf(parts: &http::request::Parts, tls: bool, csrf: &str) -> Result<(), AdminError> {
+pub(crate) fn check_csrf(
+    parts: &http::request::Parts,
+    tls: bool,
+    csrf: &str,
+) -> Result<(), AdminError> {
     check_origin(parts, tls)?;
     let headers = &parts.headers;
-    let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let sent = headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if sent.is_empty() || !session::same_secret(sent, csrf) {
         return Err(AdminError::forbidden(
             "csrf_failed",

@@ -13,7 +13,10 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::{AdminError, Actor, Ctx, MAX_BODY_BYTES, check_csrf, check_origin, harden, json, session, session_actor};
+use super::{
+    Actor, AdminError, Ctx, MAX_BODY_BYTES, check_csrf, check_origin, harden, json, session,
+    session_actor,
+};
 use crate::audit::Entry;
 use crate::body::{Body, full};
 use crate::error::Reject;
@@ -32,7 +35,12 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 pub fn is_ui_path(path: &str) -> bool {
     matches!(
         path,
-        "/" | "/index.html" | "/assets/app.js" | "/assets/app.css" | "/assets/icon.svg" | "/session" | "/session/logout"
+        "/" | "/index.html"
+            | "/assets/app.js"
+            | "/assets/app.css"
+            | "/assets/icon.svg"
+            | "/session"
+            | "/session/logout"
     )
 }
 
@@ -68,8 +76,13 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method_not_allowed", "message": "Method not allowed."}),
             );
-            let allow = if path.starts_with("/session") { "POST" } else { "GET, HEAD" };
-            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            let allow = if path.starts_with("/session") {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
             r
         }
     }
@@ -81,13 +94,20 @@ fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     // Embedded in the binary: revalidate so an upgrade is picked up at once.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 
 /// Cookie attributes: HttpOnly and SameSite=Strict always; Secure (and the `__Host-` name) under TLS.
 pub fn cookie(tls: bool, value: &str, clear: bool) -> String {
-    let name = if tls { session::COOKIE_TLS } else { session::COOKIE };
+    let name = if tls {
+        session::COOKIE_TLS
+    } else {
+        session::COOKIE
+    };
     let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
     if tls {
         c.push_str("; Secure");
@@ -106,11 +126,18 @@ fn set_cookie(h: &mut HeaderMap, v: &str) {
 
 /// Escapes text for an HTML attribute value.
 fn attr(s: &str) -> String {
-    s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 async fn index(gw: &Gateway, parts: &Parts, conn: ConnInfo) -> Response<Body> {
-    let ip = crate::gateway::client_ip(conn.peer.ip(), &parts.headers, &gw.config().server.trusted_proxies);
+    let ip = crate::gateway::client_ip(
+        conn.peer.ip(),
+        &parts.headers,
+        &gw.config().server.trusted_proxies,
+    );
     let live = session_actor(gw, &parts.headers, ip).await;
     let csrf = match &live {
         Ok(Some((_, s, _))) => s.csrf.clone(),
@@ -119,7 +146,10 @@ async fn index(gw: &Gateway, parts: &Parts, conn: ConnInfo) -> Response<Body> {
     let html = INDEX_HTML.replace("{{CSRF}}", &attr(&csrf));
     let mut r = Response::new(full(html));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
     harden(h, "");
     h.remove("x-request-id");
@@ -136,7 +166,13 @@ struct LoginBody {
     token: String,
 }
 
-async fn login(gw: &Gateway, parts: &Parts, body: Incoming, conn: ConnInfo, ctx: &mut Ctx) -> Result<Response<Body>, AdminError> {
+async fn login(
+    gw: &Gateway,
+    parts: &Parts,
+    body: Incoming,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, AdminError> {
     check_origin(parts, conn.tls)?;
     let bytes = Limited::new(body, MAX_BODY_BYTES)
         .collect()
@@ -148,8 +184,11 @@ async fn login(gw: &Gateway, parts: &Parts, body: Incoming, conn: ConnInfo, ctx:
     ctx.auth_type = "session";
     // Check the token exactly as a Bearer call would (limiter, format, lookup, judgement).
     let mut h = HeaderMap::new();
-    let v = HeaderValue::from_str(&format!("Bearer {}", b.token.trim()))
-        .map_err(|_| AdminError::from(Reject::InvalidToken { reason: "bad_format" }))?;
+    let v = HeaderValue::from_str(&format!("Bearer {}", b.token.trim())).map_err(|_| {
+        AdminError::from(Reject::InvalidToken {
+            reason: "bad_format",
+        })
+    })?;
     h.insert(header::AUTHORIZATION, v);
     if let Ok(p) = crate::auth::extract(&h, None).and_then(crate::auth::parse) {
         ctx.token_prefix = Some(p.display_prefix().to_string());
@@ -160,8 +199,15 @@ async fn login(gw: &Gateway, parts: &Parts, body: Incoming, conn: ConnInfo, ctx:
     ctx.set_actor(&actor);
     let res = ctx.reserve(gw)?;
     let idle = gw.config().admin.session_idle_timeout;
-    let (id, sess) = gw.sessions().create(&actor.row.id, gw.now_ms(), idle.as_millis() as i64);
-    let mut rec = ctx.event(&actor, "session.login", Some(&actor.row.id), Some(&actor.row));
+    let (id, sess) = gw
+        .sessions()
+        .create(&actor.row.id, gw.now_ms(), idle.as_millis() as i64);
+    let mut rec = ctx.event(
+        &actor,
+        "session.login",
+        Some(&actor.row.id),
+        Some(&actor.row),
+    );
     if let Some(d) = rec.details.as_mut() {
         d["idle_timeout_seconds"] = idle.as_secs().into();
     }
@@ -179,14 +225,24 @@ async fn login(gw: &Gateway, parts: &Parts, body: Incoming, conn: ConnInfo, ctx:
     Ok(r)
 }
 
-async fn logout(gw: &Gateway, parts: &Parts, conn: ConnInfo, ctx: &mut Ctx) -> Result<Response<Body>, AdminError> {
+async fn logout(
+    gw: &Gateway,
+    parts: &Parts,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, AdminError> {
     let live = session_actor(gw, &parts.headers, ctx.client_ip).await;
     let (id, sess, actor) = match live {
         Ok(Some(x)) => x,
         Ok(None) | Err(_) => {
             // Nothing to end; clear the cookie anyway.
-            let mut r = AdminError::status(StatusCode::UNAUTHORIZED, "not_signed_in", "no_session", "Not signed in.")
-                .respond(&gw.config().server.realm, &ctx.request_id);
+            let mut r = AdminError::status(
+                StatusCode::UNAUTHORIZED,
+                "not_signed_in",
+                "no_session",
+                "Not signed in.",
+            )
+            .respond(&gw.config().server.realm, &ctx.request_id);
             set_cookie(r.headers_mut(), &cookie(conn.tls, "", true));
             return Ok(r);
         }
@@ -195,7 +251,12 @@ async fn logout(gw: &Gateway, parts: &Parts, conn: ConnInfo, ctx: &mut Ctx) -> R
     check_csrf(parts, conn.tls, &sess.csrf)?;
     let res = ctx.reserve(gw)?;
     gw.sessions().remove(&id);
-    res.send(Entry::Admin(ctx.event(&actor, "session.logout", Some(&actor.row.id), Some(&actor.row))));
+    res.send(Entry::Admin(ctx.event(
+        &actor,
+        "session.logout",
+        Some(&actor.row.id),
+        Some(&actor.row),
+    )));
     let mut r = json(StatusCode::OK, serde_json::json!({"signed_out": true}));
     set_cookie(r.headers_mut(), &cookie(conn.tls, "", true));
     Ok(r)
@@ -207,9 +268,15 @@ mod tests {
 
     #[test]
     fn cookie_flags() {
-        assert_eq!(cookie(false, "abc", false), "tokengate_session=abc; Path=/; HttpOnly; SameSite=Strict");
+        assert_eq!(
+            cookie(false, "abc", false),
+            "tokengate_session=abc; Path=/; HttpOnly; SameSite=Strict"
+        );
         let c = cookie(true, "abc", false);
-        assert!(c.starts_with("__Host-tokengate_session=abc;") && c.ends_with("; Secure"), "{c}");
+        assert!(
+            c.starts_with("__Host-tokengate_session=abc;") && c.ends_with("; Secure"),
+            "{c}"
+        );
         assert!(cookie(false, "", true).ends_with("Max-Age=0"));
     }
 
@@ -217,7 +284,10 @@ mod tests {
     fn page_has_the_csrf_slot_and_assets_are_local() {
         assert!(INDEX_HTML.contains("name=\"csrf-token\" content=\"{{CSRF}}\""));
         assert!(!INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"));
-        assert!(!APP_JS.contains("innerHTML"), "data is rendered with textContent only");
+        assert!(
+            !APP_JS.contains("innerHTML"),
+            "data is rendered with textContent only"
+        );
         assert_eq!(attr("\"><x"), "&quot;&gt;&lt;x");
     }
 }

@@ -224,6 +224,11 @@ pub struct Options {
     pub serve: bool,
     /// Use this upstream address instead of a fresh recording upstream (e.g. a dead port).
     pub upstream_override: Option<String>,
+    /// `[audit] path` (default `audit.log` in the temp folder), e.g. an absolute path on a small
+    /// file system the test mounted.
+    pub audit_path: Option<String>,
+    /// Extra keys in `[audit]` (lines like `max_bytes = 4000` or `on_failure = "continue"`).
+    pub audit: String,
 }
 
 impl Default for Options {
@@ -236,6 +241,8 @@ impl Default for Options {
             extra_routes: String::new(),
             serve: true,
             upstream_override: None,
+            audit_path: None,
+            audit: String::new(),
         }
     }
 }
@@ -275,7 +282,8 @@ listen = "127.0.0.1:0"
 path = "tokengate.db"
 
 [audit]
-path = "audit.log"
+path = "{audit_path}"
+{audit}
 
 {sections}
 
@@ -292,6 +300,8 @@ upstream = "http://{upstream}"
         route = o.route,
         rules = o.rules,
         extra = o.extra_routes,
+        audit_path = o.audit_path.as_deref().unwrap_or("audit.log").replace('\\', "\\\\").replace('"', "\\\""),
+        audit = o.audit,
     );
     let p = dir.join("tokengate.toml");
     std::fs::write(&p, text).unwrap();
@@ -381,10 +391,15 @@ impl TestGateway {
         (new.plaintext, row.id)
     }
 
+    /// The audit log file (`[audit] path` of the config).
+    pub fn audit_path(&self) -> PathBuf {
+        self.gw.config().audit.path.clone().unwrap_or_else(|| self.dir.path().join("audit.log"))
+    }
+
     /// The audit log's lines, after flushing.
     pub async fn audit_lines(&self) -> Vec<serde_json::Value> {
         self.gw.audit().flush_async().await.unwrap();
-        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 

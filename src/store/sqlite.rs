@@ -1,0 +1,764 @@
+//! The SQLite engine: one file, WAL, `synchronous=FULL`, `BEGIN IMMEDIATE` for writes.
+//!
+//! Every call blocks. Writes go through one writer connection; reads use a small pool of reader
+//! connections so a slow write never stalls a cache miss (WAL mode).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{
+    Account, Change, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, LastUsed, NewTokenRow, RawTokenRow,
+    StoreDump, StoreError, TOKEN_COLUMNS, TokenRow, cap_reached,
+};
+use crate::token::TokenHash;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. The
+/// PostgreSQL engine has the same list with its own types (`postgres::MIGRATIONS`).
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: accounts, tokens, change log.
+    "CREATE TABLE accounts (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        email TEXT,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        disabled_at INTEGER,
+        disabled_by TEXT
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL REFERENCES accounts(id),
+        name TEXT NOT NULL,
+        display_prefix TEXT NOT NULL,
+        hash BLOB NOT NULL CHECK (length(hash) = 32),
+        role TEXT,
+        permissions TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        allowed_cidrs TEXT NOT NULL,
+        rate_rps REAL,
+        rate_burst INTEGER,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at INTEGER,
+        last_used_at INTEGER,
+        last_used_ip TEXT,
+        revoked_at INTEGER,
+        revoked_by TEXT,
+        revoke_reason TEXT,
+        rotated_from TEXT REFERENCES tokens(id),
+        rotation_deadline INTEGER
+    );
+    CREATE UNIQUE INDEX tokens_hash ON tokens(hash);
+    CREATE INDEX tokens_account ON tokens(account_id, revoked_at);
+    CREATE INDEX tokens_prefix ON tokens(display_prefix);
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        token_id TEXT,
+        account_id TEXT
+    );",
+    // 2: admin audit events written by the CLI while a gateway owns the audit log; the gateway
+    // moves them into the log (a transactional outbox).
+    "CREATE TABLE audit_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        line TEXT NOT NULL
+    );",
+];
+
+/// A SQLite store.
+pub(crate) struct Sqlite {
+    path: PathBuf,
+    busy_timeout: Duration,
+    /// The single writer. A std Mutex: held only inside blocking code, never across `.await`.
+    writer: Mutex<Connection>,
+    /// Idle reader connections; a reader is taken out for one query and put back.
+    readers: Mutex<Vec<Connection>>,
+    writes: AtomicU64,
+}
+
+impl Sqlite {
+    pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Sqlite, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let writer = open_conn(path, busy_timeout, true).map_err(err)?;
+        migrate(&writer, path)?;
+        Ok(Sqlite {
+            path: path.to_path_buf(),
+            busy_timeout,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub(crate) fn write_count(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = self.readers.lock().expect("reader pool poisoned").pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_conn(&self.path, self.busy_timeout, false).map_err(self.err())?,
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock().expect("reader pool poisoned");
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut conn = self.writer.lock().expect("writer poisoned");
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.err())?;
+        let out = f(&tx)?;
+        tx.commit().map_err(self.err())?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn query_tokens(&self, c: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRow>, StoreError> {
+        let mut st = c.prepare_cached(sql).map_err(self.err())?;
+        let rows = st.query_map(params, raw_token).map_err(self.err())?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r.map_err(self.err())?.into_row()?);
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn ping(&self) -> Result<(), StoreError> {
+        self.with_reader(|c| {
+            c.query_row("SELECT count(*) FROM accounts", [], |_| Ok(()))
+                .map_err(self.err())
+        })
+    }
+
+    pub(crate) fn create_account(&self, acc: &Account) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let exists: Option<String> = tx
+                .query_row("SELECT id FROM accounts WHERE name = ?1", [&acc.name], |r| r.get(0))
+                .optional()
+                .map_err(self.err())?;
+            if exists.is_some() {
+                return Err(StoreError::AccountExists(acc.name.clone()));
+            }
+            tx.execute(
+                "INSERT INTO accounts (id, name, email, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![acc.id, acc.name, acc.email, acc.created_at, acc.created_by],
+            )
+            .map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c
+                .prepare("SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name")
+                .map_err(self.err())?;
+            let rows = st.query_map([], account_from_row).map_err(self.err())?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+        })
+    }
+
+    pub(crate) fn find_account(&self, name_or_id: &str) -> Result<Option<Account>, StoreError> {
+        self.with_reader(|c| find_account(c, name_or_id).map_err(self.err()))
+    }
+
+    pub(crate) fn disable_account(&self, name_or_id: &str, actor: &str, now: i64) -> Result<Account, StoreError> {
+        self.write(|tx| {
+            let mut acc = find_account(tx, name_or_id)
+                .map_err(self.err())?
+                .ok_or_else(|| StoreError::NoAccount(name_or_id.to_string()))?;
+            if acc.disabled_at.is_some() {
+                return Err(StoreError::AccountDisabled(acc.name));
+            }
+            tx.execute(
+                "UPDATE accounts SET disabled_at = ?1, disabled_by = ?2 WHERE id = ?3",
+                params![now, actor, acc.id],
+            )
+            .map_err(self.err())?;
+            record_change(tx, now, "account_disable", None, Some(&acc.id)).map_err(self.err())?;
+            acc.disabled_at = Some(now);
+            Ok(acc)
+        })
+    }
+
+    pub(crate) fn create_token(&self, account: &str, row: &NewTokenRow, max_active: u32, now: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let acc = find_account(tx, account)
+                .map_err(self.err())?
+                .ok_or_else(|| StoreError::NoAccount(account.to_string()))?;
+            if acc.disabled_at.is_some() {
+                return Err(StoreError::AccountDisabled(acc.name));
+            }
+            let active = active_tokens(tx, &acc.id, now).map_err(self.err())?;
+            if active.len() as u32 >= max_active {
+                return Err(cap_reached(acc.name, max_active, &active));
+            }
+            insert_token(tx, &acc.id, row).map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn lookup_hash(&self, hash: &TokenHash) -> Result<Option<TokenRow>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.hash = ?1");
+            let mut rows = self.query_tokens(c, &sql, [&hash[..]])?;
+            Ok(rows.pop())
+        })
+    }
+
+    pub(crate) fn find_tokens(&self, id_or_prefix: &str) -> Result<Vec<TokenRow>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id \
+                 WHERE t.id = ?1 OR t.display_prefix = ?1 \
+                    OR (length(?1) >= 6 AND (substr(t.id, 1, length(?1)) = ?1 OR substr(t.display_prefix, 1, length(?1)) = ?1)) \
+                 LIMIT 3"
+            );
+            self.query_tokens(c, &sql, [id_or_prefix])
+        })
+    }
+
+    pub(crate) fn list_tokens(&self, account_id: Option<&str>) -> Result<Vec<TokenRow>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id \
+                 WHERE (?1 IS NULL OR t.account_id = ?1) ORDER BY t.created_at DESC, t.id"
+            );
+            self.query_tokens(c, &sql, [account_id])
+        })
+    }
+
+    pub(crate) fn revoke(&self, id: &str, actor: &str, reason: &str, now: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE tokens SET revoked_at = ?1, revoked_by = ?2, revoke_reason = ?3 WHERE id = ?4 AND revoked_at IS NULL",
+                    params![now, actor, reason, id],
+                )
+                .map_err(self.err())?;
+            if n == 0 {
+                let exists: Option<i64> = tx
+                    .query_row("SELECT 1 FROM tokens WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()
+                    .map_err(self.err())?;
+                return Err(match exists {
+                    Some(_) => StoreError::AlreadyRevoked(id.to_string()),
+                    None => StoreError::NoToken(id.to_string()),
+                });
+            }
+            record_change(tx, now, "revoke", Some(id), None).map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn retire_rotated(&self, old_id: &str, now: i64) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE tokens SET revoked_at = ?1, revoked_by = 'tokengate', revoke_reason = 'rotated' \
+                     WHERE id = ?2 AND revoked_at IS NULL",
+                    params![now, old_id],
+                )
+                .map_err(self.err())?;
+            if n > 0 {
+                record_change(tx, now, "revoke", Some(old_id), None).map_err(self.err())?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    pub(crate) fn rotate(&self, old_id: &str, account_id: &str, row: &NewTokenRow, deadline: i64, now: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let still: Option<i64> = tx
+                .query_row("SELECT 1 FROM tokens WHERE id = ?1 AND revoked_at IS NULL", [old_id], |r| r.get(0))
+                .optional()
+                .map_err(self.err())?;
+            if still.is_none() {
+                return Err(StoreError::AlreadyRevoked(old_id.to_string()));
+            }
+            insert_token(tx, account_id, row).map_err(self.err())?;
+            tx.execute(
+                "UPDATE tokens SET rotation_deadline = min(coalesce(rotation_deadline, ?1), ?1) WHERE id = ?2",
+                params![deadline, old_id],
+            )
+            .map_err(self.err())?;
+            record_change(tx, now, "rotate", Some(old_id), None).map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn flush_last_used(&self, batch: &[LastUsed]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE tokens SET last_used_at = ?1, last_used_ip = ?2 \
+                     WHERE id = ?3 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                )
+                .map_err(self.err())?;
+            for u in batch {
+                st.execute(params![u.at, u.ip, u.token_id]).map_err(self.err())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) fn last_change_seq(&self) -> Result<i64, StoreError> {
+        self.with_reader(|c| {
+            c.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get(0))
+                .map_err(self.err())
+        })
+    }
+
+    pub(crate) fn changes_since(&self, seq: i64) -> Result<Vec<Change>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c
+                .prepare_cached("SELECT seq, kind, token_id, account_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 10000")
+                .map_err(self.err())?;
+            let rows = st
+                .query_map([seq], |r| {
+                    Ok(Change {
+                        seq: r.get(0)?,
+                        kind: r.get(1)?,
+                        token_id: r.get(2)?,
+                        account_id: r.get(3)?,
+                    })
+                })
+                .map_err(self.err())?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+        })
+    }
+
+    pub(crate) fn count_active(&self, now: i64, expiring_before: i64) -> Result<(u64, u64), StoreError> {
+        self.with_reader(|c| {
+            c.query_row(
+                "SELECT count(*), coalesce(sum(t.expires_at IS NOT NULL AND t.expires_at < ?2), 0) \
+                 FROM tokens t JOIN accounts a ON a.id = t.account_id \
+                 WHERE t.revoked_at IS NULL AND a.disabled_at IS NULL \
+                   AND (t.expires_at IS NULL OR t.expires_at > ?1) \
+                   AND (t.rotation_deadline IS NULL OR t.rotation_deadline > ?1)",
+                params![now, expiring_before],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(self.err())
+        })
+    }
+
+    pub(crate) fn outbox_push(&self, json: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("INSERT INTO audit_outbox (line) VALUES (?1)", [json])
+                .map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c
+                .prepare_cached("SELECT id, line FROM audit_outbox ORDER BY id LIMIT ?1")
+                .map_err(self.err())?;
+            let rows = st
+                .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(self.err())?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+        })
+    }
+
+    pub(crate) fn outbox_ack(&self, id: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM audit_outbox WHERE id <= ?1", [id])
+                .map_err(self.err())?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn integrity_check(&self) -> Result<String, StoreError> {
+        self.with_reader(|c| {
+            c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+                .map_err(self.err())
+        })
+    }
+
+    pub(crate) fn backup(&self, dest: &Path) -> Result<(), StoreError> {
+        self.with_reader(|c| {
+            c.backup(rusqlite::MAIN_DB, dest, None::<fn(rusqlite::backup::Progress)>)
+                .map_err(self.err())
+        })
+    }
+
+    pub(crate) fn export(&self) -> Result<StoreDump, StoreError> {
+        // One read transaction: the four tables come from the same snapshot.
+        self.with_reader(|c| {
+            c.execute_batch("BEGIN").map_err(self.err())?;
+            let out = self.export_in(c);
+            let _ = c.execute_batch("COMMIT");
+            out
+        })
+    }
+
+    fn export_in(&self, c: &Connection) -> Result<StoreDump, StoreError> {
+        let mut st = c
+            .prepare("SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id")
+            .map_err(self.err())?;
+        let accounts = st
+            .query_map([], |r| {
+                Ok(DumpAccount {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    email: r.get(2)?,
+                    created_at: r.get(3)?,
+                    created_by: r.get(4)?,
+                    disabled_at: r.get(5)?,
+                    disabled_by: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut st = c
+            .prepare(&format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id"))
+            .map_err(self.err())?;
+        let tokens = st
+            .query_map([], |r| {
+                Ok(DumpToken {
+                    id: r.get(0)?,
+                    account_id: r.get(1)?,
+                    name: r.get(2)?,
+                    display_prefix: r.get(3)?,
+                    hash: r.get(4)?,
+                    role: r.get(5)?,
+                    permissions: r.get(6)?,
+                    scopes: r.get(7)?,
+                    allowed_cidrs: r.get(8)?,
+                    rate_rps: r.get(9)?,
+                    rate_burst: r.get(10)?,
+                    created_at: r.get(11)?,
+                    created_by: r.get(12)?,
+                    expires_at: r.get(13)?,
+                    last_used_at: r.get(14)?,
+                    last_used_ip: r.get(15)?,
+                    revoked_at: r.get(16)?,
+                    revoked_by: r.get(17)?,
+                    revoke_reason: r.get(18)?,
+                    rotated_from: r.get(19)?,
+                    rotation_deadline: r.get(20)?,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut st = c
+            .prepare("SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq")
+            .map_err(self.err())?;
+        let changes = st
+            .query_map([], |r| {
+                Ok(DumpChange {
+                    seq: r.get(0)?,
+                    at: r.get(1)?,
+                    kind: r.get(2)?,
+                    token_id: r.get(3)?,
+                    account_id: r.get(4)?,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut st = c
+            .prepare("SELECT id, line FROM audit_outbox ORDER BY id")
+            .map_err(self.err())?;
+        let outbox = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        Ok(StoreDump {
+            accounts,
+            tokens,
+            changes,
+            outbox,
+        })
+    }
+
+    pub(crate) fn import(&self, d: &StoreDump) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let counts: (i64, i64, i64, i64) = tx
+                .query_row(
+                    "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
+                     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .map_err(self.err())?;
+            if counts != (0, 0, 0, 0) {
+                return Err(StoreError::NotEmpty {
+                    target: self.path.display().to_string(),
+                    what: format!(
+                        "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
+                        counts.0, counts.1, counts.2, counts.3
+                    ),
+                });
+            }
+            for a in &d.accounts {
+                tx.execute(
+                    "INSERT INTO accounts (id, name, email, created_at, created_by, disabled_at, disabled_by) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![a.id, a.name, a.email, a.created_at, a.created_by, a.disabled_at, a.disabled_by],
+                )
+                .map_err(self.err())?;
+            }
+            // rotated_from points at another token: insert without it, then link.
+            for t in &d.tokens {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES \
+                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, NULL, ?20)"
+                    ),
+                    params![
+                        t.id,
+                        t.account_id,
+                        t.name,
+                        t.display_prefix,
+                        t.hash,
+                        t.role,
+                        t.permissions,
+                        t.scopes,
+                        t.allowed_cidrs,
+                        t.rate_rps,
+                        t.rate_burst,
+                        t.created_at,
+                        t.created_by,
+                        t.expires_at,
+                        t.last_used_at,
+                        t.last_used_ip,
+                        t.revoked_at,
+                        t.revoked_by,
+                        t.revoke_reason,
+                        t.rotation_deadline,
+                    ],
+                )
+                .map_err(self.err())?;
+            }
+            for t in d.tokens.iter().filter(|t| t.rotated_from.is_some()) {
+                tx.execute("UPDATE tokens SET rotated_from = ?1 WHERE id = ?2", params![t.rotated_from, t.id])
+                    .map_err(self.err())?;
+            }
+            // Explicit seqs keep the high-water mark (AUTOINCREMENT continues above it).
+            for ch in &d.changes {
+                tx.execute(
+                    "INSERT INTO changes (seq, at, kind, token_id, account_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![ch.seq, ch.at, ch.kind, ch.token_id, ch.account_id],
+                )
+                .map_err(self.err())?;
+            }
+            for (id, line) in &d.outbox {
+                tx.execute("INSERT INTO audit_outbox (id, line) VALUES (?1, ?2)", params![id, line])
+                    .map_err(self.err())?;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn open_conn(path: &Path, busy: Duration, create: bool) -> rusqlite::Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let c = Connection::open_with_flags(path, flags)?;
+    c.busy_timeout(busy)?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", "FULL")?;
+    c.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(c)
+}
+
+fn migrate(c: &Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        c.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .map_err(|source| {
+            let _ = c.execute_batch("ROLLBACK");
+            err(source)
+        })?;
+    }
+    Ok(())
+}
+
+fn record_change(tx: &Connection, now: i64, kind: &str, token_id: Option<&str>, account_id: Option<&str>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO changes (at, kind, token_id, account_id) VALUES (?1, ?2, ?3, ?4)",
+        params![now, kind, token_id, account_id],
+    )?;
+    Ok(())
+}
+
+fn find_account(c: &Connection, name_or_id: &str) -> rusqlite::Result<Option<Account>> {
+    c.query_row(
+        "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts WHERE name = ?1 OR id = ?1",
+        [name_or_id],
+        account_from_row,
+    )
+    .optional()
+}
+
+fn active_tokens(c: &Connection, account_id: &str, now: i64) -> rusqlite::Result<Vec<(String, String, String)>> {
+    let mut st = c.prepare(
+        "SELECT id, name, display_prefix FROM tokens WHERE account_id = ?1 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > ?2) AND (rotation_deadline IS NULL OR rotation_deadline > ?2) \
+         ORDER BY created_at",
+    )?;
+    let rows = st.query_map(params![account_id, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+fn insert_token(tx: &Connection, account_id: &str, t: &NewTokenRow) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO tokens (id, account_id, name, display_prefix, hash, role, permissions, scopes, allowed_cidrs, \
+         rate_rps, rate_burst, created_at, created_by, expires_at, rotated_from) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            t.id,
+            account_id,
+            t.name,
+            t.display_prefix,
+            &t.hash[..],
+            t.role,
+            t.permissions,
+            t.scopes,
+            t.allowed_cidrs,
+            t.rate_rps,
+            t.rate_burst,
+            t.created_at,
+            t.created_by,
+            t.expires_at,
+            t.rotated_from,
+        ],
+    )?;
+    Ok(())
+}
+
+fn account_from_row(r: &Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        email: r.get(2)?,
+        created_at: r.get(3)?,
+        created_by: r.get(4)?,
+        disabled_at: r.get(5)?,
+    })
+}
+
+fn raw_token(r: &Row<'_>) -> rusqlite::Result<RawTokenRow> {
+    Ok(RawTokenRow {
+        id: r.get(0)?,
+        account_id: r.get(1)?,
+        account: r.get(2)?,
+        name: r.get(3)?,
+        prefix: r.get(4)?,
+        role: r.get(5)?,
+        permissions: r.get(6)?,
+        scopes: r.get(7)?,
+        allowed_cidrs: r.get(8)?,
+        rate_rps: r.get(9)?,
+        rate_burst: r.get(10)?,
+        created_at: r.get(11)?,
+        created_by: r.get(12)?,
+        expires_at: r.get(13)?,
+        last_used_at: r.get(14)?,
+        last_used_ip: r.get(15)?,
+        revoked_at: r.get(16)?,
+        revoked_by: r.get(17)?,
+        revoke_reason: r.get(18)?,
+        rotated_from: r.get(19)?,
+        rotation_deadline: r.get(20)?,
+        account_disabled_at: r.get(21)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! SQLite-only properties; the behaviour both engines share is in `tests/store_suite.rs`.
+    use super::super::{NewTokenSpec, Store};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn spec(account: &str, name: &str) -> NewTokenSpec {
+        NewTokenSpec {
+            account: account.into(),
+            name: name.into(),
+            role: Some("viewer".into()),
+            permissions: vec!["apps:read".into()],
+            scopes: BTreeMap::new(),
+            allowed_cidrs: vec![],
+            rate: None,
+            expires_at: None,
+            created_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn plaintext_is_not_in_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("t.db"), Duration::from_millis(250)).unwrap();
+        s.create_account("ci", None, "test", 1).unwrap();
+        let (_, new) = s.create_token(&spec("ci", "x"), "tg", 5, 10).unwrap();
+        for f in std::fs::read_dir(d.path()).unwrap() {
+            let bytes = std::fs::read(f.unwrap().path()).unwrap();
+            let needle = new.plaintext.as_bytes();
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+
+    #[test]
+    fn reopening_keeps_schema_version() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("t.db"), Duration::from_millis(250)).unwrap();
+        drop(s);
+        let s = Store::open(&d.path().join("t.db"), Duration::from_millis(250)).unwrap();
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+        let v: i64 = rusqlite::Connection::open(d.path().join("t.db"))
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, super::super::SCHEMA_VERSION);
+    }
+}

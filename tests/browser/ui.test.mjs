@@ -1,0 +1,279 @@
+// Browser test of the tokengate web UI in Debian's headless Chromium (playwright-core, no
+// downloaded browser). It starts a real gateway (`tokengate serve`) with a temp SQLite store and
+// audit log in front of a small recording upstream, then, as a person would: signs in with a
+// token, issues a token in the issue card, reads it from the one-time reveal box, calls the public
+// listener with it (200), revokes it in the table (with the confirmation dialog), and sees the next
+// call get 401. Screenshots go to $SCREENSHOT_DIR (docs/screenshots holds the checked-in ones).
+//
+// Usage: node ui.test.mjs   (env: TOKENGATE_BIN, CHROMIUM, SCREENSHOT_DIR)
+import { spawn, execFileSync } from "node:child_process";
+import fs from "node:fs";
+import http from "node:http";
+import os from "node:os";
+import path from "node:path";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const bin = process.env.TOKENGATE_BIN;
+if (!bin) throw new Error("set TOKENGATE_BIN to the tokengate binary");
+const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const shots = process.env.SCREENSHOT_DIR || fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-shots-"));
+fs.mkdirSync(shots, { recursive: true });
+
+let passed = 0;
+let failed = 0;
+const cleanups = [];
+async function step(name, fn) {
+  try {
+    await fn();
+    passed += 1;
+    console.log(`ok - ${name}`);
+  } catch (e) {
+    failed += 1;
+    console.log(`not ok - ${name}\n  ${String(e && e.stack || e).split("\n").join("\n  ")}`);
+    throw e;
+  }
+}
+
+// ------------------------------------------------------------------ recording upstream
+const received = [];
+const upstream = http.createServer((req, res) => {
+  received.push({ method: req.method, url: req.url, headers: req.headers });
+  res.writeHead(200, { "content-type": "application/json" });
+  res.end(JSON.stringify({ upstream: "ok", path: req.url }));
+});
+await new Promise((r) => upstream.listen(0, "127.0.0.1", r));
+cleanups.push(() => upstream.close());
+const upstreamAddr = `127.0.0.1:${upstream.address().port}`;
+
+// ------------------------------------------------------------------ gateway
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-ui-"));
+const config = path.join(dir, "tokengate.toml");
+fs.writeFileSync(config, `[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+path = "tokengate.db"
+
+[audit]
+path = "audit.log"
+
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "http://${upstreamAddr}"
+
+[[routes.rules]]
+methods = ["GET", "HEAD"]
+path = "/apps/{app}/**"
+permission = "apps:read"
+`);
+const cli = (...args) => execFileSync(bin, ["--config", config, ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+cli("account", "create", "platform", "--email", "platform@example.com");
+cli("account", "create", "ci-bots");
+const signin = JSON.parse(cli("token", "create", "--account", "platform", "--name", "alice-console", "--permission", "tokengate:admin", "--permission", "apps:read", "--expires", "30d", "--json"));
+const signinToken = signin.token;
+// A second token so the table has some company in the screenshots.
+cli("token", "create", "--account", "ci-bots", "--name", "nightly-build", "--role", "cicd", "--expires", "90d");
+
+const gw = spawn(bin, ["--config", config, "--log-format", "json", "serve"], { stdio: ["ignore", "ignore", "pipe"] });
+cleanups.push(() => gw.kill("SIGTERM"));
+const { publicUrl, adminUrl } = await new Promise((resolve, reject) => {
+  let buf = "";
+  const timer = setTimeout(() => reject(new Error("gateway did not start:\n" + buf)), 20000);
+  gw.stderr.on("data", (d) => {
+    buf += d.toString();
+    for (const line of buf.split("\n")) {
+      try {
+        const f = JSON.parse(line).fields || {};
+        if (f.public && f.admin) {
+          clearTimeout(timer);
+          resolve({ publicUrl: `http://${f.public}`, adminUrl: `http://${f.admin}` });
+        }
+      } catch (_) { /* not JSON yet */ }
+    }
+  });
+  gw.on("exit", (c) => reject(new Error(`gateway exited ${c}:\n${buf}`)));
+});
+
+async function callPublic(token) {
+  const r = await fetch(`${publicUrl}/apps/billing/status`, { headers: { authorization: `Bearer ${token}` } });
+  return { status: r.status, challenge: r.headers.get("www-authenticate") || "" };
+}
+
+// ------------------------------------------------------------------ the browser
+const browser = await chromium.launch({
+  executablePath: chromiumPath,
+  headless: true,
+  args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
+});
+cleanups.push(() => browser.close());
+const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
+await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: adminUrl });
+const page = await context.newPage();
+const consoleErrors = [];
+page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+page.on("pageerror", (e) => consoleErrors.push(String(e)));
+
+let issued = null;
+try {
+  await step("the page asks for a token to sign in", async () => {
+    await page.goto(adminUrl + "/");
+    await page.getByRole("heading", { name: "Sign in" }).waitFor();
+    const input = page.getByLabel("API token");
+    assert.equal(await input.getAttribute("type"), "password");
+    assert.equal(await page.evaluate(() => document.activeElement.id), "signin-token", "focus starts in the token field");
+    await page.screenshot({ path: path.join(shots, "signin.png") });
+  });
+
+  await step("a wrong token is refused with a message", async () => {
+    await page.getByLabel("API token").fill("tg_notarealtoken");
+    await page.keyboard.press("Enter");
+    await page.locator("#signin-error").filter({ hasText: /not valid/ }).waitFor();
+  });
+
+  await step("signing in with the keyboard sets a strict HttpOnly session cookie", async () => {
+    await page.getByLabel("API token").fill(signinToken);
+    await page.keyboard.press("Enter");
+    await page.getByRole("heading", { name: "Issue a token" }).waitFor();
+    await page.locator("#tokens tr").first().waitFor();
+    const cookies = await context.cookies(adminUrl);
+    const c = cookies.find((x) => x.name === "tokengate_session");
+    assert.ok(c, "session cookie");
+    assert.equal(c.httpOnly, true);
+    assert.equal(c.sameSite, "Strict");
+    assert.equal(c.value.length, 64);
+    assert.equal(await page.evaluate(() => document.cookie), "", "scripts cannot read the cookie");
+    const csrf = await page.locator('meta[name="csrf-token"]').getAttribute("content");
+    assert.match(csrf, /^[0-9a-f]{64}$/);
+    assert.match(await page.locator("#who").innerText(), /alice-console/);
+  });
+
+  await step("every form control has a label", async () => {
+    const unlabeled = await page.evaluate(() =>
+      [...document.querySelectorAll("input, select")]
+        .filter((el) => !el.closest("[hidden]"))
+        .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label"))
+        .map((el) => el.id));
+    assert.deepEqual(unlabeled, []);
+    assert.ok(await page.locator("#reveal [aria-live]").count() >= 1, "the reveal box announces itself");
+    await page.screenshot({ path: path.join(shots, "tokens.png"), fullPage: true });
+  });
+
+  await step("issue a token from the issue card, by keyboard", async () => {
+    await page.getByLabel("Name").focus();
+    await page.keyboard.type("deploy-from-browser");
+    await page.keyboard.press("Tab");
+    assert.equal(await page.evaluate(() => document.activeElement.id), "issue-account", "focus order: name, account, role, expiry");
+    await page.getByLabel("Account").selectOption("ci-bots");
+    await page.getByLabel("Role").selectOption("viewer");
+    await page.getByLabel("Expires").selectOption("30d");
+    await page.getByRole("button", { name: "Issue token" }).click();
+    await page.locator("#reveal").waitFor({ state: "visible" });
+    issued = await page.getByLabel("Token", { exact: true }).inputValue();
+    assert.match(issued, /^tg_[0-9A-Za-z]{38}$/);
+    assert.equal(await page.getByLabel("Shell").inputValue(), `export TOKENGATE_TOKEN=${issued}`);
+    assert.equal(await page.evaluate(() => document.activeElement.id), "reveal-token", "focus moves to the new token");
+    assert.match(await page.locator("#reveal-live").innerText(), /shown only once/);
+    const row = page.locator("#tokens tr", { hasText: "deploy-from-browser" });
+    await row.waitFor();
+    assert.match(await row.innerText(), /ci-bots/);
+    assert.match(await row.innerText(), /viewer/);
+    assert.match(await row.innerText(), new RegExp(issued.slice(0, 11)));
+  });
+
+  await step("the copy buttons copy the raw token and the export line", async () => {
+    await page.getByRole("button", { name: "Copy token" }).click();
+    await page.locator("#copy-status").filter({ hasText: "Token copied" }).waitFor();
+    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), issued);
+    await page.getByRole("button", { name: "Copy export line" }).click();
+    await page.locator("#copy-status").filter({ hasText: "Export line copied" }).waitFor();
+    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), `export TOKENGATE_TOKEN=${issued}`);
+    // The screenshot shows the box with the secret part masked: a real token never goes in docs/.
+    const masked = issued.slice(0, 11) + "•".repeat(30);
+    await page.evaluate((m) => {
+      document.getElementById("reveal-token").value = m;
+      document.getElementById("reveal-export").value = "export TOKENGATE_TOKEN=" + m;
+    }, masked);
+    await page.screenshot({ path: path.join(shots, "issued.png"), fullPage: true });
+    await page.evaluate((t) => {
+      document.getElementById("reveal-token").value = t;
+      document.getElementById("reveal-export").value = "export TOKENGATE_TOKEN=" + t;
+    }, issued);
+  });
+
+  await step("the issued token works on the public listener", async () => {
+    const before = received.length;
+    const r = await callPublic(issued);
+    assert.equal(r.status, 200);
+    assert.equal(received.length, before + 1);
+    assert.equal(received.at(-1).url, "/apps/billing/status");
+    assert.equal(received.at(-1).headers["x-tokengate-token-name"], "deploy-from-browser");
+  });
+
+  await step("hiding the reveal box forgets the token", async () => {
+    await page.getByRole("button", { name: /hide it/ }).click();
+    assert.equal(await page.locator("#reveal").isVisible(), false);
+    assert.equal(await page.evaluate(() => document.getElementById("reveal-token").value), "");
+    assert.equal(await page.evaluate((t) => document.body.innerHTML.includes(t), issued), false);
+  });
+
+  await step("revoke it in the table, after confirming", async () => {
+    const row = page.locator("#tokens tr", { hasText: "deploy-from-browser" });
+    await row.getByRole("button", { name: /Revoke deploy-from-browser/ }).click();
+    const dialog = page.getByRole("dialog", { name: "Revoke this token?" });
+    await dialog.waitFor();
+    assert.match(await dialog.innerText(), /deploy-from-browser/);
+    await page.screenshot({ path: path.join(shots, "revoke-confirm.png") });
+    // Cancel first: nothing happens.
+    await dialog.getByRole("button", { name: "Cancel" }).click();
+    assert.equal((await callPublic(issued)).status, 200);
+    await row.getByRole("button", { name: /Revoke deploy-from-browser/ }).click();
+    await dialog.getByRole("button", { name: "Revoke" }).click();
+    await row.waitFor({ state: "detached" });
+  });
+
+  await step("the next call with the revoked token gets 401 and reaches nothing", async () => {
+    const before = received.length;
+    const r = await callPublic(issued);
+    assert.equal(r.status, 401);
+    assert.match(r.challenge, /error="invalid_token"/);
+    assert.match(r.challenge, /revoked/);
+    assert.equal(received.length, before, "the upstream received nothing");
+  });
+
+  await step("sign out ends the session", async () => {
+    await page.getByRole("button", { name: "Sign out" }).click();
+    await page.getByRole("heading", { name: "Sign in" }).waitFor();
+    const r = await page.evaluate(async () => (await fetch("/v1/whoami")).status);
+    assert.equal(r, 401);
+  });
+
+  await step("the audit log has the session's actions, and no token", async () => {
+    await new Promise((r) => setTimeout(r, 300));
+    const lines = fs.readFileSync(path.join(dir, "audit.log"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    const ev = (name) => lines.filter((l) => l.kind === "admin" && l.event === name);
+    for (const name of ["session.login", "token.created", "token.revoked", "session.logout"]) {
+      const found = ev(name).filter((l) => l.auth_type === "session");
+      assert.equal(found.length, 1, name);
+      assert.equal(found[0].actor, signin.id, name);
+    }
+    const text = fs.readFileSync(path.join(dir, "audit.log"), "utf8");
+    assert.equal(text.includes(issued), false);
+    assert.equal(text.includes(signinToken), false);
+    assert.deepEqual(consoleErrors.filter((e) => !/401|Unauthorized/.test(e)), []);
+  });
+} catch (_) {
+  // already reported by step()
+} finally {
+  for (const c of cleanups.reverse()) {
+    try { await c(); } catch (_) { /* best effort */ }
+  }
+  fs.rmSync(dir, { recursive: true, force: true });
+}
+console.log(`screenshots in ${shots}`);
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 && passed > 0 ? 0 : 1);

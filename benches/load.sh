@@ -3,7 +3,12 @@
 #
 #   bash benches/load.sh            # full run: 5 interleaved repetitions, 10 s each (~12 min)
 #   bash benches/load.sh --quick    # smoke run: 1 repetition, 3 s each, 5k req/s only (~1 min)
+#   bash benches/load.sh --profile tg-full --only-profile   # perf profile of one system under wrk load
 #   options: --reps N  --duration S  --conns N  --rates "5000 15000"  --keep (keep the work dir)
+#            --profile SYSTEM (after the measurements, one more closed-loop run of SYSTEM under
+#            `perf record -e cpu-clock`, software sampling: this machine has no hardware counters;
+#            prints the top symbols; perf.data is kept in the work dir with --keep)
+#            --only-profile (skip the measurements)
 #
 # What it does:
 #   1. installs what is missing: nginx and wrk (Debian packages), oha (crates.io, `cargo install`);
@@ -36,6 +41,8 @@ CONNS=50
 RATES="5000 15000"
 KEEP=0
 QUICK=0
+PROFILE=""
+ONLY_PROFILE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
@@ -44,7 +51,9 @@ while [ $# -gt 0 ]; do
         --conns) CONNS="$2"; shift ;;
         --rates) RATES="$2"; shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --profile) PROFILE="$2"; shift ;;
+        --only-profile) ONLY_PROFILE=1 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -68,6 +77,8 @@ need_apt=()
 command -v nginx >/dev/null || need_apt+=(nginx)
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ -n "$PROFILE" ]; then command -v perf >/dev/null || need_apt+=(linux-perf); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing ${need_apt[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
@@ -132,8 +143,6 @@ start_upstream() { # name core: sets PID_<name> and PORT_<name>
     done
     eval "PORT_$name=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$out")"
 }
-
-command -v curl >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq curl >/dev/null; }
 
 start_upstream upstream 0
 start_upstream direct 1
@@ -321,7 +330,8 @@ s, rate, rep, path, ticks, hz, busy = sys.argv[1:8]
 d = json.load(open(path))
 codes = d.get("statusCodeDistribution", {})
 bad = {k: v for k, v in codes.items() if k != "200"}
-errors = d.get("errorDistribution", {})
+# Requests still in flight when the duration ends are cut off by oha itself; anything else fails.
+errors = {k: v for k, v in d.get("errorDistribution", {}).items() if k != "aborted due to deadline"}
 if bad or errors:
     sys.exit(f"load.sh: {s} at {rate}/s: statuses {codes}, errors {errors}")
 n = sum(codes.values())
@@ -337,6 +347,7 @@ for s in $SYSTEMS; do
     $LOADGEN wrk -t1 -c"$CONNS" -d"$([ "$QUICK" = 1 ] && echo 1 || echo 3)s" -H "$AUTH" "$(url_of "$s")" >/dev/null
 done
 
+if [ "$ONLY_PROFILE" = 1 ]; then REPS=0; RATES=""; fi
 for rep in $(seq 1 "$REPS"); do
     for s in $(rotate "$rep"); do
         log "closed loop  rep $rep/$REPS  $s"
@@ -351,6 +362,24 @@ for rate in $RATES; do
         done
     done
 done
+
+if [ -n "$PROFILE" ]; then
+    log "profile: $PROFILE under wrk, ${DURATION}s, perf record -e cpu-clock"
+    perf record -q -e cpu-clock -F 999 --call-graph dwarf,16384 -o "$WORK/perf.data" -p "$(pid_of "$PROFILE")" \
+        -- sleep "$DURATION" 2>/dev/null &
+    PERF_PID=$!
+    sleep 0.2
+    $LOADGEN wrk -t1 -c"$CONNS" -d"$((DURATION - 1))s" -H "$AUTH" "$(url_of "$PROFILE")" >"$WORK/wrk-profile.txt"
+    wait "$PERF_PID" || true
+    echo "## profile of $PROFILE: $(grep Requests/sec "$WORK/wrk-profile.txt")"
+    echo "## self time by symbol (top 40)"
+    perf report -i "$WORK/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.4 2>/dev/null \
+        | grep -v '^#' | grep -v '^$' | cut -c1-150 | head -40
+    echo "## inclusive time by symbol (top 60)"
+    perf report -i "$WORK/perf.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
+        | grep -v '^#' | grep -v '^$' | cut -c1-150 | head -60
+    [ "$ONLY_PROFILE" = 1 ] && exit 0
+fi
 
 # The full pipeline really ran: one audit line per request on tg-full, none refused.
 kill -TERM "$PID_tg_full" "$PID_tg_noauth" 2>/dev/null || true

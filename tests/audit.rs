@@ -1156,7 +1156,7 @@ impl Drop for Follower {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_rename() {
     let tg = TestGateway::start_with(Options {
-        audit: "max_bytes = 6000\n".into(),
+        audit: "max_bytes = 4000\n".into(),
         ..Options::default()
     })
     .await;

@@ -374,10 +374,10 @@ if [ -n "$PROFILE" ]; then
     echo "## profile of $PROFILE: $(grep Requests/sec "$WORK/wrk-profile.txt")"
     echo "## self time by symbol (top 40)"
     perf report -i "$WORK/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.4 2>/dev/null \
-        | grep -v '^#' | grep -v '^$' | cut -c1-150 | head -40
+        | grep -v '^#' | grep -v '^$' | cut -c1-150 | head -40 || true
     echo "## inclusive time by symbol (top 60)"
     perf report -i "$WORK/perf.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
-        | grep -v '^#' | grep -v '^$' | cut -c1-150 | head -60
+        | grep -v '^#' | grep -v '^$' | cut -c1-150 | head -60 || true
     [ "$ONLY_PROFILE" = 1 ] && exit 0
 fi
 

@@ -29,13 +29,18 @@ pub async fn start(cfg: Config) -> Result<Started, CliError> {
     store
         .ping()
         .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
-    let audit = AuditLog::open(audit_config(&cfg)).map_err(|e| CliError::failure(format!("audit log: {e}")))?;
+    let audit = AuditLog::open(audit_config(&cfg))
+        .map_err(|e| CliError::failure(format!("audit log: {e}")))?;
     let gateway = Gateway::new(cfg, store, audit);
     let server = Server::bind(gateway.clone())
         .await
         .map_err(|e| CliError::failure(e.to_string()))?;
     let background = gateway.spawn_background();
-    Ok(Started { gateway, server, background })
+    Ok(Started {
+        gateway,
+        server,
+        background,
+    })
 }
 
 /// `tokengate serve`.
@@ -59,7 +64,9 @@ pub async fn serve(config: Option<&Path>) -> Result<(), CliError> {
         Some(path) => spawn_reloader(gw.clone(), tls, path, hangup),
         None => drop(hangup),
     }
-    let Started { server, background, .. } = started;
+    let Started {
+        server, background, ..
+    } = started;
     server.run(terminate).await;
     drop(background);
     gw.audit().shutdown();
@@ -85,7 +92,8 @@ impl Signals {
     fn install() -> Result<Signals, CliError> {
         use tokio::signal::unix::{SignalKind, signal};
         let install = |kind: SignalKind, name: &str| {
-            signal(kind).map_err(|e| CliError::failure(format!("cannot install the {name} handler: {e}")))
+            signal(kind)
+                .map_err(|e| CliError::failure(format!("cannot install the {name} handler: {e}")))
         };
         let mut term = install(SignalKind::terminate(), "SIGTERM")?;
         let mut int = install(SignalKind::interrupt(), "SIGINT")?;
@@ -94,7 +102,10 @@ impl Signals {
         // default action terminates the process. With a handler installed the write fails with
         // EFBIG instead, which the audit writer treats like a full disk (503 or `continue`,
         // retried until the limit is raised) — the gateway never dies for a full log.
-        #[cfg(all(target_os = "linux", not(any(target_arch = "mips", target_arch = "mips64"))))]
+        #[cfg(all(
+            target_os = "linux",
+            not(any(target_arch = "mips", target_arch = "mips64"))
+        ))]
         {
             let mut xfsz = install(SignalKind::from_raw(25), "SIGXFSZ")?;
             tokio::spawn(async move { while xfsz.recv().await.is_some() {} });
@@ -110,7 +121,10 @@ impl Signals {
 
     #[cfg(not(unix))]
     fn install() -> Result<Signals, CliError> {
-        Ok(Signals { hangup: (), terminate: Box::pin(shutdown_signal()) })
+        Ok(Signals {
+            hangup: (),
+            terminate: Box::pin(shutdown_signal()),
+        })
     }
 }
 

@@ -2150,11 +2150,24 @@ fn follow_with(
             Ok(meta) if file_id(&meta) != id => {
                 // Rotated: finish the old file (still open), then start the new one from its start.
                 t.read_available(&mut file, path, &m, format, out, err)?;
-                file = match open(path) {
+                t.finish(path, err)?;
+                let new = match open(path) {
                     Ok(f) => f,
                     Err(_) => continue, // replaced again in between; retry at the next poll
                 };
-                id = file_id(&file.metadata().map_err(io_err)?);
+                let new_id = file_id(&new.metadata().map_err(io_err)?);
+                // Size rotation may have run more than once since the last poll: the files
+                // rotated after ours come before the new one, or their lines would be skipped.
+                for between in rotated_between(path, id, new_id) {
+                    let Ok(mut f) = File::open(&between) else {
+                        continue;
+                    };
+                    t.restart();
+                    t.read_available(&mut f, &between, &m, format, out, err)?;
+                    t.finish(&between, err)?;
+                }
+                file = new;
+                id = new_id;
                 t.restart();
             }
             Ok(meta) if meta.len() < t.pos => {
@@ -2183,6 +2196,20 @@ impl Tailer {
         self.pos = 0;
         self.line_no = 0;
         self.partial.clear();
+    }
+
+    /// The file is left for another: a line without its newline is reported, not dropped silently.
+    fn finish(&mut self, path: &Path, err: &mut dyn Write) -> Result<(), AuditError> {
+        if self.partial.is_empty() {
+            return Ok(());
+        }
+        writeln!(
+            err,
+            "{}:{}: skipped: incomplete last line (no newline)",
+            path.display(),
+            self.line_no + 1
+        )
+        .map_err(AuditError::Output)
     }
 
     fn read_available(
@@ -2218,6 +2245,35 @@ impl Tailer {
             self.partial.extend_from_slice(chunk);
         }
     }
+}
+
+/// The size-rotated files written after `old` and before `new`, oldest first: `path.k-1` ..=
+/// `path.1` when `old` is now `path.k`. Empty when `old` is not among them (renamed away by
+/// logrotate, deleted) or was rotated only once.
+fn rotated_between(
+    path: &Path,
+    old: Option<(u64, u64)>,
+    new: Option<(u64, u64)>,
+) -> Vec<PathBuf> {
+    let mut between = Vec::new();
+    for n in 1..=ROTATE_KEEP {
+        let p = rotated_name(path, n);
+        let Ok(meta) = fs::metadata(&p) else {
+            return Vec::new();
+        };
+        let id = file_id(&meta);
+        if id == old {
+            between.reverse();
+            return between;
+        }
+        if id == new {
+            // The file just opened was rotated too: only files older than it are in between.
+            between.clear();
+        } else {
+            between.push(p);
+        }
+    }
+    Vec::new()
 }
 
 #[cfg(unix)]

@@ -44,6 +44,9 @@ pub struct TokenCache {
     /// token id → hash, so a revocation by id finds its entry without a scan.
     by_id: DashMap<String, TokenHash>,
     epoch: AtomicU64,
+    /// Set while changes may go unannounced (PostgreSQL notification connection lost): nothing
+    /// is cached then, every lookup reads the store. Inverted so `Default` starts trusted.
+    untrusted: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -81,21 +84,43 @@ impl TokenCache {
         if !self.by_id.contains_key(&entry.row.id) {
             self.by_id.insert(entry.row.id.clone(), hash);
         }
+        let stale = || {
+            self.epoch.load(Ordering::SeqCst) != epoch_before
+                || self.untrusted.load(Ordering::SeqCst)
+        };
         match self.map.entry(hash) {
             Entry::Occupied(mut o) => {
-                if self.epoch.load(Ordering::SeqCst) != epoch_before {
+                if stale() {
                     return false;
                 }
                 o.insert(entry);
             }
             Entry::Vacant(v) => {
-                if self.epoch.load(Ordering::SeqCst) != epoch_before {
+                if stale() {
                     return false;
                 }
                 v.insert(entry);
             }
         }
         true
+    }
+
+    /// Stops caching and drops everything: changes may be going unannounced. The flag is set
+    /// before the epoch bump, so a fill that read the epoch after the bump sees the flag, and
+    /// one that read it before sees a changed epoch.
+    pub fn distrust(&self) {
+        self.untrusted.store(true, Ordering::SeqCst);
+        self.clear();
+    }
+
+    /// Caches again (call only once the change log has been read up to date after `distrust`).
+    pub fn trust(&self) {
+        self.untrusted.store(false, Ordering::SeqCst);
+    }
+
+    /// False between `distrust` and `trust`: lookups must read the store and not fill.
+    pub fn is_trusted(&self) -> bool {
+        !self.untrusted.load(Ordering::SeqCst)
     }
 
     /// Drops the entry of one token (revoked, rotated, edited).
@@ -187,6 +212,20 @@ mod tests {
         c.invalidate_account("acc2");
         assert!(c.get(&[2; 32]).is_none());
         assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn an_untrusted_cache_refuses_fills_until_trusted_again() {
+        let c = TokenCache::new();
+        assert!(c.is_trusted());
+        assert!(c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc"))), c.epoch()));
+        c.distrust();
+        assert!(!c.is_trusted());
+        assert!(c.get(&[1; 32]).is_none(), "distrust drops what was cached");
+        assert!(!c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc"))), c.epoch()));
+        c.trust();
+        assert!(c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc"))), c.epoch()));
+        assert!(c.get(&[1; 32]).is_some());
     }
 
     #[test]

@@ -820,6 +820,7 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
                 if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("redis+unix://")) {
                     return Err(cx.invalid("rate_limit.redis", "must be a `redis://HOST:PORT[/DB]` URL"));
                 }
+                crate::ratelimit_redis::check_url(&u).map_err(|m| cx.invalid("rate_limit.redis", m))?;
                 Some(u)
             }
         },

@@ -172,7 +172,7 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
         r#"
 tokengate demo is running.
   gateway    {base}   (store and audit log in {dir})
-  admin      http://{admin_addr}   (/healthz, /readyz, /metrics)
+  admin UI   http://{admin_addr}/   (sign in with the admin token; also /healthz, /readyz, /metrics)
   upstream   http://{upstream}   (built-in echo)
 
 Tokens (shown once; they live only in this demo's temporary store):

@@ -26,7 +26,8 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::path;
 use crate::proxy::{self, ForwardInfo, UpstreamClient};
 use crate::ratelimit::{Allowance, FailedAuthLimiter, TokenLimiter};
-use crate::store::{LastUsed, Store, StoreError, TokenRow};
+use crate::ratelimit_redis::RedisLimiter;
+use crate::store::{ChangeSignal, LastUsed, Store, StoreError, TokenRow};
 use crate::token::TokenHash;
 
 /// Facts about the client connection a request arrived on.
@@ -51,6 +52,9 @@ struct Inner {
     cache: TokenCache,
     audit: AuditLog,
     limiter: TokenLimiter,
+    /// Limits exact across replicas (`rate_limit.redis`); None = the in-process `limiter` only.
+    /// ArcSwap: a reload that changes the Redis settings replaces it without a lock.
+    redis_limiter: arc_swap::ArcSwapOption<RedisLimiter>,
     /// ArcSwap: a reload with a new `failed_auth_per_minute` replaces the limiter.
     failed_auth: ArcSwap<FailedAuthLimiter>,
     metrics: Metrics,
@@ -107,6 +111,7 @@ impl Gateway {
             config.rate_limit.failed_auth_max_clients,
         );
         let change_seq = store.last_change_seq().unwrap_or(0).max(0) as u64;
+        let redis_limiter = arc_swap::ArcSwapOption::new(RedisLimiter::from_config(&config.rate_limit));
         let clock = Clock::default();
         let now = clock.now_ms();
         Gateway {
@@ -116,6 +121,7 @@ impl Gateway {
                 cache: TokenCache::new(),
                 audit,
                 limiter: TokenLimiter::new(),
+                redis_limiter,
                 failed_auth: ArcSwap::from_pointee(failed),
                 metrics: Metrics::default(),
                 client: proxy::client(),
@@ -145,6 +151,13 @@ impl Gateway {
                 config.rate_limit.failed_auth_per_minute,
                 config.rate_limit.failed_auth_max_clients,
             )));
+        }
+        let redis_changed = match self.inner.redis_limiter.load().as_ref() {
+            Some(r) => !r.matches(&config.rate_limit),
+            None => config.rate_limit.redis.is_some(),
+        };
+        if redis_changed {
+            self.inner.redis_limiter.store(RedisLimiter::from_config(&config.rate_limit));
         }
         self.inner.config.store(Arc::new(config));
     }
@@ -342,11 +355,61 @@ impl Gateway {
         let gw = self.clone();
         tasks.push(tokio::spawn(async move {
             let mut warned = false;
+            // PostgreSQL pushes change signals (wake at once); SQLite is only polled.
+            let mut events = gw.inner.store.change_events();
+            // Set after a lost notification connection until the change log is read again.
+            let mut resync = false;
             loop {
                 let every = gw.config().store.change_poll_interval;
-                tokio::time::sleep(every).await;
+                let first = match events.as_mut() {
+                    Some(rx) => tokio::select! {
+                        _ = tokio::time::sleep(every) => None,
+                        s = rx.recv() => Some(s),
+                    },
+                    None => {
+                        tokio::time::sleep(every).await;
+                        None
+                    }
+                };
+                // Handle everything queued, in order, before one read of the change log.
+                let mut next = first;
+                while let Some(signal) = next.take() {
+                    use tokio::sync::broadcast::error::RecvError;
+                    match signal {
+                        Ok(ChangeSignal::Notified) => {}
+                        Ok(ChangeSignal::Reconnected) => resync = true,
+                        // Lagged: a `Lost` may be among the missed signals; assume the worst.
+                        Ok(ChangeSignal::Lost) | Err(RecvError::Lagged(_)) => {
+                            if gw.inner.cache.is_trusted() {
+                                gw.inner.cache.distrust();
+                                tracing::warn!("change notifications lost: every request reads the store, nothing is cached, until they are back");
+                            }
+                            resync = true;
+                        }
+                        Err(RecvError::Closed) => events = None,
+                    }
+                    next = events.as_mut().and_then(|rx| match rx.try_recv() {
+                        Ok(s) => Some(Ok(s)),
+                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                        Err(_) => None,
+                    });
+                }
+                // Level check too: covers a loss before we subscribed. Read before the poll: trust
+                // comes back only if the connection already listened when the read began.
+                let feed_up = gw.inner.store.change_feed_up();
+                if feed_up == Some(false) && gw.inner.cache.is_trusted() {
+                    gw.inner.cache.distrust();
+                    resync = true;
+                }
                 match gw.poll_changes().await {
                     Ok(_) => {
+                        if resync && feed_up != Some(false) {
+                            // Listening again, and the change log is applied up to now: any
+                            // later change will be pushed, so caching is safe again.
+                            resync = false;
+                            gw.inner.cache.trust();
+                            tracing::info!("change notifications are back and the change log is applied: caching again");
+                        }
                         if let Err(e) = gw.drain_outbox().await {
                             tracing::warn!(error = %e, "cannot move queued CLI audit events");
                         }
@@ -396,7 +459,9 @@ impl Gateway {
             audit_queue: self.inner.audit.queue_depth() as u64,
             audit_failures: self.inner.audit.write_failures(),
             audit_lines: self.inner.audit.lines_written(),
-            rate_limited: self.inner.limiter.limited_count(),
+            rate_limited: self.inner.limiter.limited_count()
+                + self.inner.redis_limiter.load().as_ref().map_or(0, |r| r.limited_count()),
+            redis_fallbacks: self.inner.redis_limiter.load().as_ref().map_or(0, |r| r.fallback_count()),
             failed_auth_tracked: tracked as u64,
             store_lookups: self.inner.store.lookup_count(),
             store_writes: self.inner.store.write_count(),
@@ -554,7 +619,13 @@ impl Gateway {
         // 7. Per-token rate limit.
         if let Some(t) = &ctx.token {
             let rate = token_rate(cfg, &t.row);
-            match self.inner.limiter.check(&t.row.id, rate) {
+            // Redis only when configured: the in-process path stays a plain function call.
+            let redis = self.inner.redis_limiter.load_full();
+            let checked = match redis {
+                Some(r) => r.check(&t.row.id, rate).await,
+                None => self.inner.limiter.check(&t.row.id, rate),
+            };
+            match checked {
                 Ok(a) => ctx.ratelimit = Some(a),
                 Err(d) => {
                     return Err(no_res(Reject::RateLimited {
@@ -653,6 +724,10 @@ impl Gateway {
                 return Err(Reject::InvalidToken { reason: "unknown_token" });
             };
             let entry = Arc::new(CachedToken::new(row));
+            if !self.inner.cache.is_trusted() {
+                // Changes may be going unannounced: use this fresh read once, cache nothing.
+                return Ok(entry);
+            }
             if self.inner.cache.fill(hash, entry.clone(), epoch) {
                 return Ok(entry);
             }

@@ -2,7 +2,8 @@
 //!
 //! Every request on the public listener runs the pipeline of SPEC §1 — canonicalise, failed-auth
 //! limiter, authenticate, authorise, rate-limit, audit, forward — and only then reaches the
-//! upstream. Tokens are stored only as SHA-256 hashes in SQLite and cached in memory.
+//! upstream. Tokens are stored only as SHA-256 hashes (SQLite, or PostgreSQL for several replicas)
+//! and cached in memory.
 //!
 //! # Layout
 //! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
@@ -12,13 +13,15 @@
 //! - [`config`] — TOML config: raw serde structs → validated [`config::Config`], named defaults.
 //! - [`error`] — [`error::Reject`] and the one function that turns a rejection into a response.
 //! - [`token`] — token format: generate, parse, checksum, display prefix, SHA-256.
-//! - [`store`] — SQLite store: migrations, accounts, tokens, change log.
+//! - [`store`] — the token store behind one handle: SQLite ([`store::sqlite`]) or PostgreSQL
+//!   ([`store::postgres`], LISTEN/NOTIFY change push); migrations, accounts, tokens, change log.
 //! - [`cache`] — in-memory token cache with race-free invalidation.
 //! - [`path`] — canonical request paths (step 1).
 //! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
 //! - [`authz`] — rule templates, matching, permissions, scopes (step 6).
 //! - [`ratelimit`] — per-token GCRA limiter and per-IP failed-auth limiter (steps 2, 7).
+//! - [`ratelimit_redis`] — per-token limits exact across replicas: GCRA in Redis (step 7).
 //! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
 //! - [`body`] — body types and the streaming size/idle guard.
@@ -49,6 +52,7 @@ pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod ratelimit;
+pub mod ratelimit_redis;
 pub mod remote;
 pub mod server;
 pub mod store;

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
@@ -88,7 +88,7 @@ pub struct Snapshot {
     pub cache_misses: u64,
     /// Cached tokens.
     pub cache_size: u64,
-    /// Whether the store answered the scrape's queries (`None`: not asked).
+    /// Whether the store file could be read at this scrape (`None`: not asked).
     pub store_up: Option<bool>,
     /// Active tokens in the store (`None` when the store could not be read: the sample is left
     /// out rather than reported as 0).
@@ -107,10 +107,23 @@ pub struct Snapshot {
     pub rate_limited: u64,
     /// Failed-auth limiter tracked keys.
     pub failed_auth_tracked: u64,
+    /// Per-token checks answered by the in-process fallback because Redis could not.
+    pub redis_fallbacks: u64,
     /// Store lookups.
     pub store_lookups: u64,
     /// Store writes.
     pub store_writes: u64,
+}
+
+/// Token counts from the store, cached between scrapes (see `admin::metrics`).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenCounts {
+    /// When they were counted.
+    pub at: Instant,
+    /// Active tokens.
+    pub active: u64,
+    /// Active tokens expiring within 7 days.
+    pub expiring_7d: u64,
 }
 
 /// Counters owned by the gateway.
@@ -136,6 +149,9 @@ pub struct Metrics {
     pub listening: AtomicBool,
     /// Process start, Unix seconds.
     started_at: f64,
+    /// Last token counts. A tokio mutex: the scrape holds it across the store query so that
+    /// concurrent scrapes share one count.
+    pub token_counts: tokio::sync::Mutex<Option<TokenCounts>>,
 }
 
 impl Default for Metrics {
@@ -153,6 +169,7 @@ impl Default for Metrics {
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64().floor()),
+            token_counts: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -214,16 +231,38 @@ impl Metrics {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
 
-        header(&mut out, "tokengate_build_info", "gauge", "Always 1; the version label names the running build.");
+        header(
+            &mut out,
+            "tokengate_build_info",
+            "gauge",
+            "Always 1; the version label names the running build.",
+        );
         let _ = writeln!(
             out,
             "tokengate_build_info{{version=\"{}\"}} 1",
             escape_label(env!("CARGO_PKG_VERSION"))
         );
-        single(&mut out, "tokengate_process_start_time_seconds", "gauge", "Start time of the process, Unix seconds.", self.started_at);
-        single(&mut out, "tokengate_listening", "gauge", "1 while the listeners are bound and accepting; 0 before start and while draining.", flag(self.listening.load(Ordering::Relaxed)));
+        single(
+            &mut out,
+            "tokengate_process_start_time_seconds",
+            "gauge",
+            "Start time of the process, Unix seconds.",
+            self.started_at,
+        );
+        single(
+            &mut out,
+            "tokengate_listening",
+            "gauge",
+            "1 while the listeners are bound and accepting; 0 before start and while draining.",
+            flag(self.listening.load(Ordering::Relaxed)),
+        );
 
-        header(&mut out, "tokengate_requests_total", "counter", "Requests handled on the public listener, by decision, reason and status class.");
+        header(
+            &mut out,
+            "tokengate_requests_total",
+            "counter",
+            "Requests handled on the public listener, by decision, reason and status class.",
+        );
         let mut rows: Vec<_> = self
             .requests
             .iter()
@@ -238,13 +277,29 @@ impl Metrics {
                 escape_label(reason),
             );
         }
-        single(&mut out, "tokengate_requests_in_flight", "gauge", "Requests being handled on the public listener.", self.in_flight.load(Ordering::Relaxed) as f64);
+        single(
+            &mut out,
+            "tokengate_requests_in_flight",
+            "gauge",
+            "Requests being handled on the public listener.",
+            self.in_flight.load(Ordering::Relaxed) as f64,
+        );
 
         let name = "tokengate_request_duration_seconds";
-        header(&mut out, name, "histogram", "Time from request head to response head, every request.");
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Time from request head to response head, every request.",
+        );
         self.request_latency.render_samples(&mut out, name, "");
         let name = "tokengate_upstream_duration_seconds";
-        header(&mut out, name, "histogram", "Time the upstream took to answer with a response head, by route.");
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Time the upstream took to answer with a response head, by route.",
+        );
         let mut routes: Vec<String> = self
             .upstream_latency
             .iter()
@@ -258,32 +313,147 @@ impl Metrics {
             }
         }
 
-        single(&mut out, "tokengate_cache_hits_total", "counter", "Token lookups answered by the cache.", snap.cache_hits as f64);
-        single(&mut out, "tokengate_cache_misses_total", "counter", "Token lookups the cache could not answer.", snap.cache_misses as f64);
-        single(&mut out, "tokengate_cache_entries", "gauge", "Tokens in the cache.", snap.cache_size as f64);
+        single(
+            &mut out,
+            "tokengate_cache_hits_total",
+            "counter",
+            "Token lookups answered by the cache.",
+            snap.cache_hits as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_cache_misses_total",
+            "counter",
+            "Token lookups the cache could not answer.",
+            snap.cache_misses as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_cache_entries",
+            "gauge",
+            "Tokens in the cache.",
+            snap.cache_size as f64,
+        );
         if let Some(up) = snap.store_up {
-            single(&mut out, "tokengate_store_up", "gauge", "1 when the store answered this scrape's queries.", flag(up));
+            single(
+                &mut out,
+                "tokengate_store_up",
+                "gauge",
+                "1 when the store file could be opened and read at this scrape.",
+                flag(up),
+            );
         }
         if let Some(n) = snap.active_tokens {
-            single(&mut out, "tokengate_active_tokens", "gauge", "Active tokens in the store (not revoked, expired or disabled).", n as f64);
+            single(
+                &mut out,
+                "tokengate_active_tokens",
+                "gauge",
+                "Active tokens in the store (not revoked, expired or disabled); counted at most every 30 s.",
+                n as f64,
+            );
         }
         if let Some(n) = snap.expiring_7d {
-            single(&mut out, "tokengate_tokens_expiring_7d", "gauge", "Active tokens that expire within 7 days.", n as f64);
+            single(
+                &mut out,
+                "tokengate_tokens_expiring_7d",
+                "gauge",
+                "Active tokens that expire within 7 days; counted at most every 30 s.",
+                n as f64,
+            );
         }
-        single(&mut out, "tokengate_store_lookups_total", "counter", "Token lookups that reached the store.", snap.store_lookups as f64);
-        single(&mut out, "tokengate_store_writes_total", "counter", "Write transactions on the store.", snap.store_writes as f64);
-        single(&mut out, "tokengate_audit_queue_depth", "gauge", "Audit records accepted but not yet written.", snap.audit_queue as f64);
-        single(&mut out, "tokengate_audit_write_failures_total", "counter", "Failed audit write attempts (each retry counts).", snap.audit_failures as f64);
-        single(&mut out, "tokengate_audit_lines_total", "counter", "Audit lines written by this process.", snap.audit_lines as f64);
+        single(
+            &mut out,
+            "tokengate_store_lookups_total",
+            "counter",
+            "Token lookups that reached the store.",
+            snap.store_lookups as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_store_writes_total",
+            "counter",
+            "Write transactions on the store.",
+            snap.store_writes as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_audit_queue_depth",
+            "gauge",
+            "Audit records accepted but not yet written.",
+            snap.audit_queue as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_audit_write_failures_total",
+            "counter",
+            "Failed audit write attempts (each retry counts).",
+            snap.audit_failures as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_audit_lines_total",
+            "counter",
+            "Audit lines written by this process.",
+            snap.audit_lines as f64,
+        );
         if let Some(ok) = snap.audit_healthy {
-            single(&mut out, "tokengate_audit_healthy", "gauge", "1 while audit writes succeed; 0 while they fail.", flag(ok));
+            single(
+                &mut out,
+                "tokengate_audit_healthy",
+                "gauge",
+                "1 while audit writes succeed; 0 while they fail.",
+                flag(ok),
+            );
         }
-        single(&mut out, "tokengate_rate_limited_total", "counter", "Requests refused by per-token rate limits.", snap.rate_limited as f64);
-        single(&mut out, "tokengate_failed_auth_tracked_clients", "gauge", "Client keys tracked by the failed-auth limiter.", snap.failed_auth_tracked as f64);
-        single(&mut out, "tokengate_open_connections", "gauge", "Open client connections on the public listener.", self.open_connections.load(Ordering::Relaxed) as f64);
-        single(&mut out, "tokengate_config_reloads_total", "counter", "Successful config reloads.", load(&self.reloads_ok));
-        single(&mut out, "tokengate_config_reload_failures_total", "counter", "Refused config reloads (the old config was kept).", load(&self.reloads_failed));
-        single(&mut out, "tokengate_config_last_reload_successful", "gauge", "1 when the last reload succeeded (or none was tried).", flag(self.last_reload_ok.load(Ordering::Relaxed)));
+        single(
+            &mut out,
+            "tokengate_rate_limited_total",
+            "counter",
+            "Requests refused by per-token rate limits.",
+            snap.rate_limited as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_ratelimit_redis_fallback_total",
+            "counter",
+            "Per-token rate-limit checks answered in process (limit/replicas) because Redis could not answer.",
+            snap.redis_fallbacks as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_failed_auth_tracked_clients",
+            "gauge",
+            "Client keys tracked by the failed-auth limiter.",
+            snap.failed_auth_tracked as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_open_connections",
+            "gauge",
+            "Open client connections on the public listener.",
+            self.open_connections.load(Ordering::Relaxed) as f64,
+        );
+        single(
+            &mut out,
+            "tokengate_config_reloads_total",
+            "counter",
+            "Successful config reloads.",
+            load(&self.reloads_ok),
+        );
+        single(
+            &mut out,
+            "tokengate_config_reload_failures_total",
+            "counter",
+            "Refused config reloads (the old config was kept).",
+            load(&self.reloads_failed),
+        );
+        single(
+            &mut out,
+            "tokengate_config_last_reload_successful",
+            "gauge",
+            "1 when the last reload succeeded (or none was tried).",
+            flag(self.last_reload_ok.load(Ordering::Relaxed)),
+        );
         out
     }
 }
@@ -332,10 +502,19 @@ mod tests {
         assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{out}");
         assert_eq!(*buckets.last().unwrap(), 7);
         assert!(out.contains("x_count{upstream=\"a\"} 7\n"), "{out}");
-        assert!(out.contains("x_bucket{upstream=\"a\",le=\"+Inf\"} 7\n"), "{out}");
+        assert!(
+            out.contains("x_bucket{upstream=\"a\",le=\"+Inf\"} 7\n"),
+            "{out}"
+        );
         // 0 ms and 1 ms are both <= 1 ms; 60 s is only in +Inf.
-        assert!(out.contains("x_bucket{upstream=\"a\",le=\"0.001\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{upstream=\"a\",le=\"30\"} 6\n"), "{out}");
+        assert!(
+            out.contains("x_bucket{upstream=\"a\",le=\"0.001\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{upstream=\"a\",le=\"30\"} 6\n"),
+            "{out}"
+        );
         assert_eq!(h.count(), 7);
     }
 

@@ -1184,30 +1184,51 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     let mut deny = Follower::spawn(&tg.config_path, &["--json", "--decision", "deny"]);
     let mut table = Follower::spawn(&tg.config_path, &["--status", "2xx"]);
     all.wait_for(&first).await;
-
-    // Size rotation: batches smaller than one file, so `--follow` sees every file.
     let log = tg.audit_path();
     let rotated = |n: u32| PathBuf::from(format!("{}.{n}", log.display()));
-    for _ in 0..4 {
-        let ids = batch(4).await;
+    let inode = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&log).unwrap().ino()
+    };
+
+    // Size rotation, with every follower printing each batch before the next one.
+    let mut rotations = 0;
+    while rotations < 2 {
+        let before = inode();
+        let ids = batch(2).await;
+        if inode() != before {
+            rotations += 1;
+        }
         all.wait_for(&ids).await;
     }
-    assert!(rotated(2).exists(), "the log rotated at least twice");
-    // One line at a time up to the next rotation, so the rename below starts on a nearly empty
-    // file (and the size limit does not strike while the writer appends to the renamed file).
-    for i in 0.. {
-        assert!(i < 50, "no rotation");
-        let len = std::fs::metadata(&log).unwrap().len();
-        let ids = batch(1).await;
-        all.wait_for(&ids).await;
-        if std::fs::metadata(&log).unwrap().len() < len {
-            break;
+    assert!(rotated(2).exists());
+
+    // Two rotations between two polls: followers stopped (SIGSTOP) while the log rotates
+    // twice must still print the file in between once resumed.
+    let followers = [&all, &deny, &table];
+    let signal = |sig: &str| {
+        for f in followers {
+            let ok = Command::new("kill").args([sig, &f.child.id().to_string()]).status().unwrap();
+            assert!(ok.success());
+        }
+    };
+    signal("-STOP");
+    let mut ids = Vec::new();
+    while rotations < 4 {
+        let before = inode();
+        ids.extend(batch(1).await);
+        if inode() != before {
+            rotations += 1;
         }
     }
+    signal("-CONT");
+    all.wait_for(&ids).await;
+    assert!(rotated(4).exists());
     assert!(!rotated(5).exists(), "nothing was deleted by retention");
 
     // logrotate `create` mode: rename, the writer keeps appending to the renamed file until the
-    // reopen (SIGHUP), then writes a fresh file.
+    // reopen (SIGHUP), then writes a fresh file. The current file holds one line, so the size
+    // limit does not strike in between.
     let renamed = tg.dir.path().join("audit.log-renamed");
     std::fs::rename(&log, &renamed).unwrap();
     let ids = batch(2).await;

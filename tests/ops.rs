@@ -102,13 +102,17 @@ mod prom {
             if let Some(r) = rest.strip_prefix('}') {
                 return Ok((labels, r));
             }
-            let eq = rest.find('=').ok_or_else(|| format!("label without '=': {rest:?}"))?;
+            let eq = rest
+                .find('=')
+                .ok_or_else(|| format!("label without '=': {rest:?}"))?;
             let name = rest[..eq].trim();
             if !is_label_name(name) {
                 return Err(format!("bad label name {name:?}"));
             }
             rest = rest[eq + 1..].trim_start_matches(' ');
-            rest = rest.strip_prefix('"').ok_or_else(|| format!("label {name}: value not quoted"))?;
+            rest = rest
+                .strip_prefix('"')
+                .ok_or_else(|| format!("label {name}: value not quoted"))?;
             let mut value = String::new();
             let mut chars = rest.char_indices();
             let end = loop {
@@ -144,7 +148,9 @@ mod prom {
                 if matches!(types.get(base).map(String::as_str), Some("histogram")) {
                     return base;
                 }
-                if suffix != "_bucket" && matches!(types.get(base).map(String::as_str), Some("summary")) {
+                if suffix != "_bucket"
+                    && matches!(types.get(base).map(String::as_str), Some("summary"))
+                {
                     return base;
                 }
             }
@@ -189,7 +195,12 @@ mod prom {
                         if let Some(prev) = families.last() {
                             closed.insert(prev.name.clone());
                         }
-                        families.push(Family { name: name.into(), kind: "untyped".into(), help: None, samples: vec![] });
+                        families.push(Family {
+                            name: name.into(),
+                            kind: "untyped".into(),
+                            help: None,
+                            samples: vec![],
+                        });
                         families.last_mut().unwrap()
                     }
                 };
@@ -211,7 +222,10 @@ mod prom {
                     if !fam.samples.is_empty() {
                         return Err(err("TYPE after samples".into()));
                     }
-                    if !matches!(arg, "counter" | "gauge" | "histogram" | "summary" | "untyped") {
+                    if !matches!(
+                        arg,
+                        "counter" | "gauge" | "histogram" | "summary" | "untyped"
+                    ) {
                         return Err(err(format!("unknown type {arg:?}")));
                     }
                     types.insert(name.to_string(), arg.to_string());
@@ -220,7 +234,9 @@ mod prom {
                 continue;
             }
             // A sample: name[{labels}] value [timestamp]
-            let name_end = line.find(['{', ' ']).ok_or_else(|| err("no value".into()))?;
+            let name_end = line
+                .find(['{', ' '])
+                .ok_or_else(|| err("no value".into()))?;
             let name = &line[..name_end];
             if !is_metric_name(name) {
                 return Err(err(format!("bad metric name {name:?}")));
@@ -230,11 +246,14 @@ mod prom {
             } else {
                 (BTreeMap::new(), &line[name_end..])
             };
-            let rest = rest.strip_prefix(' ').ok_or_else(|| err("no space before value".into()))?;
+            let rest = rest
+                .strip_prefix(' ')
+                .ok_or_else(|| err("no space before value".into()))?;
             let mut fields = rest.split(' ');
             let value = parse_value(fields.next().unwrap_or("")).map_err(err)?;
             if let Some(ts) = fields.next() {
-                ts.parse::<i64>().map_err(|e| err(format!("bad timestamp: {e}")))?;
+                ts.parse::<i64>()
+                    .map_err(|e| err(format!("bad timestamp: {e}")))?;
             }
             if fields.next().is_some() {
                 return Err(err("trailing fields".into()));
@@ -252,11 +271,18 @@ mod prom {
                 if let Some(prev) = families.last() {
                     closed.insert(prev.name.clone());
                 }
-                families.push(Family { name: fam_name.clone(), kind: "untyped".into(), help: None, samples: vec![] });
+                families.push(Family {
+                    name: fam_name.clone(),
+                    kind: "untyped".into(),
+                    help: None,
+                    samples: vec![],
+                });
             }
             let fam = families.last_mut().unwrap();
             match fam.kind.as_str() {
-                "counter" if value < 0.0 || value.is_nan() => return Err(err("counter below 0 or NaN".into())),
+                "counter" if value < 0.0 || value.is_nan() => {
+                    return Err(err("counter below 0 or NaN".into()));
+                }
                 "histogram" => {
                     if name.ends_with("_bucket") && !labels.contains_key("le") {
                         return Err(err("bucket without le".into()));
@@ -267,7 +293,11 @@ mod prom {
                 }
                 _ => {}
             }
-            fam.samples.push(Sample { name: name.to_string(), labels, value });
+            fam.samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
         }
         for f in &families {
             if f.kind == "histogram" {
@@ -280,13 +310,15 @@ mod prom {
     /// Buckets in increasing `le` order, cumulative counts that never decrease, a `+Inf` bucket
     /// equal to `_count`, and a `_sum`, for every label set.
     fn check_histogram(f: &Family) -> Result<(), String> {
-        let mut groups: BTreeMap<String, (Vec<(f64, f64)>, Option<f64>, Option<f64>)> = BTreeMap::new();
+        let mut groups: BTreeMap<String, (Vec<(f64, f64)>, Option<f64>, Option<f64>)> =
+            BTreeMap::new();
         for s in &f.samples {
             let mut key_labels = s.labels.clone();
             let le = key_labels.remove("le");
             let g = groups.entry(format!("{key_labels:?}")).or_default();
             if s.name.ends_with("_bucket") {
-                let le = parse_value(le.as_deref().unwrap_or("")).map_err(|e| format!("{}: le {e}", f.name))?;
+                let le = parse_value(le.as_deref().unwrap_or(""))
+                    .map_err(|e| format!("{}: le {e}", f.name))?;
                 g.0.push((le, s.value));
             } else if s.name.ends_with("_sum") {
                 g.1 = Some(s.value);
@@ -303,7 +335,10 @@ mod prom {
             }
             for w in buckets.windows(2) {
                 if w[1].0 <= w[0].0 {
-                    return Err(format!("{ctx}: le not increasing ({} then {})", w[0].0, w[1].0));
+                    return Err(format!(
+                        "{ctx}: le not increasing ({} then {})",
+                        w[0].0, w[1].0
+                    ));
                 }
                 if w[1].1 < w[0].1 {
                     return Err(format!("{ctx}: bucket counts decrease at le={}", w[1].0));
@@ -318,7 +353,11 @@ mod prom {
             }
             match count {
                 Some(c) if c == last_count => {}
-                other => return Err(format!("{ctx}: _count {other:?} != +Inf bucket {last_count}")),
+                other => {
+                    return Err(format!(
+                        "{ctx}: _count {other:?} != +Inf bucket {last_count}"
+                    ));
+                }
             }
         }
         Ok(())
@@ -328,7 +367,12 @@ mod prom {
     pub fn value(fams: &[Family], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         fams.iter()
             .flat_map(|f| &f.samples)
-            .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+            .find(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
             .map(|s| s.value)
     }
 
@@ -337,17 +381,17 @@ mod prom {
         let ok = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n";
         assert!(parse(ok).is_ok());
         for bad in [
-            "a_total 1",                                                      // no final newline
-            "# TYPE a counter\na -1\n",                                       // negative counter
-            "# TYPE a gauge\na{x=\"1\",x=\"2\"} 1\n",                         // duplicate label
-            "# TYPE a gauge\na{1x=\"1\"} 1\n",                                // bad label name
-            "# TYPE a gauge\na{x=\"\\t\"} 1\n",                               // bad escape
-            "# TYPE a gauge\na 1.2.3\n",                                      // bad float
-            "# TYPE a gauge\na inf\n",                                        // Rust-only spelling
-            "# TYPE a gauge\na 1\na 2\n",                                     // duplicate series
-            "# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\na{x=\"y\"} 2\n",       // not contiguous
-            "# TYPE a gauge\n# TYPE a gauge\na 1\n",                          // second TYPE
-            "# TYPE 0a gauge\n0a 1\n",                                        // bad metric name
+            "a_total 1",                                                // no final newline
+            "# TYPE a counter\na -1\n",                                 // negative counter
+            "# TYPE a gauge\na{x=\"1\",x=\"2\"} 1\n",                   // duplicate label
+            "# TYPE a gauge\na{1x=\"1\"} 1\n",                          // bad label name
+            "# TYPE a gauge\na{x=\"\\t\"} 1\n",                         // bad escape
+            "# TYPE a gauge\na 1.2.3\n",                                // bad float
+            "# TYPE a gauge\na inf\n",                                  // Rust-only spelling
+            "# TYPE a gauge\na 1\na 2\n",                               // duplicate series
+            "# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\na{x=\"y\"} 2\n", // not contiguous
+            "# TYPE a gauge\n# TYPE a gauge\na 1\n",                    // second TYPE
+            "# TYPE 0a gauge\n0a 1\n",                                  // bad metric name
             "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n", // decreasing
             "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n", // no +Inf
             "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 1\n", // +Inf != count
@@ -431,16 +475,25 @@ fn audit_file_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
         .collect()
 }
 
 fn run_cli(args: &[&str]) -> std::process::Output {
-    StdCommand::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+    StdCommand::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 fn signal(pid: u32, sig: &str) {
-    let st = StdCommand::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    let st = StdCommand::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success(), "kill {sig} {pid} failed");
 }
 
@@ -471,7 +524,13 @@ impl Proc {
         let config = write_config(dir.path(), &upstream.addr.to_string(), o);
         prepare(&dir.path().join("tokengate.db"));
         let mut child = StdCommand::new(BIN)
-            .args(["--config", config.to_str().unwrap(), "--log-format", "json", "serve"])
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--log-format",
+                "json",
+                "serve",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -486,7 +545,11 @@ impl Proc {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 if let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) {
-                    let f = if j["fields"].is_object() { &j["fields"] } else { &j };
+                    let f = if j["fields"].is_object() {
+                        &j["fields"]
+                    } else {
+                        &j
+                    };
                     if f["message"] == "tokengate listening" {
                         let p = f["public"].as_str().unwrap().parse().unwrap();
                         let a = f["admin"].as_str().unwrap().parse().unwrap();
@@ -496,11 +559,19 @@ impl Proc {
                 lines.lock().unwrap().push(line);
             }
         });
-        let (public, admin) = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .unwrap_or_else(|_| panic!("tokengate serve did not start"));
-        Proc { child, dir, config, public, admin, stderr }
+        let (public, admin) =
+            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| panic!("tokengate serve did not start"));
+        Proc {
+            child,
+            dir,
+            config,
+            public,
+            admin,
+            stderr,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -508,7 +579,11 @@ impl Proc {
     }
 
     fn stderr_has(&self, needle: &str) -> bool {
-        self.stderr.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     fn audit_path(&self) -> PathBuf {
@@ -524,7 +599,10 @@ impl Proc {
             }
             if start.elapsed() > limit {
                 let _ = self.child.kill();
-                panic!("tokengate did not exit within {limit:?}; stderr:\n{}", self.stderr.lock().unwrap().join("\n"));
+                panic!(
+                    "tokengate did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap().join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -552,11 +630,16 @@ struct Running {
 impl Running {
     async fn start(config: &Path) -> Running {
         let cfg = Config::load(config).unwrap();
-        let started = tokengate::app::start(cfg).await.map_err(|e| e.message).unwrap();
+        let started = tokengate::app::start(cfg)
+            .await
+            .map_err(|e| e.message)
+            .unwrap();
         let addr = started.server.public_addr();
         let admin = started.server.admin_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started { server, background, .. } = started;
+        let tokengate::app::Started {
+            server, background, ..
+        } = started;
         let task = tokio::spawn(async move {
             server
                 .run(async move {
@@ -564,7 +647,13 @@ impl Running {
                 })
                 .await;
         });
-        Running { addr, admin, stop: Some(tx), task, _bg: background }
+        Running {
+            addr,
+            admin,
+            stop: Some(tx),
+            task,
+            _bg: background,
+        }
     }
 
     async fn stop(mut self) {
@@ -576,14 +665,24 @@ impl Running {
 /// Makes sure a system tool exists: installs its Debian package when running as root in CI,
 /// otherwise returns false so the caller can skip with a printed reason.
 fn ensure_tool(bin: &str, package: &str) -> bool {
-    let have = || StdCommand::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success());
+    let have = || {
+        StdCommand::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if have() {
         return true;
     }
-    let root = StdCommand::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let root = StdCommand::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if !(root && ci) {
-        eprintln!("SKIP: `{bin}` is missing and this is not a root CI run (install the `{package}` package to run this check)");
+        eprintln!(
+            "SKIP: `{bin}` is missing and this is not a root CI run (install the `{package}` package to run this check)"
+        );
         return false;
     }
     let st = StdCommand::new("sh")
@@ -608,9 +707,14 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     let tg = TestGateway::start().await;
     let (ok_token, _) = tg.token("ci", "reader", &["apps:read"]);
     // Expires in 3 days: counted by tokengate_tokens_expiring_7d.
-    let (_soon, _) = tg.token_with("ci", "soon", &["apps:read"], |s| s.expires_at = Some(tg.gw.now_ms() + 3 * 86_400_000));
+    let (_soon, _) = tg.token_with("ci", "soon", &["apps:read"], |s| {
+        s.expires_at = Some(tg.gw.now_ms() + 3 * 86_400_000)
+    });
     let (slow_token, _) = tg.token_with("ci", "limited", &["apps:read"], |s| {
-        s.rate = Some(RateOverride { requests_per_second: 0.001, burst: 1 })
+        s.rate = Some(RateOverride {
+            requests_per_second: 0.001,
+            burst: 1,
+        })
     });
 
     let before = scrape(tg.admin_addr).await;
@@ -619,23 +723,58 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     assert_eq!(v(&before, "tokengate_tokens_expiring_7d", &[]), 1.0);
     assert_eq!(v(&before, "tokengate_store_up", &[]), 1.0);
     assert_eq!(v(&before, "tokengate_audit_healthy", &[]), 1.0);
-    assert_eq!(v(&before, "tokengate_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert_eq!(
+        v(
+            &before,
+            "tokengate_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
 
     let c = client();
     for _ in 0..2 {
-        let r = c.get(tg.url("/apps/billing/status")).header("authorization", bearer(&ok_token)).send().await.unwrap();
+        let r = c
+            .get(tg.url("/apps/billing/status"))
+            .header("authorization", bearer(&ok_token))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     // Denials: no token (401), no rule (403), rate limited (429 on the second request).
     let r = c.get(tg.url("/apps/billing/status")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"tokengate\"");
-    let r = c.get(tg.url("/nothing/here")).header("authorization", bearer(&ok_token)).send().await.unwrap();
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer realm=\"tokengate\""
+    );
+    let r = c
+        .get(tg.url("/nothing/here"))
+        .header("authorization", bearer(&ok_token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("error=\"insufficient_scope\""));
-    let r = c.get(tg.url("/apps/a/b")).header("authorization", bearer(&slow_token)).send().await.unwrap();
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("error=\"insufficient_scope\"")
+    );
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .header("authorization", bearer(&slow_token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c.get(tg.url("/apps/a/b")).header("authorization", bearer(&slow_token)).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .header("authorization", bearer(&slow_token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
@@ -643,25 +782,65 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     // Only the three allowed requests reached the upstream.
     assert_eq!(tg.upstream.count(), 3);
     let lines = tg.request_lines().await;
-    let reasons: Vec<&str> = lines.iter().map(|l| l["reason"].as_str().unwrap()).collect();
-    assert_eq!(reasons, ["ok", "ok", "missing_token", "no_rule", "ok", "rate_limited"]);
+    let reasons: Vec<&str> = lines
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["ok", "ok", "missing_token", "no_rule", "ok", "rate_limited"]
+    );
     support::assert_rejection_line(&lines[2], 401, "missing_token");
     support::assert_rejection_line(&lines[3], 403, "no_rule");
     support::assert_rejection_line(&lines[5], 429, "rate_limited");
 
     let after = scrape(tg.admin_addr).await;
-    let delta = |name: &str, labels: &[(&str, &str)]| v(&after, name, labels) - v(&before, name, labels);
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| v(&after, name, labels) - v(&before, name, labels);
     fn series<'a>(d: &'a str, r: &'a str, c: &'a str) -> [(&'static str, &'a str); 3] {
         [("decision", d), ("reason", r), ("status_class", c)]
     }
-    assert_eq!(delta("tokengate_requests_total", &series("allow", "ok", "2xx")), 3.0);
-    assert_eq!(delta("tokengate_requests_total", &series("deny", "missing_token", "4xx")), 1.0);
-    assert_eq!(delta("tokengate_requests_total", &series("deny", "no_rule", "4xx")), 1.0);
-    assert_eq!(delta("tokengate_requests_total", &series("deny", "rate_limited", "4xx")), 1.0);
+    assert_eq!(
+        delta("tokengate_requests_total", &series("allow", "ok", "2xx")),
+        3.0
+    );
+    assert_eq!(
+        delta(
+            "tokengate_requests_total",
+            &series("deny", "missing_token", "4xx")
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            "tokengate_requests_total",
+            &series("deny", "no_rule", "4xx")
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            "tokengate_requests_total",
+            &series("deny", "rate_limited", "4xx")
+        ),
+        1.0
+    );
     assert_eq!(delta("tokengate_rate_limited_total", &[]), 1.0);
     assert_eq!(delta("tokengate_request_duration_seconds_count", &[]), 6.0);
-    assert_eq!(delta("tokengate_upstream_duration_seconds_count", &[("upstream", "api")]), 3.0);
-    assert!(v(&after, "tokengate_upstream_duration_seconds_sum", &[("upstream", "api")]) > 0.0);
+    assert_eq!(
+        delta(
+            "tokengate_upstream_duration_seconds_count",
+            &[("upstream", "api")]
+        ),
+        3.0
+    );
+    assert!(
+        v(
+            &after,
+            "tokengate_upstream_duration_seconds_sum",
+            &[("upstream", "api")]
+        ) > 0.0
+    );
     // First use of each token misses the cache, later uses hit it.
     assert_eq!(delta("tokengate_cache_misses_total", &[]), 2.0);
     assert_eq!(delta("tokengate_cache_hits_total", &[]), 3.0);
@@ -713,7 +892,10 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     let (s, _, body) = get_text(&format!("{base}/healthz")).await;
     assert_eq!((s, body.as_str()), (200, "ok\n"));
     let (s, _, body) = get_text(&format!("{base}/readyz")).await;
-    assert_eq!((s, body.as_str()), (200, "store: ok\naudit: ok\nlisteners: ok\n"));
+    assert_eq!(
+        (s, body.as_str()),
+        (200, "store: ok\naudit: ok\nlisteners: ok\n")
+    );
 
     // The store file disappears (a bad restore, a removed volume): not ready, still alive.
     let db = tg.dir.path().join("tokengate.db");
@@ -724,7 +906,12 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     assert!(body.contains("store: FAILED"), "{body}");
     assert_eq!(get_text(&format!("{base}/healthz")).await.0, 200);
     // Garbage in its place (with its WAL moved aside too: SQLite would read page 1 from the WAL).
-    let side = |ext: &str| (tg.dir.path().join(format!("tokengate.db{ext}")), tg.dir.path().join(format!("tokengate.db{ext}.kept")));
+    let side = |ext: &str| {
+        (
+            tg.dir.path().join(format!("tokengate.db{ext}")),
+            tg.dir.path().join(format!("tokengate.db{ext}.kept")),
+        )
+    };
     for ext in ["-wal", "-shm"] {
         let (from, to) = side(ext);
         if from.exists() {
@@ -734,7 +921,10 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     std::fs::write(&db, vec![0x5a; 64 * 1024]).unwrap();
     let (s, _, body) = get_text(&format!("{base}/readyz")).await;
     assert_eq!(s, 503, "{body}");
-    assert!(body.contains("store: FAILED") && body.contains("audit: ok"), "{body}");
+    assert!(
+        body.contains("store: FAILED") && body.contains("audit: ok"),
+        "{body}"
+    );
     for ext in ["-wal", "-shm"] {
         let (to, from) = side(ext);
         if from.exists() {
@@ -752,17 +942,26 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     std::fs::rename(&audit, &audit_kept).unwrap();
     std::fs::create_dir(&audit).unwrap();
     tg.gw.audit().reopen();
-    let body = eventually("readyz to fail on the audit log", Duration::from_secs(10), || async {
-        let (s, _, body) = get_text(&format!("{base}/readyz")).await;
-        (s == 503).then_some(body)
-    })
+    let body = eventually(
+        "readyz to fail on the audit log",
+        Duration::from_secs(10),
+        || async {
+            let (s, _, body) = get_text(&format!("{base}/readyz")).await;
+            (s == 503).then_some(body)
+        },
+    )
     .await;
     assert_eq!(body, "store: ok\naudit: FAILED\nlisteners: ok\n");
     let m = scrape(tg.admin_addr).await;
     assert_eq!(v(&m, "tokengate_audit_healthy", &[]), 0.0);
     assert!(v(&m, "tokengate_audit_write_failures_total", &[]) >= 1.0);
     // Meanwhile requests are refused, never forwarded unaudited.
-    let r = client().get(tg.url("/apps/a/b")).header("authorization", bearer(&token)).send().await.unwrap();
+    let r = client()
+        .get(tg.url("/apps/a/b"))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "unavailable");
@@ -778,10 +977,22 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
 
     // Listeners: up while serving, down once draining.
     let gw = tg.gw.clone();
-    assert!(gw.metrics().listening.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(
+        gw.metrics()
+            .listening
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     tg.stop().await;
-    assert!(!gw.metrics().listening.load(std::sync::atomic::Ordering::Relaxed));
-    assert!(gw.metrics().render(&Default::default()).contains("\ntokengate_listening 0\n"));
+    assert!(
+        !gw.metrics()
+            .listening
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        gw.metrics()
+            .render(&Default::default())
+            .contains("\ntokengate_listening 0\n")
+    );
 }
 
 // =================================================================================================
@@ -797,16 +1008,38 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     let c = client();
 
     // Before: no rule for /reports -> 403 no_rule, nothing forwarded.
-    let r = c.get(tg.url("/reports/q1")).header("authorization", bearer(&token)).send().await.unwrap();
+    let r = c
+        .get(tg.url("/reports/q1"))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("insufficient_scope"));
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_scope")
+    );
     support::assert_rejection_line(&tg.last_request_line().await, 403, "no_rule");
     assert_eq!(tg.upstream.count(), 0);
 
     // A new rule.
-    write_config(tg.dir.path(), &up, &Options { rules: format!("{DEFAULT_RULES}{REPORTS_RULE}"), ..Options::default() });
+    write_config(
+        tg.dir.path(),
+        &up,
+        &Options {
+            rules: format!("{DEFAULT_RULES}{REPORTS_RULE}"),
+            ..Options::default()
+        },
+    );
     assert!(tokengate::app::reload(&tg.gw, &tls, &tg.config_path).await);
-    let r = c.get(tg.url("/reports/q1")).header("authorization", bearer(&token)).send().await.unwrap();
+    let r = c
+        .get(tg.url("/reports/q1"))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(tg.upstream.received().last().unwrap().target, "/reports/q1");
     let line = tg.last_request_line().await;
@@ -821,7 +1054,12 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
             let mut statuses = Vec::new();
             for i in 0..60 {
                 let c = if i % 2 == 0 { keep.clone() } else { client() };
-                let r = c.get(&url).header("authorization", bearer(&token)).send().await.unwrap();
+                let r = c
+                    .get(&url)
+                    .header("authorization", bearer(&token))
+                    .send()
+                    .await
+                    .unwrap();
                 statuses.push(r.status().as_u16());
             }
             statuses
@@ -830,16 +1068,26 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     // Three kinds of broken config, tried again and again until the traffic is done.
     let path = tg.config_path.clone();
     let broken = [
-        (None, "tokengate.toml"),                                                                  // not TOML
-        (Some("no_such_key = 1"), "no_such_key"),                                                  // unknown key
-        (Some("tls = { cert = \"missing.pem\", key = \"missing.key\" }"), "missing.pem"), // missing TLS files
+        (None, "tokengate.toml"),                 // not TOML
+        (Some("no_such_key = 1"), "no_such_key"), // unknown key
+        (
+            Some("tls = { cert = \"missing.pem\", key = \"missing.key\" }"),
+            "missing.pem",
+        ), // missing TLS files
     ];
     let mut attempts = 0;
     while attempts < broken.len() || !traffic.is_finished() {
         match broken[attempts % broken.len()].0 {
             None => std::fs::write(&path, "[server\nlisten = ").unwrap(),
             Some(server) => {
-                write_config(tg.dir.path(), &up, &Options { server: server.into(), ..Options::default() });
+                write_config(
+                    tg.dir.path(),
+                    &up,
+                    &Options {
+                        server: server.into(),
+                        ..Options::default()
+                    },
+                );
             }
         }
         assert!(!tokengate::app::reload(&tg.gw, &tls, &path).await);
@@ -848,15 +1096,28 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     let statuses = traffic.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     // The old config (with the reports rule) is still in force.
-    let r = c.get(tg.url("/reports/q2")).header("authorization", bearer(&token)).send().await.unwrap();
+    let r = c
+        .get(tg.url("/reports/q2"))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Audited, counted.
-    let admin: Vec<_> = tg.audit_lines().await.into_iter().filter(|l| l["kind"] == "admin").collect();
+    let admin: Vec<_> = tg
+        .audit_lines()
+        .await
+        .into_iter()
+        .filter(|l| l["kind"] == "admin")
+        .collect();
     let events: Vec<&str> = admin.iter().map(|l| l["event"].as_str().unwrap()).collect();
     assert_eq!(events.len(), 1 + attempts);
     assert_eq!(events[0], "config.reloaded");
-    assert!(events[1..].iter().all(|e| *e == "config.reload_failed"), "{events:?}");
+    assert!(
+        events[1..].iter().all(|e| *e == "config.reload_failed"),
+        "{events:?}"
+    );
     assert!(admin.iter().all(|l| l["actor"] == "signal:SIGHUP"));
     for (i, (_, needle)) in broken.iter().enumerate() {
         let reason = admin[1 + i]["reason"].as_str().unwrap();
@@ -864,7 +1125,10 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     }
     let m = scrape(tg.admin_addr).await;
     assert_eq!(v(&m, "tokengate_config_reloads_total", &[]), 1.0);
-    assert_eq!(v(&m, "tokengate_config_reload_failures_total", &[]), attempts as f64);
+    assert_eq!(
+        v(&m, "tokengate_config_reload_failures_total", &[]),
+        attempts as f64
+    );
     assert_eq!(v(&m, "tokengate_config_last_reload_successful", &[]), 0.0);
     tg.stop().await;
 }
@@ -879,42 +1143,89 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
     .await;
     let c = client();
     let url = format!("http://{}/reports/q1", p.public);
-    let r = c.get(&url).header("authorization", bearer(&token)).send().await.unwrap();
+    let r = c
+        .get(&url)
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("insufficient_scope"));
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_scope")
+    );
     assert_eq!(upstream.count(), 0);
 
-    write_config(p.dir.path(), &upstream.addr.to_string(), &Options { rules: format!("{DEFAULT_RULES}{REPORTS_RULE}"), ..Options::default() });
+    write_config(
+        p.dir.path(),
+        &upstream.addr.to_string(),
+        &Options {
+            rules: format!("{DEFAULT_RULES}{REPORTS_RULE}"),
+            ..Options::default()
+        },
+    );
     signal(p.pid(), "-HUP");
-    eventually("the new rule to take effect", Duration::from_secs(20), || {
-        let (c, url, token) = (c.clone(), url.clone(), token.clone());
-        async move {
-            let r = c.get(&url).header("authorization", bearer(&token)).send().await.unwrap();
-            (r.status() == 200).then_some(())
-        }
-    })
+    eventually(
+        "the new rule to take effect",
+        Duration::from_secs(20),
+        || {
+            let (c, url, token) = (c.clone(), url.clone(), token.clone());
+            async move {
+                let r = c
+                    .get(&url)
+                    .header("authorization", bearer(&token))
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status() == 200).then_some(())
+            }
+        },
+    )
     .await;
     assert_eq!(upstream.received().last().unwrap().target, "/reports/q1");
 
     std::fs::write(&p.config, "[[routes]\nbroken").unwrap();
     signal(p.pid(), "-HUP");
-    eventually("the broken config to be refused", Duration::from_secs(20), || async {
-        p.stderr_has("new configuration refused; keeping the old one").then_some(())
-    })
+    eventually(
+        "the broken config to be refused",
+        Duration::from_secs(20),
+        || async {
+            p.stderr_has("new configuration refused; keeping the old one")
+                .then_some(())
+        },
+    )
     .await;
-    assert!(p.child.try_wait().unwrap().is_none(), "the process must survive a bad reload");
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "the process must survive a bad reload"
+    );
     for _ in 0..5 {
-        let r = c.get(&url).header("authorization", bearer(&token)).send().await.unwrap();
+        let r = c
+            .get(&url)
+            .header("authorization", bearer(&token))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
 
     signal(p.pid(), "-TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
     let lines = audit_file_lines(&p.audit_path());
-    let events: Vec<&str> = lines.iter().filter(|l| l["kind"] == "admin").map(|l| l["event"].as_str().unwrap()).collect();
+    let events: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["kind"] == "admin")
+        .map(|l| l["event"].as_str().unwrap())
+        .collect();
     assert_eq!(events, ["config.reloaded", "config.reload_failed"]);
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ---- certificates ----
@@ -931,14 +1242,23 @@ fn pki(name: &str) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
     params.distinguished_name.push(DnType::CommonName, name);
     let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
-    Pki { leaf_pem: leaf.pem(), key_pem: key.serialize_pem(), leaf_der: leaf.der().to_vec(), ca }
+    Pki {
+        leaf_pem: leaf.pem(),
+        key_pem: key.serialize_pem(),
+        leaf_der: leaf.der().to_vec(),
+        ca,
+    }
 }
 
 fn tls_client(cas: &[&rcgen::Certificate]) -> tokio_rustls::TlsConnector {
@@ -946,31 +1266,40 @@ fn tls_client(cas: &[&rcgen::Certificate]) -> tokio_rustls::TlsConnector {
     for ca in cas {
         roots.add(ca.der().clone()).unwrap();
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-async fn tls_connect(addr: SocketAddr, connector: &tokio_rustls::TlsConnector) -> std::io::Result<TlsStream> {
+async fn tls_connect(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> std::io::Result<TlsStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await
 }
 
 fn served_cert(s: &TlsStream) -> Vec<u8> {
-    s.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
+    s.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn http_over(s: TlsStream) -> Sender {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     sender
 }
@@ -1019,12 +1348,19 @@ async fn reload_serves_a_new_certificate_to_new_connections_and_keeps_old_ones()
     let mut new_conn = http_over(s).await;
     assert_eq!(get_over(&mut new_conn, "/apps/a/b", &token).await, 200);
     assert!(tls_connect(tg.addr, &tls_client(&[&two.ca])).await.is_ok());
-    assert!(tls_connect(tg.addr, &tls_client(&[&one.ca])).await.is_err(), "certificate one must be gone");
+    assert!(
+        tls_connect(tg.addr, &tls_client(&[&one.ca])).await.is_err(),
+        "certificate one must be gone"
+    );
     // The connection opened before the reload was not dropped.
     assert_eq!(get_over(&mut old_conn, "/apps/a/c", &token).await, 200);
 
     // A broken certificate is refused; certificate two stays.
-    std::fs::write(&cert_path, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &cert_path,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     assert!(!tokengate::app::reload(&tg.gw, tg.tls.as_ref().unwrap(), &tg.config_path).await);
     let s = tls_connect(tg.addr, &both).await.unwrap();
     assert_eq!(served_cert(&s), two.leaf_der);
@@ -1047,10 +1383,18 @@ async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes()
         rules: rules_with_delay(),
         ..Options::default()
     };
-    let mut p = Proc::start(&upstream, &o, |db| ids = issue(db, "ci", "reader", &["apps:read"])).await;
+    let mut p = Proc::start(&upstream, &o, |db| {
+        ids = issue(db, "ci", "reader", &["apps:read"])
+    })
+    .await;
     let (token, token_id) = ids;
     let c = client();
-    let r = c.get(format!("http://{}/apps/a/b", p.public)).header("authorization", bearer(&token)).send().await.unwrap();
+    let r = c
+        .get(format!("http://{}/apps/a/b", p.public))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // A slow request: the upstream answers after 4 s.
@@ -1058,32 +1402,64 @@ async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes()
         let url = format!("http://{}/delay/4000", p.public);
         let token = token.clone();
         tokio::spawn(async move {
-            let r = client().get(&url).header("authorization", bearer(&token)).send().await.unwrap();
+            let r = client()
+                .get(&url)
+                .header("authorization", bearer(&token))
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
-            (status, r.text().await.unwrap(), Instant::now())
+            let connection = r
+                .headers()
+                .get("connection")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, connection, r.text().await.unwrap(), Instant::now())
         })
     };
-    eventually("the slow request to reach the upstream", Duration::from_secs(10), || async {
-        upstream.received().iter().any(|r| r.target == "/delay/4000").then_some(())
-    })
+    eventually(
+        "the slow request to reach the upstream",
+        Duration::from_secs(10),
+        || async {
+            upstream
+                .received()
+                .iter()
+                .any(|r| r.target == "/delay/4000")
+                .then_some(())
+        },
+    )
     .await;
     signal(p.pid(), "-TERM");
 
     // New connections are refused (public and admin) while the slow request is still running.
-    eventually("the listeners to close", Duration::from_secs(10), || async {
-        match tokio::net::TcpStream::connect(p.public).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        }
-    })
+    eventually(
+        "the listeners to close",
+        Duration::from_secs(10),
+        || async {
+            match tokio::net::TcpStream::connect(p.public).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+                _ => None,
+            }
+        },
+    )
     .await;
     let refused_at = Instant::now();
-    assert!(!slow.is_finished(), "the slow request finished before the listener closed");
-    assert_eq!(tokio::net::TcpStream::connect(p.admin).await.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        !slow.is_finished(),
+        "the slow request finished before the listener closed"
+    );
+    assert_eq!(
+        tokio::net::TcpStream::connect(p.admin)
+            .await
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
 
     // The in-flight request completes normally, then the process exits 0.
-    let (status, body, done_at) = slow.await.unwrap();
+    let (status, connection, body, done_at) = slow.await.unwrap();
     assert_eq!((status, body.as_str()), (200, "upstream ok 0"));
+    // The drained connection tells the client it will close.
+    assert_eq!(connection.as_deref(), Some("close"));
     assert!(done_at > refused_at);
     assert_eq!(p.wait_exit(Duration::from_secs(60)).await, 0);
     assert!(p.stderr_has("SIGTERM received"));
@@ -1099,12 +1475,23 @@ async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes()
     assert_eq!(requests[1]["status_code"], 200);
     assert_eq!(requests[1]["reason"], "ok");
     assert!(requests[1]["duration_ms"].as_f64().unwrap() >= 4000.0);
-    assert!(requests.iter().all(|l| l["api_token_id"] == token_id.as_str()));
+    assert!(
+        requests
+            .iter()
+            .all(|l| l["api_token_id"] == token_id.as_str())
+    );
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let store = Store::open(&p.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     let row = store.find_token(&token_id).unwrap();
-    assert!(row.last_used_at.is_some(), "last-used was not flushed at shutdown");
+    assert!(
+        row.last_used_at.is_some(),
+        "last-used was not flushed at shutdown"
+    );
     assert_eq!(row.last_used_ip.as_deref(), Some("127.0.0.1"));
 }
 
@@ -1112,29 +1499,68 @@ async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes()
 async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
     let upstream = Upstream::start().await;
     let mut token = String::new();
-    let o = Options { server: "shutdown_grace = \"1s\"".into(), ..Options::default() };
-    let mut p = Proc::start(&upstream, &o, |db| token = issue(db, "ci", "reader", &["apps:read"]).0).await;
-    let r = client().get(format!("http://{}/apps/a/b", p.public)).header("authorization", bearer(&token)).send().await.unwrap();
+    let o = Options {
+        server: "shutdown_grace = \"1s\"".into(),
+        ..Options::default()
+    };
+    let mut p = Proc::start(&upstream, &o, |db| {
+        token = issue(db, "ci", "reader", &["apps:read"]).0
+    })
+    .await;
+    let r = client()
+        .get(format!("http://{}/apps/a/b", p.public))
+        .header("authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // `/slow` never answers.
     let stuck = {
         let url = format!("http://{}/slow/forever", p.public);
         let token = token.clone();
-        tokio::spawn(async move { client().get(&url).header("authorization", bearer(&token)).send().await.map(|r| r.status()) })
+        tokio::spawn(async move {
+            client()
+                .get(&url)
+                .header("authorization", bearer(&token))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
     };
-    eventually("the stuck request to reach the upstream", Duration::from_secs(10), || async {
-        upstream.received().iter().any(|r| r.target == "/slow/forever").then_some(())
-    })
+    eventually(
+        "the stuck request to reach the upstream",
+        Duration::from_secs(10),
+        || async {
+            upstream
+                .received()
+                .iter()
+                .any(|r| r.target == "/slow/forever")
+                .then_some(())
+        },
+    )
     .await;
     signal(p.pid(), "-TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
     assert!(p.stderr_has("drain deadline passed"));
-    assert!(stuck.await.unwrap().is_err(), "the stuck request is cut at the deadline");
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the stuck request is cut at the deadline"
+    );
     // What was written is complete and chained.
     let lines = audit_file_lines(&p.audit_path());
-    assert_eq!(lines.iter().filter(|l| l["kind"] == "request" && l["path"] == "/apps/a/b").count(), 1);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["kind"] == "request" && l["path"] == "/apps/a/b")
+            .count(),
+        1
+    );
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // =================================================================================================
@@ -1146,7 +1572,12 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let tg = TestGateway::start().await;
     let (before, before_id) = tg.token("ci", "before-backup", &["apps:read"]);
     let c = client();
-    let r = c.get(tg.url("/apps/a/b")).header("authorization", bearer(&before)).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .header("authorization", bearer(&before))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Online: the gateway keeps running (and writing last-used) during the backup.
@@ -1154,7 +1585,11 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let file = backups.path().join("tokengate-backup.db");
     let cfg = tg.config_path.to_str().unwrap().to_string();
     let out = run_cli(&["--config", &cfg, "store", "backup", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("integrity_check ok"));
     // Never over an existing file.
     let again = run_cli(&["--config", &cfg, "store", "backup", file.to_str().unwrap()]);
@@ -1164,29 +1599,67 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let copy = Store::open(&file, Duration::from_secs(5)).unwrap();
     assert_eq!(copy.integrity_check().unwrap(), "ok");
     assert_eq!(copy.find_token(&before_id).unwrap().name, "before-backup");
-    assert!(copy.lookup_hash(&tokengate::token::hash(&before)).unwrap().is_some());
-    assert!(copy.lookup_hash(&tokengate::token::hash(&after)).unwrap().is_none());
+    assert!(
+        copy.lookup_hash(&tokengate::token::hash(&before))
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        copy.lookup_hash(&tokengate::token::hash(&after))
+            .unwrap()
+            .is_none()
+    );
     drop(copy);
 
     // A gateway started on the backup file accepts the token issued before the backup.
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &tg.upstream.addr.to_string(), &Options::default());
-    let text = std::fs::read_to_string(&config).unwrap().replace("path = \"tokengate.db\"", &format!("path = {:?}", file));
+    let config = write_config(
+        dir.path(),
+        &tg.upstream.addr.to_string(),
+        &Options::default(),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("path = \"tokengate.db\"", &format!("path = {:?}", file));
     std::fs::write(&config, text).unwrap();
     let restored = Running::start(&config).await;
-    assert_eq!(get_text(&format!("http://{}/readyz", restored.admin)).await.0, 200);
+    assert_eq!(
+        get_text(&format!("http://{}/readyz", restored.admin))
+            .await
+            .0,
+        200
+    );
     let seen = tg.upstream.count();
-    let r = c.get(format!("http://{}/apps/restored/x", restored.addr)).header("authorization", bearer(&before)).send().await.unwrap();
+    let r = c
+        .get(format!("http://{}/apps/restored/x", restored.addr))
+        .header("authorization", bearer(&before))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(tg.upstream.count(), seen + 1);
     // The token issued after the backup is unknown there: 401, not forwarded, audited.
-    let r = c.get(format!("http://{}/apps/restored/y", restored.addr)).header("authorization", bearer(&after)).send().await.unwrap();
+    let r = c
+        .get(format!("http://{}/apps/restored/y", restored.addr))
+        .header("authorization", bearer(&after))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("error=\"invalid_token\""));
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("error=\"invalid_token\"")
+    );
     assert_eq!(tg.upstream.count(), seen + 1);
     restored.stop().await;
     let lines = audit_file_lines(&dir.path().join("audit.log"));
-    support::assert_rejection_line(lines.iter().rev().find(|l| l["kind"] == "request").unwrap(), 401, "unknown_token");
+    support::assert_rejection_line(
+        lines.iter().rev().find(|l| l["kind"] == "request").unwrap(),
+        401,
+        "unknown_token",
+    );
     tg.stop().await;
 }
 
@@ -1206,7 +1679,9 @@ fn unit_section(text: &str, section: &str) -> Vec<(String, String)> {
         if !inside || line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("not a Key=Value line: {line}"));
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not a Key=Value line: {line}"));
         out.push((k.trim().to_string(), v.trim().to_string()));
     }
     out
@@ -1216,7 +1691,12 @@ fn unit_section(text: &str, section: &str) -> Vec<(String, String)> {
 fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
     let unit = read_repo("deploy/systemd/tokengate.service");
     let service = unit_section(&unit, "Service");
-    let get = |k: &str| service.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let get = |k: &str| {
+        service
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
     for (k, want) in [
         ("User", "tokengate"),
         ("NoNewPrivileges", "yes"),
@@ -1237,10 +1717,20 @@ fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
     }
     // The stop timeout leaves room for the drain (server.shutdown_grace in the shipped config).
     let example = Config::load(&Path::new(REPO).join("deploy/systemd/tokengate.toml")).unwrap();
-    let stop: u64 = get("TimeoutStopSec").unwrap().trim_end_matches('s').parse().unwrap();
+    let stop: u64 = get("TimeoutStopSec")
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
     assert!(Duration::from_secs(stop) > example.server.shutdown_grace + Duration::from_secs(5));
-    assert_eq!(example.store.path, Path::new("/var/lib/tokengate/tokengate.db"));
-    assert_eq!(example.audit.path.as_deref(), Some(Path::new("/var/log/tokengate/audit.log")));
+    assert_eq!(
+        example.store.path,
+        Path::new("/var/lib/tokengate/tokengate.db")
+    );
+    assert_eq!(
+        example.audit.path.as_deref(),
+        Some(Path::new("/var/log/tokengate/audit.log"))
+    );
 
     // ExecStartPre / ExecStart parse with the real CLI, and do what they say.
     use clap::Parser;
@@ -1251,22 +1741,51 @@ fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
     assert_eq!(start[0], "/usr/bin/tokengate");
     let parsed = Cli::try_parse_from(pre.clone()).unwrap();
     assert!(matches!(parsed.command, Command::Config(ConfigCmd::Check)));
-    assert_eq!(parsed.config.as_deref(), Some(Path::new("/etc/tokengate/tokengate.toml")));
+    assert_eq!(
+        parsed.config.as_deref(),
+        Some(Path::new("/etc/tokengate/tokengate.toml"))
+    );
     let parsed = Cli::try_parse_from(start.clone()).unwrap();
     assert!(matches!(parsed.command, Command::Serve));
-    assert_eq!(parsed.config.as_deref(), Some(Path::new("/etc/tokengate/tokengate.toml")));
+    assert_eq!(
+        parsed.config.as_deref(),
+        Some(Path::new("/etc/tokengate/tokengate.toml"))
+    );
     // The real binary with ExecStartPre's arguments: 0 on the shipped config, 64 on a bad one.
     let swap = |args: &[&str], cfg: &str| -> Vec<String> {
-        args[1..].iter().map(|a| if *a == "/etc/tokengate/tokengate.toml" { cfg.to_string() } else { a.to_string() }).collect()
+        args[1..]
+            .iter()
+            .map(|a| {
+                if *a == "/etc/tokengate/tokengate.toml" {
+                    cfg.to_string()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect()
     };
     let shipped = Path::new(REPO).join("deploy/systemd/tokengate.toml");
-    let out = StdCommand::new(BIN).args(swap(&pre, shipped.to_str().unwrap())).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = StdCommand::new(BIN)
+        .args(swap(&pre, shipped.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bad_dir = tempfile::tempdir().unwrap();
     let bad = bad_dir.path().join("tokengate.toml");
     std::fs::write(&bad, "[server]\nlisten = \"nowhere\"\n").unwrap();
-    let out = StdCommand::new(BIN).args(swap(&pre, bad.to_str().unwrap())).output().unwrap();
-    assert_eq!(out.status.code(), Some(64), "ExecStartPre must stop a bad config");
+    let out = StdCommand::new(BIN)
+        .args(swap(&pre, bad.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "ExecStartPre must stop a bad config"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 
     // systemd-analyze verify, on a copy whose binary path points at the one cargo built (the
@@ -1277,19 +1796,39 @@ fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("tokengate.service");
     std::fs::write(&copy, unit.replace("/usr/bin/tokengate", BIN)).unwrap();
-    let out = StdCommand::new("systemd-analyze").args(["verify", "--man=no"]).arg(&copy).output().unwrap();
+    let out = StdCommand::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let complaints: Vec<&str> = stderr.lines().filter(|l| l.contains("tokengate.service")).collect();
-    assert!(out.status.success() && complaints.is_empty(), "systemd-analyze verify:\n{stderr}");
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("tokengate.service"))
+        .collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
     // And its exposure score stays in the "OK" band.
-    let out = StdCommand::new("systemd-analyze").args(["security", "--offline=true", "--no-pager"]).arg(&copy).output().unwrap();
+    let out = StdCommand::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&copy)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    match text.lines().find_map(|l| l.split_once("Overall exposure level for tokengate.service: ")) {
+    match text
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for tokengate.service: "))
+    {
         Some((_, rest)) => {
             let score: f64 = rest.split_whitespace().next().unwrap().parse().unwrap();
             assert!(score <= 2.5, "exposure {score}:\n{text}");
         }
-        None => eprintln!("SKIP: this systemd-analyze has no offline security review:\n{}", String::from_utf8_lossy(&out.stderr)),
+        None => eprintln!(
+            "SKIP: this systemd-analyze has no offline security review:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }
 
@@ -1304,7 +1843,10 @@ fn sysusers_file_creates_the_units_user() {
 
 /// The TOML embedded in the ConfigMap (`tokengate.toml: |` block).
 fn configmap_toml(yaml: &str) -> String {
-    let mut lines = yaml.lines().skip_while(|l| l.trim() != "tokengate.toml: |").skip(1);
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "tokengate.toml: |")
+        .skip(1);
     let mut out = String::new();
     for l in lines.by_ref() {
         if !l.is_empty() && !l.starts_with("    ") {
@@ -1325,7 +1867,11 @@ fn kubernetes_manifests_agree_with_each_other_and_the_cli() {
     let path = dir.path().join("tokengate.toml");
     std::fs::write(&path, &toml).unwrap();
     let out = run_cli(&["--config", path.to_str().unwrap(), "config", "check"]);
-    assert!(out.status.success(), "{}\n{toml}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}\n{toml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cfg = Config::load(&path).unwrap();
     // Probes reach the admin listener, so it must not be on loopback in Kubernetes.
     assert_eq!(cfg.admin.listen, "0.0.0.0:9090".parse().unwrap());
@@ -1336,8 +1882,12 @@ fn kubernetes_manifests_agree_with_each_other_and_the_cli() {
     has("type: Recreate\n");
     has("terminationGracePeriodSeconds: 45\n");
     has("containerPort: 9090\n");
-    has("readinessProbe:\n            httpGet:\n              path: /readyz\n              port: admin\n");
-    has("livenessProbe:\n            httpGet:\n              path: /healthz\n              port: admin\n");
+    has(
+        "readinessProbe:\n            httpGet:\n              path: /readyz\n              port: admin\n",
+    );
+    has(
+        "livenessProbe:\n            httpGet:\n              path: /healthz\n              port: admin\n",
+    );
     has("runAsNonRoot: true");
     has("readOnlyRootFilesystem: true");
     has("allowPrivilegeEscalation: false");
@@ -1346,27 +1896,58 @@ fn kubernetes_manifests_agree_with_each_other_and_the_cli() {
     has("mountPath: /etc/tokengate/tls\n");
     has("mountPath: /var/lib/tokengate\n");
     assert!(cfg.store.path.starts_with("/var/lib/tokengate"));
-    assert!(cfg.audit.path.as_ref().unwrap().starts_with("/var/lib/tokengate"));
+    assert!(
+        cfg.audit
+            .path
+            .as_ref()
+            .unwrap()
+            .starts_with("/var/lib/tokengate")
+    );
     let tls = cfg.server.tls.as_ref().unwrap();
     assert_eq!(tls.cert, Path::new("/etc/tokengate/tls/tls.crt"));
     assert_eq!(tls.key, Path::new("/etc/tokengate/tls/tls.key"));
     // Names referenced by the Deployment exist.
     assert!(deploy.contains("name: tokengate-config") && cm.contains("name: tokengate-config"));
-    assert!(deploy.contains("secretName: tokengate-tls") && read_repo("deploy/kubernetes/secret.yaml").contains("name: tokengate-tls"));
+    assert!(
+        deploy.contains("secretName: tokengate-tls")
+            && read_repo("deploy/kubernetes/secret.yaml").contains("name: tokengate-tls")
+    );
     assert!(read_repo("deploy/kubernetes/secret.yaml").contains("type: kubernetes.io/tls"));
-    assert!(deploy.contains("claimName: tokengate-data") && read_repo("deploy/kubernetes/pvc.yaml").contains("name: tokengate-data"));
+    assert!(
+        deploy.contains("claimName: tokengate-data")
+            && read_repo("deploy/kubernetes/pvc.yaml").contains("name: tokengate-data")
+    );
     assert!(read_repo("deploy/kubernetes/pvc.yaml").contains("ReadWriteOnce"));
     let np = read_repo("deploy/kubernetes/networkpolicy.yaml");
     assert!(np.contains("port: 9090") && np.contains("namespaceSelector"));
     // The container args parse with the real CLI.
-    let args_line = deploy.lines().find(|l| l.trim_start().starts_with("args:")).unwrap();
-    let args: Vec<String> = serde_json::from_str(args_line.trim_start().trim_start_matches("args:").trim()).unwrap();
+    let args_line = deploy
+        .lines()
+        .find(|l| l.trim_start().starts_with("args:"))
+        .unwrap();
+    let args: Vec<String> =
+        serde_json::from_str(args_line.trim_start().trim_start_matches("args:").trim()).unwrap();
     use clap::Parser;
-    let cli = tokengate::cli::Cli::try_parse_from(std::iter::once("tokengate".to_string()).chain(args)).unwrap();
+    let cli =
+        tokengate::cli::Cli::try_parse_from(std::iter::once("tokengate".to_string()).chain(args))
+            .unwrap();
     assert!(matches!(cli.command, tokengate::cli::Command::Serve));
-    assert_eq!(cli.config.as_deref(), Some(Path::new("/etc/tokengate/config/tokengate.toml")));
-    for f in ["configmap.yaml", "secret.yaml", "pvc.yaml", "deployment.yaml", "service.yaml", "networkpolicy.yaml"] {
-        assert!(read_repo("deploy/kubernetes/kustomization.yaml").contains(&format!("- {f}")), "{f}");
+    assert_eq!(
+        cli.config.as_deref(),
+        Some(Path::new("/etc/tokengate/config/tokengate.toml"))
+    );
+    for f in [
+        "configmap.yaml",
+        "secret.yaml",
+        "pvc.yaml",
+        "deployment.yaml",
+        "service.yaml",
+        "networkpolicy.yaml",
+    ] {
+        assert!(
+            read_repo("deploy/kubernetes/kustomization.yaml").contains(&format!("- {f}")),
+            "{f}"
+        );
     }
 }
 
@@ -1374,13 +1955,28 @@ fn kubernetes_manifests_agree_with_each_other_and_the_cli() {
 async fn dockerfile_is_multi_stage_non_root_and_its_healthcheck_probe_works() {
     let df = read_repo("deploy/docker/Dockerfile");
     let froms: Vec<&str> = df.lines().filter(|l| l.starts_with("FROM ")).collect();
-    assert!(froms.len() >= 2 && froms[0].contains(" AS build"), "{froms:?}");
+    assert!(
+        froms.len() >= 2 && froms[0].contains(" AS build"),
+        "{froms:?}"
+    );
     assert!(df.contains("COPY --from=build /src/target/release/tokengate /usr/bin/tokengate"));
     let user = df.lines().find_map(|l| l.strip_prefix("USER ")).unwrap();
-    assert!(!user.starts_with("root") && !user.starts_with("0"), "USER {user}");
+    assert!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "USER {user}"
+    );
     // The baked-in config passes `config check` and keeps the admin listener on loopback.
-    let out = run_cli(&["--config", &format!("{REPO}/deploy/docker/tokengate.toml"), "config", "check"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_cli(&[
+        "--config",
+        &format!("{REPO}/deploy/docker/tokengate.toml"),
+        "config",
+        "check",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cfg = Config::load(&Path::new(REPO).join("deploy/docker/tokengate.toml")).unwrap();
     assert!(cfg.admin.listen.ip().is_loopback());
     assert_eq!(cfg.admin.listen.port(), 9090);
@@ -1396,10 +1992,23 @@ async fn dockerfile_is_multi_stage_non_root_and_its_healthcheck_probe_works() {
     }
     let tg = TestGateway::start().await;
     let probe = |port: u16| {
-        let argv: Vec<String> = argv.iter().map(|a| a.replace("/9090", &format!("/{port}"))).collect();
-        async move { tokio::process::Command::new(&argv[0]).args(&argv[1..]).status().await.unwrap().success() }
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| a.replace("/9090", &format!("/{port}")))
+            .collect();
+        async move {
+            tokio::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .status()
+                .await
+                .unwrap()
+                .success()
+        }
     };
-    assert!(probe(tg.admin_addr.port()).await, "probe fails against a healthy gateway");
+    assert!(
+        probe(tg.admin_addr.port()).await,
+        "probe fails against a healthy gateway"
+    );
     let port = tg.admin_addr.port();
     tg.stop().await;
     assert!(!probe(port).await, "probe passes with nothing listening");
@@ -1409,21 +2018,44 @@ async fn dockerfile_is_multi_stage_non_root_and_its_healthcheck_probe_works() {
 async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
     let shipped = read_repo("deploy/logrotate/tokengate");
     assert!(shipped.contains("/var/log/tokengate/audit.log {"));
-    let directives: Vec<&str> = shipped.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
+    let directives: Vec<&str> = shipped
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
     assert!(directives.iter().any(|l| l.starts_with("create ")));
     assert!(directives.contains(&"delaycompress"));
-    assert!(!directives.iter().any(|l| l.contains("copytruncate") || l.contains("dateext")));
+    assert!(
+        !directives
+            .iter()
+            .any(|l| l.contains("copytruncate") || l.contains("dateext"))
+    );
     assert!(shipped.contains("systemctl reload tokengate.service"));
     if !ensure_tool("logrotate", "logrotate") {
         return;
     }
     let upstream = Upstream::start().await;
     let mut token = String::new();
-    let mut p = Proc::start(&upstream, &Options::default(), |db| token = issue(db, "ci", "reader", &["apps:read"]).0).await;
+    let mut p = Proc::start(&upstream, &Options::default(), |db| {
+        token = issue(db, "ci", "reader", &["apps:read"]).0
+    })
+    .await;
     let c = client();
     let hit = |path: &'static str| {
-        let (c, url, token) = (c.clone(), format!("http://{}{path}", p.public), token.clone());
-        async move { c.get(&url).header("authorization", bearer(&token)).send().await.unwrap().status().as_u16() }
+        let (c, url, token) = (
+            c.clone(),
+            format!("http://{}{path}", p.public),
+            token.clone(),
+        );
+        async move {
+            c.get(&url)
+                .header("authorization", bearer(&token))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
     };
     for _ in 0..3 {
         assert_eq!(hit("/apps/before/rotation").await, 200);
@@ -1433,23 +2065,40 @@ async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
     let audit = p.audit_path();
     let conf = shipped
         .replace("/var/log/tokengate/audit.log", audit.to_str().unwrap())
-        .replace("systemctl reload tokengate.service", &format!("kill -HUP {}", p.pid()))
+        .replace(
+            "systemctl reload tokengate.service",
+            &format!("kill -HUP {}", p.pid()),
+        )
         .replace("create 0640 tokengate tokengate", "create 0640");
     let conf_path = p.dir.path().join("logrotate.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let state = p.dir.path().join("logrotate.state");
     // The lines so far must be on disk before the rename.
-    eventually("the audit lines to be written", Duration::from_secs(10), || async {
-        (audit_file_lines(&audit).len() >= 3).then_some(())
-    })
+    eventually(
+        "the audit lines to be written",
+        Duration::from_secs(10),
+        || async { (audit_file_lines(&audit).len() >= 3).then_some(()) },
+    )
     .await;
-    let out = StdCommand::new("logrotate").arg("-f").arg("-s").arg(&state).arg(&conf_path).output().unwrap();
-    assert!(out.status.success(), "logrotate: {}", String::from_utf8_lossy(&out.stderr));
+    let out = StdCommand::new("logrotate")
+        .arg("-f")
+        .arg("-s")
+        .arg(&state)
+        .arg(&conf_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "logrotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rotated = p.dir.path().join("audit.log.1");
     assert!(rotated.exists(), "delaycompress keeps audit.log.1 plain");
-    eventually("the reload after rotation", Duration::from_secs(20), || async {
-        p.stderr_has("audit log reopened").then_some(())
-    })
+    eventually(
+        "the reload after rotation",
+        Duration::from_secs(20),
+        || async { p.stderr_has("audit log reopened").then_some(()) },
+    )
     .await;
     for _ in 0..2 {
         assert_eq!(hit("/apps/after/rotation").await, 200);
@@ -1461,7 +2110,20 @@ async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
     assert_eq!(old.iter().filter(|l| l["kind"] == "request").count(), 3);
     assert_eq!(new.iter().filter(|l| l["kind"] == "request").count(), 2);
     // The new file continues the sequence, and the set verifies oldest first.
-    assert_eq!(new[0]["seq"].as_u64().unwrap(), old.last().unwrap()["seq"].as_u64().unwrap() + 1);
-    let out = run_cli(&["audit", "verify", rotated.to_str().unwrap(), audit.to_str().unwrap()]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        new[0]["seq"].as_u64().unwrap(),
+        old.last().unwrap()["seq"].as_u64().unwrap() + 1
+    );
+    let out = run_cli(&[
+        "audit",
+        "verify",
+        rotated.to_str().unwrap(),
+        audit.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -55,7 +55,9 @@ pub enum StoreError {
         message: String,
     },
     /// The schema is newer than this binary.
-    #[error("{path} has schema version {found}, newer than this tokengate ({known}); upgrade tokengate")]
+    #[error(
+        "{path} has schema version {found}, newer than this tokengate ({known}); upgrade tokengate"
+    )]
     TooNew {
         /// Database file or URL (without password).
         path: PathBuf,
@@ -510,13 +512,18 @@ impl Store {
 
     /// Opens (creating if needed) a SQLite database, applies migrations and pragmas.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
-        Ok(Self::wrap(Backend::Sqlite(sqlite::Sqlite::open(path, busy_timeout)?)))
+        Ok(Self::wrap(Backend::Sqlite(sqlite::Sqlite::open(
+            path,
+            busy_timeout,
+        )?)))
     }
 
     /// Connects to a PostgreSQL database (`postgres://...`), applies migrations, and starts
     /// listening for change notifications. Fails when the server cannot be reached.
     pub fn open_postgres(url: &str, options: &PgOptions) -> Result<Store, StoreError> {
-        Ok(Self::wrap(Backend::Postgres(postgres::Postgres::open(url, options)?)))
+        Ok(Self::wrap(Backend::Postgres(postgres::Postgres::open(
+            url, options,
+        )?)))
     }
 
     /// Opens the store a validated `[store]` section names.
@@ -535,7 +542,11 @@ impl Store {
     }
 
     /// Opens a SQLite file or a `postgres://` URL (`store copy`).
-    pub fn open_location(location: &str, busy_timeout: Duration, pg: &PgOptions) -> Result<Store, StoreError> {
+    pub fn open_location(
+        location: &str,
+        busy_timeout: Duration,
+        pg: &PgOptions,
+    ) -> Result<Store, StoreError> {
         if is_postgres_url(location) {
             Self::open_postgres(location, pg)
         } else {
@@ -613,7 +624,9 @@ impl Store {
     /// Installs (or clears) a hook run during `lookup_hash` (tests use it to slow reads down).
     #[doc(hidden)]
     pub fn set_lookup_hook(&self, hook: Option<LookupHook>) {
-        self.inner.lookup_hook.store(hook.map(|h| Arc::new(LookupHookBox(h))));
+        self.inner
+            .lookup_hook
+            .store(hook.map(|h| Arc::new(LookupHookBox(h))));
     }
 
     /// Runs a read-only check that the store is readable (used at start and by `/readyz`).
@@ -624,7 +637,13 @@ impl Store {
     // ------------------------------------------------------------ accounts
 
     /// Creates an account.
-    pub fn create_account(&self, name: &str, email: Option<&str>, actor: &str, now: i64) -> Result<Account, StoreError> {
+    pub fn create_account(
+        &self,
+        name: &str,
+        email: Option<&str>,
+        actor: &str,
+        now: i64,
+    ) -> Result<Account, StoreError> {
         let acc = Account {
             id: crate::token::new_id("acc"),
             name: name.to_string(),
@@ -649,7 +668,12 @@ impl Store {
     }
 
     /// Disables an account: every one of its tokens is rejected from now on.
-    pub fn disable_account(&self, name_or_id: &str, actor: &str, now: i64) -> Result<Account, StoreError> {
+    pub fn disable_account(
+        &self,
+        name_or_id: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<Account, StoreError> {
         on_backend!(self, b => b.disable_account(name_or_id, actor, now))
     }
 
@@ -693,7 +717,12 @@ impl Store {
     }
 
     /// Tokens, newest first; revoked/expired ones only with `include_inactive`.
-    pub fn list_tokens(&self, account: Option<&str>, include_inactive: bool, now: i64) -> Result<Vec<TokenRow>, StoreError> {
+    pub fn list_tokens(
+        &self,
+        account: Option<&str>,
+        include_inactive: bool,
+        now: i64,
+    ) -> Result<Vec<TokenRow>, StoreError> {
         let account_id = match account {
             Some(a) => Some(self.get_account(a)?.id),
             None => None,
@@ -706,7 +735,13 @@ impl Store {
     }
 
     /// Revokes a token (soft delete) and logs the change for other processes.
-    pub fn revoke(&self, id: &str, actor: &str, reason: &str, now: i64) -> Result<TokenRow, StoreError> {
+    pub fn revoke(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<TokenRow, StoreError> {
         on_backend!(self, b => b.revoke(id, actor, reason, now))?;
         self.get_token(id)
     }
@@ -719,7 +754,14 @@ impl Store {
     /// Rotates: a new token with the same account, permissions, scopes and limits; the old one
     /// keeps working until the new one is used or `now + grace_ms`, whichever comes first.
     /// The cap is not applied: the old token's slot is handed over.
-    pub fn rotate(&self, id: &str, actor: &str, grace_ms: i64, prefix: &str, now: i64) -> Result<(TokenRow, NewToken), StoreError> {
+    pub fn rotate(
+        &self,
+        id: &str,
+        actor: &str,
+        grace_ms: i64,
+        prefix: &str,
+        now: i64,
+    ) -> Result<(TokenRow, NewToken), StoreError> {
         let old = self.find_token(id)?;
         if !old.is_active(now) {
             return Err(StoreError::AlreadyRevoked(old.id));
@@ -856,7 +898,13 @@ pub(crate) struct NewTokenRow {
 }
 
 impl NewTokenRow {
-    fn new(id: &str, spec: &NewTokenSpec, new: &NewToken, rotated_from: Option<&str>, now: i64) -> Self {
+    fn new(
+        id: &str,
+        spec: &NewTokenSpec,
+        new: &NewToken,
+        rotated_from: Option<&str>,
+        now: i64,
+    ) -> Self {
         let cidrs: Vec<String> = spec.allowed_cidrs.iter().map(|c| c.to_string()).collect();
         NewTokenRow {
             id: id.to_string(),
@@ -919,7 +967,8 @@ impl RawTokenRow {
             column,
             message: e.to_string(),
         };
-        let permissions = serde_json::from_str(&self.permissions).map_err(|e| corrupt("permissions", e))?;
+        let permissions =
+            serde_json::from_str(&self.permissions).map_err(|e| corrupt("permissions", e))?;
         let scopes = serde_json::from_str(&self.scopes).map_err(|e| corrupt("scopes", e))?;
         let cidr_strings: Vec<String> =
             serde_json::from_str(&self.allowed_cidrs).map_err(|e| corrupt("allowed_cidrs", e))?;
@@ -967,13 +1016,21 @@ impl RawTokenRow {
 }
 
 /// The error for a full account: names the limit and lists the active tokens.
-pub(crate) fn cap_reached(account: String, limit: u32, active: &[(String, String, String)]) -> StoreError {
+pub(crate) fn cap_reached(
+    account: String,
+    limit: u32,
+    active: &[(String, String, String)],
+) -> StoreError {
     let list = active
         .iter()
         .map(|(id, name, prefix)| format!("  {id}  {prefix}  {name}"))
         .collect::<Vec<_>>()
         .join("\n");
-    StoreError::CapReached { account, limit, list }
+    StoreError::CapReached {
+        account,
+        limit,
+        list,
+    }
 }
 
 /// Chooses among the (at most 3) rows matching an id or prefix: an exact match wins over longer
@@ -996,13 +1053,19 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact_url("postgres://tg:s3cret@db:5432/tg"), "postgres://tg:***@db:5432/tg");
+        assert_eq!(
+            redact_url("postgres://tg:s3cret@db:5432/tg"),
+            "postgres://tg:***@db:5432/tg"
+        );
         assert_eq!(redact_url("postgres://tg@db/tg"), "postgres://tg@db/tg");
         assert_eq!(
             redact_url("postgresql://db/tg?user=tg&password=s3cret&sslmode=require"),
             "postgresql://db/tg?user=tg&password=***&sslmode=require"
         );
-        assert_eq!(redact_url("redis://:pw@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
+        assert_eq!(
+            redact_url("redis://:pw@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
         assert!(is_postgres_url("postgresql://x") && is_postgres_url("postgres://x"));
         assert!(!is_postgres_url("/var/lib/tokengate/tokengate.db"));
     }

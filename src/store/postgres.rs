@@ -32,8 +32,9 @@ use tokio_postgres::{AsyncMessage, Client, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, LastUsed, NewTokenRow,
-    PgOptions, RawTokenRow, StoreDump, StoreError, TOKEN_COLUMNS, TokenRow, cap_reached, redact_url,
+    Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken,
+    LastUsed, NewTokenRow, PgOptions, RawTokenRow, StoreDump, StoreError, TOKEN_COLUMNS, TokenRow,
+    cap_reached, redact_url,
 };
 use crate::token::TokenHash;
 
@@ -166,14 +167,16 @@ impl Postgres {
             target: target.to_string(),
             message,
         };
-        let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| fail(format!("invalid URL: {e}")))?;
+        let mut cfg: tokio_postgres::Config =
+            url.parse().map_err(|e| fail(format!("invalid URL: {e}")))?;
         if cfg.get_application_name().is_none() {
             cfg.application_name("tokengate");
         }
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(o.timeout);
         }
-        cfg.keepalives(true).keepalives_idle(Duration::from_secs(10));
+        cfg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(10));
         let tls = make_tls(cfg.get_ssl_mode(), o.ca.as_deref()).map_err(fail)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -219,7 +222,10 @@ impl Postgres {
         // The notification connection must listen before the store is handed out: a gateway
         // that starts serving has no gap between its first change-log read and its first push.
         let mut listen_cfg = cfg.clone();
-        let name = format!("{}-listen", cfg.get_application_name().unwrap_or("tokengate"));
+        let name = format!(
+            "{}-listen",
+            cfg.get_application_name().unwrap_or("tokengate")
+        );
         listen_cfg.application_name(&name);
         let (lc, lt, t2) = (listen_cfg.clone(), tls.clone(), target.clone());
         let listener = pg.run(async move {
@@ -229,7 +235,8 @@ impl Postgres {
             })
         })?;
         feed.up.store(true, Ordering::SeqCst);
-        pg.handle.spawn(feed_loop(listen_cfg, tls, feed, listener, target));
+        pg.handle
+            .spawn(feed_loop(listen_cfg, tls, feed, listener, target));
         Ok(pg)
     }
 
@@ -254,7 +261,10 @@ impl Postgres {
     }
 
     /// Runs `fut` on the store's runtime and waits for it, within the call deadline.
-    fn run<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, StoreError>> + Send + 'static) -> Result<T, StoreError> {
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let deadline = self.timeout;
         let target = self.target.clone();
@@ -280,7 +290,9 @@ impl Postgres {
         let db = self.db.clone();
         self.run(async move {
             let c = db.conn().await?;
-            c.query_one("SELECT count(*) FROM accounts", &[]).await.map_err(|e| db.err(e))?;
+            c.query_one("SELECT count(*) FROM accounts", &[])
+                .await
+                .map_err(|e| db.err(e))?;
             Ok(())
         })
     }
@@ -334,7 +346,12 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn disable_account(&self, name_or_id: &str, actor: &str, now: i64) -> Result<Account, StoreError> {
+    pub(crate) fn disable_account(
+        &self,
+        name_or_id: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<Account, StoreError> {
         let (db, key, actor) = (self.db.clone(), name_or_id.to_string(), actor.to_string());
         self.run(async move {
             let mut c = db.conn().await?;
@@ -362,7 +379,13 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn create_token(&self, account: &str, row: &NewTokenRow, max_active: u32, now: i64) -> Result<(), StoreError> {
+    pub(crate) fn create_token(
+        &self,
+        account: &str,
+        row: &NewTokenRow,
+        max_active: u32,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let (db, key, row) = (self.db.clone(), account.to_string(), row.clone());
         self.run(async move {
             let mut c = db.conn().await?;
@@ -423,7 +446,10 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn list_tokens(&self, account_id: Option<&str>) -> Result<Vec<TokenRow>, StoreError> {
+    pub(crate) fn list_tokens(
+        &self,
+        account_id: Option<&str>,
+    ) -> Result<Vec<TokenRow>, StoreError> {
         let (db, account_id) = (self.db.clone(), account_id.map(str::to_string));
         self.run(async move {
             let sql = format!(
@@ -434,8 +460,19 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn revoke(&self, id: &str, actor: &str, reason: &str, now: i64) -> Result<(), StoreError> {
-        let (db, id, actor, reason) = (self.db.clone(), id.to_string(), actor.to_string(), reason.to_string());
+    pub(crate) fn revoke(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (db, id, actor, reason) = (
+            self.db.clone(),
+            id.to_string(),
+            actor.to_string(),
+            reason.to_string(),
+        );
         self.run(async move {
             let mut c = db.conn().await?;
             let tx = c.transaction().await.map_err(|e| db.err(e))?;
@@ -485,8 +522,20 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn rotate(&self, old_id: &str, account_id: &str, row: &NewTokenRow, deadline: i64, now: i64) -> Result<(), StoreError> {
-        let (db, old_id, account_id, row) = (self.db.clone(), old_id.to_string(), account_id.to_string(), row.clone());
+    pub(crate) fn rotate(
+        &self,
+        old_id: &str,
+        account_id: &str,
+        row: &NewTokenRow,
+        deadline: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (db, old_id, account_id, row) = (
+            self.db.clone(),
+            old_id.to_string(),
+            account_id.to_string(),
+            row.clone(),
+        );
         self.run(async move {
             let mut c = db.conn().await?;
             let tx = c.transaction().await.map_err(|e| db.err(e))?;
@@ -525,7 +574,9 @@ impl Postgres {
                 .map_err(|e| db.err(e))?;
             // `batch` is sorted by token id (see `Store::flush_last_used`): a fixed lock order.
             for u in &batch {
-                tx.execute(&st, &[&u.at, &u.ip, &u.token_id]).await.map_err(|e| db.err(e))?;
+                tx.execute(&st, &[&u.at, &u.ip, &u.token_id])
+                    .await
+                    .map_err(|e| db.err(e))?;
             }
             tx.commit().await.map_err(|e| db.err(e))?;
             db.wrote();
@@ -570,7 +621,11 @@ impl Postgres {
         })
     }
 
-    pub(crate) fn count_active(&self, now: i64, expiring_before: i64) -> Result<(u64, u64), StoreError> {
+    pub(crate) fn count_active(
+        &self,
+        now: i64,
+        expiring_before: i64,
+    ) -> Result<(u64, u64), StoreError> {
         let db = self.db.clone();
         self.run(async move {
             let c = db.conn().await?;
@@ -607,7 +662,10 @@ impl Postgres {
         self.run(async move {
             let c = db.conn().await?;
             let rows = c
-                .query("SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1", &[&(limit as i64)])
+                .query(
+                    "SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1",
+                    &[&(limit as i64)],
+                )
                 .await
                 .map_err(|e| db.err(e))?;
             rows.iter()
@@ -633,9 +691,12 @@ impl Postgres {
         let db = self.db.clone();
         self.run(async move {
             let c = db.conn().await?;
-            c.query_one("SELECT count(*) FROM tokens t JOIN accounts a ON a.id = t.account_id", &[])
-                .await
-                .map_err(|e| db.err(e))?;
+            c.query_one(
+                "SELECT count(*) FROM tokens t JOIN accounts a ON a.id = t.account_id",
+                &[],
+            )
+            .await
+            .map_err(|e| db.err(e))?;
             Ok("ok".to_string())
         })
     }
@@ -876,7 +937,11 @@ impl Db {
         })
     }
 
-    async fn tokens(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<TokenRow>, StoreError> {
+    async fn tokens(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<TokenRow>, StoreError> {
         let c = self.conn().await?;
         let st = c.prepare_cached(sql).await.map_err(|e| self.err(e))?;
         let rows = c.query(&st, params).await.map_err(|e| self.err(e))?;
@@ -933,7 +998,10 @@ impl Db {
     }
 }
 
-async fn lock_account(tx: &deadpool_postgres::Transaction<'_>, key: &str) -> Result<Option<Account>, tokio_postgres::Error> {
+async fn lock_account(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &str,
+) -> Result<Option<Account>, tokio_postgres::Error> {
     let rows = tx
         .query(
             "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts WHERE name = $1 OR id = $1 LIMIT 1 FOR UPDATE",
@@ -951,7 +1019,8 @@ async fn record_change(
     account_id: Option<&str>,
 ) -> Result<(), tokio_postgres::Error> {
     // Held until COMMIT: the next writer gets its seq only after this one is visible.
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK])
+        .await?;
     tx.execute(
         "INSERT INTO changes (at, kind, token_id, account_id) VALUES ($1, $2, $3, $4)",
         &[&now, &kind, &token_id, &account_id],
@@ -960,7 +1029,11 @@ async fn record_change(
     Ok(())
 }
 
-async fn insert_token(tx: &deadpool_postgres::Transaction<'_>, account_id: &str, t: &NewTokenRow) -> Result<(), tokio_postgres::Error> {
+async fn insert_token(
+    tx: &deadpool_postgres::Transaction<'_>,
+    account_id: &str,
+    t: &NewTokenRow,
+) -> Result<(), tokio_postgres::Error> {
     let hash: &[u8] = &t.hash;
     tx.execute(
         "INSERT INTO tokens (id, account_id, name, display_prefix, hash, role, permissions, scopes, allowed_cidrs, \
@@ -1035,13 +1108,17 @@ fn make_tls(mode: SslMode, ca: Option<&Path>) -> Result<MakeRustlsConnect, Strin
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| format!("cannot read store.ca {}: {e}", path.display()))?;
             for cert in certs {
-                let cert = cert.map_err(|e| format!("cannot read store.ca {}: {e}", path.display()))?;
+                let cert =
+                    cert.map_err(|e| format!("cannot read store.ca {}: {e}", path.display()))?;
                 roots
                     .add(cert)
                     .map_err(|e| format!("store.ca {}: {e}", path.display()))?;
             }
             if roots.is_empty() {
-                return Err(format!("store.ca {}: no CERTIFICATE block found", path.display()));
+                return Err(format!(
+                    "store.ca {}: no CERTIFICATE block found",
+                    path.display()
+                ));
             }
         }
         None if mode != SslMode::Disable => {
@@ -1067,7 +1144,10 @@ struct Listener {
     driver: tokio::task::JoinHandle<()>,
 }
 
-async fn listen(cfg: &tokio_postgres::Config, tls: MakeRustlsConnect) -> Result<Listener, tokio_postgres::Error> {
+async fn listen(
+    cfg: &tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+) -> Result<Listener, tokio_postgres::Error> {
     let (client, mut conn) = cfg.connect(tls).await?;
     let (tx, notes) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -1087,7 +1167,11 @@ async fn listen(cfg: &tokio_postgres::Config, tls: MakeRustlsConnect) -> Result<
         driver.abort();
         return Err(e);
     }
-    Ok(Listener { client, notes, driver })
+    Ok(Listener {
+        client,
+        notes,
+        driver,
+    })
 }
 
 /// Forwards notifications until the connection fails or misses a heartbeat.
@@ -1115,7 +1199,13 @@ async fn serve(feed: &Feed, l: &mut Listener) {
 
 /// The notification connection's life: serve, report `Lost`, reconnect with backoff, report
 /// `Reconnected`, forever (until the store's runtime shuts down).
-async fn feed_loop(cfg: tokio_postgres::Config, tls: MakeRustlsConnect, feed: Arc<Feed>, mut listener: Listener, target: Arc<str>) {
+async fn feed_loop(
+    cfg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    feed: Arc<Feed>,
+    mut listener: Listener,
+    target: Arc<str>,
+) {
     loop {
         serve(&feed, &mut listener).await;
         listener.driver.abort();

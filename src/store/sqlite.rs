@@ -11,8 +11,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    Account, Change, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, LastUsed, NewTokenRow, RawTokenRow,
-    StoreDump, StoreError, TOKEN_COLUMNS, TokenRow, cap_reached,
+    Account, Change, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, LastUsed, NewTokenRow,
+    RawTokenRow, StoreDump, StoreError, TOKEN_COLUMNS, TokenRow, cap_reached,
 };
 use crate::token::TokenHash;
 
@@ -113,7 +113,10 @@ impl Sqlite {
         self.writes.load(Ordering::Relaxed)
     }
 
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let conn = self.readers.lock().expect("reader pool poisoned").pop();
         let conn = match conn {
             Some(c) => c,
@@ -127,7 +130,10 @@ impl Sqlite {
         out
     }
 
-    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.writer.lock().expect("writer poisoned");
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -138,7 +144,12 @@ impl Sqlite {
         Ok(out)
     }
 
-    fn query_tokens(&self, c: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRow>, StoreError> {
+    fn query_tokens(
+        &self,
+        c: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<TokenRow>, StoreError> {
         let mut st = c.prepare_cached(sql).map_err(self.err())?;
         let rows = st.query_map(params, raw_token).map_err(self.err())?;
         let mut out = Vec::new();
@@ -187,7 +198,12 @@ impl Sqlite {
         self.with_reader(|c| find_account(c, name_or_id).map_err(self.err()))
     }
 
-    pub(crate) fn disable_account(&self, name_or_id: &str, actor: &str, now: i64) -> Result<Account, StoreError> {
+    pub(crate) fn disable_account(
+        &self,
+        name_or_id: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<Account, StoreError> {
         self.write(|tx| {
             let mut acc = find_account(tx, name_or_id)
                 .map_err(self.err())?
@@ -206,7 +222,13 @@ impl Sqlite {
         })
     }
 
-    pub(crate) fn create_token(&self, account: &str, row: &NewTokenRow, max_active: u32, now: i64) -> Result<(), StoreError> {
+    pub(crate) fn create_token(
+        &self,
+        account: &str,
+        row: &NewTokenRow,
+        max_active: u32,
+        now: i64,
+    ) -> Result<(), StoreError> {
         self.write(|tx| {
             let acc = find_account(tx, account)
                 .map_err(self.err())?
@@ -243,7 +265,10 @@ impl Sqlite {
         })
     }
 
-    pub(crate) fn list_tokens(&self, account_id: Option<&str>) -> Result<Vec<TokenRow>, StoreError> {
+    pub(crate) fn list_tokens(
+        &self,
+        account_id: Option<&str>,
+    ) -> Result<Vec<TokenRow>, StoreError> {
         self.with_reader(|c| {
             let sql = format!(
                 "SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id \
@@ -253,7 +278,13 @@ impl Sqlite {
         })
     }
 
-    pub(crate) fn revoke(&self, id: &str, actor: &str, reason: &str, now: i64) -> Result<(), StoreError> {
+    pub(crate) fn revoke(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         self.write(|tx| {
             let n = tx
                 .execute(
@@ -292,7 +323,14 @@ impl Sqlite {
         })
     }
 
-    pub(crate) fn rotate(&self, old_id: &str, account_id: &str, row: &NewTokenRow, deadline: i64, now: i64) -> Result<(), StoreError> {
+    pub(crate) fn rotate(
+        &self,
+        old_id: &str,
+        account_id: &str,
+        row: &NewTokenRow,
+        deadline: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
         self.write(|tx| {
             let still: Option<i64> = tx
                 .query_row("SELECT 1 FROM tokens WHERE id = ?1 AND revoked_at IS NULL", [old_id], |r| r.get(0))
@@ -321,7 +359,8 @@ impl Sqlite {
                 )
                 .map_err(self.err())?;
             for u in batch {
-                st.execute(params![u.at, u.ip, u.token_id]).map_err(self.err())?;
+                st.execute(params![u.at, u.ip, u.token_id])
+                    .map_err(self.err())?;
             }
             Ok(())
         })
@@ -329,8 +368,10 @@ impl Sqlite {
 
     pub(crate) fn last_change_seq(&self) -> Result<i64, StoreError> {
         self.with_reader(|c| {
-            c.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get(0))
-                .map_err(self.err())
+            c.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.err())
         })
     }
 
@@ -353,7 +394,11 @@ impl Sqlite {
         })
     }
 
-    pub(crate) fn count_active(&self, now: i64, expiring_before: i64) -> Result<(u64, u64), StoreError> {
+    pub(crate) fn count_active(
+        &self,
+        now: i64,
+        expiring_before: i64,
+    ) -> Result<(u64, u64), StoreError> {
         self.with_reader(|c| {
             c.query_row(
                 "SELECT count(*), coalesce(sum(t.expires_at IS NOT NULL AND t.expires_at < ?2), 0) \
@@ -405,8 +450,12 @@ impl Sqlite {
 
     pub(crate) fn backup(&self, dest: &Path) -> Result<(), StoreError> {
         self.with_reader(|c| {
-            c.backup(rusqlite::MAIN_DB, dest, None::<fn(rusqlite::backup::Progress)>)
-                .map_err(self.err())
+            c.backup(
+                rusqlite::MAIN_DB,
+                dest,
+                None::<fn(rusqlite::backup::Progress)>,
+            )
+            .map_err(self.err())
         })
     }
 
@@ -440,7 +489,9 @@ impl Sqlite {
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
         let mut st = c
-            .prepare(&format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id"))
+            .prepare(&format!(
+                "SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id"
+            ))
             .map_err(self.err())?;
         let tokens = st
             .query_map([], |r| {
@@ -584,7 +635,9 @@ impl Sqlite {
 }
 
 fn open_conn(path: &Path, busy: Duration, create: bool) -> rusqlite::Result<Connection> {
-    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
     if create {
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
@@ -601,7 +654,9 @@ fn migrate(c: &Connection, path: &Path) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         source,
     };
-    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
+    let version: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(err)?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::TooNew {
@@ -623,7 +678,13 @@ fn migrate(c: &Connection, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn record_change(tx: &Connection, now: i64, kind: &str, token_id: Option<&str>, account_id: Option<&str>) -> rusqlite::Result<()> {
+fn record_change(
+    tx: &Connection,
+    now: i64,
+    kind: &str,
+    token_id: Option<&str>,
+    account_id: Option<&str>,
+) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO changes (at, kind, token_id, account_id) VALUES (?1, ?2, ?3, ?4)",
         params![now, kind, token_id, account_id],
@@ -640,13 +701,19 @@ fn find_account(c: &Connection, name_or_id: &str) -> rusqlite::Result<Option<Acc
     .optional()
 }
 
-fn active_tokens(c: &Connection, account_id: &str, now: i64) -> rusqlite::Result<Vec<(String, String, String)>> {
+fn active_tokens(
+    c: &Connection,
+    account_id: &str,
+    now: i64,
+) -> rusqlite::Result<Vec<(String, String, String)>> {
     let mut st = c.prepare(
         "SELECT id, name, display_prefix FROM tokens WHERE account_id = ?1 AND revoked_at IS NULL \
          AND (expires_at IS NULL OR expires_at > ?2) AND (rotation_deadline IS NULL OR rotation_deadline > ?2) \
          ORDER BY created_at",
     )?;
-    let rows = st.query_map(params![account_id, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let rows = st.query_map(params![account_id, now], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
     rows.collect()
 }
 

@@ -132,7 +132,7 @@ async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>)
     }
     // `/delay/{ms}`: answers normally after `ms` milliseconds (drain tests: a slow in-flight request).
     if let Some(ms) = path.strip_prefix("/delay/") {
-        let ms: u64 = ms.split('/').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        let ms: u64 = ms.parse().unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if let Some(code) = path.strip_prefix("/status/") {

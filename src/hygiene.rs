@@ -82,7 +82,11 @@ pub fn strip_owned(headers: &mut HeaderMap) {
     }
     let family: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| GATEWAY_OWNED_PREFIXES.iter().any(|p| k.as_str().starts_with(p)))
+        .filter(|k| {
+            GATEWAY_OWNED_PREFIXES
+                .iter()
+                .any(|p| k.as_str().starts_with(p))
+        })
         .cloned()
         .collect();
     for n in family {

@@ -24,7 +24,11 @@ async fn cli_token(config: &std::path::Path, args: &[&str]) -> String {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "token create {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "token create {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     stdout.lines().next().unwrap().trim().to_string()
 }
@@ -44,7 +48,11 @@ async fn get(addr: SocketAddr, target: &str, tok: Option<&str>, extra: &str) -> 
 fn assert_forbidden(r: &RawResponse, permission: Option<&str>) {
     assert_eq!(r.status, 403, "{}", r.raw);
     let www = r.header("www-authenticate").unwrap();
-    assert!(www.starts_with("Bearer realm=\"tokengate\"") && www.contains("error=\"insufficient_scope\""), "{www}");
+    assert!(
+        www.starts_with("Bearer realm=\"tokengate\"")
+            && www.contains("error=\"insufficient_scope\""),
+        "{www}"
+    );
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "insufficient_scope");
     match permission {
@@ -58,7 +66,10 @@ fn assert_invalid_token(r: &RawResponse) {
     assert_eq!(r.status, 401, "{}", r.raw);
     let www = r.header("www-authenticate").unwrap();
     assert!(www.contains("error=\"invalid_token\""), "{www}");
-    assert!(www.ends_with("error_description=\"The access token is invalid\""), "generic, no hint about the allowlist: {www}");
+    assert!(
+        www.ends_with("error_description=\"The access token is invalid\""),
+        "generic, no hint about the allowlist: {www}"
+    );
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "invalid_token");
 }
@@ -73,7 +84,16 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
     let cfg = tg.config_path.to_str().unwrap();
     let tok = cli_token(
         std::path::Path::new(cfg),
-        &["--account", "ops", "--name", "scoped", "--permission", "apps:read", "--scope", "app=billing,web-*"],
+        &[
+            "--account",
+            "ops",
+            "--name",
+            "scoped",
+            "--permission",
+            "apps:read",
+            "--scope",
+            "app=billing,web-*",
+        ],
     )
     .await;
 
@@ -90,13 +110,26 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
         tg.upstream.clear();
         let r = get(tg.addr, target, Some(&tok), "").await;
         assert_eq!(r.status, 200, "{target}: {}", r.raw);
-        let got: Vec<String> = tg.upstream.received().into_iter().map(|r| r.target).collect();
+        let got: Vec<String> = tg
+            .upstream
+            .received()
+            .into_iter()
+            .map(|r| r.target)
+            .collect();
         assert_eq!(got, [forwarded], "{target}");
         let line = tg.last_request_line().await;
         assert_eq!(line["reason"], "ok", "{target}");
     }
 
-    for target in ["/apps/payroll", "/apps/payroll/x", "/apps/Billing/x", "/apps/billing-x", "/apps/web", "/apps/xweb-1", "/apps/%70ayroll"] {
+    for target in [
+        "/apps/payroll",
+        "/apps/payroll/x",
+        "/apps/Billing/x",
+        "/apps/billing-x",
+        "/apps/web",
+        "/apps/xweb-1",
+        "/apps/%70ayroll",
+    ] {
         tg.upstream.clear();
         let r = get(tg.addr, target, Some(&tok), "").await;
         assert_forbidden(&r, Some("apps:read"));
@@ -106,7 +139,11 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
         assert_eq!(tg.upstream.count(), 0, "{target}");
     }
     // Path tricks to step from an allowed value to another are refused before authorisation.
-    for target in ["/apps/billing/../payroll/x", "/apps/web-1%2F..%2Fpayroll", "/apps/billing%2Fpayroll"] {
+    for target in [
+        "/apps/billing/../payroll/x",
+        "/apps/web-1%2F..%2Fpayroll",
+        "/apps/billing%2Fpayroll",
+    ] {
         let r = get(tg.addr, target, Some(&tok), "").await;
         assert_eq!(r.status, 400, "{target}");
         assert_rejection_line(&tg.last_request_line().await, 400, "bad_path");
@@ -128,9 +165,48 @@ async fn ip_allowlist_uses_the_tcp_peer_and_ignores_spoofed_forwarded_for() {
     let tg = TestGateway::start().await;
     tg.account("ops");
     let cfg = tg.config_path.clone();
-    let local = cli_token(&cfg, &["--account", "ops", "--name", "local", "--permission", "apps:read", "--allow-ip", "127.0.0.0/8"]).await;
-    let tenner = cli_token(&cfg, &["--account", "ops", "--name", "tenner", "--permission", "apps:read", "--allow-ip", "10.0.0.0/8"]).await;
-    let v6only = cli_token(&cfg, &["--account", "ops", "--name", "v6", "--permission", "apps:read", "--allow-ip", "2001:db8::/32"]).await;
+    let local = cli_token(
+        &cfg,
+        &[
+            "--account",
+            "ops",
+            "--name",
+            "local",
+            "--permission",
+            "apps:read",
+            "--allow-ip",
+            "127.0.0.0/8",
+        ],
+    )
+    .await;
+    let tenner = cli_token(
+        &cfg,
+        &[
+            "--account",
+            "ops",
+            "--name",
+            "tenner",
+            "--permission",
+            "apps:read",
+            "--allow-ip",
+            "10.0.0.0/8",
+        ],
+    )
+    .await;
+    let v6only = cli_token(
+        &cfg,
+        &[
+            "--account",
+            "ops",
+            "--name",
+            "v6",
+            "--permission",
+            "apps:read",
+            "--allow-ip",
+            "2001:db8::/32",
+        ],
+    )
+    .await;
 
     let r = get(tg.addr, "/apps/x", Some(&local), "").await;
     assert_eq!(r.status, 200, "{}", r.raw);
@@ -139,14 +215,20 @@ async fn ip_allowlist_uses_the_tcp_peer_and_ignores_spoofed_forwarded_for() {
     for (tok, xff) in [
         (&tenner, ""),
         (&tenner, "X-Forwarded-For: 10.1.2.3\r\n"),
-        (&tenner, "X-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n"),
+        (
+            &tenner,
+            "X-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n",
+        ),
         (&v6only, "X-Forwarded-For: 2001:db8::1\r\n"),
     ] {
         let r = get(tg.addr, "/apps/x", Some(tok), xff).await;
         assert_invalid_token(&r);
         let line = tg.last_request_line().await;
         assert_rejection_line(&line, 401, "ip_not_allowed");
-        assert_eq!(line["client_ip"], "127.0.0.1", "without trusted proxies the peer address counts");
+        assert_eq!(
+            line["client_ip"], "127.0.0.1",
+            "without trusted proxies the peer address counts"
+        );
     }
     assert_eq!(tg.upstream.count(), 1);
     tg.stop().await;
@@ -160,8 +242,12 @@ async fn trusted_proxy_makes_the_last_untrusted_forwarded_for_hop_the_client() {
     })
     .await;
     let perms = &["apps:read"];
-    let (tenner, _) = tg.token_with("ops", "tenner", perms, |s| s.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()]);
-    let (v6, _) = tg.token_with("ops", "v6", perms, |s| s.allowed_cidrs = vec!["2001:db8::/32".parse().unwrap()]);
+    let (tenner, _) = tg.token_with("ops", "tenner", perms, |s| {
+        s.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()]
+    });
+    let (v6, _) = tg.token_with("ops", "v6", perms, |s| {
+        s.allowed_cidrs = vec!["2001:db8::/32".parse().unwrap()]
+    });
 
     // (token, X-Forwarded-For, allowed, client_ip the gateway must use)
     let cases = [
@@ -179,7 +265,9 @@ async fn trusted_proxy_makes_the_last_untrusted_forwarded_for_hop_the_client() {
     ];
     for (tok, xff, allowed, client) in cases {
         tg.upstream.clear();
-        let extra = xff.map(|x| format!("X-Forwarded-For: {x}\r\n")).unwrap_or_default();
+        let extra = xff
+            .map(|x| format!("X-Forwarded-For: {x}\r\n"))
+            .unwrap_or_default();
         let r = get(tg.addr, "/apps/x", Some(tok), &extra).await;
         let line = tg.last_request_line().await;
         assert_eq!(line["client_ip"], client, "{xff:?}: {line}");
@@ -187,7 +275,10 @@ async fn trusted_proxy_makes_the_last_untrusted_forwarded_for_hop_the_client() {
             assert_eq!(r.status, 200, "{xff:?}: {}", r.raw);
             let got = tg.upstream.received();
             assert_eq!(got.len(), 1);
-            assert_eq!(got[0].headers["x-forwarded-for"], client, "the upstream sees the client the gateway believed");
+            assert_eq!(
+                got[0].headers["x-forwarded-for"], client,
+                "the upstream sees the client the gateway believed"
+            );
             assert_eq!(got[0].headers["x-real-ip"], client);
         } else {
             assert_invalid_token(&r);
@@ -213,15 +304,24 @@ async fn start_v6() -> V6Gateway {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
-    let text = std::fs::read_to_string(&path).unwrap().replacen("listen = \"127.0.0.1:0\"", "listen = \"[::1]:0\"", 1);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"[::1]:0\"",
+        1,
+    );
     std::fs::write(&path, text).unwrap();
     let cfg = Config::load(&path).unwrap();
-    let started = tokengate::app::start(cfg).await.map_err(|e| e.message).unwrap();
+    let started = tokengate::app::start(cfg)
+        .await
+        .map_err(|e| e.message)
+        .unwrap();
     let addr = started.server.public_addr();
     assert!(addr.is_ipv6());
     let gw = started.gateway.clone();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let tokengate::app::Started { server, background, .. } = started;
+    let tokengate::app::Started {
+        server, background, ..
+    } = started;
     let task = tokio::spawn(async move {
         server
             .run(async move {
@@ -229,7 +329,15 @@ async fn start_v6() -> V6Gateway {
             })
             .await;
     });
-    V6Gateway { addr, gw, upstream, dir, stop, task, _bg: background }
+    V6Gateway {
+        addr,
+        gw,
+        upstream,
+        dir,
+        stop,
+        task,
+        _bg: background,
+    }
 }
 
 #[tokio::test]
@@ -250,7 +358,11 @@ async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
             expires_at: Some(now + 86_400_000),
             created_by: "test".into(),
         };
-        store.create_token(&spec, "tg", 1000, now).unwrap().1.plaintext
+        store
+            .create_token(&spec, "tg", 1000, now)
+            .unwrap()
+            .1
+            .plaintext
     };
     let loopback = make("loopback", "::1/128");
     let doc = make("doc", "2001:db8::/32");
@@ -260,16 +372,28 @@ async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(v6.upstream.count(), 1);
     assert_eq!(v6.upstream.received()[0].headers["x-forwarded-for"], "::1");
-    assert_eq!(v6.upstream.received()[0].headers["forwarded"], "for=\"[::1]\";proto=http;host=\"gw.test\"");
+    assert_eq!(
+        v6.upstream.received()[0].headers["forwarded"],
+        "for=\"[::1]\";proto=http;host=\"gw.test\""
+    );
     for tok in [&doc, &v4] {
-        let r = get(v6.addr, "/apps/x", Some(tok), "X-Forwarded-For: 2001:db8::1\r\n").await;
+        let r = get(
+            v6.addr,
+            "/apps/x",
+            Some(tok),
+            "X-Forwarded-For: 2001:db8::1\r\n",
+        )
+        .await;
         assert_invalid_token(&r);
     }
     assert_eq!(v6.upstream.count(), 1);
     v6.gw.audit().flush_async().await.unwrap();
     let text = std::fs::read_to_string(v6.dir.path().join("audit.log")).unwrap();
-    let lines: Vec<serde_json::Value> =
-        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|l| l["kind"] == "request").collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["kind"] == "request")
+        .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["client_ip"], "::1");
     for l in &lines[1..] {
@@ -314,7 +438,11 @@ permission = "apps:deploy"
 
 #[tokio::test]
 async fn shadow_rules_are_logged_but_never_enforced() {
-    let tg = TestGateway::start_with(Options { rules: SHADOW_RULES.into(), ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        rules: SHADOW_RULES.into(),
+        ..Options::default()
+    })
+    .await;
     let (reader, _) = tg.token("ops", "reader", &["apps:read"]);
     let (secrets, _) = tg.token("ops", "secrets", &["apps:read", "apps:secrets"]);
 
@@ -326,12 +454,18 @@ async fn shadow_rules_are_logged_but_never_enforced() {
     assert_eq!(line["reason"], "ok");
     assert_eq!(line["rbac_decision"], "allow");
     assert_eq!(line["shadow_decision"], "would_deny", "{line}");
-    assert_eq!(line["rule"], "api:GET /apps/{app}/**", "the enforced rule is the one recorded");
+    assert_eq!(
+        line["rule"], "api:GET /apps/{app}/**",
+        "the enforced rule is the one recorded"
+    );
     assert_eq!(line["permission"], "apps:read");
 
     let r = get(tg.addr, "/apps/x/secrets/k", Some(&secrets), "").await;
     assert_eq!(r.status, 200);
-    assert_eq!(tg.last_request_line().await["shadow_decision"], "would_allow");
+    assert_eq!(
+        tg.last_request_line().await["shadow_decision"],
+        "would_allow"
+    );
 
     // Where no shadow rule applies, there is no shadow decision.
     let r = get(tg.addr, "/apps/x/logs", Some(&reader), "").await;
@@ -364,10 +498,19 @@ shadow = true
 permissions = ["apps:read", "apps:deploy"]
 shadow = true
 "#;
-    let tg = TestGateway::start_with(Options { sections: roles.into(), rules: SHADOW_RULES.into(), ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        sections: roles.into(),
+        rules: SHADOW_RULES.into(),
+        ..Options::default()
+    })
+    .await;
     // Tokens keep the permission list they were created with; the roles changed since.
-    let (narrowed, _) = tg.token_with("ops", "narrowed", &["apps:read", "logs:read"], |s| s.role = Some("narrowing".into()));
-    let (widened, _) = tg.token_with("ops", "widened", &["apps:read"], |s| s.role = Some("widening".into()));
+    let (narrowed, _) = tg.token_with("ops", "narrowed", &["apps:read", "logs:read"], |s| {
+        s.role = Some("narrowing".into())
+    });
+    let (widened, _) = tg.token_with("ops", "widened", &["apps:read"], |s| {
+        s.role = Some("widening".into())
+    });
     let (plain, _) = tg.token("ops", "plain", &["apps:read"]);
 
     let r = get(tg.addr, "/apps/x/status", Some(&narrowed), "").await;
@@ -395,11 +538,18 @@ shadow = true
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 403, "insufficient_permission");
     assert_eq!(line["shadow_decision"], "would_allow", "{line}");
-    assert_eq!(tg.upstream.count(), 1, "the shadow role did not widen the token");
+    assert_eq!(
+        tg.upstream.count(),
+        1,
+        "the shadow role did not widen the token"
+    );
 
     let r = get(tg.addr, "/apps/x/status", Some(&plain), "").await;
     assert_eq!(r.status, 200);
-    assert!(tg.last_request_line().await["shadow_decision"].is_null(), "no role, no shadow decision");
+    assert!(
+        tg.last_request_line().await["shadow_decision"].is_null(),
+        "no role, no shadow decision"
+    );
     tg.stop().await;
 }
 
@@ -444,7 +594,11 @@ permission = "admin:all"
 
 #[tokio::test]
 async fn the_most_specific_rule_wins_end_to_end() {
-    let tg = TestGateway::start_with(Options { rules: SPECIFIC_RULES.into(), ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        rules: SPECIFIC_RULES.into(),
+        ..Options::default()
+    })
+    .await;
     let (reader, _) = tg.token("ops", "reader", &["apps:read"]);
     let (billing, _) = tg.token("ops", "billing", &["apps:read", "billing:secrets"]);
     let (apps_all, _) = tg.token("ops", "apps-all", &["apps:*"]);
@@ -453,21 +607,111 @@ async fn the_most_specific_rule_wins_end_to_end() {
 
     // (token, target, status, rule that decided, required permission)
     let cases: Vec<(Option<&str>, &str, u16, &str, Option<&str>)> = vec![
-        (Some(&reader), "/apps/x/readme", 200, "api:GET /apps/{app}/**", Some("apps:read")),
-        (Some(&reader), "/apps/x/secrets/k", 403, "api:GET /apps/{app}/secrets/**", Some("apps:secrets")),
-        (Some(&reader), "/apps/billing/secrets/k", 403, "api:GET /apps/billing/secrets/**", Some("billing:secrets")),
-        (Some(&billing), "/apps/billing/secrets/k", 200, "api:GET /apps/billing/secrets/**", Some("billing:secrets")),
-        (Some(&billing), "/apps/other/secrets/k", 403, "api:GET /apps/{app}/secrets/**", Some("apps:secrets")),
-        (Some(&apps_all), "/apps/other/secrets/k", 200, "api:GET /apps/{app}/secrets/**", Some("apps:secrets")),
-        (Some(&apps_all), "/apps/billing/secrets/k", 403, "api:GET /apps/billing/secrets/**", Some("billing:secrets")),
-        (Some(&apps_all), "/admin/users", 403, "api:* /admin/**", Some("admin:all")),
-        (Some(&reader), "/apps/x/logs/a/b.txt", 403, "api:GET /apps/{app}/logs/{file...}", Some("logs:read")),
-        (None, "/apps/x/status", 200, "api:GET /apps/{app}/status", None),
-        (None, "/apps/x/status/more", 401, "api:GET /apps/{app}/**", Some("apps:read")),
-        (Some(&everything), "/admin/users", 200, "api:* /admin/**", Some("admin:all")),
-        (Some(&everything), "/apps/billing/secrets/k", 200, "api:GET /apps/billing/secrets/**", Some("billing:secrets")),
-        (Some(&admin_all), "/admin/users", 200, "api:* /admin/**", Some("admin:all")),
-        (Some(&admin_all), "/apps/x/readme", 403, "api:GET /apps/{app}/**", Some("apps:read")),
+        (
+            Some(&reader),
+            "/apps/x/readme",
+            200,
+            "api:GET /apps/{app}/**",
+            Some("apps:read"),
+        ),
+        (
+            Some(&reader),
+            "/apps/x/secrets/k",
+            403,
+            "api:GET /apps/{app}/secrets/**",
+            Some("apps:secrets"),
+        ),
+        (
+            Some(&reader),
+            "/apps/billing/secrets/k",
+            403,
+            "api:GET /apps/billing/secrets/**",
+            Some("billing:secrets"),
+        ),
+        (
+            Some(&billing),
+            "/apps/billing/secrets/k",
+            200,
+            "api:GET /apps/billing/secrets/**",
+            Some("billing:secrets"),
+        ),
+        (
+            Some(&billing),
+            "/apps/other/secrets/k",
+            403,
+            "api:GET /apps/{app}/secrets/**",
+            Some("apps:secrets"),
+        ),
+        (
+            Some(&apps_all),
+            "/apps/other/secrets/k",
+            200,
+            "api:GET /apps/{app}/secrets/**",
+            Some("apps:secrets"),
+        ),
+        (
+            Some(&apps_all),
+            "/apps/billing/secrets/k",
+            403,
+            "api:GET /apps/billing/secrets/**",
+            Some("billing:secrets"),
+        ),
+        (
+            Some(&apps_all),
+            "/admin/users",
+            403,
+            "api:* /admin/**",
+            Some("admin:all"),
+        ),
+        (
+            Some(&reader),
+            "/apps/x/logs/a/b.txt",
+            403,
+            "api:GET /apps/{app}/logs/{file...}",
+            Some("logs:read"),
+        ),
+        (
+            None,
+            "/apps/x/status",
+            200,
+            "api:GET /apps/{app}/status",
+            None,
+        ),
+        (
+            None,
+            "/apps/x/status/more",
+            401,
+            "api:GET /apps/{app}/**",
+            Some("apps:read"),
+        ),
+        (
+            Some(&everything),
+            "/admin/users",
+            200,
+            "api:* /admin/**",
+            Some("admin:all"),
+        ),
+        (
+            Some(&everything),
+            "/apps/billing/secrets/k",
+            200,
+            "api:GET /apps/billing/secrets/**",
+            Some("billing:secrets"),
+        ),
+        (
+            Some(&admin_all),
+            "/admin/users",
+            200,
+            "api:* /admin/**",
+            Some("admin:all"),
+        ),
+        (
+            Some(&admin_all),
+            "/apps/x/readme",
+            403,
+            "api:GET /apps/{app}/**",
+            Some("apps:read"),
+        ),
     ];
     for (tok, target, status, rule, permission) in cases {
         tg.upstream.clear();
@@ -475,7 +719,11 @@ async fn the_most_specific_rule_wins_end_to_end() {
         assert_eq!(r.status, status, "{target}: {}", r.raw);
         let line = tg.last_request_line().await;
         assert_eq!(line["rule"], rule, "{target}: {line}");
-        assert_eq!(line["permission"], permission.map_or(serde_json::Value::Null, Into::into), "{target}: {line}");
+        assert_eq!(
+            line["permission"],
+            permission.map_or(serde_json::Value::Null, Into::into),
+            "{target}: {line}"
+        );
         match status {
             200 => assert_eq!(tg.upstream.count(), 1, "{target}"),
             403 => {
@@ -494,35 +742,74 @@ async fn the_most_specific_rule_wins_end_to_end() {
 
 #[tokio::test]
 async fn roles_expand_at_creation_and_editing_a_role_never_widens_old_tokens() {
-    let tg = TestGateway::start_with(Options { rules: SPECIFIC_RULES.into(), ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        rules: SPECIFIC_RULES.into(),
+        ..Options::default()
+    })
+    .await;
     tg.account("ci");
     let cfg = tg.config_path.clone();
-    let deployer = cli_token(&cfg, &["--account", "ci", "--name", "deployer", "--role", "deployer"]).await;
-    let viewer = cli_token(&cfg, &["--account", "ci", "--name", "viewer", "--role", "viewer"]).await;
+    let deployer = cli_token(
+        &cfg,
+        &[
+            "--account",
+            "ci",
+            "--name",
+            "deployer",
+            "--role",
+            "deployer",
+        ],
+    )
+    .await;
+    let viewer = cli_token(
+        &cfg,
+        &["--account", "ci", "--name", "viewer", "--role", "viewer"],
+    )
+    .await;
 
     let r = get(tg.addr, "/_tokengate/v1/whoami", Some(&deployer), "").await;
     let me: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(me["role"], "deployer");
-    let perms: Vec<&str> = me["permissions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    assert!(perms.contains(&"apps:deploy") && perms.contains(&"apps:read"), "{perms:?}");
+    let perms: Vec<&str> = me["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        perms.contains(&"apps:deploy") && perms.contains(&"apps:read"),
+        "{perms:?}"
+    );
 
     let post = |tok: &str| {
-        format!("POST /apps/x/deploy HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        format!(
+            "POST /apps/x/deploy HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
     };
     assert_eq!(raw(tg.addr, post(&deployer).as_bytes()).await.status, 200);
     let r = raw(tg.addr, post(&viewer).as_bytes()).await;
     assert_forbidden(&r, Some("apps:deploy"));
-    assert_rejection_line(&tg.last_request_line().await, 403, "insufficient_permission");
+    assert_rejection_line(
+        &tg.last_request_line().await,
+        403,
+        "insufficient_permission",
+    );
     assert_eq!(tg.upstream.count(), 1);
 
     // The operator widens `viewer` and reloads: the old viewer token keeps its stored list.
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let widened = format!("{text}\n[roles.viewer]\npermissions = [\"apps:read\", \"logs:read\", \"apps:deploy\"]\n");
+    let widened = format!(
+        "{text}\n[roles.viewer]\npermissions = [\"apps:read\", \"logs:read\", \"apps:deploy\"]\n"
+    );
     std::fs::write(&cfg, widened).unwrap();
     tg.gw.set_config(Config::load(&cfg).unwrap());
     let r = raw(tg.addr, post(&viewer).as_bytes()).await;
     assert_forbidden(&r, Some("apps:deploy"));
-    let new_viewer = cli_token(&cfg, &["--account", "ci", "--name", "viewer-2", "--role", "viewer"]).await;
+    let new_viewer = cli_token(
+        &cfg,
+        &["--account", "ci", "--name", "viewer-2", "--role", "viewer"],
+    )
+    .await;
     assert_eq!(raw(tg.addr, post(&new_viewer).as_bytes()).await.status, 200);
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
@@ -547,7 +834,13 @@ path = "/admin/**"
 permission = "admin:all"
 "#;
 
-fn upgrade_request(method: &str, target: &str, tok: Option<&str>, upgrade: &str, connection: &str) -> String {
+fn upgrade_request(
+    method: &str,
+    target: &str,
+    tok: Option<&str>,
+    upgrade: &str,
+    connection: &str,
+) -> String {
     let mut r = format!("{method} {target} HTTP/1.1\r\nHost: gw.test\r\n");
     if let Some(t) = tok {
         r.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -567,9 +860,17 @@ fn upgrade_request(method: &str, target: &str, tok: Option<&str>, upgrade: &str,
 
 #[tokio::test]
 async fn websocket_upgrade_is_refused_unless_the_route_allows_it() {
-    let tg = TestGateway::start_with(Options { rules: WS_RULES.into(), ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        rules: WS_RULES.into(),
+        ..Options::default()
+    })
+    .await;
     let (tok, _) = tg.token("ops", "ws", &["apps:read"]);
-    let r = raw(tg.addr, upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade, close").as_bytes()).await;
+    let r = raw(
+        tg.addr,
+        upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade, close").as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.raw);
     assert!(r.header("www-authenticate").is_none());
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
@@ -581,27 +882,89 @@ async fn websocket_upgrade_is_refused_unless_the_route_allows_it() {
 
 #[tokio::test]
 async fn websocket_round_trip_works_where_allowed_and_h2c_never_passes() {
-    let tg = TestGateway::start_with(Options { rules: WS_RULES.into(), route: "websocket = true".into(), ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        rules: WS_RULES.into(),
+        route: "websocket = true".into(),
+        ..Options::default()
+    })
+    .await;
     let (tok, id) = tg.token("ops", "ws", &["apps:read"]);
 
     // Refusals first: h2c in any form, odd upgrade requests, no token, no permission.
     let refusals: Vec<(String, u16, &str)> = vec![
-        (upgrade_request("GET", "/ws", Some(&tok), "h2c", "Upgrade, HTTP2-Settings, close"), 400, "upgrade_refused"),
-        (upgrade_request("GET", "/ws", Some(&tok), "websocket, h2c", "Upgrade, close"), 400, "upgrade_refused"),
-        (upgrade_request("GET", "/ws", Some(&tok), "h2c, websocket", "Upgrade, close"), 400, "upgrade_refused"),
-        (upgrade_request("POST", "/apps/x/h2c", Some(&tok), "h2c", "Upgrade, close"), 400, "upgrade_refused"),
         (
-            upgrade_request("GET", "/apps/x/h2c", Some(&tok), "", "HTTP2-Settings, close").replace(
+            upgrade_request(
+                "GET",
+                "/ws",
+                Some(&tok),
+                "h2c",
+                "Upgrade, HTTP2-Settings, close",
+            ),
+            400,
+            "upgrade_refused",
+        ),
+        (
+            upgrade_request("GET", "/ws", Some(&tok), "websocket, h2c", "Upgrade, close"),
+            400,
+            "upgrade_refused",
+        ),
+        (
+            upgrade_request("GET", "/ws", Some(&tok), "h2c, websocket", "Upgrade, close"),
+            400,
+            "upgrade_refused",
+        ),
+        (
+            upgrade_request("POST", "/apps/x/h2c", Some(&tok), "h2c", "Upgrade, close"),
+            400,
+            "upgrade_refused",
+        ),
+        (
+            upgrade_request(
+                "GET",
+                "/apps/x/h2c",
+                Some(&tok),
+                "",
+                "HTTP2-Settings, close",
+            )
+            .replace(
                 "Sec-WebSocket-Version: 13\r\n",
                 "Sec-WebSocket-Version: 13\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
             ),
             400,
             "upgrade_refused",
         ),
-        (upgrade_request("POST", "/apps/x/ws", Some(&tok), "websocket", "Upgrade, close"), 400, "upgrade_refused"),
-        (upgrade_request("GET", "/ws", Some(&tok), "websocket", "close"), 400, "upgrade_refused"),
-        (upgrade_request("GET", "/ws", None, "websocket", "Upgrade, close"), 401, "missing_token"),
-        (upgrade_request("GET", "/admin/ws", Some(&tok), "websocket", "Upgrade, close"), 403, "insufficient_permission"),
+        (
+            upgrade_request(
+                "POST",
+                "/apps/x/ws",
+                Some(&tok),
+                "websocket",
+                "Upgrade, close",
+            ),
+            400,
+            "upgrade_refused",
+        ),
+        (
+            upgrade_request("GET", "/ws", Some(&tok), "websocket", "close"),
+            400,
+            "upgrade_refused",
+        ),
+        (
+            upgrade_request("GET", "/ws", None, "websocket", "Upgrade, close"),
+            401,
+            "missing_token",
+        ),
+        (
+            upgrade_request(
+                "GET",
+                "/admin/ws",
+                Some(&tok),
+                "websocket",
+                "Upgrade, close",
+            ),
+            403,
+            "insufficient_permission",
+        ),
     ];
     for (req, status, reason) in &refusals {
         let r = raw(tg.addr, req.as_bytes()).await;
@@ -609,25 +972,48 @@ async fn websocket_round_trip_works_where_allowed_and_h2c_never_passes() {
         assert_ne!(r.status, 101);
         assert_rejection_line(&tg.last_request_line().await, *status, reason);
     }
-    assert_eq!(tg.upstream.count(), 0, "no refused upgrade reached the upstream");
+    assert_eq!(
+        tg.upstream.count(),
+        0,
+        "no refused upgrade reached the upstream"
+    );
 
     // The real thing: 101, then bytes both ways through the gateway.
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
-    s.write_all(upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade").as_bytes()).await.unwrap();
+    s.write_all(upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade").as_bytes())
+        .await
+        .unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await.unwrap().unwrap();
-        assert_eq!(n, 1, "connection closed during the handshake: {}", String::from_utf8_lossy(&head));
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed during the handshake: {}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
-    for msg in [&b"hello through tokengate"[..], &[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'][..]] {
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    for msg in [
+        &b"hello through tokengate"[..],
+        &[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'][..],
+    ] {
         s.write_all(msg).await.unwrap();
         let mut echo = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(echo, msg);
     }
     drop(s);
@@ -661,24 +1047,69 @@ methods = ["POST", "GET"]
 path = "/apps/{name}"
 permission = "apps:write"
 "#;
-    let path = write_config(dir.path(), "127.0.0.1:9", &Options { rules: rules.into(), ..Options::default() });
-    let out = std::process::Command::new(BIN).arg("--config").arg(&path).args(["config", "check"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stdout));
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9",
+        &Options {
+            rules: rules.into(),
+            ..Options::default()
+        },
+    );
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ambiguous"), "{err}");
-    assert!(err.contains("GET /apps/{app}"), "names the first rule: {err}");
-    assert!(err.contains("POST,GET /apps/{name}"), "names the second rule: {err}");
+    assert!(
+        err.contains("GET /apps/{app}"),
+        "names the first rule: {err}"
+    );
+    assert!(
+        err.contains("POST,GET /apps/{name}"),
+        "names the second rule: {err}"
+    );
     // At start the same config is refused with the same explanation.
     let e = Config::load(&path).unwrap_err().to_string();
-    assert!(e.contains("GET /apps/{app}") && e.contains("POST,GET /apps/{name}"), "{e}");
+    assert!(
+        e.contains("GET /apps/{app}") && e.contains("POST,GET /apps/{name}"),
+        "{e}"
+    );
 
     // A staged (shadow) replacement of the same shape is not ambiguous; disjoint methods are not either.
     for ok in [
-        rules.replace("permission = \"apps:write\"", "permission = \"apps:write\"\nshadow = true"),
+        rules.replace(
+            "permission = \"apps:write\"",
+            "permission = \"apps:write\"\nshadow = true",
+        ),
         rules.replace("[\"POST\", \"GET\"]", "[\"POST\"]"),
     ] {
-        let path = write_config(dir.path(), "127.0.0.1:9", &Options { rules: ok.clone(), ..Options::default() });
-        let out = std::process::Command::new(BIN).arg("--config").arg(&path).args(["config", "check"]).output().unwrap();
-        assert!(out.status.success(), "{ok}: {}", String::from_utf8_lossy(&out.stderr));
+        let path = write_config(
+            dir.path(),
+            "127.0.0.1:9",
+            &Options {
+                rules: ok.clone(),
+                ..Options::default()
+            },
+        );
+        let out = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{ok}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -21,7 +21,11 @@ use tokengate::path::canonicalise;
 const RULES: &[(&[&str], &str, Option<&str>)] = &[
     (&["GET", "HEAD"], "/apps/{app}/**", Some("apps:read")),
     (&["GET"], "/apps/{app}/secrets/**", Some("apps:secrets")),
-    (&["GET"], "/apps/billing/secrets/**", Some("billing:secrets")),
+    (
+        &["GET"],
+        "/apps/billing/secrets/**",
+        Some("billing:secrets"),
+    ),
     (&["GET"], "/apps/{app}/status", None),
     (&["POST"], "/apps/{app}/deploy", Some("apps:deploy")),
     (&["GET"], "/docs/{page...}", None),
@@ -78,7 +82,11 @@ fn template(t: &str) -> Vec<Seg<'_>> {
 
 /// Segments of a path: "/" has none, "/a/" is ["a", ""] (a trailing slash is significant).
 fn segments(path: &str) -> Vec<&str> {
-    if path == "/" { Vec::new() } else { path[1..].split('/').collect() }
+    if path == "/" {
+        Vec::new()
+    } else {
+        path[1..].split('/').collect()
+    }
 }
 
 fn matches(t: &[Seg<'_>], segs: &[&str]) -> bool {
@@ -124,7 +132,10 @@ fn more_specific(a: usize, b: usize, n: usize) -> Ordering {
 
 fn grants(held: &[&str], needed: &str) -> bool {
     held.iter().any(|p| {
-        *p == "*" || *p == needed || p.strip_suffix('*').is_some_and(|res| res.ends_with(':') && needed.starts_with(res))
+        *p == "*"
+            || *p == needed
+            || p.strip_suffix('*')
+                .is_some_and(|res| res.ends_with(':') && needed.starts_with(res))
     })
 }
 
@@ -154,7 +165,9 @@ fn decode_once(path: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let hex = b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
         match (b[i], hex) {
             (b'%', Some(v)) => {
                 out.push(v);
@@ -210,8 +223,12 @@ fn segment() -> impl Strategy<Value = String> {
 
 /// A raw request path: "/", a root, 0-4 more segments, maybe a trailing slash.
 fn raw_path() -> impl Strategy<Value = String> {
-    (prop::option::weighted(0.95, root()), prop::collection::vec(segment(), 0..5), any::<bool>()).prop_map(
-        |(root, segs, slash)| {
+    (
+        prop::option::weighted(0.95, root()),
+        prop::collection::vec(segment(), 0..5),
+        any::<bool>(),
+    )
+        .prop_map(|(root, segs, slash)| {
             let mut p = String::from("/");
             if let Some(root) = root {
                 p.push_str(root);
@@ -224,8 +241,7 @@ fn raw_path() -> impl Strategy<Value = String> {
                 }
             }
             p
-        },
-    )
+        })
 }
 
 fn method() -> impl Strategy<Value = &'static str> {
@@ -233,11 +249,23 @@ fn method() -> impl Strategy<Value = &'static str> {
 }
 
 fn query() -> impl Strategy<Value = &'static str> {
-    prop::sample::select(vec!["", "", "", "?q=1", "?/admin", "?a=%2e%2e%2fadmin&b", "?x=..%2F..%2Fadmin#frag"])
+    prop::sample::select(vec![
+        "",
+        "",
+        "",
+        "?q=1",
+        "?/admin",
+        "?a=%2e%2e%2fadmin&b",
+        "?x=..%2F..%2Fadmin#frag",
+    ])
 }
 
 /// The gateway's own decision from the library: canonicalise, the route's rule table, permissions.
-fn library_decision(cfg: &Config, method: &str, raw: &str) -> Result<(String, (u16, &'static str)), ()> {
+fn library_decision(
+    cfg: &Config,
+    method: &str,
+    raw: &str,
+) -> Result<(String, (u16, &'static str)), ()> {
     let canon = canonicalise(raw, false).map_err(|_| ())?;
     let route = cfg.route_for(&canon.path).expect("the catch-all route");
     let lookup = route.rules.lookup(method, &canon.path);
@@ -245,7 +273,9 @@ fn library_decision(cfg: &Config, method: &str, raw: &str) -> Result<(String, (u
     let decision = match lookup.enforced {
         None => (403, "no_rule"),
         Some(m) if m.rule.public => (200, "ok"),
-        Some(m) if tokengate::authz::grants(&held, m.rule.permission.as_deref().unwrap_or("")) => (200, "ok"),
+        Some(m) if tokengate::authz::grants(&held, m.rule.permission.as_deref().unwrap_or("")) => {
+            (200, "ok")
+        }
         Some(_) => (403, "insufficient_permission"),
     };
     Ok((canon.path, decision))
@@ -253,7 +283,14 @@ fn library_decision(cfg: &Config, method: &str, raw: &str) -> Result<(String, (u
 
 fn test_config() -> (tempfile::TempDir, Config) {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "127.0.0.1:9", &Options { rules: rules_toml(), ..Options::default() });
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9",
+        &Options {
+            rules: rules_toml(),
+            ..Options::default()
+        },
+    );
     let cfg = Config::load(&path).unwrap();
     (dir, cfg)
 }
@@ -293,11 +330,17 @@ fn reference_matcher_reads_the_spec() {
     assert_eq!(d("GET", "/apps"), (403, "no_rule"));
     assert_eq!(d("GET", "/apps/"), (403, "no_rule"));
     assert_eq!(d("GET", "/appsX/y"), (403, "no_rule"));
-    assert_eq!(d("GET", "/apps/x/secrets/k"), (403, "insufficient_permission"));
+    assert_eq!(
+        d("GET", "/apps/x/secrets/k"),
+        (403, "insufficient_permission")
+    );
     assert_eq!(d("GET", "/apps/billing/secrets/k"), (200, "ok"));
     assert_eq!(d("GET", "/apps/x/status"), (200, "ok"));
     assert_eq!(d("GET", "/apps/x/status/y"), (200, "ok"));
-    assert_eq!(d("POST", "/apps/x/deploy"), (403, "insufficient_permission"));
+    assert_eq!(
+        d("POST", "/apps/x/deploy"),
+        (403, "insufficient_permission")
+    );
     assert_eq!(d("POST", "/apps/x/status"), (403, "no_rule"));
     assert_eq!(d("GET", "/docs"), (200, "ok"));
     assert_eq!(d("GET", "/docs/"), (403, "insufficient_permission"));
@@ -326,7 +369,10 @@ fn generator_reaches_every_outcome() {
         }
     }
     eprintln!("allowed {allowed}, denied {denied}, refused {refused} of 2000");
-    assert!(allowed >= 200 && denied >= 200 && refused >= 200, "{allowed} {denied} {refused}");
+    assert!(
+        allowed >= 200 && denied >= 200 && refused >= 200,
+        "{allowed} {denied} {refused}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -342,10 +388,18 @@ async fn live_gateway_agrees_with_the_reference_and_forwards_the_canonical_path(
     .await;
     let (tok, _) = tg.token("ci", "diff", PERMISSIONS);
     let (_dir, cfg) = test_config_cached();
-    let counts = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
+    let counts = [
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ];
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
-        let config = ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() };
+        let config = ProptestConfig {
+            cases: 400,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
         let mut runner = TestRunner::new(config);
         let result = runner.run(&(method(), raw_path(), query()), |(method, path, query)| {
             handle.block_on(async {
@@ -392,6 +446,9 @@ async fn live_gateway_agrees_with_the_reference_and_forwards_the_canonical_path(
     });
     let [a, d, r] = counts.map(|c| c.into_inner());
     eprintln!("live: forwarded {a}, denied {d}, refused {r}");
-    assert!(a >= 40 && d >= 40 && r >= 40, "generator too one-sided: {a} {d} {r}");
+    assert!(
+        a >= 40 && d >= 40 && r >= 40,
+        "generator too one-sided: {a} {d} {r}"
+    );
     tg.stop().await;
 }

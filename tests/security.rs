@@ -84,8 +84,25 @@ fn corpus(tok: &str) -> Vec<Case> {
     // Dot segments, raw, percent-encoded in both cases, double-encoded, and only-dots segments,
     // in several positions (cross product).
     const DOTS: &[&str] = &[
-        ".", "..", "...", "....", "%2e", "%2E", "%2e%2e", "%2E%2E", "%2e%2E", ".%2e", "%2e.", ".%2E", "%2E.",
-        "%252e", "%252e%252e", "%252E%252E", "%%32%65", "%25%32%65", "%2525%32%65",
+        ".",
+        "..",
+        "...",
+        "....",
+        "%2e",
+        "%2E",
+        "%2e%2e",
+        "%2E%2E",
+        "%2e%2E",
+        ".%2e",
+        "%2e.",
+        ".%2E",
+        "%2E.",
+        "%252e",
+        "%252e%252e",
+        "%252E%252E",
+        "%%32%65",
+        "%25%32%65",
+        "%2525%32%65",
     ];
     const DOT_AROUND: &[(&str, &str)] = &[
         ("/apps/x/", "/admin/secret"),
@@ -104,11 +121,46 @@ fn corpus(tok: &str) -> Vec<Case> {
     // Encoded delimiters, controls and '%' itself, any case, single and double encoded; overlong
     // UTF-8 forms of '/', '\' and '.'.
     const ENCODED: &[&str] = &[
-        "%2f", "%2F", "%5c", "%5C", "%3f", "%3F", "%23", "%3b", "%3B", "%00", "%0a", "%0A", "%0d", "%0D%0A", "%09",
-        "%1f", "%7f", "%7F", "%25", "%252f", "%252F", "%255c", "%25%32%66", "%c0%af", "%C0%AF", "%c1%9c",
-        "%e0%80%af", "%c0%ae", "%e0%80%ae", "%f0%80%80%ae", "%c0%80", "%c0%5c",
+        "%2f",
+        "%2F",
+        "%5c",
+        "%5C",
+        "%3f",
+        "%3F",
+        "%23",
+        "%3b",
+        "%3B",
+        "%00",
+        "%0a",
+        "%0A",
+        "%0d",
+        "%0D%0A",
+        "%09",
+        "%1f",
+        "%7f",
+        "%7F",
+        "%25",
+        "%252f",
+        "%252F",
+        "%255c",
+        "%25%32%66",
+        "%c0%af",
+        "%C0%AF",
+        "%c1%9c",
+        "%e0%80%af",
+        "%c0%ae",
+        "%e0%80%ae",
+        "%f0%80%80%ae",
+        "%c0%80",
+        "%c0%5c",
     ];
-    const ENC_AROUND: &[&str] = &["/apps/x{}..{}admin", "/apps{}x", "/apps/x/a{}b", "/admin{}", "/apps/x{}"];
+    const ENC_AROUND: &[&str] = &[
+        "/apps/x{}..{}admin",
+        "/apps{}x",
+        "/apps/x/a{}b",
+        "/admin{}",
+        "/apps/x{}",
+    ];
     for around in ENC_AROUND {
         for e in ENCODED {
             add("encoded", &around.replace("{}", e), BAD_PATH);
@@ -118,7 +170,13 @@ fn corpus(tok: &str) -> Vec<Case> {
     // Raw characters the gateway refuses: path parameters, backslash, and ASCII that is not a
     // pchar but which the HTTP parser lets through.
     const RAW_REFUSED: &[&str] = &[";", "\\", "\"", "{", "}", "|", "^", "[", "]"];
-    const RAW_AROUND: &[&str] = &["/apps/x{}", "/apps{}x/y", "/admin{}/apps/x", "/apps/x/..{}/admin", "/apps/x/{}../admin"];
+    const RAW_AROUND: &[&str] = &[
+        "/apps/x{}",
+        "/apps{}x/y",
+        "/admin{}/apps/x",
+        "/apps/x/..{}/admin",
+        "/apps/x/{}../admin",
+    ];
     for around in RAW_AROUND {
         for r in RAW_REFUSED {
             add("raw char", &around.replace("{}", r), BAD_PATH);
@@ -130,7 +188,9 @@ fn corpus(tok: &str) -> Vec<Case> {
     add("raw char", "/apps\\..\\admin", BAD_PATH);
 
     // Characters the HTTP/1 parser itself refuses in a request line, including CR/LF.
-    for bad in ["<", ">", "`", "\x7f", "\x00", "\x01", "\x1b", "\t", "\r", "\n", "\r\n", "\x0b", "\x0c"] {
+    for bad in [
+        "<", ">", "`", "\x7f", "\x00", "\x01", "\x1b", "\t", "\r", "\n", "\r\n", "\x0b", "\x0c",
+    ] {
         add("parser", &format!("/apps/x/a{bad}b"), Want::Parser400);
     }
     add("parser", "/apps/x\r\nX-Injected: 1", Want::Parser400);
@@ -141,34 +201,52 @@ fn corpus(tok: &str) -> Vec<Case> {
     // Non-ASCII: fullwidth and other confusables, invisible characters, overlong forms; on the
     // default route (ASCII only) and on `/intl`, which allows non-ASCII.
     const CONFUSABLE: &[&str] = &[
-        "%ef%bc%8e",      // U+FF0E fullwidth full stop
-        "%EF%BC%8F",      // U+FF0F fullwidth solidus
-        "%ef%bc%bc",      // U+FF3C fullwidth reverse solidus
-        "%ef%bd%81",      // U+FF41 fullwidth a
-        "%ef%bc%a1",      // U+FF21 fullwidth A
-        "%e2%80%a4",      // U+2024 one dot leader
-        "%e2%88%95",      // U+2215 division slash
-        "%e2%81%84",      // U+2044 fraction slash
-        "%ef%b9%92",      // U+FE52 small full stop
-        "%e3%80%82",      // U+3002 ideographic full stop
-        "%e2%80%8b",      // U+200B zero width space
-        "%e2%80%ae",      // U+202E right-to-left override
-        "%c2%a0",         // U+00A0 no-break space
-        "%ef%bb%bf",      // U+FEFF byte order mark
-        "%c3",            // truncated sequence
-        "%ed%a0%80",      // surrogate
+        "%ef%bc%8e", // U+FF0E fullwidth full stop
+        "%EF%BC%8F", // U+FF0F fullwidth solidus
+        "%ef%bc%bc", // U+FF3C fullwidth reverse solidus
+        "%ef%bd%81", // U+FF41 fullwidth a
+        "%ef%bc%a1", // U+FF21 fullwidth A
+        "%e2%80%a4", // U+2024 one dot leader
+        "%e2%88%95", // U+2215 division slash
+        "%e2%81%84", // U+2044 fraction slash
+        "%ef%b9%92", // U+FE52 small full stop
+        "%e3%80%82", // U+3002 ideographic full stop
+        "%e2%80%8b", // U+200B zero width space
+        "%e2%80%ae", // U+202E right-to-left override
+        "%c2%a0",    // U+00A0 no-break space
+        "%ef%bb%bf", // U+FEFF byte order mark
+        "%c3",       // truncated sequence
+        "%ed%a0%80", // surrogate
     ];
     for c in CONFUSABLE {
         add("non-ascii", &format!("/intl/{c}dmin/x"), BAD_PATH);
         add("non-ascii", &format!("/intl/x/{c}{c}/admin"), BAD_PATH);
         add("non-ascii", &format!("/apps/x/{c}"), BAD_PATH);
     }
-    for raw in ["/apps/x/\u{ff0e}\u{ff0e}/admin", "/\u{ff41}dmin/x", "/intl/caf\u{e9}", "/apps/\u{0430}pps", "/intl/\u{200b}"] {
+    for raw in [
+        "/apps/x/\u{ff0e}\u{ff0e}/admin",
+        "/\u{ff41}dmin/x",
+        "/intl/caf\u{e9}",
+        "/apps/\u{0430}pps",
+        "/intl/\u{200b}",
+    ] {
         add("raw non-ascii", raw, BAD_PATH);
     }
-    add("non-ascii", "/intl/caf%C3%A9/menu", fwd("/intl/caf%C3%A9/menu"));
-    add("non-ascii", "/intl/caf%c3%a9/menu", fwd("/intl/caf%C3%A9/menu"));
-    add("non-ascii", "/intl/%e6%97%a5%e6%9c%ac", fwd("/intl/%E6%97%A5%E6%9C%AC"));
+    add(
+        "non-ascii",
+        "/intl/caf%C3%A9/menu",
+        fwd("/intl/caf%C3%A9/menu"),
+    );
+    add(
+        "non-ascii",
+        "/intl/caf%c3%a9/menu",
+        fwd("/intl/caf%C3%A9/menu"),
+    );
+    add(
+        "non-ascii",
+        "/intl/%e6%97%a5%e6%9c%ac",
+        fwd("/intl/%E6%97%A5%E6%9C%AC"),
+    );
     add("non-ascii", "/intl/admin/caf%C3%A9", NOT_ADMIN);
     add("non-ascii", "/apps/caf%C3%A9", BAD_PATH);
 
@@ -225,15 +303,31 @@ fn corpus(tok: &str) -> Vec<Case> {
     add("query", "/admin?x=/apps/x", NOT_ADMIN);
     add("query", "/apps/x?/admin", fwd("/apps/x?/admin"));
     add("query", "/apps/x?../../admin", fwd("/apps/x?../../admin"));
-    add("query", "/apps/x?q=%2e%2e%2fadmin", fwd("/apps/x?q=%2e%2e%2fadmin"));
+    add(
+        "query",
+        "/apps/x?q=%2e%2e%2fadmin",
+        fwd("/apps/x?q=%2e%2e%2fadmin"),
+    );
     add("query", "/apps/x?q=%2F&r=%00", fwd("/apps/x?q=%2F&r=%00"));
     add("query", "/apps/x??admin", fwd("/apps/x??admin"));
     add("query", "/?/apps/x", NO_RULE);
     add("query", "/apps%3F/x", BAD_PATH);
     add("query", "/admin%3F/apps/x", BAD_PATH);
-    add("query", "/apps/x?access_token=abc", Want::Deny(400, "token_in_query"));
-    add("query", "/apps/x?a=1&TOKEN=abc", Want::Deny(400, "token_in_query"));
-    add("query", "/apps/x?%61ccess_token=abc", Want::Deny(400, "token_in_query"));
+    add(
+        "query",
+        "/apps/x?access_token=abc",
+        Want::Deny(400, "token_in_query"),
+    );
+    add(
+        "query",
+        "/apps/x?a=1&TOKEN=abc",
+        Want::Deny(400, "token_in_query"),
+    );
+    add(
+        "query",
+        "/apps/x?%61ccess_token=abc",
+        Want::Deny(400, "token_in_query"),
+    );
     // A fragment is not part of a request target; the parser drops it, and the gateway forwards
     // the canonical path it authorised, never the fragment.
     add("fragment", "/apps/x#/../admin", fwd("/apps/x"));
@@ -268,32 +362,158 @@ fn corpus(tok: &str) -> Vec<Case> {
     let mut more = vec![
         // Host tricks.
         with_headers("host", "GET", "/apps/x", &auth, BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: {HOST}\r\nHost: {HOST}\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: evil.test\r\nHost: {HOST}\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: a@b\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw.test@evil.test\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host:\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw.test, evil.test\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw.test/admin\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw test\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw.test:abc\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw.test:\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: gw.test:80:80\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: [::1\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: [::1]x\r\n{auth}"), BAD_HOST),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: {HOST}\r\nHost: {HOST}\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: evil.test\r\nHost: {HOST}\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: a@b\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw.test@evil.test\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host:\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw.test, evil.test\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw.test/admin\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw test\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw.test:abc\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw.test:\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: gw.test:80:80\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: [::1\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: [::1]x\r\n{auth}"),
+            BAD_HOST,
+        ),
         with_headers("host", "GET", "http://gw.test/apps/x", &auth, BAD_HOST),
-        with_headers("host", "GET", "http://gw.test/apps/x", &format!("Host: evil.test\r\n{auth}"), BAD_HOST),
-        with_headers("host", "GET", "/apps/x", &format!("Host: [::1]:8080\r\n{auth}"), fwd("/apps/x")),
-        with_headers("host", "GET", "http://gw.test:8080/apps/x", &format!("Host: gw.test:8080\r\n{auth}"), fwd("/apps/x")),
+        with_headers(
+            "host",
+            "GET",
+            "http://gw.test/apps/x",
+            &format!("Host: evil.test\r\n{auth}"),
+            BAD_HOST,
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "/apps/x",
+            &format!("Host: [::1]:8080\r\n{auth}"),
+            fwd("/apps/x"),
+        ),
+        with_headers(
+            "host",
+            "GET",
+            "http://gw.test:8080/apps/x",
+            &format!("Host: gw.test:8080\r\n{auth}"),
+            fwd("/apps/x"),
+        ),
         // Methods.
-        with_headers("method", "TRACE", "/apps/x", &std_headers, Want::Deny(400, "method_not_allowed")),
-        with_headers("method", "CONNECT", "gw.test:443", &format!("Host: gw.test:443\r\n{auth}"), Want::Deny(400, "method_not_allowed")),
-        with_headers("method", "get", "/apps/x", &std_headers, Want::Deny(400, "method_not_allowed")),
-        with_headers("method", "PROPFIND", "/apps/x", &std_headers, Want::Deny(400, "method_not_allowed")),
+        with_headers(
+            "method",
+            "TRACE",
+            "/apps/x",
+            &std_headers,
+            Want::Deny(400, "method_not_allowed"),
+        ),
+        with_headers(
+            "method",
+            "CONNECT",
+            "gw.test:443",
+            &format!("Host: gw.test:443\r\n{auth}"),
+            Want::Deny(400, "method_not_allowed"),
+        ),
+        with_headers(
+            "method",
+            "get",
+            "/apps/x",
+            &std_headers,
+            Want::Deny(400, "method_not_allowed"),
+        ),
+        with_headers(
+            "method",
+            "PROPFIND",
+            "/apps/x",
+            &std_headers,
+            Want::Deny(400, "method_not_allowed"),
+        ),
         with_headers("method", "OPTIONS", "*", &std_headers, BAD_PATH),
         with_headers("method", "DELETE", "/apps/x", &std_headers, NO_RULE),
         with_headers("method", "DELETE", "/admin/x", &std_headers, NOT_ADMIN),
-        with_headers("method", "POST", "/apps/x/deploy", &format!("{std_headers}Content-Length: 0\r\n"), NOT_ADMIN),
+        with_headers(
+            "method",
+            "POST",
+            "/apps/x/deploy",
+            &format!("{std_headers}Content-Length: 0\r\n"),
+            NOT_ADMIN,
+        ),
         with_headers("method", "HEAD", "/apps/x", &std_headers, fwd("/apps/x")),
         with_headers(
             "method",
@@ -351,7 +571,9 @@ fn reaches_admin(path: &str) -> bool {
     let mut decoded = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let hex = b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
         match (b[i], hex) {
             (b'%', Some(v)) => {
                 decoded.push(v);
@@ -363,7 +585,9 @@ fn reaches_admin(path: &str) -> bool {
             }
         }
     }
-    let text = String::from_utf8_lossy(&decoded).to_ascii_lowercase().replace('\\', "/");
+    let text = String::from_utf8_lossy(&decoded)
+        .to_ascii_lowercase()
+        .replace('\\', "/");
     let mut resolved: Vec<&str> = Vec::new();
     for seg in text.split('/') {
         let trimmed = seg.trim_end_matches([' ', '.']);
@@ -381,7 +605,13 @@ fn reaches_admin(path: &str) -> bool {
 }
 
 /// Checks one corpus case: status, body, challenge, and what the upstream received.
-fn check_case(case: &Case, resp: &RawResponse, new: &[Recorded], tok: &str, token_id: &str) -> Result<(), String> {
+fn check_case(
+    case: &Case,
+    resp: &RawResponse,
+    new: &[Recorded],
+    tok: &str,
+    token_id: &str,
+) -> Result<(), String> {
     macro_rules! ensure {
         ($cond:expr, $($fmt:tt)+) => {
             if !$cond {
@@ -393,9 +623,20 @@ fn check_case(case: &Case, resp: &RawResponse, new: &[Recorded], tok: &str, toke
     let targets: Vec<&str> = new.iter().map(|r| r.target.as_str()).collect();
     match &case.want {
         Want::Fwd(target) => {
-            ensure!(resp.status == 200, "status {} (want 200): {}", resp.status, resp.raw);
-            ensure!(targets == [target.as_str()], "upstream received {targets:?}, want [{target:?}]");
-            let identity = new[0].headers.get("x-tokengate-token-id").and_then(|v| v.to_str().ok());
+            ensure!(
+                resp.status == 200,
+                "status {} (want 200): {}",
+                resp.status,
+                resp.raw
+            );
+            ensure!(
+                targets == [target.as_str()],
+                "upstream received {targets:?}, want [{target:?}]"
+            );
+            let identity = new[0]
+                .headers
+                .get("x-tokengate-token-id")
+                .and_then(|v| v.to_str().ok());
             let public = target == "/health";
             ensure!(
                 identity == (!public).then_some(token_id),
@@ -403,37 +644,67 @@ fn check_case(case: &Case, resp: &RawResponse, new: &[Recorded], tok: &str, toke
             );
         }
         Want::Deny(status, reason) => {
-            ensure!(resp.status == *status, "status {} (want {status} {reason}): {}", resp.status, resp.raw);
+            ensure!(
+                resp.status == *status,
+                "status {} (want {status} {reason}): {}",
+                resp.status,
+                resp.raw
+            );
             ensure!(targets.is_empty(), "upstream received {targets:?}");
-            let body: serde_json::Value =
-                serde_json::from_str(&resp.body).map_err(|_| format!("body is not JSON: {:?}", resp.body))?;
-            ensure!(body["message"].is_string() && body["request_id"].is_string(), "body {body}");
+            let body: serde_json::Value = serde_json::from_str(&resp.body)
+                .map_err(|_| format!("body is not JSON: {:?}", resp.body))?;
+            ensure!(
+                body["message"].is_string() && body["request_id"].is_string(),
+                "body {body}"
+            );
             let www = resp.header("www-authenticate");
             match (*status, *reason) {
                 (403, _) => {
                     ensure!(body["error"] == "insufficient_scope", "body {body}");
                     let www = www.ok_or("no WWW-Authenticate on 403")?;
-                    ensure!(www.starts_with("Bearer realm=\"tokengate\""), "challenge {www}");
-                    ensure!(www.contains("error=\"insufficient_scope\""), "challenge {www}");
                     ensure!(
-                        (*reason == "insufficient_permission") == body["required_permission"].is_string(),
+                        www.starts_with("Bearer realm=\"tokengate\""),
+                        "challenge {www}"
+                    );
+                    ensure!(
+                        www.contains("error=\"insufficient_scope\""),
+                        "challenge {www}"
+                    );
+                    ensure!(
+                        (*reason == "insufficient_permission")
+                            == body["required_permission"].is_string(),
                         "required_permission in {body}"
                     );
                 }
                 (400, "token_in_query") => {
                     ensure!(body["error"] == "invalid_request", "body {body}");
-                    ensure!(www.is_some_and(|w| w.contains("error=\"invalid_request\"")), "challenge {www:?}");
+                    ensure!(
+                        www.is_some_and(|w| w.contains("error=\"invalid_request\"")),
+                        "challenge {www:?}"
+                    );
                 }
                 (400, _) => {
                     ensure!(body["error"] == "invalid_request", "body {body}");
-                    ensure!(www.is_none(), "a malformed request is not an auth challenge: {www:?}");
+                    ensure!(
+                        www.is_none(),
+                        "a malformed request is not an auth challenge: {www:?}"
+                    );
                 }
                 _ => return Err(format!("unexpected expectation {status}")),
             }
         }
         Want::Parser400 => {
-            ensure!(resp.status == 400, "status {} (want a parser 400): {}", resp.status, resp.raw);
-            ensure!(resp.header("x-request-id").is_none(), "reached the gateway: {}", resp.raw);
+            ensure!(
+                resp.status == 400,
+                "status {} (want a parser 400): {}",
+                resp.status,
+                resp.raw
+            );
+            ensure!(
+                resp.header("x-request-id").is_none(),
+                "reached the gateway: {}",
+                resp.raw
+            );
             ensure!(targets.is_empty(), "upstream received {targets:?}");
         }
     }
@@ -470,11 +741,21 @@ async fn corpus_of_request_targets_never_reaches_a_path_the_token_may_not() {
             by_request_id.insert(id.to_string(), n);
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 
     // One audit line per request the gateway answered, with the decision the client saw.
     let lines = tg.request_lines().await;
-    assert_eq!(lines.len(), by_request_id.len(), "exactly one audit line per request that reached the gateway");
+    assert_eq!(
+        lines.len(),
+        by_request_id.len(),
+        "exactly one audit line per request that reached the gateway"
+    );
     for line in &lines {
         let id = line["request_id"].as_str().unwrap();
         let case = &cases[by_request_id[id]];
@@ -484,26 +765,44 @@ async fn corpus_of_request_targets_never_reaches_a_path_the_token_may_not() {
                 assert_eq!(line["status_code"], 200, "{label}: {line}");
                 assert_eq!(line["reason"], "ok", "{label}: {line}");
                 assert_eq!(line["rbac_decision"], "allow", "{label}: {line}");
-                assert_eq!(line["path"], path_of(target), "{label}: audit path is the canonical path: {line}");
+                assert_eq!(
+                    line["path"],
+                    path_of(target),
+                    "{label}: audit path is the canonical path: {line}"
+                );
             }
             Want::Deny(status, reason) => assert_rejection_line(line, *status, reason),
             Want::Parser400 => unreachable!(),
         }
         let text = line.to_string();
         assert!(!text.contains(&tok), "{label}: token in the audit log");
-        assert!(!text.contains("access_token") && !text.contains("q=%2e"), "{label}: query in the audit log: {text}");
+        assert!(
+            !text.contains("access_token") && !text.contains("q=%2e"),
+            "{label}: query in the audit log: {text}"
+        );
     }
 
     // Whatever happened above: the upstream never received a path under /admin, and every path it
     // received is byte-identical to the canonical form (a fixed point of the canonicaliser).
     let received = up.received();
-    let forwarded = cases.iter().filter(|c| matches!(c.want, Want::Fwd(_))).count();
+    let forwarded = cases
+        .iter()
+        .filter(|c| matches!(c.want, Want::Fwd(_)))
+        .count();
     assert_eq!(received.len(), forwarded);
     for r in &received {
         let path = path_of(&r.target);
-        assert!(!reaches_admin(path), "upstream received an admin path: {}", r.target);
-        let canonical = canonicalise(path, true).unwrap_or_else(|e| panic!("forwarded a non-canonical path {path:?}: {e}"));
-        assert_eq!(canonical.path, path, "forwarded path is not byte-identical to its canonical form");
+        assert!(
+            !reaches_admin(path),
+            "upstream received an admin path: {}",
+            r.target
+        );
+        let canonical = canonicalise(path, true)
+            .unwrap_or_else(|e| panic!("forwarded a non-canonical path {path:?}: {e}"));
+        assert_eq!(
+            canonical.path, path,
+            "forwarded path is not byte-identical to its canonical form"
+        );
     }
     eprintln!("corpus: {} cases {counts:?}", cases.len());
     tg.stop().await;
@@ -512,12 +811,29 @@ async fn corpus_of_request_targets_never_reaches_a_path_the_token_may_not() {
 #[test]
 fn admin_detector_is_not_vacuous() {
     for p in [
-        "/admin", "/admin/x", "/%61dmin/x", "/ADMIN", "/x/..\\admin", "/intl/admin/x", "/admin%20/x", "//admin",
-        "/apps/x/%2e%2e/../admin", "/apps/x/.../.../admin.", "/intl/./admin", "/admin/.",
+        "/admin",
+        "/admin/x",
+        "/%61dmin/x",
+        "/ADMIN",
+        "/x/..\\admin",
+        "/intl/admin/x",
+        "/admin%20/x",
+        "//admin",
+        "/apps/x/%2e%2e/../admin",
+        "/apps/x/.../.../admin.",
+        "/intl/./admin",
+        "/admin/.",
     ] {
         assert!(reaches_admin(p), "{p}");
     }
-    for p in ["/apps/x", "/apps/x/admin", "/administrator", "/adminx/y", "/health", "/apps/x/..a/admin"] {
+    for p in [
+        "/apps/x",
+        "/apps/x/admin",
+        "/administrator",
+        "/adminx/y",
+        "/health",
+        "/apps/x/..a/admin",
+    ] {
         assert!(!reaches_admin(p), "{p}");
     }
 }
@@ -540,15 +856,22 @@ struct Smuggle {
 
 fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
     let head = |target: &str, extra: &str| {
-        format!("POST {target} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n{extra}\r\n")
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n{extra}\r\n"
+        )
     };
     let chunk_of_smuggled = format!("{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n", SMUGGLED.len());
     let cl_te_body = format!("0\r\n\r\n{SMUGGLED}");
     vec![
         Smuggle {
             name: "CL then TE (CL.TE: the body per Content-Length hides a request after the last chunk)",
-            bytes: head("/echo/cl-te", &format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\n", cl_te_body.len()))
-                + &cl_te_body,
+            bytes: head(
+                "/echo/cl-te",
+                &format!(
+                    "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                    cl_te_body.len()
+                ),
+            ) + &cl_te_body,
             // hyper reads the body as chunked (RFC 9112 §6.3) and closes the connection after
             // answering, so the bytes after the last chunk are never parsed as a request.
             statuses: vec![200],
@@ -556,20 +879,30 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
         },
         Smuggle {
             name: "TE then CL",
-            bytes: head("/echo/te-cl-order", &format!("Transfer-Encoding: chunked\r\nContent-Length: {}\r\n", cl_te_body.len()))
-                + &cl_te_body,
+            bytes: head(
+                "/echo/te-cl-order",
+                &format!(
+                    "Transfer-Encoding: chunked\r\nContent-Length: {}\r\n",
+                    cl_te_body.len()
+                ),
+            ) + &cl_te_body,
             statuses: vec![200],
             upstream: vec![("/echo/te-cl-order", 0)],
         },
         Smuggle {
             name: "TE.CL: a short Content-Length with the request inside a chunk",
-            bytes: head("/echo/te-cl", "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n") + &chunk_of_smuggled,
+            bytes: head(
+                "/echo/te-cl",
+                "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+            ) + &chunk_of_smuggled,
             statuses: vec![200],
             upstream: vec![("/echo/te-cl", SMUGGLED.len() as u64)],
         },
         Smuggle {
             name: "Transfer-Encoding: ,chunked (empty list element) then a pipelined request",
-            bytes: head("/echo/comma", "Transfer-Encoding: ,chunked\r\n") + "3\r\nabc\r\n0\r\n\r\n" + SMUGGLED,
+            bytes: head("/echo/comma", "Transfer-Encoding: ,chunked\r\n")
+                + "3\r\nabc\r\n0\r\n\r\n"
+                + SMUGGLED,
             // Read as chunked, like the upstream will read hyper's re-framed body; the next
             // request on the connection is parsed and authorised on its own (401).
             statuses: vec![200, 401],
@@ -577,13 +910,19 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
         },
         Smuggle {
             name: "Transfer-Encoding: chunked, identity",
-            bytes: head("/echo/te-identity", "Transfer-Encoding: chunked, identity\r\n") + &chunk_of_smuggled,
+            bytes: head(
+                "/echo/te-identity",
+                "Transfer-Encoding: chunked, identity\r\n",
+            ) + &chunk_of_smuggled,
             statuses: vec![400],
             upstream: vec![],
         },
         Smuggle {
             name: "two Transfer-Encoding lines, chunked then identity",
-            bytes: head("/echo/te-two", "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n") + &chunk_of_smuggled,
+            bytes: head(
+                "/echo/te-two",
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            ) + &chunk_of_smuggled,
             statuses: vec![400],
             upstream: vec![],
         },
@@ -595,19 +934,26 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
         },
         Smuggle {
             name: "Transfer-Encoding: identity",
-            bytes: head("/echo/te-only-identity", "Transfer-Encoding: identity\r\n") + &chunk_of_smuggled,
+            bytes: head("/echo/te-only-identity", "Transfer-Encoding: identity\r\n")
+                + &chunk_of_smuggled,
             statuses: vec![400],
             upstream: vec![],
         },
         Smuggle {
             name: "Transfer-Encoding with a space before the colon",
-            bytes: head("/echo/te-space", "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n") + &cl_te_body,
+            bytes: head(
+                "/echo/te-space",
+                "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
+            ) + &cl_te_body,
             statuses: vec![400],
             upstream: vec![],
         },
         Smuggle {
             name: "Transfer-Encoding folded onto a continuation line (obs-fold)",
-            bytes: head("/echo/te-fold", "Transfer-Encoding:\r\n chunked\r\nContent-Length: 5\r\n") + &cl_te_body,
+            bytes: head(
+                "/echo/te-fold",
+                "Transfer-Encoding:\r\n chunked\r\nContent-Length: 5\r\n",
+            ) + &cl_te_body,
             statuses: vec![400],
             upstream: vec![],
         },
@@ -621,7 +967,11 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
         },
         Smuggle {
             name: "two differing Content-Length headers",
-            bytes: head("/echo/cl-two", "Content-Length: 3\r\nContent-Length: 40\r\n") + "abc" + SMUGGLED,
+            bytes: head(
+                "/echo/cl-two",
+                "Content-Length: 3\r\nContent-Length: 40\r\n",
+            ) + "abc"
+                + SMUGGLED,
             statuses: vec![400],
             upstream: vec![],
         },
@@ -645,13 +995,22 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
         },
         Smuggle {
             name: "a second request inside a Content-Length body",
-            bytes: head("/echo/body", &format!("Content-Length: {}\r\nConnection: close\r\n", SMUGGLED.len())) + SMUGGLED,
+            bytes: head(
+                "/echo/body",
+                &format!(
+                    "Content-Length: {}\r\nConnection: close\r\n",
+                    SMUGGLED.len()
+                ),
+            ) + SMUGGLED,
             statuses: vec![200],
             upstream: vec![("/echo/body", SMUGGLED.len() as u64)],
         },
         Smuggle {
             name: "a second request inside a chunked body",
-            bytes: head("/echo/chunked-body", "Transfer-Encoding: chunked\r\nConnection: close\r\n") + &chunk_of_smuggled,
+            bytes: head(
+                "/echo/chunked-body",
+                "Transfer-Encoding: chunked\r\nConnection: close\r\n",
+            ) + &chunk_of_smuggled,
             statuses: vec![200],
             upstream: vec![("/echo/chunked-body", SMUGGLED.len() as u64)],
         },
@@ -701,9 +1060,15 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
         let before = tg.upstream.count();
         let responses = raw_all(tg.addr, case.bytes.as_bytes(), Duration::from_secs(3)).await;
         let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
-        let got: Vec<(String, u64)> =
-            tg.upstream.received()[before..].iter().map(|r| (r.target.clone(), r.body_len)).collect();
-        let want: Vec<(String, u64)> = case.upstream.iter().map(|(t, n)| (t.to_string(), *n)).collect();
+        let got: Vec<(String, u64)> = tg.upstream.received()[before..]
+            .iter()
+            .map(|r| (r.target.clone(), r.body_len))
+            .collect();
+        let want: Vec<(String, u64)> = case
+            .upstream
+            .iter()
+            .map(|(t, n)| (t.to_string(), *n))
+            .collect();
         if statuses != case.statuses || got != want {
             failures.push(format!(
                 "{}: statuses {statuses:?} (want {:?}), upstream {got:?} (want {want:?})",
@@ -723,9 +1088,15 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
             format!("GET {clean} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await;
-        let got: Vec<String> = tg.upstream.received()[before..].iter().map(|r| r.target.clone()).collect();
+        let got: Vec<String> = tg.upstream.received()[before..]
+            .iter()
+            .map(|r| r.target.clone())
+            .collect();
         if r.status != 200 || got != [clean.clone()] {
-            failures.push(format!("{}: clean request after it: {} {got:?}", case.name, r.status));
+            failures.push(format!(
+                "{}: clean request after it: {} {got:?}",
+                case.name, r.status
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -746,9 +1117,17 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
             assert_rejection_line(line, 400, "bad_header");
         }
     }
-    let smuggled: Vec<String> =
-        tg.upstream.received().iter().map(|r| r.target.clone()).filter(|t| t.contains("smuggled") || t.contains("second") || t.contains("after-close")).collect();
-    assert!(smuggled.is_empty(), "smuggled requests reached the upstream: {smuggled:?}");
+    let smuggled: Vec<String> = tg
+        .upstream
+        .received()
+        .iter()
+        .map(|r| r.target.clone())
+        .filter(|t| t.contains("smuggled") || t.contains("second") || t.contains("after-close"))
+        .collect();
+    assert!(
+        smuggled.is_empty(),
+        "smuggled requests reached the upstream: {smuggled:?}"
+    );
     tg.stop().await;
 }
 
@@ -844,7 +1223,10 @@ fn assert_no_spoofed_value(r: &Recorded) {
             "x-request-id",
         ];
         if !set_by_gateway.contains(&lower.as_str()) {
-            assert!(r.headers.get(&lower).is_none(), "{lower} reached the upstream");
+            assert!(
+                r.headers.get(&lower).is_none(),
+                "{lower} reached the upstream"
+            );
         }
     }
 }
@@ -860,14 +1242,23 @@ async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
                       Forwarded, X-Real-IP, X-Request-Id, Host";
     for conn in ["close", connection] {
         tg.upstream.clear();
-        let r = raw(tg.addr, spoofed_request("/apps/billing/status", Some(&tok), conn).as_bytes()).await;
+        let r = raw(
+            tg.addr,
+            spoofed_request("/apps/billing/status", Some(&tok), conn).as_bytes(),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.raw);
         let got = tg.upstream.received();
         assert_eq!(got.len(), 1);
         let up = &got[0];
         assert_eq!(up.target, "/apps/billing/status");
         let one = |name: &str| {
-            let all: Vec<&str> = up.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+            let all: Vec<&str> = up
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
             assert_eq!(all.len(), 1, "{name}: {all:?} (Connection: {conn})");
             all[0].to_string()
         };
@@ -880,15 +1271,29 @@ async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
         assert_eq!(one("x-forwarded-proto"), "http");
         assert_eq!(one("x-forwarded-host"), "gw.test");
         assert_eq!(one("host"), "gw.test");
-        assert_eq!(one("forwarded"), "for=127.0.0.1;proto=http;host=\"gw.test\"");
+        assert_eq!(
+            one("forwarded"),
+            "for=127.0.0.1;proto=http;host=\"gw.test\""
+        );
         let request_id = r.header("x-request-id").unwrap();
-        assert_eq!(one("x-request-id"), request_id, "the upstream sees the gateway's request id");
+        assert_eq!(
+            one("x-request-id"),
+            request_id,
+            "the upstream sees the gateway's request id"
+        );
         assert!(up.headers.get("authorization").is_none());
-        assert!(up.headers.get("connection").is_none_or(|v| !v.to_str().unwrap().contains("okengate")));
+        assert!(
+            up.headers
+                .get("connection")
+                .is_none_or(|v| !v.to_str().unwrap().contains("okengate"))
+        );
         assert_no_spoofed_value(up);
         let line = tg.last_request_line().await;
         assert_eq!(line["request_id"], request_id);
-        assert_eq!(line["client_ip"], "127.0.0.1", "the audit line ignores X-Forwarded-For without a trusted proxy");
+        assert_eq!(
+            line["client_ip"], "127.0.0.1",
+            "the audit line ignores X-Forwarded-For without a trusted proxy"
+        );
     }
     tg.stop().await;
 }
@@ -905,9 +1310,16 @@ async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one(
         let got = tg.upstream.received();
         assert_eq!(got.len(), 1);
         let up = &got[0];
-        let identity: Vec<&str> =
-            up.headers.keys().map(|k| k.as_str()).filter(|k| k.starts_with("x-tokengate-")).collect();
-        assert!(identity.is_empty(), "public rule forwarded identity headers {identity:?}");
+        let identity: Vec<&str> = up
+            .headers
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| k.starts_with("x-tokengate-"))
+            .collect();
+        assert!(
+            identity.is_empty(),
+            "public rule forwarded identity headers {identity:?}"
+        );
         assert_eq!(up.headers["x-forwarded-for"], "127.0.0.1");
         assert_no_spoofed_value(up);
         let line = tg.last_request_line().await;
@@ -924,9 +1336,17 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
     // The method-override and URL-override family cannot turn an allowed request into an admin
     // one, and cannot make a refused one pass.
-    let r = raw(tg.addr, spoofed_request("/admin/users", Some(&tok), "close").as_bytes()).await;
+    let r = raw(
+        tg.addr,
+        spoofed_request("/admin/users", Some(&tok), "close").as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.raw);
-    assert!(r.header("www-authenticate").unwrap().contains("error=\"insufficient_scope\""));
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("error=\"insufficient_scope\"")
+    );
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["required_permission"], "admin:all");
     assert_ne!(r.header("x-request-id").unwrap(), "spoof-request-id");
@@ -941,7 +1361,11 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
 async fn spoofed_headers_over_http2_are_replaced_too() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
-    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().unwrap();
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let mut req = h2.get(tg.url("/apps/billing/h2")).bearer_auth(&tok);
     for (k, v) in SPOOFED {
         req = req.header(*k, *v);
@@ -952,7 +1376,14 @@ async fn spoofed_headers_over_http2_are_replaced_too() {
     let got = tg.upstream.received();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].headers["x-tokengate-token-id"], id.as_str());
-    assert_eq!(got[0].headers.get_all("x-tokengate-token-id").iter().count(), 1);
+    assert_eq!(
+        got[0]
+            .headers
+            .get_all("x-tokengate-token-id")
+            .iter()
+            .count(),
+        1
+    );
     assert_eq!(got[0].headers["x-forwarded-for"], "127.0.0.1");
     assert_no_spoofed_value(&got[0]);
     tg.stop().await;

@@ -16,7 +16,13 @@ use libfuzzer_sys::fuzz_target;
 use tokengate::auth::{extract, parse};
 use tokengate::error::{Reject, respond};
 
-const REASONS: &[&str] = &["missing_token", "unsupported_scheme", "duplicate_authorization", "malformed", "token_in_query"];
+const REASONS: &[&str] = &[
+    "missing_token",
+    "unsupported_scheme",
+    "duplicate_authorization",
+    "malformed",
+    "token_in_query",
+];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {
@@ -32,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
             auth_values.push(v);
         }
     }
-    let query = if has_query { chunks.next().and_then(|q| std::str::from_utf8(q).ok()) } else { None };
+    let query = if has_query {
+        chunks.next().and_then(|q| std::str::from_utf8(q).ok())
+    } else {
+        None
+    };
 
     let mut only_auth = HeaderMap::new();
     for v in &auth_values {
@@ -61,18 +71,37 @@ fuzz_target!(|data: &[u8]| {
     match result {
         Ok(credential) => {
             assert!(!query_token, "accepted a token in the query {query:?}");
-            assert_eq!(auth_values.len(), 1, "accepted with {} Authorization headers", auth_values.len());
-            let value = auth_values[0].to_str().expect("an accepted value is visible ASCII");
+            assert_eq!(
+                auth_values.len(),
+                1,
+                "accepted with {} Authorization headers",
+                auth_values.len()
+            );
+            let value = auth_values[0]
+                .to_str()
+                .expect("an accepted value is visible ASCII");
             let (scheme, after) = value.split_at(6);
             assert!(scheme.eq_ignore_ascii_case("bearer"), "scheme of {value:?}");
-            assert!(after.starts_with(' '), "no space after the scheme in {value:?}");
-            assert!(after.trim_start_matches(' ').starts_with(credential), "{value:?} -> {credential:?}");
-            assert!(value.trim_end_matches([' ', '\t']).ends_with(credential), "{value:?} -> {credential:?}");
+            assert!(
+                after.starts_with(' '),
+                "no space after the scheme in {value:?}"
+            );
+            assert!(
+                after.trim_start_matches(' ').starts_with(credential),
+                "{value:?} -> {credential:?}"
+            );
+            assert!(
+                value.trim_end_matches([' ', '\t']).ends_with(credential),
+                "{value:?} -> {credential:?}"
+            );
             assert!(is_b64token(credential), "not a b64token: {credential:?}");
             // Step 4 must not panic on whatever step 3 lets through.
             if let Ok(parsed) = parse(credential) {
                 let prefix = parsed.display_prefix();
-                assert!(credential.starts_with(prefix), "{prefix:?} is not a prefix of the token");
+                assert!(
+                    credential.starts_with(prefix),
+                    "{prefix:?} is not a prefix of the token"
+                );
                 assert!(prefix.contains('_'));
                 assert_eq!(parsed.hash(), tokengate::token::hash(credential));
             }
@@ -80,7 +109,13 @@ fuzz_target!(|data: &[u8]| {
         Err(reject) => {
             let reason = reject.reason();
             assert!(REASONS.contains(&reason), "unexpected reason {reason}");
-            assert!(matches!(reject, Reject::MissingToken { .. } | Reject::InvalidRequest { .. }), "{reject:?}");
+            assert!(
+                matches!(
+                    reject,
+                    Reject::MissingToken { .. } | Reject::InvalidRequest { .. }
+                ),
+                "{reject:?}"
+            );
             if query_token {
                 assert_eq!(reason, "token_in_query");
             } else if auth_values.is_empty() {
@@ -90,7 +125,9 @@ fuzz_target!(|data: &[u8]| {
             }
             let status = reject.status().as_u16();
             assert!(status == 400 || status == 401, "{status}");
-            let challenge = reject.challenge("tg").expect("every step-3 rejection carries a challenge");
+            let challenge = reject
+                .challenge("tg")
+                .expect("every step-3 rejection carries a challenge");
             assert!(challenge.starts_with("Bearer realm=\"tg\""), "{challenge}");
             // Nothing the client sent is echoed back in the response head.
             let resp = respond(&reject, "tg", "rid");
@@ -100,7 +137,10 @@ fuzz_target!(|data: &[u8]| {
                 // ("Malformed Authorization header") cannot match by accident.
                 let sent = String::from_utf8_lossy(v.as_bytes());
                 let secret = sent.split_once(' ').map_or("", |(_, s)| s).trim();
-                if secret.len() >= 10 && is_b64token(secret) && secret.bytes().any(|b| b.is_ascii_digit()) {
+                if secret.len() >= 10
+                    && is_b64token(secret)
+                    && secret.bytes().any(|b| b.is_ascii_digit())
+                {
                     for (name, h) in resp.headers() {
                         let h = String::from_utf8_lossy(h.as_bytes());
                         assert!(!h.contains(secret), "{name} echoes the credential: {h}");
@@ -114,5 +154,8 @@ fuzz_target!(|data: &[u8]| {
 /// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 fn is_b64token(s: &str) -> bool {
     let body = s.trim_end_matches('=');
-    !body.is_empty() && body.bytes().all(|c| c.is_ascii_alphanumeric() || b"-._~+/".contains(&c))
+    !body.is_empty()
+        && body
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-._~+/".contains(&c))
 }

@@ -114,8 +114,12 @@ fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
     c.busy_timeout(READY_STORE_TIMEOUT)
         .map_err(|e| e.to_string())?;
     // Reads the schema and at most one row: cheap with millions of tokens.
-    c.query_row("SELECT count(*) FROM (SELECT 1 FROM tokens LIMIT 1)", [], |_| Ok(()))
-        .map_err(|e| e.to_string())
+    c.query_row(
+        "SELECT count(*) FROM (SELECT 1 FROM tokens LIMIT 1)",
+        [],
+        |_| Ok(()),
+    )
+    .map_err(|e| e.to_string())
 }
 
 async fn metrics(gw: &Gateway) -> Response<Body> {
@@ -152,9 +156,16 @@ async fn token_counts(gw: &Gateway) -> Option<crate::metrics::TokenCounts> {
         }
     }
     let now = gw.now_ms();
-    match gw.store_call(move |s| s.count_active(now, now + 7 * 86_400_000)).await {
+    match gw
+        .store_call(move |s| s.count_active(now, now + 7 * 86_400_000))
+        .await
+    {
         Ok((active, expiring_7d)) => {
-            let c = crate::metrics::TokenCounts { at: std::time::Instant::now(), active, expiring_7d };
+            let c = crate::metrics::TokenCounts {
+                at: std::time::Instant::now(),
+                active,
+                expiring_7d,
+            };
             *cached = Some(c);
             Some(c)
         }

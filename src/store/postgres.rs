@@ -1217,6 +1217,7 @@ async fn feed_loop(
         );
         let mut delay = Duration::from_millis(50);
         let mut attempts = 0u32;
+        let mut next_log = 0u32;
         listener = loop {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_BACKOFF);
@@ -1226,7 +1227,9 @@ async fn feed_loop(
             attempts += 1;
             match tokio::time::timeout(Duration::from_secs(5), listen(&cfg, tls.clone())).await {
                 Ok(Ok(l)) => break l,
-                Ok(Err(e)) if attempts == 1 || attempts % 30 == 0 => {
+                // First failure, then one line per 30 attempts (about a minute).
+                Ok(Err(e)) if attempts == 1 || attempts >= next_log => {
+                    next_log = attempts + 30;
                     tracing::warn!(store = %target, attempts, error = %chain(&e), "cannot re-establish the notification connection yet");
                 }
                 _ => {}

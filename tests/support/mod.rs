@@ -56,7 +56,9 @@ impl Upstream {
         let rec = requests.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let rec = rec.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle_upstream(req, rec.clone()));
@@ -87,13 +89,25 @@ impl Upstream {
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>) -> Result<Response<UpBody>, Infallible> {
-    let target = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+async fn handle_upstream(
+    req: Request<Incoming>,
+    rec: Arc<Mutex<Vec<Recorded>>>,
+) -> Result<Response<UpBody>, Infallible> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let method = req.method().to_string();
     let headers = req.headers().clone();
     let path = req.uri().path().to_string();
     if path == "/ws" {
-        rec.lock().unwrap().push(Recorded { method, target, headers, body_len: 0 });
+        rec.lock().unwrap().push(Recorded {
+            method,
+            target,
+            headers,
+            body_len: 0,
+        });
         let mut req = req;
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -114,8 +128,10 @@ async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>)
         });
         let mut resp = Response::new(Full::new(Bytes::new()).boxed());
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
-        resp.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        resp.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
         return Ok(resp);
     }
     let mut body = req.into_body();
@@ -126,7 +142,12 @@ async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>)
             Err(_) => break,
         }
     }
-    rec.lock().unwrap().push(Recorded { method, target, headers, body_len });
+    rec.lock().unwrap().push(Recorded {
+        method,
+        target,
+        headers,
+        body_len,
+    });
     if path.starts_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
@@ -150,19 +171,26 @@ async fn handle_upstream(req: Request<Incoming>, rec: Arc<Mutex<Vec<Recorded>>>)
                     return None;
                 }
                 let n = (total - sent).min(chunk.len() as u64);
-                Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))), sent + n))
+                Some((
+                    Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
+                    sent + n,
+                ))
             }
         });
         let mut r = Response::new(StreamBody::new(stream).boxed());
-        r.headers_mut().insert("content-type", "application/octet-stream".parse().unwrap());
+        r.headers_mut()
+            .insert("content-type", "application/octet-stream".parse().unwrap());
         return Ok(r);
     }
     let mut r = Response::new(Full::new(Bytes::from(format!("upstream ok {body_len}"))).boxed());
     r.headers_mut().insert("x-upstream", "yes".parse().unwrap());
-    r.headers_mut().insert("content-type", "text/plain".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
     // A hop-by-hop header the gateway must strip on the way back.
-    r.headers_mut().insert("connection", "x-upstream-private".parse().unwrap());
-    r.headers_mut().insert("x-upstream-private", "secret".parse().unwrap());
+    r.headers_mut()
+        .insert("connection", "x-upstream-private".parse().unwrap());
+    r.headers_mut()
+        .insert("x-upstream-private", "secret".parse().unwrap());
     Ok(r)
 }
 
@@ -300,7 +328,12 @@ upstream = "http://{upstream}"
         route = o.route,
         rules = o.rules,
         extra = o.extra_routes,
-        audit_path = o.audit_path.as_deref().unwrap_or("audit.log").replace('\\', "\\\\").replace('"', "\\\""),
+        audit_path = o
+            .audit_path
+            .as_deref()
+            .unwrap_or("audit.log")
+            .replace('\\', "\\\\")
+            .replace('"', "\\\""),
         audit = o.audit,
     );
     let p = dir.join("tokengate.toml");
@@ -318,16 +351,24 @@ impl TestGateway {
     pub async fn start_with(o: Options) -> TestGateway {
         let upstream = Upstream::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let up = o.upstream_override.clone().unwrap_or_else(|| upstream.addr.to_string());
+        let up = o
+            .upstream_override
+            .clone()
+            .unwrap_or_else(|| upstream.addr.to_string());
         let config_path = write_config(dir.path(), &up, &o);
         let cfg = Config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
-        let started = tokengate::app::start(cfg).await.map_err(|e| e.message).unwrap();
+        let started = tokengate::app::start(cfg)
+            .await
+            .map_err(|e| e.message)
+            .unwrap();
         let gw = started.gateway.clone();
         let addr = started.server.public_addr();
         let admin_addr = started.server.admin_addr();
         let tls = Some(started.server.tls_handle());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started { server, background, .. } = started;
+        let tokengate::app::Started {
+            server, background, ..
+        } = started;
         let task = if o.serve {
             Some(tokio::spawn(async move {
                 server
@@ -360,7 +401,10 @@ impl TestGateway {
 
     /// Creates an account (ignores "exists").
     pub fn account(&self, name: &str) {
-        let _ = self.gw.store().create_account(name, None, "test", self.gw.now_ms());
+        let _ = self
+            .gw
+            .store()
+            .create_account(name, None, "test", self.gw.now_ms());
     }
 
     /// Issues a token with explicit permissions; returns (plaintext, id).
@@ -369,7 +413,13 @@ impl TestGateway {
     }
 
     /// Issues a token, letting the caller adjust the spec.
-    pub fn token_with(&self, account: &str, name: &str, perms: &[&str], f: impl FnOnce(&mut NewTokenSpec)) -> (String, String) {
+    pub fn token_with(
+        &self,
+        account: &str,
+        name: &str,
+        perms: &[&str],
+        f: impl FnOnce(&mut NewTokenSpec),
+    ) -> (String, String) {
         self.account(account);
         let mut spec = NewTokenSpec {
             account: account.into(),
@@ -393,19 +443,30 @@ impl TestGateway {
 
     /// The audit log file (`[audit] path` of the config).
     pub fn audit_path(&self) -> PathBuf {
-        self.gw.config().audit.path.clone().unwrap_or_else(|| self.dir.path().join("audit.log"))
+        self.gw
+            .config()
+            .audit
+            .path
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("audit.log"))
     }
 
     /// The audit log's lines, after flushing.
     pub async fn audit_lines(&self) -> Vec<serde_json::Value> {
         self.gw.audit().flush_async().await.unwrap();
         let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Request audit lines only.
     pub async fn request_lines(&self) -> Vec<serde_json::Value> {
-        self.audit_lines().await.into_iter().filter(|l| l["kind"] == "request").collect()
+        self.audit_lines()
+            .await
+            .into_iter()
+            .filter(|l| l["kind"] == "request")
+            .collect()
     }
 
     /// The last request audit line.
@@ -457,18 +518,25 @@ pub struct RawResponse {
 impl RawResponse {
     /// First header value by name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Sends raw bytes and reads until the server closes or `timeout` passes; parses the first response.
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
-    raw_all(addr, bytes, Duration::from_secs(3)).await.into_iter().next().unwrap_or(RawResponse {
-        status: 0,
-        headers: vec![],
-        body: String::new(),
-        raw: String::new(),
-    })
+    raw_all(addr, bytes, Duration::from_secs(3))
+        .await
+        .into_iter()
+        .next()
+        .unwrap_or(RawResponse {
+            status: 0,
+            headers: vec![],
+            body: String::new(),
+            raw: String::new(),
+        })
 }
 
 /// Sends raw bytes and returns every response found in the reply stream (pipelining).
@@ -488,20 +556,30 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
         let head = &rest[..head_end];
         let mut lines = head.split("\r\n");
         let status_line = lines.next().unwrap_or("");
-        let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
         let after = &rest[head_end + 4..];
-        let (body, consumed) = if let Some(cl) = headers.iter().find(|(k, _)| k == "content-length") {
+        let (body, consumed) = if let Some(cl) = headers.iter().find(|(k, _)| k == "content-length")
+        {
             let n: usize = cl.1.parse().unwrap_or(0).min(after.len());
             (after[..n].to_string(), n)
-        } else if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+        } else if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+        {
             let mut body = String::new();
             let mut pos = 0;
             loop {
-                let Some(le) = after[pos..].find("\r\n") else { break };
+                let Some(le) = after[pos..].find("\r\n") else {
+                    break;
+                };
                 let size = usize::from_str_radix(after[pos..pos + le].trim(), 16).unwrap_or(0);
                 pos += le + 2;
                 if size == 0 {

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -69,6 +69,10 @@ struct Inner {
     change_seq: AtomicU64,
     /// Last time the change poller succeeded (ms, gateway clock).
     last_poll_ok: AtomicU64,
+    /// Highest store-outbox id already handed to the audit writer. Rows up to it are never
+    /// recorded again, even when their flush timed out (the log failing) and they were not acked:
+    /// the writer keeps them queued, so recording them again would log them twice.
+    outbox_sent: AtomicI64,
     /// Web UI sessions of the admin listener (see `admin::session` for the lock choice).
     sessions: crate::admin::session::Sessions,
 }
@@ -131,6 +135,7 @@ impl Gateway {
                 request_seq: AtomicU64::new(0),
                 change_seq: AtomicU64::new(change_seq),
                 last_poll_ok: AtomicU64::new(now as u64),
+                outbox_sent: AtomicI64::new(0),
                 sessions: crate::admin::session::Sessions::new(),
             }),
         }
@@ -302,26 +307,36 @@ impl Gateway {
         Ok(changes.len())
     }
 
-    /// Moves admin events queued by CLI processes (store outbox) into the audit log.
+    /// Moves admin events queued by CLI processes (store outbox) into the audit log, each once:
+    /// rows are acked (deleted) only after their lines are written, and a row handed to the
+    /// writer is never handed again while it waits for a failing log to recover.
     pub async fn drain_outbox(&self) -> Result<usize, StoreError> {
         let rows = self.store_call(|s| s.outbox_peek(500)).await?;
-        let Some(&(last, _)) = rows.last() else {
+        if rows.is_empty() {
             return Ok(0);
-        };
-        let n = rows.len();
+        }
+        let mut n = 0;
         for (id, line) in rows {
+            if id <= self.inner.outbox_sent.load(Ordering::Acquire) {
+                continue; // queued in the writer already; only the ack is missing
+            }
             match serde_json::from_str::<AdminRecord>(&line) {
                 Ok(rec) => {
                     if let Err(e) = self.inner.audit.record(Entry::Admin(rec)) {
                         tracing::warn!(error = %e, "audit writer busy; CLI events stay queued");
-                        return Ok(0);
+                        break;
                     }
+                    n += 1;
                 }
                 Err(e) => tracing::error!(id, error = %e, "unreadable queued audit event skipped"),
             }
+            self.inner.outbox_sent.store(id, Ordering::Release);
         }
-        if self.inner.audit.flush_async().await.is_ok() {
-            self.store_call(move |s| s.outbox_ack(last)).await?;
+        // While the log is failing, the flush would hold this poller (and with it the change
+        // poll that propagates revocations) for seconds: ack on a later round instead.
+        let sent = self.inner.outbox_sent.load(Ordering::Acquire);
+        if sent > 0 && self.inner.audit.is_healthy() && self.inner.audit.flush_async().await.is_ok() {
+            self.store_call(move |s| s.outbox_ack(sent)).await?;
         }
         Ok(n)
     }

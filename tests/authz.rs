@@ -592,6 +592,9 @@ path = "/admin/**"
 permission = "admin:all"
 "#;
 
+/// (token, target, status, rule that decided, required permission)
+type Expect<'a> = (Option<&'a str>, &'a str, u16, &'a str, Option<&'a str>);
+
 #[tokio::test]
 async fn the_most_specific_rule_wins_end_to_end() {
     let tg = TestGateway::start_with(Options {
@@ -606,7 +609,7 @@ async fn the_most_specific_rule_wins_end_to_end() {
     let (admin_all, _) = tg.token("ops", "admin-all", &["admin:*"]);
 
     // (token, target, status, rule that decided, required permission)
-    let cases: Vec<(Option<&str>, &str, u16, &str, Option<&str>)> = vec![
+    let cases: Vec<Expect<'_>> = vec![
         (
             Some(&reader),
             "/apps/x/readme",

@@ -310,8 +310,9 @@ mod prom {
     /// Buckets in increasing `le` order, cumulative counts that never decrease, a `+Inf` bucket
     /// equal to `_count`, and a `_sum`, for every label set.
     fn check_histogram(f: &Family) -> Result<(), String> {
-        let mut groups: BTreeMap<String, (Vec<(f64, f64)>, Option<f64>, Option<f64>)> =
-            BTreeMap::new();
+        /// One label set of a histogram: (le, count) buckets in order of appearance, _sum, _count.
+        type Series = (Vec<(f64, f64)>, Option<f64>, Option<f64>);
+        let mut groups: BTreeMap<String, Series> = BTreeMap::new();
         for s in &f.samples {
             let mut key_labels = s.labels.clone();
             let le = key_labels.remove("le");

@@ -50,22 +50,7 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
 /// fresh one, so a deleted or replaced file shows up), the audit writer's last write succeeded,
 /// and the listeners are accepting. 200 with one `check: ok` line each, else 503 naming the failure.
 async fn readyz(gw: &Gateway) -> Response<Body> {
-    let probe = async {
-        let pooled = gw.store_call(|s| s.ping()).await.map_err(|e| e.to_string());
-        // SQLite only: PostgreSQL has no file to replace, and `ping` already used the pool.
-        let path = gw.store().sqlite_path().map(|p| p.to_path_buf());
-        let fresh = match path {
-            Some(path) => tokio::task::spawn_blocking(move || probe_store_file(&path))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string())),
-            None => Ok(()),
-        };
-        pooled.and(fresh)
-    };
-    let store = match tokio::time::timeout(READY_STORE_TIMEOUT, probe).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {READY_STORE_TIMEOUT:?}")),
-    };
+    let store = store_readable(gw).await;
     let audit = if gw.audit().is_healthy() {
         Ok(())
     } else {
@@ -100,6 +85,28 @@ async fn readyz(gw: &Gateway) -> Response<Body> {
     text(status, body)
 }
 
+/// The store answers through the pipeline's own connections and, for SQLite, on a fresh
+/// read-only connection to `store.path` (so a deleted, replaced or unmounted file shows up even
+/// while old connections still hold the old inode), within [`READY_STORE_TIMEOUT`].
+async fn store_readable(gw: &Gateway) -> Result<(), String> {
+    let probe = async {
+        let pooled = gw.store_call(|s| s.ping()).await.map_err(|e| e.to_string());
+        // SQLite only: PostgreSQL has no file to replace, and `ping` already used the pool.
+        let path = gw.store().sqlite_path().map(|p| p.to_path_buf());
+        let fresh = match path {
+            Some(path) => tokio::task::spawn_blocking(move || probe_store_file(&path))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+            None => Ok(()),
+        };
+        pooled.and(fresh)
+    };
+    match tokio::time::timeout(READY_STORE_TIMEOUT, probe).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {READY_STORE_TIMEOUT:?}")),
+    }
+}
+
 /// How long `/readyz` waits for the store before calling it unavailable.
 const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -124,11 +131,7 @@ fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
 
 async fn metrics(gw: &Gateway) -> Response<Body> {
     let mut snap = gw.snapshot();
-    let path = gw.store().path().to_path_buf();
-    let store_up = tokio::task::spawn_blocking(move || probe_store_file(&path))
-        .await
-        .is_ok_and(|r| r.is_ok());
-    snap.store_up = Some(store_up);
+    snap.store_up = Some(store_readable(gw).await.is_ok());
     if let Some(counts) = token_counts(gw).await {
         snap.active_tokens = Some(counts.active);
         snap.expiring_7d = Some(counts.expiring_7d);

@@ -560,6 +560,10 @@ fn store_copy(from: &str, to: &str) -> Result<(), CliError> {
 
 fn config_check(config: Option<&Path>) -> Result<(), CliError> {
     let cfg = load_config(config)?;
+    // Certificates are part of the config: `serve` would refuse to start without them.
+    for files in [&cfg.server.tls, &cfg.admin.tls].into_iter().flatten() {
+        crate::tls::server_config(files).map_err(|e| CliError::usage(e.to_string()))?;
+    }
     let src = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     println!("{src}: OK");
     println!("  public listener  {}{}", cfg.server.listen, if cfg.server.tls.is_some() { " (TLS)" } else { "" });

@@ -491,7 +491,7 @@ impl Gateway {
         let start = Instant::now();
         let _in_flight = self.inner.metrics.in_flight();
         let cfg = self.inner.config.load_full();
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             request_id: self.next_request_id(),
             client_ip: conn.peer.ip(),
             method: req.method().clone(),
@@ -510,10 +510,15 @@ impl Gateway {
             upstream: None,
             ratelimit: None,
         };
-        let result = match tokio::time::timeout(cfg.server.request_timeout, self.pipeline(&cfg, conn, req, &mut ctx)).await {
+        // If this future is dropped before it answers (client gone, drain deadline), the guard
+        // still writes the request's audit line: one line per request that reached the HTTP layer.
+        let mut guard = AuditGuard { gw: self, ctx, start, armed: true };
+        let result = match tokio::time::timeout(cfg.server.request_timeout, self.pipeline(&cfg, conn, req, &mut guard.ctx)).await {
             Ok(r) => r,
             Err(_) => Err((Reject::RequestTimeout, None)),
         };
+        guard.armed = false;
+        let ctx = &guard.ctx;
         let (status, reason, reservation, response) = match result {
             Ok((resp, reservation)) => (resp.status(), "ok", Some(reservation), resp),
             Err((reject, reservation)) => {
@@ -879,6 +884,31 @@ impl Gateway {
             }
         }
         resp
+    }
+}
+
+/// Writes the audit line of a request whose handling was abandoned before it answered.
+struct AuditGuard<'a> {
+    gw: &'a Gateway,
+    ctx: Ctx,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for AuditGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // 499: the client closed the request (or the drain deadline cut it) before a response.
+        let status = StatusCode::from_u16(499).expect("valid code");
+        let decision = if self.ctx.upstream.is_some() { "allow" } else { "deny" };
+        let gw = self.gw;
+        gw.inner.metrics.request(decision, "client_closed", 499);
+        let record = gw.audit_record(&self.ctx, status, decision, "client_closed", self.start.elapsed());
+        if let Err(e) = gw.inner.audit.record(Entry::Request(record)) {
+            tracing::error!(error = %e, "audit record for an abandoned request could not be queued");
+        }
     }
 }
 

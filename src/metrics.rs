@@ -88,7 +88,7 @@ pub struct Snapshot {
     pub cache_misses: u64,
     /// Cached tokens.
     pub cache_size: u64,
-    /// Whether the store file could be read at this scrape (`None`: not asked).
+    /// Whether the store passed the readiness check at this scrape (`None`: not asked).
     pub store_up: Option<bool>,
     /// Active tokens in the store (`None` when the store could not be read: the sample is left
     /// out rather than reported as 0).
@@ -339,7 +339,7 @@ impl Metrics {
                 &mut out,
                 "tokengate_store_up",
                 "gauge",
-                "1 when the store file could be opened and read at this scrape.",
+                "1 when the store passed the readiness check at this scrape.",
                 flag(up),
             );
         }

@@ -188,14 +188,15 @@ enum Kind {
     DeadUpstream,
 }
 
+/// The mix. Forwarded requests (200, 502) cost the most in a debug build, so they are 30%.
 fn kind_of(i: usize) -> Kind {
     match i % 10 {
-        0..=3 => Kind::Allowed,
-        4 => Kind::BadPath,
-        5 => Kind::NoToken,
-        6 => Kind::BadChecksum,
-        7 => Kind::Forbidden,
-        8 => Kind::RateLimited,
+        0 | 1 => Kind::Allowed,
+        2 => Kind::BadPath,
+        3 => Kind::NoToken,
+        4 => Kind::BadChecksum,
+        5 | 6 => Kind::Forbidden,
+        7 | 8 => Kind::RateLimited,
         _ => Kind::DeadUpstream,
     }
 }

@@ -429,3 +429,37 @@ fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Example"));
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line() {
+    let tg = TestGateway::start().await;
+    let (tok, id) = tg.token("ci", "impatient", &["apps:read"]);
+    let req = format!("GET /slow/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n\r\n");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Wait until the upstream has the request, then hang up.
+        for _ in 0..100 {
+            if tg.upstream.count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut line = serde_json::Value::Null;
+    for _ in 0..100 {
+        let lines = tg.request_lines().await;
+        if let Some(l) = lines.last() {
+            line = l.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(line["reason"], "client_closed", "{line}");
+    assert_eq!(line["status_code"], 499);
+    assert_eq!(line["api_token_id"], id.as_str());
+    assert_eq!(line["upstream"], "api");
+    assert_eq!(tg.request_lines().await.len(), 1, "exactly one line");
+    tg.stop().await;
+}

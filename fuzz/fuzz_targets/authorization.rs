@@ -61,10 +61,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(result, extract(&full, query));
     assert_eq!(result, extract(&only_auth, query));
 
+    // RFC 6750 §2.3 names, in any case and any percent-encoding, anywhere in the query.
     let query_token = query.is_some_and(|q| {
         q.split(['&', ';']).any(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            name.eq_ignore_ascii_case("access_token") || name.eq_ignore_ascii_case("token")
+            let name = form_decode(pair.split('=').next().unwrap_or("")).to_ascii_lowercase();
+            name == "access_token" || name == "token"
         })
     });
 
@@ -158,4 +159,32 @@ fn is_b64token(s: &str) -> bool {
         && body
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"-._~+/".contains(&c))
+}
+
+/// `application/x-www-form-urlencoded` name decoding: `%XX` escapes and `+` as space.
+fn form_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+            .filter(|_| b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

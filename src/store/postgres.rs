@@ -958,9 +958,17 @@ impl Db {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(e)?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        let exists: bool = tx
+            .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
             .await
+            .map_err(e)?
+            .try_get(0)
             .map_err(e)?;
+        if !exists {
+            tx.batch_execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+                .await
+                .map_err(e)?;
+        }
         let found = tx
             .query_opt("SELECT version FROM schema_version", &[])
             .await

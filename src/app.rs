@@ -102,6 +102,14 @@ impl Signals {
         // default action terminates the process. With a handler installed the write fails with
         // EFBIG instead, which the audit writer treats like a full disk (503 or `continue`,
         // retried until the limit is raised) — the gateway never dies for a full log.
+        #[cfg(all(
+            target_os = "linux",
+            not(any(target_arch = "mips", target_arch = "mips64"))
+        ))]
+        {
+            let mut xfsz = install(SignalKind::from_raw(25), "SIGXFSZ")?;
+            tokio::spawn(async move { while xfsz.recv().await.is_some() {} });
+        }
         let terminate = Box::pin(async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -955,11 +955,19 @@ fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliError> {
     let mut err = std::io::stderr().lock();
     if a.follow {
         let last = files.last().expect("at least one file");
-        audit::follow(last, &filter, format, &mut out, &|| false).map_err(|e| CliError::failure(e.to_string()))
+        audit::follow(last, &filter, format, &mut out, &|| false).map_err(audit_error)
     } else {
         audit::query(&files, &filter, format, &mut out, &mut err)
             .map(|_| ())
-            .map_err(|e| CliError::failure(e.to_string()))
+            .map_err(audit_error)
+    }
+}
+
+/// A bad filter (`--status 4x`) is a usage error (64), like a bad `--decision` or `--since`.
+fn audit_error(e: audit::AuditError) -> CliError {
+    match e {
+        audit::AuditError::Filter(_) => CliError::usage(e.to_string()),
+        e => CliError::failure(e.to_string()),
     }
 }
 

@@ -540,7 +540,7 @@ impl Gateway {
         };
         self.inner.metrics.request(decision, reason, status.as_u16());
         self.inner.metrics.request_latency.observe(elapsed);
-        let record = self.audit_record(&ctx, status, decision, reason, elapsed);
+        let record = self.audit_record(ctx, status, decision, reason, elapsed);
         match reservation {
             Some(r) => r.send(Entry::Request(record)),
             None => {

@@ -1089,7 +1089,7 @@ async fn audit_reader_filters_on_a_generated_log() {
 
     // Bad filters are refused, not ignored.
     for (args, code) in [
-        (vec!["audit", "--status", "4x"], 1),
+        (vec!["audit", "--status", "4x"], 64),
         (vec!["audit", "--decision", "maybe"], 64),
         (vec!["audit", "--since", "yesterday"], 64),
     ] {

@@ -81,9 +81,8 @@ fn assert_invalid_token(r: &RawResponse) {
 async fn scope_limits_a_captured_name_to_the_listed_values() {
     let tg = TestGateway::start().await;
     tg.account("ops");
-    let cfg = tg.config_path.to_str().unwrap();
     let tok = cli_token(
-        std::path::Path::new(cfg),
+        &tg.config_path,
         &[
             "--account",
             "ops",

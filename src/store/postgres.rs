@@ -178,8 +178,9 @@ impl Postgres {
         cfg.keepalives(true)
             .keepalives_idle(Duration::from_secs(10));
         let tls = make_tls(cfg.get_ssl_mode(), o.ca.as_deref()).map_err(fail)?;
+        // One worker: the runtime only waits on sockets (queries, the LISTEN connection).
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("tokengate-pg")
             .enable_all()
             .build()

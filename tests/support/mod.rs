@@ -576,10 +576,7 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
         {
             let mut body = String::new();
             let mut pos = 0;
-            loop {
-                let Some(le) = after[pos..].find("\r\n") else {
-                    break;
-                };
+            while let Some(le) = after[pos..].find("\r\n") {
                 let size = usize::from_str_radix(after[pos..pos + le].trim(), 16).unwrap_or(0);
                 pos += le + 2;
                 if size == 0 {

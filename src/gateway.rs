@@ -359,8 +359,19 @@ impl Gateway {
             return;
         }
         let n = batch.len();
-        if let Err(e) = self.store_call(move |s| s.flush_last_used(&batch)).await {
+        let shared = Arc::new(batch);
+        let to_write = shared.clone();
+        if let Err(e) = self.store_call(move |s| s.flush_last_used(&to_write)).await {
             tracing::warn!(error = %e, tokens = n, "could not write last-used data; it will be retried");
+            // Put the batch back, keeping whichever use is newer, so the next flush retries it.
+            for u in shared.iter() {
+                let Ok(ip) = u.ip.parse::<IpAddr>() else { continue };
+                let key: Arc<str> = Arc::from(u.token_id.as_str());
+                let mut e = self.inner.last_used.entry(key).or_insert((u.at, ip));
+                if e.0 < u.at {
+                    *e = (u.at, ip);
+                }
+            }
         }
     }
 

@@ -203,14 +203,17 @@ fn concurrent_creations_respect_the_cap(s: &Store) {
             let (s, ok) = (s.clone(), ok.clone());
             sc.spawn(move || {
                 for j in 0..3 {
-                    match s.create_token(&spec("race", &format!("t{i}-{j}")), "tg", 5, 10) {
-                        Ok(_) => {
-                            ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // SQLite's busy timeout may refuse a writer under this contention: retry.
+                    loop {
+                        match s.create_token(&spec("race", &format!("t{i}-{j}")), "tg", 5, 10) {
+                            Ok(_) => {
+                                ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            Err(StoreError::CapReached { .. }) => {}
+                            Err(StoreError::Sqlite { .. }) => continue,
+                            Err(e) => panic!("{e}"),
                         }
-                        Err(StoreError::CapReached { .. }) => {}
-                        // SQLite's busy timeout may refuse a writer under this contention.
-                        Err(StoreError::Sqlite { .. }) => {}
-                        Err(e) => panic!("{e}"),
+                        break;
                     }
                 }
             });

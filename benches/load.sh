@@ -9,6 +9,9 @@
 #            `perf record -e cpu-clock`, software sampling: this machine has no hardware counters;
 #            prints the top symbols; perf.data is kept in the work dir with --keep)
 #            --only-profile (skip the measurements)
+#            --candidate BIN (also measure another tokengate build, e.g. an optimisation being
+#            tried, as system `cand-full`: full pipeline, same store and token as tg-full, its own
+#            audit file; before/after side by side in one run)
 #
 # What it does:
 #   1. installs what is missing: nginx and wrk (Debian packages), oha (crates.io, `cargo install`);
@@ -43,6 +46,7 @@ KEEP=0
 QUICK=0
 PROFILE=""
 ONLY_PROFILE=0
+CANDIDATE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
@@ -53,7 +57,8 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1 ;;
         --profile) PROFILE="$2"; shift ;;
         --only-profile) ONLY_PROFILE=1 ;;
-        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+        --candidate) CANDIDATE="$(realpath "$2")"; shift ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -245,12 +250,23 @@ FULL_PORT="$(port_of "$FULL_CFG")"
 NOAUTH_PORT="$(port_of "$NOAUTH_CFG")"
 
 SYSTEMS="direct nginx tg-full tg-noauth"
+if [ -n "$CANDIDATE" ]; then
+    # Same store (so the same token works; SQLite in WAL mode serves both), own ports and audit.
+    CAND_CFG="$(tg_config cand-full false)"
+    sed -i "s|^path = \"tokengate.db\"|path = \"$(dirname "$FULL_CFG")/tokengate.db\"|" "$CAND_CFG"
+    (cd "$(dirname "$CAND_CFG")" && exec $SUT "$CANDIDATE" --config "$CAND_CFG" serve 2>"$(dirname "$CAND_CFG")/stderr.log") &
+    PIDS+=($!)
+    PID_cand_full=$!
+    CAND_PORT="$(port_of "$CAND_CFG")"
+    SYSTEMS="$SYSTEMS cand-full"
+fi
 url_of() {
     case "$1" in
         direct) echo "http://127.0.0.1:$DIRECT_PORT$BENCH_PATH" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT$BENCH_PATH" ;;
         tg-full) echo "http://127.0.0.1:$FULL_PORT$BENCH_PATH" ;;
         tg-noauth) echo "http://127.0.0.1:$NOAUTH_PORT$BENCH_PATH" ;;
+        cand-full) echo "http://127.0.0.1:$CAND_PORT$BENCH_PATH" ;;
     esac
 }
 pid_of() {
@@ -259,6 +275,7 @@ pid_of() {
         nginx) echo "$PID_nginx" ;;
         tg-full) echo "$PID_tg_full" ;;
         tg-noauth) echo "$PID_tg_noauth" ;;
+        cand-full) echo "$PID_cand_full" ;;
     esac
 }
 # Every system gets the same header, so the request bytes are identical everywhere.
@@ -281,7 +298,7 @@ RESULTS="$WORK/results.tsv"
 
 rotate() { # rep -> systems in an order that moves by one each repetition
     local n="$1" arr=($SYSTEMS) i out=()
-    for i in 0 1 2 3; do out+=("${arr[$(((i + n) % 4))]}"); done
+    for i in "${!arr[@]}"; do out+=("${arr[$(((i + n) % ${#arr[@]}))]}"); done
     echo "${out[@]}"
 }
 
@@ -389,8 +406,8 @@ if [ -n "$PROFILE" ]; then
 fi
 
 # The full pipeline really ran: one audit line per request on tg-full, none refused.
-kill -TERM "$PID_tg_full" "$PID_tg_noauth" 2>/dev/null || true
-wait "$PID_tg_full" "$PID_tg_noauth" 2>/dev/null || true
+kill -TERM "$PID_tg_full" "$PID_tg_noauth" ${PID_cand_full:-} 2>/dev/null || true
+wait "$PID_tg_full" "$PID_tg_noauth" ${PID_cand_full:-} 2>/dev/null || true
 FULL_LINES="$(grep -c '"kind":"request"' "$WORK/tg-full/audit.log" || true)"
 # The one request sent without a token at start-up (to prove tg-full checks) is the only refusal allowed.
 FULL_DENIED="$(grep '"kind":"request"' "$WORK/tg-full/audit.log" | grep -v '"reason":"ok"' | grep -vc '"reason":"missing_token"' || true)"
@@ -404,7 +421,7 @@ by = collections.defaultdict(list)
 for mode, s, rep, rps, p50, p99, p999, cpu, busy in rows:
     by[(mode, s)].append(dict(rps=float(rps), p50=float(p50), p99=float(p99),
                               p999=float(p999) if p999 else None, cpu=float(cpu), busy=busy))
-systems = ["direct", "nginx", "tg-full", "tg-noauth"]
+systems = ["direct", "nginx", "tg-full", "tg-noauth", "cand-full"]
 modes = sorted({m for m, _ in by}, key=lambda m: (m != "closed", len(m), m))
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -444,12 +461,15 @@ def line(label, r, target=None, higher_better=True):
     if target is not None:
         ok = "  MET" if (r >= target if higher_better else r <= target) else "  missed"
         ok += f" (target {'>=' if higher_better else '<='} {target})"
-    print(f"{label:<44} {r:6.3f}{ok}")
+    print(f"{label:<50} {r:6.3f}{ok}")
 line("throughput tg-full / nginx", ratio("closed", "rps", "tg-full", "nginx"), 1.15)
 line("throughput tg-full / direct", ratio("closed", "rps", "tg-full", "direct"))
 line("throughput tg-full / tg-noauth", ratio("closed", "rps", "tg-full", "tg-noauth"), 0.95)
 line("CPU per request tg-full / nginx", ratio("closed", "cpu", "tg-full", "nginx"), None)
 line("CPU per request tg-full / tg-noauth", ratio("closed", "cpu", "tg-full", "tg-noauth"), None)
+line("throughput cand-full / tg-full (candidate build)", ratio("closed", "rps", "cand-full", "tg-full"))
+line("throughput cand-full / nginx", ratio("closed", "rps", "cand-full", "nginx"), 1.15)
+line("CPU per request cand-full / tg-full", ratio("closed", "cpu", "cand-full", "tg-full"))
 for mode in modes:
     if mode == "closed":
         continue

@@ -2250,11 +2250,7 @@ impl Tailer {
 /// The size-rotated files written after `old` and before `new`, oldest first: `path.k-1` ..=
 /// `path.1` when `old` is now `path.k`. Empty when `old` is not among them (renamed away by
 /// logrotate, deleted) or was rotated only once.
-fn rotated_between(
-    path: &Path,
-    old: Option<(u64, u64)>,
-    new: Option<(u64, u64)>,
-) -> Vec<PathBuf> {
+fn rotated_between(path: &Path, old: Option<(u64, u64)>, new: Option<(u64, u64)>) -> Vec<PathBuf> {
     let mut between = Vec::new();
     for n in 1..=ROTATE_KEEP {
         let p = rotated_name(path, n);

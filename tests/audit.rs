@@ -205,7 +205,10 @@ fn kind_of(i: usize) -> Kind {
 /// debug build); the writer's field order and escaping make the first match the field itself.
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let tag = format!("\"{key}\":");
-    let at = line.find(&tag).unwrap_or_else(|| panic!("no {key} in {line}")) + tag.len();
+    let at = line
+        .find(&tag)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + tag.len();
     let rest = &line[at..];
     match rest.strip_prefix('"') {
         Some(v) => &v[..v.find('"').unwrap()],
@@ -261,7 +264,10 @@ permission = "apps:read"
                 let kind = kind_of(i);
                 let (path, bearer) = match kind {
                     // The query must never reach the log.
-                    Kind::Allowed => ("/apps/billing/status?code=s3cr3t-query", Some(fast.as_str())),
+                    Kind::Allowed => (
+                        "/apps/billing/status?code=s3cr3t-query",
+                        Some(fast.as_str()),
+                    ),
                     Kind::BadPath => ("/apps/a;b/status", Some(fast.as_str())),
                     Kind::NoToken => ("/apps/billing/status", None),
                     Kind::BadChecksum => ("/apps/billing/status", Some(BAD_CHECKSUM_TOKEN)),
@@ -319,9 +325,7 @@ permission = "apps:read"
     assert_eq!(lines, TOTAL, "exactly one line per request");
     let mut log_by_status: HashMap<u16, usize> = HashMap::new();
     for (kind, status, rid) in &seen {
-        let (st, reason) = log
-            .get(rid)
-            .unwrap_or_else(|| panic!("no line for {rid}"));
+        let (st, reason) = log.get(rid).unwrap_or_else(|| panic!("no line for {rid}"));
         assert_eq!(st, status, "{rid}");
         let want = match (kind, status) {
             (Kind::Allowed | Kind::RateLimited, 200) => "ok",
@@ -356,7 +360,13 @@ permission = "apps:read"
     let report = audit::verify(std::slice::from_ref(&path)).unwrap();
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.lines, TOTAL as u64);
-    for secret in [fast.as_str(), slow.as_str(), "s3cr3t-query", "Bearer", BAD_CHECKSUM_TOKEN] {
+    for secret in [
+        fast.as_str(),
+        slow.as_str(),
+        "s3cr3t-query",
+        "Bearer",
+        BAD_CHECKSUM_TOKEN,
+    ] {
         assert!(!text.contains(secret), "{secret} in the audit log");
     }
     tg.stop().await;
@@ -380,7 +390,13 @@ impl Tmpfs {
         }
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0700"), "tokengate-test"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0700"),
+                "tokengate-test",
+            ])
             .arg(dir)
             .stderr(Stdio::null())
             .status()
@@ -399,7 +415,10 @@ impl Drop for Tmpfs {
                 // Files may still be open (a gateway task not yet dropped): detach now.
                 c.arg("-l");
             }
-            c.arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+            c.arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         };
         if !umount(false) {
             umount(true);
@@ -446,8 +465,10 @@ fn serve(cfg: &Path) -> Served {
     let (addr, admin) = loop {
         let line = lines.next().expect("serve exited").unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if let (Some(p), Some(a)) = (v["fields"]["public"].as_str(), v["fields"]["admin"].as_str())
-        {
+        if let (Some(p), Some(a)) = (
+            v["fields"]["public"].as_str(),
+            v["fields"]["admin"].as_str(),
+        ) {
             break (p.parse().unwrap(), a.parse().unwrap());
         }
     };
@@ -641,8 +662,14 @@ fn prlimit(pid: u32, soft: &str) {
 async fn status_and_id(r: reqwest::Response) -> (u16, String, String) {
     let status = r.status().as_u16();
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let www = r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
-    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
     let body = r.text().await.unwrap();
     if status == 503 {
         // The client learns "retry later", not which part of the gateway failed; the reason
@@ -690,16 +717,27 @@ async fn full_disk_reject(mut rig: Rig) {
         assert_eq!(st, 503);
         refused.push(rid);
     }
-    assert_eq!(rig.upstream.count(), forwarded, "nothing forwarded unaudited");
+    assert_eq!(
+        rig.upstream.count(),
+        forwarded,
+        "nothing forwarded unaudited"
+    );
     let (st, body) = rig.admin_get("/readyz").await;
     assert_eq!(st, 503, "{body}");
     assert!(body.contains("audit: FAILED"), "{body}");
     assert!(rig.metric("tokengate_audit_write_failures_total").await > 0.0);
     assert_eq!(rig.metric("tokengate_audit_healthy").await, 0.0);
     let refusals = r#"tokengate_requests_total{decision="deny",reason="audit_unavailable",status_class="5xx"}"#;
-    assert_eq!(rig.metric(refusals).await, refused.len() as f64, "every refusal is counted");
+    assert_eq!(
+        rig.metric(refusals).await,
+        refused.len() as f64,
+        "every refusal is counted"
+    );
     let during = request_ids(&read_log(&rig.log));
-    assert!(!during.contains(ok_ids.last().unwrap()), "the line that met the full disk is not written yet");
+    assert!(
+        !during.contains(ok_ids.last().unwrap()),
+        "the line that met the full disk is not written yet"
+    );
     rig.assert_binary_alive_and_alerted();
 
     // Room again: the writer's retry writes the backlog, the gateway serves again, no restart.
@@ -714,7 +752,10 @@ async fn full_disk_reject(mut rig: Rig) {
         }
         assert_eq!(st, 503);
         recovering.push(rid);
-        assert!(t0.elapsed() < PATIENCE, "no recovery after the disk was freed");
+        assert!(
+            t0.elapsed() < PATIENCE,
+            "no recovery after the disk was freed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for _ in 0..5 {
@@ -742,7 +783,10 @@ async fn full_disk_reject(mut rig: Rig) {
         .map(|r| r.headers["x-request-id"].to_str().unwrap().to_string())
         .collect();
     assert_eq!(rig.upstream.count(), ok_ids.len());
-    assert_eq!(upstream_ids, logged_ok, "the upstream got exactly the audited requests");
+    assert_eq!(
+        upstream_ids, logged_ok,
+        "the upstream got exactly the audited requests"
+    );
     // Refused while the disk was full: never forwarded, and (the writer refusing) not logged.
     for rid in &refused {
         assert!(!unique.contains(rid), "{rid} was refused but logged");
@@ -750,7 +794,10 @@ async fn full_disk_reject(mut rig: Rig) {
     // Refused just as the writer recovered: at most a 503 line (the refusal itself).
     for l in &lines {
         if l["status_code"] != 200 {
-            assert!(recovering.iter().any(|r| l["request_id"] == r.as_str()), "{l}");
+            assert!(
+                recovering.iter().any(|r| l["request_id"] == r.as_str()),
+                "{l}"
+            );
             assert_rejection_line(l, 503, "audit_unavailable");
         }
     }
@@ -789,7 +836,10 @@ async fn full_disk_continue(mut rig: Rig) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(failures > failures_before, "write failures are counted");
-    assert!(metric(&m, "tokengate_audit_queue_depth") > 0.0, "records wait in memory");
+    assert!(
+        metric(&m, "tokengate_audit_queue_depth") > 0.0,
+        "records wait in memory"
+    );
     assert!(!request_ids(&read_log(&rig.log)).contains(ok_ids.last().unwrap()));
     // An admin event from the CLI while the log is failing: it goes through the outbox, and must
     // be written once even when the failure outlasts the gateway's flush wait (5 s).
@@ -810,12 +860,19 @@ async fn full_disk_continue(mut rig: Rig) {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let lines = read_log(&rig.log);
     let ids = request_ids(&lines);
-    assert_eq!(ids.len(), ok_ids.len(), "one line per request, none lost or duplicated");
+    assert_eq!(
+        ids.len(),
+        ok_ids.len(),
+        "one line per request, none lost or duplicated"
+    );
     assert_eq!(
         ids.iter().collect::<HashSet<_>>(),
         ok_ids.iter().collect::<HashSet<_>>()
     );
-    let created: Vec<_> = lines.iter().filter(|l| l["event"] == "account.created").collect();
+    let created: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "account.created")
+        .collect();
     assert_eq!(created.len(), 1, "the CLI event exactly once: {created:?}");
     assert_eq!(created[0]["actor"], "cli:auditor");
     assert_eq!(created[0]["account"], "during-outage");
@@ -863,7 +920,11 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
     let (tok, _) = tg.token("acme", "ci", &["apps:read"]);
     let c = client();
     for i in 0..10 {
-        let path = if i % 3 == 2 { "/admin/x" } else { "/apps/billing/status" };
+        let path = if i % 3 == 2 {
+            "/admin/x"
+        } else {
+            "/apps/billing/status"
+        };
         c.get(tg.url(path)).bearer_auth(&tok).send().await.unwrap();
     }
     c.get(tg.url("/apps/billing/status")).send().await.unwrap();
@@ -875,7 +936,10 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
     let dir = tg.dir.path().to_path_buf();
 
     // Intact, through the configured path and an explicit one.
-    for args in [vec!["audit", "verify"], vec!["audit", "verify", log.to_str().unwrap()]] {
+    for args in [
+        vec!["audit", "verify"],
+        vec!["audit", "verify", log.to_str().unwrap()],
+    ] {
         let o = cli(&cfg, &args);
         assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
         assert_eq!(stdout(&o), format!("OK: {n} lines, chain intact\n"));
@@ -902,13 +966,43 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
         t[..t.len() - 40].to_string()
     };
     let cases: Vec<(&str, String, String)> = vec![
-        ("edited", join(&edited), "4: the chain does not match: the line was edited".into()),
-        ("deleted", join(&deleted), "5: expected seq 5, found 6: 1 line(s) were deleted".into()),
-        ("swapped", join(&swapped), "6: expected seq 6, found 7: lines were reordered or replayed".into()),
-        ("replayed", join(&replayed), "8: expected seq 8, found 3: lines were reordered or replayed".into()),
-        ("corrupted", join(&corrupted), "7: not a valid audit record (not JSON): the line was edited or corrupted".into()),
-        ("torn", torn, format!("{n}: the last line is incomplete (no newline): the file was truncated or the writer crashed mid-line")),
-        ("head-cut", join(&head_cut), "1: the set starts at seq 2, not 1: the first 1 line(s) are missing".into()),
+        (
+            "edited",
+            join(&edited),
+            "4: the chain does not match: the line was edited".into(),
+        ),
+        (
+            "deleted",
+            join(&deleted),
+            "5: expected seq 5, found 6: 1 line(s) were deleted".into(),
+        ),
+        (
+            "swapped",
+            join(&swapped),
+            "6: expected seq 6, found 7: lines were reordered or replayed".into(),
+        ),
+        (
+            "replayed",
+            join(&replayed),
+            "8: expected seq 8, found 3: lines were reordered or replayed".into(),
+        ),
+        (
+            "corrupted",
+            join(&corrupted),
+            "7: not a valid audit record (not JSON): the line was edited or corrupted".into(),
+        ),
+        (
+            "torn",
+            torn,
+            format!(
+                "{n}: the last line is incomplete (no newline): the file was truncated or the writer crashed mid-line"
+            ),
+        ),
+        (
+            "head-cut",
+            join(&head_cut),
+            "1: the set starts at seq 2, not 1: the first 1 line(s) are missing".into(),
+        ),
     ];
     for (name, content, want) in cases {
         let f = dir.join(format!("{name}.log"));
@@ -917,7 +1011,10 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
         let out = stdout(&o);
         assert_eq!(o.status.code(), Some(1), "{name}: {out}{}", stderr(&o));
         assert!(out.starts_with("FAILED: "), "{name}: {out}");
-        assert!(out.contains(&format!("{}:{want}", f.display())), "{name}: {out}");
+        assert!(
+            out.contains(&format!("{}:{want}", f.display())),
+            "{name}: {out}"
+        );
     }
     // The documented limit: cutting whole lines off the end leaves no trace in the file itself
     // (that is what shipping the lines off the host is for).
@@ -928,11 +1025,22 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
     assert_eq!(stdout(&o), format!("OK: {} lines, chain intact\n", n - 2));
     // The head-cut set passes with --allow-partial-start, anchored at seq 2.
     let f = dir.join("head-cut.log");
-    let o = cli(&cfg, &["audit", "verify", "--allow-partial-start", f.to_str().unwrap()]);
+    let o = cli(
+        &cfg,
+        &[
+            "audit",
+            "verify",
+            "--allow-partial-start",
+            f.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     assert_eq!(
         stdout(&o),
-        format!("OK: {} lines, chain intact from seq 2 (earlier lines not checked)\n", n - 1)
+        format!(
+            "OK: {} lines, chain intact from seq 2 (earlier lines not checked)\n",
+            n - 1
+        )
     );
     tg.stop().await;
 }
@@ -944,7 +1052,11 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
 /// An id per line: the request id, or `event:target` for admin lines.
 fn line_id(l: &serde_json::Value) -> String {
     if l["kind"] == "admin" {
-        format!("{}:{}", l["event"].as_str().unwrap(), l["target"].as_str().unwrap_or("-"))
+        format!(
+            "{}:{}",
+            l["event"].as_str().unwrap(),
+            l["target"].as_str().unwrap_or("-")
+        )
     } else {
         l["request_id"].as_str().unwrap().to_string()
     }
@@ -1000,7 +1112,10 @@ async fn audit_reader_filters_on_a_generated_log() {
     send("GET", "/apps/web/status", Some(&unknown), 401).await; // 6
     send("GET", "/health", None, 200).await; // 7
     send("GET", "/admin/users", Some(&deployer), 403).await; // 8
-    let o = cli(&tg.config_path, &["token", "revoke", &dep_id, "--reason", "leaked"]);
+    let o = cli(
+        &tg.config_path,
+        &["token", "revoke", &dep_id, "--reason", "leaked"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let log = tg.audit_path();
     wait_until("the revocation line", || {
@@ -1040,8 +1155,17 @@ async fn audit_reader_filters_on_a_generated_log() {
     };
     assert_eq!(query(&[]).len(), 11);
     assert_eq!(query(&["--token", "deployer"]), pick(&[0, 1, 8, 9]));
-    assert_eq!(query(&["--token", &dep_id]), with(pick(&[0, 1, 8]), &revoked).into_iter().chain(pick(&[9])).collect::<Vec<_>>());
-    assert_eq!(query(&["--token", &dep_prefix]), query(&["--token", &dep_id]));
+    assert_eq!(
+        query(&["--token", &dep_id]),
+        with(pick(&[0, 1, 8]), &revoked)
+            .into_iter()
+            .chain(pick(&[9]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        query(&["--token", &dep_prefix]),
+        query(&["--token", &dep_id])
+    );
     assert_eq!(query(&["--token", &unknown[..11]]), pick(&[6]));
     assert_eq!(query(&["--account", "globex"]), pick(&[2, 3, 4]));
     assert_eq!(query(&["--decision", "deny"]), pick(&[3, 4, 5, 6, 8, 9]));
@@ -1052,7 +1176,10 @@ async fn audit_reader_filters_on_a_generated_log() {
     assert_eq!(query(&["--status", "4xx"]), pick(&[3, 4, 5, 6, 8, 9]));
     assert_eq!(query(&["--status", "403"]), pick(&[4, 8]));
     assert_eq!(query(&["--status", "2xx"]), pick(&[0, 1, 2, 7]));
-    assert_eq!(query(&["--account", "acme", "--decision", "deny", "--status", "403"]), pick(&[8]));
+    assert_eq!(
+        query(&["--account", "acme", "--decision", "deny", "--status", "403"]),
+        pick(&[8])
+    );
     assert_eq!(query(&["--event", "token.*"]), vec![revoked.clone()]);
     assert_eq!(query(&["--since", "1h"]).len(), 11);
     assert!(query(&["--until", "1h"]).is_empty());
@@ -1075,20 +1202,71 @@ async fn audit_reader_filters_on_a_generated_log() {
     let o = cli(&tg.config_path, &["audit", "--token", "deployer"]);
     assert_eq!(o.status.code(), Some(0));
     let table = stdout(&o);
-    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(
         rows[0],
-        ["TIME", "STATUS", "DECISION", "REASON", "METHOD", "PATH", "TOKEN", "ACCOUNT", "CLIENT_IP"]
+        [
+            "TIME",
+            "STATUS",
+            "DECISION",
+            "REASON",
+            "METHOD",
+            "PATH",
+            "TOKEN",
+            "ACCOUNT",
+            "CLIENT_IP"
+        ]
     );
     assert_eq!(rows.len(), 5);
-    assert_eq!(rows[2][1..], ["200", "allow", "ok", "POST", "/apps/billing/deploy", "deployer", "acme", "127.0.0.1"]);
-    assert_eq!(rows[4][1..], ["401", "deny", "revoked", "GET", "/apps/billing/status", "deployer", "acme", "127.0.0.1"]);
+    assert_eq!(
+        rows[2][1..],
+        [
+            "200",
+            "allow",
+            "ok",
+            "POST",
+            "/apps/billing/deploy",
+            "deployer",
+            "acme",
+            "127.0.0.1"
+        ]
+    );
+    assert_eq!(
+        rows[4][1..],
+        [
+            "401",
+            "deny",
+            "revoked",
+            "GET",
+            "/apps/billing/status",
+            "deployer",
+            "acme",
+            "127.0.0.1"
+        ]
+    );
     let o = cli(&tg.config_path, &["audit", "--event", "token.revoked"]);
     let admin_table = stdout(&o);
-    let admin_row: Vec<&str> = admin_table.lines().nth(1).unwrap().split_whitespace().collect();
+    let admin_row: Vec<&str> = admin_table
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
     assert_eq!(
         admin_row[1..],
-        ["-", "-", "leaked", "token.revoked", dep_id.as_str(), dep_prefix.as_str(), "acme", "-"]
+        [
+            "-",
+            "-",
+            "leaked",
+            "token.revoked",
+            dep_id.as_str(),
+            dep_prefix.as_str(),
+            "acme",
+            "-"
+        ]
     );
 
     // Bad filters are refused, not ignored.
@@ -1099,7 +1277,10 @@ async fn audit_reader_filters_on_a_generated_log() {
     ] {
         let o = cli(&tg.config_path, &args);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
-        assert!(stdout(&o).is_empty() || stdout(&o).starts_with("TIME"), "{args:?}");
+        assert!(
+            stdout(&o).is_empty() || stdout(&o).starts_with("TIME"),
+            "{args:?}"
+        );
     }
     for secret in [deployer.as_str(), reader.as_str(), unknown.as_str()] {
         assert!(!raw_text.contains(secret));
@@ -1148,7 +1329,10 @@ impl Follower {
             while let Ok(l) = self.rx.try_recv() {
                 self.got.push(l);
             }
-            if ids.iter().all(|id| self.got.iter().any(|l| l.contains(id.as_str()))) {
+            if ids
+                .iter()
+                .all(|id| self.got.iter().any(|l| l.contains(id.as_str())))
+            {
                 return;
             }
             assert!(t0.elapsed() < PATIENCE, "--follow did not print {ids:?}");
@@ -1168,7 +1352,11 @@ impl Follower {
             if self.got.len() >= n {
                 return;
             }
-            assert!(t0.elapsed() < PATIENCE, "--follow printed {} of {n} lines", self.got.len());
+            assert!(
+                t0.elapsed() < PATIENCE,
+                "--follow printed {} of {n} lines",
+                self.got.len()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -1195,7 +1383,11 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     let mut batch = async |n: usize| -> Vec<String> {
         let mut ids = Vec::new();
         for i in 0..n {
-            let path = if i % 2 == 0 { "/apps/billing/status" } else { "/admin/users" };
+            let path = if i % 2 == 0 {
+                "/apps/billing/status"
+            } else {
+                "/admin/users"
+            };
             let r = c.get(tg.url(path)).bearer_auth(&tok).send().await.unwrap();
             let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
             if r.status() == 403 {
@@ -1236,7 +1428,10 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     let followers = [&all, &deny, &table];
     let signal = |sig: &str| {
         for f in followers {
-            let ok = Command::new("kill").args([sig, &f.child.id().to_string()]).status().unwrap();
+            let ok = Command::new("kill")
+                .args([sig, &f.child.id().to_string()])
+                .status()
+                .unwrap();
             assert!(ok.success());
         }
     };
@@ -1267,7 +1462,11 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     all.wait_for(&ids).await;
     assert!(log.exists());
     deny.wait_for(&denied).await;
-    let ok: Vec<String> = sent.iter().filter(|id| !denied.contains(id)).cloned().collect();
+    let ok: Vec<String> = sent
+        .iter()
+        .filter(|id| !denied.contains(id))
+        .cloned()
+        .collect();
     table.wait_for_lines(1 + ok.len()).await;
     // Two more poll rounds: anything printed twice would show up now.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1281,7 +1480,11 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     let seqs: Vec<u64> = all
         .got
         .iter()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(seqs, (1..=sent.len() as u64).collect::<Vec<_>>());
     let got_ids: Vec<String> = all
@@ -1290,19 +1493,36 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
         .map(|l| line_id(&serde_json::from_str(l).unwrap()))
         .collect();
     assert_eq!(got_ids, sent);
-    let deny_ids: Vec<String> = deny.got.iter().map(|l| line_id(&serde_json::from_str(l).unwrap())).collect();
+    let deny_ids: Vec<String> = deny
+        .got
+        .iter()
+        .map(|l| line_id(&serde_json::from_str(l).unwrap()))
+        .collect();
     assert_eq!(deny_ids, denied);
     assert!(table.got[0].starts_with("TIME "), "{:?}", table.got[0]);
     assert_eq!(table.got.len(), 1 + ok.len());
     // (`all` printed every line, checked above.)
-    let everything: Vec<serde_json::Value> =
-        all.got.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let everything: Vec<serde_json::Value> = all
+        .got
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     for (row, id) in table.got[1..].iter().zip(&ok) {
-        let l = everything.iter().find(|l| l["request_id"] == id.as_str()).unwrap();
+        let l = everything
+            .iter()
+            .find(|l| l["request_id"] == id.as_str())
+            .unwrap();
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
             cols[..6],
-            [l["timestamp"].as_str().unwrap(), "200", "allow", "ok", "GET", "/apps/billing/status"],
+            [
+                l["timestamp"].as_str().unwrap(),
+                "200",
+                "allow",
+                "ok",
+                "GET",
+                "/apps/billing/status"
+            ],
             "{row}"
         );
     }
@@ -1315,14 +1535,21 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     args.extend(files.iter().map(|p| p.to_str().unwrap()));
     let o = cli(&tg.config_path, &args);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert_eq!(stdout(&o), format!("OK: {} lines, chain intact\n", sent.len()));
+    assert_eq!(
+        stdout(&o),
+        format!("OK: {} lines, chain intact\n", sent.len())
+    );
     // Newest first is refused: the set must start at seq 1.
     files.reverse();
     let mut args: Vec<&str> = vec!["audit", "verify"];
     args.extend(files.iter().map(|p| p.to_str().unwrap()));
     let o = cli(&tg.config_path, &args);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("the set starts at seq"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("the set starts at seq"),
+        "{}",
+        stdout(&o)
+    );
     drop((all, deny, table));
     tg.stop().await;
 }
@@ -1344,31 +1571,59 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     };
     let mut rids = Vec::new();
     let mut req = async || {
-        let r = c.get(tg.url("/apps/billing/status")).bearer_auth(&tok).send().await.unwrap();
+        let r = c
+            .get(tg.url("/apps/billing/status"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         rids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
     };
     req().await;
     run(&["account", "create", "ops-team"]);
     req().await;
-    let o = run(&["token", "create", "--account", "ops-team", "--name", "deploy-bot", "--role", "viewer", "--json"]);
+    let o = run(&[
+        "token",
+        "create",
+        "--account",
+        "ops-team",
+        "--name",
+        "deploy-bot",
+        "--role",
+        "viewer",
+        "--json",
+    ]);
     let created: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let (plain, id) = (created["token"].as_str().unwrap().to_string(), created["id"].as_str().unwrap().to_string());
+    let (plain, id) = (
+        created["token"].as_str().unwrap().to_string(),
+        created["id"].as_str().unwrap().to_string(),
+    );
     req().await;
     run(&["token", "revoke", &id, "--reason", "rotating the bot"]);
     run(&["account", "disable", "ops-team"]);
     req().await;
 
     let log = tg.audit_path();
-    let events = ["account.created", "token.created", "token.revoked", "account.disabled"];
+    let events = [
+        "account.created",
+        "token.created",
+        "token.revoked",
+        "account.disabled",
+    ];
     wait_until("the CLI events", || {
         let lines = read_log(&log);
-        events.iter().all(|e| lines.iter().any(|l| l["event"] == *e))
+        events
+            .iter()
+            .all(|e| lines.iter().any(|l| l["event"] == *e))
     })
     .await;
     // The outbox is emptied once the lines are written; later drains cannot repeat them.
     let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
-    wait_until("an empty outbox", || store.outbox_peek(10).unwrap().is_empty()).await;
+    wait_until("an empty outbox", || {
+        store.outbox_peek(10).unwrap().is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let lines = tg.audit_lines().await;
@@ -1388,8 +1643,14 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.lines, lines.len() as u64);
     let o = run(&["audit", "verify"]);
-    assert_eq!(stdout(&o), format!("OK: {} lines, chain intact\n", lines.len()));
+    assert_eq!(
+        stdout(&o),
+        format!("OK: {} lines, chain intact\n", lines.len())
+    );
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains(&plain) && !text.contains(&tok), "a token in the audit log");
+    assert!(
+        !text.contains(&plain) && !text.contains(&tok),
+        "a token in the audit log"
+    );
     tg.stop().await;
 }

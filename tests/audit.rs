@@ -125,8 +125,12 @@ impl Conn {
         Conn { addr, sender: None }
     }
 
-    /// Sends one GET; returns (status, X-Request-Id, body).
-    async fn get(&mut self, path: &str, bearer: Option<&str>) -> (u16, String, Bytes) {
+    /// Sends one GET; returns (status, X-Request-Id, WWW-Authenticate, body).
+    async fn get(
+        &mut self,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> (u16, String, Option<String>, Bytes) {
         if let Some(s) = &mut self.sender {
             // A connection the server closed is replaced before anything is sent on it.
             if s.ready().await.is_err() {
@@ -160,6 +164,10 @@ impl Conn {
             .to_str()
             .unwrap()
             .to_string();
+        let www = resp
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
         let close = resp
             .headers()
             .get("connection")
@@ -168,7 +176,7 @@ impl Conn {
         if close {
             self.sender = None;
         }
-        (status, rid, body)
+        (status, rid, www, body)
     }
 }
 
@@ -213,6 +221,40 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
     match rest.strip_prefix('"') {
         Some(v) => &v[..v.find('"').unwrap()],
         None => &rest[..rest.find([',', '}']).unwrap()],
+    }
+}
+
+/// What the client must see for each kind: the upstream's answer, or the gateway's error code and
+/// challenge.
+fn check_answer(kind: Kind, status: u16, www: Option<&str>, body: &[u8]) {
+    let body = std::str::from_utf8(body).unwrap();
+    let (code, challenge) = match (kind, status) {
+        (Kind::Allowed | Kind::RateLimited, 200) => {
+            assert!(body.starts_with("upstream ok"), "{body}");
+            assert_eq!(www, None);
+            return;
+        }
+        (Kind::BadPath, _) => ("invalid_request", None),
+        (Kind::NoToken, _) => ("unauthorized", Some(r#"Bearer realm="tokengate""#)),
+        (Kind::BadChecksum, _) => ("invalid_token", Some(r#"error="invalid_token""#)),
+        (Kind::Forbidden, _) => ("insufficient_scope", Some(r#"error="insufficient_scope""#)),
+        (Kind::RateLimited, _) => ("rate_limited", None),
+        (Kind::DeadUpstream, _) => ("bad_gateway", None),
+        (Kind::Allowed, _) => panic!("allowed request got {status}: {body}"),
+    };
+    assert!(
+        body.contains(&format!(r#""error":"{code}""#)),
+        "{kind:?}: {body}"
+    );
+    match challenge {
+        Some(c) => assert!(www.is_some_and(|w| w.contains(c)), "{kind:?}: {www:?}"),
+        None => assert_eq!(www, None, "{kind:?}"),
+    }
+    if kind == Kind::NoToken {
+        assert!(
+            !www.unwrap().contains("error="),
+            "no error= without credentials: {www:?}"
+        );
     }
 }
 
@@ -275,7 +317,8 @@ permission = "apps:read"
                     Kind::RateLimited => ("/apps/billing/status", Some(slow.as_str())),
                     Kind::DeadUpstream => ("/dead/x", Some(fast.as_str())),
                 };
-                let (status, rid, _) = conn.get(path, bearer).await;
+                let (status, rid, www, body) = conn.get(path, bearer).await;
+                check_answer(kind, status, www.as_deref(), &body);
                 seen.push((kind, status, rid));
             }
             seen

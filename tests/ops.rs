@@ -1765,7 +1765,11 @@ fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
             })
             .collect()
     };
-    let shipped = Path::new(REPO).join("deploy/systemd/tokengate.toml");
+    // `config check` loads the certificates too: give the shipped config real ones.
+    let certs = tempfile::tempdir().unwrap();
+    let shipped = certs.path().join("tokengate.toml");
+    let text = read_repo("deploy/systemd/tokengate.toml");
+    std::fs::write(&shipped, with_test_certs(&text, certs.path())).unwrap();
     let out = StdCommand::new(BIN)
         .args(swap(&pre, shipped.to_str().unwrap()))
         .output()
@@ -1866,14 +1870,16 @@ fn kubernetes_manifests_agree_with_each_other_and_the_cli() {
     let toml = configmap_toml(&cm);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokengate.toml");
-    std::fs::write(&path, &toml).unwrap();
+    std::fs::write(&path, with_test_certs(&toml, dir.path())).unwrap();
     let out = run_cli(&["--config", path.to_str().unwrap(), "config", "check"]);
     assert!(
         out.status.success(),
         "{}\n{toml}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let cfg = Config::load(&path).unwrap();
+    let shipped = dir.path().join("shipped.toml");
+    std::fs::write(&shipped, &toml).unwrap();
+    let cfg = Config::load(&shipped).unwrap();
     // Probes reach the admin listener, so it must not be on loopback in Kubernetes.
     assert_eq!(cfg.admin.listen, "0.0.0.0:9090".parse().unwrap());
     assert!(cfg.server.shutdown_grace < Duration::from_secs(45 - 5));
@@ -2127,4 +2133,16 @@ async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Points the shipped `/etc/tokengate/tls/tls.{crt,key}` at a certificate made for the test,
+/// since `config check` loads the certificate files like `serve` does.
+fn with_test_certs(toml: &str, dir: &Path) -> String {
+    let ck = rcgen::generate_simple_self_signed(vec!["tokengate.test".into()]).unwrap();
+    let crt = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    std::fs::write(&crt, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    toml.replace("/etc/tokengate/tls/tls.crt", crt.to_str().unwrap())
+        .replace("/etc/tokengate/tls/tls.key", key.to_str().unwrap())
 }

@@ -258,7 +258,9 @@ impl Gateway {
         let store = self.inner.store.clone();
         match tokio::task::spawn_blocking(move || f(&store)).await {
             Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: the call never ran.
+            Err(_) => Err(StoreError::ShuttingDown),
         }
     }
 

@@ -69,6 +69,9 @@ pub enum StoreError {
     /// The operation does not exist on this engine (e.g. SQLite's online backup on PostgreSQL).
     #[error("{0}")]
     Unsupported(String),
+    /// The process is shutting down and the call was not run.
+    #[error("the store call was cancelled: the gateway is shutting down")]
+    ShuttingDown,
     /// `store copy` refuses to write into a store that already holds data.
     #[error("{target} is not empty ({what}); `store copy` only writes into an empty store")]
     NotEmpty {

@@ -1239,10 +1239,16 @@ fn take_writer_lock(path: &Path) -> Result<File, AuditError> {
         .truncate(false)
         .write(true)
         .open(&lock)
-        .map_err(|source| AuditError::Open { path: lock.clone(), source })?;
+        .map_err(|source| AuditError::Open {
+            path: lock.clone(),
+            source,
+        })?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse { path: path.to_path_buf(), lock }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::InUse {
+            path: path.to_path_buf(),
+            lock,
+        }),
         Err(std::fs::TryLockError::Error(source)) => Err(AuditError::Open { path: lock, source }),
     }
 }

@@ -25,7 +25,9 @@ pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<&'a st
     }
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
-        return Err(Reject::MissingToken { reason: "missing_token" });
+        return Err(Reject::MissingToken {
+            reason: "missing_token",
+        });
     };
     if values.next().is_some() {
         return Err(Reject::InvalidRequest {
@@ -46,7 +48,9 @@ pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<&'a st
         if scheme.is_empty() || !scheme.bytes().all(is_tchar) {
             return Err(malformed);
         }
-        return Err(Reject::MissingToken { reason: "unsupported_scheme" });
+        return Err(Reject::MissingToken {
+            reason: "unsupported_scheme",
+        });
     }
     let credential = rest.trim_start_matches(' ').trim_end_matches([' ', '\t']);
     if credential.is_empty() || !is_b64token(credential) {
@@ -110,7 +114,9 @@ pub fn judge(row: &TokenRow, now_ms: i64, client_ip: IpAddr) -> Result<(), Rejec
         return Err(Reject::InvalidToken { reason: "revoked" });
     }
     if row.account_disabled_at.is_some() {
-        return Err(Reject::InvalidToken { reason: "account_disabled" });
+        return Err(Reject::InvalidToken {
+            reason: "account_disabled",
+        });
     }
     if row.expires_at.is_some_and(|e| e <= now_ms) {
         return Err(Reject::InvalidToken { reason: "expired" });
@@ -124,7 +130,9 @@ pub fn judge(row: &TokenRow, now_ms: i64, client_ip: IpAddr) -> Result<(), Rejec
             v4 => v4,
         };
         if !row.allowed_cidrs.iter().any(|n| n.contains(&ip)) {
-            return Err(Reject::InvalidToken { reason: "ip_not_allowed" });
+            return Err(Reject::InvalidToken {
+                reason: "ip_not_allowed",
+            });
         }
     }
     Ok(())
@@ -148,14 +156,49 @@ mod tests {
         assert_eq!(extract(&h(&["Bearer abc"]), None).unwrap(), "abc");
         assert_eq!(extract(&h(&["bEaReR   abc  "]), None).unwrap(), "abc");
         assert_eq!(extract(&h(&["Bearer abc=="]), None).unwrap(), "abc==");
-        assert_eq!(extract(&h(&[]), None).unwrap_err().reason(), "missing_token");
-        assert_eq!(extract(&h(&["Basic dXNlcjpwdw=="]), None).unwrap_err().reason(), "unsupported_scheme");
-        assert_eq!(extract(&h(&["Bearer a", "Bearer b"]), None).unwrap_err().reason(), "duplicate_authorization");
-        for bad in ["Bearer", "Bearer ", "Bearer a b", "Bearer a,b", "Bearer =abc", "Bearer ab\"c", "(bad) x"] {
-            assert_eq!(extract(&h(&[bad]), None).unwrap_err().reason(), "malformed", "{bad}");
+        assert_eq!(
+            extract(&h(&[]), None).unwrap_err().reason(),
+            "missing_token"
+        );
+        assert_eq!(
+            extract(&h(&["Basic dXNlcjpwdw=="]), None)
+                .unwrap_err()
+                .reason(),
+            "unsupported_scheme"
+        );
+        assert_eq!(
+            extract(&h(&["Bearer a", "Bearer b"]), None)
+                .unwrap_err()
+                .reason(),
+            "duplicate_authorization"
+        );
+        for bad in [
+            "Bearer",
+            "Bearer ",
+            "Bearer a b",
+            "Bearer a,b",
+            "Bearer =abc",
+            "Bearer ab\"c",
+            "(bad) x",
+        ] {
+            assert_eq!(
+                extract(&h(&[bad]), None).unwrap_err().reason(),
+                "malformed",
+                "{bad}"
+            );
         }
-        for q in ["access_token=x", "a=1&token=y", "ACCESS_TOKEN=z", "%61ccess_token=q", "x=1;token=2"] {
-            assert_eq!(extract(&h(&["Bearer abc"]), Some(q)).unwrap_err().reason(), "token_in_query", "{q}");
+        for q in [
+            "access_token=x",
+            "a=1&token=y",
+            "ACCESS_TOKEN=z",
+            "%61ccess_token=q",
+            "x=1;token=2",
+        ] {
+            assert_eq!(
+                extract(&h(&["Bearer abc"]), Some(q)).unwrap_err().reason(),
+                "token_in_query",
+                "{q}"
+            );
         }
         assert!(extract(&h(&["Bearer abc"]), Some("tokens=1&my_token=2")).is_ok());
     }

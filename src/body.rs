@@ -20,7 +20,9 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// A complete in-memory body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// An empty body.
@@ -92,7 +94,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
@@ -104,7 +109,9 @@ where
                             *this.seen += d.len() as u64;
                             if *this.seen > *this.limit {
                                 this.outcome.0.store(TOO_LARGE, Ordering::Relaxed);
-                                return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge(*this.limit)))));
+                                return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge(
+                                    *this.limit,
+                                )))));
                             }
                         }
                         Poll::Ready(Some(Ok(f)))
@@ -115,9 +122,9 @@ where
             }
             Poll::Pending => {
                 let idle = *this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + idle)));
+                let timer = this.timer.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(Instant::now() + idle))
+                });
                 ready!(timer.as_mut().poll(cx));
                 this.outcome.0.store(IDLE, Ordering::Relaxed);
                 Poll::Ready(Some(Err(Box::new(BodyError::Idle(idle)))))
@@ -143,10 +150,16 @@ mod tests {
 
     #[tokio::test]
     async fn limit_is_enforced_while_streaming() {
-        let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
-            (0..10).map(|_| Ok(Frame::data(Bytes::from_static(&[0u8; 100])))).collect();
+        let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = (0..10)
+            .map(|_| Ok(Frame::data(Bytes::from_static(&[0u8; 100]))))
+            .collect();
         let out = BodyOutcome::default();
-        let b = Guarded::new(StreamBody::new(futures_stream(chunks)), 550, Duration::from_secs(5), out.clone());
+        let b = Guarded::new(
+            StreamBody::new(futures_stream(chunks)),
+            550,
+            Duration::from_secs(5),
+            out.clone(),
+        );
         let r = b.collect().await;
         assert!(r.is_err());
         assert!(out.too_large());
@@ -154,10 +167,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_body_times_out() {
-        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        let (_tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
         let stream = tokio_stream_from(rx);
         let out = BodyOutcome::default();
-        let b = Guarded::new(StreamBody::new(stream), u64::MAX, Duration::from_secs(3), out.clone());
+        let b = Guarded::new(
+            StreamBody::new(stream),
+            u64::MAX,
+            Duration::from_secs(3),
+            out.clone(),
+        );
         let r = b.collect().await;
         assert!(r.is_err());
         assert!(out.idle());
@@ -167,7 +186,9 @@ mod tests {
         futures_util::stream::iter(v)
     }
 
-    fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    fn tokio_stream_from<T>(
+        rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
     }
 }

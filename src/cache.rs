@@ -157,7 +157,10 @@ impl TokenCache {
 
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
-        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -204,8 +207,16 @@ mod tests {
     #[test]
     fn invalidation_removes_filled_entries() {
         let c = TokenCache::new();
-        assert!(c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc1"))), c.epoch()));
-        assert!(c.fill([2; 32], Arc::new(CachedToken::new(row("tok_b", "acc2"))), c.epoch()));
+        assert!(c.fill(
+            [1; 32],
+            Arc::new(CachedToken::new(row("tok_a", "acc1"))),
+            c.epoch()
+        ));
+        assert!(c.fill(
+            [2; 32],
+            Arc::new(CachedToken::new(row("tok_b", "acc2"))),
+            c.epoch()
+        ));
         c.invalidate_token("tok_a");
         assert!(c.get(&[1; 32]).is_none());
         assert!(c.get(&[2; 32]).is_some());
@@ -218,13 +229,25 @@ mod tests {
     fn an_untrusted_cache_refuses_fills_until_trusted_again() {
         let c = TokenCache::new();
         assert!(c.is_trusted());
-        assert!(c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc"))), c.epoch()));
+        assert!(c.fill(
+            [1; 32],
+            Arc::new(CachedToken::new(row("tok_a", "acc"))),
+            c.epoch()
+        ));
         c.distrust();
         assert!(!c.is_trusted());
         assert!(c.get(&[1; 32]).is_none(), "distrust drops what was cached");
-        assert!(!c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc"))), c.epoch()));
+        assert!(!c.fill(
+            [1; 32],
+            Arc::new(CachedToken::new(row("tok_a", "acc"))),
+            c.epoch()
+        ));
         c.trust();
-        assert!(c.fill([1; 32], Arc::new(CachedToken::new(row("tok_a", "acc"))), c.epoch()));
+        assert!(c.fill(
+            [1; 32],
+            Arc::new(CachedToken::new(row("tok_a", "acc"))),
+            c.epoch()
+        ));
         assert!(c.get(&[1; 32]).is_some());
     }
 

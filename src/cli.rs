@@ -37,7 +37,13 @@ Examples:
 #[command(name = "tokengate", version, about, after_help = ROOT_EXAMPLES)]
 pub struct Cli {
     /// Config file (default: ./tokengate.toml).
-    #[arg(long, short = 'c', global = true, env = "TOKENGATE_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "TOKENGATE_CONFIG",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// Operational log format (the audit log is separate and always JSON).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -87,7 +93,9 @@ pub enum Command {
     #[command(subcommand)]
     Store(StoreCmd),
     /// Save a token for a remote gateway's admin API; the token is read from stdin or TOKENGATE_TOKEN.
-    #[command(after_help = "Examples:\n  pbpaste | tokengate login --url http://127.0.0.1:9090\n  TOKENGATE_TOKEN=\"$T\" tokengate login --profile staging --url https://gw.example.com:9090\n\nCredentials: $XDG_CONFIG_HOME/tokengate/credentials (else ~/.config/tokengate/credentials), mode 0600.")]
+    #[command(
+        after_help = "Examples:\n  pbpaste | tokengate login --url http://127.0.0.1:9090\n  TOKENGATE_TOKEN=\"$T\" tokengate login --profile staging --url https://gw.example.com:9090\n\nCredentials: $XDG_CONFIG_HOME/tokengate/credentials (else ~/.config/tokengate/credentials), mode 0600."
+    )]
     Login,
     /// Forget a saved remote profile (the token itself stays valid until revoked).
     #[command(after_help = "Example:\n  tokengate logout --profile staging")]
@@ -154,10 +162,14 @@ pub enum AccountCmd {
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
     /// Issue a token; it is printed once on stdout's first line.
-    #[command(after_help = "Examples:\n  tokengate token create --account ci-bot --name deploy --role cicd --expires 30d\n  tokengate token create --account ops --name readonly --permission apps:read --scope app=billing,web-* --allow-ip 10.0.0.0/8 --rate 5/10 --json")]
+    #[command(
+        after_help = "Examples:\n  tokengate token create --account ci-bot --name deploy --role cicd --expires 30d\n  tokengate token create --account ops --name readonly --permission apps:read --scope app=billing,web-* --allow-ip 10.0.0.0/8 --rate 5/10 --json"
+    )]
     Create(CreateArgs),
     /// List tokens.
-    #[command(after_help = "Examples:\n  tokengate token list\n  tokengate token list --stale 90d\n  tokengate token list --expiring 7d --json")]
+    #[command(
+        after_help = "Examples:\n  tokengate token list\n  tokengate token list --stale 90d\n  tokengate token list --expiring 7d --json"
+    )]
     List {
         /// Only this account's tokens.
         #[arg(long)]
@@ -185,7 +197,9 @@ pub enum TokenCmd {
         json: bool,
     },
     /// Revoke a token; a running gateway on this store rejects it within a second.
-    #[command(after_help = "Example:\n  tokengate token revoke tg_3hT9aB2x --reason \"left the team\"")]
+    #[command(
+        after_help = "Example:\n  tokengate token revoke tg_3hT9aB2x --reason \"left the team\""
+    )]
     Revoke {
         /// Token id or display prefix.
         id: String,
@@ -256,7 +270,9 @@ pub struct CreateArgs {
 /// `audit` options.
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
-#[command(after_help = "Examples:\n  tokengate audit --token tg_3hT9aB2x --since 24h\n  tokengate audit --decision deny --status 4xx --json\n  tokengate audit --follow\n  tokengate audit verify")]
+#[command(
+    after_help = "Examples:\n  tokengate audit --token tg_3hT9aB2x --since 24h\n  tokengate audit --decision deny --status 4xx --json\n  tokengate audit --follow\n  tokengate audit verify"
+)]
 pub struct AuditArgs {
     /// Verify the hash chain.
     #[command(subcommand)]
@@ -313,7 +329,9 @@ pub enum AuditCmd {
 #[derive(Debug, Subcommand)]
 pub enum StoreCmd {
     /// Online backup through SQLite's backup API.
-    #[command(after_help = "Example:\n  tokengate store backup /var/backups/tokengate-$(date +%F).db")]
+    #[command(
+        after_help = "Example:\n  tokengate store backup /var/backups/tokengate-$(date +%F).db"
+    )]
     Backup {
         /// Destination file (must not exist).
         file: PathBuf,
@@ -321,7 +339,9 @@ pub enum StoreCmd {
     /// Copy a whole store into an empty one, on either engine: accounts, tokens (their hashes:
     /// every token stays valid), the change log and queued audit events, every field; verified
     /// by reading the destination back. Stop the gateways (or make them read-only) first.
-    #[command(after_help = "Examples:\n  tokengate store copy --from /var/lib/tokengate/tokengate.db --to env:TOKENGATE_STORE_URL\n  tokengate store copy --from postgres://tokengate@db.internal/tokengate --to ./tokengate.db\n\nA location is a SQLite file, a postgres:// URL, or env:NAME to read either from the\nenvironment (keeps passwords out of argv).")]
+    #[command(
+        after_help = "Examples:\n  tokengate store copy --from /var/lib/tokengate/tokengate.db --to env:TOKENGATE_STORE_URL\n  tokengate store copy --from postgres://tokengate@db.internal/tokengate --to ./tokengate.db\n\nA location is a SQLite file, a postgres:// URL, or env:NAME to read either from the\nenvironment (keeps passwords out of argv)."
+    )]
     Copy {
         /// Source: SQLite file, postgres:// URL, or env:NAME.
         #[arg(long, value_name = "FILE_OR_URL")]
@@ -344,11 +364,17 @@ pub struct CliError {
 impl CliError {
     /// Bad usage or config (64).
     pub fn usage(m: impl Into<String>) -> Self {
-        CliError { code: EXIT_USAGE, message: m.into() }
+        CliError {
+            code: EXIT_USAGE,
+            message: m.into(),
+        }
     }
     /// Failure (1).
     pub fn failure(m: impl Into<String>) -> Self {
-        CliError { code: EXIT_FAILURE, message: m.into() }
+        CliError {
+            code: EXIT_FAILURE,
+            message: m.into(),
+        }
     }
 }
 
@@ -369,7 +395,9 @@ impl From<StoreError> for CliError {
 
 /// Finds the config: `--config`/`TOKENGATE_CONFIG`, else `./tokengate.toml`.
 pub fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
-    let p = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("tokengate.toml"));
+    let p = path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("tokengate.toml"));
     if path.is_none() && !p.exists() {
         return Err(CliError::usage(
             "no config file: pass --config FILE (or set TOKENGATE_CONFIG), or try `tokengate demo`; \
@@ -415,14 +443,24 @@ impl Local {
         })
     }
 
-    fn event(&self, event: &str, target: Option<&str>, row: Option<&TokenRow>, account: Option<&str>, reason: Option<&str>, details: Option<serde_json::Value>) -> Result<(), CliError> {
+    fn event(
+        &self,
+        event: &str,
+        target: Option<&str>,
+        row: Option<&TokenRow>,
+        account: Option<&str>,
+        reason: Option<&str>,
+        details: Option<serde_json::Value>,
+    ) -> Result<(), CliError> {
         let rec = AdminRecord {
             timestamp: audit::now_rfc3339(),
             event: event.to_string(),
             actor: self.actor.clone(),
             auth_type: "cli".into(),
             target: target.map(str::to_string),
-            account: account.map(str::to_string).or_else(|| row.map(|r| r.account.clone())),
+            account: account
+                .map(str::to_string)
+                .or_else(|| row.map(|r| r.account.clone())),
             api_token_id: row.map(|r| r.id.clone()),
             token_prefix: row.map(|r| r.prefix.clone()),
             reason: reason.map(str::to_string),
@@ -430,13 +468,20 @@ impl Local {
             details,
         };
         let result = match &self.audit {
-            Some(a) => a.record(Entry::Admin(rec)).and_then(|_| a.flush()).map_err(|e| e.to_string()),
+            Some(a) => a
+                .record(Entry::Admin(rec))
+                .and_then(|_| a.flush())
+                .map_err(|e| e.to_string()),
             None => {
                 let json = serde_json::to_string(&rec).expect("serializable");
                 self.store.outbox_push(&json).map_err(|e| e.to_string())
             }
         };
-        result.map_err(|e| CliError::failure(format!("the change was made, but its audit line could not be written: {e}")))
+        result.map_err(|e| {
+            CliError::failure(format!(
+                "the change was made, but its audit line could not be written: {e}"
+            ))
+        })
     }
 }
 
@@ -459,7 +504,8 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 fn fmt_time(ms: Option<i64>) -> String {
-    ms.map(|m| rfc3339(m)[..16].replace('T', " ")).unwrap_or_else(|| "-".into())
+    ms.map(|m| rfc3339(m)[..16].replace('T', " "))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// JSON view of a token for `--json` output (never the hash, never the plaintext).
@@ -509,13 +555,23 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
         Command::Store(StoreCmd::Backup { file }) => {
             let l = Local::open(config)?;
             if file.exists() {
-                return Err(CliError::usage(format!("{} exists; choose a new file", file.display())));
+                return Err(CliError::usage(format!(
+                    "{} exists; choose a new file",
+                    file.display()
+                )));
             }
-            l.store.backup(file).map_err(|e| CliError::failure(e.to_string()))?;
-            let copy = Store::open(file, std::time::Duration::from_secs(5)).map_err(|e| CliError::failure(e.to_string()))?;
-            let check = copy.integrity_check().map_err(|e| CliError::failure(e.to_string()))?;
+            l.store
+                .backup(file)
+                .map_err(|e| CliError::failure(e.to_string()))?;
+            let copy = Store::open(file, std::time::Duration::from_secs(5))
+                .map_err(|e| CliError::failure(e.to_string()))?;
+            let check = copy
+                .integrity_check()
+                .map_err(|e| CliError::failure(e.to_string()))?;
             if check != "ok" {
-                return Err(CliError::failure(format!("backup written but integrity_check says: {check}")));
+                return Err(CliError::failure(format!(
+                    "backup written but integrity_check says: {check}"
+                )));
             }
             eprintln!("backup written to {} (integrity_check ok)", file.display());
             Ok(())
@@ -544,11 +600,18 @@ fn store_copy(from: &str, to: &str) -> Result<(), CliError> {
     let busy = std::time::Duration::from_secs(5);
     let pg = PgOptions::default();
     let open = |loc: &str| {
-        Store::open_location(loc, busy, &pg).map_err(|e| CliError::failure(format!("cannot open {}: {e}", crate::store::redact_url(loc))))
+        Store::open_location(loc, busy, &pg).map_err(|e| {
+            CliError::failure(format!(
+                "cannot open {}: {e}",
+                crate::store::redact_url(loc)
+            ))
+        })
     };
     let src = open(&from)?;
     let dst = open(&to)?;
-    let dump = src.copy_to(&dst).map_err(|e| CliError::failure(e.to_string()))?;
+    let dump = src
+        .copy_to(&dst)
+        .map_err(|e| CliError::failure(e.to_string()))?;
     eprintln!(
         "copied {} from {} to {}; read back and identical",
         dump.summary(),
@@ -564,23 +627,56 @@ fn config_check(config: Option<&Path>) -> Result<(), CliError> {
     for files in [&cfg.server.tls, &cfg.admin.tls].into_iter().flatten() {
         crate::tls::server_config(files).map_err(|e| CliError::usage(e.to_string()))?;
     }
-    let src = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let src = cfg
+        .source
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     println!("{src}: OK");
-    println!("  public listener  {}{}", cfg.server.listen, if cfg.server.tls.is_some() { " (TLS)" } else { "" });
-    println!("  admin listener   {}{}", cfg.admin.listen, if cfg.admin.tls.is_some() { " (TLS)" } else { "" });
+    println!(
+        "  public listener  {}{}",
+        cfg.server.listen,
+        if cfg.server.tls.is_some() {
+            " (TLS)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  admin listener   {}{}",
+        cfg.admin.listen,
+        if cfg.admin.tls.is_some() {
+            " (TLS)"
+        } else {
+            ""
+        }
+    );
     match &cfg.store.url {
-        Some(url) => println!("  store            {} (PostgreSQL)", crate::store::redact_url(url)),
+        Some(url) => println!(
+            "  store            {} (PostgreSQL)",
+            crate::store::redact_url(url)
+        ),
         None => println!("  store            {}", cfg.store.path.display()),
     }
     if let Some(redis) = &cfg.rate_limit.redis {
-        println!("  rate limits      exact across replicas via {}", crate::store::redact_url(redis));
+        println!(
+            "  rate limits      exact across replicas via {}",
+            crate::store::redact_url(redis)
+        );
     }
     println!(
         "  audit log        {} (on_failure = {:?})",
-        cfg.audit.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into()),
+        cfg.audit
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "stdout".into()),
         cfg.audit.on_failure
     );
-    println!("  roles            {}", cfg.roles.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!(
+        "  roles            {}",
+        cfg.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
     for r in &cfg.routes {
         println!(
             "  route {:<10} {} -> {} ({} rules{})",
@@ -588,7 +684,11 @@ fn config_check(config: Option<&Path>) -> Result<(), CliError> {
             r.prefix,
             r.upstream_url,
             r.rules.rules().len(),
-            if r.rules.rules().iter().any(|x| x.public) { ", some public" } else { "" }
+            if r.rules.rules().iter().any(|x| x.public) {
+                ", some public"
+            } else {
+                ""
+            }
         );
     }
     if cfg.routes.is_empty() {
@@ -598,7 +698,9 @@ fn config_check(config: Option<&Path>) -> Result<(), CliError> {
         println!("  warning: the admin listener is not on loopback and has no TLS");
     }
     if !cfg.server.listen.ip().is_loopback() && cfg.server.tls.is_none() {
-        println!("  note: the public listener has no TLS; put a TLS terminator in front or set server.tls");
+        println!(
+            "  note: the public listener has no TLS; put a TLS terminator in front or set server.tls"
+        );
     }
     Ok(())
 }
@@ -607,11 +709,27 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
     let l = Local::open(config)?;
     match cmd {
         AccountCmd::Create { name, email, json } => {
-            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c)) {
-                return Err(CliError::usage("account names are 1-64 letters, digits, `.`, `_`, `-`, `@`"));
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+            {
+                return Err(CliError::usage(
+                    "account names are 1-64 letters, digits, `.`, `_`, `-`, `@`",
+                ));
             }
-            let acc = l.store.create_account(name, email.as_deref(), &l.actor, now_ms())?;
-            l.event("account.created", Some(&acc.id), None, Some(&acc.name), None, None)?;
+            let acc = l
+                .store
+                .create_account(name, email.as_deref(), &l.actor, now_ms())?;
+            l.event(
+                "account.created",
+                Some(&acc.id),
+                None,
+                Some(&acc.name),
+                None,
+                None,
+            )?;
             if *json {
                 print_json(&acc);
             } else {
@@ -624,7 +742,10 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
             if *json {
                 print_json(&list);
             } else {
-                println!("{:<24} {:<22} {:<28} {:<17} STATUS", "NAME", "ID", "EMAIL", "CREATED");
+                println!(
+                    "{:<24} {:<22} {:<28} {:<17} STATUS",
+                    "NAME", "ID", "EMAIL", "CREATED"
+                );
                 for a in list {
                     println!(
                         "{:<24} {:<22} {:<28} {:<17} {}",
@@ -632,7 +753,11 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
                         a.id,
                         a.email.as_deref().unwrap_or("-"),
                         fmt_time(Some(a.created_at)),
-                        if a.disabled_at.is_some() { "disabled" } else { "active" }
+                        if a.disabled_at.is_some() {
+                            "disabled"
+                        } else {
+                            "active"
+                        }
                     );
                 }
             }
@@ -640,8 +765,18 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
         }
         AccountCmd::Disable { name } => {
             let acc = l.store.disable_account(name, &l.actor, now_ms())?;
-            l.event("account.disabled", Some(&acc.id), None, Some(&acc.name), None, None)?;
-            println!("disabled account {}: its tokens are rejected from now on", acc.name);
+            l.event(
+                "account.disabled",
+                Some(&acc.id),
+                None,
+                Some(&acc.name),
+                None,
+                None,
+            )?;
+            println!(
+                "disabled account {}: its tokens are rejected from now on",
+                acc.name
+            );
             Ok(())
         }
     }
@@ -649,18 +784,37 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
 
 /// Parses `KEY=V1,V2`.
 pub fn parse_scope(s: &str) -> Result<(String, Vec<String>), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: scopes look like KEY=V1,V2"))?;
-    let vals: Vec<String> = v.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: scopes look like KEY=V1,V2"))?;
+    let vals: Vec<String> = v
+        .split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect();
     crate::authz::validate_scope(k, &vals).map_err(|e| e.to_string())?;
     Ok((k.to_string(), vals))
 }
 
 /// Parses `RPS/BURST`.
 pub fn parse_rate(s: &str) -> Result<RateOverride, String> {
-    let (r, b) = s.split_once('/').ok_or_else(|| format!("`{s}`: a rate looks like RPS/BURST, e.g. 5/10"))?;
-    let rps: f64 = r.parse().ok().filter(|x: &f64| *x > 0.0 && x.is_finite()).ok_or_else(|| format!("`{r}` is not a positive rate"))?;
-    let burst: u32 = b.parse().ok().filter(|x| *x > 0).ok_or_else(|| format!("`{b}` is not a positive burst"))?;
-    Ok(RateOverride { requests_per_second: rps, burst })
+    let (r, b) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}`: a rate looks like RPS/BURST, e.g. 5/10"))?;
+    let rps: f64 = r
+        .parse()
+        .ok()
+        .filter(|x: &f64| *x > 0.0 && x.is_finite())
+        .ok_or_else(|| format!("`{r}` is not a positive rate"))?;
+    let burst: u32 = b
+        .parse()
+        .ok()
+        .filter(|x| *x > 0)
+        .ok_or_else(|| format!("`{b}` is not a positive burst"))?;
+    Ok(RateOverride {
+        requests_per_second: rps,
+        burst,
+    })
 }
 
 /// Validates a token label.
@@ -669,9 +823,16 @@ pub fn valid_token_name(n: &str) -> bool {
 }
 
 /// Turns create options into a spec, checking them against the config.
-pub fn build_spec(cfg: &Config, a: &CreateArgs, actor: &str, now: i64) -> Result<NewTokenSpec, CliError> {
+pub fn build_spec(
+    cfg: &Config,
+    a: &CreateArgs,
+    actor: &str,
+    now: i64,
+) -> Result<NewTokenSpec, CliError> {
     if !valid_token_name(&a.name) {
-        return Err(CliError::usage("token names are 1-64 printable ASCII characters"));
+        return Err(CliError::usage(
+            "token names are 1-64 printable ASCII characters",
+        ));
     }
     let (role, permissions) = match &a.role {
         Some(r) => {
@@ -701,7 +862,12 @@ pub fn build_spec(cfg: &Config, a: &CreateArgs, actor: &str, now: i64) -> Result
     if !cfg.tokens.allowed_expiry.contains(&expiry) {
         return Err(CliError::usage(format!(
             "expiry `{expiry}` is not allowed by policy; allowed: {}",
-            cfg.tokens.allowed_expiry.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", ")
+            cfg.tokens
+                .allowed_expiry
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let expires_at = match expiry {
@@ -718,10 +884,19 @@ pub fn build_spec(cfg: &Config, a: &CreateArgs, actor: &str, now: i64) -> Result
         let net = c
             .parse::<ipnet::IpNet>()
             .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| CliError::usage(format!("`{c}` is not a CIDR like 10.0.0.0/8 or 2001:db8::/32")))?;
+            .map_err(|_| {
+                CliError::usage(format!(
+                    "`{c}` is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"
+                ))
+            })?;
         allowed_cidrs.push(net);
     }
-    let rate = a.rate.as_deref().map(parse_rate).transpose().map_err(CliError::usage)?;
+    let rate = a
+        .rate
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(CliError::usage)?;
     Ok(NewTokenSpec {
         account: a.account.clone(),
         name: a.name.clone(),
@@ -750,7 +925,9 @@ fn print_new_token(plaintext: &str, row: &TokenRow, json: bool, verb: &str) {
         row.id,
         row.prefix,
         row.account,
-        row.expires_at.map(rfc3339).unwrap_or_else(|| "never".into())
+        row.expires_at
+            .map(rfc3339)
+            .unwrap_or_else(|| "never".into())
     );
 }
 
@@ -760,9 +937,12 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
     match cmd {
         TokenCmd::Create(a) => {
             let spec = build_spec(&l.cfg, a, &l.actor, now)?;
-            let (row, new) = l
-                .store
-                .create_token(&spec, &l.cfg.tokens.prefix, l.cfg.tokens.max_active_per_account, now)?;
+            let (row, new) = l.store.create_token(
+                &spec,
+                &l.cfg.tokens.prefix,
+                l.cfg.tokens.max_active_per_account,
+                now,
+            )?;
             l.event(
                 "token.created",
                 Some(&row.id),
@@ -774,15 +954,33 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
             print_new_token(&new.plaintext, &row, a.json, "created");
             Ok(())
         }
-        TokenCmd::List { account, stale, expiring, all, json } => {
-            let stale_ms = stale.as_deref().map(|s| parse_duration(s).map(|d| d.as_millis() as i64)).transpose().map_err(CliError::usage)?;
-            let exp_ms = expiring.as_deref().map(|s| parse_duration(s).map(|d| d.as_millis() as i64)).transpose().map_err(CliError::usage)?;
+        TokenCmd::List {
+            account,
+            stale,
+            expiring,
+            all,
+            json,
+        } => {
+            let stale_ms = stale
+                .as_deref()
+                .map(|s| parse_duration(s).map(|d| d.as_millis() as i64))
+                .transpose()
+                .map_err(CliError::usage)?;
+            let exp_ms = expiring
+                .as_deref()
+                .map(|s| parse_duration(s).map(|d| d.as_millis() as i64))
+                .transpose()
+                .map_err(CliError::usage)?;
             let rows: Vec<TokenRow> = l
                 .store
                 .list_tokens(account.as_deref(), *all, now)?
                 .into_iter()
-                .filter(|t| stale_ms.is_none_or(|s| t.last_used_at.unwrap_or(t.created_at) < now - s))
-                .filter(|t| exp_ms.is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w)))
+                .filter(|t| {
+                    stale_ms.is_none_or(|s| t.last_used_at.unwrap_or(t.created_at) < now - s)
+                })
+                .filter(|t| {
+                    exp_ms.is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w))
+                })
                 .collect();
             if *json {
                 print_json(&rows.iter().map(|t| token_json(t, now)).collect::<Vec<_>>());
@@ -803,7 +1001,14 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
         TokenCmd::Revoke { id, reason } => {
             let t = l.store.find_token(id)?;
             let row = l.store.revoke(&t.id, &l.actor, reason, now)?;
-            l.event("token.revoked", Some(&row.id), Some(&row), None, Some(reason), None)?;
+            l.event(
+                "token.revoked",
+                Some(&row.id),
+                Some(&row),
+                None,
+                Some(reason),
+                None,
+            )?;
             println!("revoked {} ({}, {})", row.id, row.prefix, row.name);
             Ok(())
         }
@@ -812,7 +1017,13 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
                 Some(g) => parse_duration(g).map_err(CliError::usage)?,
                 None => l.cfg.tokens.rotation_grace,
             };
-            let (row, new) = l.store.rotate(id, &l.actor, grace.as_millis() as i64, &l.cfg.tokens.prefix, now)?;
+            let (row, new) = l.store.rotate(
+                id,
+                &l.actor,
+                grace.as_millis() as i64,
+                &l.cfg.tokens.prefix,
+                now,
+            )?;
             let old = row.rotated_from.clone().unwrap_or_default();
             l.event(
                 "token.rotated",
@@ -823,10 +1034,17 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
                 Some(serde_json::json!({"new_token_id": row.id, "grace_seconds": grace.as_secs()})),
             )?;
             print_new_token(&new.plaintext, &row, *json, "rotated: new");
-            eprintln!("the old token {old} keeps working until the new one is first used, or for {}s at most", grace.as_secs());
+            eprintln!(
+                "the old token {old} keeps working until the new one is first used, or for {}s at most",
+                grace.as_secs()
+            );
             Ok(())
         }
-        TokenCmd::Identify { revoke, reason, json } => {
+        TokenCmd::Identify {
+            revoke,
+            reason,
+            json,
+        } => {
             let mut line = String::new();
             std::io::stdin()
                 .lock()
@@ -834,12 +1052,22 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
                 .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
             let raw = line.trim();
             if raw.is_empty() {
-                return Err(CliError::usage("paste the token on stdin, e.g. `pbpaste | tokengate token identify`"));
+                return Err(CliError::usage(
+                    "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
+                ));
             }
-            let parsed = crate::token::parse(raw).map_err(|e| CliError::failure(format!("this is not a tokengate token: {e}")))?;
+            let parsed = crate::token::parse(raw)
+                .map_err(|e| CliError::failure(format!("this is not a tokengate token: {e}")))?;
             let found = l.store.lookup_hash(&parsed.hash())?;
             let Some(t) = found else {
-                l.event("token.identified", None, None, None, Some("unknown_token"), Some(serde_json::json!({"prefix": parsed.display_prefix()})))?;
+                l.event(
+                    "token.identified",
+                    None,
+                    None,
+                    None,
+                    Some("unknown_token"),
+                    Some(serde_json::json!({"prefix": parsed.display_prefix()})),
+                )?;
                 return Err(CliError::failure(format!(
                     "{}… is well-formed but not in this store (another deployment, or already deleted)",
                     parsed.display_prefix()
@@ -848,7 +1076,14 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
             l.event("token.identified", Some(&t.id), Some(&t), None, None, None)?;
             let t = if *revoke && t.revoked_at.is_none() {
                 let r = l.store.revoke(&t.id, &l.actor, reason, now)?;
-                l.event("token.revoked", Some(&r.id), Some(&r), None, Some(reason), None)?;
+                l.event(
+                    "token.revoked",
+                    Some(&r.id),
+                    Some(&r),
+                    None,
+                    Some(reason),
+                    None,
+                )?;
                 r
             } else {
                 t
@@ -876,7 +1111,11 @@ pub fn print_token_table(rows: &[TokenRow], now: i64) {
         let scopes = if t.scopes.is_empty() {
             "-".to_string()
         } else {
-            t.scopes.iter().map(|(k, v)| format!("{k}={}", v.join(","))).collect::<Vec<_>>().join(";")
+            t.scopes
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.join(",")))
+                .collect::<Vec<_>>()
+                .join(";")
         };
         println!(
             "{:<21} {:<20} {:<12} {:<14} {:<9} {:<20} {:<16} {:<16} {:<16} {}",
@@ -887,7 +1126,9 @@ pub fn print_token_table(rows: &[TokenRow], now: i64) {
             t.role.as_deref().unwrap_or("-"),
             scopes,
             fmt_time(Some(t.created_at)),
-            t.expires_at.map(|e| fmt_time(Some(e))).unwrap_or_else(|| "never".into()),
+            t.expires_at
+                .map(|e| fmt_time(Some(e)))
+                .unwrap_or_else(|| "never".into()),
             fmt_time(t.last_used_at),
             t.status(now)
         );
@@ -916,24 +1157,38 @@ fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliError> {
         let cfg = load_config(config)?;
         match cfg.audit.path {
             Some(p) => Ok(vec![p]),
-            None => Err(CliError::usage("audit.path is stdout (\"-\"): pass the files to read")),
+            None => Err(CliError::usage(
+                "audit.path is stdout (\"-\"): pass the files to read",
+            )),
         }
     };
-    if let Some(AuditCmd::Verify { files, allow_partial_start }) = &a.verify {
+    if let Some(AuditCmd::Verify {
+        files,
+        allow_partial_start,
+    }) = &a.verify
+    {
         let files = default_files(files)?;
-        let opts = audit::VerifyOptions { allow_partial_start: *allow_partial_start };
-        let report = audit::verify_with(&files, opts).map_err(|e| CliError::failure(e.to_string()))?;
+        let opts = audit::VerifyOptions {
+            allow_partial_start: *allow_partial_start,
+        };
+        let report =
+            audit::verify_with(&files, opts).map_err(|e| CliError::failure(e.to_string()))?;
         println!("{report}");
         return if report.problem.is_none() {
             Ok(())
         } else {
-            Err(CliError { code: EXIT_FAILURE, message: String::new() })
+            Err(CliError {
+                code: EXIT_FAILURE,
+                message: String::new(),
+            })
         };
     }
     let files = default_files(&a.files)?;
     let now = time::OffsetDateTime::now_utc();
     let parse_t = |s: &Option<String>| -> Result<Option<time::OffsetDateTime>, CliError> {
-        s.as_deref().map(|x| audit::parse_time_arg(x, now).map_err(CliError::usage)).transpose()
+        s.as_deref()
+            .map(|x| audit::parse_time_arg(x, now).map_err(CliError::usage))
+            .transpose()
     };
     let filter = audit::Filter {
         token: a.token.clone(),
@@ -950,7 +1205,11 @@ fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliError> {
             return Err(CliError::usage("--decision is allow or deny"));
         }
     }
-    let format = if a.json { audit::OutputFormat::Json } else { audit::OutputFormat::Table };
+    let format = if a.json {
+        audit::OutputFormat::Json
+    } else {
+        audit::OutputFormat::Table
+    };
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
     if a.follow {

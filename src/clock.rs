@@ -26,7 +26,8 @@ impl Clock {
 
 /// Formats ms since the epoch as RFC 3339 UTC with millisecond precision (`2026-11-23T05:01:02.123Z`).
 pub fn rfc3339(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -54,7 +55,10 @@ mod tests {
     fn formats_with_milliseconds() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_000_000_123), "2026-11-18T11:06:40.123Z");
-        assert_eq!(parse_rfc3339("2026-11-18T11:06:40.123Z"), Some(1_795_000_000_123));
+        assert_eq!(
+            parse_rfc3339("2026-11-18T11:06:40.123Z"),
+            Some(1_795_000_000_123)
+        );
     }
 
     #[test]

@@ -375,7 +375,9 @@ impl Expiry {
             .strip_suffix('d')
             .and_then(|d| d.parse::<u32>().ok())
             .filter(|d| *d > 0)
-            .ok_or_else(|| format!("`{s}` is not an expiry: use a number of days like `30d`, or `never`"))?;
+            .ok_or_else(|| {
+                format!("`{s}` is not an expiry: use a number of days like `30d`, or `never`")
+            })?;
         Ok(Expiry::Days(days))
     }
 }
@@ -520,11 +522,24 @@ pub fn default_roles() -> BTreeMap<String, RoleConfig> {
         ("viewer".to_string(), role(&["apps:read", "logs:read"])),
         (
             "ops".to_string(),
-            role(&["apps:read", "logs:read", "apps:restart", "apps:exec", "env:read"]),
+            role(&[
+                "apps:read",
+                "logs:read",
+                "apps:restart",
+                "apps:exec",
+                "env:read",
+            ]),
         ),
         (
             "deployer".to_string(),
-            role(&["apps:read", "logs:read", "apps:deploy", "apps:restart", "env:read", "env:write"]),
+            role(&[
+                "apps:read",
+                "logs:read",
+                "apps:deploy",
+                "apps:restart",
+                "env:read",
+                "env:write",
+            ]),
         ),
         ("cicd".to_string(), role(&["apps:read", "apps:deploy"])),
         ("admin".to_string(), role(&["*"])),
@@ -536,9 +551,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration: use a number and a unit, like `10s`, `500ms`, `24h`"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a duration: use a number and a unit, like `10s`, `500ms`, `24h`")
+    })?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -566,16 +581,29 @@ impl Ctx<'_> {
             message: message.into(),
         }
     }
-    fn duration(&self, key: &str, v: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        key: &str,
+        v: &Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
             Some(s) => parse_duration(s).map_err(|m| self.invalid(key, m)),
         }
     }
-    fn addr(&self, key: &str, v: &Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    fn addr(
+        &self,
+        key: &str,
+        v: &Option<String>,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
         let s = v.as_deref().unwrap_or(default);
         s.parse().map_err(|_| {
-            self.invalid(key, format!("`{s}` is not an address: use IP:PORT, like `127.0.0.1:8080`"))
+            self.invalid(
+                key,
+                format!("`{s}` is not an address: use IP:PORT, like `127.0.0.1:8080`"),
+            )
         })
     }
     fn tls(&self, base: &Path, raw: &Option<RawTls>) -> Option<TlsFiles> {
@@ -623,7 +651,10 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         .reserved_prefix
         .clone()
         .unwrap_or_else(|| DEFAULT_RESERVED_PREFIX.to_string());
-    if !(reserved_prefix.starts_with('/') && reserved_prefix.ends_with('/') && reserved_prefix.len() > 2) {
+    if !(reserved_prefix.starts_with('/')
+        && reserved_prefix.ends_with('/')
+        && reserved_prefix.len() > 2)
+    {
         return Err(cx.invalid(
             "server.reserved_prefix",
             "must start and end with `/` and name a segment, like `/_tokengate/`",
@@ -634,7 +665,12 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         let net = p
             .parse::<IpNet>()
             .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| cx.invalid("server.trusted_proxies", format!("`{p}` is not a CIDR like `10.0.0.0/8`")))?;
+            .map_err(|_| {
+                cx.invalid(
+                    "server.trusted_proxies",
+                    format!("`{p}` is not a CIDR like `10.0.0.0/8`"),
+                )
+            })?;
         trusted_proxies.push(net);
     }
     let methods: Vec<String> = match &s.methods {
@@ -643,10 +679,16 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
     };
     for m in &methods {
         if m == "TRACE" || m == "CONNECT" {
-            return Err(cx.invalid("server.methods", format!("{m} is never allowed through the gateway")));
+            return Err(cx.invalid(
+                "server.methods",
+                format!("{m} is never allowed through the gateway"),
+            ));
         }
         if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(cx.invalid("server.methods", format!("`{m}` is not an upper-case method name")));
+            return Err(cx.invalid(
+                "server.methods",
+                format!("`{m}` is not an upper-case method name"),
+            ));
         }
     }
     let max_header_bytes = s.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
@@ -661,21 +703,45 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         reserved_prefix,
         methods,
         max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-        max_connections_per_ip: s.max_connections_per_ip.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
-        header_read_timeout: cx.duration("server.header_read_timeout", &s.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT)?,
+        max_connections_per_ip: s
+            .max_connections_per_ip
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+        header_read_timeout: cx.duration(
+            "server.header_read_timeout",
+            &s.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        )?,
         tls_handshake_timeout: cx.duration(
             "server.tls_handshake_timeout",
             &s.tls_handshake_timeout,
             DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         )?,
-        body_idle_timeout: cx.duration("server.body_idle_timeout", &s.body_idle_timeout, DEFAULT_BODY_IDLE_TIMEOUT)?,
-        request_timeout: cx.duration("server.request_timeout", &s.request_timeout, DEFAULT_REQUEST_TIMEOUT)?,
-        upstream_timeout: cx.duration("server.upstream_timeout", &s.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT)?,
+        body_idle_timeout: cx.duration(
+            "server.body_idle_timeout",
+            &s.body_idle_timeout,
+            DEFAULT_BODY_IDLE_TIMEOUT,
+        )?,
+        request_timeout: cx.duration(
+            "server.request_timeout",
+            &s.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT,
+        )?,
+        upstream_timeout: cx.duration(
+            "server.upstream_timeout",
+            &s.upstream_timeout,
+            DEFAULT_UPSTREAM_TIMEOUT,
+        )?,
         max_header_bytes,
         max_uri_bytes: s.max_uri_bytes.unwrap_or(DEFAULT_MAX_URI_BYTES),
         max_body_bytes: s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
-        h2_max_concurrent_streams: s.h2_max_concurrent_streams.unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
-        shutdown_grace: cx.duration("server.shutdown_grace", &s.shutdown_grace, DEFAULT_SHUTDOWN_GRACE)?,
+        h2_max_concurrent_streams: s
+            .h2_max_concurrent_streams
+            .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
+        shutdown_grace: cx.duration(
+            "server.shutdown_grace",
+            &s.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+        )?,
     };
     if server.realm.contains('"') || server.realm.contains('\\') {
         return Err(cx.invalid("server.realm", "must not contain `\"` or `\\`"));
@@ -700,7 +766,10 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         None => None,
         Some(u) => {
             if raw.store.path.is_some() {
-                return Err(cx.invalid("store.url", "set either `path` (SQLite) or `url` (PostgreSQL), not both"));
+                return Err(cx.invalid(
+                    "store.url",
+                    "set either `path` (SQLite) or `url` (PostgreSQL), not both",
+                ));
             }
             let u = resolve_secret(&cx, "store.url", u)?;
             crate::store::check_postgres_url(&u).map_err(|m| cx.invalid("store.url", m))?;
@@ -708,19 +777,31 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         }
     };
     if url.is_none() && (raw.store.ca.is_some() || raw.store.pool_size.is_some()) {
-        return Err(cx.invalid("store", "`ca` and `pool_size` apply to a PostgreSQL `url` only"));
+        return Err(cx.invalid(
+            "store",
+            "`ca` and `pool_size` apply to a PostgreSQL `url` only",
+        ));
     }
     let pool_size = raw.store.pool_size.unwrap_or(DEFAULT_STORE_POOL_SIZE);
     if pool_size == 0 {
         return Err(cx.invalid("store.pool_size", "must be at least 1"));
     }
     let store = StoreConfig {
-        path: base.join(raw.store.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH))),
+        path: base.join(
+            raw.store
+                .path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)),
+        ),
         url,
         ca: raw.store.ca.as_ref().map(|c| base.join(c)),
         pool_size,
         timeout: cx.duration("store.timeout", &raw.store.timeout, DEFAULT_STORE_TIMEOUT)?,
-        busy_timeout: cx.duration("store.busy_timeout", &raw.store.busy_timeout, DEFAULT_BUSY_TIMEOUT)?,
+        busy_timeout: cx.duration(
+            "store.busy_timeout",
+            &raw.store.busy_timeout,
+            DEFAULT_BUSY_TIMEOUT,
+        )?,
         change_poll_interval: cx.duration(
             "store.change_poll_interval",
             &raw.store.change_poll_interval,
@@ -730,7 +811,10 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
 
     // [tokens]
     let t = &raw.tokens;
-    let prefix = t.prefix.clone().unwrap_or_else(|| DEFAULT_TOKEN_PREFIX.to_string());
+    let prefix = t
+        .prefix
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TOKEN_PREFIX.to_string());
     if !crate::token::valid_prefix(&prefix) {
         return Err(cx.invalid(
             "tokens.prefix",
@@ -738,7 +822,10 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         ));
     }
     let allowed_expiry = match &t.allowed_expiry {
-        None => DEFAULT_ALLOWED_EXPIRY.iter().map(|e| Expiry::parse(e).expect("valid default")).collect(),
+        None => DEFAULT_ALLOWED_EXPIRY
+            .iter()
+            .map(|e| Expiry::parse(e).expect("valid default"))
+            .collect(),
         Some(list) => list
             .iter()
             .map(|e| Expiry::parse(e).map_err(|m| cx.invalid("tokens.allowed_expiry", m)))
@@ -762,7 +849,11 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         Some(e) => Expiry::parse(e).map_err(|m| cx.invalid("tokens.default_expiry", m))?,
         None => {
             let d = Expiry::parse(DEFAULT_EXPIRY).expect("valid default");
-            if allowed_expiry.contains(&d) { d } else { allowed_expiry[0] }
+            if allowed_expiry.contains(&d) {
+                d
+            } else {
+                allowed_expiry[0]
+            }
         }
     };
     if !allowed_expiry.contains(&default_expiry) {
@@ -773,12 +864,18 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
     }
     let tokens = TokensConfig {
         prefix,
-        max_active_per_account: t.max_active_per_account.unwrap_or(DEFAULT_MAX_ACTIVE_PER_ACCOUNT),
+        max_active_per_account: t
+            .max_active_per_account
+            .unwrap_or(DEFAULT_MAX_ACTIVE_PER_ACCOUNT),
         allowed_expiry,
         default_expiry,
         expiry_warning_days: t.expiry_warning_days.unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
         max_lifetime_days,
-        rotation_grace: cx.duration("tokens.rotation_grace", &t.rotation_grace, DEFAULT_ROTATION_GRACE)?,
+        rotation_grace: cx.duration(
+            "tokens.rotation_grace",
+            &t.rotation_grace,
+            DEFAULT_ROTATION_GRACE,
+        )?,
         last_used_flush_interval: cx.duration(
             "tokens.last_used_flush_interval",
             &t.last_used_flush_interval,
@@ -811,21 +908,35 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
     check_rate(&cx, "rate_limit", default_rate)?;
     let rate_limit = RateLimitConfig {
         default: default_rate,
-        failed_auth_per_minute: r.failed_auth_per_minute.unwrap_or(DEFAULT_FAILED_AUTH_PER_MINUTE),
-        failed_auth_max_clients: r.failed_auth_max_clients.unwrap_or(DEFAULT_FAILED_AUTH_MAX_CLIENTS),
+        failed_auth_per_minute: r
+            .failed_auth_per_minute
+            .unwrap_or(DEFAULT_FAILED_AUTH_PER_MINUTE),
+        failed_auth_max_clients: r
+            .failed_auth_max_clients
+            .unwrap_or(DEFAULT_FAILED_AUTH_MAX_CLIENTS),
         redis: match &r.redis {
             None => None,
             Some(u) => {
                 let u = resolve_secret(&cx, "rate_limit.redis", u)?;
-                if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("redis+unix://")) {
-                    return Err(cx.invalid("rate_limit.redis", "must be a `redis://HOST:PORT[/DB]` URL"));
+                if !(u.starts_with("redis://")
+                    || u.starts_with("rediss://")
+                    || u.starts_with("redis+unix://"))
+                {
+                    return Err(
+                        cx.invalid("rate_limit.redis", "must be a `redis://HOST:PORT[/DB]` URL")
+                    );
                 }
-                crate::ratelimit_redis::check_url(&u).map_err(|m| cx.invalid("rate_limit.redis", m))?;
+                crate::ratelimit_redis::check_url(&u)
+                    .map_err(|m| cx.invalid("rate_limit.redis", m))?;
                 Some(u)
             }
         },
         replicas: r.replicas.unwrap_or(DEFAULT_REPLICAS),
-        redis_timeout: cx.duration("rate_limit.redis_timeout", &r.redis_timeout, DEFAULT_REDIS_TIMEOUT)?,
+        redis_timeout: cx.duration(
+            "rate_limit.redis_timeout",
+            &r.redis_timeout,
+            DEFAULT_REDIS_TIMEOUT,
+        )?,
     };
     if rate_limit.replicas == 0 {
         return Err(cx.invalid("rate_limit.replicas", "must be at least 1"));
@@ -838,11 +949,16 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
     let mut roles = default_roles();
     for (name, role) in &raw.roles {
         let key = format!("roles.{name}");
-        if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') || name.is_empty() {
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            || name.is_empty()
+        {
             return Err(cx.invalid(&key, "role names use a-z, 0-9, `_` and `-`"));
         }
         for p in &role.permissions {
-            authz::validate_permission(p).map_err(|e| cx.invalid(&format!("{key}.permissions"), e.to_string()))?;
+            authz::validate_permission(p)
+                .map_err(|e| cx.invalid(&format!("{key}.permissions"), e.to_string()))?;
         }
         let rate = role.rate_limit.map(|r| Rate {
             requests_per_second: r.requests_per_second,
@@ -875,15 +991,22 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             return Err(cx.invalid(&format!("{key}.prefix"), "must start with `/`"));
         }
         if routes.iter().any(|o: &RouteConfig| o.prefix == r.prefix) {
-            return Err(cx.invalid(&format!("{key}.prefix"), format!("`{}` is used by another route", r.prefix)));
+            return Err(cx.invalid(
+                &format!("{key}.prefix"),
+                format!("`{}` is used by another route", r.prefix),
+            ));
         }
-        if r.prefix.starts_with(&server.reserved_prefix) || server.reserved_prefix.starts_with(&r.prefix) && r.prefix != "/" {
+        if r.prefix.starts_with(&server.reserved_prefix)
+            || server.reserved_prefix.starts_with(&r.prefix) && r.prefix != "/"
+        {
             return Err(cx.invalid(&format!("{key}.prefix"), "overlaps server.reserved_prefix"));
         }
-        let uri: http::Uri = r
-            .upstream
-            .parse()
-            .map_err(|_| cx.invalid(&format!("{key}.upstream"), format!("`{}` is not a URL", r.upstream)))?;
+        let uri: http::Uri = r.upstream.parse().map_err(|_| {
+            cx.invalid(
+                &format!("{key}.upstream"),
+                format!("`{}` is not a URL", r.upstream),
+            )
+        })?;
         let scheme = uri.scheme().cloned();
         if scheme.as_ref() != Some(&http::uri::Scheme::HTTP) {
             return Err(cx.invalid(
@@ -907,10 +1030,17 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             let inside = rule.path.starts_with(&r.prefix)
                 || (r.prefix.ends_with('/') && rule.path == r.prefix[..r.prefix.len() - 1]);
             if !inside {
-                return Err(cx.invalid(&rkey, format!("path `{}` is outside the route prefix `{}`", rule.path, r.prefix)));
+                return Err(cx.invalid(
+                    &rkey,
+                    format!(
+                        "path `{}` is outside the route prefix `{}`",
+                        rule.path, r.prefix
+                    ),
+                ));
             }
             if let Some(p) = &rule.permission {
-                authz::validate_permission(p).map_err(|e| cx.invalid(&format!("{rkey}.permission"), e.to_string()))?;
+                authz::validate_permission(p)
+                    .map_err(|e| cx.invalid(&format!("{rkey}.permission"), e.to_string()))?;
             }
             if !rule.public && rule.permission.is_none() {
                 return Err(cx.invalid(&rkey, "needs `permission`, or `public = true`"));
@@ -931,14 +1061,19 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
                 shadow: rule.shadow,
             });
         }
-        let rules = RuleTable::new(rules).map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
+        let rules = RuleTable::new(rules)
+            .map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
         routes.push(RouteConfig {
             name: r.name,
             prefix: r.prefix,
             upstream: authority,
             upstream_scheme: http::uri::Scheme::HTTP,
             upstream_url: r.upstream,
-            timeout: cx.duration(&format!("{key}.timeout"), &r.timeout, server.upstream_timeout)?,
+            timeout: cx.duration(
+                &format!("{key}.timeout"),
+                &r.timeout,
+                server.upstream_timeout,
+            )?,
             forward_authorization: r.forward_authorization,
             websocket: r.websocket,
             allow_non_ascii: r.allow_non_ascii,
@@ -973,7 +1108,10 @@ fn resolve_secret(cx: &Ctx<'_>, key: &str, value: &str) -> Result<String, Config
 
 fn check_rate(cx: &Ctx<'_>, key: &str, rate: Rate) -> Result<(), ConfigError> {
     if !(rate.requests_per_second > 0.0 && rate.requests_per_second.is_finite()) {
-        return Err(cx.invalid(&format!("{key}.requests_per_second"), "must be a positive number"));
+        return Err(cx.invalid(
+            &format!("{key}.requests_per_second"),
+            "must be a positive number",
+        ));
     }
     if rate.burst == 0 {
         return Err(cx.invalid(&format!("{key}.burst"), "must be at least 1"));
@@ -1026,7 +1164,10 @@ mod tests {
         assert_eq!(c.tokens.allowed_expiry.len(), 6);
         assert_eq!(c.tokens.default_expiry, Expiry::Days(90));
         assert_eq!(c.tokens.rotation_grace, Duration::from_secs(86_400));
-        assert_eq!(c.audit.path, Some(PathBuf::from("/etc/tokengate/audit.log")));
+        assert_eq!(
+            c.audit.path,
+            Some(PathBuf::from("/etc/tokengate/audit.log"))
+        );
         assert_eq!(c.audit.on_failure, OnFailure::Reject);
         assert_eq!(c.rate_limit.default.requests_per_second, 50.0);
         assert_eq!(c.rate_limit.default.burst, 100);
@@ -1040,7 +1181,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n").unwrap_err().to_string();
+        let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lisen"), "{e}");
         let e = load("[sever]\n").unwrap_err().to_string();
         assert!(e.contains("sever"), "{e}");
@@ -1059,7 +1202,10 @@ mod tests {
         let cases = [
             ("[server]\nlisten = \"nope\"\n", "server.listen"),
             ("[tokens]\nprefix = \"TG\"\n", "tokens.prefix"),
-            ("[server]\nheader_read_timeout = \"10 parsecs\"\n", "server.header_read_timeout"),
+            (
+                "[server]\nheader_read_timeout = \"10 parsecs\"\n",
+                "server.header_read_timeout",
+            ),
             (
                 "[[routes]]\nname = \"a\"\nupstream = \"https://x\"\n",
                 "upstream",

@@ -24,7 +24,9 @@ pub async fn spawn_echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = service_fn(echo);
@@ -50,7 +52,12 @@ async fn echo(req: Request<Incoming>) -> Result<Response<http_body_util::Full<By
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+            )
+        })
         .collect();
     let v = serde_json::json!({
         "upstream": "tokengate demo echo",
@@ -63,8 +70,10 @@ async fn echo(req: Request<Incoming>) -> Result<Response<http_body_util::Full<By
     let mut resp = Response::new(http_body_util::Full::new(Bytes::from(
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
     )));
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }
 
@@ -198,7 +207,9 @@ Press ctrl-c to stop (the temporary folder is deleted).
     if args.print_only {
         return Ok(());
     }
-    let crate::app::Started { server, background, .. } = started;
+    let crate::app::Started {
+        server, background, ..
+    } = started;
     server.run(crate::app::shutdown_signal()).await;
     drop(background);
     gw.audit().shutdown();

@@ -109,12 +109,16 @@ impl Reject {
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Reject::BadRequest { .. } | Reject::InvalidRequest { .. } | Reject::UpgradeRefused => StatusCode::BAD_REQUEST,
+            Reject::BadRequest { .. } | Reject::InvalidRequest { .. } | Reject::UpgradeRefused => {
+                StatusCode::BAD_REQUEST
+            }
             Reject::UriTooLong => StatusCode::URI_TOO_LONG,
             Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::BodyIdle => StatusCode::REQUEST_TIMEOUT,
-            Reject::ClientBlocked { .. } | Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::ClientBlocked { .. } | Reject::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Reject::MissingToken { .. } | Reject::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
             Reject::Forbidden { .. } => StatusCode::FORBIDDEN,
             Reject::StoreUnavailable | Reject::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -129,7 +133,9 @@ impl Reject {
     /// Stable `error` code in the JSON body.
     fn code(&self) -> &'static str {
         match self {
-            Reject::BadRequest { .. } | Reject::InvalidRequest { .. } | Reject::UpgradeRefused => "invalid_request",
+            Reject::BadRequest { .. } | Reject::InvalidRequest { .. } | Reject::UpgradeRefused => {
+                "invalid_request"
+            }
             Reject::UriTooLong => "uri_too_long",
             Reject::HeadersTooLarge => "headers_too_large",
             Reject::BodyTooLarge => "body_too_large",
@@ -153,24 +159,39 @@ impl Reject {
             Reject::UriTooLong => "The request target is too long.".into(),
             Reject::HeadersTooLarge => "The request header fields are too large.".into(),
             Reject::BodyTooLarge => "The request body is too large.".into(),
-            Reject::BodyIdle => "The request body stopped arriving; send it without long pauses.".into(),
-            Reject::ClientBlocked { .. } => "Too many failed authentication attempts from this address; retry later.".into(),
-            Reject::MissingToken { reason: "unsupported_scheme" } => {
-                "Use `Authorization: Bearer <token>`; other schemes are not accepted.".into()
+            Reject::BodyIdle => {
+                "The request body stopped arriving; send it without long pauses.".into()
             }
-            Reject::MissingToken { .. } => "An API token is required: send `Authorization: Bearer <token>`.".into(),
+            Reject::ClientBlocked { .. } => {
+                "Too many failed authentication attempts from this address; retry later.".into()
+            }
+            Reject::MissingToken {
+                reason: "unsupported_scheme",
+            } => "Use `Authorization: Bearer <token>`; other schemes are not accepted.".into(),
+            Reject::MissingToken { .. } => {
+                "An API token is required: send `Authorization: Bearer <token>`.".into()
+            }
             Reject::InvalidRequest { message, .. } => (*message).into(),
-            Reject::InvalidToken { reason: "expired" } => "The API token has expired; create a new one.".into(),
+            Reject::InvalidToken { reason: "expired" } => {
+                "The API token has expired; create a new one.".into()
+            }
             Reject::InvalidToken { reason: "revoked" } => "The API token has been revoked.".into(),
             Reject::InvalidToken { .. } => "The API token is not valid.".into(),
-            Reject::Forbidden { permission: Some(p), .. } => format!("The API token lacks the permission `{p}` for this request."),
+            Reject::Forbidden {
+                permission: Some(p),
+                ..
+            } => format!("The API token lacks the permission `{p}` for this request."),
             Reject::Forbidden { .. } => "No rule allows this request.".into(),
             Reject::RateLimited { .. } => "Rate limit exceeded for this token; retry later.".into(),
-            Reject::StoreUnavailable | Reject::AuditUnavailable => "The gateway cannot serve this request right now; retry later.".into(),
+            Reject::StoreUnavailable | Reject::AuditUnavailable => {
+                "The gateway cannot serve this request right now; retry later.".into()
+            }
             Reject::UpgradeRefused => "Protocol upgrades are not allowed on this route.".into(),
             Reject::NotFound => "Not found.".into(),
             Reject::UpstreamError => "The upstream service failed to answer.".into(),
-            Reject::UpstreamTimeout | Reject::RequestTimeout => "The upstream service did not answer in time.".into(),
+            Reject::UpstreamTimeout | Reject::RequestTimeout => {
+                "The upstream service did not answer in time.".into()
+            }
             Reject::Internal => "Internal error.".into(),
         }
     }
@@ -211,13 +232,20 @@ pub fn respond(reject: &Reject, realm: &str, request_id: &str) -> Response<Body>
         "message": reject.message(),
         "request_id": request_id,
     });
-    if let Reject::Forbidden { permission: Some(p), .. } = reject {
+    if let Reject::Forbidden {
+        permission: Some(p),
+        ..
+    } = reject
+    {
         body["required_permission"] = p.clone().into();
     }
     let mut resp = Response::new(full(Bytes::from(body.to_string() + "\n")));
     *resp.status_mut() = reject.status();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
@@ -242,7 +270,14 @@ pub fn respond(reject: &Reject, realm: &str, request_id: &str) -> Response<Body>
         }
         _ => {}
     }
-    if matches!(reject.status(), StatusCode::BAD_REQUEST | StatusCode::URI_TOO_LONG | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT) {
+    if matches!(
+        reject.status(),
+        StatusCode::BAD_REQUEST
+            | StatusCode::URI_TOO_LONG
+            | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::REQUEST_TIMEOUT
+    ) {
         // After a framing-level problem the connection's state is suspect: close it.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -256,20 +291,42 @@ mod tests {
     #[test]
     fn challenges_follow_rfc6750() {
         assert_eq!(
-            Reject::MissingToken { reason: "missing_token" }.challenge("tg").unwrap(),
+            Reject::MissingToken {
+                reason: "missing_token"
+            }
+            .challenge("tg")
+            .unwrap(),
             "Bearer realm=\"tg\""
         );
-        let c = Reject::InvalidToken { reason: "expired" }.challenge("tg").unwrap();
+        let c = Reject::InvalidToken { reason: "expired" }
+            .challenge("tg")
+            .unwrap();
         assert!(c.contains("error=\"invalid_token\"") && c.contains("expired"));
-        let c = Reject::InvalidToken { reason: "unknown_token" }.challenge("tg").unwrap();
+        let c = Reject::InvalidToken {
+            reason: "unknown_token",
+        }
+        .challenge("tg")
+        .unwrap();
         assert!(!c.contains("unknown"));
         assert!(Reject::UpstreamError.challenge("tg").is_none());
     }
 
     #[test]
     fn body_never_echoes_details() {
-        let r = respond(&Reject::Forbidden { reason: "insufficient_permission", permission: Some("apps:deploy".into()) }, "tg", "rid");
+        let r = respond(
+            &Reject::Forbidden {
+                reason: "insufficient_permission",
+                permission: Some("apps:deploy".into()),
+            },
+            "tg",
+            "rid",
+        );
         assert_eq!(r.status(), 403);
-        assert!(r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap().contains("insufficient_scope"));
+        assert!(
+            r.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope")
+        );
     }
 }

@@ -115,7 +115,8 @@ impl Gateway {
             config.rate_limit.failed_auth_max_clients,
         );
         let change_seq = store.last_change_seq().unwrap_or(0).max(0) as u64;
-        let redis_limiter = arc_swap::ArcSwapOption::new(RedisLimiter::from_config(&config.rate_limit));
+        let redis_limiter =
+            arc_swap::ArcSwapOption::new(RedisLimiter::from_config(&config.rate_limit));
         let clock = Clock::default();
         let now = clock.now_ms();
         Gateway {
@@ -152,17 +153,21 @@ impl Gateway {
         if old.rate_limit.failed_auth_per_minute != config.rate_limit.failed_auth_per_minute
             || old.rate_limit.failed_auth_max_clients != config.rate_limit.failed_auth_max_clients
         {
-            self.inner.failed_auth.store(Arc::new(FailedAuthLimiter::new(
-                config.rate_limit.failed_auth_per_minute,
-                config.rate_limit.failed_auth_max_clients,
-            )));
+            self.inner
+                .failed_auth
+                .store(Arc::new(FailedAuthLimiter::new(
+                    config.rate_limit.failed_auth_per_minute,
+                    config.rate_limit.failed_auth_max_clients,
+                )));
         }
         let redis_changed = match self.inner.redis_limiter.load().as_ref() {
             Some(r) => !r.matches(&config.rate_limit),
             None => config.rate_limit.redis.is_some(),
         };
         if redis_changed {
-            self.inner.redis_limiter.store(RedisLimiter::from_config(&config.rate_limit));
+            self.inner
+                .redis_limiter
+                .store(RedisLimiter::from_config(&config.rate_limit));
         }
         self.inner.config.store(Arc::new(config));
     }
@@ -232,15 +237,24 @@ impl Gateway {
     }
 
     /// Re-reads a token by id (a web UI session's sign-in token) and judges it as a lookup would.
-    pub async fn authenticate_id(&self, token_id: &str, client_ip: IpAddr) -> Result<TokenRow, Reject> {
+    pub async fn authenticate_id(
+        &self,
+        token_id: &str,
+        client_ip: IpAddr,
+    ) -> Result<TokenRow, Reject> {
         let id = token_id.to_string();
-        let row = self.store_call(move |s| s.get_token(&id)).await.map_err(|e| match e {
-            StoreError::NoToken(_) => Reject::InvalidToken { reason: "unknown_token" },
-            e => {
-                tracing::error!(error = %e, "session token lookup failed: answering 503");
-                Reject::StoreUnavailable
-            }
-        })?;
+        let row = self
+            .store_call(move |s| s.get_token(&id))
+            .await
+            .map_err(|e| match e {
+                StoreError::NoToken(_) => Reject::InvalidToken {
+                    reason: "unknown_token",
+                },
+                e => {
+                    tracing::error!(error = %e, "session token lookup failed: answering 503");
+                    Reject::StoreUnavailable
+                }
+            })?;
         auth::judge(&row, self.now_ms(), client_ip)?;
         Ok(row)
     }
@@ -265,7 +279,12 @@ impl Gateway {
     }
 
     /// Revokes a token: when this returns, this process answers 401 for it (0 ms).
-    pub async fn revoke(&self, id: &str, actor: &str, reason: &str) -> Result<TokenRow, StoreError> {
+    pub async fn revoke(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<TokenRow, StoreError> {
         let now = self.now_ms();
         let (id2, actor2, reason2) = (id.to_string(), actor.to_string(), reason.to_string());
         let row = self
@@ -280,10 +299,16 @@ impl Gateway {
     }
 
     /// Disables an account: all its tokens are rejected when this returns.
-    pub async fn disable_account(&self, name: &str, actor: &str) -> Result<crate::store::Account, StoreError> {
+    pub async fn disable_account(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<crate::store::Account, StoreError> {
         let now = self.now_ms();
         let (n, a) = (name.to_string(), actor.to_string());
-        let acc = self.store_call(move |s| s.disable_account(&n, &a, now)).await?;
+        let acc = self
+            .store_call(move |s| s.disable_account(&n, &a, now))
+            .await?;
         self.inner.cache.invalidate_account(&acc.id);
         Ok(acc)
     }
@@ -304,7 +329,9 @@ impl Gateway {
         let changes = self.store_call(move |s| s.changes_since(since)).await?;
         for c in &changes {
             self.apply_change(c);
-            self.inner.change_seq.fetch_max(c.seq as u64, Ordering::SeqCst);
+            self.inner
+                .change_seq
+                .fetch_max(c.seq as u64, Ordering::SeqCst);
         }
         Ok(changes.len())
     }
@@ -337,7 +364,8 @@ impl Gateway {
         // While the log is failing, the flush would hold this poller (and with it the change
         // poll that propagates revocations) for seconds: ack on a later round instead.
         let sent = self.inner.outbox_sent.load(Ordering::Acquire);
-        if sent > 0 && self.inner.audit.is_healthy() && self.inner.audit.flush_async().await.is_ok() {
+        if sent > 0 && self.inner.audit.is_healthy() && self.inner.audit.flush_async().await.is_ok()
+        {
             self.store_call(move |s| s.outbox_ack(sent)).await?;
         }
         Ok(n)
@@ -346,14 +374,22 @@ impl Gateway {
     /// Writes accumulated last-use data in one transaction.
     pub async fn flush_last_used(&self) {
         let batch: Vec<LastUsed> = {
-            let keys: Vec<Arc<str>> = self.inner.last_used.iter().map(|e| e.key().clone()).collect();
+            let keys: Vec<Arc<str>> = self
+                .inner
+                .last_used
+                .iter()
+                .map(|e| e.key().clone())
+                .collect();
             keys.into_iter()
                 .filter_map(|k| {
-                    self.inner.last_used.remove(&k).map(|(k, (at, ip))| LastUsed {
-                        token_id: k.to_string(),
-                        at,
-                        ip: ip.to_string(),
-                    })
+                    self.inner
+                        .last_used
+                        .remove(&k)
+                        .map(|(k, (at, ip))| LastUsed {
+                            token_id: k.to_string(),
+                            at,
+                            ip: ip.to_string(),
+                        })
                 })
                 .collect()
         };
@@ -367,7 +403,9 @@ impl Gateway {
             tracing::warn!(error = %e, tokens = n, "could not write last-used data; it will be retried");
             // Put the batch back, keeping whichever use is newer, so the next flush retries it.
             for u in shared.iter() {
-                let Ok(ip) = u.ip.parse::<IpAddr>() else { continue };
+                let Ok(ip) = u.ip.parse::<IpAddr>() else {
+                    continue;
+                };
                 let key: Arc<str> = Arc::from(u.token_id.as_str());
                 let mut e = self.inner.last_used.entry(key).or_insert((u.at, ip));
                 if e.0 < u.at {
@@ -488,8 +526,18 @@ impl Gateway {
             audit_failures: self.inner.audit.write_failures(),
             audit_lines: self.inner.audit.lines_written(),
             rate_limited: self.inner.limiter.limited_count()
-                + self.inner.redis_limiter.load().as_ref().map_or(0, |r| r.limited_count()),
-            redis_fallbacks: self.inner.redis_limiter.load().as_ref().map_or(0, |r| r.fallback_count()),
+                + self
+                    .inner
+                    .redis_limiter
+                    .load()
+                    .as_ref()
+                    .map_or(0, |r| r.limited_count()),
+            redis_fallbacks: self
+                .inner
+                .redis_limiter
+                .load()
+                .as_ref()
+                .map_or(0, |r| r.fallback_count()),
             failed_auth_tracked: tracked as u64,
             store_lookups: self.inner.store.lookup_count(),
             store_writes: self.inner.store.write_count(),
@@ -525,8 +573,18 @@ impl Gateway {
         };
         // If this future is dropped before it answers (client gone, drain deadline), the guard
         // still writes the request's audit line: one line per request that reached the HTTP layer.
-        let mut guard = AuditGuard { gw: self, ctx, start, armed: true };
-        let result = match tokio::time::timeout(cfg.server.request_timeout, self.pipeline(&cfg, conn, req, &mut guard.ctx)).await {
+        let mut guard = AuditGuard {
+            gw: self,
+            ctx,
+            start,
+            armed: true,
+        };
+        let result = match tokio::time::timeout(
+            cfg.server.request_timeout,
+            self.pipeline(&cfg, conn, req, &mut guard.ctx),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err((Reject::RequestTimeout, None)),
         };
@@ -546,12 +604,19 @@ impl Gateway {
             }
         };
         let elapsed = start.elapsed();
-        let decision = if reason == "ok" || matches!(reason, "upstream_error" | "upstream_timeout" | "body_too_large" | "body_idle") && ctx.upstream.is_some() {
+        let decision = if reason == "ok"
+            || matches!(
+                reason,
+                "upstream_error" | "upstream_timeout" | "body_too_large" | "body_idle"
+            ) && ctx.upstream.is_some()
+        {
             "allow"
         } else {
             "deny"
         };
-        self.inner.metrics.request(decision, reason, status.as_u16());
+        self.inner
+            .metrics
+            .request(decision, reason, status.as_u16());
         self.inner.metrics.request_latency.observe(elapsed);
         let record = self.audit_record(ctx, status, decision, reason, elapsed);
         match reservation {
@@ -565,12 +630,24 @@ impl Gateway {
         response
     }
 
-    fn audit_record(&self, ctx: &Ctx, status: StatusCode, decision: &str, reason: &str, elapsed: Duration) -> RequestRecord {
+    fn audit_record(
+        &self,
+        ctx: &Ctx,
+        status: StatusCode,
+        decision: &str,
+        reason: &str,
+        elapsed: Duration,
+    ) -> RequestRecord {
         let row = ctx.token.as_ref().map(|t| &t.row);
         RequestRecord {
             timestamp: crate::audit::now_rfc3339(),
             request_id: ctx.request_id.clone(),
-            auth_type: if ctx.token_prefix.is_some() { "api_token" } else { "none" }.to_string(),
+            auth_type: if ctx.token_prefix.is_some() {
+                "api_token"
+            } else {
+                "none"
+            }
+            .to_string(),
             api_token_id: row.map(|r| r.id.clone()),
             api_token_name: row.map(|r| r.name.clone()),
             token_prefix: ctx.token_prefix.clone(),
@@ -615,7 +692,11 @@ impl Gateway {
         })?;
         ctx.path = canon.path.clone();
         let reserved = canon.path.starts_with(&cfg.server.reserved_prefix);
-        let route = if reserved { None } else { cfg.route_for(&canon.path) };
+        let route = if reserved {
+            None
+        } else {
+            cfg.route_for(&canon.path)
+        };
         if canon.has_non_ascii && !route.is_some_and(|r| r.allow_non_ascii) {
             return Err(no_res(Reject::BadRequest {
                 reason: "bad_path",
@@ -671,7 +752,11 @@ impl Gateway {
         }
 
         // 8. The audit writer must accept the record before anything is forwarded.
-        let reservation = self.inner.audit.reserve().map_err(|_| no_res(Reject::AuditUnavailable))?;
+        let reservation = self
+            .inner
+            .audit
+            .reserve()
+            .map_err(|_| no_res(Reject::AuditUnavailable))?;
 
         if reserved {
             let resp = self.internal(cfg, &ctx.method, &canon.path, ctx);
@@ -683,7 +768,13 @@ impl Gateway {
 
         // 9. Forward.
         let Some(route) = route else {
-            return Err((Reject::Forbidden { reason: "no_rule", permission: None }, Some(reservation)));
+            return Err((
+                Reject::Forbidden {
+                    reason: "no_rule",
+                    permission: None,
+                },
+                Some(reservation),
+            ));
         };
         ctx.upstream = Some(route.name.clone());
         let client_upgrade = facts.websocket.then(|| hyper::upgrade::on(&mut req));
@@ -731,7 +822,11 @@ impl Gateway {
     }
 
     /// Steps 3–5.
-    async fn authenticate(&self, req: &Request<Incoming>, ctx: &mut Ctx) -> Result<Arc<CachedToken>, Reject> {
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        ctx: &mut Ctx,
+    ) -> Result<Arc<CachedToken>, Reject> {
         let credential = auth::extract(req.headers(), req.uri().query())?;
         let parsed = auth::parse(credential)?;
         ctx.token_prefix = Some(parsed.display_prefix().to_string());
@@ -749,12 +844,17 @@ impl Gateway {
         }
         for _ in 0..8 {
             let epoch = self.inner.cache.epoch();
-            let row = self.store_call(move |s| s.lookup_hash(&hash)).await.map_err(|e| {
-                tracing::error!(error = %e, "token lookup failed: answering 503");
-                Reject::StoreUnavailable
-            })?;
+            let row = self
+                .store_call(move |s| s.lookup_hash(&hash))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "token lookup failed: answering 503");
+                    Reject::StoreUnavailable
+                })?;
             let Some(row) = row else {
-                return Err(Reject::InvalidToken { reason: "unknown_token" });
+                return Err(Reject::InvalidToken {
+                    reason: "unknown_token",
+                });
             };
             let entry = Arc::new(CachedToken::new(row));
             if !self.inner.cache.is_trusted() {
@@ -769,25 +869,42 @@ impl Gateway {
     }
 
     /// Step 6, and the shadow evaluation that is logged but never enforced.
-    fn authorise(&self, cfg: &Config, lookup: Option<&Lookup<'_>>, ctx: &mut Ctx) -> Result<(), Reject> {
+    fn authorise(
+        &self,
+        cfg: &Config,
+        lookup: Option<&Lookup<'_>>,
+        ctx: &mut Ctx,
+    ) -> Result<(), Reject> {
         let row = ctx.token.as_ref().map(|t| &t.row);
         let enforced = lookup.and_then(|l| l.enforced.as_ref());
         let decide = |m: Option<&RuleMatch<'_>>, perms: Option<&[String]>| -> Result<(), Reject> {
             let Some(m) = m else {
-                return Err(Reject::Forbidden { reason: "no_rule", permission: None });
+                return Err(Reject::Forbidden {
+                    reason: "no_rule",
+                    permission: None,
+                });
             };
             if m.rule.public {
                 return Ok(());
             }
             let perm = m.rule.permission.as_deref().unwrap_or("");
             let (Some(row), Some(perms)) = (row, perms) else {
-                return Err(Reject::Forbidden { reason: "insufficient_permission", permission: Some(perm.to_string()) });
+                return Err(Reject::Forbidden {
+                    reason: "insufficient_permission",
+                    permission: Some(perm.to_string()),
+                });
             };
             if !authz::grants(perms, perm) {
-                return Err(Reject::Forbidden { reason: "insufficient_permission", permission: Some(perm.to_string()) });
+                return Err(Reject::Forbidden {
+                    reason: "insufficient_permission",
+                    permission: Some(perm.to_string()),
+                });
             }
             if !authz::scopes_allow(&row.scopes, &m.captures) {
-                return Err(Reject::Forbidden { reason: "out_of_scope", permission: Some(perm.to_string()) });
+                return Err(Reject::Forbidden {
+                    reason: "out_of_scope",
+                    permission: Some(perm.to_string()),
+                });
             }
             Ok(())
         };
@@ -801,8 +918,14 @@ impl Gateway {
             .filter(|role| role.shadow);
         if shadow_rule.is_some() || shadow_role.is_some() {
             let m = shadow_rule.or(enforced);
-            let perms = shadow_role.map(|r| r.permissions.as_slice()).or(token_perms);
-            ctx.shadow_decision = Some(if decide(m, perms).is_ok() { "would_allow" } else { "would_deny" });
+            let perms = shadow_role
+                .map(|r| r.permissions.as_slice())
+                .or(token_perms);
+            ctx.shadow_decision = Some(if decide(m, perms).is_ok() {
+                "would_allow"
+            } else {
+                "would_deny"
+            });
         }
         verdict
     }
@@ -813,10 +936,14 @@ impl Gateway {
         match self.inner.last_used.get_mut(t.row.id.as_str()) {
             Some(mut e) => *e = (now, ip),
             None => {
-                self.inner.last_used.insert(Arc::from(t.row.id.as_str()), (now, ip));
+                self.inner
+                    .last_used
+                    .insert(Arc::from(t.row.id.as_str()), (now, ip));
             }
         }
-        if !t.predecessor_retired.load(Ordering::Acquire) && !t.predecessor_retired.swap(true, Ordering::AcqRel) {
+        if !t.predecessor_retired.load(Ordering::Acquire)
+            && !t.predecessor_retired.swap(true, Ordering::AcqRel)
+        {
             if let Some(old) = t.row.rotated_from.clone() {
                 let old2 = old.clone();
                 match self.store_call(move |s| s.retire_rotated(&old2, now)).await {
@@ -850,7 +977,13 @@ impl Gateway {
     }
 
     /// Endpoints under the reserved prefix.
-    fn internal(&self, cfg: &Config, method: &Method, path: &str, ctx: &Ctx) -> Result<Response<Body>, Reject> {
+    fn internal(
+        &self,
+        cfg: &Config,
+        method: &Method,
+        path: &str,
+        ctx: &Ctx,
+    ) -> Result<Response<Body>, Reject> {
         let rest = &path[cfg.server.reserved_prefix.len()..];
         match (method, rest) {
             (&Method::GET | &Method::HEAD, "v1/whoami") => {
@@ -868,9 +1001,12 @@ impl Gateway {
                     "expires_at": row.expires_at.map(rfc3339),
                 });
                 let mut resp = Response::new(full(body.to_string() + "\n"));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(resp)
             }
             _ => Err(Reject::NotFound),
@@ -915,10 +1051,20 @@ impl Drop for AuditGuard<'_> {
         }
         // 499: the client closed the request (or the drain deadline cut it) before a response.
         let status = StatusCode::from_u16(499).expect("valid code");
-        let decision = if self.ctx.upstream.is_some() { "allow" } else { "deny" };
+        let decision = if self.ctx.upstream.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
         let gw = self.gw;
         gw.inner.metrics.request(decision, "client_closed", 499);
-        let record = gw.audit_record(&self.ctx, status, decision, "client_closed", self.start.elapsed());
+        let record = gw.audit_record(
+            &self.ctx,
+            status,
+            decision,
+            "client_closed",
+            self.start.elapsed(),
+        );
         if let Err(e) = gw.inner.audit.record(Entry::Request(record)) {
             tracing::error!(error = %e, "audit record for an abandoned request could not be queued");
         }
@@ -930,22 +1076,35 @@ fn no_res(r: Reject) -> (Reject, Option<Reservation>) {
 }
 
 fn is_auth_failure(r: &Reject) -> bool {
-    matches!(r, Reject::MissingToken { .. } | Reject::InvalidRequest { .. } | Reject::InvalidToken { .. })
+    matches!(
+        r,
+        Reject::MissingToken { .. } | Reject::InvalidRequest { .. } | Reject::InvalidToken { .. }
+    )
 }
 
 /// Audit-safe form of a path that failed canonicalisation: no query, bounded, printable.
 fn sanitize_raw_path(p: &str) -> String {
-    p.chars().take(512).map(|c| if c.is_control() { '?' } else { c }).collect()
+    p.chars()
+        .take(512)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn rule_id(route: &RouteConfig, m: &RuleMatch<'_>) -> String {
-    let methods = if m.rule.methods.is_empty() { "*".to_string() } else { m.rule.methods.join(",") };
+    let methods = if m.rule.methods.is_empty() {
+        "*".to_string()
+    } else {
+        m.rule.methods.join(",")
+    };
     format!("{}:{} {}", route.name, methods, m.rule.path)
 }
 
 fn token_rate(cfg: &Config, row: &TokenRow) -> Rate {
     if let Some(r) = row.rate {
-        return Rate { requests_per_second: r.requests_per_second, burst: r.burst };
+        return Rate {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst,
+        };
     }
     row.role
         .as_deref()
@@ -991,14 +1150,26 @@ mod tests {
     #[test]
     fn forwarded_for_is_only_believed_from_trusted_proxies() {
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.0.0.2"));
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.0.0.2"),
+        );
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         assert_eq!(client_ip(peer, &h, &[]), peer);
         let trusted = vec!["10.0.0.0/8".parse().unwrap()];
-        assert_eq!(client_ip(peer, &h, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
         let outsider: IpAddr = "198.51.100.1".parse().unwrap();
         assert_eq!(client_ip(outsider, &h, &trusted), outsider);
-        h.insert("x-forwarded-for", HeaderValue::from_static("junk, 10.0.0.2"));
-        assert_eq!(client_ip(peer, &h, &trusted), "10.0.0.2".parse::<IpAddr>().unwrap());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("junk, 10.0.0.2"),
+        );
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
     }
 }

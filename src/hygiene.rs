@@ -115,7 +115,11 @@ pub struct Limits {
 }
 
 /// Step 1 (everything but the path): size limits, method allow-list, Host, header names, upgrades.
-pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) -> Result<RequestFacts, Reject> {
+pub fn check<B>(
+    parts: &http::Request<B>,
+    methods: &[String],
+    limits: Limits,
+) -> Result<RequestFacts, Reject> {
     let bad = |reason: &'static str, message: &str| Reject::BadRequest {
         reason,
         message: message.to_string(),
@@ -125,7 +129,11 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
         .path_and_query()
         .map(|pq| pq.as_str().len())
         .unwrap_or(1)
-        + parts.uri().authority().map(|a| a.as_str().len()).unwrap_or(0);
+        + parts
+            .uri()
+            .authority()
+            .map(|a| a.as_str().len())
+            .unwrap_or(0);
     if uri_len > limits.max_uri_bytes {
         return Err(Reject::UriTooLong);
     }
@@ -143,10 +151,19 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
         return Err(Reject::HeadersTooLarge);
     }
     if *parts.method() == Method::TRACE || *parts.method() == Method::CONNECT {
-        return Err(bad("method_not_allowed", "TRACE and CONNECT are not accepted."));
+        return Err(bad(
+            "method_not_allowed",
+            "TRACE and CONNECT are not accepted.",
+        ));
     }
-    if !methods.iter().any(|m| m.as_str() == parts.method().as_str()) {
-        return Err(bad("method_not_allowed", "This method is not accepted by the gateway."));
+    if !methods
+        .iter()
+        .any(|m| m.as_str() == parts.method().as_str())
+    {
+        return Err(bad(
+            "method_not_allowed",
+            "This method is not accepted by the gateway.",
+        ));
     }
     if let Some(cl) = parts.headers().get(header::CONTENT_LENGTH) {
         match cl.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
@@ -170,12 +187,16 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
             }
             Some(h)
         }
-        (Version::HTTP_2 | Version::HTTP_3, Some(auth), None) => {
-            Some(HeaderValue::from_str(auth.as_str()).map_err(|_| bad("bad_host", "Invalid :authority."))?)
-        }
+        (Version::HTTP_2 | Version::HTTP_3, Some(auth), None) => Some(
+            HeaderValue::from_str(auth.as_str())
+                .map_err(|_| bad("bad_host", "Invalid :authority."))?,
+        ),
         (_, Some(auth), Some(h)) => {
             if !h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes()) {
-                return Err(bad("bad_host", "The absolute-form target's authority does not match Host."));
+                return Err(bad(
+                    "bad_host",
+                    "The absolute-form target's authority does not match Host.",
+                ));
             }
             Some(h)
         }
@@ -194,7 +215,10 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
     }
     if let Some(auth) = parts.uri().authority() {
         if auth.as_str().contains('@') {
-            return Err(bad("bad_host", "User information in the request target is not accepted."));
+            return Err(bad(
+                "bad_host",
+                "User information in the request target is not accepted.",
+            ));
         }
     }
 
@@ -208,7 +232,11 @@ pub fn check<B>(parts: &http::Request<B>, methods: &[String], limits: Limits) ->
             .flat_map(|v| v.split(','))
             .map(|s| s.trim().to_ascii_lowercase())
             .collect();
-        if list.len() != 1 || list[0] != "websocket" || parts.version() != Version::HTTP_11 || *parts.method() != Method::GET {
+        if list.len() != 1
+            || list[0] != "websocket"
+            || parts.version() != Version::HTTP_11
+            || *parts.method() != Method::GET
+        {
             return Err(Reject::UpgradeRefused);
         }
         let connection_upgrade = parts
@@ -272,7 +300,10 @@ mod tests {
     #[test]
     fn connection_named_headers_go_but_gateway_headers_are_set_after() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("X-Tokengate-Token-Id, keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("X-Tokengate-Token-Id, keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers"));
@@ -290,29 +321,73 @@ mod tests {
         assert!(check(&ok, &methods(), L).is_ok());
         let cases: Vec<(http::Request<()>, &str)> = vec![
             (parts(&[("host", "a")], "/x", "TRACE"), "method_not_allowed"),
-            (parts(&[("host", "a")], "/x", "DELETE"), "method_not_allowed"),
+            (
+                parts(&[("host", "a")], "/x", "DELETE"),
+                "method_not_allowed",
+            ),
             (parts(&[], "/x", "GET"), "bad_host"),
-            (parts(&[("host", "a"), ("host", "b")], "/x", "GET"), "bad_host"),
+            (
+                parts(&[("host", "a"), ("host", "b")], "/x", "GET"),
+                "bad_host",
+            ),
             (parts(&[("host", "a")], "http://b/x", "GET"), "bad_host"),
-            (parts(&[("host", "a"), ("x_auth_user", "admin")], "/x", "GET"), "bad_header"),
-            (parts(&[("host", "a"), ("upgrade", "h2c"), ("connection", "upgrade")], "/x", "GET"), "upgrade_refused"),
+            (
+                parts(&[("host", "a"), ("x_auth_user", "admin")], "/x", "GET"),
+                "bad_header",
+            ),
+            (
+                parts(
+                    &[("host", "a"), ("upgrade", "h2c"), ("connection", "upgrade")],
+                    "/x",
+                    "GET",
+                ),
+                "upgrade_refused",
+            ),
             (parts(&[("host", "a b")], "/x", "GET"), "bad_host"),
-            (parts(&[("host", "a"), ("content-length", "5000")], "/x", "POST"), "body_too_large"),
+            (
+                parts(&[("host", "a"), ("content-length", "5000")], "/x", "POST"),
+                "body_too_large",
+            ),
         ];
         for (p, reason) in cases {
-            assert_eq!(check(&p, &methods(), L).unwrap_err().reason(), reason, "{p:?}");
+            assert_eq!(
+                check(&p, &methods(), L).unwrap_err().reason(),
+                reason,
+                "{p:?}"
+            );
         }
         let long = format!("/{}", "a".repeat(200));
-        assert_eq!(check(&parts(&[("host", "a")], &long, "GET"), &methods(), L).unwrap_err().reason(), "uri_too_long");
-        let ws = parts(&[("host", "a"), ("upgrade", "websocket"), ("connection", "Upgrade")], "/x", "GET");
+        assert_eq!(
+            check(&parts(&[("host", "a")], &long, "GET"), &methods(), L)
+                .unwrap_err()
+                .reason(),
+            "uri_too_long"
+        );
+        let ws = parts(
+            &[
+                ("host", "a"),
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+            ],
+            "/x",
+            "GET",
+        );
         assert!(check(&ws, &methods(), L).unwrap().websocket);
     }
 
     #[test]
     fn owned_families_and_host_ports() {
         let mut h = HeaderMap::new();
-        for n in ["x-tokengate-role", "x-forwarded-server", "x-forwarded-ssl", "x-forwarded-user"] {
-            h.insert(HeaderName::from_static(n), HeaderValue::from_static("spoof"));
+        for n in [
+            "x-tokengate-role",
+            "x-forwarded-server",
+            "x-forwarded-ssl",
+            "x-forwarded-user",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                HeaderValue::from_static("spoof"),
+            );
         }
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_owned(&mut h);

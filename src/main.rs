@@ -20,9 +20,16 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match &cli.command {
         Command::Serve | Command::Demo(_) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
-                Err(e) => return cli::exit(Err(cli::CliError::failure(format!("cannot start the runtime: {e}")))),
+                Err(e) => {
+                    return cli::exit(Err(cli::CliError::failure(format!(
+                        "cannot start the runtime: {e}"
+                    ))));
+                }
             };
             rt.block_on(async {
                 match &cli.command {

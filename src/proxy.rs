@@ -122,7 +122,11 @@ pub fn upstream_request(
         set(&mut headers, "x-tokengate-token-id", &t.id);
         set(&mut headers, "x-tokengate-token-name", &t.name);
         set(&mut headers, "x-tokengate-account", &t.account);
-        set(&mut headers, "x-tokengate-permissions", &t.permissions.join(","));
+        set(
+            &mut headers,
+            "x-tokengate-permissions",
+            &t.permissions.join(","),
+        );
     }
     if info.websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -144,8 +148,12 @@ pub fn downstream_response(resp: Response<Incoming>, body_idle: Duration) -> Res
     let upgrade = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
     hygiene::strip_hop_by_hop(&mut parts.headers);
     if upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     let body = Guarded::new(body, u64::MAX, body_idle, BodyOutcome::default()).boxed_unsync();
     Response::from_parts(parts, body)

@@ -72,7 +72,9 @@ impl TlsHandle {
 }
 
 fn acceptor(files: Option<&crate::config::TlsFiles>) -> Result<Option<TlsAcceptor>, TlsError> {
-    files.map(|f| tls::server_config(f).map(TlsAcceptor::from)).transpose()
+    files
+        .map(|f| tls::server_config(f).map(TlsAcceptor::from))
+        .transpose()
 }
 
 impl Server {
@@ -82,7 +84,9 @@ impl Server {
         let public_tls = acceptor(cfg.server.tls.as_ref())?;
         let admin_tls = acceptor(cfg.admin.tls.as_ref())?;
         let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
         };
         let public = bind(cfg.server.listen).await?;
         let admin = bind(cfg.admin.listen).await?;
@@ -148,7 +152,10 @@ impl Server {
         match Arc::try_unwrap(graceful) {
             Ok(g) => {
                 if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
-                    tracing::warn!(?grace, "drain deadline passed; closing remaining connections");
+                    tracing::warn!(
+                        ?grace,
+                        "drain deadline passed; closing remaining connections"
+                    );
                 }
             }
             Err(_) => tracing::warn!("connection tracker still shared; skipping drain"),
@@ -176,7 +183,10 @@ struct ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.gw.metrics().open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.gw
+            .metrics()
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
         if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(self.ip) {
             *e.get_mut() -= 1;
             if *e.get() == 0 {
@@ -225,8 +235,14 @@ async fn accept_loop(
                 }
                 *n += 1;
             }
-            gw.metrics().open_connections.fetch_add(1, Ordering::Relaxed);
-            Some(ConnSlot { ip, per_ip: per_ip.clone(), gw: gw.clone() })
+            gw.metrics()
+                .open_connections
+                .fetch_add(1, Ordering::Relaxed);
+            Some(ConnSlot {
+                ip,
+                per_ip: per_ip.clone(),
+                gw: gw.clone(),
+            })
         } else {
             None
         };
@@ -250,7 +266,10 @@ async fn serve_connection(
     watcher: Watcher,
 ) {
     let cfg = gw.config();
-    let conn = ConnInfo { peer, tls: acceptor.is_some() };
+    let conn = ConnInfo {
+        peer,
+        tls: acceptor.is_some(),
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -282,13 +301,21 @@ async fn serve_connection(
     let deadline = cfg.server.header_read_timeout;
     match acceptor {
         None => {
-            let c = builder.serve_connection_with_upgrades(TokioIo::new(ProtocolDeadline::new(stream, deadline)), svc);
+            let c = builder.serve_connection_with_upgrades(
+                TokioIo::new(ProtocolDeadline::new(stream, deadline)),
+                svc,
+            );
             if let Err(e) = watcher.watch(c.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
         Some(acceptor) => {
-            let tls = match tokio::time::timeout(cfg.server.tls_handshake_timeout, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(
+                cfg.server.tls_handshake_timeout,
+                acceptor.accept(stream),
+            )
+            .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -299,7 +326,10 @@ async fn serve_connection(
                     return;
                 }
             };
-            let c = builder.serve_connection_with_upgrades(TokioIo::new(ProtocolDeadline::new(tls, deadline)), svc);
+            let c = builder.serve_connection_with_upgrades(
+                TokioIo::new(ProtocolDeadline::new(tls, deadline)),
+                svc,
+            );
             if let Err(e) = watcher.watch(c.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -341,7 +371,11 @@ impl<I> ProtocolDeadline<I> {
 }
 
 impl<I: AsyncRead> AsyncRead for ProtocolDeadline<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         if !*this.armed {
             return this.io.poll_read(cx, buf);
@@ -375,11 +409,19 @@ impl<I: AsyncRead> AsyncRead for ProtocolDeadline<I> {
 }
 
 impl<I: AsyncWrite> AsyncWrite for ProtocolDeadline<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write_vectored(cx, bufs)
     }
 

@@ -50,9 +50,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .collect::<Result<_, _>>()
         .map_err(|e| pem_err("certificate", &files.cert, e))?;
     if certs.is_empty() {
-        return Err(pem_err("certificate", &files.cert, "no CERTIFICATE block found"));
+        return Err(pem_err(
+            "certificate",
+            &files.cert,
+            "no CERTIFICATE block found",
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_err("private key", &files.key, e))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| pem_err("private key", &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -83,9 +88,18 @@ mod tests {
         let key = dir.path().join("k.pem");
         std::fs::write(&cert, "not a pem").unwrap();
         std::fs::write(&key, "nope").unwrap();
-        let e = server_config(&TlsFiles { cert: cert.clone(), key }).unwrap_err().to_string();
+        let e = server_config(&TlsFiles {
+            cert: cert.clone(),
+            key,
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("c.pem"), "{e}");
-        let e = server_config(&TlsFiles { cert: dir.path().join("missing.pem"), key: cert }).unwrap_err();
+        let e = server_config(&TlsFiles {
+            cert: dir.path().join("missing.pem"),
+            key: cert,
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("missing.pem"));
     }
 

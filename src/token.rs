@@ -72,7 +72,9 @@ pub fn valid_prefix(p: &str) -> bool {
     let b = p.as_bytes();
     (2..=10).contains(&b.len())
         && b[0].is_ascii_lowercase()
-        && b[1..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
 fn is_base62(b: u8) -> bool {
@@ -92,7 +94,10 @@ fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
 /// Checks shape and checksum. Does not touch the store.
 pub fn parse(raw: &str) -> Result<ParsedToken<'_>, TokenError> {
     let b = raw.as_bytes();
-    let sep = b.iter().position(|&c| c == b'_').ok_or(TokenError::Format)?;
+    let sep = b
+        .iter()
+        .position(|&c| c == b'_')
+        .ok_or(TokenError::Format)?;
     if !valid_prefix(&raw[..sep]) || b.len() != sep + 1 + RANDOM_LEN + CHECKSUM_LEN {
         return Err(TokenError::Format);
     }
@@ -104,7 +109,10 @@ pub fn parse(raw: &str) -> Result<ParsedToken<'_>, TokenError> {
     if checksum(body) != sum {
         return Err(TokenError::Checksum);
     }
-    Ok(ParsedToken { raw, prefix_len: sep })
+    Ok(ParsedToken {
+        raw,
+        prefix_len: sep,
+    })
 }
 
 /// SHA-256 of a token string.
@@ -138,7 +146,8 @@ pub fn generate(prefix: &str) -> NewToken {
     let mut buf = [0u8; 64];
     let mut have = 0;
     while have < RANDOM_LEN {
-        rng.try_fill_bytes(&mut buf).expect("the OS random source failed");
+        rng.try_fill_bytes(&mut buf)
+            .expect("the OS random source failed");
         for &byte in &buf {
             // 248 = 4 * 62: values above would bias the first characters.
             if byte < 248 && have < RANDOM_LEN {
@@ -166,7 +175,8 @@ pub fn new_id(kind: &str) -> String {
     s.push('_');
     let mut have = 0;
     while have < 16 {
-        rng.try_fill_bytes(&mut buf).expect("the OS random source failed");
+        rng.try_fill_bytes(&mut buf)
+            .expect("the OS random source failed");
         for &byte in &buf {
             if byte < 248 && have < 16 {
                 s.push(BASE62[(byte % 62) as usize] as char);

@@ -27,14 +27,20 @@ async fn valid_token_is_forwarded_with_identity_and_without_authorization() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-upstream"], "yes");
     assert_eq!(resp.headers()["content-type"], "text/plain");
-    assert!(resp.headers().get("x-upstream-private").is_none(), "Connection-named response header stripped");
+    assert!(
+        resp.headers().get("x-upstream-private").is_none(),
+        "Connection-named response header stripped"
+    );
     assert_eq!(resp.headers()["ratelimit-limit"], "100");
     assert!(resp.headers().get("x-request-id").is_some());
     assert_eq!(resp.text().await.unwrap(), "upstream ok 0");
     let got = tg.upstream.received();
     assert_eq!(got.len(), 1);
     let r = &got[0];
-    assert_eq!(r.target, "/apps/billing/status?verbose=1&x=%2F", "canonical path plus untouched query");
+    assert_eq!(
+        r.target, "/apps/billing/status?verbose=1&x=%2F",
+        "canonical path plus untouched query"
+    );
     assert!(r.headers.get("authorization").is_none());
     assert_eq!(r.headers["x-tokengate-token-id"], id.as_str());
     assert_eq!(r.headers["x-tokengate-token-name"], "deploy-bot");
@@ -53,7 +59,10 @@ async fn valid_token_is_forwarded_with_identity_and_without_authorization() {
     assert_eq!(line["path"], "/apps/billing/status");
     assert_eq!(line["permission"], "apps:read");
     assert_eq!(line["upstream"], "api");
-    assert!(!line.to_string().contains("verbose"), "no query in the audit log");
+    assert!(
+        !line.to_string().contains("verbose"),
+        "no query in the audit log"
+    );
     tg.stop().await;
 }
 
@@ -82,22 +91,109 @@ async fn every_authentication_rejection_has_its_status_challenge_body_and_audit_
         reason: &'static str,
     }
     let cases = vec![
-        Case { name: "no header", auth: vec![], query: "", status: 401, challenge: Some("Bearer realm=\"tokengate\""), reason: "missing_token" },
-        Case { name: "basic", auth: vec!["Basic dXNlcjpwYXNz".into()], query: "", status: 401, challenge: Some("Bearer realm=\"tokengate\""), reason: "unsupported_scheme" },
-        Case { name: "two headers", auth: vec![format!("Bearer {good}"), format!("Bearer {good}")], query: "", status: 400, challenge: Some("error=\"invalid_request\""), reason: "duplicate_authorization" },
-        Case { name: "malformed", auth: vec!["Bearer a b".into()], query: "", status: 400, challenge: Some("error=\"invalid_request\""), reason: "malformed" },
-        Case { name: "empty bearer", auth: vec!["Bearer".into()], query: "", status: 400, challenge: Some("error=\"invalid_request\""), reason: "malformed" },
-        Case { name: "token in query", auth: vec![format!("Bearer {good}")], query: "?access_token=x", status: 400, challenge: Some("error=\"invalid_request\""), reason: "token_in_query" },
-        Case { name: "query only", auth: vec![], query: "?token=abc", status: 400, challenge: Some("error=\"invalid_request\""), reason: "token_in_query" },
-        Case { name: "not our format", auth: vec!["Bearer abcdef".into()], query: "", status: 401, challenge: Some("error=\"invalid_token\""), reason: "bad_format" },
-        Case { name: "bad checksum", auth: vec![format!("Bearer {bad_sum}")], query: "", status: 401, challenge: Some("error=\"invalid_token\""), reason: "bad_checksum" },
-        Case { name: "unknown", auth: vec![format!("Bearer {unknown}")], query: "", status: 401, challenge: Some("error=\"invalid_token\""), reason: "unknown_token" },
-        Case { name: "revoked", auth: vec![format!("Bearer {revoked}")], query: "", status: 401, challenge: Some("revoked"), reason: "revoked" },
-        Case { name: "expired", auth: vec![format!("Bearer {expired}")], query: "", status: 401, challenge: Some("expired"), reason: "expired" },
+        Case {
+            name: "no header",
+            auth: vec![],
+            query: "",
+            status: 401,
+            challenge: Some("Bearer realm=\"tokengate\""),
+            reason: "missing_token",
+        },
+        Case {
+            name: "basic",
+            auth: vec!["Basic dXNlcjpwYXNz".into()],
+            query: "",
+            status: 401,
+            challenge: Some("Bearer realm=\"tokengate\""),
+            reason: "unsupported_scheme",
+        },
+        Case {
+            name: "two headers",
+            auth: vec![format!("Bearer {good}"), format!("Bearer {good}")],
+            query: "",
+            status: 400,
+            challenge: Some("error=\"invalid_request\""),
+            reason: "duplicate_authorization",
+        },
+        Case {
+            name: "malformed",
+            auth: vec!["Bearer a b".into()],
+            query: "",
+            status: 400,
+            challenge: Some("error=\"invalid_request\""),
+            reason: "malformed",
+        },
+        Case {
+            name: "empty bearer",
+            auth: vec!["Bearer".into()],
+            query: "",
+            status: 400,
+            challenge: Some("error=\"invalid_request\""),
+            reason: "malformed",
+        },
+        Case {
+            name: "token in query",
+            auth: vec![format!("Bearer {good}")],
+            query: "?access_token=x",
+            status: 400,
+            challenge: Some("error=\"invalid_request\""),
+            reason: "token_in_query",
+        },
+        Case {
+            name: "query only",
+            auth: vec![],
+            query: "?token=abc",
+            status: 400,
+            challenge: Some("error=\"invalid_request\""),
+            reason: "token_in_query",
+        },
+        Case {
+            name: "not our format",
+            auth: vec!["Bearer abcdef".into()],
+            query: "",
+            status: 401,
+            challenge: Some("error=\"invalid_token\""),
+            reason: "bad_format",
+        },
+        Case {
+            name: "bad checksum",
+            auth: vec![format!("Bearer {bad_sum}")],
+            query: "",
+            status: 401,
+            challenge: Some("error=\"invalid_token\""),
+            reason: "bad_checksum",
+        },
+        Case {
+            name: "unknown",
+            auth: vec![format!("Bearer {unknown}")],
+            query: "",
+            status: 401,
+            challenge: Some("error=\"invalid_token\""),
+            reason: "unknown_token",
+        },
+        Case {
+            name: "revoked",
+            auth: vec![format!("Bearer {revoked}")],
+            query: "",
+            status: 401,
+            challenge: Some("revoked"),
+            reason: "revoked",
+        },
+        Case {
+            name: "expired",
+            auth: vec![format!("Bearer {expired}")],
+            query: "",
+            status: 401,
+            challenge: Some("expired"),
+            reason: "expired",
+        },
     ];
     let lookups_before = tg.gw.store().lookup_count();
     for c in &cases {
-        let mut req = format!("GET /apps/billing/status{} HTTP/1.1\r\nHost: gw.test\r\n", c.query);
+        let mut req = format!(
+            "GET /apps/billing/status{} HTTP/1.1\r\nHost: gw.test\r\n",
+            c.query
+        );
         for a in &c.auth {
             req.push_str(&format!("Authorization: {a}\r\n"));
         }
@@ -107,13 +203,25 @@ async fn every_authentication_rejection_has_its_status_challenge_body_and_audit_
         let www = resp.header("www-authenticate").unwrap_or("");
         if let Some(ch) = c.challenge {
             assert!(www.contains(ch), "{}: {www}", c.name);
-            assert!(www.starts_with("Bearer realm=\"tokengate\""), "{}: {www}", c.name);
+            assert!(
+                www.starts_with("Bearer realm=\"tokengate\""),
+                "{}: {www}",
+                c.name
+            );
         }
         if c.reason == "unknown_token" {
-            assert!(!www.contains("unknown"), "generic description for unknown tokens: {www}");
+            assert!(
+                !www.contains("unknown"),
+                "generic description for unknown tokens: {www}"
+            );
         }
-        let body: serde_json::Value = serde_json::from_str(&resp.body).unwrap_or_else(|_| panic!("{}: {}", c.name, resp.body));
-        assert!(body["error"].is_string() && body["message"].is_string() && body["request_id"].is_string());
+        let body: serde_json::Value = serde_json::from_str(&resp.body)
+            .unwrap_or_else(|_| panic!("{}: {}", c.name, resp.body));
+        assert!(
+            body["error"].is_string()
+                && body["message"].is_string()
+                && body["request_id"].is_string()
+        );
         assert!(!resp.raw.contains(&good), "{}: token echoed", c.name);
         let line = tg.last_request_line().await;
         assert_rejection_line(&line, c.status, c.reason);
@@ -131,22 +239,48 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "bot", &["apps:read"]);
     let c = client();
-    let ok = c.get(tg.url("/apps/a/x")).bearer_auth(&tok).send().await.unwrap();
+    let ok = c
+        .get(tg.url("/apps/a/x"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .args(["--config", tg.config_path.to_str().unwrap(), "token", "revoke", &id])
+        .args([
+            "--config",
+            tg.config_path.to_str().unwrap(),
+            "token",
+            "revoke",
+            &id,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let revoked_at = Instant::now();
     loop {
-        let r = c.get(tg.url("/apps/a/x")).bearer_auth(&tok).send().await.unwrap();
+        let r = c
+            .get(tg.url("/apps/a/x"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
         if r.status() == 401 {
-            let www = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+            let www = r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .to_string();
             assert!(www.contains("revoked"), "{www}");
             break;
         }
-        assert!(revoked_at.elapsed() < Duration::from_secs(1), "still accepted after 1 s");
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still accepted after 1 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tg.stop().await;
@@ -157,23 +291,47 @@ async fn revoke_in_process_is_instant() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "bot", &["apps:read"]);
     let c = client();
-    assert_eq!(c.get(tg.url("/apps/a/x")).bearer_auth(&tok).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(tg.url("/apps/a/x"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     tg.gw.revoke(&id, "test", "test").await.unwrap();
-    assert_eq!(c.get(tg.url("/apps/a/x")).bearer_auth(&tok).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.get(tg.url("/apps/a/x"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn upstream_down_is_502_and_silent_upstream_is_504() {
     // A port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let tg = TestGateway::start_with(Options {
         upstream_override: Some(dead.to_string()),
         ..Options::default()
     })
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
-    let r = client().get(tg.url("/apps/a/x")).bearer_auth(&tok).send().await.unwrap();
+    let r = client()
+        .get(tg.url("/apps/a/x"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "upstream_error");
@@ -187,7 +345,12 @@ async fn upstream_down_is_502_and_silent_upstream_is_504() {
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
     let start = Instant::now();
-    let r = client().get(tg.url("/slow/x")).bearer_auth(&tok).send().await.unwrap();
+    let r = client()
+        .get(tg.url("/slow/x"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
     assert!(start.elapsed() < Duration::from_secs(5));
     let line = tg.last_request_line().await;
@@ -203,7 +366,12 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
     let (tok, id) = tg.token_with("ci", "who", &["apps:read"], |s| {
         s.scopes.insert("app".into(), vec!["billing".into()]);
     });
-    let r = c.get(tg.url("/_tokengate/v1/whoami")).bearer_auth(&tok).send().await.unwrap();
+    let r = c
+        .get(tg.url("/_tokengate/v1/whoami"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["id"], id.as_str());
@@ -213,7 +381,14 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
     assert_eq!(v["scopes"]["app"][0], "billing");
     assert!(v["prefix"].as_str().unwrap().starts_with("tg_"));
     assert!(v["created_at"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(c.get(tg.url("/_tokengate/v1/whoami")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.get(tg.url("/_tokengate/v1/whoami"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     assert_eq!(tg.upstream.count(), 1, "only /health reached the upstream");
     tg.stop().await;
 }
@@ -222,8 +397,17 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
 async fn http2_prior_knowledge_works() {
     let tg = TestGateway::start().await;
     let (tok, _) = tg.token("ci", "h2", &["apps:read"]);
-    let c = reqwest::Client::builder().http2_prior_knowledge().no_proxy().build().unwrap();
-    let r = c.get(tg.url("/apps/x/y")).bearer_auth(&tok).send().await.unwrap();
+    let c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = c
+        .get(tg.url("/apps/x/y"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "upstream ok 0");
@@ -246,7 +430,11 @@ async fn tls_with_a_certificate_made_in_the_test_serves_h1_and_h2() {
         dir.path().join("cert.pem").display(),
         dir.path().join("key.pem").display()
     );
-    let tg = TestGateway::start_with(Options { server: tls, ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        server: tls,
+        ..Options::default()
+    })
+    .await;
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
     let ca = reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap();
     let url = format!("https://localhost:{}/apps/a/b", tg.addr.port());
@@ -262,13 +450,23 @@ async fn tls_with_a_certificate_made_in_the_test_serves_h1_and_h2() {
         let c = b.build().unwrap();
         let r = c.get(&url).bearer_auth(&tok).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(r.version(), if h2 { reqwest::Version::HTTP_2 } else { reqwest::Version::HTTP_11 });
+        assert_eq!(
+            r.version(),
+            if h2 {
+                reqwest::Version::HTTP_2
+            } else {
+                reqwest::Version::HTTP_11
+            }
+        );
         assert_eq!(r.text().await.unwrap(), "upstream ok 0");
         assert_eq!(c.get(&url).send().await.unwrap().status(), 401);
     }
     let got = tg.upstream.received();
     assert_eq!(got.len(), 2);
-    assert!(got.iter().all(|r| r.headers["x-forwarded-proto"] == "https"));
+    assert!(
+        got.iter()
+            .all(|r| r.headers["x-forwarded-proto"] == "https")
+    );
     tg.stop().await;
 }
 
@@ -286,19 +484,58 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
             .unwrap()
     };
     assert!(run(&["account", "create", "ci"]).status.success());
-    let out = run(&["token", "create", "--account", "ci", "--name", "cli-made", "--role", "viewer", "--expires", "30d"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "token",
+        "create",
+        "--account",
+        "ci",
+        "--name",
+        "cli-made",
+        "--role",
+        "viewer",
+        "--expires",
+        "30d",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let token = stdout.lines().next().unwrap().to_string();
     assert!(tokengate::token::parse(&token).is_ok());
-    assert!(!String::from_utf8_lossy(&out.stderr).contains(&token), "stderr has only the reminder");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(&token),
+        "stderr has only the reminder"
+    );
     // Use it, list it, show it, fail with it.
     let c = client();
-    assert_eq!(c.get(tg.url("/apps/a/b")).bearer_auth(&token).send().await.unwrap().status(), 200);
-    let _ = c.post(tg.url("/apps/a/deploy")).bearer_auth(&token).send().await.unwrap();
-    let _ = c.get(tg.url(&format!("/apps/a/b?access_token={token}"))).send().await.unwrap();
+    assert_eq!(
+        c.get(tg.url("/apps/a/b"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let _ = c
+        .post(tg.url("/apps/a/deploy"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let _ = c
+        .get(tg.url(&format!("/apps/a/b?access_token={token}")))
+        .send()
+        .await
+        .unwrap();
     let mut outputs = String::new();
-    for args in [vec!["token", "list", "--all"], vec!["token", "list", "--json"], vec!["account", "list"]] {
+    for args in [
+        vec!["token", "list", "--all"],
+        vec!["token", "list", "--json"],
+        vec!["account", "list"],
+    ] {
         let o = run(&args);
         outputs.push_str(&String::from_utf8_lossy(&o.stdout));
         outputs.push_str(&String::from_utf8_lossy(&o.stderr));
@@ -311,7 +548,11 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
         .spawn()
         .and_then(|mut ch| {
             use std::io::Write;
-            ch.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes()).unwrap();
+            ch.stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{token}\n").as_bytes())
+                .unwrap();
             ch.wait_with_output()
         })
         .unwrap();
@@ -319,17 +560,28 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
     outputs.push_str(&String::from_utf8_lossy(&o.stdout));
     outputs.push_str(&String::from_utf8_lossy(&o.stderr));
     assert!(outputs.contains("cli-made"));
-    assert!(!outputs.contains(&token), "a command printed the token again");
+    assert!(
+        !outputs.contains(&token),
+        "a command printed the token again"
+    );
     tg.gw.flush_last_used().await;
     tg.gw.audit().flush_async().await.unwrap();
     for entry in std::fs::read_dir(tg.dir.path()).unwrap() {
         let p = entry.unwrap().path();
         let bytes = std::fs::read(&p).unwrap();
         let needle = token.as_bytes();
-        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "plaintext token found in {}", p.display());
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "plaintext token found in {}",
+            p.display()
+        );
         // The secret part alone must not be there either.
         let secret = &needle[3..];
-        assert!(!bytes.windows(secret.len()).any(|w| w == secret), "secret part found in {}", p.display());
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret),
+            "secret part found in {}",
+            p.display()
+        );
     }
     tg.stop().await;
 }
@@ -354,11 +606,20 @@ async fn big_upload_and_download_stream_without_buffering() {
     let (tok, _) = tg.token("ci", "big", &["apps:read"]);
     let c = client();
     // Warm up connections and allocator.
-    assert_eq!(c.get(tg.url("/apps/a/b")).bearer_auth(&tok).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(tg.url("/apps/a/b"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let before = rss_kib();
     let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
     let n = (SIZE / chunk.len() as u64) as usize;
-    let stream = futures_util::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let stream =
+        futures_util::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
     let r = c
         .post(tg.url("/echo/upload"))
         .bearer_auth(&tok)
@@ -368,7 +629,12 @@ async fn big_upload_and_download_stream_without_buffering() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("upstream ok {SIZE}"));
-    let mut r = c.get(tg.url(&format!("/download/{SIZE}"))).bearer_auth(&tok).send().await.unwrap();
+    let mut r = c
+        .get(tg.url(&format!("/download/{SIZE}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut got = 0u64;
     while let Some(ch) = r.chunk().await.unwrap() {
@@ -390,10 +656,18 @@ async fn oversized_body_is_413_counted_while_streaming() {
     .await;
     let (tok, _) = tg.token("ci", "b", &["apps:read"]);
     let c = client();
-    let r = c.post(tg.url("/echo/x")).bearer_auth(&tok).body(vec![0u8; 2000]).send().await.unwrap();
+    let r = c
+        .post(tg.url("/echo/x"))
+        .bearer_auth(&tok)
+        .body(vec![0u8; 2000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413, "declared length");
     assert_eq!(tg.upstream.count(), 0);
-    let chunks = futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 100]))));
+    let chunks = futures_util::stream::iter(
+        (0..20).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 100]))),
+    );
     let r = c
         .post(tg.url("/echo/x"))
         .bearer_auth(&tok)
@@ -411,21 +685,39 @@ async fn oversized_body_is_413_counted_while_streaming() {
 fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
     let bin = env!("CARGO_BIN_EXE_tokengate");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokengate.toml");
-    let out = std::process::Command::new(bin).args(["--config", example, "config", "check"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(bin)
+        .args(["--config", example, "config", "check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    let text = std::fs::read_to_string(example).unwrap().replacen("realm =", "relam =", 1);
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replacen("realm =", "relam =", 1);
     std::fs::write(&bad, text).unwrap();
-    let out = std::process::Command::new(bin).args(["--config", bad.to_str().unwrap(), "config", "check"]).output().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["--config", bad.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("relam"), "{err}");
     // Unknown command or flag: usage error 64.
-    let out = std::process::Command::new(bin).args(["token", "frobnicate"]).output().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["token", "frobnicate"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    let out = std::process::Command::new(bin).args(["token", "create", "--help"]).output().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["token", "create", "--help"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Example"));
 }
@@ -434,7 +726,8 @@ fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
 async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "impatient", &["apps:read"]);
-    let req = format!("GET /slow/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n\r\n");
+    let req =
+        format!("GET /slow/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n\r\n");
     {
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();

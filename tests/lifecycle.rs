@@ -18,55 +18,152 @@ fn bin() -> &'static str {
 }
 
 fn cli(cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin()).arg("--config").arg(cfg).args(args).output().unwrap()
+    Command::new(bin())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before() {
     let tg = TestGateway::start().await;
     let now = tg.gw.now_ms();
-    let (tok, _) = tg.token_with("ci", "short", &["apps:read"], |s| s.expires_at = Some(now + 3 * 86_400_000));
-    let (far, _) = tg.token_with("ci", "far", &["apps:read"], |s| s.expires_at = Some(now + 60 * 86_400_000));
+    let (tok, _) = tg.token_with("ci", "short", &["apps:read"], |s| {
+        s.expires_at = Some(now + 3 * 86_400_000)
+    });
+    let (far, _) = tg.token_with("ci", "far", &["apps:read"], |s| {
+        s.expires_at = Some(now + 60 * 86_400_000)
+    });
     let c = client();
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&tok).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let warn = r.headers()["token-expires-at"].to_str().unwrap().to_string();
+    let warn = r.headers()["token-expires-at"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert_eq!(warn, tokengate::clock::rfc3339(now + 3 * 86_400_000));
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&far).send().await.unwrap();
-    assert!(r.headers().get("token-expires-at").is_none(), "no warning 60 days ahead");
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&far)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers().get("token-expires-at").is_none(),
+        "no warning 60 days ahead"
+    );
     assert_eq!(tg.gw.cache().len(), 2, "both cached");
     tg.gw.clock().advance_ms(3 * 86_400_000 + 1);
-    let r = c.get(tg.url("/apps/a/b")).bearer_auth(&tok).send().await.unwrap();
+    let r = c
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("expired"));
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("expired")
+    );
     assert_eq!(tg.last_request_line().await["reason"], "expired");
-    assert_eq!(c.get(tg.url("/apps/a/b")).bearer_auth(&far).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(tg.url("/apps/a/b"))
+            .bearer_auth(&far)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(tg.upstream.count(), 3);
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_through() {
-    let tg = TestGateway::start_with(Options { serve: false, ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        serve: false,
+        ..Options::default()
+    })
+    .await;
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     let mut ids = Vec::new();
     for i in 0..5 {
-        let o = cli(&cfg, &["token", "create", "--account", "ci", "--name", &format!("t{i}"), "--role", "viewer", "--json"]);
+        let o = cli(
+            &cfg,
+            &[
+                "token",
+                "create",
+                "--account",
+                "ci",
+                "--name",
+                &format!("t{i}"),
+                "--role",
+                "viewer",
+                "--json",
+            ],
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(v["token"].as_str().unwrap().starts_with("tg_"));
         ids.push(v["id"].as_str().unwrap().to_string());
     }
-    let o = cli(&cfg, &["token", "create", "--account", "ci", "--name", "t5", "--role", "viewer"]);
+    let o = cli(
+        &cfg,
+        &[
+            "token",
+            "create",
+            "--account",
+            "ci",
+            "--name",
+            "t5",
+            "--role",
+            "viewer",
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty(), "no token printed");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("5 active tokens") && err.contains("max_active_per_account"), "{err}");
-    assert!(err.contains("t0") && err.contains(&ids[0]), "lists the active tokens: {err}");
-    assert!(err.contains("tokengate token revoke"), "says how to revoke: {err}");
-    assert!(cli(&cfg, &["token", "revoke", &ids[2], "--reason", "make room"]).status.success());
-    let o = cli(&cfg, &["token", "create", "--account", "ci", "--name", "t5", "--role", "viewer"]);
+    assert!(
+        err.contains("5 active tokens") && err.contains("max_active_per_account"),
+        "{err}"
+    );
+    assert!(
+        err.contains("t0") && err.contains(&ids[0]),
+        "lists the active tokens: {err}"
+    );
+    assert!(
+        err.contains("tokengate token revoke"),
+        "says how to revoke: {err}"
+    );
+    assert!(
+        cli(&cfg, &["token", "revoke", &ids[2], "--reason", "make room"])
+            .status
+            .success()
+    );
+    let o = cli(
+        &cfg,
+        &[
+            "token",
+            "create",
+            "--account",
+            "ci",
+            "--name",
+            "t5",
+            "--role",
+            "viewer",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The gateway owns the audit log: CLI events reach it through the store's outbox.
     tg.gw.drain_outbox().await.unwrap();
@@ -74,7 +171,10 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
     let events: Vec<&str> = lines.iter().filter_map(|l| l["event"].as_str()).collect();
     assert_eq!(events.iter().filter(|e| **e == "token.created").count(), 6);
     assert!(events.contains(&"account.created") && events.contains(&"token.revoked"));
-    let revoked = lines.iter().find(|l| l["event"] == "token.revoked").unwrap();
+    let revoked = lines
+        .iter()
+        .find(|l| l["event"] == "token.revoked")
+        .unwrap();
     assert!(revoked["actor"].as_str().unwrap().starts_with("cli:"));
     assert_eq!(revoked["reason"], "make room");
     tg.stop().await;
@@ -91,11 +191,43 @@ async fn expiry_policy_is_enforced_at_creation() {
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     for bad in ["never", "180d", "365d", "12d"] {
-        let o = cli(&cfg, &["token", "create", "--account", "ci", "--name", "x", "--role", "viewer", "--expires", bad]);
+        let o = cli(
+            &cfg,
+            &[
+                "token",
+                "create",
+                "--account",
+                "ci",
+                "--name",
+                "x",
+                "--role",
+                "viewer",
+                "--expires",
+                bad,
+            ],
+        );
         assert_eq!(o.status.code(), Some(64), "{bad}");
-        assert!(String::from_utf8_lossy(&o.stderr).contains("not allowed") || String::from_utf8_lossy(&o.stderr).contains("expiry"));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("not allowed")
+                || String::from_utf8_lossy(&o.stderr).contains("expiry")
+        );
     }
-    let o = cli(&cfg, &["token", "create", "--account", "ci", "--name", "x", "--role", "viewer", "--expires", "7d", "--json"]);
+    let o = cli(
+        &cfg,
+        &[
+            "token",
+            "create",
+            "--account",
+            "ci",
+            "--name",
+            "x",
+            "--role",
+            "viewer",
+            "--expires",
+            "7d",
+            "--json",
+        ],
+    );
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let exp = tokengate::clock::parse_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
@@ -123,12 +255,22 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
     let late_successes = Arc::new(AtomicU64::new(0));
     let c = client();
     for round in 0..1000 {
-        let (tok, id) = tg.token(&format!("acc{}", round % 7), &format!("t{round}"), &["apps:read"]);
+        let (tok, id) = tg.token(
+            &format!("acc{}", round % 7),
+            &format!("t{round}"),
+            &["apps:read"],
+        );
         slow.store(round % 2 == 0, Ordering::Relaxed);
         let revoked = Arc::new(AtomicBool::new(false));
         let mut clients = Vec::new();
         for _ in 0..3 {
-            let (c, tok, revoked, late, url) = (c.clone(), tok.clone(), revoked.clone(), late_successes.clone(), tg.url("/apps/a/b"));
+            let (c, tok, revoked, late, url) = (
+                c.clone(),
+                tok.clone(),
+                revoked.clone(),
+                late_successes.clone(),
+                tg.url("/apps/a/b"),
+            );
             clients.push(tokio::spawn(async move {
                 for _ in 0..4 {
                     // Read the flag *before* sending: a request sent after revoke returned must fail.
@@ -146,7 +288,13 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
         for cl in clients {
             cl.await.unwrap();
         }
-        let st = c.get(tg.url("/apps/a/b")).bearer_auth(&tok).send().await.unwrap().status();
+        let st = c
+            .get(tg.url("/apps/a/b"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap()
+            .status();
         assert_eq!(st, 401, "round {round}");
     }
     assert_eq!(late_successes.load(Ordering::Relaxed), 0);
@@ -201,10 +349,22 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     // Same store, each process its own audit log (one writer per log file).
     let cfg = tg.config_path.clone();
     let cfg_b = tg.dir.path().join("b.toml");
-    std::fs::write(&cfg_b, std::fs::read_to_string(&cfg).unwrap().replace("path = \"audit.log\"", "path = \"audit-b.log\"")).unwrap();
+    std::fs::write(
+        &cfg_b,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("path = \"audit.log\"", "path = \"audit-b.log\""),
+    )
+    .unwrap();
     let a = serve(&cfg_b);
     let cfg_c = tg.dir.path().join("c.toml");
-    std::fs::write(&cfg_c, std::fs::read_to_string(&cfg).unwrap().replace("path = \"audit.log\"", "path = \"audit-c.log\"")).unwrap();
+    std::fs::write(
+        &cfg_c,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("path = \"audit.log\"", "path = \"audit-c.log\""),
+    )
+    .unwrap();
     let b = serve(&cfg_c);
     let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     store.create_account("ci", None, "test", 0).unwrap();
@@ -222,23 +382,40 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             expires_at: None,
             created_by: "test".into(),
         };
-        let (row, new) = store.create_token(&spec, "tg", 1000, tokengate::store::system_now_ms()).unwrap();
+        let (row, new) = store
+            .create_token(&spec, "tg", 1000, tokengate::store::system_now_ms())
+            .unwrap();
         for p in [&a, &b] {
-            let r = c.get(format!("http://{}/apps/x/y", p.addr)).bearer_auth(&new.plaintext).send().await.unwrap();
+            let r = c
+                .get(format!("http://{}/apps/x/y", p.addr))
+                .bearer_auth(&new.plaintext)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
         }
         // Trials would otherwise lock onto the poller's phase: start each at a random offset.
         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
         // Revoke "through one of them": another process on the same store.
-        store.revoke(&row.id, "test", "trial", tokengate::store::system_now_ms()).unwrap();
+        store
+            .revoke(&row.id, "test", "trial", tokengate::store::system_now_ms())
+            .unwrap();
         let t0 = Instant::now();
         loop {
-            let r = c.get(format!("http://{}/apps/x/y", b.addr)).bearer_auth(&new.plaintext).send().await.unwrap();
+            let r = c
+                .get(format!("http://{}/apps/x/y", b.addr))
+                .bearer_auth(&new.plaintext)
+                .send()
+                .await
+                .unwrap();
             if r.status() == 401 {
                 break;
             }
             assert_eq!(r.status(), 200);
-            assert!(t0.elapsed() < Duration::from_secs(1), "trial {i}: still accepted after 1 s");
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "trial {i}: still accepted after 1 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         latencies.push(t0.elapsed());
@@ -247,7 +424,10 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     latencies.sort();
     let p50 = latencies[49];
     let p99 = latencies[98];
-    println!("cross-process revocation: p50 {p50:?}, p99 {p99:?}, max {:?}", latencies[99]);
+    println!(
+        "cross-process revocation: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        latencies[99]
+    );
     assert!(latencies[99] < Duration::from_secs(1));
     drop((a, b));
     tg.stop().await;
@@ -261,14 +441,28 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
     let (other, _) = tg.token("other", "c", &["apps:read"]);
     let c = client();
     for t in [&t1, &t2, &other] {
-        assert_eq!(c.get(tg.url("/apps/a/b")).bearer_auth(t).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.get(tg.url("/apps/a/b"))
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
     let o = cli(&tg.config_path, &["account", "disable", "team"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let t0 = Instant::now();
     for t in [&t1, &t2] {
         loop {
-            let st = c.get(tg.url("/apps/a/b")).bearer_auth(t).send().await.unwrap().status();
+            let st = c
+                .get(tg.url("/apps/a/b"))
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status();
             if st == 401 {
                 break;
             }
@@ -277,7 +471,15 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
         }
     }
     assert_eq!(tg.last_request_line().await["reason"], "account_disabled");
-    assert_eq!(c.get(tg.url("/apps/a/b")).bearer_auth(&other).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(tg.url("/apps/a/b"))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     tg.stop().await;
 }
 
@@ -287,20 +489,43 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
     let c = client();
     let get = |t: String| {
         let (c, url) = (c.clone(), tg.url("/apps/a/b"));
-        async move { c.get(url).bearer_auth(t).send().await.unwrap().status().as_u16() }
+        async move {
+            c.get(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
     };
     // Case 1: the new token's first use retires the old one.
     let (old, old_id) = tg.token("ci", "rot", &["apps:read"]);
     assert_eq!(get(old.clone()).await, 200);
-    let out = cli(&tg.config_path, &["token", "rotate", &old_id, "--grace", "1h", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(
+        &tg.config_path,
+        &["token", "rotate", &old_id, "--grace", "1h", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let new = v["token"].as_str().unwrap().to_string();
     assert_eq!(v["rotated_from"], old_id.as_str());
     tokio::time::sleep(Duration::from_millis(400)).await; // let the change log reach the cache
-    assert_eq!(get(old.clone()).await, 200, "old works before the new one is used");
+    assert_eq!(
+        get(old.clone()).await,
+        200,
+        "old works before the new one is used"
+    );
     assert_eq!(get(new.clone()).await, 200);
-    assert_eq!(get(old.clone()).await, 401, "old refused right after the new one's first use");
+    assert_eq!(
+        get(old.clone()).await,
+        401,
+        "old refused right after the new one's first use"
+    );
     assert_eq!(get(new.clone()).await, 200);
     let row = tg.gw.store().get_token(&old_id).unwrap();
     assert_eq!(row.revoke_reason.as_deref(), Some("rotated"));
@@ -308,7 +533,11 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
     // Case 2: unused, the old one ends with the grace period (gateway clock moved forward).
     let (old2, old2_id) = tg.token("ci", "rot2", &["apps:read"]);
     assert_eq!(get(old2.clone()).await, 200);
-    let (new2_row, new2) = tg.gw.store().rotate(&old2_id, "test", 3_600_000, "tg", tg.gw.now_ms()).unwrap();
+    let (new2_row, new2) = tg
+        .gw
+        .store()
+        .rotate(&old2_id, "test", 3_600_000, "tg", tg.gw.now_ms())
+        .unwrap();
     tg.gw.poll_changes().await.unwrap();
     assert_eq!(get(old2.clone()).await, 200, "within the grace");
     tg.gw.clock().advance_ms(3_600_001);
@@ -322,7 +551,10 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
 async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token_with("ci", "busy", &["apps:read"], |s| {
-        s.rate = Some(tokengate::store::RateOverride { requests_per_second: 1e6, burst: 1_000_000 })
+        s.rate = Some(tokengate::store::RateOverride {
+            requests_per_second: 1e6,
+            burst: 1_000_000,
+        })
     });
     let writes_before = tg.gw.store().write_count();
     let c = client();
@@ -331,7 +563,10 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
         let (c, tok, url) = (c.clone(), tok.clone(), tg.url("/apps/a/b"));
         tasks.push(tokio::spawn(async move {
             for _ in 0..1250 {
-                assert_eq!(c.get(&url).bearer_auth(&tok).send().await.unwrap().status(), 200);
+                assert_eq!(
+                    c.get(&url).bearer_auth(&tok).send().await.unwrap().status(),
+                    200
+                );
             }
         }));
     }
@@ -353,21 +588,38 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
 
 #[tokio::test]
 async fn list_filters_and_identify_of_a_leaked_token() {
-    let tg = TestGateway::start_with(Options { serve: false, ..Options::default() }).await;
+    let tg = TestGateway::start_with(Options {
+        serve: false,
+        ..Options::default()
+    })
+    .await;
     let now = tg.gw.now_ms();
     let day = 86_400_000;
-    let (_, fresh) = tg.token_with("ci", "fresh", &["apps:read"], |s| s.expires_at = Some(now + 3 * day));
-    let (leaked, leaked_id) = tg.token_with("ci", "leaky", &["apps:read"], |s| s.expires_at = Some(now + 30 * day));
+    let (_, fresh) = tg.token_with("ci", "fresh", &["apps:read"], |s| {
+        s.expires_at = Some(now + 3 * day)
+    });
+    let (leaked, leaked_id) = tg.token_with("ci", "leaky", &["apps:read"], |s| {
+        s.expires_at = Some(now + 30 * day)
+    });
     let (_, gone) = tg.token("ci", "gone", &["apps:read"]);
     tg.gw.store().revoke(&gone, "t", "x", now).unwrap();
-    tg.gw.store().flush_last_used(&[tokengate::store::LastUsed { token_id: fresh.clone(), at: now - 100 * day, ip: "10.0.0.1".into() }]).unwrap();
+    tg.gw
+        .store()
+        .flush_last_used(&[tokengate::store::LastUsed {
+            token_id: fresh.clone(),
+            at: now - 100 * day,
+            ip: "10.0.0.1".into(),
+        }])
+        .unwrap();
     let list = |args: &[&str]| -> Vec<String> {
         let mut a = vec!["token", "list", "--json"];
         a.extend_from_slice(args);
         let o = cli(&tg.config_path, &a);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
-        v.iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()
+        v.iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
     };
     let mut all = list(&["--all"]);
     all.sort();
@@ -395,7 +647,12 @@ async fn list_filters_and_identify_of_a_leaked_token() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("  {leaked}\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("  {leaked}\n").as_bytes())
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -403,9 +660,22 @@ async fn list_filters_and_identify_of_a_leaked_token() {
     assert_eq!(v["status"], "revoked");
     assert_eq!(v["revoke_reason"], "leaked");
     tg.gw.drain_outbox().await.unwrap();
-    let events: Vec<serde_json::Value> = tg.audit_lines().await.into_iter().filter(|l| l["kind"] == "admin").collect();
-    assert!(events.iter().any(|e| e["event"] == "token.identified" && e["api_token_id"] == leaked_id.as_str()));
-    assert!(events.iter().any(|e| e["event"] == "token.revoked" && e["reason"] == "leaked"));
+    let events: Vec<serde_json::Value> = tg
+        .audit_lines()
+        .await
+        .into_iter()
+        .filter(|l| l["kind"] == "admin")
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "token.identified" && e["api_token_id"] == leaked_id.as_str())
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "token.revoked" && e["reason"] == "leaked")
+    );
     // A token-looking string that is not ours fails clearly.
     let mut child = Command::new(bin())
         .arg("--config")
@@ -416,7 +686,12 @@ async fn list_filters_and_identify_of_a_leaked_token() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(tokengate::token::generate("tg").plaintext.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(tokengate::token::generate("tg").plaintext.as_bytes())
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not in this store"));
@@ -434,12 +709,23 @@ fn kill_9_during_token_creation_never_leaves_a_half_created_token() {
         let mut child = Command::new(bin())
             .arg("--config")
             .arg(&cfg)
-            .args(["token", "create", "--account", "ci", "--name", &format!("k{i}"), "--role", "viewer"])
+            .args([
+                "token",
+                "create",
+                "--account",
+                "ci",
+                "--name",
+                &format!("k{i}"),
+                "--role",
+                "viewer",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng_state = rng_state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let delay = (rng_state >> 33) % 40;
         std::thread::sleep(Duration::from_millis(delay));
         let _ = child.kill(); // SIGKILL
@@ -450,7 +736,10 @@ fn kill_9_during_token_creation_never_leaves_a_half_created_token() {
     let rows = store.list_tokens(None, true, 0).unwrap();
     for r in &rows {
         // Every row that exists is complete (list_tokens parses every column).
-        assert_eq!(r.permissions, vec!["apps:read".to_string(), "logs:read".to_string()]);
+        assert_eq!(
+            r.permissions,
+            vec!["apps:read".to_string(), "logs:read".to_string()]
+        );
         assert!(r.prefix.starts_with("tg_") && r.name.starts_with('k'));
     }
     println!("{} of 60 killed creations committed", rows.len());

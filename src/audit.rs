@@ -405,17 +405,7 @@ struct Queue {
     reopen: bool,
     closing: bool,
     writer_gone: bool,
-    /// The writer sleeps until notified. While it is active it polls every `BATCH_POLL`
-    /// instead, so senders skip the futex wake per record and lines are written in batches.
-    parked: bool,
 }
-
-/// While records keep coming, the writer collects them for this long between writes.
-const BATCH_POLL: Duration = Duration::from_millis(1);
-/// After this long without records the writer parks and senders wake it again.
-const ACTIVE_WINDOW: Duration = Duration::from_millis(100);
-/// A queue this long wakes the writer even while it is polling.
-const WAKE_BACKLOG: usize = 256;
 
 #[derive(Default)]
 struct Progress {
@@ -706,11 +696,8 @@ impl Reservation {
         q.entries.push(entry);
         q.accepted += 1;
         shared.depth.fetch_add(1, Ordering::Relaxed);
-        let wake = q.parked || q.entries.len() >= WAKE_BACKLOG;
         drop(q);
-        if wake {
-            shared.wake.notify_one();
-        }
+        shared.wake.notify_one();
     }
 }
 
@@ -783,7 +770,6 @@ impl Writer {
     fn run(mut self) {
         let shared = self.shared.clone();
         let mut closing_since: Option<Instant> = None;
-        let mut last_active = Instant::now();
         loop {
             let (entries, reopen, closing) = {
                 let mut q = lock(&shared.queue);
@@ -813,26 +799,12 @@ impl Writer {
                                 .0;
                             break;
                         }
-                        None if last_active.elapsed() < ACTIVE_WINDOW => {
-                            q = shared
-                                .wake
-                                .wait_timeout(q, BATCH_POLL)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0;
-                        }
-                        None => {
-                            q.parked = true;
-                            q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
-                            q.parked = false;
-                        }
+                        None => q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
                     }
                 }
                 let reopen = std::mem::take(&mut q.reopen);
                 (std::mem::take(&mut q.entries), reopen, q.closing)
             };
-            if !entries.is_empty() {
-                last_active = Instant::now();
-            }
             for entry in entries {
                 let line = self.encode(entry);
                 self.pending.push_back(line);

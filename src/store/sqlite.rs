@@ -247,8 +247,11 @@ impl Sqlite {
 
     pub(crate) fn lookup_hash(&self, hash: &TokenHash) -> Result<Option<TokenRow>, StoreError> {
         self.with_reader(|c| {
-            let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.hash = ?1");
-            let mut rows = self.query_tokens(c, &sql, [&hash[..]])?;
+            // Built once: this is the request path's cache-miss query.
+            static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+                format!("SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.hash = ?1")
+            });
+            let mut rows = self.query_tokens(c, &SQL, [&hash[..]])?;
             Ok(rows.pop())
         })
     }

@@ -486,6 +486,9 @@ pub struct RouteConfig {
     pub allow_non_ascii: bool,
     /// Compiled rules.
     pub rules: RuleTable,
+    /// Audit `rule` value of each rule (`route:METHODS path`), by rule index; built at load so
+    /// the request path does not format it.
+    pub rule_ids: Vec<String>,
 }
 
 /// The validated configuration.
@@ -1063,6 +1066,18 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         }
         let rules = RuleTable::new(rules)
             .map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
+        let rule_ids = rules
+            .rules()
+            .iter()
+            .map(|rule| {
+                let methods = if rule.methods.is_empty() {
+                    "*".to_string()
+                } else {
+                    rule.methods.join(",")
+                };
+                format!("{}:{} {}", r.name, methods, rule.path)
+            })
+            .collect();
         routes.push(RouteConfig {
             name: r.name,
             prefix: r.prefix,
@@ -1078,6 +1093,7 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             websocket: r.websocket,
             allow_non_ascii: r.allow_non_ascii,
             rules,
+            rule_ids,
         });
     }
 

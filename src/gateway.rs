@@ -1091,12 +1091,7 @@ fn sanitize_raw_path(p: &str) -> String {
 }
 
 fn rule_id(route: &RouteConfig, m: &RuleMatch<'_>) -> String {
-    let methods = if m.rule.methods.is_empty() {
-        "*".to_string()
-    } else {
-        m.rule.methods.join(",")
-    };
-    format!("{}:{} {}", route.name, methods, m.rule.path)
+    route.rule_ids[m.index].clone()
 }
 
 fn token_rate(cfg: &Config, row: &TokenRow) -> Rate {

@@ -9,6 +9,8 @@
 #            `perf record -e cpu-clock`, software sampling: this machine has no hardware counters;
 #            prints the top symbols; perf.data is kept in the work dir with --keep)
 #            --only-profile (skip the measurements)
+#            --bin BIN (measure this tokengate binary as tg-full/tg-noauth instead of building the
+#            working tree; with --candidate, an A/B of two saved builds without a rebuild)
 #            --candidate BIN (also measure another tokengate build, e.g. an optimisation being
 #            tried, as system `cand-full`: full pipeline, same store and token as tg-full, its own
 #            audit file; before/after side by side in one run)
@@ -47,6 +49,7 @@ QUICK=0
 PROFILE=""
 ONLY_PROFILE=0
 CANDIDATE=""
+BASE_BIN=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
@@ -58,6 +61,7 @@ while [ $# -gt 0 ]; do
         --profile) PROFILE="$2"; shift ;;
         --only-profile) ONLY_PROFILE=1 ;;
         --candidate) CANDIDATE="$(realpath "$2")"; shift ;;
+        --bin) BASE_BIN="$(realpath "$2")"; shift ;;
         -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
@@ -98,10 +102,16 @@ if [ -z "$OHA" ]; then
     OHA="$HOME/.cargo/bin/oha"
 fi
 
-log "building release (tokengate, bench_upstream)"
-cargo build --release --quiet --bin tokengate --example bench_upstream
-TG="$TARGET_DIR/release/tokengate"
 UPSTREAM_BIN="$TARGET_DIR/release/examples/bench_upstream"
+if [ -n "$BASE_BIN" ]; then
+    # A given build (e.g. the previous commit's) instead of the working tree.
+    TG="$BASE_BIN"
+    [ -x "$UPSTREAM_BIN" ] || cargo build --release --quiet --example bench_upstream
+else
+    log "building release (tokengate, bench_upstream)"
+    cargo build --release --quiet --bin tokengate --example bench_upstream
+    TG="$TARGET_DIR/release/tokengate"
+fi
 
 # ---------------------------------------------------------------- processes
 WORK="$(mktemp -d /tmp/tokengate-load.XXXXXX)"

@@ -3,6 +3,9 @@
 //! Reports: creation time, file size, cold lookup latency (token-cache miss, `Store::lookup_hash`
 //! on a freshly opened store), gateway start time and RSS with that store (`tokengate::app::start`
 //! to bound listeners), and RSS per 100k cached tokens (cache filled through real lookups).
+//! Cache memory is the growth of `RssAnon` (heap): the store's reader connections map the
+//! database file (`PRAGMA mmap_size`), and the file pages a fill touches count in `VmRSS` as
+//! `RssFile`, which is the OS page cache, not memory the cache holds; both are printed.
 //!
 //! Usage:
 //!   cargo run --release --example store_scale -- [--tokens N] [--lookups N] [--cache N] [--dir DIR]
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rusqlite::{Connection, params};
-use tokengate::cache::CachedToken;
+use tokengate::cache::{CachedToken, Grants};
 use tokengate::config::Config;
 use tokengate::store::Store;
 use tokengate::token::{self, TokenHash};
@@ -87,17 +90,27 @@ fn read_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// VmRSS of this process, in KiB.
-fn rss_kib() -> u64 {
+/// A `/proc/self/status` figure of this process, in KiB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// VmRSS of this process, in KiB.
+fn rss_kib() -> u64 {
+    status_kib("VmRSS")
+}
+
+/// Anonymous (heap) resident memory of this process, in KiB: what the token cache occupies.
+fn anon_kib() -> u64 {
+    status_kib("RssAnon")
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -176,6 +189,85 @@ fn create(db: &Path, n: usize) -> rusqlite::Result<Vec<TokenHash>> {
     Ok(hashes)
 }
 
+/// Fills the gateway's token cache through real store lookups, printing `RssAnon` every 100k
+/// tokens. Returns (tokens filled, `RssAnon` before, `RssAnon` after) in KiB.
+fn fill_cache(gw: &tokengate::gateway::Gateway, hashes: &[TokenHash]) -> (usize, u64, u64) {
+    let base = anon_kib();
+    let mut last = base;
+    let mut filled = 0;
+    for step in hashes.chunks(100_000) {
+        for h in step {
+            let epoch = gw.cache().epoch();
+            let row = gw.store().lookup_hash(h).expect("lookup").expect("found");
+            let entry = gw.cache().entry(h, row);
+            assert!(gw.cache().fill(*h, entry, epoch));
+        }
+        filled += step.len();
+        let now = anon_kib();
+        println!(
+            "cache {:>7} tokens  RssAnon {} KiB  (+{} KiB for these {}: {:.0} bytes/token)  VmRSS {} KiB",
+            filled,
+            now,
+            now.saturating_sub(last),
+            step.len(),
+            now.saturating_sub(last) as f64 * 1024.0 / step.len() as f64,
+            rss_kib()
+        );
+        last = now;
+    }
+    (filled, base, last)
+}
+
+/// The cache alone, without a store: `n` entries from rows shaped like the ones `create` writes
+/// (same id, prefix, name and account formats, role `viewer`, two permissions, an expiry).
+/// Separates what the cache holds from what SQLite and the lookups leave on the heap.
+fn cache_alone(n: usize) {
+    let cache = tokengate::cache::TokenCache::new();
+    let base = anon_kib();
+    let mut last = base;
+    let now = tokengate::store::system_now_ms();
+    let mut rng = rand::rng();
+    for i in 0..n {
+        let hash: TokenHash = rng.random();
+        let row = tokengate::store::TokenRow {
+            id: token::new_id("tok"),
+            account_id: token::new_id("acc"),
+            account: format!("account-{:07}", i / TOKENS_PER_ACCOUNT),
+            name: format!("ci-token-{}", i % TOKENS_PER_ACCOUNT),
+            prefix: format!("tg_{}", &token::new_id("x")[2..10]),
+            role: Some("viewer".into()),
+            permissions: vec!["apps:read".into(), "logs:read".into()],
+            scopes: Default::default(),
+            allowed_cidrs: vec![],
+            rate: None,
+            created_at: now,
+            created_by: "store_scale".into(),
+            expires_at: Some(now + 90 * 86_400_000),
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+            rotated_from: None,
+            rotation_deadline: None,
+            account_disabled_at: None,
+        };
+        let entry = cache.entry(&hash, row);
+        assert!(cache.fill(hash, entry, cache.epoch()));
+        if (i + 1) % 100_000 == 0 || i + 1 == n {
+            let now = anon_kib();
+            println!(
+                "cache alone {:>7}  +{} KiB for the last step ({:.0} bytes/token), {:.0} bytes/token on average",
+                i + 1,
+                now.saturating_sub(last),
+                now.saturating_sub(last) as f64 * 1024.0 / ((i % 100_000) + 1) as f64,
+                now.saturating_sub(base) as f64 * 1024.0 / (i + 1) as f64,
+            );
+            last = now;
+        }
+    }
+}
+
 fn main() {
     let a = args();
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -211,6 +303,8 @@ fn main() {
         );
         hashes
     };
+    // Shared with the fill thread without a copy.
+    let hashes = Arc::new(hashes);
     let a = Args {
         cache: a.cache.min(hashes.len()),
         lookups: a.lookups.min(hashes.len()),
@@ -226,6 +320,22 @@ fn main() {
         mib(size),
         size as f64 / hashes.len() as f64
     );
+
+    {
+        let c = Connection::open(&db).expect("open");
+        let mut st = c
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT t.id FROM tokens t JOIN accounts a ON a.id = t.account_id \
+                 WHERE t.hash = ?1",
+            )
+            .expect("explain");
+        let plan: Vec<String> = st
+            .query_map([&[0u8; 32][..]], |r| r.get::<_, String>(3))
+            .expect("plan")
+            .filter_map(Result::ok)
+            .collect();
+        println!("lookup query plan   {}", plan.join("; "));
+    }
 
     // Cold lookups: a freshly opened store (empty SQLite page cache, new reader connection), no
     // token cache. The OS page cache is warm from the creation (it cannot be dropped here).
@@ -347,47 +457,39 @@ fn main() {
         );
 
         // Fill the token cache through real lookups, 100k at a time, and watch RSS grow.
+        println!(
+            "entry sizes         CachedToken {} B (+16 B Arc counts, one allocation), Grants {} B (interned), map slots 16 B (key + Arc) and 16 B (id key + map key) per token",
+            std::mem::size_of::<CachedToken>(),
+            std::mem::size_of::<Grants>(),
+        );
+        // One blocking thread does every lookup and fill, so the figures are not blurred by
+        // allocator arenas of several threads or by copies this tool makes.
         let gw = started.gateway.clone();
-        let step = 100_000.min(a.cache.max(1));
-        let mut filled = 0;
-        let mut last = rss_kib();
-        let base = last;
-        while filled < a.cache {
-            let upto = (filled + step).min(a.cache);
-            let chunk: Vec<TokenHash> = hashes[filled..upto].to_vec();
-            let gw2 = gw.clone();
-            tokio::task::spawn_blocking(move || {
-                for h in chunk {
-                    let row = gw2.store().lookup_hash(&h).expect("lookup").expect("found");
-                    let epoch = gw2.cache().epoch();
-                    assert!(gw2.cache().fill(h, Arc::new(CachedToken::new(row)), epoch));
-                }
-            })
-            .await
-            .expect("fill");
-            let now = rss_kib();
-            println!(
-                "cache {:>7} tokens  RSS {} KiB  (+{} KiB for these {}: {:.0} bytes/token)",
-                upto,
-                now,
-                now.saturating_sub(last),
-                upto - filled,
-                now.saturating_sub(last) as f64 * 1024.0 / (upto - filled) as f64
-            );
-            last = now;
-            filled = upto;
-        }
+        let (rss_base, file_base) = (rss_kib(), status_kib("RssFile"));
+        let (filled, base, last) = {
+            let (gw, hashes, cache) = (gw.clone(), hashes.clone(), a.cache);
+            tokio::task::spawn_blocking(move || fill_cache(&gw, &hashes[..cache]))
+                .await
+                .expect("fill")
+        };
         if filled > 0 {
             println!(
-                "cache memory        {:.0} bytes per cached token on average ({} tokens, {} KiB; cache len {})",
+                "cache memory        {:.0} bytes per cached token on average (RssAnon growth; {} tokens, {} KiB; cache len {}, {} interned permission lists)",
                 last.saturating_sub(base) as f64 * 1024.0 / filled as f64,
                 filled,
                 last.saturating_sub(base),
-                gw.cache().len()
+                gw.cache().len(),
+                gw.cache().interned_grants()
+            );
+            println!(
+                "VmRSS growth        {} KiB, of which RssFile (mapped store pages, OS page cache) +{} KiB",
+                rss_kib().saturating_sub(rss_base),
+                status_kib("RssFile").saturating_sub(file_base)
             );
         }
         drop(started);
     });
+    cache_alone(a.cache);
     if a.dir.is_some() {
         println!("files kept in {}", dir.display());
     } else {

@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use ipnet::IpNet;
 
+use crate::cache::CachedToken;
 use crate::error::Reject;
 use crate::store::TokenRow;
 use crate::token::{self, ParsedToken};
@@ -108,28 +110,66 @@ pub fn parse(credential: &str) -> Result<ParsedToken<'_>, Reject> {
     token::parse(credential).map_err(|e| Reject::InvalidToken { reason: e.reason() })
 }
 
-/// Step 5 (after the lookup): is this stored token usable now, from this client?
-pub fn judge(row: &TokenRow, now_ms: i64, client_ip: IpAddr) -> Result<(), Reject> {
-    if row.revoked_at.is_some() {
+/// Step 5 (after the lookup): is this token usable now, from this client?
+pub fn judge(entry: &CachedToken, now_ms: i64, client_ip: IpAddr) -> Result<(), Reject> {
+    verdict(
+        &Standing {
+            revoked: entry.revoked(),
+            account_disabled: entry.account_disabled(),
+            expires_at: entry.expires_at(),
+            rotation_deadline: entry.rotation_deadline(),
+            allowed_cidrs: entry.allowed_cidrs(),
+        },
+        now_ms,
+        client_ip,
+    )
+}
+
+/// [`judge`] for a row read from the store by id (a web UI session's sign-in token).
+pub fn judge_row(row: &TokenRow, now_ms: i64, client_ip: IpAddr) -> Result<(), Reject> {
+    verdict(
+        &Standing {
+            revoked: row.revoked_at.is_some(),
+            account_disabled: row.account_disabled_at.is_some(),
+            expires_at: row.expires_at,
+            rotation_deadline: row.rotation_deadline,
+            allowed_cidrs: &row.allowed_cidrs,
+        },
+        now_ms,
+        client_ip,
+    )
+}
+
+/// The facts step 5 judges, whichever form the token was read in.
+struct Standing<'a> {
+    revoked: bool,
+    account_disabled: bool,
+    expires_at: Option<i64>,
+    rotation_deadline: Option<i64>,
+    allowed_cidrs: &'a [IpNet],
+}
+
+fn verdict(t: &Standing<'_>, now_ms: i64, client_ip: IpAddr) -> Result<(), Reject> {
+    if t.revoked {
         return Err(Reject::InvalidToken { reason: "revoked" });
     }
-    if row.account_disabled_at.is_some() {
+    if t.account_disabled {
         return Err(Reject::InvalidToken {
             reason: "account_disabled",
         });
     }
-    if row.expires_at.is_some_and(|e| e <= now_ms) {
+    if t.expires_at.is_some_and(|e| e <= now_ms) {
         return Err(Reject::InvalidToken { reason: "expired" });
     }
-    if row.rotation_deadline.is_some_and(|d| d <= now_ms) {
+    if t.rotation_deadline.is_some_and(|d| d <= now_ms) {
         return Err(Reject::InvalidToken { reason: "revoked" });
     }
-    if !row.allowed_cidrs.is_empty() {
+    if !t.allowed_cidrs.is_empty() {
         let ip = match client_ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(client_ip),
             v4 => v4,
         };
-        if !row.allowed_cidrs.iter().any(|n| n.contains(&ip)) {
+        if !t.allowed_cidrs.iter().any(|n| n.contains(&ip)) {
             return Err(Reject::InvalidToken {
                 reason: "ip_not_allowed",
             });

@@ -24,6 +24,7 @@
 //! - [`ratelimit_redis`] — per-token limits exact across replicas: GCRA in Redis (step 7).
 //! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
+//! - [`pool`] — keep-alive HTTP/1.1 connection pool to the upstreams (hyper `client::conn`).
 //! - [`body`] — body types and the streaming size/idle guard.
 //! - [`gateway`] — the state handle and the pipeline that ties the phases together.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
@@ -50,6 +51,7 @@ pub mod gateway;
 pub mod hygiene;
 pub mod metrics;
 pub mod path;
+pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod ratelimit_redis;

@@ -201,9 +201,12 @@ async fn authenticate(
     let entry = gw
         .authenticate_bearer(&parts.headers, parts.uri.query(), ctx.client_ip)
         .await?;
-    ctx.token = Some(entry.row.clone());
+    // The cache keeps only what the request path reads: the actor's full row (printed in
+    // answers and audit details) comes from the store, judged again as it is now.
+    let row = gw.authenticate_id(entry.id(), ctx.client_ip).await?;
+    ctx.token = Some(row.clone());
     ctx.permission = Some(super::PERM_SELF.to_string());
-    let actor = Actor::new(entry.row.clone(), "api_token")?;
+    let actor = Actor::new(row, "api_token")?;
     ctx.set_actor(&actor);
     Ok(actor)
 }

@@ -194,8 +194,10 @@ async fn login(
         ctx.token_prefix = Some(p.display_prefix().to_string());
     }
     let entry = gw.authenticate_bearer(&h, None, ctx.client_ip).await?;
-    ctx.token = Some(entry.row.clone());
-    let actor = Actor::new(entry.row.clone(), "session")?;
+    // The full row (the cache keeps only what the request path reads), judged again.
+    let row = gw.authenticate_id(entry.id(), ctx.client_ip).await?;
+    ctx.token = Some(row.clone());
+    let actor = Actor::new(row, "session")?;
     ctx.set_actor(&actor);
     let res = ctx.reserve(gw)?;
     let idle = gw.config().admin.session_idle_timeout;

@@ -1,0 +1,716 @@
+//! Upstream connection pool: keep-alive HTTP/1.1 connections per upstream authority, built on
+//! hyper's `client::conn::http1` (it replaced hyper-util's legacy pooled client, issue 9).
+//!
+//! A connection goes back to its pool only once the response body has been read to its end; a
+//! body dropped early, a `Connection: close` response, an upgrade, or any error drops it. Idle
+//! connections are reused most-recently-used first and expire after [`DEFAULT_IDLE_TIMEOUT`]. A
+//! request that a pooled connection hands back unsent (the connection closed before the request
+//! was written) is retried once on a fresh connection; a request that may have been sent is
+//! never replayed.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::Body;
+
+/// How long a connection may sit idle in the pool before it is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per upstream authority; beyond it the oldest is closed.
+pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 1024;
+/// Deadline for the TCP connect (name resolution included).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive idle time on upstream sockets.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Why an upstream request failed. The gateway answers all of them 502 (`upstream_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The request URI named no upstream.
+    #[error("upstream request has no authority")]
+    NoAuthority,
+    /// TCP connect (or name resolution) failed.
+    #[error("connect to {authority} failed: {source}")]
+    Connect {
+        /// Upstream.
+        authority: Authority,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TCP connect did not finish in time.
+    #[error("connect to {authority} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// Upstream.
+        authority: Authority,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// The HTTP/1.1 connection could not be set up.
+    #[error("HTTP/1.1 handshake with {authority} failed: {source}")]
+    Handshake {
+        /// Upstream.
+        authority: Authority,
+        /// Cause.
+        source: hyper::Error,
+    },
+    /// Sending the request or reading the response head failed.
+    #[error("upstream request failed: {0}")]
+    Request(#[source] hyper::Error),
+}
+
+/// Settings of a [`Pool`]; every default is a named `DEFAULT_*` const.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+    connect_timeout: Duration,
+    tcp_keepalive: Option<Duration>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_idle_per_host: DEFAULT_MAX_IDLE_PER_HOST,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
+        }
+    }
+}
+
+impl Builder {
+    /// Idle time after which a pooled connection is closed.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// Idle connections kept per authority (0 disables reuse).
+    pub fn max_idle_per_host(mut self, n: usize) -> Self {
+        self.max_idle_per_host = n;
+        self
+    }
+
+    /// TCP connect deadline.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// TCP keepalive idle time (None: leave the OS default, usually off).
+    pub fn tcp_keepalive(mut self, d: Option<Duration>) -> Self {
+        self.tcp_keepalive = d;
+        self
+    }
+
+    /// Builds the pool.
+    pub fn build(self) -> Pool {
+        Pool {
+            shared: Arc::new(Shared {
+                settings: self,
+                h1: http1::Builder::new(),
+                hosts: RwLock::new(HashMap::new()),
+                clock_offset_ms: AtomicU64::new(0),
+                reaper_running: AtomicBool::new(false),
+                opened: AtomicU64::new(0),
+                retried: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+/// Keep-alive HTTP/1.1 client to the upstreams: one pool of idle connections per authority.
+/// Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("settings", &self.shared.settings)
+            .field("idle", &self.idle_connections())
+            .finish()
+    }
+}
+
+struct Shared {
+    settings: Builder,
+    h1: http1::Builder,
+    /// RwLock: every request takes the read lock for one lookup; the write lock is taken only the
+    /// first time an authority is seen. Entries are never removed: the set of upstreams is the
+    /// routes' (bounded), and an empty entry costs a few words.
+    hosts: RwLock<HashMap<Authority, Arc<Host>>>,
+    /// Added to the monotonic clock: tests advance it instead of sleeping through the idle timeout.
+    clock_offset_ms: AtomicU64,
+    /// A reaper task is running (at most one; it exits when no connection is idle).
+    reaper_running: AtomicBool,
+    opened: AtomicU64,
+    retried: AtomicU64,
+}
+
+/// One upstream authority and its idle connections.
+struct Host {
+    authority: Authority,
+    /// Host for `TcpStream::connect`: IPv6 literals without their brackets.
+    connect_host: Box<str>,
+    port: u16,
+    /// `Host` header for requests that carry none, computed once (the legacy client's rule: the
+    /// port only when it is not 80).
+    host_header: HeaderValue,
+    /// Mutex held only to push or pop (never across an await). Oldest at the front, so expiry
+    /// trims the front and checkout takes from the back (most recently used: warm caches).
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    tx: SendRequest<Body>,
+    since: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Host {
+    fn new(authority: &Authority) -> Host {
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(80);
+        let host_header = if port == 80 {
+            HeaderValue::from_str(host)
+        } else {
+            HeaderValue::from_str(&format!("{host}:{port}"))
+        }
+        .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let connect_host = host.trim_start_matches('[').trim_end_matches(']').into();
+        Host {
+            authority: authority.clone(),
+            connect_host,
+            port,
+            host_header,
+            idle: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Takes the most recently used idle connection that is ready, dropping expired and closed
+    /// ones on the way. A connection that is neither ready nor closed stays: it is still finishing
+    /// its last exchange (e.g. the request body after an early response) and may become ready.
+    fn checkout(&self, now: Instant, idle_timeout: Duration) -> Option<SendRequest<Body>> {
+        let mut idle = lock(&self.idle);
+        trim_front(&mut idle, now, idle_timeout);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].tx.is_closed() {
+                idle.remove(i);
+            } else if idle[i].tx.is_ready() {
+                return idle.remove(i).map(|c| c.tx);
+            }
+        }
+        None
+    }
+
+    /// Puts a connection whose exchange completed back; false when it was not kept.
+    fn release(&self, tx: SendRequest<Body>, now: Instant, settings: &Builder) -> bool {
+        if tx.is_closed() || settings.max_idle_per_host == 0 {
+            return false;
+        }
+        let mut idle = lock(&self.idle);
+        trim_front(&mut idle, now, settings.idle_timeout);
+        while idle.len() >= settings.max_idle_per_host {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { tx, since: now });
+        true
+    }
+
+    /// Drops expired and closed connections; returns when the oldest remaining one expires.
+    fn prune(&self, now: Instant, idle_timeout: Duration) -> Option<Instant> {
+        let mut idle = lock(&self.idle);
+        trim_front(&mut idle, now, idle_timeout);
+        idle.retain(|c| !c.tx.is_closed());
+        idle.front().map(|c| c.since + idle_timeout)
+    }
+}
+
+/// Drops expired (and closed) connections from the old end of the queue.
+fn trim_front(idle: &mut VecDeque<Idle>, now: Instant, idle_timeout: Duration) {
+    while idle
+        .front()
+        .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout || c.tx.is_closed())
+    {
+        idle.pop_front();
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Builder::default().build()
+    }
+}
+
+impl Pool {
+    /// A builder with the documented defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Sends `req` (absolute URI naming the upstream, as `proxy::upstream_request` builds it) on
+    /// an idle connection to its authority, or on a new one. The request goes out in origin-form
+    /// with its headers as they are; a `Host` header is added from the authority only when the
+    /// request has none.
+    pub async fn request(&self, req: Request<Body>) -> Result<Response<PooledBody>, PoolError> {
+        let (mut parts, body) = req.into_parts();
+        let host = self.host(parts.uri.authority().ok_or(PoolError::NoAuthority)?);
+        parts.uri = origin_form(parts.uri);
+        if !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, host.host_header.clone());
+        }
+        let upgrade = parts.headers.contains_key(header::UPGRADE);
+        let mut req = Request::from_parts(parts, body);
+
+        if let Some(mut tx) = host.checkout(self.now(), self.shared.settings.idle_timeout) {
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(self.lease(resp, tx, host, upgrade)),
+                Err(mut e) => match e.take_message() {
+                    // The connection closed before the request was written: nothing was sent,
+                    // so one retry on a fresh connection is safe for any method.
+                    Some(unsent) => {
+                        tracing::debug!(error = %e.error(), upstream = %host.authority, "pooled connection closed; retrying on a new one");
+                        self.shared.retried.fetch_add(1, Ordering::Relaxed);
+                        req = unsent;
+                    }
+                    // It may have been sent: never replayed.
+                    None => return Err(PoolError::Request(e.into_error())),
+                },
+            }
+        }
+        let mut tx = self.connect(&host).await?;
+        let resp = tx.send_request(req).await.map_err(PoolError::Request)?;
+        Ok(self.lease(resp, tx, host, upgrade))
+    }
+
+    /// Connections opened so far (tests, metrics).
+    pub fn connections_opened(&self) -> u64 {
+        self.shared.opened.load(Ordering::Relaxed)
+    }
+
+    /// Requests retried on a new connection because a pooled one closed before sending.
+    pub fn retries(&self) -> u64 {
+        self.shared.retried.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections across all authorities (closed or expired ones included until pruned).
+    pub fn idle_connections(&self) -> usize {
+        let hosts = self
+            .shared
+            .hosts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        hosts.values().map(|h| lock(&h.idle).len()).sum()
+    }
+
+    /// Moves the pool's idle clock forward (tests: idle expiry without sleeping).
+    #[doc(hidden)]
+    pub fn advance_clock(&self, by: Duration) {
+        self.shared
+            .clock_offset_ms
+            .fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn now(&self) -> Instant {
+        self.shared.now()
+    }
+
+    fn host(&self, authority: &Authority) -> Arc<Host> {
+        {
+            let hosts = self
+                .shared
+                .hosts
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(h) = hosts.get(authority) {
+                return h.clone();
+            }
+        }
+        let mut hosts = self
+            .shared
+            .hosts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .entry(authority.clone())
+            .or_insert_with(|| Arc::new(Host::new(authority)))
+            .clone()
+    }
+
+    async fn connect(&self, host: &Host) -> Result<SendRequest<Body>, PoolError> {
+        let settings = &self.shared.settings;
+        let connect = TcpStream::connect((&*host.connect_host, host.port));
+        let stream = match tokio::time::timeout(settings.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(PoolError::Connect {
+                    authority: host.authority.clone(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(PoolError::ConnectTimeout {
+                    authority: host.authority.clone(),
+                    timeout: settings.connect_timeout,
+                });
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .map_err(|source| PoolError::Connect {
+                authority: host.authority.clone(),
+                source,
+            })?;
+        if let Some(time) = settings.tcp_keepalive {
+            let keepalive = socket2::TcpKeepalive::new().with_time(time);
+            if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                tracing::debug!(error = %e, upstream = %host.authority, "could not set TCP keepalive");
+            }
+        }
+        let (tx, conn) = self
+            .shared
+            .h1
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| PoolError::Handshake {
+                authority: host.authority.clone(),
+                source,
+            })?;
+        // `with_upgrades`: a 101 hands the socket to `hyper::upgrade::on` (WebSocket).
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(tx)
+    }
+
+    /// Wraps the response body so that reading it to the end returns the connection.
+    fn lease(
+        &self,
+        resp: Response<Incoming>,
+        tx: SendRequest<Body>,
+        host: Arc<Host>,
+        upgrade: bool,
+    ) -> Response<PooledBody> {
+        let reusable = !upgrade
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            && keep_alive(resp.version(), resp.headers());
+        let lease = reusable.then(|| Lease {
+            shared: self.shared.clone(),
+            host,
+            tx,
+        });
+        resp.map(|inner| {
+            let mut body = PooledBody { inner, lease };
+            // No body to read (HEAD, 204, 304, `content-length: 0`): the exchange is complete.
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            body
+        })
+    }
+}
+
+impl Shared {
+    fn now(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.clock_offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Starts the reaper unless one runs: idle connections then close on time even when no
+    /// request comes to check them out.
+    fn ensure_reaper(self: &Arc<Self>) {
+        if self.reaper_running.load(Ordering::Relaxed)
+            || self.reaper_running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(reap(Arc::downgrade(self)));
+            }
+            Err(_) => self.reaper_running.store(false, Ordering::Release),
+        }
+    }
+
+    /// Prunes every host; the earliest expiry among the remaining idle connections.
+    fn prune_all(&self) -> Option<Instant> {
+        let now = self.now();
+        let hosts = self.hosts.read().unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .values()
+            .filter_map(|h| h.prune(now, self.settings.idle_timeout))
+            .min()
+    }
+}
+
+/// Closes idle connections as they expire; exits when none is idle or the pool is gone.
+async fn reap(shared: Weak<Shared>) {
+    loop {
+        let next = {
+            let Some(s) = shared.upgrade() else { return };
+            match s.prune_all() {
+                Some(at) => at,
+                None => {
+                    s.reaper_running.store(false, Ordering::Release);
+                    // A release may have raced the store above and seen the old `true`.
+                    if s.prune_all().is_some() && !s.reaper_running.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
+                }
+            }
+        };
+        // `next` is on the pool's (offset) clock; sleep the same span on the real one.
+        let wait = shared
+            .upgrade()
+            .map_or(Duration::ZERO, |s| next.saturating_duration_since(s.now()));
+        tokio::time::sleep(wait + Duration::from_millis(1)).await;
+    }
+}
+
+/// The origin-form request target (`/path?query`), as the legacy client sent it.
+fn origin_form(uri: Uri) -> Uri {
+    let mut parts = uri.into_parts();
+    parts.scheme = None;
+    parts.authority = None;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Whether the upstream lets the connection live on (RFC 9112 §9.3).
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut keep = version == Version::HTTP_11;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.to_str().unwrap_or("close").split(',') {
+            let token = token.trim();
+            if token.eq_ignore_ascii_case("close") {
+                return false;
+            }
+            if token.eq_ignore_ascii_case("keep-alive") {
+                keep = true;
+            }
+        }
+    }
+    keep
+}
+
+/// A connection out of the pool for one exchange.
+struct Lease {
+    shared: Arc<Shared>,
+    host: Arc<Host>,
+    tx: SendRequest<Body>,
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body. Read to its end, it returns its connection to the pool; dropped
+    /// before, it takes the connection with it (hyper closes a connection whose body was left
+    /// unread).
+    pub struct PooledBody {
+        #[pin]
+        inner: Incoming,
+        lease: Option<Lease>,
+    }
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        release(&mut self.lease);
+    }
+}
+
+fn release(lease: &mut Option<Lease>) {
+    if let Some(Lease { shared, host, tx }) = lease.take() {
+        if host.release(tx, shared.now(), &shared.settings) {
+            shared.ensure_reaper();
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let frame = ready!(inner.as_mut().poll_frame(cx));
+        match &frame {
+            // A reader may stop at `is_end_stream` without polling for the `None`.
+            Some(Ok(_)) if inner.is_end_stream() => release(this.lease),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => drop(this.lease.take()),
+            None => release(this.lease),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("pooled", &self.lease.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn origin_form_keeps_path_and_query_only() {
+        let u: Uri = "http://10.0.0.1:8080/a/b?x=1&y=%2F".parse().unwrap();
+        assert_eq!(origin_form(u).to_string(), "/a/b?x=1&y=%2F");
+        let u: Uri = "http://10.0.0.1:8080".parse().unwrap();
+        assert_eq!(origin_form(u).to_string(), "/");
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection_tokens() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::CONNECTION, v.parse().unwrap());
+            m
+        };
+        assert!(keep_alive(Version::HTTP_11, &HeaderMap::new()));
+        assert!(keep_alive(Version::HTTP_11, &h("x-private")));
+        assert!(!keep_alive(Version::HTTP_11, &h("x-private, Close")));
+        assert!(!keep_alive(Version::HTTP_10, &HeaderMap::new()));
+        assert!(keep_alive(Version::HTTP_10, &h("Keep-Alive")));
+    }
+
+    #[test]
+    fn host_header_and_connect_address_come_from_the_authority() {
+        let h = Host::new(&"backend:80".parse().unwrap());
+        assert_eq!((h.host_header.to_str().unwrap(), h.port), ("backend", 80));
+        let h = Host::new(&"backend".parse().unwrap());
+        assert_eq!((h.host_header.to_str().unwrap(), h.port), ("backend", 80));
+        let h = Host::new(&"[::1]:8080".parse().unwrap());
+        assert_eq!(h.host_header.to_str().unwrap(), "[::1]:8080");
+        assert_eq!((&*h.connect_host, h.port), ("::1", 8080));
+    }
+
+    /// A hyper upstream that records (connection index, method, path, body) of every request.
+    async fn upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rec = seen.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let conn = conns.fetch_add(1, Ordering::SeqCst);
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let rec = rec.clone();
+                        async move {
+                            let line = format!("{} {}", req.method(), req.uri());
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let body = String::from_utf8_lossy(&body).to_string();
+                            rec.lock().unwrap().push((conn, format!("{line} {body}")));
+                            Ok::<_, hyper::Error>(Response::new(crate::body::full("ok")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_request_handed_back_unsent_is_retried_once_on_a_new_connection() {
+        let (addr, seen) = upstream().await;
+        let pool = Pool::default();
+        let host = pool.host(&addr.to_string().parse().unwrap());
+        // A pooled connection that is ready but whose task then stops: what is queued on it is
+        // never written, and dropping the task hands it back (the connection closed before the
+        // request went out, like an upstream's FIN racing the checkout).
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = http1::handshake::<_, Body>(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let mut conn = Box::pin(conn);
+        tokio::select! {
+            _ = &mut conn => panic!("connection ended"),
+            r = tx.ready() => r.unwrap(),
+        }
+        assert!(host.release(tx, pool.now(), &pool.shared.settings));
+        let req = Request::post(format!("http://{addr}/deploy"))
+            .body(crate::body::full("payload"))
+            .unwrap();
+        let mut conn = Some(conn);
+        let (resp, ()) = tokio::join!(pool.request(req), async {
+            tokio::task::yield_now().await;
+            drop(conn.take());
+        });
+        let resp = resp.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!((pool.retries(), pool.connections_opened()), (1, 1));
+        // Sent once, whole, on the new connection (index 1; index 0 was the stopped one).
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(1, "POST /deploy payload".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_connections_are_kept_per_authority() {
+        let (addr, _) = upstream().await;
+        let pool = Pool::builder().max_idle_per_host(2).build();
+        let host = pool.host(&addr.to_string().parse().unwrap());
+        for _ in 0..3 {
+            let tx = pool.connect(&host).await.unwrap();
+            host.release(tx, pool.now(), &pool.shared.settings);
+        }
+        assert_eq!(pool.idle_connections(), 2);
+    }
+}

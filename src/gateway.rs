@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -93,6 +93,13 @@ struct Ctx {
     upstream: Option<String>,
     ratelimit: Option<Allowance>,
 }
+
+// Response header names, parsed once (inserting by `&str` parses the name on every call).
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+const TOKEN_EXPIRES_AT: HeaderName = HeaderName::from_static("token-expires-at");
 
 /// What steps 1–8 decided for a request that may go on.
 struct Decided<'c> {
@@ -596,7 +603,7 @@ impl Gateway {
             Err(_) => Err((Reject::RequestTimeout, None)),
         };
         guard.armed = false;
-        self.conclude(&cfg, &guard.ctx, start, result)
+        self.conclude(&cfg, &mut guard.ctx, start, result)
     }
 
     /// Steps 1–8 and the audit line for one request, without forwarding it: the gateway's own
@@ -635,7 +642,7 @@ impl Gateway {
             }
             Err(e) => Err(e),
         };
-        self.conclude(&cfg, &ctx, start, result)
+        self.conclude(&cfg, &mut ctx, start, result)
     }
 
     fn new_ctx<B>(&self, req: &Request<B>, conn: ConnInfo) -> Ctx {
@@ -664,7 +671,7 @@ impl Gateway {
     fn conclude(
         &self,
         cfg: &Config,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         start: Instant,
         result: Result<(Response<Body>, Reservation), (Reject, Option<Reservation>)>,
     ) -> Response<Body> {
@@ -700,17 +707,19 @@ impl Gateway {
         match reservation {
             Some(r) => r.send(Entry::Request(record)),
             None => {
+                let request_id = record.request_id.clone();
                 if let Err(e) = self.inner.audit.record(Entry::Request(record)) {
-                    tracing::error!(error = %e, request_id = %ctx.request_id, "audit record for a refused request could not be queued");
+                    tracing::error!(error = %e, %request_id, "audit record for a refused request could not be queued");
                 }
             }
         }
         response
     }
 
+    /// The request's audit record. Moves the context's strings into it (the request is over).
     fn audit_record(
         &self,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         status: StatusCode,
         decision: &'static str,
         reason: &'static str,
@@ -719,7 +728,7 @@ impl Gateway {
         let row = ctx.token.as_deref();
         RequestRecord {
             timestamp: crate::audit::now_rfc3339(),
-            request_id: ctx.request_id.clone(),
+            request_id: std::mem::take(&mut ctx.request_id),
             auth_type: if ctx.token_prefix.is_some() {
                 "api_token"
             } else {
@@ -728,19 +737,19 @@ impl Gateway {
             .into(),
             api_token_id: row.map(|r| r.id().to_string()),
             api_token_name: row.map(|r| r.name().to_string()),
-            token_prefix: ctx.token_prefix.clone(),
+            token_prefix: ctx.token_prefix.take(),
             account: row.map(|r| r.account().to_string()),
             method: crate::audit::method_name(&ctx.method),
-            path: ctx.path.clone(),
+            path: std::mem::take(&mut ctx.path),
             status_code: status.as_u16(),
             rbac_decision: decision.into(),
             reason: reason.into(),
-            permission: ctx.permission.clone(),
-            rule: ctx.rule.clone(),
+            permission: ctx.permission.take(),
+            rule: ctx.rule.take(),
             shadow_decision: ctx.shadow_decision.map(Into::into),
             client_ip: ctx.client_ip.to_string(),
-            user_agent: ctx.user_agent.clone(),
-            upstream: ctx.upstream.clone(),
+            user_agent: ctx.user_agent.take(),
+            upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
         }
     }
@@ -1122,18 +1131,18 @@ impl Gateway {
     fn decorate(&self, cfg: &Config, mut resp: Response<Body>, ctx: &Ctx) -> Response<Body> {
         let h = resp.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-            h.insert("x-request-id", v);
+            h.insert(X_REQUEST_ID, v);
         }
         if let Some(a) = ctx.ratelimit {
-            h.insert("ratelimit-limit", HeaderValue::from(a.limit));
-            h.insert("ratelimit-remaining", HeaderValue::from(a.remaining));
-            h.insert("ratelimit-reset", HeaderValue::from(a.reset_secs));
+            h.insert(RATELIMIT_LIMIT, HeaderValue::from(a.limit));
+            h.insert(RATELIMIT_REMAINING, HeaderValue::from(a.remaining));
+            h.insert(RATELIMIT_RESET, HeaderValue::from(a.reset_secs));
         }
         if let Some(exp) = ctx.token.as_ref().and_then(|t| t.expires_at()) {
             let warn_ms = cfg.tokens.expiry_warning_days as i64 * 86_400_000;
             if exp - self.now_ms() <= warn_ms {
                 if let Ok(v) = HeaderValue::from_str(&rfc3339(exp)) {
-                    h.insert("token-expires-at", v);
+                    h.insert(TOKEN_EXPIRES_AT, v);
                 }
             }
         }
@@ -1164,7 +1173,7 @@ impl Drop for AuditGuard<'_> {
         let gw = self.gw;
         gw.inner.metrics.request(decision, "client_closed", 499);
         let record = gw.audit_record(
-            &self.ctx,
+            &mut self.ctx,
             status,
             decision,
             "client_closed",

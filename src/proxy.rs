@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -51,6 +51,17 @@ pub struct ForwardInfo<'a> {
     pub body_idle: Duration,
 }
 
+// Header names, parsed once (inserting by `&str` parses the name on every call).
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_TOKENGATE_TOKEN_ID: HeaderName = HeaderName::from_static("x-tokengate-token-id");
+const X_TOKENGATE_TOKEN_NAME: HeaderName = HeaderName::from_static("x-tokengate-token-name");
+const X_TOKENGATE_ACCOUNT: HeaderName = HeaderName::from_static("x-tokengate-account");
+const X_TOKENGATE_PERMISSIONS: HeaderName = HeaderName::from_static("x-tokengate-permissions");
+
 /// Builds the upstream request: the request line is the canonical path plus the untouched query;
 /// hop-by-hop and client copies of gateway-owned headers are removed before ours are set.
 pub fn upstream_request(
@@ -83,39 +94,49 @@ pub fn upstream_request(
     }
     if let Some(h) = &info.host {
         headers.insert(header::HOST, h.clone());
-        headers.insert("x-forwarded-host", h.clone());
+        headers.insert(X_FORWARDED_HOST, h.clone());
     }
     let ip = info.client_ip.to_string();
     let ip_value = HeaderValue::from_str(&ip).expect("an IP is a valid header value");
-    headers.insert("x-forwarded-for", ip_value.clone());
-    headers.insert("x-real-ip", ip_value);
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
-    let for_ = match info.client_ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut forwarded = format!("for={for_};proto={}", info.proto);
-    if let Some(h) = info.host.as_ref().and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(&format!(";host=\"{h}\""));
+    headers.insert(X_FORWARDED_FOR, ip_value.clone());
+    headers.insert(X_REAL_IP, ip_value);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
+    // RFC 7239: `for=1.2.3.4;proto=http;host="h"`, an IPv6 address quoted and bracketed.
+    let host = info.host.as_ref().and_then(|h| h.to_str().ok());
+    let mut forwarded = String::with_capacity(32 + ip.len() + host.map_or(0, str::len));
+    forwarded.push_str("for=");
+    if info.client_ip.is_ipv6() {
+        forwarded.push_str("\"[");
+        forwarded.push_str(&ip);
+        forwarded.push_str("]\"");
+    } else {
+        forwarded.push_str(&ip);
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(info.proto);
+    if let Some(h) = host {
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(h);
+        forwarded.push('"');
     }
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.insert(header::FORWARDED, v);
     }
     if let Ok(v) = HeaderValue::from_str(info.request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(X_REQUEST_ID, v);
     }
     if let Some(t) = info.token {
-        let set = |headers: &mut http::HeaderMap, name: &'static str, v: &str| {
+        let set = |headers: &mut http::HeaderMap, name: HeaderName, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 headers.insert(name, v);
             }
         };
-        set(&mut headers, "x-tokengate-token-id", t.id());
-        set(&mut headers, "x-tokengate-token-name", t.name());
-        set(&mut headers, "x-tokengate-account", t.account());
+        set(&mut headers, X_TOKENGATE_TOKEN_ID, t.id());
+        set(&mut headers, X_TOKENGATE_TOKEN_NAME, t.name());
+        set(&mut headers, X_TOKENGATE_ACCOUNT, t.account());
         set(
             &mut headers,
-            "x-tokengate-permissions",
+            X_TOKENGATE_PERMISSIONS,
             t.permissions_header(),
         );
     }

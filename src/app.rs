@@ -56,6 +56,10 @@ pub async fn serve(config: Option<&Path>) -> Result<(), CliError> {
         public = %started.server.public_addr(),
         admin = %started.server.admin_addr(),
         pid = std::process::id(),
+        runtime = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+            _ => "multi_thread",
+        },
         "tokengate listening"
     );
     let tls = started.server.tls_handle();

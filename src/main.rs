@@ -26,10 +26,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match &cli.command {
         Command::Serve | Command::Demo(_) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime_builder().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     return cli::exit(Err(cli::CliError::failure(format!(
@@ -48,6 +45,20 @@ fn main() -> ExitCode {
         _ => cli::run_local(&cli),
     };
     cli::exit(result)
+}
+
+/// One tokio worker per CPU this process may run on (`available_parallelism` honours the
+/// affinity mask and cgroup CPU quotas). With a single CPU the multi-thread scheduler's
+/// cross-thread machinery buys nothing and cost ~20% more CPU per request in the load benchmark
+/// (docs/performance.md), so the current-thread scheduler runs everything on the main thread
+/// then; blocking store calls still go to tokio's blocking pool either way.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }
 
 /// Operational logs go to stderr: human-readable on a terminal, JSON otherwise or with

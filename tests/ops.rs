@@ -521,10 +521,28 @@ impl Proc {
     /// Writes a config in a temp dir (in front of `upstream`), lets `prepare` seed the store,
     /// starts the binary and waits for its "listening" line (JSON logs on stderr).
     async fn start(upstream: &Upstream, o: &Options, prepare: impl FnOnce(&Path)) -> Proc {
+        Proc::start_on(upstream, o, prepare, false).await
+    }
+
+    /// `one_cpu`: run the binary under `taskset -c 0`, so it may use one CPU only (and picks
+    /// tokio's current-thread runtime).
+    async fn start_on(
+        upstream: &Upstream,
+        o: &Options,
+        prepare: impl FnOnce(&Path),
+        one_cpu: bool,
+    ) -> Proc {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &upstream.addr.to_string(), o);
         prepare(&dir.path().join("tokengate.db"));
-        let mut child = StdCommand::new(BIN)
+        let mut cmd = if one_cpu {
+            let mut c = StdCommand::new("taskset");
+            c.args(["-c", "0", BIN]);
+            c
+        } else {
+            StdCommand::new(BIN)
+        };
+        let mut child = cmd
             .args([
                 "--config",
                 config.to_str().unwrap(),
@@ -1375,6 +1393,17 @@ async fn reload_serves_a_new_certificate_to_new_connections_and_keeps_old_ones()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes() {
+    sigterm_drain(false).await;
+}
+
+/// The same drain with the process limited to one CPU: the binary then runs tokio's
+/// current-thread runtime (its start-up line says so), and everything must work the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_cpu_the_current_thread_runtime_serves_and_drains_the_same() {
+    sigterm_drain(true).await;
+}
+
+async fn sigterm_drain(one_cpu: bool) {
     let upstream = Upstream::start().await;
     let mut ids = (String::new(), String::new());
     let o = Options {
@@ -1384,10 +1413,23 @@ async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes()
         rules: rules_with_delay(),
         ..Options::default()
     };
-    let mut p = Proc::start(&upstream, &o, |db| {
-        ids = issue(db, "ci", "reader", &["apps:read"])
-    })
+    let mut p = Proc::start_on(
+        &upstream,
+        &o,
+        |db| ids = issue(db, "ci", "reader", &["apps:read"]),
+        one_cpu,
+    )
     .await;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if one_cpu || cpus == 1 {
+        r#""runtime":"current_thread""#
+    } else {
+        r#""runtime":"multi_thread""#
+    };
+    assert!(
+        p.stderr_has(runtime),
+        "the start-up line should say {runtime}"
+    );
     let (token, token_id) = ids;
     let c = client();
     let r = c

@@ -75,13 +75,23 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 /// read through a memory map instead of `pread` calls. A cache miss walks 3–4 B-tree pages of
 /// the hash index and as many of the tokens and accounts tables; through the map each is a memory
 /// access (a page fault the first time), not a syscall and a copy into SQLite's page cache. With
-/// 1,000,000 tokens (a 330 MiB file) this took the cold lookup's p99 from ~390 µs to tens of µs
-/// (docs/performance.md). 1 GiB covers about 3 million tokens; beyond it the rest of the file is
-/// read as before. Only address space is reserved: pages count towards the process's RSS once
-/// touched, as file-backed pages the kernel can drop (`RssFile`, not `RssAnon`). SQLite turns
-/// an I/O error on a mapped page into SIGBUS instead of an error code; the file is local (SQLite
-/// on network filesystems is unsupported anyway). The writer does not map the file.
+/// 1,000,000 tokens (a 330 MiB file) mapping alone took the cold lookup's p99 from 238–386 µs to
+/// 73–107 µs (docs/performance.md). 1 GiB covers about 3 million tokens; beyond it the rest of
+/// the file is read as before. Only address space is reserved: pages count towards the process's
+/// RSS once touched, as file-backed pages the kernel can drop (`RssFile`, not `RssAnon`), once
+/// per reader connection that touched them. SQLite turns an I/O error on a mapped page into
+/// SIGBUS instead of an error code; the file is local (SQLite on network filesystems is
+/// unsupported anyway). The writer does not map the file.
 pub(crate) const READER_MMAP_SIZE: i64 = 1 << 30;
+
+/// The request path's cache-miss query, built once. Plan: `tokens_hash` (unique) → the token's
+/// row by rowid → `accounts` through its primary-key index, which covers `id`, and the account's
+/// row by rowid for `name` and `disabled_at`.
+static LOOKUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.hash = ?1"
+    )
+});
 
 /// A SQLite store.
 pub(crate) struct Sqlite {
@@ -262,11 +272,7 @@ impl Sqlite {
 
     pub(crate) fn lookup_hash(&self, hash: &TokenHash) -> Result<Option<TokenRow>, StoreError> {
         self.with_reader(|c| {
-            // Built once: this is the request path's cache-miss query.
-            static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-                format!("SELECT {TOKEN_COLUMNS} FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.hash = ?1")
-            });
-            let mut rows = self.query_tokens(c, &SQL, [&hash[..]])?;
+            let mut rows = self.query_tokens(c, &LOOKUP_SQL, [&hash[..]])?;
             Ok(rows.pop())
         })
     }
@@ -854,6 +860,39 @@ mod tests {
             let needle = new.plaintext.as_bytes();
             assert!(!bytes.windows(needle.len()).any(|w| w == needle));
         }
+    }
+
+    #[test]
+    fn cache_miss_lookups_are_never_re_prepared() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.db");
+        let s = Store::open(&path, Duration::from_millis(250)).unwrap();
+        s.create_account("ci", None, "test", 1).unwrap();
+        let hashes: Vec<_> = (0..3)
+            .map(|i| {
+                s.create_token(&spec("ci", &format!("t{i}")), "tg", 5, 10)
+                    .unwrap()
+                    .1
+                    .hash
+            })
+            .collect();
+        let c = super::open_reader(&path, Duration::from_millis(250)).unwrap();
+        let mmap: i64 = c.query_row("PRAGMA mmap_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(mmap, super::READER_MMAP_SIZE);
+        for _ in 0..5 {
+            for h in &hashes {
+                let mut st = c.prepare_cached(&super::LOOKUP_SQL).unwrap();
+                let found = st.query_map([&h[..]], |_| Ok(())).unwrap().count();
+                assert_eq!(found, 1);
+            }
+        }
+        let st = c.prepare_cached(&super::LOOKUP_SQL).unwrap();
+        assert_eq!(st.get_status(rusqlite::StatementStatus::Run), 15);
+        assert_eq!(
+            st.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "a new bound hash must not make SQLite parse and plan the lookup again"
+        );
     }
 
     #[test]

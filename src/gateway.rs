@@ -655,7 +655,14 @@ impl Gateway {
                 .headers()
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
-                .map(|s| s.chars().take(256).collect()),
+                .map(|s| {
+                    // `to_str` succeeded: visible ASCII, so bytes are chars.
+                    if s.len() <= 256 {
+                        s.to_owned()
+                    } else {
+                        s.chars().take(256).collect()
+                    }
+                }),
             token_prefix: None,
             token: None,
             public: false,
@@ -747,7 +754,7 @@ impl Gateway {
             permission: ctx.permission.take(),
             rule: ctx.rule.take(),
             shadow_decision: ctx.shadow_decision.map(Into::into),
-            client_ip: ctx.client_ip.to_string(),
+            client_ip: proxy::ip_text(ctx.client_ip),
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,

@@ -122,7 +122,14 @@ impl Builder {
         Pool {
             shared: Arc::new(Shared {
                 settings: self,
-                h1: http1::Builder::new(),
+                h1: {
+                    let mut b = http1::Builder::new();
+                    // One flat buffer per write instead of an iovec per head and body chunk:
+                    // fewer, simpler `write`s on loopback and LAN; measured 1.12-1.24 x
+                    // throughput together with the server side (docs/performance.md).
+                    b.writev(false);
+                    b
+                },
                 hosts: RwLock::new(HashMap::new()),
                 clock_offset_ms: AtomicU64::new(0),
                 reaper_running: AtomicBool::new(false),

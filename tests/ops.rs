@@ -563,6 +563,9 @@ impl Proc {
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
+                // Recorded before the start-up signal below, so a test that was told the
+                // gateway is listening always finds the listening line in `stderr`.
+                lines.lock().unwrap().push(line.clone());
                 if let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) {
                     let f = if j["fields"].is_object() {
                         &j["fields"]
@@ -575,7 +578,6 @@ impl Proc {
                         let _ = tx.send((p, a));
                     }
                 }
-                lines.lock().unwrap().push(line);
             }
         });
         let (public, admin) =

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::token::hex;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -1252,16 +1254,6 @@ fn chain_hex(prev_hex: &[u8], unchained: &[u8]) -> String {
     h.update(prev_hex);
     h.update(unchained);
     hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
 }
 
 // ---------------------------------------------------------------------------------------------

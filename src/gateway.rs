@@ -102,14 +102,16 @@ const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 const TOKEN_EXPIRES_AT: HeaderName = HeaderName::from_static("token-expires-at");
 
 /// What steps 1–8 decided for a request that may go on.
-struct Decided<'c> {
-    canon: path::CanonicalPath,
-    /// None for the reserved prefix, and for a path no route serves (answered 403 no_rule).
-    route: Option<&'c RouteConfig>,
-    /// Under the gateway's own prefix (`/_tokengate/`).
-    reserved: bool,
-    facts: hygiene::RequestFacts,
-    reservation: Reservation,
+enum Decided<'c> {
+    /// Answered by the gateway itself: its own endpoints under the reserved prefix.
+    Answered(Response<Body>, Reservation),
+    /// Allowed, to be forwarded to `route` (`ctx.upstream` is set).
+    Forward {
+        canon: path::CanonicalPath,
+        route: &'c RouteConfig,
+        facts: hygiene::RequestFacts,
+        reservation: Reservation,
+    },
 }
 
 /// Stops background tasks when dropped.
@@ -279,21 +281,14 @@ impl Gateway {
 
     fn next_request_id(&self) -> String {
         let n = self.inner.request_seq.fetch_add(1, Ordering::Relaxed);
-        // `format!("{:016x}{:08x}", boot_id, n)` without the formatting machinery (every request).
         if n > u64::from(u32::MAX) {
             return format!("{:016x}{:08x}", self.inner.boot_id, n);
         }
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut id = String::with_capacity(24);
-        let boot: u64 = self.inner.boot_id;
-        for shift in (0..16).rev() {
-            id.push(char::from(HEX[((boot >> (shift * 4)) & 0xf) as usize]));
-        }
-        let low = n as u32;
-        for shift in (0..8).rev() {
-            id.push(char::from(HEX[((low >> (shift * 4)) & 0xf) as usize]));
-        }
-        id
+        // The same `{:016x}{:08x}` without the formatting machinery (every request).
+        let mut raw = [0u8; 12];
+        raw[..8].copy_from_slice(&self.inner.boot_id.to_be_bytes());
+        raw[8..].copy_from_slice(&(n as u32).to_be_bytes());
+        crate::token::hex(&raw)
     }
 
     /// Runs a blocking store call off the async workers.
@@ -616,27 +611,8 @@ impl Gateway {
         let cfg = self.inner.config.load_full();
         let mut ctx = self.new_ctx(req, conn);
         let result = match self.decide(&cfg, conn, req, &mut ctx).await {
-            Ok(d) if d.reserved => match self.internal(&cfg, &ctx.method, &d.canon.path, &ctx) {
-                Ok(r) => Ok((self.decorate(&cfg, r, &ctx), d.reservation)),
-                Err(e) => Err((e, Some(d.reservation))),
-            },
-            Ok(Decided {
-                route: None,
-                reservation,
-                ..
-            }) => Err((
-                Reject::Forbidden {
-                    reason: "no_rule",
-                    permission: None,
-                },
-                Some(reservation),
-            )),
-            Ok(Decided {
-                route: Some(route),
-                reservation,
-                ..
-            }) => {
-                ctx.upstream = Some(route.name.clone());
+            Ok(Decided::Answered(resp, reservation)) => Ok((resp, reservation)),
+            Ok(Decided::Forward { reservation, .. }) => {
                 let resp = self.decorate(&cfg, Response::new(crate::body::empty()), &ctx);
                 Ok((resp, reservation))
             }
@@ -762,7 +738,8 @@ impl Gateway {
     }
 
     /// Steps 1–8: everything the gateway decides before the upstream sees the request, ending
-    /// with the audit slot reserved. Generic over the body, which it never reads.
+    /// with the audit slot reserved; the reserved prefix is answered here, a path no route
+    /// serves refused (403 no_rule). Generic over the body, which it never reads.
     async fn decide<'c, B>(
         &self,
         cfg: &'c Config,
@@ -857,10 +834,25 @@ impl Gateway {
             .audit
             .reserve()
             .map_err(|_| no_res(Reject::AuditUnavailable))?;
-        Ok(Decided {
+        if reserved {
+            return match self.internal(cfg, &ctx.method, &canon.path, ctx) {
+                Ok(r) => Ok(Decided::Answered(self.decorate(cfg, r, ctx), reservation)),
+                Err(e) => Err((e, Some(reservation))),
+            };
+        }
+        let Some(route) = route else {
+            return Err((
+                Reject::Forbidden {
+                    reason: "no_rule",
+                    permission: None,
+                },
+                Some(reservation),
+            ));
+        };
+        ctx.upstream = Some(route.name.clone());
+        Ok(Decided::Forward {
             canon,
             route,
-            reserved,
             facts,
             reservation,
         })
@@ -873,33 +865,17 @@ impl Gateway {
         mut req: Request<Incoming>,
         ctx: &mut Ctx,
     ) -> Result<(Response<Body>, Reservation), (Reject, Option<Reservation>)> {
-        let Decided {
-            canon,
-            route,
-            reserved,
-            facts,
-            reservation,
-        } = self.decide(cfg, conn, &req, ctx).await?;
-
-        if reserved {
-            let resp = self.internal(cfg, &ctx.method, &canon.path, ctx);
-            return match resp {
-                Ok(r) => Ok((self.decorate(cfg, r, ctx), reservation)),
-                Err(e) => Err((e, Some(reservation))),
-            };
-        }
+        let (canon, route, facts, reservation) = match self.decide(cfg, conn, &req, ctx).await? {
+            Decided::Answered(resp, reservation) => return Ok((resp, reservation)),
+            Decided::Forward {
+                canon,
+                route,
+                facts,
+                reservation,
+            } => (canon, route, facts, reservation),
+        };
 
         // 9. Forward.
-        let Some(route) = route else {
-            return Err((
-                Reject::Forbidden {
-                    reason: "no_rule",
-                    permission: None,
-                },
-                Some(reservation),
-            ));
-        };
-        ctx.upstream = Some(route.name.clone());
         let client_upgrade = facts.websocket.then(|| hyper::upgrade::on(&mut req));
         let query = req.uri().query().map(str::to_string);
         let (parts, body) = req.into_parts();

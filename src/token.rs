@@ -187,18 +187,31 @@ pub fn new_id(kind: &str) -> String {
     s
 }
 
-/// Hex encoding (for logs of hashes in tests and the store copy).
+/// Lower-case hex encoding (audit chains, request ids, logs of hashes, the store copy).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     s
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        // As the request id uses it: `{:016x}{:08x}` of the boot id and the sequence number.
+        let (boot, n) = (0x5eed_0000_00ab_cdefu64, 42u32);
+        let mut raw = [0u8; 12];
+        raw[..8].copy_from_slice(&boot.to_be_bytes());
+        raw[8..].copy_from_slice(&n.to_be_bytes());
+        assert_eq!(hex(&raw), format!("{boot:016x}{n:08x}"));
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -6,6 +6,11 @@
 //! directly. The engines live in [`sqlite`] and [`postgres`]; both run the same schema and
 //! migrations (DDL written per engine where types differ) and give the same answers, which
 //! `tests/store_suite.rs` checks by running one suite against each.
+//!
+//! Owns: its options type [`StoreOptions`] (with [`PgOptions`]) and their defaults — config
+//! converts its `[store]` section into them at the edge — and [`redact_url`], the one way a
+//! connection URL is shown (the Redis limiter uses it too).
+//! Never imports: `config`, `ratelimit`, `audit`, `gateway`, `cli` or `admin`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +22,6 @@ use arc_swap::ArcSwapOption;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{Rate, StoreConfig};
 use crate::token::{NewToken, TokenHash};
 
 pub mod postgres;
@@ -196,15 +200,6 @@ pub struct RateOverride {
     pub burst: u32,
 }
 
-impl From<Rate> for RateOverride {
-    fn from(r: Rate) -> Self {
-        RateOverride {
-            requests_per_second: r.requests_per_second,
-            burst: r.burst,
-        }
-    }
-}
-
 impl TokenRow {
     /// Active = not revoked, not expired, not past a rotation deadline, account enabled.
     pub fn is_active(&self, now: i64) -> bool {
@@ -296,6 +291,26 @@ pub enum Engine {
     Postgres,
 }
 
+/// Connections in a PostgreSQL store's pool, by default.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// Deadline for one PostgreSQL store call (pool wait, connect, queries), by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SQLite call waits for another process's lock, by default.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How to open a store: a SQLite file, or a PostgreSQL URL with its connection settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// SQLite file; unused when `url` is set.
+    pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://...`); None = SQLite.
+    pub url: Option<String>,
+    /// SQLite busy timeout.
+    pub busy_timeout: Duration,
+    /// PostgreSQL connection settings.
+    pub pg: PgOptions,
+}
+
 /// PostgreSQL connection settings beyond the URL.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -310,8 +325,8 @@ pub struct PgOptions {
 impl Default for PgOptions {
     fn default() -> Self {
         PgOptions {
-            pool_size: crate::config::DEFAULT_STORE_POOL_SIZE,
-            timeout: crate::config::DEFAULT_STORE_TIMEOUT,
+            pool_size: DEFAULT_POOL_SIZE,
+            timeout: DEFAULT_TIMEOUT,
             ca: None,
         }
     }
@@ -462,16 +477,6 @@ pub fn is_postgres_url(location: &str) -> bool {
     location.starts_with("postgres://") || location.starts_with("postgresql://")
 }
 
-/// Checks that `url` is a PostgreSQL URL this build can connect with.
-pub fn check_postgres_url(url: &str) -> Result<(), String> {
-    if !is_postgres_url(url) {
-        return Err("must be a `postgres://USER@HOST:PORT/DB` URL".into());
-    }
-    url.parse::<tokio_postgres::Config>()
-        .map(|_| ())
-        .map_err(|e| format!("not a valid PostgreSQL URL: {e}"))
-}
-
 /// `url` without its password (user-info and `password=` parameter), for logs and messages.
 pub fn redact_url(url: &str) -> String {
     let mut out = url.to_string();
@@ -529,18 +534,11 @@ impl Store {
         )?)))
     }
 
-    /// Opens the store a validated `[store]` section names.
-    pub fn open_config(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        match &cfg.url {
-            Some(url) => Self::open_postgres(
-                url,
-                &PgOptions {
-                    pool_size: cfg.pool_size,
-                    timeout: cfg.timeout,
-                    ca: cfg.ca.clone(),
-                },
-            ),
-            None => Self::open(&cfg.path, cfg.busy_timeout),
+    /// Opens the store the options name.
+    pub fn open_options(o: &StoreOptions) -> Result<Store, StoreError> {
+        match &o.url {
+            Some(url) => Self::open_postgres(url, &o.pg),
+            None => Self::open(&o.path, o.busy_timeout),
         }
     }
 

@@ -473,6 +473,25 @@ mod tests {
     }
 
     #[test]
+    fn minimal_file_converts_into_the_owners_defaults() {
+        let c = load("").unwrap();
+        let store = c.store.options();
+        assert_eq!(store.url, None);
+        assert_eq!(store.path, PathBuf::from("/etc/tokengate/tokengate.db"));
+        assert_eq!(store.busy_timeout, crate::store::DEFAULT_BUSY_TIMEOUT);
+        assert_eq!(
+            store.pg.pool_size,
+            crate::store::PgOptions::default().pool_size
+        );
+        assert_eq!(store.pg.timeout, crate::store::PgOptions::default().timeout);
+        assert_eq!(store.pg.ca, None);
+        let redis = c.rate_limit.redis_options();
+        assert_eq!(redis.url, None);
+        assert_eq!(redis.timeout, DEFAULT_REDIS_TIMEOUT);
+        assert_eq!(redis.replicas, DEFAULT_REPLICAS);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n")
             .unwrap_err()
@@ -536,5 +555,8 @@ mod tests {
     fn urls_are_checked() {
         assert!(validate::check_redis_url("redis://127.0.0.1:6379/0").is_ok());
         assert!(validate::check_redis_url("http://x").is_err());
+        assert!(validate::check_postgres_url("postgres://tg@db:5432/tg").is_ok());
+        assert!(validate::check_postgres_url("mysql://tg@db/tg").is_err());
+        assert!(validate::check_postgres_url("postgres://tg@db/tg?sslmode=sometimes").is_err());
     }
 }

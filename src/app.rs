@@ -24,7 +24,7 @@ pub struct Started {
 
 /// Opens the store (refusing to serve if it is unreadable) and the audit log, and binds.
 pub async fn start(cfg: Config) -> Result<Started, CliError> {
-    let store = Store::open_config(&cfg.store)
+    let store = Store::open_options(&cfg.store.options())
         .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
     store
         .ping()

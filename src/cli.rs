@@ -427,9 +427,10 @@ struct Local {
 impl Local {
     fn open(config: Option<&Path>) -> Result<Local, CliError> {
         let cfg = load_config(config)?;
-        let mut store_cfg = cfg.store.clone();
+        let mut store_cfg = cfg.store.options();
         store_cfg.busy_timeout = std::time::Duration::from_secs(5);
-        let store = Store::open_config(&store_cfg).map_err(|e| CliError::failure(e.to_string()))?;
+        let store =
+            Store::open_options(&store_cfg).map_err(|e| CliError::failure(e.to_string()))?;
         let audit = match AuditLog::open(audit_config(&cfg)) {
             Ok(a) => Some(a),
             Err(audit::AuditError::InUse { .. }) => None,

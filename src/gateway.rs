@@ -25,8 +25,8 @@ use crate::hygiene::{self, Limits};
 use crate::metrics::{Metrics, Snapshot};
 use crate::path;
 use crate::proxy::{self, ForwardInfo, UpstreamClient};
+use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::{Allowance, FailedAuthLimiter, TokenLimiter};
-use crate::ratelimit_redis::RedisLimiter;
 use crate::store::{ChangeSignal, LastUsed, Store, StoreError, TokenRow};
 use crate::token::TokenHash;
 
@@ -135,8 +135,9 @@ impl Gateway {
             config.rate_limit.failed_auth_max_clients,
         );
         let change_seq = store.last_change_seq().unwrap_or(0).max(0) as u64;
-        let redis_limiter =
-            arc_swap::ArcSwapOption::new(RedisLimiter::from_config(&config.rate_limit));
+        let redis_limiter = arc_swap::ArcSwapOption::new(RedisLimiter::from_options(
+            &config.rate_limit.redis_options(),
+        ));
         let clock = Clock::default();
         let now = clock.now_ms();
         Gateway {
@@ -181,13 +182,13 @@ impl Gateway {
                 )));
         }
         let redis_changed = match self.inner.redis_limiter.load().as_ref() {
-            Some(r) => !r.matches(&config.rate_limit),
+            Some(r) => !r.matches(&config.rate_limit.redis_options()),
             None => config.rate_limit.redis.is_some(),
         };
         if redis_changed {
-            self.inner
-                .redis_limiter
-                .store(RedisLimiter::from_config(&config.rate_limit));
+            self.inner.redis_limiter.store(RedisLimiter::from_options(
+                &config.rate_limit.redis_options(),
+            ));
         }
         self.inner.config.store(Arc::new(config));
     }

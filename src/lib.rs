@@ -20,8 +20,8 @@
 //! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
 //! - [`authz`] — rule templates, matching, permissions, scopes (step 6).
-//! - [`ratelimit`] — per-token GCRA limiter and per-IP failed-auth limiter (steps 2, 7).
-//! - [`ratelimit_redis`] — per-token limits exact across replicas: GCRA in Redis (step 7).
+//! - [`ratelimit`] — per-token GCRA limiter and per-IP failed-auth limiter (steps 2, 7); limits
+//!   exact across replicas, GCRA in Redis ([`ratelimit::redis`]).
 //! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
 //! - [`pool`] — keep-alive HTTP/1.1 connection pool to the upstreams (hyper `client::conn`).
@@ -54,7 +54,6 @@ pub mod path;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
-pub mod ratelimit_redis;
 pub mod remote;
 pub mod server;
 pub mod store;

@@ -189,7 +189,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     assert_eq!(header(&r, "ratelimit-reset"), "1");
 
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
-    // a fake clock in ratelimit.rs).
+    // a fake clock in ratelimit/mod.rs).
     tokio::time::sleep(Duration::from_millis(1050)).await;
     let r = c
         .get(tg.url("/apps/a/b"))

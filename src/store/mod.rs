@@ -6,6 +6,11 @@
 //! directly. The engines live in [`sqlite`] and [`postgres`]; both run the same schema and
 //! migrations (DDL written per engine where types differ) and give the same answers, which
 //! `tests/store_suite.rs` checks by running one suite against each.
+//!
+//! Owns: its options type [`StoreOptions`] (with [`PgOptions`]) and their defaults — config
+//! converts its `[store]` section into them at the edge — and [`redact_url`], the one way a
+//! connection URL is shown (the Redis limiter uses it too).
+//! Never imports: `config`, `ratelimit`, `audit`, `gateway`, `cli` or `admin`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,11 +22,16 @@ use arc_swap::ArcSwapOption;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{Rate, StoreConfig};
 use crate::token::{NewToken, TokenHash};
 
 pub mod postgres;
 pub mod sqlite;
+
+mod row;
+
+pub(crate) use copy::DUMP_TOKEN_COLUMNS;
+pub use copy::{DumpAccount, DumpChange, DumpToken, StoreDump};
+pub(crate) use row::{NewTokenRow, RawTokenRow, TOKEN_COLUMNS, cap_reached};
 
 /// Schema version this build creates and understands (the number of migrations; equal on both
 /// engines).
@@ -196,15 +206,6 @@ pub struct RateOverride {
     pub burst: u32,
 }
 
-impl From<Rate> for RateOverride {
-    fn from(r: Rate) -> Self {
-        RateOverride {
-            requests_per_second: r.requests_per_second,
-            burst: r.burst,
-        }
-    }
-}
-
 impl TokenRow {
     /// Active = not revoked, not expired, not past a rotation deadline, account enabled.
     pub fn is_active(&self, now: i64) -> bool {
@@ -296,6 +297,26 @@ pub enum Engine {
     Postgres,
 }
 
+/// Connections in a PostgreSQL store's pool, by default.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// Deadline for one PostgreSQL store call (pool wait, connect, queries), by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SQLite call waits for another process's lock, by default.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How to open a store: a SQLite file, or a PostgreSQL URL with its connection settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// SQLite file; unused when `url` is set.
+    pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://...`); None = SQLite.
+    pub url: Option<String>,
+    /// SQLite busy timeout.
+    pub busy_timeout: Duration,
+    /// PostgreSQL connection settings.
+    pub pg: PgOptions,
+}
+
 /// PostgreSQL connection settings beyond the URL.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -310,118 +331,10 @@ pub struct PgOptions {
 impl Default for PgOptions {
     fn default() -> Self {
         PgOptions {
-            pool_size: crate::config::DEFAULT_STORE_POOL_SIZE,
-            timeout: crate::config::DEFAULT_STORE_TIMEOUT,
+            pool_size: DEFAULT_POOL_SIZE,
+            timeout: DEFAULT_TIMEOUT,
             ca: None,
         }
-    }
-}
-
-/// One account exactly as stored (for `store copy`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DumpAccount {
-    /// Id.
-    pub id: String,
-    /// Name.
-    pub name: String,
-    /// Email.
-    pub email: Option<String>,
-    /// Created (ms).
-    pub created_at: i64,
-    /// Creator.
-    pub created_by: String,
-    /// Disabled (ms).
-    pub disabled_at: Option<i64>,
-    /// Who disabled it.
-    pub disabled_by: Option<String>,
-}
-
-/// One token exactly as stored (for `store copy`): the hash, never a plaintext.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DumpToken {
-    /// Id.
-    pub id: String,
-    /// Account id.
-    pub account_id: String,
-    /// Label.
-    pub name: String,
-    /// Display prefix.
-    pub display_prefix: String,
-    /// SHA-256 of the token (32 bytes).
-    pub hash: Vec<u8>,
-    /// Role.
-    pub role: Option<String>,
-    /// Permissions, as stored (JSON).
-    pub permissions: String,
-    /// Scopes, as stored (JSON).
-    pub scopes: String,
-    /// CIDRs, as stored (JSON).
-    pub allowed_cidrs: String,
-    /// Rate override: requests per second.
-    pub rate_rps: Option<f64>,
-    /// Rate override: burst.
-    pub rate_burst: Option<i64>,
-    /// Created (ms).
-    pub created_at: i64,
-    /// Creator.
-    pub created_by: String,
-    /// Expiry (ms).
-    pub expires_at: Option<i64>,
-    /// Last use (ms).
-    pub last_used_at: Option<i64>,
-    /// Last client IP.
-    pub last_used_ip: Option<String>,
-    /// Revoked (ms).
-    pub revoked_at: Option<i64>,
-    /// Revoker.
-    pub revoked_by: Option<String>,
-    /// Why revoked.
-    pub revoke_reason: Option<String>,
-    /// Rotation predecessor.
-    pub rotated_from: Option<String>,
-    /// Rotation deadline (ms).
-    pub rotation_deadline: Option<i64>,
-}
-
-/// One change-log entry exactly as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DumpChange {
-    /// Sequence number.
-    pub seq: i64,
-    /// Time (ms).
-    pub at: i64,
-    /// Kind.
-    pub kind: String,
-    /// Token.
-    pub token_id: Option<String>,
-    /// Account.
-    pub account_id: Option<String>,
-}
-
-/// Everything a store holds, row by row, as `store copy` moves it between engines.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StoreDump {
-    /// Accounts, by id.
-    pub accounts: Vec<DumpAccount>,
-    /// Tokens, by id.
-    pub tokens: Vec<DumpToken>,
-    /// The change log, by seq (its high-water mark carries over, so followers never go back).
-    pub changes: Vec<DumpChange>,
-    /// Queued admin audit events `(id, line)`, by id.
-    pub outbox: Vec<(i64, String)>,
-}
-
-impl StoreDump {
-    /// One line of counts, for messages.
-    pub fn summary(&self) -> String {
-        format!(
-            "{} accounts, {} tokens, {} change-log entries (last seq {}), {} queued audit events",
-            self.accounts.len(),
-            self.tokens.len(),
-            self.changes.len(),
-            self.changes.last().map_or(0, |c| c.seq),
-            self.outbox.len()
-        )
     }
 }
 
@@ -457,19 +370,12 @@ macro_rules! on_backend {
     };
 }
 
+// Declared after `on_backend!`, which it uses.
+mod copy;
+
 /// True when `location` names a PostgreSQL server rather than a SQLite file.
 pub fn is_postgres_url(location: &str) -> bool {
     location.starts_with("postgres://") || location.starts_with("postgresql://")
-}
-
-/// Checks that `url` is a PostgreSQL URL this build can connect with.
-pub fn check_postgres_url(url: &str) -> Result<(), String> {
-    if !is_postgres_url(url) {
-        return Err("must be a `postgres://USER@HOST:PORT/DB` URL".into());
-    }
-    url.parse::<tokio_postgres::Config>()
-        .map(|_| ())
-        .map_err(|e| format!("not a valid PostgreSQL URL: {e}"))
 }
 
 /// `url` without its password (user-info and `password=` parameter), for logs and messages.
@@ -529,18 +435,11 @@ impl Store {
         )?)))
     }
 
-    /// Opens the store a validated `[store]` section names.
-    pub fn open_config(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        match &cfg.url {
-            Some(url) => Self::open_postgres(
-                url,
-                &PgOptions {
-                    pool_size: cfg.pool_size,
-                    timeout: cfg.timeout,
-                    ca: cfg.ca.clone(),
-                },
-            ),
-            None => Self::open(&cfg.path, cfg.busy_timeout),
+    /// Opens the store the options name.
+    pub fn open_options(o: &StoreOptions) -> Result<Store, StoreError> {
+        match &o.url {
+            Some(url) => Self::open_postgres(url, &o.pg),
+            None => Self::open(&o.path, o.busy_timeout),
         }
     }
 
@@ -850,189 +749,6 @@ impl Store {
                 "`store backup` is for SQLite files; back PostgreSQL up with pg_dump, or copy it into a file with `tokengate store copy --to FILE`".into(),
             )),
         }
-    }
-
-    // ------------------------------------------------------------ copy between engines
-
-    /// Every row of every table, as stored.
-    pub fn export(&self) -> Result<StoreDump, StoreError> {
-        on_backend!(self, b => b.export())
-    }
-
-    /// Writes `dump` into this store in one transaction; refuses unless the store is empty.
-    pub fn import(&self, dump: &StoreDump) -> Result<(), StoreError> {
-        on_backend!(self, b => b.import(dump))
-    }
-
-    /// Copies everything from `self` into the empty store `dest`, then reads `dest` back and
-    /// checks that it holds exactly what was read here. Returns what was copied.
-    pub fn copy_to(&self, dest: &Store) -> Result<StoreDump, StoreError> {
-        let dump = self.export()?;
-        dest.import(&dump)?;
-        let back = dest.export()?;
-        if back != dump {
-            return Err(StoreError::CopyMismatch(format!(
-                "wrote {}; read back {}",
-                dump.summary(),
-                back.summary()
-            )));
-        }
-        Ok(dump)
-    }
-}
-
-/// A token row ready to insert (columns as stored).
-#[derive(Clone)]
-pub(crate) struct NewTokenRow {
-    pub(crate) id: String,
-    pub(crate) name: String,
-    pub(crate) display_prefix: String,
-    pub(crate) hash: TokenHash,
-    pub(crate) role: Option<String>,
-    pub(crate) permissions: String,
-    pub(crate) scopes: String,
-    pub(crate) allowed_cidrs: String,
-    pub(crate) rate_rps: Option<f64>,
-    pub(crate) rate_burst: Option<i64>,
-    pub(crate) created_at: i64,
-    pub(crate) created_by: String,
-    pub(crate) expires_at: Option<i64>,
-    pub(crate) rotated_from: Option<String>,
-}
-
-impl NewTokenRow {
-    fn new(
-        id: &str,
-        spec: &NewTokenSpec,
-        new: &NewToken,
-        rotated_from: Option<&str>,
-        now: i64,
-    ) -> Self {
-        let cidrs: Vec<String> = spec.allowed_cidrs.iter().map(|c| c.to_string()).collect();
-        NewTokenRow {
-            id: id.to_string(),
-            name: spec.name.clone(),
-            display_prefix: new.display_prefix.clone(),
-            hash: new.hash,
-            role: spec.role.clone(),
-            permissions: serde_json::to_string(&spec.permissions).expect("serializable"),
-            scopes: serde_json::to_string(&spec.scopes).expect("serializable"),
-            allowed_cidrs: serde_json::to_string(&cidrs).expect("serializable"),
-            rate_rps: spec.rate.map(|r| r.requests_per_second),
-            rate_burst: spec.rate.map(|r| i64::from(r.burst)),
-            created_at: now,
-            created_by: spec.created_by.clone(),
-            expires_at: spec.expires_at,
-            rotated_from: rotated_from.map(str::to_string),
-        }
-    }
-}
-
-/// The columns of a token joined with its account, as both engines read them.
-pub(crate) struct RawTokenRow {
-    pub(crate) id: String,
-    pub(crate) account_id: String,
-    pub(crate) account: String,
-    pub(crate) name: String,
-    pub(crate) prefix: String,
-    pub(crate) role: Option<String>,
-    pub(crate) permissions: String,
-    pub(crate) scopes: String,
-    pub(crate) allowed_cidrs: String,
-    pub(crate) rate_rps: Option<f64>,
-    pub(crate) rate_burst: Option<i64>,
-    pub(crate) created_at: i64,
-    pub(crate) created_by: String,
-    pub(crate) expires_at: Option<i64>,
-    pub(crate) last_used_at: Option<i64>,
-    pub(crate) last_used_ip: Option<String>,
-    pub(crate) revoked_at: Option<i64>,
-    pub(crate) revoked_by: Option<String>,
-    pub(crate) revoke_reason: Option<String>,
-    pub(crate) rotated_from: Option<String>,
-    pub(crate) rotation_deadline: Option<i64>,
-    pub(crate) account_disabled_at: Option<i64>,
-}
-
-/// The select list matching [`RawTokenRow`], over `tokens t JOIN accounts a`.
-pub(crate) const TOKEN_COLUMNS: &str = "t.id, t.account_id, a.name, t.name, t.display_prefix, t.role, t.permissions, t.scopes, \
-     t.allowed_cidrs, t.rate_rps, t.rate_burst, t.created_at, t.created_by, t.expires_at, t.last_used_at, \
-     t.last_used_ip, t.revoked_at, t.revoked_by, t.revoke_reason, t.rotated_from, t.rotation_deadline, a.disabled_at";
-
-/// The select list matching [`DumpToken`], over `tokens`.
-pub(crate) const DUMP_TOKEN_COLUMNS: &str = "id, account_id, name, display_prefix, hash, role, permissions, scopes, \
-     allowed_cidrs, rate_rps, rate_burst, created_at, created_by, expires_at, last_used_at, last_used_ip, \
-     revoked_at, revoked_by, revoke_reason, rotated_from, rotation_deadline";
-
-impl RawTokenRow {
-    pub(crate) fn into_row(self) -> Result<TokenRow, StoreError> {
-        let corrupt = |column, e: serde_json::Error| StoreError::Corrupt {
-            column,
-            message: e.to_string(),
-        };
-        let permissions =
-            serde_json::from_str(&self.permissions).map_err(|e| corrupt("permissions", e))?;
-        let scopes = serde_json::from_str(&self.scopes).map_err(|e| corrupt("scopes", e))?;
-        let cidr_strings: Vec<String> =
-            serde_json::from_str(&self.allowed_cidrs).map_err(|e| corrupt("allowed_cidrs", e))?;
-        let mut allowed_cidrs = Vec::with_capacity(cidr_strings.len());
-        for c in cidr_strings {
-            allowed_cidrs.push(c.parse().map_err(|_| StoreError::Corrupt {
-                column: "allowed_cidrs",
-                message: format!("`{c}` is not a CIDR"),
-            })?);
-        }
-        let rate = match (self.rate_rps, self.rate_burst) {
-            (Some(requests_per_second), Some(burst)) => Some(RateOverride {
-                requests_per_second,
-                burst: u32::try_from(burst).map_err(|_| StoreError::Corrupt {
-                    column: "rate_burst",
-                    message: format!("{burst} is out of range"),
-                })?,
-            }),
-            _ => None,
-        };
-        Ok(TokenRow {
-            id: self.id,
-            account_id: self.account_id,
-            account: self.account,
-            name: self.name,
-            prefix: self.prefix,
-            role: self.role,
-            permissions,
-            scopes,
-            allowed_cidrs,
-            rate,
-            created_at: self.created_at,
-            created_by: self.created_by,
-            expires_at: self.expires_at,
-            last_used_at: self.last_used_at,
-            last_used_ip: self.last_used_ip,
-            revoked_at: self.revoked_at,
-            revoked_by: self.revoked_by,
-            revoke_reason: self.revoke_reason,
-            rotated_from: self.rotated_from,
-            rotation_deadline: self.rotation_deadline,
-            account_disabled_at: self.account_disabled_at,
-        })
-    }
-}
-
-/// The error for a full account: names the limit and lists the active tokens.
-pub(crate) fn cap_reached(
-    account: String,
-    limit: u32,
-    active: &[(String, String, String)],
-) -> StoreError {
-    let list = active
-        .iter()
-        .map(|(id, name, prefix)| format!("  {id}  {prefix}  {name}"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    StoreError::CapReached {
-        account,
-        limit,
-        list,
     }
 }
 

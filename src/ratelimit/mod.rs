@@ -1,5 +1,10 @@
 //! Rate limits (SPEC §4): a GCRA limiter per token, and a per-client-IP limiter on failed
 //! authentication whose memory stays bounded under a flood of new addresses.
+//!
+//! Owns: [`Rate`] (config re-uses it), the in-process limiters, and — in [`redis`] — the limits
+//! exact across replicas with their own options type.
+//! Never imports: `config` (config converts into these types at the edge), `gateway`, `cli`,
+//! `admin`; the only other module of ours it uses is `store`, for `redact_url` in log lines.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
@@ -14,7 +19,16 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed, keyed::DefaultKeyedStateStore};
 use governor::{Quota, RateLimiter};
 
-use crate::config::Rate;
+pub mod redis;
+
+/// A rate: requests per second and burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Sustained rate.
+    pub requests_per_second: f64,
+    /// Burst size.
+    pub burst: u32,
+}
 
 /// Result of an allowed check: what goes into the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

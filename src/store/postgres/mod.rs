@@ -15,101 +15,45 @@
 //! Ordering: writers take a transaction-scoped advisory lock just before appending to the change
 //! log, so sequence numbers are assigned in commit order and a follower reading "everything after
 //! seq N" can never skip a change that commits later with a smaller number.
+//!
+//! Owns: the PostgreSQL engine — its runtime, pool, TLS and every store call; the schema is in
+//! [`schema`], the change push in [`feed`], `store copy` in [`copy`].
+//! Never imports: `config` (the store's own [`PgOptions`] say how to connect), `ratelimit`,
+//! `gateway`, `cli`.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime as PoolRuntime};
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime as PoolRuntime,
+};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
+use tokio_postgres::Row;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken,
-    LastUsed, NewTokenRow, PgOptions, RawTokenRow, StoreDump, StoreError, TOKEN_COLUMNS, TokenRow,
-    cap_reached, redact_url,
+    Account, Change, ChangeSignal, LastUsed, NewTokenRow, PgOptions, RawTokenRow, StoreError,
+    TOKEN_COLUMNS, TokenRow, cap_reached, redact_url,
 };
 use crate::token::TokenHash;
 
-/// Schema migrations, the same steps as `sqlite::MIGRATIONS` in PostgreSQL types; the
-/// `schema_version` table records how many ran.
-pub(crate) const MIGRATIONS: &[&str] = &[
-    // 1: accounts, tokens, change log (+ the NOTIFY trigger that pushes it).
-    "CREATE TABLE accounts (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        email TEXT,
-        created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL,
-        disabled_at BIGINT,
-        disabled_by TEXT
-    );
-    CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
-        account_id TEXT NOT NULL REFERENCES accounts(id),
-        name TEXT NOT NULL,
-        display_prefix TEXT NOT NULL,
-        hash BYTEA NOT NULL CHECK (octet_length(hash) = 32),
-        role TEXT,
-        permissions TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        allowed_cidrs TEXT NOT NULL,
-        rate_rps DOUBLE PRECISION,
-        rate_burst BIGINT,
-        created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL,
-        expires_at BIGINT,
-        last_used_at BIGINT,
-        last_used_ip TEXT,
-        revoked_at BIGINT,
-        revoked_by TEXT,
-        revoke_reason TEXT,
-        rotated_from TEXT REFERENCES tokens(id),
-        rotation_deadline BIGINT
-    );
-    CREATE UNIQUE INDEX tokens_hash ON tokens(hash);
-    CREATE INDEX tokens_account ON tokens(account_id, revoked_at);
-    CREATE INDEX tokens_prefix ON tokens(display_prefix);
-    CREATE TABLE changes (
-        seq BIGSERIAL PRIMARY KEY,
-        at BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        token_id TEXT,
-        account_id TEXT
-    );
-    CREATE FUNCTION tokengate_notify_changes() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_notify('tokengate_changes', '');
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER changes_notify AFTER INSERT ON changes
-        FOR EACH STATEMENT EXECUTE FUNCTION tokengate_notify_changes();",
-    // 2: admin audit events written by the CLI while a gateway owns the audit log.
-    "CREATE TABLE audit_outbox (
-        id BIGSERIAL PRIMARY KEY,
-        line TEXT NOT NULL
-    );",
-];
+mod copy;
+mod feed;
+mod schema;
 
-/// The NOTIFY channel.
-const CHANNEL: &str = "tokengate_changes";
-/// Advisory lock serialising migrations of concurrently starting replicas.
-const MIGRATION_LOCK: i64 = 0x746f_6b65_6e67_6d69;
+use feed::{Feed, feed_loop, listen};
+#[cfg(test)]
+pub(crate) use schema::MIGRATIONS;
+
 /// Advisory lock taken just before appending to the change log (seq order = commit order).
 const CHANGE_LOG_LOCK: i64 = 0x746f_6b65_6e67_636c;
-/// How often the notification connection proves it is alive.
-const HEARTBEAT: Duration = Duration::from_secs(1);
-/// How long a heartbeat may take before the connection counts as lost.
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest pause between two reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A PostgreSQL store.
 pub(crate) struct Postgres {
@@ -129,13 +73,6 @@ struct Db {
     pool: Pool,
     target: Arc<str>,
     writes: Arc<AtomicU64>,
-}
-
-/// State of the notification connection, shared with its task.
-struct Feed {
-    tx: broadcast::Sender<ChangeSignal>,
-    up: AtomicBool,
-    hold: AtomicBool,
 }
 
 impl Drop for Postgres {
@@ -324,11 +261,14 @@ impl Postgres {
         let db = self.db.clone();
         self.run(async move {
             let c = db.conn().await?;
-            let rows = c
-                .query("SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name", &[])
-                .await
-                .map_err(|e| db.err(e))?;
-            rows.iter().map(|r| account(r).map_err(|e| db.err(e))).collect()
+            query_map(
+                &c,
+                "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name",
+                &[],
+                account,
+            )
+            .await
+            .map_err(|e| db.err(e))
         })
     }
 
@@ -400,22 +340,18 @@ impl Postgres {
             if acc.disabled_at.is_some() {
                 return Err(StoreError::AccountDisabled(acc.name));
             }
-            let active = tx
-                .query(
-                    "SELECT id, name, display_prefix FROM tokens WHERE account_id = $1 AND revoked_at IS NULL \
-                     AND (expires_at IS NULL OR expires_at > $2) AND (rotation_deadline IS NULL OR rotation_deadline > $2) \
-                     ORDER BY created_at",
-                    &[&acc.id, &now],
-                )
-                .await
-                .map_err(|e| db.err(e))?;
+            let active = query_map(
+                &tx,
+                "SELECT id, name, display_prefix FROM tokens WHERE account_id = $1 AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > $2) AND (rotation_deadline IS NULL OR rotation_deadline > $2) \
+                 ORDER BY created_at",
+                &[&acc.id, &now],
+                |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
+            )
+            .await
+            .map_err(|e| db.err(e))?;
             if active.len() as u32 >= max_active {
-                let list = active
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                    .map_err(|e| db.err(e))?;
-                return Err(cap_reached(acc.name, max_active, &list));
+                return Err(cap_reached(acc.name, max_active, &active));
             }
             insert_token(&tx, &acc.id, &row).await.map_err(|e| db.err(e))?;
             tx.commit().await.map_err(|e| db.err(e))?;
@@ -601,24 +537,21 @@ impl Postgres {
         let db = self.db.clone();
         self.run(async move {
             let c = db.conn().await?;
-            let rows = c
-                .query(
-                    "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
-                    &[&seq],
-                )
-                .await
-                .map_err(|e| db.err(e))?;
-            rows.iter()
-                .map(|r| {
+            query_map(
+                &c,
+                "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                &[&seq],
+                |r| {
                     Ok(Change {
                         seq: r.try_get(0)?,
                         kind: r.try_get(1)?,
                         token_id: r.try_get(2)?,
                         account_id: r.try_get(3)?,
                     })
-                })
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(|e| db.err(e))
+                },
+            )
+            .await
+            .map_err(|e| db.err(e))
         })
     }
 
@@ -662,17 +595,14 @@ impl Postgres {
         let db = self.db.clone();
         self.run(async move {
             let c = db.conn().await?;
-            let rows = c
-                .query(
-                    "SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1",
-                    &[&(limit as i64)],
-                )
-                .await
-                .map_err(|e| db.err(e))?;
-            rows.iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(|e| db.err(e))
+            query_map(
+                &c,
+                "SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1",
+                &[&(limit as i64)],
+                outbox_row,
+            )
+            .await
+            .map_err(|e| db.err(e))
         })
     }
 
@@ -699,222 +629,6 @@ impl Postgres {
             .await
             .map_err(|e| db.err(e))?;
             Ok("ok".to_string())
-        })
-    }
-
-    pub(crate) fn export(&self) -> Result<StoreDump, StoreError> {
-        let db = self.db.clone();
-        self.run(async move {
-            let mut c = db.conn().await?;
-            // One snapshot for all four tables.
-            let tx = c
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(|e| db.err(e))?;
-            let e = |e| db.err(e);
-            let accounts = tx
-                .query(
-                    "SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id COLLATE \"C\"",
-                    &[],
-                )
-                .await
-                .map_err(e)?
-                .iter()
-                .map(|r| {
-                    Ok(DumpAccount {
-                        id: r.try_get(0)?,
-                        name: r.try_get(1)?,
-                        email: r.try_get(2)?,
-                        created_at: r.try_get(3)?,
-                        created_by: r.try_get(4)?,
-                        disabled_at: r.try_get(5)?,
-                        disabled_by: r.try_get(6)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(e)?;
-            let tokens = tx
-                .query(&format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id COLLATE \"C\""), &[])
-                .await
-                .map_err(e)?
-                .iter()
-                .map(|r| {
-                    Ok(DumpToken {
-                        id: r.try_get(0)?,
-                        account_id: r.try_get(1)?,
-                        name: r.try_get(2)?,
-                        display_prefix: r.try_get(3)?,
-                        hash: r.try_get(4)?,
-                        role: r.try_get(5)?,
-                        permissions: r.try_get(6)?,
-                        scopes: r.try_get(7)?,
-                        allowed_cidrs: r.try_get(8)?,
-                        rate_rps: r.try_get(9)?,
-                        rate_burst: r.try_get(10)?,
-                        created_at: r.try_get(11)?,
-                        created_by: r.try_get(12)?,
-                        expires_at: r.try_get(13)?,
-                        last_used_at: r.try_get(14)?,
-                        last_used_ip: r.try_get(15)?,
-                        revoked_at: r.try_get(16)?,
-                        revoked_by: r.try_get(17)?,
-                        revoke_reason: r.try_get(18)?,
-                        rotated_from: r.try_get(19)?,
-                        rotation_deadline: r.try_get(20)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(e)?;
-            let changes = tx
-                .query("SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq", &[])
-                .await
-                .map_err(e)?
-                .iter()
-                .map(|r| {
-                    Ok(DumpChange {
-                        seq: r.try_get(0)?,
-                        at: r.try_get(1)?,
-                        kind: r.try_get(2)?,
-                        token_id: r.try_get(3)?,
-                        account_id: r.try_get(4)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(e)?;
-            let outbox = tx
-                .query("SELECT id, line FROM audit_outbox ORDER BY id", &[])
-                .await
-                .map_err(e)?
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(e)?;
-            tx.commit().await.map_err(e)?;
-            Ok(StoreDump {
-                accounts,
-                tokens,
-                changes,
-                outbox,
-            })
-        })
-    }
-
-    pub(crate) fn import(&self, d: &StoreDump) -> Result<(), StoreError> {
-        let (db, d) = (self.db.clone(), d.clone());
-        self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let e = |e| db.err(e);
-            // Nobody else may write while the copy lands (and the emptiness check holds).
-            tx.batch_execute("LOCK TABLE accounts, tokens, changes, audit_outbox IN EXCLUSIVE MODE")
-                .await
-                .map_err(e)?;
-            let r = tx
-                .query_one(
-                    "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
-                     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)",
-                    &[],
-                )
-                .await
-                .map_err(e)?;
-            let counts: (i64, i64, i64, i64) = (
-                r.try_get(0).map_err(e)?,
-                r.try_get(1).map_err(e)?,
-                r.try_get(2).map_err(e)?,
-                r.try_get(3).map_err(e)?,
-            );
-            if counts != (0, 0, 0, 0) {
-                return Err(StoreError::NotEmpty {
-                    target: db.target.to_string(),
-                    what: format!(
-                        "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
-                        counts.0, counts.1, counts.2, counts.3
-                    ),
-                });
-            }
-            let ins = tx
-                .prepare(
-                    "INSERT INTO accounts (id, name, email, created_at, created_by, disabled_at, disabled_by) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .await
-                .map_err(e)?;
-            for a in &d.accounts {
-                tx.execute(
-                    &ins,
-                    &[&a.id, &a.name, &a.email, &a.created_at, &a.created_by, &a.disabled_at, &a.disabled_by],
-                )
-                .await
-                .map_err(e)?;
-            }
-            let ins = tx
-                .prepare(&format!(
-                    "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES \
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, NULL, $20)"
-                ))
-                .await
-                .map_err(e)?;
-            for t in &d.tokens {
-                let params: [&(dyn ToSql + Sync); 20] = [
-                    &t.id,
-                    &t.account_id,
-                    &t.name,
-                    &t.display_prefix,
-                    &t.hash,
-                    &t.role,
-                    &t.permissions,
-                    &t.scopes,
-                    &t.allowed_cidrs,
-                    &t.rate_rps,
-                    &t.rate_burst,
-                    &t.created_at,
-                    &t.created_by,
-                    &t.expires_at,
-                    &t.last_used_at,
-                    &t.last_used_ip,
-                    &t.revoked_at,
-                    &t.revoked_by,
-                    &t.revoke_reason,
-                    &t.rotation_deadline,
-                ];
-                tx.execute(&ins, &params).await.map_err(e)?;
-            }
-            for t in d.tokens.iter().filter(|t| t.rotated_from.is_some()) {
-                tx.execute("UPDATE tokens SET rotated_from = $1 WHERE id = $2", &[&t.rotated_from, &t.id])
-                    .await
-                    .map_err(e)?;
-            }
-            let ins = tx
-                .prepare("INSERT INTO changes (seq, at, kind, token_id, account_id) VALUES ($1, $2, $3, $4, $5)")
-                .await
-                .map_err(e)?;
-            for ch in &d.changes {
-                tx.execute(&ins, &[&ch.seq, &ch.at, &ch.kind, &ch.token_id, &ch.account_id])
-                    .await
-                    .map_err(e)?;
-            }
-            for (id, line) in &d.outbox {
-                tx.execute("INSERT INTO audit_outbox (id, line) VALUES ($1, $2)", &[id, line])
-                    .await
-                    .map_err(e)?;
-            }
-            // Explicit ids do not move the sequences: continue above the copied high-water marks.
-            if let Some(last) = d.changes.last() {
-                tx.execute("SELECT setval(pg_get_serial_sequence('changes', 'seq'), $1)", &[&last.seq])
-                    .await
-                    .map_err(e)?;
-            }
-            if let Some((last, _)) = d.outbox.last() {
-                tx.execute("SELECT setval(pg_get_serial_sequence('audit_outbox', 'id'), $1)", &[last])
-                    .await
-                    .map_err(e)?;
-            }
-            tx.commit().await.map_err(e)?;
-            db.wrote();
-            Ok(())
         })
     }
 }
@@ -949,61 +663,6 @@ impl Db {
         rows.iter()
             .map(|r| raw_token(r).map_err(|e| self.err(e))?.into_row())
             .collect()
-    }
-
-    async fn migrate(&self) -> Result<(), StoreError> {
-        let mut c = self.conn().await?;
-        let tx = c.transaction().await.map_err(|e| self.err(e))?;
-        let e = |e| self.err(e);
-        // Replicas starting together: one migrates, the others wait and find it done.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(e)?;
-        let exists: bool = tx
-            .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
-            .await
-            .map_err(e)?
-            .try_get(0)
-            .map_err(e)?;
-        if !exists {
-            tx.batch_execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
-                .await
-                .map_err(e)?;
-        }
-        let found = tx
-            .query_opt("SELECT version FROM schema_version", &[])
-            .await
-            .map_err(e)?
-            .map(|r| r.try_get::<_, i64>(0))
-            .transpose()
-            .map_err(e)?;
-        let version = match found {
-            Some(v) => v,
-            None => {
-                tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])
-                    .await
-                    .map_err(e)?;
-                0
-            }
-        };
-        let known = MIGRATIONS.len() as i64;
-        if version > known {
-            return Err(StoreError::TooNew {
-                path: PathBuf::from(self.target.to_string()),
-                found: version,
-                known,
-            });
-        }
-        if version < known {
-            for sql in MIGRATIONS.iter().skip(version as usize) {
-                tx.batch_execute(sql).await.map_err(e)?;
-            }
-            tx.execute("UPDATE schema_version SET version = $1", &[&known])
-                .await
-                .map_err(e)?;
-        }
-        tx.commit().await.map_err(e)?;
-        Ok(())
     }
 }
 
@@ -1068,6 +727,21 @@ async fn insert_token(
     )
     .await?;
     Ok(())
+}
+
+/// Runs `sql` and maps every row with `row`; a row that does not fit fails the whole answer.
+async fn query_map<T>(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    row: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
+) -> Result<Vec<T>, tokio_postgres::Error> {
+    c.query(sql, params).await?.iter().map(row).collect()
+}
+
+/// One `audit_outbox` row: (id, line).
+fn outbox_row(r: &Row) -> Result<(i64, String), tokio_postgres::Error> {
+    Ok((r.try_get(0)?, r.try_get(1)?))
 }
 
 fn account(r: &Row) -> Result<Account, tokio_postgres::Error> {
@@ -1144,108 +818,4 @@ fn make_tls(mode: SslMode, ca: Option<&Path>) -> Result<MakeRustlsConnect, Strin
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
-}
-
-/// A connection that LISTENs, with the task that drives it.
-struct Listener {
-    client: Client,
-    notes: mpsc::UnboundedReceiver<()>,
-    driver: tokio::task::JoinHandle<()>,
-}
-
-async fn listen(
-    cfg: &tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-) -> Result<Listener, tokio_postgres::Error> {
-    let (client, mut conn) = cfg.connect(tls).await?;
-    let (tx, notes) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(_))) => {
-                    if tx.send(()).is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
-            }
-        }
-    });
-    if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-        driver.abort();
-        return Err(e);
-    }
-    Ok(Listener {
-        client,
-        notes,
-        driver,
-    })
-}
-
-/// Forwards notifications until the connection fails or misses a heartbeat.
-async fn serve(feed: &Feed, l: &mut Listener) {
-    let mut beat = tokio::time::interval(HEARTBEAT);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    beat.tick().await;
-    loop {
-        tokio::select! {
-            n = l.notes.recv() => match n {
-                Some(()) => {
-                    let _ = feed.tx.send(ChangeSignal::Notified);
-                }
-                None => return,
-            },
-            _ = beat.tick() => {
-                match tokio::time::timeout(HEARTBEAT_TIMEOUT, l.client.simple_query("SELECT 1")).await {
-                    Ok(Ok(_)) => {}
-                    _ => return,
-                }
-            }
-        }
-    }
-}
-
-/// The notification connection's life: serve, report `Lost`, reconnect with backoff, report
-/// `Reconnected`, forever (until the store's runtime shuts down).
-async fn feed_loop(
-    cfg: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-    feed: Arc<Feed>,
-    mut listener: Listener,
-    target: Arc<str>,
-) {
-    loop {
-        serve(&feed, &mut listener).await;
-        listener.driver.abort();
-        feed.up.store(false, Ordering::SeqCst);
-        let _ = feed.tx.send(ChangeSignal::Lost);
-        tracing::warn!(
-            store = %target,
-            "lost the PostgreSQL notification connection: cached tokens are dropped and every request reads the store until it is back"
-        );
-        let mut delay = Duration::from_millis(50);
-        let mut attempts = 0u32;
-        let mut next_log = 0u32;
-        listener = loop {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_BACKOFF);
-            if feed.hold.load(Ordering::SeqCst) {
-                continue;
-            }
-            attempts += 1;
-            match tokio::time::timeout(Duration::from_secs(5), listen(&cfg, tls.clone())).await {
-                Ok(Ok(l)) => break l,
-                // First failure, then one line per 30 attempts (about a minute).
-                Ok(Err(e)) if attempts == 1 || attempts >= next_log => {
-                    next_log = attempts + 30;
-                    tracing::warn!(store = %target, attempts, error = %chain(&e), "cannot re-establish the notification connection yet");
-                }
-                _ => {}
-            }
-        };
-        feed.up.store(true, Ordering::SeqCst);
-        let _ = feed.tx.send(ChangeSignal::Reconnected);
-        tracing::info!(store = %target, "notification connection re-established; resynchronising from the change log");
-    }
 }

@@ -5,6 +5,9 @@
 //! in-process limiter at limit/`rate_limit.replicas` (so N replicas together stay near the
 //! limit), counts `tokengate_ratelimit_redis_fallback_total`, logs at most one line per 10 s, and
 //! leaves Redis alone for a second before trying again (no timeout per request while it is down).
+//!
+//! Owns: [`RedisLimiter`] and its options type [`RedisOptions`] (config converts
+//! `[rate_limit]` into it). Never imports: `config`, `gateway`, `cli`, `admin`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,8 +16,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 
-use crate::config::{Rate, RateLimitConfig};
-use crate::ratelimit::{Allowance, Denied, TokenLimiter};
+use super::{Allowance, Denied, Rate, TokenLimiter};
+use crate::store::redact_url;
 
 /// GCRA: the key holds the token's theoretical arrival time (µs, Redis clock). A request is
 /// allowed when `now >= tat + interval - interval * burst`, i.e. at most `burst` at once and one
@@ -43,11 +46,15 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// At most one fallback log line per this period.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Checks `url` can be used as a Redis URL (config validation).
-pub fn check_url(url: &str) -> Result<(), String> {
-    redis::Client::open(url)
-        .map(|_| ())
-        .map_err(|e| format!("not a usable Redis URL: {e}"))
+/// What the Redis limiter needs to know (`[rate_limit]` `redis`, `redis_timeout`, `replicas`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisOptions {
+    /// Redis URL; None = no Redis limiter (per-process limits only).
+    pub url: Option<String>,
+    /// Deadline for one Redis check.
+    pub timeout: Duration,
+    /// Replicas sharing the limits: the in-process fallback allows limit/`replicas` each.
+    pub replicas: u32,
 }
 
 /// The Redis-backed limiter with its in-process fallback.
@@ -72,23 +79,23 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// Builds one from `[rate_limit]`; None when `redis` is not set. Connects lazily.
-    pub fn from_config(cfg: &RateLimitConfig) -> Option<Arc<RedisLimiter>> {
-        let url = cfg.redis.as_deref()?;
+    /// Builds one from its options; None when no URL is set. Connects lazily.
+    pub fn from_options(cfg: &RedisOptions) -> Option<Arc<RedisLimiter>> {
+        let url = cfg.url.as_deref()?;
         let client = match redis::Client::open(url) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(redis = %crate::store::redact_url(url), error = %e, "unusable Redis URL: per-token limits are per replica");
+                tracing::error!(redis = %redact_url(url), error = %e, "unusable Redis URL: per-token limits are per replica");
                 return None;
             }
         };
         Some(Arc::new(RedisLimiter {
             client,
-            target: crate::store::redact_url(url),
+            target: redact_url(url),
             conn: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
             script: redis::Script::new(GCRA_LUA),
-            timeout: cfg.redis_timeout,
+            timeout: cfg.timeout,
             replicas: cfg.replicas.max(1),
             fallback: TokenLimiter::new(),
             fallbacks: AtomicU64::new(0),
@@ -100,13 +107,9 @@ impl RedisLimiter {
     }
 
     /// Whether this limiter was built from these settings (reloads keep it when unchanged).
-    pub fn matches(&self, cfg: &RateLimitConfig) -> bool {
-        cfg.redis
-            .as_deref()
-            .map(crate::store::redact_url)
-            .as_deref()
-            == Some(self.target.as_str())
-            && cfg.redis_timeout == self.timeout
+    pub fn matches(&self, cfg: &RedisOptions) -> bool {
+        cfg.url.as_deref().map(redact_url).as_deref() == Some(self.target.as_str())
+            && cfg.timeout == self.timeout
             && cfg.replicas.max(1) == self.replicas
     }
 
@@ -225,24 +228,18 @@ impl RedisLimiter {
 mod tests {
     use super::*;
 
-    fn cfg(url: &str) -> RateLimitConfig {
-        RateLimitConfig {
-            default: Rate {
-                requests_per_second: 1.0,
-                burst: 1,
-            },
-            failed_auth_per_minute: 20,
-            failed_auth_max_clients: 10,
-            redis: Some(url.into()),
+    fn cfg(url: &str) -> RedisOptions {
+        RedisOptions {
+            url: Some(url.into()),
             replicas: 3,
-            redis_timeout: Duration::from_millis(200),
+            timeout: Duration::from_millis(200),
         }
     }
 
     #[tokio::test]
     async fn unreachable_redis_falls_back_to_a_share_of_the_limit() {
         // Port 1 refuses connections at once.
-        let l = RedisLimiter::from_config(&cfg("redis://127.0.0.1:1/")).unwrap();
+        let l = RedisLimiter::from_options(&cfg("redis://127.0.0.1:1/")).unwrap();
         let rate = Rate {
             requests_per_second: 0.001,
             burst: 9,
@@ -255,15 +252,9 @@ mod tests {
         assert_eq!(l.fallback_count(), 10);
         assert_eq!(l.limited_count(), 7);
         assert!(l.matches(&cfg("redis://127.0.0.1:1/")));
-        assert!(!l.matches(&RateLimitConfig {
+        assert!(!l.matches(&RedisOptions {
             replicas: 2,
             ..cfg("redis://127.0.0.1:1/")
         }));
-    }
-
-    #[test]
-    fn urls_are_checked() {
-        assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
-        assert!(check_url("http://x").is_err());
     }
 }

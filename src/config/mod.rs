@@ -1,0 +1,562 @@
+//! Configuration (SPEC §9): raw serde structs ([`raw`]) → `validate()` ([`validate`]) → the
+//! [`Config`] the program uses.
+//!
+//! Owns: the validated section types, loading a file, and the conversions at the edge into the
+//! option types the subsystems own ([`crate::store::StoreOptions`],
+//! [`crate::ratelimit::redis::RedisOptions`]); [`Rate`] is the rate limiter's type, re-used here.
+//! Every default is a named `DEFAULT_*` constant and is listed in `docs/configuration.md`.
+//! Unknown keys are rejected (serde `deny_unknown_fields`), and the error names the key.
+//! Never imports: `cli`, `gateway`, `admin`, `server` or `app` (they import config, not the
+//! other way round).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::audit::OnFailure;
+use crate::authz::RuleTable;
+pub use crate::ratelimit::Rate;
+
+mod raw;
+mod validate;
+
+pub use raw::{
+    DEFAULT_ADMIN_LISTEN, DEFAULT_ALLOWED_EXPIRY, DEFAULT_AUDIT_PATH, DEFAULT_AUDIT_QUEUE,
+    DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_BURST, DEFAULT_BUSY_TIMEOUT, DEFAULT_CHANGE_POLL_INTERVAL,
+    DEFAULT_EXPIRY, DEFAULT_EXPIRY_WARNING_DAYS, DEFAULT_FAILED_AUTH_MAX_CLIENTS,
+    DEFAULT_FAILED_AUTH_PER_MINUTE, DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_LISTEN, DEFAULT_MAX_ACTIVE_PER_ACCOUNT,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES, DEFAULT_METHODS, DEFAULT_REALM,
+    DEFAULT_REDIS_TIMEOUT, DEFAULT_REPLICAS, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND,
+    DEFAULT_RESERVED_PREFIX, DEFAULT_ROTATION_GRACE, DEFAULT_SESSION_IDLE_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STORE_PATH, DEFAULT_STORE_POOL_SIZE, DEFAULT_STORE_TIMEOUT,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TOKEN_PREFIX, DEFAULT_UPSTREAM_TIMEOUT,
+};
+
+/// Errors loading or validating a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error or unknown/mistyped key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File that failed.
+        path: PathBuf,
+        /// Parser message, naming the key and line.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// File that failed.
+        path: PathBuf,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------- validated stage
+
+/// TLS certificate and key files (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Public listener.
+    pub listen: SocketAddr,
+    /// TLS for the public listener.
+    pub tls: Option<TlsFiles>,
+    /// Realm in challenges.
+    pub realm: String,
+    /// Peers allowed to set `X-Forwarded-For`.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Prefix answered by the gateway itself (starts and ends with `/`).
+    pub reserved_prefix: String,
+    /// Methods accepted.
+    pub methods: Vec<String>,
+    /// Maximum concurrent connections.
+    pub max_connections: usize,
+    /// Maximum concurrent connections per client IP.
+    pub max_connections_per_ip: usize,
+    /// Header read timeout.
+    pub header_read_timeout: Duration,
+    /// TLS handshake timeout.
+    pub tls_handshake_timeout: Duration,
+    /// Body idle timeout.
+    pub body_idle_timeout: Duration,
+    /// Whole-request deadline.
+    pub request_timeout: Duration,
+    /// Default upstream timeout.
+    pub upstream_timeout: Duration,
+    /// Maximum header bytes (431).
+    pub max_header_bytes: usize,
+    /// Maximum URI length (414).
+    pub max_uri_bytes: usize,
+    /// Maximum body bytes (413).
+    pub max_body_bytes: u64,
+    /// HTTP/2 max concurrent streams.
+    pub h2_max_concurrent_streams: u32,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Admin listener.
+    pub listen: SocketAddr,
+    /// TLS for the admin listener.
+    pub tls: Option<TlsFiles>,
+    /// Web UI session idle timeout.
+    pub session_idle_timeout: Duration,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// SQLite file (absolute); unused when `url` is set.
+    pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://...`), resolved from `env:NAME` if written so; None = SQLite.
+    pub url: Option<String>,
+    /// CA certificates (PEM) for TLS to PostgreSQL; None = the system's roots.
+    pub ca: Option<PathBuf>,
+    /// PostgreSQL pool size.
+    pub pool_size: usize,
+    /// Deadline for one PostgreSQL store call.
+    pub timeout: Duration,
+    /// Busy timeout.
+    pub busy_timeout: Duration,
+    /// Cross-process change polling interval.
+    pub change_poll_interval: Duration,
+}
+
+/// An expiry preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Expires after this many days.
+    Days(u32),
+    /// Never expires.
+    Never,
+}
+
+impl Expiry {
+    /// Parses `7d`, `30d`, ..., `never`.
+    pub fn parse(s: &str) -> Result<Expiry, String> {
+        if s == "never" {
+            return Ok(Expiry::Never);
+        }
+        let days = s
+            .strip_suffix('d')
+            .and_then(|d| d.parse::<u32>().ok())
+            .filter(|d| *d > 0)
+            .ok_or_else(|| {
+                format!("`{s}` is not an expiry: use a number of days like `30d`, or `never`")
+            })?;
+        Ok(Expiry::Days(days))
+    }
+}
+
+impl std::fmt::Display for Expiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expiry::Days(d) => write!(f, "{d}d"),
+            Expiry::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// `[tokens]`.
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// Token prefix.
+    pub prefix: String,
+    /// Active tokens per account.
+    pub max_active_per_account: u32,
+    /// Allowed expiry presets.
+    pub allowed_expiry: Vec<Expiry>,
+    /// Expiry used when none is given.
+    pub default_expiry: Expiry,
+    /// Days before expiry when `Token-Expires-At` is sent.
+    pub expiry_warning_days: u32,
+    /// Policy maximum lifetime.
+    pub max_lifetime_days: Option<u32>,
+    /// Default rotation grace.
+    pub rotation_grace: Duration,
+    /// last_used flush interval.
+    pub last_used_flush_interval: Duration,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone)]
+pub struct AuditSection {
+    /// File, or None for stdout.
+    pub path: Option<PathBuf>,
+    /// What to do when the log cannot be written.
+    pub on_failure: OnFailure,
+    /// Size-based rotation.
+    pub max_bytes: Option<u64>,
+    /// Queue bound.
+    pub queue: usize,
+}
+
+/// `[rate_limit]`.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Global default per-token rate.
+    pub default: Rate,
+    /// Failed authentications per minute per client IP.
+    pub failed_auth_per_minute: u32,
+    /// Maximum client IPs tracked by the failed-auth limiter.
+    pub failed_auth_max_clients: usize,
+    /// Redis URL for limits exact across replicas (`env:NAME` resolved); None = per process.
+    pub redis: Option<String>,
+    /// Replicas sharing the limits: the in-process fallback allows limit/`replicas` each.
+    pub replicas: u32,
+    /// Deadline for one Redis check.
+    pub redis_timeout: Duration,
+}
+
+/// `[roles.NAME]`.
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    /// Permissions the role expands to.
+    pub permissions: Vec<String>,
+    /// Role rate limit.
+    pub rate_limit: Option<Rate>,
+    /// When true, tokens of this role are also evaluated against this permission list and the
+    /// result is logged as `shadow_decision` (the stored list stays what is enforced).
+    pub shadow: bool,
+}
+
+/// `[[routes]]`.
+#[derive(Debug)]
+pub struct RouteConfig {
+    /// Route name (audit `upstream` field uses it).
+    pub name: String,
+    /// Path prefix (segment boundary respected).
+    pub prefix: String,
+    /// Upstream authority and scheme.
+    pub upstream: http::uri::Authority,
+    /// `http` (TLS to upstreams is not supported yet).
+    pub upstream_scheme: http::uri::Scheme,
+    /// Upstream URL as configured, for logs.
+    pub upstream_url: String,
+    /// Upstream response-head timeout.
+    pub timeout: Duration,
+    /// Forward the client's `Authorization` header.
+    pub forward_authorization: bool,
+    /// Allow WebSocket upgrades.
+    pub websocket: bool,
+    /// Allow non-ASCII paths.
+    pub allow_non_ascii: bool,
+    /// Compiled rules.
+    pub rules: RuleTable,
+    /// Audit `rule` value of each rule (`route:METHODS path`), by rule index; built at load so
+    /// the request path does not format it.
+    pub rule_ids: Vec<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// File it came from (None for built-in configs, e.g. tests).
+    pub source: Option<PathBuf>,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[store]`.
+    pub store: StoreConfig,
+    /// `[tokens]`.
+    pub tokens: TokensConfig,
+    /// `[audit]`.
+    pub audit: AuditSection,
+    /// `[rate_limit]`.
+    pub rate_limit: RateLimitConfig,
+    /// Roles (built-in defaults merged with the file's).
+    pub roles: BTreeMap<String, RoleConfig>,
+    /// Routes, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The built-in roles (SPEC §3), used unless the file redefines a role of the same name.
+pub fn default_roles() -> BTreeMap<String, RoleConfig> {
+    let role = |perms: &[&str]| RoleConfig {
+        permissions: perms.iter().map(|p| p.to_string()).collect(),
+        rate_limit: None,
+        shadow: false,
+    };
+    BTreeMap::from([
+        ("viewer".to_string(), role(&["apps:read", "logs:read"])),
+        (
+            "ops".to_string(),
+            role(&[
+                "apps:read",
+                "logs:read",
+                "apps:restart",
+                "apps:exec",
+                "env:read",
+            ]),
+        ),
+        (
+            "deployer".to_string(),
+            role(&[
+                "apps:read",
+                "logs:read",
+                "apps:deploy",
+                "apps:restart",
+                "env:read",
+                "env:write",
+            ]),
+        ),
+        ("cicd".to_string(), role(&["apps:read", "apps:deploy"])),
+        ("admin".to_string(), role(&["*"])),
+    ])
+}
+
+/// Parses a duration like `250ms`, `10s`, `5m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a duration: use a number and a unit, like `10s`, `500ms`, `24h`")
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
+        _ => {
+            return Err(format!(
+                "`{s}` has an unknown unit `{unit}`: use ms, s, m, h or d"
+            ));
+        }
+    };
+    Ok(d)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::from_toml(&text, path)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `path`'s directory.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        validate::validate(raw, path, &base)
+    }
+}
+
+impl Config {
+    /// The route whose prefix is the longest match for `path`, honouring segment boundaries.
+    pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
+        self.routes
+            .iter()
+            .filter(|r| prefix_matches(&r.prefix, path))
+            .max_by_key(|r| r.prefix.len())
+    }
+}
+
+/// `/api` matches `/api` and `/api/...` but not `/apix`; `/api/` matches `/api/...`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+impl StoreConfig {
+    /// The store's own options for this section (the edge where config meets the store).
+    pub fn options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            path: self.path.clone(),
+            url: self.url.clone(),
+            busy_timeout: self.busy_timeout,
+            pg: crate::store::PgOptions {
+                pool_size: self.pool_size,
+                timeout: self.timeout,
+                ca: self.ca.clone(),
+            },
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// The Redis limiter's own options for this section.
+    pub fn redis_options(&self) -> crate::ratelimit::redis::RedisOptions {
+        crate::ratelimit::redis::RedisOptions {
+            url: self.redis.clone(),
+            timeout: self.redis_timeout,
+            replicas: self.replicas,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/tokengate/tokengate.toml"))
+    }
+
+    #[test]
+    fn minimal_file_yields_documented_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+        assert!(c.admin.listen.ip().is_loopback());
+        assert_eq!(c.server.realm, DEFAULT_REALM);
+        assert!(c.server.trusted_proxies.is_empty());
+        assert_eq!(c.server.reserved_prefix, DEFAULT_RESERVED_PREFIX);
+        assert_eq!(c.store.path, PathBuf::from("/etc/tokengate/tokengate.db"));
+        assert_eq!(c.tokens.prefix, "tg");
+        assert_eq!(c.tokens.max_active_per_account, 5);
+        assert_eq!(c.tokens.expiry_warning_days, 14);
+        assert_eq!(c.tokens.allowed_expiry.len(), 6);
+        assert_eq!(c.tokens.default_expiry, Expiry::Days(90));
+        assert_eq!(c.tokens.rotation_grace, Duration::from_secs(86_400));
+        assert_eq!(
+            c.audit.path,
+            Some(PathBuf::from("/etc/tokengate/audit.log"))
+        );
+        assert_eq!(c.audit.on_failure, OnFailure::Reject);
+        assert_eq!(c.rate_limit.default.requests_per_second, 50.0);
+        assert_eq!(c.rate_limit.default.burst, 100);
+        assert_eq!(c.rate_limit.failed_auth_per_minute, 20);
+        assert!(c.routes.is_empty());
+        for r in ["viewer", "ops", "deployer", "cicd", "admin"] {
+            assert!(c.roles.contains_key(r), "{r}");
+        }
+        assert_eq!(c.server.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+    }
+
+    #[test]
+    fn minimal_file_converts_into_the_owners_defaults() {
+        let c = load("").unwrap();
+        let store = c.store.options();
+        assert_eq!(store.url, None);
+        assert_eq!(store.path, PathBuf::from("/etc/tokengate/tokengate.db"));
+        assert_eq!(store.busy_timeout, crate::store::DEFAULT_BUSY_TIMEOUT);
+        assert_eq!(
+            store.pg.pool_size,
+            crate::store::PgOptions::default().pool_size
+        );
+        assert_eq!(store.pg.timeout, crate::store::PgOptions::default().timeout);
+        assert_eq!(store.pg.ca, None);
+        let redis = c.rate_limit.redis_options();
+        assert_eq!(redis.url, None);
+        assert_eq!(redis.timeout, DEFAULT_REDIS_TIMEOUT);
+        assert_eq!(redis.replicas, DEFAULT_REPLICAS);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let e = load("[sever]\n").unwrap_err().to_string();
+        assert!(e.contains("sever"), "{e}");
+    }
+
+    #[test]
+    fn max_lifetime_forbids_never() {
+        let c = load("[tokens]\nmax_lifetime_days = 90\n").unwrap();
+        assert!(!c.tokens.allowed_expiry.contains(&Expiry::Never));
+        assert!(!c.tokens.allowed_expiry.contains(&Expiry::Days(180)));
+        assert!(c.tokens.allowed_expiry.contains(&Expiry::Days(90)));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[tokens]\nprefix = \"TG\"\n", "tokens.prefix"),
+            (
+                "[server]\nheader_read_timeout = \"10 parsecs\"\n",
+                "server.header_read_timeout",
+            ),
+            (
+                "[[routes]]\nname = \"a\"\nupstream = \"https://x\"\n",
+                "upstream",
+            ),
+            (
+                "[[routes]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\n[[routes.rules]]\npath = \"/x\"\n",
+                "permission",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn prefixes_respect_segments() {
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/x"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("/api/", "/api/x"));
+        assert!(!prefix_matches("/api/", "/api"));
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(validate::check_redis_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(validate::check_redis_url("http://x").is_err());
+        assert!(validate::check_postgres_url("postgres://tg@db:5432/tg").is_ok());
+        assert!(validate::check_postgres_url("mysql://tg@db/tg").is_err());
+        assert!(validate::check_postgres_url("postgres://tg@db/tg?sslmode=sometimes").is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! `store copy` on PostgreSQL: export every table in one snapshot, import into an empty
+//! database with ids, sequences and rotation links intact.
+//!
+//! Owns: `Postgres::export` and `Postgres::import`. Never imports: `config` or anything
+//! outside `store`.
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{Postgres, outbox_row, query_map};
+use crate::store::{DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, StoreDump, StoreError};
+
+impl Postgres {
+    pub(crate) fn export(&self) -> Result<StoreDump, StoreError> {
+        let db = self.db.clone();
+        self.run(async move {
+            let mut c = db.conn().await?;
+            // One snapshot for all four tables.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| db.err(e))?;
+            let e = |e| db.err(e);
+            let accounts = query_map(
+                &tx,
+                "SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id COLLATE \"C\"",
+                &[],
+                dump_account,
+            )
+            .await
+            .map_err(e)?;
+            let sql = format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id COLLATE \"C\"");
+            let tokens = query_map(&tx, &sql, &[], dump_token).await.map_err(e)?;
+            let changes = query_map(
+                &tx,
+                "SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq",
+                &[],
+                dump_change,
+            )
+            .await
+            .map_err(e)?;
+            let outbox = query_map(&tx, "SELECT id, line FROM audit_outbox ORDER BY id", &[], outbox_row)
+                .await
+                .map_err(e)?;
+            tx.commit().await.map_err(e)?;
+            Ok(StoreDump {
+                accounts,
+                tokens,
+                changes,
+                outbox,
+            })
+        })
+    }
+
+    pub(crate) fn import(&self, d: &StoreDump) -> Result<(), StoreError> {
+        let (db, d) = (self.db.clone(), d.clone());
+        self.run(async move {
+            let mut c = db.conn().await?;
+            let tx = c.transaction().await.map_err(|e| db.err(e))?;
+            let e = |e| db.err(e);
+            // Nobody else may write while the copy lands (and the emptiness check holds).
+            tx.batch_execute("LOCK TABLE accounts, tokens, changes, audit_outbox IN EXCLUSIVE MODE")
+                .await
+                .map_err(e)?;
+            let r = tx
+                .query_one(
+                    "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
+                     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)",
+                    &[],
+                )
+                .await
+                .map_err(e)?;
+            let counts: (i64, i64, i64, i64) = (
+                r.try_get(0).map_err(e)?,
+                r.try_get(1).map_err(e)?,
+                r.try_get(2).map_err(e)?,
+                r.try_get(3).map_err(e)?,
+            );
+            if counts != (0, 0, 0, 0) {
+                return Err(StoreError::NotEmpty {
+                    target: db.target.to_string(),
+                    what: format!(
+                        "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
+                        counts.0, counts.1, counts.2, counts.3
+                    ),
+                });
+            }
+            let ins = tx
+                .prepare(
+                    "INSERT INTO accounts (id, name, email, created_at, created_by, disabled_at, disabled_by) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .await
+                .map_err(e)?;
+            for a in &d.accounts {
+                tx.execute(
+                    &ins,
+                    &[&a.id, &a.name, &a.email, &a.created_at, &a.created_by, &a.disabled_at, &a.disabled_by],
+                )
+                .await
+                .map_err(e)?;
+            }
+            let ins = tx
+                .prepare(&format!(
+                    "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, NULL, $20)"
+                ))
+                .await
+                .map_err(e)?;
+            for t in &d.tokens {
+                let params: [&(dyn ToSql + Sync); 20] = [
+                    &t.id,
+                    &t.account_id,
+                    &t.name,
+                    &t.display_prefix,
+                    &t.hash,
+                    &t.role,
+                    &t.permissions,
+                    &t.scopes,
+                    &t.allowed_cidrs,
+                    &t.rate_rps,
+                    &t.rate_burst,
+                    &t.created_at,
+                    &t.created_by,
+                    &t.expires_at,
+                    &t.last_used_at,
+                    &t.last_used_ip,
+                    &t.revoked_at,
+                    &t.revoked_by,
+                    &t.revoke_reason,
+                    &t.rotation_deadline,
+                ];
+                tx.execute(&ins, &params).await.map_err(e)?;
+            }
+            for t in d.tokens.iter().filter(|t| t.rotated_from.is_some()) {
+                tx.execute("UPDATE tokens SET rotated_from = $1 WHERE id = $2", &[&t.rotated_from, &t.id])
+                    .await
+                    .map_err(e)?;
+            }
+            let ins = tx
+                .prepare("INSERT INTO changes (seq, at, kind, token_id, account_id) VALUES ($1, $2, $3, $4, $5)")
+                .await
+                .map_err(e)?;
+            for ch in &d.changes {
+                tx.execute(&ins, &[&ch.seq, &ch.at, &ch.kind, &ch.token_id, &ch.account_id])
+                    .await
+                    .map_err(e)?;
+            }
+            for (id, line) in &d.outbox {
+                tx.execute("INSERT INTO audit_outbox (id, line) VALUES ($1, $2)", &[id, line])
+                    .await
+                    .map_err(e)?;
+            }
+            // Explicit ids do not move the sequences: continue above the copied high-water marks.
+            if let Some(last) = d.changes.last() {
+                tx.execute("SELECT setval(pg_get_serial_sequence('changes', 'seq'), $1)", &[&last.seq])
+                    .await
+                    .map_err(e)?;
+            }
+            if let Some((last, _)) = d.outbox.last() {
+                tx.execute("SELECT setval(pg_get_serial_sequence('audit_outbox', 'id'), $1)", &[last])
+                    .await
+                    .map_err(e)?;
+            }
+            tx.commit().await.map_err(e)?;
+            db.wrote();
+            Ok(())
+        })
+    }
+}
+
+fn dump_account(r: &Row) -> Result<DumpAccount, tokio_postgres::Error> {
+    Ok(DumpAccount {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        email: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+        created_by: r.try_get(4)?,
+        disabled_at: r.try_get(5)?,
+        disabled_by: r.try_get(6)?,
+    })
+}
+
+fn dump_token(r: &Row) -> Result<DumpToken, tokio_postgres::Error> {
+    Ok(DumpToken {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        display_prefix: r.try_get(3)?,
+        hash: r.try_get(4)?,
+        role: r.try_get(5)?,
+        permissions: r.try_get(6)?,
+        scopes: r.try_get(7)?,
+        allowed_cidrs: r.try_get(8)?,
+        rate_rps: r.try_get(9)?,
+        rate_burst: r.try_get(10)?,
+        created_at: r.try_get(11)?,
+        created_by: r.try_get(12)?,
+        expires_at: r.try_get(13)?,
+        last_used_at: r.try_get(14)?,
+        last_used_ip: r.try_get(15)?,
+        revoked_at: r.try_get(16)?,
+        revoked_by: r.try_get(17)?,
+        revoke_reason: r.try_get(18)?,
+        rotated_from: r.try_get(19)?,
+        rotation_deadline: r.try_get(20)?,
+    })
+}
+
+fn dump_change(r: &Row) -> Result<DumpChange, tokio_postgres::Error> {
+    Ok(DumpChange {
+        seq: r.try_get(0)?,
+        at: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        token_id: r.try_get(3)?,
+        account_id: r.try_get(4)?,
+    })
+}

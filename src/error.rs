@@ -106,6 +106,34 @@ impl Reject {
         }
     }
 
+    /// A failed authentication (steps 3–5): a missing, malformed or unacceptable credential.
+    /// These count towards the per-address failed-authentication limiter.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            Reject::MissingToken { .. }
+                | Reject::InvalidRequest { .. }
+                | Reject::InvalidToken { .. }
+        )
+    }
+
+    /// A failure that can happen after the request was allowed and handed to the upstream
+    /// (step 9): when the request got that far, its audit `rbac_decision` stays `allow`.
+    pub fn counts_as_allowed(&self) -> bool {
+        matches!(
+            self,
+            Reject::UpstreamError
+                | Reject::UpstreamTimeout
+                | Reject::BodyTooLarge
+                | Reject::BodyIdle
+        )
+    }
+
+    /// A failure on our side (not the client's, not the upstream's): worth an operational log line.
+    pub fn is_ours(&self) -> bool {
+        matches!(self, Reject::StoreUnavailable | Reject::Internal)
+    }
+
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {

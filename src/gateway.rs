@@ -78,8 +78,6 @@ pub(crate) struct Inner {
     /// recorded again, even when their flush timed out (the log failing) and they were not acked:
     /// the writer keeps them queued, so recording them again would log them twice.
     pub(crate) outbox_sent: AtomicI64,
-    /// Web UI sessions of the admin listener (see `admin::session` for the lock choice).
-    pub(crate) sessions: crate::admin::session::Sessions,
 }
 
 /// Stops background tasks when dropped.
@@ -124,7 +122,6 @@ impl Gateway {
                 change_seq: AtomicU64::new(change_seq),
                 last_poll_ok: AtomicU64::new(now as u64),
                 outbox_sent: AtomicI64::new(0),
-                sessions: crate::admin::session::Sessions::new(),
             }),
         }
     }
@@ -187,11 +184,6 @@ impl Gateway {
     /// Now (ms).
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
-    }
-
-    /// Web UI sessions (admin listener).
-    pub fn sessions(&self) -> &crate::admin::session::Sessions {
-        &self.inner.sessions
     }
 
     /// Re-reads a token by id (a web UI session's sign-in token) and judges it as a lookup would.

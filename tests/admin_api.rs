@@ -898,7 +898,7 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     let body: Value = r.json().await.unwrap();
     assert!(!body.to_string().contains(&alice));
     // The session holds the token's id, never the token.
-    assert!(!format!("{:?}", tg.gw.sessions()).contains(&alice));
+    assert!(!format!("{:?}", tg.sessions).contains(&alice));
 
     let login = events(&tg, "session.login").await;
     assert_eq!(login.len(), 1);

@@ -340,6 +340,50 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_are_classified_by_variant() {
+        let failures = [
+            Reject::MissingToken {
+                reason: "missing_token",
+            },
+            Reject::InvalidRequest {
+                reason: "malformed",
+                message: "m",
+            },
+            Reject::InvalidToken {
+                reason: "unknown_token",
+            },
+        ];
+        assert!(failures.iter().all(Reject::is_auth_failure));
+        // Refusals that are not a failed authentication: not counted by the limiter.
+        for r in [
+            Reject::ClientBlocked { retry_after: 1 },
+            Reject::RateLimited {
+                retry_after: 1,
+                limit: 1,
+            },
+            Reject::Forbidden {
+                reason: "no_rule",
+                permission: None,
+            },
+            Reject::StoreUnavailable,
+        ] {
+            assert!(!r.is_auth_failure(), "{r:?}");
+            assert!(!r.counts_as_allowed(), "{r:?}");
+        }
+        for r in [
+            Reject::UpstreamError,
+            Reject::UpstreamTimeout,
+            Reject::BodyTooLarge,
+            Reject::BodyIdle,
+        ] {
+            assert!(r.counts_as_allowed() && !r.is_auth_failure(), "{r:?}");
+        }
+        assert!(!Reject::RequestTimeout.counts_as_allowed());
+        assert!(Reject::StoreUnavailable.is_ours() && Reject::Internal.is_ours());
+        assert!(!Reject::UpstreamError.is_ours());
+    }
+
+    #[test]
     fn body_never_echoes_details() {
         let r = respond(
             &Reject::Forbidden {

@@ -57,6 +57,28 @@ struct Ctx {
     reservation: Option<Reservation>,
 }
 
+impl Ctx {
+    /// A context with nothing known yet but the client and the method (allocates nothing).
+    fn empty(client_ip: IpAddr, method: Method) -> Ctx {
+        Ctx {
+            request_id: String::new(),
+            client_ip,
+            method,
+            path: String::new(),
+            user_agent: None,
+            token_prefix: None,
+            token: None,
+            public: false,
+            permission: None,
+            rule: None,
+            shadow_decision: None,
+            upstream: None,
+            ratelimit: None,
+            reservation: None,
+        }
+    }
+}
+
 // Response header names, parsed once (inserting by `&str` parses the name on every call).
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -147,9 +169,6 @@ impl Gateway {
     fn new_ctx<B>(&self, req: &Request<B>, conn: ConnInfo) -> Ctx {
         Ctx {
             request_id: self.next_request_id(),
-            client_ip: conn.peer.ip(),
-            method: req.method().clone(),
-            path: String::new(),
             user_agent: req
                 .headers()
                 .get(header::USER_AGENT)
@@ -162,15 +181,7 @@ impl Gateway {
                         s.chars().take(256).collect()
                     }
                 }),
-            token_prefix: None,
-            token: None,
-            public: false,
-            permission: None,
-            rule: None,
-            shadow_decision: None,
-            upstream: None,
-            ratelimit: None,
-            reservation: None,
+            ..Ctx::empty(conn.peer.ip(), req.method().clone())
         }
     }
 
@@ -333,22 +344,7 @@ impl Gateway {
         query: Option<&str>,
         client_ip: IpAddr,
     ) -> Result<Arc<CachedToken>, Reject> {
-        let mut ctx = Ctx {
-            request_id: String::new(),
-            client_ip,
-            method: Method::GET,
-            path: String::new(),
-            user_agent: None,
-            token_prefix: None,
-            token: None,
-            public: false,
-            permission: None,
-            rule: None,
-            shadow_decision: None,
-            upstream: None,
-            ratelimit: None,
-            reservation: None,
-        };
+        let mut ctx = Ctx::empty(client_ip, Method::GET);
         let result = self.authenticate(headers, query, client_ip, &mut ctx).await;
         match &result {
             Ok(entry) => self.note_use(entry, client_ip).await,

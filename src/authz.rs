@@ -608,6 +608,137 @@ fn glob(pattern: &[u8], value: &[u8]) -> bool {
     pattern[p..].iter().all(|&b| b == b'*')
 }
 
+/// The token as the decision sees it: what it is granted and the role it names.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'t> {
+    /// The token's permission list (enforced).
+    pub permissions: &'t [String],
+    /// The token's scopes.
+    pub scopes: &'t BTreeMap<String, Vec<String>>,
+    /// The token's role, by name.
+    pub role: Option<&'t str>,
+}
+
+/// Roles marked shadow, by name: the permission list the shadow verdict is evaluated with.
+/// Implemented by the config's role table (authz never reads the config itself).
+pub trait ShadowRoles {
+    /// The permissions of `role` when that role is marked shadow; None otherwise.
+    fn shadow_permissions(&self, role: &str) -> Option<&[String]>;
+}
+
+/// Why `decide` refused; `'r` borrows the required permission from the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied<'r> {
+    /// No rule matches (method, path).
+    NoRule,
+    /// The token lacks the rule's permission (or there is no token for a non-public rule).
+    InsufficientPermission(&'r str),
+    /// The permission is granted but a capture is outside the token's scopes.
+    OutOfScope(&'r str),
+}
+
+impl<'r> Denied<'r> {
+    /// The audit `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::NoRule => "no_rule",
+            Denied::InsufficientPermission(_) => "insufficient_permission",
+            Denied::OutOfScope(_) => "out_of_scope",
+        }
+    }
+
+    /// The permission the matched rule requires, when a rule matched.
+    pub fn permission(&self) -> Option<&'r str> {
+        match self {
+            Denied::NoRule => None,
+            Denied::InsufficientPermission(p) | Denied::OutOfScope(p) => Some(p),
+        }
+    }
+}
+
+/// The shadow evaluation: logged as `shadow_decision`, never enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shadow {
+    /// The staged rule / shadow role would allow the request.
+    WouldAllow,
+    /// It would refuse it.
+    WouldDeny,
+}
+
+impl Shadow {
+    /// The audit `shadow_decision` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shadow::WouldAllow => "would_allow",
+            Shadow::WouldDeny => "would_deny",
+        }
+    }
+}
+
+/// The outcome of [`decide`]: the enforced verdict and, when a shadow rule or shadow role
+/// applies, what it would have decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision<'r> {
+    /// Enforced: allowed, or why not.
+    pub verdict: Result<(), Denied<'r>>,
+    /// Shadow verdict; None when no shadow rule wins and the token's role is not shadow.
+    pub shadow: Option<Shadow>,
+}
+
+/// Step 6 (SPEC §3), pure: does the matched rule let this token through, and what would the
+/// staged (shadow) rule or the token's shadow role decide? `subject` is None when no token was
+/// presented (a public rule). The shadow evaluation uses the winning shadow rule (else the
+/// enforced one) with the shadow role's permissions (else the token's own).
+pub fn decide<'r>(
+    lookup: Option<&Lookup<'r>>,
+    subject: Option<Subject<'_>>,
+    roles: &impl ShadowRoles,
+) -> Decision<'r> {
+    let enforced = lookup.and_then(|l| l.enforced.as_ref());
+    let token_perms = subject.map(|s| s.permissions);
+    let verdict = judge(enforced, subject, token_perms);
+    let shadow_rule = lookup.and_then(|l| l.shadow.as_ref());
+    let shadow_role = subject
+        .and_then(|s| s.role)
+        .and_then(|name| roles.shadow_permissions(name));
+    let shadow = (shadow_rule.is_some() || shadow_role.is_some()).then(|| {
+        match judge(
+            shadow_rule.or(enforced),
+            subject,
+            shadow_role.or(token_perms),
+        ) {
+            Ok(()) => Shadow::WouldAllow,
+            Err(_) => Shadow::WouldDeny,
+        }
+    });
+    Decision { verdict, shadow }
+}
+
+/// One evaluation of a rule match against a permission list and the token's scopes.
+fn judge<'r>(
+    m: Option<&RuleMatch<'r>>,
+    subject: Option<Subject<'_>>,
+    perms: Option<&[String]>,
+) -> Result<(), Denied<'r>> {
+    let Some(m) = m else {
+        return Err(Denied::NoRule);
+    };
+    if m.rule.public {
+        return Ok(());
+    }
+    let perm = m.rule.permission.as_deref().unwrap_or("");
+    let (Some(subject), Some(perms)) = (subject, perms) else {
+        return Err(Denied::InsufficientPermission(perm));
+    };
+    if !grants(perms, perm) {
+        return Err(Denied::InsufficientPermission(perm));
+    }
+    if !scopes_allow(subject.scopes, &m.captures) {
+        return Err(Denied::OutOfScope(perm));
+    }
+    Ok(())
+}
+
 /// Validates a permission string: `resource:action` where each part is [a-z0-9][a-z0-9_.-]* ; or `resource:*`; or `*`.
 pub fn validate_permission(p: &str) -> Result<(), RuleError> {
     if p == "*" {
@@ -695,6 +826,124 @@ mod tests {
         t.lookup(method, path)
             .enforced
             .map(|m| m.rule.path.as_str())
+    }
+
+    struct NoShadowRoles;
+    impl ShadowRoles for NoShadowRoles {
+        fn shadow_permissions(&self, _: &str) -> Option<&[String]> {
+            None
+        }
+    }
+
+    struct Staged(Vec<String>);
+    impl ShadowRoles for Staged {
+        fn shadow_permissions(&self, role: &str) -> Option<&[String]> {
+            (role == "staged").then_some(self.0.as_slice())
+        }
+    }
+
+    #[test]
+    fn decide_names_the_reason_and_the_required_permission() {
+        let t = table(vec![
+            rule(&["GET"], "/apps/{app}/**", "apps:read"),
+            Rule {
+                permission: None,
+                public: true,
+                ..rule(&["GET"], "/health", "x:y")
+            },
+        ]);
+        let none = BTreeMap::new();
+        let perms = strings(&["apps:read"]);
+        let who = Subject {
+            permissions: &perms,
+            scopes: &none,
+            role: None,
+        };
+        let l = t.lookup("GET", "/apps/web/x");
+        assert_eq!(decide(Some(&l), Some(who), &NoShadowRoles).verdict, Ok(()));
+        let other = strings(&["billing:read"]);
+        let d = decide(
+            Some(&l),
+            Some(Subject {
+                permissions: &other,
+                ..who
+            }),
+            &NoShadowRoles,
+        );
+        assert_eq!(d.verdict, Err(Denied::InsufficientPermission("apps:read")));
+        assert_eq!(d.verdict.unwrap_err().reason(), "insufficient_permission");
+        assert_eq!(d.shadow, None, "no shadow rule, no shadow role");
+        // No token at all on a non-public rule.
+        assert_eq!(
+            decide(Some(&l), None, &NoShadowRoles).verdict,
+            Err(Denied::InsufficientPermission("apps:read"))
+        );
+        // Scopes: the permission is granted, the capture is not.
+        let mut scopes = BTreeMap::new();
+        scopes.insert("app".to_owned(), strings(&["api-*"]));
+        let scoped = Subject {
+            scopes: &scopes,
+            ..who
+        };
+        let d = decide(Some(&l), Some(scoped), &NoShadowRoles);
+        assert_eq!(d.verdict, Err(Denied::OutOfScope("apps:read")));
+        assert_eq!(d.verdict.unwrap_err().permission(), Some("apps:read"));
+        let l2 = t.lookup("GET", "/apps/api-1/x");
+        assert_eq!(
+            decide(Some(&l2), Some(scoped), &NoShadowRoles).verdict,
+            Ok(())
+        );
+        // No rule, and no route at all.
+        let l3 = t.lookup("POST", "/apps/web/x");
+        let d = decide(Some(&l3), Some(who), &NoShadowRoles);
+        assert_eq!(d.verdict, Err(Denied::NoRule));
+        assert_eq!(d.verdict.unwrap_err().permission(), None);
+        assert_eq!(
+            decide(None, Some(who), &NoShadowRoles).verdict,
+            Err(Denied::NoRule)
+        );
+        // A public rule needs no token.
+        let l4 = t.lookup("GET", "/health");
+        assert_eq!(decide(Some(&l4), None, &NoShadowRoles).verdict, Ok(()));
+    }
+
+    #[test]
+    fn decide_evaluates_shadow_rules_and_shadow_roles_without_enforcing_them() {
+        let t = table(vec![
+            rule(&["GET"], "/apps/**", "apps:read"),
+            shadow(&["GET"], "/apps/secret/**", "apps:admin"),
+        ]);
+        let none = BTreeMap::new();
+        let perms = strings(&["apps:read"]);
+        let who = Subject {
+            permissions: &perms,
+            scopes: &none,
+            role: None,
+        };
+        // The staged rule would refuse; the enforced one allows, and is what counts.
+        let l = t.lookup("GET", "/apps/secret/a");
+        let d = decide(Some(&l), Some(who), &NoShadowRoles);
+        assert_eq!(d.verdict, Ok(()));
+        assert_eq!(d.shadow, Some(Shadow::WouldDeny));
+        assert_eq!(Shadow::WouldDeny.as_str(), "would_deny");
+        // Outside the staged rule there is no shadow verdict.
+        let l2 = t.lookup("GET", "/apps/public");
+        assert_eq!(decide(Some(&l2), Some(who), &NoShadowRoles).shadow, None);
+        // A shadow role is evaluated with its own list; the token's list is enforced.
+        let roles = Staged(strings(&["apps:*"]));
+        let staged = Subject {
+            role: Some("staged"),
+            permissions: &[],
+            ..who
+        };
+        let d = decide(Some(&l2), Some(staged), &roles);
+        assert_eq!(d.verdict, Err(Denied::InsufficientPermission("apps:read")));
+        assert_eq!(d.shadow, Some(Shadow::WouldAllow));
+        let plain = Subject {
+            role: Some("other"),
+            ..who
+        };
+        assert_eq!(decide(Some(&l2), Some(plain), &roles).shadow, None);
     }
 
     fn template_error(path: &str) -> String {

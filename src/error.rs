@@ -106,6 +106,34 @@ impl Reject {
         }
     }
 
+    /// A failed authentication (steps 3–5): a missing, malformed or unacceptable credential.
+    /// These count towards the per-address failed-authentication limiter.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            Reject::MissingToken { .. }
+                | Reject::InvalidRequest { .. }
+                | Reject::InvalidToken { .. }
+        )
+    }
+
+    /// A failure that can happen after the request was allowed and handed to the upstream
+    /// (step 9): when the request got that far, its audit `rbac_decision` stays `allow`.
+    pub fn counts_as_allowed(&self) -> bool {
+        matches!(
+            self,
+            Reject::UpstreamError
+                | Reject::UpstreamTimeout
+                | Reject::BodyTooLarge
+                | Reject::BodyIdle
+        )
+    }
+
+    /// A failure on our side (not the client's, not the upstream's): worth an operational log line.
+    pub fn is_ours(&self) -> bool {
+        matches!(self, Reject::StoreUnavailable | Reject::Internal)
+    }
+
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -309,6 +337,50 @@ mod tests {
         .unwrap();
         assert!(!c.contains("unknown"));
         assert!(Reject::UpstreamError.challenge("tg").is_none());
+    }
+
+    #[test]
+    fn outcomes_are_classified_by_variant() {
+        let failures = [
+            Reject::MissingToken {
+                reason: "missing_token",
+            },
+            Reject::InvalidRequest {
+                reason: "malformed",
+                message: "m",
+            },
+            Reject::InvalidToken {
+                reason: "unknown_token",
+            },
+        ];
+        assert!(failures.iter().all(Reject::is_auth_failure));
+        // Refusals that are not a failed authentication: not counted by the limiter.
+        for r in [
+            Reject::ClientBlocked { retry_after: 1 },
+            Reject::RateLimited {
+                retry_after: 1,
+                limit: 1,
+            },
+            Reject::Forbidden {
+                reason: "no_rule",
+                permission: None,
+            },
+            Reject::StoreUnavailable,
+        ] {
+            assert!(!r.is_auth_failure(), "{r:?}");
+            assert!(!r.counts_as_allowed(), "{r:?}");
+        }
+        for r in [
+            Reject::UpstreamError,
+            Reject::UpstreamTimeout,
+            Reject::BodyTooLarge,
+            Reject::BodyIdle,
+        ] {
+            assert!(r.counts_as_allowed() && !r.is_auth_failure(), "{r:?}");
+        }
+        assert!(!Reject::RequestTimeout.counts_as_allowed());
+        assert!(Reject::StoreUnavailable.is_ours() && Reject::Internal.is_ours());
+        assert!(!Reject::UpstreamError.is_ours());
     }
 
     #[test]

@@ -19,14 +19,15 @@
 //! - [`path`] — canonical request paths (step 1).
 //! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
-//! - [`authz`] — rule templates, matching, permissions, scopes (step 6).
+//! - [`authz`] — rule templates, matching, permissions, scopes and `decide()` (step 6).
 //! - [`ratelimit`] — per-token GCRA limiter and per-IP failed-auth limiter (steps 2, 7); limits
 //!   exact across replicas, GCRA in Redis ([`ratelimit::redis`]).
 //! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
 //! - [`pool`] — keep-alive HTTP/1.1 connection pool to the upstreams (hyper `client::conn`).
 //! - [`body`] — body types and the streaming size/idle guard.
-//! - [`gateway`] — the state handle and the pipeline that ties the phases together.
+//! - [`gateway`] — the state handle, config swap and background jobs.
+//! - `pipeline` — the request pipeline, one function per phase, on the gateway's state.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
 //! - [`tls`] — rustls server configs from PEM files.
 //! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
@@ -51,6 +52,7 @@ pub mod gateway;
 pub mod hygiene;
 pub mod metrics;
 pub mod path;
+mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;

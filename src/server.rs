@@ -51,6 +51,8 @@ pub struct Server {
     admin: TcpListener,
     public_tls: Arc<ArcSwapOption<TlsAcceptor>>,
     admin_tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    /// Web UI sessions: state of the admin listener, which owns them (the gateway does not).
+    sessions: Arc<admin::session::Sessions>,
 }
 
 /// Handle to a running server's TLS material, for reloads.
@@ -96,6 +98,7 @@ impl Server {
             admin,
             public_tls: Arc::new(ArcSwapOption::new(public_tls.map(Arc::new))),
             admin_tls: Arc::new(ArcSwapOption::new(admin_tls.map(Arc::new))),
+            sessions: Arc::new(admin::session::Sessions::new()),
         })
     }
 
@@ -107,6 +110,11 @@ impl Server {
     /// Admin listener address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().expect("bound")
+    }
+
+    /// The admin listener's web UI sessions.
+    pub fn sessions(&self) -> Arc<admin::session::Sessions> {
+        self.sessions.clone()
     }
 
     /// TLS reload handle.
@@ -130,6 +138,7 @@ impl Server {
             self.public_tls.clone(),
             Role::Public,
             gw.clone(),
+            None,
             stop_rx.clone(),
             graceful.clone(),
         ));
@@ -138,6 +147,7 @@ impl Server {
             self.admin_tls.clone(),
             Role::Admin,
             gw.clone(),
+            Some(self.sessions.clone()),
             stop_rx,
             graceful.clone(),
         ));
@@ -201,6 +211,7 @@ async fn accept_loop(
     tls: Arc<ArcSwapOption<TlsAcceptor>>,
     role: Role,
     gw: Gateway,
+    sessions: Option<Arc<admin::session::Sessions>>,
     mut stop: watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
 ) {
@@ -249,10 +260,11 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let acceptor = tls.load_full();
         let gw = gw.clone();
+        let sessions = sessions.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(stream, peer, acceptor, role, gw, watcher).await;
+            serve_connection(stream, peer, acceptor, role, gw, sessions, watcher).await;
         });
     }
 }
@@ -263,9 +275,12 @@ async fn serve_connection(
     acceptor: Option<Arc<TlsAcceptor>>,
     role: Role,
     gw: Gateway,
+    sessions: Option<Arc<admin::session::Sessions>>,
     watcher: Watcher,
 ) {
     let cfg = gw.config();
+    // The admin listener's state (its sessions); None on the public listener.
+    let admin_state = sessions.map(|s| admin::Admin::new(gw.clone(), s));
     let conn = ConnInfo {
         peer,
         tls: acceptor.is_some(),
@@ -291,10 +306,11 @@ async fn serve_connection(
         let gw = gw.clone();
         service_fn(move |req| {
             let gw = gw.clone();
+            let admin_state = admin_state.clone();
             async move {
-                let resp = match role {
-                    Role::Public => gw.handle(req, conn).await,
-                    Role::Admin => admin::handle(&gw, req, conn).await,
+                let resp = match (role, admin_state) {
+                    (Role::Admin, Some(a)) => admin::handle(&a, req, conn).await,
+                    _ => gw.handle(req, conn).await,
                 };
                 Ok::<_, Infallible>(resp)
             }

@@ -898,7 +898,7 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     let body: Value = r.json().await.unwrap();
     assert!(!body.to_string().contains(&alice));
     // The session holds the token's id, never the token.
-    assert!(!format!("{:?}", tg.gw.sessions()).contains(&alice));
+    assert!(!format!("{:?}", tg.sessions).contains(&alice));
 
     let login = events(&tg, "session.login").await;
     assert_eq!(login.len(), 1);
@@ -1247,5 +1247,46 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
         );
     }
     assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn the_failed_auth_limiter_refuses_bad_bearer_tokens_not_a_valid_one() {
+    let tg = TestGateway::start_with(Options {
+        sections: "[rate_limit]\nfailed_auth_per_minute = 3\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
+    let a = Admin::new(&tg);
+    let good = tokengate::token::generate("tg").plaintext;
+    let mut bad = good.into_bytes();
+    let last = bad.len() - 1;
+    bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+    let bad = String::from_utf8(bad).unwrap();
+    // Three failures that cost no lookup (bad checksum): the address is blocked.
+    for _ in 0..3 {
+        assert_eq!(a.get(&bad, "/v1/whoami").await.0, 401);
+    }
+    let (s, body) = a.get(&bad, "/v1/whoami").await;
+    assert_eq!(s, 429);
+    assert_eq!(body["error"], "too_many_failures");
+    // A valid token from the blocked address is served (one lookup, then cached).
+    let lookups = tg.gw.store().lookup_count();
+    let (s, me) = a.get(&root, "/v1/whoami").await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(me["id"], root_id.as_str());
+    assert_eq!(tg.gw.store().lookup_count(), lookups + 1);
+    // Unknown tokens: looked up until the address's unknown-token quota (3) is used, then
+    // refused without a lookup; all of them 429 while blocked.
+    let lookups = tg.gw.store().lookup_count();
+    for _ in 0..20 {
+        let unknown = tokengate::token::generate("tg").plaintext;
+        assert_eq!(a.get(&unknown, "/v1/whoami").await.0, 429);
+    }
+    assert_eq!(tg.gw.store().lookup_count(), lookups + 3);
+    // The cached valid token is still served.
+    assert_eq!(a.get(&root, "/v1/whoami").await.0, 200);
+    assert_eq!(tg.gw.store().lookup_count(), lookups + 3);
     tg.stop().await;
 }

@@ -371,9 +371,10 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "127.0.0.1");
-    // Even a good token from the blocked address waits (the block is checked before the token),
-    // and a spoofed X-Forwarded-For from an untrusted peer changes nothing. The block began with
-    // the 20th failure a moment ago and lasts 3 s.
+    // A good token from the blocked address is served all the same (the limiter protects
+    // lookups, not valid tokens): it is not cached yet, and the address has used only half of its
+    // unknown-token lookups, so it is looked up once. A spoofed X-Forwarded-For from an untrusted
+    // peer changes nothing: the line names 127.0.0.1.
     let r = attacker
         .get(tg.url("/apps/a/b"))
         .bearer_auth(&good)
@@ -381,13 +382,20 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 429);
-    assert_eq!(tg.gw.store().lookup_count(), lookups_at_limit);
+    assert_eq!(r.status(), 200);
+    let line = tg.last_request_line().await;
+    assert_eq!(line["reason"], "ok", "{line}");
+    assert_eq!(line["api_token_name"], "good", "{line}");
+    assert_eq!(line["client_ip"], "127.0.0.1");
+    assert_eq!(tg.gw.store().lookup_count(), lookups_at_limit + 1);
+    assert_eq!(tg.upstream.count(), 1);
 
     // The rest of the 10,000, eight at a time. The flood lasts seconds, and the quota gives one
     // failure back every 60 s / LIMIT: each time it does, one more bad token is judged (401), and
-    // the client is blocked again.
-    // Meanwhile, a good token from another address is served.
+    // the client is blocked again. The unknown tokens among them are looked up only until the
+    // address has used its unknown-token lookups (LIMIT a minute, half used above); after that
+    // they are refused without a lookup.
+    // Meanwhile, a good token from another address is served (from the cache now).
     let flood_start = Instant::now();
     let flood = futures_util::stream::iter(bad[LIMIT + 1..].iter())
         .map(|t| {
@@ -442,20 +450,23 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
         count("bad_checksum") + count("unknown_token"),
         LIMIT + judged
     );
-    assert_eq!(count("client_blocked"), refused + 2);
-    assert_eq!(count("ok"), 1);
-    assert_eq!(
-        tg.gw.store().lookup_count() - lookups_at_limit,
-        // The neighbour's good token cost one lookup (then it is cached).
-        (count("unknown_token") - LIMIT / 2) as u64 + 1,
-        "no store lookup for any request answered 429"
+    assert_eq!(count("client_blocked"), refused + 1);
+    assert_eq!(count("ok"), 2);
+    // Store lookups for the attacker's unknown tokens stop at the quota: LIMIT, plus what the
+    // refills gave back during the flood. The good token cost one (then it is cached; the
+    // neighbour's request was a cache hit).
+    let unknown_lookups = tg.gw.store().lookup_count() - lookups_before - 1;
+    assert!(
+        unknown_lookups >= LIMIT as u64 && unknown_lookups <= (LIMIT + refills * 8) as u64,
+        "{unknown_lookups} unknown-token lookups ({refills} refills)"
     );
-    let ok = lines.iter().find(|l| l["reason"] == "ok").unwrap();
-    assert_eq!(ok["client_ip"], "127.0.0.2");
+    let ok: Vec<_> = lines.iter().filter(|l| l["reason"] == "ok").collect();
+    assert_eq!(ok[0]["client_ip"], "127.0.0.1");
+    assert_eq!(ok[1]["client_ip"], "127.0.0.2");
     assert_eq!(
         tg.upstream.count(),
-        1,
-        "only the good request from 127.0.0.2 was forwarded"
+        2,
+        "only the two good requests were forwarded"
     );
     tg.stop().await;
 }
@@ -489,11 +500,19 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
             401
         );
     }
-    let r = get(&proxy, &good, Some("203.0.113.5")).await.unwrap();
+    let r = get(&proxy, &junk, Some("203.0.113.5")).await.unwrap();
     assert_eq!(r.status(), 429, "203.0.113.5 is blocked");
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "203.0.113.5");
+    // Blocked for failures, not for valid tokens.
+    assert_eq!(
+        get(&proxy, &good, Some("203.0.113.5"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // Other clients of the same proxy, and the proxy itself, are not.
     assert_eq!(
         get(&proxy, &good, Some("203.0.113.6"))
@@ -514,12 +533,175 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
             401
         );
     }
-    let r = get(&direct, &good, Some("198.51.100.99")).await.unwrap();
+    let r = get(&direct, &junk, Some("198.51.100.99")).await.unwrap();
     assert_eq!(r.status(), 429);
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "127.0.0.4");
+    assert_eq!(get(&direct, &good, None).await.unwrap().status(), 200);
+    assert_eq!(tg.upstream.count(), 4);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
+    const LIMIT: usize = 20;
+    let tg = TestGateway::start_with(Options {
+        sections: format!("[rate_limit]\nfailed_auth_per_minute = {LIMIT}\n"),
+        ..Options::default()
+    })
+    .await;
+    let (good, id) = tg.token("ci", "good", &["apps:read"]);
+    let client = client_from("127.0.0.5");
+    let lookups_before = tg.gw.store().lookup_count();
+
+    // 50 requests without a token: the first LIMIT are judged (401), the rest refused (429).
+    let mut statuses = Vec::new();
+    for _ in 0..50 {
+        let r = client.get(tg.url("/apps/a/b")).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert!(r.headers().get("www-authenticate").is_none());
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "too_many_failures");
+        }
+    }
+    assert_eq!(&statuses[..LIMIT], &[401; LIMIT][..]);
+    assert_eq!(&statuses[LIMIT..], &[429; 50 - LIMIT][..]);
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 429, "client_blocked");
+    assert_eq!(line["auth_type"], "none", "{line}");
+    assert_eq!(tg.upstream.count(), 0, "nothing refused was forwarded");
+    assert_eq!(
+        tg.gw.store().lookup_count(),
+        lookups_before,
+        "no credential, no lookup"
+    );
+    // Still blocked for failures: a malformed credential is refused without being judged.
+    let r = client
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(bad_checksum(&good))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_rejection_line(&tg.last_request_line().await, 429, "client_blocked");
+
+    // A valid token from the same address: served, and its audit line names it. Not cached yet,
+    // so it costs one lookup (the address has used none of its unknown-token lookups).
+    let r = client
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "ratelimit-limit"), "100");
+    let line = tg.last_request_line().await;
+    assert_eq!(line["status_code"], 200, "{line}");
+    assert_eq!(line["reason"], "ok", "{line}");
+    assert_eq!(line["rbac_decision"], "allow", "{line}");
+    assert_eq!(line["api_token_id"], id.as_str(), "{line}");
+    assert_eq!(line["api_token_name"], "good", "{line}");
+    assert_eq!(
+        line["token_prefix"],
+        &good[..line["token_prefix"].as_str().unwrap().len()]
+    );
+    assert_eq!(line["client_ip"], "127.0.0.5");
+    assert_eq!(tg.upstream.count(), 1);
+    assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
+    // Again: a cache hit, no lookup, still served.
+    let r = client
+        .get(tg.url("/apps/a/b"))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     assert_eq!(tg.upstream.count(), 2);
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
+    const LIMIT: usize = 20;
+    const TOTAL: usize = 10_000;
+    let tg = TestGateway::start_with(Options {
+        sections: format!("[rate_limit]\nfailed_auth_per_minute = {LIMIT}\n"),
+        ..Options::default()
+    })
+    .await;
+    // Well-formed tokens with a valid checksum that the store has never seen.
+    let unknown: Vec<String> = (0..TOTAL)
+        .map(|_| tokengate::token::generate("tg").plaintext)
+        .collect();
+    let attacker = client_from("127.0.0.6");
+    let lookups_before = tg.gw.store().lookup_count();
+    let start = Instant::now();
+    let statuses = futures_util::stream::iter(unknown.iter())
+        .map(|t| {
+            let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
+            async move {
+                let r = c.get(url).bearer_auth(t).send().await.unwrap();
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap();
+                (
+                    status,
+                    body["error"].as_str().unwrap_or_default().to_owned(),
+                )
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<(u16, String)>>()
+        .await;
+    let elapsed = start.elapsed();
+    let refills = (elapsed.as_secs_f64() / (60.0 / LIMIT as f64)).ceil() as usize;
+    let lookups = (tg.gw.store().lookup_count() - lookups_before) as usize;
+    let judged = statuses.iter().filter(|(s, _)| *s == 401).count();
+    let refused = statuses
+        .iter()
+        .filter(|(s, e)| *s == 429 && e == "too_many_failures")
+        .count();
+    println!(
+        "{TOTAL} unknown tokens in {elapsed:?}: {lookups} lookups, {judged} judged, {refused} refused"
+    );
+    assert_eq!(judged + refused, TOTAL, "only 401 or 429");
+    // The lookups stop at the limit: LIMIT, plus one per refill for each request in flight.
+    assert!(lookups >= LIMIT, "{lookups}");
+    assert!(
+        lookups <= LIMIT + refills * 8,
+        "{lookups} lookups in {elapsed:?} ({refills} refills)"
+    );
+    assert!(judged <= lookups);
+    let lines = tg.request_lines().await;
+    assert_eq!(lines.len(), TOTAL);
+    let blocked: Vec<_> = lines
+        .iter()
+        .filter(|l| l["reason"] == "client_blocked")
+        .collect();
+    assert_eq!(blocked.len(), refused);
+    for l in &blocked {
+        assert_rejection_line(l, 429, "client_blocked");
+        // The credential was read (no store involved): the line carries its prefix.
+        assert_eq!(l["auth_type"], "api_token", "{l}");
+        assert!(
+            l["token_prefix"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("tg_")),
+            "{l}"
+        );
+        assert!(l["api_token_id"].is_null(), "{l}");
+        assert_eq!(l["client_ip"], "127.0.0.6");
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["reason"] == "unknown_token")
+            .count(),
+        judged
+    );
+    assert_eq!(tg.upstream.count(), 0, "nothing was forwarded");
     tg.stop().await;
 }
 

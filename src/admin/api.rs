@@ -18,7 +18,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Actor, AdminError, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json, session_actor,
+    Actor, Admin, AdminError, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
+    session_actor,
 };
 use crate::audit::Entry;
 use crate::auth;
@@ -28,7 +29,7 @@ use crate::cli::{CreateArgs, build_spec, token_json};
 use crate::clock::rfc3339;
 use crate::config::{Config, parse_duration};
 use crate::error::Reject;
-use crate::gateway::{ConnInfo, Gateway};
+use crate::gateway::ConnInfo;
 use crate::store::{Account, NewTokenSpec, StoreError, TokenRow};
 
 /// The API's routes: (template, methods). `docs/openapi.yaml` documents exactly these.
@@ -82,7 +83,7 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
 }
 
 /// Handles one `/v1/...` request: authenticate, route, answer, and write the request audit line.
-pub async fn handle(gw: &Gateway, req: http::Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let cfg = gw.config();
     let (parts, body) = req.into_parts();
     let mut ctx = Ctx::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
@@ -120,7 +121,7 @@ pub async fn handle(gw: &Gateway, req: http::Request<Incoming>, conn: ConnInfo) 
 }
 
 async fn serve(
-    gw: &Gateway,
+    gw: &Admin,
     cfg: &Config,
     parts: &Parts,
     body: Incoming,
@@ -179,7 +180,7 @@ async fn serve(
 
 /// Bearer token (as on the public listener), else the web UI session cookie.
 async fn authenticate(
-    gw: &Gateway,
+    gw: &Admin,
     parts: &Parts,
     conn: ConnInfo,
     ctx: &mut Ctx,
@@ -358,7 +359,7 @@ fn admin_only(actor: &Actor) -> Result<(), AdminError> {
     }
 }
 
-async fn list_accounts(gw: &Gateway, actor: &Actor) -> Result<Response<Body>, AdminError> {
+async fn list_accounts(gw: &Admin, actor: &Actor) -> Result<Response<Body>, AdminError> {
     let list = if actor.admin {
         gw.store_call(|s| s.list_accounts())
             .await
@@ -393,7 +394,7 @@ pub fn valid_account_name(n: &str) -> bool {
 }
 
 async fn create_account(
-    gw: &Gateway,
+    gw: &Admin,
     actor: &Actor,
     ctx: &Ctx,
     b: AccountBody,
@@ -425,7 +426,7 @@ async fn create_account(
 }
 
 async fn disable_account(
-    gw: &Gateway,
+    gw: &Admin,
     actor: &Actor,
     ctx: &Ctx,
     name: &str,
@@ -446,7 +447,7 @@ async fn disable_account(
 // tokens
 
 async fn list_tokens(
-    gw: &Gateway,
+    gw: &Admin,
     actor: &Actor,
     query: Option<&str>,
 ) -> Result<Response<Body>, AdminError> {
@@ -557,7 +558,7 @@ pub fn constrain(actor: &TokenRow, spec: &mut NewTokenSpec) -> Result<(), String
 }
 
 async fn create_token(
-    gw: &Gateway,
+    gw: &Admin,
     cfg: &Config,
     actor: &Actor,
     ctx: &Ctx,
@@ -620,7 +621,7 @@ async fn create_token(
 
 /// A token by id or display prefix, among those this actor may see. For a `tokengate:self` actor
 /// the search runs inside its own account only, so another account's token is simply "not found".
-async fn find_visible(gw: &Gateway, actor: &Actor, id: &str) -> Result<TokenRow, AdminError> {
+async fn find_visible(gw: &Admin, actor: &Actor, id: &str) -> Result<TokenRow, AdminError> {
     if actor.admin {
         let id2 = id.to_string();
         return gw
@@ -667,7 +668,7 @@ fn check_reason(r: Option<String>, default: &str) -> Result<String, AdminError> 
 }
 
 async fn revoke(
-    gw: &Gateway,
+    gw: &Admin,
     actor: &Actor,
     ctx: &Ctx,
     id: &str,
@@ -694,7 +695,7 @@ struct RotateBody {
 }
 
 async fn rotate(
-    gw: &Gateway,
+    gw: &Admin,
     cfg: &Config,
     actor: &Actor,
     ctx: &Ctx,
@@ -741,7 +742,7 @@ struct IdentifyBody {
 }
 
 async fn identify(
-    gw: &Gateway,
+    gw: &Admin,
     actor: &Actor,
     ctx: &Ctx,
     b: IdentifyBody,

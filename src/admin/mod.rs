@@ -4,12 +4,17 @@
 //! - `/healthz`, `/readyz`, `/metrics` — operations, no authentication;
 //! - `/v1/...` — the JSON API ([`api`]), a Bearer token or a web UI session;
 //! - `/`, `/assets/...`, `/session`, `/session/logout` — the web UI ([`ui`], [`session`]).
+//!
+//! Owns the admin listener's state, [`Admin`]: the gateway handle plus the web UI sessions (the
+//! gateway and the pipeline know nothing of sessions and never import this module).
 
 pub mod api;
 pub mod session;
 pub mod ui;
 
 use std::net::IpAddr;
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -30,8 +35,36 @@ pub const PERM_SELF: &str = "tokengate:self";
 /// Largest request body the admin listener reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// The admin listener's state: the gateway it administers and the web UI sessions it owns.
+/// Derefs to the gateway, so handlers reach the store, audit log and clock through it.
+#[derive(Clone)]
+pub struct Admin {
+    gw: Gateway,
+    sessions: Arc<session::Sessions>,
+}
+
+impl Admin {
+    /// The admin side of `gw`, with its sessions (shared by every admin connection).
+    pub fn new(gw: Gateway, sessions: Arc<session::Sessions>) -> Admin {
+        Admin { gw, sessions }
+    }
+
+    /// Web UI sessions.
+    pub fn sessions(&self) -> &session::Sessions {
+        &self.sessions
+    }
+}
+
+impl Deref for Admin {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.gw
+    }
+}
+
 /// Routes one admin request.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -49,7 +82,7 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
 /// Readiness: the store file is readable (through the pipeline's pooled connections *and* a
 /// fresh one, so a deleted or replaced file shows up), the audit writer's last write succeeded,
 /// and the listeners are accepting. 200 with one `check: ok` line each, else 503 naming the failure.
-async fn readyz(gw: &Gateway) -> Response<Body> {
+async fn readyz(gw: &Admin) -> Response<Body> {
     let store = store_readable(gw).await;
     let audit = if gw.audit().is_healthy() {
         Ok(())
@@ -88,7 +121,7 @@ async fn readyz(gw: &Gateway) -> Response<Body> {
 /// The store answers through the pipeline's own connections and, for SQLite, on a fresh
 /// read-only connection to `store.path` (so a deleted, replaced or unmounted file shows up even
 /// while old connections still hold the old inode), within [`READY_STORE_TIMEOUT`].
-async fn store_readable(gw: &Gateway) -> Result<(), String> {
+async fn store_readable(gw: &Admin) -> Result<(), String> {
     let probe = async {
         let pooled = gw.store_call(|s| s.ping()).await.map_err(|e| e.to_string());
         // SQLite only: PostgreSQL has no file to replace, and `ping` already used the pool.
@@ -129,7 +162,7 @@ fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
-async fn metrics(gw: &Gateway) -> Response<Body> {
+async fn metrics(gw: &Admin) -> Response<Body> {
     let mut snap = gw.snapshot();
     snap.store_up = Some(store_readable(gw).await.is_ok());
     if let Some(counts) = token_counts(gw).await {
@@ -149,7 +182,7 @@ async fn metrics(gw: &Gateway) -> Response<Body> {
 /// Active and soon-expiring token counts, recomputed at most every [`TOKEN_COUNTS_TTL`]: the
 /// count scans the tokens table (about 2 s for a million tokens), too much for every scrape.
 /// `None` when the store cannot be read (the gauges are then left out, not reported as 0).
-async fn token_counts(gw: &Gateway) -> Option<crate::metrics::TokenCounts> {
+async fn token_counts(gw: &Admin) -> Option<crate::metrics::TokenCounts> {
     // An async mutex held across the query on purpose: concurrent scrapes wait for one scan
     // instead of starting their own.
     let mut cached = gw.metrics().token_counts.lock().await;
@@ -347,7 +380,7 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     pub(crate) fn new(
-        gw: &Gateway,
+        gw: &Admin,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
@@ -390,7 +423,7 @@ impl Ctx {
     }
 
     /// Writes the request line (best effort: the response is already decided).
-    pub(crate) fn record(&self, gw: &Gateway, status: StatusCode, reason: &str) {
+    pub(crate) fn record(&self, gw: &Admin, status: StatusCode, reason: &str) {
         let row = self.token.as_ref();
         let rec = RequestRecord {
             timestamp: crate::audit::now_rfc3339(),
@@ -419,7 +452,7 @@ impl Ctx {
     }
 
     /// Reserves the audit slot of a mutation before it is made: no change happens unaudited.
-    pub(crate) fn reserve(&self, gw: &Gateway) -> Result<Reservation, AdminError> {
+    pub(crate) fn reserve(&self, gw: &Admin) -> Result<Reservation, AdminError> {
         gw.audit()
             .reserve()
             .map_err(|_| AdminError::Reject(Reject::AuditUnavailable))
@@ -530,7 +563,7 @@ pub(crate) fn check_origin(parts: &http::request::Parts, tls: bool) -> Result<()
 
 /// Shared by API and UI: the live token behind a session cookie (None: no or dead session).
 pub(crate) async fn session_actor(
-    gw: &Gateway,
+    gw: &Admin,
     headers: &HeaderMap,
     client_ip: IpAddr,
 ) -> Result<Option<(String, session::Session, Actor)>, AdminError> {

@@ -14,13 +14,13 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::{
-    Actor, AdminError, Ctx, MAX_BODY_BYTES, check_csrf, check_origin, harden, json, session,
+    Actor, Admin, AdminError, Ctx, MAX_BODY_BYTES, check_csrf, check_origin, harden, json, session,
     session_actor,
 };
 use crate::audit::Entry;
 use crate::body::{Body, full};
 use crate::error::Reject;
-use crate::gateway::{ConnInfo, Gateway};
+use crate::gateway::ConnInfo;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -45,7 +45,7 @@ pub fn is_ui_path(path: &str) -> bool {
 }
 
 /// Handles one UI request.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let get = matches!(parts.method, Method::GET | Method::HEAD);
@@ -132,7 +132,7 @@ fn attr(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-async fn index(gw: &Gateway, parts: &Parts, conn: ConnInfo) -> Response<Body> {
+async fn index(gw: &Admin, parts: &Parts, conn: ConnInfo) -> Response<Body> {
     let ip = crate::gateway::client_ip(
         conn.peer.ip(),
         &parts.headers,
@@ -167,7 +167,7 @@ struct LoginBody {
 }
 
 async fn login(
-    gw: &Gateway,
+    gw: &Admin,
     parts: &Parts,
     body: Incoming,
     conn: ConnInfo,
@@ -228,7 +228,7 @@ async fn login(
 }
 
 async fn logout(
-    gw: &Gateway,
+    gw: &Admin,
     parts: &Parts,
     conn: ConnInfo,
     ctx: &mut Ctx,

@@ -291,6 +291,8 @@ pub struct TestGateway {
     pub upstream: Upstream,
     /// TLS handle for reload tests.
     pub tls: Option<tokengate::server::TlsHandle>,
+    /// The admin listener's web UI sessions.
+    pub sessions: std::sync::Arc<tokengate::admin::session::Sessions>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _bg: Option<tokengate::gateway::BackgroundGuard>,
@@ -365,6 +367,7 @@ impl TestGateway {
         let addr = started.server.public_addr();
         let admin_addr = started.server.admin_addr();
         let tls = Some(started.server.tls_handle());
+        let sessions = started.server.sessions();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let tokengate::app::Started {
             server, background, ..
@@ -388,6 +391,7 @@ impl TestGateway {
             admin_addr,
             upstream,
             tls,
+            sessions,
             stop: Some(tx),
             task,
             _bg: Some(background),

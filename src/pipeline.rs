@@ -1,0 +1,846 @@
+//! The request pipeline of the public listener (SPEC §1), read top to bottom, one function per
+//! phase: canonicalise → authenticate (with the per-address failed-auth limiter) → authorise →
+//! rate-limit → reserve the audit slot → forward → conclude (response, metrics, audit line).
+//!
+//! Owns: [`Gateway::handle`], [`Gateway::evaluate`], the per-request context, the audit line of a
+//! request (also of an abandoned one, [`AuditGuard`]), the gateway's own endpoints under the
+//! reserved prefix, the response headers it adds, [`client_ip`], and the Bearer authentication
+//! the admin listener shares ([`Gateway::authenticate_bearer`]).
+//!
+//! Each phase returns `Result<_, Reject>`; the audit reservation, once taken, is carried in the
+//! context, so a refusal after step 8 still writes its line into the reserved slot. Outcomes are
+//! classified by `Reject` variant (`is_auth_failure`, `counts_as_allowed`), never by reason text.
+//!
+//! Must never import `admin` or `cli`. The state it runs on lives in `gateway`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::audit::{AdminRecord, Entry, RequestRecord, Reservation};
+use crate::auth;
+use crate::authz::{self, Lookup, RuleMatch, ShadowRoles, Subject};
+use crate::body::{Body, BodyOutcome, full};
+use crate::cache::CachedToken;
+use crate::clock::rfc3339;
+use crate::config::{Config, Rate, RoleConfig, RouteConfig};
+use crate::error::{Reject, respond};
+use crate::gateway::{ConnInfo, Gateway};
+use crate::hygiene::{self, Limits};
+use crate::path;
+use crate::proxy::{self, ForwardInfo};
+use crate::ratelimit::Allowance;
+use crate::token::TokenHash;
+
+/// Per-request facts collected for the audit line.
+struct Ctx {
+    request_id: String,
+    client_ip: IpAddr,
+    method: Method,
+    path: String,
+    user_agent: Option<String>,
+    token_prefix: Option<String>,
+    token: Option<Arc<CachedToken>>,
+    public: bool,
+    permission: Option<String>,
+    rule: Option<String>,
+    shadow_decision: Option<&'static str>,
+    upstream: Option<String>,
+    ratelimit: Option<Allowance>,
+    /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
+    reservation: Option<Reservation>,
+}
+
+impl Ctx {
+    /// A context with nothing known yet but the client and the method (allocates nothing).
+    fn empty(client_ip: IpAddr, method: Method) -> Ctx {
+        Ctx {
+            request_id: String::new(),
+            client_ip,
+            method,
+            path: String::new(),
+            user_agent: None,
+            token_prefix: None,
+            token: None,
+            public: false,
+            permission: None,
+            rule: None,
+            shadow_decision: None,
+            upstream: None,
+            ratelimit: None,
+            reservation: None,
+        }
+    }
+}
+
+// Response header names, parsed once (inserting by `&str` parses the name on every call).
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+const TOKEN_EXPIRES_AT: HeaderName = HeaderName::from_static("token-expires-at");
+
+/// What steps 1–8 decided for a request that may go on.
+enum Decided<'c> {
+    /// Answered by the gateway itself: its own endpoints under the reserved prefix.
+    Answered(Response<Body>),
+    /// Allowed, to be forwarded to `route` (`ctx.upstream` is set).
+    Forward {
+        canon: path::CanonicalPath,
+        route: &'c RouteConfig,
+        facts: hygiene::RequestFacts,
+    },
+}
+
+/// Step 1's result: the checked request, its canonical path, and the route and rules it meets.
+struct Checked<'c> {
+    facts: hygiene::RequestFacts,
+    canon: path::CanonicalPath,
+    reserved: bool,
+    route: Option<&'c RouteConfig>,
+    lookup: Option<Lookup<'c>>,
+}
+
+/// The config's roles as `authz::decide` asks for them (authz never reads the config).
+struct Roles<'c>(&'c BTreeMap<String, RoleConfig>);
+
+impl ShadowRoles for Roles<'_> {
+    fn shadow_permissions(&self, role: &str) -> Option<&[String]> {
+        self.0
+            .get(role)
+            .filter(|r| r.shadow)
+            .map(|r| r.permissions.as_slice())
+    }
+}
+
+impl Gateway {
+    /// Handles one request on the public listener. Always answers; never panics on input.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let start = Instant::now();
+        let _in_flight = self.inner.metrics.in_flight();
+        let cfg = self.inner.config.load_full();
+        let ctx = self.new_ctx(&req, conn);
+        // If this future is dropped before it answers (client gone, drain deadline), the guard
+        // still writes the request's audit line: one line per request that reached the HTTP layer.
+        let mut guard = AuditGuard {
+            gw: self,
+            ctx,
+            start,
+            armed: true,
+        };
+        let result = match tokio::time::timeout(
+            cfg.server.request_timeout,
+            self.pipeline(&cfg, conn, req, &mut guard.ctx),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Reject::RequestTimeout),
+        };
+        guard.armed = false;
+        self.conclude(&cfg, &mut guard.ctx, start, result)
+    }
+
+    /// Steps 1–8 and the audit line for one request, without forwarding it: the gateway's own
+    /// cost of a request, for the in-process benchmark (`benches/hot_paths.rs`, `pipeline`).
+    /// Runs the same code as [`handle`](Self::handle) up to the upstream call; an allowed
+    /// request gets an empty 200 carrying the headers the gateway adds, a refused one its
+    /// real refusal. Never touches the request body.
+    pub async fn evaluate<B>(&self, req: &Request<B>, conn: ConnInfo) -> Response<Body> {
+        let start = Instant::now();
+        let cfg = self.inner.config.load_full();
+        let mut ctx = self.new_ctx(req, conn);
+        let result = match self.decide(&cfg, conn, req, &mut ctx).await {
+            Ok(Decided::Answered(resp)) => Ok(resp),
+            Ok(Decided::Forward { .. }) => {
+                Ok(self.decorate(&cfg, Response::new(crate::body::empty()), &ctx))
+            }
+            Err(e) => Err(e),
+        };
+        self.conclude(&cfg, &mut ctx, start, result)
+    }
+
+    fn new_ctx<B>(&self, req: &Request<B>, conn: ConnInfo) -> Ctx {
+        Ctx {
+            request_id: self.next_request_id(),
+            user_agent: req
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| {
+                    // `to_str` succeeded: visible ASCII, so bytes are chars.
+                    if s.len() <= 256 {
+                        s.to_owned()
+                    } else {
+                        s.chars().take(256).collect()
+                    }
+                }),
+            ..Ctx::empty(conn.peer.ip(), req.method().clone())
+        }
+    }
+
+    /// Steps 1–9 for one request.
+    async fn pipeline(
+        &self,
+        cfg: &Config,
+        conn: ConnInfo,
+        req: Request<Incoming>,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, Reject> {
+        match self.decide(cfg, conn, &req, ctx).await? {
+            Decided::Answered(resp) => Ok(resp),
+            Decided::Forward {
+                canon,
+                route,
+                facts,
+            } => self.forward(cfg, conn, req, ctx, canon, route, facts).await,
+        }
+    }
+
+    /// Steps 1–8: everything the gateway decides before the upstream sees the request, ending
+    /// with the audit slot reserved; the reserved prefix is answered here, a path no route
+    /// serves refused (403 no_rule). Generic over the body, which it never reads.
+    async fn decide<'c, B>(
+        &self,
+        cfg: &'c Config,
+        conn: ConnInfo,
+        req: &Request<B>,
+        ctx: &mut Ctx,
+    ) -> Result<Decided<'c>, Reject> {
+        let checked = self.check(cfg, conn, req, ctx)?;
+        if !ctx.public {
+            let token = self
+                .authenticate(req.headers(), req.uri().query(), ctx.client_ip, ctx)
+                .await?;
+            ctx.token = Some(token);
+        }
+        if !checked.reserved {
+            self.authorise(cfg, checked.lookup.as_ref(), ctx)?;
+        }
+        self.rate_limit(cfg, ctx).await?;
+        self.reserve(ctx)?;
+        self.route(cfg, checked, ctx)
+    }
+
+    /// Step 1: canonicalise and check the request; find its route and the rule that applies.
+    fn check<'c, B>(
+        &self,
+        cfg: &'c Config,
+        conn: ConnInfo,
+        req: &Request<B>,
+        ctx: &mut Ctx,
+    ) -> Result<Checked<'c>, Reject> {
+        let limits = Limits {
+            max_uri_bytes: cfg.server.max_uri_bytes,
+            max_header_bytes: cfg.server.max_header_bytes,
+            max_body_bytes: cfg.server.max_body_bytes,
+        };
+        // Until the path is canonical, the audit line gets a sanitised copy of the raw one.
+        let facts = hygiene::check(req, &cfg.server.methods, limits).inspect_err(|_| {
+            ctx.path = sanitize_raw_path(req.uri().path());
+        })?;
+        ctx.client_ip = client_ip(conn.peer.ip(), req.headers(), &cfg.server.trusted_proxies);
+        let any_non_ascii = cfg.routes.iter().any(|r| r.allow_non_ascii);
+        let canon = path::canonicalise(req.uri().path(), any_non_ascii).map_err(|e| {
+            ctx.path = sanitize_raw_path(req.uri().path());
+            Reject::BadRequest {
+                reason: "bad_path",
+                message: format!("Invalid request path: {e}."),
+            }
+        })?;
+        ctx.path = canon.path.clone();
+        let reserved = canon.path.starts_with(&cfg.server.reserved_prefix);
+        let route = if reserved {
+            None
+        } else {
+            cfg.route_for(&canon.path)
+        };
+        if canon.has_non_ascii && !route.is_some_and(|r| r.allow_non_ascii) {
+            return Err(Reject::BadRequest {
+                reason: "bad_path",
+                message: "Non-ASCII paths are not accepted on this route.".into(),
+            });
+        }
+        if facts.websocket && !route.is_some_and(|r| r.websocket) {
+            return Err(Reject::UpgradeRefused);
+        }
+        let lookup = route.map(|r| r.rules.lookup(ctx.method.as_str(), &canon.path));
+        let enforced = lookup.as_ref().and_then(|l| l.enforced.as_ref());
+        if let (Some(r), Some(m)) = (route, enforced) {
+            ctx.rule = Some(rule_id(r, m));
+            ctx.permission = m.rule.permission.clone();
+        }
+        ctx.public = enforced.is_some_and(|m| m.rule.public);
+        Ok(Checked {
+            facts,
+            canon,
+            reserved,
+            route,
+            lookup,
+        })
+    }
+
+    /// Steps 2–5: the per-address failed-auth limiter, extraction, format and checksum, lookup,
+    /// and the judgement (revoked, expired, account disabled, IP allowlist). Shared by the public
+    /// pipeline and the admin listener's Bearer authentication.
+    ///
+    /// An address over its failed-auth quota is not refused outright: its credential is still
+    /// parsed (no store involved) and a cached token is served as usual, so a valid token is
+    /// never refused because others failed from the same address. A cache miss goes to the store
+    /// only while the address is within its unknown-token lookup quota (lookups that found no
+    /// token, counted per address), so a flood of unknown tokens stops costing store lookups at
+    /// that quota. A blocked address's failing credential is answered 429, never 401.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        client_ip: IpAddr,
+        ctx: &mut Ctx,
+    ) -> Result<Arc<CachedToken>, Reject> {
+        let blocked = self.inner.failed_auth.load().blocked(client_ip);
+        let result = self.credential(headers, query, client_ip, ctx).await;
+        match (result, blocked) {
+            (Ok(entry), _) => Ok(entry),
+            // Refused without a lookup (the lookup quota), or failed while blocked: 429.
+            (Err(Reject::ClientBlocked { retry_after }), b) => Err(Reject::ClientBlocked {
+                retry_after: b.map_or(retry_after, |w| w.max(retry_after)),
+            }),
+            (Err(e), Some(wait)) if e.is_auth_failure() => {
+                Err(Reject::ClientBlocked { retry_after: wait })
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Steps 3–5 proper: extract, parse, look up, judge.
+    async fn credential(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        client_ip: IpAddr,
+        ctx: &mut Ctx,
+    ) -> Result<Arc<CachedToken>, Reject> {
+        let credential = auth::extract(headers, query)?;
+        let parsed = auth::parse(credential)?;
+        ctx.token_prefix = Some(parsed.display_prefix().to_string());
+        let entry = self.lookup(parsed.hash(), client_ip).await?;
+        ctx.token = Some(entry.clone());
+        auth::judge(&entry, self.now_ms(), client_ip)?;
+        Ok(entry)
+    }
+
+    /// Authenticates a Bearer token for the admin listener with the public pipeline's steps 2–5
+    /// (see `authenticate`). Failures count towards the limiter exactly as on the public side; a
+    /// success records last use.
+    pub async fn authenticate_bearer(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        client_ip: IpAddr,
+    ) -> Result<Arc<CachedToken>, Reject> {
+        let mut ctx = Ctx::empty(client_ip, Method::GET);
+        let result = self.authenticate(headers, query, client_ip, &mut ctx).await;
+        match &result {
+            Ok(entry) => self.note_use(entry, client_ip).await,
+            Err(e) if e.is_auth_failure() => {
+                self.inner.failed_auth.load().record_failure(client_ip)
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Cache, then store. A fill that raced an invalidation is retried, never kept. A cache
+    /// miss from an address over its unknown-token lookup quota is refused without a lookup; a
+    /// lookup that finds no token counts towards that quota.
+    async fn lookup(&self, hash: TokenHash, client_ip: IpAddr) -> Result<Arc<CachedToken>, Reject> {
+        if let Some(e) = self.inner.cache.get(&hash) {
+            return Ok(e);
+        }
+        if let Some(wait) = self.inner.unknown_lookups.load().blocked(client_ip) {
+            return Err(Reject::ClientBlocked { retry_after: wait });
+        }
+        for _ in 0..8 {
+            let epoch = self.inner.cache.epoch();
+            let row = self
+                .store_call(move |s| s.lookup_hash(&hash))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "token lookup failed: answering 503");
+                    Reject::StoreUnavailable
+                })?;
+            let Some(row) = row else {
+                self.inner.unknown_lookups.load().record_failure(client_ip);
+                return Err(Reject::InvalidToken {
+                    reason: "unknown_token",
+                });
+            };
+            let entry = self.inner.cache.entry(&hash, row);
+            if !self.inner.cache.is_trusted() {
+                // Changes may be going unannounced: use this fresh read once, cache nothing.
+                return Ok(entry);
+            }
+            if self.inner.cache.fill(hash, entry.clone(), epoch) {
+                return Ok(entry);
+            }
+        }
+        Err(Reject::StoreUnavailable)
+    }
+
+    /// Step 6: the decision (`authz::decide`), and the shadow verdict that is logged but never
+    /// enforced.
+    fn authorise(
+        &self,
+        cfg: &Config,
+        lookup: Option<&Lookup<'_>>,
+        ctx: &mut Ctx,
+    ) -> Result<(), Reject> {
+        let subject = ctx.token.as_deref().map(|t| Subject {
+            permissions: t.permissions(),
+            scopes: t.scopes(),
+            role: t.role(),
+        });
+        let decision = authz::decide(lookup, subject, &Roles(&cfg.roles));
+        ctx.shadow_decision = decision.shadow.map(authz::Shadow::as_str);
+        decision.verdict.map_err(|d| Reject::Forbidden {
+            reason: d.reason(),
+            permission: d.permission().map(str::to_string),
+        })
+    }
+
+    /// Step 7: the per-token rate limit; an allowed request records the token's use.
+    async fn rate_limit(&self, cfg: &Config, ctx: &mut Ctx) -> Result<(), Reject> {
+        let Some(t) = &ctx.token else {
+            return Ok(());
+        };
+        let rate = token_rate(cfg, t);
+        // Redis only when configured: the in-process path stays a plain function call.
+        let redis = self.inner.redis_limiter.load_full();
+        let checked = match redis {
+            Some(r) => r.check(t.id(), rate).await,
+            None => self.inner.limiter.check(t.id(), rate),
+        };
+        match checked {
+            Ok(a) => ctx.ratelimit = Some(a),
+            Err(d) => {
+                return Err(Reject::RateLimited {
+                    retry_after: d.retry_after,
+                    limit: d.limit,
+                });
+            }
+        }
+        self.note_use(t, ctx.client_ip).await;
+        Ok(())
+    }
+
+    /// Step 8: the audit writer must accept the record before anything is forwarded.
+    fn reserve(&self, ctx: &mut Ctx) -> Result<(), Reject> {
+        let reservation = self
+            .inner
+            .audit
+            .reserve()
+            .map_err(|_| Reject::AuditUnavailable)?;
+        ctx.reservation = Some(reservation);
+        Ok(())
+    }
+
+    /// After step 8: answer the reserved prefix, refuse a path no route serves, or forward.
+    fn route<'c>(
+        &self,
+        cfg: &'c Config,
+        checked: Checked<'c>,
+        ctx: &mut Ctx,
+    ) -> Result<Decided<'c>, Reject> {
+        if checked.reserved {
+            let resp = self.internal(cfg, &ctx.method, &checked.canon.path, ctx)?;
+            return Ok(Decided::Answered(self.decorate(cfg, resp, ctx)));
+        }
+        let Some(route) = checked.route else {
+            return Err(Reject::Forbidden {
+                reason: "no_rule",
+                permission: None,
+            });
+        };
+        ctx.upstream = Some(route.name.clone());
+        Ok(Decided::Forward {
+            canon: checked.canon,
+            route,
+            facts: checked.facts,
+        })
+    }
+
+    /// Step 9: forward to the upstream and stream its answer back.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        cfg: &Config,
+        conn: ConnInfo,
+        mut req: Request<Incoming>,
+        ctx: &mut Ctx,
+        canon: path::CanonicalPath,
+        route: &RouteConfig,
+        facts: hygiene::RequestFacts,
+    ) -> Result<Response<Body>, Reject> {
+        let client_upgrade = facts.websocket.then(|| hyper::upgrade::on(&mut req));
+        let query = req.uri().query().map(str::to_string);
+        let (parts, body) = req.into_parts();
+        let outcome = BodyOutcome::default();
+        let info = ForwardInfo {
+            path: &canon.path,
+            query: query.as_deref(),
+            client_ip: ctx.client_ip,
+            proto: if conn.tls { "https" } else { "http" },
+            host: facts.host.clone(),
+            request_id: &ctx.request_id,
+            token: ctx.token.as_deref(),
+            websocket: facts.websocket,
+            max_body_bytes: cfg.server.max_body_bytes,
+            body_idle: cfg.server.body_idle_timeout,
+        };
+        let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
+        let up_start = Instant::now();
+        let result = tokio::time::timeout(route.timeout, self.inner.client.request(up_req)).await;
+        self.inner.metrics.upstream(&route.name, up_start.elapsed());
+        match result {
+            Err(_) => Err(Reject::UpstreamTimeout),
+            Ok(Err(e)) => {
+                if outcome.too_large() {
+                    Err(Reject::BodyTooLarge)
+                } else if outcome.idle() {
+                    Err(Reject::BodyIdle)
+                } else {
+                    tracing::debug!(error = %e, upstream = %route.upstream_url, "upstream request failed");
+                    Err(Reject::UpstreamError)
+                }
+            }
+            Ok(Ok(mut resp)) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client) = client_upgrade {
+                        proxy::splice_upgrade(client, hyper::upgrade::on(&mut resp));
+                    }
+                }
+                let resp = proxy::downstream_response(resp, cfg.server.body_idle_timeout);
+                Ok(self.decorate(cfg, resp, ctx))
+            }
+        }
+    }
+
+    /// After the pipeline: the refusal's response, metrics, and the audit line (into the
+    /// reserved slot when step 8 took one).
+    fn conclude(
+        &self,
+        cfg: &Config,
+        ctx: &mut Ctx,
+        start: Instant,
+        result: Result<Response<Body>, Reject>,
+    ) -> Response<Body> {
+        let (reason, allowed, response) = match result {
+            Ok(resp) => ("ok", true, resp),
+            Err(reject) => {
+                if reject.is_auth_failure() {
+                    self.inner.failed_auth.load().record_failure(ctx.client_ip);
+                }
+                if reject.is_ours() {
+                    tracing::warn!(request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
+                }
+                let resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
+                // Failed after it reached the upstream: still an allowed request.
+                let allowed = reject.counts_as_allowed() && ctx.upstream.is_some();
+                (reject.reason(), allowed, resp)
+            }
+        };
+        let status = response.status();
+        let elapsed = start.elapsed();
+        let decision = if allowed { "allow" } else { "deny" };
+        self.inner
+            .metrics
+            .request(decision, reason, status.as_u16());
+        self.inner.metrics.request_latency.observe(elapsed);
+        let reservation = ctx.reservation.take();
+        let record = self.audit_record(ctx, status, decision, reason, elapsed);
+        match reservation {
+            Some(r) => r.send(Entry::Request(record)),
+            None => {
+                let request_id = record.request_id.clone();
+                if let Err(e) = self.inner.audit.record(Entry::Request(record)) {
+                    tracing::error!(error = %e, %request_id, "audit record for a refused request could not be queued");
+                }
+            }
+        }
+        response
+    }
+
+    /// The request's audit record. Moves the context's strings into it (the request is over).
+    fn audit_record(
+        &self,
+        ctx: &mut Ctx,
+        status: StatusCode,
+        decision: &'static str,
+        reason: &'static str,
+        elapsed: Duration,
+    ) -> RequestRecord {
+        let row = ctx.token.as_deref();
+        RequestRecord {
+            timestamp: crate::audit::now_rfc3339(),
+            request_id: std::mem::take(&mut ctx.request_id),
+            auth_type: if ctx.token_prefix.is_some() {
+                "api_token"
+            } else {
+                "none"
+            }
+            .into(),
+            api_token_id: row.map(|r| r.id().to_string()),
+            api_token_name: row.map(|r| r.name().to_string()),
+            token_prefix: ctx.token_prefix.take(),
+            account: row.map(|r| r.account().to_string()),
+            method: crate::audit::method_name(&ctx.method),
+            path: std::mem::take(&mut ctx.path),
+            status_code: status.as_u16(),
+            rbac_decision: decision.into(),
+            reason: reason.into(),
+            permission: ctx.permission.take(),
+            rule: ctx.rule.take(),
+            shadow_decision: ctx.shadow_decision.map(Into::into),
+            client_ip: proxy::ip_text(ctx.client_ip),
+            user_agent: ctx.user_agent.take(),
+            upstream: ctx.upstream.take(),
+            duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+        }
+    }
+
+    /// Records last use; on the first use of a rotated token, retires its predecessor.
+    async fn note_use(&self, t: &Arc<CachedToken>, ip: IpAddr) {
+        let now = self.now_ms();
+        match self.inner.last_used.get_mut(t.id()) {
+            Some(mut e) => *e = (now, ip),
+            None => {
+                self.inner.last_used.insert(Arc::from(t.id()), (now, ip));
+            }
+        }
+        if !t.predecessor_retired.load(Ordering::Acquire)
+            && !t.predecessor_retired.swap(true, Ordering::AcqRel)
+        {
+            if let Some(old) = t.rotated_from().map(str::to_string) {
+                let old2 = old.clone();
+                match self.store_call(move |s| s.retire_rotated(&old2, now)).await {
+                    Ok(retired) => {
+                        self.inner.cache.invalidate_token(&old);
+                        self.inner.limiter.forget(&old);
+                        if retired {
+                            let rec = AdminRecord {
+                                timestamp: crate::audit::now_rfc3339(),
+                                event: "token.revoked".into(),
+                                actor: "tokengate".into(),
+                                auth_type: "api_token".into(),
+                                target: Some(old),
+                                account: Some(t.account().to_string()),
+                                api_token_id: Some(t.id().to_string()),
+                                token_prefix: Some(t.prefix().to_string()),
+                                reason: Some("rotated".into()),
+                                client_ip: Some(ip.to_string()),
+                                details: None,
+                            };
+                            let _ = self.inner.audit.record(Entry::Admin(rec));
+                        }
+                    }
+                    Err(e) => {
+                        t.predecessor_retired.store(false, Ordering::Release);
+                        tracing::warn!(error = %e, "could not retire a rotated token; will retry on next use");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Endpoints under the reserved prefix.
+    fn internal(
+        &self,
+        cfg: &Config,
+        method: &Method,
+        path: &str,
+        ctx: &Ctx,
+    ) -> Result<Response<Body>, Reject> {
+        let rest = &path[cfg.server.reserved_prefix.len()..];
+        match (method, rest) {
+            (&Method::GET | &Method::HEAD, "v1/whoami") => {
+                let t = ctx.token.as_deref().ok_or(Reject::Internal)?;
+                let body = serde_json::json!({
+                    "id": t.id(),
+                    "name": t.name(),
+                    "prefix": t.prefix(),
+                    "account": t.account(),
+                    "role": t.role(),
+                    "permissions": t.permissions(),
+                    "scopes": t.scopes(),
+                    "allowed_cidrs": t.allowed_cidrs().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                    "created_at": rfc3339(t.created_at()),
+                    "expires_at": t.expires_at().map(rfc3339),
+                });
+                let mut resp = Response::new(full(body.to_string() + "\n"));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                resp.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                Ok(resp)
+            }
+            _ => Err(Reject::NotFound),
+        }
+    }
+
+    /// Adds the gateway's response headers.
+    fn decorate(&self, cfg: &Config, mut resp: Response<Body>, ctx: &Ctx) -> Response<Body> {
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+            h.insert(X_REQUEST_ID, v);
+        }
+        if let Some(a) = ctx.ratelimit {
+            h.insert(RATELIMIT_LIMIT, HeaderValue::from(a.limit));
+            h.insert(RATELIMIT_REMAINING, HeaderValue::from(a.remaining));
+            h.insert(RATELIMIT_RESET, HeaderValue::from(a.reset_secs));
+        }
+        if let Some(exp) = ctx.token.as_ref().and_then(|t| t.expires_at()) {
+            let warn_ms = cfg.tokens.expiry_warning_days as i64 * 86_400_000;
+            if exp - self.now_ms() <= warn_ms {
+                if let Ok(v) = HeaderValue::from_str(&rfc3339(exp)) {
+                    h.insert(TOKEN_EXPIRES_AT, v);
+                }
+            }
+        }
+        resp
+    }
+}
+
+/// Writes the audit line of a request whose handling was abandoned before it answered.
+struct AuditGuard<'a> {
+    gw: &'a Gateway,
+    ctx: Ctx,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for AuditGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // 499: the client closed the request (or the drain deadline cut it) before a response.
+        let status = StatusCode::from_u16(499).expect("valid code");
+        let decision = if self.ctx.upstream.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        let gw = self.gw;
+        gw.inner.metrics.request(decision, "client_closed", 499);
+        let reservation = self.ctx.reservation.take();
+        let record = gw.audit_record(
+            &mut self.ctx,
+            status,
+            decision,
+            "client_closed",
+            self.start.elapsed(),
+        );
+        match reservation {
+            Some(r) => r.send(Entry::Request(record)),
+            None => {
+                if let Err(e) = gw.inner.audit.record(Entry::Request(record)) {
+                    tracing::error!(error = %e, "audit record for an abandoned request could not be queued");
+                }
+            }
+        }
+    }
+}
+
+/// Audit-safe form of a path that failed canonicalisation: no query, bounded, printable.
+fn sanitize_raw_path(p: &str) -> String {
+    p.chars()
+        .take(512)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn rule_id(route: &RouteConfig, m: &RuleMatch<'_>) -> String {
+    route.rule_ids[m.index].clone()
+}
+
+fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {
+    if let Some(r) = t.rate() {
+        return Rate {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst,
+        };
+    }
+    t.role()
+        .and_then(|name| cfg.roles.get(name))
+        .and_then(|r| r.rate_limit)
+        .unwrap_or(cfg.rate_limit.default)
+}
+
+/// The client address: the TCP peer, or — only when the peer is a trusted proxy — the last
+/// untrusted hop of `X-Forwarded-For` (walking right to left past trusted proxies).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if trusted.is_empty() || !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    return ip;
+                }
+            }
+            // An unparsable hop was written by someone we do not trust: stop at the last trusted one.
+            Err(_) => return client,
+        }
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_only_believed_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.0.0.2"),
+        );
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &[]), peer);
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        let outsider: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_ip(outsider, &h, &trusted), outsider);
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("junk, 10.0.0.2"),
+        );
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+    }
+}

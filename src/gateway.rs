@@ -676,7 +676,11 @@ impl Gateway {
         let decision = if reason == "ok"
             || matches!(
                 reason,
-                "upstream_error" | "upstream_timeout" | "body_too_large" | "body_idle"
+                "upstream_error"
+                    | "upstream_tls_error"
+                    | "upstream_timeout"
+                    | "body_too_large"
+                    | "body_idle"
             ) && ctx.upstream.is_some()
         {
             "allow"
@@ -895,7 +899,13 @@ impl Gateway {
         };
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
         let up_start = Instant::now();
-        let result = tokio::time::timeout(route.timeout, self.inner.client.request(up_req)).await;
+        let result = tokio::time::timeout(
+            route.timeout,
+            self.inner
+                .client
+                .request_via(up_req, route.upstream_tls.as_ref()),
+        )
+        .await;
         self.inner.metrics.upstream(&route.name, up_start.elapsed());
         match result {
             Err(_) => Err((Reject::UpstreamTimeout, Some(reservation))),
@@ -904,6 +914,10 @@ impl Gateway {
                     Err((Reject::BodyTooLarge, Some(reservation)))
                 } else if outcome.idle() {
                     Err((Reject::BodyIdle, Some(reservation)))
+                } else if let Some(why) = e.tls_failure() {
+                    // Never retried without TLS or verification: the client gets a 502.
+                    tracing::warn!(request_id = %ctx.request_id, route = %route.name, upstream = %route.upstream_url, reason = %why, "upstream TLS failed: answering 502");
+                    Err((Reject::UpstreamTls, Some(reservation)))
                 } else {
                     tracing::debug!(error = %e, upstream = %route.upstream_url, "upstream request failed");
                     Err((Reject::UpstreamError, Some(reservation)))

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::pki_types::ServerName;
-use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore, ServerConfig};
+use rustls::{CertificateError, ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -279,23 +279,45 @@ fn system_roots() -> Result<RootCertStore, String> {
 
 /// The TLS failure behind an upstream error, if it is one: the first `rustls::Error` in its
 /// source chain (an `io::Error`'s inner error included), in plain words for the operational log.
+/// HTTP/2 (the h2 crate) keeps only the text of an I/O error, so an alert received on an HTTP/2
+/// connection is recognised by rustls' wording (`received fatal alert: NAME`).
 pub fn upstream_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(t) = e.downcast_ref::<rustls::Error>() {
             return Some(describe(t));
         }
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if let Some(t) = inner.downcast_ref::<rustls::Error>() {
-                return Some(describe(t));
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
+                    return Some(describe(t));
+                }
+                if io.kind() == std::io::ErrorKind::InvalidData {
+                    let text = inner.to_string();
+                    if let Some(alert) = text.strip_prefix("received fatal alert: ") {
+                        return Some(describe_alert(alert));
+                    }
+                }
             }
         }
         cur = e.source();
     }
     None
+}
+
+/// An alert the upstream sent, by its rustls name (`CertificateRequired`, ...).
+fn describe_alert(name: &str) -> String {
+    match name {
+        "CertificateRequired" => {
+            "the upstream requires a client certificate (set client_cert_file and client_key_file)"
+                .into()
+        }
+        "BadCertificate" | "UnknownCA" | "CertificateUnknown" | "CertificateExpired"
+        | "CertificateRevoked" | "AccessDenied" => {
+            format!("the upstream refused our client certificate (alert {name})")
+        }
+        _ => format!("the upstream aborted the TLS handshake (alert {name})"),
+    }
 }
 
 /// What went wrong in a handshake, for an operator.
@@ -318,18 +340,7 @@ fn describe(e: &rustls::Error) -> String {
             CertificateError::Revoked => "revoked: the upstream's certificate is revoked".into(),
             other => format!("invalid upstream certificate: {other:?}"),
         },
-        E::AlertReceived(AlertDescription::CertificateRequired) => {
-            "the upstream requires a client certificate (set client_cert_file and client_key_file)".into()
-        }
-        E::AlertReceived(
-            a @ (AlertDescription::BadCertificate
-            | AlertDescription::UnknownCA
-            | AlertDescription::CertificateUnknown
-            | AlertDescription::CertificateExpired
-            | AlertDescription::CertificateRevoked
-            | AlertDescription::AccessDenied),
-        ) => format!("the upstream refused our client certificate (alert {a:?})"),
-        E::AlertReceived(a) => format!("the upstream aborted the TLS handshake (alert {a:?})"),
+        E::AlertReceived(a) => describe_alert(&format!("{a:?}")),
         E::InvalidMessage(_) => format!("the upstream does not speak TLS here? ({e})"),
         other => format!("TLS error: {other}"),
     }
@@ -359,6 +370,23 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("missing.pem"));
+    }
+
+    #[test]
+    fn upstream_failures_are_named_even_as_text() {
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        // As tokio-rustls returns it (the rustls error inside an io::Error)...
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, alert.clone());
+        let why = upstream_failure(&io).unwrap();
+        assert!(why.contains("requires a client certificate"), "{why}");
+        // ...and as HTTP/2 hands it on (its text only).
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, alert.to_string());
+        assert_eq!(upstream_failure(&io).unwrap(), why);
+        let cert = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        assert!(describe(&cert).starts_with("unknown CA"));
+        // Not TLS: None.
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(upstream_failure(&io).is_none());
     }
 
     #[test]

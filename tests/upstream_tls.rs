@@ -63,6 +63,17 @@ impl Ca {
 
     /// A leaf for `names` (DNS names or IP addresses), server or client.
     fn leaf(&self, cn: &str, names: &[&str], client: bool) -> Leaf {
+        self.leaf_with(cn, names, client, |_| {})
+    }
+
+    /// [`leaf`](Self::leaf), its parameters adjusted by `adjust` (validity dates).
+    fn leaf_with(
+        &self,
+        cn: &str,
+        names: &[&str],
+        client: bool,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Leaf {
         let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             .unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
@@ -71,6 +82,7 @@ impl Ca {
         } else {
             ExtendedKeyUsagePurpose::ServerAuth
         }];
+        adjust(&mut p);
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
         Leaf {
@@ -426,9 +438,14 @@ async fn the_log_says_why_a_handshake_failed() {
     let other = Ca::new("somebody else's CA");
     let good = pki.ca.leaf("upstream", &["localhost"], false);
     let foreign = other.leaf("upstream", &["localhost"], false);
+    let expired = pki.ca.leaf_with("upstream", &["localhost"], false, |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
     let cases = [
         (&foreign, "localhost", "unknown CA"),
         (&good, "api.internal", "name mismatch"),
+        (&expired, "localhost", "expired"),
     ];
     for (leaf, name, want) in cases {
         let up = TlsUpstream::start(UpstreamSetup {
@@ -468,32 +485,39 @@ async fn the_log_says_why_a_handshake_failed() {
         close: false,
     })
     .await;
-    let connector = Arc::new(
-        UpstreamConnector::new(
-            "localhost",
-            &UpstreamTlsOptions {
-                ca_file: Some(pki.ca_file.clone()),
-                ..UpstreamTlsOptions::default()
-            },
-        )
-        .unwrap(),
-    );
-    let req = Request::get(format!("https://localhost:{}/x", up.addr.port()))
-        .body(tokengate::body::full("x"))
-        .unwrap();
-    let e = Pool::default()
-        .request_via(req, Some(&connector))
-        .await
-        .unwrap_err();
-    let why = e.tls_failure().expect("a TLS failure");
-    assert!(why.contains("client certificate"), "{why}");
+    // On HTTP/1.1 and on HTTP/2 (where the alert arrives on the h2 connection).
+    for http2 in [false, true] {
+        let connector = Arc::new(
+            UpstreamConnector::new(
+                "localhost",
+                &UpstreamTlsOptions {
+                    ca_file: Some(pki.ca_file.clone()),
+                    http2,
+                    ..UpstreamTlsOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let req = Request::get(format!("https://localhost:{}/x", up.addr.port()))
+            .body(tokengate::body::full("x"))
+            .unwrap();
+        let e = Pool::default()
+            .request_via(req, Some(&connector))
+            .await
+            .unwrap_err();
+        let why = e
+            .tls_failure()
+            .unwrap_or_else(|| panic!("http2 = {http2}: not a TLS failure: {e:?}"));
+        assert!(why.contains("client certificate"), "http2 = {http2}: {why}");
+    }
 
     // An https URI without TLS settings is refused, never sent in clear.
     let req = Request::get(format!("https://localhost:{}/x", up.addr.port()))
         .body(tokengate::body::full("x"))
         .unwrap();
     assert!(Pool::default().request(req).await.is_err());
-    assert_eq!(up.counts().0, 1, "only the mTLS attempt connected");
+    assert_eq!(up.counts(), (2, 0), "only the two mTLS attempts connected");
+    assert!(up.seen().is_empty());
 }
 
 #[tokio::test]

@@ -72,6 +72,10 @@ pub enum Reject {
     NotFound,
     /// Step 9: upstream refused or failed.
     UpstreamError,
+    /// Step 9: the TLS connection to the upstream failed (certificate not trusted, wrong name,
+    /// expired, client certificate refused...); the cause goes to the operational log. Never
+    /// retried without TLS or verification.
+    UpstreamTls,
     /// Step 9: upstream did not answer in time.
     UpstreamTimeout,
     /// The whole request took longer than `server.request_timeout`.
@@ -100,6 +104,7 @@ impl Reject {
             Reject::UpgradeRefused => "upgrade_refused",
             Reject::NotFound => "not_found",
             Reject::UpstreamError => "upstream_error",
+            Reject::UpstreamTls => "upstream_tls_error",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::RequestTimeout => "request_timeout",
             Reject::Internal => "internal_error",
@@ -123,6 +128,7 @@ impl Reject {
         matches!(
             self,
             Reject::UpstreamError
+                | Reject::UpstreamTls
                 | Reject::UpstreamTimeout
                 | Reject::BodyTooLarge
                 | Reject::BodyIdle
@@ -151,7 +157,7 @@ impl Reject {
             Reject::Forbidden { .. } => StatusCode::FORBIDDEN,
             Reject::StoreUnavailable | Reject::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::NotFound => StatusCode::NOT_FOUND,
-            Reject::UpstreamError => StatusCode::BAD_GATEWAY,
+            Reject::UpstreamError | Reject::UpstreamTls => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -175,7 +181,7 @@ impl Reject {
             Reject::Forbidden { .. } => "insufficient_scope",
             Reject::StoreUnavailable | Reject::AuditUnavailable => "unavailable",
             Reject::NotFound => "not_found",
-            Reject::UpstreamError => "bad_gateway",
+            Reject::UpstreamError | Reject::UpstreamTls => "bad_gateway",
             Reject::UpstreamTimeout | Reject::RequestTimeout => "gateway_timeout",
             Reject::Internal => "internal_error",
         }
@@ -217,6 +223,10 @@ impl Reject {
             Reject::UpgradeRefused => "Protocol upgrades are not allowed on this route.".into(),
             Reject::NotFound => "Not found.".into(),
             Reject::UpstreamError => "The upstream service failed to answer.".into(),
+            Reject::UpstreamTls => {
+                "The gateway could not make a trusted TLS connection to the upstream service."
+                    .into()
+            }
             Reject::UpstreamTimeout | Reject::RequestTimeout => {
                 "The upstream service did not answer in time.".into()
             }

@@ -24,12 +24,13 @@
 //!   exact across replicas, GCRA in Redis ([`ratelimit::redis`]).
 //! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
-//! - [`pool`] — keep-alive HTTP/1.1 connection pool to the upstreams (hyper `client::conn`).
+//! - [`pool`] — keep-alive connection pool to the upstreams (hyper `client::conn`), over TCP or TLS,
+//!   HTTP/1.1 or HTTP/2.
 //! - [`body`] — body types and the streaming size/idle guard.
 //! - [`gateway`] — the state handle, config swap and background jobs.
 //! - `pipeline` — the request pipeline, one function per phase, on the gateway's state.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
-//! - [`tls`] — rustls server configs from PEM files.
+//! - [`tls`] — rustls server configs from PEM files; TLS to `https://` upstreams.
 //! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
 //!   ([`admin::ui`]) and its sessions ([`admin::session`]).
 //! - [`remote`] — the remote CLI: admin API client and the credentials file.

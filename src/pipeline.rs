@@ -505,7 +505,13 @@ impl Gateway {
         };
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
         let up_start = Instant::now();
-        let result = tokio::time::timeout(route.timeout, self.inner.client.request(up_req)).await;
+        let result = tokio::time::timeout(
+            route.timeout,
+            self.inner
+                .client
+                .request_via(up_req, route.upstream_tls.as_ref()),
+        )
+        .await;
         self.inner.metrics.upstream(&route.name, up_start.elapsed());
         match result {
             Err(_) => Err(Reject::UpstreamTimeout),
@@ -514,6 +520,10 @@ impl Gateway {
                     Err(Reject::BodyTooLarge)
                 } else if outcome.idle() {
                     Err(Reject::BodyIdle)
+                } else if let Some(why) = e.tls_failure() {
+                    // Never retried without TLS or verification: the client gets a 502.
+                    tracing::warn!(request_id = %ctx.request_id, route = %route.name, upstream = %route.upstream_url, reason = %why, "upstream TLS failed: answering 502");
+                    Err(Reject::UpstreamTls)
                 } else {
                     tracing::debug!(error = %e, upstream = %route.upstream_url, "upstream request failed");
                     Err(Reject::UpstreamError)

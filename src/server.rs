@@ -291,7 +291,7 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.server.header_read_timeout)
         .max_buf_size((cfg.server.max_header_bytes + cfg.server.max_uri_bytes + 4096).max(8192))
-        // Flatten head + body into one buffer per write (see `pool.rs`, same measurement):
+        // Flatten head + body into one buffer per write (see `pool/mod.rs`, same measurement):
         // small responses cost one copy instead of a multi-iovec `writev`; large bodies are
         // still bounded by `max_buf_size`.
         .writev(false)

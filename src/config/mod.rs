@@ -70,14 +70,7 @@ pub enum ConfigError {
 
 // ---------------------------------------------------------------- validated stage
 
-/// TLS certificate and key files (PEM).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// Certificate chain, PEM.
-    pub cert: PathBuf,
-    /// Private key, PEM.
-    pub key: PathBuf,
-}
+pub use crate::tls::{TlsFiles, UpstreamConnector, UpstreamTlsOptions};
 
 /// `[server]`.
 #[derive(Debug, Clone)]
@@ -257,8 +250,11 @@ pub struct RouteConfig {
     pub prefix: String,
     /// Upstream authority and scheme.
     pub upstream: http::uri::Authority,
-    /// `http` (TLS to upstreams is not supported yet).
+    /// `http` or `https`.
     pub upstream_scheme: http::uri::Scheme,
+    /// TLS to the upstream: Some exactly for `https://` upstreams (system roots and the host's
+    /// name unless `[routes.upstream_tls]` says otherwise); built, files read, at load.
+    pub upstream_tls: Option<std::sync::Arc<UpstreamConnector>>,
     /// Upstream URL as configured, for logs.
     pub upstream_url: String,
     /// Upstream response-head timeout.
@@ -519,7 +515,7 @@ mod tests {
                 "server.header_read_timeout",
             ),
             (
-                "[[routes]]\nname = \"a\"\nupstream = \"https://x\"\n",
+                "[[routes]]\nname = \"a\"\nupstream = \"ftp://x\"\n",
                 "upstream",
             ),
             (

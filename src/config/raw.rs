@@ -221,6 +221,19 @@ pub(super) struct RawRoute {
     pub(super) allow_non_ascii: bool,
     #[serde(default)]
     pub(super) rules: Vec<RawRule>,
+    #[serde(default)]
+    pub(super) upstream_tls: Option<RawUpstreamTls>,
+}
+
+/// `[routes.upstream_tls]`: TLS to an `https://` upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUpstreamTls {
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) server_name: Option<String>,
+    pub(super) client_cert_file: Option<PathBuf>,
+    pub(super) client_key_file: Option<PathBuf>,
+    pub(super) http2: bool,
 }
 
 pub(super) fn default_route_prefix() -> String {

@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use super::raw::*;
 use super::{
     AdminConfig, AuditSection, Config, ConfigError, Expiry, Rate, RateLimitConfig, RoleConfig,
-    RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig, default_roles, parse_duration,
+    RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig, UpstreamConnector,
+    UpstreamTlsOptions, default_roles, parse_duration,
 };
 use crate::authz::{self, Rule, RuleTable};
 
@@ -76,7 +77,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
     let audit = audit(base, &raw.audit);
     let rate_limit = rate_limit(&cx, &raw.rate_limit)?;
     let roles = roles(&cx, &raw.roles)?;
-    let routes = routes(&cx, raw.routes, &server)?;
+    let routes = routes(&cx, base, raw.routes, &server)?;
     Ok(Config {
         source: None,
         server,
@@ -444,6 +445,7 @@ fn roles(
 /// `[[routes]]`, in file order, with their compiled rules.
 fn routes(
     cx: &Ctx<'_>,
+    base: &Path,
     raw: Vec<RawRoute>,
     server: &ServerConfig,
 ) -> Result<Vec<RouteConfig>, ConfigError> {
@@ -477,12 +479,16 @@ fn routes(
             )
         })?;
         let scheme = uri.scheme().cloned();
-        if scheme.as_ref() != Some(&http::uri::Scheme::HTTP) {
-            return Err(cx.invalid(
-                &format!("{key}.upstream"),
-                "must be an http:// URL (TLS to the upstream is not supported yet; run the upstream on loopback or a private network)",
-            ));
-        }
+        let https = match &scheme {
+            Some(s) if *s == http::uri::Scheme::HTTP => false,
+            Some(s) if *s == http::uri::Scheme::HTTPS => true,
+            _ => {
+                return Err(cx.invalid(
+                    &format!("{key}.upstream"),
+                    "must be an http:// or https:// URL, like `http://127.0.0.1:5000`",
+                ));
+            }
+        };
         if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
             return Err(cx.invalid(
                 &format!("{key}.upstream"),
@@ -493,6 +499,7 @@ fn routes(
             .authority()
             .cloned()
             .ok_or_else(|| cx.invalid(&format!("{key}.upstream"), "needs a host"))?;
+        let upstream_tls = upstream_tls(cx, base, &key, https, &authority, &r.upstream_tls)?;
         let mut rules = Vec::new();
         for (j, rule) in r.rules.iter().enumerate() {
             let rkey = format!("{key}.rules[{j}]");
@@ -548,7 +555,12 @@ fn routes(
             name: r.name,
             prefix: r.prefix,
             upstream: authority,
-            upstream_scheme: http::uri::Scheme::HTTP,
+            upstream_scheme: if https {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            upstream_tls,
             upstream_url: r.upstream,
             timeout: cx.duration(
                 &format!("{key}.timeout"),
@@ -564,6 +576,44 @@ fn routes(
     }
 
     Ok(routes)
+}
+
+/// `[routes.upstream_tls]`: the connector of an `https://` upstream, its files read now so that
+/// `config check` and a reload report a missing or bad file; refused on an `http://` upstream.
+fn upstream_tls(
+    cx: &Ctx<'_>,
+    base: &Path,
+    key: &str,
+    https: bool,
+    authority: &http::uri::Authority,
+    raw: &Option<RawUpstreamTls>,
+) -> Result<Option<std::sync::Arc<UpstreamConnector>>, ConfigError> {
+    if !https {
+        return match raw {
+            Some(_) => Err(cx.invalid(
+                &format!("{key}.upstream_tls"),
+                "applies to https:// upstreams only: use `upstream = \"https://...\"` or remove the table",
+            )),
+            None => Ok(None),
+        };
+    }
+    let raw = raw.as_ref();
+    let file = |f: Option<&PathBuf>| f.map(|p| base.join(p));
+    let options = UpstreamTlsOptions {
+        ca_file: file(raw.and_then(|t| t.ca_file.as_ref())),
+        server_name: raw.and_then(|t| t.server_name.clone()),
+        client_cert_file: file(raw.and_then(|t| t.client_cert_file.as_ref())),
+        client_key_file: file(raw.and_then(|t| t.client_key_file.as_ref())),
+        http2: raw.is_some_and(|t| t.http2),
+    };
+    let connector = UpstreamConnector::new(authority.host(), &options).map_err(|e| {
+        let k = match e.key {
+            "upstream" => format!("{key}.upstream"),
+            k => format!("{key}.upstream_tls.{k}"),
+        };
+        cx.invalid(&k, e.message)
+    })?;
+    Ok(Some(std::sync::Arc::new(connector)))
 }
 
 /// A secret written as `env:NAME` is read from that environment variable (Kubernetes Secrets,

@@ -1,5 +1,14 @@
 //! Upstream connection pool: keep-alive HTTP/1.1 connections per upstream authority, built on
-//! hyper's `client::conn::http1` (it replaced hyper-util's legacy pooled client, issue 9).
+//! hyper's `client::conn::http1` (it replaced hyper-util's legacy pooled client, issue 9), over
+//! TCP or, for `https://` upstreams, rustls ([`UpstreamConnector`], issue 17).
+//!
+//! TLS connections are pooled like plain ones, keyed by authority and connector (a reload builds
+//! new connectors, so new connections use the new files); the connector's session cache lets a new
+//! connection resume an earlier session. A route with `http2 = true` offers `h2` through ALPN:
+//! when the upstream picks it, one HTTP/2 connection per upstream is shared by concurrent requests
+//! (opened once, by the first request; the others wait for it). When the upstream picks HTTP/1.1
+//! the host is remembered as HTTP/1.1 only, until the config is reloaded. Upgrades (WebSocket)
+//! always go over HTTP/1.1.
 //!
 //! A connection goes back to its pool only once the response body has been read to its end; a
 //! body dropped early, a `Connection: close` response, an upgrade, or any error drops it. Idle
@@ -17,16 +26,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::tls::UpstreamConnector;
+
+mod h2_conn;
+use h2_conn::H2Idle;
 
 /// How long a connection may sit idle in the pool before it is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,12 +51,27 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP keepalive idle time on upstream sockets.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// Why an upstream request failed. The gateway answers all of them 502 (`upstream_error`).
+/// Why an upstream request failed. The gateway answers them 502: `upstream_tls_error` when
+/// [`PoolError::tls_failure`] names a TLS failure, `upstream_error` otherwise.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     /// The request URI named no upstream.
     #[error("upstream request has no authority")]
     NoAuthority,
+    /// An `https` request without a TLS connector, or an `http` one with one.
+    #[error("upstream scheme `{scheme}` does not match the TLS settings given")]
+    Scheme {
+        /// The request's scheme.
+        scheme: String,
+    },
+    /// The TLS handshake failed (certificate refused, alert, not a TLS server...).
+    #[error("TLS handshake with {authority} failed: {}", crate::tls::upstream_failure(source).unwrap_or_else(|| source.to_string()))]
+    Tls {
+        /// Upstream.
+        authority: Authority,
+        /// Cause (a `rustls::Error` inside, when rustls refused).
+        source: std::io::Error,
+    },
     /// TCP connect (or name resolution) failed.
     #[error("connect to {authority} failed: {source}")]
     Connect {
@@ -67,9 +96,35 @@ pub enum PoolError {
         /// Cause.
         source: hyper::Error,
     },
+    /// The HTTP/2 connection could not be set up.
+    #[error("HTTP/2 handshake with {authority} failed: {source}")]
+    Http2Handshake {
+        /// Upstream.
+        authority: Authority,
+        /// Cause.
+        source: hyper::Error,
+    },
     /// Sending the request or reading the response head failed.
     #[error("upstream request failed: {0}")]
     Request(#[source] hyper::Error),
+}
+
+impl PoolError {
+    /// The TLS failure behind this error, in plain words (unknown CA, name mismatch, expired, a
+    /// client certificate required...), or None when TLS is not the cause. With TLS 1.3 an
+    /// upstream refuses a client certificate after the client's side of the handshake ended, so
+    /// that shows up on the request rather than the handshake.
+    pub fn tls_failure(&self) -> Option<String> {
+        match self {
+            PoolError::Tls { source, .. } => {
+                Some(crate::tls::upstream_failure(source).unwrap_or_else(|| source.to_string()))
+            }
+            PoolError::Handshake { source, .. }
+            | PoolError::Http2Handshake { source, .. }
+            | PoolError::Request(source) => crate::tls::upstream_failure(source),
+            _ => None,
+        }
+    }
 }
 
 /// Settings of a [`Pool`]; every default is a named `DEFAULT_*` const.
@@ -130,6 +185,11 @@ impl Builder {
                     b.writev(false);
                     b
                 },
+                h2: {
+                    let mut b = http2::Builder::new(TokioExecutor::new());
+                    b.timer(hyper_util::rt::TokioTimer::new());
+                    b
+                },
                 hosts: RwLock::new(HashMap::new()),
                 clock_offset_ms: AtomicU64::new(0),
                 reaper_running: AtomicBool::new(false),
@@ -159,10 +219,13 @@ impl std::fmt::Debug for Pool {
 struct Shared {
     settings: Builder,
     h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
     /// RwLock: every request takes the read lock for one lookup; the write lock is taken only the
-    /// first time an authority is seen. Entries are never removed: the set of upstreams is the
-    /// routes' (bounded), and an empty entry costs a few words.
-    hosts: RwLock<HashMap<Authority, Arc<Host>>>,
+    /// first time an upstream is seen. Keyed by authority and TLS connector id (0: plain TCP).
+    /// Plain entries are never removed: the set of upstreams is the routes' (bounded), and an
+    /// empty entry costs a few words. A TLS entry goes once its connector is no longer in any
+    /// config (after a reload), with its connections.
+    hosts: RwLock<HashMap<(Authority, u64), Arc<Host>>>,
     /// Added to the monotonic clock: tests advance it instead of sleeping through the idle timeout.
     clock_offset_ms: AtomicU64,
     /// A reaper task is running (at most one; it exits when no connection is idle).
@@ -171,9 +234,11 @@ struct Shared {
     retried: AtomicU64,
 }
 
-/// One upstream authority and its idle connections.
+/// One upstream authority (and TLS connector) and its idle connections.
 struct Host {
     authority: Authority,
+    /// TLS settings (`https://` upstreams).
+    tls: Option<Arc<UpstreamConnector>>,
     /// Host for `TcpStream::connect`: IPv6 literals without their brackets.
     connect_host: Box<str>,
     port: u16,
@@ -183,6 +248,15 @@ struct Host {
     /// Mutex held only to push or pop (never across an await). Oldest at the front, so expiry
     /// trims the front and checkout takes from the back (most recently used: warm caches).
     idle: Mutex<VecDeque<Idle>>,
+    /// The shared HTTP/2 connection, when the upstream picked `h2`. Mutex held only to clone or
+    /// replace the sender.
+    h2: Mutex<Option<H2Idle>>,
+    /// Held (across the connect) by the request opening the HTTP/2 connection, so that concurrent
+    /// first requests share one connection instead of each opening its own.
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// The upstream answered an `h2` offer with HTTP/1.1: later connections go straight to the
+    /// HTTP/1.1 pool without waiting on `h2_connecting`.
+    h2_refused: AtomicBool,
 }
 
 struct Idle {
@@ -190,15 +264,22 @@ struct Idle {
     since: Instant,
 }
 
+/// A new connection, as ALPN decided.
+enum Conn {
+    H1(SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Host {
-    fn new(authority: &Authority) -> Host {
+    fn new(authority: &Authority, tls: Option<Arc<UpstreamConnector>>) -> Host {
         let host = authority.host();
-        let port = authority.port_u16().unwrap_or(80);
-        let host_header = if port == 80 {
+        let default_port = if tls.is_some() { 443 } else { 80 };
+        let port = authority.port_u16().unwrap_or(default_port);
+        let host_header = if port == default_port {
             HeaderValue::from_str(host)
         } else {
             HeaderValue::from_str(&format!("{host}:{port}"))
@@ -207,10 +288,14 @@ impl Host {
         let connect_host = host.trim_start_matches('[').trim_end_matches(']').into();
         Host {
             authority: authority.clone(),
+            tls,
             connect_host,
             port,
             host_header,
             idle: Mutex::new(VecDeque::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            h2_refused: AtomicBool::new(false),
         }
     }
 
@@ -248,10 +333,18 @@ impl Host {
 
     /// Drops expired and closed connections; returns when the oldest remaining one expires.
     fn prune(&self, now: Instant, idle_timeout: Duration) -> Option<Instant> {
+        let h2 = self.prune_h2(now, idle_timeout);
         let mut idle = lock(&self.idle);
         trim_front(&mut idle, now, idle_timeout);
         idle.retain(|c| !c.tx.is_closed());
-        idle.front().map(|c| c.since + idle_timeout)
+        let h1 = idle.front().map(|c| c.since + idle_timeout);
+        h1.into_iter().chain(h2).min()
+    }
+
+    /// A TLS host whose connector no config holds any more (replaced by a reload): nothing will
+    /// ask for it again.
+    fn stale(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| Arc::strong_count(t) == 1)
     }
 }
 
@@ -277,19 +370,43 @@ impl Pool {
         Builder::default()
     }
 
-    /// Sends `req` (absolute URI naming the upstream, as `proxy::upstream_request` builds it) on
-    /// an idle connection to its authority, or on a new one. The request goes out in origin-form
-    /// with its headers as they are; a `Host` header is added from the authority only when the
-    /// request has none.
+    /// Sends `req` (absolute `http://` URI naming the upstream, as `proxy::upstream_request`
+    /// builds it) on an idle connection to its authority, or on a new one. The request goes out in
+    /// origin-form with its headers as they are; a `Host` header is added from the authority only
+    /// when the request has none.
     pub async fn request(&self, req: Request<Body>) -> Result<Response<PooledBody>, PoolError> {
+        self.request_via(req, None).await
+    }
+
+    /// [`request`](Self::request), over TLS with `tls` for an `https://` URI (the route's
+    /// connector; required for `https`, refused for `http`). On HTTP/2 the request goes out with
+    /// `:authority` taken from its `Host` header (and no `Host`), like the HTTP/1.1 upstream
+    /// would have seen it; the response is handed on as HTTP/1.1.
+    pub async fn request_via(
+        &self,
+        req: Request<Body>,
+        tls: Option<&Arc<UpstreamConnector>>,
+    ) -> Result<Response<PooledBody>, PoolError> {
         let (mut parts, body) = req.into_parts();
-        let host = self.host(parts.uri.authority().ok_or(PoolError::NoAuthority)?);
+        if (parts.uri.scheme() == Some(&Scheme::HTTPS)) != tls.is_some() {
+            return Err(PoolError::Scheme {
+                scheme: parts.uri.scheme_str().unwrap_or("").to_string(),
+            });
+        }
+        let host = self.host(parts.uri.authority().ok_or(PoolError::NoAuthority)?, tls);
         parts.uri = origin_form(parts.uri);
         if !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, host.host_header.clone());
         }
         let upgrade = parts.headers.contains_key(header::UPGRADE);
         let mut req = Request::from_parts(parts, body);
+
+        if !upgrade && host.wants_h2() {
+            req = match self.try_h2(&host, req).await? {
+                Ok(resp) => return Ok(resp),
+                Err(req) => req,
+            };
+        }
 
         if let Some(mut tx) = host.checkout(self.now(), self.shared.settings.idle_timeout) {
             match tx.try_send_request(req).await {
@@ -307,7 +424,16 @@ impl Pool {
                 },
             }
         }
-        let mut tx = self.connect(&host).await?;
+        let mut tx = match self.connect(&host, false).await? {
+            Conn::H1(tx) => tx,
+            // Not offered, so not picked; a server that picks it anyway is not spoken to.
+            Conn::H2(_) => {
+                return Err(PoolError::Tls {
+                    authority: host.authority.clone(),
+                    source: std::io::Error::other("the upstream chose h2 without it being offered"),
+                });
+            }
+        };
         let resp = tx.send_request(req).await.map_err(PoolError::Request)?;
         Ok(self.lease(resp, tx, host, upgrade))
     }
@@ -329,7 +455,10 @@ impl Pool {
             .hosts
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        hosts.values().map(|h| lock(&h.idle).len()).sum()
+        hosts
+            .values()
+            .map(|h| lock(&h.idle).len() + usize::from(lock(&h.h2).is_some()))
+            .sum()
     }
 
     /// Moves the pool's idle clock forward (tests: idle expiry without sleeping).
@@ -344,14 +473,15 @@ impl Pool {
         self.shared.now()
     }
 
-    fn host(&self, authority: &Authority) -> Arc<Host> {
+    fn host(&self, authority: &Authority, tls: Option<&Arc<UpstreamConnector>>) -> Arc<Host> {
+        let key = (authority.clone(), tls.map_or(0, |t| t.id()));
         {
             let hosts = self
                 .shared
                 .hosts
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(h) = hosts.get(authority) {
+            if let Some(h) = hosts.get(&key) {
                 return h.clone();
             }
         }
@@ -360,13 +490,85 @@ impl Pool {
             .hosts
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        // A new connector is seen after a reload: drop the hosts of the connectors it replaced.
+        hosts.retain(|_, h| !h.stale());
         hosts
-            .entry(authority.clone())
-            .or_insert_with(|| Arc::new(Host::new(authority)))
+            .entry(key)
+            .or_insert_with(|| Arc::new(Host::new(authority, tls.cloned())))
             .clone()
     }
 
-    async fn connect(&self, host: &Host) -> Result<SendRequest<Body>, PoolError> {
+    /// Opens a connection: TCP, then TLS for an `https` upstream (offering `h2` when `offer_h2`
+    /// and the route allows it), then the HTTP handshake of the protocol ALPN settled on. The
+    /// connect timeout covers TCP and TLS together.
+    async fn connect(&self, host: &Host, offer_h2: bool) -> Result<Conn, PoolError> {
+        let deadline = Instant::now() + self.shared.settings.connect_timeout;
+        let stream = self.connect_tcp(host).await?;
+        let Some(tls) = &host.tls else {
+            return self.handshake_h1(host, TokioIo::new(stream)).await;
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls.client_config(offer_h2));
+        let handshake = connector.connect(tls.server_name().clone(), stream);
+        let stream = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(PoolError::Tls {
+                    authority: host.authority.clone(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(PoolError::ConnectTimeout {
+                    authority: host.authority.clone(),
+                    timeout: self.shared.settings.connect_timeout,
+                });
+            }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (tx, conn) = self
+                .shared
+                .h2
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|source| PoolError::Http2Handshake {
+                    authority: host.authority.clone(),
+                    source,
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            self.shared.opened.fetch_add(1, Ordering::Relaxed);
+            return Ok(Conn::H2(tx));
+        }
+        self.handshake_h1(host, TokioIo::new(stream)).await
+    }
+
+    async fn handshake_h1<T>(&self, host: &Host, io: T) -> Result<Conn, PoolError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (tx, conn) =
+            self.shared
+                .h1
+                .handshake(io)
+                .await
+                .map_err(|source| PoolError::Handshake {
+                    authority: host.authority.clone(),
+                    source,
+                })?;
+        // `with_upgrades`: a 101 hands the socket to `hyper::upgrade::on` (WebSocket).
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Conn::H1(tx))
+    }
+
+    async fn connect_tcp(&self, host: &Host) -> Result<TcpStream, PoolError> {
         let settings = &self.shared.settings;
         let connect = TcpStream::connect((&*host.connect_host, host.port));
         let stream = match tokio::time::timeout(settings.connect_timeout, connect).await {
@@ -396,23 +598,7 @@ impl Pool {
                 tracing::debug!(error = %e, upstream = %host.authority, "could not set TCP keepalive");
             }
         }
-        let (tx, conn) = self
-            .shared
-            .h1
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| PoolError::Handshake {
-                authority: host.authority.clone(),
-                source,
-            })?;
-        // `with_upgrades`: a 101 hands the socket to `hyper::upgrade::on` (WebSocket).
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        self.shared.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(tx)
+        Ok(stream)
     }
 
     /// Wraps the response body so that reading it to the end returns the connection.
@@ -463,10 +649,21 @@ impl Shared {
         }
     }
 
-    /// Prunes every host; the earliest expiry among the remaining idle connections.
+    /// Prunes every host (dropping those of replaced connectors); the earliest expiry among the
+    /// remaining idle connections.
     fn prune_all(&self) -> Option<Instant> {
         let now = self.now();
-        let hosts = self.hosts.read().unwrap_or_else(PoisonError::into_inner);
+        {
+            let hosts = self.hosts.read().unwrap_or_else(PoisonError::into_inner);
+            if !hosts.values().any(|h| h.stale()) {
+                return hosts
+                    .values()
+                    .filter_map(|h| h.prune(now, self.settings.idle_timeout))
+                    .min();
+            }
+        }
+        let mut hosts = self.hosts.write().unwrap_or_else(PoisonError::into_inner);
+        hosts.retain(|_, h| !h.stale());
         hosts
             .values()
             .filter_map(|h| h.prune(now, self.settings.idle_timeout))
@@ -629,11 +826,11 @@ mod tests {
 
     #[test]
     fn host_header_and_connect_address_come_from_the_authority() {
-        let h = Host::new(&"backend:80".parse().unwrap());
+        let h = Host::new(&"backend:80".parse().unwrap(), None);
         assert_eq!((h.host_header.to_str().unwrap(), h.port), ("backend", 80));
-        let h = Host::new(&"backend".parse().unwrap());
+        let h = Host::new(&"backend".parse().unwrap(), None);
         assert_eq!((h.host_header.to_str().unwrap(), h.port), ("backend", 80));
-        let h = Host::new(&"[::1]:8080".parse().unwrap());
+        let h = Host::new(&"[::1]:8080".parse().unwrap(), None);
         assert_eq!(h.host_header.to_str().unwrap(), "[::1]:8080");
         assert_eq!((&*h.connect_host, h.port), ("::1", 8080));
     }
@@ -673,7 +870,7 @@ mod tests {
     async fn a_request_handed_back_unsent_is_retried_once_on_a_new_connection() {
         let (addr, seen) = upstream().await;
         let pool = Pool::default();
-        let host = pool.host(&addr.to_string().parse().unwrap());
+        let host = pool.host(&addr.to_string().parse().unwrap(), None);
         // A pooled connection that is ready but whose task then stops: what is queued on it is
         // never written, and dropping the task hands it back (the connection closed before the
         // request went out, like an upstream's FIN racing the checkout).
@@ -713,9 +910,11 @@ mod tests {
     async fn at_most_max_idle_connections_are_kept_per_authority() {
         let (addr, _) = upstream().await;
         let pool = Pool::builder().max_idle_per_host(2).build();
-        let host = pool.host(&addr.to_string().parse().unwrap());
+        let host = pool.host(&addr.to_string().parse().unwrap(), None);
         for _ in 0..3 {
-            let tx = pool.connect(&host).await.unwrap();
+            let Conn::H1(tx) = pool.connect(&host, false).await.unwrap() else {
+                panic!("plain TCP is HTTP/1.1")
+            };
             host.release(tx, pool.now(), &pool.shared.settings);
         }
         assert_eq!(pool.idle_connections(), 2);

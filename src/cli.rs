@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::audit::{self, AdminRecord, AuditConfig, AuditLog, Entry};
 use crate::clock::rfc3339;
-use crate::config::{Config, Expiry, parse_duration};
-use crate::store::{NewTokenSpec, RateOverride, Store, StoreError, TokenRow};
+use crate::config::{Config, parse_duration};
+use crate::lifecycle::{self, Caller, LifecycleError, RotateRequest};
+use crate::store::{Store, StoreError, TokenRow};
 
 /// Exit code for bad usage or config (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -215,6 +216,10 @@ pub enum TokenCmd {
         /// How long the old token stays valid at most (default tokens.rotation_grace).
         #[arg(long)]
         grace: Option<String>,
+        /// A new lifetime for the successor (an expiry preset allowed by policy, e.g. 30d);
+        /// without it the successor keeps the old token's expiry.
+        #[arg(long)]
+        expires: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -425,6 +430,11 @@ struct Local {
 }
 
 impl Local {
+    /// The local CLI acts as the operator: an admin, bound by policy.
+    fn caller(&self) -> Caller {
+        Caller::operator(self.actor.clone(), &self.cfg)
+    }
+
     fn open(config: Option<&Path>) -> Result<Local, CliError> {
         let cfg = load_config(config)?;
         let mut store_cfg = cfg.store.clone();
@@ -508,31 +518,7 @@ fn fmt_time(ms: Option<i64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// JSON view of a token for `--json` output (never the hash, never the plaintext).
-pub fn token_json(t: &TokenRow, now: i64) -> serde_json::Value {
-    serde_json::json!({
-        "id": t.id,
-        "name": t.name,
-        "prefix": t.prefix,
-        "account": t.account,
-        "role": t.role,
-        "permissions": t.permissions,
-        "scopes": t.scopes,
-        "allowed_cidrs": t.allowed_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        "rate_limit": t.rate,
-        "created_at": rfc3339(t.created_at),
-        "created_by": t.created_by,
-        "expires_at": t.expires_at.map(rfc3339),
-        "last_used_at": t.last_used_at.map(rfc3339),
-        "last_used_ip": t.last_used_ip,
-        "revoked_at": t.revoked_at.map(rfc3339),
-        "revoked_by": t.revoked_by,
-        "revoke_reason": t.revoke_reason,
-        "rotated_from": t.rotated_from,
-        "rotation_deadline": t.rotation_deadline.map(rfc3339),
-        "status": t.status(now),
-    })
-}
+pub use crate::lifecycle::{parse_rate, parse_scope, token_json, valid_token_name};
 
 /// Runs the local-store commands (everything but `serve` and `demo`).
 pub fn run_local(cli: &Cli) -> Result<(), CliError> {
@@ -764,7 +750,7 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
             Ok(())
         }
         AccountCmd::Disable { name } => {
-            let acc = l.store.disable_account(name, &l.actor, now_ms())?;
+            let acc = lifecycle::disable_account(&l.store, &l.caller(), name, now_ms())?;
             l.event(
                 "account.disabled",
                 Some(&acc.id),
@@ -782,132 +768,33 @@ fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), CliError> {
     }
 }
 
-/// Parses `KEY=V1,V2`.
-pub fn parse_scope(s: &str) -> Result<(String, Vec<String>), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}`: scopes look like KEY=V1,V2"))?;
-    let vals: Vec<String> = v
-        .split(',')
-        .map(|x| x.trim().to_string())
-        .filter(|x| !x.is_empty())
-        .collect();
-    crate::authz::validate_scope(k, &vals).map_err(|e| e.to_string())?;
-    Ok((k.to_string(), vals))
-}
-
-/// Parses `RPS/BURST`.
-pub fn parse_rate(s: &str) -> Result<RateOverride, String> {
-    let (r, b) = s
-        .split_once('/')
-        .ok_or_else(|| format!("`{s}`: a rate looks like RPS/BURST, e.g. 5/10"))?;
-    let rps: f64 = r
-        .parse()
-        .ok()
-        .filter(|x: &f64| *x > 0.0 && x.is_finite())
-        .ok_or_else(|| format!("`{r}` is not a positive rate"))?;
-    let burst: u32 = b
-        .parse()
-        .ok()
-        .filter(|x| *x > 0)
-        .ok_or_else(|| format!("`{b}` is not a positive burst"))?;
-    Ok(RateOverride {
-        requests_per_second: rps,
-        burst,
-    })
-}
-
-/// Validates a token label.
-pub fn valid_token_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_graphic() || c == ' ')
-}
-
-/// Turns create options into a spec, checking them against the config.
-pub fn build_spec(
-    cfg: &Config,
-    a: &CreateArgs,
-    actor: &str,
-    now: i64,
-) -> Result<NewTokenSpec, CliError> {
-    if !valid_token_name(&a.name) {
-        return Err(CliError::usage(
-            "token names are 1-64 printable ASCII characters",
-        ));
-    }
-    let (role, permissions) = match &a.role {
-        Some(r) => {
-            let role = cfg.roles.get(r).ok_or_else(|| {
-                CliError::usage(format!(
-                    "no role `{r}`; roles: {}",
-                    cfg.roles.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
-            let mut perms = role.permissions.clone();
-            for p in &a.permission {
-                if !perms.contains(p) {
-                    perms.push(p.clone());
-                }
-            }
-            (Some(r.clone()), perms)
-        }
-        None => (None, a.permission.clone()),
-    };
-    for p in &permissions {
-        crate::authz::validate_permission(p).map_err(|e| CliError::usage(e.to_string()))?;
-    }
-    let expiry = match &a.expires {
-        Some(e) => Expiry::parse(e).map_err(CliError::usage)?,
-        None => cfg.tokens.default_expiry,
-    };
-    if !cfg.tokens.allowed_expiry.contains(&expiry) {
-        return Err(CliError::usage(format!(
-            "expiry `{expiry}` is not allowed by policy; allowed: {}",
-            cfg.tokens
-                .allowed_expiry
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    let expires_at = match expiry {
-        Expiry::Days(d) => Some(now + d as i64 * 86_400_000),
-        Expiry::Never => None,
-    };
+/// The creation request of `token create`'s flags.
+pub fn create_request(a: &CreateArgs) -> Result<crate::lifecycle::CreateRequest, CliError> {
     let mut scopes = BTreeMap::new();
     for s in &a.scope {
         let (k, v) = parse_scope(s).map_err(CliError::usage)?;
         scopes.insert(k, v);
     }
-    let mut allowed_cidrs = Vec::new();
-    for c in &a.allow_ip {
-        let net = c
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| {
-                CliError::usage(format!(
-                    "`{c}` is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"
-                ))
-            })?;
-        allowed_cidrs.push(net);
-    }
-    let rate = a
-        .rate
-        .as_deref()
-        .map(parse_rate)
-        .transpose()
-        .map_err(CliError::usage)?;
-    Ok(NewTokenSpec {
+    Ok(crate::lifecycle::CreateRequest {
         account: a.account.clone(),
         name: a.name.clone(),
-        role,
-        permissions,
+        role: a.role.clone(),
+        permissions: a.permission.clone(),
+        expires: a.expires.clone(),
         scopes,
-        allowed_cidrs,
-        rate,
-        expires_at,
-        created_by: actor.to_string(),
+        allowed_cidrs: a.allow_ip.clone(),
+        rate: a.rate.clone(),
     })
+}
+
+impl From<LifecycleError> for CliError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::Invalid(m) => CliError::usage(m),
+            LifecycleError::Forbidden(r) => CliError::failure(r.message),
+            LifecycleError::Store(e) => e.into(),
+        }
+    }
 }
 
 fn print_new_token(plaintext: &str, row: &TokenRow, json: bool, verb: &str) {
@@ -936,13 +823,8 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
     let now = now_ms();
     match cmd {
         TokenCmd::Create(a) => {
-            let spec = build_spec(&l.cfg, a, &l.actor, now)?;
-            let (row, new) = l.store.create_token(
-                &spec,
-                &l.cfg.tokens.prefix,
-                l.cfg.tokens.max_active_per_account,
-                now,
-            )?;
+            let req = create_request(a)?;
+            let (row, new) = lifecycle::create(&l.store, &l.cfg, &l.caller(), &req, now)?;
             l.event(
                 "token.created",
                 Some(&row.id),
@@ -1000,7 +882,7 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
         }
         TokenCmd::Revoke { id, reason } => {
             let t = l.store.find_token(id)?;
-            let row = l.store.revoke(&t.id, &l.actor, reason, now)?;
+            let row = lifecycle::revoke(&l.store, &l.caller(), &t, reason, now)?;
             l.event(
                 "token.revoked",
                 Some(&row.id),
@@ -1012,18 +894,19 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
             println!("revoked {} ({}, {})", row.id, row.prefix, row.name);
             Ok(())
         }
-        TokenCmd::Rotate { id, grace, json } => {
-            let grace = match grace {
-                Some(g) => parse_duration(g).map_err(CliError::usage)?,
-                None => l.cfg.tokens.rotation_grace,
+        TokenCmd::Rotate {
+            id,
+            grace,
+            expires,
+            json,
+        } => {
+            let old = l.store.find_token(id)?;
+            let req = RotateRequest {
+                grace: grace.clone(),
+                expires: expires.clone(),
             };
-            let (row, new) = l.store.rotate(
-                id,
-                &l.actor,
-                grace.as_millis() as i64,
-                &l.cfg.tokens.prefix,
-                now,
-            )?;
+            let (row, new, grace) =
+                lifecycle::rotate(&l.store, &l.cfg, &l.caller(), &old, &req, now)?;
             let old = row.rotated_from.clone().unwrap_or_default();
             l.event(
                 "token.rotated",
@@ -1075,7 +958,7 @@ fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliError> {
             };
             l.event("token.identified", Some(&t.id), Some(&t), None, None, None)?;
             let t = if *revoke && t.revoked_at.is_none() {
-                let r = l.store.revoke(&t.id, &l.actor, reason, now)?;
+                let r = lifecycle::revoke(&l.store, &l.caller(), &t, reason, now)?;
                 l.event(
                     "token.revoked",
                     Some(&r.id),

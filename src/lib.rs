@@ -16,6 +16,8 @@
 //! - [`store`] — the token store behind one handle: SQLite ([`store::sqlite`]) or PostgreSQL
 //!   ([`store::postgres`], LISTEN/NOTIFY change push); migrations, accounts, tokens, change log.
 //! - [`cache`] — in-memory token cache with race-free invalidation.
+//! - [`lifecycle`] — every token/account operation (create, rotate, revoke, disable,
+//!   retire-on-first-use) and the rule that their result is never stronger than the caller.
 //! - [`path`] — canonical request paths (step 1).
 //! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
@@ -49,6 +51,7 @@ pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod hygiene;
+pub mod lifecycle;
 pub mod metrics;
 pub mod path;
 pub mod pool;

@@ -675,11 +675,20 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 str_of(&v, "name")
             );
         }
-        TokenCmd::Rotate { id, grace, json } => {
+        TokenCmd::Rotate {
+            id,
+            grace,
+            expires,
+            json,
+        } => {
+            let mut body = serde_json::json!({"grace": grace});
+            if let Some(e) = expires {
+                body["expires"] = e.as_str().into();
+            }
             let v = c.call(
                 Method::POST,
                 &format!("/v1/tokens/{}/rotate", enc(id)),
-                Some(serde_json::json!({"grace": grace})),
+                Some(body),
             )?;
             print_new(&v, *json, "rotated: new");
             eprintln!(

@@ -7,9 +7,10 @@
 //!
 //! # Layout
 //! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
-//! - [`cli`] — clap definitions and the local-store commands (`account`, `token`, `audit`, ...).
+//! - [`cli`] — clap definitions and exit codes; local-store commands, remote commands (admin API
+//!   client, credentials file) and the one printer both use.
 //! - [`app`] — process lifecycle for `serve`: start, SIGHUP reload, SIGTERM drain.
-//! - [`demo`] — `tokengate demo` and the built-in echo upstream.
+//! - [`demo`] — `tokengate demo` (plain options) and the built-in echo upstream.
 //! - [`config`] — TOML config: raw serde structs → validated [`config::Config`], named defaults.
 //! - [`error`] — [`error::Reject`] and the one function that turns a rejection into a response.
 //! - [`token`] — token format: generate, parse, checksum, display prefix, SHA-256.
@@ -33,7 +34,6 @@
 //! - [`tls`] — rustls server configs from PEM files.
 //! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
 //!   ([`admin::ui`]) and its sessions ([`admin::session`]).
-//! - [`remote`] — the remote CLI: admin API client and the credentials file.
 //! - [`metrics`] — Prometheus counters and histograms.
 //! - [`clock`] — wall clock in ms (advanceable in tests) and RFC 3339 formatting.
 
@@ -58,7 +58,6 @@ pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod ratelimit_redis;
-pub mod remote;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -685,5 +685,18 @@ pub fn token_json(t: &TokenRow, now: i64) -> serde_json::Value {
     })
 }
 
+/// JSON view of an account.
+pub fn account_json(a: &Account) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "name": a.name,
+        "email": a.email,
+        "created_at": rfc3339(a.created_at),
+        "created_by": a.created_by,
+        "disabled_at": a.disabled_at.map(rfc3339),
+        "status": if a.disabled_at.is_some() { "disabled" } else { "active" },
+    })
+}
+
 #[cfg(test)]
 mod tests;

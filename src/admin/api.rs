@@ -33,7 +33,7 @@ use crate::gateway::{ConnInfo, Gateway};
 use crate::lifecycle::{
     self, Caller, CreateRequest, LifecycleError, Refusal, RotateRequest, token_json,
 };
-use crate::store::{Account, StoreError, TokenRow};
+use crate::store::{StoreError, TokenRow};
 
 /// The API's routes: (template, methods). `docs/openapi.yaml` documents exactly these.
 pub const ROUTES: &[(&str, &[&str])] = &[
@@ -351,18 +351,7 @@ fn policy_json(cfg: &Config, actor: &Actor) -> serde_json::Value {
 // ------------------------------------------------------------------------------------------------
 // accounts
 
-/// JSON view of an account.
-pub fn account_json(a: &Account) -> serde_json::Value {
-    serde_json::json!({
-        "id": a.id,
-        "name": a.name,
-        "email": a.email,
-        "created_at": rfc3339(a.created_at),
-        "created_by": a.created_by,
-        "disabled_at": a.disabled_at.map(rfc3339),
-        "status": if a.disabled_at.is_some() { "disabled" } else { "active" },
-    })
-}
+pub use crate::lifecycle::account_json;
 
 fn admin_only(actor: &Actor) -> Result<(), AdminError> {
     if actor.admin {

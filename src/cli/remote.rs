@@ -6,6 +6,9 @@
 //! `url` and `token`, written with mode 0600 in a 0700 folder. `TOKENGATE_TOKEN` beats the file;
 //! `--profile` picks a profile; a token is only ever sent to the URL it was saved with. Tokens are
 //! read from stdin or the environment, never from argv.
+//!
+//! Output goes through [`super::print`], the printer local commands use too. Must never import:
+//! `cli::local` (local and remote are siblings under `cli`), `admin`, `gateway`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};

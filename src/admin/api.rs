@@ -435,11 +435,16 @@ async fn disable_account(
     name: &str,
 ) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
+    let caller = caller_of(&gw.config(), actor);
     let res = ctx.reserve(gw)?;
+    let (n, now) = (name.to_string(), gw.now_ms());
     let acc = gw
-        .disable_account(name, &actor.label())
+        .store_call(move |s| Ok(lifecycle::disable_account(s, &caller, &n, now)))
         .await
-        .map_err(store_err)?;
+        .map_err(store_err)?
+        .map_err(|e| lifecycle_err(gw, ctx, actor, "disable_account", None, e))?;
+    // Every token of the account is rejected by this process when this returns.
+    gw.cache().invalidate_account(&acc.id);
     let mut rec = ctx.event(actor, "account.disabled", Some(&acc.name), None);
     rec.account = Some(acc.name.clone());
     res.send(Entry::Admin(rec));

@@ -329,3 +329,187 @@ proptest! {
         prop_assert!(not_stronger(&c, &mut me, Explicit::EXISTING).is_ok());
     }
 }
+
+fn config() -> Config {
+    Config::from_toml(
+        r#"
+[tokens]
+allowed_expiry = ["7d", "30d", "never"]
+default_expiry = "30d"
+
+[rate_limit]
+requests_per_second = 10
+burst = 20
+
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "http://127.0.0.1:1"
+
+[[routes.rules]]
+path = "/apps/**"
+permission = "apps:read"
+"#,
+        std::path::Path::new("test.toml"),
+    )
+    .expect("test config")
+}
+
+fn request(perms: &[&str]) -> CreateRequest {
+    CreateRequest {
+        account: "a".into(),
+        name: "deploy".into(),
+        permissions: perms.iter().map(|s| s.to_string()).collect(),
+        ..CreateRequest::default()
+    }
+}
+
+fn invalid(r: Result<NewTokenSpec, LifecycleError>) -> String {
+    match r {
+        Err(LifecycleError::Invalid(m)) => m,
+        other => panic!("not invalid: {other:?}"),
+    }
+}
+
+#[test]
+fn creation_requests_are_checked_against_policy() {
+    let cfg = config();
+    let now = 1_000;
+    let s = build_spec(&cfg, &request(&["apps:read"]), "me", now).unwrap();
+    assert_eq!(s.expires_at, Some(now + 30 * 86_400_000), "default expiry");
+    assert_eq!((s.created_by.as_str(), s.rate), ("me", None));
+    let mut r = request(&["env:read"]);
+    r.role = Some("viewer".into());
+    r.expires = Some("never".into());
+    r.scopes = BTreeMap::from([("app".to_string(), vec!["web-*".to_string()])]);
+    r.allowed_cidrs = vec!["10.0.0.0/8".into(), "192.0.2.1".into()];
+    r.rate = Some("5/10".into());
+    let s = build_spec(&cfg, &r, "me", now).unwrap();
+    assert_eq!(s.role.as_deref(), Some("viewer"));
+    assert_eq!(
+        s.permissions,
+        ["apps:read", "logs:read", "env:read"],
+        "role expanded"
+    );
+    assert_eq!(s.expires_at, None);
+    assert_eq!(s.allowed_cidrs[1].to_string(), "192.0.2.1/32");
+    assert_eq!(s.rate, Some(rate(5.0, 10)));
+
+    let with = |f: &dyn Fn(&mut CreateRequest)| {
+        let mut r = request(&["apps:read"]);
+        f(&mut r);
+        invalid(build_spec(&cfg, &r, "me", now))
+    };
+    assert!(with(&|r| r.name = String::new()).contains("token names"));
+    assert!(with(&|r| r.role = Some("nope".into())).contains("no role `nope`"));
+    assert!(with(&|r| r.permissions = vec!["bad perm".into()]).contains("bad perm"));
+    assert!(with(&|r| r.expires = Some("90d".into())).contains("not allowed by policy"));
+    assert!(with(&|r| r.expires = Some("soon".into())).contains("not an expiry"));
+    assert!(with(&|r| r.allowed_cidrs = vec!["10/8/8".into()]).contains("not a CIDR"));
+    assert!(with(&|r| r.rate = Some("fast".into())).contains("RPS/BURST"));
+}
+
+#[test]
+fn check_create_applies_the_rule_but_lets_the_operator_exceed_itself() {
+    let cfg = config();
+    let op = Caller::operator("cli:root", &cfg);
+    assert!(op.admin);
+    let mut r = request(&["*"]);
+    r.expires = Some("never".into());
+    r.rate = Some("1000/1000".into());
+    let s = check_create(&cfg, &op, &r, 0).unwrap();
+    assert_eq!((s.expires_at, s.created_by.as_str()), (None, "cli:root"));
+    // The operator is still bound by policy.
+    r.expires = Some("365d".into());
+    assert!(matches!(
+        check_create(&cfg, &op, &r, 0),
+        Err(LifecycleError::Invalid(_))
+    ));
+
+    let mut me = caller(&["tokengate:self", "apps:read"]);
+    me.default_rate = rate(10.0, 20);
+    me.rate = rate(10.0, 20);
+    me.expires_at = Some(7 * 86_400_000);
+    let s = check_create(&cfg, &me, &request(&["apps:read"]), 0).unwrap();
+    assert_eq!(
+        s.expires_at,
+        Some(7 * 86_400_000),
+        "30d default narrowed to 7d"
+    );
+    assert_eq!(s.rate, None, "the default rate is the caller's own");
+    let mut r = request(&["apps:read"]);
+    r.expires = Some("30d".into());
+    assert!(matches!(
+        check_create(&cfg, &me, &r, 0),
+        Err(LifecycleError::Forbidden(Refusal {
+            attribute: "expiry",
+            ..
+        }))
+    ));
+    let mut r = request(&["apps:read"]);
+    r.account = "other".into();
+    assert!(matches!(
+        check_create(&cfg, &me, &r, 0),
+        Err(LifecycleError::Forbidden(Refusal {
+            attribute: "account",
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn rotation_keeps_the_expiry_and_only_admins_give_a_new_one() {
+    let cfg = config();
+    let me = caller(&["tokengate:self", "apps:read"]);
+    let old = TokenRow {
+        id: "tok_old".into(),
+        account_id: "acc_1".into(),
+        account: "a".into(),
+        name: "n".into(),
+        prefix: "tg_12345678".into(),
+        role: None,
+        permissions: vec!["apps:read".into()],
+        scopes: BTreeMap::new(),
+        allowed_cidrs: vec![],
+        rate: Some(rate(1.0, 1)),
+        created_at: 0,
+        created_by: "t".into(),
+        expires_at: Some(5 * 86_400_000),
+        last_used_at: None,
+        last_used_ip: None,
+        revoked_at: None,
+        revoked_by: None,
+        revoke_reason: None,
+        rotated_from: None,
+        rotation_deadline: None,
+        account_disabled_at: None,
+    };
+    let now = 4 * 86_400_000;
+    let (grace, exp) = check_rotate(&cfg, &me, &old, &RotateRequest::default(), now).unwrap();
+    assert_eq!((grace, exp), (cfg.tokens.rotation_grace, old.expires_at));
+    let asked = RotateRequest {
+        grace: Some("1h".into()),
+        expires: Some("7d".into()),
+    };
+    assert!(matches!(
+        check_rotate(&cfg, &me, &old, &asked, now),
+        Err(LifecycleError::Forbidden(Refusal {
+            attribute: "expiry",
+            ..
+        }))
+    ));
+    let admin = caller(&[PERM_ADMIN]);
+    let (grace, exp) = check_rotate(&cfg, &admin, &old, &asked, now).unwrap();
+    assert_eq!((grace.as_secs(), exp), (3600, Some(now + 7 * 86_400_000)));
+    let mut strong = old.clone();
+    strong.permissions = vec!["*".into()];
+    assert!(matches!(
+        check_rotate(&cfg, &me, &strong, &RotateRequest::default(), now),
+        Err(LifecycleError::Forbidden(Refusal {
+            attribute: "tokengate",
+            ..
+        }))
+    ));
+    assert!(may_revoke(&me, &old).is_ok());
+    assert_eq!(may_revoke(&me, &strong).unwrap_err().attribute, "tokengate");
+}

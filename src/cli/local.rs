@@ -6,7 +6,6 @@
 //! Must never import: `admin`, `gateway` (the CLI runs without a gateway).
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use super::print::{self, print_json};
@@ -447,10 +446,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
                 Some(serde_json::json!({"new_token_id": row.id, "grace_seconds": grace.as_secs()})),
             )?;
             print::new_token(&new_view(&row, &new.plaintext, now), *json, "rotated: new");
-            eprintln!(
-                "the old token {old} keeps working until the new one is first used, or for {}s at most",
-                grace.as_secs()
-            );
+            print::rotated(&old, grace.as_secs());
             Ok(())
         }
         TokenCmd::Identify {
@@ -458,17 +454,8 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
             reason,
             json,
         } => {
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
-            let raw = line.trim();
-            if raw.is_empty() {
-                return Err(CliError::usage(
-                    "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
-                ));
-            }
+            let line = super::read_identify_token()?;
+            let raw = line.as_str();
             let parsed = crate::token::parse(raw)
                 .map_err(|e| CliError::failure(format!("this is not a tokengate token: {e}")))?;
             let found = l.store.lookup_hash(&parsed.hash())?;

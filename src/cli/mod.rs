@@ -439,6 +439,23 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
     }
 }
 
+/// `token identify`'s token: one line of stdin (never argv), trimmed.
+fn read_identify_token() -> Result<String, CliError> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
+    let raw = line.trim();
+    if raw.is_empty() {
+        return Err(CliError::usage(
+            "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
+        ));
+    }
+    Ok(raw.to_string())
+}
+
 /// The demo's plain options from its flags.
 pub fn demo_options(a: &DemoArgs) -> crate::demo::DemoOptions {
     crate::demo::DemoOptions {

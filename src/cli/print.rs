@@ -55,6 +55,13 @@ pub fn new_token(v: &Value, json: bool, verb: &str) {
     );
 }
 
+/// After a rotation: how long the old token keeps working (stderr).
+pub fn rotated(old: &str, grace_seconds: u64) {
+    eprintln!(
+        "the old token {old} keeps working until the new one is first used, or for {grace_seconds}s at most"
+    );
+}
+
 /// Tokens (JSON views) as a table.
 pub fn token_table(rows: &[Value]) {
     println!(

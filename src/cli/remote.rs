@@ -681,10 +681,9 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 Some(body),
             )?;
             print::new_token(&v, *json, "rotated: new");
-            eprintln!(
-                "the old token {} keeps working until the new one is first used, or for {}s at most",
-                str_of(&v, "rotated_from"),
-                v["grace_seconds"].as_u64().unwrap_or(0)
+            print::rotated(
+                &str_of(&v, "rotated_from"),
+                v["grace_seconds"].as_u64().unwrap_or(0),
             );
         }
         TokenCmd::Identify {
@@ -692,17 +691,8 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             reason,
             json,
         } => {
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
-            let raw = line.trim();
-            if raw.is_empty() {
-                return Err(CliError::usage(
-                    "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
-                ));
-            }
+            let line = super::read_identify_token()?;
+            let raw = line.as_str();
             let v = c.call(
                 Method::POST,
                 "/v1/tokens/identify",

@@ -5,12 +5,66 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::audit::{self, AdminRecord, AuditLog, Entry};
-use crate::cli::{CliError, audit_config, load_config};
+use crate::audit::{self, AdminRecord, AuditConfig, AuditLog, Entry};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::server::{Server, TlsHandle};
 use crate::store::Store;
+
+/// Exit code for bad usage or config (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Why the gateway could not start or run, with the process exit code it calls for.
+#[derive(Debug)]
+pub struct AppError {
+    /// Exit code: [`EXIT_USAGE`] (config) or [`EXIT_FAILURE`].
+    pub code: u8,
+    /// Message for stderr.
+    pub message: String,
+}
+
+impl AppError {
+    /// Bad usage or config (64).
+    pub fn usage(m: impl Into<String>) -> Self {
+        AppError {
+            code: EXIT_USAGE,
+            message: m.into(),
+        }
+    }
+    /// Failure (1).
+    pub fn failure(m: impl Into<String>) -> Self {
+        AppError {
+            code: EXIT_FAILURE,
+            message: m.into(),
+        }
+    }
+}
+
+/// Finds the config: `--config`/`TOKENGATE_CONFIG`, else `./tokengate.toml`.
+pub fn load_config(path: Option<&Path>) -> Result<Config, AppError> {
+    let p = path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("tokengate.toml"));
+    if path.is_none() && !p.exists() {
+        return Err(AppError::usage(
+            "no config file: pass --config FILE (or set TOKENGATE_CONFIG), or try `tokengate demo`; \
+             config/tokengate.toml in the repository is an annotated example",
+        ));
+    }
+    Config::load(&p).map_err(|e| AppError::usage(e.to_string()))
+}
+
+/// Builds the audit writer config from the validated config (the audit module never reads it).
+pub fn audit_config(cfg: &Config) -> AuditConfig {
+    AuditConfig {
+        path: cfg.audit.path.clone(),
+        on_failure: cfg.audit.on_failure,
+        max_bytes: cfg.audit.max_bytes,
+        queue: cfg.audit.queue,
+    }
+}
 
 /// A started gateway: bound listeners and background tasks.
 pub struct Started {
@@ -23,18 +77,18 @@ pub struct Started {
 }
 
 /// Opens the store (refusing to serve if it is unreadable) and the audit log, and binds.
-pub async fn start(cfg: Config) -> Result<Started, CliError> {
+pub async fn start(cfg: Config) -> Result<Started, AppError> {
     let store = Store::open_options(&cfg.store.options())
-        .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
+        .map_err(|e| AppError::failure(format!("store unreadable, not serving: {e}")))?;
     store
         .ping()
-        .map_err(|e| CliError::failure(format!("store unreadable, not serving: {e}")))?;
+        .map_err(|e| AppError::failure(format!("store unreadable, not serving: {e}")))?;
     let audit = AuditLog::open(audit_config(&cfg))
-        .map_err(|e| CliError::failure(format!("audit log: {e}")))?;
+        .map_err(|e| AppError::failure(format!("audit log: {e}")))?;
     let gateway = Gateway::new(cfg, store, audit);
     let server = Server::bind(gateway.clone())
         .await
-        .map_err(|e| CliError::failure(e.to_string()))?;
+        .map_err(|e| AppError::failure(e.to_string()))?;
     let background = gateway.spawn_background();
     Ok(Started {
         gateway,
@@ -44,7 +98,7 @@ pub async fn start(cfg: Config) -> Result<Started, CliError> {
 }
 
 /// `tokengate serve`.
-pub async fn serve(config: Option<&Path>) -> Result<(), CliError> {
+pub async fn serve(config: Option<&Path>) -> Result<(), AppError> {
     let cfg = load_config(config)?;
     let source = cfg.source.clone();
     // Handlers go in before anything is bound: once tokengate says it listens, a SIGHUP from
@@ -93,11 +147,11 @@ type Hangup = ();
 
 impl Signals {
     #[cfg(unix)]
-    fn install() -> Result<Signals, CliError> {
+    fn install() -> Result<Signals, AppError> {
         use tokio::signal::unix::{SignalKind, signal};
         let install = |kind: SignalKind, name: &str| {
             signal(kind)
-                .map_err(|e| CliError::failure(format!("cannot install the {name} handler: {e}")))
+                .map_err(|e| AppError::failure(format!("cannot install the {name} handler: {e}")))
         };
         let mut term = install(SignalKind::terminate(), "SIGTERM")?;
         let mut int = install(SignalKind::interrupt(), "SIGINT")?;
@@ -124,7 +178,7 @@ impl Signals {
     }
 
     #[cfg(not(unix))]
-    fn install() -> Result<Signals, CliError> {
+    fn install() -> Result<Signals, AppError> {
         Ok(Signals {
             hangup: (),
             terminate: Box::pin(shutdown_signal()),

@@ -1,5 +1,7 @@
 //! `tokengate demo`: a real gateway with its SQLite store in a temporary folder, in front of a
 //! small built-in echo upstream, with freshly issued tokens and ready-to-paste `curl` lines.
+//!
+//! Must never import: `cli` (it takes [`DemoOptions`], not clap types).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::cli::{CliError, DemoArgs};
+use crate::app::AppError;
 use crate::config::Config;
 use crate::store::NewTokenSpec;
 
@@ -125,21 +127,30 @@ public = true
     )
 }
 
+/// What `tokengate demo` was asked for (plain options: the demo knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoOptions {
+    /// Public port to try first (the next free one is used if taken).
+    pub port: u16,
+    /// Exit after printing the tokens and curl lines.
+    pub print_only: bool,
+}
+
 /// Runs the demo until ctrl-c.
-pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
+pub async fn run(args: &DemoOptions) -> Result<(), AppError> {
     let dir = tempfile::Builder::new()
         .prefix("tokengate-demo-")
         .tempdir()
-        .map_err(|e| CliError::failure(format!("cannot create a temporary folder: {e}")))?;
+        .map_err(|e| AppError::failure(format!("cannot create a temporary folder: {e}")))?;
     let upstream = spawn_echo_upstream("127.0.0.1:0".parse().expect("addr"))
         .await
-        .map_err(|e| CliError::failure(format!("cannot start the echo upstream: {e}")))?;
+        .map_err(|e| AppError::failure(format!("cannot start the echo upstream: {e}")))?;
     let public = free_port(args.port).await;
     let admin = free_port(if public == 9090 { 9091 } else { 9090 }).await;
     let cfg_path = dir.path().join("tokengate.toml");
     std::fs::write(&cfg_path, demo_config(public, admin, upstream))
-        .map_err(|e| CliError::failure(format!("cannot write the demo config: {e}")))?;
-    let cfg = Config::load(&cfg_path).map_err(|e| CliError::failure(e.to_string()))?;
+        .map_err(|e| AppError::failure(format!("cannot write the demo config: {e}")))?;
+    let cfg = Config::load(&cfg_path).map_err(|e| AppError::failure(e.to_string()))?;
     let started = crate::app::start(cfg).await?;
     let gw = started.gateway.clone();
     let public_addr = started.server.public_addr();
@@ -174,7 +185,7 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
             Ok(out)
         })
         .await
-        .map_err(|e| CliError::failure(e.to_string()))?;
+        .map_err(|e| AppError::failure(e.to_string()))?;
     let (admin_token, viewer_token) = (&issued[0], &issued[1]);
     let base = format!("http://{public_addr}");
     println!(

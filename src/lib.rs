@@ -7,15 +7,18 @@
 //!
 //! # Layout
 //! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
-//! - [`cli`] — clap definitions and the local-store commands (`account`, `token`, `audit`, ...).
+//! - [`cli`] — clap definitions and exit codes; local-store commands, remote commands (admin API
+//!   client, credentials file) and the one printer both use.
 //! - [`app`] — process lifecycle for `serve`: start, SIGHUP reload, SIGTERM drain.
-//! - [`demo`] — `tokengate demo` and the built-in echo upstream.
+//! - [`demo`] — `tokengate demo` (plain options) and the built-in echo upstream.
 //! - [`config`] — TOML config: raw serde structs → validated [`config::Config`], named defaults.
 //! - [`error`] — [`error::Reject`] and the one function that turns a rejection into a response.
 //! - [`token`] — token format: generate, parse, checksum, display prefix, SHA-256.
 //! - [`store`] — the token store behind one handle: SQLite ([`store::sqlite`]) or PostgreSQL
 //!   ([`store::postgres`], LISTEN/NOTIFY change push); migrations, accounts, tokens, change log.
 //! - [`cache`] — in-memory token cache with race-free invalidation.
+//! - [`lifecycle`] — every token/account operation (create, rotate, revoke, disable,
+//!   retire-on-first-use) and the rule that their result is never stronger than the caller.
 //! - [`path`] — canonical request paths (step 1).
 //! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
@@ -33,7 +36,6 @@
 //! - [`tls`] — rustls server configs from PEM files; TLS to `https://` upstreams.
 //! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
 //!   ([`admin::ui`]) and its sessions ([`admin::session`]).
-//! - [`remote`] — the remote CLI: admin API client and the credentials file.
 //! - [`metrics`] — Prometheus counters and histograms.
 //! - [`clock`] — wall clock in ms (advanceable in tests) and RFC 3339 formatting.
 
@@ -51,13 +53,13 @@ pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod hygiene;
+pub mod lifecycle;
 pub mod metrics;
 pub mod path;
 mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
-pub mod remote;
 pub mod server;
 pub mod store;
 pub mod tls;

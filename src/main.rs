@@ -37,10 +37,11 @@ fn main() -> ExitCode {
             rt.block_on(async {
                 match &cli.command {
                     Command::Serve => tokengate::app::serve(cli.config.as_deref()).await,
-                    Command::Demo(args) => tokengate::demo::run(args).await,
+                    Command::Demo(args) => tokengate::demo::run(&cli::demo_options(args)).await,
                     _ => unreachable!(),
                 }
             })
+            .map_err(cli::CliError::from)
         }
         _ => cli::run_local(&cli),
     };

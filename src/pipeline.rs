@@ -23,7 +23,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::audit::{AdminRecord, Entry, RequestRecord, Reservation};
+use crate::audit::{Entry, RequestRecord, Reservation};
 use crate::auth;
 use crate::authz::{self, Lookup, RuleMatch, ShadowRoles, Subject};
 use crate::body::{Body, BodyOutcome, full};
@@ -638,24 +638,24 @@ impl Gateway {
         {
             if let Some(old) = t.rotated_from().map(str::to_string) {
                 let old2 = old.clone();
-                match self.store_call(move |s| s.retire_rotated(&old2, now)).await {
-                    Ok(retired) => {
+                let (id, prefix, account) = (
+                    t.id().to_string(),
+                    t.prefix().to_string(),
+                    t.account().to_string(),
+                );
+                let retire = move |s: &crate::store::Store| {
+                    let by = crate::lifecycle::Successor {
+                        id: &id,
+                        prefix: &prefix,
+                        account: &account,
+                    };
+                    crate::lifecycle::retire_predecessor(s, &old2, by, ip, now)
+                };
+                match self.store_call(retire).await {
+                    Ok(record) => {
                         self.inner.cache.invalidate_token(&old);
                         self.inner.limiter.forget(&old);
-                        if retired {
-                            let rec = AdminRecord {
-                                timestamp: crate::audit::now_rfc3339(),
-                                event: "token.revoked".into(),
-                                actor: "tokengate".into(),
-                                auth_type: "api_token".into(),
-                                target: Some(old),
-                                account: Some(t.account().to_string()),
-                                api_token_id: Some(t.id().to_string()),
-                                token_prefix: Some(t.prefix().to_string()),
-                                reason: Some("rotated".into()),
-                                client_ip: Some(ip.to_string()),
-                                details: None,
-                            };
+                        if let Some(rec) = record {
                             let _ = self.inner.audit.record(Entry::Admin(rec));
                         }
                     }

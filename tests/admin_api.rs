@@ -444,7 +444,7 @@ async fn a_self_token_never_mints_a_stronger_token() {
         let (s, r) = a.post(&alice, "/v1/tokens", body.clone()).await;
         assert_eq!(
             (s, r["error"].as_str()),
-            (StatusCode::FORBIDDEN, Some("escalation")),
+            (StatusCode::FORBIDDEN, Some("forbidden")),
             "{body}"
         );
     }
@@ -1198,6 +1198,7 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (victim, victim_id) = tg.token("ci", "victim", &["apps:read"]);
     let (_, rot_id) = tg.token("ci", "rotate-me", &["apps:read"]);
+    let (_, del_id) = tg.token("ci", "delete-me", &["apps:read"]);
     tg.account("spare");
     let a = Admin::new(&tg);
     for (path, method) in &documented {
@@ -1212,6 +1213,8 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
             "{id}",
             if path.ends_with("rotate") {
                 &rot_id
+            } else if method == "DELETE" {
+                &del_id
             } else {
                 &victim_id
             },

@@ -28,10 +28,7 @@ use crate::error::{Reject, respond};
 use crate::gateway::{ConnInfo, Gateway};
 use crate::store::TokenRow;
 
-/// Permission that allows everything on the admin API, for every account (`*` grants it).
-pub const PERM_ADMIN: &str = "tokengate:admin";
-/// Permission that allows the admin API on the token's own account only.
-pub const PERM_SELF: &str = "tokengate:self";
+pub use crate::lifecycle::{PERM_ADMIN, PERM_SELF};
 /// Largest request body the admin listener reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 

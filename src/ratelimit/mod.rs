@@ -30,6 +30,15 @@ pub struct Rate {
     pub burst: u32,
 }
 
+impl From<Rate> for crate::store::RateOverride {
+    fn from(r: Rate) -> Self {
+        crate::store::RateOverride {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst,
+        }
+    }
+}
+
 /// Result of an allowed check: what goes into the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowance {

@@ -653,8 +653,8 @@ impl Store {
         on_backend!(self, b => b.retire_rotated(old_id, now))
     }
 
-    /// Rotates: a new token with the same account, permissions, scopes and limits; the old one
-    /// keeps working until the new one is used or `now + grace_ms`, whichever comes first.
+    /// Rotates: a new token with the same account, permissions, scopes, limits and expiry (a
+    /// rotation never extends a token's life); the old one keeps working until the new one is used or `now + grace_ms`, whichever comes first.
     /// The cap is not applied: the old token's slot is handed over.
     pub fn rotate(
         &self,
@@ -663,6 +663,22 @@ impl Store {
         grace_ms: i64,
         prefix: &str,
         now: i64,
+    ) -> Result<(TokenRow, NewToken), StoreError> {
+        let old = self.find_token(id)?;
+        let expires_at = old.expires_at;
+        self.rotate_until(&old.id, actor, grace_ms, prefix, now, expires_at)
+    }
+
+    /// [`Store::rotate`] with the successor's expiry given (`lifecycle` decides it: the original
+    /// one, or a new lifetime an admin asked for within policy).
+    pub fn rotate_until(
+        &self,
+        id: &str,
+        actor: &str,
+        grace_ms: i64,
+        prefix: &str,
+        now: i64,
+        expires_at: Option<i64>,
     ) -> Result<(TokenRow, NewToken), StoreError> {
         let old = self.find_token(id)?;
         if !old.is_active(now) {
@@ -677,7 +693,7 @@ impl Store {
             scopes: old.scopes.clone(),
             allowed_cidrs: old.allowed_cidrs.clone(),
             rate: old.rate,
-            expires_at: old.expires_at.map(|e| now + (e - old.created_at)),
+            expires_at,
             created_by: actor.to_string(),
         };
         let new_id = crate::token::new_id("tok");

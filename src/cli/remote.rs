@@ -6,6 +6,9 @@
 //! `url` and `token`, written with mode 0600 in a 0700 folder. `TOKENGATE_TOKEN` beats the file;
 //! `--profile` picks a profile; a token is only ever sent to the URL it was saved with. Tokens are
 //! read from stdin or the environment, never from argv.
+//!
+//! Output goes through [`super::print`], the printer local commands use too. Must never import:
+//! `cli::local` (local and remote are siblings under `cli`), `admin`, `gateway`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -19,9 +22,9 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use crate::cli::{AccountCmd, Cli, CliError, Command, TokenCmd, print_token_table};
-use crate::clock::parse_rfc3339;
-use crate::store::{RateOverride, TokenRow};
+use super::print::{self, join, print_json, str_of};
+use super::{AccountCmd, Cli, CliError, Command, TokenCmd};
+use crate::lifecycle::parse_scope;
 
 /// Environment variable holding a token (beats the credentials file).
 pub const ENV_TOKEN: &str = "TOKENGATE_TOKEN";
@@ -571,20 +574,8 @@ fn account(c: &Client, cmd: &AccountCmd) -> Result<(), CliError> {
             if *json {
                 print_json(&v["accounts"]);
             } else {
-                println!(
-                    "{:<24} {:<22} {:<28} {:<17} STATUS",
-                    "NAME", "ID", "EMAIL", "CREATED"
-                );
-                for a in v["accounts"].as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:<22} {:<28} {:<17} {}",
-                        str_of(a, "name"),
-                        str_of(a, "id"),
-                        a["email"].as_str().unwrap_or("-"),
-                        short_time(a["created_at"].as_str()),
-                        str_of(a, "status"),
-                    );
-                }
+                let list = v["accounts"].as_array().cloned().unwrap_or_default();
+                print::account_table(&list);
             }
         }
         AccountCmd::Disable { name } => {
@@ -604,7 +595,7 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
         TokenCmd::Create(a) => {
             let mut scopes = serde_json::Map::new();
             for s in &a.scope {
-                let (k, v) = crate::cli::parse_scope(s).map_err(CliError::usage)?;
+                let (k, v) = parse_scope(s).map_err(CliError::usage)?;
                 scopes.insert(k, v.into());
             }
             let body = serde_json::json!({
@@ -618,7 +609,7 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 "rate": a.rate,
             });
             let v = c.call(Method::POST, "/v1/tokens", Some(body))?;
-            print_new(&v, a.json, "created");
+            print::new_token(&v, a.json, "created");
         }
         TokenCmd::List {
             account,
@@ -650,8 +641,7 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             if *json {
                 print_json(&serde_json::Value::Array(list));
             } else {
-                let rows: Vec<TokenRow> = list.iter().map(row_from_json).collect();
-                print_token_table(&rows, crate::store::system_now_ms());
+                print::token_table(&list);
             }
         }
         TokenCmd::Show { id, json } => {
@@ -659,7 +649,7 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             if *json {
                 print_json(&v);
             } else {
-                print_detail(&v);
+                print::token_detail(&v);
             }
         }
         TokenCmd::Revoke { id, reason } => {
@@ -675,17 +665,25 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
                 str_of(&v, "name")
             );
         }
-        TokenCmd::Rotate { id, grace, json } => {
+        TokenCmd::Rotate {
+            id,
+            grace,
+            expires,
+            json,
+        } => {
+            let mut body = serde_json::json!({"grace": grace});
+            if let Some(e) = expires {
+                body["expires"] = e.as_str().into();
+            }
             let v = c.call(
                 Method::POST,
                 &format!("/v1/tokens/{}/rotate", enc(id)),
-                Some(serde_json::json!({"grace": grace})),
+                Some(body),
             )?;
-            print_new(&v, *json, "rotated: new");
-            eprintln!(
-                "the old token {} keeps working until the new one is first used, or for {}s at most",
-                str_of(&v, "rotated_from"),
-                v["grace_seconds"].as_u64().unwrap_or(0)
+            print::new_token(&v, *json, "rotated: new");
+            print::rotated(
+                &str_of(&v, "rotated_from"),
+                v["grace_seconds"].as_u64().unwrap_or(0),
             );
         }
         TokenCmd::Identify {
@@ -693,17 +691,8 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             reason,
             json,
         } => {
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
-            let raw = line.trim();
-            if raw.is_empty() {
-                return Err(CliError::usage(
-                    "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
-                ));
-            }
+            let line = super::read_identify_token()?;
+            let raw = line.as_str();
             let v = c.call(
                 Method::POST,
                 "/v1/tokens/identify",
@@ -712,7 +701,7 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
             if *json {
                 print_json(&v);
             } else {
-                print_detail(&v);
+                print::token_detail(&v);
                 if *revoke {
                     println!("revoked: the gateway rejects it from now on");
                 }
@@ -720,59 +709,6 @@ fn token(c: &Client, cmd: &TokenCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-fn print_new(v: &serde_json::Value, json: bool, verb: &str) {
-    if json {
-        println!("{v}");
-    } else {
-        println!("{}", str_of(v, "token"));
-    }
-    let _ = std::io::stdout().flush();
-    eprintln!(
-        "{verb} token {} ({}) for account {}, expires {}. Copy it now: it will not be shown again.",
-        str_of(v, "id"),
-        str_of(v, "prefix"),
-        str_of(v, "account"),
-        v["expires_at"].as_str().unwrap_or("never")
-    );
-}
-
-fn print_detail(v: &serde_json::Value) {
-    if let Some(m) = v.as_object() {
-        for (k, v) in m {
-            let s = match v {
-                serde_json::Value::Null => "-".to_string(),
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            println!("{k:<18} {s}");
-        }
-    }
-}
-
-fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json"));
-}
-
-fn str_of(v: &serde_json::Value, k: &str) -> String {
-    v[k].as_str().unwrap_or("-").to_string()
-}
-
-fn join(v: &serde_json::Value) -> String {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
-}
-
-fn short_time(s: Option<&str>) -> String {
-    s.map(|t| t.get(..16).unwrap_or(t).replace('T', " "))
-        .unwrap_or_else(|| "-".into())
 }
 
 /// Percent-encodes a path segment or query value.
@@ -786,54 +722,6 @@ fn enc(s: &str) -> String {
         }
     }
     out
-}
-
-/// The API's JSON view of a token back into a row, so the local table printer can show it.
-pub fn row_from_json(v: &serde_json::Value) -> TokenRow {
-    let s = |k: &str| v[k].as_str().map(str::to_string);
-    let t = |k: &str| v[k].as_str().and_then(parse_rfc3339);
-    let list = |k: &str| -> Vec<String> {
-        v[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let status = s("status").unwrap_or_default();
-    TokenRow {
-        id: s("id").unwrap_or_default(),
-        account_id: String::new(),
-        account: s("account").unwrap_or_default(),
-        name: s("name").unwrap_or_default(),
-        prefix: s("prefix").unwrap_or_default(),
-        role: s("role"),
-        permissions: list("permissions"),
-        scopes: serde_json::from_value(v["scopes"].clone()).unwrap_or_default(),
-        allowed_cidrs: list("allowed_cidrs")
-            .iter()
-            .filter_map(|c| c.parse().ok())
-            .collect(),
-        rate: v["rate_limit"].as_object().and_then(|r| {
-            Some(RateOverride {
-                requests_per_second: r.get("requests_per_second")?.as_f64()?,
-                burst: r.get("burst")?.as_u64()? as u32,
-            })
-        }),
-        created_at: t("created_at").unwrap_or(0),
-        created_by: s("created_by").unwrap_or_default(),
-        expires_at: t("expires_at"),
-        last_used_at: t("last_used_at"),
-        last_used_ip: s("last_used_ip"),
-        revoked_at: t("revoked_at"),
-        revoked_by: s("revoked_by"),
-        revoke_reason: s("revoke_reason"),
-        rotated_from: s("rotated_from"),
-        rotation_deadline: t("rotation_deadline"),
-        // Only the status word says the account is disabled; keep it for the table.
-        account_disabled_at: (status == "disabled").then_some(0),
-    }
 }
 
 #[cfg(test)]

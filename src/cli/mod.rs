@@ -1,0 +1,487 @@
+//! Command line (SPEC §10): the clap definitions, exit codes and dispatch.
+//!
+//! - [`local`] — commands on the local store (`account`, `token`, `audit`, `store`, `config`);
+//! - [`remote`] — the same `token` / `account` commands against a gateway's admin API, plus
+//!   `login`, `logout`, `whoami` and the credentials file;
+//! - [`print`] — the one printer both use (tables, details, the new-token line, JSON).
+//!
+//! Exit codes: 0 ok, 64 bad usage or config, 1 failure. Tokens are printed once, at creation or
+//! rotation, on stdout's first line; they are never read from argv (`token identify` reads stdin).
+//! Every token change goes through [`crate::lifecycle`]. Nothing outside `src/cli/` and `main.rs`
+//! imports this module.
+
+mod local;
+mod print;
+mod remote;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::app::AppError;
+use crate::lifecycle::LifecycleError;
+use crate::store::StoreError;
+
+/// Exit code for bad usage or config (EX_USAGE).
+pub const EXIT_USAGE: u8 = crate::app::EXIT_USAGE;
+/// Exit code for failures.
+pub const EXIT_FAILURE: u8 = crate::app::EXIT_FAILURE;
+
+const ROOT_EXAMPLES: &str = "\
+Examples:
+  tokengate demo                                   # try it: gateway + echo upstream + tokens
+  tokengate --config /etc/tokengate/tokengate.toml config check
+  tokengate account create ci-bot
+  tokengate token create --account ci-bot --name deploy --role cicd --expires 30d
+  tokengate token list --expiring 7d
+  echo \"$LEAKED\" | tokengate token identify --revoke
+  tokengate audit --token tg_3hT9aB2x --since 1h
+  pbpaste | tokengate login --url http://127.0.0.1:9090   # then token/account commands run remotely
+  tokengate --profile staging token list";
+
+/// tokengate: a Bearer-token authentication gateway.
+#[derive(Debug, Parser)]
+#[command(name = "tokengate", version, about, after_help = ROOT_EXAMPLES)]
+pub struct Cli {
+    /// Config file (default: ./tokengate.toml).
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "TOKENGATE_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+    /// Operational log format (the audit log is separate and always JSON).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Admin API of a remote gateway (e.g. http://127.0.0.1:9090): `token` and `account` commands
+    /// then run there, with the token from TOKENGATE_TOKEN or the credentials file.
+    #[arg(long, global = true, env = "TOKENGATE_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// Saved remote profile (see `tokengate login --profile NAME`); implies remote mode.
+    #[arg(long, global = true, env = "TOKENGATE_PROFILE", value_name = "NAME")]
+    pub profile: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (public and admin listeners) until SIGTERM or ctrl-c; SIGHUP reloads.
+    #[command(after_help = "Example:\n  tokengate --config /etc/tokengate/tokengate.toml serve")]
+    Serve,
+    /// Start a throw-away gateway in front of a built-in echo upstream, with fresh tokens.
+    #[command(after_help = "Example:\n  cargo run --release -- demo")]
+    Demo(DemoArgs),
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Manage accounts (owners of tokens).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Read and verify the audit log.
+    Audit(AuditArgs),
+    /// Store maintenance.
+    #[command(subcommand)]
+    Store(StoreCmd),
+    /// Save a token for a remote gateway's admin API; the token is read from stdin or TOKENGATE_TOKEN.
+    #[command(
+        after_help = "Examples:\n  pbpaste | tokengate login --url http://127.0.0.1:9090\n  TOKENGATE_TOKEN=\"$T\" tokengate login --profile staging --url https://gw.example.com:9090\n\nCredentials: $XDG_CONFIG_HOME/tokengate/credentials (else ~/.config/tokengate/credentials), mode 0600."
+    )]
+    Login,
+    /// Forget a saved remote profile (the token itself stays valid until revoked).
+    #[command(after_help = "Example:\n  tokengate logout --profile staging")]
+    Logout,
+    /// Show which token the remote CLI acts with.
+    #[command(after_help = "Example:\n  tokengate whoami --profile staging")]
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `demo` options.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Public port to try first (the next free one is used if taken).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Exit after printing the tokens and curl lines (for scripts and tests).
+    #[arg(long, hide = true)]
+    pub print_only: bool,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate the config file and explain what it sets up.
+    #[command(after_help = "Example:\n  tokengate --config config/tokengate.toml config check")]
+    Check,
+}
+
+/// `account` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    /// Create an account.
+    #[command(after_help = "Example:\n  tokengate account create ci-bot --email ci@example.com")]
+    Create {
+        /// Account name: letters, digits, `.`, `_`, `-`, `@`.
+        name: String,
+        /// Contact email.
+        #[arg(long)]
+        email: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List accounts.
+    #[command(after_help = "Example:\n  tokengate account list --json")]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable an account: all of its tokens are rejected at once.
+    #[command(after_help = "Example:\n  tokengate account disable ci-bot")]
+    Disable {
+        /// Account name or id.
+        name: String,
+    },
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Issue a token; it is printed once on stdout's first line.
+    #[command(
+        after_help = "Examples:\n  tokengate token create --account ci-bot --name deploy --role cicd --expires 30d\n  tokengate token create --account ops --name readonly --permission apps:read --scope app=billing,web-* --allow-ip 10.0.0.0/8 --rate 5/10 --json"
+    )]
+    Create(CreateArgs),
+    /// List tokens.
+    #[command(
+        after_help = "Examples:\n  tokengate token list\n  tokengate token list --stale 90d\n  tokengate token list --expiring 7d --json"
+    )]
+    List {
+        /// Only this account's tokens.
+        #[arg(long)]
+        account: Option<String>,
+        /// Only tokens not used for this long (e.g. 90d).
+        #[arg(long, value_name = "AGE")]
+        stale: Option<String>,
+        /// Only tokens expiring within this long (e.g. 7d).
+        #[arg(long, value_name = "WITHIN")]
+        expiring: Option<String>,
+        /// Include revoked and expired tokens.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one token.
+    #[command(after_help = "Example:\n  tokengate token show tg_3hT9aB2x")]
+    Show {
+        /// Token id or display prefix.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token; a running gateway on this store rejects it within a second.
+    #[command(
+        after_help = "Example:\n  tokengate token revoke tg_3hT9aB2x --reason \"left the team\""
+    )]
+    Revoke {
+        /// Token id or display prefix.
+        id: String,
+        /// Why (kept in the store and the audit log).
+        #[arg(long, default_value = "revoked")]
+        reason: String,
+    },
+    /// Issue a successor; the old token works until the new one is used or the grace ends.
+    #[command(after_help = "Example:\n  tokengate token rotate tg_3hT9aB2x --grace 1h")]
+    Rotate {
+        /// Token id or display prefix.
+        id: String,
+        /// How long the old token stays valid at most (default tokens.rotation_grace).
+        #[arg(long)]
+        grace: Option<String>,
+        /// A new lifetime for the successor (an expiry preset allowed by policy, e.g. 30d);
+        /// without it the successor keeps the old token's expiry.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Identify a token read from stdin (for leaks); optionally revoke it.
+    #[command(after_help = "Example:\n  pbpaste | tokengate token identify --revoke")]
+    Identify {
+        /// Revoke the token too.
+        #[arg(long)]
+        revoke: bool,
+        /// Reason recorded with --revoke.
+        #[arg(long, default_value = "leaked")]
+        reason: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `token create` options.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("grant").required(true).args(["role", "permission"])))]
+pub struct CreateArgs {
+    /// Owning account.
+    #[arg(long)]
+    pub account: String,
+    /// Label shown in lists and logs.
+    #[arg(long)]
+    pub name: String,
+    /// Role whose permissions are copied onto the token.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Explicit permission (repeatable), e.g. apps:read.
+    #[arg(long = "permission", value_name = "PERMISSION")]
+    pub permission: Vec<String>,
+    /// Expiry preset: 7d, 30d, 90d, 180d, 365d or never.
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// Restrict a captured name: KEY=V1,V2 (repeatable; `*` globs).
+    #[arg(long = "scope", value_name = "KEY=V1,V2")]
+    pub scope: Vec<String>,
+    /// Allowed client network (repeatable), IPv4 or IPv6 CIDR.
+    #[arg(long = "allow-ip", value_name = "CIDR")]
+    pub allow_ip: Vec<String>,
+    /// Rate-limit override: RPS/BURST.
+    #[arg(long, value_name = "RPS/BURST")]
+    pub rate: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `audit` options.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+#[command(
+    after_help = "Examples:\n  tokengate audit --token tg_3hT9aB2x --since 24h\n  tokengate audit --decision deny --status 4xx --json\n  tokengate audit --follow\n  tokengate audit verify"
+)]
+pub struct AuditArgs {
+    /// Verify the hash chain.
+    #[command(subcommand)]
+    pub verify: Option<AuditCmd>,
+    /// Token name, id or prefix.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Account name.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// allow or deny.
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Reason (ok, revoked, no_rule, ...).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Status: exact (403) or class (4xx).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Admin event (token.created, ...).
+    #[arg(long)]
+    pub event: Option<String>,
+    /// Start: relative (1h, 7d) or RFC 3339.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End: relative or RFC 3339.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Keep printing new lines (survives rotation).
+    #[arg(long)]
+    pub follow: bool,
+    /// Print the JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Log files, oldest first (default: audit.path from the config).
+    pub files: Vec<PathBuf>,
+}
+
+/// `audit verify`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain; prints OK with the line count, or the first bad line.
+    #[command(after_help = "Example:\n  tokengate audit verify audit.log.2 audit.log.1 audit.log")]
+    Verify {
+        /// Files, oldest first (default: audit.path).
+        files: Vec<PathBuf>,
+        /// Accept a set whose oldest file does not start at seq 1 (older files deleted by retention).
+        #[arg(long)]
+        allow_partial_start: bool,
+    },
+}
+
+/// `store` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Online backup through SQLite's backup API.
+    #[command(
+        after_help = "Example:\n  tokengate store backup /var/backups/tokengate-$(date +%F).db"
+    )]
+    Backup {
+        /// Destination file (must not exist).
+        file: PathBuf,
+    },
+    /// Copy a whole store into an empty one, on either engine: accounts, tokens (their hashes:
+    /// every token stays valid), the change log and queued audit events, every field; verified
+    /// by reading the destination back. Stop the gateways (or make them read-only) first.
+    #[command(
+        after_help = "Examples:\n  tokengate store copy --from /var/lib/tokengate/tokengate.db --to env:TOKENGATE_STORE_URL\n  tokengate store copy --from postgres://tokengate@db.internal/tokengate --to ./tokengate.db\n\nA location is a SQLite file, a postgres:// URL, or env:NAME to read either from the\nenvironment (keeps passwords out of argv)."
+    )]
+    Copy {
+        /// Source: SQLite file, postgres:// URL, or env:NAME.
+        #[arg(long, value_name = "FILE_OR_URL")]
+        from: String,
+        /// Destination, which must be empty: SQLite file, postgres:// URL, or env:NAME.
+        #[arg(long, value_name = "FILE_OR_URL")]
+        to: String,
+    },
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// Message for stderr.
+    pub message: String,
+}
+
+impl CliError {
+    /// Bad usage or config (64).
+    pub fn usage(m: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_USAGE,
+            message: m.into(),
+        }
+    }
+    /// Failure (1).
+    pub fn failure(m: impl Into<String>) -> Self {
+        CliError {
+            code: EXIT_FAILURE,
+            message: m.into(),
+        }
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoAccount(_)
+            | StoreError::AccountExists(_)
+            | StoreError::NoToken(_)
+            | StoreError::Ambiguous(_)
+            | StoreError::AlreadyRevoked(_)
+            | StoreError::AccountDisabled(_)
+            | StoreError::CapReached { .. } => CliError::failure(e.to_string()),
+            _ => CliError::failure(format!("{e}")),
+        }
+    }
+}
+
+impl From<LifecycleError> for CliError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::Invalid(m) => CliError::usage(m),
+            LifecycleError::Forbidden(r) => CliError::failure(r.message),
+            LifecycleError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Runs the commands other than `serve` and `demo`: on the local store, or remotely when a
+/// `--url` / `--profile` / saved login says so.
+pub fn run_local(cli: &Cli) -> Result<(), CliError> {
+    let config = cli.config.as_deref();
+    match &cli.command {
+        Command::Serve | Command::Demo(_) => unreachable!("handled by main"),
+        Command::Config(ConfigCmd::Check) => local::config_check(config),
+        Command::Login => remote::login(cli),
+        Command::Logout => remote::logout(cli),
+        Command::Whoami { json } => remote::whoami(cli, *json),
+        Command::Account(cmd) => match remote::target(cli)? {
+            Some(t) => remote::run(&t, &cli.command),
+            None => local::account(config, cmd),
+        },
+        Command::Token(cmd) => match remote::target(cli)? {
+            Some(t) => remote::run(&t, &cli.command),
+            None => local::token(config, cmd),
+        },
+        Command::Audit(args) => local::audit_cmd(config, args),
+        Command::Store(StoreCmd::Backup { file }) => local::store_backup(config, file),
+        Command::Store(StoreCmd::Copy { from, to }) => local::store_copy(from, to),
+    }
+}
+
+/// `token identify`'s token: one line of stdin (never argv), trimmed.
+fn read_identify_token() -> Result<String, CliError> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::failure(format!("cannot read stdin: {e}")))?;
+    let raw = line.trim();
+    if raw.is_empty() {
+        return Err(CliError::usage(
+            "paste the token on stdin, e.g. `pbpaste | tokengate token identify`",
+        ));
+    }
+    Ok(raw.to_string())
+}
+
+/// The demo's plain options from its flags.
+pub fn demo_options(a: &DemoArgs) -> crate::demo::DemoOptions {
+    crate::demo::DemoOptions {
+        port: a.port,
+        print_only: a.print_only,
+    }
+}
+
+impl From<AppError> for CliError {
+    fn from(e: AppError) -> Self {
+        CliError {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// Maps a result to the process exit code, printing the error.
+pub fn exit(r: Result<(), CliError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.message.is_empty() {
+                eprintln!("error: {}", e.message);
+            }
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -253,7 +253,19 @@ struct RawRoute {
     #[serde(default)]
     allow_non_ascii: bool,
     #[serde(default)]
+    pass_host: bool,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    #[serde(default = "default_true")]
+    case_sensitive: bool,
+    #[serde(default)]
+    trailing_slash: Option<String>,
+    #[serde(default)]
     rules: Vec<RawRule>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_route_prefix() -> String {
@@ -272,6 +284,8 @@ struct RawRule {
     public: bool,
     #[serde(default)]
     shadow: bool,
+    #[serde(default)]
+    host: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated stage
@@ -489,6 +503,111 @@ pub struct RouteConfig {
     /// Audit `rule` value of each rule (`route:METHODS path`), by rule index; built at load so
     /// the request path does not format it.
     pub rule_ids: Vec<String>,
+    /// Send the client's Host to the upstream (false: the upstream's own authority, like
+    /// nginx's `$proxy_host`; the client's Host travels as `X-Forwarded-Host` either way).
+    pub pass_host: bool,
+    /// Host names this route answers for (`api.example.com`, `*.example.com`), lower-case;
+    /// empty = any. Others are refused 421 `host_not_allowed`.
+    pub allowed_hosts: Vec<String>,
+    /// Match rules case-sensitively (false: path and rules are compared lower-cased).
+    pub case_sensitive: bool,
+    /// How a trailing `/` counts when matching rules.
+    pub trailing_slash: TrailingSlash,
+    /// Rule tables for host-specific rules (`host = ...`): each holds that host's rules plus
+    /// every rule without `host`, in file order. `rules`/`rule_ids` hold the rules without `host`.
+    pub host_rules: Vec<HostRules>,
+}
+
+/// `trailing_slash` of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrailingSlash {
+    /// `/admin/` and `/admin` are different paths (the default).
+    Strict,
+    /// One trailing `/` is ignored when matching rules (`/admin/` is judged as `/admin`).
+    Ignore,
+}
+
+/// The rules that apply to requests for one host (or host pattern).
+#[derive(Debug)]
+pub struct HostRules {
+    /// Exact lower-case name, or `*.example.com`.
+    pub host: String,
+    /// Compiled rules.
+    pub rules: RuleTable,
+    /// Audit `rule` values, by rule index in `rules`.
+    pub rule_ids: Vec<String>,
+}
+
+impl RouteConfig {
+    /// The path rules are matched against: lower-cased when `case_sensitive = false`, one
+    /// trailing `/` removed when `trailing_slash = "ignore"`, so `/ADMIN/` is judged as `/admin`
+    /// by a route whose backend treats them alike. What is forwarded stays the canonical path.
+    pub fn match_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut p = std::borrow::Cow::Borrowed(path);
+        if !self.case_sensitive && p.bytes().any(|b| b.is_ascii_uppercase()) {
+            p = std::borrow::Cow::Owned(p.to_ascii_lowercase());
+        }
+        if self.trailing_slash == TrailingSlash::Ignore && p.len() > 1 && p.ends_with('/') {
+            p = match p {
+                std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[..b.len() - 1]),
+                std::borrow::Cow::Owned(mut o) => {
+                    o.pop();
+                    std::borrow::Cow::Owned(o)
+                }
+            };
+        }
+        p
+    }
+
+    /// The rule table and audit ids for a request to `host` (a lower-case name without port):
+    /// an exact host entry first, then the longest matching `*.` pattern, else the rules
+    /// without `host`.
+    pub fn rules_for(&self, host: Option<&str>) -> (&RuleTable, &[String]) {
+        if let Some(h) = host.filter(|_| !self.host_rules.is_empty()) {
+            let exact = self.host_rules.iter().find(|r| r.host == h);
+            let wild = || {
+                self.host_rules
+                    .iter()
+                    .filter(|r| {
+                        r.host.starts_with("*.")
+                            && crate::hygiene::host_allowed(h, std::slice::from_ref(&r.host))
+                    })
+                    .max_by_key(|r| r.host.len())
+            };
+            if let Some(r) = exact.or_else(wild) {
+                return (&r.rules, &r.rule_ids);
+            }
+        }
+        (&self.rules, &self.rule_ids)
+    }
+}
+
+/// Lower-cases a rule template's literal text, leaving `{capture}` names as written.
+fn lowercase_template(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut depth = 0u32;
+    for c in path.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        out.push(if depth == 0 {
+            c.to_ascii_lowercase()
+        } else {
+            c
+        });
+    }
+    out
+}
+
+/// Validates an `allowed_hosts` entry or a rule's `host`: a DNS name or `*.` plus one.
+fn host_pattern_ok(h: &str) -> bool {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    !name.is_empty()
+        && !name.contains('*')
+        && !name.contains(':')
+        && crate::hygiene::authority_is_valid(name)
 }
 
 /// The validated configuration.
@@ -1027,7 +1146,36 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             .authority()
             .cloned()
             .ok_or_else(|| cx.invalid(&format!("{key}.upstream"), "needs a host"))?;
-        let mut rules = Vec::new();
+        let trailing_slash = match r.trailing_slash.as_deref() {
+            None | Some("strict") => TrailingSlash::Strict,
+            Some("ignore") => TrailingSlash::Ignore,
+            Some(o) => {
+                return Err(cx.invalid(
+                    &format!("{key}.trailing_slash"),
+                    format!("`{o}` is not `strict` or `ignore`"),
+                ));
+            }
+        };
+        let allowed_hosts: Vec<String> = r
+            .allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        for h in &allowed_hosts {
+            if !host_pattern_ok(h) {
+                return Err(cx.invalid(
+                    &format!("{key}.allowed_hosts"),
+                    format!("`{h}` is not a host name or `*.` pattern (no port)"),
+                ));
+            }
+        }
+        if r.pass_host && allowed_hosts.is_empty() {
+            return Err(cx.invalid(
+                &format!("{key}.pass_host"),
+                "needs `allowed_hosts`: only listed host names may reach the upstream",
+            ));
+        }
+        let mut rule_hosts: Vec<Option<String>> = Vec::new();
         for (j, rule) in r.rules.iter().enumerate() {
             let rkey = format!("{key}.rules[{j}]");
             let inside = rule.path.starts_with(&r.prefix)
@@ -1056,28 +1204,71 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
                     ));
                 }
             }
-            rules.push(Rule {
-                methods: rule.methods.clone(),
-                path: rule.path.clone(),
-                permission: rule.permission.clone(),
-                public: rule.public,
-                shadow: rule.shadow,
-            });
+            let host = rule.host.as_ref().map(|h| h.to_ascii_lowercase());
+            if let Some(h) = &host {
+                if !r.pass_host || !allowed_hosts.contains(h) || !host_pattern_ok(h) {
+                    return Err(cx.invalid(
+                        &format!("{rkey}.host"),
+                        format!(
+                            "`{h}` needs `pass_host = true` and must be listed in `allowed_hosts`"
+                        ),
+                    ));
+                }
+            }
+            rule_hosts.push(host);
         }
-        let rules = RuleTable::new(rules)
-            .map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
-        let rule_ids = rules
-            .rules()
-            .iter()
-            .map(|rule| {
+        // Rules as matched: lower-cased for a case-insensitive route, without a trailing `/`
+        // when trailing slashes are ignored; audit ids keep the path as written.
+        let compiled = |want: Option<&str>| -> Result<(RuleTable, Vec<String>), ConfigError> {
+            let mut rules = Vec::new();
+            let mut ids = Vec::new();
+            for (rule, host) in r.rules.iter().zip(&rule_hosts) {
+                if host.is_some() && host.as_deref() != want {
+                    continue;
+                }
+                let mut path = if r.case_sensitive {
+                    rule.path.clone()
+                } else {
+                    lowercase_template(&rule.path)
+                };
+                if trailing_slash == TrailingSlash::Ignore && path.len() > 1 && path.ends_with('/')
+                {
+                    path.pop();
+                }
                 let methods = if rule.methods.is_empty() {
                     "*".to_string()
                 } else {
                     rule.methods.join(",")
                 };
-                format!("{}:{} {}", r.name, methods, rule.path)
-            })
-            .collect();
+                ids.push(match host {
+                    Some(h) => format!("{}:{} {} host={h}", r.name, methods, rule.path),
+                    None => format!("{}:{} {}", r.name, methods, rule.path),
+                });
+                rules.push(Rule {
+                    methods: rule.methods.clone(),
+                    path,
+                    permission: rule.permission.clone(),
+                    public: rule.public,
+                    shadow: rule.shadow,
+                });
+            }
+            let table = RuleTable::new(rules)
+                .map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
+            Ok((table, ids))
+        };
+        let (rules, rule_ids) = compiled(None)?;
+        let mut host_rules = Vec::new();
+        for h in rule_hosts.iter().flatten() {
+            if host_rules.iter().any(|x: &HostRules| &x.host == h) {
+                continue;
+            }
+            let (rules, rule_ids) = compiled(Some(h))?;
+            host_rules.push(HostRules {
+                host: h.clone(),
+                rules,
+                rule_ids,
+            });
+        }
         routes.push(RouteConfig {
             name: r.name,
             prefix: r.prefix,
@@ -1094,6 +1285,11 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             allow_non_ascii: r.allow_non_ascii,
             rules,
             rule_ids,
+            pass_host: r.pass_host,
+            allowed_hosts,
+            case_sensitive: r.case_sensitive,
+            trailing_slash,
+            host_rules,
         });
     }
 
@@ -1140,7 +1336,14 @@ impl Config {
     pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
         self.routes
             .iter()
-            .filter(|r| prefix_matches(&r.prefix, path))
+            .filter(|r| {
+                // A case-insensitive route claims its prefix in any case (`/X/` for `/x/`).
+                if r.case_sensitive {
+                    prefix_matches(&r.prefix, path)
+                } else {
+                    prefix_matches(&r.prefix.to_ascii_lowercase(), &path.to_ascii_lowercase())
+                }
+            })
             .max_by_key(|r| r.prefix.len())
     }
 }

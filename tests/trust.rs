@@ -1,0 +1,215 @@
+//! Issue 14 (trust between client, gateway and upstream): the gateway's own cookies never leave it,
+//! the upstream sees its own Host, identity headers and odd transfer codings never reach it, and
+//! HTTP/2 cookie fields arrive joined. Each test asserts what the recording upstream (did not)
+//! receive, and the audit line of every refusal.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+
+/// One HTTP/2 (prior knowledge, cleartext) request with exact headers; `cookie` may repeat.
+async fn h2_request(addr: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> u16 {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder().uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    resp.status().as_u16()
+}
+
+/// Signs in to the admin web UI with `token`; returns the `name=value` of the session cookie.
+async fn admin_session_cookie(tg: &TestGateway, token: &str) -> String {
+    let r = client()
+        .post(format!("http://{}/session", tg.admin_addr))
+        .header("origin", format!("http://{}", tg.admin_addr))
+        .json(&serde_json::json!({ "token": token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attr in ["Path=/", "HttpOnly", "SameSite=Strict"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    set.split(';').next().unwrap().to_string()
+}
+
+fn cookie_lines(r: &Recorded) -> Vec<String> {
+    r.headers
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_admin_session_cookie_never_reaches_an_upstream_over_h1_or_h2() {
+    let tg = TestGateway::start().await;
+    let (admin, _) = tg.token("ops", "ui", &["tokengate:self"]);
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let session = admin_session_cookie(&tg, &admin).await;
+    let (name, value) = session.split_once('=').unwrap();
+    assert_eq!(name, "tokengate_session");
+    let bearer = format!("Bearer {tok}");
+    let tls_name = format!("__Host-tokengate_session={value}");
+    let upper = format!("TOKENGATE_SESSION={value}");
+    // Every place a browser (or a script) may put it: alone, between others, both name variants.
+    let mixes = [
+        session.clone(),
+        format!("theme=dark; {session}; lang=en"),
+        format!("theme=dark;{tls_name};lang=en"),
+        format!("{upper}; theme=dark; lang=en"),
+    ];
+    for (i, mix) in mixes.iter().enumerate() {
+        for path in ["/health", "/apps/a/b"] {
+            // HTTP/1.1
+            tg.upstream.clear();
+            let r = raw(
+                tg.addr,
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: {bearer}\r\nCookie: {mix}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.raw);
+            // HTTP/2, the cookies split over several fields as browsers send them.
+            let mut fields: Vec<(&str, &str)> = vec![("authorization", &bearer)];
+            for c in mix.split(';') {
+                fields.push(("cookie", c.trim()));
+            }
+            let uri = format!("http://gw.test{path}");
+            assert_eq!(h2_request(tg.addr, &uri, &fields).await, 200);
+            let got = tg.upstream.received();
+            assert_eq!(got.len(), 2, "{mix}");
+            for up in &got {
+                let lines = cookie_lines(up);
+                let all = lines.join("\n");
+                assert!(
+                    !all.to_ascii_lowercase().contains("tokengate_session") && !all.contains(value),
+                    "{path} case {i}: session cookie forwarded: {all:?}"
+                );
+                if i == 0 {
+                    assert!(lines.is_empty(), "{lines:?}");
+                } else {
+                    assert_eq!(lines, ["theme=dark; lang=en"], "{path} case {i}");
+                }
+            }
+        }
+    }
+    // The session still works where it belongs.
+    let r = client()
+        .get(format!("http://{}/v1/tokens", tg.admin_addr))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn two_http2_cookie_fields_reach_the_upstream_as_one_line() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let bearer = format!("Bearer {tok}");
+    let status = h2_request(
+        tg.addr,
+        "http://gw.test/apps/a/c",
+        &[
+            ("authorization", &bearer),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = tg.upstream.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(cookie_lines(&got[0]), ["a=1; b=2"]);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn identity_headers_backends_trust_are_removed() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let names = [
+        "Remote-User",
+        "X-Remote-User",
+        "X-Auth-Request-User",
+        "X-Auth-Request-Email",
+        "X-Auth-Request-Preferred-Username",
+        "X-Auth-Request-Groups",
+        "X-WEBAUTH-USER",
+        "X-Forwarded-User",
+        "X-Forwarded-Email",
+        "X-Forwarded-Preferred-Username",
+        "Client-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "Fastly-Client-IP",
+        "X-Cluster-Client-IP",
+        "X-Client-IP",
+        "X-Real-IP",
+    ];
+    let mut req =
+        format!("GET /apps/a/id HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n");
+    for n in names {
+        req.push_str(&format!("{n}: admin@evil.test\r\n"));
+    }
+    req.push_str("X-Keep: 1\r\nConnection: close\r\n\r\n");
+    let r = raw(tg.addr, req.as_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let got = tg.upstream.received();
+    assert_eq!(got.len(), 1);
+    for n in names {
+        let vals: Vec<_> = got[0].headers.get_all(n).iter().collect();
+        if n == "X-Real-IP" {
+            assert_eq!(vals, ["127.0.0.1"], "the gateway sets its own X-Real-IP");
+        } else {
+            assert!(vals.is_empty(), "{n} forwarded: {vals:?}");
+        }
+    }
+    assert_eq!(got[0].headers["x-keep"], "1");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_answered_501_and_not_forwarded() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    for te in ["gzip, chunked", "deflate,chunked", "chunked, chunked"] {
+        let r = raw(
+            tg.addr,
+            format!(
+                "POST /echo/te HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nTransfer-Encoding: {te}\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 501, "{te}: {}", r.raw);
+        assert!(
+            r.body.contains("\"error\":\"not_implemented\""),
+            "{}",
+            r.body
+        );
+        let line = tg.last_request_line().await;
+        assert_rejection_line(&line, 501, "unsupported_transfer_coding");
+    }
+    assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+}

@@ -1226,6 +1226,21 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
                 if host.is_some() && host.as_deref() != want {
                     continue;
                 }
+                // In a host's table, its own rule replaces a host-less rule for the same path
+                // and methods (otherwise the two would be ambiguous).
+                let overlaps = |a: &[String], b: &[String]| {
+                    a.is_empty() || b.is_empty() || a.iter().any(|m| b.contains(m))
+                };
+                let replaced = host.is_none()
+                    && want.is_some()
+                    && r.rules.iter().zip(&rule_hosts).any(|(o, oh)| {
+                        oh.as_deref() == want
+                            && o.path == rule.path
+                            && overlaps(&o.methods, &rule.methods)
+                    });
+                if replaced {
+                    continue;
+                }
                 let mut path = if r.case_sensitive {
                     rule.path.clone()
                 } else {

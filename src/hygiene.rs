@@ -543,9 +543,49 @@ mod tests {
             ("a:123456", false),
             ("[::1]x", false),
             ("[::1", false),
+            ("a:99999", false),
+            ("a:0", false),
+            ("a:65535", true),
+            ("a!b", false),
+            ("%61", false),
+            ("a_b", false),
+            ("[zz]", false),
         ] {
             let got = check(&parts(&[("host", host)], "/x", "GET"), &methods(), L);
             assert_eq!(got.is_ok(), ok, "{host}: {got:?}");
         }
+    }
+
+    #[test]
+    fn host_allow_lists_and_cookie_stripping() {
+        let allowed = vec!["api.example.com".to_string(), "*.example.com".to_string()];
+        for (h, ok) in [
+            ("api.example.com", true),
+            ("eu.example.com", true),
+            ("a.b.example.com", true),
+            ("example.com", false),
+            ("xexample.com", false),
+            ("api.example.com.evil", false),
+        ] {
+            assert_eq!(host_allowed(h, &allowed), ok, "{h}");
+        }
+        assert_eq!(host_name("API.Example.COM.:8443"), "api.example.com");
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_static("a=1; tokengate_session=s"),
+        );
+        h.append(
+            "cookie",
+            HeaderValue::from_static("__Host-tokengate_session=s;b=2"),
+        );
+        strip_gateway_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("tokengate_session=s"));
+        strip_gateway_cookies(&mut h);
+        assert!(!h.contains_key("cookie"));
     }
 }

@@ -436,3 +436,173 @@ host = \"api.example.com\"
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
 }
+
+/// The Express app of tests/lenient (default routing: case-insensitive, slash-lenient), killed
+/// on drop.
+struct Express {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl Express {
+    /// None (with a note) when node is not installed and CI is not set.
+    async fn start() -> Option<Express> {
+        use tokio::io::AsyncBufReadExt;
+        let node = std::process::Command::new("node").arg("--version").output();
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        if node.is_err() && !ci {
+            eprintln!("SKIPPED: node is not installed (tests/lenient needs it)");
+            return None;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lenient/run.sh");
+        let mut child = tokio::process::Command::new("bash")
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("bash runs");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("express starts")
+            .unwrap()
+            .expect("a listening line");
+        let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+        Some(Express {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+
+    /// Paths that reached a protected handler.
+    async fn hits(&self) -> Vec<String> {
+        let r = client()
+            .get(format!("http://{}/__hits", self.addr))
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    }
+}
+
+impl Drop for Express {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test]
+async fn behind_express_a_lenient_route_lets_no_variant_of_a_protected_path_through() {
+    let Some(express) = Express::start().await else {
+        return;
+    };
+    let rules = |prefix: &str| {
+        format!(
+            "
+[[routes.rules]]
+methods = [\"GET\"]
+path = \"{prefix}/admin/**\"
+permission = \"admin:all\"
+
+[[routes.rules]]
+methods = [\"GET\"]
+path = \"{prefix}/settings\"
+permission = \"admin:all\"
+
+[[routes.rules]]
+methods = [\"GET\"]
+path = \"{prefix}/**\"
+public = true
+"
+        )
+    };
+    let extra = format!(
+        "
+[[routes]]
+name = \"lenient\"
+prefix = \"/x\"
+upstream = \"http://{addr}\"
+case_sensitive = false
+trailing_slash = \"ignore\"
+{lenient}
+[[routes]]
+name = \"strict\"
+prefix = \"/y\"
+upstream = \"http://{addr}\"
+{strict}",
+        addr = express.addr,
+        lenient = rules("/x"),
+        strict = rules("/y"),
+    );
+    let tg = TestGateway::start_with(Options {
+        extra_routes: extra,
+        ..Options::default()
+    })
+    .await;
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n");
+    // Sanity: the public part is served, and Express really is lenient (asked directly).
+    let r = raw(tg.addr, get("/x/about").as_bytes()).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "public page"),
+        "{}",
+        r.raw
+    );
+    for p in ["/x/ADMIN/panel", "/x/admin/panel/", "/x/Settings/"] {
+        let direct = client()
+            .get(format!("http://{}{p}", express.addr))
+            .send()
+            .await
+            .unwrap();
+        assert!(direct.text().await.unwrap().starts_with("protected"), "{p}");
+    }
+    let direct_hits = express.hits().await.len();
+
+    // Through the lenient route: every variant is judged as the protected path (401), and the
+    // protected handlers never run.
+    for p in [
+        "/x/admin/panel",
+        "/x/ADMIN/panel",
+        "/x/Admin/Panel",
+        "/x/admin/panel/",
+        "/x/ADMIN/PANEL/",
+        "/x/admin/",
+        "/x/settings",
+        "/x/settings/",
+        "/x/SETTINGS",
+        "/x/Settings/",
+        "/X/admin/panel",
+        "/X/SETTINGS/",
+    ] {
+        let r = raw(tg.addr, get(p).as_bytes()).await;
+        assert_eq!(r.status, 401, "{p}: {}", r.raw);
+        let line = tg.last_request_line().await;
+        assert_rejection_line(&line, 401, "missing_token");
+        assert!(
+            line["rule"].as_str().unwrap().contains("/x/admin/**")
+                || line["rule"].as_str().unwrap().contains("/x/settings"),
+            "{p}: {line}"
+        );
+    }
+    assert_eq!(
+        express.hits().await.len(),
+        direct_hits,
+        "a variant reached a protected handler"
+    );
+
+    // The unsafe combination (documented): the default strict route in front of Express lets
+    // case and trailing-slash variants past the rule, into the protected handler.
+    let r = raw(tg.addr, get("/y/admin/panel").as_bytes()).await;
+    assert_eq!(r.status, 401);
+    let mut leaked = Vec::new();
+    for p in ["/y/ADMIN/panel", "/y/settings/"] {
+        let r = raw(tg.addr, get(p).as_bytes()).await;
+        if r.status == 200 && r.body.starts_with("protected") {
+            leaked.push(p);
+        }
+    }
+    assert_eq!(leaked, ["/y/ADMIN/panel", "/y/settings/"]);
+    assert_eq!(express.hits().await.len(), direct_hits + 2);
+    tg.stop().await;
+}

@@ -77,8 +77,12 @@ fn corpus(tok: &str) -> Vec<Case> {
     add("control", "/apps/x/admin", fwd("/apps/x/admin"));
     add("control", "/apps/x/.well-known", fwd("/apps/x/.well-known"));
     add("control", "/apps/x/..a/b", fwd("/apps/x/..a/b"));
-    add("control", "/apps/x/a..", fwd("/apps/x/a.."));
-    add("control", "/apps/x/.a.", fwd("/apps/x/.a."));
+    // A segment ending in a dot or a space is what Win32 trims (`a..` is `a` on IIS): refused.
+    add("trailing dot", "/apps/x/a..", BAD_PATH);
+    add("trailing dot", "/apps/x/.a.", BAD_PATH);
+    add("trailing dot", "/apps/x/admin.", BAD_PATH);
+    add("trailing space", "/apps/x/..%20/admin", BAD_PATH);
+    add("trailing space", "/apps/x/%2e%20", BAD_PATH);
     add("control", "/echo/a/b", fwd("/echo/a/b"));
     add("control", "/health", fwd("/health"));
     add("control", "/admin/x", NOT_ADMIN);

@@ -46,6 +46,8 @@ pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// HTTP/2 concurrent streams per connection.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// How long a connection with no request in flight (an HTTP/2 connection with no stream) stays open.
+pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long SIGTERM waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Idle timeout of a web UI session.
@@ -158,6 +160,7 @@ struct RawServer {
     max_uri_bytes: Option<usize>,
     max_body_bytes: Option<u64>,
     h2_max_concurrent_streams: Option<u32>,
+    h2_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
 }
 
@@ -336,6 +339,9 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// HTTP/2 max concurrent streams.
     pub h2_max_concurrent_streams: u32,
+    /// A connection with no request in flight (HTTP/2: no open stream) for this long is closed
+    /// gracefully (GOAWAY).
+    pub h2_idle_timeout: Duration,
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: Duration,
 }
@@ -859,6 +865,11 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
         h2_max_concurrent_streams: s
             .h2_max_concurrent_streams
             .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
+        h2_idle_timeout: cx.duration(
+            "server.h2_idle_timeout",
+            &s.h2_idle_timeout,
+            DEFAULT_H2_IDLE_TIMEOUT,
+        )?,
         shutdown_grace: cx.duration(
             "server.shutdown_grace",
             &s.shutdown_grace,

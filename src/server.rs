@@ -250,9 +250,10 @@ async fn accept_loop(
         let acceptor = tls.load_full();
         let gw = gw.clone();
         let watcher = graceful.watcher();
+        let stop_conn = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(stream, peer, acceptor, role, gw, watcher).await;
+            serve_connection(stream, peer, acceptor, role, gw, watcher, stop_conn).await;
         });
     }
 }
@@ -264,8 +265,12 @@ async fn serve_connection(
     role: Role,
     gw: Gateway,
     watcher: Watcher,
+    stop: watch::Receiver<bool>,
 ) {
     let cfg = gw.config();
+    // Requests in flight on this connection, for the idle timeout.
+    let (in_flight, idle_rx) = watch::channel(0usize);
+    let in_flight = Arc::new(in_flight);
     let conn = ConnInfo {
         peer,
         tls: acceptor.is_some(),
@@ -291,7 +296,10 @@ async fn serve_connection(
         let gw = gw.clone();
         service_fn(move |req| {
             let gw = gw.clone();
+            let in_flight = in_flight.clone();
             async move {
+                in_flight.send_modify(|n| *n += 1);
+                let _done = InFlight(in_flight);
                 let resp = match role {
                     Role::Public => gw.handle(req, conn).await,
                     Role::Admin => admin::handle(&gw, req, conn).await,
@@ -309,7 +317,8 @@ async fn serve_connection(
                 TokioIo::new(ProtocolDeadline::new(stream, deadline)),
                 svc,
             );
-            if let Err(e) = watcher.watch(c.into_owned()).await {
+            let idle = cfg.server.h2_idle_timeout;
+            if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
@@ -334,11 +343,65 @@ async fn serve_connection(
                 TokioIo::new(ProtocolDeadline::new(tls, deadline)),
                 svc,
             );
-            if let Err(e) = watcher.watch(c.into_owned()).await {
+            let idle = cfg.server.h2_idle_timeout;
+            if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
     }
+}
+
+/// Decrements the connection's in-flight count when a request's handler is done (or dropped).
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Runs a connection until it ends, shutting it down gracefully (HTTP/2 GOAWAY, HTTP/1 close
+/// when idle) on server stop or once it has had no request in flight for `idle`: hyper's
+/// HTTP/2 keep-alive pings only detect dead peers, so without this a live client could hold
+/// an empty HTTP/2 connection (and its slot of `max_connections`) for ever. `watcher` is held
+/// until the end so the server's drain waits for this connection.
+async fn drive<C, E>(
+    conn: C,
+    watcher: Watcher,
+    mut stop: watch::Receiver<bool>,
+    mut in_flight: watch::Receiver<usize>,
+    idle: Duration,
+) -> Result<(), E>
+where
+    C: hyper_util::server::graceful::GracefulConnection<Error = E>,
+{
+    let local = GracefulShutdown::new();
+    let conn = local.watch(conn);
+    tokio::pin!(conn);
+    let idle_for = async move {
+        loop {
+            if *in_flight.borrow_and_update() == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => return,
+                    r = in_flight.changed() => if r.is_err() { return },
+                }
+            } else if in_flight.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::pin!(idle_for);
+    tokio::select! {
+        r = &mut conn => return r,
+        _ = stop.changed() => {}
+        _ = &mut idle_for => {}
+    }
+    // Either way: GOAWAY (or close when idle), then let in-flight streams finish.
+    let shutdown = tokio::spawn(local.shutdown());
+    let r = conn.await;
+    shutdown.abort();
+    drop(watcher);
+    r
 }
 
 /// The HTTP/2 connection preface; hyper's auto builder reads up to this many bytes to choose a

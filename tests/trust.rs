@@ -606,3 +606,31 @@ upstream = \"http://{addr}\"
     assert_eq!(express.hits().await.len(), direct_hits + 2);
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_connection_with_no_stream_is_closed_after_the_idle_timeout() {
+    let tg = TestGateway::start_with(Options {
+        server: "h2_idle_timeout = \"300ms\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let stream = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("http://gw.test/apps/a/idle")
+        .header("authorization", format!("Bearer {tok}"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Then, with no stream open, the gateway ends the connection (GOAWAY) by itself.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), conn).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
+    assert!(send.is_closed() || send.ready().await.is_err());
+    tg.stop().await;
+}

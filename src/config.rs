@@ -544,78 +544,6 @@ pub struct HostRules {
     pub rule_ids: Vec<String>,
 }
 
-impl RouteConfig {
-    /// The path rules are matched against: lower-cased when `case_sensitive = false`, one
-    /// trailing `/` removed when `trailing_slash = "ignore"`, so `/ADMIN/` is judged as `/admin`
-    /// by a route whose backend treats them alike. What is forwarded stays the canonical path.
-    pub fn match_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
-        let mut p = std::borrow::Cow::Borrowed(path);
-        if !self.case_sensitive && p.bytes().any(|b| b.is_ascii_uppercase()) {
-            p = std::borrow::Cow::Owned(p.to_ascii_lowercase());
-        }
-        if self.trailing_slash == TrailingSlash::Ignore && p.len() > 1 && p.ends_with('/') {
-            p = match p {
-                std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[..b.len() - 1]),
-                std::borrow::Cow::Owned(mut o) => {
-                    o.pop();
-                    std::borrow::Cow::Owned(o)
-                }
-            };
-        }
-        p
-    }
-
-    /// The rule table and audit ids for a request to `host` (a lower-case name without port):
-    /// an exact host entry first, then the longest matching `*.` pattern, else the rules
-    /// without `host`.
-    pub fn rules_for(&self, host: Option<&str>) -> (&RuleTable, &[String]) {
-        if let Some(h) = host.filter(|_| !self.host_rules.is_empty()) {
-            let exact = self.host_rules.iter().find(|r| r.host == h);
-            let wild = || {
-                self.host_rules
-                    .iter()
-                    .filter(|r| {
-                        r.host.starts_with("*.")
-                            && crate::hygiene::host_allowed(h, std::slice::from_ref(&r.host))
-                    })
-                    .max_by_key(|r| r.host.len())
-            };
-            if let Some(r) = exact.or_else(wild) {
-                return (&r.rules, &r.rule_ids);
-            }
-        }
-        (&self.rules, &self.rule_ids)
-    }
-}
-
-/// Lower-cases a rule template's literal text, leaving `{capture}` names as written.
-fn lowercase_template(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    let mut depth = 0u32;
-    for c in path.chars() {
-        match c {
-            '{' => depth += 1,
-            '}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        out.push(if depth == 0 {
-            c.to_ascii_lowercase()
-        } else {
-            c
-        });
-    }
-    out
-}
-
-/// Validates an `allowed_hosts` entry or a rule's `host`: a DNS name or `*.` plus one.
-fn host_pattern_ok(h: &str) -> bool {
-    let name = h.strip_prefix("*.").unwrap_or(h);
-    !name.is_empty()
-        && !name.contains('*')
-        && !name.contains(':')
-        && crate::hygiene::authority_is_valid(name)
-}
-
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -1173,7 +1101,7 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             .map(|h| h.to_ascii_lowercase())
             .collect();
         for h in &allowed_hosts {
-            if !host_pattern_ok(h) {
+            if !crate::hygiene::host_pattern_ok(h) {
                 return Err(cx.invalid(
                     &format!("{key}.allowed_hosts"),
                     format!("`{h}` is not a host name or `*.` pattern (no port)"),
@@ -1217,7 +1145,8 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
             }
             let host = rule.host.as_ref().map(|h| h.to_ascii_lowercase());
             if let Some(h) = &host {
-                if !r.pass_host || !allowed_hosts.contains(h) || !host_pattern_ok(h) {
+                if !r.pass_host || !allowed_hosts.contains(h) || !crate::hygiene::host_pattern_ok(h)
+                {
                     return Err(cx.invalid(
                         &format!("{rkey}.host"),
                         format!(
@@ -1255,7 +1184,7 @@ fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigEr
                 let mut path = if r.case_sensitive {
                     rule.path.clone()
                 } else {
-                    lowercase_template(&rule.path)
+                    crate::authz::lowercase_template(&rule.path)
                 };
                 if trailing_slash == TrailingSlash::Ignore && path.len() > 1 && path.ends_with('/')
                 {

@@ -415,6 +415,12 @@ pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
     })
 }
 
+/// Validates an `allowed_hosts` entry or a rule's `host`: a DNS name or `*.` plus one.
+pub fn host_pattern_ok(h: &str) -> bool {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    !name.is_empty() && !name.contains('*') && !name.contains(':') && authority_is_valid(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -634,3 +634,59 @@ async fn an_http2_connection_with_no_stream_is_closed_after_the_idle_timeout() {
     assert!(send.is_closed() || send.ready().await.is_err());
     tg.stop().await;
 }
+
+#[test]
+fn the_new_route_keys_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let host_rule = format!(
+        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/docs/**\"\npublic = true\nhost = \"api.example.com\"\n"
+    );
+    for (route, rules, key) in [
+        ("pass_host = true", DEFAULT_RULES.to_string(), "pass_host"),
+        (
+            "trailing_slash = \"loose\"",
+            DEFAULT_RULES.to_string(),
+            "trailing_slash",
+        ),
+        (
+            "allowed_hosts = [\"api.example.com:443\"]",
+            DEFAULT_RULES.to_string(),
+            "allowed_hosts",
+        ),
+        (
+            "allowed_hosts = [\"*\"]",
+            DEFAULT_RULES.to_string(),
+            "allowed_hosts",
+        ),
+        ("", host_rule.clone(), ".host"),
+        (
+            "allowed_hosts = [\"api.example.com\"]",
+            host_rule.clone(),
+            ".host",
+        ),
+        (
+            "pass_host = true\nallowed_hosts = [\"other.example.com\"]",
+            host_rule.clone(),
+            ".host",
+        ),
+    ] {
+        let o = Options {
+            route: route.into(),
+            rules,
+            ..Options::default()
+        };
+        let path = write_config(dir.path(), "127.0.0.1:9", &o);
+        let err = tokengate::config::Config::load(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{route}: {err}");
+    }
+    // Accepted: the documented forms.
+    let o = Options {
+        route: "pass_host = true\nallowed_hosts = [\"api.example.com\", \"*.example.com\"]\ncase_sensitive = false\ntrailing_slash = \"ignore\"".into(),
+        rules: host_rule,
+        ..Options::default()
+    };
+    let path = write_config(dir.path(), "127.0.0.1:9", &o);
+    tokengate::config::Config::load(&path).unwrap();
+}

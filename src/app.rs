@@ -85,6 +85,15 @@ pub async fn start(cfg: Config) -> Result<Started, AppError> {
         .map_err(|e| AppError::failure(format!("store unreadable, not serving: {e}")))?;
     let audit = AuditLog::open(audit_config(&cfg))
         .map_err(|e| AppError::failure(format!("audit log: {e}")))?;
+    if listeners_share_host(cfg.server.listen, cfg.admin.listen) {
+        tracing::warn!(
+            public_listen = %cfg.server.listen,
+            admin_listen = %cfg.admin.listen,
+            "the admin and public listeners share one host: browsers send cookies to every port \
+             of a host, so serve the admin UI under its own host name (the gateway strips its \
+             session cookie from forwarded requests, but other sites on this host could read it)"
+        );
+    }
     let gateway = Gateway::new(cfg, store, audit);
     let server = Server::bind(gateway.clone())
         .await
@@ -95,6 +104,15 @@ pub async fn start(cfg: Config) -> Result<Started, AppError> {
         server,
         background,
     })
+}
+
+/// Whether a browser may reach both listeners under one host name (cookies are scoped to a host,
+/// not a port): the same address, or either bound to every address.
+pub fn listeners_share_host(public: std::net::SocketAddr, admin: std::net::SocketAddr) -> bool {
+    public.ip() == admin.ip()
+        || public.ip().is_unspecified()
+        || admin.ip().is_unspecified()
+        || public.ip().is_loopback() && admin.ip().is_loopback()
 }
 
 /// `tokengate serve`.

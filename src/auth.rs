@@ -61,12 +61,40 @@ pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<&'a st
     Ok(credential)
 }
 
-/// `access_token=` or `token=` anywhere in the query, with any percent-encoding of the name.
+/// Query parameter names, normalised by [`token_param_key`], that carry a credential: the RFC 6750
+/// §2.3 name and its near misses (`accessToken`, `ACCESS-TOKEN`, `access_token[]`, `token%20`),
+/// and the usual API-key spellings (`api_key`, `apiKey`, `auth_token`, `bearer`, ...).
+const TOKEN_PARAMS: &[&str] = &[
+    "accesstoken",
+    "token",
+    "apikey",
+    "authtoken",
+    "bearer",
+    "bearertoken",
+    "authorization",
+];
+
+/// The comparable form of a query parameter name: percent-decoded (`+` as space),
+/// lower-cased, array brackets dropped (`token[]`, `token[0]`), and `-`, `_`, `.` and spaces
+/// removed, so `Access-Token`, `access_token[]` and `token%20` all read as their plain name.
+fn token_param_key(name: &str) -> String {
+    let decoded = percent_decode_lossy(name).to_ascii_lowercase();
+    let base = decoded.split('[').next().unwrap_or("");
+    base.chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.') && !c.is_whitespace())
+        .collect()
+}
+
+/// A credential anywhere in the query: a parameter named like one ([`TOKEN_PARAMS`]), or a
+/// value that is a well-formed tokengate token under any name.
 fn query_has_token(q: &str) -> bool {
     q.split(['&', ';']).any(|pair| {
-        let name = pair.split('=').next().unwrap_or("");
-        let decoded = percent_decode_lossy(name).to_ascii_lowercase();
-        decoded == "access_token" || decoded == "token"
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if TOKEN_PARAMS.contains(&token_param_key(name).as_str()) {
+            return true;
+        }
+        let value = percent_decode_lossy(value);
+        token::parse(value.trim()).is_ok()
     })
 }
 
@@ -233,6 +261,17 @@ mod tests {
             "ACCESS_TOKEN=z",
             "%61ccess_token=q",
             "x=1;token=2",
+            "access_token[]=x",
+            "accessToken=x",
+            "token%20=x",
+            "access-token=x",
+            "Access.Token=x",
+            "api_key=x",
+            "apiKey=x",
+            "API-KEY=x",
+            "auth_token=x",
+            "token[0]=x",
+            "bearer=x",
         ] {
             assert_eq!(
                 extract(&h(&["Bearer abc"]), Some(q)).unwrap_err().reason(),
@@ -241,5 +280,13 @@ mod tests {
             );
         }
         assert!(extract(&h(&["Bearer abc"]), Some("tokens=1&my_token=2")).is_ok());
+        assert!(extract(&h(&["Bearer abc"]), Some("page=2&token_type=x&csrf=1")).is_ok());
+        // A real token's shape under any name is refused too.
+        let t = crate::token::generate("tg");
+        let q = format!("q={}", t.plaintext);
+        assert_eq!(
+            extract(&h(&["Bearer abc"]), Some(&q)).unwrap_err().reason(),
+            "token_in_query"
+        );
     }
 }

@@ -68,6 +68,17 @@ pub enum Reject {
     AuditUnavailable,
     /// Upgrade requested where not allowed.
     UpgradeRefused,
+    /// 421: the Host is not one this route answers for (`host_not_allowed`).
+    Misdirected {
+        /// Audit reason.
+        reason: &'static str,
+    },
+    /// 501: a feature the gateway does not implement, e.g. a transfer coding other than
+    /// `chunked` (`unsupported_transfer_coding`).
+    NotImplemented {
+        /// Audit reason.
+        reason: &'static str,
+    },
     /// No route for a path on the reserved prefix.
     NotFound,
     /// Step 9: upstream refused or failed.
@@ -102,6 +113,7 @@ impl Reject {
             Reject::StoreUnavailable => "store_unavailable",
             Reject::AuditUnavailable => "audit_unavailable",
             Reject::UpgradeRefused => "upgrade_refused",
+            Reject::Misdirected { reason } | Reject::NotImplemented { reason } => reason,
             Reject::NotFound => "not_found",
             Reject::UpstreamError => "upstream_error",
             Reject::UpstreamTls => "upstream_tls_error",
@@ -157,6 +169,8 @@ impl Reject {
             Reject::Forbidden { .. } => StatusCode::FORBIDDEN,
             Reject::StoreUnavailable | Reject::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Reject::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             Reject::UpstreamError | Reject::UpstreamTls => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -181,6 +195,8 @@ impl Reject {
             Reject::Forbidden { .. } => "insufficient_scope",
             Reject::StoreUnavailable | Reject::AuditUnavailable => "unavailable",
             Reject::NotFound => "not_found",
+            Reject::Misdirected { .. } => "misdirected_request",
+            Reject::NotImplemented { .. } => "not_implemented",
             Reject::UpstreamError | Reject::UpstreamTls => "bad_gateway",
             Reject::UpstreamTimeout | Reject::RequestTimeout => "gateway_timeout",
             Reject::Internal => "internal_error",
@@ -222,6 +238,10 @@ impl Reject {
             }
             Reject::UpgradeRefused => "Protocol upgrades are not allowed on this route.".into(),
             Reject::NotFound => "Not found.".into(),
+            Reject::Misdirected { .. } => "This host name is not served here.".into(),
+            Reject::NotImplemented { .. } => {
+                "Transfer codings other than `chunked` are not supported.".into()
+            }
             Reject::UpstreamError => "The upstream service failed to answer.".into(),
             Reject::UpstreamTls => {
                 "The gateway could not make a trusted TLS connection to the upstream service."

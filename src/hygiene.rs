@@ -52,6 +52,81 @@ pub const ALWAYS_REMOVED: &[&str] = &[
     "x-method-override",
 ];
 
+/// Headers common backends and their auth middlewares trust as the caller's identity or address
+/// (oauth2-proxy, Authelia, Grafana, Apache `REMOTE_USER`, CDNs): a client copy would let the
+/// caller pick who it is. Always removed; `X-Real-IP` is gateway-owned (set to the client IP).
+pub const IDENTITY_HEADERS: &[&str] = &[
+    "remote-user",
+    "x-remote-user",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
+    "x-auth-request-access-token",
+    "x-webauth-user",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-client-ip",
+];
+
+/// Cookie names the gateway itself issues (the admin web UI session, with and without the
+/// `__Host-` prefix). A browser signed in to the admin UI sends them to every listener of the same
+/// host name, whatever the port, so they are removed from everything forwarded upstream.
+pub const GATEWAY_COOKIES: &[&str] = &[
+    crate::admin::session::COOKIE,
+    crate::admin::session::COOKIE_TLS,
+];
+
+/// Removes the gateway's own cookies and joins every remaining `cookie` field into one line with
+/// `; ` (RFC 9113 §8.2.3: an HTTP/2 client may send one field per cookie; the HTTP/1.1 upstream
+/// must get them as one). The client's other cookies travel unchanged, in order.
+pub fn strip_gateway_cookies(headers: &mut HeaderMap) {
+    let n = headers.get_all(header::COOKIE).iter().count();
+    if n == 0 {
+        return;
+    }
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut dropped = false;
+    for v in headers.get_all(header::COOKIE) {
+        for pair in v.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() {
+                continue;
+            }
+            let name = pair
+                .split(|&b| b == b'=')
+                .next()
+                .unwrap_or(pair)
+                .trim_ascii();
+            if GATEWAY_COOKIES
+                .iter()
+                .any(|c| c.as_bytes().eq_ignore_ascii_case(name))
+            {
+                dropped = true;
+                continue;
+            }
+            kept.push(pair);
+        }
+    }
+    if n == 1 && !dropped {
+        return;
+    }
+    let joined = kept.join(&b"; "[..]);
+    let value = (!joined.is_empty())
+        .then(|| HeaderValue::from_bytes(&joined).ok())
+        .flatten();
+    headers.remove(header::COOKIE);
+    if let Some(v) = value {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) headers present instead of a removal per listed name: removing by
@@ -90,6 +165,7 @@ pub fn strip_owned(headers: &mut HeaderMap) {
             let k = k.as_str();
             GATEWAY_OWNED.contains(&k)
                 || ALWAYS_REMOVED.contains(&k)
+                || IDENTITY_HEADERS.contains(&k)
                 || GATEWAY_OWNED_PREFIXES.iter().any(|p| k.starts_with(p))
         })
         .cloned()
@@ -178,6 +254,23 @@ pub fn check<B>(
         }
     }
 
+    // Transfer codings other than a lone `chunked` (`gzip, chunked`, ...) are not implemented:
+    // refused like Envoy does, so no backend ever decodes a body the gateway framed differently.
+    let codings: Vec<String> = parts
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| String::from_utf8_lossy(c).trim().to_ascii_lowercase())
+        // RFC 9110 §5.6.1: empty list elements are ignored.
+        .filter(|c| !c.is_empty())
+        .collect();
+    if !codings.is_empty() && (codings.len() != 1 || codings[0] != "chunked") {
+        return Err(Reject::NotImplemented {
+            reason: "unsupported_transfer_coding",
+        });
+    }
+
     // Host: exactly one; the request-target's authority (absolute-form, or HTTP/2 :authority)
     // must agree with it.
     let mut hosts = parts.headers().get_all(header::HOST).iter();
@@ -213,7 +306,7 @@ pub fn check<B>(
             .to_str()
             .ok()
             .and_then(|s| s.parse::<http::uri::Authority>().ok())
-            .is_some_and(|a| a.as_str().find('@').is_none() && port_is_valid(a.as_str()));
+            .is_some_and(|a| a.as_str().find('@').is_none() && authority_is_valid(a.as_str()));
         if !ok {
             return Err(bad("bad_host", "Invalid Host header."));
         }
@@ -262,22 +355,70 @@ pub fn check<B>(
     Ok(RequestFacts { host, websocket })
 }
 
-/// RFC 9110 §7.2 `Host = uri-host [ ":" port ]`, RFC 3986 §3.2.3 `port = *DIGIT`: after the host
-/// (a bracketed IPv6 literal or a name) comes nothing or `:` and 1-5 digits. `http::uri::Authority`
-/// alone accepts `gw.test:abc` and `[::1]x`.
-fn port_is_valid(authority: &str) -> bool {
-    let rest = if authority.starts_with('[') {
-        match authority.split_once(']') {
-            Some((_, rest)) => rest,
+/// RFC 9110 §7.2 `Host = uri-host [ ":" port ]`, held to what a real host can be: a DNS name
+/// (letters, digits, `-`, `.`) or a bracketed IPv6 literal, then nothing or `:` and a port in
+/// 1–65535. `http::uri::Authority` alone accepts `gw.test:abc`, `[::1]x`, `a:99999`, `a!b` and
+/// `%41`, which backends then read as different hosts.
+pub fn authority_is_valid(authority: &str) -> bool {
+    let (host, rest) = if let Some(inner) = authority.strip_prefix('[') {
+        match inner.split_once(']') {
+            Some((ip, rest)) => {
+                if ip.is_empty() || ip.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                (None, rest)
+            }
             None => return false,
         }
     } else {
-        authority.find(':').map_or("", |i| &authority[i..])
+        match authority.find(':') {
+            Some(i) => (Some(&authority[..i]), &authority[i..]),
+            None => (Some(authority), ""),
+        }
     };
+    if let Some(h) = host {
+        let dns = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+        if h.is_empty() || h.len() > 253 || !h.bytes().all(dns) || h.starts_with('.') {
+            return false;
+        }
+    }
     rest.is_empty()
-        || rest
-            .strip_prefix(':')
-            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        || rest.strip_prefix(':').is_some_and(|p| {
+            (1..=5).contains(&p.len())
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
+        })
+}
+
+/// The host name of a validated authority, without the port, lower-cased.
+pub fn host_name(authority: &str) -> String {
+    let name = if authority.starts_with('[') {
+        authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| h)
+            .to_string()
+            + "]"
+    } else {
+        authority.split(':').next().unwrap_or(authority).to_string()
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Does `host` (a name from [`host_name`]) match an allow-list entry: an exact name, or
+/// `*.example.com` for any name strictly below `example.com` (never `example.com` itself).
+pub fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|a| match a.strip_prefix("*.") {
+        Some(suffix) => host
+            .strip_suffix(suffix)
+            .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        None => a == host,
+    })
+}
+
+/// Validates an `allowed_hosts` entry or a rule's `host`: a DNS name or `*.` plus one.
+pub fn host_pattern_ok(h: &str) -> bool {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    !name.is_empty() && !name.contains('*') && !name.contains(':') && authority_is_valid(name)
 }
 
 #[cfg(test)]
@@ -408,9 +549,49 @@ mod tests {
             ("a:123456", false),
             ("[::1]x", false),
             ("[::1", false),
+            ("a:99999", false),
+            ("a:0", false),
+            ("a:65535", true),
+            ("a!b", false),
+            ("%61", false),
+            ("a_b", false),
+            ("[zz]", false),
         ] {
             let got = check(&parts(&[("host", host)], "/x", "GET"), &methods(), L);
             assert_eq!(got.is_ok(), ok, "{host}: {got:?}");
         }
+    }
+
+    #[test]
+    fn host_allow_lists_and_cookie_stripping() {
+        let allowed = vec!["api.example.com".to_string(), "*.example.com".to_string()];
+        for (h, ok) in [
+            ("api.example.com", true),
+            ("eu.example.com", true),
+            ("a.b.example.com", true),
+            ("example.com", false),
+            ("xexample.com", false),
+            ("api.example.com.evil", false),
+        ] {
+            assert_eq!(host_allowed(h, &allowed), ok, "{h}");
+        }
+        assert_eq!(host_name("API.Example.COM.:8443"), "api.example.com");
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_static("a=1; tokengate_session=s"),
+        );
+        h.append(
+            "cookie",
+            HeaderValue::from_static("__Host-tokengate_session=s;b=2"),
+        );
+        strip_gateway_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("tokengate_session=s"));
+        strip_gateway_cookies(&mut h);
+        assert!(!h.contains_key("cookie"));
     }
 }

@@ -26,6 +26,10 @@ pub enum PathError {
     /// A segment is `.` or `..` (raw or percent-encoded), or consists only of dots.
     #[error("'.' or '..' path segment")]
     DotSegment,
+    /// A segment ending in `.` or a space (`%20`) after decoding (`..%20`, `x.`, `%2e%20`):
+    /// Windows and IIS trim them, so `..%20` is `..` and `admin.` is `admin` there.
+    #[error("path segment ends in '.' or a space")]
+    TrailingDotOrSpace,
     /// An empty segment (`//`) anywhere but as the single trailing slash.
     #[error("empty path segment")]
     EmptySegment,
@@ -103,6 +107,7 @@ impl PathError {
             Self::Empty => "empty_path",
             Self::NotAbsolute => "not_absolute",
             Self::DotSegment => "dot_segment",
+            Self::TrailingDotOrSpace => "trailing_dot_or_space",
             Self::EmptySegment => "empty_segment",
             Self::Semicolon => "semicolon",
             Self::Backslash => "backslash",
@@ -266,6 +271,11 @@ fn check_segment(segment: &str, is_last: bool, non_ascii: bool) -> Result<(), Pa
     }
     if non_ascii {
         check_non_ascii_segment(segment)?;
+    }
+    // Win32 path handling (IIS, ASP.NET, Windows file servers) trims trailing dots and spaces:
+    // `..%20` is `..`, `admin.` is `admin`. Refused, as nothing legitimate ends that way.
+    if segment.ends_with('.') || segment.ends_with("%20") {
+        return Err(PathError::TrailingDotOrSpace);
     }
     Ok(())
 }
@@ -575,7 +585,7 @@ mod tests {
             ("/_", ASCII, Ok("/_")),
             ("/~user", ASCII, Ok("/~user")),
             ("/.a", ASCII, Ok("/.a")),
-            ("/a.", ASCII, Ok("/a.")),
+            ("/a.", ASCII, Err(E::TrailingDotOrSpace)),
             ("/..a", ASCII, Ok("/..a")),
             ("/a..b", ASCII, Ok("/a..b")),
             ("/.well-known/x", ASCII, Ok("/.well-known/x")),
@@ -590,7 +600,7 @@ mod tests {
             ("/%30%39", ASCII, Ok("/09")),
             ("/%2Ewell-known", ASCII, Ok("/.well-known")),
             ("/%2ea", ASCII, Ok("/.a")),
-            ("/a%2E", ASCII, Ok("/a.")),
+            ("/a%2E", ASCII, Err(E::TrailingDotOrSpace)),
             ("/%61/%62/", ASCII, Ok("/a/b/")),
             // Accepted, other escapes kept with uppercase hex.
             ("/a%3ab", ASCII, Ok("/a%3Ab")),
@@ -626,6 +636,12 @@ mod tests {
             ("http://x/a", ASCII, Err(E::NotAbsolute)),
             (" /a", ASCII, Err(E::NotAbsolute)),
             // Dot segments, raw and encoded, any case.
+            ("/a/..%20/b", ASCII, Err(E::TrailingDotOrSpace)),
+            ("/x./y", ASCII, Err(E::TrailingDotOrSpace)),
+            ("/a/%2e%20", ASCII, Err(E::TrailingDotOrSpace)),
+            ("/admin%20", ASCII, Err(E::TrailingDotOrSpace)),
+            ("/a/.../b", ASCII, Err(E::DotSegment)),
+            ("/a/.x/b%20c", ASCII, Ok("/a/.x/b%20c")),
             ("/a/./b", ASCII, Err(E::DotSegment)),
             ("/a/../b", ASCII, Err(E::DotSegment)),
             ("/.", ASCII, Err(E::DotSegment)),
@@ -871,7 +887,7 @@ mod tests {
         assert!(c.has_non_ascii);
         let c = canonicalise("/cafe", true).unwrap();
         assert!(!c.has_non_ascii);
-        let c = canonicalise("/cafe%20", false).unwrap();
+        let c = canonicalise("/cafe%20x", false).unwrap();
         assert!(!c.has_non_ascii);
     }
 
@@ -987,6 +1003,9 @@ mod tests {
             if *seg == "." || *seg == ".." {
                 return Err("dot segment".into());
             }
+            if seg.ends_with('.') || seg.ends_with("%20") {
+                return Err("segment ends in '.' or a space".into());
+            }
         }
         let mut i = 0;
         while i < bytes.len() {
@@ -1059,6 +1078,9 @@ mod tests {
         for (n, seg) in segs.iter().enumerate() {
             if *seg == b"." || *seg == b".." {
                 return Err("decoding produced a dot segment".into());
+            }
+            if seg.ends_with(b".") || seg.ends_with(b" ") {
+                return Err("decoding produced a segment ending in '.' or a space".into());
             }
             if seg.is_empty() && n + 1 != segs.len() {
                 return Err("decoding produced an empty segment".into());

@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 
 use crate::audit::{Entry, RequestRecord, Reservation};
 use crate::auth;
-use crate::authz::{self, Lookup, RuleMatch, ShadowRoles, Subject};
+use crate::authz::{self, Lookup, ShadowRoles, Subject};
 use crate::body::{Body, BodyOutcome, full};
 use crate::cache::CachedToken;
 use crate::clock::rfc3339;
@@ -270,10 +270,21 @@ impl Gateway {
         if facts.websocket && !route.is_some_and(|r| r.websocket) {
             return Err(Reject::UpgradeRefused);
         }
-        let lookup = route.map(|r| r.rules.lookup(ctx.method.as_str(), &canon.path));
+        let host_name = facts
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .map(hygiene::host_name);
+        if let Some(r) = route {
+            check_route_host(r, host_name.as_deref())?;
+        }
+        // Rules are matched on the path as the route's backend will read it (case, trailing /).
+        let tables = route.map(|r| (r, r.rules_for(host_name.as_deref())));
+        let lookup = tables
+            .map(|(r, (table, _))| table.lookup(ctx.method.as_str(), &r.match_path(&canon.path)));
         let enforced = lookup.as_ref().and_then(|l| l.enforced.as_ref());
-        if let (Some(r), Some(m)) = (route, enforced) {
-            ctx.rule = Some(rule_id(r, m));
+        if let (Some((_, (_, ids))), Some(m)) = (tables, enforced) {
+            ctx.rule = Some(ids[m.index].clone());
             ctx.permission = m.rule.permission.clone();
         }
         ctx.public = enforced.is_some_and(|m| m.rule.public);
@@ -777,8 +788,16 @@ fn sanitize_raw_path(p: &str) -> String {
         .collect()
 }
 
-fn rule_id(route: &RouteConfig, m: &RuleMatch<'_>) -> String {
-    route.rule_ids[m.index].clone()
+/// A route with `allowed_hosts` answers only for those names (421 `host_not_allowed`).
+fn check_route_host(route: &RouteConfig, host: Option<&str>) -> Result<(), Reject> {
+    if route.allowed_hosts.is_empty()
+        || host.is_some_and(|h| hygiene::host_allowed(h, &route.allowed_hosts))
+    {
+        return Ok(());
+    }
+    Err(Reject::Misdirected {
+        reason: "host_not_allowed",
+    })
 }
 
 fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {

@@ -116,8 +116,17 @@ pub fn upstream_request(
     if !route.forward_authorization {
         headers.remove(header::AUTHORIZATION);
     }
+    hygiene::strip_gateway_cookies(&mut headers);
+    // The upstream sees its own authority (nginx's `$proxy_host`) unless the route passes the
+    // client's (allow-listed) Host through; the client's Host travels as X-Forwarded-Host.
+    if route.pass_host {
+        if let Some(h) = &info.host {
+            headers.insert(header::HOST, h.clone());
+        }
+    } else if let Ok(v) = HeaderValue::from_str(route.upstream.as_str()) {
+        headers.insert(header::HOST, v);
+    }
     if let Some(h) = &info.host {
-        headers.insert(header::HOST, h.clone());
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
     let ip = ip_text(info.client_ip);

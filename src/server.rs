@@ -262,9 +262,13 @@ async fn accept_loop(
         let gw = gw.clone();
         let sessions = sessions.clone();
         let watcher = graceful.watcher();
+        let stop_conn = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(stream, peer, acceptor, role, gw, sessions, watcher).await;
+            serve_connection(
+                stream, peer, acceptor, role, gw, sessions, watcher, stop_conn,
+            )
+            .await;
         });
     }
 }
@@ -277,10 +281,14 @@ async fn serve_connection(
     gw: Gateway,
     sessions: Option<Arc<admin::session::Sessions>>,
     watcher: Watcher,
+    stop: watch::Receiver<bool>,
 ) {
     let cfg = gw.config();
     // The admin listener's state (its sessions); None on the public listener.
     let admin_state = sessions.map(|s| admin::Admin::new(gw.clone(), s));
+    // Requests in flight on this connection, for the idle timeout.
+    let (in_flight, idle_rx) = watch::channel(0usize);
+    let in_flight = Arc::new(in_flight);
     let conn = ConnInfo {
         peer,
         tls: acceptor.is_some(),
@@ -307,7 +315,10 @@ async fn serve_connection(
         service_fn(move |req| {
             let gw = gw.clone();
             let admin_state = admin_state.clone();
+            let in_flight = in_flight.clone();
             async move {
+                in_flight.send_modify(|n| *n += 1);
+                let _done = InFlight(in_flight);
                 let resp = match (role, admin_state) {
                     (Role::Admin, Some(a)) => admin::handle(&a, req, conn).await,
                     _ => gw.handle(req, conn).await,
@@ -325,7 +336,8 @@ async fn serve_connection(
                 TokioIo::new(ProtocolDeadline::new(stream, deadline)),
                 svc,
             );
-            if let Err(e) = watcher.watch(c.into_owned()).await {
+            let idle = cfg.server.h2_idle_timeout;
+            if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
@@ -350,11 +362,65 @@ async fn serve_connection(
                 TokioIo::new(ProtocolDeadline::new(tls, deadline)),
                 svc,
             );
-            if let Err(e) = watcher.watch(c.into_owned()).await {
+            let idle = cfg.server.h2_idle_timeout;
+            if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
     }
+}
+
+/// Decrements the connection's in-flight count when a request's handler is done (or dropped).
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Runs a connection until it ends, shutting it down gracefully (HTTP/2 GOAWAY, HTTP/1 close
+/// when idle) on server stop or once it has had no request in flight for `idle`: hyper's
+/// HTTP/2 keep-alive pings only detect dead peers, so without this a live client could hold
+/// an empty HTTP/2 connection (and its slot of `max_connections`) for ever. `watcher` is held
+/// until the end so the server's drain waits for this connection.
+async fn drive<C, E>(
+    conn: C,
+    watcher: Watcher,
+    mut stop: watch::Receiver<bool>,
+    mut in_flight: watch::Receiver<usize>,
+    idle: Duration,
+) -> Result<(), E>
+where
+    C: hyper_util::server::graceful::GracefulConnection<Error = E>,
+{
+    let local = GracefulShutdown::new();
+    let conn = local.watch(conn);
+    tokio::pin!(conn);
+    let idle_for = async move {
+        loop {
+            if *in_flight.borrow_and_update() == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => return,
+                    r = in_flight.changed() => if r.is_err() { return },
+                }
+            } else if in_flight.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::pin!(idle_for);
+    tokio::select! {
+        r = &mut conn => return r,
+        _ = stop.changed() => {}
+        _ = &mut idle_for => {}
+    }
+    // Either way: GOAWAY (or close when idle), then let in-flight streams finish.
+    let shutdown = tokio::spawn(local.shutdown());
+    let r = conn.await;
+    shutdown.abort();
+    drop(watcher);
+    r
 }
 
 /// The HTTP/2 connection preface; hyper's auto builder reads up to this many bytes to choose a

@@ -308,9 +308,14 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     assert_eq!(seen.len(), 20);
     for (i, s) in seen.iter().enumerate() {
         assert_eq!(s.conn, 0);
-        // Origin-form request line, the client's Host as is, exactly one Host.
+        // Origin-form request line, the upstream's own authority as Host (the client's only
+        // as X-Forwarded-Host), exactly one Host.
         assert_eq!(s.target, format!("/apps/a/item?n={i}"));
-        assert_eq!(s.header_values("host"), vec![tg.addr.to_string()]);
+        assert_eq!(s.header_values("host"), vec![up.addr.to_string()]);
+        assert_eq!(
+            s.header_values("x-forwarded-host"),
+            vec![tg.addr.to_string()]
+        );
     }
     tg.stop().await;
 }

@@ -61,11 +61,31 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(result, extract(&full, query));
     assert_eq!(result, extract(&only_auth, query));
 
-    // RFC 6750 §2.3 names, in any case and any percent-encoding, anywhere in the query.
+    // RFC 6750 §2.3 names and their near misses (any case, any percent-encoding, `[]`, `-`, `_`,
+    // `.` and spaces ignored), the API-key spellings, or a well-formed token as any value,
+    // anywhere in the query.
     let query_token = query.is_some_and(|q| {
         q.split(['&', ';']).any(|pair| {
-            let name = form_decode(pair.split('=').next().unwrap_or("")).to_ascii_lowercase();
-            name == "access_token" || name == "token"
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = form_decode(name).to_ascii_lowercase();
+            let key: String = name
+                .split('[')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !matches!(c, '-' | '_' | '.') && !c.is_whitespace())
+                .collect();
+            [
+                "accesstoken",
+                "token",
+                "apikey",
+                "authtoken",
+                "bearer",
+                "bearertoken",
+                "authorization",
+            ]
+            .contains(&key.as_str())
+                || parse(form_decode(value).trim()).is_ok()
         })
     });
 

@@ -91,6 +91,10 @@ fn check(path: &str, allow_non_ascii: bool) -> Result<(), String> {
             if !seg.is_empty() && seg.iter().all(|&b| b == b'.') {
                 return Err("dot segment".into());
             }
+            // Win32 trims trailing dots and spaces (`..%20` is `..` there).
+            if seg.ends_with(b".") || seg.ends_with(b" ") {
+                return Err("segment ends in '.' or a space".into());
+            }
         }
     }
     if bytes.iter().filter(|&&b| b == b'/').count()

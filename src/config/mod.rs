@@ -27,13 +27,14 @@ pub use raw::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_ALLOWED_EXPIRY, DEFAULT_AUDIT_PATH, DEFAULT_AUDIT_QUEUE,
     DEFAULT_BODY_IDLE_TIMEOUT, DEFAULT_BURST, DEFAULT_BUSY_TIMEOUT, DEFAULT_CHANGE_POLL_INTERVAL,
     DEFAULT_EXPIRY, DEFAULT_EXPIRY_WARNING_DAYS, DEFAULT_FAILED_AUTH_MAX_CLIENTS,
-    DEFAULT_FAILED_AUTH_PER_MINUTE, DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_LISTEN, DEFAULT_MAX_ACTIVE_PER_ACCOUNT,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES, DEFAULT_METHODS, DEFAULT_REALM,
-    DEFAULT_REDIS_TIMEOUT, DEFAULT_REPLICAS, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND,
-    DEFAULT_RESERVED_PREFIX, DEFAULT_ROTATION_GRACE, DEFAULT_SESSION_IDLE_TIMEOUT,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STORE_PATH, DEFAULT_STORE_POOL_SIZE, DEFAULT_STORE_TIMEOUT,
+    DEFAULT_FAILED_AUTH_PER_MINUTE, DEFAULT_H2_IDLE_TIMEOUT, DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LAST_USED_FLUSH_INTERVAL, DEFAULT_LISTEN,
+    DEFAULT_MAX_ACTIVE_PER_ACCOUNT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
+    DEFAULT_METHODS, DEFAULT_REALM, DEFAULT_REDIS_TIMEOUT, DEFAULT_REPLICAS,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_REQUESTS_PER_SECOND, DEFAULT_RESERVED_PREFIX,
+    DEFAULT_ROTATION_GRACE, DEFAULT_SESSION_IDLE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_STORE_PATH, DEFAULT_STORE_POOL_SIZE, DEFAULT_STORE_TIMEOUT,
     DEFAULT_TLS_HANDSHAKE_TIMEOUT, DEFAULT_TOKEN_PREFIX, DEFAULT_UPSTREAM_TIMEOUT,
 };
 
@@ -109,6 +110,9 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// HTTP/2 max concurrent streams.
     pub h2_max_concurrent_streams: u32,
+    /// A connection with no request in flight (HTTP/2: no open stream) for this long is closed
+    /// gracefully (GOAWAY).
+    pub h2_idle_timeout: Duration,
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: Duration,
 }
@@ -270,6 +274,39 @@ pub struct RouteConfig {
     /// Audit `rule` value of each rule (`route:METHODS path`), by rule index; built at load so
     /// the request path does not format it.
     pub rule_ids: Vec<String>,
+    /// Send the client's Host to the upstream (false: the upstream's own authority, like
+    /// nginx's `$proxy_host`; the client's Host travels as `X-Forwarded-Host` either way).
+    pub pass_host: bool,
+    /// Host names this route answers for (`api.example.com`, `*.example.com`), lower-case;
+    /// empty = any. Others are refused 421 `host_not_allowed`.
+    pub allowed_hosts: Vec<String>,
+    /// Match rules case-sensitively (false: path and rules are compared lower-cased).
+    pub case_sensitive: bool,
+    /// How a trailing `/` counts when matching rules.
+    pub trailing_slash: TrailingSlash,
+    /// Rule tables for host-specific rules (`host = ...`): each holds that host's rules plus
+    /// every rule without `host`, in file order. `rules`/`rule_ids` hold the rules without `host`.
+    pub host_rules: Vec<HostRules>,
+}
+
+/// `trailing_slash` of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrailingSlash {
+    /// `/admin/` and `/admin` are different paths (the default).
+    Strict,
+    /// One trailing `/` is ignored when matching rules (`/admin/` is judged as `/admin`).
+    Ignore,
+}
+
+/// The rules that apply to requests for one host (or host pattern).
+#[derive(Debug)]
+pub struct HostRules {
+    /// Exact lower-case name, or `*.example.com`.
+    pub host: String,
+    /// Compiled rules.
+    pub rules: RuleTable,
+    /// Audit `rule` values, by rule index in `rules`.
+    pub rule_ids: Vec<String>,
 }
 
 /// The validated configuration.
@@ -386,7 +423,14 @@ impl Config {
     pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
         self.routes
             .iter()
-            .filter(|r| prefix_matches(&r.prefix, path))
+            .filter(|r| {
+                // A case-insensitive route claims its prefix in any case (`/X/` for `/x/`).
+                if r.case_sensitive {
+                    prefix_matches(&r.prefix, path)
+                } else {
+                    prefix_matches(&r.prefix.to_ascii_lowercase(), &path.to_ascii_lowercase())
+                }
+            })
             .max_by_key(|r| r.prefix.len())
     }
 }

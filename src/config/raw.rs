@@ -46,6 +46,8 @@ pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// HTTP/2 concurrent streams per connection.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// How long a connection with no request in flight (an HTTP/2 connection with no stream) stays open.
+pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long SIGTERM waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Idle timeout of a web UI session.
@@ -125,6 +127,7 @@ pub(super) struct RawServer {
     pub(super) max_uri_bytes: Option<usize>,
     pub(super) max_body_bytes: Option<u64>,
     pub(super) h2_max_concurrent_streams: Option<u32>,
+    pub(super) h2_idle_timeout: Option<String>,
     pub(super) shutdown_grace: Option<String>,
 }
 
@@ -220,6 +223,14 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub(super) allow_non_ascii: bool,
     #[serde(default)]
+    pub(super) pass_host: bool,
+    #[serde(default)]
+    pub(super) allowed_hosts: Vec<String>,
+    #[serde(default = "default_true")]
+    pub(super) case_sensitive: bool,
+    #[serde(default)]
+    pub(super) trailing_slash: Option<String>,
+    #[serde(default)]
     pub(super) rules: Vec<RawRule>,
     #[serde(default)]
     pub(super) upstream_tls: Option<RawUpstreamTls>,
@@ -234,6 +245,10 @@ pub(super) struct RawUpstreamTls {
     pub(super) client_cert_file: Option<PathBuf>,
     pub(super) client_key_file: Option<PathBuf>,
     pub(super) http2: bool,
+}
+
+pub(super) fn default_true() -> bool {
+    true
 }
 
 pub(super) fn default_route_prefix() -> String {
@@ -252,6 +267,8 @@ pub(super) struct RawRule {
     pub(super) public: bool,
     #[serde(default)]
     pub(super) shadow: bool,
+    #[serde(default)]
+    pub(super) host: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated stage

@@ -15,9 +15,9 @@ use ipnet::IpNet;
 
 use super::raw::*;
 use super::{
-    AdminConfig, AuditSection, Config, ConfigError, Expiry, Rate, RateLimitConfig, RoleConfig,
-    RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig, UpstreamConnector,
-    UpstreamTlsOptions, default_roles, parse_duration,
+    AdminConfig, AuditSection, Config, ConfigError, Expiry, HostRules, Rate, RateLimitConfig,
+    RoleConfig, RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig, TrailingSlash,
+    UpstreamConnector, UpstreamTlsOptions, default_roles, parse_duration,
 };
 use crate::authz::{self, Rule, RuleTable};
 
@@ -183,6 +183,11 @@ fn server(cx: &Ctx<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, Conf
         h2_max_concurrent_streams: s
             .h2_max_concurrent_streams
             .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
+        h2_idle_timeout: cx.duration(
+            "server.h2_idle_timeout",
+            &s.h2_idle_timeout,
+            DEFAULT_H2_IDLE_TIMEOUT,
+        )?,
         shutdown_grace: cx.duration(
             "server.shutdown_grace",
             &s.shutdown_grace,
@@ -500,7 +505,36 @@ fn routes(
             .cloned()
             .ok_or_else(|| cx.invalid(&format!("{key}.upstream"), "needs a host"))?;
         let upstream_tls = upstream_tls(cx, base, &key, https, &authority, &r.upstream_tls)?;
-        let mut rules = Vec::new();
+        let trailing_slash = match r.trailing_slash.as_deref() {
+            None | Some("strict") => TrailingSlash::Strict,
+            Some("ignore") => TrailingSlash::Ignore,
+            Some(o) => {
+                return Err(cx.invalid(
+                    &format!("{key}.trailing_slash"),
+                    format!("`{o}` is not `strict` or `ignore`"),
+                ));
+            }
+        };
+        let allowed_hosts: Vec<String> = r
+            .allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        for h in &allowed_hosts {
+            if !crate::hygiene::host_pattern_ok(h) {
+                return Err(cx.invalid(
+                    &format!("{key}.allowed_hosts"),
+                    format!("`{h}` is not a host name or `*.` pattern (no port)"),
+                ));
+            }
+        }
+        if r.pass_host && allowed_hosts.is_empty() {
+            return Err(cx.invalid(
+                &format!("{key}.pass_host"),
+                "needs `allowed_hosts`: only listed host names may reach the upstream",
+            ));
+        }
+        let mut rule_hosts: Vec<Option<String>> = Vec::new();
         for (j, rule) in r.rules.iter().enumerate() {
             let rkey = format!("{key}.rules[{j}]");
             let inside = rule.path.starts_with(&r.prefix)
@@ -529,28 +563,87 @@ fn routes(
                     ));
                 }
             }
-            rules.push(Rule {
-                methods: rule.methods.clone(),
-                path: rule.path.clone(),
-                permission: rule.permission.clone(),
-                public: rule.public,
-                shadow: rule.shadow,
-            });
+            let host = rule.host.as_ref().map(|h| h.to_ascii_lowercase());
+            if let Some(h) = &host {
+                if !r.pass_host || !allowed_hosts.contains(h) || !crate::hygiene::host_pattern_ok(h)
+                {
+                    return Err(cx.invalid(
+                        &format!("{rkey}.host"),
+                        format!(
+                            "`{h}` needs `pass_host = true` and must be listed in `allowed_hosts`"
+                        ),
+                    ));
+                }
+            }
+            rule_hosts.push(host);
         }
-        let rules = RuleTable::new(rules)
-            .map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
-        let rule_ids = rules
-            .rules()
-            .iter()
-            .map(|rule| {
+        // Rules as matched: lower-cased for a case-insensitive route, without a trailing `/`
+        // when trailing slashes are ignored; audit ids keep the path as written.
+        let compiled = |want: Option<&str>| -> Result<(RuleTable, Vec<String>), ConfigError> {
+            let mut rules = Vec::new();
+            let mut ids = Vec::new();
+            for (rule, host) in r.rules.iter().zip(&rule_hosts) {
+                if host.is_some() && host.as_deref() != want {
+                    continue;
+                }
+                // In a host's table, its own rule replaces a host-less rule for the same path
+                // and methods (otherwise the two would be ambiguous).
+                let overlaps = |a: &[String], b: &[String]| {
+                    a.is_empty() || b.is_empty() || a.iter().any(|m| b.contains(m))
+                };
+                let replaced = host.is_none()
+                    && want.is_some()
+                    && r.rules.iter().zip(&rule_hosts).any(|(o, oh)| {
+                        oh.as_deref() == want
+                            && o.path == rule.path
+                            && overlaps(&o.methods, &rule.methods)
+                    });
+                if replaced {
+                    continue;
+                }
+                let mut path = if r.case_sensitive {
+                    rule.path.clone()
+                } else {
+                    crate::authz::lowercase_template(&rule.path)
+                };
+                if trailing_slash == TrailingSlash::Ignore && path.len() > 1 && path.ends_with('/')
+                {
+                    path.pop();
+                }
                 let methods = if rule.methods.is_empty() {
                     "*".to_string()
                 } else {
                     rule.methods.join(",")
                 };
-                format!("{}:{} {}", r.name, methods, rule.path)
-            })
-            .collect();
+                ids.push(match host {
+                    Some(h) => format!("{}:{} {} host={h}", r.name, methods, rule.path),
+                    None => format!("{}:{} {}", r.name, methods, rule.path),
+                });
+                rules.push(Rule {
+                    methods: rule.methods.clone(),
+                    path,
+                    permission: rule.permission.clone(),
+                    public: rule.public,
+                    shadow: rule.shadow,
+                });
+            }
+            let table = RuleTable::new(rules)
+                .map_err(|e| cx.invalid(&format!("{key}.rules"), e.to_string()))?;
+            Ok((table, ids))
+        };
+        let (rules, rule_ids) = compiled(None)?;
+        let mut host_rules = Vec::new();
+        for h in rule_hosts.iter().flatten() {
+            if host_rules.iter().any(|x: &HostRules| &x.host == h) {
+                continue;
+            }
+            let (rules, rule_ids) = compiled(Some(h))?;
+            host_rules.push(HostRules {
+                host: h.clone(),
+                rules,
+                rule_ids,
+            });
+        }
         routes.push(RouteConfig {
             name: r.name,
             prefix: r.prefix,
@@ -572,6 +665,11 @@ fn routes(
             allow_non_ascii: r.allow_non_ascii,
             rules,
             rule_ids,
+            pass_host: r.pass_host,
+            allowed_hosts,
+            case_sensitive: r.case_sensitive,
+            trailing_slash,
+            host_rules,
         });
     }
 

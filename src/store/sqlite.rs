@@ -110,6 +110,13 @@ impl Sqlite {
             path: path.to_path_buf(),
             source,
         };
+        create_private(path).map_err(|e| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot create the database file: {e}")),
+            ),
+        })?;
         let writer = open_conn(path, busy_timeout, true).map_err(err)?;
         migrate(&writer, path)?;
         Ok(Sqlite {
@@ -661,6 +668,26 @@ impl Sqlite {
     }
 }
 
+/// Creates a missing database file with mode 0600 before SQLite first opens it: the file holds
+/// token hashes and the admin event outbox, and SQLite gives its `-wal` and `-shm` files the
+/// database file's mode, so all three are private to the gateway's user whatever the umask.
+/// An existing file keeps its mode (the operator chose it).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let text = path.to_string_lossy();
+    if text.starts_with("file:") || text == ":memory:" || path.exists() {
+        return Ok(());
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    match o.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn open_conn(path: &Path, busy: Duration, create: bool) -> rusqlite::Result<Connection> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -893,6 +920,25 @@ mod tests {
             0,
             "a new bound hash must not make SQLite parse and plan the lookup again"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn database_wal_and_shm_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tokengate.db");
+        // Under the usual umask (022) SQLite alone would create all three 0644.
+        let s = Store::open(&path, Duration::from_millis(250)).unwrap();
+        s.ping().unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = d.path().join(format!("tokengate.db{suffix}"));
+            let mode = std::fs::metadata(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", p.display());
+        }
     }
 
     #[test]

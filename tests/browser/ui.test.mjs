@@ -3,7 +3,8 @@
 // audit log in front of a small recording upstream, then, as a person would: signs in with a
 // token, issues a token in the issue card, reads it from the one-time reveal box, calls the public
 // listener with it (200), revokes it in the table (with the confirmation dialog), and sees the next
-// call get 401. Screenshots go to $SCREENSHOT_DIR (docs/screenshots holds the checked-in ones).
+// call get 401; and, signed in, visits the public listener on the same host (another port) to see
+// the upstream never receive the session cookie the browser sends along. Screenshots go to $SCREENSHOT_DIR (docs/screenshots holds the checked-in ones).
 //
 // Usage: node ui.test.mjs   (env: TOKENGATE_BIN, CHROMIUM, SCREENSHOT_DIR)
 import { spawn, execFileSync } from "node:child_process";
@@ -70,6 +71,11 @@ upstream = "http://${upstreamAddr}"
 methods = ["GET", "HEAD"]
 path = "/apps/{app}/**"
 permission = "apps:read"
+
+[[routes.rules]]
+methods = ["GET"]
+path = "/public/**"
+public = true
 `);
 const cli = (...args) => execFileSync(bin, ["--config", config, ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
 cli("account", "create", "platform", "--email", "platform@example.com");
@@ -150,6 +156,31 @@ try {
     const csrf = await page.locator('meta[name="csrf-token"]').getAttribute("content");
     assert.match(csrf, /^[0-9a-f]{64}$/);
     assert.match(await page.locator("#who").innerText(), /alice-console/);
+  });
+
+  await step("the session cookie the browser sends to the public listener never reaches the upstream", async () => {
+    // Same host (127.0.0.1), other port: browsers scope cookies by host, not port, so the admin
+    // session cookie goes along with the site's own cookies.
+    await context.addCookies([{ name: "theme", value: "dark", url: publicUrl }]);
+    const other = await context.newPage();
+    let sent = "";
+    other.on("request", async (r) => { sent = (await r.allHeaders()).cookie || sent; });
+    const before = received.length;
+    const resp = await other.goto(publicUrl + "/public/page");
+    assert.equal(resp.status(), 200);
+    const session = (await context.cookies(adminUrl)).find((x) => x.name === "tokengate_session");
+    assert.ok(sent.includes(`tokengate_session=${session.value}`), `the browser sent it: ${sent}`);
+    const upCalls = received.slice(before);
+    assert.equal(upCalls.length, 1);
+    assert.equal(upCalls[0].url, "/public/page");
+    assert.equal(upCalls[0].headers.cookie, "theme=dark");
+    assert.equal(JSON.stringify(upCalls[0].headers).includes(session.value), false);
+    // A fetch from the public page, with credentials, too.
+    const status = await other.evaluate(async () => (await fetch("/public/fetch", { credentials: "include" })).status);
+    assert.equal(status, 200);
+    assert.equal(received.at(-1).url, "/public/fetch");
+    assert.equal(received.at(-1).headers.cookie, "theme=dark");
+    await other.close();
   });
 
   await step("every form control has a label", async () => {

@@ -260,15 +260,15 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let acceptor = tls.load_full();
         let gw = gw.clone();
-        let sessions = sessions.clone();
+        // The admin listener's state (its sessions); None on the public listener.
+        let admin_state = sessions
+            .as_ref()
+            .map(|s| admin::Admin::new(gw.clone(), s.clone()));
         let watcher = graceful.watcher();
         let stop_conn = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(
-                stream, peer, acceptor, role, gw, sessions, watcher, stop_conn,
-            )
-            .await;
+            serve_connection(stream, peer, acceptor, gw, admin_state, watcher, stop_conn).await;
         });
     }
 }
@@ -277,15 +277,12 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: Option<Arc<TlsAcceptor>>,
-    role: Role,
     gw: Gateway,
-    sessions: Option<Arc<admin::session::Sessions>>,
+    admin_state: Option<admin::Admin>,
     watcher: Watcher,
     stop: watch::Receiver<bool>,
 ) {
     let cfg = gw.config();
-    // The admin listener's state (its sessions); None on the public listener.
-    let admin_state = sessions.map(|s| admin::Admin::new(gw.clone(), s));
     // Requests in flight on this connection, for the idle timeout.
     let (in_flight, idle_rx) = watch::channel(0usize);
     let in_flight = Arc::new(in_flight);
@@ -319,9 +316,9 @@ async fn serve_connection(
             async move {
                 in_flight.send_modify(|n| *n += 1);
                 let _done = InFlight(in_flight);
-                let resp = match (role, admin_state) {
-                    (Role::Admin, Some(a)) => admin::handle(&a, req, conn).await,
-                    _ => gw.handle(req, conn).await,
+                let resp = match admin_state {
+                    Some(a) => admin::handle(&a, req, conn).await,
+                    None => gw.handle(req, conn).await,
                 };
                 Ok::<_, Infallible>(resp)
             }

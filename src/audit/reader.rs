@@ -232,12 +232,7 @@ pub fn query(
     for path in paths {
         read_lines(path, &mut buf, |line_no, line, terminated| {
             if !terminated {
-                writeln!(
-                    err,
-                    "{}:{line_no}: skipped: incomplete last line (no newline)",
-                    path.display()
-                )
-                .map_err(AuditError::Output)?;
+                skipped(err, path, line_no, INCOMPLETE)?;
                 return Ok(false);
             }
             if emit(&m, path, line_no, line, format, out, err)? {
@@ -248,6 +243,13 @@ pub fn query(
     }
     out.flush().map_err(AuditError::Output)?;
     Ok(matched)
+}
+
+const INCOMPLETE: &str = "incomplete last line (no newline)";
+
+/// Reports a line the reader passed over, with its place: `<file>:<line>: skipped: <why>`.
+fn skipped(err: &mut dyn Write, path: &Path, line_no: u64, why: &str) -> Result<(), AuditError> {
+    writeln!(err, "{}:{line_no}: skipped: {why}", path.display()).map_err(AuditError::Output)
 }
 
 /// Prints one line if it matches; reports it to `err` if it is not a record.
@@ -263,12 +265,7 @@ fn emit(
     let view = match serde_json::from_slice::<View>(line) {
         Ok(v) if line.first() == Some(&b'{') => v,
         _ => {
-            writeln!(
-                err,
-                "{}:{line_no}: skipped: not a JSON audit record",
-                path.display()
-            )
-            .map_err(AuditError::Output)?;
+            skipped(err, path, line_no, "not a JSON audit record")?;
             return Ok(false);
         }
     };
@@ -444,13 +441,7 @@ impl Tailer {
         if self.partial.is_empty() {
             return Ok(());
         }
-        writeln!(
-            err,
-            "{}:{}: skipped: incomplete last line (no newline)",
-            path.display(),
-            self.line_no + 1
-        )
-        .map_err(AuditError::Output)
+        skipped(err, path, self.line_no + 1, INCOMPLETE)
     }
 
     fn read_available(

@@ -1413,12 +1413,33 @@ impl Follower {
     }
 }
 
-/// Waits until `deny` (`--decision deny`) and `table` (`--status 2xx`) have printed every line
-/// `all` has. A follower must have caught up before the log is rotated or renamed again: one that
-/// has not yet seen a file can find it later only under a rotated name (`audit.log.N`), never
-/// after it was renamed out of the set (logrotate), and one that is not running yet starts at the
-/// current file (like `tail -f`).
-async fn catch_up(all: &Follower, deny: &mut Follower, table: &mut Follower) {
+impl Follower {
+    /// Whether the follower process has `file` (the same inode) open: it has seen the newest
+    /// rotation of the log (Linux: `/proc/<pid>/fd`).
+    fn has_open(&self, file: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(want) = std::fs::metadata(file) else {
+            return false;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::metadata(fd.path())
+                .is_ok_and(|m| (m.dev(), m.ino()) == (want.dev(), want.ino()))
+        })
+    }
+}
+
+/// Waits until all three followers have `log` (the current file) open and `deny`
+/// (`--decision deny`) and `table` (`--status 2xx`) have printed every line `all` has.
+///
+/// A follower must have caught up before the log is rotated or renamed again: one that has not
+/// yet seen the newest rotation finds the files rotated since under their `audit.log.N` names,
+/// but not a file renamed out of the set (logrotate) meanwhile, and one that is not running yet
+/// starts at the current file (like `tail -f`). The followers poll on their own 200 ms phases,
+/// so `all` having printed a line says nothing about the other two.
+async fn catch_up(log: &Path, all: &Follower, deny: &mut Follower, table: &mut Follower) {
     let lines: Vec<serde_json::Value> = all
         .got
         .iter()
@@ -1432,6 +1453,10 @@ async fn catch_up(all: &Follower, deny: &mut Follower, table: &mut Follower) {
     let ok = lines.iter().filter(|l| l["status_code"] == 200).count();
     deny.wait_for(&denied).await;
     table.wait_for_lines(1 + ok).await;
+    wait_until("every follower on the current log file", || {
+        [all, &*deny, &*table].iter().all(|f| f.has_open(log))
+    })
+    .await;
 }
 
 impl Drop for Follower {
@@ -1476,8 +1501,8 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     let mut deny = Follower::spawn(&tg.config_path, &["--json", "--decision", "deny"]);
     let mut table = Follower::spawn(&tg.config_path, &["--status", "2xx"]);
     all.wait_for(&first).await;
-    catch_up(&all, &mut deny, &mut table).await;
     let log = tg.audit_path();
+    catch_up(&log, &all, &mut deny, &mut table).await;
     let rotated = |n: u32| PathBuf::from(format!("{}.{n}", log.display()));
     let inode = || {
         use std::os::unix::fs::MetadataExt;
@@ -1493,7 +1518,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
             rotations += 1;
         }
         all.wait_for(&ids).await;
-        catch_up(&all, &mut deny, &mut table).await;
+        catch_up(&log, &all, &mut deny, &mut table).await;
     }
     assert!(rotated(2).exists());
 
@@ -1520,7 +1545,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     }
     signal("-CONT");
     all.wait_for(&ids).await;
-    catch_up(&all, &mut deny, &mut table).await;
+    catch_up(&log, &all, &mut deny, &mut table).await;
     assert!(rotated(4).exists());
     assert!(!rotated(5).exists(), "nothing was deleted by retention");
 

@@ -3,8 +3,9 @@
 //! without its chain) — how a line is sealed, parsed back, how the last record of a file is
 //! found, how the files of a rotated set are named, and reading a log file line by line.
 //!
-//! Owns nothing that runs: no threads, no writes. Never imports `config`, nor the writer,
-//! verifier or reader (they import it).
+//! Owns no thread and no state; its only change to the file system is shifting the rotated set
+//! (`audit.log` → `.1` → ... → `.5`). Never imports `config`, nor the writer, verifier or reader
+//! (they import it).
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};

@@ -91,6 +91,16 @@ async fn wait_for_ids(path: &Path, ids: &[String]) -> Vec<serde_json::Value> {
     lines
 }
 
+/// Waits until the store's outbox is empty: every CLI admin event queued there has been written
+/// to the audit log and acknowledged, so no later drain can write it again.
+async fn wait_for_empty_outbox(db: &Path) {
+    let store = Store::open(db, Duration::from_secs(5)).unwrap();
+    wait_until("an empty outbox", || {
+        store.outbox_peek(10).unwrap().is_empty()
+    })
+    .await;
+}
+
 /// An address nothing listens on (for 502s).
 fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -549,6 +559,8 @@ struct Rig {
     upstream: Upstream,
     config: PathBuf,
     log: PathBuf,
+    /// The gateway's store (its outbox holds CLI admin events until they are written).
+    db: PathBuf,
     token: String,
     backend: Backend,
     /// Owns the temp folders (dropped last: after the gateway and the unmount).
@@ -576,6 +588,7 @@ impl Rig {
                     upstream: tg.upstream.clone(),
                     config: tg.config_path.clone(),
                     log,
+                    db: tg.dir.path().join("tokengate.db"),
                     token,
                     backend: Backend::Tmpfs {
                         tg,
@@ -619,6 +632,7 @@ impl Rig {
             admin: proc.admin,
             upstream,
             log: dir.path().join("audit.log"),
+            db: dir.path().join("tokengate.db"),
             config,
             token: new.plaintext,
             backend: Backend::Fsize { proc },
@@ -656,6 +670,17 @@ impl Rig {
             .send()
             .await
             .unwrap()
+    }
+
+    /// `n` requests that must be answered 200; their request ids.
+    async fn get_ok(&self, n: usize, why: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let (st, rid, _) = status_and_id(self.get("/apps/billing/status").await).await;
+            assert_eq!(st, 200, "{why}");
+            ids.push(rid);
+        }
+        ids
     }
 
     async fn admin_get(&self, path: &str) -> (u16, String) {
@@ -727,12 +752,7 @@ async fn status_and_id(r: reqwest::Response) -> (u16, String, String) {
 }
 
 async fn full_disk_reject(mut rig: Rig) {
-    let mut ok_ids = Vec::new();
-    for _ in 0..5 {
-        let (st, rid, _) = status_and_id(rig.get("/apps/billing/status").await).await;
-        assert_eq!(st, 200);
-        ok_ids.push(rid);
-    }
+    let mut ok_ids = rig.get_ok(5, "served while the log is writable").await;
     wait_for_ids(&rig.log, &ok_ids).await;
     assert_eq!(rig.admin_get("/readyz").await.0, 200);
 
@@ -801,11 +821,7 @@ async fn full_disk_reject(mut rig: Rig) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for _ in 0..5 {
-        let (st, rid, _) = status_and_id(rig.get("/apps/billing/status").await).await;
-        assert_eq!(st, 200);
-        ok_ids.push(rid);
-    }
+    ok_ids.extend(rig.get_ok(5, "served again after recovery").await);
     let lines = wait_for_ids(&rig.log, &ok_ids).await;
     assert_eq!(rig.admin_get("/readyz").await.0, 200);
 
@@ -852,21 +868,12 @@ async fn full_disk_reject(mut rig: Rig) {
 }
 
 async fn full_disk_continue(mut rig: Rig) {
-    let mut ok_ids = Vec::new();
-    for _ in 0..5 {
-        let (st, rid, _) = status_and_id(rig.get("/apps/billing/status").await).await;
-        assert_eq!(st, 200);
-        ok_ids.push(rid);
-    }
+    let mut ok_ids = rig.get_ok(5, "served while the log is writable").await;
     wait_for_ids(&rig.log, &ok_ids).await;
     let failures_before = rig.metric("tokengate_audit_write_failures_total").await;
 
     rig.fill();
-    for _ in 0..30 {
-        let (st, rid, _) = status_and_id(rig.get("/apps/billing/status").await).await;
-        assert_eq!(st, 200, "on_failure = continue keeps serving");
-        ok_ids.push(rid);
-    }
+    ok_ids.extend(rig.get_ok(30, "on_failure = continue keeps serving").await);
     assert_eq!(rig.upstream.count(), ok_ids.len());
     let mut failures = 0.0;
     let mut m = String::new();
@@ -899,8 +906,8 @@ async fn full_disk_continue(mut rig: Rig) {
         lines.iter().any(|l| l["event"] == "account.created")
     })
     .await;
-    // A few more drain rounds, so a duplicate would have time to show up.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The outbox is emptied once the line is written: later drains cannot repeat it.
+    wait_for_empty_outbox(&rig.db).await;
     let lines = read_log(&rig.log);
     let ids = request_ids(&lines);
     assert_eq!(
@@ -1367,42 +1374,89 @@ impl Follower {
 
     /// Waits until every id has been printed.
     async fn wait_for(&mut self, ids: &[String]) {
+        self.wait(
+            |got| {
+                ids.iter()
+                    .all(|id| got.iter().any(|l| l.contains(id.as_str())))
+            },
+            |_| format!("--follow did not print {ids:?}"),
+        )
+        .await;
+    }
+
+    /// Waits until `n` lines have been printed (table rows carry no request id).
+    async fn wait_for_lines(&mut self, n: usize) {
+        self.wait(
+            |got| got.len() >= n,
+            |got| format!("--follow printed {} of {n} lines", got.len()),
+        )
+        .await;
+    }
+
+    /// Collects printed lines until `done` holds; panics with `failure` after [`PATIENCE`].
+    async fn wait(
+        &mut self,
+        done: impl Fn(&[String]) -> bool,
+        failure: impl Fn(&[String]) -> String,
+    ) {
         let t0 = Instant::now();
         loop {
             while let Ok(l) = self.rx.try_recv() {
                 self.got.push(l);
             }
-            if ids
-                .iter()
-                .all(|id| self.got.iter().any(|l| l.contains(id.as_str())))
-            {
+            if done(&self.got) {
                 return;
             }
-            assert!(t0.elapsed() < PATIENCE, "--follow did not print {ids:?}");
+            assert!(t0.elapsed() < PATIENCE, "{}", failure(&self.got));
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 }
 
 impl Follower {
-    /// Waits until `n` lines have been printed (table rows carry no request id).
-    async fn wait_for_lines(&mut self, n: usize) {
-        let t0 = Instant::now();
-        loop {
-            while let Ok(l) = self.rx.try_recv() {
-                self.got.push(l);
-            }
-            if self.got.len() >= n {
-                return;
-            }
-            assert!(
-                t0.elapsed() < PATIENCE,
-                "--follow printed {} of {n} lines",
-                self.got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+    /// Whether the follower process has `file` (the same inode) open: it has seen the newest
+    /// rotation of the log (Linux: `/proc/<pid>/fd`).
+    fn has_open(&self, file: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(want) = std::fs::metadata(file) else {
+            return false;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::metadata(fd.path())
+                .is_ok_and(|m| (m.dev(), m.ino()) == (want.dev(), want.ino()))
+        })
     }
+}
+
+/// Waits until all three followers have `log` (the current file) open and `deny`
+/// (`--decision deny`) and `table` (`--status 2xx`) have printed every line `all` has.
+///
+/// A follower must have caught up before the log is rotated or renamed again: one that has not
+/// yet seen the newest rotation finds the files rotated since under their `audit.log.N` names,
+/// but not a file renamed out of the set (logrotate) meanwhile, and one that is not running yet
+/// starts at the current file (like `tail -f`). The followers poll on their own 200 ms phases,
+/// so `all` having printed a line says nothing about the other two.
+async fn catch_up(log: &Path, all: &Follower, deny: &mut Follower, table: &mut Follower) {
+    let lines: Vec<serde_json::Value> = all
+        .got
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denied: Vec<String> = lines
+        .iter()
+        .filter(|l| l["rbac_decision"] == "deny")
+        .map(line_id)
+        .collect();
+    let ok = lines.iter().filter(|l| l["status_code"] == 200).count();
+    deny.wait_for(&denied).await;
+    table.wait_for_lines(1 + ok).await;
+    wait_until("every follower on the current log file", || {
+        [all, &*deny, &*table].iter().all(|f| f.has_open(log))
+    })
+    .await;
 }
 
 impl Drop for Follower {
@@ -1448,6 +1502,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     let mut table = Follower::spawn(&tg.config_path, &["--status", "2xx"]);
     all.wait_for(&first).await;
     let log = tg.audit_path();
+    catch_up(&log, &all, &mut deny, &mut table).await;
     let rotated = |n: u32| PathBuf::from(format!("{}.{n}", log.display()));
     let inode = || {
         use std::os::unix::fs::MetadataExt;
@@ -1463,6 +1518,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
             rotations += 1;
         }
         all.wait_for(&ids).await;
+        catch_up(&log, &all, &mut deny, &mut table).await;
     }
     assert!(rotated(2).exists());
 
@@ -1489,6 +1545,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     }
     signal("-CONT");
     all.wait_for(&ids).await;
+    catch_up(&log, &all, &mut deny, &mut table).await;
     assert!(rotated(4).exists());
     assert!(!rotated(5).exists(), "nothing was deleted by retention");
 
@@ -1662,12 +1719,7 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     })
     .await;
     // The outbox is emptied once the lines are written; later drains cannot repeat them.
-    let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
-    wait_until("an empty outbox", || {
-        store.outbox_peek(10).unwrap().is_empty()
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_empty_outbox(&tg.dir.path().join("tokengate.db")).await;
 
     let lines = tg.audit_lines().await;
     let admin: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "admin").collect();

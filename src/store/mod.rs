@@ -37,13 +37,7 @@ pub(crate) use row::{NewTokenRow, RawTokenRow, TOKEN_COLUMNS, cap_reached};
 /// engines).
 pub const SCHEMA_VERSION: i64 = 2;
 
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn system_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::system_now_ms;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]

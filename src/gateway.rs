@@ -508,6 +508,9 @@ impl Gateway {
                             tracing::warn!(error = %e, "cannot move queued CLI audit events");
                         }
                         gw.inner.last_poll_ok.store(gw.now_ms() as u64, Ordering::SeqCst);
+                        if warned {
+                            tracing::info!("the store's change log is readable again: caching again");
+                        }
                         warned = false;
                     }
                     Err(e) => {
@@ -948,7 +951,10 @@ impl Gateway {
                 .store_call(move |s| s.lookup_hash(&hash))
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %e, "token lookup failed: answering 503");
+                    // A lost store file is logged once by the change poller, not per request.
+                    if !matches!(e, StoreError::FileLost { .. }) {
+                        tracing::error!(error = %e, "token lookup failed: answering 503");
+                    }
                     Reject::StoreUnavailable
                 })?;
             let Some(row) = row else {

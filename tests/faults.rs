@@ -350,6 +350,8 @@ async fn store_fault_under_load(fault: StoreFault) {
         body.contains("audit: ok") && body.contains("listeners: ok"),
         "{body}"
     );
+    let (_, metrics) = get(&format!("{admin}/metrics"), None).await;
+    assert!(metrics.contains("\ntokengate_store_up 0\n"), "{metrics}");
     gw.assert_alive();
 
     // A token the gateway has not cached is refused 503, never looked up in a new file or

@@ -462,6 +462,14 @@ impl Store {
                 detail: String::new(),
             });
         }
+        // SQLite takes an empty file for an empty database and would run the migrations into
+        // it: a truncated store would silently become a new one (in the inode a gateway holds).
+        if std::fs::metadata(&o.path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::FileLost {
+                path: o.path.clone(),
+                problem: "is empty (0 bytes: truncated?)".into(),
+            });
+        }
         Ok(Self::wrap(Backend::Sqlite(sqlite::Sqlite::open(
             &o.path,
             o.busy_timeout,

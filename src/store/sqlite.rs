@@ -114,6 +114,10 @@ struct FileIdentity {
     dev: u64,
     ino: u64,
     handle: File,
+    /// Set once the file was seen truncated or overwritten, with what was seen: whatever is
+    /// written into the same inode afterwards (a copy over it, a new schema) is not the store
+    /// the connections' caches and the WAL index describe, so it stays refused until a restart.
+    damaged: Mutex<Option<String>>,
 }
 
 impl FileIdentity {
@@ -124,33 +128,48 @@ impl FileIdentity {
             dev: m.dev(),
             ino: m.ino(),
             handle,
+            damaged: Mutex::new(None),
         })
     }
 
-    /// What is wrong with the file at `path`, if anything: gone, another file, or no longer a
+    /// [`FileIdentity::inspect`], remembering damage for good.
+    fn problem(&self, path: &Path) -> Option<String> {
+        let mut damaged = self.damaged.lock().expect("damaged poisoned");
+        if let Some(seen) = damaged.as_ref() {
+            return Some(seen.clone());
+        }
+        let (problem, is_damage) = self.inspect(path)?;
+        if is_damage {
+            *damaged = Some(problem.clone());
+        }
+        Some(problem)
+    }
+
+    /// What is wrong with the file at `path` now, if anything: gone, another file, or no longer a
     /// whole SQLite database (empty, its header overwritten, or shorter than its header says).
     /// Two syscalls (`stat`, a 100-byte `pread`); a file shorter than its header says is looked
     /// at again 10 ms later before it counts, because a checkpoint writes page 1 (with the new
     /// page count) before the pages that extend the file.
-    fn problem(&self, path: &Path) -> Option<String> {
+    /// The bool is true for damage to the file itself (truncated, overwritten).
+    fn inspect(&self, path: &Path) -> Option<(String, bool)> {
         for attempt in 0..2 {
             let m = match std::fs::metadata(path) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Some("was deleted or moved away".into());
+                    return Some(("was deleted or moved away".into(), false));
                 }
-                Err(e) => return Some(format!("cannot be inspected ({e})")),
+                Err(e) => return Some((format!("cannot be inspected ({e})"), false)),
             };
             if (m.dev(), m.ino()) != (self.dev, self.ino) {
-                return Some("was replaced by another file".into());
+                return Some(("was replaced by another file".into(), false));
             }
             let len = m.len();
             let mut header = [0u8; 100];
             if len < header.len() as u64 || self.handle.read_exact_at(&mut header, 0).is_err() {
-                return Some(format!("was truncated (now {len} bytes)"));
+                return Some((format!("was truncated (now {len} bytes)"), true));
             }
             if &header[..16] != b"SQLite format 3\0" {
-                return Some("was overwritten (no SQLite header)".into());
+                return Some(("was overwritten (no SQLite header)".into(), true));
             }
             let page_size = match u16::from_be_bytes([header[16], header[17]]) {
                 1 => 65536,
@@ -169,9 +188,12 @@ impl FileIdentity {
             if attempt == 0 {
                 std::thread::sleep(Duration::from_millis(10));
             } else {
-                return Some(format!(
-                    "was truncated (now {len} bytes, its header says {} bytes)",
-                    pages * page_size
+                return Some((
+                    format!(
+                        "was truncated (now {len} bytes, its header says {} bytes)",
+                        pages * page_size
+                    ),
+                    true,
                 ));
             }
         }
@@ -1041,11 +1063,26 @@ mod tests {
         // Cut short in place: an error, not SIGBUS, and named as a truncation.
         let len = std::fs::metadata(&path).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let whole = std::fs::read(&path).unwrap();
         f.set_len(len - 4096).unwrap();
         assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated"));
         f.set_len(0).unwrap();
-        assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated (now 0 bytes)"));
         assert!(lost(s.count_active(0, 0)).contains("truncated"));
+        // Damage is remembered: the same bytes written back into the inode are not trusted
+        // (the connections' caches and the WAL index no longer describe it).
+        std::fs::write(&path, &whole).unwrap();
+        assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated"));
+        // Another process does not take the emptied file for a new store either.
+        f.set_len(0).unwrap();
+        let o = super::super::StoreOptions {
+            path: path.clone(),
+            url: None,
+            busy_timeout: Duration::from_millis(250),
+            pg: Default::default(),
+        };
+        let e = Store::open_existing(&o).err().expect("empty file");
+        assert!(e.to_string().contains("is empty"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
     #[test]

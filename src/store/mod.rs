@@ -27,6 +27,7 @@ use crate::token::{NewToken, TokenHash};
 pub mod postgres;
 pub mod sqlite;
 
+mod file;
 mod row;
 
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;

@@ -4,10 +4,9 @@
 //! on a freshly opened store), gateway start time and RSS with that store (`tokengate::app::start`
 //! to bound listeners), and RSS per 100k cached tokens (cache filled through real lookups on one
 //! thread), then the same for the cache alone (synthetic rows of the same shape, no store, in a
-//! child process so its heap starts empty). Cache memory is the growth of `RssAnon` (heap): the
-//! store's reader connections map the database file (`PRAGMA mmap_size`), and the file pages a
-//! fill touches count in `VmRSS` as `RssFile` — the OS page cache, once per connection that
-//! mapped them — not memory the cache holds; both are printed.
+//! child process so its heap starts empty). Cache memory is the growth of `RssAnon` (heap), not
+//! `VmRSS`; both are printed. (The store's readers mapped the database file until issue 16, which
+//! counted the pages a fill touched in `VmRSS` as `RssFile`; they read with `pread` now.)
 //!
 //! Usage:
 //!   cargo run --release --example store_scale -- [--tokens N] [--lookups N] [--cache N] [--dir DIR]
@@ -413,6 +412,8 @@ fn main() {
         ("sql only, default", 0i64, false),
         ("sql only, mmap 1 GiB", 1 << 30, false),
         ("sql only, mmap + QPSG", 1 << 30, true),
+        // What the store's readers run since issue 16: QPSG, the file not mapped.
+        ("sql only, QPSG", 0, true),
     ] {
         let c = Connection::open(&db).expect("open");
         c.pragma_update(None, "mmap_size", mmap).expect("mmap_size");

@@ -78,7 +78,7 @@ pub struct Started {
 
 /// Opens the store (refusing to serve if it is unreadable) and the audit log, and binds.
 pub async fn start(cfg: Config) -> Result<Started, AppError> {
-    let store = Store::open_options(&cfg.store.options())
+    let store = open_store(&cfg)
         .map_err(|e| AppError::failure(format!("store unreadable, not serving: {e}")))?;
     store
         .ping()
@@ -113,6 +113,46 @@ pub fn listeners_share_host(public: std::net::SocketAddr, admin: std::net::Socke
         || public.ip().is_unspecified()
         || admin.ip().is_unspecified()
         || public.ip().is_loopback() && admin.ip().is_loopback()
+}
+
+/// Opens the store for serving. A missing SQLite file is created only on a first start: when
+/// none of its `-wal`/`-shm`/`-journal` files is there and the audit log is missing or empty.
+/// Otherwise a store existed and vanished, and a new empty one would silently answer "no such
+/// token" for every token issued (and every revocation made) so far: refuse, and say how to
+/// create one on purpose (`tokengate store init`).
+fn open_store(cfg: &Config) -> Result<Store, crate::store::StoreError> {
+    let o = cfg.store.options();
+    if o.url.is_some() || o.path.exists() {
+        return Store::open_existing(&o);
+    }
+    let leftovers = Store::leftovers(&o.path);
+    // An audit log on stdout (no `audit.path`) says nothing about earlier starts.
+    let audit_with_lines = cfg
+        .audit
+        .path
+        .as_ref()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+    let detail = if !leftovers.is_empty() {
+        let names: Vec<String> = leftovers.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "; {} {} still there, so a store existed (and a process may still have it open)",
+            names.join(" and "),
+            if names.len() == 1 { "is" } else { "are" }
+        )
+    } else if let Some(audit) = audit_with_lines {
+        format!(
+            "; the audit log {} already has lines, so this is not a first start",
+            audit.display()
+        )
+    } else {
+        let store = Store::open(&o.path, o.busy_timeout)?;
+        tracing::info!(path = %o.path.display(), "no store yet (first start): created a new one");
+        return Ok(store);
+    };
+    Err(crate::store::StoreError::Missing {
+        path: o.path,
+        detail,
+    })
 }
 
 /// `tokengate serve`.

@@ -438,6 +438,9 @@ impl Gateway {
                             tracing::warn!(error = %e, "cannot move queued CLI audit events");
                         }
                         gw.inner.last_poll_ok.store(gw.now_ms() as u64, Ordering::SeqCst);
+                        if warned {
+                            tracing::info!("the store's change log is readable again: caching again");
+                        }
                         warned = false;
                     }
                     Err(e) => {

@@ -383,7 +383,10 @@ impl Gateway {
                 .store_call(move |s| s.lookup_hash(&hash))
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %e, "token lookup failed: answering 503");
+                    // A lost store file is logged once by the change poller, not per request.
+                    if !matches!(e, crate::store::StoreError::FileLost { .. }) {
+                        tracing::error!(error = %e, "token lookup failed: answering 503");
+                    }
                     Reject::StoreUnavailable
                 })?;
             let Some(row) = row else {

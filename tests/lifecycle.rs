@@ -703,6 +703,8 @@ fn kill_9_during_token_creation_never_leaves_a_half_created_token() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("tokengate.toml");
     std::fs::write(&cfg, "[tokens]\nmax_active_per_account = 100000\n").unwrap();
+    // No command but `store init` creates the store (issue 16).
+    assert!(cli(&cfg, &["store", "init"]).status.success());
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     let mut rng_state = 12345u64;
     for i in 0..60 {

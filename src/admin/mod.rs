@@ -76,8 +76,9 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
     }
 }
 
-/// Readiness: the store file is readable (through the pipeline's pooled connections *and* a
-/// fresh one, so a deleted or replaced file shows up), the audit writer's last write succeeded,
+/// Readiness: the store file is readable (through the pipeline's pooled connections, which
+/// first check that the path still names the very file the gateway opened, *and* a fresh one),
+/// the audit writer's last write succeeded,
 /// and the listeners are accepting. 200 with one `check: ok` line each, else 503 naming the failure.
 async fn readyz(gw: &Admin) -> Response<Body> {
     let store = store_readable(gw).await;
@@ -103,7 +104,13 @@ async fn readyz(gw: &Admin) -> Response<Body> {
             Err(e) => {
                 ready = false;
                 tracing::warn!(check = name, error = %e, "readiness check failed");
-                body.push_str(&format!("{name}: FAILED\n"));
+                // The store's line names its problem (deleted, replaced, truncated, unreadable):
+                // the operator's next step depends on it.
+                if name == "store" {
+                    body.push_str(&format!("{name}: FAILED: {e}\n"));
+                } else {
+                    body.push_str(&format!("{name}: FAILED\n"));
+                }
             }
         }
     }

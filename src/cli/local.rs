@@ -50,7 +50,7 @@ impl Local {
         let mut store_cfg = cfg.store.options();
         store_cfg.busy_timeout = std::time::Duration::from_secs(5);
         let store =
-            Store::open_options(&store_cfg).map_err(|e| CliError::failure(e.to_string()))?;
+            Store::open_existing(&store_cfg).map_err(|e| CliError::failure(e.to_string()))?;
         let audit = match AuditLog::open(audit_config(&cfg)) {
             Ok(a) => Some(a),
             Err(audit::AuditError::InUse { .. }) => None,
@@ -133,6 +133,45 @@ pub(super) fn store_backup(config: Option<&Path>, file: &Path) -> Result<(), Cli
         )));
     }
     eprintln!("backup written to {} (integrity_check ok)", file.display());
+    Ok(())
+}
+
+/// `store init`: creates the SQLite file (never over an existing one, nor beside the `-wal` or
+/// `-shm` of a deleted one), or applies the migrations on PostgreSQL.
+pub(super) fn store_init(config: Option<&Path>) -> Result<(), CliError> {
+    let cfg = load_config(config)?;
+    let o = cfg.store.options();
+    if o.url.is_some() {
+        let store = Store::open_options(&o).map_err(|e| CliError::failure(e.to_string()))?;
+        eprintln!(
+            "store ready at {} (schema version {})",
+            store.location(),
+            crate::store::SCHEMA_VERSION
+        );
+        return Ok(());
+    }
+    if o.path.exists() {
+        return Err(CliError::failure(format!(
+            "{} exists already; nothing changed (`store init` only creates a new store)",
+            o.path.display()
+        )));
+    }
+    let leftovers = Store::leftovers(&o.path);
+    if !leftovers.is_empty() {
+        let names: Vec<String> = leftovers.iter().map(|p| p.display().to_string()).collect();
+        return Err(CliError::failure(format!(
+            "{} belong to a store that was deleted (a process may still have it open); nothing \
+             changed. Stop the gateways on it, and remove them if you really mean to start over \
+             with an empty store",
+            names.join(" and ")
+        )));
+    }
+    Store::open(&o.path, o.busy_timeout).map_err(|e| CliError::failure(e.to_string()))?;
+    eprintln!(
+        "created an empty store at {} (schema version {})",
+        o.path.display(),
+        crate::store::SCHEMA_VERSION
+    );
     Ok(())
 }
 

@@ -340,6 +340,13 @@ pub enum AuditCmd {
 /// `store` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum StoreCmd {
+    /// Create the store `store.path` names (SQLite), or the tables of `store.url` (PostgreSQL).
+    /// The only command that creates a SQLite file: every other one, and `serve` after its first
+    /// start, fails when the file is missing instead of starting over with an empty store.
+    #[command(
+        after_help = "Example:\n  tokengate --config /etc/tokengate/tokengate.toml store init"
+    )]
+    Init,
     /// Online backup through SQLite's backup API.
     #[command(
         after_help = "Example:\n  tokengate store backup /var/backups/tokengate-$(date +%F).db"
@@ -436,6 +443,7 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
         Command::Audit(args) => local::audit_cmd(config, args),
         Command::Store(StoreCmd::Backup { file }) => local::store_backup(config, file),
         Command::Store(StoreCmd::Copy { from, to }) => local::store_copy(from, to),
+        Command::Store(StoreCmd::Init) => local::store_init(config),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::token::{NewToken, TokenHash};
 pub mod postgres;
 pub mod sqlite;
 
+mod file;
 mod row;
 
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;
@@ -69,6 +70,27 @@ pub enum StoreError {
         found: i64,
         /// Latest version known.
         known: i64,
+    },
+    /// The SQLite file is no longer the one the store opened: deleted, replaced or truncated
+    /// under a running process. Nothing is read from or written to it until it is back.
+    #[error(
+        "the store file {path} {problem}: nothing is read from or written to it until the original file is back at that path (or tokengate is restarted on a restored store)"
+    )]
+    FileLost {
+        /// Database file.
+        path: PathBuf,
+        /// What happened to it.
+        problem: String,
+    },
+    /// No SQLite file where a store is expected (the CLI and `serve` never create one silently).
+    #[error(
+        "no store at {path}{detail}: create a new one with `tokengate store init`, or, if a store was expected there, restore it from a backup"
+    )]
+    Missing {
+        /// Database file.
+        path: PathBuf,
+        /// Why it is not created here, when there is more to say (starts with `; `).
+        detail: String,
     },
     /// The operation does not exist on this engine (e.g. SQLite's online backup on PostgreSQL).
     #[error("{0}")]
@@ -413,12 +435,65 @@ impl Store {
         }
     }
 
-    /// Opens (creating if needed) a SQLite database, applies migrations and pragmas.
+    /// Opens (creating if needed) a SQLite database, applies migrations and pragmas. The CLI
+    /// and `serve` use [`Store::open_existing`] instead, and create a file only on purpose.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
         Ok(Self::wrap(Backend::Sqlite(sqlite::Sqlite::open(
             path,
             busy_timeout,
+            true,
         )?)))
+    }
+
+    /// Opens the store the options name, never creating a SQLite file: a missing one is
+    /// [`StoreError::Missing`]. (PostgreSQL: as [`Store::open_options`].)
+    pub fn open_existing(o: &StoreOptions) -> Result<Store, StoreError> {
+        if o.url.is_some() {
+            return Self::open_options(o);
+        }
+        if !o.path.exists() {
+            return Err(StoreError::Missing {
+                path: o.path.clone(),
+                detail: String::new(),
+            });
+        }
+        // SQLite takes an empty file for an empty database and would run the migrations into
+        // it: a truncated store would silently become a new one (in the inode a gateway holds).
+        if std::fs::metadata(&o.path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::FileLost {
+                path: o.path.clone(),
+                problem: "is empty (0 bytes: truncated?)".into(),
+            });
+        }
+        Ok(Self::wrap(Backend::Sqlite(sqlite::Sqlite::open(
+            &o.path,
+            o.busy_timeout,
+            false,
+        )?)))
+    }
+
+    /// Files SQLite leaves next to a database (`-wal`, `-shm`, `-journal`) that exist for `path`.
+    /// Next to a missing database they mean one was there (and a process may still have it
+    /// open); a new database created beside a `-wal` would even replay the old one's frames.
+    pub fn leftovers(path: &Path) -> Vec<PathBuf> {
+        ["-wal", "-shm", "-journal"]
+            .iter()
+            .map(|ext| {
+                let mut p = path.as_os_str().to_owned();
+                p.push(ext);
+                PathBuf::from(p)
+            })
+            .filter(|p| p.exists())
+            .collect()
+    }
+
+    /// SQLite: whether the path still names the whole file this store opened (not deleted,
+    /// replaced or truncated); every store call checks it first. Always Ok on PostgreSQL.
+    pub fn check_file(&self) -> Result<(), StoreError> {
+        match &self.inner.backend {
+            Backend::Sqlite(s) => s.check_file(),
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     /// Connects to a PostgreSQL database (`postgres://...`), applies migrations, and starts

@@ -1,8 +1,14 @@
 //! The SQLite engine: one file, WAL, `synchronous=FULL`, `BEGIN IMMEDIATE` for writes.
 //!
 //! Every call blocks. Writes go through one writer connection; reads use a small pool of reader
-//! connections so a slow write never stalls a cache miss (WAL mode). Reader connections map the
-//! file into memory ([`READER_MMAP_SIZE`]) so a cache miss reads pages without a syscall each.
+//! connections so a slow write never stalls a cache miss (WAL mode). No connection maps the file
+//! into memory: SQLite turns a read past the end of a mapped file that shrank under it (`truncate`)
+//! into SIGBUS, which kills the process (issue 16); `pread` turns it into an error instead.
+//!
+//! The file is held to the one it opened ([`FileIdentity`]): every call first checks that the
+//! path still names that file (same device and inode, a SQLite header, not cut short), so a store
+//! deleted, replaced or truncated under a running gateway is refused with
+//! [`StoreError::FileLost`] instead of being read from the old inode or a new file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -11,6 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::file::FileIdentity;
 use super::{
     Account, Change, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, LastUsed, NewTokenRow,
     RawTokenRow, StoreDump, StoreError, TOKEN_COLUMNS, TokenRow, cap_reached,
@@ -71,18 +78,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// `PRAGMA mmap_size` of the reader connections: up to this many bytes of the database file are
-/// read through a memory map instead of `pread` calls. A cache miss walks 3–4 B-tree pages of
-/// the hash index and as many of the tokens and accounts tables; through the map each is a memory
-/// access (a page fault the first time), not a syscall and a copy into SQLite's page cache. With
-/// 1,000,000 tokens (a 330 MiB file) mapping alone took the cold lookup's p99 from 238–386 µs to
-/// 73–107 µs (docs/performance.md). 1 GiB covers about 3 million tokens; beyond it the rest of
-/// the file is read as before. Only address space is reserved: pages count towards the process's
-/// RSS once touched, as file-backed pages the kernel can drop (`RssFile`, not `RssAnon`), once
-/// per reader connection that touched them. SQLite turns an I/O error on a mapped page into
-/// SIGBUS instead of an error code; the file is local (SQLite on network filesystems is
-/// unsupported anyway). The writer does not map the file.
-pub(crate) const READER_MMAP_SIZE: i64 = 1 << 30;
+/// `PRAGMA mmap_size` of every connection: 0, reads go through `pread`. Mapping the file (1 GiB
+/// until issue 16) made a cold lookup at 1,000,000 tokens several times faster
+/// (docs/performance.md), but SQLite cannot guard a mapped read: when the file is truncated
+/// while mapped, touching a page past the new end raises SIGBUS and the process dies with no
+/// line logged. With `pread` the same read is an error the gateway answers 503 for.
+pub(crate) const READER_MMAP_SIZE: i64 = 0;
 
 /// The request path's cache-miss query, built once. Plan: `tokens_hash` (unique) → the token's
 /// row by rowid → `accounts` through its primary-key index, which covers `id`, and the account's
@@ -102,30 +103,56 @@ pub(crate) struct Sqlite {
     /// Idle reader connections; a reader is taken out for one query and put back.
     readers: Mutex<Vec<Connection>>,
     writes: AtomicU64,
+    /// The file opened, checked before every call.
+    file: FileIdentity,
 }
 
 impl Sqlite {
-    pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Sqlite, StoreError> {
+    /// Opens `path`, creating the file when `create` (else a missing file is an error), and
+    /// applies migrations.
+    pub(crate) fn open(
+        path: &Path,
+        busy_timeout: Duration,
+        create: bool,
+    ) -> Result<Sqlite, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
-        create_private(path).map_err(|e| StoreError::Sqlite {
-            path: path.to_path_buf(),
-            source: rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                Some(format!("cannot create the database file: {e}")),
-            ),
-        })?;
-        let writer = open_conn(path, busy_timeout, true).map_err(err)?;
+        if create {
+            create_private(path).map_err(|e| StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("cannot create the database file: {e}")),
+                ),
+            })?;
+        }
+        let writer = open_conn(path, busy_timeout, create).map_err(err)?;
         migrate(&writer, path)?;
+        let file = FileIdentity::of(path).map_err(|e| StoreError::FileLost {
+            path: path.to_path_buf(),
+            problem: format!("cannot be opened ({e})"),
+        })?;
         Ok(Sqlite {
             path: path.to_path_buf(),
             busy_timeout,
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
+            file,
         })
+    }
+
+    /// Whether `path` still names the whole file this store opened ([`FileIdentity::problem`]).
+    pub(crate) fn check_file(&self) -> Result<(), StoreError> {
+        match self.file.problem(&self.path) {
+            None => Ok(()),
+            Some(problem) => Err(StoreError::FileLost {
+                path: self.path.clone(),
+                problem,
+            }),
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -143,16 +170,22 @@ impl Sqlite {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// Runs `f` on a pooled reader, once the file is checked; a failed read checks it again, so
+    /// a file lost during the read is reported as such.
     fn with_reader<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.check_file()?;
         let conn = self.readers.lock().expect("reader pool poisoned").pop();
         let conn = match conn {
             Some(c) => c,
             None => open_reader(&self.path, self.busy_timeout).map_err(self.err())?,
         };
         let out = f(&conn);
+        if let Err(StoreError::Sqlite { .. }) = &out {
+            self.check_file()?;
+        }
         let mut pool = self.readers.lock().expect("reader pool poisoned");
         if pool.len() < 8 {
             pool.push(conn);
@@ -164,6 +197,7 @@ impl Sqlite {
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.check_file()?;
         let mut conn = self.writer.lock().expect("writer poisoned");
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -700,10 +734,14 @@ fn open_conn(path: &Path, busy: Duration, create: bool) -> rusqlite::Result<Conn
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "FULL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
+    // Never map the file ([`READER_MMAP_SIZE`]); SQLite answers with the size it applied.
+    let _: i64 = c.query_row(&format!("PRAGMA mmap_size = {READER_MMAP_SIZE}"), [], |r| {
+        r.get(0)
+    })?;
     Ok(c)
 }
 
-/// A reader connection: the common pragmas, the file mapped ([`READER_MMAP_SIZE`]), and the
+/// A reader connection: the common pragmas (the file not mapped, [`READER_MMAP_SIZE`]), and the
 /// query planner's stability guarantee (QPSG) on. Without QPSG, SQLite marks a statement whose
 /// plan looked at a bound value (it does for the `tokens JOIN accounts ... WHERE t.hash = ?1` of
 /// a cache miss) to be re-prepared — parsed and planned again — whenever that value changes,
@@ -715,11 +753,6 @@ fn open_reader(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
     )?;
-    // SQLite answers with the size it applied (capped by its compile-time maximum); 0 would
-    // only mean reads go through pread as before.
-    let _: i64 = c.query_row(&format!("PRAGMA mmap_size = {READER_MMAP_SIZE}"), [], |r| {
-        r.get(0)
-    })?;
     Ok(c)
 }
 
@@ -939,6 +972,89 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{}", p.display());
         }
+    }
+
+    fn lost(r: Result<impl std::fmt::Debug, super::StoreError>) -> String {
+        match r {
+            Err(e @ super::StoreError::FileLost { .. }) => e.to_string(),
+            other => panic!("expected FileLost, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_deleted_replaced_or_truncated_file_is_refused_and_the_original_accepted_again() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.db");
+        let s = Store::open(&path, Duration::from_millis(250)).unwrap();
+        s.create_account("ci", None, "test", 1).unwrap();
+        let (_, new) = s.create_token(&spec("ci", "x"), "tg", 5, 10).unwrap();
+        // Checkpointed, so the main file holds every page and its header counts them.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        drop(c);
+        assert!(s.lookup_hash(&new.hash).unwrap().is_some());
+
+        // Deleted (moved away): every call is refused, reads and writes alike.
+        let kept = d.path().join("kept.db");
+        std::fs::rename(&path, &kept).unwrap();
+        assert!(lost(s.lookup_hash(&new.hash)).contains("was deleted or moved away"));
+        assert!(lost(s.create_account("other", None, "test", 2)).contains("deleted"));
+        assert!(lost(s.ping()).contains("t.db"));
+        // Another file at the path (what a CLI would create there): still refused.
+        let other = Store::open(&path, Duration::from_millis(250)).unwrap();
+        assert!(other.ping().is_ok());
+        assert!(lost(s.lookup_hash(&new.hash)).contains("was replaced by another file"));
+        drop(other);
+        std::fs::remove_file(&path).unwrap();
+        for f in super::super::Store::leftovers(&path) {
+            std::fs::remove_file(f).unwrap();
+        }
+        // The original is back: accepted again, same answers.
+        std::fs::rename(&kept, &path).unwrap();
+        assert!(s.check_file().is_ok());
+        assert!(s.lookup_hash(&new.hash).unwrap().is_some());
+
+        // Cut short in place: an error, not SIGBUS, and named as a truncation.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        f.set_len(len - 4096).unwrap();
+        assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated"));
+        f.set_len(0).unwrap();
+        assert!(lost(s.count_active(0, 0)).contains("truncated"));
+        // Damage is remembered: the same bytes written back into the inode are not trusted
+        // (the connections' caches and the WAL index no longer describe it).
+        std::fs::write(&path, &whole).unwrap();
+        assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated"));
+        // Another process does not take the emptied file for a new store either.
+        f.set_len(0).unwrap();
+        let o = super::super::StoreOptions {
+            path: path.clone(),
+            url: None,
+            busy_timeout: Duration::from_millis(250),
+            pg: Default::default(),
+        };
+        let e = Store::open_existing(&o).err().expect("empty file");
+        assert!(e.to_string().contains("is empty"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn open_existing_never_creates_a_file() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.db");
+        let o = super::super::StoreOptions {
+            path: path.clone(),
+            url: None,
+            busy_timeout: Duration::from_millis(250),
+            pg: Default::default(),
+        };
+        let e = Store::open_existing(&o).err().expect("missing");
+        assert!(e.to_string().contains("tokengate store init"), "{e}");
+        assert!(!path.exists());
+        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none());
+        drop(Store::open(&path, Duration::from_millis(250)).unwrap());
+        assert!(Store::open_existing(&o).is_ok());
     }
 
     #[test]

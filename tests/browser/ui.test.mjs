@@ -78,6 +78,7 @@ path = "/public/**"
 public = true
 `);
 const cli = (...args) => execFileSync(bin, ["--config", config, ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+cli("store", "init"); // no other command creates the store
 cli("account", "create", "platform", "--email", "platform@example.com");
 cli("account", "create", "ci-bots");
 const signin = JSON.parse(cli("token", "create", "--account", "platform", "--name", "alice-console", "--permission", "tokengate:admin", "--permission", "apps:read", "--expires", "30d", "--json"));

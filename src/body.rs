@@ -242,6 +242,44 @@ mod tests {
         assert!(out.idle());
     }
 
+    #[tokio::test]
+    async fn the_end_of_a_body_is_signalled_once_it_is_read_or_known_empty() {
+        let empty = BodyOutcome::default();
+        let _b = Guarded::new(
+            http_body_util::Empty::<Bytes>::new(),
+            u64::MAX,
+            Duration::from_secs(5),
+            empty.clone(),
+        );
+        assert!(empty.ended(), "an empty body has ended before it is read");
+        empty.finished().await;
+
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        let out = BodyOutcome::default();
+        let b = Guarded::new(
+            StreamBody::new(tokio_stream_from(rx)),
+            u64::MAX,
+            Duration::from_secs(5),
+            out.clone(),
+        );
+        let reader = tokio::spawn(b.collect());
+        let waiter = {
+            let out = out.clone();
+            tokio::spawn(async move { out.finished().await })
+        };
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert!(!out.ended(), "still streaming");
+        drop(tx);
+        waiter.await.unwrap();
+        assert!(out.ended());
+        assert!(!out.idle() && !out.too_large());
+        reader.await.unwrap().unwrap();
+    }
+
     fn futures_stream<T: Unpin>(v: Vec<T>) -> impl futures_util::Stream<Item = T> {
         futures_util::stream::iter(v)
     }

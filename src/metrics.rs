@@ -147,6 +147,11 @@ pub struct Metrics {
     pub last_reload_ok: AtomicBool,
     /// Whether the listeners are bound and accepting (false before `run` and once draining).
     pub listening: AtomicBool,
+    /// Connections that ended with an error, by [`HttpErrorKind`].
+    http_errors: [AtomicU64; HttpErrorKind::ALL.len()],
+    /// Set when the drain deadline passes: requests dropped from then on were cut by the
+    /// shutdown (their audit reason says `shutdown`, not `client_closed`).
+    pub shutdown_cut: AtomicBool,
     /// Process start, Unix seconds.
     started_at: f64,
     /// Last token counts. A tokio mutex: the scrape holds it across the store query so that
@@ -166,10 +171,62 @@ impl Default for Metrics {
             reloads_failed: AtomicU64::new(0),
             last_reload_ok: AtomicBool::new(true),
             listening: AtomicBool::new(false),
+            http_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            shutdown_cut: AtomicBool::new(false),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64().floor()),
             token_counts: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// Why a client connection ended with an error (`tokengate_http_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpErrorKind {
+    /// hyper could not parse the request head (bad method, header, URI or version, two
+    /// different `Content-Length`s, obs-fold, TLS bytes on a plain listener): it answered 400.
+    BadRequest,
+    /// Request head larger than hyper's buffer, or more than 100 header fields: 431.
+    HeadTooLarge,
+    /// Request target longer than hyper's buffer: 414.
+    UriTooLong,
+    /// No complete request head within `server.header_read_timeout`: closed, no response.
+    HeaderTimeout,
+    /// The client accepted no byte for `server.body_idle_timeout` while a response was being
+    /// written to it: cut.
+    SendTimeout,
+}
+
+impl HttpErrorKind {
+    /// Every kind, in the order of the counters.
+    pub const ALL: [HttpErrorKind; 5] = [
+        HttpErrorKind::BadRequest,
+        HttpErrorKind::HeadTooLarge,
+        HttpErrorKind::UriTooLong,
+        HttpErrorKind::HeaderTimeout,
+        HttpErrorKind::SendTimeout,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpErrorKind::BadRequest => "bad_request",
+            HttpErrorKind::HeadTooLarge => "head_too_large",
+            HttpErrorKind::UriTooLong => "uri_too_long",
+            HttpErrorKind::HeaderTimeout => "header_timeout",
+            HttpErrorKind::SendTimeout => "send_timeout",
+        }
+    }
+
+    /// The status hyper answered a request it refused itself with; `None` when no request was
+    /// refused (nothing was answered).
+    pub fn refusal_status(self) -> Option<u16> {
+        match self {
+            HttpErrorKind::BadRequest => Some(400),
+            HttpErrorKind::HeadTooLarge => Some(431),
+            HttpErrorKind::UriTooLong => Some(414),
+            HttpErrorKind::HeaderTimeout | HttpErrorKind::SendTimeout => None,
         }
     }
 }
@@ -196,6 +253,16 @@ impl Metrics {
             .entry(key)
             .or_default()
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one connection that ended with an error of `kind`.
+    pub fn http_error(&self, kind: HttpErrorKind) {
+        self.http_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections counted so far for `kind`.
+    pub fn http_errors(&self, kind: HttpErrorKind) -> u64 {
+        self.http_errors[kind as usize].load(Ordering::Relaxed)
     }
 
     /// Marks one request as in flight for the guard's lifetime.
@@ -433,6 +500,20 @@ impl Metrics {
             "Open client connections on the public listener.",
             self.open_connections.load(Ordering::Relaxed) as f64,
         );
+        header(
+            &mut out,
+            "tokengate_http_errors_total",
+            "counter",
+            "Client connections ended by an HTTP-level error, by kind (requests hyper refused itself, header read and send timeouts).",
+        );
+        for kind in HttpErrorKind::ALL {
+            let _ = writeln!(
+                out,
+                "tokengate_http_errors_total{{kind=\"{}\"}} {}",
+                kind.label(),
+                self.http_errors(kind)
+            );
+        }
         single(
             &mut out,
             "tokengate_config_reloads_total",

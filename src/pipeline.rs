@@ -519,13 +519,19 @@ impl Gateway {
         };
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
         let up_start = Instant::now();
-        let result = tokio::time::timeout(
-            route.timeout,
-            self.inner
+        // The upstream's time to answer counts from the end of the request body: a slow but
+        // steady upload is bounded by the body idle guard (and `request_timeout`), not by this.
+        let head_deadline = async {
+            outcome.finished().await;
+            tokio::time::sleep(route.timeout).await
+        };
+        let result = tokio::select! {
+            r = self
+                .inner
                 .client
-                .request_via(up_req, route.upstream_tls.as_ref()),
-        )
-        .await;
+                .request_via(up_req, route.upstream_tls.as_ref()) => Ok(r),
+            _ = head_deadline => Err(()),
+        };
         self.inner.metrics.upstream(&route.name, up_start.elapsed());
         match result {
             Err(_) => Err(Reject::UpstreamTimeout),
@@ -635,6 +641,23 @@ impl Gateway {
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+        }
+    }
+
+    /// The audit line of a request hyper refused itself before the pipeline saw it (a head it
+    /// could not parse, or too large): `status` is what hyper answered, the reason
+    /// `bad_request_http`; only the peer is known (no path, no token).
+    pub(crate) fn audit_http_refusal(&self, peer: IpAddr, status: u16) {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut ctx = Ctx::empty(peer, Method::GET);
+        ctx.request_id = self.next_request_id();
+        let reason = "bad_request_http";
+        self.inner.metrics.request("deny", reason, status.as_u16());
+        let mut record = self.audit_record(&mut ctx, status, "deny", reason, Duration::ZERO);
+        // The method was never parsed.
+        record.method = std::borrow::Cow::Borrowed("");
+        if let Err(e) = self.inner.audit.record(Entry::Request(record)) {
+            tracing::error!(error = %e, "audit record for a request refused by the HTTP layer could not be queued");
         }
     }
 
@@ -755,21 +778,27 @@ impl Drop for AuditGuard<'_> {
         if !self.armed {
             return;
         }
-        // 499: the client closed the request (or the drain deadline cut it) before a response.
-        let status = StatusCode::from_u16(499).expect("valid code");
+        // 499: the client closed the request before a response; 503 `shutdown`: the drain
+        // deadline cut it (the client got no response either way).
+        let gw = self.gw;
+        let (code, reason) = if gw.inner.metrics.shutdown_cut.load(Ordering::Acquire) {
+            (503, "shutdown")
+        } else {
+            (499, "client_closed")
+        };
+        let status = StatusCode::from_u16(code).expect("valid code");
         let decision = if self.ctx.upstream.is_some() {
             "allow"
         } else {
             "deny"
         };
-        let gw = self.gw;
-        gw.inner.metrics.request(decision, "client_closed", 499);
+        gw.inner.metrics.request(decision, reason, code);
         let reservation = self.ctx.reservation.take();
         let record = gw.audit_record(
             &mut self.ctx,
             status,
             decision,
-            "client_closed",
+            reason,
             self.start.elapsed(),
         );
         match reservation {

@@ -8,7 +8,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -128,7 +128,8 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting, drains in-flight requests up to
     /// `server.shutdown_grace`, and flushes last-used data and the audit log.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(Phase::Serving);
+        let busy = Arc::new(AtomicUsize::new(0));
         let graceful = Arc::new(GracefulShutdown::new());
         let gw = self.gateway.clone();
         // Bound in `bind`, accepting from the next line on (readiness reports this).
@@ -139,7 +140,10 @@ impl Server {
             Role::Public,
             gw.clone(),
             None,
-            stop_rx.clone(),
+            Shared {
+                stop: stop_rx.clone(),
+                busy: busy.clone(),
+            },
             graceful.clone(),
         ));
         let admin = tokio::spawn(accept_loop(
@@ -148,24 +152,53 @@ impl Server {
             Role::Admin,
             gw.clone(),
             Some(self.sessions.clone()),
-            stop_rx,
+            Shared {
+                stop: stop_rx,
+                busy: busy.clone(),
+            },
             graceful.clone(),
         ));
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         gw.metrics().listening.store(false, Ordering::Relaxed);
-        let _ = stop_tx.send(true);
+        let _ = stop_tx.send(Phase::Draining);
         // The accept loops return and drop their listeners: new connections are refused from here.
         let _ = public.await;
         let _ = admin.await;
         let grace = gw.config().server.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
         match Arc::try_unwrap(graceful) {
             Ok(g) => {
-                if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
-                    tracing::warn!(
-                        ?grace,
-                        "drain deadline passed; closing remaining connections"
-                    );
+                let drained = g.shutdown();
+                tokio::pin!(drained);
+                // Idle keep-alive connections stay open (and serve what arrives on them, with
+                // `Connection: close`) while requests are still running; once none runs, they
+                // close too.
+                let idle_release = async {
+                    while busy.load(Ordering::Acquire) > 0 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    let _ = stop_tx.send(Phase::Closing);
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    _ = &mut drained => {}
+                    _ = idle_release => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        tracing::warn!(
+                            ?grace,
+                            "drain deadline passed; cutting the requests still running"
+                        );
+                        // The requests dropped from here are audited as cut by the shutdown.
+                        gw.metrics().shutdown_cut.store(true, Ordering::Release);
+                        let _ = stop_tx.send(Phase::Cut);
+                        if tokio::time::timeout(Duration::from_secs(5), &mut drained)
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!("connections still open after the cut");
+                        }
+                    }
                 }
             }
             Err(_) => tracing::warn!("connection tracker still shared; skipping drain"),
@@ -176,6 +209,28 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Where the server is in its life; connections watch it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// SIGTERM: listeners closed; busy connections finish with `Connection: close`, idle ones
+    /// stay open and serve what arrives the same way.
+    Draining,
+    /// No request is running any more: idle connections close.
+    Closing,
+    /// The drain deadline passed: every connection is dropped, its running request cut.
+    Cut,
+}
+
+/// What every connection of a server shares with it.
+#[derive(Clone)]
+struct Shared {
+    stop: watch::Receiver<Phase>,
+    /// Requests being handled, on both listeners (drain: idle connections close at zero).
+    busy: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -212,9 +267,10 @@ async fn accept_loop(
     role: Role,
     gw: Gateway,
     sessions: Option<Arc<admin::session::Sessions>>,
-    mut stop: watch::Receiver<bool>,
+    shared: Shared,
     graceful: Arc<GracefulShutdown>,
 ) {
+    let mut stop = shared.stop.clone();
     let per_ip: Arc<DashMap<IpAddr, usize>> = Arc::new(DashMap::new());
     loop {
         let (stream, peer) = tokio::select! {
@@ -265,10 +321,10 @@ async fn accept_loop(
             .as_ref()
             .map(|s| admin::Admin::new(gw.clone(), s.clone()));
         let watcher = graceful.watcher();
-        let stop_conn = stop.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(stream, peer, acceptor, gw, admin_state, watcher, stop_conn).await;
+            serve_connection(stream, peer, acceptor, gw, admin_state, watcher, shared).await;
         });
     }
 }
@@ -280,9 +336,14 @@ async fn serve_connection(
     gw: Gateway,
     admin_state: Option<admin::Admin>,
     watcher: Watcher,
-    stop: watch::Receiver<bool>,
+    shared: Shared,
 ) {
     let cfg = gw.config();
+    let public = admin_state.is_none();
+    let stop = shared.stop.clone();
+    // A client that accepts no byte of what is written to it for this long is cut (nginx's
+    // `send_timeout`): its response, and the upstream connection feeding it, are dropped.
+    let send_timeout = cfg.server.body_idle_timeout;
     // Requests in flight on this connection, for the idle timeout.
     let (in_flight, idle_rx) = watch::channel(0usize);
     let in_flight = Arc::new(in_flight);
@@ -313,9 +374,11 @@ async fn serve_connection(
             let gw = gw.clone();
             let admin_state = admin_state.clone();
             let in_flight = in_flight.clone();
+            let busy = shared.busy.clone();
             async move {
                 in_flight.send_modify(|n| *n += 1);
-                let _done = InFlight(in_flight);
+                busy.fetch_add(1, Ordering::AcqRel);
+                let _done = InFlight(in_flight, busy);
                 let resp = match admin_state {
                     Some(a) => admin::handle(&a, req, conn).await,
                     None => gw.handle(req, conn).await,
@@ -330,12 +393,15 @@ async fn serve_connection(
     match acceptor {
         None => {
             let c = builder.serve_connection_with_upgrades(
-                TokioIo::new(ProtocolDeadline::new(stream, deadline)),
+                TokioIo::new(SendDeadline::new(
+                    ProtocolDeadline::new(stream, deadline),
+                    send_timeout,
+                )),
                 svc,
             );
             let idle = cfg.server.h2_idle_timeout;
             if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                connection_error(&gw, peer, public, &*e);
             }
         }
         Some(acceptor) => {
@@ -356,23 +422,28 @@ async fn serve_connection(
                 }
             };
             let c = builder.serve_connection_with_upgrades(
-                TokioIo::new(ProtocolDeadline::new(tls, deadline)),
+                TokioIo::new(SendDeadline::new(
+                    ProtocolDeadline::new(tls, deadline),
+                    send_timeout,
+                )),
                 svc,
             );
             let idle = cfg.server.h2_idle_timeout;
             if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                connection_error(&gw, peer, public, &*e);
             }
         }
     }
 }
 
-/// Decrements the connection's in-flight count when a request's handler is done (or dropped).
-struct InFlight(Arc<watch::Sender<usize>>);
+/// Decrements the connection's in-flight count and the server's busy count when a request's
+/// handler is done (or dropped).
+struct InFlight(Arc<watch::Sender<usize>>, Arc<AtomicUsize>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
+        self.1.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -381,10 +452,17 @@ impl Drop for InFlight {
 /// HTTP/2 keep-alive pings only detect dead peers, so without this a live client could hold
 /// an empty HTTP/2 connection (and its slot of `max_connections`) for ever. `watcher` is held
 /// until the end so the server's drain waits for this connection.
+///
+/// On stop a connection with a request in flight shuts down gracefully at once (its response
+/// carries `Connection: close`); an idle one stays open while the server drains, and a request
+/// that arrives on it is served the same way, so a client that sent on its kept-alive
+/// connection just after SIGTERM gets an answer rather than a closed connection. It closes when
+/// no request runs on the server any more ([`Phase::Closing`]); at the drain deadline
+/// ([`Phase::Cut`]) the connection is dropped with whatever still runs on it.
 async fn drive<C, E>(
     conn: C,
     watcher: Watcher,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Phase>,
     mut in_flight: watch::Receiver<usize>,
     idle: Duration,
 ) -> Result<(), E>
@@ -394,27 +472,48 @@ where
     let local = GracefulShutdown::new();
     let conn = local.watch(conn);
     tokio::pin!(conn);
+    let mut idle_rx = in_flight.clone();
     let idle_for = async move {
         loop {
-            if *in_flight.borrow_and_update() == 0 {
+            if *idle_rx.borrow_and_update() == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(idle) => return,
-                    r = in_flight.changed() => if r.is_err() { return },
+                    r = idle_rx.changed() => if r.is_err() { return },
                 }
-            } else if in_flight.changed().await.is_err() {
+            } else if idle_rx.changed().await.is_err() {
                 return;
             }
         }
     };
     tokio::pin!(idle_for);
-    tokio::select! {
-        r = &mut conn => return r,
-        _ = stop.changed() => {}
-        _ = &mut idle_for => {}
+    let mut stopping = *stop.borrow_and_update() != Phase::Serving;
+    if !stopping {
+        tokio::select! {
+            r = &mut conn => return r,
+            _ = stop.changed() => stopping = true,
+            _ = &mut idle_for => {}
+        }
     }
-    // Either way: GOAWAY (or close when idle), then let in-flight streams finish.
+    if stopping {
+        // Idle at stop: wait for a request (served with `Connection: close`) or the end of
+        // the drain.
+        loop {
+            if *in_flight.borrow_and_update() > 0 || *stop.borrow_and_update() >= Phase::Closing {
+                break;
+            }
+            tokio::select! {
+                r = &mut conn => return r,
+                r = stop.changed() => if r.is_err() { break },
+                r = in_flight.changed() => if r.is_err() { break },
+            }
+        }
+    }
+    // GOAWAY (or close when idle), then let in-flight streams finish, up to the drain deadline.
     let shutdown = tokio::spawn(local.shutdown());
-    let r = conn.await;
+    let r = tokio::select! {
+        r = &mut conn => r,
+        _ = stop.wait_for(|p| *p == Phase::Cut) => Ok(()),
+    };
     shutdown.abort();
     drop(watcher);
     r
@@ -518,5 +617,160 @@ impl<I: AsyncWrite> AsyncWrite for ProtocolDeadline<I> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Fails writes with [`SendStalled`] once the client has accepted no byte for `timeout`
+    /// while the gateway had bytes for it (nginx's `send_timeout`). A client that stops reading
+    /// otherwise keeps its connection, the response body it is not reading (and the upstream
+    /// connection feeding it) for as long as it likes: hyper stops polling a body it cannot
+    /// write, so the body's own idle guard never runs. The timer runs only while a write is
+    /// pending; any progress clears it.
+    struct SendDeadline<I> {
+        #[pin]
+        io: I,
+        timeout: Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<I> SendDeadline<I> {
+    fn new(io: I, timeout: Duration) -> Self {
+        SendDeadline {
+            io,
+            timeout,
+            timer: None,
+        }
+    }
+}
+
+/// The error a stalled write ends the connection with (found again in [`connection_error`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the client accepted no data for {0:?}")]
+struct SendStalled(Duration);
+
+/// Progress clears the timer; `Pending` arms it (once) and fails the write when it fires.
+fn send_progress<T>(
+    r: Poll<io::Result<T>>,
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<T>> {
+    match r {
+        Poll::Pending => {
+            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            match t.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    SendStalled(timeout),
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        }
+        ready => {
+            *timer = None;
+            ready
+        }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for SendDeadline<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for SendDeadline<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.io.poll_write(cx, buf);
+        send_progress(r, this.timer, *this.timeout, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.io.poll_write_vectored(cx, bufs);
+        send_progress(r, this.timer, *this.timeout, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let r = this.io.poll_flush(cx);
+        send_progress(r, this.timer, *this.timeout, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let r = this.io.poll_shutdown(cx);
+        send_progress(r, this.timer, *this.timeout, cx)
+    }
+}
+
+/// What ended a connection with an error, for `tokengate_http_errors_total{kind}`; `None` for
+/// the ordinary ends (the client went away, a reset).
+fn error_kind(e: &(dyn std::error::Error + 'static)) -> Option<crate::metrics::HttpErrorKind> {
+    use crate::metrics::HttpErrorKind as K;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return Some(if h.to_string().contains("URI") {
+                    K::UriTooLong
+                } else {
+                    K::HeadTooLarge
+                });
+            }
+            if h.is_parse() {
+                return Some(K::BadRequest);
+            }
+            if h.is_timeout() {
+                return Some(K::HeaderTimeout);
+            }
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.get_ref().is_some_and(|i| i.is::<SendStalled>()) {
+                return Some(K::SendTimeout);
+            }
+            if io.kind() == io::ErrorKind::TimedOut {
+                return Some(K::HeaderTimeout);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Counts a connection that ended with an error and, for a request hyper refused itself on the
+/// public listener (it answered 400, 414 or 431 without calling the gateway), writes its audit
+/// line: reason `bad_request_http`, the peer, no token.
+fn connection_error(
+    gw: &Gateway,
+    peer: SocketAddr,
+    public: bool,
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) {
+    let kind = error_kind(e);
+    tracing::debug!(%peer, error = %e, kind = kind.map(|k| k.label()), "connection ended with an error");
+    let Some(kind) = kind else { return };
+    gw.metrics().http_error(kind);
+    if let (true, Some(status)) = (public, kind.refusal_status()) {
+        gw.audit_http_refusal(peer.ip(), status);
     }
 }

@@ -1086,8 +1086,10 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         assert_eq!(tg.upstream.count(), 0, "{name}");
     }
 
-    // Answered by hyper before the pipeline (no audit line): a head larger than hyper's read
-    // buffer, however it is made up, and more than 100 header fields.
+    // Answered by hyper before the pipeline: a head larger than hyper's read buffer, however it
+    // is made up, and more than 100 header fields. Each still gets an audit line, written when
+    // hyper's connection ends with its parse error: reason `bad_request_http`, the peer, no
+    // token, no path (the head was never parsed).
     let hyper_cases = [
         (
             "headers over the head buffer",
@@ -1111,12 +1113,27 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         let r = raw(tg.addr, req.as_bytes()).await;
         assert_eq!(r.status, 431, "{name}: {}", r.raw);
         assert_eq!(tg.upstream.count(), 0, "{name}");
+        audited += 1;
+        // Written as the connection ends, a moment after the client saw the close.
+        let mut lines = tg.request_lines().await;
+        for _ in 0..100 {
+            if lines.len() == audited {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            lines = tg.request_lines().await;
+        }
+        assert_eq!(
+            lines.len(),
+            audited,
+            "{name}: hyper's refusal has its audit line"
+        );
+        let line = lines.last().unwrap();
+        assert_rejection_line(line, 431, "bad_request_http");
+        assert_eq!(line["client_ip"], "127.0.0.1", "{name}");
+        assert_eq!(line["path"], "", "{name}");
+        assert!(line["token_prefix"].is_null(), "{name}");
     }
-    assert_eq!(
-        tg.request_lines().await.len(),
-        audited,
-        "hyper's own answers have no audit line"
-    );
 
     // A chunked body is counted while it streams: the gateway cuts it off at the limit, answers
     // 413, and the upstream sees at most max_body_bytes of a request that never completes.

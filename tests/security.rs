@@ -25,7 +25,8 @@ enum Want {
     /// Refused by the gateway with this status and audit reason; nothing forwarded.
     Deny(u16, &'static str),
     /// Refused by hyper's HTTP/1 parser with a bare 400 before the gateway saw a request: no
-    /// request id, no audit line, nothing forwarded.
+    /// request id in the answer, nothing forwarded; the audit line (reason `bad_request_http`,
+    /// no path, no token) is written when the connection ends.
     Parser400,
 }
 
@@ -757,13 +758,38 @@ async fn corpus_of_request_targets_never_reaches_a_path_the_token_may_not() {
         failures.join("\n")
     );
 
-    // One audit line per request the gateway answered, with the decision the client saw.
-    let lines = tg.request_lines().await;
+    // One audit line per request the gateway answered, with the decision the client saw, and
+    // one per request hyper's parser refused.
+    let parser_cases = cases
+        .iter()
+        .filter(|c| matches!(c.want, Want::Parser400))
+        .count();
+    let mut all = tg.request_lines().await;
+    for _ in 0..100 {
+        if all.len() >= by_request_id.len() + parser_cases {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        all = tg.request_lines().await;
+    }
+    let (parser_lines, lines): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|l| l["reason"] == "bad_request_http");
     assert_eq!(
         lines.len(),
         by_request_id.len(),
         "exactly one audit line per request that reached the gateway"
     );
+    assert_eq!(
+        parser_lines.len(),
+        parser_cases,
+        "one audit line per request the HTTP parser refused"
+    );
+    for line in &parser_lines {
+        assert_rejection_line(line, 400, "bad_request_http");
+        assert_eq!(line["path"], "", "{line}");
+        assert!(line["token_prefix"].is_null(), "{line}");
+    }
     for line in &lines {
         let id = line["request_id"].as_str().unwrap();
         let case = &cases[by_request_id[id]];

@@ -50,6 +50,8 @@ pub const DEFAULT_MAX_IDLE_PER_HOST: usize = 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP keepalive idle time on upstream sockets.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Largest read buffer of an HTTP/1.1 upstream connection (hyper's `max_buf_size`).
+pub const UPSTREAM_READ_BUF: usize = 64 * 1024;
 
 /// Why an upstream request failed. The gateway answers them 502: `upstream_tls_error` when
 /// [`PoolError::tls_failure`] names a TLS failure, `upstream_error` otherwise.
@@ -183,6 +185,11 @@ impl Builder {
                     // fewer, simpler `write`s on loopback and LAN; measured 1.12-1.24 x
                     // throughput together with the server side (docs/performance.md).
                     b.writev(false);
+                    // The read buffer (and so the largest body chunk handed on) stays at 64 KiB
+                    // instead of hyper's ~400 KiB: what a client that stops reading can pin per
+                    // upstream connection until the send timeout cuts it (docs/limits.md). Also
+                    // the largest upstream response head accepted.
+                    b.max_buf_size(UPSTREAM_READ_BUF);
                     b
                 },
                 h2: {

@@ -388,7 +388,7 @@ impl Ctx {
         Ctx {
             start: Instant::now(),
             request_id: id[..24].to_string(),
-            client_ip: crate::gateway::client_ip(
+            client_ip: crate::forwarded::client_ip(
                 conn.peer.ip(),
                 headers,
                 &cfg.server.trusted_proxies,

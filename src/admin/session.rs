@@ -14,10 +14,9 @@ use crate::token::hex;
 /// Most sessions kept at once; past this the least recently used one is dropped.
 pub const MAX_SESSIONS: usize = 10_000;
 
-/// Cookie name on plain HTTP.
-pub const COOKIE: &str = "tokengate_session";
-/// Cookie name under TLS: the `__Host-` prefix makes browsers insist on Secure, Path=/, no Domain.
-pub const COOKIE_TLS: &str = "__Host-tokengate_session";
+/// Cookie names on plain HTTP and under TLS (`__Host-` prefix): named in `hygiene`, which strips
+/// them from everything forwarded upstream and must not import the admin side.
+pub use crate::hygiene::{SESSION_COOKIE as COOKIE, SESSION_COOKIE_TLS as COOKIE_TLS};
 
 /// One signed-in browser.
 #[derive(Debug, Clone)]

@@ -133,7 +133,7 @@ fn attr(s: &str) -> String {
 }
 
 async fn index(gw: &Admin, parts: &Parts, conn: ConnInfo) -> Response<Body> {
-    let ip = crate::gateway::client_ip(
+    let ip = crate::forwarded::client_ip(
         conn.peer.ip(),
         &parts.headers,
         &gw.config().server.trusted_proxies,

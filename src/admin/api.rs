@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Actor, Admin, AdminError, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
+    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
     session_actor,
 };
 use crate::audit::Entry;
@@ -90,7 +90,7 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
 pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let cfg = gw.config();
     let (parts, body) = req.into_parts();
-    let mut ctx = Ctx::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
+    let mut ctx = ApiCall::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
     let result = match tokio::time::timeout(
         cfg.server.request_timeout,
         serve(gw, &cfg, &parts, body, conn, &mut ctx),
@@ -130,7 +130,7 @@ async fn serve(
     parts: &Parts,
     body: Incoming,
     conn: ConnInfo,
-    ctx: &mut Ctx,
+    ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
     let actor = authenticate(gw, parts, conn, ctx).await?;
     let Some((route, idx, param)) = match_route(parts.uri.path()) else {
@@ -201,7 +201,7 @@ async fn authenticate(
     gw: &Admin,
     parts: &Parts,
     conn: ConnInfo,
-    ctx: &mut Ctx,
+    ctx: &mut ApiCall,
 ) -> Result<Actor, AdminError> {
     if !parts.headers.contains_key(header::AUTHORIZATION) {
         if let Some((_, sess, actor)) = session_actor(gw, &parts.headers, ctx.client_ip).await? {
@@ -400,7 +400,7 @@ pub fn valid_account_name(n: &str) -> bool {
 async fn create_account(
     gw: &Admin,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     b: AccountBody,
 ) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
@@ -432,7 +432,7 @@ async fn create_account(
 async fn disable_account(
     gw: &Admin,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     name: &str,
 ) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
@@ -525,7 +525,7 @@ async fn create_token(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     b: CreateBody,
 ) -> Result<Response<Body>, AdminError> {
     let account = b
@@ -632,7 +632,7 @@ async fn revoke(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     id: &str,
     b: RevokeBody,
 ) -> Result<TokenRow, AdminError> {
@@ -645,7 +645,7 @@ async fn revoke_row(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     t: &TokenRow,
     reason: String,
 ) -> Result<TokenRow, AdminError> {
@@ -675,7 +675,7 @@ async fn rotate(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     id: &str,
     b: RotateBody,
 ) -> Result<Response<Body>, AdminError> {
@@ -722,7 +722,7 @@ async fn identify(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     b: IdentifyBody,
 ) -> Result<Response<Body>, AdminError> {
     let reason = check_reason(b.reason, "leaked")?;
@@ -772,7 +772,7 @@ fn caller_of(cfg: &Config, actor: &Actor) -> Caller {
 /// admin event (reason `escalation`, the attribute and operation in its details).
 fn refused(
     gw: &Admin,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     actor: &Actor,
     operation: &str,
     target: Option<&TokenRow>,
@@ -801,7 +801,7 @@ fn refused(
 
 fn lifecycle_err(
     gw: &Admin,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     actor: &Actor,
     operation: &str,
     target: Option<&TokenRow>,

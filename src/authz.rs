@@ -5,6 +5,10 @@
 //! then a rest), so the first rule it meets is the most specific one and the walk can stop there.
 //! Each trie node is reached by at most one path prefix, so a lookup visits at most every node
 //! once, whatever the number of rules, and allocates nothing unless a rule matches.
+//!
+//! Owns: [`RuleTable`], [`decide`], grants, scopes, the shadow verdict and [`match_path`] (the pure
+//! path transform a route asks for). Must never import `config`, `gateway`, `pipeline`, `admin` or
+//! `cli`: config builds rule tables from this module, not the other way round.
 
 use std::collections::BTreeMap;
 use std::fmt;

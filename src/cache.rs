@@ -18,6 +18,9 @@
 //! the token id. A key collision never gives a wrong answer: the newcomer is simply not cached.
 //! The full [`TokenRow`] (last use, creator, revocation details) is read from the store by the
 //! few callers that print it (admin API and web UI).
+//!
+//! Owns: [`TokenCache`], [`CachedToken`] and [`Grants`]. Must never import `config`, `gateway`,
+//! `pipeline`, `admin` or `cli`; it knows the store's row type only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};

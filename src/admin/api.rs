@@ -7,6 +7,10 @@
 //! operation goes through [`crate::lifecycle`], whose rule makes its result never stronger than
 //! the caller; a refusal is a 403 `forbidden` naming the attribute, audited as `token.refused`.
 //! Every mutation reserves its audit slot before it is made.
+//!
+//! Owns: the `/v1/...` routes, their JSON shapes and their audit lines. Must never import `cli`,
+//! `pipeline` or `server` (the server calls in; the pipeline is reached through the gateway
+//! handle).
 
 use std::collections::BTreeMap;
 

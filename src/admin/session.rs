@@ -3,6 +3,10 @@
 //! A session remembers which token signed in (its id), never the token itself. The map is keyed by
 //! SHA-256(session id), so a memory dump holds no usable cookie. Every request through a session
 //! re-reads the token row, so revoking or expiring the sign-in token ends its sessions at once.
+//!
+//! Owns: the session map, ids, CSRF tokens and idle expiry (the cookie names are `hygiene`'s, which
+//! strips them upstream). Must never import `gateway`, `config` or `pipeline`:
+//! sessions belong to the admin side alone.
 
 use dashmap::DashMap;
 use rand::TryRngCore;

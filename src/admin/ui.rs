@@ -4,6 +4,9 @@
 //! talks to the JSON API (`/v1/...`) with the session cookie and the CSRF token it finds in a
 //! `<meta>` tag. Sign-in takes a token once, checks it exactly like a Bearer call, and keeps only
 //! the token's id in the session.
+//!
+//! Owns: the page, its assets, sign-in and sign-out. Must never import `cli`, `pipeline` or
+//! `server`; token operations go through the JSON API and `lifecycle`.
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};

@@ -1,3 +1,5 @@
+//! Unit tests of the audit reader (`tokengate audit show` filters and table).
+
 use super::*;
 
 // ---- reader ----------------------------------------------------------------------------------

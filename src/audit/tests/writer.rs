@@ -1,3 +1,5 @@
+//! Unit tests of the audit writer: reservations, rotation, failure handling.
+
 use super::*;
 
 #[test]

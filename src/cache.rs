@@ -530,29 +530,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn row(id: &str, account: &str) -> TokenRow {
-        TokenRow {
-            id: id.into(),
-            account_id: account.into(),
-            account: account.into(),
-            name: "n".into(),
-            prefix: "tg_abcdefgh".into(),
-            role: None,
-            permissions: vec![],
-            scopes: BTreeMap::new(),
-            allowed_cidrs: vec![],
-            rate: None,
-            created_at: 0,
-            created_by: "t".into(),
-            expires_at: None,
-            last_used_at: None,
-            last_used_ip: None,
-            revoked_at: None,
-            revoked_by: None,
-            revoke_reason: None,
-            rotated_from: None,
-            rotation_deadline: None,
-            account_disabled_at: None,
-        }
+        TokenRow::test(id, account)
     }
 
     fn entry(c: &TokenCache, hash: [u8; 32], id: &str, account: &str) -> Arc<CachedToken> {

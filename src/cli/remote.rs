@@ -417,24 +417,23 @@ fn echo(on: bool) {
         .status();
 }
 
+/// The profile `--profile` names, else the default one.
+fn profile_name(cli: &Cli) -> String {
+    cli.profile
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PROFILE.to_string())
+}
+
 /// `tokengate login [--url URL] [--profile NAME]`.
 pub fn login(cli: &Cli) -> Result<(), CliError> {
     let path = credentials_path()?;
     let mut profiles = load_profiles(&path)?;
-    let name = cli
-        .profile
-        .clone()
-        .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
-        return Err(CliError::usage(
-            "profile names are 1-64 letters, digits, `.`, `_`, `-`",
-        ));
-    }
+    let name = profile_name(cli);
+    super::check_name(
+        &name,
+        "._-",
+        "profile names are 1-64 letters, digits, `.`, `_`, `-`",
+    )?;
     let url = match (&cli.url, profiles.get(&name)) {
         (Some(u), _) => normalize_url(u)?,
         (None, Some(p)) => p.url.clone(),
@@ -476,10 +475,7 @@ pub fn login(cli: &Cli) -> Result<(), CliError> {
 pub fn logout(cli: &Cli) -> Result<(), CliError> {
     let path = credentials_path()?;
     let mut profiles = load_profiles(&path)?;
-    let name = cli
-        .profile
-        .clone()
-        .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
+    let name = profile_name(cli);
     if profiles.remove(&name).is_none() {
         return Err(CliError::failure(format!(
             "no profile `{name}` in {}",

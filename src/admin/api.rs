@@ -27,7 +27,7 @@ use super::{
     Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
     session_actor,
 };
-use crate::audit::Entry;
+use crate::audit::{Entry, Reservation};
 use crate::auth;
 use crate::authz;
 use crate::body::Body;
@@ -38,7 +38,7 @@ use crate::gateway::ConnInfo;
 use crate::lifecycle::{
     self, Caller, CreateRequest, LifecycleError, Refusal, RotateRequest, token_json,
 };
-use crate::store::{StoreError, TokenRow};
+use crate::store::{Account, StoreError, TokenRow};
 
 /// The API's routes: (template, methods). `docs/openapi.yaml` documents exactly these.
 pub const ROUTES: &[(&str, &[&str])] = &[
@@ -427,10 +427,29 @@ async fn create_account(
         .store_call(move |s| s.create_account(&b.name, b.email.as_deref(), &label, now))
         .await
         .map_err(store_err)?;
-    let mut rec = ctx.event(actor, "account.created", Some(&acc.name), None);
+    Ok(account_done(
+        ctx,
+        actor,
+        res,
+        "account.created",
+        StatusCode::CREATED,
+        &acc,
+    ))
+}
+
+/// Writes the audit line of an account change into its reserved slot and answers with the account.
+fn account_done(
+    ctx: &ApiCall,
+    actor: &Actor,
+    res: Reservation,
+    event: &str,
+    status: StatusCode,
+    acc: &Account,
+) -> Response<Body> {
+    let mut rec = ctx.event(actor, event, Some(&acc.name), None);
     rec.account = Some(acc.name.clone());
     res.send(Entry::Admin(rec));
-    Ok(ok(StatusCode::CREATED, account_json(&acc)))
+    ok(status, account_json(acc))
 }
 
 async fn disable_account(
@@ -450,10 +469,14 @@ async fn disable_account(
         .map_err(|e| lifecycle_err(gw, ctx, actor, "disable_account", None, e))?;
     // Every token of the account is rejected by this process when this returns.
     gw.cache().invalidate_account(&acc.id);
-    let mut rec = ctx.event(actor, "account.disabled", Some(&acc.name), None);
-    rec.account = Some(acc.name.clone());
-    res.send(Entry::Admin(rec));
-    Ok(ok(StatusCode::OK, account_json(&acc)))
+    Ok(account_done(
+        ctx,
+        actor,
+        res,
+        "account.disabled",
+        StatusCode::OK,
+        &acc,
+    ))
 }
 
 // ------------------------------------------------------------------------------------------------

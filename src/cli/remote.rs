@@ -417,18 +417,20 @@ fn echo(on: bool) {
         .status();
 }
 
-/// The profile `--profile` names, else the default one.
-fn profile_name(cli: &Cli) -> String {
-    cli.profile
+/// The credentials file, the profiles in it, and the profile `--profile` names (else the default).
+fn profile_file(cli: &Cli) -> Result<(PathBuf, BTreeMap<String, Profile>, String), CliError> {
+    let path = credentials_path()?;
+    let profiles = load_profiles(&path)?;
+    let name = cli
+        .profile
         .clone()
-        .unwrap_or_else(|| DEFAULT_PROFILE.to_string())
+        .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
+    Ok((path, profiles, name))
 }
 
 /// `tokengate login [--url URL] [--profile NAME]`.
 pub fn login(cli: &Cli) -> Result<(), CliError> {
-    let path = credentials_path()?;
-    let mut profiles = load_profiles(&path)?;
-    let name = profile_name(cli);
+    let (path, mut profiles, name) = profile_file(cli)?;
     super::check_name(
         &name,
         "._-",
@@ -473,9 +475,7 @@ pub fn login(cli: &Cli) -> Result<(), CliError> {
 /// `tokengate logout [--profile NAME]`: forgets a saved profile (the token stays valid; revoke it
 /// with `tokengate token revoke` if it should stop working).
 pub fn logout(cli: &Cli) -> Result<(), CliError> {
-    let path = credentials_path()?;
-    let mut profiles = load_profiles(&path)?;
-    let name = profile_name(cli);
+    let (path, mut profiles, name) = profile_file(cli)?;
     if profiles.remove(&name).is_none() {
         return Err(CliError::failure(format!(
             "no profile `{name}` in {}",

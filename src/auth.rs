@@ -1,5 +1,8 @@
 //! Authentication (SPEC §1 steps 3–5): extract the Bearer credential, check its format and
 //! checksum, then judge the stored token (revoked, expired, account disabled, IP allowlist).
+//!
+//! Owns: credential extraction and the token verdict (`judge`). Must never import `config`,
+//! `gateway`, `pipeline`, `admin` or `cli`: it judges what it is given.
 
 use std::net::IpAddr;
 

@@ -5,6 +5,10 @@
 //! then a rest), so the first rule it meets is the most specific one and the walk can stop there.
 //! Each trie node is reached by at most one path prefix, so a lookup visits at most every node
 //! once, whatever the number of rules, and allocates nothing unless a rule matches.
+//!
+//! Owns: [`RuleTable`], [`decide`], grants, scopes, the shadow verdict and [`match_path`] (the pure
+//! path transform a route asks for). Must never import `config`, `gateway`, `pipeline`, `admin` or
+//! `cli`: config builds rule tables from this module, not the other way round.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -798,51 +802,28 @@ pub fn validate_scope(key: &str, patterns: &[String]) -> Result<(), RuleError> {
 
 // ---------------------------------------------------------------- matching like the backend
 
-impl crate::config::RouteConfig {
-    /// The path rules are matched against: lower-cased when `case_sensitive = false`, one
-    /// trailing `/` removed when `trailing_slash = "ignore"`, so `/ADMIN/` is judged as `/admin`
-    /// by a route whose backend treats them alike. What is forwarded stays the canonical path.
-    pub fn match_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
-        let mut p = std::borrow::Cow::Borrowed(path);
-        if !self.case_sensitive && p.bytes().any(|b| b.is_ascii_uppercase()) {
-            p = std::borrow::Cow::Owned(p.to_ascii_lowercase());
-        }
-        if self.trailing_slash == crate::config::TrailingSlash::Ignore
-            && p.len() > 1
-            && p.ends_with('/')
-        {
-            p = match p {
-                std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[..b.len() - 1]),
-                std::borrow::Cow::Owned(mut o) => {
-                    o.pop();
-                    std::borrow::Cow::Owned(o)
-                }
-            };
-        }
-        p
+/// The path rules are matched against: lower-cased unless `case_sensitive`, one trailing `/`
+/// removed when `ignore_trailing_slash`, so `/ADMIN/` is judged as `/admin` by a route whose
+/// backend treats them alike. What is forwarded stays the canonical path.
+pub fn match_path(
+    path: &str,
+    case_sensitive: bool,
+    ignore_trailing_slash: bool,
+) -> std::borrow::Cow<'_, str> {
+    let mut p = std::borrow::Cow::Borrowed(path);
+    if !case_sensitive && p.bytes().any(|b| b.is_ascii_uppercase()) {
+        p = std::borrow::Cow::Owned(p.to_ascii_lowercase());
     }
-
-    /// The rule table and audit ids for a request to `host` (a lower-case name without port):
-    /// an exact host entry first, then the longest matching `*.` pattern, else the rules
-    /// without `host`.
-    pub fn rules_for(&self, host: Option<&str>) -> (&RuleTable, &[String]) {
-        if let Some(h) = host.filter(|_| !self.host_rules.is_empty()) {
-            let exact = self.host_rules.iter().find(|r| r.host == h);
-            let wild = || {
-                self.host_rules
-                    .iter()
-                    .filter(|r| {
-                        r.host.starts_with("*.")
-                            && crate::hygiene::host_allowed(h, std::slice::from_ref(&r.host))
-                    })
-                    .max_by_key(|r| r.host.len())
-            };
-            if let Some(r) = exact.or_else(wild) {
-                return (&r.rules, &r.rule_ids);
+    if ignore_trailing_slash && p.len() > 1 && p.ends_with('/') {
+        p = match p {
+            std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[..b.len() - 1]),
+            std::borrow::Cow::Owned(mut o) => {
+                o.pop();
+                std::borrow::Cow::Owned(o)
             }
-        }
-        (&self.rules, &self.rule_ids)
+        };
     }
+    p
 }
 
 /// Lower-cases a rule template's literal text, leaving `{capture}` names as written.

@@ -18,6 +18,9 @@
 //! the token id. A key collision never gives a wrong answer: the newcomer is simply not cached.
 //! The full [`TokenRow`] (last use, creator, revocation details) is read from the store by the
 //! few callers that print it (admin API and web UI).
+//!
+//! Owns: [`TokenCache`], [`CachedToken`] and [`Grants`]. Must never import `config`, `gateway`,
+//! `pipeline`, `admin` or `cli`; it knows the store's row type only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -527,29 +530,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn row(id: &str, account: &str) -> TokenRow {
-        TokenRow {
-            id: id.into(),
-            account_id: account.into(),
-            account: account.into(),
-            name: "n".into(),
-            prefix: "tg_abcdefgh".into(),
-            role: None,
-            permissions: vec![],
-            scopes: BTreeMap::new(),
-            allowed_cidrs: vec![],
-            rate: None,
-            created_at: 0,
-            created_by: "t".into(),
-            expires_at: None,
-            last_used_at: None,
-            last_used_ip: None,
-            revoked_at: None,
-            revoked_by: None,
-            revoke_reason: None,
-            rotated_from: None,
-            rotation_deadline: None,
-            account_disabled_at: None,
-        }
+        TokenRow::test(id, account)
     }
 
     fn entry(c: &TokenCache, hash: [u8; 32], id: &str, account: &str) -> Arc<CachedToken> {

@@ -2,6 +2,9 @@
 //!
 //! Classified by who caused them: the client (4xx), the upstream (502/504), or us (500/503).
 //! Clients get a short stable message; the cause goes to the operational log.
+//!
+//! Owns: [`Reject`] and [`respond`]. Must never import `config`, `gateway`, `pipeline`, `admin` or
+//! `cli` (every layer imports it).
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};

@@ -4,9 +4,9 @@
 //! The token/account operations `revoke` and `disable_account` live here for now.
 //!
 //! The request pipeline that runs on this state is in `pipeline` (`Gateway::handle`,
-//! `Gateway::evaluate`, `Gateway::authenticate_bearer`); `client_ip` is re-exported from there.
+//! `Gateway::evaluate`, `Gateway::authenticate_bearer`); the client address is `forwarded::client_ip`.
 //!
-//! Must never import `admin`, `cli` or `pipeline` internals: the admin side owns its own state
+//! Must never import `admin`, `cli` or `pipeline`: the admin side owns its own state
 //! (web UI sessions) and calls in through this handle.
 
 use std::net::{IpAddr, SocketAddr};
@@ -28,8 +28,6 @@ use crate::proxy::{self, UpstreamClient};
 use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::{FailedAuthLimiter, TokenLimiter};
 use crate::store::{ChangeSignal, LastUsed, Store, StoreError, TokenRow};
-
-pub use crate::pipeline::client_ip;
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]

@@ -78,10 +78,13 @@ pub const IDENTITY_HEADERS: &[&str] = &[
 /// Cookie names the gateway itself issues (the admin web UI session, with and without the
 /// `__Host-` prefix). A browser signed in to the admin UI sends them to every listener of the same
 /// host name, whatever the port, so they are removed from everything forwarded upstream.
-pub const GATEWAY_COOKIES: &[&str] = &[
-    crate::admin::session::COOKIE,
-    crate::admin::session::COOKIE_TLS,
-];
+pub const GATEWAY_COOKIES: &[&str] = &[SESSION_COOKIE, SESSION_COOKIE_TLS];
+
+/// The admin web UI's session cookie on plain HTTP (`admin::session::COOKIE`).
+pub const SESSION_COOKIE: &str = "tokengate_session";
+/// The session cookie under TLS: the `__Host-` prefix makes browsers insist on Secure, Path=/, no
+/// Domain (`admin::session::COOKIE_TLS`).
+pub const SESSION_COOKIE_TLS: &str = "__Host-tokengate_session";
 
 /// Removes the gateway's own cookies and joins every remaining `cookie` field into one line with
 /// `; ` (RFC 9113 §8.2.3: an HTTP/2 client may send one field per cookie; the HTTP/1.1 upstream

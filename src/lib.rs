@@ -6,37 +6,47 @@
 //! and cached in memory.
 //!
 //! # Layout
+//! Modules marked (crate) are `pub(crate)`: nothing outside the library (tests/, benches/, fuzz/)
+//! needs them. Dependency rules: nothing outside `cli` and `main.rs` imports `cli`; `store`,
+//! `ratelimit` and `audit` never import `config` (config converts into their option types); the
+//! pipeline never imports `admin`; `clock` imports nothing of ours; no import circle between
+//! modules (`scripts/module-graph` checks all of it).
+//!
 //! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
-//! - [`cli`] — clap definitions and exit codes; local-store commands, remote commands (admin API
-//!   client, credentials file) and the one printer both use.
+//! - [`cli`] (`cli/{mod,local,remote,print}.rs`) — clap definitions and exit codes; local-store
+//!   commands, remote commands (admin API client, credentials file) and the one printer both use.
 //! - [`app`] — process lifecycle for `serve`: start, SIGHUP reload, SIGTERM drain.
 //! - [`demo`] — `tokengate demo` (plain options) and the built-in echo upstream.
-//! - [`config`] — TOML config: raw serde structs → validated [`config::Config`], named defaults.
+//! - [`config`] (`config/{mod,raw,validate}.rs`) — TOML config: raw serde structs → validated
+//!   [`config::Config`], one function per section, named defaults; route matching helpers.
 //! - [`error`] — [`error::Reject`] and the one function that turns a rejection into a response.
 //! - [`token`] — token format: generate, parse, checksum, display prefix, SHA-256.
-//! - [`store`] — the token store behind one handle: SQLite ([`store::sqlite`]) or PostgreSQL
+//! - [`store`] (`store/{mod,row,copy,sqlite}.rs`, `store/postgres/`) — the token store behind one
+//!   handle, with its own options type: SQLite ([`store::sqlite`]) or PostgreSQL
 //!   ([`store::postgres`], LISTEN/NOTIFY change push); migrations, accounts, tokens, change log.
 //! - [`cache`] — in-memory token cache with race-free invalidation.
-//! - [`lifecycle`] — every token/account operation (create, rotate, revoke, disable,
+//! - `lifecycle` (crate) — every token/account operation (create, rotate, revoke, disable,
 //!   retire-on-first-use) and the rule that their result is never stronger than the caller.
 //! - [`path`] — canonical request paths (step 1).
-//! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
+//! - `hygiene` (crate) — request validation and header hygiene (step 1, forwarding).
+//! - `forwarded` (crate) — the client address (peer or trusted `X-Forwarded-For` hop).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
 //! - [`authz`] — rule templates, matching, permissions, scopes and `decide()` (step 6).
-//! - [`ratelimit`] — per-token GCRA limiter and per-IP failed-auth limiter (steps 2, 7); limits
-//!   exact across replicas, GCRA in Redis ([`ratelimit::redis`]).
-//! - [`audit`] — the audit log: bounded writer, hash chain, verify, reader (step 8).
+//! - [`ratelimit`] (`ratelimit/{mod,redis}.rs`) — per-token GCRA limiter and per-IP failed-auth
+//!   limiter (steps 2, 7), owning [`ratelimit::Rate`]; exact across replicas in Redis.
+//! - [`audit`] (`audit/{mod,writer,sink,line,verify,reader}.rs`) — the audit log: bounded
+//!   writer, file sink, line format and hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
-//! - [`pool`] — keep-alive connection pool to the upstreams (hyper `client::conn`), over TCP or TLS,
-//!   HTTP/1.1 or HTTP/2.
+//! - [`pool`] (`pool/{mod,h2_conn}.rs`) — keep-alive connection pool to the upstreams (hyper
+//!   `client::conn`), over TCP or TLS, HTTP/1.1 or HTTP/2.
 //! - [`body`] — body types and the streaming size/idle guard.
 //! - [`gateway`] — the state handle, config swap and background jobs.
-//! - `pipeline` — the request pipeline, one function per phase, on the gateway's state.
+//! - `pipeline` (crate) — the request pipeline, one function per phase, on the gateway's state.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
-//! - [`tls`] — rustls server configs from PEM files; TLS to `https://` upstreams.
-//! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
-//!   ([`admin::ui`]) and its sessions ([`admin::session`]).
-//! - [`metrics`] — Prometheus counters and histograms.
+//! - `tls` (crate) — rustls server configs from PEM files; TLS to `https://` upstreams.
+//! - [`admin`] (`admin/{mod,api,ui,session}.rs`) — the admin listener: health, readiness,
+//!   metrics, JSON API ([`admin::api`]), web UI and its sessions ([`admin::session`]).
+//! - `metrics` (crate) — Prometheus counters and histograms.
 //! - [`clock`] — wall clock in ms (advanceable in tests) and RFC 3339 formatting.
 
 pub mod admin;
@@ -51,16 +61,17 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub(crate) mod forwarded;
 pub mod gateway;
-pub mod hygiene;
-pub mod lifecycle;
-pub mod metrics;
+pub(crate) mod hygiene;
+pub(crate) mod lifecycle;
+pub(crate) mod metrics;
 pub mod path;
-mod pipeline;
+pub(crate) mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
-pub mod tls;
+pub(crate) mod tls;
 pub mod token;

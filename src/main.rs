@@ -1,4 +1,7 @@
 //! The `tokengate` binary: parse the CLI, set up operational logging, run the command.
+//!
+//! Owns: argument parsing, tracing set-up and the runtime choice. Everything else is in the
+//! library.
 
 use std::process::ExitCode;
 

@@ -1,4 +1,6 @@
 //! Canonical request paths (SPEC §5): the one string that authorisation and the upstream both see.
+//!
+//! Owns: [`canonicalise`] and its errors. Pure: must never import anything of ours.
 
 use std::cmp::Ordering;
 

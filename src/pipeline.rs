@@ -31,6 +31,7 @@ use crate::cache::CachedToken;
 use crate::clock::rfc3339;
 use crate::config::{Config, Rate, RoleConfig, RouteConfig};
 use crate::error::{Reject, respond};
+use crate::forwarded::client_ip;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::hygiene::{self, Limits};
 use crate::path;
@@ -843,36 +844,6 @@ fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {
         .and_then(|name| cfg.roles.get(name))
         .and_then(|r| r.rate_limit)
         .unwrap_or(cfg.rate_limit.default)
-}
-
-/// The client address: the TCP peer, or — only when the peer is a trusted proxy — the last
-/// untrusted hop of `X-Forwarded-For` (walking right to left past trusted proxies).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if trusted.is_empty() || !is_trusted(&peer) {
-        return peer;
-    }
-    let hops: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    let mut client = peer;
-    for hop in hops.iter().rev() {
-        match hop.parse::<IpAddr>() {
-            Ok(ip) => {
-                client = ip;
-                if !is_trusted(&ip) {
-                    return ip;
-                }
-            }
-            // An unparsable hop was written by someone we do not trust: stop at the last trusted one.
-            Err(_) => return client,
-        }
-    }
-    client
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //!
 //! The checksum lets the gateway (and secret scanners) refuse a mistyped or made-up token without
 //! touching the store. It is not a secret: the 32 random characters (≈190 bits) are.
+//!
+//! Owns: the token format and hashing. Pure: must never import anything of ours.
 
 use rand::TryRngCore;
 use sha2::{Digest, Sha256};

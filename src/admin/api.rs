@@ -7,6 +7,10 @@
 //! operation goes through [`crate::lifecycle`], whose rule makes its result never stronger than
 //! the caller; a refusal is a 403 `forbidden` naming the attribute, audited as `token.refused`.
 //! Every mutation reserves its audit slot before it is made.
+//!
+//! Owns: the `/v1/...` routes, their JSON shapes and their audit lines. Must never import `cli`,
+//! `pipeline` or `server` (the server calls in; the pipeline is reached through the gateway
+//! handle).
 
 use std::collections::BTreeMap;
 
@@ -20,10 +24,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Actor, Admin, AdminError, Ctx, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
+    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
     session_actor,
 };
-use crate::audit::Entry;
+use crate::audit::{Entry, Reservation};
 use crate::auth;
 use crate::authz;
 use crate::body::Body;
@@ -34,7 +38,7 @@ use crate::gateway::ConnInfo;
 use crate::lifecycle::{
     self, Caller, CreateRequest, LifecycleError, Refusal, RotateRequest, token_json,
 };
-use crate::store::{StoreError, TokenRow};
+use crate::store::{Account, StoreError, TokenRow};
 
 /// The API's routes: (template, methods). `docs/openapi.yaml` documents exactly these.
 pub const ROUTES: &[(&str, &[&str])] = &[
@@ -90,7 +94,7 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
 pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let cfg = gw.config();
     let (parts, body) = req.into_parts();
-    let mut ctx = Ctx::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
+    let mut ctx = ApiCall::new(gw, &parts.method, parts.uri.path(), &parts.headers, conn);
     let result = match tokio::time::timeout(
         cfg.server.request_timeout,
         serve(gw, &cfg, &parts, body, conn, &mut ctx),
@@ -130,7 +134,7 @@ async fn serve(
     parts: &Parts,
     body: Incoming,
     conn: ConnInfo,
-    ctx: &mut Ctx,
+    ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
     let actor = authenticate(gw, parts, conn, ctx).await?;
     let Some((route, idx, param)) = match_route(parts.uri.path()) else {
@@ -201,7 +205,7 @@ async fn authenticate(
     gw: &Admin,
     parts: &Parts,
     conn: ConnInfo,
-    ctx: &mut Ctx,
+    ctx: &mut ApiCall,
 ) -> Result<Actor, AdminError> {
     if !parts.headers.contains_key(header::AUTHORIZATION) {
         if let Some((_, sess, actor)) = session_actor(gw, &parts.headers, ctx.client_ip).await? {
@@ -400,7 +404,7 @@ pub fn valid_account_name(n: &str) -> bool {
 async fn create_account(
     gw: &Admin,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     b: AccountBody,
 ) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
@@ -423,16 +427,35 @@ async fn create_account(
         .store_call(move |s| s.create_account(&b.name, b.email.as_deref(), &label, now))
         .await
         .map_err(store_err)?;
-    let mut rec = ctx.event(actor, "account.created", Some(&acc.name), None);
+    Ok(account_done(
+        ctx,
+        actor,
+        res,
+        "account.created",
+        StatusCode::CREATED,
+        &acc,
+    ))
+}
+
+/// Writes the audit line of an account change into its reserved slot and answers with the account.
+fn account_done(
+    ctx: &ApiCall,
+    actor: &Actor,
+    res: Reservation,
+    event: &str,
+    status: StatusCode,
+    acc: &Account,
+) -> Response<Body> {
+    let mut rec = ctx.event(actor, event, Some(&acc.name), None);
     rec.account = Some(acc.name.clone());
     res.send(Entry::Admin(rec));
-    Ok(ok(StatusCode::CREATED, account_json(&acc)))
+    ok(status, account_json(acc))
 }
 
 async fn disable_account(
     gw: &Admin,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     name: &str,
 ) -> Result<Response<Body>, AdminError> {
     admin_only(actor)?;
@@ -446,10 +469,14 @@ async fn disable_account(
         .map_err(|e| lifecycle_err(gw, ctx, actor, "disable_account", None, e))?;
     // Every token of the account is rejected by this process when this returns.
     gw.cache().invalidate_account(&acc.id);
-    let mut rec = ctx.event(actor, "account.disabled", Some(&acc.name), None);
-    rec.account = Some(acc.name.clone());
-    res.send(Entry::Admin(rec));
-    Ok(ok(StatusCode::OK, account_json(&acc)))
+    Ok(account_done(
+        ctx,
+        actor,
+        res,
+        "account.disabled",
+        StatusCode::OK,
+        &acc,
+    ))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -525,7 +552,7 @@ async fn create_token(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     b: CreateBody,
 ) -> Result<Response<Body>, AdminError> {
     let account = b
@@ -632,7 +659,7 @@ async fn revoke(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     id: &str,
     b: RevokeBody,
 ) -> Result<TokenRow, AdminError> {
@@ -645,7 +672,7 @@ async fn revoke_row(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     t: &TokenRow,
     reason: String,
 ) -> Result<TokenRow, AdminError> {
@@ -675,7 +702,7 @@ async fn rotate(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     id: &str,
     b: RotateBody,
 ) -> Result<Response<Body>, AdminError> {
@@ -722,7 +749,7 @@ async fn identify(
     gw: &Admin,
     cfg: &Config,
     actor: &Actor,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     b: IdentifyBody,
 ) -> Result<Response<Body>, AdminError> {
     let reason = check_reason(b.reason, "leaked")?;
@@ -772,7 +799,7 @@ fn caller_of(cfg: &Config, actor: &Actor) -> Caller {
 /// admin event (reason `escalation`, the attribute and operation in its details).
 fn refused(
     gw: &Admin,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     actor: &Actor,
     operation: &str,
     target: Option<&TokenRow>,
@@ -801,7 +828,7 @@ fn refused(
 
 fn lifecycle_err(
     gw: &Admin,
-    ctx: &Ctx,
+    ctx: &ApiCall,
     actor: &Actor,
     operation: &str,
     target: Option<&TokenRow>,

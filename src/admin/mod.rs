@@ -368,7 +368,7 @@ impl AdminError {
 }
 
 /// Per-request facts for the audit line of an admin request.
-pub(crate) struct Ctx {
+pub(crate) struct ApiCall {
     pub(crate) start: Instant,
     pub(crate) request_id: String,
     pub(crate) client_ip: IpAddr,
@@ -382,20 +382,20 @@ pub(crate) struct Ctx {
     pub(crate) permission: Option<String>,
 }
 
-impl Ctx {
+impl ApiCall {
     pub(crate) fn new(
         gw: &Admin,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
         conn: ConnInfo,
-    ) -> Ctx {
+    ) -> ApiCall {
         let cfg = gw.config();
         let id = session::random_hex();
-        Ctx {
+        ApiCall {
             start: Instant::now(),
             request_id: id[..24].to_string(),
-            client_ip: crate::gateway::client_ip(
+            client_ip: crate::forwarded::client_ip(
                 conn.peer.ip(),
                 headers,
                 &cfg.server.trusted_proxies,

@@ -3,6 +3,10 @@
 //! A session remembers which token signed in (its id), never the token itself. The map is keyed by
 //! SHA-256(session id), so a memory dump holds no usable cookie. Every request through a session
 //! re-reads the token row, so revoking or expiring the sign-in token ends its sessions at once.
+//!
+//! Owns: the session map, ids, CSRF tokens and idle expiry (the cookie names are `hygiene`'s, which
+//! strips them upstream). Must never import `gateway`, `config` or `pipeline`:
+//! sessions belong to the admin side alone.
 
 use dashmap::DashMap;
 use rand::TryRngCore;
@@ -14,10 +18,9 @@ use crate::token::hex;
 /// Most sessions kept at once; past this the least recently used one is dropped.
 pub const MAX_SESSIONS: usize = 10_000;
 
-/// Cookie name on plain HTTP.
-pub const COOKIE: &str = "tokengate_session";
-/// Cookie name under TLS: the `__Host-` prefix makes browsers insist on Secure, Path=/, no Domain.
-pub const COOKIE_TLS: &str = "__Host-tokengate_session";
+/// Cookie names on plain HTTP and under TLS (`__Host-` prefix): named in `hygiene`, which strips
+/// them from everything forwarded upstream and must not import the admin side.
+pub use crate::hygiene::{SESSION_COOKIE as COOKIE, SESSION_COOKIE_TLS as COOKIE_TLS};
 
 /// One signed-in browser.
 #[derive(Debug, Clone)]

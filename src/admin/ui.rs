@@ -4,6 +4,9 @@
 //! talks to the JSON API (`/v1/...`) with the session cookie and the CSRF token it finds in a
 //! `<meta>` tag. Sign-in takes a token once, checks it exactly like a Bearer call, and keeps only
 //! the token's id in the session.
+//!
+//! Owns: the page, its assets, sign-in and sign-out. Must never import `cli`, `pipeline` or
+//! `server`; token operations go through the JSON API and `lifecycle`.
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -14,8 +17,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::{
-    Actor, Admin, AdminError, Ctx, MAX_BODY_BYTES, check_csrf, check_origin, harden, json, session,
-    session_actor,
+    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, check_csrf, check_origin, harden, json,
+    session, session_actor,
 };
 use crate::audit::Entry;
 use crate::body::{Body, full};
@@ -56,7 +59,7 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
         (true, "/" | "/index.html") => index(gw, &parts, conn).await,
         (false, "/session" | "/session/logout") if parts.method == Method::POST => {
             let cfg = gw.config();
-            let mut ctx = Ctx::new(gw, &parts.method, &path, &parts.headers, conn);
+            let mut ctx = ApiCall::new(gw, &parts.method, &path, &parts.headers, conn);
             ctx.rule = Some(format!("admin:POST {path}"));
             let r = if path == "/session" {
                 login(gw, &parts, body, conn, &mut ctx).await
@@ -133,7 +136,7 @@ fn attr(s: &str) -> String {
 }
 
 async fn index(gw: &Admin, parts: &Parts, conn: ConnInfo) -> Response<Body> {
-    let ip = crate::gateway::client_ip(
+    let ip = crate::forwarded::client_ip(
         conn.peer.ip(),
         &parts.headers,
         &gw.config().server.trusted_proxies,
@@ -171,7 +174,7 @@ async fn login(
     parts: &Parts,
     body: Incoming,
     conn: ConnInfo,
-    ctx: &mut Ctx,
+    ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
     check_origin(parts, conn.tls)?;
     let bytes = Limited::new(body, MAX_BODY_BYTES)
@@ -231,7 +234,7 @@ async fn logout(
     gw: &Admin,
     parts: &Parts,
     conn: ConnInfo,
-    ctx: &mut Ctx,
+    ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
     let live = session_actor(gw, &parts.headers, ctx.client_ip).await;
     let (id, sess, actor) = match live {

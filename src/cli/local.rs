@@ -64,6 +64,23 @@ impl Local {
         })
     }
 
+    /// Audits an event on an account (`account.created`, `account.disabled`).
+    fn account_event(&self, event: &str, id: &str, name: &str) -> Result<(), CliError> {
+        self.event(event, Some(id), None, Some(name), None, None)
+    }
+
+    /// Audits `token.revoked` for `row`, with the reason given.
+    fn revoked_event(&self, row: &TokenRow, reason: &str) -> Result<(), CliError> {
+        self.event(
+            "token.revoked",
+            Some(&row.id),
+            Some(row),
+            None,
+            Some(reason),
+            None,
+        )
+    }
+
     fn event(
         &self,
         event: &str,
@@ -304,27 +321,15 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
     let l = Local::open(config)?;
     match cmd {
         AccountCmd::Create { name, email, json } => {
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
-            {
-                return Err(CliError::usage(
-                    "account names are 1-64 letters, digits, `.`, `_`, `-`, `@`",
-                ));
-            }
+            super::check_name(
+                name,
+                "._-@",
+                "account names are 1-64 letters, digits, `.`, `_`, `-`, `@`",
+            )?;
             let acc = l
                 .store
                 .create_account(name, email.as_deref(), &l.actor, now_ms())?;
-            l.event(
-                "account.created",
-                Some(&acc.id),
-                None,
-                Some(&acc.name),
-                None,
-                None,
-            )?;
+            l.account_event("account.created", &acc.id, &acc.name)?;
             if *json {
                 print_json(&acc);
             } else {
@@ -344,14 +349,7 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
         }
         AccountCmd::Disable { name } => {
             let acc = lifecycle::disable_account(&l.store, &l.caller(), name, now_ms())?;
-            l.event(
-                "account.disabled",
-                Some(&acc.id),
-                None,
-                Some(&acc.name),
-                None,
-                None,
-            )?;
+            l.account_event("account.disabled", &acc.id, &acc.name)?;
             println!(
                 "disabled account {}: its tokens are rejected from now on",
                 acc.name
@@ -452,14 +450,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
         TokenCmd::Revoke { id, reason } => {
             let t = l.store.find_token(id)?;
             let row = lifecycle::revoke(&l.store, &l.caller(), &t, reason, now)?;
-            l.event(
-                "token.revoked",
-                Some(&row.id),
-                Some(&row),
-                None,
-                Some(reason),
-                None,
-            )?;
+            l.revoked_event(&row, reason)?;
             println!("revoked {} ({}, {})", row.id, row.prefix, row.name);
             Ok(())
         }
@@ -516,14 +507,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
             l.event("token.identified", Some(&t.id), Some(&t), None, None, None)?;
             let t = if *revoke && t.revoked_at.is_none() {
                 let r = lifecycle::revoke(&l.store, &l.caller(), &t, reason, now)?;
-                l.event(
-                    "token.revoked",
-                    Some(&r.id),
-                    Some(&r),
-                    None,
-                    Some(reason),
-                    None,
-                )?;
+                l.revoked_event(&r, reason)?;
                 r
             } else {
                 t

@@ -380,6 +380,20 @@ pub struct CliError {
     pub message: String,
 }
 
+/// A name (account, profile) is 1-64 ASCII letters, digits or characters of `extra`; else the
+/// usage error `message`.
+fn check_name(name: &str, extra: &str, message: &str) -> Result<(), CliError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+    {
+        return Err(CliError::usage(message));
+    }
+    Ok(())
+}
+
 impl CliError {
     /// Bad usage or config (64).
     pub fn usage(m: impl Into<String>) -> Self {

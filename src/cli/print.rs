@@ -4,6 +4,9 @@
 //!
 //! Tokens appear in plaintext only in [`new_token`] (stdout's first line, or `token` in JSON),
 //! once, at creation or rotation.
+//!
+//! Owns: every line the CLI prints about tokens and accounts. Must never import `admin`, `gateway`
+//! or `store` internals; nothing outside `cli` and `main.rs` imports it.
 
 use std::io::Write;
 

@@ -417,24 +417,25 @@ fn echo(on: bool) {
         .status();
 }
 
-/// `tokengate login [--url URL] [--profile NAME]`.
-pub fn login(cli: &Cli) -> Result<(), CliError> {
+/// The credentials file, the profiles in it, and the profile `--profile` names (else the default).
+fn profile_file(cli: &Cli) -> Result<(PathBuf, BTreeMap<String, Profile>, String), CliError> {
     let path = credentials_path()?;
-    let mut profiles = load_profiles(&path)?;
+    let profiles = load_profiles(&path)?;
     let name = cli
         .profile
         .clone()
         .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
-        return Err(CliError::usage(
-            "profile names are 1-64 letters, digits, `.`, `_`, `-`",
-        ));
-    }
+    Ok((path, profiles, name))
+}
+
+/// `tokengate login [--url URL] [--profile NAME]`.
+pub fn login(cli: &Cli) -> Result<(), CliError> {
+    let (path, mut profiles, name) = profile_file(cli)?;
+    super::check_name(
+        &name,
+        "._-",
+        "profile names are 1-64 letters, digits, `.`, `_`, `-`",
+    )?;
     let url = match (&cli.url, profiles.get(&name)) {
         (Some(u), _) => normalize_url(u)?,
         (None, Some(p)) => p.url.clone(),
@@ -474,12 +475,7 @@ pub fn login(cli: &Cli) -> Result<(), CliError> {
 /// `tokengate logout [--profile NAME]`: forgets a saved profile (the token stays valid; revoke it
 /// with `tokengate token revoke` if it should stop working).
 pub fn logout(cli: &Cli) -> Result<(), CliError> {
-    let path = credentials_path()?;
-    let mut profiles = load_profiles(&path)?;
-    let name = cli
-        .profile
-        .clone()
-        .unwrap_or_else(|| DEFAULT_PROFILE.to_string());
+    let (path, mut profiles, name) = profile_file(cli)?;
     if profiles.remove(&name).is_none() {
         return Err(CliError::failure(format!(
             "no profile `{name}` in {}",

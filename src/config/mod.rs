@@ -289,6 +289,40 @@ pub struct RouteConfig {
     pub host_rules: Vec<HostRules>,
 }
 
+impl RouteConfig {
+    /// The path rules are matched against ([`crate::authz::match_path`] with this route's
+    /// `case_sensitive` and `trailing_slash`).
+    pub fn match_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        crate::authz::match_path(
+            path,
+            self.case_sensitive,
+            self.trailing_slash == TrailingSlash::Ignore,
+        )
+    }
+
+    /// The rule table and audit ids for a request to `host` (a lower-case name without port):
+    /// an exact host entry first, then the longest matching `*.` pattern, else the rules
+    /// without `host`.
+    pub fn rules_for(&self, host: Option<&str>) -> (&RuleTable, &[String]) {
+        if let Some(h) = host.filter(|_| !self.host_rules.is_empty()) {
+            let exact = self.host_rules.iter().find(|r| r.host == h);
+            let wild = || {
+                self.host_rules
+                    .iter()
+                    .filter(|r| {
+                        r.host.starts_with("*.")
+                            && crate::hygiene::host_allowed(h, std::slice::from_ref(&r.host))
+                    })
+                    .max_by_key(|r| r.host.len())
+            };
+            if let Some(r) = exact.or_else(wild) {
+                return (&r.rules, &r.rule_ids);
+            }
+        }
+        (&self.rules, &self.rule_ids)
+    }
+}
+
 /// `trailing_slash` of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrailingSlash {

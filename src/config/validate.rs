@@ -21,11 +21,12 @@ use super::{
 };
 use crate::authz::{self, Rule, RuleTable};
 
-struct Ctx<'a> {
+/// Checks one config file: turns a failed check into an error that names the file and the key.
+struct Checker<'a> {
     path: &'a Path,
 }
 
-impl Ctx<'_> {
+impl Checker<'_> {
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
@@ -69,7 +70,7 @@ impl Ctx<'_> {
 /// Validates every section in order (later sections may depend on earlier ones: routes on
 /// `[server]`'s methods and reserved prefix).
 pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigError> {
-    let cx = Ctx { path };
+    let cx = Checker { path };
     let server = server(&cx, base, &raw.server)?;
     let admin = admin(&cx, base, &raw.admin, &server)?;
     let store = store(&cx, base, &raw.store)?;
@@ -92,7 +93,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
 }
 
 /// `[server]`.
-fn server(cx: &Ctx<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, ConfigError> {
+fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, ConfigError> {
     let reserved_prefix = s
         .reserved_prefix
         .clone()
@@ -202,7 +203,7 @@ fn server(cx: &Ctx<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, Conf
 
 /// `[admin]`; its listener must differ from the public one.
 fn admin(
-    cx: &Ctx<'_>,
+    cx: &Checker<'_>,
     base: &Path,
     a: &RawAdmin,
     server: &ServerConfig,
@@ -223,7 +224,7 @@ fn admin(
 }
 
 /// `[store]`: a SQLite `path` or a PostgreSQL `url`, never both.
-fn store(cx: &Ctx<'_>, base: &Path, st: &RawStore) -> Result<StoreConfig, ConfigError> {
+fn store(cx: &Checker<'_>, base: &Path, st: &RawStore) -> Result<StoreConfig, ConfigError> {
     let url = match &st.url {
         None => None,
         Some(u) => {
@@ -269,7 +270,7 @@ fn store(cx: &Ctx<'_>, base: &Path, st: &RawStore) -> Result<StoreConfig, Config
 }
 
 /// `[tokens]`: prefix, expiry presets (cut by `max_lifetime_days`), caps.
-fn tokens(cx: &Ctx<'_>, t: &RawTokens) -> Result<TokensConfig, ConfigError> {
+fn tokens(cx: &Checker<'_>, t: &RawTokens) -> Result<TokensConfig, ConfigError> {
     let prefix = t
         .prefix
         .clone()
@@ -363,7 +364,7 @@ fn audit(base: &Path, a: &RawAudit) -> AuditSection {
 }
 
 /// `[rate_limit]`.
-fn rate_limit(cx: &Ctx<'_>, r: &RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
+fn rate_limit(cx: &Checker<'_>, r: &RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
     let default_rate = Rate {
         requests_per_second: r.requests_per_second.unwrap_or(DEFAULT_REQUESTS_PER_SECOND),
         burst: r.burst.unwrap_or(DEFAULT_BURST),
@@ -411,7 +412,7 @@ fn rate_limit(cx: &Ctx<'_>, r: &RawRateLimit) -> Result<RateLimitConfig, ConfigE
 
 /// `[roles.NAME]`: the built-in roles, with the file's roles added or replacing them.
 fn roles(
-    cx: &Ctx<'_>,
+    cx: &Checker<'_>,
     raw: &BTreeMap<String, RawRole>,
 ) -> Result<BTreeMap<String, RoleConfig>, ConfigError> {
     let mut roles = default_roles();
@@ -449,7 +450,7 @@ fn roles(
 
 /// `[[routes]]`, in file order, with their compiled rules.
 fn routes(
-    cx: &Ctx<'_>,
+    cx: &Checker<'_>,
     base: &Path,
     raw: Vec<RawRoute>,
     server: &ServerConfig,
@@ -679,7 +680,7 @@ fn routes(
 /// `[routes.upstream_tls]`: the connector of an `https://` upstream, its files read now so that
 /// `config check` and a reload report a missing or bad file; refused on an `http://` upstream.
 fn upstream_tls(
-    cx: &Ctx<'_>,
+    cx: &Checker<'_>,
     base: &Path,
     key: &str,
     https: bool,
@@ -716,7 +717,7 @@ fn upstream_tls(
 
 /// A secret written as `env:NAME` is read from that environment variable (Kubernetes Secrets,
 /// systemd credentials), so the config file itself holds no password.
-fn resolve_secret(cx: &Ctx<'_>, key: &str, value: &str) -> Result<String, ConfigError> {
+fn resolve_secret(cx: &Checker<'_>, key: &str, value: &str) -> Result<String, ConfigError> {
     match value.strip_prefix("env:") {
         None => Ok(value.to_string()),
         Some(name) => match std::env::var(name) {
@@ -726,7 +727,7 @@ fn resolve_secret(cx: &Ctx<'_>, key: &str, value: &str) -> Result<String, Config
     }
 }
 
-fn check_rate(cx: &Ctx<'_>, key: &str, rate: Rate) -> Result<(), ConfigError> {
+fn check_rate(cx: &Checker<'_>, key: &str, rate: Rate) -> Result<(), ConfigError> {
     if !(rate.requests_per_second > 0.0 && rate.requests_per_second.is_finite()) {
         return Err(cx.invalid(
             &format!("{key}.requests_per_second"),

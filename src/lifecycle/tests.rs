@@ -462,27 +462,12 @@ fn rotation_keeps_the_expiry_and_only_admins_give_a_new_one() {
     let cfg = config();
     let me = caller(&["tokengate:self", "apps:read"]);
     let old = TokenRow {
-        id: "tok_old".into(),
-        account_id: "acc_1".into(),
         account: "a".into(),
-        name: "n".into(),
         prefix: "tg_12345678".into(),
-        role: None,
         permissions: vec!["apps:read".into()],
-        scopes: BTreeMap::new(),
-        allowed_cidrs: vec![],
         rate: Some(rate(1.0, 1)),
-        created_at: 0,
-        created_by: "t".into(),
         expires_at: Some(5 * 86_400_000),
-        last_used_at: None,
-        last_used_ip: None,
-        revoked_at: None,
-        revoked_by: None,
-        revoke_reason: None,
-        rotated_from: None,
-        rotation_deadline: None,
-        account_disabled_at: None,
+        ..TokenRow::test("tok_old", "acc_1")
     };
     let now = 4 * 86_400_000;
     let (grace, exp) = check_rotate(&cfg, &me, &old, &RotateRequest::default(), now).unwrap();

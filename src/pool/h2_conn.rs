@@ -2,6 +2,8 @@
 //! `h2` through ALPN: one connection per upstream (per [`Host`]), its sender cloned for every
 //! request, opened once however many first requests wait for it, and dropped when it closes or
 //! stays unused for the idle timeout.
+//!
+//! Must never import `config`, `gateway`, `pipeline` or `proxy`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

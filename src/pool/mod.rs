@@ -16,6 +16,9 @@
 //! request that a pooled connection hands back unsent (the connection closed before the request
 //! was written) is retried once on a fresh connection; a request that may have been sent is
 //! never replayed.
+//!
+//! Owns: [`Pool`], its [`Builder`] and the pooled HTTP/1.1 connections. Must never import `config`,
+//! `gateway`, `pipeline` or `proxy` (the proxy uses the pool).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;

@@ -313,14 +313,23 @@ mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
 
+    fn rate(requests_per_second: f64, burst: u32) -> Rate {
+        Rate {
+            requests_per_second,
+            burst,
+        }
+    }
+
+    /// A token limiter on a fake clock the test advances.
+    fn limiter() -> (FakeRelativeClock, TokenLimiter<FakeRelativeClock>) {
+        let clock = FakeRelativeClock::default();
+        (clock.clone(), TokenLimiter::with_clock(clock))
+    }
+
     #[test]
     fn one_token_bursts_into_429_while_another_is_unaffected_and_it_refills() {
-        let clock = FakeRelativeClock::default();
-        let l = TokenLimiter::with_clock(clock.clone());
-        let rate = Rate {
-            requests_per_second: 2.0,
-            burst: 3,
-        };
+        let (clock, l) = limiter();
+        let rate = rate(2.0, 3);
         for expect_remaining in [2, 1, 0] {
             let a = l.check("tok_a", rate).unwrap();
             assert_eq!(a.limit, 3);
@@ -342,28 +351,21 @@ mod tests {
 
     #[test]
     fn a_fast_override_refills_within_milliseconds_and_reset_counts_to_full() {
-        let clock = FakeRelativeClock::default();
-        let l = TokenLimiter::with_clock(clock.clone());
-        let rate = Rate {
-            requests_per_second: 1000.0,
-            burst: 3,
-        };
+        let (clock, l) = limiter();
+        let fast = rate(1000.0, 3);
         for _ in 0..3 {
-            l.check("t", rate).unwrap();
+            l.check("t", fast).unwrap();
         }
-        let d = l.check("t", rate).unwrap_err();
+        let d = l.check("t", fast).unwrap_err();
         assert_eq!(d.retry_after, 1, "rounded up to whole seconds, at least 1");
         clock.advance(Duration::from_millis(1));
-        let a = l.check("t", rate).unwrap();
+        let a = l.check("t", fast).unwrap();
         assert_eq!(a.remaining, 0);
         clock.advance(Duration::from_millis(3));
-        let a = l.check("t", rate).unwrap();
+        let a = l.check("t", fast).unwrap();
         assert_eq!((a.limit, a.remaining, a.reset_secs), (3, 2, 1));
         // A slow rate: reset is the time until the whole burst is back.
-        let slow = Rate {
-            requests_per_second: 0.5,
-            burst: 4,
-        };
+        let slow = rate(0.5, 4);
         let a = l.check("s", slow).unwrap();
         assert_eq!((a.remaining, a.reset_secs), (3, 2));
         l.check("s", slow).unwrap();
@@ -375,10 +377,7 @@ mod tests {
     fn concurrent_first_requests_of_a_token_share_one_burst() {
         for round in 0..20 {
             let l = Arc::new(TokenLimiter::with_clock(FakeRelativeClock::default()));
-            let rate = Rate {
-                requests_per_second: 1.0,
-                burst: 5,
-            };
+            let rate = rate(1.0, 5);
             let barrier = Arc::new(std::sync::Barrier::new(8));
             let allowed: usize = (0..8)
                 .map(|_| {
@@ -402,36 +401,9 @@ mod tests {
     #[test]
     fn a_changed_rate_takes_effect() {
         let l = TokenLimiter::with_clock(FakeRelativeClock::default());
-        assert!(
-            l.check(
-                "t",
-                Rate {
-                    requests_per_second: 1.0,
-                    burst: 1
-                }
-            )
-            .is_ok()
-        );
-        assert!(
-            l.check(
-                "t",
-                Rate {
-                    requests_per_second: 1.0,
-                    burst: 1
-                }
-            )
-            .is_err()
-        );
-        assert!(
-            l.check(
-                "t",
-                Rate {
-                    requests_per_second: 1.0,
-                    burst: 5
-                }
-            )
-            .is_ok()
-        );
+        assert!(l.check("t", rate(1.0, 1)).is_ok());
+        assert!(l.check("t", rate(1.0, 1)).is_err());
+        assert!(l.check("t", rate(1.0, 5)).is_ok());
     }
 
     #[test]

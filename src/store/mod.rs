@@ -246,6 +246,37 @@ impl TokenRow {
     }
 }
 
+#[cfg(test)]
+impl TokenRow {
+    /// An active token row for unit tests: account `account` (id and name), no grants, no
+    /// limits, created at 0 by `t`; tests change what they need with `..TokenRow::test(..)`.
+    pub(crate) fn test(id: &str, account: &str) -> TokenRow {
+        TokenRow {
+            id: id.into(),
+            account_id: account.into(),
+            account: account.into(),
+            name: "n".into(),
+            prefix: "tg_abcdefgh".into(),
+            role: None,
+            permissions: vec![],
+            scopes: BTreeMap::new(),
+            allowed_cidrs: vec![],
+            rate: None,
+            created_at: 0,
+            created_by: "t".into(),
+            expires_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+            rotated_from: None,
+            rotation_deadline: None,
+            account_disabled_at: None,
+        }
+    }
+}
+
 /// What to create.
 #[derive(Debug, Clone)]
 pub struct NewTokenSpec {

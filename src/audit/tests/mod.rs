@@ -105,6 +105,16 @@ fn make_log(n: usize) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// `verify` passes on `paths` with `lines` lines and an intact chain; its report.
+fn assert_intact(paths: &[PathBuf], lines: u64) -> VerifyReport {
+    let report = verify(paths).unwrap();
+    assert_eq!(
+        report.to_string(),
+        format!("OK: {lines} lines, chain intact")
+    );
+    report
+}
+
 fn problem(paths: &[PathBuf]) -> VerifyProblem {
     let report = verify(paths).unwrap();
     let shown = report.to_string();

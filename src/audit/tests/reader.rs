@@ -1,3 +1,5 @@
+//! Unit tests of the audit reader (`tokengate audit show` filters and table).
+
 use super::*;
 
 // ---- reader ----------------------------------------------------------------------------------
@@ -111,89 +113,45 @@ fn run_query(path: &Path, filter: &Filter) -> (u64, Vec<String>) {
     (n, ids)
 }
 
+/// A filter on one text field.
+fn by(field: &str, value: &str) -> Filter {
+    let mut f = Filter::default();
+    let slot = match field {
+        "token" => &mut f.token,
+        "account" => &mut f.account,
+        "decision" => &mut f.decision,
+        "reason" => &mut f.reason,
+        "status" => &mut f.status,
+        "event" => &mut f.event,
+        other => panic!("no text filter {other}"),
+    };
+    *slot = Some(value.to_owned());
+    f
+}
+
 #[test]
 fn query_filters() {
     let (_dir, path) = mixed_log();
     let q = |f: Filter| run_query(&path, &f).1;
     let s = |v: &str| Some(v.to_owned());
     assert_eq!(q(Filter::default()).len(), 9);
-    assert_eq!(
-        q(Filter {
-            token: s("ci-deploy"),
-            ..Default::default()
-        }),
-        ["e1", "e2"]
-    );
-    assert_eq!(
-        q(Filter {
-            token: s("tok_1"),
-            ..Default::default()
-        }),
-        ["e1", "e2", "token.revoked"]
-    );
-    assert_eq!(
-        q(Filter {
-            token: s("tg_AbCd"),
-            ..Default::default()
-        }),
-        ["e1", "e2", "token.revoked"]
-    );
-    assert_eq!(
-        q(Filter {
-            token: s("tg_ZzZzZzZz"),
-            ..Default::default()
-        }),
-        ["e3"]
-    );
-    assert_eq!(
-        q(Filter {
-            account: s("bob"),
-            ..Default::default()
-        }),
-        ["e5", "e6", "e9"]
-    );
-    assert_eq!(
-        q(Filter {
-            decision: s("deny"),
-            ..Default::default()
-        }),
-        ["e2", "e3", "e4", "e6"]
-    );
-    assert_eq!(
-        q(Filter {
-            reason: s("unknown_token"),
-            ..Default::default()
-        }),
-        ["e3"]
-    );
-    assert_eq!(
-        q(Filter {
-            reason: s("leaked"),
-            ..Default::default()
-        }),
-        ["token.revoked"]
-    );
-    assert_eq!(
-        q(Filter {
-            status: s("403"),
-            ..Default::default()
-        }),
-        ["e2"]
-    );
-    assert_eq!(
-        q(Filter {
-            status: s("4xx"),
-            ..Default::default()
-        }),
-        ["e2", "e3", "e4", "e6"]
-    );
-    assert_eq!(
-        q(Filter {
-            status: s("5XX"),
-            ..Default::default()
-        }),
-        ["e9"]
-    );
+    for (field, value, want) in [
+        ("token", "ci-deploy", &["e1", "e2"][..]),
+        ("token", "tok_1", &["e1", "e2", "token.revoked"][..]),
+        ("token", "tg_AbCd", &["e1", "e2", "token.revoked"][..]),
+        ("token", "tg_ZzZzZzZz", &["e3"][..]),
+        ("account", "bob", &["e5", "e6", "e9"][..]),
+        ("decision", "deny", &["e2", "e3", "e4", "e6"][..]),
+        ("reason", "unknown_token", &["e3"][..]),
+        ("reason", "leaked", &["token.revoked"][..]),
+        ("status", "403", &["e2"][..]),
+        ("status", "4xx", &["e2", "e3", "e4", "e6"][..]),
+        ("status", "5XX", &["e9"][..]),
+        ("event", "token.revoked", &["token.revoked"][..]),
+        ("event", "account.*", &["account.created"][..]),
+    ] {
+        assert_eq!(q(by(field, value)), want, "{field} = {value}");
+    }
     let t = |h| OffsetDateTime::parse(&at(h), &Rfc3339).unwrap();
     assert_eq!(
         q(Filter {
@@ -212,36 +170,13 @@ fn query_filters() {
     );
     assert_eq!(
         q(Filter {
-            event: s("token.revoked"),
-            ..Default::default()
-        }),
-        ["token.revoked"]
-    );
-    assert_eq!(
-        q(Filter {
-            event: s("account.*"),
-            ..Default::default()
-        }),
-        ["account.created"]
-    );
-    assert_eq!(
-        q(Filter {
             account: s("alice"),
             decision: s("deny"),
             ..Default::default()
         }),
         ["e2"]
     );
-    for bad in [
-        Filter {
-            status: s("4x"),
-            ..Default::default()
-        },
-        Filter {
-            decision: s("maybe"),
-            ..Default::default()
-        },
-    ] {
+    for bad in [by("status", "4x"), by("decision", "maybe")] {
         let r = query(
             std::slice::from_ref(&path),
             &bad,

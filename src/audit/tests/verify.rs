@@ -1,3 +1,5 @@
+//! Unit tests of `audit verify`: tamper detection and the hash chain.
+
 use super::*;
 
 // ---- tamper detection ------------------------------------------------------------------------

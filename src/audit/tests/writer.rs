@@ -1,3 +1,5 @@
+//! Unit tests of the audit writer: reservations, rotation, failure handling.
+
 use super::*;
 
 #[test]
@@ -74,9 +76,7 @@ fn chain_continues_across_open() {
         assert_eq!(log.lines_written(), 4);
         drop(log); // dropping the last handle shuts the writer down
     }
-    let report = verify(std::slice::from_ref(&path)).unwrap();
-    assert_eq!(report.to_string(), "OK: 12 lines, chain intact");
-    assert_eq!(report.lines, 12);
+    assert_eq!(assert_intact(std::slice::from_ref(&path), 12).lines, 12);
 }
 
 #[test]
@@ -146,11 +146,7 @@ fn reopen_of_an_empty_file_continues_from_dot_one() {
     let log = AuditLog::open(cfg(&path)).unwrap();
     write_n(&log, "new", 2);
     log.shutdown();
-    let set = vec![dir.path().join("audit.log.1"), path.clone()];
-    assert_eq!(
-        verify(&set).unwrap().to_string(),
-        "OK: 5 lines, chain intact"
-    );
+    assert_intact(&[dir.path().join("audit.log.1"), path.clone()], 5);
 }
 
 #[test]
@@ -167,10 +163,7 @@ fn reopen_follows_external_rotation() {
     let set = vec![rotated_name(&path, 1), path.clone()];
     assert_eq!(lines_of(&set[0]).len(), 5);
     assert_eq!(lines_of(&path).len(), 2);
-    assert_eq!(
-        verify(&set).unwrap().to_string(),
-        "OK: 7 lines, chain intact"
-    );
+    assert_intact(&set, 7);
 }
 
 // ---- rotation --------------------------------------------------------------------------------
@@ -282,8 +275,7 @@ fn reject_mode_refuses_while_failing_and_recovers_without_loss() {
         request_ids(std::slice::from_ref(&path)),
         ["ok0", "ok1", "ok2", "during", "later0", "later1"]
     );
-    let report = verify(&[path]).unwrap();
-    assert_eq!(report.to_string(), "OK: 6 lines, chain intact");
+    assert_intact(&[path], 6);
 }
 
 #[test]
@@ -448,8 +440,7 @@ fn concurrency_8_threads_80k_records() {
     log.flush().unwrap();
     assert_eq!(log.lines_written(), 80_000);
     log.shutdown();
-    let report = verify(std::slice::from_ref(&path)).unwrap();
-    assert_eq!(report.to_string(), "OK: 80000 lines, chain intact");
+    assert_intact(std::slice::from_ref(&path), 80_000);
     // seq 1..=80000 is proven by verify; each record exactly once:
     let text = fs::read_to_string(&path).unwrap();
     let ids: HashSet<&str> = text

@@ -65,7 +65,7 @@ pub(crate) mod forwarded;
 pub mod gateway;
 pub(crate) mod hygiene;
 pub(crate) mod lifecycle;
-pub(crate) mod metrics;
+pub mod metrics;
 pub mod path;
 pub(crate) mod pipeline;
 pub mod pool;

@@ -51,6 +51,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod forward_auth;
 pub mod gateway;
 pub mod hygiene;
 pub mod lifecycle;

@@ -55,6 +55,8 @@ struct Ctx {
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
     reservation: Option<Reservation>,
+    /// A forward-auth decision (docs/forward-auth.md): the audit line says `"mode":"forward_auth"`.
+    forward_auth: bool,
 }
 
 impl Ctx {
@@ -75,6 +77,7 @@ impl Ctx {
             upstream: None,
             ratelimit: None,
             reservation: None,
+            forward_auth: false,
         }
     }
 }
@@ -85,6 +88,7 @@ const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 const TOKEN_EXPIRES_AT: HeaderName = HeaderName::from_static("token-expires-at");
+const X_TOKENGATE_ERROR: HeaderName = HeaderName::from_static("x-tokengate-error");
 
 /// What steps 1–8 decided for a request that may go on.
 enum Decided<'c> {
@@ -125,7 +129,13 @@ impl Gateway {
         let start = Instant::now();
         let _in_flight = self.inner.metrics.in_flight();
         let cfg = self.inner.config.load_full();
-        let ctx = self.new_ctx(&req, conn);
+        let mut ctx = self.new_ctx(&req, conn);
+        let forward_auth = cfg
+            .forward_auth
+            .as_ref()
+            .map(|f| f.path.as_str())
+            .filter(|p| crate::forward_auth::is_endpoint(req.uri().path(), p));
+        ctx.forward_auth = forward_auth.is_some();
         // If this future is dropped before it answers (client gone, drain deadline), the guard
         // still writes the request's audit line: one line per request that reached the HTTP layer.
         let mut guard = AuditGuard {
@@ -134,12 +144,14 @@ impl Gateway {
             start,
             armed: true,
         };
-        let result = match tokio::time::timeout(
-            cfg.server.request_timeout,
-            self.pipeline(&cfg, conn, req, &mut guard.ctx),
-        )
-        .await
-        {
+        let ctx = &mut guard.ctx;
+        let work = async {
+            match forward_auth {
+                Some(endpoint) => self.forward_auth(&cfg, conn, &req, endpoint, ctx).await,
+                None => self.pipeline(&cfg, conn, req, ctx).await,
+            }
+        };
+        let result = match tokio::time::timeout(cfg.server.request_timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(Reject::RequestTimeout),
         };
@@ -203,6 +215,38 @@ impl Gateway {
         }
     }
 
+    /// Forward-auth mode: steps 1–8 on the request a trusted front proxy describes, answered
+    /// 200 with the identity headers (allowed) or with the refusal proxy mode would send.
+    async fn forward_auth<B>(
+        &self,
+        cfg: &Config,
+        conn: ConnInfo,
+        req: &Request<B>,
+        endpoint: &str,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, Reject> {
+        let peer = conn.peer.ip();
+        if !cfg.server.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+            ctx.path = sanitize_raw_path(req.uri().path());
+            return Err(Reject::ForwardAuthUntrusted);
+        }
+        let described = crate::forward_auth::describe(req, endpoint).inspect_err(|_| {
+            ctx.path = sanitize_raw_path(req.uri().path());
+        })?;
+        ctx.method = described.method().clone();
+        match self.decide(cfg, conn, &described, ctx).await? {
+            // Nothing is reserved in forward-auth mode (`check`): unreachable, refused if not.
+            Decided::Answered(_) => Err(Reject::Internal),
+            Decided::Forward { .. } => {
+                let mut resp = Response::new(crate::body::empty());
+                if let Some(t) = ctx.token.as_deref() {
+                    proxy::identity_headers(resp.headers_mut(), t);
+                }
+                Ok(self.decorate(cfg, resp, ctx))
+            }
+        }
+    }
+
     /// Steps 1–8: everything the gateway decides before the upstream sees the request, ending
     /// with the audit slot reserved; the reserved prefix is answered here, a path no route
     /// serves refused (403 no_rule). Generic over the body, which it never reads.
@@ -255,7 +299,9 @@ impl Gateway {
             }
         })?;
         ctx.path = canon.path.clone();
-        let reserved = canon.path.starts_with(&cfg.server.reserved_prefix);
+        // A described request goes to the front proxy's upstream, never to us: the reserved
+        // prefix is an ordinary path there.
+        let reserved = !ctx.forward_auth && canon.path.starts_with(&cfg.server.reserved_prefix);
         let route = if reserved {
             None
         } else {
@@ -570,7 +616,14 @@ impl Gateway {
                 if reject.is_ours() {
                     tracing::warn!(request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
                 }
-                let resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
+                let mut resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
+                if ctx.forward_auth {
+                    // nginx's auth_request drops the body of a denial: it can copy this header.
+                    let body = crate::error::body_json(&reject, &ctx.request_id);
+                    if let Ok(v) = HeaderValue::from_str(&body) {
+                        resp.headers_mut().insert(X_TOKENGATE_ERROR, v);
+                    }
+                }
                 // Failed after it reached the upstream: still an allowed request.
                 let allowed = reject.counts_as_allowed() && ctx.upstream.is_some();
                 (reject.reason(), allowed, resp)
@@ -632,6 +685,7 @@ impl Gateway {
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            mode: ctx.forward_auth.then_some("forward_auth".into()),
         }
     }
 

@@ -116,6 +116,10 @@ pub struct RequestRecord {
     pub upstream: Option<String>,
     /// Time from request start to the response head, in milliseconds.
     pub duration_ms: f64,
+    /// `forward_auth` for a decision asked by a front proxy (docs/forward-auth.md); absent
+    /// (not written) for a request the gateway proxied itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Cow<'static, str>>,
 }
 
 /// One admin action line (token.created, token.revoked, token.rotated, token.identified,

@@ -239,8 +239,11 @@ impl Gateway {
             Decided::Answered(_) => Err(Reject::Internal),
             Decided::Forward { .. } => {
                 let mut resp = Response::new(crate::body::empty());
-                if let Some(t) = ctx.token.as_deref() {
-                    proxy::identity_headers(resp.headers_mut(), t);
+                match ctx.token.as_deref() {
+                    Some(t) => proxy::identity_headers(resp.headers_mut(), t),
+                    // A public rule: present but empty, so a front proxy that copies them
+                    // (Caddy's `copy_headers`) copies nothing rather than a placeholder.
+                    None => proxy::empty_identity_headers(resp.headers_mut()),
                 }
                 Ok(self.decorate(cfg, resp, ctx))
             }

@@ -189,6 +189,18 @@ pub fn identity_headers(headers: &mut http::HeaderMap, t: &CachedToken) {
     set(headers, X_TOKENGATE_PERMISSIONS, t.permissions_header());
 }
 
+/// The identity headers with empty values (forward-auth mode, a request without a token).
+pub fn empty_identity_headers(headers: &mut http::HeaderMap) {
+    for name in [
+        X_TOKENGATE_TOKEN_ID,
+        X_TOKENGATE_TOKEN_NAME,
+        X_TOKENGATE_ACCOUNT,
+        X_TOKENGATE_PERMISSIONS,
+    ] {
+        headers.insert(name, HeaderValue::from_static(""));
+    }
+}
+
 /// Cleans the upstream response head and wraps its body with the idle guard.
 pub fn downstream_response(resp: Response<PooledBody>, body_idle: Duration) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();

@@ -688,7 +688,14 @@ impl Gateway {
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-            mode: ctx.forward_auth.then_some("forward_auth".into()),
+            mode: Some(
+                if ctx.forward_auth {
+                    "forward_auth"
+                } else {
+                    "proxy"
+                }
+                .into(),
+            ),
         }
     }
 

@@ -86,14 +86,14 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
     assert_eq!(line["request_id"], rid.as_str());
     assert_eq!(line["api_token_id"], id.as_str());
     assert_eq!(tg.upstream.count(), 0, "forward-auth never forwards");
-    // Proxy-mode lines carry no `mode`.
+    // Proxy-mode lines say so.
     let (proxied, _) = (
         raw(tg.addr, &get("/health", &format!("Host: {HOST}\r\n"))).await,
         (),
     );
     assert_eq!(proxied.status, 200);
     let line = tg.last_request_line().await;
-    assert!(line.get("mode").is_none(), "{line}");
+    assert_eq!(line["mode"], "proxy", "{line}");
     tg.stop().await;
 }
 
@@ -309,7 +309,7 @@ async fn without_the_table_the_endpoint_is_not_served() {
     .await;
     assert_eq!(r.status, 404, "{}", r.raw);
     let line = tg.last_request_line().await;
-    assert!(line.get("mode").is_none(), "{line}");
+    assert_eq!(line["mode"], "proxy", "{line}");
     tg.stop().await;
 }
 

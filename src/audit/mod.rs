@@ -116,9 +116,9 @@ pub struct RequestRecord {
     pub upstream: Option<String>,
     /// Time from request start to the response head, in milliseconds.
     pub duration_ms: f64,
-    /// `forward_auth` for a decision asked by a front proxy (docs/forward-auth.md); absent
-    /// (not written) for a request the gateway proxied itself.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `proxy` (the public listener proxied or answered it), `forward_auth` (a decision a front
+    /// proxy asked for, docs/forward-auth.md); null on the admin listener and in older logs.
+    #[serde(default)]
     pub mode: Option<Cow<'static, str>>,
 }
 

@@ -864,3 +864,40 @@ async fn caddy_forward_auth_in_front() {
     drop(front);
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn route_host_options_apply_to_the_described_host() {
+    let tg = TestGateway::start_with(Options {
+        server: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
+        sections: "[forward_auth]\n".into(),
+        extra_routes: r#"
+[[routes]]
+name = "hosted"
+prefix = "/hosted"
+upstream = "http://127.0.0.1:9"
+allowed_hosts = ["api.example"]
+
+[[routes.rules]]
+methods = ["GET"]
+path = "/hosted/**"
+public = true
+"#
+        .into(),
+        ..Options::default()
+    })
+    .await;
+    let ask = |host: &str| {
+        get(
+            EP,
+            &format!("Host: tokengate.internal\r\nX-Original-URI: /hosted/a\r\nX-Forwarded-Host: {host}\r\n"),
+        )
+    };
+    let r = raw(tg.addr, &ask("api.example")).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let line = tg.last_request_line().await;
+    assert_eq!((line["reason"].as_str(), line["upstream"].as_str()), (Some("ok"), Some("hosted")));
+    let r = raw(tg.addr, &ask("evil.test")).await;
+    assert_eq!(r.status, 421, "{}", r.raw);
+    assert_rejection_line(&tg.last_request_line().await, 421, "host_not_allowed");
+    tg.stop().await;
+}

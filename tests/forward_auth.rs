@@ -889,13 +889,18 @@ public = true
     let ask = |host: &str| {
         get(
             EP,
-            &format!("Host: tokengate.internal\r\nX-Original-URI: /hosted/a\r\nX-Forwarded-Host: {host}\r\n"),
+            &format!(
+                "Host: tokengate.internal\r\nX-Original-URI: /hosted/a\r\nX-Forwarded-Host: {host}\r\n"
+            ),
         )
     };
     let r = raw(tg.addr, &ask("api.example")).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     let line = tg.last_request_line().await;
-    assert_eq!((line["reason"].as_str(), line["upstream"].as_str()), (Some("ok"), Some("hosted")));
+    assert_eq!(
+        (line["reason"].as_str(), line["upstream"].as_str()),
+        (Some("ok"), Some("hosted"))
+    );
     let r = raw(tg.addr, &ask("evil.test")).await;
     assert_eq!(r.status, 421, "{}", r.raw);
     assert_rejection_line(&tg.last_request_line().await, 421, "host_not_allowed");

@@ -2,10 +2,11 @@
 //! `auth_request`, Traefik `ForwardAuth`, Caddy `forward_auth`, Envoy `ext_authz` over HTTP)
 //! describes to the endpoint `[forward_auth] path`, in the header dialect it sends.
 //!
-//! Owns: recognising the endpoint on a raw path ([`is_endpoint`]) and turning an auth request into
-//! the described request ([`describe`]) that the pipeline then runs its phases on, exactly as in
-//! proxy mode. Trust is the caller's: it calls [`describe`] only for a peer in
-//! `server.trusted_proxies`. Holds no state; never imports `gateway`, `pipeline` or `admin`.
+//! Owns: recognising the endpoint on a raw path ([`endpoint`]), the trust check and turning an
+//! auth request into the described request ([`describe`]) that the pipeline then runs its phases
+//! on, exactly as in proxy mode, and the parts of the answer only this mode has ([`allowed`],
+//! [`error_header`], the audit [`mode`]). Holds no state; never imports `gateway`, `pipeline` or
+//! `admin`.
 //!
 //! Dialects, told apart by what is present (more than one of them, or a repeated header, is
 //! refused as ambiguous: a client can smuggle one dialect's headers through a proxy that only sets
@@ -17,14 +18,20 @@
 //! - Traefik and Caddy: `X-Forwarded-Uri` and `X-Forwarded-Method` (both required), host from
 //!   `X-Forwarded-Host`, else `Host`. `X-Forwarded-Proto` is read by no phase and dropped.
 
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Version};
+use http::{Method, Request, Response, Version};
 
+use crate::body::Body;
+use crate::cache::CachedToken;
+use crate::config::Config;
 use crate::error::Reject;
-use crate::hygiene;
+use crate::{hygiene, proxy};
+
+const X_TOKENGATE_ERROR: HeaderName = HeaderName::from_static("x-tokengate-error");
 
 const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
@@ -42,6 +49,43 @@ const DESCRIBING: [HeaderName; 6] = [
     X_FORWARDED_HOST,
     X_FORWARDED_PROTO,
 ];
+
+/// The configured endpoint, when the raw request path asks for it (`[forward_auth]` present).
+pub fn endpoint<'c>(cfg: &'c Config, raw_path: &str) -> Option<&'c str> {
+    let fa = cfg.forward_auth.as_ref()?;
+    is_endpoint(raw_path, &fa.path).then_some(fa.path.as_str())
+}
+
+/// The audit line's `mode`.
+pub fn mode(forward_auth: bool) -> &'static str {
+    if forward_auth {
+        "forward_auth"
+    } else {
+        "proxy"
+    }
+}
+
+/// The answer to an allowed decision: 200, empty, with the identity headers (the caller adds the
+/// gateway's own: `X-Request-Id`, `RateLimit-*`). Without a token (a public rule) they are present
+/// but empty, so a front proxy that copies them (Caddy's `copy_headers`) copies nothing rather
+/// than a placeholder.
+pub fn allowed(token: Option<&CachedToken>) -> Response<Body> {
+    let mut resp = Response::new(crate::body::empty());
+    match token {
+        Some(t) => proxy::identity_headers(resp.headers_mut(), t),
+        None => proxy::empty_identity_headers(resp.headers_mut()),
+    }
+    resp
+}
+
+/// Adds the refusal's JSON body as `X-Tokengate-Error`: nginx's `auth_request` drops the body of
+/// a denial, but can copy a header.
+pub fn error_header(resp: &mut Response<Body>, reject: &Reject, request_id: &str) {
+    let body = crate::error::body_json(reject, request_id);
+    if let Ok(v) = HeaderValue::from_str(&body) {
+        resp.headers_mut().insert(X_TOKENGATE_ERROR, v);
+    }
+}
 
 /// Whether the raw request path asks the forward-auth endpoint `endpoint`: exactly it, or it
 /// followed by `/` (Envoy's `path_prefix` with the original path appended).
@@ -80,7 +124,16 @@ fn one<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'h str>,
 /// The request the front proxy describes: original method, URI (path and query, origin-form)
 /// and Host, with the auth request's other headers (credentials, `X-Forwarded-For`, ...) minus the
 /// describing and hop-by-hop ones. No body. `req`'s path starts with `endpoint` ([`is_endpoint`]).
-pub fn describe<B>(req: &Request<B>, endpoint: &str) -> Result<Request<()>, Reject> {
+/// A `peer` outside `trusted` is refused (`forward_auth_untrusted`) before anything is read.
+pub fn describe<B>(
+    req: &Request<B>,
+    endpoint: &str,
+    peer: IpAddr,
+    trusted: &[ipnet::IpNet],
+) -> Result<Request<()>, Reject> {
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return Err(Reject::ForwardAuthUntrusted);
+    }
     let h = req.headers();
     let pq = req.uri().path_and_query().map_or("", |pq| pq.as_str());
     let suffix = pq.get(endpoint.len()..).unwrap_or("");
@@ -161,6 +214,11 @@ mod tests {
     use super::*;
 
     const EP: &str = "/_tokengate/auth";
+    const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn trusted() -> Vec<ipnet::IpNet> {
+        vec!["127.0.0.1/32".parse().unwrap()]
+    }
 
     fn auth(path: &str, headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::builder().method("GET").uri(path);
@@ -190,7 +248,7 @@ mod tests {
                 ("authorization", "Bearer x"),
             ],
         );
-        let d = describe(&nginx, EP).unwrap();
+        let d = describe(&nginx, EP, LO, &trusted()).unwrap();
         assert_eq!(d.method(), Method::DELETE);
         assert_eq!(d.uri().to_string(), "/api/items?x=1");
         assert_eq!(d.headers()["host"], "api.example");
@@ -205,20 +263,28 @@ mod tests {
                 ("x-forwarded-method", "POST"),
             ],
         );
-        let d = describe(&caddy, EP).unwrap();
+        let d = describe(&caddy, EP, LO, &trusted()).unwrap();
         assert_eq!((d.method(), d.uri().path()), (&Method::POST, "/api/a"));
         assert_eq!(d.headers()["host"], "api.example");
 
         let envoy = auth("/_tokengate/auth/api/a%2Fb?q=1", &[("host", "api.example")]);
-        let d = describe(&envoy, EP).unwrap();
+        let d = describe(&envoy, EP, LO, &trusted()).unwrap();
         assert_eq!(d.uri().to_string(), "/api/a%2Fb?q=1");
         assert_eq!(d.method(), Method::GET);
     }
 
     #[test]
     fn missing_ambiguous_and_bad_descriptions_are_refused() {
-        let reason = |r: Request<()>| describe(&r, EP).unwrap_err().reason();
+        let reason = |r: Request<()>| describe(&r, EP, LO, &trusted()).unwrap_err().reason();
         assert_eq!(reason(auth(EP, &[])), "forward_auth_missing_uri");
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        let e = describe(
+            &auth(EP, &[("x-original-uri", "/a")]),
+            EP,
+            other,
+            &trusted(),
+        );
+        assert_eq!(e.unwrap_err().reason(), "forward_auth_untrusted");
         assert_eq!(
             reason(auth(
                 EP,

@@ -88,7 +88,6 @@ const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 const TOKEN_EXPIRES_AT: HeaderName = HeaderName::from_static("token-expires-at");
-const X_TOKENGATE_ERROR: HeaderName = HeaderName::from_static("x-tokengate-error");
 
 /// What steps 1–8 decided for a request that may go on.
 enum Decided<'c> {
@@ -130,11 +129,7 @@ impl Gateway {
         let _in_flight = self.inner.metrics.in_flight();
         let cfg = self.inner.config.load_full();
         let mut ctx = self.new_ctx(&req, conn);
-        let forward_auth = cfg
-            .forward_auth
-            .as_ref()
-            .map(|f| f.path.as_str())
-            .filter(|p| crate::forward_auth::is_endpoint(req.uri().path(), p));
+        let forward_auth = crate::forward_auth::endpoint(&cfg, req.uri().path());
         ctx.forward_auth = forward_auth.is_some();
         // If this future is dropped before it answers (client gone, drain deadline), the guard
         // still writes the request's audit line: one line per request that reached the HTTP layer.
@@ -225,26 +220,15 @@ impl Gateway {
         endpoint: &str,
         ctx: &mut Ctx,
     ) -> Result<Response<Body>, Reject> {
-        let peer = conn.peer.ip();
-        if !cfg.server.trusted_proxies.iter().any(|n| n.contains(&peer)) {
-            ctx.path = sanitize_raw_path(req.uri().path());
-            return Err(Reject::ForwardAuthUntrusted);
-        }
-        let described = crate::forward_auth::describe(req, endpoint).inspect_err(|_| {
-            ctx.path = sanitize_raw_path(req.uri().path());
-        })?;
+        let trusted = &cfg.server.trusted_proxies;
+        let described = crate::forward_auth::describe(req, endpoint, conn.peer.ip(), trusted)
+            .inspect_err(|_| ctx.path = sanitize_raw_path(req.uri().path()))?;
         ctx.method = described.method().clone();
         match self.decide(cfg, conn, &described, ctx).await? {
             // Nothing is reserved in forward-auth mode (`check`): unreachable, refused if not.
             Decided::Answered(_) => Err(Reject::Internal),
             Decided::Forward { .. } => {
-                let mut resp = Response::new(crate::body::empty());
-                match ctx.token.as_deref() {
-                    Some(t) => proxy::identity_headers(resp.headers_mut(), t),
-                    // A public rule: present but empty, so a front proxy that copies them
-                    // (Caddy's `copy_headers`) copies nothing rather than a placeholder.
-                    None => proxy::empty_identity_headers(resp.headers_mut()),
-                }
+                let resp = crate::forward_auth::allowed(ctx.token.as_deref());
                 Ok(self.decorate(cfg, resp, ctx))
             }
         }
@@ -621,11 +605,7 @@ impl Gateway {
                 }
                 let mut resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
                 if ctx.forward_auth {
-                    // nginx's auth_request drops the body of a denial: it can copy this header.
-                    let body = crate::error::body_json(&reject, &ctx.request_id);
-                    if let Ok(v) = HeaderValue::from_str(&body) {
-                        resp.headers_mut().insert(X_TOKENGATE_ERROR, v);
-                    }
+                    crate::forward_auth::error_header(&mut resp, &reject, &ctx.request_id);
                 }
                 // Failed after it reached the upstream: still an allowed request.
                 let allowed = reject.counts_as_allowed() && ctx.upstream.is_some();
@@ -688,14 +668,7 @@ impl Gateway {
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-            mode: Some(
-                if ctx.forward_auth {
-                    "forward_auth"
-                } else {
-                    "proxy"
-                }
-                .into(),
-            ),
+            mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
         }
     }
 

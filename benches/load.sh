@@ -4,7 +4,10 @@
 #   bash benches/load.sh            # full run: 5 interleaved repetitions, 10 s each (~12 min)
 #   bash benches/load.sh --quick    # smoke run: 1 repetition, 3 s each, 5k req/s only (~1 min)
 #   bash benches/load.sh --profile tg-full --only-profile   # perf profile of one system under wrk load
-#   options: --reps N  --duration S  --conns N  --rates "5000 15000"  --keep (keep the work dir)
+#   bash benches/load.sh --systems "tg-full tg-fwdauth" --reps 1 --duration 2 --rates ""
+#                                   # smoke run of forward-auth beside proxy mode, closed loop only
+#   options: --reps N  --duration S  --conns N  --rates "5000 15000" (empty: no open loop, no oha)
+#            --keep (keep the work dir)  --systems "LIST" (measure only these of the systems below)
 #            --profile "SYSTEM..." (after the measurements, one more closed-loop run of each SYSTEM under
 #            `perf record -e cpu-clock`, software sampling: this machine has no hardware counters;
 #            prints the top symbols; perf.data is kept in the work dir with --keep)
@@ -26,6 +29,11 @@
 #                      audit to a file                                            (core 1)
 #        tg-noauth     tokengate, same config but the benchmarked rule is `public = true`
 #                      (no authentication, authorisation or rate limit; still audited) (core 1)
+#        tg-fwdauth    tokengate in forward-auth mode (docs/forward-auth.md): the load generator
+#                      plays a trusted front proxy (127.0.0.1 in `server.trusted_proxies`) asking
+#                      `/_tokengate/auth` with `X-Original-URI` = the benchmarked path and the
+#                      token; same rules, store and token as tg-full; nothing is forwarded, so its
+#                      req/s are decisions per second                                   (core 1)
 #      Every system under test is pinned to core 1 (`taskset -c 1`), the load generator to core 0.
 #   4. closed loop, throughput: wrk, 1 thread, N connections (default 50), per system, in rotating
 #      order, R repetitions (default 5);
@@ -50,6 +58,7 @@ PROFILE=""
 ONLY_PROFILE=0
 CANDIDATE=""
 BASE_BIN=""
+ONLY_SYSTEMS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
@@ -62,7 +71,8 @@ while [ $# -gt 0 ]; do
         --only-profile) ONLY_PROFILE=1 ;;
         --candidate) CANDIDATE="$(realpath "$2")"; shift ;;
         --bin) BASE_BIN="$(realpath "$2")"; shift ;;
-        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+        --systems) ONLY_SYSTEMS="$2"; shift ;;
+        -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -96,7 +106,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 OHA="$(command -v oha || true)"
 if [ -z "$OHA" ] && [ -x "$HOME/.cargo/bin/oha" ]; then OHA="$HOME/.cargo/bin/oha"; fi
-if [ -z "$OHA" ]; then
+if [ -z "$OHA" ] && [ -n "$RATES" ]; then
     log "installing oha (cargo install oha --locked; a few minutes, once)"
     cargo install oha --locked --quiet
     OHA="$HOME/.cargo/bin/oha"
@@ -201,14 +211,15 @@ PIDS+=($!)
 PID_nginx=$!
 
 # tokengate: full pipeline and no-auth mode (same config, the benchmarked rule made public).
-tg_config() { # name public(true|false) -> writes $WORK/name/tokengate.toml, prints its path
-    local name="$1" public="$2" dir="$WORK/$1"
+tg_config() { # name public(true|false) [extra server keys] -> writes $WORK/name/tokengate.toml, prints its path
+    local name="$1" public="$2" server_extra="${3:-}" dir="$WORK/$1"
     mkdir -p "$dir"
     local rule='permission = "apps:read"'
     [ "$public" = true ] && rule='public = true'
     cat >"$dir/tokengate.toml" <<EOF
 [server]
 listen = "127.0.0.1:$(free_port)"
+$server_extra
 [admin]
 listen = "127.0.0.1:$(free_port)"
 [store]
@@ -259,7 +270,17 @@ port_of() { sed -n 's/^listen = "127.0.0.1:\([0-9]*\)"$/\1/p' "$1" | head -n 1; 
 FULL_PORT="$(port_of "$FULL_CFG")"
 NOAUTH_PORT="$(port_of "$NOAUTH_CFG")"
 
-SYSTEMS="direct nginx tg-full tg-noauth"
+# Forward-auth mode: its own process on the same store (same token), the load generator trusted.
+FWD_CFG="$(tg_config tg-fwdauth false 'trusted_proxies = ["127.0.0.1/32"]')"
+printf '\n[forward_auth]\n' >>"$FWD_CFG"
+sed -i "s|^path = \"tokengate.db\"|path = \"$(dirname "$FULL_CFG")/tokengate.db\"|" "$FWD_CFG"
+(cd "$(dirname "$FWD_CFG")" && exec $SUT "$TG" --config "$FWD_CFG" serve 2>"$(dirname "$FWD_CFG")/stderr.log") &
+PIDS+=($!)
+PID_tg_fwdauth=$!
+FWD_PORT="$(port_of "$FWD_CFG")"
+FWD_HEADER="X-Original-URI: $BENCH_PATH"
+
+SYSTEMS="direct nginx tg-full tg-noauth tg-fwdauth"
 if [ -n "$CANDIDATE" ]; then
     # Same store (so the same token works; SQLite in WAL mode serves both), own ports and audit.
     CAND_CFG="$(tg_config cand-full false)"
@@ -277,7 +298,14 @@ url_of() {
         tg-full) echo "http://127.0.0.1:$FULL_PORT$BENCH_PATH" ;;
         tg-noauth) echo "http://127.0.0.1:$NOAUTH_PORT$BENCH_PATH" ;;
         cand-full) echo "http://127.0.0.1:$CAND_PORT$BENCH_PATH" ;;
+        tg-fwdauth) echo "http://127.0.0.1:$FWD_PORT/_tokengate/auth" ;;
     esac
+}
+# The request headers of a system: the token everywhere; tg-fwdauth also gets the description a
+# front proxy sends (nginx's dialect).
+hdrs_of() {
+    HDRS=(-H "$AUTH")
+    if [ "$1" = tg-fwdauth ]; then HDRS+=(-H "$FWD_HEADER"); fi
 }
 pid_of() {
     case "$1" in
@@ -286,10 +314,25 @@ pid_of() {
         tg-full) echo "$PID_tg_full" ;;
         tg-noauth) echo "$PID_tg_noauth" ;;
         cand-full) echo "$PID_cand_full" ;;
+        tg-fwdauth) echo "$PID_tg_fwdauth" ;;
     esac
 }
-# Every system gets the same header, so the request bytes are identical everywhere.
-for s in $SYSTEMS; do wait_http "$(url_of "$s")" "$AUTH"; done
+# Every proxy gets the same header, so the request bytes are identical everywhere.
+for s in $SYSTEMS; do
+    if [ "$s" = tg-fwdauth ]; then
+        wait_http "http://127.0.0.1:$FWD_PORT$BENCH_PATH" "$AUTH"
+        curl -fsS -o /dev/null -H "$AUTH" -H "$FWD_HEADER" "$(url_of tg-fwdauth)" \
+            || { echo "load.sh: tg-fwdauth did not allow the benchmarked request" >&2; exit 1; }
+    else
+        wait_http "$(url_of "$s")" "$AUTH"
+    fi
+done
+if [ -n "$ONLY_SYSTEMS" ]; then
+    for s in $ONLY_SYSTEMS; do
+        case " $SYSTEMS " in *" $s "*) ;; *) echo "load.sh: unknown system $s (of: $SYSTEMS)" >&2; exit 64 ;; esac
+    done
+    SYSTEMS="$ONLY_SYSTEMS"
+fi
 curl -fsS -o /dev/null -w '' "$(url_of tg-full)" 2>/dev/null && { echo "load.sh: tg-full answered without a token" >&2; exit 1; }
 
 # CPU time (user + system, clock ticks) of a process and its children's threads (nginx worker).
@@ -320,7 +363,8 @@ run_wrk() { # system rep
     local s="$1" rep="$2" pid out c0 c1
     pid="$(pid_of "$s")"
     c0="$(cpu_ticks "$pid")"
-    out="$($LOADGEN wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$AUTH" "$(url_of "$s")")"
+    hdrs_of "$s"
+    out="$($LOADGEN wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${HDRS[@]}" "$(url_of "$s")")"
     c1="$(cpu_ticks "$pid")"
     echo "$out" >"$WORK/wrk-$s-$rep.txt"
     if echo "$out" | grep -q 'Non-2xx'; then
@@ -348,8 +392,9 @@ run_oha() { # system rate rep
     pid="$(pid_of "$s")"
     c0="$(cpu_ticks "$pid")"
     json="$WORK/oha-$s-$rate-$rep.json"
+    hdrs_of "$s"
     $LOADGEN "$OHA" --no-tui --output-format json -z "${DURATION}s" -q "$rate" --latency-correction \
-        -c "$CONNS" -H "$AUTH" "$(url_of "$s")" >"$json"
+        -c "$CONNS" "${HDRS[@]}" "$(url_of "$s")" >"$json"
     c1="$(cpu_ticks "$pid")"
     python3 - "$s" "$rate" "$rep" "$json" "$((c1 - c0))" "$TICKS" "$(busy_note)" >>"$RESULTS" <<'PY'
 import json, sys
@@ -371,7 +416,8 @@ PY
 log "load average: $(cut -d' ' -f1-3 /proc/loadavg); other builds: $(busy_note)"
 log "warm-up"
 for s in $SYSTEMS; do
-    $LOADGEN wrk -t1 -c"$CONNS" -d"$([ "$QUICK" = 1 ] && echo 1 || echo 3)s" -H "$AUTH" "$(url_of "$s")" >/dev/null
+    hdrs_of "$s"
+    $LOADGEN wrk -t1 -c"$CONNS" -d"$([ "$QUICK" = 1 ] && echo 1 || echo 3)s" "${HDRS[@]}" "$(url_of "$s")" >/dev/null
 done
 
 if [ "$ONLY_PROFILE" = 1 ]; then REPS=0; RATES=""; fi
@@ -399,7 +445,8 @@ if [ -n "$PROFILE" ]; then
         -- sleep "$DURATION" 2>/dev/null &
     PERF_PID=$!
     sleep 0.2
-    $LOADGEN wrk -t1 -c"$CONNS" -d"$((DURATION - 1))s" -H "$AUTH" "$(url_of "$P")" >"$WORK/wrk-profile-$P.txt"
+    hdrs_of "$P"
+    $LOADGEN wrk -t1 -c"$CONNS" -d"$((DURATION - 1))s" "${HDRS[@]}" "$(url_of "$P")" >"$WORK/wrk-profile-$P.txt"
     wait "$PERF_PID" || true
     echo "## profile of $P: $(grep Requests/sec "$WORK/wrk-profile-$P.txt")"
     echo "## share by thread and object"
@@ -416,24 +463,28 @@ if [ -n "$PROFILE" ]; then
 fi
 
 # The full pipeline really ran: one audit line per request on tg-full, none refused.
-kill -TERM "$PID_tg_full" "$PID_tg_noauth" ${PID_cand_full:-} 2>/dev/null || true
-wait "$PID_tg_full" "$PID_tg_noauth" ${PID_cand_full:-} 2>/dev/null || true
+kill -TERM "$PID_tg_full" "$PID_tg_noauth" "$PID_tg_fwdauth" ${PID_cand_full:-} 2>/dev/null || true
+wait "$PID_tg_full" "$PID_tg_noauth" "$PID_tg_fwdauth" ${PID_cand_full:-} 2>/dev/null || true
 FULL_LINES="$(grep -c '"kind":"request"' "$WORK/tg-full/audit.log" || true)"
 # Allowed besides "ok": the one request sent without a token at start-up (to prove tg-full
 # checks), and requests oha abandons when a run's duration ends (client_closed, 499).
 FULL_DENIED="$(grep '"kind":"request"' "$WORK/tg-full/audit.log" | grep -v '"reason":"ok"' \
     | grep -v '"reason":"missing_token"' | grep -vc '"reason":"client_closed"' || true)"
+# tg-fwdauth: every decision allowed (ok), each one a forward-auth line.
+FWD_LINES="$(grep -c '"mode":"forward_auth"' "$WORK/tg-fwdauth/audit.log" || true)"
+FWD_DENIED="$(grep '"mode":"forward_auth"' "$WORK/tg-fwdauth/audit.log" | grep -v '"reason":"ok"' \
+    | grep -vc '"reason":"client_closed"' || true)"
 NOAUTH_TOKEN_LINES="$(grep '"kind":"request"' "$WORK/tg-noauth/audit.log" | grep -c '"auth_type":"api_token"' || true)"
 
-python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" <<'PY'
+python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" "$FWD_LINES" "$FWD_DENIED" <<'PY'
 import statistics as st, sys, collections
-path, reps, dur, conns, lines, denied, noauth_tok = sys.argv[1:8]
+path, reps, dur, conns, lines, denied, noauth_tok, fwd_lines, fwd_denied = sys.argv[1:10]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 by = collections.defaultdict(list)
 for mode, s, rep, rps, p50, p99, p999, cpu, busy in rows:
     by[(mode, s)].append(dict(rps=float(rps), p50=float(p50), p99=float(p99),
                               p999=float(p999) if p999 else None, cpu=float(cpu), busy=busy))
-systems = ["direct", "nginx", "tg-full", "tg-noauth", "cand-full"]
+systems = ["direct", "nginx", "tg-full", "tg-noauth", "tg-fwdauth", "cand-full"]
 modes = sorted({m for m, _ in by}, key=lambda m: (m != "closed", len(m), m))
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -482,6 +533,8 @@ line("CPU per request tg-full / tg-noauth", ratio("closed", "cpu", "tg-full", "t
 line("throughput cand-full / tg-full (candidate build)", ratio("closed", "rps", "cand-full", "tg-full"))
 line("throughput cand-full / nginx", ratio("closed", "rps", "cand-full", "nginx"), 1.15)
 line("CPU per request cand-full / tg-full", ratio("closed", "cpu", "cand-full", "tg-full"))
+line("decisions/s tg-fwdauth / proxied req/s tg-full", ratio("closed", "rps", "tg-fwdauth", "tg-full"))
+line("CPU per decision tg-fwdauth / per request tg-full", ratio("closed", "cpu", "tg-fwdauth", "tg-full"))
 for mode in modes:
     if mode == "closed":
         continue
@@ -489,7 +542,12 @@ for mode in modes:
     line(f"{mode[4:]}/s p99 tg-full / nginx", ratio(mode, "p99", "tg-full", "nginx"), 1.0, False)
     line(f"{mode[4:]}/s p50 tg-full / tg-noauth", ratio(mode, "p50", "tg-full", "tg-noauth"))
 print(f"\n# tg-full audit log: {lines} request lines, {denied} not allowed; tg-noauth lines with a token: {noauth_tok}")
+print(f"# tg-fwdauth audit log: {fwd_lines} forward-auth decisions, {fwd_denied} not allowed")
 PY
+if [ "$FWD_DENIED" != 0 ]; then
+    echo "load.sh: tg-fwdauth refused $FWD_DENIED decisions: the figures are not valid" >&2
+    exit 1
+fi
 if [ "$FULL_DENIED" != 0 ]; then
     echo "load.sh: tg-full refused $FULL_DENIED requests: the figures are not valid" >&2
     exit 1

@@ -96,6 +96,9 @@ pub enum Reject {
     RequestTimeout,
     /// A bug or an unexpected internal failure.
     Internal,
+    /// 403: a forward-auth request from a peer outside `server.trusted_proxies`
+    /// (`forward_auth_untrusted`): the original method, URI and host it describes are not believed.
+    ForwardAuthUntrusted,
 }
 
 impl Reject {
@@ -123,6 +126,7 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::RequestTimeout => "request_timeout",
             Reject::Internal => "internal_error",
+            Reject::ForwardAuthUntrusted => "forward_auth_untrusted",
         }
     }
 
@@ -169,7 +173,7 @@ impl Reject {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Reject::MissingToken { .. } | Reject::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
-            Reject::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Reject::Forbidden { .. } | Reject::ForwardAuthUntrusted => StatusCode::FORBIDDEN,
             Reject::StoreUnavailable | Reject::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -203,6 +207,7 @@ impl Reject {
             Reject::UpstreamError | Reject::UpstreamTls => "bad_gateway",
             Reject::UpstreamTimeout | Reject::RequestTimeout => "gateway_timeout",
             Reject::Internal => "internal_error",
+            Reject::ForwardAuthUntrusted => "forbidden",
         }
     }
 
@@ -254,6 +259,10 @@ impl Reject {
                 "The upstream service did not answer in time.".into()
             }
             Reject::Internal => "Internal error.".into(),
+            Reject::ForwardAuthUntrusted => {
+                "Forward-auth decisions are only given to trusted proxies (server.trusted_proxies)."
+                    .into()
+            }
         }
     }
 
@@ -288,19 +297,7 @@ impl Reject {
 
 /// The one place a rejection becomes a response.
 pub fn respond(reject: &Reject, realm: &str, request_id: &str) -> Response<Body> {
-    let mut body = serde_json::json!({
-        "error": reject.code(),
-        "message": reject.message(),
-        "request_id": request_id,
-    });
-    if let Reject::Forbidden {
-        permission: Some(p),
-        ..
-    } = reject
-    {
-        body["required_permission"] = p.clone().into();
-    }
-    let mut resp = Response::new(full(Bytes::from(body.to_string() + "\n")));
+    let mut resp = Response::new(full(Bytes::from(body_json(reject, request_id) + "\n")));
     *resp.status_mut() = reject.status();
     let h = resp.headers_mut();
     h.insert(
@@ -343,6 +340,24 @@ pub fn respond(reject: &Reject, realm: &str, request_id: &str) -> Response<Body>
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// The JSON body of a refusal, without the final newline (also sent by the forward-auth
+/// endpoint as `X-Tokengate-Error`, for front proxies that drop the body of a denial).
+pub fn body_json(reject: &Reject, request_id: &str) -> String {
+    let mut body = serde_json::json!({
+        "error": reject.code(),
+        "message": reject.message(),
+        "request_id": request_id,
+    });
+    if let Reject::Forbidden {
+        permission: Some(p),
+        ..
+    } = reject
+    {
+        body["required_permission"] = p.clone().into();
+    }
+    body.to_string()
 }
 
 #[cfg(test)]

@@ -61,6 +61,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub(crate) mod forward_auth;
 pub(crate) mod forwarded;
 pub mod gateway;
 pub(crate) mod hygiene;

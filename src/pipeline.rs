@@ -56,6 +56,8 @@ struct Ctx {
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
     reservation: Option<Reservation>,
+    /// A forward-auth decision (docs/forward-auth.md): the audit line says `"mode":"forward_auth"`.
+    forward_auth: bool,
 }
 
 impl Ctx {
@@ -76,6 +78,7 @@ impl Ctx {
             upstream: None,
             ratelimit: None,
             reservation: None,
+            forward_auth: false,
         }
     }
 }
@@ -126,7 +129,9 @@ impl Gateway {
         let start = Instant::now();
         let _in_flight = self.inner.metrics.in_flight();
         let cfg = self.inner.config.load_full();
-        let ctx = self.new_ctx(&req, conn);
+        let mut ctx = self.new_ctx(&req, conn);
+        let forward_auth = crate::forward_auth::endpoint(&cfg, req.uri().path());
+        ctx.forward_auth = forward_auth.is_some();
         // If this future is dropped before it answers (client gone, drain deadline), the guard
         // still writes the request's audit line: one line per request that reached the HTTP layer.
         let mut guard = AuditGuard {
@@ -135,12 +140,14 @@ impl Gateway {
             start,
             armed: true,
         };
-        let result = match tokio::time::timeout(
-            cfg.server.request_timeout,
-            self.pipeline(&cfg, conn, req, &mut guard.ctx),
-        )
-        .await
-        {
+        let ctx = &mut guard.ctx;
+        let work = async {
+            match forward_auth {
+                Some(endpoint) => self.forward_auth(&cfg, conn, &req, endpoint, ctx).await,
+                None => self.pipeline(&cfg, conn, req, ctx).await,
+            }
+        };
+        let result = match tokio::time::timeout(cfg.server.request_timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(Reject::RequestTimeout),
         };
@@ -204,6 +211,30 @@ impl Gateway {
         }
     }
 
+    /// Forward-auth mode: steps 1–8 on the request a trusted front proxy describes, answered
+    /// 200 with the identity headers (allowed) or with the refusal proxy mode would send.
+    async fn forward_auth<B>(
+        &self,
+        cfg: &Config,
+        conn: ConnInfo,
+        req: &Request<B>,
+        endpoint: &str,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, Reject> {
+        let trusted = &cfg.server.trusted_proxies;
+        let described = crate::forward_auth::describe(req, endpoint, conn.peer.ip(), trusted)
+            .inspect_err(|_| ctx.path = sanitize_raw_path(req.uri().path()))?;
+        ctx.method = described.method().clone();
+        match self.decide(cfg, conn, &described, ctx).await? {
+            // Nothing is reserved in forward-auth mode (`check`): unreachable, refused if not.
+            Decided::Answered(_) => Err(Reject::Internal),
+            Decided::Forward { .. } => {
+                let resp = crate::forward_auth::allowed(ctx.token.as_deref());
+                Ok(self.decorate(cfg, resp, ctx))
+            }
+        }
+    }
+
     /// Steps 1–8: everything the gateway decides before the upstream sees the request, ending
     /// with the audit slot reserved; the reserved prefix is answered here, a path no route
     /// serves refused (403 no_rule). Generic over the body, which it never reads.
@@ -256,7 +287,9 @@ impl Gateway {
             }
         })?;
         ctx.path = canon.path.clone();
-        let reserved = canon.path.starts_with(&cfg.server.reserved_prefix);
+        // A described request goes to the front proxy's upstream, never to us: the reserved
+        // prefix is an ordinary path there.
+        let reserved = !ctx.forward_auth && canon.path.starts_with(&cfg.server.reserved_prefix);
         let route = if reserved {
             None
         } else {
@@ -580,7 +613,10 @@ impl Gateway {
                 if reject.is_ours() {
                     tracing::warn!(request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
                 }
-                let resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
+                let mut resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
+                if ctx.forward_auth {
+                    crate::forward_auth::error_header(&mut resp, &reject, &ctx.request_id);
+                }
                 // Failed after it reached the upstream: still an allowed request.
                 let allowed = reject.counts_as_allowed() && ctx.upstream.is_some();
                 (reject.reason(), allowed, resp)
@@ -642,6 +678,7 @@ impl Gateway {
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
         }
     }
 

@@ -159,19 +159,7 @@ pub fn upstream_request(
         headers.insert(X_REQUEST_ID, v);
     }
     if let Some(t) = info.token {
-        let set = |headers: &mut http::HeaderMap, name: HeaderName, v: &str| {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                headers.insert(name, v);
-            }
-        };
-        set(&mut headers, X_TOKENGATE_TOKEN_ID, t.id());
-        set(&mut headers, X_TOKENGATE_TOKEN_NAME, t.name());
-        set(&mut headers, X_TOKENGATE_ACCOUNT, t.account());
-        set(
-            &mut headers,
-            X_TOKENGATE_PERMISSIONS,
-            t.permissions_header(),
-        );
+        identity_headers(&mut headers, t);
     }
     if info.websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -185,6 +173,32 @@ pub fn upstream_request(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req
+}
+
+/// Sets the identity headers of a token (`X-Tokengate-Token-Id`, `-Token-Name`, `-Account`,
+/// `-Permissions`): on the upstream request in proxy mode, on the 200 answer in forward-auth mode.
+pub fn identity_headers(headers: &mut http::HeaderMap, t: &CachedToken) {
+    let set = |headers: &mut http::HeaderMap, name: HeaderName, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            headers.insert(name, v);
+        }
+    };
+    set(headers, X_TOKENGATE_TOKEN_ID, t.id());
+    set(headers, X_TOKENGATE_TOKEN_NAME, t.name());
+    set(headers, X_TOKENGATE_ACCOUNT, t.account());
+    set(headers, X_TOKENGATE_PERMISSIONS, t.permissions_header());
+}
+
+/// The identity headers with empty values (forward-auth mode, a request without a token).
+pub fn empty_identity_headers(headers: &mut http::HeaderMap) {
+    for name in [
+        X_TOKENGATE_TOKEN_ID,
+        X_TOKENGATE_TOKEN_NAME,
+        X_TOKENGATE_ACCOUNT,
+        X_TOKENGATE_PERMISSIONS,
+    ] {
+        headers.insert(name, HeaderValue::from_static(""));
+    }
 }
 
 /// Cleans the upstream response head and wraps its body with the idle guard.

@@ -116,6 +116,10 @@ pub struct RequestRecord {
     pub upstream: Option<String>,
     /// Time from request start to the response head, in milliseconds.
     pub duration_ms: f64,
+    /// `proxy` (the public listener proxied or answered it), `forward_auth` (a decision a front
+    /// proxy asked for, docs/forward-auth.md); null on the admin listener and in older logs.
+    #[serde(default)]
+    pub mode: Option<Cow<'static, str>>,
 }
 
 /// One admin action line (token.created, token.revoked, token.rotated, token.identified,

@@ -93,6 +93,8 @@ pub const DEFAULT_BURST: u32 = 100;
 pub const DEFAULT_FAILED_AUTH_PER_MINUTE: u32 = 20;
 /// Client IPs tracked by the failed-auth limiter at most.
 pub const DEFAULT_FAILED_AUTH_MAX_CLIENTS: usize = 100_000;
+/// Path of the forward-auth endpoint on the public listener (`[forward_auth]`).
+pub const DEFAULT_FORWARD_AUTH_PATH: &str = "/_tokengate/auth";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,6 +107,15 @@ pub(super) struct RawConfig {
     pub(super) rate_limit: RawRateLimit,
     pub(super) roles: BTreeMap<String, RawRole>,
     pub(super) routes: Vec<RawRoute>,
+    pub(super) forward_auth: Option<RawForwardAuth>,
+}
+
+/// `[forward_auth]`: present = the endpoint is served (unless `enabled = false`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawForwardAuth {
+    pub(super) enabled: Option<bool>,
+    pub(super) path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,9 +15,9 @@ use ipnet::IpNet;
 
 use super::raw::*;
 use super::{
-    AdminConfig, AuditSection, Config, ConfigError, Expiry, HostRules, Rate, RateLimitConfig,
-    RoleConfig, RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig, TrailingSlash,
-    UpstreamConnector, UpstreamTlsOptions, default_roles, parse_duration,
+    AdminConfig, AuditSection, Config, ConfigError, Expiry, ForwardAuthConfig, HostRules, Rate,
+    RateLimitConfig, RoleConfig, RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig,
+    TrailingSlash, UpstreamConnector, UpstreamTlsOptions, default_roles, parse_duration,
 };
 use crate::authz::{self, Rule, RuleTable};
 
@@ -79,6 +79,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
     let rate_limit = rate_limit(&cx, &raw.rate_limit)?;
     let roles = roles(&cx, &raw.roles)?;
     let routes = routes(&cx, base, raw.routes, &server)?;
+    let forward_auth = forward_auth(&cx, raw.forward_auth.as_ref(), &server)?;
     Ok(Config {
         source: None,
         server,
@@ -89,7 +90,50 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
         rate_limit,
         roles,
         routes,
+        forward_auth,
     })
+}
+
+/// `[forward_auth]`: the endpoint lives under the reserved prefix, so no route can shadow it and
+/// proxy mode never forwards it.
+fn forward_auth(
+    cx: &Checker<'_>,
+    raw: Option<&RawForwardAuth>,
+    server: &ServerConfig,
+) -> Result<Option<ForwardAuthConfig>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    let path = raw
+        .path
+        .clone()
+        .unwrap_or_else(|| DEFAULT_FORWARD_AUTH_PATH.to_string());
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~/".contains(&b);
+    if !path.starts_with(&server.reserved_prefix)
+        || path.len() == server.reserved_prefix.len()
+        || path.ends_with('/')
+        || !path.bytes().all(plain)
+        || path.split('/').any(|s| s == "." || s == "..")
+        || path.contains("//")
+    {
+        return Err(cx.invalid(
+            "forward_auth.path",
+            format!(
+                "must be a plain path under server.reserved_prefix (`{}`), without a trailing `/`, like `{DEFAULT_FORWARD_AUTH_PATH}`",
+                server.reserved_prefix
+            ),
+        ));
+    }
+    if path[server.reserved_prefix.len()..].starts_with("v1/") || path.ends_with("/v1") {
+        return Err(cx.invalid(
+            "forward_auth.path",
+            "must not overlap the gateway's own `v1` endpoints",
+        ));
+    }
+    Ok(Some(ForwardAuthConfig { path }))
 }
 
 /// `[server]`.

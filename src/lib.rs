@@ -54,6 +54,7 @@ pub mod error;
 pub mod gateway;
 pub mod hygiene;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod path;
 mod pipeline;

@@ -23,7 +23,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::audit::{Entry, RequestRecord, Reservation};
+use crate::audit::{CompletionRecord, Entry, RequestRecord, Reservation};
 use crate::auth;
 use crate::authz::{self, Lookup, ShadowRoles, Subject};
 use crate::body::{Body, BodyOutcome, full};
@@ -54,7 +54,10 @@ struct Ctx {
     upstream: Option<String>,
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
+    /// After the decision line of a forwarded request is written, the completion's slot.
     reservation: Option<Reservation>,
+    /// The decision line was written ahead of forwarding: what follows is a completion line.
+    decided: bool,
 }
 
 impl Ctx {
@@ -75,6 +78,7 @@ impl Ctx {
             upstream: None,
             ratelimit: None,
             reservation: None,
+            decided: false,
         }
     }
 }
@@ -136,7 +140,7 @@ impl Gateway {
         };
         let result = match tokio::time::timeout(
             cfg.server.request_timeout,
-            self.pipeline(&cfg, conn, req, &mut guard.ctx),
+            self.pipeline(&cfg, conn, req, &mut guard.ctx, start),
         )
         .await
         {
@@ -192,6 +196,7 @@ impl Gateway {
         conn: ConnInfo,
         req: Request<Incoming>,
         ctx: &mut Ctx,
+        start: Instant,
     ) -> Result<Response<Body>, Reject> {
         match self.decide(cfg, conn, &req, ctx).await? {
             Decided::Answered(resp) => Ok(resp),
@@ -199,7 +204,10 @@ impl Gateway {
                 canon,
                 route,
                 facts,
-            } => self.forward(cfg, conn, req, ctx, canon, route, facts).await,
+            } => {
+                self.forward(cfg, conn, req, ctx, start, canon, route, facts)
+                    .await
+            }
         }
     }
 
@@ -383,7 +391,7 @@ impl Gateway {
                 .store_call(move |s| s.lookup_hash(&hash))
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %e, "token lookup failed: answering 503");
+                    crate::coalesced!(error, "store_lookup_failed", error = %e, "token lookup failed: answering 503");
                     Reject::StoreUnavailable
                 })?;
             let Some(row) = row else {
@@ -494,6 +502,7 @@ impl Gateway {
         conn: ConnInfo,
         mut req: Request<Incoming>,
         ctx: &mut Ctx,
+        start: Instant,
         canon: path::CanonicalPath,
         route: &RouteConfig,
         facts: hygiene::RequestFacts,
@@ -515,6 +524,7 @@ impl Gateway {
             body_idle: cfg.server.body_idle_timeout,
         };
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
+        self.write_ahead(ctx, start).await?;
         let up_start = Instant::now();
         let result = tokio::time::timeout(
             route.timeout,
@@ -533,7 +543,7 @@ impl Gateway {
                     Err(Reject::BodyIdle)
                 } else if let Some(why) = e.tls_failure() {
                     // Never retried without TLS or verification: the client gets a 502.
-                    tracing::warn!(request_id = %ctx.request_id, route = %route.name, upstream = %route.upstream_url, reason = %why, "upstream TLS failed: answering 502");
+                    crate::coalesced!(warn, "upstream_tls_failed", request_id = %ctx.request_id, route = %route.name, upstream = %route.upstream_url, reason = %why, "upstream TLS failed: answering 502");
                     Err(Reject::UpstreamTls)
                 } else {
                     tracing::debug!(error = %e, upstream = %route.upstream_url, "upstream request failed");
@@ -568,7 +578,7 @@ impl Gateway {
                     self.inner.failed_auth.load().record_failure(ctx.client_ip);
                 }
                 if reject.is_ours() {
-                    tracing::warn!(request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
+                    crate::coalesced!(warn, "request_failed_ours", request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
                 }
                 let resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
                 // Failed after it reached the upstream: still an allowed request.
@@ -584,17 +594,99 @@ impl Gateway {
             .request(decision, reason, status.as_u16());
         self.inner.metrics.request_latency.observe(elapsed);
         let reservation = ctx.reservation.take();
+        if ctx.decided {
+            let completion = CompletionRecord {
+                timestamp: String::new(),
+                request_id: std::mem::take(&mut ctx.request_id),
+                status_code: status.as_u16(),
+                reason: reason.into(),
+                outcome: "none".into(),
+                bytes: 0,
+                duration_ms: 0.0,
+            };
+            return match (allowed && reason == "ok", reservation) {
+                // Forwarded and answered: the completion is written when the body ends.
+                (true, Some(r)) => {
+                    let (parts, body) = response.into_parts();
+                    let body = Completing {
+                        inner: body,
+                        pending: Some((r, completion, start)),
+                        bytes: 0,
+                    };
+                    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+                }
+                (_, r) => {
+                    send_completion(self, r, completion, "none", 0, start);
+                    response
+                }
+            };
+        }
         let record = self.audit_record(ctx, status, decision, reason, elapsed);
         match reservation {
             Some(r) => r.send(Entry::Request(record)),
             None => {
                 let request_id = record.request_id.clone();
                 if let Err(e) = self.inner.audit.record(Entry::Request(record)) {
-                    tracing::error!(error = %e, %request_id, "audit record for a refused request could not be queued");
+                    crate::coalesced!(error, "audit_refused_unqueued", error = %e, %request_id, "audit record for a refused request could not be queued");
                 }
             }
         }
         response
+    }
+
+    /// Write-ahead (before step 9 sends a byte): the decision line of the request is written to
+    /// the log, and a slot is reserved for its completion. Refused (503) when the log cannot take
+    /// it, exactly like the reservation of step 8.
+    async fn write_ahead(&self, ctx: &mut Ctx, start: Instant) -> Result<(), Reject> {
+        let completion = self
+            .inner
+            .audit
+            .reserve()
+            .map_err(|_| Reject::AuditUnavailable)?;
+        let Some(decision_slot) = ctx.reservation.replace(completion) else {
+            return Err(Reject::Internal);
+        };
+        let mut record = self.decision_record(ctx, start.elapsed());
+        record.phase = Some("decision".into());
+        ctx.decided = true;
+        decision_slot
+            .commit(Entry::Request(record))
+            .written()
+            .await
+            .map_err(|_| Reject::AuditUnavailable)
+    }
+
+    /// The decision line of a forwarded request: the context so far (copied: the request goes
+    /// on), no status yet.
+    fn decision_record(&self, ctx: &Ctx, elapsed: Duration) -> RequestRecord {
+        let row = ctx.token.as_deref();
+        RequestRecord {
+            timestamp: crate::audit::now_rfc3339(),
+            request_id: ctx.request_id.clone(),
+            auth_type: if ctx.token_prefix.is_some() {
+                "api_token"
+            } else {
+                "none"
+            }
+            .into(),
+            api_token_id: row.map(|r| r.id().to_string()),
+            api_token_name: row.map(|r| r.name().to_string()),
+            token_prefix: ctx.token_prefix.clone(),
+            account: row.map(|r| r.account().to_string()),
+            method: crate::audit::method_name(&ctx.method),
+            path: ctx.path.clone(),
+            status_code: 0,
+            rbac_decision: "allow".into(),
+            reason: "ok".into(),
+            permission: ctx.permission.clone(),
+            rule: ctx.rule.clone(),
+            shadow_decision: ctx.shadow_decision.map(Into::into),
+            client_ip: proxy::ip_text(ctx.client_ip),
+            user_agent: ctx.user_agent.clone(),
+            upstream: ctx.upstream.clone(),
+            duration_ms: ms(elapsed),
+            phase: None,
+        }
     }
 
     /// The request's audit record. Moves the context's strings into it (the request is over).
@@ -631,7 +723,8 @@ impl Gateway {
             client_ip: proxy::ip_text(ctx.client_ip),
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
-            duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            duration_ms: ms(elapsed),
+            phase: None,
         }
     }
 
@@ -672,7 +765,7 @@ impl Gateway {
                     }
                     Err(e) => {
                         t.predecessor_retired.store(false, Ordering::Release);
-                        tracing::warn!(error = %e, "could not retire a rotated token; will retry on next use");
+                        crate::coalesced!(warn, "retire_predecessor_failed", error = %e, "could not retire a rotated token; will retry on next use");
                     }
                 }
             }
@@ -762,6 +855,16 @@ impl Drop for AuditGuard<'_> {
         let gw = self.gw;
         gw.inner.metrics.request(decision, "client_closed", 499);
         let reservation = self.ctx.reservation.take();
+        if self.ctx.decided {
+            let completion = CompletionRecord {
+                request_id: std::mem::take(&mut self.ctx.request_id),
+                status_code: 499,
+                reason: "client_closed".into(),
+                ..CompletionRecord::default()
+            };
+            send_completion(gw, reservation, completion, "none", 0, self.start);
+            return;
+        }
         let record = gw.audit_record(
             &mut self.ctx,
             status,
@@ -773,10 +876,117 @@ impl Drop for AuditGuard<'_> {
             Some(r) => r.send(Entry::Request(record)),
             None => {
                 if let Err(e) = gw.inner.audit.record(Entry::Request(record)) {
-                    tracing::error!(error = %e, "audit record for an abandoned request could not be queued");
+                    crate::coalesced!(error, "audit_abandoned_unqueued", error = %e, "audit record for an abandoned request could not be queued");
                 }
             }
         }
+    }
+}
+
+/// Milliseconds with microsecond precision, as audit lines carry them.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Writes a forwarded request's completion line into its reserved slot (or a fresh one).
+fn send_completion(
+    gw: &Gateway,
+    slot: Option<Reservation>,
+    mut c: CompletionRecord,
+    outcome: &'static str,
+    bytes: u64,
+    start: Instant,
+) {
+    c.outcome = outcome.into();
+    c.bytes = bytes;
+    c.duration_ms = ms(start.elapsed());
+    let slot = match slot {
+        Some(r) => Ok(r),
+        None => gw.inner.audit.reserve(),
+    };
+    match slot {
+        Ok(r) => r.send(Entry::Completion(c)),
+        Err(e) => {
+            crate::coalesced!(error, "audit_completion_unqueued", error = %e, request_id = %c.request_id, "the completion line of a forwarded request could not be queued; `audit verify` will name it");
+        }
+    }
+}
+
+/// The response body of a forwarded request: counts the bytes sent and writes the completion
+/// line when the body ends — complete, cut by the upstream (`upstream_reset`), stalled past the
+/// idle timeout (`upstream_idle`), or dropped before its end because the client left
+/// (`client_closed`).
+struct Completing {
+    inner: Body,
+    pending: Option<(Reservation, CompletionRecord, Instant)>,
+    bytes: u64,
+}
+
+impl Completing {
+    fn finish(&mut self, outcome: &'static str) {
+        if let Some((slot, mut c, start)) = self.pending.take() {
+            if outcome != "complete" {
+                c.reason = outcome.into();
+            }
+            c.outcome = outcome.into();
+            c.bytes = self.bytes;
+            c.duration_ms = ms(start.elapsed());
+            slot.send(Entry::Completion(c));
+        }
+    }
+}
+
+impl http_body::Body for Completing {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish("complete");
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => {
+                let idle = e.downcast_ref::<crate::body::BodyError>().is_some();
+                this.finish(if idle {
+                    "upstream_idle"
+                } else {
+                    "upstream_reset"
+                });
+            }
+            std::task::Poll::Ready(None) => this.finish("complete"),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Completing {
+    fn drop(&mut self) {
+        use http_body::Body as _;
+        let outcome = if self.inner.is_end_stream() {
+            "complete"
+        } else {
+            "client_closed"
+        };
+        self.finish(outcome);
     }
 }
 

@@ -527,8 +527,14 @@ pub(super) fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliE
         let report =
             audit::verify_with(&files, opts).map_err(|e| CliError::failure(e.to_string()))?;
         println!("{report}");
-        return if report.problem.is_none() {
+        return if report.is_complete() {
             Ok(())
+        } else if report.is_ok() {
+            // The chain is intact, but forwarded requests have no completion line.
+            Err(CliError {
+                code: super::EXIT_INCOMPLETE,
+                message: String::new(),
+            })
         } else {
             Err(CliError {
                 code: EXIT_FAILURE,

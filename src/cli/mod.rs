@@ -25,6 +25,9 @@ use crate::store::StoreError;
 
 /// Exit code for bad usage or config (EX_USAGE).
 pub const EXIT_USAGE: u8 = crate::app::EXIT_USAGE;
+/// Exit code of `audit verify` when the chain is intact but forwarded requests have no
+/// completion line (the gateway stopped while they ran).
+pub const EXIT_INCOMPLETE: u8 = 3;
 /// Exit code for failures.
 pub const EXIT_FAILURE: u8 = crate::app::EXIT_FAILURE;
 

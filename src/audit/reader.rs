@@ -15,8 +15,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::AuditError;
 use super::line::{ROTATE_KEEP, open_log, read_lines, rotated_name};
+use super::{AuditError, CompletionRecord, Entry, RequestRecord};
 
 /// `follow` polls the file this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -258,9 +258,18 @@ pub fn query(
 /// is one row (SPEC §7: one request, one line for the reader).
 #[derive(Default)]
 struct Merger {
-    /// request_id → (order, view, the decision line as JSON).
-    pending: HashMap<String, (u64, View, serde_json::Map<String, serde_json::Value>)>,
+    /// request_id → (order, view, the decision line).
+    pending: HashMap<String, (u64, View, Vec<u8>)>,
     order: u64,
+}
+
+/// A decision line as written: the record, then its place in the chain.
+#[derive(Deserialize)]
+struct Sealed {
+    #[serde(flatten)]
+    record: RequestRecord,
+    seq: u64,
+    chain: String,
 }
 
 impl Merger {
@@ -270,25 +279,18 @@ impl Merger {
         let id = view.request_id.clone().unwrap_or_default();
         match (view.kind.as_deref(), view.phase.as_deref()) {
             (Some("request"), Some("decision")) => {
-                let json = serde_json::from_slice(line).unwrap_or_default();
                 self.order += 1;
-                self.pending.insert(id, (self.order, view, json));
+                self.pending.insert(id, (self.order, view, line.to_vec()));
                 None
             }
             (Some("completion"), _) => match self.pending.remove(&id) {
-                Some((_, mut merged, mut json)) => {
-                    let done: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_slice(line).unwrap_or_default();
+                Some((_, mut merged, decision)) => {
+                    let done = serde_json::from_slice::<CompletionRecord>(line).ok();
                     merged.status_code = view.status_code;
                     merged.reason = view.reason;
                     merged.outcome = view.outcome;
-                    json.remove("phase");
-                    for k in ["status_code", "reason", "outcome", "bytes", "duration_ms"] {
-                        if let Some(v) = done.get(k) {
-                            json.insert(k.to_owned(), v.clone());
-                        }
-                    }
-                    Some((merged, Cow::Owned(to_line(&json))))
+                    let line = merge_line(&decision, done.as_ref());
+                    Some((merged, Cow::Owned(line)))
                 }
                 // Its decision is in an earlier file not read: print the completion as it is.
                 None => Some((view, Cow::Owned(line.to_vec()))),
@@ -302,19 +304,40 @@ impl Merger {
         let mut rest: Vec<_> = self.pending.drain().map(|(_, v)| v).collect();
         rest.sort_by_key(|(order, _, _)| *order);
         rest.into_iter()
-            .map(|(_, mut view, mut json)| {
+            .map(|(_, mut view, decision)| {
                 view.outcome = Some("no_completion".into());
                 view.reason = Some("no_completion".into());
-                json.remove("phase");
-                json.insert("outcome".into(), "no_completion".into());
-                (view, to_line(&json))
+                (view, merge_line(&decision, None))
             })
             .collect()
     }
 }
 
-fn to_line(json: &serde_json::Map<String, serde_json::Value>) -> Vec<u8> {
-    serde_json::to_vec(json).unwrap_or_default()
+/// One request as one JSON line: the decision's record (in its field order, without `phase`)
+/// with the completion's status, reason and duration, then `outcome`, `bytes` and the decision
+/// line's `seq` and `chain`. No completion: `outcome` is `no_completion`, no status.
+fn merge_line(decision: &[u8], done: Option<&CompletionRecord>) -> Vec<u8> {
+    let Ok(mut d) = serde_json::from_slice::<Sealed>(decision) else {
+        return decision.to_vec();
+    };
+    d.record.phase = None;
+    if let Some(c) = done {
+        d.record.status_code = c.status_code;
+        d.record.reason = c.reason.clone();
+        d.record.duration_ms = c.duration_ms;
+    }
+    let Ok(mut out) = serde_json::to_vec(&Entry::Request(d.record)) else {
+        return decision.to_vec();
+    };
+    out.pop();
+    let (outcome, bytes) = done.map_or(("no_completion", 0), |c| (c.outcome.as_ref(), c.bytes));
+    out.extend_from_slice(b",\"outcome\":");
+    out.extend_from_slice(serde_json::Value::from(outcome).to_string().as_bytes());
+    if done.is_some() {
+        out.extend_from_slice(format!(",\"bytes\":{bytes}").as_bytes());
+    }
+    out.extend_from_slice(format!(",\"seq\":{},\"chain\":\"{}\"}}", d.seq, d.chain).as_bytes());
+    out
 }
 
 const INCOMPLETE: &str = "incomplete last line (no newline)";

@@ -38,6 +38,9 @@ const BATCH_WINDOW: Duration = Duration::from_millis(2);
 const WAKE_AT: usize = 1024;
 /// `flush` gives up with `Unavailable` once the writer has been failing this long while it waits.
 const FLUSH_FAILING_LIMIT: Duration = Duration::from_secs(5);
+/// Bytes [`AuditLog::check_room`] must be able to write next to the log (an admin line is
+/// well under this).
+const ROOM_PROBE: usize = 4096;
 /// The writer hands the sink at most this many bytes per write call.
 const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -339,6 +342,37 @@ impl AuditLog {
     /// outstanding reservations and for a failing sink to recover, then logs what it lost.
     pub fn shutdown(&self) {
         self.inner.shutdown();
+    }
+
+    /// Whether the log can take a record now, checked without writing to the log: the writer is
+    /// healthy and the file system under the log accepts [`ROOM_PROBE`] bytes (written to the
+    /// writer's own lock file `<path>.lock`, then cut back to zero). For the CLI, which must not
+    /// change anything it cannot audit. Stdout always can.
+    pub fn check_room(&self) -> Result<(), AuditError> {
+        let failing = AuditError::Unavailable {
+            cause: UnavailableCause::Failing,
+        };
+        if !self.is_healthy() {
+            return Err(failing);
+        }
+        let guard = lock(&self.inner.writer_lock);
+        let Some(f) = guard.as_ref() else {
+            return Ok(());
+        };
+        let probe = || -> io::Result<()> {
+            use std::io::{Seek, Write};
+            let mut f = f;
+            f.seek(io::SeekFrom::Start(0))?;
+            let r = f
+                .write_all(&[b' '; ROOM_PROBE])
+                .and_then(|()| f.sync_data());
+            let cut = f.set_len(0);
+            r.and(cut)
+        };
+        probe().map_err(|source| AuditError::Io {
+            path: PathBuf::from("<audit log>.lock"),
+            source,
+        })
     }
 
     /// Records sent but not yet written.

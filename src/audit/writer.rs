@@ -22,6 +22,10 @@ use super::line::{self, GENESIS_CHAIN, ends_with_newline, read_tail, rotated_nam
 use super::sink::{Opener, Sink, StdoutSink, file_opener, take_writer_lock};
 use super::{AuditConfig, AuditError, Entry, OnFailure, UnavailableCause, now_rfc3339};
 
+mod wal;
+pub use wal::Durable;
+use wal::Mark;
+
 /// While writes fail, the writer retries this often.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// Failure alerts (and failed-rotation warnings) are logged at most this often.
@@ -38,9 +42,6 @@ const BATCH_WINDOW: Duration = Duration::from_millis(2);
 const WAKE_AT: usize = 1024;
 /// `flush` gives up with `Unavailable` once the writer has been failing this long while it waits.
 const FLUSH_FAILING_LIMIT: Duration = Duration::from_secs(5);
-/// Bytes [`AuditLog::check_room`] must be able to write next to the log (an admin line is
-/// well under this).
-const ROOM_PROBE: usize = 4096;
 /// The writer hands the sink at most this many bytes per write call.
 const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -102,14 +103,6 @@ struct Shared {
     /// What [`Durable`] waiters watch: lines written, failing, writer gone. Published once per
     /// written batch (group commit), never per record.
     mark: tokio::sync::watch::Sender<Mark>,
-}
-
-/// The writer's progress as write-ahead waiters see it.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mark {
-    written: u64,
-    failing: bool,
-    gone: bool,
 }
 
 #[derive(Default)]
@@ -344,37 +337,6 @@ impl AuditLog {
         self.inner.shutdown();
     }
 
-    /// Whether the log can take a record now, checked without writing to the log: the writer is
-    /// healthy and the file system under the log accepts [`ROOM_PROBE`] bytes (written to the
-    /// writer's own lock file `<path>.lock`, then cut back to zero). For the CLI, which must not
-    /// change anything it cannot audit. Stdout always can.
-    pub fn check_room(&self) -> Result<(), AuditError> {
-        let failing = AuditError::Unavailable {
-            cause: UnavailableCause::Failing,
-        };
-        if !self.is_healthy() {
-            return Err(failing);
-        }
-        let guard = lock(&self.inner.writer_lock);
-        let Some(f) = guard.as_ref() else {
-            return Ok(());
-        };
-        let probe = || -> io::Result<()> {
-            use std::io::{Seek, Write};
-            let mut f = f;
-            f.seek(io::SeekFrom::Start(0))?;
-            let r = f
-                .write_all(&[b' '; ROOM_PROBE])
-                .and_then(|()| f.sync_data());
-            let cut = f.set_len(0);
-            r.and(cut)
-        };
-        probe().map_err(|source| AuditError::Io {
-            path: PathBuf::from("<audit log>.lock"),
-            source,
-        })
-    }
-
     /// Records sent but not yet written.
     pub fn queue_depth(&self) -> usize {
         self.inner.shared.depth.load(Ordering::Relaxed)
@@ -486,52 +448,6 @@ impl Reservation {
             shared.wake.notify_one();
         }
         Some(ticket)
-    }
-}
-
-/// A committed record's line on its way to the file ([`Reservation::commit`]).
-#[must_use = "a write-ahead record is only durable once `written` resolves"]
-pub struct Durable {
-    rx: Option<tokio::sync::watch::Receiver<Mark>>,
-    on_failure: OnFailure,
-    ticket: u64,
-}
-
-impl Durable {
-    /// Resolves once the line is written. Fails with `Unavailable` when writes are failing and
-    /// `on_failure = "reject"` (the line stays queued and is written on recovery), `Closed`
-    /// when the writer stopped. With `on_failure = "continue"` a failing log does not hold the
-    /// request: it resolves at once (the line waits in memory, as every record then does).
-    pub async fn written(self) -> Result<(), AuditError> {
-        let Some(mut rx) = self.rx else {
-            return Err(AuditError::Closed);
-        };
-        let ticket = self.ticket;
-        let on_failure = self.on_failure;
-        let m = rx
-            .wait_for(|m| m.written >= ticket || m.gone || m.failing)
-            .await
-            .map(|m| *m)
-            .map_err(|_| AuditError::Closed)?;
-        if m.written >= ticket {
-            Ok(())
-        } else if m.gone {
-            Err(AuditError::Closed)
-        } else if on_failure == OnFailure::Continue {
-            Ok(())
-        } else {
-            Err(AuditError::Unavailable {
-                cause: UnavailableCause::Failing,
-            })
-        }
-    }
-}
-
-impl fmt::Debug for Durable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Durable")
-            .field("ticket", &self.ticket)
-            .finish()
     }
 }
 

@@ -5,7 +5,8 @@
 //!   `login`, `logout`, `whoami` and the credentials file;
 //! - [`print`] — the one printer both use (tables, details, the new-token line, JSON).
 //!
-//! Exit codes: 0 ok, 64 bad usage or config, 1 failure. Tokens are printed once, at creation or
+//! Exit codes: 0 ok, 64 bad usage or config, 1 failure, 3 (`audit verify`) chain intact but
+//! forwarded requests without completion. Tokens are printed once, at creation or
 //! rotation, on stdout's first line; they are never read from argv (`token identify` reads stdin).
 //! Every token change goes through [`crate::lifecycle`]. Nothing outside `src/cli/` and `main.rs`
 //! imports this module.

@@ -342,6 +342,7 @@ fn sample_record() -> RequestRecord {
         upstream: Some("api".into()),
         duration_ms: 0.123,
         mode: Some("proxy".into()),
+        phase: None,
     }
 }
 
@@ -408,6 +409,44 @@ fn bench_audit(c: &mut Criterion) {
             })
         })
     });
+    // Write-ahead (issue 16): a forwarded request waits until its decision line is written.
+    // One request at a time: the full round trip to the writer thread and a write().
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for concurrent in [1u64, 64] {
+        g.bench_function(format!("write_ahead_commit_{concurrent}_concurrent"), |b| {
+            b.iter_custom(|iters| {
+                let per_task = iters.div_ceil(concurrent);
+                let audit = fx.audit.clone();
+                rt.block_on(async move {
+                    let t0 = std::time::Instant::now();
+                    let tasks: Vec<_> = (0..concurrent)
+                        .map(|_| {
+                            let audit = audit.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..per_task {
+                                    let r = audit.reserve().expect("audit accepts");
+                                    r.commit(Entry::Request(sample_record()))
+                                        .written()
+                                        .await
+                                        .expect("written");
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.expect("task");
+                    }
+                    // Amortised per request.
+                    t0.elapsed()
+                        .mul_f64(iters as f64 / (per_task * concurrent) as f64)
+                })
+            })
+        });
+    }
     g.finish();
 }
 

@@ -200,7 +200,7 @@ impl Gateway {
                     reason: "unknown_token",
                 },
                 e => {
-                    tracing::error!(error = %e, "session token lookup failed: answering 503");
+                    crate::coalesced!(error, "session_lookup_failed", error = %e, "session token lookup failed: answering 503");
                     Reject::StoreUnavailable
                 }
             })?;

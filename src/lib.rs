@@ -66,6 +66,7 @@ pub(crate) mod forwarded;
 pub mod gateway;
 pub(crate) mod hygiene;
 pub(crate) mod lifecycle;
+pub(crate) mod logging;
 pub mod metrics;
 pub mod path;
 pub(crate) mod pipeline;

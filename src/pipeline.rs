@@ -23,7 +23,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::audit::{Entry, RequestRecord, Reservation};
+use crate::audit::{CompletionRecord, Entry, RequestRecord, Reservation};
 use crate::auth;
 use crate::authz::{self, Lookup, ShadowRoles, Subject};
 use crate::body::{Body, BodyOutcome, full};
@@ -38,6 +38,9 @@ use crate::path;
 use crate::proxy::{self, ForwardInfo};
 use crate::ratelimit::Allowance;
 use crate::token::TokenHash;
+
+mod completion;
+use completion::{Completing, send_completion};
 
 /// Per-request facts collected for the audit line.
 struct Ctx {
@@ -55,9 +58,12 @@ struct Ctx {
     upstream: Option<String>,
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
+    /// After the decision line of a forwarded request is written, the completion's slot.
     reservation: Option<Reservation>,
     /// A forward-auth decision (docs/forward-auth.md): the audit line says `"mode":"forward_auth"`.
     forward_auth: bool,
+    /// The decision line was written ahead of forwarding: what follows is a completion line.
+    decided: bool,
 }
 
 impl Ctx {
@@ -79,6 +85,7 @@ impl Ctx {
             ratelimit: None,
             reservation: None,
             forward_auth: false,
+            decided: false,
         }
     }
 }
@@ -144,7 +151,7 @@ impl Gateway {
         let work = async {
             match forward_auth {
                 Some(endpoint) => self.forward_auth(&cfg, conn, &req, endpoint, ctx).await,
-                None => self.pipeline(&cfg, conn, req, ctx).await,
+                None => self.pipeline(&cfg, conn, req, ctx, start).await,
             }
         };
         let result = match tokio::time::timeout(cfg.server.request_timeout, work).await {
@@ -200,6 +207,7 @@ impl Gateway {
         conn: ConnInfo,
         req: Request<Incoming>,
         ctx: &mut Ctx,
+        start: Instant,
     ) -> Result<Response<Body>, Reject> {
         match self.decide(cfg, conn, &req, ctx).await? {
             Decided::Answered(resp) => Ok(resp),
@@ -207,7 +215,10 @@ impl Gateway {
                 canon,
                 route,
                 facts,
-            } => self.forward(cfg, conn, req, ctx, canon, route, facts).await,
+            } => {
+                self.forward(cfg, conn, req, ctx, start, canon, route, facts)
+                    .await
+            }
         }
     }
 
@@ -417,10 +428,7 @@ impl Gateway {
                 .store_call(move |s| s.lookup_hash(&hash))
                 .await
                 .map_err(|e| {
-                    // A lost store file is logged once by the change poller, not per request.
-                    if !matches!(e, crate::store::StoreError::FileLost { .. }) {
-                        tracing::error!(error = %e, "token lookup failed: answering 503");
-                    }
+                    crate::coalesced!(error, "store_lookup_failed", error = %e, "token lookup failed: answering 503");
                     Reject::StoreUnavailable
                 })?;
             let Some(row) = row else {
@@ -531,6 +539,7 @@ impl Gateway {
         conn: ConnInfo,
         mut req: Request<Incoming>,
         ctx: &mut Ctx,
+        start: Instant,
         canon: path::CanonicalPath,
         route: &RouteConfig,
         facts: hygiene::RequestFacts,
@@ -552,6 +561,7 @@ impl Gateway {
             body_idle: cfg.server.body_idle_timeout,
         };
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
+        self.write_ahead(ctx, start).await?;
         let up_start = Instant::now();
         // The upstream's time to answer counts from the end of the request body: a slow but
         // steady upload is bounded by the body idle guard (and `request_timeout`), not by this.
@@ -576,7 +586,7 @@ impl Gateway {
                     Err(Reject::BodyIdle)
                 } else if let Some(why) = e.tls_failure() {
                     // Never retried without TLS or verification: the client gets a 502.
-                    tracing::warn!(request_id = %ctx.request_id, route = %route.name, upstream = %route.upstream_url, reason = %why, "upstream TLS failed: answering 502");
+                    crate::coalesced!(warn, "upstream_tls_failed", request_id = %ctx.request_id, route = %route.name, upstream = %route.upstream_url, reason = %why, "upstream TLS failed: answering 502");
                     Err(Reject::UpstreamTls)
                 } else {
                     tracing::debug!(error = %e, upstream = %route.upstream_url, "upstream request failed");
@@ -611,7 +621,7 @@ impl Gateway {
                     self.inner.failed_auth.load().record_failure(ctx.client_ip);
                 }
                 if reject.is_ours() {
-                    tracing::warn!(request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
+                    crate::coalesced!(warn, "request_failed_ours", request_id = %ctx.request_id, reason = reject.reason(), "request failed on our side");
                 }
                 let mut resp = respond(&reject, &cfg.server.realm, &ctx.request_id);
                 if ctx.forward_auth {
@@ -630,13 +640,37 @@ impl Gateway {
             .request(decision, reason, status.as_u16());
         self.inner.metrics.request_latency.observe(elapsed);
         let reservation = ctx.reservation.take();
+        if ctx.decided {
+            let completion = CompletionRecord {
+                request_id: std::mem::take(&mut ctx.request_id),
+                status_code: status.as_u16(),
+                reason: reason.into(),
+                ..CompletionRecord::default()
+            };
+            return match (allowed && reason == "ok", reservation) {
+                // Forwarded and answered: the completion is written when the body ends.
+                (true, Some(r)) => {
+                    let (parts, body) = response.into_parts();
+                    let body = Completing {
+                        inner: body,
+                        pending: Some((r, completion, start)),
+                        bytes: 0,
+                    };
+                    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+                }
+                (_, r) => {
+                    send_completion(self, r, completion, "none", 0, start);
+                    response
+                }
+            };
+        }
         let record = self.audit_record(ctx, status, decision, reason, elapsed);
         match reservation {
             Some(r) => r.send(Entry::Request(record)),
             None => {
                 let request_id = record.request_id.clone();
                 if let Err(e) = self.inner.audit.record(Entry::Request(record)) {
-                    tracing::error!(error = %e, %request_id, "audit record for a refused request could not be queued");
+                    crate::coalesced!(error, "audit_refused_unqueued", error = %e, %request_id, "audit record for a refused request could not be queued");
                 }
             }
         }
@@ -677,8 +711,9 @@ impl Gateway {
             client_ip: proxy::ip_text(ctx.client_ip),
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
-            duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            duration_ms: ms(elapsed),
             mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
+            phase: None,
         }
     }
 
@@ -695,7 +730,7 @@ impl Gateway {
         // The method was never parsed.
         record.method = std::borrow::Cow::Borrowed("");
         if let Err(e) = self.inner.audit.record(Entry::Request(record)) {
-            tracing::error!(error = %e, "audit record for a request refused by the HTTP layer could not be queued");
+            crate::coalesced!(error, "audit_http_refusal_failed", error = %e, "audit record for a request refused by the HTTP layer could not be queued");
         }
     }
 
@@ -736,7 +771,7 @@ impl Gateway {
                     }
                     Err(e) => {
                         t.predecessor_retired.store(false, Ordering::Release);
-                        tracing::warn!(error = %e, "could not retire a rotated token; will retry on next use");
+                        crate::coalesced!(warn, "retire_predecessor_failed", error = %e, "could not retire a rotated token; will retry on next use");
                     }
                 }
             }
@@ -832,6 +867,16 @@ impl Drop for AuditGuard<'_> {
         };
         gw.inner.metrics.request(decision, reason, code);
         let reservation = self.ctx.reservation.take();
+        if self.ctx.decided {
+            let completion = CompletionRecord {
+                request_id: std::mem::take(&mut self.ctx.request_id),
+                status_code: 499,
+                reason: "client_closed".into(),
+                ..CompletionRecord::default()
+            };
+            send_completion(gw, reservation, completion, "none", 0, self.start);
+            return;
+        }
         let record = gw.audit_record(
             &mut self.ctx,
             status,
@@ -843,11 +888,16 @@ impl Drop for AuditGuard<'_> {
             Some(r) => r.send(Entry::Request(record)),
             None => {
                 if let Err(e) = gw.inner.audit.record(Entry::Request(record)) {
-                    tracing::error!(error = %e, "audit record for an abandoned request could not be queued");
+                    crate::coalesced!(error, "audit_abandoned_unqueued", error = %e, "audit record for an abandoned request could not be queued");
                 }
             }
         }
     }
+}
+
+/// Milliseconds with microsecond precision, as audit lines carry them.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Audit-safe form of a path that failed canonicalisation: no query, bounded, printable.

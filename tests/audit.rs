@@ -85,7 +85,8 @@ async fn wait_for_ids(path: &Path, ids: &[String]) -> Vec<serde_json::Value> {
     wait_until("the audit lines", || {
         lines = read_log(path);
         let have: HashSet<String> = request_ids(&lines).into_iter().collect();
-        ids.iter().all(|id| have.contains(id))
+        // ...and every forwarded request among them has its completion line.
+        ids.iter().all(|id| have.contains(id)) && support::merge_completions(lines.clone()).1 == 0
     })
     .await;
     lines
@@ -367,15 +368,38 @@ permission = "apps:read"
     let text = std::fs::read_to_string(&path).unwrap();
     let mut log: HashMap<String, (u16, String)> = HashMap::with_capacity(TOTAL);
     let mut lines = 0;
+    // A forwarded request has its decision line (written before forwarding) and a completion
+    // line: one request row, as `tokengate audit` shows it.
+    let mut decided: HashSet<String> = HashSet::new();
     for l in text.lines() {
-        assert_eq!(field(l, "kind"), "request", "{l}");
         let rid = field(l, "request_id").to_string();
+        if field(l, "kind") == "completion" {
+            assert!(decided.remove(&rid), "completion without its decision: {l}");
+            let status: u16 = field(l, "status_code").parse().unwrap();
+            let prev = log.insert(rid.clone(), (status, field(l, "reason").to_string()));
+            assert!(prev.is_none(), "request_id {rid} logged twice");
+            continue;
+        }
+        assert_eq!(field(l, "kind"), "request", "{l}");
+        if l.contains(r#""phase":"decision""#) {
+            assert!(
+                decided.insert(rid.clone()),
+                "request_id {rid} decided twice"
+            );
+            assert!(!log.contains_key(&rid), "request_id {rid} logged twice");
+            lines += 1;
+            continue;
+        }
         let status: u16 = field(l, "status_code").parse().unwrap();
         let prev = log.insert(rid.clone(), (status, field(l, "reason").to_string()));
         assert!(prev.is_none(), "request_id {rid} logged twice");
         lines += 1;
     }
-    assert_eq!(lines, TOTAL, "exactly one line per request");
+    assert!(
+        decided.is_empty(),
+        "decisions without completion: {decided:?}"
+    );
+    assert_eq!(lines, TOTAL, "exactly one request row per request");
     let mut log_by_status: HashMap<u16, usize> = HashMap::new();
     for (kind, status, rid) in &seen {
         let (st, reason) = log.get(rid).unwrap_or_else(|| panic!("no line for {rid}"));
@@ -411,8 +435,8 @@ permission = "apps:read"
     assert_eq!(upstream_ids, ok_ids);
 
     let report = audit::verify(std::slice::from_ref(&path)).unwrap();
-    assert!(report.is_ok(), "{report}");
-    assert_eq!(report.lines, TOTAL as u64);
+    assert!(report.is_complete(), "{report}");
+    assert_eq!(report.lines, text.lines().count() as u64);
     for secret in [
         fast.as_str(),
         slow.as_str(),
@@ -797,8 +821,11 @@ async fn full_disk_reject(mut rig: Rig) {
         "every refusal is counted"
     );
     let during = request_ids(&read_log(&rig.log));
+    // Write-ahead: the request that met the full disk was decided but its decision line could
+    // not be written, so it was refused (503) before the upstream saw a byte; the line waits
+    // in memory.
     assert!(
-        !during.contains(ok_ids.last().unwrap()),
+        !during.contains(&refused[0]),
         "the line that met the full disk is not written yet"
     );
     rig.assert_binary_alive_and_alerted();
@@ -826,6 +853,7 @@ async fn full_disk_reject(mut rig: Rig) {
     assert_eq!(rig.admin_get("/readyz").await.0, 200);
 
     // Nothing lost, nothing duplicated, nothing forwarded without its line.
+    let lines = support::merge_completions(lines).0;
     let ids = request_ids(&lines);
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "a line was duplicated");
@@ -846,13 +874,23 @@ async fn full_disk_reject(mut rig: Rig) {
         upstream_ids, logged_ok,
         "the upstream got exactly the audited requests"
     );
-    // Refused while the disk was full: never forwarded, and (the writer refusing) not logged.
-    for rid in &refused {
+    // Refused while the disk was full: never forwarded, and (the writer refusing) not logged —
+    // but the one that met the full disk: its decision waited in memory, its completion says 503.
+    // (Whether that one got that far depends on where the disk filled: a completion line that
+    // met it first turns the writer unhealthy, and the next request is refused at step 8.)
+    if let Some(met) = lines
+        .iter()
+        .find(|l| l["request_id"] == refused[0].as_str())
+    {
+        assert_eq!(met["status_code"], 503, "{met}");
+        assert_eq!(met["reason"], "audit_unavailable", "{met}");
+    }
+    for rid in &refused[1..] {
         assert!(!unique.contains(rid), "{rid} was refused but logged");
     }
     // Refused just as the writer recovered: at most a 503 line (the refusal itself).
     for l in &lines {
-        if l["status_code"] != 200 {
+        if l["status_code"] != 200 && l["request_id"] != refused[0].as_str() {
             assert!(
                 recovering.iter().any(|r| l["request_id"] == r.as_str()),
                 "{l}"
@@ -861,8 +899,8 @@ async fn full_disk_reject(mut rig: Rig) {
         }
     }
     let report = audit::verify(std::slice::from_ref(&rig.log)).unwrap();
-    assert!(report.is_ok(), "{report}");
-    assert_eq!(report.lines, lines.len() as u64);
+    assert!(report.is_complete(), "{report}");
+    assert_eq!(report.lines, read_log(&rig.log).len() as u64);
     rig.assert_binary_alive_and_alerted();
     rig.stop().await;
 }
@@ -985,7 +1023,9 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
     let cfg = tg.config_path.clone();
     let dir = tg.dir.path().to_path_buf();
 
-    // Intact, through the configured path and an explicit one.
+    // Intact, through the configured path and an explicit one. (A forwarded request is two
+    // lines: its decision and its completion.)
+    let n = tg.raw_audit_lines().await.len();
     for args in [
         vec!["audit", "verify"],
         vec!["audit", "verify", log.to_str().unwrap()],
@@ -997,9 +1037,13 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
 
     let text = std::fs::read_to_string(&log).unwrap();
     let raw: Vec<String> = text.lines().map(str::to_string).collect();
+    assert_eq!(raw.len(), n);
     let join = |ls: &[String]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
     let mut edited = raw.clone();
-    edited[3] = raw[3].replace("\"method\":\"GET\"", "\"method\":\"PUT\"");
+    // Line 4 may be a completion line (no method): edit its reason or its method.
+    edited[3] = raw[3]
+        .replace("\"method\":\"GET\"", "\"method\":\"PUT\"")
+        .replace("\"reason\":\"ok\"", "\"reason\":\"ko\"");
     assert_ne!(edited[3], raw[3]);
     let mut deleted = raw.clone();
     deleted.remove(4);
@@ -1069,10 +1113,11 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
     // The documented limit: cutting whole lines off the end leaves no trace in the file itself
     // (that is what shipping the lines off the host is for).
     let f = dir.join("tail-cut.log");
-    std::fs::write(&f, join(&raw[..n - 2])).unwrap();
+    // (The last three lines: request 10's decision and completion, and the 401.)
+    std::fs::write(&f, join(&raw[..n - 3])).unwrap();
     let o = cli(&cfg, &["audit", "verify", f.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
-    assert_eq!(stdout(&o), format!("OK: {} lines, chain intact\n", n - 2));
+    assert_eq!(stdout(&o), format!("OK: {} lines, chain intact\n", n - 3));
     // The head-cut set passes with --allow-partial-start, anchored at seq 2.
     let f = dir.join("head-cut.log");
     let o = cli(
@@ -1177,10 +1222,17 @@ async fn audit_reader_filters_on_a_generated_log() {
     assert_eq!(lines.len(), 11);
     let revoked = format!("token.revoked:{dep_id}");
     let raw_text = std::fs::read_to_string(&log).unwrap();
-    let raw: HashMap<String, &str> = raw_text
-        .lines()
-        .map(|l| (line_id(&serde_json::from_str(l).unwrap()), l))
-        .collect();
+    // One row per request: a forwarded request's decision and completion merged.
+    let raw: HashMap<String, serde_json::Value> = support::merge_completions(
+        raw_text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    )
+    .0
+    .into_iter()
+    .map(|v| (line_id(&v), v))
+    .collect();
 
     let query = |args: &[&str]| -> Vec<String> {
         let mut a = vec!["audit", "--json"];
@@ -1192,8 +1244,11 @@ async fn audit_reader_filters_on_a_generated_log() {
             .lines()
             .map(|l| {
                 let id = line_id(&serde_json::from_str(l).unwrap());
-                // JSON output is the original line, byte for byte.
-                assert_eq!(raw[&id], l);
+                // JSON output is the original line (a forwarded request: its two lines merged).
+                assert_eq!(
+                    raw[&id],
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()
+                );
                 id
             })
             .collect()
@@ -1576,7 +1631,8 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
         }
     }
 
-    // Every line exactly once, in chain order (seq 1, 2, 3, ... with no gap).
+    // Every request exactly once, in chain order (a forwarded request's row carries the seq of
+    // its decision line; its completion line is merged into it).
     let seqs: Vec<u64> = all
         .got
         .iter()
@@ -1586,7 +1642,8 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
                 .unwrap()
         })
         .collect();
-    assert_eq!(seqs, (1..=sent.len() as u64).collect::<Vec<_>>());
+    assert_eq!(seqs.len(), sent.len());
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     let got_ids: Vec<String> = all
         .got
         .iter()
@@ -1635,10 +1692,9 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
     args.extend(files.iter().map(|p| p.to_str().unwrap()));
     let o = cli(&tg.config_path, &args);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert_eq!(
-        stdout(&o),
-        format!("OK: {} lines, chain intact\n", sent.len())
-    );
+    // (A forwarded request is two lines: its decision and its completion.)
+    let written: usize = files.iter().map(|f| read_log(f).len()).sum();
+    assert_eq!(stdout(&o), format!("OK: {written} lines, chain intact\n"));
     // Newest first is refused: the set must start at seq 1.
     files.reverse();
     let mut args: Vec<&str> = vec!["audit", "verify"];
@@ -1735,13 +1791,11 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     assert_eq!(admin[2]["reason"], "rotating the bot");
     assert_eq!(request_ids(&lines), rids);
     let report = audit::verify(std::slice::from_ref(&log)).unwrap();
-    assert!(report.is_ok(), "{report}");
-    assert_eq!(report.lines, lines.len() as u64);
+    assert!(report.is_complete(), "{report}");
+    let written = tg.raw_audit_lines().await.len();
+    assert_eq!(report.lines, written as u64);
     let o = run(&["audit", "verify"]);
-    assert_eq!(
-        stdout(&o),
-        format!("OK: {} lines, chain intact\n", lines.len())
-    );
+    assert_eq!(stdout(&o), format!("OK: {written} lines, chain intact\n"));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.contains(&plain) && !text.contains(&tok),

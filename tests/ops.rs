@@ -866,7 +866,8 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     assert_eq!(delta("tokengate_cache_misses_total", &[]), 2.0);
     assert_eq!(delta("tokengate_cache_hits_total", &[]), 3.0);
     assert_eq!(v(&after, "tokengate_cache_entries", &[]), 2.0);
-    assert_eq!(delta("tokengate_audit_lines_total", &[]), 6.0);
+    // Six requests; the three forwarded ones have a decision and a completion line.
+    assert_eq!(delta("tokengate_audit_lines_total", &[]), 9.0);
     assert_eq!(v(&after, "tokengate_audit_queue_depth", &[]), 0.0);
     assert_eq!(v(&after, "tokengate_audit_write_failures_total", &[]), 0.0);
     assert_eq!(v(&after, "tokengate_requests_in_flight", &[]), 0.0);
@@ -1511,8 +1512,9 @@ async fn sigterm_drain(one_cpu: bool) {
     assert!(p.stderr_has("draining in-flight requests"));
     assert!(!p.stderr_has("drain deadline passed"));
 
-    // One audit line per request, complete and chained; last-used written at shutdown.
-    let lines = audit_file_lines(&p.audit_path());
+    // One audit line per request (a forwarded one's decision and completion merged), complete
+    // and chained; last-used written at shutdown.
+    let lines = support::merge_completions(audit_file_lines(&p.audit_path())).0;
     let requests: Vec<_> = lines.iter().filter(|l| l["kind"] == "request").collect();
     assert_eq!(requests.len(), 2, "{lines:?}");
     assert_eq!(requests[0]["path"], "/apps/a/b");
@@ -1601,11 +1603,14 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
         1
     );
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
+    // The request cut at the deadline reached the upstream: its decision is on file; its
+    // completion may be missing (exit 3, the request named), the chain is intact either way.
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 3)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chain intact"));
 }
 
 // =================================================================================================

@@ -109,11 +109,27 @@ permission = "apps:read"
             .unwrap()
     }
 
+    /// Request rows (a forwarded request's decision and completion merged), once every
+    /// forwarded request has its completion (bounded wait).
     async fn audit(&self) -> Vec<serde_json::Value> {
-        self.gw.audit().flush_async().await.unwrap();
-        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        let mut merged = (Vec::new(), 0);
+        for _ in 0..100 {
+            self.gw.audit().flush_async().await.unwrap();
+            let text =
+                std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+            merged = support::merge_completions(
+                text.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                    .collect(),
+            );
+            if merged.1 == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        merged
+            .0
+            .into_iter()
             .filter(|l| l["kind"] == "request")
             .collect()
     }

@@ -111,7 +111,7 @@ pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) ->
                 e,
                 AdminError::Reject(Reject::StoreUnavailable | Reject::Internal)
             ) {
-                tracing::warn!(request_id = %ctx.request_id, reason = e.reason(), "admin request failed on our side");
+                crate::coalesced!(warn, "admin_failed_ours", request_id = %ctx.request_id, reason = e.reason(), "admin request failed on our side");
             }
             (e.respond(&cfg.server.realm, &ctx.request_id), e.reason())
         }
@@ -313,7 +313,7 @@ fn store_err(e: StoreError) -> AdminError {
             ),
         ),
         e => {
-            tracing::error!(error = %e, "admin API store call failed: answering 503");
+            crate::coalesced!(error, "admin_store_failed", error = %e, "admin API store call failed: answering 503");
             Reject::StoreUnavailable.into()
         }
     }
@@ -821,7 +821,7 @@ fn refused(
         rec.account = Some(actor.row.account.clone());
     }
     if let Err(e) = gw.audit().record(Entry::Admin(rec)) {
-        tracing::error!(error = %e, request_id = %ctx.request_id, "audit record for a refused admin operation could not be queued");
+        crate::coalesced!(error, "admin_audit_unqueued", error = %e, request_id = %ctx.request_id, "audit record for a refused admin operation could not be queued");
     }
     AdminError::status(StatusCode::FORBIDDEN, "forbidden", "escalation", r.message)
 }

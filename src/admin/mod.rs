@@ -450,9 +450,10 @@ impl ApiCall {
             upstream: None,
             duration_ms: (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             mode: None,
+            phase: None,
         };
         if let Err(e) = gw.audit().record(Entry::Request(rec)) {
-            tracing::error!(error = %e, request_id = %self.request_id, "audit record for an admin request could not be queued");
+            crate::coalesced!(error, "admin_request_audit_unqueued", error = %e, request_id = %self.request_id, "audit record for an admin request could not be queued");
         }
     }
 

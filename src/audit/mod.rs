@@ -28,7 +28,7 @@ pub use crate::clock::now_rfc3339;
 pub use line::{GENESIS_CHAIN, ROTATE_KEEP};
 pub use reader::{Filter, OutputFormat, follow, parse_time_arg, query};
 pub use verify::{VerifyOptions, VerifyProblem, VerifyReport, verify, verify_with};
-pub use writer::{AuditLog, Reservation};
+pub use writer::{AuditLog, Durable, Reservation};
 
 /// Default for [`AuditConfig::queue`]: records accepted but not yet written.
 pub const DEFAULT_QUEUE: usize = 65_536;
@@ -96,7 +96,9 @@ pub struct RequestRecord {
     pub method: Cow<'static, str>,
     /// Canonical path, never a query.
     pub path: String,
-    /// Status answered to the client.
+    /// Status answered to the client. 0 = not known yet: the decision line of a forwarded
+    /// request (`phase = "decision"`), where the field is left out; its completion carries it.
+    #[serde(default, skip_serializing_if = "status_pending")]
     pub status_code: u16,
     /// `allow` | `deny`.
     pub rbac_decision: Cow<'static, str>,
@@ -114,7 +116,43 @@ pub struct RequestRecord {
     pub user_agent: Option<String>,
     /// Upstream the request was (or would have been) forwarded to.
     pub upstream: Option<String>,
-    /// Time from request start to the response head, in milliseconds.
+    /// Time from request start to the response head (a decision line: to the decision), in
+    /// milliseconds.
+    pub duration_ms: f64,
+    /// `proxy` (the public listener proxied or answered it), `forward_auth` (a decision a front
+    /// proxy asked for, docs/forward-auth.md); null on the admin listener and in older logs.
+    #[serde(default)]
+    pub mode: Option<Cow<'static, str>>,
+    /// `decision` on the write-ahead line of a forwarded request (written before the upstream
+    /// sees a byte; a [`CompletionRecord`] with the same `request_id` follows). Absent on the
+    /// single line of a request that was never forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Cow<'static, str>>,
+}
+
+fn status_pending(s: &u16) -> bool {
+    *s == 0
+}
+
+/// The second line of a forwarded request (`"kind":"completion"`): how it ended.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompletionRecord {
+    /// RFC 3339 UTC with milliseconds; filled in by the writer when empty.
+    pub timestamp: String,
+    /// The `request_id` of the decision line this completes.
+    pub request_id: String,
+    /// Status answered to the client (499 when the client left before the response head).
+    pub status_code: u16,
+    /// `ok`, or why the request failed after it was forwarded (`upstream_error`,
+    /// `upstream_timeout`, `client_closed`, ...).
+    pub reason: Cow<'static, str>,
+    /// How the response body ended: `complete`, `upstream_reset` (the upstream cut it),
+    /// `client_closed` (the client left mid-body), `upstream_idle` (the upstream stalled past
+    /// the body idle timeout), or `none` (the gateway answered itself; no upstream body).
+    pub outcome: Cow<'static, str>,
+    /// Response body bytes sent to the client.
+    pub bytes: u64,
+    /// Time from request start to the end of the response body, in milliseconds.
     pub duration_ms: f64,
     /// `proxy` (the public listener proxied or answered it), `forward_auth` (a decision a front
     /// proxy asked for, docs/forward-auth.md); null on the admin listener and in older logs.
@@ -158,6 +196,8 @@ pub enum Entry {
     Request(RequestRecord),
     /// An admin action.
     Admin(AdminRecord),
+    /// The completion of a forwarded request whose decision line was written before it.
+    Completion(CompletionRecord),
 }
 
 impl From<RequestRecord> for Entry {

@@ -5,6 +5,7 @@
 //! `config`, `cli` (the CLI calls in, not the other way round), the writer or the verifier.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::AuditError;
 use super::line::{ROTATE_KEEP, open_log, read_lines, rotated_name};
+use super::{AuditError, CompletionRecord, Entry, RequestRecord};
 
 /// `follow` polls the file this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -47,7 +48,9 @@ pub struct Filter {
 pub enum OutputFormat {
     /// Fixed columns for people.
     Table,
-    /// The original JSON lines, byte for byte.
+    /// The original JSON lines, byte for byte — except a forwarded request, whose decision and
+    /// completion lines are printed as one object (the decision line's fields, then the
+    /// completion's `status_code`, `reason`, `outcome`, `bytes`, `duration_ms`; no `phase`).
     Json,
 }
 
@@ -81,9 +84,12 @@ pub fn parse_time_arg(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
 }
 
 /// The fields the reader looks at; anything else in the line is ignored.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 pub(super) struct View {
     pub(super) kind: Option<String>,
+    pub(super) phase: Option<String>,
+    pub(super) request_id: Option<String>,
+    pub(super) outcome: Option<String>,
     pub(super) timestamp: Option<String>,
     pub(super) event: Option<String>,
     pub(super) target: Option<String>,
@@ -229,20 +235,109 @@ pub fn query(
     }
     let mut matched = 0;
     let mut buf = Vec::with_capacity(1024);
+    let mut merger = Merger::default();
     for path in paths {
         read_lines(path, &mut buf, |line_no, line, terminated| {
             if !terminated {
                 skipped(err, path, line_no, INCOMPLETE)?;
                 return Ok(false);
             }
-            if emit(&m, path, line_no, line, format, out, err)? {
-                matched += 1;
-            }
+            matched += emit(&m, &mut merger, path, line_no, line, format, out, err)?;
             Ok(true)
         })?;
     }
+    // Forwarded requests with no completion (still running, or the gateway was killed).
+    for (view, line) in merger.unfinished() {
+        matched += print(&m, view, &line, format, out)?;
+    }
     out.flush().map_err(AuditError::Output)?;
     Ok(matched)
+}
+
+/// Holds the decision line of a forwarded request until its completion arrives, so a request
+/// is one row (SPEC §7: one request, one line for the reader).
+#[derive(Default)]
+struct Merger {
+    /// request_id → (order, view, the decision line).
+    pending: HashMap<String, (u64, View, Vec<u8>)>,
+    order: u64,
+}
+
+/// A decision line as written: the record, then its place in the chain.
+#[derive(Deserialize)]
+struct Sealed {
+    #[serde(flatten)]
+    record: RequestRecord,
+    seq: u64,
+    chain: String,
+}
+
+impl Merger {
+    /// What to print for this line now: nothing (a decision, held), the merged request, or the
+    /// line itself.
+    fn take(&mut self, view: View, line: &[u8]) -> Option<(View, Cow<'static, [u8]>)> {
+        let id = view.request_id.clone().unwrap_or_default();
+        match (view.kind.as_deref(), view.phase.as_deref()) {
+            (Some("request"), Some("decision")) => {
+                self.order += 1;
+                self.pending.insert(id, (self.order, view, line.to_vec()));
+                None
+            }
+            (Some("completion"), _) => match self.pending.remove(&id) {
+                Some((_, mut merged, decision)) => {
+                    let done = serde_json::from_slice::<CompletionRecord>(line).ok();
+                    merged.status_code = view.status_code;
+                    merged.reason = view.reason;
+                    merged.outcome = view.outcome;
+                    let line = merge_line(&decision, done.as_ref());
+                    Some((merged, Cow::Owned(line)))
+                }
+                // Its decision is in an earlier file not read: print the completion as it is.
+                None => Some((view, Cow::Owned(line.to_vec()))),
+            },
+            _ => Some((view, Cow::Owned(line.to_vec()))),
+        }
+    }
+
+    /// Decisions never completed, in log order, marked `outcome: no_completion`.
+    fn unfinished(&mut self) -> Vec<(View, Vec<u8>)> {
+        let mut rest: Vec<_> = self.pending.drain().map(|(_, v)| v).collect();
+        rest.sort_by_key(|(order, _, _)| *order);
+        rest.into_iter()
+            .map(|(_, mut view, decision)| {
+                view.outcome = Some("no_completion".into());
+                view.reason = Some("no_completion".into());
+                (view, merge_line(&decision, None))
+            })
+            .collect()
+    }
+}
+
+/// One request as one JSON line: the decision's record (in its field order, without `phase`)
+/// with the completion's status, reason and duration, then `outcome`, `bytes` and the decision
+/// line's `seq` and `chain`. No completion: `outcome` is `no_completion`, no status.
+fn merge_line(decision: &[u8], done: Option<&CompletionRecord>) -> Vec<u8> {
+    let Ok(mut d) = serde_json::from_slice::<Sealed>(decision) else {
+        return decision.to_vec();
+    };
+    d.record.phase = None;
+    if let Some(c) = done {
+        d.record.status_code = c.status_code;
+        d.record.reason = c.reason.clone();
+        d.record.duration_ms = c.duration_ms;
+    }
+    let Ok(mut out) = serde_json::to_vec(&Entry::Request(d.record)) else {
+        return decision.to_vec();
+    };
+    out.pop();
+    let (outcome, bytes) = done.map_or(("no_completion", 0), |c| (c.outcome.as_ref(), c.bytes));
+    out.extend_from_slice(b",\"outcome\":");
+    out.extend_from_slice(serde_json::Value::from(outcome).to_string().as_bytes());
+    if done.is_some() {
+        out.extend_from_slice(format!(",\"bytes\":{bytes}").as_bytes());
+    }
+    out.extend_from_slice(format!(",\"seq\":{},\"chain\":\"{}\"}}", d.seq, d.chain).as_bytes());
+    out
 }
 
 const INCOMPLETE: &str = "incomplete last line (no newline)";
@@ -252,25 +347,45 @@ fn skipped(err: &mut dyn Write, path: &Path, line_no: u64, why: &str) -> Result<
     writeln!(err, "{}:{line_no}: skipped: {why}", path.display()).map_err(AuditError::Output)
 }
 
-/// Prints one line if it matches; reports it to `err` if it is not a record.
+/// Prints one line (or the request it completes) if it matches; reports it to `err` if it is
+/// not a record. Returns how many rows were printed (0 or 1).
+#[allow(clippy::too_many_arguments)]
 fn emit(
     m: &Matcher<'_>,
+    merger: &mut Merger,
     path: &Path,
     line_no: u64,
     line: &[u8],
     format: OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> Result<bool, AuditError> {
+) -> Result<u64, AuditError> {
     let view = match serde_json::from_slice::<View>(line) {
         Ok(v) if line.first() == Some(&b'{') => v,
         _ => {
             skipped(err, path, line_no, "not a JSON audit record")?;
-            return Ok(false);
+            return Ok(0);
         }
     };
+    if view.kind.as_deref() == Some("request") && view.phase.is_none() {
+        // The common case (a single-line request, an admin line): no copy.
+        return print(m, view, line, format, out);
+    }
+    match merger.take(view, line) {
+        Some((view, line)) => print(m, view, &line, format, out),
+        None => Ok(0),
+    }
+}
+
+fn print(
+    m: &Matcher<'_>,
+    view: View,
+    line: &[u8],
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> Result<u64, AuditError> {
     if !m.matches(&view) {
-        return Ok(false);
+        return Ok(0);
     }
     match format {
         OutputFormat::Json => {
@@ -280,7 +395,7 @@ fn emit(
         }
         OutputFormat::Table => write_table_row(out, &view).map_err(AuditError::Output)?,
     }
-    Ok(true)
+    Ok(1)
 }
 
 fn write_table_header(out: &mut dyn Write) -> io::Result<()> {
@@ -376,6 +491,7 @@ pub(super) fn follow_with(
         line_no: 0,
         partial: Vec::new(),
         buf: vec![0; 64 * 1024],
+        merger: Merger::default(),
     };
     loop {
         t.read_available(&mut file, path, &m, format, out, err)?;
@@ -427,6 +543,8 @@ struct Tailer {
     /// The start of a line whose newline has not arrived yet.
     partial: Vec<u8>,
     buf: Vec<u8>,
+    /// Decisions waiting for their completion (kept across rotation).
+    merger: Merger,
 }
 
 impl Tailer {
@@ -471,7 +589,16 @@ impl Tailer {
                 self.partial.extend_from_slice(&chunk[..i]);
                 chunk = &chunk[i + 1..];
                 self.line_no += 1;
-                emit(m, path, self.line_no, &self.partial, format, out, err)?;
+                emit(
+                    m,
+                    &mut self.merger,
+                    path,
+                    self.line_no,
+                    &self.partial,
+                    format,
+                    out,
+                    err,
+                )?;
                 self.partial.clear();
             }
             self.partial.extend_from_slice(chunk);

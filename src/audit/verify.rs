@@ -145,21 +145,38 @@ pub struct VerifyReport {
     /// Incomplete lines left by a crash and terminated by the next writer start: tolerated
     /// because the record after each one continues the chain exactly, so nothing was lost.
     pub torn_skipped: Vec<(PathBuf, u64)>,
+    /// Forwarded requests whose decision line has no completion line after it (request ids, in
+    /// log order): in flight when the gateway stopped (killed, crashed), or still running when
+    /// a live log was read. The chain itself may still be intact.
+    pub unfinished: Vec<String>,
 }
 
 impl VerifyReport {
-    /// True when no problem was found.
+    /// True when no problem was found in the chain.
     pub fn is_ok(&self) -> bool {
         self.problem.is_none()
     }
+
+    /// True when the chain is intact and every forwarded request has its completion.
+    pub fn is_complete(&self) -> bool {
+        self.problem.is_none() && self.unfinished.is_empty()
+    }
 }
+
+/// `verify` names at most this many unfinished requests (and counts the rest).
+const UNFINISHED_NAMED: usize = 100;
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.problem {
             Some(p) => write!(f, "FAILED: {p} ({} line(s) before it verified)", self.lines),
             None => {
-                write!(f, "OK: {} lines, chain intact", self.lines)?;
+                let head = if self.unfinished.is_empty() {
+                    "OK"
+                } else {
+                    "INCOMPLETE"
+                };
+                write!(f, "{head}: {} lines, chain intact", self.lines)?;
                 if let Some(first) = self.first_seq.filter(|&s| s != 1) {
                     write!(f, " from seq {first} (earlier lines not checked)")?;
                 }
@@ -175,6 +192,18 @@ impl fmt::Display for VerifyReport {
                         at.len(),
                         at.join(", ")
                     )?;
+                }
+                if !self.unfinished.is_empty() {
+                    let named = self.unfinished.len().min(UNFINISHED_NAMED);
+                    write!(
+                        f,
+                        "; {} forwarded request(s) have no completion line (in flight when the gateway stopped, or still running): {}",
+                        self.unfinished.len(),
+                        self.unfinished[..named].join(", ")
+                    )?;
+                    if self.unfinished.len() > named {
+                        write!(f, " and {} more", self.unfinished.len() - named)?;
+                    }
                 }
                 Ok(())
             }
@@ -208,7 +237,10 @@ pub fn verify_with(paths: &[PathBuf], opts: VerifyOptions) -> Result<VerifyRepor
             problem: None,
             first_seq: None,
             torn_skipped: Vec::new(),
+            unfinished: Vec::new(),
         },
+        open: Default::default(),
+        order: 0,
     };
     let mut buf = Vec::with_capacity(1024);
     for (i, path) in paths.iter().enumerate() {
@@ -248,6 +280,9 @@ pub fn verify_with(paths: &[PathBuf], opts: VerifyOptions) -> Result<VerifyRepor
         }),
         None => None,
     };
+    let mut open: Vec<(u64, String)> = v.open.into_iter().map(|(id, n)| (n, id)).collect();
+    open.sort_unstable();
+    v.report.unfinished = open.into_iter().map(|(_, id)| id).collect();
     Ok(v.report)
 }
 
@@ -294,6 +329,9 @@ struct Verifier {
     started: bool,
     pending: Option<Pending>,
     report: VerifyReport,
+    /// Decision lines not yet followed by their completion: request_id → order.
+    open: std::collections::HashMap<String, u64>,
+    order: u64,
 }
 
 impl Verifier {
@@ -385,6 +423,7 @@ impl Verifier {
                     });
                 }
                 // Trust this line as the anchor: its own chain cannot be recomputed.
+                self.track(head);
                 self.accept(seq, chain);
                 return None;
             }
@@ -409,12 +448,44 @@ impl Verifier {
         if !self.chain_ok(head, chain) {
             return Some(VerifyProblem::ChainMismatch { file, line_no });
         }
+        self.track(head);
         self.accept(seq, chain);
         None
     }
 
     fn chain_ok(&self, head: &[u8], chain: &[u8]) -> bool {
         chain_hex(&self.prev, &[head, b"}"]).as_bytes() == chain
+    }
+
+    /// Pairs the decision and completion lines of forwarded requests.
+    fn track(&mut self, head: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Ids {
+            kind: Option<String>,
+            phase: Option<String>,
+            request_id: Option<String>,
+        }
+        const DECISION: &[u8] = b"\"phase\":\"decision\"";
+        let completion = head.starts_with(b"{\"kind\":\"completion\"");
+        if !completion && !head.windows(DECISION.len()).any(|w| w == DECISION) {
+            return;
+        }
+        let mut line = head.to_vec();
+        line.push(b'}');
+        let Ok(ids) = serde_json::from_slice::<Ids>(&line) else {
+            return;
+        };
+        let Some(id) = ids.request_id else { return };
+        match (ids.kind.as_deref(), ids.phase.as_deref()) {
+            (Some("request"), Some("decision")) => {
+                self.order += 1;
+                self.open.insert(id, self.order);
+            }
+            (Some("completion"), _) => {
+                self.open.remove(&id);
+            }
+            _ => {}
+        }
     }
 
     fn accept(&mut self, seq: u64, chain: &[u8]) {

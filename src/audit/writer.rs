@@ -22,6 +22,10 @@ use super::line::{self, GENESIS_CHAIN, ends_with_newline, read_tail, rotated_nam
 use super::sink::{Opener, Sink, StdoutSink, file_opener, take_writer_lock};
 use super::{AuditConfig, AuditError, Entry, OnFailure, UnavailableCause, now_rfc3339};
 
+mod wal;
+pub use wal::Durable;
+use wal::Mark;
+
 /// While writes fail, the writer retries this often.
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// Failure alerts (and failed-rotation warnings) are logged at most this often.
@@ -96,6 +100,9 @@ struct Shared {
     closed: AtomicBool,
     write_failures: AtomicU64,
     lines_written: AtomicU64,
+    /// What [`Durable`] waiters watch: lines written, failing, writer gone. Published once per
+    /// written batch (group commit), never per record.
+    mark: tokio::sync::watch::Sender<Mark>,
 }
 
 #[derive(Default)]
@@ -109,6 +116,10 @@ struct Queue {
     /// The writer is waiting for a producer's wake-up (it found the queue empty). While false
     /// the writer is working or napping between batches and will look at the queue by itself.
     parked: bool,
+    /// The writer is napping between batches (see [`BATCH_WINDOW`]).
+    napping: bool,
+    /// A queued record has a write-ahead waiter: the writer takes the next batch without a nap.
+    urgent: bool,
 }
 
 #[derive(Default)]
@@ -195,6 +206,7 @@ impl AuditLog {
             closed: AtomicBool::new(false),
             write_failures: AtomicU64::new(0),
             lines_written: AtomicU64::new(0),
+            mark: tokio::sync::watch::Sender::new(Mark::default()),
         });
         let writer = Writer {
             shared: shared.clone(),
@@ -385,10 +397,35 @@ pub struct Reservation {
 
 impl Reservation {
     /// Hands the record to the writer. Never blocks on I/O; the slot was reserved already.
-    pub fn send(mut self, entry: Entry) {
-        let Some(shared) = self.shared.take() else {
-            return;
-        };
+    pub fn send(self, entry: Entry) {
+        self.push(entry, false);
+    }
+
+    /// Write-ahead: hands the record to the writer and returns what resolves once its line is
+    /// written (the `write` call returned: in the page cache, so it survives the process being
+    /// killed, not a power loss). Records committed while the writer is busy go out together in
+    /// its next write (group commit); the writer publishes its progress once per batch.
+    pub fn commit(self, entry: Entry) -> Durable {
+        let shared = self.shared.clone();
+        let ticket = self.push(entry, true);
+        match (shared, ticket) {
+            (Some(s), Some(ticket)) => Durable {
+                rx: Some(s.mark.subscribe()),
+                on_failure: s.on_failure,
+                ticket,
+            },
+            _ => Durable {
+                rx: None,
+                on_failure: OnFailure::Reject,
+                ticket: 0,
+            },
+        }
+    }
+
+    /// Queues the record; returns its ticket (the `accepted` count including it), None when
+    /// the writer is gone.
+    fn push(mut self, entry: Entry, urgent: bool) -> Option<u64> {
+        let shared = self.shared.take()?;
         let mut q = lock(&shared.queue);
         if q.writer_gone {
             drop(q);
@@ -397,16 +434,20 @@ impl Reservation {
                 request_id = entry_request_id(&entry),
                 "audit record sent after the writer stopped; it was NOT written"
             );
-            return;
+            return None;
         }
         q.entries.push(entry);
         q.accepted += 1;
+        let ticket = q.accepted;
         shared.depth.fetch_add(1, Ordering::Relaxed);
-        let wake = q.parked || q.entries.len() >= WAKE_AT;
+        // A napping writer is woken by the first urgent record of its nap only.
+        let wake = q.parked || q.entries.len() >= WAKE_AT || (urgent && q.napping && !q.urgent);
+        q.urgent |= urgent;
         drop(q);
         if wake {
             shared.wake.notify_one();
         }
+        Some(ticket)
     }
 }
 
@@ -431,6 +472,7 @@ impl fmt::Debug for Reservation {
 fn entry_request_id(e: &Entry) -> &str {
     match e {
         Entry::Request(r) => &r.request_id,
+        Entry::Completion(c) => &c.request_id,
         Entry::Admin(a) => &a.event,
     }
 }
@@ -484,13 +526,16 @@ impl Writer {
         loop {
             let (reopen, closing) = {
                 let mut q = lock(&shared.queue);
-                if busy && !q.closing && !q.reopen && q.entries.len() < WAKE_AT {
-                    // Let a batch gather; producers do not wake us meanwhile (parked = false).
+                if busy && !q.closing && !q.reopen && !q.urgent && q.entries.len() < WAKE_AT {
+                    // Let a batch gather; producers do not wake us meanwhile (parked = false),
+                    // except the first write-ahead record, which must not wait for the nap.
+                    q.napping = true;
                     q = shared
                         .wake
                         .wait_timeout(q, BATCH_WINDOW)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
+                    q.napping = false;
                 }
                 loop {
                     if !q.entries.is_empty() || q.reopen {
@@ -528,6 +573,7 @@ impl Writer {
                     }
                 }
                 let reopen = std::mem::take(&mut q.reopen);
+                q.urgent = false;
                 // Swap in last round's (empty) Vec so its capacity is reused, not reallocated.
                 std::mem::swap(&mut q.entries, &mut batch);
                 (reopen, q.closing)
@@ -576,6 +622,7 @@ impl Writer {
         }
         lock(&self.shared.progress).writer_gone = true;
         self.shared.progress_cv.notify_all();
+        self.shared.mark.send_modify(|m| m.gone = true);
     }
 
     /// Fills in what the caller left empty (timestamp) or must not log (a query), then seals the
@@ -600,6 +647,11 @@ impl Writer {
             Entry::Admin(a) => {
                 if a.timestamp.is_empty() {
                     a.timestamp = now_rfc3339();
+                }
+            }
+            Entry::Completion(c) => {
+                if c.timestamp.is_empty() {
+                    c.timestamp = now_rfc3339();
                 }
             }
         }
@@ -668,6 +720,9 @@ impl Writer {
         self.failures_in_row = 0;
         self.next_alert = None;
         self.shared.healthy.store(true, Ordering::Release);
+        self.shared
+            .mark
+            .send_if_modified(|m| std::mem::replace(&mut m.failing, false));
     }
 
     fn failed(&mut self, e: &io::Error) {
@@ -675,6 +730,9 @@ impl Writer {
         self.failures_in_row += 1;
         self.shared.write_failures.fetch_add(1, Ordering::Relaxed);
         self.shared.healthy.store(false, Ordering::Release);
+        self.shared
+            .mark
+            .send_if_modified(|m| !std::mem::replace(&mut m.failing, true));
         self.next_retry = Some(now + self.retry);
         if self.next_alert.is_none_or(|t| now >= t) {
             self.next_alert = Some(now + ALERT_INTERVAL);
@@ -819,6 +877,7 @@ fn mark_written(s: &Shared, n: usize) {
     s.slots.fetch_sub(n, Ordering::AcqRel);
     lock(&s.progress).written += n as u64;
     s.progress_cv.notify_all();
+    s.mark.send_modify(|m| m.written += n as u64);
 }
 
 /// Writes `buf` with as many `write` calls as needed; returns the bytes written and the error

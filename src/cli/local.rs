@@ -81,6 +81,20 @@ impl Local {
         )
     }
 
+    /// Before a change: the audit log must be able to take its event, or nothing is changed
+    /// (a token created but never audited, its secret never printed, would hold a cap slot).
+    /// When a running gateway owns the log, the event goes through the store's outbox instead.
+    fn can_audit(&self) -> Result<(), CliError> {
+        match &self.audit {
+            Some(a) => a.check_room().map_err(|e| {
+                CliError::failure(format!(
+                    "nothing was changed: the audit log cannot take the event ({e}); free space or fix the audit log, then try again"
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn event(
         &self,
         event: &str,
@@ -326,6 +340,7 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
                 "._-@",
                 "account names are 1-64 letters, digits, `.`, `_`, `-`, `@`",
             )?;
+            l.can_audit()?;
             let acc = l
                 .store
                 .create_account(name, email.as_deref(), &l.actor, now_ms())?;
@@ -348,6 +363,7 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
             Ok(())
         }
         AccountCmd::Disable { name } => {
+            l.can_audit()?;
             let acc = lifecycle::disable_account(&l.store, &l.caller(), name, now_ms())?;
             l.account_event("account.disabled", &acc.id, &acc.name)?;
             println!(
@@ -391,6 +407,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
     match cmd {
         TokenCmd::Create(a) => {
             let req = create_request(a)?;
+            l.can_audit()?;
             let (row, new) = lifecycle::create(&l.store, &l.cfg, &l.caller(), &req, now)?;
             l.event(
                 "token.created",
@@ -449,6 +466,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
         }
         TokenCmd::Revoke { id, reason } => {
             let t = l.store.find_token(id)?;
+            l.can_audit()?;
             let row = lifecycle::revoke(&l.store, &l.caller(), &t, reason, now)?;
             l.revoked_event(&row, reason)?;
             println!("revoked {} ({}, {})", row.id, row.prefix, row.name);
@@ -465,6 +483,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
                 grace: grace.clone(),
                 expires: expires.clone(),
             };
+            l.can_audit()?;
             let (row, new, grace) =
                 lifecycle::rotate(&l.store, &l.cfg, &l.caller(), &old, &req, now)?;
             let old = row.rotated_from.clone().unwrap_or_default();
@@ -550,8 +569,14 @@ pub(super) fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliE
         let report =
             audit::verify_with(&files, opts).map_err(|e| CliError::failure(e.to_string()))?;
         println!("{report}");
-        return if report.problem.is_none() {
+        return if report.is_complete() {
             Ok(())
+        } else if report.is_ok() {
+            // The chain is intact, but forwarded requests have no completion line.
+            Err(CliError {
+                code: super::EXIT_INCOMPLETE,
+                message: String::new(),
+            })
         } else {
             Err(CliError {
                 code: EXIT_FAILURE,

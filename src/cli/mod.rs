@@ -5,7 +5,8 @@
 //!   `login`, `logout`, `whoami` and the credentials file;
 //! - [`print`] — the one printer both use (tables, details, the new-token line, JSON).
 //!
-//! Exit codes: 0 ok, 64 bad usage or config, 1 failure. Tokens are printed once, at creation or
+//! Exit codes: 0 ok, 64 bad usage or config, 1 failure, 3 (`audit verify`) chain intact but
+//! forwarded requests without completion. Tokens are printed once, at creation or
 //! rotation, on stdout's first line; they are never read from argv (`token identify` reads stdin).
 //! Every token change goes through [`crate::lifecycle`]. Nothing outside `src/cli/` and `main.rs`
 //! imports this module.
@@ -25,6 +26,9 @@ use crate::store::StoreError;
 
 /// Exit code for bad usage or config (EX_USAGE).
 pub const EXIT_USAGE: u8 = crate::app::EXIT_USAGE;
+/// Exit code of `audit verify` when the chain is intact but forwarded requests have no
+/// completion line (the gateway stopped while they ran).
+pub const EXIT_INCOMPLETE: u8 = 3;
 /// Exit code for failures.
 pub const EXIT_FAILURE: u8 = crate::app::EXIT_FAILURE;
 

@@ -43,8 +43,6 @@ return {1, math.floor((now - allow_at) / interval), math.ceil(new_tat - now)}
 const KEY_PREFIX: &str = "tokengate:rl:";
 /// After a Redis failure, checks use the fallback this long before Redis is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// At most one fallback log line per this period.
-const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What the Redis limiter needs to know (`[rate_limit]` `redis`, `redis_timeout`, `replicas`).
 #[derive(Debug, Clone, PartialEq)]
@@ -74,8 +72,6 @@ pub struct RedisLimiter {
     origin: Instant,
     /// ms since `origin` until which Redis is skipped (0 = try it).
     skip_until_ms: AtomicU64,
-    /// ms since `origin` of the last fallback log line (+1, 0 = never).
-    last_log_ms: AtomicU64,
 }
 
 impl RedisLimiter {
@@ -102,7 +98,6 @@ impl RedisLimiter {
             limited: AtomicU64::new(0),
             origin: Instant::now(),
             skip_until_ms: AtomicU64::new(0),
-            last_log_ms: AtomicU64::new(0),
         }))
     }
 
@@ -195,15 +190,10 @@ impl RedisLimiter {
         let now = self.origin.elapsed();
         self.skip_until_ms
             .store((now + RETRY_AFTER).as_millis() as u64, Ordering::Relaxed);
-        let now_ms = now.as_millis() as u64 + 1;
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        if (last == 0 || now_ms.saturating_sub(last) >= LOG_EVERY.as_millis() as u64)
-            && self
-                .last_log_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        // One line per 10 s, with the count left out (the process-wide coalescing).
+        if let Some(suppressed) = crate::logging::allow("redis_unreachable") {
             tracing::warn!(
+                suppressed,
                 redis = %self.target,
                 error,
                 replicas = self.replicas,

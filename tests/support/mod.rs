@@ -2,6 +2,7 @@
 //! front of a recording upstream that keeps every request it received.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -455,13 +456,27 @@ impl TestGateway {
             .unwrap_or_else(|| self.dir.path().join("audit.log"))
     }
 
-    /// The audit log's lines, after flushing.
-    pub async fn audit_lines(&self) -> Vec<serde_json::Value> {
+    /// The audit log's lines as written, after flushing.
+    pub async fn raw_audit_lines(&self) -> Vec<serde_json::Value> {
         self.gw.audit().flush_async().await.unwrap();
         let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// The audit log's lines, one per request as `tokengate audit` shows them: the completion
+    /// line of a forwarded request is merged into its decision line. Waits (briefly) for the
+    /// completions of requests whose response body is still ending.
+    pub async fn audit_lines(&self) -> Vec<serde_json::Value> {
+        for _ in 0..100 {
+            let (merged, open) = merge_completions(self.raw_audit_lines().await);
+            if open == 0 {
+                return merged;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        merge_completions(self.raw_audit_lines().await).0
     }
 
     /// Request audit lines only.
@@ -604,6 +619,35 @@ pub fn parse_responses(text: &str) -> Vec<RawResponse> {
         rest = &after[consumed..];
     }
     out
+}
+
+/// Merges each `completion` line into the decision line of its request (status, reason,
+/// outcome, bytes, duration; `phase` removed), as the reader shows a request. Returns the lines
+/// and how many decisions have no completion.
+pub fn merge_completions(lines: Vec<serde_json::Value>) -> (Vec<serde_json::Value>, usize) {
+    let mut out: Vec<serde_json::Value> = Vec::with_capacity(lines.len());
+    let mut open: HashMap<String, usize> = HashMap::new();
+    for l in lines {
+        if l["kind"] == "request" && l["phase"] == "decision" {
+            open.insert(l["request_id"].as_str().unwrap_or("").to_owned(), out.len());
+            out.push(l);
+        } else if l["kind"] == "completion" {
+            let id = l["request_id"].as_str().unwrap_or("");
+            match open.remove(id) {
+                Some(i) => {
+                    let d = out[i].as_object_mut().unwrap();
+                    d.remove("phase");
+                    for k in ["status_code", "reason", "outcome", "bytes", "duration_ms"] {
+                        d.insert(k.into(), l[k].clone());
+                    }
+                }
+                None => out.push(l),
+            }
+        } else {
+            out.push(l);
+        }
+    }
+    (out, open.len())
 }
 
 /// Checks the audit line for a rejected request.

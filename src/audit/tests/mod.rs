@@ -43,6 +43,7 @@ fn req(id: &str) -> RequestRecord {
         upstream: Some("http://127.0.0.1:5000".into()),
         duration_ms: 1.25,
         mode: None,
+        phase: None,
     }
 }
 

@@ -107,6 +107,7 @@ fn run_query(path: &Path, filter: &Filter) -> (u64, Vec<String>) {
         .map(|l| match serde_json::from_str::<Entry>(l).unwrap() {
             Entry::Request(r) => r.request_id,
             Entry::Admin(a) => a.event,
+            Entry::Completion(c) => c.request_id,
         })
         .collect::<Vec<_>>();
     assert_eq!(ids.len() as u64, n);

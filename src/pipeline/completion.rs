@@ -1,0 +1,173 @@
+//! The write-ahead part of the pipeline (issue 16): the decision line written before step 9
+//! sends a byte, and the completion line written when the response body ends — complete, cut by
+//! the upstream, stalled, or dropped because the client left.
+
+use std::time::{Duration, Instant};
+
+use crate::audit::{CompletionRecord, Entry, RequestRecord, Reservation};
+use crate::body::Body;
+use crate::error::Reject;
+use crate::gateway::Gateway;
+use crate::proxy;
+
+use super::{Ctx, ms};
+
+impl Gateway {
+    /// Write-ahead (before step 9 sends a byte): the decision line of the request is written to
+    /// the log, and a slot is reserved for its completion. Refused (503) when the log cannot take
+    /// it, exactly like the reservation of step 8.
+    pub(super) async fn write_ahead(&self, ctx: &mut Ctx, start: Instant) -> Result<(), Reject> {
+        let completion = self
+            .inner
+            .audit
+            .reserve()
+            .map_err(|_| Reject::AuditUnavailable)?;
+        let Some(decision_slot) = ctx.reservation.replace(completion) else {
+            return Err(Reject::Internal);
+        };
+        let mut record = self.decision_record(ctx, start.elapsed());
+        record.phase = Some("decision".into());
+        ctx.decided = true;
+        decision_slot
+            .commit(Entry::Request(record))
+            .written()
+            .await
+            .map_err(|_| Reject::AuditUnavailable)
+    }
+
+    /// The decision line of a forwarded request: the context so far (copied: the request goes
+    /// on), no status yet.
+    fn decision_record(&self, ctx: &Ctx, elapsed: Duration) -> RequestRecord {
+        let row = ctx.token.as_deref();
+        RequestRecord {
+            timestamp: crate::audit::now_rfc3339(),
+            request_id: ctx.request_id.clone(),
+            auth_type: if ctx.token_prefix.is_some() {
+                "api_token"
+            } else {
+                "none"
+            }
+            .into(),
+            api_token_id: row.map(|r| r.id().to_string()),
+            api_token_name: row.map(|r| r.name().to_string()),
+            token_prefix: ctx.token_prefix.clone(),
+            account: row.map(|r| r.account().to_string()),
+            method: crate::audit::method_name(&ctx.method),
+            path: ctx.path.clone(),
+            status_code: 0,
+            rbac_decision: "allow".into(),
+            reason: "ok".into(),
+            permission: ctx.permission.clone(),
+            rule: ctx.rule.clone(),
+            shadow_decision: ctx.shadow_decision.map(Into::into),
+            client_ip: proxy::ip_text(ctx.client_ip),
+            user_agent: ctx.user_agent.clone(),
+            upstream: ctx.upstream.clone(),
+            duration_ms: ms(elapsed),
+            mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
+            phase: None,
+        }
+    }
+}
+
+/// Writes a forwarded request's completion line into its reserved slot (or a fresh one).
+pub(super) fn send_completion(
+    gw: &Gateway,
+    slot: Option<Reservation>,
+    mut c: CompletionRecord,
+    outcome: &'static str,
+    bytes: u64,
+    start: Instant,
+) {
+    c.outcome = outcome.into();
+    c.bytes = bytes;
+    c.duration_ms = ms(start.elapsed());
+    let slot = match slot {
+        Some(r) => Ok(r),
+        None => gw.inner.audit.reserve(),
+    };
+    match slot {
+        Ok(r) => r.send(Entry::Completion(c)),
+        Err(e) => {
+            crate::coalesced!(error, "audit_completion_unqueued", error = %e, request_id = %c.request_id, "the completion line of a forwarded request could not be queued; `audit verify` will name it");
+        }
+    }
+}
+
+/// The response body of a forwarded request: counts the bytes sent and writes the completion
+/// line when the body ends — complete, cut by the upstream (`upstream_reset`), stalled past the
+/// idle timeout (`upstream_idle`), or dropped before its end because the client left
+/// (`client_closed`).
+pub(super) struct Completing {
+    pub(super) inner: Body,
+    pub(super) pending: Option<(Reservation, CompletionRecord, Instant)>,
+    pub(super) bytes: u64,
+}
+
+impl Completing {
+    fn finish(&mut self, outcome: &'static str) {
+        if let Some((slot, mut c, start)) = self.pending.take() {
+            if outcome != "complete" {
+                c.reason = outcome.into();
+            }
+            c.outcome = outcome.into();
+            c.bytes = self.bytes;
+            c.duration_ms = ms(start.elapsed());
+            slot.send(Entry::Completion(c));
+        }
+    }
+}
+
+impl http_body::Body for Completing {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish("complete");
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => {
+                let idle = e.downcast_ref::<crate::body::BodyError>().is_some();
+                this.finish(if idle {
+                    "upstream_idle"
+                } else {
+                    "upstream_reset"
+                });
+            }
+            std::task::Poll::Ready(None) => this.finish("complete"),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Completing {
+    fn drop(&mut self) {
+        use http_body::Body as _;
+        let outcome = if self.inner.is_end_stream() {
+            "complete"
+        } else {
+            "client_closed"
+        };
+        self.finish(outcome);
+    }
+}

@@ -20,6 +20,7 @@
 //! - [`lifecycle`] — every token/account operation (create, rotate, revoke, disable,
 //!   retire-on-first-use) and the rule that their result is never stronger than the caller.
 //! - [`path`] — canonical request paths (step 1).
+//! - [`health`] — readiness checks shared by the admin `/readyz` and the public health endpoint.
 //! - [`hygiene`] — request validation and header hygiene (step 1, forwarding).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
 //! - [`authz`] — rule templates, matching, permissions, scopes and `decide()` (step 6).
@@ -52,6 +53,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod gateway;
+pub mod health;
 pub mod hygiene;
 pub mod lifecycle;
 pub mod metrics;

@@ -214,6 +214,9 @@ impl Gateway {
         ctx: &mut Ctx,
     ) -> Result<Decided<'c>, Reject> {
         let checked = self.check(cfg, conn, req, ctx)?;
+        if let Some(resp) = self.health(cfg, &checked, ctx).await {
+            return Ok(Decided::Answered(resp));
+        }
         if !ctx.public {
             let token = self
                 .authenticate(req.headers(), req.uri().query(), ctx.client_ip, ctx)
@@ -714,6 +717,41 @@ impl Gateway {
             }
             _ => Err(Reject::NotFound),
         }
+    }
+
+    /// The public health endpoint (`server.health_path`, under the reserved prefix): GET or HEAD,
+    /// no token, never forwarded; 200 `{"status":"ok"}` when ready (the admin `/readyz` checks),
+    /// else 503 `{"status":"unavailable"}`. Other methods go on like any reserved path.
+    async fn health(
+        &self,
+        cfg: &Config,
+        checked: &Checked<'_>,
+        ctx: &Ctx,
+    ) -> Option<Response<Body>> {
+        if !(checked.reserved
+            && matches!(ctx.method, Method::GET | Method::HEAD)
+            && cfg.server.health_path.as_deref() == Some(checked.canon.path.as_str()))
+        {
+            return None;
+        }
+        let ready = self.readiness_shared().await.ready();
+        let (status, body) = if ready {
+            (StatusCode::OK, "{\"status\":\"ok\"}\n")
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{\"status\":\"unavailable\"}\n",
+            )
+        };
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Some(self.decorate(cfg, resp, ctx))
     }
 
     /// Adds the gateway's response headers.

@@ -906,6 +906,90 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
 // =================================================================================================
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_health_endpoint_answers_without_a_token_and_follows_readiness() {
+    let tg = TestGateway::start().await;
+    let url = tg.url("/_tokengate/health");
+    // No token, no forwarding; the same readiness as /readyz.
+    let (s, ct, body) = get_text(&url).await;
+    assert_eq!(
+        (s, ct.as_str(), body.as_str()),
+        (200, "application/json", "{\"status\":\"ok\"}\n")
+    );
+    let head = client().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.headers().get("x-request-id").is_some());
+    // A token that would be refused is not even looked at.
+    let r = client()
+        .get(&url)
+        .bearer_auth("tg_not_a_token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(tg.upstream.count(), 0, "never forwarded");
+    let line = tg.last_request_line().await;
+    assert_eq!(line["path"], "/_tokengate/health");
+    assert_eq!(line["status_code"], 200);
+    assert!(line["upstream"].is_null());
+
+    // Not ready (the store file is gone): 503, still without forwarding.
+    let db = tg.dir.path().join("tokengate.db");
+    let kept = tg.dir.path().join("tokengate.db.kept");
+    std::fs::rename(&db, &kept).unwrap();
+    let (s, _, body) = get_text(&url).await;
+    assert_eq!((s, body.as_str()), (503, "{\"status\":\"unavailable\"}\n"));
+    assert_eq!(
+        get_text(&format!("http://{}/readyz", tg.admin_addr))
+            .await
+            .0,
+        503
+    );
+    std::fs::rename(&kept, &db).unwrap();
+    assert_eq!(get_text(&url).await.0, 200);
+
+    // Other methods and near-miss spellings are not the health endpoint: they need a token.
+    let r = client().post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(get_text(&tg.url("/_tokengate/health/")).await.0, 401);
+    assert_eq!(get_text(&tg.url("/_tokengate/Health")).await.0, 401);
+    assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn health_path_is_configurable_and_can_be_turned_off() {
+    let tg = TestGateway::start_with(Options {
+        server: "health_path = \"/_tokengate/lb\"".into(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(get_text(&tg.url("/_tokengate/lb")).await.0, 200);
+    assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
+    tg.stop().await;
+    let tg = TestGateway::start_with(Options {
+        server: "health_path = \"\"".into(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
+    assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+    // Outside the reserved prefix (it would shadow a route) or not canonical: refused.
+    for bad in [
+        "/health",
+        "/_tokengate/",
+        "/_tokengate/a/../b",
+        "_tokengate/health",
+    ] {
+        let text = format!("[server]\nhealth_path = \"{bad}\"\n");
+        let e = Config::from_toml(&text, Path::new("/x/tokengate.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.health_path"), "{bad}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     let tg = TestGateway::start().await;
     let (token, _) = tg.token("ci", "reader", &["apps:read"]);

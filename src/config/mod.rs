@@ -86,6 +86,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Prefix answered by the gateway itself (starts and ends with `/`).
     pub reserved_prefix: String,
+    /// The public health endpoint (under `reserved_prefix`), answered without a token; None: off.
+    pub health_path: Option<String>,
     /// Methods accepted.
     pub methods: Vec<String>,
     /// Maximum concurrent connections.

@@ -244,6 +244,11 @@ impl Gateway {
             max_header_bytes: cfg.server.max_header_bytes,
             max_body_bytes: cfg.server.max_body_bytes,
         };
+        if let Some(id) =
+            trusted_request_id(conn.peer.ip(), req.headers(), &cfg.server.trusted_proxies)
+        {
+            ctx.request_id = id;
+        }
         // Until the path is canonical, the audit line gets a sanitised copy of the raw one.
         let facts = hygiene::check(req, &cfg.server.methods, limits).inspect_err(|_| {
             ctx.path = sanitize_raw_path(req.uri().path());
@@ -851,6 +856,33 @@ fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {
         .unwrap_or(cfg.rate_limit.default)
 }
 
+/// The longest `X-Request-Id` kept from a trusted proxy.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The `X-Request-Id` a trusted proxy sent, when it is sane: the peer is in
+/// `server.trusted_proxies`, the header appears once, and its value is 1 to
+/// [`MAX_REQUEST_ID_BYTES`] bytes of visible ASCII. Otherwise None (the gateway's own id is used).
+pub fn trusted_request_id(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<String> {
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return None;
+    }
+    let mut values = headers.get_all(X_REQUEST_ID).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let b = v.as_bytes();
+    let sane = !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID_BYTES
+        && b.iter().all(|c| (0x21..=0x7e).contains(c));
+    // Visible ASCII, so the bytes are valid UTF-8.
+    sane.then(|| String::from_utf8_lossy(b).into_owned())
+}
+
 /// The client address: the TCP peer, or — only when the peer is a trusted proxy — the last
 /// untrusted hop of `X-Forwarded-For` (walking right to left past trusted proxies).
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
@@ -884,6 +916,43 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_id_is_kept_only_from_trusted_proxies_and_only_when_sane() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        let with = |vals: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(X_REQUEST_ID, HeaderValue::from_bytes(v).unwrap());
+            }
+            h
+        };
+        let ok = with(&[b"lb-7f3a9c/01"]);
+        assert_eq!(
+            trusted_request_id(proxy, &ok, &trusted).as_deref(),
+            Some("lb-7f3a9c/01")
+        );
+        assert_eq!(trusted_request_id(other, &ok, &trusted), None);
+        assert_eq!(trusted_request_id(proxy, &ok, &[]), None);
+        assert_eq!(trusted_request_id(proxy, &HeaderMap::new(), &trusted), None);
+        let long = vec![b'a'; MAX_REQUEST_ID_BYTES + 1];
+        assert_eq!(trusted_request_id(proxy, &with(&[&long]), &trusted), None);
+        let max = vec![b'a'; MAX_REQUEST_ID_BYTES];
+        assert!(trusted_request_id(proxy, &with(&[&max]), &trusted).is_some());
+        for bad in [&b"has space"[..], b"tab\there", b"caf\xc3\xa9", b""] {
+            assert_eq!(
+                trusted_request_id(proxy, &with(&[bad]), &trusted),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            trusted_request_id(proxy, &with(&[b"a", b"b"]), &trusted),
+            None
+        );
+    }
 
     #[test]
     fn forwarded_for_is_only_believed_from_trusted_proxies() {

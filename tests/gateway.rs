@@ -756,3 +756,70 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
     assert_eq!(tg.request_lines().await.len(), 1, "exactly one line");
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
+    let tg = TestGateway::start_with(Options {
+        server: r#"trusted_proxies = ["127.0.0.1/32"]"#.into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(&tok)
+        .header("x-request-id", "lb-7f3a9c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "lb-7f3a9c");
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["x-request-id"], "lb-7f3a9c");
+    assert_eq!(got[0].headers.get_all("x-request-id").iter().count(), 1);
+    assert_eq!(tg.last_request_line().await["request_id"], "lb-7f3a9c");
+    // A refusal carries it too.
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .header("x-request-id", "lb-refused")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["x-request-id"], "lb-refused");
+    assert_eq!(tg.last_request_line().await["request_id"], "lb-refused");
+    // Not sane (too long): the gateway's own id.
+    let long = "a".repeat(129);
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(&tok)
+        .header("x-request-id", &long)
+        .send()
+        .await
+        .unwrap();
+    let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(own, long);
+    assert_eq!(tg.upstream.received()[1].headers["x-request-id"], own.as_str());
+    assert_eq!(tg.last_request_line().await["request_id"], own.as_str());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn request_id_from_an_untrusted_peer_is_replaced() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(&tok)
+        .header("x-request-id", "forged-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(own, "forged-id");
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["x-request-id"], own.as_str());
+    assert_eq!(tg.last_request_line().await["request_id"], own.as_str());
+    tg.stop().await;
+}

@@ -155,6 +155,12 @@ pub async fn serve(config: Option<&Path>) -> Result<(), AppError> {
         },
         "tokengate listening"
     );
+    // Under systemd `Type=notify`: the listeners are bound (connections queue from here on).
+    crate::sdnotify::ready(&format!(
+        "serving on {} (admin {})",
+        started.server.public_addr(),
+        started.server.admin_addr()
+    ));
     let tls = started.server.tls_handle();
     let Signals { hangup, terminate } = signals;
     match source {
@@ -164,7 +170,12 @@ pub async fn serve(config: Option<&Path>) -> Result<(), AppError> {
     let Started {
         server, background, ..
     } = started;
-    server.run(terminate).await;
+    server
+        .run(async move {
+            terminate.await;
+            crate::sdnotify::stopping();
+        })
+        .await;
     drop(background);
     gw.audit().shutdown();
     tracing::info!("exiting");
@@ -252,7 +263,13 @@ fn spawn_reloader(gw: Gateway, tls: TlsHandle, path: PathBuf, mut hup: Hangup) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!(config = %path.display(), "SIGHUP received: reloading");
-            reload(&gw, &tls, &path).await;
+            crate::sdnotify::reloading();
+            let status = if reload(&gw, &tls, &path).await {
+                "configuration reloaded"
+            } else {
+                "new configuration refused: serving with the previous one"
+            };
+            crate::sdnotify::ready(status);
         }
     });
 }

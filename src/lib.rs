@@ -33,6 +33,7 @@
 //! - [`body`] — body types and the streaming size/idle guard.
 //! - [`gateway`] — the state handle, config swap and background jobs.
 //! - `pipeline` — the request pipeline, one function per phase, on the gateway's state.
+//! - [`sdnotify`] — systemd `Type=notify` readiness, reload and stop notifications.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
 //! - [`tls`] — rustls server configs from PEM files; TLS to `https://` upstreams.
 //! - [`admin`] — the admin listener: health, readiness, metrics, JSON API ([`admin::api`]), web UI
@@ -62,6 +63,7 @@ mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
+pub mod sdnotify;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -799,7 +799,10 @@ async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
         .unwrap();
     let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_ne!(own, long);
-    assert_eq!(tg.upstream.received()[1].headers["x-request-id"], own.as_str());
+    assert_eq!(
+        tg.upstream.received()[1].headers["x-request-id"],
+        own.as_str()
+    );
     assert_eq!(tg.last_request_line().await["request_id"], own.as_str());
     tg.stop().await;
 }

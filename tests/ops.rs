@@ -2274,3 +2274,79 @@ fn with_test_certs(toml: &str, dir: &Path) -> String {
     toml.replace("/etc/tokengate/tls/tls.crt", crt.to_str().unwrap())
         .replace("/etc/tokengate/tls/tls.key", key.to_str().unwrap())
 }
+
+// =================================================================================================
+// systemd Type=notify
+// =================================================================================================
+
+/// `tokengate serve` under `NOTIFY_SOCKET`: READY=1 once listening, RELOADING=1 (with
+/// MONOTONIC_USEC) then READY=1 around SIGHUP, STOPPING=1 on SIGTERM.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_readiness_reload_and_stop_to_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    // A bound on each wait, so a missing message fails the test instead of hanging it.
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = StdCommand::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let recv = move || {
+        let mut buf = vec![0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification from tokengate");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let (recv, ready) = tokio::task::spawn_blocking(move || {
+        let m = recv();
+        (recv, m)
+    })
+    .await
+    .unwrap();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=serving on 127.0.0.1:")),
+        "{ready}"
+    );
+    assert!(
+        ready.contains(&format!("MAINPID={}", child.id())),
+        "{ready}"
+    );
+
+    signal(child.id(), "-HUP");
+    let (recv, reloading, again) = tokio::task::spawn_blocking(move || {
+        let a = recv();
+        let b = recv();
+        (recv, a, b)
+    })
+    .await
+    .unwrap();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    let usec = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1");
+    assert!(usec.parse::<u64>().unwrap() > 0);
+    assert!(again.lines().any(|l| l == "READY=1"), "{again}");
+    assert!(again.contains("STATUS=configuration reloaded"), "{again}");
+
+    signal(child.id(), "-TERM");
+    let stopping = tokio::task::spawn_blocking(recv).await.unwrap();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

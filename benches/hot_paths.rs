@@ -341,6 +341,7 @@ fn sample_record() -> RequestRecord {
         user_agent: Some("wrk/4.1.0 ci-pipeline".into()),
         upstream: Some("api".into()),
         duration_ms: 0.123,
+        trace_id: None,
     }
 }
 

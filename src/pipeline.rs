@@ -52,6 +52,7 @@ struct Ctx {
     rule: Option<String>,
     shadow_decision: Option<&'static str>,
     upstream: Option<String>,
+    trace_id: Option<String>,
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
     reservation: Option<Reservation>,
@@ -73,6 +74,7 @@ impl Ctx {
             rule: None,
             shadow_decision: None,
             upstream: None,
+            trace_id: None,
             ratelimit: None,
             reservation: None,
         }
@@ -181,6 +183,7 @@ impl Gateway {
                         s.chars().take(256).collect()
                     }
                 }),
+            trace_id: hygiene::trace_id(req.headers()).map(str::to_owned),
             ..Ctx::empty(conn.peer.ip(), req.method().clone())
         }
     }
@@ -640,6 +643,7 @@ impl Gateway {
             user_agent: ctx.user_agent.take(),
             upstream: ctx.upstream.take(),
             duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            trace_id: ctx.trace_id.take(),
         }
     }
 

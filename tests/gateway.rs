@@ -826,3 +826,65 @@ async fn request_id_from_an_untrusted_peer_is_replaced() {
     assert_eq!(tg.last_request_line().await["request_id"], own.as_str());
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn a_valid_traceparent_is_forwarded_and_audited_an_invalid_one_dropped() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let send = |tp: Option<&'static str>| {
+        let mut r = client()
+            .get(tg.url("/apps/billing/status"))
+            .bearer_auth(&tok)
+            .header("tracestate", "vendor=abc");
+        if let Some(tp) = tp {
+            r = r.header("traceparent", tp);
+        }
+        r.send()
+    };
+    assert_eq!(send(Some(valid)).await.unwrap().status(), 200);
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["traceparent"], valid);
+    assert_eq!(got[0].headers["tracestate"], "vendor=abc");
+    assert_eq!(
+        tg.last_request_line().await["trace_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    let invalid = [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        "garbage",
+    ];
+    for (i, tp) in invalid.into_iter().enumerate() {
+        assert_eq!(send(Some(tp)).await.unwrap().status(), 200, "{tp}");
+        let r = &tg.upstream.received()[i + 1];
+        assert!(r.headers.get("traceparent").is_none(), "{tp} dropped");
+        assert!(
+            r.headers.get("tracestate").is_none(),
+            "{tp}: tracestate dropped with it"
+        );
+        assert!(tg.last_request_line().await["trace_id"].is_null(), "{tp}");
+    }
+    // None sent: none made up.
+    assert_eq!(send(None).await.unwrap().status(), 200);
+    let last = tg.upstream.received().pop().unwrap();
+    assert!(last.headers.get("traceparent").is_none());
+    assert!(last.headers.get("tracestate").is_none());
+    // A refusal records it too.
+    let r = client()
+        .get(tg.url("/apps/billing/status"))
+        .header("traceparent", valid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        tg.last_request_line().await["trace_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    tg.stop().await;
+}

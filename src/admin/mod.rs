@@ -381,6 +381,7 @@ impl Ctx {
             user_agent: self.user_agent.clone(),
             upstream: None,
             duration_ms: (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            trace_id: None,
         };
         if let Err(e) = gw.audit().record(Entry::Request(rec)) {
             tracing::error!(error = %e, request_id = %self.request_id, "audit record for an admin request could not be queued");

@@ -116,6 +116,9 @@ pub struct RequestRecord {
     pub upstream: Option<String>,
     /// Time from request start to the response head, in milliseconds.
     pub duration_ms: f64,
+    /// The trace id of a valid W3C `traceparent` the request carried (32 lowercase hex).
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 /// One admin action line (token.created, token.revoked, token.rotated, token.identified,

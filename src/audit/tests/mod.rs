@@ -42,6 +42,7 @@ fn req(id: &str) -> RequestRecord {
         user_agent: Some("curl/8.5".into()),
         upstream: Some("http://127.0.0.1:5000".into()),
         duration_ms: 1.25,
+        trace_id: None,
     }
 }
 

@@ -410,6 +410,16 @@ mod prom {
 // Helpers
 // =================================================================================================
 
+/// The standard process metrics (Prometheus client convention), read from /proc/self.
+const PROCESS_METRICS: [&str; 6] = [
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+];
+
 async fn get_text(url: &str) -> (u16, String, String) {
     let r = client().get(url).send().await.unwrap();
     let status = r.status().as_u16();
@@ -873,11 +883,20 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     // reqwest keeps its connection open in the pool.
     assert!(v(&after, "tokengate_open_connections", &[]) >= 1.0);
 
+    #[cfg(target_os = "linux")]
+    for name in PROCESS_METRICS {
+        assert!(v(&after, name, &[]) > 0.0, "{name}");
+    }
     // Every counter follows the _total convention, and every family has HELP and TYPE.
     for f in &after {
         assert!(f.help.is_some(), "{} has no HELP", f.name);
         assert_ne!(f.kind, "untyped", "{} has no TYPE", f.name);
-        assert!(f.name.starts_with("tokengate_"), "{}", f.name);
+        // Ours start with tokengate_; the standard process_* set keeps its conventional names.
+        assert!(
+            f.name.starts_with("tokengate_") || PROCESS_METRICS.contains(&f.name.as_str()),
+            "{}",
+            f.name
+        );
         if f.kind == "counter" {
             assert!(f.name.ends_with("_total"), "{}", f.name);
         }

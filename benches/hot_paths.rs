@@ -343,6 +343,7 @@ fn sample_record() -> RequestRecord {
         duration_ms: 0.123,
         mode: Some("proxy".into()),
         phase: None,
+        trace_id: None,
     }
 }
 

@@ -42,17 +42,38 @@ impl AppError {
     }
 }
 
-/// Finds the config: `--config`/`TOKENGATE_CONFIG`, else `./tokengate.toml`.
+/// Where the config is looked for when neither `--config` nor `TOKENGATE_CONFIG` names one, in
+/// order: the working directory, then the system-wide file.
+pub const CONFIG_CANDIDATES: [&str; 2] = ["tokengate.toml", "/etc/tokengate/tokengate.toml"];
+
+/// The config file to use: `explicit` (`--config`/`TOKENGATE_CONFIG`) wins, else the first of
+/// `candidates` that exists. Taking the list keeps the search testable without writing to /etc.
+pub fn find_config(explicit: Option<&Path>, candidates: &[&Path]) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .map(|p| p.to_path_buf())
+}
+
+/// The config found by [`find_config`] over [`CONFIG_CANDIDATES`].
+pub fn default_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    let candidates = CONFIG_CANDIDATES.map(Path::new);
+    find_config(explicit, &candidates)
+}
+
+/// Finds the config: `--config`/`TOKENGATE_CONFIG`, else `./tokengate.toml`, else
+/// `/etc/tokengate/tokengate.toml`.
 pub fn load_config(path: Option<&Path>) -> Result<Config, AppError> {
-    let p = path
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("tokengate.toml"));
-    if path.is_none() && !p.exists() {
+    let Some(p) = default_config_path(path) else {
         return Err(AppError::usage(
-            "no config file: pass --config FILE (or set TOKENGATE_CONFIG), or try `tokengate demo`; \
+            "no config file: pass --config FILE (or set TOKENGATE_CONFIG), put one in \
+             ./tokengate.toml or /etc/tokengate/tokengate.toml, or try `tokengate demo`; \
              config/tokengate.toml in the repository is an annotated example",
         ));
-    }
+    };
     Config::load(&p).map_err(|e| AppError::usage(e.to_string()))
 }
 
@@ -174,6 +195,12 @@ pub async fn serve(config: Option<&Path>) -> Result<(), AppError> {
         },
         "tokengate listening"
     );
+    // Under systemd `Type=notify`: the listeners are bound (connections queue from here on).
+    crate::sdnotify::ready(&format!(
+        "serving on {} (admin {})",
+        started.server.public_addr(),
+        started.server.admin_addr()
+    ));
     let tls = started.server.tls_handle();
     let Signals { hangup, terminate } = signals;
     match source {
@@ -183,7 +210,12 @@ pub async fn serve(config: Option<&Path>) -> Result<(), AppError> {
     let Started {
         server, background, ..
     } = started;
-    server.run(terminate).await;
+    server
+        .run(async move {
+            terminate.await;
+            crate::sdnotify::stopping();
+        })
+        .await;
     drop(background);
     gw.audit().shutdown();
     tracing::info!("exiting");
@@ -271,7 +303,13 @@ fn spawn_reloader(gw: Gateway, tls: TlsHandle, path: PathBuf, mut hup: Hangup) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!(config = %path.display(), "SIGHUP received: reloading");
-            reload(&gw, &tls, &path).await;
+            crate::sdnotify::reloading();
+            let status = if reload(&gw, &tls, &path).await {
+                "configuration reloaded"
+            } else {
+                "new configuration refused: serving with the previous one"
+            };
+            crate::sdnotify::ready(status);
         }
     });
 }
@@ -323,4 +361,38 @@ pub async fn reload(gw: &Gateway, tls: &TlsHandle, path: &Path) -> bool {
     // Give the writer a moment so tests and operators see the line promptly.
     let _ = tokio::time::timeout(Duration::from_secs(1), gw.audit().flush_async()).await;
     ok
+}
+
+#[cfg(test)]
+mod config_search_tests {
+    use super::*;
+
+    #[test]
+    fn explicit_config_wins_then_the_first_candidate_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("tokengate.toml");
+        let system = dir.path().join("etc-tokengate.toml");
+        let explicit = dir.path().join("given.toml");
+        let candidates = [local.as_path(), system.as_path()];
+        assert_eq!(find_config(None, &candidates), None);
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(find_config(None, &candidates), Some(system.clone()));
+        std::fs::write(&local, "").unwrap();
+        assert_eq!(find_config(None, &candidates), Some(local.clone()));
+        // --config / TOKENGATE_CONFIG wins even over existing files, and even when missing
+        // (loading it then fails with its name, rather than silently using another file).
+        assert_eq!(
+            find_config(Some(&explicit), &candidates),
+            Some(explicit.clone())
+        );
+    }
+
+    #[test]
+    fn the_system_file_is_the_last_fallback() {
+        assert_eq!(
+            CONFIG_CANDIDATES.last(),
+            Some(&"/etc/tokengate/tokengate.toml")
+        );
+        assert_eq!(CONFIG_CANDIDATES[0], "tokengate.toml");
+    }
 }

@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     /// recorded again, even when their flush timed out (the log failing) and they were not acked:
     /// the writer keeps them queued, so recording them again would log them twice.
     pub(crate) outbox_sent: AtomicI64,
+    /// The public health endpoint's probe bookkeeping (see `health::ProbeState`).
+    pub(crate) health: crate::health::ProbeState,
 }
 
 /// Stops background tasks when dropped.
@@ -121,6 +123,7 @@ impl Gateway {
                 change_seq: AtomicU64::new(change_seq),
                 last_poll_ok: AtomicU64::new(now as u64),
                 outbox_sent: AtomicI64::new(0),
+                health: Default::default(),
             }),
         }
     }

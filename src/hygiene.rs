@@ -25,6 +25,47 @@ pub const HOP_BY_HOP: &[&str] = &[
     "http2-settings",
 ];
 
+/// W3C Trace Context headers: forwarded only when `traceparent` is valid ([`trace_id`]); an
+/// invalid one is dropped together with its `tracestate` (which means nothing without it).
+pub const TRACE_CONTEXT: [&str; 2] = ["traceparent", "tracestate"];
+
+/// The trace id of a valid W3C `traceparent` (Trace Context level 1, version `00`):
+/// `00-<32 hex trace-id, not all zero>-<16 hex parent-id, not all zero>-<2 hex flags>`, lowercase,
+/// exactly one header. Anything else is None.
+pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
+    let mut all = headers.get_all(TRACE_CONTEXT[0]).iter();
+    let v = all.next()?.to_str().ok()?;
+    if all.next().is_some() || v.len() != 55 {
+        return None;
+    }
+    let mut parts = v.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    (parts.next().is_none()
+        && version == "00"
+        && hex(trace, 32)
+        && !zero(trace)
+        && hex(parent, 16)
+        && !zero(parent)
+        && hex(flags, 2))
+    .then_some(trace)
+}
+
+/// Removes `traceparent` and `tracestate` unless the `traceparent` is valid ([`trace_id`]).
+pub fn strip_invalid_trace_context(headers: &mut HeaderMap) {
+    if trace_id(headers).is_none() {
+        for name in TRACE_CONTEXT {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Headers the gateway owns: client copies are removed, then authoritative values are set.
 pub const GATEWAY_OWNED: &[&str] = &[
     "x-forwarded-for",

@@ -28,6 +28,7 @@
 //! - `lifecycle` (crate) — every token/account operation (create, rotate, revoke, disable,
 //!   retire-on-first-use) and the rule that their result is never stronger than the caller.
 //! - [`path`] — canonical request paths (step 1).
+//! - `health` (crate) — readiness checks shared by the admin `/readyz` and the public health endpoint.
 //! - `hygiene` (crate) — request validation and header hygiene (step 1, forwarding).
 //! - `forwarded` (crate) — the client address (peer or trusted `X-Forwarded-For` hop).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
@@ -42,6 +43,7 @@
 //! - [`body`] — body types and the streaming size/idle guard.
 //! - [`gateway`] — the state handle, config swap and background jobs.
 //! - `pipeline` (crate) — the request pipeline, one function per phase, on the gateway's state.
+//! - `sdnotify` (crate) — systemd `Type=notify` readiness, reload and stop notifications.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
 //! - `tls` (crate) — rustls server configs from PEM files; TLS to `https://` upstreams.
 //! - [`admin`] (`admin/{mod,api,ui,session}.rs`) — the admin listener: health, readiness,
@@ -64,6 +66,7 @@ pub mod error;
 pub(crate) mod forward_auth;
 pub(crate) mod forwarded;
 pub mod gateway;
+pub(crate) mod health;
 pub(crate) mod hygiene;
 pub(crate) mod lifecycle;
 pub(crate) mod logging;
@@ -73,6 +76,7 @@ pub(crate) mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
+pub mod sdnotify;
 pub mod server;
 pub mod store;
 pub(crate) mod tls;

@@ -298,6 +298,7 @@ impl Metrics {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
 
+        render_process(&mut out);
         header(
             &mut out,
             "tokengate_build_info",
@@ -539,6 +540,97 @@ impl Metrics {
     }
 }
 
+/// The standard `process_*` metrics (the Prometheus client convention), read from /proc/self on
+/// Linux at scrape time; a value that cannot be read is left out, never made up.
+fn render_process(out: &mut String) {
+    for (name, kind, help, v) in process_metrics() {
+        single(out, name, kind, help, v);
+    }
+}
+
+/// (name, type, help, value) of each readable `process_*` metric.
+#[cfg(target_os = "linux")]
+pub fn process_metrics() -> Vec<(&'static str, &'static str, &'static str, f64)> {
+    let mut m = Vec::new();
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    let page = rustix::param::page_size() as f64;
+    // /proc/self/stat: the fields after the `)` that closes the command name; field 3 is index 0.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|s| s.parse::<f64>().ok());
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        m.push((
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (utime + stime) / ticks,
+        ));
+    }
+    if let Some(vsize) = field(23) {
+        m.push((
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            vsize,
+        ));
+    }
+    if let Some(rss) = field(24) {
+        m.push((
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss * page,
+        ));
+    }
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(btime), Some(start)) = (btime, field(22)) {
+        m.push((
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            btime + start / ticks,
+        ));
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        m.push((
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            dir.count() as f64,
+        ));
+    }
+    let max = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l["Max open files".len()..].split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    if let Some(max) = max {
+        m.push((
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max,
+        ));
+    }
+    m
+}
+
+/// No /proc: no `process_*` metrics.
+#[cfg(not(target_os = "linux"))]
+pub fn process_metrics() -> Vec<(&'static str, &'static str, &'static str, f64)> {
+    Vec::new()
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -648,5 +740,40 @@ mod tests {
         assert!(out.contains(
             "tokengate_requests_total{decision=\"allow\",reason=\"ok\",status_class=\"2xx\"} 2\n"
         ));
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod process_tests {
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let m = super::process_metrics();
+        let get = |n: &str| m.iter().find(|(name, ..)| *name == n).map(|(.., v)| *v);
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(get(name).is_some(), "{name} missing");
+        }
+        assert!(get("process_resident_memory_bytes").unwrap() > 1e5);
+        assert!(
+            get("process_virtual_memory_bytes").unwrap()
+                >= get("process_resident_memory_bytes").unwrap()
+        );
+        assert!(get("process_open_fds").unwrap() >= 3.0);
+        assert!(get("process_max_fds").unwrap() >= get("process_open_fds").unwrap());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = get("process_start_time_seconds").unwrap();
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
     }
 }

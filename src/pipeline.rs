@@ -56,6 +56,7 @@ struct Ctx {
     rule: Option<String>,
     shadow_decision: Option<&'static str>,
     upstream: Option<String>,
+    trace_id: Option<String>,
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
     /// After the decision line of a forwarded request is written, the completion's slot.
@@ -82,6 +83,7 @@ impl Ctx {
             rule: None,
             shadow_decision: None,
             upstream: None,
+            trace_id: None,
             ratelimit: None,
             reservation: None,
             forward_auth: false,
@@ -196,6 +198,7 @@ impl Gateway {
                         s.chars().take(256).collect()
                     }
                 }),
+            trace_id: hygiene::trace_id(req.headers()).map(str::to_owned),
             ..Ctx::empty(conn.peer.ip(), req.method().clone())
         }
     }
@@ -257,6 +260,9 @@ impl Gateway {
         ctx: &mut Ctx,
     ) -> Result<Decided<'c>, Reject> {
         let checked = self.check(cfg, conn, req, ctx)?;
+        if let Some(resp) = self.health(cfg, &checked, ctx).await {
+            return Ok(Decided::Answered(resp));
+        }
         if !ctx.public {
             let token = self
                 .authenticate(req.headers(), req.uri().query(), ctx.client_ip, ctx)
@@ -284,6 +290,11 @@ impl Gateway {
             max_header_bytes: cfg.server.max_header_bytes,
             max_body_bytes: cfg.server.max_body_bytes,
         };
+        if let Some(id) =
+            trusted_request_id(conn.peer.ip(), req.headers(), &cfg.server.trusted_proxies)
+        {
+            ctx.request_id = id;
+        }
         // Until the path is canonical, the audit line gets a sanitised copy of the raw one.
         let facts = hygiene::check(req, &cfg.server.methods, limits).inspect_err(|_| {
             ctx.path = sanitize_raw_path(req.uri().path());
@@ -714,6 +725,7 @@ impl Gateway {
             duration_ms: ms(elapsed),
             mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
             phase: None,
+            trace_id: ctx.trace_id.take(),
         }
     }
 
@@ -813,6 +825,41 @@ impl Gateway {
             }
             _ => Err(Reject::NotFound),
         }
+    }
+
+    /// The public health endpoint (`server.health_path`, under the reserved prefix): GET or HEAD,
+    /// no token, never forwarded; 200 `{"status":"ok"}` when ready (the admin `/readyz` checks),
+    /// else 503 `{"status":"unavailable"}`. Other methods go on like any reserved path.
+    async fn health(
+        &self,
+        cfg: &Config,
+        checked: &Checked<'_>,
+        ctx: &Ctx,
+    ) -> Option<Response<Body>> {
+        if !(checked.reserved
+            && matches!(ctx.method, Method::GET | Method::HEAD)
+            && cfg.server.health_path.as_deref() == Some(checked.canon.path.as_str()))
+        {
+            return None;
+        }
+        let ready = self.readiness_shared().await.ready();
+        let (status, body) = if ready {
+            (StatusCode::OK, "{\"status\":\"ok\"}\n")
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{\"status\":\"unavailable\"}\n",
+            )
+        };
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Some(self.decorate(cfg, resp, ctx))
     }
 
     /// Adds the gateway's response headers.
@@ -933,9 +980,73 @@ fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {
         .unwrap_or(cfg.rate_limit.default)
 }
 
+/// The longest `X-Request-Id` kept from a trusted proxy.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The `X-Request-Id` a trusted proxy sent, when it is sane: the peer is in
+/// `server.trusted_proxies`, the header appears once, and its value is 1 to
+/// [`MAX_REQUEST_ID_BYTES`] bytes of visible ASCII. Otherwise None (the gateway's own id is used).
+pub fn trusted_request_id(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<String> {
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return None;
+    }
+    let mut values = headers.get_all(X_REQUEST_ID).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let b = v.as_bytes();
+    let sane = !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID_BYTES
+        && b.iter().all(|c| (0x21..=0x7e).contains(c));
+    // Visible ASCII, so the bytes are valid UTF-8.
+    sane.then(|| String::from_utf8_lossy(b).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_id_is_kept_only_from_trusted_proxies_and_only_when_sane() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        let with = |vals: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(X_REQUEST_ID, HeaderValue::from_bytes(v).unwrap());
+            }
+            h
+        };
+        let ok = with(&[b"lb-7f3a9c/01"]);
+        assert_eq!(
+            trusted_request_id(proxy, &ok, &trusted).as_deref(),
+            Some("lb-7f3a9c/01")
+        );
+        assert_eq!(trusted_request_id(other, &ok, &trusted), None);
+        assert_eq!(trusted_request_id(proxy, &ok, &[]), None);
+        assert_eq!(trusted_request_id(proxy, &HeaderMap::new(), &trusted), None);
+        let long = vec![b'a'; MAX_REQUEST_ID_BYTES + 1];
+        assert_eq!(trusted_request_id(proxy, &with(&[&long]), &trusted), None);
+        let max = vec![b'a'; MAX_REQUEST_ID_BYTES];
+        assert!(trusted_request_id(proxy, &with(&[&max]), &trusted).is_some());
+        for bad in [&b"has space"[..], b"tab\there", b"caf\xc3\xa9", b""] {
+            assert_eq!(
+                trusted_request_id(proxy, &with(&[bad]), &trusted),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            trusted_request_id(proxy, &with(&[b"a", b"b"]), &trusted),
+            None
+        );
+    }
 
     #[test]
     fn forwarded_for_is_only_believed_from_trusted_proxies() {

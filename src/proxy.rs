@@ -111,6 +111,7 @@ pub fn upstream_request(
     let mut headers = parts.headers;
     hygiene::strip_hop_by_hop(&mut headers);
     hygiene::strip_owned(&mut headers);
+    hygiene::strip_invalid_trace_context(&mut headers);
     // hyper re-frames the body; the client's framing is never copied.
     headers.remove(header::CONTENT_LENGTH);
     if !route.forward_authorization {

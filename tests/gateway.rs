@@ -756,3 +756,135 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
     assert_eq!(tg.request_lines().await.len(), 1, "exactly one line");
     tg.stop().await;
 }
+
+#[tokio::test]
+async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
+    let tg = TestGateway::start_with(Options {
+        server: r#"trusted_proxies = ["127.0.0.1/32"]"#.into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(&tok)
+        .header("x-request-id", "lb-7f3a9c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "lb-7f3a9c");
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["x-request-id"], "lb-7f3a9c");
+    assert_eq!(got[0].headers.get_all("x-request-id").iter().count(), 1);
+    assert_eq!(tg.last_request_line().await["request_id"], "lb-7f3a9c");
+    // A refusal carries it too.
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .header("x-request-id", "lb-refused")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["x-request-id"], "lb-refused");
+    assert_eq!(tg.last_request_line().await["request_id"], "lb-refused");
+    // Not sane (too long): the gateway's own id.
+    let long = "a".repeat(129);
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(&tok)
+        .header("x-request-id", &long)
+        .send()
+        .await
+        .unwrap();
+    let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(own, long);
+    assert_eq!(
+        tg.upstream.received()[1].headers["x-request-id"],
+        own.as_str()
+    );
+    assert_eq!(tg.last_request_line().await["request_id"], own.as_str());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn request_id_from_an_untrusted_peer_is_replaced() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let resp = client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(&tok)
+        .header("x-request-id", "forged-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(own, "forged-id");
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["x-request-id"], own.as_str());
+    assert_eq!(tg.last_request_line().await["request_id"], own.as_str());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn a_valid_traceparent_is_forwarded_and_audited_an_invalid_one_dropped() {
+    let tg = TestGateway::start().await;
+    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let send = |tp: Option<&'static str>| {
+        let mut r = client()
+            .get(tg.url("/apps/billing/status"))
+            .bearer_auth(&tok)
+            .header("tracestate", "vendor=abc");
+        if let Some(tp) = tp {
+            r = r.header("traceparent", tp);
+        }
+        r.send()
+    };
+    assert_eq!(send(Some(valid)).await.unwrap().status(), 200);
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["traceparent"], valid);
+    assert_eq!(got[0].headers["tracestate"], "vendor=abc");
+    assert_eq!(
+        tg.last_request_line().await["trace_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    let invalid = [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        "garbage",
+    ];
+    for (i, tp) in invalid.into_iter().enumerate() {
+        assert_eq!(send(Some(tp)).await.unwrap().status(), 200, "{tp}");
+        let r = &tg.upstream.received()[i + 1];
+        assert!(r.headers.get("traceparent").is_none(), "{tp} dropped");
+        assert!(
+            r.headers.get("tracestate").is_none(),
+            "{tp}: tracestate dropped with it"
+        );
+        assert!(tg.last_request_line().await["trace_id"].is_null(), "{tp}");
+    }
+    // None sent: none made up.
+    assert_eq!(send(None).await.unwrap().status(), 200);
+    let last = tg.upstream.received().pop().unwrap();
+    assert!(last.headers.get("traceparent").is_none());
+    assert!(last.headers.get("tracestate").is_none());
+    // A refusal records it too.
+    let r = client()
+        .get(tg.url("/apps/billing/status"))
+        .header("traceparent", valid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        tg.last_request_line().await["trace_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    tg.stop().await;
+}

@@ -410,6 +410,16 @@ mod prom {
 // Helpers
 // =================================================================================================
 
+/// The standard process metrics (Prometheus client convention), read from /proc/self.
+const PROCESS_METRICS: [&str; 6] = [
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+];
+
 async fn get_text(url: &str) -> (u16, String, String) {
     let r = client().get(url).send().await.unwrap();
     let status = r.status().as_u16();
@@ -874,11 +884,20 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     // reqwest keeps its connection open in the pool.
     assert!(v(&after, "tokengate_open_connections", &[]) >= 1.0);
 
+    #[cfg(target_os = "linux")]
+    for name in PROCESS_METRICS {
+        assert!(v(&after, name, &[]) > 0.0, "{name}");
+    }
     // Every counter follows the _total convention, and every family has HELP and TYPE.
     for f in &after {
         assert!(f.help.is_some(), "{} has no HELP", f.name);
         assert_ne!(f.kind, "untyped", "{} has no TYPE", f.name);
-        assert!(f.name.starts_with("tokengate_"), "{}", f.name);
+        // Ours start with tokengate_; the standard process_* set keeps its conventional names.
+        assert!(
+            f.name.starts_with("tokengate_") || PROCESS_METRICS.contains(&f.name.as_str()),
+            "{}",
+            f.name
+        );
         if f.kind == "counter" {
             assert!(f.name.ends_with("_total"), "{}", f.name);
         }
@@ -905,6 +924,90 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
 // =================================================================================================
 // /healthz and /readyz
 // =================================================================================================
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_health_endpoint_answers_without_a_token_and_follows_readiness() {
+    let tg = TestGateway::start().await;
+    let url = tg.url("/_tokengate/health");
+    // No token, no forwarding; the same readiness as /readyz.
+    let (s, ct, body) = get_text(&url).await;
+    assert_eq!(
+        (s, ct.as_str(), body.as_str()),
+        (200, "application/json", "{\"status\":\"ok\"}\n")
+    );
+    let head = client().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.headers().get("x-request-id").is_some());
+    // A token that would be refused is not even looked at.
+    let r = client()
+        .get(&url)
+        .bearer_auth("tg_not_a_token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(tg.upstream.count(), 0, "never forwarded");
+    let line = tg.last_request_line().await;
+    assert_eq!(line["path"], "/_tokengate/health");
+    assert_eq!(line["status_code"], 200);
+    assert!(line["upstream"].is_null());
+
+    // Not ready (the store file is gone): 503, still without forwarding.
+    let db = tg.dir.path().join("tokengate.db");
+    let kept = tg.dir.path().join("tokengate.db.kept");
+    std::fs::rename(&db, &kept).unwrap();
+    let (s, _, body) = get_text(&url).await;
+    assert_eq!((s, body.as_str()), (503, "{\"status\":\"unavailable\"}\n"));
+    assert_eq!(
+        get_text(&format!("http://{}/readyz", tg.admin_addr))
+            .await
+            .0,
+        503
+    );
+    std::fs::rename(&kept, &db).unwrap();
+    assert_eq!(get_text(&url).await.0, 200);
+
+    // Other methods and near-miss spellings are not the health endpoint: they need a token.
+    let r = client().post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(get_text(&tg.url("/_tokengate/health/")).await.0, 401);
+    assert_eq!(get_text(&tg.url("/_tokengate/Health")).await.0, 401);
+    assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn health_path_is_configurable_and_can_be_turned_off() {
+    let tg = TestGateway::start_with(Options {
+        server: "health_path = \"/_tokengate/lb\"".into(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(get_text(&tg.url("/_tokengate/lb")).await.0, 200);
+    assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
+    tg.stop().await;
+    let tg = TestGateway::start_with(Options {
+        server: "health_path = \"\"".into(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
+    assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+    // Outside the reserved prefix (it would shadow a route) or not canonical: refused.
+    for bad in [
+        "/health",
+        "/_tokengate/",
+        "/_tokengate/a/../b",
+        "_tokengate/health",
+    ] {
+        let text = format!("[server]\nhealth_path = \"{bad}\"\n");
+        let e = Config::from_toml(&text, Path::new("/x/tokengate.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.health_path"), "{bad}: {e}");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
@@ -2194,4 +2297,80 @@ fn with_test_certs(toml: &str, dir: &Path) -> String {
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
     toml.replace("/etc/tokengate/tls/tls.crt", crt.to_str().unwrap())
         .replace("/etc/tokengate/tls/tls.key", key.to_str().unwrap())
+}
+
+// =================================================================================================
+// systemd Type=notify
+// =================================================================================================
+
+/// `tokengate serve` under `NOTIFY_SOCKET`: READY=1 once listening, RELOADING=1 (with
+/// MONOTONIC_USEC) then READY=1 around SIGHUP, STOPPING=1 on SIGTERM.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_readiness_reload_and_stop_to_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    // A bound on each wait, so a missing message fails the test instead of hanging it.
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = StdCommand::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let recv = move || {
+        let mut buf = vec![0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification from tokengate");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let (recv, ready) = tokio::task::spawn_blocking(move || {
+        let m = recv();
+        (recv, m)
+    })
+    .await
+    .unwrap();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=serving on 127.0.0.1:")),
+        "{ready}"
+    );
+    assert!(
+        ready.contains(&format!("MAINPID={}", child.id())),
+        "{ready}"
+    );
+
+    signal(child.id(), "-HUP");
+    let (recv, reloading, again) = tokio::task::spawn_blocking(move || {
+        let a = recv();
+        let b = recv();
+        (recv, a, b)
+    })
+    .await
+    .unwrap();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    let usec = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1");
+    assert!(usec.parse::<u64>().unwrap() > 0);
+    assert!(again.lines().any(|l| l == "READY=1"), "{again}");
+    assert!(again.contains("STATUS=configuration reloaded"), "{again}");
+
+    signal(child.id(), "-TERM");
+    let stopping = tokio::task::spawn_blocking(recv).await.unwrap();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }

@@ -76,37 +76,19 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
     }
 }
 
-/// Readiness: the store file is readable (through the pipeline's pooled connections, which
-/// first check that the path still names the very file the gateway opened, *and* a fresh one),
-/// the audit writer's last write succeeded,
-/// and the listeners are accepting. 200 with one `check: ok` line each, else 503 naming the failure.
+/// Readiness ([`crate::health`]): 200 with one `check: ok` line each, else 503 naming the
+/// failure.
 async fn readyz(gw: &Admin) -> Response<Body> {
-    let store = store_readable(gw).await;
-    let audit = if gw.audit().is_healthy() {
-        Ok(())
-    } else {
-        Err("audit log writes are failing".to_string())
-    };
-    let listeners = if gw
-        .metrics()
-        .listening
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        Ok(())
-    } else {
-        Err("not accepting connections (starting or draining)".to_string())
-    };
+    let readiness = gw.readiness().await;
     let mut body = String::new();
-    let mut ready = true;
-    for (name, r) in [("store", store), ("audit", audit), ("listeners", listeners)] {
+    for (name, r) in &readiness.checks {
         match r {
             Ok(()) => body.push_str(&format!("{name}: ok\n")),
             Err(e) => {
-                ready = false;
                 tracing::warn!(check = name, error = %e, "readiness check failed");
                 // The store's line names its problem (deleted, replaced, truncated, unreadable):
                 // the operator's next step depends on it.
-                if name == "store" {
+                if *name == "store" {
                     body.push_str(&format!("{name}: FAILED: {e}\n"));
                 } else {
                     body.push_str(&format!("{name}: FAILED\n"));
@@ -114,7 +96,7 @@ async fn readyz(gw: &Admin) -> Response<Body> {
             }
         }
     }
-    let status = if ready {
+    let status = if readiness.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -122,53 +104,9 @@ async fn readyz(gw: &Admin) -> Response<Body> {
     text(status, body)
 }
 
-/// The store answers through the pipeline's own connections and, for SQLite, on a fresh
-/// read-only connection to `store.path` (so a deleted, replaced or unmounted file shows up even
-/// while old connections still hold the old inode), within [`READY_STORE_TIMEOUT`].
-async fn store_readable(gw: &Admin) -> Result<(), String> {
-    let probe = async {
-        let pooled = gw.store_call(|s| s.ping()).await.map_err(|e| e.to_string());
-        // SQLite only: PostgreSQL has no file to replace, and `ping` already used the pool.
-        let path = gw.store().sqlite_path().map(|p| p.to_path_buf());
-        let fresh = match path {
-            Some(path) => tokio::task::spawn_blocking(move || probe_store_file(&path))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string())),
-            None => Ok(()),
-        };
-        pooled.and(fresh)
-    };
-    match tokio::time::timeout(READY_STORE_TIMEOUT, probe).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {READY_STORE_TIMEOUT:?}")),
-    }
-}
-
-/// How long `/readyz` waits for the store before calling it unavailable.
-const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Opens the store file read-only on a new connection and reads a table.
-fn probe_store_file(path: &std::path::Path) -> Result<(), String> {
-    use rusqlite::OpenFlags;
-    let c = rusqlite::Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| e.to_string())?;
-    c.busy_timeout(READY_STORE_TIMEOUT)
-        .map_err(|e| e.to_string())?;
-    // Reads the schema and at most one row: cheap with millions of tokens.
-    c.query_row(
-        "SELECT count(*) FROM (SELECT 1 FROM tokens LIMIT 1)",
-        [],
-        |_| Ok(()),
-    )
-    .map_err(|e| e.to_string())
-}
-
 async fn metrics(gw: &Admin) -> Response<Body> {
     let mut snap = gw.snapshot();
-    snap.store_up = Some(store_readable(gw).await.is_ok());
+    snap.store_up = Some(crate::health::store_readable(gw).await.is_ok());
     if let Some(counts) = token_counts(gw).await {
         snap.active_tokens = Some(counts.active);
         snap.expiring_7d = Some(counts.expiring_7d);
@@ -451,6 +389,7 @@ impl ApiCall {
             duration_ms: (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             mode: None,
             phase: None,
+            trace_id: None,
         };
         if let Err(e) = gw.audit().record(Entry::Request(rec)) {
             crate::coalesced!(error, "admin_request_audit_unqueued", error = %e, request_id = %self.request_id, "audit record for an admin request could not be queued");

@@ -128,6 +128,9 @@ pub struct RequestRecord {
     /// single line of a request that was never forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Cow<'static, str>>,
+    /// The trace id of a valid W3C `traceparent` the request carried (32 lowercase hex).
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 fn status_pending(s: &u16) -> bool {
@@ -154,10 +157,6 @@ pub struct CompletionRecord {
     pub bytes: u64,
     /// Time from request start to the end of the response body, in milliseconds.
     pub duration_ms: f64,
-    /// `proxy` (the public listener proxied or answered it), `forward_auth` (a decision a front
-    /// proxy asked for, docs/forward-auth.md); null on the admin listener and in older logs.
-    #[serde(default)]
-    pub mode: Option<Cow<'static, str>>,
 }
 
 /// One admin action line (token.created, token.revoked, token.rotated, token.identified,

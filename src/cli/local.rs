@@ -17,7 +17,8 @@ use crate::config::{Config, parse_duration};
 use crate::lifecycle::{self, Caller, RotateRequest, parse_scope, token_json};
 use crate::store::{Store, TokenRow};
 
-/// Finds the config: `--config`/`TOKENGATE_CONFIG`, else `./tokengate.toml`.
+/// Finds the config: `--config`/`TOKENGATE_CONFIG`, else `./tokengate.toml`, else
+/// `/etc/tokengate/tokengate.toml`.
 pub(super) fn load_config(path: Option<&Path>) -> Result<Config, CliError> {
     Ok(app_load_config(path)?)
 }

@@ -48,7 +48,7 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "tokengate", version, about, after_help = ROOT_EXAMPLES)]
 pub struct Cli {
-    /// Config file (default: ./tokengate.toml).
+    /// Config file (default: ./tokengate.toml, else /etc/tokengate/tokengate.toml).
     #[arg(
         long,
         short = 'c',

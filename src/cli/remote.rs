@@ -123,8 +123,7 @@ pub struct Target {
 pub fn target(cli: &Cli) -> Result<Option<Target>, CliError> {
     let implicit = cli.url.is_none()
         && cli.profile.is_none()
-        && cli.config.is_none()
-        && !Path::new("tokengate.toml").exists();
+        && crate::app::default_config_path(cli.config.as_deref()).is_none();
     if cli.url.is_none() && cli.profile.is_none() && !implicit {
         return Ok(None);
     }

@@ -86,6 +86,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Prefix answered by the gateway itself (starts and ends with `/`).
     pub reserved_prefix: String,
+    /// The public health endpoint (under `reserved_prefix`), answered without a token; None: off.
+    pub health_path: Option<String>,
     /// Methods accepted.
     pub methods: Vec<String>,
     /// Maximum concurrent connections.
@@ -411,26 +413,69 @@ pub fn default_roles() -> BTreeMap<String, RoleConfig> {
     ])
 }
 
-/// Parses a duration like `250ms`, `10s`, `5m`, `24h`, `7d`.
+/// The longest duration any setting or command accepts (100 years): every timestamp computed
+/// from a duration (now + grace, in milliseconds) stays far inside `i64`.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses a duration like `250ms`, `10s`, `5m`, `24h`, `7d`, or a compound of them in any order
+/// without repeats, like `1h30m` or `1d12h`. Arithmetic is checked: a value that overflows or
+/// exceeds [`MAX_DURATION`] is an error, never a wrapped number.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("`{s}` is not a duration: use a number and a unit, like `10s`, `500ms`, `24h`")
-    })?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
-        _ => {
-            return Err(format!(
-                "`{s}` has an unknown unit `{unit}`: use ms, s, m, h or d"
-            ));
-        }
+    let shape = || {
+        format!(
+            "`{s}` is not a duration: use a number and a unit (ms, s, m, h, d), like `10s`, \
+             `500ms`, `24h`, or a compound like `1h30m`"
+        )
     };
+    let too_long = || format!("`{s}` is too long: the longest duration accepted is 100 years");
+    if s.is_empty() {
+        return Err(shape());
+    }
+    let mut rest = s;
+    let mut total_ms: u64 = 0;
+    let mut seen: Vec<&str> = Vec::new();
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(shape());
+        }
+        let (num, after) = rest.split_at(digits);
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let per_ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => return Err(shape()),
+            _ => {
+                return Err(format!(
+                    "`{s}` has an unknown unit `{unit}`: use ms, s, m, h or d"
+                ));
+            }
+        };
+        if seen.contains(&unit) {
+            return Err(format!("`{s}` gives the unit `{unit}` twice"));
+        }
+        seen.push(unit);
+        // A number too long for u64 is an overflow too, not a shape error.
+        let n: u64 = num.parse().map_err(|_| too_long())?;
+        total_ms = n
+            .checked_mul(per_ms)
+            .and_then(|ms| total_ms.checked_add(ms))
+            .ok_or_else(too_long)?;
+        rest = next;
+    }
+    let d = Duration::from_millis(total_ms);
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
     Ok(d)
 }
 
@@ -623,6 +668,40 @@ mod tests {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("1h 30m").is_err());
+        assert!(parse_duration("1h1h").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn compound_durations_parse() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5_400));
+        assert_eq!(
+            parse_duration("1d12h").unwrap(),
+            Duration::from_secs(129_600)
+        );
+        assert_eq!(
+            parse_duration("1m30s250ms").unwrap(),
+            Duration::from_millis(90_250)
+        );
+        assert_eq!(parse_duration("30m1h").unwrap(), Duration::from_secs(5_400));
+    }
+
+    #[test]
+    fn duration_overflow_is_an_error() {
+        // 307445734561825861 * 60 wraps u64 to 44: it once became a 44 s grace.
+        let e = parse_duration("307445734561825861m").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        assert!(
+            parse_duration("18446744073709551616s")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!(parse_duration("36501d").unwrap_err().contains("too long"));
+        assert!(parse_duration("1d18446744073709551615ms").is_err());
+        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_REALM: &str = "tokengate";
 /// Prefix on which the gateway answers itself.
 pub const DEFAULT_RESERVED_PREFIX: &str = "/_tokengate/";
+/// `server.health_path` when unset: this name under `server.reserved_prefix`.
+pub const DEFAULT_HEALTH_NAME: &str = "health";
 /// Methods accepted on the public listener. TRACE and CONNECT are never accepted.
 pub const DEFAULT_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 /// Maximum concurrent connections on the public listener.
@@ -126,6 +128,7 @@ pub(super) struct RawServer {
     pub(super) realm: Option<String>,
     pub(super) trusted_proxies: Vec<String>,
     pub(super) reserved_prefix: Option<String>,
+    pub(super) health_path: Option<String>,
     pub(super) methods: Option<Vec<String>>,
     pub(super) max_connections: Option<usize>,
     pub(super) max_connections_per_ip: Option<usize>,

@@ -151,6 +151,22 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
             "must start and end with `/` and name a segment, like `/_tokengate/`",
         ));
     }
+    let health_path = match s.health_path.as_deref() {
+        None => Some(format!("{reserved_prefix}{DEFAULT_HEALTH_NAME}")),
+        Some("") => None,
+        Some(p) => {
+            let canonical = crate::path::canonicalise(p, false).is_ok_and(|c| c.path == p);
+            if !(p.starts_with(&reserved_prefix) && p.len() > reserved_prefix.len() && canonical) {
+                return Err(cx.invalid(
+                    "server.health_path",
+                    format!(
+                        "must be a plain path under server.reserved_prefix, like `{reserved_prefix}{DEFAULT_HEALTH_NAME}` (or \"\" to turn it off)"
+                    ),
+                ));
+            }
+            Some(p.to_string())
+        }
+    };
     let mut trusted_proxies = Vec::new();
     for p in &s.trusted_proxies {
         let net = p
@@ -192,6 +208,7 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
         realm: s.realm.clone().unwrap_or_else(|| DEFAULT_REALM.to_string()),
         trusted_proxies,
         reserved_prefix,
+        health_path,
         methods,
         max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         max_connections_per_ip: s

@@ -66,6 +66,7 @@ impl Gateway {
             duration_ms: ms(elapsed),
             mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
             phase: None,
+            trace_id: ctx.trace_id.clone(),
         }
     }
 }

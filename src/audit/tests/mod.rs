@@ -44,6 +44,7 @@ fn req(id: &str) -> RequestRecord {
         duration_ms: 1.25,
         mode: None,
         phase: None,
+        trace_id: None,
     }
 }
 

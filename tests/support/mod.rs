@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -192,6 +192,35 @@ async fn handle_upstream(
     r.headers_mut()
         .insert("x-upstream-private", "secret".parse().unwrap());
     Ok(r)
+}
+
+/// How long [`wait_until`] waits for an event before the test fails (a bound, not a goal).
+pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Polls `cond` until it holds; panics after [`WAIT_LIMIT`] (a wait for an event another task,
+/// process or socket brings about, not a speed assertion).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < WAIT_LIMIT, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `f` until it returns `Some`; panics after `limit` (a bound, not a goal).
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(t0.elapsed() < limit, "gave up waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The rules every test gateway starts with.
@@ -476,14 +505,10 @@ impl TestGateway {
     /// The last request audit line.
     pub async fn last_request_line(&self) -> serde_json::Value {
         // The line is queued after the response is built; give the writer a moment.
-        for _ in 0..50 {
-            let lines = self.request_lines().await;
-            if let Some(l) = lines.last() {
-                return l.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("no request line in the audit log");
+        eventually("a request line in the audit log", WAIT_LIMIT, || async {
+            self.request_lines().await.last().cloned()
+        })
+        .await
     }
 
     /// Stops the server and waits for the drain.

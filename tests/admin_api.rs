@@ -66,19 +66,15 @@ async fn events(tg: &TestGateway, event: &str) -> Vec<Value> {
 
 /// The request audit line for the last admin request to `path`.
 async fn request_line(tg: &TestGateway, path: &str) -> Value {
-    for _ in 0..50 {
-        if let Some(l) = tg
-            .request_lines()
+    let what = format!("a request line for {path}");
+    support::eventually(&what, support::WAIT_LIMIT, || async {
+        tg.request_lines()
             .await
             .into_iter()
             .rev()
             .find(|l| l["path"] == path)
-        {
-            return l;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("no request line for {path}");
+    })
+    .await
 }
 
 fn realm_challenge(h: &reqwest::header::HeaderMap) -> String {

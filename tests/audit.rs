@@ -71,12 +71,8 @@ fn request_ids(lines: &[serde_json::Value]) -> Vec<String> {
 }
 
 /// Polls `cond` until it holds; panics after [`PATIENCE`].
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < PATIENCE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, PATIENCE, cond).await
 }
 
 /// Waits until every id is in the file's complete lines; returns the lines.
@@ -875,16 +871,12 @@ async fn full_disk_continue(mut rig: Rig) {
     rig.fill();
     ok_ids.extend(rig.get_ok(30, "on_failure = continue keeps serving").await);
     assert_eq!(rig.upstream.count(), ok_ids.len());
-    let mut failures = 0.0;
-    let mut m = String::new();
-    for _ in 0..(PATIENCE.as_millis() / 25) {
-        m = rig.admin_get("/metrics").await.1;
-        failures = metric(&m, "tokengate_audit_write_failures_total");
-        if failures > failures_before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let m = eventually("write failures are counted", PATIENCE, || async {
+        let m = rig.admin_get("/metrics").await.1;
+        (metric(&m, "tokengate_audit_write_failures_total") > failures_before).then_some(m)
+    })
+    .await;
+    let failures = metric(&m, "tokengate_audit_write_failures_total");
     assert!(failures > failures_before, "write failures are counted");
     assert!(
         metric(&m, "tokengate_audit_queue_depth") > 0.0,

@@ -733,22 +733,9 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
         let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
         s.write_all(req.as_bytes()).await.unwrap();
         // Wait until the upstream has the request, then hang up.
-        for _ in 0..100 {
-            if tg.upstream.count() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until("the upstream has the request", || tg.upstream.count() == 1).await;
     }
-    let mut line = serde_json::Value::Null;
-    for _ in 0..100 {
-        let lines = tg.request_lines().await;
-        if let Some(l) = lines.last() {
-            line = l.clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "client_closed", "{line}");
     assert_eq!(line["status_code"], 499);
     assert_eq!(line["api_token_id"], id.as_str());

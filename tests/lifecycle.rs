@@ -514,7 +514,7 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let new = v["token"].as_str().unwrap().to_string();
     assert_eq!(v["rotated_from"], old_id.as_str());
-    tokio::time::sleep(Duration::from_millis(400)).await; // let the change log reach the cache
+    tg.gw.poll_changes().await.unwrap(); // the CLI's rotation reaches the cache now
     assert_eq!(
         get(old.clone()).await,
         200,

@@ -397,23 +397,31 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     // they are refused without a lookup.
     // Meanwhile, a good token from another address is served (from the cache now).
     let flood_start = Instant::now();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let flood = futures_util::stream::iter(bad[LIMIT + 1..].iter())
         .map(|t| {
             let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
+            let answered = answered.clone();
             async move {
-                c.get(url)
+                let st = c
+                    .get(url)
                     .bearer_auth(t)
                     .send()
                     .await
                     .unwrap()
                     .status()
-                    .as_u16()
+                    .as_u16();
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                st
             }
         })
         .buffer_unordered(8)
         .collect::<Vec<u16>>();
     let neighbour = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_until("the flood is under way", || {
+            answered.load(std::sync::atomic::Ordering::Relaxed) >= 64
+        })
+        .await;
         let r = client_from("127.0.0.2")
             .get(tg.url("/apps/a/b"))
             .bearer_auth(&good)
@@ -804,11 +812,14 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
     // is still configured, hyper panics in every connection task (no client is served, the
     // normal request below fails); if both are removed, hyper only logs a warning and never times
     // out, so these connections stay open and the `closed` check fails.
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..SLOW)
         .map(|_| {
+            let started = started.clone();
             tokio::spawn(async move {
                 let head = b"GET /apps/a/b HTTP/1.1\r\nHost: tokengate\r\nX-Slow: 1\r\n\r\n";
                 let mut s = TcpStream::connect(addr).await.unwrap();
+                started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let start = Instant::now();
                 let mut reply = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -836,8 +847,11 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
         })
         .collect();
 
-    // Meanwhile a normal client is served.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Meanwhile (every slow connection is open) a normal client is served.
+    wait_until("the slow connections are open", || {
+        started.load(std::sync::atomic::Ordering::Relaxed) == SLOW
+    })
+    .await;
     let r = client()
         .get(tg.url("/apps/a/b"))
         .bearer_auth(&tok)
@@ -1194,18 +1208,17 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         String::from_utf8_lossy(&buf[..n])
     );
     drop(held.pop());
-    let mut served = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut s = tcp_from("127.0.0.1", addr).await;
-        let _ = s.write_all(req).await;
-        let (got, _) = read_until_closed(&mut s, Duration::from_millis(500)).await;
-        if got.starts_with(b"HTTP/1.1 200") {
-            served = true;
-            break;
-        }
-    }
-    assert!(served, "a slot freed by a closed connection is reused");
+    eventually(
+        "a slot freed by a closed connection is reused",
+        WAIT_LIMIT,
+        || async {
+            let mut s = tcp_from("127.0.0.1", addr).await;
+            let _ = s.write_all(req).await;
+            let (got, _) = read_until_closed(&mut s, Duration::from_millis(500)).await;
+            got.starts_with(b"HTTP/1.1 200").then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         tg.upstream.count(),
         2,
@@ -1310,14 +1323,12 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
         (extra, 0x7),
         "the extra stream is refused with REFUSED_STREAM"
     );
-    // The allowed streams reached the upstream; the refused one never does.
-    for _ in 0..100 {
-        if tg.upstream.count() >= MAX as usize {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The allowed streams reached the upstream; the refused one never does (a stream refused
+    // with REFUSED_STREAM never reaches the service, so nothing can follow the reset).
+    wait_until("the allowed streams reach the upstream", || {
+        tg.upstream.count() >= MAX as usize
+    })
+    .await;
     let targets: Vec<String> = tg
         .upstream
         .received()

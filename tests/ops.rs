@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use support::{DEFAULT_RULES, Options, TestGateway, Upstream, client, write_config};
+use support::{DEFAULT_RULES, Options, TestGateway, Upstream, client, eventually, write_config};
 use tokengate::config::Config;
 use tokengate::store::{NewTokenSpec, RateOverride, Store};
 
@@ -430,22 +430,6 @@ async fn scrape(admin: SocketAddr) -> Vec<prom::Family> {
 
 fn v(fams: &[prom::Family], name: &str, labels: &[(&str, &str)]) -> f64 {
     prom::value(fams, name, labels).unwrap_or(0.0)
-}
-
-/// Polls `f` every 25 ms until it returns Some, or panics after `limit` (a bound, not a goal).
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(start.elapsed() < limit, "gave up waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 fn bearer(token: &str) -> String {

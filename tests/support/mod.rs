@@ -199,10 +199,15 @@ pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Polls `cond` until it holds; panics after [`WAIT_LIMIT`] (a wait for an event another task,
 /// process or socket brings about, not a speed assertion).
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, WAIT_LIMIT, cond).await
+}
+
+/// [`wait_until`] with another bound.
+pub async fn wait_until_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < WAIT_LIMIT, "timed out waiting for: {what}");
+        assert!(t0.elapsed() < limit, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

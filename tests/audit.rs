@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,10 +24,6 @@ use tokengate::store::{NewTokenSpec, RateOverride, Store};
 /// Liveness bound for things that happen in the background (writer retries every 250 ms, the
 /// outbox is drained every 200 ms, `--follow` polls every 200 ms). Not a speed goal.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tokengate")
-}
 
 /// Runs the CLI as OS user `auditor` (the actor of its admin events is `cli:auditor`).
 fn cli(cfg: &Path, args: &[&str]) -> Output {
@@ -485,57 +480,6 @@ fn fill(dir: &Path) -> PathBuf {
     p
 }
 
-/// `tokengate serve` in a child process.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `tokengate serve`; the addresses come from the JSON "tokengate listening" line.
-fn serve(cfg: &Path) -> Served {
-    let mut child = Command::new(bin())
-        .args(["--log-format", "json", "--config"])
-        .arg(cfg)
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (addr, admin) = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if let (Some(p), Some(a)) = (
-            v["fields"]["public"].as_str(),
-            v["fields"]["admin"].as_str(),
-        ) {
-            break (p.parse().unwrap(), a.parse().unwrap());
-        }
-    };
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            sink.lock().unwrap().push(l);
-        }
-    });
-    Served {
-        child,
-        addr,
-        admin,
-        stderr,
-    }
-}
-
 /// How the disk runs out of room.
 enum Backend {
     /// In-process gateway with its audit log on a small tmpfs.
@@ -622,7 +566,7 @@ impl Rig {
         };
         let (_, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
         drop(store);
-        let proc = serve(&config);
+        let proc = serve_binary(&config);
         Rig {
             addr: proc.addr,
             admin: proc.admin,

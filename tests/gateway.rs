@@ -256,11 +256,7 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let revoked_at = Instant::now();
     loop {
         let r = c
@@ -496,11 +492,7 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
         "--expires",
         "30d",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let token = stdout.lines().next().unwrap().to_string();
     assert!(tokengate::token::parse(&token).is_ok());
@@ -689,11 +681,7 @@ fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
         .args(["--config", example, "config", "check"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");

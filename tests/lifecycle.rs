@@ -13,19 +13,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokengate::store::Store;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tokengate")
-}
-
-fn cli(cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin())
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before() {
     let tg = TestGateway::start().await;
@@ -301,42 +288,6 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
     tg.stop().await;
 }
 
-struct Proc {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `tokengate serve` and reads its public address from the JSON log.
-fn serve(cfg: &std::path::Path) -> Proc {
-    use std::io::BufRead;
-    let mut child = Command::new(bin())
-        .args(["--log-format", "json", "--config"])
-        .arg(cfg)
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if let Some(a) = v["fields"]["public"].as_str() {
-            break a.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Proc { child, addr }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     // Every trial ends with one 401 from the same client IP: lift the failed-auth limit.
@@ -356,7 +307,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .replace("path = \"audit.log\"", "path = \"audit-b.log\""),
     )
     .unwrap();
-    let a = serve(&cfg_b);
+    let a = serve_binary(&cfg_b);
     let cfg_c = tg.dir.path().join("c.toml");
     std::fs::write(
         &cfg_c,
@@ -365,7 +316,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .replace("path = \"audit.log\"", "path = \"audit-c.log\""),
     )
     .unwrap();
-    let b = serve(&cfg_c);
+    let b = serve_binary(&cfg_c);
     let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     store.create_account("ci", None, "test", 0).unwrap();
     let c = client();
@@ -506,11 +457,7 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
         &tg.config_path,
         &["token", "rotate", &old_id, "--grace", "1h", "--json"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let new = v["token"].as_str().unwrap().to_string();
     assert_eq!(v["rotated_from"], old_id.as_str());

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use support::{DEFAULT_RULES, Options, TestGateway, Upstream, client, eventually, write_config};
+use support::{
+    DEFAULT_RULES, Options, TestGateway, Upstream, assert_success, client, eventually, write_config,
+};
 use tokengate::config::Config;
 use tokengate::store::{NewTokenSpec, RateOverride, Store};
 
@@ -1226,11 +1228,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
         .collect();
     assert_eq!(events, ["config.reloaded", "config.reload_failed"]);
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 // ---- certificates ----
@@ -1510,11 +1508,7 @@ async fn sigterm_drain(one_cpu: bool) {
             .all(|l| l["api_token_id"] == token_id.as_str())
     );
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let store = Store::open(&p.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     let row = store.find_token(&token_id).unwrap();
     assert!(
@@ -1585,11 +1579,7 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
         1
     );
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 // =================================================================================================
@@ -1614,11 +1604,7 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let file = backups.path().join("tokengate-backup.db");
     let cfg = tg.config_path.to_str().unwrap().to_string();
     let out = run_cli(&["--config", &cfg, "store", "backup", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("integrity_check ok"));
     // Never over an existing file.
     let again = run_cli(&["--config", &cfg, "store", "backup", file.to_str().unwrap()]);
@@ -1802,11 +1788,7 @@ fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
         .args(swap(&pre, shipped.to_str().unwrap()))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let bad_dir = tempfile::tempdir().unwrap();
     let bad = bad_dir.path().join("tokengate.toml");
     std::fs::write(&bad, "[server]\nlisten = \"nowhere\"\n").unwrap();
@@ -2007,11 +1989,7 @@ async fn dockerfile_is_multi_stage_non_root_and_its_healthcheck_probe_works() {
         "config",
         "check",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let cfg = Config::load(&Path::new(REPO).join("deploy/docker/tokengate.toml")).unwrap();
     assert!(cfg.admin.listen.ip().is_loopback());
     assert_eq!(cfg.admin.listen.port(), 9090);

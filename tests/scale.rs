@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, client};
+use support::{Upstream, assert_success, client};
 use tokengate::config::Config;
 use tokengate::gateway::Gateway;
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
@@ -603,11 +603,7 @@ async fn store_copy_sqlite_to_postgres_and_back_keeps_every_row_and_token() {
         ],
         &url_env,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
         msg.contains("2 accounts, 4 tokens") && msg.contains("identical"),
@@ -624,11 +620,7 @@ async fn store_copy_sqlite_to_postgres_and_back_keeps_every_row_and_token() {
         ],
         &url_env,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // Row for row, field for field, on both engines.
     let (pg_url, back2) = (db.url.clone(), back.clone());
     let (in_pg, in_back) = blocking(move || {

@@ -228,6 +228,86 @@ where
     }
 }
 
+/// The built `tokengate` binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokengate")
+}
+
+/// Runs the CLI with `--config cfg`.
+pub fn cli(cfg: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Asserts a CLI run succeeded, showing its stderr when not.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `tokengate serve` in a child process (killed when dropped).
+pub struct Served {
+    /// The process.
+    pub child: std::process::Child,
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Its stderr (JSON log lines) after the listening line.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tokengate serve`; the addresses come from the JSON "tokengate listening" line.
+pub fn serve_binary(cfg: &Path) -> Served {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(bin())
+        .args(["--log-format", "json", "--config"])
+        .arg(cfg)
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (addr, admin) = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let (Some(p), Some(a)) = (
+            v["fields"]["public"].as_str(),
+            v["fields"]["admin"].as_str(),
+        ) {
+            break (p.parse().unwrap(), a.parse().unwrap());
+        }
+    };
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    Served {
+        child,
+        addr,
+        admin,
+        stderr,
+    }
+}
+
 /// The rules every test gateway starts with.
 pub const DEFAULT_RULES: &str = r#"
 [[routes.rules]]

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client};
+use support::{Options, TestGateway, client, get_bearer};
 
 struct Admin<'a> {
     tg: &'a TestGateway,
@@ -152,12 +152,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
 
     // The new token works on the public listener.
     let pc = client();
-    let r = pc
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &plain).await;
     assert_eq!(r.status(), 200);
 
     let (s, shown) = a.get(&root, &format!("/v1/tokens/{id}")).await;
@@ -202,12 +197,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     let new_id = rotated["id"].as_str().unwrap().to_string();
     assert_eq!(rotated["rotated_from"].as_str(), Some(id.as_str()));
     assert_eq!(rotated["grace_seconds"], 3600);
-    let r = pc
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&new_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
     assert_eq!(r.status(), 200);
 
     let (s, revoked) = a
@@ -221,12 +211,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     assert_eq!(revoked["status"], "revoked");
     assert_eq!(revoked["revoke_reason"], "test over");
     // Revocation is instant on this process's public listener.
-    let r = pc
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&new_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]
@@ -355,12 +340,7 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
         !body.to_string().contains("bob"),
         "nothing about bob's token leaks: {body}"
     );
-    let r = client()
-        .get(tg.url("/apps/x/y"))
-        .bearer_auth(&bob_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/x/y"), &bob_plain).await;
     assert_eq!(r.status(), 200, "bob's token still works");
     assert!(
         tg.gw
@@ -1086,23 +1066,15 @@ async fn sessions_end_when_idle_or_when_their_token_is_revoked() {
 
 #[tokio::test]
 async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let certs = support::LocalhostCert::new();
     let tg = TestGateway::start_with(Options {
-        sections: format!(
-            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-            cert.display(),
-            key.display()
-        ),
+        sections: certs.admin_tls(),
         ..Options::default()
     })
     .await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let c = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .add_root_certificate(certs.reqwest_root())
         .tls_built_in_root_certs(false)
         .resolve("localhost", tg.admin_addr)
         .no_proxy()

@@ -24,36 +24,21 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
         s.expires_at = Some(now + 60 * 86_400_000)
     });
     let c = client();
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
     assert_eq!(r.status(), 200);
     let warn = r.headers()["token-expires-at"]
         .to_str()
         .unwrap()
         .to_string();
     assert_eq!(warn, tokengate::clock::rfc3339(now + 3 * 86_400_000));
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&far)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &far).await;
     assert!(
         r.headers().get("token-expires-at").is_none(),
         "no warning 60 days ahead"
     );
     assert_eq!(tg.gw.cache().len(), 2, "both cached");
     tg.gw.clock().advance_ms(3 * 86_400_000 + 1);
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]
@@ -275,13 +260,7 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
         for cl in clients {
             cl.await.unwrap();
         }
-        let st = c
-            .get(tg.url("/apps/a/b"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let st = get_bearer(&c, tg.url("/apps/a/b"), &tok).await.status();
         assert_eq!(st, 401, "round {round}");
     }
     assert_eq!(late_successes.load(Ordering::Relaxed), 0);
@@ -407,13 +386,7 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
     let t0 = Instant::now();
     for t in [&t1, &t2] {
         loop {
-            let st = c
-                .get(tg.url("/apps/a/b"))
-                .bearer_auth(t)
-                .send()
-                .await
-                .unwrap()
-                .status();
+            let st = get_bearer(&c, tg.url("/apps/a/b"), t).await.status();
             if st == 401 {
                 break;
             }

@@ -274,12 +274,7 @@ async fn gateway_for(up: &RawUpstream) -> (TestGateway, String) {
 }
 
 async fn get(tg: &TestGateway, tok: &str, path: &str) -> (u16, String) {
-    let r = client()
-        .get(tg.url(path))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url(path), tok).await;
     let status = r.status().as_u16();
     (status, r.text().await.unwrap())
 }

@@ -308,6 +308,81 @@ pub fn serve_binary(cfg: &Path) -> Served {
     }
 }
 
+/// Percent-decodes once, as a backend would (bytes; `%` without two hex digits stays).
+pub fn percent_decode_once(path: &str) -> Vec<u8> {
+    let b = path.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A self-signed certificate for `localhost`, written as `cert.pem` and `key.pem` to a temp folder.
+pub struct LocalhostCert {
+    /// The folder (removed when dropped).
+    pub dir: tempfile::TempDir,
+    /// `cert.pem`.
+    pub cert: PathBuf,
+    /// `key.pem`.
+    pub key: PathBuf,
+    /// The certificate in PEM.
+    pub pem: String,
+}
+
+impl LocalhostCert {
+    /// Makes one.
+    pub fn new() -> LocalhostCert {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        LocalhostCert {
+            dir,
+            cert,
+            key,
+            pem: ck.cert.pem(),
+        }
+    }
+
+    /// `tls = { cert = "...", key = "..." }` for `[server]`.
+    pub fn server_tls(&self) -> String {
+        format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
+    /// An `[admin.tls]` section with this certificate.
+    pub fn admin_tls(&self) -> String {
+        format!(
+            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
+    /// The certificate as a root for a reqwest client.
+    pub fn reqwest_root(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.pem.as_bytes()).unwrap()
+    }
+}
+
 /// The rules every test gateway starts with.
 pub const DEFAULT_RULES: &str = r#"
 [[routes.rules]]
@@ -614,6 +689,15 @@ pub fn client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
+}
+
+/// `GET url` with a bearer token on client `c`.
+pub async fn get_bearer(
+    c: &reqwest::Client,
+    url: String,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    c.get(url).bearer_auth(token).send().await.unwrap()
 }
 
 /// A raw response parsed from bytes.

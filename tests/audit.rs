@@ -553,17 +553,7 @@ impl Rig {
         let store = Store::open(&dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
         let now = tokengate::store::system_now_ms();
         store.create_account("acme", None, "test", now).unwrap();
-        let spec = NewTokenSpec {
-            account: "acme".into(),
-            name: "ci".into(),
-            role: None,
-            permissions: vec!["apps:read".into()],
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: None,
-            created_by: "test".into(),
-        };
+        let spec = token_spec("acme", "ci", &["apps:read"], None);
         let (_, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
         drop(store);
         let proc = serve_binary(&config);
@@ -1066,15 +1056,8 @@ async fn audit_reader_filters_on_a_generated_log() {
         let s = Store::open(&other.path().join("x.db"), Duration::from_secs(5)).unwrap();
         s.create_account("x", None, "t", 0).unwrap();
         let spec = NewTokenSpec {
-            account: "x".into(),
-            name: "x".into(),
-            role: None,
-            permissions: vec![],
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: None,
             created_by: "t".into(),
+            ..token_spec("x", "x", &[], None)
         };
         s.create_token(&spec, "tg", 10, 0).unwrap().1.plaintext
     };

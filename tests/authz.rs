@@ -347,15 +347,8 @@ async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
     store.create_account("ops", None, "test", now).unwrap();
     let make = |name: &str, cidr: &str| {
         let spec = tokengate::store::NewTokenSpec {
-            account: "ops".into(),
-            name: name.into(),
-            role: None,
-            permissions: vec!["apps:read".into()],
-            scopes: Default::default(),
             allowed_cidrs: vec![cidr.parse().unwrap()],
-            rate: None,
-            expires_at: Some(now + 86_400_000),
-            created_by: "test".into(),
+            ..token_spec("ops", name, &["apps:read"], Some(now + 86_400_000))
         };
         store
             .create_token(&spec, "tg", 1000, now)

@@ -301,17 +301,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     let c = client();
     let mut latencies = Vec::new();
     for i in 0..100 {
-        let spec = tokengate::store::NewTokenSpec {
-            account: "ci".into(),
-            name: format!("t{i}"),
-            role: None,
-            permissions: vec!["apps:read".into()],
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: None,
-            created_by: "test".into(),
-        };
+        let spec = token_spec("ci", &format!("t{i}"), &["apps:read"], None);
         let (row, new) = store
             .create_token(&spec, "tg", 1000, tokengate::store::system_now_ms())
             .unwrap();

@@ -22,7 +22,7 @@ use support::{
     DEFAULT_RULES, Options, TestGateway, Upstream, assert_success, client, eventually, write_config,
 };
 use tokengate::config::Config;
-use tokengate::store::{NewTokenSpec, RateOverride, Store};
+use tokengate::store::{RateOverride, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -443,17 +443,7 @@ fn issue(db: &Path, account: &str, name: &str, perms: &[&str]) -> (String, Strin
     let store = Store::open(db, Duration::from_secs(5)).unwrap();
     let now = tokengate::store::system_now_ms();
     let _ = store.create_account(account, None, "test", now);
-    let spec = NewTokenSpec {
-        account: account.into(),
-        name: name.into(),
-        role: None,
-        permissions: perms.iter().map(|s| s.to_string()).collect(),
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(now + 30 * 86_400_000),
-        created_by: "test".into(),
-    };
+    let spec = support::token_spec(account, name, perms, Some(now + 30 * 86_400_000));
     let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
     (new.plaintext, row.id)
 }

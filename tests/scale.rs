@@ -133,17 +133,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn spec(account: &str, name: &str) -> NewTokenSpec {
-    NewTokenSpec {
-        account: account.into(),
-        name: name.into(),
-        role: None,
-        permissions: vec!["apps:read".into()],
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(tokengate::store::system_now_ms() + 30 * 86_400_000),
-        created_by: "test".into(),
-    }
+    let expires_at = Some(tokengate::store::system_now_ms() + 30 * 86_400_000);
+    support::token_spec(account, name, &["apps:read"], expires_at)
 }
 
 /// Issues a token through `store`; returns (plaintext, id).

@@ -383,6 +383,26 @@ impl LocalhostCert {
     }
 }
 
+/// A token spec with explicit permissions and nothing else (no role, scopes, CIDRs or rate).
+pub fn token_spec(
+    account: &str,
+    name: &str,
+    perms: &[&str],
+    expires_at: Option<i64>,
+) -> NewTokenSpec {
+    NewTokenSpec {
+        account: account.into(),
+        name: name.into(),
+        role: None,
+        permissions: perms.iter().map(|s| s.to_string()).collect(),
+        scopes: Default::default(),
+        allowed_cidrs: vec![],
+        rate: None,
+        expires_at,
+        created_by: "test".into(),
+    }
+}
+
 /// The rules every test gateway starts with.
 pub const DEFAULT_RULES: &str = r#"
 [[routes.rules]]
@@ -614,17 +634,8 @@ impl TestGateway {
         f: impl FnOnce(&mut NewTokenSpec),
     ) -> (String, String) {
         self.account(account);
-        let mut spec = NewTokenSpec {
-            account: account.into(),
-            name: name.into(),
-            role: None,
-            permissions: perms.iter().map(|s| s.to_string()).collect(),
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: Some(self.gw.now_ms() + 30 * 86_400_000),
-            created_by: "test".into(),
-        };
+        let expires_at = Some(self.gw.now_ms() + 30 * 86_400_000);
+        let mut spec = token_spec(account, name, perms, expires_at);
         f(&mut spec);
         let (row, new) = self
             .gw

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, get_bearer};
+use support::{Options, TestGateway, client, get_bearer, post_session};
 
 struct Admin<'a> {
     tg: &'a TestGateway,
@@ -754,13 +754,7 @@ struct Browser<'a> {
 async fn sign_in<'a>(tg: &'a TestGateway, token: &str) -> Browser<'a> {
     let a = Admin::new(tg);
     let origin = format!("http://{}", tg.admin_addr);
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": token}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, token).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     let cookie = set.split(';').next().unwrap().to_string();
@@ -812,46 +806,22 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     }
 
     // Wrong tokens are refused like Bearer calls.
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": "tg_nope"}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, "tg_nope").await;
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
     let (viewer, _) = tg.token("alice", "viewer", &["apps:read"]);
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": viewer}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, &viewer).await;
     assert_eq!(
         r.status(),
         403,
         "a token without tokengate:self/admin cannot sign in"
     );
     // A sign-in posted from another site is refused.
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", "http://evil.example")
-            .json(&json!({"token": alice}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), "http://evil.example", &alice).await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "foreign_origin");
 
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": alice}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, &alice).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(set.starts_with("tokengate_session="), "{set}");
@@ -1081,13 +1051,7 @@ async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
         .build()
         .unwrap();
     let origin = format!("https://localhost:{}", tg.admin_addr.port());
-    let r = c
-        .post(format!("{origin}/session"))
-        .header("origin", &origin)
-        .json(&json!({"token": root}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_session(&c, format!("{origin}/session"), &origin, &root).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(

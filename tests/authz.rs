@@ -317,17 +317,7 @@ async fn start_v6() -> V6Gateway {
     let addr = started.server.public_addr();
     assert!(addr.is_ipv6());
     let gw = started.gateway.clone();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let tokengate::app::Started {
-        server, background, ..
-    } = started;
-    let task = tokio::spawn(async move {
-        server
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let (stop, task, background) = run_started(started);
     V6Gateway {
         addr,
         gw,

@@ -633,17 +633,7 @@ impl Running {
             .unwrap();
         let addr = started.server.public_addr();
         let admin = started.server.admin_addr();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started {
-            server, background, ..
-        } = started;
-        let task = tokio::spawn(async move {
-            server
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (tx, task, background) = support::run_started(started);
         Running {
             addr,
             admin,

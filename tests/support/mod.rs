@@ -507,6 +507,28 @@ pub struct TestGateway {
     _bg: Option<tokengate::gateway::BackgroundGuard>,
 }
 
+/// Runs a started gateway's server in a task until the returned sender fires (or is dropped).
+pub fn run_started(
+    started: tokengate::app::Started,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+    tokengate::gateway::BackgroundGuard,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let tokengate::app::Started {
+        server, background, ..
+    } = started;
+    let task = tokio::spawn(async move {
+        server
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (tx, task, background)
+}
+
 /// Writes a config file for tests.
 pub fn write_config(dir: &Path, upstream: &str, o: &Options) -> PathBuf {
     let text = format!(
@@ -577,20 +599,15 @@ impl TestGateway {
         let admin_addr = started.server.admin_addr();
         let tls = Some(started.server.tls_handle());
         let sessions = started.server.sessions();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started {
-            server, background, ..
-        } = started;
-        let task = if o.serve {
-            Some(tokio::spawn(async move {
-                server
-                    .run(async move {
-                        let _ = rx.await;
-                    })
-                    .await;
-            }))
+        let (tx, task, background) = if o.serve {
+            let (tx, task, background) = run_started(started);
+            (tx, Some(task), background)
         } else {
-            None
+            (
+                tokio::sync::oneshot::channel::<()>().0,
+                None,
+                started.background,
+            )
         };
         TestGateway {
             dir,
@@ -709,6 +726,21 @@ pub async fn get_bearer(
     token: impl std::fmt::Display,
 ) -> reqwest::Response {
     c.get(url).bearer_auth(token).send().await.unwrap()
+}
+
+/// Signs in to the web UI (`POST url` with an `Origin` header and the token as JSON) on client `c`.
+pub async fn post_session(
+    c: &reqwest::Client,
+    url: String,
+    origin: &str,
+    token: &str,
+) -> reqwest::Response {
+    c.post(url)
+        .header("origin", origin)
+        .json(&serde_json::json!({ "token": token }))
+        .send()
+        .await
+        .unwrap()
 }
 
 /// A raw response parsed from bytes.

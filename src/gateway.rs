@@ -183,6 +183,12 @@ impl Gateway {
         &self.inner.clock
     }
 
+    /// The upstream connection pool (tests: wait until it has seen an upstream's close).
+    #[doc(hidden)]
+    pub fn upstream_pool(&self) -> &UpstreamClient {
+        &self.inner.client
+    }
+
     /// Now (ms).
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client};
+use support::{Options, TestGateway, client, get_bearer, post_session};
 
 struct Admin<'a> {
     tg: &'a TestGateway,
@@ -66,19 +66,15 @@ async fn events(tg: &TestGateway, event: &str) -> Vec<Value> {
 
 /// The request audit line for the last admin request to `path`.
 async fn request_line(tg: &TestGateway, path: &str) -> Value {
-    for _ in 0..50 {
-        if let Some(l) = tg
-            .request_lines()
+    let what = format!("a request line for {path}");
+    support::eventually(&what, support::WAIT_LIMIT, || async {
+        tg.request_lines()
             .await
             .into_iter()
             .rev()
             .find(|l| l["path"] == path)
-        {
-            return l;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("no request line for {path}");
+    })
+    .await
 }
 
 fn realm_challenge(h: &reqwest::header::HeaderMap) -> String {
@@ -156,12 +152,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
 
     // The new token works on the public listener.
     let pc = client();
-    let r = pc
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &plain).await;
     assert_eq!(r.status(), 200);
 
     let (s, shown) = a.get(&root, &format!("/v1/tokens/{id}")).await;
@@ -206,12 +197,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     let new_id = rotated["id"].as_str().unwrap().to_string();
     assert_eq!(rotated["rotated_from"].as_str(), Some(id.as_str()));
     assert_eq!(rotated["grace_seconds"], 3600);
-    let r = pc
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&new_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
     assert_eq!(r.status(), 200);
 
     let (s, revoked) = a
@@ -225,12 +211,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     assert_eq!(revoked["status"], "revoked");
     assert_eq!(revoked["revoke_reason"], "test over");
     // Revocation is instant on this process's public listener.
-    let r = pc
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&new_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]
@@ -359,12 +340,7 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
         !body.to_string().contains("bob"),
         "nothing about bob's token leaks: {body}"
     );
-    let r = client()
-        .get(tg.url("/apps/x/y"))
-        .bearer_auth(&bob_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/x/y"), &bob_plain).await;
     assert_eq!(r.status(), 200, "bob's token still works");
     assert!(
         tg.gw
@@ -778,13 +754,7 @@ struct Browser<'a> {
 async fn sign_in<'a>(tg: &'a TestGateway, token: &str) -> Browser<'a> {
     let a = Admin::new(tg);
     let origin = format!("http://{}", tg.admin_addr);
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": token}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, token).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     let cookie = set.split(';').next().unwrap().to_string();
@@ -836,46 +806,22 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     }
 
     // Wrong tokens are refused like Bearer calls.
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": "tg_nope"}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, "tg_nope").await;
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
     let (viewer, _) = tg.token("alice", "viewer", &["apps:read"]);
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": viewer}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, &viewer).await;
     assert_eq!(
         r.status(),
         403,
         "a token without tokengate:self/admin cannot sign in"
     );
     // A sign-in posted from another site is refused.
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", "http://evil.example")
-            .json(&json!({"token": alice}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), "http://evil.example", &alice).await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "foreign_origin");
 
-    let r =
-        a.c.post(a.url("/session"))
-            .header("origin", &origin)
-            .json(&json!({"token": alice}))
-            .send()
-            .await
-            .unwrap();
+    let r = post_session(&a.c, a.url("/session"), &origin, &alice).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(set.starts_with("tokengate_session="), "{set}");
@@ -1090,36 +1036,22 @@ async fn sessions_end_when_idle_or_when_their_token_is_revoked() {
 
 #[tokio::test]
 async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let certs = support::LocalhostCert::new();
     let tg = TestGateway::start_with(Options {
-        sections: format!(
-            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-            cert.display(),
-            key.display()
-        ),
+        sections: certs.admin_tls(),
         ..Options::default()
     })
     .await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let c = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .add_root_certificate(certs.reqwest_root())
         .tls_built_in_root_certs(false)
         .resolve("localhost", tg.admin_addr)
         .no_proxy()
         .build()
         .unwrap();
     let origin = format!("https://localhost:{}", tg.admin_addr.port());
-    let r = c
-        .post(format!("{origin}/session"))
-        .header("origin", &origin)
-        .json(&json!({"token": root}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_session(&c, format!("{origin}/session"), &origin, &root).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client};
+use support::{Options, TestGateway, client, post_session};
 use tokengate::store::{RateOverride, TokenRow};
 use tokio::io::AsyncWriteExt;
 
@@ -172,13 +172,7 @@ impl Kind {
 /// Signs in through the web UI endpoint (as the browser does) and keeps cookie and CSRF token.
 async fn session(tg: &TestGateway, token: &str) -> Kind {
     let origin = format!("http://{}", tg.admin_addr);
-    let r = client()
-        .post(format!("{origin}/session"))
-        .header("origin", &origin)
-        .json(&json!({"token": token}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_session(&client(), format!("{origin}/session"), &origin, token).await;
     assert_eq!(r.status(), 200);
     let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
     let body: Value = r.json().await.unwrap();

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,10 +24,6 @@ use tokengate::store::{NewTokenSpec, RateOverride, Store};
 /// Liveness bound for things that happen in the background (writer retries every 250 ms, the
 /// outbox is drained every 200 ms, `--follow` polls every 200 ms). Not a speed goal.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tokengate")
-}
 
 /// Runs the CLI as OS user `auditor` (the actor of its admin events is `cli:auditor`).
 fn cli(cfg: &Path, args: &[&str]) -> Output {
@@ -71,12 +66,8 @@ fn request_ids(lines: &[serde_json::Value]) -> Vec<String> {
 }
 
 /// Polls `cond` until it holds; panics after [`PATIENCE`].
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < PATIENCE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, PATIENCE, cond).await
 }
 
 /// Waits until every id is in the file's complete lines; returns the lines.
@@ -513,57 +504,6 @@ fn fill(dir: &Path) -> PathBuf {
     p
 }
 
-/// `tokengate serve` in a child process.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `tokengate serve`; the addresses come from the JSON "tokengate listening" line.
-fn serve(cfg: &Path) -> Served {
-    let mut child = Command::new(bin())
-        .args(["--log-format", "json", "--config"])
-        .arg(cfg)
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (addr, admin) = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if let (Some(p), Some(a)) = (
-            v["fields"]["public"].as_str(),
-            v["fields"]["admin"].as_str(),
-        ) {
-            break (p.parse().unwrap(), a.parse().unwrap());
-        }
-    };
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            sink.lock().unwrap().push(l);
-        }
-    });
-    Served {
-        child,
-        addr,
-        admin,
-        stderr,
-    }
-}
-
 /// How the disk runs out of room.
 enum Backend {
     /// In-process gateway with its audit log on a small tmpfs.
@@ -637,20 +577,10 @@ impl Rig {
         let store = Store::open(&dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
         let now = tokengate::store::system_now_ms();
         store.create_account("acme", None, "test", now).unwrap();
-        let spec = NewTokenSpec {
-            account: "acme".into(),
-            name: "ci".into(),
-            role: None,
-            permissions: vec!["apps:read".into()],
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: None,
-            created_by: "test".into(),
-        };
+        let spec = token_spec("acme", "ci", &["apps:read"], None);
         let (_, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
         drop(store);
-        let proc = serve(&config);
+        let proc = serve_binary(&config);
         Rig {
             addr: proc.addr,
             admin: proc.admin,
@@ -913,16 +843,12 @@ async fn full_disk_continue(mut rig: Rig) {
     rig.fill();
     ok_ids.extend(rig.get_ok(30, "on_failure = continue keeps serving").await);
     assert_eq!(rig.upstream.count(), ok_ids.len());
-    let mut failures = 0.0;
-    let mut m = String::new();
-    for _ in 0..(PATIENCE.as_millis() / 25) {
-        m = rig.admin_get("/metrics").await.1;
-        failures = metric(&m, "tokengate_audit_write_failures_total");
-        if failures > failures_before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let m = eventually("write failures are counted", PATIENCE, || async {
+        let m = rig.admin_get("/metrics").await.1;
+        (metric(&m, "tokengate_audit_write_failures_total") > failures_before).then_some(m)
+    })
+    .await;
+    let failures = metric(&m, "tokengate_audit_write_failures_total");
     assert!(failures > failures_before, "write failures are counted");
     assert!(
         metric(&m, "tokengate_audit_queue_depth") > 0.0,
@@ -1175,15 +1101,8 @@ async fn audit_reader_filters_on_a_generated_log() {
         let s = Store::open(&other.path().join("x.db"), Duration::from_secs(5)).unwrap();
         s.create_account("x", None, "t", 0).unwrap();
         let spec = NewTokenSpec {
-            account: "x".into(),
-            name: "x".into(),
-            role: None,
-            permissions: vec![],
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: None,
             created_by: "t".into(),
+            ..token_spec("x", "x", &[], None)
         };
         s.create_token(&spec, "tg", 10, 0).unwrap().1.plaintext
     };

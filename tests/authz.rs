@@ -317,17 +317,7 @@ async fn start_v6() -> V6Gateway {
     let addr = started.server.public_addr();
     assert!(addr.is_ipv6());
     let gw = started.gateway.clone();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let tokengate::app::Started {
-        server, background, ..
-    } = started;
-    let task = tokio::spawn(async move {
-        server
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let (stop, task, background) = run_started(started);
     V6Gateway {
         addr,
         gw,
@@ -347,15 +337,8 @@ async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
     store.create_account("ops", None, "test", now).unwrap();
     let make = |name: &str, cidr: &str| {
         let spec = tokengate::store::NewTokenSpec {
-            account: "ops".into(),
-            name: name.into(),
-            role: None,
-            permissions: vec!["apps:read".into()],
-            scopes: Default::default(),
             allowed_cidrs: vec![cidr.parse().unwrap()],
-            rate: None,
-            expires_at: Some(now + 86_400_000),
-            created_by: "test".into(),
+            ..token_spec("ops", name, &["apps:read"], Some(now + 86_400_000))
         };
         store
             .create_token(&spec, "tg", 1000, now)

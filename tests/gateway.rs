@@ -239,12 +239,7 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "bot", &["apps:read"]);
     let c = client();
-    let ok = c
-        .get(tg.url("/apps/a/x"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let ok = get_bearer(&c, tg.url("/apps/a/x"), &tok).await;
     assert_eq!(ok.status(), 200);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
         .args([
@@ -256,19 +251,10 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let revoked_at = Instant::now();
     loop {
-        let r = c
-            .get(tg.url("/apps/a/x"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/a/x"), &tok).await;
         if r.status() == 401 {
             let www = r.headers()["www-authenticate"]
                 .to_str()
@@ -326,12 +312,7 @@ async fn upstream_down_is_502_and_silent_upstream_is_504() {
     })
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
-    let r = client()
-        .get(tg.url("/apps/a/x"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/a/x"), &tok).await;
     assert_eq!(r.status(), 502);
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "upstream_error");
@@ -345,12 +326,7 @@ async fn upstream_down_is_502_and_silent_upstream_is_504() {
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
     let start = Instant::now();
-    let r = client()
-        .get(tg.url("/slow/x"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/slow/x"), &tok).await;
     assert_eq!(r.status(), 504);
     assert!(start.elapsed() < Duration::from_secs(5));
     let line = tg.last_request_line().await;
@@ -366,12 +342,7 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
     let (tok, id) = tg.token_with("ci", "who", &["apps:read"], |s| {
         s.scopes.insert("app".into(), vec!["billing".into()]);
     });
-    let r = c
-        .get(tg.url("/_tokengate/v1/whoami"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/_tokengate/v1/whoami"), &tok).await;
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["id"], id.as_str());
@@ -402,12 +373,7 @@ async fn http2_prior_knowledge_works() {
         .no_proxy()
         .build()
         .unwrap();
-    let r = c
-        .get(tg.url("/apps/x/y"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/x/y"), &tok).await;
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "upstream ok 0");
@@ -421,22 +387,14 @@ async fn http2_prior_knowledge_works() {
 
 #[tokio::test]
 async fn tls_with_a_certificate_made_in_the_test_serves_h1_and_h2() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    let tls = format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    );
+    let certs = LocalhostCert::new();
     let tg = TestGateway::start_with(Options {
-        server: tls,
+        server: certs.server_tls(),
         ..Options::default()
     })
     .await;
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
-    let ca = reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap();
+    let ca = certs.reqwest_root();
     let url = format!("https://localhost:{}/apps/a/b", tg.addr.port());
     for h2 in [false, true] {
         let mut b = reqwest::Client::builder()
@@ -496,11 +454,7 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
         "--expires",
         "30d",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     let token = stdout.lines().next().unwrap().to_string();
     assert!(tokengate::token::parse(&token).is_ok());
@@ -689,11 +643,7 @@ fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
         .args(["--config", example, "config", "check"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
@@ -733,22 +683,9 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
         let mut s = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
         s.write_all(req.as_bytes()).await.unwrap();
         // Wait until the upstream has the request, then hang up.
-        for _ in 0..100 {
-            if tg.upstream.count() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until("the upstream has the request", || tg.upstream.count() == 1).await;
     }
-    let mut line = serde_json::Value::Null;
-    for _ in 0..100 {
-        let lines = tg.request_lines().await;
-        if let Some(l) = lines.last() {
-            line = l.clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "client_closed", "{line}");
     assert_eq!(line["status_code"], 499);
     assert_eq!(line["api_token_id"], id.as_str());

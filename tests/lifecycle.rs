@@ -13,19 +13,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokengate::store::Store;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tokengate")
-}
-
-fn cli(cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin())
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before() {
     let tg = TestGateway::start().await;
@@ -37,36 +24,21 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
         s.expires_at = Some(now + 60 * 86_400_000)
     });
     let c = client();
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
     assert_eq!(r.status(), 200);
     let warn = r.headers()["token-expires-at"]
         .to_str()
         .unwrap()
         .to_string();
     assert_eq!(warn, tokengate::clock::rfc3339(now + 3 * 86_400_000));
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&far)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &far).await;
     assert!(
         r.headers().get("token-expires-at").is_none(),
         "no warning 60 days ahead"
     );
     assert_eq!(tg.gw.cache().len(), 2, "both cached");
     tg.gw.clock().advance_ms(3 * 86_400_000 + 1);
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]
@@ -288,53 +260,11 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
         for cl in clients {
             cl.await.unwrap();
         }
-        let st = c
-            .get(tg.url("/apps/a/b"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let st = get_bearer(&c, tg.url("/apps/a/b"), &tok).await.status();
         assert_eq!(st, 401, "round {round}");
     }
     assert_eq!(late_successes.load(Ordering::Relaxed), 0);
     tg.stop().await;
-}
-
-struct Proc {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `tokengate serve` and reads its public address from the JSON log.
-fn serve(cfg: &std::path::Path) -> Proc {
-    use std::io::BufRead;
-    let mut child = Command::new(bin())
-        .args(["--log-format", "json", "--config"])
-        .arg(cfg)
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("serve exited").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if let Some(a) = v["fields"]["public"].as_str() {
-            break a.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Proc { child, addr }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +286,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .replace("path = \"audit.log\"", "path = \"audit-b.log\""),
     )
     .unwrap();
-    let a = serve(&cfg_b);
+    let a = serve_binary(&cfg_b);
     let cfg_c = tg.dir.path().join("c.toml");
     std::fs::write(
         &cfg_c,
@@ -365,23 +295,13 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .replace("path = \"audit.log\"", "path = \"audit-c.log\""),
     )
     .unwrap();
-    let b = serve(&cfg_c);
+    let b = serve_binary(&cfg_c);
     let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     store.create_account("ci", None, "test", 0).unwrap();
     let c = client();
     let mut latencies = Vec::new();
     for i in 0..100 {
-        let spec = tokengate::store::NewTokenSpec {
-            account: "ci".into(),
-            name: format!("t{i}"),
-            role: None,
-            permissions: vec!["apps:read".into()],
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: None,
-            created_by: "test".into(),
-        };
+        let spec = token_spec("ci", &format!("t{i}"), &["apps:read"], None);
         let (row, new) = store
             .create_token(&spec, "tg", 1000, tokengate::store::system_now_ms())
             .unwrap();
@@ -456,13 +376,7 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
     let t0 = Instant::now();
     for t in [&t1, &t2] {
         loop {
-            let st = c
-                .get(tg.url("/apps/a/b"))
-                .bearer_auth(t)
-                .send()
-                .await
-                .unwrap()
-                .status();
+            let st = get_bearer(&c, tg.url("/apps/a/b"), t).await.status();
             if st == 401 {
                 break;
             }
@@ -506,15 +420,11 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
         &tg.config_path,
         &["token", "rotate", &old_id, "--grace", "1h", "--json"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let new = v["token"].as_str().unwrap().to_string();
     assert_eq!(v["rotated_from"], old_id.as_str());
-    tokio::time::sleep(Duration::from_millis(400)).await; // let the change log reach the cache
+    tg.gw.poll_changes().await.unwrap(); // the CLI's rotation reaches the cache now
     assert_eq!(
         get(old.clone()).await,
         200,
@@ -549,7 +459,13 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
-    let tg = TestGateway::start().await;
+    // The periodic flush would fire every 10 s of real time, so a slow run would see more
+    // writes: keep it out of the way and drive the flush explicitly below.
+    let tg = TestGateway::start_with(Options {
+        sections: "[tokens]\nlast_used_flush_interval = \"24h\"\n".into(),
+        ..Options::default()
+    })
+    .await;
     let (tok, id) = tg.token_with("ci", "busy", &["apps:read"], |s| {
         s.rate = Some(tokengate::store::RateOverride {
             requests_per_second: 1e6,

@@ -133,12 +133,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
     let c = client();
     for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
-        let r = c
-            .get(tg.url("/apps/a/b"))
-            .bearer_auth(&hot)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), "3");
         assert_eq!(header(&r, "ratelimit-remaining"), remaining.to_string());
@@ -147,12 +142,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     }
     assert_eq!(tg.upstream.count(), 3);
 
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&hot)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "retry-after"), "1");
     assert_eq!(header(&r, "ratelimit-limit"), "3");
@@ -177,12 +167,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     assert_eq!(tg.upstream.count(), 3, "the 429 was not forwarded");
 
     // Another token is unaffected.
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&calm)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &calm).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-limit"), "100");
     assert_eq!(header(&r, "ratelimit-remaining"), "99");
@@ -191,12 +176,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
     // a fake clock in ratelimit/mod.rs).
     tokio::time::sleep(Duration::from_millis(1050)).await;
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&hot)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-limit"), "3");
     assert_eq!(tg.upstream.count(), 5);
@@ -215,23 +195,13 @@ async fn a_fast_override_refills_within_milliseconds() {
     });
     let c = client();
     for _ in 0..3 {
-        let r = c
-            .get(tg.url("/apps/a/b"))
-            .bearer_auth(&fast)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), "3");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Refilled: the burst is (almost) whole again after a few ms.
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&fast)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-remaining"), "2");
     assert_eq!(
@@ -276,30 +246,15 @@ rate_limit = { requests_per_second = 2, burst = 4 }
     });
     let c = client();
     for (tok, limit) in [(&over, 2), (&by_role, 4), (&plain, 7), (&gone, 7)] {
-        let r = c
-            .get(tg.url("/apps/a/b"))
-            .bearer_auth(tok)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/a/b"), tok).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
         assert_eq!(header(&r, "ratelimit-remaining"), (limit - 1).to_string());
     }
     // The override's burst of 2 is really enforced, not just advertised.
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&over)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &over).await;
     assert_eq!(r.status(), 200);
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&over)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &over).await;
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "ratelimit-limit"), "2");
     assert_eq!(tg.upstream.count(), 5);
@@ -331,12 +286,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
 
     // The first LIMIT failures are answered 401, one at a time so the count is exact.
     for (i, t) in bad[..LIMIT].iter().enumerate() {
-        let r = attacker
-            .get(tg.url("/apps/a/b"))
-            .bearer_auth(t)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&attacker, tg.url("/apps/a/b"), t).await;
         assert_eq!(r.status(), 401, "failure {i}");
         assert!(header(&r, "www-authenticate").contains("error=\"invalid_token\""));
     }
@@ -348,12 +298,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     );
 
     // From now on: 429 before any lookup.
-    let r = attacker
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&bad[LIMIT])
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&attacker, tg.url("/apps/a/b"), &bad[LIMIT]).await;
     assert_eq!(r.status(), 429);
     let wait: u64 = header(&r, "retry-after").parse().unwrap();
     assert!(
@@ -397,23 +342,31 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     // they are refused without a lookup.
     // Meanwhile, a good token from another address is served (from the cache now).
     let flood_start = Instant::now();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let flood = futures_util::stream::iter(bad[LIMIT + 1..].iter())
         .map(|t| {
             let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
+            let answered = answered.clone();
             async move {
-                c.get(url)
+                let st = c
+                    .get(url)
                     .bearer_auth(t)
                     .send()
                     .await
                     .unwrap()
                     .status()
-                    .as_u16()
+                    .as_u16();
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                st
             }
         })
         .buffer_unordered(8)
         .collect::<Vec<u16>>();
     let neighbour = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_until("the flood is under way", || {
+            answered.load(std::sync::atomic::Ordering::Relaxed) >= 64
+        })
+        .await;
         let r = client_from("127.0.0.2")
             .get(tg.url("/apps/a/b"))
             .bearer_auth(&good)
@@ -589,12 +542,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
 
     // A valid token from the same address: served, and its audit line names it. Not cached yet,
     // so it costs one lookup (the address has used none of its unknown-token lookups).
-    let r = client
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client, tg.url("/apps/a/b"), &good).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-limit"), "100");
     let line = tg.last_request_line().await;
@@ -611,12 +559,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
     assert_eq!(tg.upstream.count(), 1);
     assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     // Again: a cache hit, no lookup, still served.
-    let r = client
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client, tg.url("/apps/a/b"), &good).await;
     assert_eq!(r.status(), 200);
     assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     assert_eq!(tg.upstream.count(), 2);
@@ -804,11 +747,14 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
     // is still configured, hyper panics in every connection task (no client is served, the
     // normal request below fails); if both are removed, hyper only logs a warning and never times
     // out, so these connections stay open and the `closed` check fails.
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..SLOW)
         .map(|_| {
+            let started = started.clone();
             tokio::spawn(async move {
                 let head = b"GET /apps/a/b HTTP/1.1\r\nHost: tokengate\r\nX-Slow: 1\r\n\r\n";
                 let mut s = TcpStream::connect(addr).await.unwrap();
+                started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let start = Instant::now();
                 let mut reply = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -836,14 +782,12 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
         })
         .collect();
 
-    // Meanwhile a normal client is served.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = client()
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    // Meanwhile (every slow connection is open) a normal client is served.
+    wait_until("the slow connections are open", || {
+        started.load(std::sync::atomic::Ordering::Relaxed) == SLOW
+    })
+    .await;
+    let r = get_bearer(&client(), tg.url("/apps/a/b"), &tok).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "upstream ok 0");
 
@@ -961,15 +905,11 @@ async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_heade
 
 #[tokio::test]
 async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handshake_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let certs = LocalhostCert::new();
     let tg = TestGateway::start_with(Options {
         server: format!(
-            "tls = {{ cert = \"{}\", key = \"{}\" }}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
-            dir.path().join("cert.pem").display(),
-            dir.path().join("key.pem").display()
+            "{}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
+            certs.server_tls()
         ),
         ..Options::default()
     })
@@ -995,7 +935,7 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
         .collect();
 
     // A real TLS client is served meanwhile.
-    let ca = reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap();
+    let ca = certs.reqwest_root();
     let c = reqwest::Client::builder()
         .add_root_certificate(ca)
         .tls_built_in_root_certs(false)
@@ -1211,18 +1151,17 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         String::from_utf8_lossy(&buf[..n])
     );
     drop(held.pop());
-    let mut served = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut s = tcp_from("127.0.0.1", addr).await;
-        let _ = s.write_all(req).await;
-        let (got, _) = read_until_closed(&mut s, Duration::from_millis(500)).await;
-        if got.starts_with(b"HTTP/1.1 200") {
-            served = true;
-            break;
-        }
-    }
-    assert!(served, "a slot freed by a closed connection is reused");
+    eventually(
+        "a slot freed by a closed connection is reused",
+        WAIT_LIMIT,
+        || async {
+            let mut s = tcp_from("127.0.0.1", addr).await;
+            let _ = s.write_all(req).await;
+            let (got, _) = read_until_closed(&mut s, Duration::from_millis(500)).await;
+            got.starts_with(b"HTTP/1.1 200").then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         tg.upstream.count(),
         2,
@@ -1327,14 +1266,12 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
         (extra, 0x7),
         "the extra stream is refused with REFUSED_STREAM"
     );
-    // The allowed streams reached the upstream; the refused one never does.
-    for _ in 0..100 {
-        if tg.upstream.count() >= MAX as usize {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The allowed streams reached the upstream; the refused one never does (a stream refused
+    // with REFUSED_STREAM never reaches the service, so nothing can follow the reset).
+    wait_until("the allowed streams reach the upstream", || {
+        tg.upstream.count() >= MAX as usize
+    })
+    .await;
     let targets: Vec<String> = tg
         .upstream
         .received()
@@ -1399,12 +1336,7 @@ async fn the_total_request_deadline_answers_504() {
     })
     .await;
     let (tok, _) = tg.token("ci", "deadline", &["apps:read"]);
-    let r = client()
-        .get(tg.url("/slow/x"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/slow/x"), &tok).await;
     assert_eq!(r.status(), 504);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout");

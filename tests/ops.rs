@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use support::{DEFAULT_RULES, Options, TestGateway, Upstream, client, write_config};
+use support::{
+    DEFAULT_RULES, Options, TestGateway, Upstream, assert_success, client, eventually, write_config,
+};
 use tokengate::config::Config;
-use tokengate::store::{NewTokenSpec, RateOverride, Store};
+use tokengate::store::{RateOverride, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -442,22 +444,6 @@ fn v(fams: &[prom::Family], name: &str, labels: &[(&str, &str)]) -> f64 {
     prom::value(fams, name, labels).unwrap_or(0.0)
 }
 
-/// Polls `f` every 25 ms until it returns Some, or panics after `limit` (a bound, not a goal).
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(start.elapsed() < limit, "gave up waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -467,17 +453,7 @@ fn issue(db: &Path, account: &str, name: &str, perms: &[&str]) -> (String, Strin
     let store = Store::open(db, Duration::from_secs(5)).unwrap();
     let now = tokengate::store::system_now_ms();
     let _ = store.create_account(account, None, "test", now);
-    let spec = NewTokenSpec {
-        account: account.into(),
-        name: name.into(),
-        role: None,
-        permissions: perms.iter().map(|s| s.to_string()).collect(),
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(now + 30 * 86_400_000),
-        created_by: "test".into(),
-    };
+    let spec = support::token_spec(account, name, perms, Some(now + 30 * 86_400_000));
     let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
     (new.plaintext, row.id)
 }
@@ -667,17 +643,7 @@ impl Running {
             .unwrap();
         let addr = started.server.public_addr();
         let admin = started.server.admin_addr();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started {
-            server, background, ..
-        } = started;
-        let task = tokio::spawn(async move {
-            server
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (tx, task, background) = support::run_started(started);
         Running {
             addr,
             admin,
@@ -1346,11 +1312,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
         .collect();
     assert_eq!(events, ["config.reloaded", "config.reload_failed"]);
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 // ---- certificates ----
@@ -1631,11 +1593,7 @@ async fn sigterm_drain(one_cpu: bool) {
             .all(|l| l["api_token_id"] == token_id.as_str())
     );
     let out = run_cli(&["audit", "verify", p.audit_path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let store = Store::open(&p.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     let row = store.find_token(&token_id).unwrap();
     assert!(
@@ -1738,11 +1696,7 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let file = backups.path().join("tokengate-backup.db");
     let cfg = tg.config_path.to_str().unwrap().to_string();
     let out = run_cli(&["--config", &cfg, "store", "backup", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("integrity_check ok"));
     // Never over an existing file.
     let again = run_cli(&["--config", &cfg, "store", "backup", file.to_str().unwrap()]);
@@ -1926,11 +1880,7 @@ fn systemd_unit_is_hardened_verifies_and_matches_the_cli() {
         .args(swap(&pre, shipped.to_str().unwrap()))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let bad_dir = tempfile::tempdir().unwrap();
     let bad = bad_dir.path().join("tokengate.toml");
     std::fs::write(&bad, "[server]\nlisten = \"nowhere\"\n").unwrap();
@@ -2131,11 +2081,7 @@ async fn dockerfile_is_multi_stage_non_root_and_its_healthcheck_probe_works() {
         "config",
         "check",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let cfg = Config::load(&Path::new(REPO).join("deploy/docker/tokengate.toml")).unwrap();
     assert!(cfg.admin.listen.ip().is_loopback());
     assert_eq!(cfg.admin.listen.port(), 9090);

@@ -161,24 +161,7 @@ fn reference(method: &str, segs: &[&str]) -> (u16, &'static str) {
 
 /// Percent-decodes once, as a backend would.
 fn decode_once(path: &str) -> String {
-    let b = path.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
+    let out = support::percent_decode_once(path);
     String::from_utf8(out).expect("a canonical ASCII-only path decodes to UTF-8")
 }
 

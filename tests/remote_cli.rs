@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
-use support::{Options, TestGateway, client};
+use support::{LocalhostCert, Options, TestGateway, client, get_bearer};
 use tokio::io::AsyncWriteExt;
 
 /// Runs the binary with a private HOME, no inherited TOKENGATE_* variables, in `cwd` (which has
@@ -113,12 +113,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
         "first line is the token: {out}"
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("will not be shown again"));
-    let r = client()
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &plain).await;
     assert_eq!(r.status(), 200, "the remotely issued token works");
 
     let out = ok(&run(h, &[], &["token", "list", "--account", "ci", "--json"], "").await);
@@ -143,12 +138,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
     )
     .await);
     assert!(out.contains(&format!("revoked {id}")), "{out}");
-    let r = client()
-        .get(tg.url("/apps/billing/x"))
-        .bearer_auth(&plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &plain).await;
     assert_eq!(
         r.status(),
         401,
@@ -273,12 +263,7 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let r = client()
-        .get(tg.url("/apps/x/y"))
-        .bearer_auth(&bob_plain)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/x/y"), &bob_plain).await;
     assert_eq!(r.status(), 200);
     let o = run(
         h,
@@ -319,17 +304,9 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
 
 #[tokio::test]
 async fn login_over_tls_with_a_ca_made_in_the_test() {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let certs = LocalhostCert::new();
     let tg = TestGateway::start_with(Options {
-        sections: format!(
-            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-            cert.display(),
-            key.display()
-        ),
+        sections: certs.admin_tls(),
         ..Options::default()
     })
     .await;
@@ -355,7 +332,7 @@ async fn login_over_tls_with_a_ca_made_in_the_test() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!h.join(".config/tokengate/credentials").exists());
-    let ca = [("TOKENGATE_CA_FILE", cert.to_str().unwrap())];
+    let ca = [("TOKENGATE_CA_FILE", certs.cert.to_str().unwrap())];
     ok(&run(h, &ca, &["login", "--url", &url], &root).await);
     let out = ok(&run(h, &ca, &["token", "list", "--json"], "").await);
     assert_eq!(serde_json::from_str::<Vec<Value>>(&out).unwrap().len(), 1);

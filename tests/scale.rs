@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, client};
+use support::{Upstream, assert_success, client};
 use tokengate::config::Config;
 use tokengate::gateway::Gateway;
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
@@ -149,17 +149,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn spec(account: &str, name: &str) -> NewTokenSpec {
-    NewTokenSpec {
-        account: account.into(),
-        name: name.into(),
-        role: None,
-        permissions: vec!["apps:read".into()],
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(tokengate::store::system_now_ms() + 30 * 86_400_000),
-        created_by: "test".into(),
-    }
+    let expires_at = Some(tokengate::store::system_now_ms() + 30 * 86_400_000);
+    support::token_spec(account, name, &["apps:read"], expires_at)
 }
 
 /// Issues a token through `store`; returns (plaintext, id).
@@ -370,14 +361,10 @@ async fn a_replica_cut_off_from_notifications_never_serves_a_token_revoked_meanw
     // Cut C's notification connection (the real way: the server kills it) and keep it down.
     c.gw.store().hold_change_feed(true);
     assert_eq!(db.terminate("replica-c-listen"), 1);
-    let t0 = Instant::now();
-    while c.gw.cache().is_trusted() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "C did not notice the lost connection"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    support::wait_until("C to notice the lost connection", || {
+        !c.gw.cache().is_trusted()
+    })
+    .await;
     assert_eq!(c.gw.store().change_feed_up(), Some(false));
     assert_eq!(c.gw.cache().len(), 0, "what could go stale was dropped");
 
@@ -407,11 +394,7 @@ async fn a_replica_cut_off_from_notifications_never_serves_a_token_revoked_meanw
 
     // Let it reconnect: C trusts its cache again on its own, after reading the change log.
     c.gw.store().hold_change_feed(false);
-    let t0 = Instant::now();
-    while !c.gw.cache().is_trusted() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "C did not recover");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::wait_until("C to recover", || c.gw.cache().is_trusted()).await;
     assert_eq!(c.gw.store().change_feed_up(), Some(true));
     // Notifications work again: a cached token revoked through A is refused by C long before
     // its 30 s poll.
@@ -627,11 +610,7 @@ async fn store_copy_sqlite_to_postgres_and_back_keeps_every_row_and_token() {
         ],
         &url_env,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
         msg.contains("2 accounts, 4 tokens") && msg.contains("identical"),
@@ -648,11 +627,7 @@ async fn store_copy_sqlite_to_postgres_and_back_keeps_every_row_and_token() {
         ],
         &url_env,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // Row for row, field for field, on both engines.
     let (pg_url, back2) = (db.url.clone(), back.clone());
     let (in_pg, in_back) = blocking(move || {

@@ -576,24 +576,7 @@ fn path_of(target: &str) -> &str {
 /// lenient backend reads it: percent-decoded once, case-folded, `\` taken as `/`, empty segments
 /// dropped, and `.`/`..` (even with trailing dots or spaces, as Win32 trims them) resolved.
 fn reaches_admin(path: &str) -> bool {
-    let b = path.as_bytes();
-    let mut decoded = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(v)) => {
-                decoded.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                decoded.push(c);
-                i += 1;
-            }
-        }
-    }
+    let decoded = percent_decode_once(path);
     let text = String::from_utf8_lossy(&decoded)
         .to_ascii_lowercase()
         .replace('\\', "/");

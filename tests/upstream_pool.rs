@@ -262,17 +262,6 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
     })
 }
 
-/// Polls `cond` until it holds; panics after 10 s (a wait for an event, not a speed assertion).
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 /// A gateway in front of `up`, and a token that may read and deploy.
 async fn gateway_for(up: &RawUpstream) -> (TestGateway, String) {
     let tg = TestGateway::start_with(Options {
@@ -285,12 +274,7 @@ async fn gateway_for(up: &RawUpstream) -> (TestGateway, String) {
 }
 
 async fn get(tg: &TestGateway, tok: &str, path: &str) -> (u16, String) {
-    let r = client()
-        .get(tg.url(path))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url(path), tok).await;
     let status = r.status().as_u16();
     (status, r.text().await.unwrap())
 }
@@ -419,6 +403,11 @@ async fn connection_close_response_is_not_reused() {
     tg.stop().await;
 }
 
+/// Every idle connection in the pool is one the upstream has closed (or none is left).
+fn no_open_idle(pool: &Pool) -> bool {
+    pool.idle_connections() == pool.closed_idle_connections()
+}
+
 #[tokio::test]
 async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once() {
     // Every connection answers one request, then the upstream closes it a moment later without
@@ -436,8 +425,11 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
             up.ended() == 2 * i + 1
         })
         .await;
-        // Let the gateway's connection task read the FIN (an ordering pause, not a timing check).
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The gateway's connection task has read the FIN: no open idle connection is left.
+        wait_until("the gateway's pool saw the close", || {
+            no_open_idle(tg.gw.upstream_pool())
+        })
+        .await;
         let r = c
             .post(tg.url("/apps/a/deploy"))
             .bearer_auth(&tok)
@@ -451,7 +443,10 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
             up.ended() == 2 * i + 2
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_until("the gateway's pool saw the close", || {
+            no_open_idle(tg.gw.upstream_pool())
+        })
+        .await;
     }
     let seen = up.seen();
     let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
@@ -504,8 +499,8 @@ async fn a_post_that_may_have_been_sent_is_never_replayed() {
     assert_eq!(line["reason"], "upstream_error", "{line}");
     assert_eq!(line["method"], "POST", "{line}");
     assert_eq!(line["upstream"], "api", "{line}");
-    // Give a (wrong) replay every chance to arrive before counting.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A (wrong) replay would be sent inside the request's handling, before its response and
+    // audit line: nothing can arrive after this point.
     let seen = up.seen();
     let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
     assert_eq!(posts.len(), 1, "sent once, never replayed");
@@ -632,7 +627,7 @@ async fn a_connection_the_upstream_closed_is_dropped_from_the_pool() {
     let pool = Pool::default();
     assert_eq!(send(&pool, request(&up, "/a")).await.0, 200);
     wait_until("the upstream closed", || up.ended() == 1).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("the pool saw the close", || no_open_idle(&pool)).await;
     assert_eq!(
         send(&pool, request(&up, "/b")).await,
         (200, Bytes::from("hi"))

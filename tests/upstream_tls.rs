@@ -292,12 +292,7 @@ fn toml_path(p: &Path) -> String {
 
 /// Sends `GET /tls/hello` with a valid token.
 async fn get(tg: &TestGateway, tok: &str) -> (u16, String) {
-    let r = client()
-        .get(tg.url("/tls/hello"))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/tls/hello"), tok).await;
     let status = r.status().as_u16();
     (status, r.text().await.unwrap())
 }

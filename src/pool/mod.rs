@@ -471,6 +471,21 @@ impl Pool {
             .sum()
     }
 
+    /// Idle HTTP/1 connections whose peer has closed them, not yet pruned (tests: wait until
+    /// the pool has seen the FIN instead of sleeping).
+    #[doc(hidden)]
+    pub fn closed_idle_connections(&self) -> usize {
+        let hosts = self
+            .shared
+            .hosts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .values()
+            .map(|h| lock(&h.idle).iter().filter(|c| c.tx.is_closed()).count())
+            .sum()
+    }
+
     /// Moves the pool's idle clock forward (tests: idle expiry without sleeping).
     #[doc(hidden)]
     pub fn advance_clock(&self, by: Duration) {

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -195,6 +195,215 @@ async fn handle_upstream(
     Ok(r)
 }
 
+/// How long [`wait_until`] waits for an event before the test fails (a bound, not a goal).
+pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Polls `cond` until it holds; panics after [`WAIT_LIMIT`] (a wait for an event another task,
+/// process or socket brings about, not a speed assertion).
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, WAIT_LIMIT, cond).await
+}
+
+/// [`wait_until`] with another bound.
+pub async fn wait_until_within(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `f` until it returns `Some`; panics after `limit` (a bound, not a goal).
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(t0.elapsed() < limit, "gave up waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The built `tokengate` binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokengate")
+}
+
+/// Runs the CLI with `--config cfg`.
+pub fn cli(cfg: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Asserts a CLI run succeeded, showing its stderr when not.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `tokengate serve` in a child process (killed when dropped).
+pub struct Served {
+    /// The process.
+    pub child: std::process::Child,
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Its stderr (JSON log lines) after the listening line.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tokengate serve`; the addresses come from the JSON "tokengate listening" line.
+pub fn serve_binary(cfg: &Path) -> Served {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(bin())
+        .args(["--log-format", "json", "--config"])
+        .arg(cfg)
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (addr, admin) = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let (Some(p), Some(a)) = (
+            v["fields"]["public"].as_str(),
+            v["fields"]["admin"].as_str(),
+        ) {
+            break (p.parse().unwrap(), a.parse().unwrap());
+        }
+    };
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    Served {
+        child,
+        addr,
+        admin,
+        stderr,
+    }
+}
+
+/// Percent-decodes once, as a backend would (bytes; `%` without two hex digits stays).
+pub fn percent_decode_once(path: &str) -> Vec<u8> {
+    let b = path.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A self-signed certificate for `localhost`, written as `cert.pem` and `key.pem` to a temp folder.
+pub struct LocalhostCert {
+    /// The folder (removed when dropped).
+    pub dir: tempfile::TempDir,
+    /// `cert.pem`.
+    pub cert: PathBuf,
+    /// `key.pem`.
+    pub key: PathBuf,
+    /// The certificate in PEM.
+    pub pem: String,
+}
+
+impl LocalhostCert {
+    /// Makes one.
+    pub fn new() -> LocalhostCert {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        LocalhostCert {
+            dir,
+            cert,
+            key,
+            pem: ck.cert.pem(),
+        }
+    }
+
+    /// `tls = { cert = "...", key = "..." }` for `[server]`.
+    pub fn server_tls(&self) -> String {
+        format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
+    /// An `[admin.tls]` section with this certificate.
+    pub fn admin_tls(&self) -> String {
+        format!(
+            "[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
+    /// The certificate as a root for a reqwest client.
+    pub fn reqwest_root(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.pem.as_bytes()).unwrap()
+    }
+}
+
+/// A token spec with explicit permissions and nothing else (no role, scopes, CIDRs or rate).
+pub fn token_spec(
+    account: &str,
+    name: &str,
+    perms: &[&str],
+    expires_at: Option<i64>,
+) -> NewTokenSpec {
+    NewTokenSpec {
+        account: account.into(),
+        name: name.into(),
+        role: None,
+        permissions: perms.iter().map(|s| s.to_string()).collect(),
+        scopes: Default::default(),
+        allowed_cidrs: vec![],
+        rate: None,
+        expires_at,
+        created_by: "test".into(),
+    }
+}
+
 /// The rules every test gateway starts with.
 pub const DEFAULT_RULES: &str = r#"
 [[routes.rules]]
@@ -299,6 +508,28 @@ pub struct TestGateway {
     _bg: Option<tokengate::gateway::BackgroundGuard>,
 }
 
+/// Runs a started gateway's server in a task until the returned sender fires (or is dropped).
+pub fn run_started(
+    started: tokengate::app::Started,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+    tokengate::gateway::BackgroundGuard,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let tokengate::app::Started {
+        server, background, ..
+    } = started;
+    let task = tokio::spawn(async move {
+        server
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (tx, task, background)
+}
+
 /// Writes a config file for tests.
 pub fn write_config(dir: &Path, upstream: &str, o: &Options) -> PathBuf {
     let text = format!(
@@ -369,20 +600,15 @@ impl TestGateway {
         let admin_addr = started.server.admin_addr();
         let tls = Some(started.server.tls_handle());
         let sessions = started.server.sessions();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started {
-            server, background, ..
-        } = started;
-        let task = if o.serve {
-            Some(tokio::spawn(async move {
-                server
-                    .run(async move {
-                        let _ = rx.await;
-                    })
-                    .await;
-            }))
+        let (tx, task, background) = if o.serve {
+            let (tx, task, background) = run_started(started);
+            (tx, Some(task), background)
         } else {
-            None
+            (
+                tokio::sync::oneshot::channel::<()>().0,
+                None,
+                started.background,
+            )
         };
         TestGateway {
             dir,
@@ -426,17 +652,8 @@ impl TestGateway {
         f: impl FnOnce(&mut NewTokenSpec),
     ) -> (String, String) {
         self.account(account);
-        let mut spec = NewTokenSpec {
-            account: account.into(),
-            name: name.into(),
-            role: None,
-            permissions: perms.iter().map(|s| s.to_string()).collect(),
-            scopes: Default::default(),
-            allowed_cidrs: vec![],
-            rate: None,
-            expires_at: Some(self.gw.now_ms() + 30 * 86_400_000),
-            created_by: "test".into(),
-        };
+        let expires_at = Some(self.gw.now_ms() + 30 * 86_400_000);
+        let mut spec = token_spec(account, name, perms, expires_at);
         f(&mut spec);
         let (row, new) = self
             .gw
@@ -491,14 +708,10 @@ impl TestGateway {
     /// The last request audit line.
     pub async fn last_request_line(&self) -> serde_json::Value {
         // The line is queued after the response is built; give the writer a moment.
-        for _ in 0..50 {
-            let lines = self.request_lines().await;
-            if let Some(l) = lines.last() {
-                return l.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("no request line in the audit log");
+        eventually("a request line in the audit log", WAIT_LIMIT, || async {
+            self.request_lines().await.last().cloned()
+        })
+        .await
     }
 
     /// Stops the server and waits for the drain.
@@ -518,6 +731,30 @@ pub fn client() -> reqwest::Client {
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .build()
+        .unwrap()
+}
+
+/// `GET url` with a bearer token on client `c`.
+pub async fn get_bearer(
+    c: &reqwest::Client,
+    url: String,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    c.get(url).bearer_auth(token).send().await.unwrap()
+}
+
+/// Signs in to the web UI (`POST url` with an `Origin` header and the token as JSON) on client `c`.
+pub async fn post_session(
+    c: &reqwest::Client,
+    url: String,
+    origin: &str,
+    token: &str,
+) -> reqwest::Response {
+    c.post(url)
+        .header("origin", origin)
+        .json(&serde_json::json!({ "token": token }))
+        .send()
+        .await
         .unwrap()
 }
 

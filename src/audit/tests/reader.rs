@@ -362,11 +362,7 @@ fn time_arguments() {
 fn follow_prints_new_lines_across_rotation_and_truncation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
-    let log = AuditLog::open(AuditConfig {
-        max_bytes: Some(3_000),
-        ..cfg(&path)
-    })
-    .unwrap();
+    let log = open_rotating(&path, 3_000);
     write_n(&log, "a", 3);
     let per_file = 3_000 / (lines_of(&path)[0].len() + 1);
 

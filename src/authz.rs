@@ -877,6 +877,13 @@ mod tests {
             .map(|m| m.rule.path.as_str())
     }
 
+    /// Asserts, for each `(path, template)`, which rule template wins a GET of `path`.
+    fn expect_winners(t: &RuleTable, cases: &[(&str, Option<&str>)]) {
+        for &(path, want) in cases {
+            assert_eq!(winner(t, "GET", path), want, "{path}");
+        }
+    }
+
     struct NoShadowRoles;
     impl ShadowRoles for NoShadowRoles {
         fn shadow_permissions(&self, _: &str) -> Option<&[String]> {
@@ -1017,14 +1024,19 @@ mod tests {
             rule(&[], "/apps/{app}", "apps:read"),
             rule(&[], "/apps/admin", "apps:admin"),
         ]);
-        assert_eq!(winner(&t, "GET", "/apps/admin"), Some("/apps/admin"));
-        assert_eq!(winner(&t, "GET", "/apps/billing"), Some("/apps/{app}"));
-        assert_eq!(winner(&t, "GET", "/apps/admin/x"), Some("/apps/**"));
-        assert_eq!(winner(&t, "GET", "/apps/billing/"), Some("/apps/**"));
-        assert_eq!(winner(&t, "GET", "/apps"), Some("/apps/**"));
-        assert_eq!(winner(&t, "GET", "/apps/"), Some("/apps/**"));
-        assert_eq!(winner(&t, "GET", "/other"), Some("/**"));
-        assert_eq!(winner(&t, "GET", "/"), Some("/**"));
+        expect_winners(
+            &t,
+            &[
+                ("/apps/admin", Some("/apps/admin")),
+                ("/apps/billing", Some("/apps/{app}")),
+                ("/apps/admin/x", Some("/apps/**")),
+                ("/apps/billing/", Some("/apps/**")),
+                ("/apps", Some("/apps/**")),
+                ("/apps/", Some("/apps/**")),
+                ("/other", Some("/**")),
+                ("/", Some("/**")),
+            ],
+        );
     }
 
     #[test]
@@ -1034,8 +1046,10 @@ mod tests {
             rule(&[], "/a/{b}/**", "p:two"),
         ]);
         // Position 0: literal `a` beats `{a}`, even though the other template is longer.
-        assert_eq!(winner(&t, "GET", "/a/x/y"), Some("/a/{b}/**"));
-        assert_eq!(winner(&t, "GET", "/b/x/y"), Some("/{a}/x/y"));
+        expect_winners(
+            &t,
+            &[("/a/x/y", Some("/a/{b}/**")), ("/b/x/y", Some("/{a}/x/y"))],
+        );
     }
 
     #[test]
@@ -1046,10 +1060,15 @@ mod tests {
             rule(&[], "/", "root:read"),
             rule(&[], "/{rest...}", "any:read"),
         ]);
-        assert_eq!(winner(&t, "GET", "/apps"), Some("/apps"));
-        assert_eq!(winner(&t, "GET", "/apps/x"), Some("/apps/**"));
-        assert_eq!(winner(&t, "GET", "/"), Some("/"));
-        assert_eq!(winner(&t, "GET", "/x"), Some("/{rest...}"));
+        expect_winners(
+            &t,
+            &[
+                ("/apps", Some("/apps")),
+                ("/apps/x", Some("/apps/**")),
+                ("/", Some("/")),
+                ("/x", Some("/{rest...}")),
+            ],
+        );
     }
 
     #[test]
@@ -1061,25 +1080,36 @@ mod tests {
         for path in ["/apps/billing", "/apps/billing/", "/apps/billing/x/y"] {
             assert_eq!(winner(&t, "GET", path), Some("/apps/{app}/**"), "{path}");
         }
-        assert_eq!(winner(&t, "GET", "/apps/"), Some("/apps/**"));
-        assert_eq!(winner(&t, "GET", "/apps"), Some("/apps/**"));
+        expect_winners(
+            &t,
+            &[("/apps/", Some("/apps/**")), ("/apps", Some("/apps/**"))],
+        );
     }
 
     #[test]
     fn trailing_slash_is_significant() {
         let t = table(vec![rule(&[], "/apps/", "apps:list")]);
-        assert_eq!(winner(&t, "GET", "/apps/"), Some("/apps/"));
-        assert_eq!(winner(&t, "GET", "/apps"), None);
-        assert_eq!(winner(&t, "GET", "/apps/x"), None);
+        expect_winners(
+            &t,
+            &[
+                ("/apps/", Some("/apps/")),
+                ("/apps", None),
+                ("/apps/x", None),
+            ],
+        );
 
         let t = table(vec![rule(&[], "/apps", "apps:list")]);
-        assert_eq!(winner(&t, "GET", "/apps"), Some("/apps"));
-        assert_eq!(winner(&t, "GET", "/apps/"), None);
+        expect_winners(&t, &[("/apps", Some("/apps")), ("/apps/", None)]);
 
         let t = table(vec![rule(&[], "/apps/{app}/", "apps:read")]);
-        assert_eq!(winner(&t, "GET", "/apps/x/"), Some("/apps/{app}/"));
-        assert_eq!(winner(&t, "GET", "/apps/x"), None);
-        assert_eq!(winner(&t, "GET", "/apps//"), None);
+        expect_winners(
+            &t,
+            &[
+                ("/apps/x/", Some("/apps/{app}/")),
+                ("/apps/x", None),
+                ("/apps//", None),
+            ],
+        );
     }
 
     #[test]
@@ -1089,18 +1119,22 @@ mod tests {
             rule(&[], "/apps/**", "apps:read"),
             rule(&[], "/x/{id}", "x:read"),
         ]);
-        assert_eq!(winner(&t, "GET", "/appsX"), None);
-        assert_eq!(winner(&t, "GET", "/appsX/y"), None);
-        assert_eq!(winner(&t, "GET", "/app"), None);
-        assert_eq!(winner(&t, "GET", "/x/1/2"), None);
-        assert_eq!(winner(&t, "GET", "/xy/1"), None);
+        expect_winners(
+            &t,
+            &[
+                ("/appsX", None),
+                ("/appsX/y", None),
+                ("/app", None),
+                ("/x/1/2", None),
+                ("/xy/1", None),
+            ],
+        );
     }
 
     #[test]
     fn literals_are_case_sensitive_and_paths_must_be_rooted() {
         let t = table(vec![rule(&[], "/Apps", "apps:list")]);
-        assert_eq!(winner(&t, "GET", "/Apps"), Some("/Apps"));
-        assert_eq!(winner(&t, "GET", "/apps"), None);
+        expect_winners(&t, &[("/Apps", Some("/Apps")), ("/apps", None)]);
         let t = table(vec![rule(&[], "/**", "all:read")]);
         assert!(t.lookup("GET", "").enforced.is_none());
         assert!(t.lookup("GET", "apps").enforced.is_none());

@@ -138,6 +138,11 @@ impl Local {
     }
 }
 
+/// The suffix `config check` prints after a listener address that serves TLS.
+fn tls_note(tls: bool) -> &'static str {
+    if tls { " (TLS)" } else { "" }
+}
+
 fn now_ms() -> i64 {
     crate::store::system_now_ms()
 }
@@ -263,20 +268,12 @@ pub(super) fn config_check(config: Option<&Path>) -> Result<(), CliError> {
     println!(
         "  public listener  {}{}",
         cfg.server.listen,
-        if cfg.server.tls.is_some() {
-            " (TLS)"
-        } else {
-            ""
-        }
+        tls_note(cfg.server.tls.is_some())
     );
     println!(
         "  admin listener   {}{}",
         cfg.admin.listen,
-        if cfg.admin.tls.is_some() {
-            " (TLS)"
-        } else {
-            ""
-        }
+        tls_note(cfg.admin.tls.is_some())
     );
     match &cfg.store.url {
         Some(url) => println!(

@@ -208,6 +208,19 @@ impl Sqlite {
         Ok(out)
     }
 
+    /// Runs `sql` with `params` and maps every row with `f`.
+    fn query_all<T>(
+        &self,
+        c: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut st = c.prepare_cached(sql).map_err(self.err())?;
+        let rows = st.query_map(params, f).map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
     fn query_tokens(
         &self,
         c: &Connection,
@@ -252,11 +265,12 @@ impl Sqlite {
 
     pub(crate) fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
         self.with_reader(|c| {
-            let mut st = c
-                .prepare("SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name")
-                .map_err(self.err())?;
-            let rows = st.query_map([], account_from_row).map_err(self.err())?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+            self.query_all(
+                c,
+                "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name",
+                [],
+                account_from_row,
+            )
         })
     }
 
@@ -445,20 +459,19 @@ impl Sqlite {
 
     pub(crate) fn changes_since(&self, seq: i64) -> Result<Vec<Change>, StoreError> {
         self.with_reader(|c| {
-            let mut st = c
-                .prepare_cached("SELECT seq, kind, token_id, account_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 10000")
-                .map_err(self.err())?;
-            let rows = st
-                .query_map([seq], |r| {
+            self.query_all(
+                c,
+                "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 10000",
+                [seq],
+                |r| {
                     Ok(Change {
                         seq: r.get(0)?,
                         kind: r.get(1)?,
                         token_id: r.get(2)?,
                         account_id: r.get(3)?,
                     })
-                })
-                .map_err(self.err())?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+                },
+            )
         })
     }
 
@@ -491,13 +504,12 @@ impl Sqlite {
 
     pub(crate) fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
         self.with_reader(|c| {
-            let mut st = c
-                .prepare_cached("SELECT id, line FROM audit_outbox ORDER BY id LIMIT ?1")
-                .map_err(self.err())?;
-            let rows = st
-                .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(self.err())?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+            self.query_all(
+                c,
+                "SELECT id, line FROM audit_outbox ORDER BY id LIMIT ?1",
+                [limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
         })
     }
 
@@ -538,11 +550,11 @@ impl Sqlite {
     }
 
     fn export_in(&self, c: &Connection) -> Result<StoreDump, StoreError> {
-        let mut st = c
-            .prepare("SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id")
-            .map_err(self.err())?;
-        let accounts = st
-            .query_map([], |r| {
+        let accounts = self.query_all(
+            c,
+            "SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id",
+            [],
+            |r| {
                 Ok(DumpAccount {
                     id: r.get(0)?,
                     name: r.get(1)?,
@@ -552,17 +564,13 @@ impl Sqlite {
                     disabled_at: r.get(5)?,
                     disabled_by: r.get(6)?,
                 })
-            })
-            .map_err(self.err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.err())?;
-        let mut st = c
-            .prepare(&format!(
-                "SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id"
-            ))
-            .map_err(self.err())?;
-        let tokens = st
-            .query_map([], |r| {
+            },
+        )?;
+        let tokens = self.query_all(
+            c,
+            &format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id"),
+            [],
+            |r| {
                 Ok(DumpToken {
                     id: r.get(0)?,
                     account_id: r.get(1)?,
@@ -586,15 +594,13 @@ impl Sqlite {
                     rotated_from: r.get(19)?,
                     rotation_deadline: r.get(20)?,
                 })
-            })
-            .map_err(self.err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.err())?;
-        let mut st = c
-            .prepare("SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq")
-            .map_err(self.err())?;
-        let changes = st
-            .query_map([], |r| {
+            },
+        )?;
+        let changes = self.query_all(
+            c,
+            "SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq",
+            [],
+            |r| {
                 Ok(DumpChange {
                     seq: r.get(0)?,
                     at: r.get(1)?,
@@ -602,18 +608,14 @@ impl Sqlite {
                     token_id: r.get(3)?,
                     account_id: r.get(4)?,
                 })
-            })
-            .map_err(self.err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.err())?;
-        let mut st = c
-            .prepare("SELECT id, line FROM audit_outbox ORDER BY id")
-            .map_err(self.err())?;
-        let outbox = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.err())?;
+            },
+        )?;
+        let outbox = self.query_all(
+            c,
+            "SELECT id, line FROM audit_outbox ORDER BY id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         Ok(StoreDump {
             accounts,
             tokens,

@@ -55,6 +55,26 @@ fn cfg(path: &Path) -> AuditConfig {
     }
 }
 
+/// An audit log at `path` that rotates once a file would pass `max_bytes`.
+fn open_rotating(path: &Path, max_bytes: u64) -> AuditLog {
+    AuditLog::open(AuditConfig {
+        max_bytes: Some(max_bytes),
+        ..cfg(path)
+    })
+    .unwrap()
+}
+
+/// The rotated files that exist, oldest first, then the current file.
+fn rotation_set(path: &Path) -> Vec<PathBuf> {
+    let mut set: Vec<PathBuf> = (1..=ROTATE_KEEP)
+        .rev()
+        .map(|n| rotated_name(path, n))
+        .filter(|p| p.exists())
+        .collect();
+    set.push(path.to_owned());
+    set
+}
+
 fn write_n(log: &AuditLog, prefix: &str, n: usize) {
     for i in 0..n {
         log.record(req(&format!("{prefix}{i}")).into()).unwrap();

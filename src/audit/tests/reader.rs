@@ -326,26 +326,18 @@ fn table_escapes_control_characters() {
 #[test]
 fn time_arguments() {
     let now = time::macros::datetime!(2026-11-23 05:00:00 UTC);
-    assert_eq!(
-        parse_time_arg("1h", now).unwrap(),
-        time::macros::datetime!(2026-11-23 04:00:00 UTC)
-    );
-    assert_eq!(
-        parse_time_arg("30m", now).unwrap(),
-        time::macros::datetime!(2026-11-23 04:30:00 UTC)
-    );
-    assert_eq!(
-        parse_time_arg("7d", now).unwrap(),
-        time::macros::datetime!(2026-11-16 05:00:00 UTC)
-    );
-    assert_eq!(
-        parse_time_arg("45s", now).unwrap(),
-        time::macros::datetime!(2026-11-23 04:59:15 UTC)
-    );
-    assert_eq!(
-        parse_time_arg("2026-11-23T06:01:02+01:00", now).unwrap(),
-        time::macros::datetime!(2026-11-23 05:01:02 UTC)
-    );
+    for (arg, want) in [
+        ("1h", time::macros::datetime!(2026-11-23 04:00:00 UTC)),
+        ("30m", time::macros::datetime!(2026-11-23 04:30:00 UTC)),
+        ("7d", time::macros::datetime!(2026-11-16 05:00:00 UTC)),
+        ("45s", time::macros::datetime!(2026-11-23 04:59:15 UTC)),
+        (
+            "2026-11-23T06:01:02+01:00",
+            time::macros::datetime!(2026-11-23 05:01:02 UTC),
+        ),
+    ] {
+        assert_eq!(parse_time_arg(arg, now).unwrap(), want, "{arg}");
+    }
     for bad in [
         "",
         "h",
@@ -363,11 +355,7 @@ fn time_arguments() {
 fn follow_prints_new_lines_across_rotation_and_truncation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
-    let log = AuditLog::open(AuditConfig {
-        max_bytes: Some(3_000),
-        ..cfg(&path)
-    })
-    .unwrap();
+    let log = open_rotating(&path, 3_000);
     write_n(&log, "a", 3);
     let per_file = 3_000 / (lines_of(&path)[0].len() + 1);
 

@@ -161,19 +161,10 @@ fn tamper_missing_chain_and_appended_line() {
 fn verify_rotated_set_must_be_complete_and_ordered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
-    let log = AuditLog::open(AuditConfig {
-        max_bytes: Some(2_000),
-        ..cfg(&path)
-    })
-    .unwrap();
+    let log = open_rotating(&path, 2_000);
     write_n(&log, "r", 12);
     log.shutdown();
-    let mut set: Vec<PathBuf> = (1..=ROTATE_KEEP)
-        .rev()
-        .map(|n| rotated_name(&path, n))
-        .filter(|p| p.exists())
-        .collect();
-    set.push(path.clone());
+    let set = rotation_set(&path);
     assert!((3..=ROTATE_KEEP as usize).contains(&set.len()), "{set:?}");
     assert!(verify(&set).unwrap().is_ok());
     // Newest-first by mistake.

@@ -173,21 +173,14 @@ fn rotation_by_size_keeps_five_and_verifies_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
     let max = 1_500;
-    let log = AuditLog::open(AuditConfig {
-        max_bytes: Some(max),
-        ..cfg(&path)
-    })
-    .unwrap();
+    let log = open_rotating(&path, max);
     write_n(&log, "a", 8);
     let line_len = lines_of(&path)[0].len() as u64 + 1;
     assert!(line_len < max);
     write_n(&log, "b", 30);
     log.shutdown();
-    let mut set: Vec<PathBuf> = (1..=ROTATE_KEEP)
-        .rev()
-        .map(|n| rotated_name(&path, n))
-        .collect();
-    set.push(path.clone());
+    let set = rotation_set(&path);
+    assert_eq!(set.len(), ROTATE_KEEP as usize + 1, "{set:?}");
     assert!(
         !rotated_name(&path, ROTATE_KEEP + 1).exists(),
         "only 5 kept"
@@ -217,18 +210,11 @@ fn rotation_by_size_keeps_five_and_verifies_oldest_first() {
     );
 
     // A restart continues the chain into the current file.
-    let log = AuditLog::open(AuditConfig {
-        max_bytes: Some(max),
-        ..cfg(&path)
-    })
-    .unwrap();
+    let log = open_rotating(&path, max);
     write_n(&log, "c", 1);
     log.shutdown();
-    let mut set: Vec<PathBuf> = (1..=ROTATE_KEEP)
-        .rev()
-        .map(|n| rotated_name(&path, n))
-        .collect();
-    set.push(path.clone());
+    let set = rotation_set(&path);
+    assert_eq!(set.len(), ROTATE_KEEP as usize + 1, "{set:?}");
     assert!(
         verify_with(
             &set,

@@ -439,7 +439,10 @@ impl Gateway {
                 .store_call(move |s| s.lookup_hash(&hash))
                 .await
                 .map_err(|e| {
-                    crate::coalesced!(error, "store_lookup_failed", error = %e, "token lookup failed: answering 503");
+                    // A lost store file is logged once by the change poller, not per request.
+                    if !matches!(e, crate::store::StoreError::FileLost { .. }) {
+                        crate::coalesced!(error, "store_lookup_failed", error = %e, "token lookup failed: answering 503");
+                    }
                     Reject::StoreUnavailable
                 })?;
             let Some(row) = row else {
@@ -917,8 +920,8 @@ impl Drop for AuditGuard<'_> {
         if self.ctx.decided {
             let completion = CompletionRecord {
                 request_id: std::mem::take(&mut self.ctx.request_id),
-                status_code: 499,
-                reason: "client_closed".into(),
+                status_code: code,
+                reason: reason.into(),
                 ..CompletionRecord::default()
             };
             send_completion(gw, reservation, completion, "none", 0, self.start);

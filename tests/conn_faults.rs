@@ -203,12 +203,15 @@ fn signal(pid: u32, sig: &str) {
     assert!(st.success(), "kill {sig} {pid} failed");
 }
 
+/// The audit file as the reader shows it: each forwarded request's completion merged into its
+/// write-ahead decision line.
 fn audit_file_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
+    let lines = std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+        .collect();
+    support::merge_completions(lines).0
 }
 
 fn verify_audit(path: &Path) {
@@ -616,16 +619,18 @@ async fn a_request_on_a_connection_idle_at_sigterm_is_served_with_connection_clo
     assert_eq!(p.wait_exit(Duration::from_secs(60)).await, 0);
     assert!(!p.stderr_has("drain deadline passed"));
     let lines = audit_file_lines(&p.audit_path());
-    let paths: Vec<_> = lines
+    let mut paths: Vec<_> = lines
         .iter()
         .filter(|l| l["kind"] == "request")
         .map(|l| (l["path"].as_str().unwrap(), l["reason"].as_str().unwrap()))
         .collect();
+    // Write-ahead: lines are in decision order (the slow request was decided first).
+    paths.sort();
     assert_eq!(
         paths,
         [
-            ("/apps/a/first", "ok"),
             ("/apps/a/during-drain", "ok"),
+            ("/apps/a/first", "ok"),
             ("/delay/3000", "ok")
         ]
     );

@@ -255,6 +255,9 @@ EOF
 }
 FULL_CFG="$(tg_config tg-full false)"
 NOAUTH_CFG="$(tg_config tg-noauth true)"
+# Builds since the store-faults change create the store only with `store init`; older builds
+# (measured with --bin) create it on first use and do not know the command.
+"$TG" --config "$FULL_CFG" store init >/dev/null 2>&1 || true
 "$TG" --config "$FULL_CFG" account create bench >/dev/null
 # The token lives only in this shell variable (and the load generators' argv); the store and
 # audit log hold its hash and prefix; the work dir is deleted at exit.

@@ -76,8 +76,8 @@ pub(crate) struct Inner {
     /// recorded again, even when their flush timed out (the log failing) and they were not acked:
     /// the writer keeps them queued, so recording them again would log them twice.
     pub(crate) outbox_sent: AtomicI64,
-    /// The public health endpoint's probe bookkeeping (see `health::ProbeState`).
-    pub(crate) health: crate::health::ProbeState,
+    /// The public health endpoint's probe bookkeeping (see `readiness::ProbeState`).
+    pub(crate) health: crate::readiness::ProbeState,
 }
 
 /// Stops background tasks when dropped.

@@ -7,38 +7,15 @@
 //!
 //! Must never import `admin` or `cli`.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::gateway::Gateway;
 
+pub use crate::readiness::Readiness;
+
 /// How long a readiness probe waits for the store before calling it unavailable.
 pub const READY_STORE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The result of one readiness probe: each check by name, `Err` with why it failed.
-#[derive(Debug, Clone)]
-pub struct Readiness {
-    /// `store`, `audit`, `listeners`, in this order.
-    pub checks: [(&'static str, Result<(), String>); 3],
-}
-
-impl Readiness {
-    /// Every check passed.
-    pub fn ready(&self) -> bool {
-        self.checks.iter().all(|(_, r)| r.is_ok())
-    }
-}
-
-/// Bounds the cost of probes the public listener can trigger: at most one probe runs at a time;
-/// a health request arriving while one runs gets the last finished result instead of opening
-/// another store connection. No lock is held across `.await`: an atomic flag marks the running
-/// probe and a std mutex (held only to copy) keeps the last result.
-#[derive(Debug, Default)]
-pub struct ProbeState {
-    running: AtomicBool,
-    last: Mutex<Option<Readiness>>,
-}
 
 impl Gateway {
     /// Runs the readiness checks now (the admin `/readyz`).
@@ -60,7 +37,7 @@ impl Gateway {
     }
 
     /// Readiness for the public health endpoint: a fresh probe, or the last finished one while
-    /// another probe is running (see [`ProbeState`]).
+    /// another probe is running (see [`crate::readiness::ProbeState`]).
     pub async fn readiness_shared(&self) -> Readiness {
         let state = &self.inner.health;
         if state

@@ -29,6 +29,7 @@
 //!   retire-on-first-use) and the rule that their result is never stronger than the caller.
 //! - [`path`] — canonical request paths (step 1).
 //! - `health` (crate) — readiness checks shared by the admin `/readyz` and the public health endpoint.
+//! - `readiness` (crate) — the readiness result and the public probe's bookkeeping the gateway holds.
 //! - `hygiene` (crate) — request validation and header hygiene (step 1, forwarding).
 //! - `forwarded` (crate) — the client address (peer or trusted `X-Forwarded-For` hop).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
@@ -76,6 +77,7 @@ pub(crate) mod pipeline;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
+pub(crate) mod readiness;
 pub mod sdnotify;
 pub mod server;
 pub mod store;

@@ -19,19 +19,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::audit::{CompletionRecord, Entry, RequestRecord, Reservation};
 use crate::auth;
 use crate::authz::{self, Lookup, ShadowRoles, Subject};
-use crate::body::{Body, BodyOutcome, full};
+use crate::body::{Body, BodyOutcome};
 use crate::cache::CachedToken;
-use crate::clock::rfc3339;
 use crate::config::{Config, Rate, RoleConfig, RouteConfig};
 use crate::error::{Reject, respond};
-use crate::forwarded::client_ip;
+use crate::forwarded::{client_ip, trusted_request_id};
 use crate::gateway::{ConnInfo, Gateway};
 use crate::hygiene::{self, Limits};
 use crate::path;
@@ -39,6 +38,7 @@ use crate::proxy::{self, ForwardInfo};
 use crate::ratelimit::Allowance;
 use crate::token::TokenHash;
 
+mod answer;
 mod completion;
 use completion::{Completing, send_completion};
 
@@ -792,100 +792,6 @@ impl Gateway {
             }
         }
     }
-
-    /// Endpoints under the reserved prefix.
-    fn internal(
-        &self,
-        cfg: &Config,
-        method: &Method,
-        path: &str,
-        ctx: &Ctx,
-    ) -> Result<Response<Body>, Reject> {
-        let rest = &path[cfg.server.reserved_prefix.len()..];
-        match (method, rest) {
-            (&Method::GET | &Method::HEAD, "v1/whoami") => {
-                let t = ctx.token.as_deref().ok_or(Reject::Internal)?;
-                let body = serde_json::json!({
-                    "id": t.id(),
-                    "name": t.name(),
-                    "prefix": t.prefix(),
-                    "account": t.account(),
-                    "role": t.role(),
-                    "permissions": t.permissions(),
-                    "scopes": t.scopes(),
-                    "allowed_cidrs": t.allowed_cidrs().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-                    "created_at": rfc3339(t.created_at()),
-                    "expires_at": t.expires_at().map(rfc3339),
-                });
-                let mut resp = Response::new(full(body.to_string() + "\n"));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                resp.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                Ok(resp)
-            }
-            _ => Err(Reject::NotFound),
-        }
-    }
-
-    /// The public health endpoint (`server.health_path`, under the reserved prefix): GET or HEAD,
-    /// no token, never forwarded; 200 `{"status":"ok"}` when ready (the admin `/readyz` checks),
-    /// else 503 `{"status":"unavailable"}`. Other methods go on like any reserved path.
-    async fn health(
-        &self,
-        cfg: &Config,
-        checked: &Checked<'_>,
-        ctx: &Ctx,
-    ) -> Option<Response<Body>> {
-        if !(checked.reserved
-            && matches!(ctx.method, Method::GET | Method::HEAD)
-            && cfg.server.health_path.as_deref() == Some(checked.canon.path.as_str()))
-        {
-            return None;
-        }
-        let ready = self.readiness_shared().await.ready();
-        let (status, body) = if ready {
-            (StatusCode::OK, "{\"status\":\"ok\"}\n")
-        } else {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "{\"status\":\"unavailable\"}\n",
-            )
-        };
-        let mut resp = Response::new(full(body));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        Some(self.decorate(cfg, resp, ctx))
-    }
-
-    /// Adds the gateway's response headers.
-    fn decorate(&self, cfg: &Config, mut resp: Response<Body>, ctx: &Ctx) -> Response<Body> {
-        let h = resp.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-            h.insert(X_REQUEST_ID, v);
-        }
-        if let Some(a) = ctx.ratelimit {
-            h.insert(RATELIMIT_LIMIT, HeaderValue::from(a.limit));
-            h.insert(RATELIMIT_REMAINING, HeaderValue::from(a.remaining));
-            h.insert(RATELIMIT_RESET, HeaderValue::from(a.reset_secs));
-        }
-        if let Some(exp) = ctx.token.as_ref().and_then(|t| t.expires_at()) {
-            let warn_ms = cfg.tokens.expiry_warning_days as i64 * 86_400_000;
-            if exp - self.now_ms() <= warn_ms {
-                if let Ok(v) = HeaderValue::from_str(&rfc3339(exp)) {
-                    h.insert(TOKEN_EXPIRES_AT, v);
-                }
-            }
-        }
-        resp
-    }
 }
 
 /// Writes the audit line of a request whose handling was abandoned before it answered.
@@ -983,36 +889,11 @@ fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {
         .unwrap_or(cfg.rate_limit.default)
 }
 
-/// The longest `X-Request-Id` kept from a trusted proxy.
-pub const MAX_REQUEST_ID_BYTES: usize = 128;
-
-/// The `X-Request-Id` a trusted proxy sent, when it is sane: the peer is in
-/// `server.trusted_proxies`, the header appears once, and its value is 1 to
-/// [`MAX_REQUEST_ID_BYTES`] bytes of visible ASCII. Otherwise None (the gateway's own id is used).
-pub fn trusted_request_id(
-    peer: IpAddr,
-    headers: &HeaderMap,
-    trusted: &[ipnet::IpNet],
-) -> Option<String> {
-    if !trusted.iter().any(|n| n.contains(&peer)) {
-        return None;
-    }
-    let mut values = headers.get_all(X_REQUEST_ID).iter();
-    let v = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    let b = v.as_bytes();
-    let sane = !b.is_empty()
-        && b.len() <= MAX_REQUEST_ID_BYTES
-        && b.iter().all(|c| (0x21..=0x7e).contains(c));
-    // Visible ASCII, so the bytes are valid UTF-8.
-    sane.then(|| String::from_utf8_lossy(b).into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarded::MAX_REQUEST_ID_BYTES;
+    use http::header::HeaderValue;
 
     #[test]
     fn request_id_is_kept_only_from_trusted_proxies_and_only_when_sane() {

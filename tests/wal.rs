@@ -10,7 +10,7 @@
 mod support;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,44 +70,7 @@ struct Served {
 
 impl Served {
     async fn start(config: &Path) -> Served {
-        let mut child = Command::new(BIN)
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--log-format",
-                "json",
-                "serve",
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(line.clone());
-                if let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) {
-                    let f = if j["fields"].is_object() {
-                        &j["fields"]
-                    } else {
-                        &j
-                    };
-                    if f["message"] == "tokengate listening" {
-                        let _ = tx.send(f["public"].as_str().unwrap().parse().unwrap());
-                    }
-                }
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .expect("tokengate serve did not start");
+        let (child, addr, _admin, stderr) = support::spawn_serve_logged(config).await;
         Served {
             child,
             addr,

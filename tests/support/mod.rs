@@ -272,6 +272,63 @@ impl Drop for Served {
     }
 }
 
+/// `tokengate serve` on `config` with JSON logs at `RUST_LOG=info`, started as a child process.
+/// Every stderr line is kept (those before the listening line too); waits, at most 60 s, for the
+/// "tokengate listening" line. Returns the child, the public and admin addresses, and the lines.
+pub async fn spawn_serve_logged(
+    config: &Path,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    SocketAddr,
+    Arc<Mutex<Vec<String>>>,
+) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "serve",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
+    let lines = stderr.clone();
+    let pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().unwrap().push(line.clone());
+            if let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) {
+                let f = if j["fields"].is_object() {
+                    &j["fields"]
+                } else {
+                    &j
+                };
+                if f["message"] == "tokengate listening" {
+                    let p = f["public"].as_str().unwrap().parse().unwrap();
+                    let a = f["admin"].as_str().unwrap().parse().unwrap();
+                    let _ = tx.send((p, a));
+                }
+            }
+        }
+    });
+    let (public, admin) =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| panic!("tokengate serve did not start"));
+    (child, public, admin, stderr)
+}
+
 /// Starts `tokengate serve`; the addresses come from the JSON "tokengate listening" line.
 pub fn serve_binary(cfg: &Path) -> Served {
     use std::io::BufRead;

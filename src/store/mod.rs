@@ -32,7 +32,7 @@ mod row;
 
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;
 pub use copy::{DumpAccount, DumpChange, DumpToken, StoreDump};
-pub(crate) use row::{NewTokenRow, RawTokenRow, TOKEN_COLUMNS, cap_reached};
+pub(crate) use row::{NewTokenRow, TOKEN_COLUMNS, cap_reached};
 
 /// Schema version this build creates and understands (the number of migrations; equal on both
 /// engines).

@@ -1,10 +1,14 @@
 //! The rows both engines write and read: a token ready to insert, a token row as selected (with
-//! its account) and its decoding into [`TokenRow`], and the "account is full" error.
+//! its account) and its decoding into [`TokenRow`], the "account is full" error, and one decoder
+//! per selected row shape that reads a row of either engine ([`ReadRow`]).
 //!
 //! Owns: [`NewTokenRow`], [`RawTokenRow`], `TOKEN_COLUMNS`. Never imports: `config` or anything
 //! outside `store` but `token`.
 
-use super::{NewTokenSpec, RateOverride, StoreError, TokenRow};
+use super::{
+    Account, Change, DumpAccount, DumpChange, DumpToken, NewTokenSpec, RateOverride, StoreError,
+    TokenRow,
+};
 use crate::token::{NewToken, TokenHash};
 
 /// A token row ready to insert (columns as stored).
@@ -54,48 +58,37 @@ impl NewTokenRow {
     }
 }
 
-/// The columns of a token joined with its account, as both engines read them.
+/// The columns of a token joined with its account, as both engines read them: the stored token
+/// row (the same shape `store dump` copies) plus the account's name and disabled time.
 pub(crate) struct RawTokenRow {
-    pub(crate) id: String,
-    pub(crate) account_id: String,
+    pub(crate) stored: DumpToken,
     pub(crate) account: String,
-    pub(crate) name: String,
-    pub(crate) prefix: String,
-    pub(crate) role: Option<String>,
-    pub(crate) permissions: String,
-    pub(crate) scopes: String,
-    pub(crate) allowed_cidrs: String,
-    pub(crate) rate_rps: Option<f64>,
-    pub(crate) rate_burst: Option<i64>,
-    pub(crate) created_at: i64,
-    pub(crate) created_by: String,
-    pub(crate) expires_at: Option<i64>,
-    pub(crate) last_used_at: Option<i64>,
-    pub(crate) last_used_ip: Option<String>,
-    pub(crate) revoked_at: Option<i64>,
-    pub(crate) revoked_by: Option<String>,
-    pub(crate) revoke_reason: Option<String>,
-    pub(crate) rotated_from: Option<String>,
-    pub(crate) rotation_deadline: Option<i64>,
     pub(crate) account_disabled_at: Option<i64>,
 }
 
-/// The select list matching [`RawTokenRow`], over `tokens t JOIN accounts a`.
-pub(crate) const TOKEN_COLUMNS: &str = "t.id, t.account_id, a.name, t.name, t.display_prefix, t.role, t.permissions, t.scopes, \
+/// The select list matching [`RawTokenRow`], over `tokens t JOIN accounts a`: the dump columns
+/// in their order, then the account's.
+pub(crate) const TOKEN_COLUMNS: &str = "t.id, t.account_id, t.name, t.display_prefix, t.hash, t.role, t.permissions, t.scopes, \
      t.allowed_cidrs, t.rate_rps, t.rate_burst, t.created_at, t.created_by, t.expires_at, t.last_used_at, \
-     t.last_used_ip, t.revoked_at, t.revoked_by, t.revoke_reason, t.rotated_from, t.rotation_deadline, a.disabled_at";
+     t.last_used_ip, t.revoked_at, t.revoked_by, t.revoke_reason, t.rotated_from, t.rotation_deadline, \
+     a.name, a.disabled_at";
 
 impl RawTokenRow {
     pub(crate) fn into_row(self) -> Result<TokenRow, StoreError> {
+        let RawTokenRow {
+            stored: t,
+            account,
+            account_disabled_at,
+        } = self;
         let corrupt = |column, e: serde_json::Error| StoreError::Corrupt {
             column,
             message: e.to_string(),
         };
         let permissions =
-            serde_json::from_str(&self.permissions).map_err(|e| corrupt("permissions", e))?;
-        let scopes = serde_json::from_str(&self.scopes).map_err(|e| corrupt("scopes", e))?;
+            serde_json::from_str(&t.permissions).map_err(|e| corrupt("permissions", e))?;
+        let scopes = serde_json::from_str(&t.scopes).map_err(|e| corrupt("scopes", e))?;
         let cidr_strings: Vec<String> =
-            serde_json::from_str(&self.allowed_cidrs).map_err(|e| corrupt("allowed_cidrs", e))?;
+            serde_json::from_str(&t.allowed_cidrs).map_err(|e| corrupt("allowed_cidrs", e))?;
         let mut allowed_cidrs = Vec::with_capacity(cidr_strings.len());
         for c in cidr_strings {
             allowed_cidrs.push(c.parse().map_err(|_| StoreError::Corrupt {
@@ -103,7 +96,7 @@ impl RawTokenRow {
                 message: format!("`{c}` is not a CIDR"),
             })?);
         }
-        let rate = match (self.rate_rps, self.rate_burst) {
+        let rate = match (t.rate_rps, t.rate_burst) {
             (Some(requests_per_second), Some(burst)) => Some(RateOverride {
                 requests_per_second,
                 burst: u32::try_from(burst).map_err(|_| StoreError::Corrupt {
@@ -114,27 +107,27 @@ impl RawTokenRow {
             _ => None,
         };
         Ok(TokenRow {
-            id: self.id,
-            account_id: self.account_id,
-            account: self.account,
-            name: self.name,
-            prefix: self.prefix,
-            role: self.role,
+            id: t.id,
+            account_id: t.account_id,
+            account,
+            name: t.name,
+            prefix: t.display_prefix,
+            role: t.role,
             permissions,
             scopes,
             allowed_cidrs,
             rate,
-            created_at: self.created_at,
-            created_by: self.created_by,
-            expires_at: self.expires_at,
-            last_used_at: self.last_used_at,
-            last_used_ip: self.last_used_ip,
-            revoked_at: self.revoked_at,
-            revoked_by: self.revoked_by,
-            revoke_reason: self.revoke_reason,
-            rotated_from: self.rotated_from,
-            rotation_deadline: self.rotation_deadline,
-            account_disabled_at: self.account_disabled_at,
+            created_at: t.created_at,
+            created_by: t.created_by,
+            expires_at: t.expires_at,
+            last_used_at: t.last_used_at,
+            last_used_ip: t.last_used_ip,
+            revoked_at: t.revoked_at,
+            revoked_by: t.revoked_by,
+            revoke_reason: t.revoke_reason,
+            rotated_from: t.rotated_from,
+            rotation_deadline: t.rotation_deadline,
+            account_disabled_at,
         })
     }
 }
@@ -155,4 +148,122 @@ pub(crate) fn cap_reached(
         limit,
         list,
     }
+}
+
+/// A value both engines can read from a column (strings, integers, floats, bytes, and their
+/// `Option`s).
+pub(crate) trait Cell:
+    rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a>
+{
+}
+impl<T> Cell for T where T: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}
+
+/// A selected row of either engine, read by column index, so each row shape below is decoded by
+/// one function whatever the engine.
+pub(crate) trait ReadRow {
+    /// The engine's error.
+    type Error;
+    /// The value of column `i`.
+    fn cell<T: Cell>(&self, i: usize) -> Result<T, Self::Error>;
+}
+
+impl ReadRow for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn cell<T: Cell>(&self, i: usize) -> Result<T, rusqlite::Error> {
+        self.get(i)
+    }
+}
+
+impl ReadRow for tokio_postgres::Row {
+    type Error = tokio_postgres::Error;
+    fn cell<T: Cell>(&self, i: usize) -> Result<T, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+}
+
+/// `SELECT id, name, email, created_at, created_by, disabled_at FROM accounts`.
+pub(crate) fn account<R: ReadRow>(r: &R) -> Result<Account, R::Error> {
+    Ok(Account {
+        id: r.cell(0)?,
+        name: r.cell(1)?,
+        email: r.cell(2)?,
+        created_at: r.cell(3)?,
+        created_by: r.cell(4)?,
+        disabled_at: r.cell(5)?,
+    })
+}
+
+/// `SELECT {TOKEN_COLUMNS}`.
+pub(crate) fn raw_token<R: ReadRow>(r: &R) -> Result<RawTokenRow, R::Error> {
+    Ok(RawTokenRow {
+        stored: dump_token(r)?,
+        account: r.cell(21)?,
+        account_disabled_at: r.cell(22)?,
+    })
+}
+
+/// `SELECT seq, kind, token_id, account_id FROM changes`.
+pub(crate) fn change<R: ReadRow>(r: &R) -> Result<Change, R::Error> {
+    Ok(Change {
+        seq: r.cell(0)?,
+        kind: r.cell(1)?,
+        token_id: r.cell(2)?,
+        account_id: r.cell(3)?,
+    })
+}
+
+/// `SELECT id, line FROM audit_outbox`.
+pub(crate) fn outbox<R: ReadRow>(r: &R) -> Result<(i64, String), R::Error> {
+    Ok((r.cell(0)?, r.cell(1)?))
+}
+
+/// `SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts`.
+pub(crate) fn dump_account<R: ReadRow>(r: &R) -> Result<DumpAccount, R::Error> {
+    Ok(DumpAccount {
+        id: r.cell(0)?,
+        name: r.cell(1)?,
+        email: r.cell(2)?,
+        created_at: r.cell(3)?,
+        created_by: r.cell(4)?,
+        disabled_at: r.cell(5)?,
+        disabled_by: r.cell(6)?,
+    })
+}
+
+/// `SELECT {DUMP_TOKEN_COLUMNS} FROM tokens`.
+pub(crate) fn dump_token<R: ReadRow>(r: &R) -> Result<DumpToken, R::Error> {
+    Ok(DumpToken {
+        id: r.cell(0)?,
+        account_id: r.cell(1)?,
+        name: r.cell(2)?,
+        display_prefix: r.cell(3)?,
+        hash: r.cell(4)?,
+        role: r.cell(5)?,
+        permissions: r.cell(6)?,
+        scopes: r.cell(7)?,
+        allowed_cidrs: r.cell(8)?,
+        rate_rps: r.cell(9)?,
+        rate_burst: r.cell(10)?,
+        created_at: r.cell(11)?,
+        created_by: r.cell(12)?,
+        expires_at: r.cell(13)?,
+        last_used_at: r.cell(14)?,
+        last_used_ip: r.cell(15)?,
+        revoked_at: r.cell(16)?,
+        revoked_by: r.cell(17)?,
+        revoke_reason: r.cell(18)?,
+        rotated_from: r.cell(19)?,
+        rotation_deadline: r.cell(20)?,
+    })
+}
+
+/// `SELECT seq, at, kind, token_id, account_id FROM changes`.
+pub(crate) fn dump_change<R: ReadRow>(r: &R) -> Result<DumpChange, R::Error> {
+    Ok(DumpChange {
+        seq: r.cell(0)?,
+        at: r.cell(1)?,
+        kind: r.cell(2)?,
+        token_id: r.cell(3)?,
+        account_id: r.cell(4)?,
+    })
 }

@@ -15,12 +15,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::file::FileIdentity;
+use super::row;
 use super::{
-    Account, Change, DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, LastUsed, NewTokenRow,
-    RawTokenRow, StoreDump, StoreError, TOKEN_COLUMNS, TokenRow, cap_reached,
+    Account, Change, DUMP_TOKEN_COLUMNS, LastUsed, NewTokenRow, StoreDump, StoreError,
+    TOKEN_COLUMNS, TokenRow, cap_reached,
 };
 use crate::token::TokenHash;
 
@@ -228,7 +229,9 @@ impl Sqlite {
         params: impl rusqlite::Params,
     ) -> Result<Vec<TokenRow>, StoreError> {
         let mut st = c.prepare_cached(sql).map_err(self.err())?;
-        let rows = st.query_map(params, raw_token).map_err(self.err())?;
+        let rows = st
+            .query_map(params, |r| row::raw_token(r))
+            .map_err(self.err())?;
         let mut out = Vec::new();
         for r in rows {
             out.push(r.map_err(self.err())?.into_row()?);
@@ -269,7 +272,7 @@ impl Sqlite {
                 c,
                 "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name",
                 [],
-                account_from_row,
+                |r| row::account(r),
             )
         })
     }
@@ -463,14 +466,7 @@ impl Sqlite {
                 c,
                 "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 10000",
                 [seq],
-                |r| {
-                    Ok(Change {
-                        seq: r.get(0)?,
-                        kind: r.get(1)?,
-                        token_id: r.get(2)?,
-                        account_id: r.get(3)?,
-                    })
-                },
+                |r| row::change(r),
             )
         })
     }
@@ -508,7 +504,7 @@ impl Sqlite {
                 c,
                 "SELECT id, line FROM audit_outbox ORDER BY id LIMIT ?1",
                 [limit as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| row::outbox(r),
             )
         })
     }
@@ -554,67 +550,25 @@ impl Sqlite {
             c,
             "SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id",
             [],
-            |r| {
-                Ok(DumpAccount {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    email: r.get(2)?,
-                    created_at: r.get(3)?,
-                    created_by: r.get(4)?,
-                    disabled_at: r.get(5)?,
-                    disabled_by: r.get(6)?,
-                })
-            },
+            |r| row::dump_account(r),
         )?;
         let tokens = self.query_all(
             c,
             &format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id"),
             [],
-            |r| {
-                Ok(DumpToken {
-                    id: r.get(0)?,
-                    account_id: r.get(1)?,
-                    name: r.get(2)?,
-                    display_prefix: r.get(3)?,
-                    hash: r.get(4)?,
-                    role: r.get(5)?,
-                    permissions: r.get(6)?,
-                    scopes: r.get(7)?,
-                    allowed_cidrs: r.get(8)?,
-                    rate_rps: r.get(9)?,
-                    rate_burst: r.get(10)?,
-                    created_at: r.get(11)?,
-                    created_by: r.get(12)?,
-                    expires_at: r.get(13)?,
-                    last_used_at: r.get(14)?,
-                    last_used_ip: r.get(15)?,
-                    revoked_at: r.get(16)?,
-                    revoked_by: r.get(17)?,
-                    revoke_reason: r.get(18)?,
-                    rotated_from: r.get(19)?,
-                    rotation_deadline: r.get(20)?,
-                })
-            },
+            |r| row::dump_token(r),
         )?;
         let changes = self.query_all(
             c,
             "SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq",
             [],
-            |r| {
-                Ok(DumpChange {
-                    seq: r.get(0)?,
-                    at: r.get(1)?,
-                    kind: r.get(2)?,
-                    token_id: r.get(3)?,
-                    account_id: r.get(4)?,
-                })
-            },
+            |r| row::dump_change(r),
         )?;
         let outbox = self.query_all(
             c,
             "SELECT id, line FROM audit_outbox ORDER BY id",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| row::outbox(r),
         )?;
         Ok(StoreDump {
             accounts,
@@ -805,7 +759,7 @@ fn find_account(c: &Connection, name_or_id: &str) -> rusqlite::Result<Option<Acc
     c.query_row(
         "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts WHERE name = ?1 OR id = ?1",
         [name_or_id],
-        account_from_row,
+        |r| row::account(r),
     )
     .optional()
 }
@@ -850,44 +804,6 @@ fn insert_token(tx: &Connection, account_id: &str, t: &NewTokenRow) -> rusqlite:
         ],
     )?;
     Ok(())
-}
-
-fn account_from_row(r: &Row<'_>) -> rusqlite::Result<Account> {
-    Ok(Account {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        email: r.get(2)?,
-        created_at: r.get(3)?,
-        created_by: r.get(4)?,
-        disabled_at: r.get(5)?,
-    })
-}
-
-fn raw_token(r: &Row<'_>) -> rusqlite::Result<RawTokenRow> {
-    Ok(RawTokenRow {
-        id: r.get(0)?,
-        account_id: r.get(1)?,
-        account: r.get(2)?,
-        name: r.get(3)?,
-        prefix: r.get(4)?,
-        role: r.get(5)?,
-        permissions: r.get(6)?,
-        scopes: r.get(7)?,
-        allowed_cidrs: r.get(8)?,
-        rate_rps: r.get(9)?,
-        rate_burst: r.get(10)?,
-        created_at: r.get(11)?,
-        created_by: r.get(12)?,
-        expires_at: r.get(13)?,
-        last_used_at: r.get(14)?,
-        last_used_ip: r.get(15)?,
-        revoked_at: r.get(16)?,
-        revoked_by: r.get(17)?,
-        revoke_reason: r.get(18)?,
-        rotated_from: r.get(19)?,
-        rotation_deadline: r.get(20)?,
-        account_disabled_at: r.get(21)?,
-    })
 }
 
 #[cfg(test)]

@@ -4,11 +4,11 @@
 //! Owns: `Postgres::export` and `Postgres::import`. Never imports: `config` or anything
 //! outside `store`.
 
-use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::{Postgres, outbox_row, query_map};
-use crate::store::{DUMP_TOKEN_COLUMNS, DumpAccount, DumpChange, DumpToken, StoreDump, StoreError};
+use super::{Postgres, query_map};
+use crate::store::row;
+use crate::store::{DUMP_TOKEN_COLUMNS, StoreDump, StoreError};
 
 impl Postgres {
     pub(crate) fn export(&self) -> Result<StoreDump, StoreError> {
@@ -28,21 +28,21 @@ impl Postgres {
                 &tx,
                 "SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts ORDER BY id COLLATE \"C\"",
                 &[],
-                dump_account,
+                row::dump_account,
             )
             .await
             .map_err(e)?;
             let sql = format!("SELECT {DUMP_TOKEN_COLUMNS} FROM tokens ORDER BY id COLLATE \"C\"");
-            let tokens = query_map(&tx, &sql, &[], dump_token).await.map_err(e)?;
+            let tokens = query_map(&tx, &sql, &[], row::dump_token).await.map_err(e)?;
             let changes = query_map(
                 &tx,
                 "SELECT seq, at, kind, token_id, account_id FROM changes ORDER BY seq",
                 &[],
-                dump_change,
+                row::dump_change,
             )
             .await
             .map_err(e)?;
-            let outbox = query_map(&tx, "SELECT id, line FROM audit_outbox ORDER BY id", &[], outbox_row)
+            let outbox = query_map(&tx, "SELECT id, line FROM audit_outbox ORDER BY id", &[], row::outbox)
                 .await
                 .map_err(e)?;
             tx.commit().await.map_err(e)?;
@@ -170,52 +170,4 @@ impl Postgres {
             Ok(())
         })
     }
-}
-
-fn dump_account(r: &Row) -> Result<DumpAccount, tokio_postgres::Error> {
-    Ok(DumpAccount {
-        id: r.try_get(0)?,
-        name: r.try_get(1)?,
-        email: r.try_get(2)?,
-        created_at: r.try_get(3)?,
-        created_by: r.try_get(4)?,
-        disabled_at: r.try_get(5)?,
-        disabled_by: r.try_get(6)?,
-    })
-}
-
-fn dump_token(r: &Row) -> Result<DumpToken, tokio_postgres::Error> {
-    Ok(DumpToken {
-        id: r.try_get(0)?,
-        account_id: r.try_get(1)?,
-        name: r.try_get(2)?,
-        display_prefix: r.try_get(3)?,
-        hash: r.try_get(4)?,
-        role: r.try_get(5)?,
-        permissions: r.try_get(6)?,
-        scopes: r.try_get(7)?,
-        allowed_cidrs: r.try_get(8)?,
-        rate_rps: r.try_get(9)?,
-        rate_burst: r.try_get(10)?,
-        created_at: r.try_get(11)?,
-        created_by: r.try_get(12)?,
-        expires_at: r.try_get(13)?,
-        last_used_at: r.try_get(14)?,
-        last_used_ip: r.try_get(15)?,
-        revoked_at: r.try_get(16)?,
-        revoked_by: r.try_get(17)?,
-        revoke_reason: r.try_get(18)?,
-        rotated_from: r.try_get(19)?,
-        rotation_deadline: r.try_get(20)?,
-    })
-}
-
-fn dump_change(r: &Row) -> Result<DumpChange, tokio_postgres::Error> {
-    Ok(DumpChange {
-        seq: r.try_get(0)?,
-        at: r.try_get(1)?,
-        kind: r.try_get(2)?,
-        token_id: r.try_get(3)?,
-        account_id: r.try_get(4)?,
-    })
 }

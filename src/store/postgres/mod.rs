@@ -39,8 +39,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    Account, Change, ChangeSignal, LastUsed, NewTokenRow, PgOptions, RawTokenRow, StoreError,
-    TOKEN_COLUMNS, TokenRow, cap_reached, redact_url,
+    Account, Change, ChangeSignal, LastUsed, NewTokenRow, PgOptions, StoreError, TOKEN_COLUMNS,
+    TokenRow, cap_reached, redact_url, row,
 };
 use crate::token::TokenHash;
 
@@ -265,7 +265,7 @@ impl Postgres {
                 &c,
                 "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name",
                 &[],
-                account,
+                row::account,
             )
             .await
             .map_err(|e| db.err(e))
@@ -283,7 +283,7 @@ impl Postgres {
                 )
                 .await
                 .map_err(|e| db.err(e))?;
-            rows.first().map(account).transpose().map_err(|e| db.err(e))
+            rows.first().map(row::account).transpose().map_err(|e| db.err(e))
         })
     }
 
@@ -541,14 +541,7 @@ impl Postgres {
                 &c,
                 "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
                 &[&seq],
-                |r| {
-                    Ok(Change {
-                        seq: r.try_get(0)?,
-                        kind: r.try_get(1)?,
-                        token_id: r.try_get(2)?,
-                        account_id: r.try_get(3)?,
-                    })
-                },
+                row::change,
             )
             .await
             .map_err(|e| db.err(e))
@@ -599,7 +592,7 @@ impl Postgres {
                 &c,
                 "SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1",
                 &[&(limit as i64)],
-                outbox_row,
+                row::outbox,
             )
             .await
             .map_err(|e| db.err(e))
@@ -661,7 +654,7 @@ impl Db {
         let st = c.prepare_cached(sql).await.map_err(|e| self.err(e))?;
         let rows = c.query(&st, params).await.map_err(|e| self.err(e))?;
         rows.iter()
-            .map(|r| raw_token(r).map_err(|e| self.err(e))?.into_row())
+            .map(|r| row::raw_token(r).map_err(|e| self.err(e))?.into_row())
             .collect()
     }
 }
@@ -676,7 +669,7 @@ async fn lock_account(
             &[&key],
         )
         .await?;
-    rows.first().map(account).transpose()
+    rows.first().map(row::account).transpose()
 }
 
 async fn record_change(
@@ -737,49 +730,6 @@ async fn query_map<T>(
     row: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
 ) -> Result<Vec<T>, tokio_postgres::Error> {
     c.query(sql, params).await?.iter().map(row).collect()
-}
-
-/// One `audit_outbox` row: (id, line).
-fn outbox_row(r: &Row) -> Result<(i64, String), tokio_postgres::Error> {
-    Ok((r.try_get(0)?, r.try_get(1)?))
-}
-
-fn account(r: &Row) -> Result<Account, tokio_postgres::Error> {
-    Ok(Account {
-        id: r.try_get(0)?,
-        name: r.try_get(1)?,
-        email: r.try_get(2)?,
-        created_at: r.try_get(3)?,
-        created_by: r.try_get(4)?,
-        disabled_at: r.try_get(5)?,
-    })
-}
-
-fn raw_token(r: &Row) -> Result<RawTokenRow, tokio_postgres::Error> {
-    Ok(RawTokenRow {
-        id: r.try_get(0)?,
-        account_id: r.try_get(1)?,
-        account: r.try_get(2)?,
-        name: r.try_get(3)?,
-        prefix: r.try_get(4)?,
-        role: r.try_get(5)?,
-        permissions: r.try_get(6)?,
-        scopes: r.try_get(7)?,
-        allowed_cidrs: r.try_get(8)?,
-        rate_rps: r.try_get(9)?,
-        rate_burst: r.try_get(10)?,
-        created_at: r.try_get(11)?,
-        created_by: r.try_get(12)?,
-        expires_at: r.try_get(13)?,
-        last_used_at: r.try_get(14)?,
-        last_used_ip: r.try_get(15)?,
-        revoked_at: r.try_get(16)?,
-        revoked_by: r.try_get(17)?,
-        revoke_reason: r.try_get(18)?,
-        rotated_from: r.try_get(19)?,
-        rotation_deadline: r.try_get(20)?,
-        account_disabled_at: r.try_get(21)?,
-    })
 }
 
 /// rustls client config: the CA file when given, else the system's roots (not read at all when

@@ -58,6 +58,67 @@ impl NewTokenRow {
     }
 }
 
+impl NewTokenRow {
+    /// The row as stored, owned by `account_id`: what [`token_values!`] binds on insert.
+    pub(crate) fn stored(&self, account_id: &str) -> DumpToken {
+        DumpToken {
+            id: self.id.clone(),
+            account_id: account_id.to_string(),
+            name: self.name.clone(),
+            display_prefix: self.display_prefix.clone(),
+            hash: self.hash.to_vec(),
+            role: self.role.clone(),
+            permissions: self.permissions.clone(),
+            scopes: self.scopes.clone(),
+            allowed_cidrs: self.allowed_cidrs.clone(),
+            rate_rps: self.rate_rps,
+            rate_burst: self.rate_burst,
+            created_at: self.created_at,
+            created_by: self.created_by.clone(),
+            expires_at: self.expires_at,
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+            rotated_from: self.rotated_from.clone(),
+            rotation_deadline: None,
+        }
+    }
+}
+
+/// The 21 values of a stored token row in `DUMP_TOKEN_COLUMNS` order, as an array of references
+/// for either engine's parameter type (the caller's annotation picks it), with `rotated_from`
+/// given apart: an import inserts every row without it first, then links them.
+macro_rules! token_values {
+    ($t:expr, $rotated_from:expr) => {
+        [
+            &$t.id,
+            &$t.account_id,
+            &$t.name,
+            &$t.display_prefix,
+            &$t.hash,
+            &$t.role,
+            &$t.permissions,
+            &$t.scopes,
+            &$t.allowed_cidrs,
+            &$t.rate_rps,
+            &$t.rate_burst,
+            &$t.created_at,
+            &$t.created_by,
+            &$t.expires_at,
+            &$t.last_used_at,
+            &$t.last_used_ip,
+            &$t.revoked_at,
+            &$t.revoked_by,
+            &$t.revoke_reason,
+            $rotated_from,
+            &$t.rotation_deadline,
+        ]
+    };
+}
+pub(crate) use token_values;
+
 /// The columns of a token joined with its account, as both engines read them: the stored token
 /// row (the same shape `store dump` copies) plus the account's name and disabled time.
 pub(crate) struct RawTokenRow {

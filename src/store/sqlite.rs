@@ -20,7 +20,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use super::file::FileIdentity;
 use super::row;
 use super::{
-    Account, Change, DUMP_TOKEN_COLUMNS, LastUsed, NewTokenRow, StoreDump, StoreError,
+    Account, Change, DUMP_TOKEN_COLUMNS, DumpToken, LastUsed, NewTokenRow, StoreDump, StoreError,
     TOKEN_COLUMNS, TokenRow, cap_reached,
 };
 use crate::token::TokenHash;
@@ -607,35 +607,7 @@ impl Sqlite {
             }
             // rotated_from points at another token: insert without it, then link.
             for t in &d.tokens {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES \
-                         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, NULL, ?20)"
-                    ),
-                    params![
-                        t.id,
-                        t.account_id,
-                        t.name,
-                        t.display_prefix,
-                        t.hash,
-                        t.role,
-                        t.permissions,
-                        t.scopes,
-                        t.allowed_cidrs,
-                        t.rate_rps,
-                        t.rate_burst,
-                        t.created_at,
-                        t.created_by,
-                        t.expires_at,
-                        t.last_used_at,
-                        t.last_used_ip,
-                        t.revoked_at,
-                        t.revoked_by,
-                        t.revoke_reason,
-                        t.rotation_deadline,
-                    ],
-                )
-                .map_err(self.err())?;
+                insert_stored(tx, t, &None).map_err(self.err())?;
             }
             for t in d.tokens.iter().filter(|t| t.rotated_from.is_some()) {
                 tx.execute("UPDATE tokens SET rotated_from = ?1 WHERE id = ?2", params![t.rotated_from, t.id])
@@ -781,28 +753,25 @@ fn active_tokens(
 }
 
 fn insert_token(tx: &Connection, account_id: &str, t: &NewTokenRow) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO tokens (id, account_id, name, display_prefix, hash, role, permissions, scopes, allowed_cidrs, \
-         rate_rps, rate_burst, created_at, created_by, expires_at, rotated_from) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        params![
-            t.id,
-            account_id,
-            t.name,
-            t.display_prefix,
-            &t.hash[..],
-            t.role,
-            t.permissions,
-            t.scopes,
-            t.allowed_cidrs,
-            t.rate_rps,
-            t.rate_burst,
-            t.created_at,
-            t.created_by,
-            t.expires_at,
-            t.rotated_from,
-        ],
-    )?;
+    let stored = t.stored(account_id);
+    insert_stored(tx, &stored, &stored.rotated_from)
+}
+
+/// Inserts one stored token row (a new token, or a row of an import).
+fn insert_stored(
+    tx: &Connection,
+    t: &DumpToken,
+    rotated_from: &Option<String>,
+) -> rusqlite::Result<()> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let marks: Vec<String> = (1..=21).map(|i| format!("?{i}")).collect();
+        format!(
+            "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES ({})",
+            marks.join(", ")
+        )
+    });
+    let values: [&dyn rusqlite::ToSql; 21] = row::token_values!(t, rotated_from);
+    tx.prepare_cached(&SQL)?.execute(&values[..])?;
     Ok(())
 }
 

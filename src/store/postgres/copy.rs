@@ -6,7 +6,7 @@
 
 use tokio_postgres::types::ToSql;
 
-use super::{Postgres, query_map};
+use super::{INSERT_TOKEN, Postgres, query_map};
 use crate::store::row;
 use crate::store::{DUMP_TOKEN_COLUMNS, StoreDump, StoreError};
 
@@ -103,37 +103,10 @@ impl Postgres {
                 .await
                 .map_err(e)?;
             }
-            let ins = tx
-                .prepare(&format!(
-                    "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES \
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, NULL, $20)"
-                ))
-                .await
-                .map_err(e)?;
+            let ins = tx.prepare(&INSERT_TOKEN).await.map_err(e)?;
             for t in &d.tokens {
-                let params: [&(dyn ToSql + Sync); 20] = [
-                    &t.id,
-                    &t.account_id,
-                    &t.name,
-                    &t.display_prefix,
-                    &t.hash,
-                    &t.role,
-                    &t.permissions,
-                    &t.scopes,
-                    &t.allowed_cidrs,
-                    &t.rate_rps,
-                    &t.rate_burst,
-                    &t.created_at,
-                    &t.created_by,
-                    &t.expires_at,
-                    &t.last_used_at,
-                    &t.last_used_ip,
-                    &t.revoked_at,
-                    &t.revoked_by,
-                    &t.revoke_reason,
-                    &t.rotation_deadline,
-                ];
-                tx.execute(&ins, &params).await.map_err(e)?;
+                let values: [&(dyn ToSql + Sync); 21] = row::token_values!(t, &None::<String>);
+                tx.execute(&ins, &values).await.map_err(e)?;
             }
             for t in d.tokens.iter().filter(|t| t.rotated_from.is_some()) {
                 tx.execute("UPDATE tokens SET rotated_from = $1 WHERE id = $2", &[&t.rotated_from, &t.id])

@@ -39,8 +39,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    Account, Change, ChangeSignal, LastUsed, NewTokenRow, PgOptions, StoreError, TOKEN_COLUMNS,
-    TokenRow, cap_reached, redact_url, row,
+    Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, LastUsed, NewTokenRow, PgOptions,
+    StoreError, TOKEN_COLUMNS, TokenRow, cap_reached, redact_url, row,
 };
 use crate::token::TokenHash;
 
@@ -695,32 +695,20 @@ async fn insert_token(
     account_id: &str,
     t: &NewTokenRow,
 ) -> Result<(), tokio_postgres::Error> {
-    let hash: &[u8] = &t.hash;
-    tx.execute(
-        "INSERT INTO tokens (id, account_id, name, display_prefix, hash, role, permissions, scopes, allowed_cidrs, \
-         rate_rps, rate_burst, created_at, created_by, expires_at, rotated_from) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        &[
-            &t.id,
-            &account_id,
-            &t.name,
-            &t.display_prefix,
-            &hash,
-            &t.role,
-            &t.permissions,
-            &t.scopes,
-            &t.allowed_cidrs,
-            &t.rate_rps,
-            &t.rate_burst,
-            &t.created_at,
-            &t.created_by,
-            &t.expires_at,
-            &t.rotated_from,
-        ],
-    )
-    .await?;
+    let stored = t.stored(account_id);
+    let values: [&(dyn ToSql + Sync); 21] = row::token_values!(stored, &stored.rotated_from);
+    tx.execute(&*INSERT_TOKEN, &values).await?;
     Ok(())
 }
+
+/// Inserts one stored token row, all of `DUMP_TOKEN_COLUMNS` bound as `$1..$21`.
+pub(super) static INSERT_TOKEN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let marks: Vec<String> = (1..=21).map(|i| format!("${i}")).collect();
+    format!(
+        "INSERT INTO tokens ({DUMP_TOKEN_COLUMNS}) VALUES ({})",
+        marks.join(", ")
+    )
+});
 
 /// Runs `sql` and maps every row with `row`; a row that does not fit fails the whole answer.
 async fn query_map<T>(

@@ -326,26 +326,39 @@ fn pki() -> Pki {
     Pki { dir, ca, ca_file }
 }
 
+/// An upstream serving `leaf` (no client certificate asked; `close` answers each request with
+/// `Connection: close`) and a gateway whose secure route reaches it at `https://{host}:{port}`
+/// trusting the test CA, with a token for `ci` that may read.
+async fn verified_pair(
+    pki: &Pki,
+    leaf: &Leaf,
+    host: &str,
+    close: bool,
+) -> (TlsUpstream, TestGateway, String) {
+    let up = TlsUpstream::start(UpstreamSetup {
+        leaf,
+        client_ca: None,
+        close,
+    })
+    .await;
+    let tg = TestGateway::start_with(tls_route(
+        &format!("https://{host}:{}", up.addr.port()),
+        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
+    ))
+    .await;
+    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    (up, tg, tok)
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test]
 async fn a_verified_upstream_gets_the_request_and_sni_comes_from_the_host() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: false,
-    })
-    .await;
     // `localhost`: the certificate's only name, checked against the upstream host (no
     // server_name configured).
-    let tg = TestGateway::start_with(tls_route(
-        &format!("https://localhost:{}", up.addr.port()),
-        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
-    ))
-    .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
     let (status, body) = get(&tg, &tok).await;
     assert_eq!((status, body.as_str()), (200, "tls upstream ok"));
     let seen = up.seen();
@@ -377,18 +390,7 @@ async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
     let pki = pki();
     let other = Ca::new("somebody else's CA");
     let leaf = other.leaf("upstream", &["localhost", "127.0.0.1"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: false,
-    })
-    .await;
-    let tg = TestGateway::start_with(tls_route(
-        &format!("https://127.0.0.1:{}", up.addr.port()),
-        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
-    ))
-    .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (up, tg, tok) = verified_pair(&pki, &leaf, "127.0.0.1", false).await;
     let (status, body) = get(&tg, &tok).await;
     assert_tls_refusal(&tg, status, &body).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
@@ -618,18 +620,7 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
 async fn twenty_sequential_requests_use_one_connection_and_one_handshake() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: false,
-    })
-    .await;
-    let tg = TestGateway::start_with(tls_route(
-        &format!("https://localhost:{}", up.addr.port()),
-        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
-    ))
-    .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
     for _ in 0..20 {
         assert_eq!(get(&tg, &tok).await.0, 200);
     }
@@ -643,18 +634,7 @@ async fn a_new_connection_resumes_the_tls_session() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
     // `Connection: close` on every answer: each request needs a new connection.
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: true,
-    })
-    .await;
-    let tg = TestGateway::start_with(tls_route(
-        &format!("https://localhost:{}", up.addr.port()),
-        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
-    ))
-    .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", true).await;
     for _ in 0..3 {
         assert_eq!(get(&tg, &tok).await.0, 200);
     }
@@ -672,18 +652,7 @@ async fn a_reload_reads_the_tls_files_again() {
     let pki = pki();
     let other = Ca::new("the CA the upstream moves to");
     let leaf = other.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: false,
-    })
-    .await;
-    let tg = TestGateway::start_with(tls_route(
-        &format!("https://localhost:{}", up.addr.port()),
-        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
-    ))
-    .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
     let (status, body) = get(&tg, &tok).await;
     assert_tls_refusal(&tg, status, &body).await;
 

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
@@ -521,56 +520,14 @@ impl Proc {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &upstream.addr.to_string(), o);
         prepare(&dir.path().join("tokengate.db"));
-        let mut cmd = if one_cpu {
+        let cmd = if one_cpu {
             let mut c = StdCommand::new("taskset");
             c.args(["-c", "0", BIN]);
             c
         } else {
             StdCommand::new(BIN)
         };
-        let mut child = cmd
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--log-format",
-                "json",
-                "serve",
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                // Recorded before the start-up signal below, so a test that was told the
-                // gateway is listening always finds the listening line in `stderr`.
-                lines.lock().unwrap().push(line.clone());
-                if let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) {
-                    let f = if j["fields"].is_object() {
-                        &j["fields"]
-                    } else {
-                        &j
-                    };
-                    if f["message"] == "tokengate listening" {
-                        let p = f["public"].as_str().unwrap().parse().unwrap();
-                        let a = f["admin"].as_str().unwrap().parse().unwrap();
-                        let _ = tx.send((p, a));
-                    }
-                }
-            }
-        });
-        let (public, admin) =
-            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-                .await
-                .unwrap()
-                .unwrap_or_else(|_| panic!("tokengate serve did not start"));
+        let (child, public, admin, stderr) = support::spawn_serve_logged_by(cmd, &config).await;
         Proc {
             child,
             dir,

@@ -283,9 +283,23 @@ pub async fn spawn_serve_logged(
     SocketAddr,
     Arc<Mutex<Vec<String>>>,
 ) {
+    spawn_serve_logged_by(std::process::Command::new(bin()), config).await
+}
+
+/// [`spawn_serve_logged`] with the binary started by `cmd` (for example `taskset -c 0 BIN`):
+/// the `serve` arguments are appended to it.
+pub async fn spawn_serve_logged_by(
+    mut cmd: std::process::Command,
+    config: &Path,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    SocketAddr,
+    Arc<Mutex<Vec<String>>>,
+) {
     use std::io::BufRead;
     use std::process::Stdio;
-    let mut child = std::process::Command::new(bin())
+    let mut child = cmd
         .args([
             "--config",
             config.to_str().unwrap(),

@@ -833,3 +833,120 @@ async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
     .await);
     tg.stop().await;
 }
+
+/// A private D-Bus session bus with gnome-keyring's Secret Service unlocked in it (a real
+/// keyring, as on a desktop). Fails loudly when the programs are missing: never skipped.
+struct SecretService {
+    bus: String,
+    pid: u32,
+    _home: tempfile::TempDir,
+}
+
+impl SecretService {
+    fn start() -> SecretService {
+        let home = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--fork", "--print-address=1", "--print-pid=1"])
+            .output()
+            .expect("dbus-daemon is missing: install dbus and gnome-keyring (.ci/run does)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        let bus = lines.next().unwrap().to_string();
+        let pid: u32 = lines.next().unwrap().trim().parse().unwrap();
+        let mut unlock = std::process::Command::new("gnome-keyring-daemon")
+            .args(["--unlock", "--components=secrets"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus)
+            .env("HOME", home.path())
+            .env_remove("XDG_DATA_HOME")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("gnome-keyring-daemon is missing: install gnome-keyring (.ci/run does)");
+        {
+            use std::io::Write;
+            unlock
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"test-password")
+                .unwrap();
+        }
+        assert!(
+            unlock.wait().unwrap().success(),
+            "gnome-keyring-daemon --unlock failed"
+        );
+        SecretService {
+            bus,
+            pid,
+            _home: home,
+        }
+    }
+
+    /// The secret stored for `user` under the service `tokengate` (secret-tool, libsecret's CLI).
+    fn lookup(&self, user: &str) -> Option<String> {
+        let out = std::process::Command::new("secret-tool")
+            .args(["lookup", "service", "tokengate", "username", user])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus)
+            .output()
+            .expect("secret-tool is missing: install libsecret-tools (.ci/run does)");
+        let s = String::from_utf8(out.stdout).unwrap();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    }
+}
+
+impl Drop for SecretService {
+    fn drop(&mut self) {
+        // Only the bus this test started; gnome-keyring-daemon exits with its session bus.
+        let _ = std::process::Command::new("kill")
+            .arg(self.pid.to_string())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn login_keyring_round_trip_on_a_real_secret_service() {
+    let ss = SecretService::start();
+    let tg = TestGateway::start().await;
+    let (me, me_id) = tg.token("ops", "desk", &["tokengate:self", "apps:read"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let url = format!("http://{}", tg.admin_addr);
+    let bus = [("DBUS_SESSION_BUS_ADDRESS", ss.bus.as_str())];
+    let out = ok(&run(h, &bus, &["login", "--keyring", "--url", &url], &me).await);
+    assert!(out.contains("system keyring"), "{out}");
+    let cred = h.join(".config/tokengate/credentials");
+    let text = std::fs::read_to_string(&cred).unwrap();
+    let reference = format!("default@{url}");
+    assert!(
+        !text.contains(&me) && text.contains(&format!("keyring = \"{reference}\"")),
+        "the file keeps only a reference: {text}"
+    );
+    assert_eq!(
+        ss.lookup(&reference).as_deref(),
+        Some(me.as_str()),
+        "in the real keyring"
+    );
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &bus, &["whoami", "--json"], "").await)).unwrap();
+    assert_eq!(v["id"], me_id.as_str());
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &bus, &["auth", "status", "--json"], "").await)).unwrap();
+    assert_eq!(v["storage"], "keyring");
+    // refresh replaces the keyring entry; the file still holds no token.
+    ok(&run(h, &bus, &["auth", "refresh"], "").await);
+    let new = ss.lookup(&reference).unwrap();
+    assert_ne!(new, me);
+    assert!(!std::fs::read_to_string(&cred).unwrap().contains(&new));
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &bus, &["whoami", "--json"], "").await)).unwrap();
+    assert_eq!(v["rotated_from"], me_id.as_str());
+    // logout removes the profile and the keyring entry.
+    ok(&run(h, &bus, &["logout"], "").await);
+    assert_eq!(ss.lookup(&reference), None);
+    tg.stop().await;
+}

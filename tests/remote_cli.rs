@@ -950,3 +950,78 @@ async fn login_keyring_round_trip_on_a_real_secret_service() {
     assert_eq!(ss.lookup(&reference), None);
     tg.stop().await;
 }
+
+/// The shell commands of one CI recipe in the README: GitHub's `run:` lines, GitLab's `script:`
+/// items, Jenkins' `sh '...'` steps.
+fn recipe_commands(block: &str) -> Vec<String> {
+    let mut cmds = vec![];
+    let mut in_script = false;
+    for line in block.lines() {
+        let t = line.trim();
+        if let Some(c) = t.strip_prefix("- run: ") {
+            cmds.push(c.to_string());
+        } else if t == "script:" {
+            in_script = true;
+        } else if in_script && t.starts_with("- ") {
+            cmds.push(t[2..].to_string());
+        } else if let Some(c) = t.strip_prefix("sh '").and_then(|c| c.strip_suffix('\'')) {
+            cmds.push(c.to_string());
+        }
+    }
+    cmds
+}
+
+#[tokio::test]
+async fn readme_ci_recipes_work_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## CI recipes")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let blocks: Vec<&str> = section.split("```").skip(1).step_by(2).collect();
+    assert_eq!(blocks.len(), 3, "GitHub Actions, GitLab CI, Jenkins");
+    let tg = TestGateway::start().await;
+    let (ci, _) = tg.token("ci-bot", "deploy", &["tokengate:self", "apps:read"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tokengate")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let admin = format!("http://{}", tg.admin_addr);
+    let public = format!("http://{}", tg.addr);
+    for block in blocks {
+        let cmds = recipe_commands(block);
+        assert_eq!(cmds.len(), 3, "{block}");
+        for c in cmds {
+            let before = tg.upstream.count();
+            let mut cmd = tokio::process::Command::new("bash");
+            cmd.args(["-euo", "pipefail", "-c", &c])
+                .current_dir(h)
+                .env("HOME", h)
+                .env("PATH", &path)
+                .env("TOKENGATE_TOKEN", &ci)
+                .env("TOKENGATE_URL", &admin)
+                .env("GATEWAY", &public)
+                .env_remove("TOKENGATE_CONFIG")
+                .env_remove("TOKENGATE_PROFILE");
+            let o = cmd.output().await.unwrap();
+            assert!(
+                o.status.success(),
+                "`{c}` failed: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                err(&o)
+            );
+            if c.contains("/apps/billing/status") {
+                assert_eq!(tg.upstream.count(), before + 1, "`{c}` reached the API");
+            }
+        }
+    }
+    tg.stop().await;
+}

@@ -1,7 +1,8 @@
 //! The client address of a request: the TCP peer, or the last untrusted hop of
 //! `X-Forwarded-For` when the peer is a configured trusted proxy (SPEC §1, `trusted_proxies`).
 //!
-//! Owns: [`client_ip`], used by the pipeline and the admin listener alike.
+//! Owns: [`client_ip`] and [`secure_transport`] (tokens only over HTTPS), used by the pipeline
+//! and the admin listener alike.
 //! Must never import anything of ours: it is a pure function of the peer, the headers and the
 //! trusted networks (so `gateway`, `pipeline` and `admin` can all use it without a circle).
 

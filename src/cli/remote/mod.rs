@@ -451,7 +451,7 @@ fn status(cli: &Cli, json: bool) -> Result<(), CliError> {
     let mut warnings = vec![];
     match days {
         Some(d) if d < EXPIRY_WARNING_DAYS => warnings.push(format!(
-            "the token expires in {} : run `tokengate auth refresh` before then",
+            "the token expires in {}: run `tokengate auth refresh` before then",
             print::plural(d.max(0) as usize, "day", "days")
         )),
         None if expires.is_none() => warnings.push(

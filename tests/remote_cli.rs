@@ -831,6 +831,39 @@ async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
         "",
     )
     .await);
+    // Told to, it does send: the listener answers 401 and sees the token arrive.
+    spy.set_nonblocking(false).unwrap();
+    let seen = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = spy.accept().unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = r#"{"error":"invalid_token","message":"The API token is not valid."}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let o = run(
+        h,
+        &[("TOKENGATE_TOKEN", &root)],
+        &["--url", &spy_url, "--allow-plaintext", "token", "list"],
+        "",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("401"), "{}", err(&o));
+    let request = seen.join().unwrap();
+    assert!(request.contains(&format!("Bearer {root}")), "{request}");
     tg.stop().await;
 }
 

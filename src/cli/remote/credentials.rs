@@ -176,6 +176,18 @@ pub fn keyring_reference(profile: &str, url: &str) -> String {
 }
 
 fn entry(reference: &str) -> Result<keyring::Entry, CliError> {
+    // Elsewhere the crate would fall back to an in-memory mock and the token would be lost.
+    if !cfg!(any(
+        target_os = "linux",
+        target_os = "freebsd",
+        target_os = "openbsd",
+        target_os = "macos",
+        target_os = "windows"
+    )) {
+        return Err(CliError::usage(
+            "this system has no supported keyring: log in without --keyring",
+        ));
+    }
     keyring::Entry::new(KEYRING_SERVICE, reference).map_err(keyring_error)
 }
 

@@ -99,6 +99,10 @@ pub enum Reject {
     /// 403: a forward-auth request from a peer outside `server.trusted_proxies`
     /// (`forward_auth_untrusted`): the original method, URI and host it describes are not believed.
     ForwardAuthUntrusted,
+    /// 403: a Bearer token sent over plain HTTP by a client that is neither on loopback nor
+    /// behind a trusted proxy that says it used HTTPS (`plaintext_token`); nothing is looked up
+    /// or forwarded. `server.allow_plaintext_tokens = true` lifts it.
+    PlaintextToken,
 }
 
 impl Reject {
@@ -127,6 +131,7 @@ impl Reject {
             Reject::RequestTimeout => "request_timeout",
             Reject::Internal => "internal_error",
             Reject::ForwardAuthUntrusted => "forward_auth_untrusted",
+            Reject::PlaintextToken => "plaintext_token",
         }
     }
 
@@ -173,7 +178,9 @@ impl Reject {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Reject::MissingToken { .. } | Reject::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
-            Reject::Forbidden { .. } | Reject::ForwardAuthUntrusted => StatusCode::FORBIDDEN,
+            Reject::Forbidden { .. } | Reject::ForwardAuthUntrusted | Reject::PlaintextToken => {
+                StatusCode::FORBIDDEN
+            }
             Reject::StoreUnavailable | Reject::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -208,6 +215,7 @@ impl Reject {
             Reject::UpstreamTimeout | Reject::RequestTimeout => "gateway_timeout",
             Reject::Internal => "internal_error",
             Reject::ForwardAuthUntrusted => "forbidden",
+            Reject::PlaintextToken => "https_required",
         }
     }
 
@@ -234,7 +242,16 @@ impl Reject {
                 "The API token has expired; create a new one.".into()
             }
             Reject::InvalidToken { reason: "revoked" } => "The API token has been revoked.".into(),
+            Reject::InvalidToken {
+                reason: "account_disabled",
+            } => "The account that owns this API token is disabled; ask an administrator.".into(),
             Reject::InvalidToken { .. } => "The API token is not valid.".into(),
+            Reject::Forbidden {
+                reason: "out_of_scope",
+                permission: Some(p),
+            } => format!(
+                "The API token holds `{p}`, but its scopes do not cover this request (another app or resource than the ones it is limited to)."
+            ),
             Reject::Forbidden {
                 permission: Some(p),
                 ..
@@ -261,6 +278,13 @@ impl Reject {
             Reject::Internal => "Internal error.".into(),
             Reject::ForwardAuthUntrusted => {
                 "Forward-auth decisions are only given to trusted proxies (server.trusted_proxies)."
+                    .into()
+            }
+            Reject::PlaintextToken => {
+                "API tokens are only accepted over HTTPS: this request sent one over plain HTTP. \
+                 Call the https:// URL (and treat this token as exposed: rotate it). Operators: \
+                 behind a TLS-terminating proxy, list it in server.trusted_proxies and have it send \
+                 `X-Forwarded-Proto: https`."
                     .into()
             }
         }
@@ -429,6 +453,31 @@ mod tests {
         assert!(!Reject::RequestTimeout.counts_as_allowed());
         assert!(Reject::StoreUnavailable.is_ours() && Reject::Internal.is_ours());
         assert!(!Reject::UpstreamError.is_ours());
+    }
+
+    #[test]
+    fn scoped_and_disabled_refusals_say_why() {
+        let scoped = body_json(
+            &Reject::Forbidden {
+                reason: "out_of_scope",
+                permission: Some("apps:read".into()),
+            },
+            "rid",
+        );
+        assert!(
+            scoped.contains("scopes do not cover") && !scoped.contains("lacks"),
+            "{scoped}"
+        );
+        let disabled = body_json(
+            &Reject::InvalidToken {
+                reason: "account_disabled",
+            },
+            "rid",
+        );
+        assert!(
+            disabled.contains("account that owns this API token is disabled"),
+            "{disabled}"
+        );
     }
 
     #[test]

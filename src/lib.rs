@@ -13,8 +13,10 @@
 //! modules (`scripts/module-graph` checks all of it).
 //!
 //! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
-//! - [`cli`] (`cli/{mod,local,remote,print}.rs`) — clap definitions and exit codes; local-store
-//!   commands, remote commands (admin API client, credentials file) and the one printer both use.
+//! - [`cli`] (`cli/{mod,local,print,shell}.rs`, `cli/remote/{mod,client,credentials}.rs`) — clap
+//!   definitions and exit codes; local-store commands, remote commands (`auth`, `context`, the
+//!   admin API client, the credentials file and keyring) and the one printer both use; shell
+//!   completions and man pages.
 //! - [`app`] — process lifecycle for `serve`: start, SIGHUP reload, SIGTERM drain.
 //! - [`demo`] — `tokengate demo` (plain options) and the built-in echo upstream.
 //! - [`config`] (`config/{mod,raw,validate}.rs`) — TOML config: raw serde structs → validated
@@ -31,7 +33,8 @@
 //! - `health` (crate) — readiness checks shared by the admin `/readyz` and the public health endpoint.
 //! - `readiness` (crate) — the readiness result and the public probe's bookkeeping the gateway holds.
 //! - `hygiene` (crate) — request validation and header hygiene (step 1, forwarding).
-//! - `forwarded` (crate) — the client address (peer or trusted `X-Forwarded-For` hop).
+//! - `forwarded` (crate) — the client address (peer or trusted `X-Forwarded-For` hop), and whether
+//!   a token may be accepted on this transport (TLS, loopback, or a trusted proxy saying HTTPS).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
 //! - [`authz`] — rule templates, matching, permissions, scopes and `decide()` (step 6).
 //! - [`ratelimit`] (`ratelimit/{mod,redis}.rs`) — per-token GCRA limiter and per-IP failed-auth

@@ -40,6 +40,7 @@ use crate::token::TokenHash;
 
 mod answer;
 mod completion;
+mod transport;
 use completion::{Completing, send_completion};
 
 /// Per-request facts collected for the audit line.
@@ -264,6 +265,7 @@ impl Gateway {
             return Ok(Decided::Answered(resp));
         }
         if !ctx.public {
+            transport::check_transport(cfg, conn, req, ctx)?;
             let token = self
                 .authenticate(req.headers(), req.uri().query(), ctx.client_ip, ctx)
                 .await?;

@@ -331,10 +331,730 @@ async fn login_over_tls_with_a_ca_made_in_the_test() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // The certificate error is told in words, with what to do; no Rust Debug value.
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("not signed by an authority this computer trusts")
+            && e.contains("TOKENGATE_CA_FILE"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("UnknownIssuer") && !e.contains("Custom {"),
+        "{e}"
+    );
     assert!(!h.join(".config/tokengate/credentials").exists());
     let ca = [("TOKENGATE_CA_FILE", certs.cert.to_str().unwrap())];
     ok(&run(h, &ca, &["login", "--url", &url], &root).await);
     let out = ok(&run(h, &ca, &["token", "list", "--json"], "").await);
     assert_eq!(serde_json::from_str::<Vec<Value>>(&out).unwrap().len(), 1);
+    tg.stop().await;
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs the binary with its stdout's reading end already closed (as `| head -1` leaves it).
+async fn run_closed_stdout(home: &Path, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
+    cmd.args(args)
+        .current_dir(home)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TOKENGATE_TOKEN")
+        .env_remove("TOKENGATE_URL")
+        .env_remove("TOKENGATE_PROFILE")
+        .env_remove("TOKENGATE_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().await.unwrap()
+}
+
+#[tokio::test]
+async fn auth_status_token_info_refresh_and_revoke_round_trip() {
+    let tg = TestGateway::start().await;
+    let (me, me_id) = tg.token("ops", "laptop", &["tokengate:self", "apps:read"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let url = format!("http://{}", tg.admin_addr);
+    let cred = h.join(".config/tokengate/credentials");
+
+    // login with the token on stdin, status, token-info.
+    ok(&run(h, &[], &["login", "--url", &url], &format!("{me}\n")).await);
+    let out = ok(&run(h, &[], &["auth", "status"], "").await);
+    assert!(
+        out.contains(&format!("Logged in to {url} as laptop"))
+            && out.contains("account ops")
+            && out.contains("profile default")
+            && out.contains("credentials file")
+            && out.contains("expires"),
+        "{out}"
+    );
+    assert!(!out.contains(&me), "status never prints the token");
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &[], &["auth", "status", "--json"], "").await)).unwrap();
+    assert_eq!(v["token"]["id"], me_id.as_str());
+    assert_eq!(v["storage"], "file");
+    assert!(v["expires_in_days"].as_i64().unwrap() >= 29, "{v}");
+    let v: Value = serde_json::from_str(&ok(
+        &run(h, &[], &["auth", "token-info", "--json"], "").await
+    ))
+    .unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["name"].as_str()),
+        (Some(me_id.as_str()), Some("laptop"))
+    );
+    assert_eq!(v["permissions"][1], "apps:read");
+
+    // refresh: the file now holds the successor (atomically rewritten, still 0600), the next
+    // command works with it, and the old token is refused once the grace is over.
+    let out = ok(&run(h, &[], &["auth", "refresh", "--grace", "1h"], "").await);
+    assert!(
+        out.contains("Refreshed profile `default`") && out.contains("for 1h at most"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&cred).unwrap();
+    assert!(!text.contains(&me), "the old token left the file");
+    assert_eq!(mode(&cred), 0o600);
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &[], &["whoami", "--json"], "").await)).unwrap();
+    let new_id = v["id"].as_str().unwrap().to_string();
+    assert_ne!(new_id, me_id);
+    assert_eq!(v["rotated_from"], me_id.as_str());
+    tg.gw.clock().advance_ms(3_600_000 + 60_000);
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &me).await;
+    assert_eq!(r.status(), 401, "the old token is refused after the grace");
+    ok(&run(h, &[], &["auth", "status"], "").await);
+
+    // revoke: the token in use is revoked (401) and the profile is gone.
+    let new_plain = {
+        let text = std::fs::read_to_string(&cred).unwrap();
+        let line = text.lines().find(|l| l.starts_with("token = ")).unwrap();
+        line.trim_start_matches("token = ")
+            .trim_matches('"')
+            .to_string()
+    };
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &new_plain).await;
+    assert_eq!(r.status(), 200);
+    let out = ok(&run(h, &[], &["auth", "revoke", "--reason", "laptop lost"], "").await);
+    assert!(
+        out.contains(&format!("Revoked {new_id}")) && out.contains("removed"),
+        "{out}"
+    );
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &new_plain).await;
+    assert_eq!(r.status(), 401);
+    assert!(
+        !std::fs::read_to_string(&cred)
+            .unwrap()
+            .contains("[default]")
+    );
+    let o = run(h, &[], &["auth", "status"], "").await;
+    assert_eq!(o.status.code(), Some(64), "{}", err(&o));
+    let ev: Vec<Value> = tg
+        .audit_lines()
+        .await
+        .into_iter()
+        .filter(|l| l["event"] == "token.revoked")
+        .collect();
+    assert_eq!(ev.last().unwrap()["reason"], "laptop lost");
+
+    // login with the token in TOKENGATE_TOKEN; status then says where the token comes from.
+    let (other, _) = tg.token("ops", "ci", &["tokengate:self", "apps:read"]);
+    ok(&run(
+        h,
+        &[("TOKENGATE_TOKEN", &other)],
+        &["login", "--url", &url],
+        "",
+    )
+    .await);
+    assert!(std::fs::read_to_string(&cred).unwrap().contains(&other));
+    let out = ok(&run(h, &[("TOKENGATE_TOKEN", &other)], &["auth", "status"], "").await);
+    assert!(out.contains("TOKENGATE_TOKEN"), "{out}");
+    let log = std::fs::read_to_string(tg.dir.path().join("audit.log")).unwrap();
+    assert!(!log.contains(&me) && !log.contains(&new_plain) && !log.contains(&other));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn default_context_feeds_account_and_scope() {
+    let tg = TestGateway::start().await;
+    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    tg.account("billing-team");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let url = format!("http://{}", tg.admin_addr);
+    ok(&run(h, &[], &["login", "--url", &url], &root).await);
+    let out = ok(&run(
+        h,
+        &[],
+        &[
+            "context",
+            "use",
+            "--account",
+            "billing-team",
+            "--scope",
+            "app=billing",
+        ],
+        "",
+    )
+    .await);
+    assert!(
+        out.contains("account billing-team, scope app=billing"),
+        "{out}"
+    );
+    let o = run(
+        h,
+        &[],
+        &[
+            "token", "create", "--name", "deploy", "--role", "viewer", "--json",
+        ],
+        "",
+    )
+    .await;
+    let v: Value = serde_json::from_str(ok(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(v["account"], "billing-team");
+    assert_eq!(v["scopes"]["app"][0], "billing");
+    let plain = v["token"].as_str().unwrap();
+    assert_eq!(
+        get_bearer(&client(), tg.url("/apps/billing/x"), plain)
+            .await
+            .status(),
+        200
+    );
+    // The scoped token outside its scope is told so, not that it lacks the permission.
+    let r = get_bearer(&client(), tg.url("/apps/web/x"), plain).await;
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("scopes do not cover") && !msg.contains("lacks"),
+        "{msg}"
+    );
+    assert_eq!(tg.last_request_line().await["reason"], "out_of_scope");
+    // `token list` takes the context's account.
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&run(h, &[], &["token", "list", "--json"], "").await)).unwrap();
+    assert!(list.iter().all(|t| t["account"] == "billing-team") && list.len() == 1);
+    let out = ok(&run(h, &[], &["context", "clear"], "").await);
+    assert!(out.contains("cleared"), "{out}");
+    let o = run(
+        h,
+        &[],
+        &["token", "create", "--name", "x", "--role", "viewer"],
+        "",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(64));
+    assert!(err(&o).contains("--account is required"), "{}", err(&o));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn reported_bugs_stay_fixed() {
+    let tg = TestGateway::start().await;
+    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let url = format!("http://{}", tg.admin_addr);
+    let cfg = tg.config_path.to_str().unwrap().to_string();
+
+    // `login --token X` explains where tokens come from; nothing is saved.
+    let o = run(h, &[], &["login", "--url", &url, "--token", "tg_x"], "").await;
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        err(&o).contains("never read from the command line") && err(&o).contains("TOKENGATE_TOKEN"),
+        "{}",
+        err(&o)
+    );
+    // `login` against the public URL points at the admin URL.
+    let public = format!("http://{}", tg.addr);
+    let o = run(h, &[], &["login", "--url", &public], &root).await;
+    assert_eq!(o.status.code(), Some(64), "{}", err(&o));
+    assert!(
+        err(&o).contains("public listener") && err(&o).contains("admin"),
+        "{}",
+        err(&o)
+    );
+    // No repeated words.
+    let o = run(h, &[], &["login", "--url", &url], "not-a-token\n").await;
+    assert!(
+        err(&o).contains("this is not a tokengate token"),
+        "{}",
+        err(&o)
+    );
+    assert_eq!(
+        err(&o).matches("not a tokengate token").count(),
+        1,
+        "{}",
+        err(&o)
+    );
+    assert!(!h.join(".config/tokengate/credentials").exists());
+
+    ok(&run(h, &[], &["login", "--url", &url], &root).await);
+    // --permission with --role, as documented.
+    let o = run(
+        h,
+        &[],
+        &[
+            "token",
+            "create",
+            "--account",
+            "ops",
+            "--name",
+            "both",
+            "--role",
+            "viewer",
+            "--permission",
+            "apps:deploy",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    let v: Value = serde_json::from_str(ok(&o).lines().next().unwrap()).unwrap();
+    let perms = v["permissions"].to_string();
+    assert!(
+        perms.contains("apps:read") && perms.contains("apps:deploy"),
+        "{perms}"
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    // `--grace 1h` is echoed as 1h.
+    let o = run(h, &[], &["token", "rotate", &id, "--grace", "1h"], "").await;
+    ok(&o);
+    assert!(err(&o).contains("for 1h at most"), "{}", err(&o));
+
+    // `account list --json`: one shape locally and remotely.
+    let remote: Vec<Value> =
+        serde_json::from_str(&ok(&run(h, &[], &["account", "list", "--json"], "").await)).unwrap();
+    let local: Vec<Value> = serde_json::from_str(&ok(&run(
+        h,
+        &[],
+        &["--config", &cfg, "account", "list", "--json"],
+        "",
+    )
+    .await))
+    .unwrap();
+    assert_eq!(remote, local);
+    assert!(
+        local[0]["created_at"].as_str().unwrap().ends_with('Z') && local[0]["status"] == "active"
+    );
+
+    // A closed stdout ends every listing quietly with 0 (locally and remotely).
+    for args in [
+        vec!["whoami"],
+        vec!["token", "list"],
+        vec!["account", "list"],
+        vec!["token", "show", &id, "--json"],
+        vec!["--config", &cfg, "token", "list"],
+        vec!["--config", &cfg, "account", "list"],
+        vec!["--config", &cfg, "config", "check"],
+        vec!["completions", "bash"],
+    ] {
+        let o = run_closed_stdout(h, &args).await;
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", err(&o));
+        assert!(err(&o).is_empty(), "{args:?}: {}", err(&o));
+    }
+
+    // `config check`: human names and plurals.
+    let out = ok(&run(h, &[], &["--config", &cfg, "config", "check"], "").await);
+    assert!(
+        out.contains("on_failure = reject") && !out.contains("Reject"),
+        "{out}"
+    );
+    assert!(!out.contains("(1 rules"), "{out}");
+
+    // A disabled account gets its own message.
+    let (bob, _) = tg.token("bob", "bob-ci", &["apps:read"]);
+    ok(&run(h, &[], &["account", "disable", "bob"], "").await);
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &bob).await;
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("account that owns this API token is disabled"),
+        "{body}"
+    );
+    assert_eq!(
+        tg.upstream.count(),
+        0,
+        "no refused request reached the upstream"
+    );
+    tg.stop().await;
+}
+
+/// A non-loopback address of this host (the one a default route would use), to reach the
+/// gateway from a peer that is not loopback. The test fails loudly without one.
+fn non_loopback_addr() -> std::net::IpAddr {
+    for probe in [
+        "192.0.2.1:9",
+        "198.51.100.1:9",
+        "10.255.255.1:9",
+        "8.8.8.8:53",
+    ] {
+        if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") {
+            if s.connect(probe).is_ok() {
+                if let Ok(a) = s.local_addr() {
+                    if !a.ip().is_loopback() && !a.ip().is_unspecified() {
+                        return a.ip();
+                    }
+                }
+            }
+        }
+    }
+    panic!("this host has no non-loopback IPv4 address: the plain-HTTP refusal test needs one");
+}
+
+#[tokio::test]
+async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_proxy() {
+    let here = non_loopback_addr();
+    let tg = TestGateway::start_with(Options {
+        listen: Some("0.0.0.0:0".into()),
+        server: format!("trusted_proxies = [\"{here}/32\"]"),
+        ..Options::default()
+    })
+    .await;
+    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
+    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    let via_lo = format!("http://127.0.0.1:{}/apps/billing/x", tg.addr.port());
+
+    // From a non-loopback peer, over plain HTTP: 403 with how to fix, audited, nothing forwarded.
+    let r = get_bearer(&client(), via_lan.clone(), &t).await;
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "https_required");
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("HTTPS") && msg.contains("X-Forwarded-Proto"),
+        "{msg}"
+    );
+    let line = tg.last_request_line().await;
+    assert_eq!(line["reason"], "plaintext_token");
+    assert_eq!(line["client_ip"], here.to_string());
+    assert_eq!(line["token_prefix"], &t[..11]);
+    assert_eq!(tg.upstream.count(), 0);
+    // A trusted proxy that says the client used HTTPS is believed; one that says http is not.
+    let r = client()
+        .get(via_lan.clone())
+        .bearer_auth(&t)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .get(via_lan.clone())
+        .bearer_auth(&t)
+        .header("forwarded", "for=192.0.2.9;proto=http")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(tg.upstream.count(), 1);
+    // Loopback: the exception.
+    assert_eq!(get_bearer(&client(), via_lo, &t).await.status(), 200);
+    // Without a token nothing changes: the usual 401.
+    assert_eq!(client().get(via_lan).send().await.unwrap().status(), 401);
+    tg.stop().await;
+
+    // Untrusted non-loopback peer: even a claimed HTTPS is refused; the switch lifts it.
+    let tg = TestGateway::start_with(Options {
+        listen: Some("0.0.0.0:0".into()),
+        ..Options::default()
+    })
+    .await;
+    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
+    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    let r = client()
+        .get(via_lan)
+        .bearer_auth(&t)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    tg.stop().await;
+    let tg = TestGateway::start_with(Options {
+        listen: Some("0.0.0.0:0".into()),
+        server: "allow_plaintext_tokens = true".into(),
+        ..Options::default()
+    })
+    .await;
+    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
+    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    assert_eq!(get_bearer(&client(), via_lan, &t).await.status(), 200);
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
+    let here = non_loopback_addr();
+    let tg = TestGateway::start().await;
+    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    // A listener on the non-loopback address stands in for a remote gateway: it must see nothing.
+    let spy = std::net::TcpListener::bind((here, 0)).unwrap();
+    spy.set_nonblocking(true).unwrap();
+    let spy_url = format!("http://{}", spy.local_addr().unwrap());
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let o = run(
+        h,
+        &[("TOKENGATE_TOKEN", &root)],
+        &["--url", &spy_url, "token", "list"],
+        "",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(64), "{}", err(&o));
+    assert!(
+        err(&o).contains("plain HTTP") && err(&o).contains("--allow-plaintext"),
+        "{}",
+        err(&o)
+    );
+    let o = run(h, &[], &["login", "--url", &spy_url], &root).await;
+    assert_eq!(o.status.code(), Some(64), "{}", err(&o));
+    let accepted = spy.accept().map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(
+        accepted,
+        Err(std::io::ErrorKind::WouldBlock),
+        "the CLI connected to the non-loopback host"
+    );
+    // Loopback is fine without the flag.
+    let url = format!("http://{}", tg.admin_addr);
+    ok(&run(
+        h,
+        &[("TOKENGATE_TOKEN", &root)],
+        &["--url", &url, "token", "list"],
+        "",
+    )
+    .await);
+    // Told to, it does send: the listener answers 401 and sees the token arrive.
+    spy.set_nonblocking(false).unwrap();
+    let seen = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = spy.accept().unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = r#"{"error":"invalid_token","message":"The API token is not valid."}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let o = run(
+        h,
+        &[("TOKENGATE_TOKEN", &root)],
+        &["--url", &spy_url, "--allow-plaintext", "token", "list"],
+        "",
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("401"), "{}", err(&o));
+    let request = seen.join().unwrap();
+    assert!(request.contains(&format!("Bearer {root}")), "{request}");
+    tg.stop().await;
+}
+
+/// A private D-Bus session bus with gnome-keyring's Secret Service unlocked in it (a real
+/// keyring, as on a desktop). Fails loudly when the programs are missing: never skipped.
+struct SecretService {
+    bus: String,
+    pid: u32,
+    _home: tempfile::TempDir,
+}
+
+impl SecretService {
+    fn start() -> SecretService {
+        let home = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--fork", "--print-address=1", "--print-pid=1"])
+            .output()
+            .expect("dbus-daemon is missing: install dbus and gnome-keyring (.ci/run does)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        let bus = lines.next().unwrap().to_string();
+        let pid: u32 = lines.next().unwrap().trim().parse().unwrap();
+        let mut unlock = std::process::Command::new("gnome-keyring-daemon")
+            .args(["--unlock", "--components=secrets"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus)
+            .env("HOME", home.path())
+            .env_remove("XDG_DATA_HOME")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("gnome-keyring-daemon is missing: install gnome-keyring (.ci/run does)");
+        {
+            use std::io::Write;
+            unlock
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"test-password")
+                .unwrap();
+        }
+        assert!(
+            unlock.wait().unwrap().success(),
+            "gnome-keyring-daemon --unlock failed"
+        );
+        SecretService {
+            bus,
+            pid,
+            _home: home,
+        }
+    }
+
+    /// The secret stored for `user` under the service `tokengate` (secret-tool, libsecret's CLI).
+    fn lookup(&self, user: &str) -> Option<String> {
+        let out = std::process::Command::new("secret-tool")
+            .args(["lookup", "service", "tokengate", "username", user])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus)
+            .output()
+            .expect("secret-tool is missing: install libsecret-tools (.ci/run does)");
+        let s = String::from_utf8(out.stdout).unwrap();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    }
+}
+
+impl Drop for SecretService {
+    fn drop(&mut self) {
+        // Only the bus this test started; gnome-keyring-daemon exits with its session bus.
+        let _ = std::process::Command::new("kill")
+            .arg(self.pid.to_string())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn login_keyring_round_trip_on_a_real_secret_service() {
+    let ss = SecretService::start();
+    let tg = TestGateway::start().await;
+    let (me, me_id) = tg.token("ops", "desk", &["tokengate:self", "apps:read"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let url = format!("http://{}", tg.admin_addr);
+    let bus = [("DBUS_SESSION_BUS_ADDRESS", ss.bus.as_str())];
+    let out = ok(&run(h, &bus, &["login", "--keyring", "--url", &url], &me).await);
+    assert!(out.contains("system keyring"), "{out}");
+    let cred = h.join(".config/tokengate/credentials");
+    let text = std::fs::read_to_string(&cred).unwrap();
+    let reference = format!("default@{url}");
+    assert!(
+        !text.contains(&me) && text.contains(&format!("keyring = \"{reference}\"")),
+        "the file keeps only a reference: {text}"
+    );
+    assert_eq!(
+        ss.lookup(&reference).as_deref(),
+        Some(me.as_str()),
+        "in the real keyring"
+    );
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &bus, &["whoami", "--json"], "").await)).unwrap();
+    assert_eq!(v["id"], me_id.as_str());
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &bus, &["auth", "status", "--json"], "").await)).unwrap();
+    assert_eq!(v["storage"], "keyring");
+    // refresh replaces the keyring entry; the file still holds no token.
+    ok(&run(h, &bus, &["auth", "refresh"], "").await);
+    let new = ss.lookup(&reference).unwrap();
+    assert_ne!(new, me);
+    assert!(!std::fs::read_to_string(&cred).unwrap().contains(&new));
+    let v: Value =
+        serde_json::from_str(&ok(&run(h, &bus, &["whoami", "--json"], "").await)).unwrap();
+    assert_eq!(v["rotated_from"], me_id.as_str());
+    // logout removes the profile and the keyring entry.
+    ok(&run(h, &bus, &["logout"], "").await);
+    assert_eq!(ss.lookup(&reference), None);
+    tg.stop().await;
+}
+
+/// The shell commands of one CI recipe in the README: GitHub's `run:` lines, GitLab's `script:`
+/// items, Jenkins' `sh '...'` steps.
+fn recipe_commands(block: &str) -> Vec<String> {
+    let mut cmds = vec![];
+    let mut in_script = false;
+    for line in block.lines() {
+        let t = line.trim();
+        if let Some(c) = t.strip_prefix("- run: ") {
+            cmds.push(c.to_string());
+        } else if t == "script:" {
+            in_script = true;
+        } else if in_script && t.starts_with("- ") {
+            cmds.push(t[2..].to_string());
+        } else if let Some(c) = t.strip_prefix("sh '").and_then(|c| c.strip_suffix('\'')) {
+            cmds.push(c.to_string());
+        }
+    }
+    cmds
+}
+
+#[tokio::test]
+async fn readme_ci_recipes_work_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## CI recipes")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let blocks: Vec<&str> = section.split("```").skip(1).step_by(2).collect();
+    assert_eq!(blocks.len(), 3, "GitHub Actions, GitLab CI, Jenkins");
+    let tg = TestGateway::start().await;
+    let (ci, _) = tg.token("ci-bot", "deploy", &["tokengate:self", "apps:read"]);
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tokengate")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let admin = format!("http://{}", tg.admin_addr);
+    let public = format!("http://{}", tg.addr);
+    for block in blocks {
+        let cmds = recipe_commands(block);
+        assert_eq!(cmds.len(), 3, "{block}");
+        for c in cmds {
+            let before = tg.upstream.count();
+            let mut cmd = tokio::process::Command::new("bash");
+            cmd.args(["-euo", "pipefail", "-c", &c])
+                .current_dir(h)
+                .env("HOME", h)
+                .env("PATH", &path)
+                .env("TOKENGATE_TOKEN", &ci)
+                .env("TOKENGATE_URL", &admin)
+                .env("GATEWAY", &public)
+                .env_remove("TOKENGATE_CONFIG")
+                .env_remove("TOKENGATE_PROFILE");
+            let o = cmd.output().await.unwrap();
+            assert!(
+                o.status.success(),
+                "`{c}` failed: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                err(&o)
+            );
+            if c.contains("/apps/billing/status") {
+                assert_eq!(tg.upstream.count(), before + 1, "`{c}` reached the API");
+            }
+        }
+    }
     tg.stop().await;
 }

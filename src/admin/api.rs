@@ -220,6 +220,18 @@ async fn authenticate(
         if let Ok(p) = auth::extract(&parts.headers, parts.uri.query()).and_then(auth::parse) {
             ctx.token_prefix = Some(p.display_prefix().to_string());
         }
+        // Tokens only over HTTPS, as on the public listener (docs/security.md).
+        let cfg = gw.config();
+        if !cfg.server.allow_plaintext_tokens
+            && !crate::forwarded::secure_transport(
+                conn.peer.ip(),
+                conn.tls,
+                &parts.headers,
+                &cfg.server.trusted_proxies,
+            )
+        {
+            return Err(Reject::PlaintextToken.into());
+        }
     }
     let entry = gw
         .authenticate_bearer(&parts.headers, parts.uri.query(), ctx.client_ip)

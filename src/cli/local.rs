@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::print::{self, print_json};
+use super::print::{self, outln, plural};
 use super::{AccountCmd, AuditArgs, AuditCmd, CliError, CreateArgs, EXIT_FAILURE, TokenCmd};
 use crate::app::{audit_config, load_config as app_load_config};
 use crate::audit::{self, AdminRecord, AuditLog, Entry};
@@ -264,50 +264,53 @@ pub(super) fn config_check(config: Option<&Path>) -> Result<(), CliError> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    println!("{src}: OK");
-    println!(
+    outln!("{src}: OK");
+    outln!(
         "  public listener  {}{}",
         cfg.server.listen,
         tls_note(cfg.server.tls.is_some())
     );
-    println!(
+    outln!(
         "  admin listener   {}{}",
         cfg.admin.listen,
         tls_note(cfg.admin.tls.is_some())
     );
     match &cfg.store.url {
-        Some(url) => println!(
+        Some(url) => outln!(
             "  store            {} (PostgreSQL)",
             crate::store::redact_url(url)
         ),
-        None => println!("  store            {}", cfg.store.path.display()),
+        None => outln!("  store            {}", cfg.store.path.display()),
     }
     if let Some(redis) = &cfg.rate_limit.redis {
-        println!(
+        outln!(
             "  rate limits      exact across replicas via {}",
             crate::store::redact_url(redis)
         );
     }
-    println!(
-        "  audit log        {} (on_failure = {:?})",
+    outln!(
+        "  audit log        {} (on_failure = {})",
         cfg.audit
             .path
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "stdout".into()),
-        cfg.audit.on_failure
+        match cfg.audit.on_failure {
+            audit::OnFailure::Reject => "reject",
+            audit::OnFailure::Continue => "continue",
+        }
     );
-    println!(
+    outln!(
         "  roles            {}",
         cfg.roles.keys().cloned().collect::<Vec<_>>().join(", ")
     );
     for r in &cfg.routes {
-        println!(
-            "  route {:<10} {} -> {} ({} rules{})",
+        outln!(
+            "  route {:<10} {} -> {} ({}{})",
             r.name,
             r.prefix,
             r.upstream_url,
-            r.rules.rules().len(),
+            plural(r.rules.rules().len(), "rule", "rules"),
             if r.rules.rules().iter().any(|x| x.public) {
                 ", some public"
             } else {
@@ -316,13 +319,13 @@ pub(super) fn config_check(config: Option<&Path>) -> Result<(), CliError> {
         );
     }
     if cfg.routes.is_empty() {
-        println!("  warning: no [[routes]]: every request will be denied (403 no_rule)");
+        outln!("  warning: no [[routes]]: every request will be denied (403 no_rule)");
     }
     if !cfg.admin.listen.ip().is_loopback() && cfg.admin.tls.is_none() {
-        println!("  warning: the admin listener is not on loopback and has no TLS");
+        outln!("  warning: the admin listener is not on loopback and has no TLS");
     }
     if !cfg.server.listen.ip().is_loopback() && cfg.server.tls.is_none() {
-        println!(
+        outln!(
             "  note: the public listener has no TLS; put a TLS terminator in front or set server.tls"
         );
     }
@@ -343,28 +346,20 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
                 .store
                 .create_account(name, email.as_deref(), &l.actor, now_ms())?;
             l.account_event("account.created", &acc.id, &acc.name)?;
-            if *json {
-                print_json(&acc);
-            } else {
-                println!("created account {} ({})", acc.name, acc.id);
-            }
+            print::account_created(&lifecycle::account_json(&acc), *json);
             Ok(())
         }
         AccountCmd::List { json } => {
             let list = l.store.list_accounts()?;
-            if *json {
-                print_json(&list);
-            } else {
-                let views: Vec<_> = list.iter().map(lifecycle::account_json).collect();
-                print::account_table(&views);
-            }
+            let views: Vec<_> = list.iter().map(lifecycle::account_json).collect();
+            print::account_list(&views, *json);
             Ok(())
         }
         AccountCmd::Disable { name } => {
             l.can_audit()?;
             let acc = lifecycle::disable_account(&l.store, &l.caller(), name, now_ms())?;
             l.account_event("account.disabled", &acc.id, &acc.name)?;
-            println!(
+            outln!(
                 "disabled account {}: its tokens are rejected from now on",
                 acc.name
             );
@@ -380,8 +375,11 @@ pub(super) fn create_request(a: &CreateArgs) -> Result<crate::lifecycle::CreateR
         let (k, v) = parse_scope(s).map_err(CliError::usage)?;
         scopes.insert(k, v);
     }
+    let account = a.account.clone().ok_or_else(|| {
+        CliError::usage("--account is required (a default context applies to remote profiles only)")
+    })?;
     Ok(crate::lifecycle::CreateRequest {
-        account: a.account.clone(),
+        account,
         name: a.name.clone(),
         role: a.role.clone(),
         permissions: a.permission.clone(),
@@ -446,20 +444,13 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
                     exp_ms.is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w))
                 })
                 .collect();
-            if *json {
-                print_json(&rows.iter().map(|t| token_json(t, now)).collect::<Vec<_>>());
-            } else {
-                print::token_table(&rows.iter().map(|t| token_json(t, now)).collect::<Vec<_>>());
-            }
+            let views: Vec<_> = rows.iter().map(|t| token_json(t, now)).collect();
+            print::token_list(&views, *json);
             Ok(())
         }
         TokenCmd::Show { id, json } => {
             let t = l.store.find_token(id)?;
-            if *json {
-                print_json(&token_json(&t, now));
-            } else {
-                print::token_detail(&token_json(&t, now));
-            }
+            print::token_show(&token_json(&t, now), *json);
             Ok(())
         }
         TokenCmd::Revoke { id, reason } => {
@@ -467,7 +458,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
             l.can_audit()?;
             let row = lifecycle::revoke(&l.store, &l.caller(), &t, reason, now)?;
             l.revoked_event(&row, reason)?;
-            println!("revoked {} ({}, {})", row.id, row.prefix, row.name);
+            outln!("revoked {} ({}, {})", row.id, row.prefix, row.name);
             Ok(())
         }
         TokenCmd::Rotate {
@@ -504,8 +495,7 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
         } => {
             let line = super::read_identify_token()?;
             let raw = line.as_str();
-            let parsed = crate::token::parse(raw)
-                .map_err(|e| CliError::failure(format!("this is not a tokengate token: {e}")))?;
+            let parsed = crate::token::parse(raw).map_err(super::not_a_token)?;
             let found = l.store.lookup_hash(&parsed.hash())?;
             let Some(t) = found else {
                 l.event(
@@ -529,13 +519,9 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
             } else {
                 t
             };
-            if *json {
-                print_json(&token_json(&t, now));
-            } else {
-                print::token_detail(&token_json(&t, now));
-                if *revoke {
-                    println!("revoked: a running gateway on this store rejects it within a second");
-                }
+            print::token_show(&token_json(&t, now), *json);
+            if *revoke && !*json {
+                outln!("revoked: a running gateway on this store rejects it within a second");
             }
             Ok(())
         }
@@ -566,7 +552,7 @@ pub(super) fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliE
         };
         let report =
             audit::verify_with(&files, opts).map_err(|e| CliError::failure(e.to_string()))?;
-        println!("{report}");
+        outln!("{report}");
         return if report.is_complete() {
             Ok(())
         } else if report.is_ok() {
@@ -609,7 +595,7 @@ pub(super) fn audit_cmd(config: Option<&Path>, a: &AuditArgs) -> Result<(), CliE
     } else {
         audit::OutputFormat::Table
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::LineWriter::new(print::Stdout);
     let mut err = std::io::stderr().lock();
     if a.follow {
         let last = files.last().expect("at least one file");

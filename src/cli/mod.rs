@@ -2,7 +2,7 @@
 //!
 //! - [`local`] — commands on the local store (`account`, `token`, `audit`, `store`, `config`);
 //! - [`remote`] — the same `token` / `account` commands against a gateway's admin API, plus
-//!   `login`, `logout`, `whoami` and the credentials file;
+//!   `login`, `logout`, `whoami`, `auth …`, `context …`, the credentials file and the keyring;
 //! - [`print`] — the one printer both use (tables, details, the new-token line, JSON).
 //!
 //! Exit codes: 0 ok, 64 bad usage or config, 1 failure, 3 (`audit verify`) chain intact but
@@ -14,6 +14,7 @@
 mod local;
 mod print;
 mod remote;
+mod shell;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,7 +43,9 @@ Examples:
   echo \"$LEAKED\" | tokengate token identify --revoke
   tokengate audit --token tg_3hT9aB2x --since 1h
   pbpaste | tokengate login --url http://127.0.0.1:9090   # then token/account commands run remotely
-  tokengate --profile staging token list";
+  tokengate auth status
+  tokengate --profile staging token list
+  tokengate completions bash > /etc/bash_completion.d/tokengate";
 
 /// tokengate: a Bearer-token authentication gateway.
 #[derive(Debug, Parser)]
@@ -67,6 +70,10 @@ pub struct Cli {
     /// Saved remote profile (see `tokengate login --profile NAME`); implies remote mode.
     #[arg(long, global = true, env = "TOKENGATE_PROFILE", value_name = "NAME")]
     pub profile: Option<String>,
+    /// Let the remote CLI send its token over plain http:// to a host that is not loopback
+    /// (an unencrypted network you trust). `login --allow-plaintext` saves it in the profile.
+    #[arg(long, global = true)]
+    pub allow_plaintext: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -91,27 +98,66 @@ pub enum Command {
     #[command(after_help = "Example:\n  cargo run --release -- demo")]
     Demo(DemoArgs),
     /// Configuration commands.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  tokengate --config /etc/tokengate/tokengate.toml config check"
+    )]
     Config(ConfigCmd),
     /// Manage accounts (owners of tokens).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tokengate account create ci-bot --email ci@example.com\n  tokengate account list --json\n  tokengate account disable ci-bot"
+    )]
     Account(AccountCmd),
     /// Manage API tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tokengate token create --account ci-bot --name deploy --role cicd --expires 30d\n  tokengate token list --stale 90d\n  tokengate token rotate tg_3hT9aB2x --grace 1h\n  pbpaste | tokengate token identify --revoke"
+    )]
     Token(TokenCmd),
     /// Read and verify the audit log.
     Audit(AuditArgs),
     /// Store maintenance.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tokengate store init\n  tokengate store backup /var/backups/tokengate-$(date +%F).db\n  tokengate store copy --from ./tokengate.db --to env:TOKENGATE_STORE_URL"
+    )]
     Store(StoreCmd),
     /// Save a token for a remote gateway's admin API; the token is read from stdin or TOKENGATE_TOKEN.
-    #[command(
-        after_help = "Examples:\n  pbpaste | tokengate login --url http://127.0.0.1:9090\n  TOKENGATE_TOKEN=\"$T\" tokengate login --profile staging --url https://gw.example.com:9090\n\nCredentials: $XDG_CONFIG_HOME/tokengate/credentials (else ~/.config/tokengate/credentials), mode 0600."
-    )]
-    Login,
+    #[command(after_help = LOGIN_EXAMPLES)]
+    Login(LoginArgs),
     /// Forget a saved remote profile (the token itself stays valid until revoked).
     #[command(after_help = "Example:\n  tokengate logout --profile staging")]
     Logout,
+    /// The remote CLI's own credentials: status, token-info, refresh, revoke (and login, logout).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tokengate auth status\n  tokengate auth token-info --json\n  tokengate auth refresh --grace 1h\n  tokengate auth revoke --profile old-laptop"
+    )]
+    Auth(AuthCmd),
+    /// The default account and scope of a remote profile, used by commands that take one.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tokengate context use --account billing-team --scope app=billing\n  tokengate token create --name deploy --role cicd     # --account and --scope from the context\n  tokengate context show\n  tokengate context clear"
+    )]
+    Context(ContextCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  tokengate completions bash > /etc/bash_completion.d/tokengate\n  tokengate completions zsh > \"${fpath[1]}/_tokengate\"\n  tokengate completions fish > ~/.config/fish/completions/tokengate.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a folder.
+    #[command(
+        after_help = "Examples:\n  tokengate man | man -l -\n  tokengate man --dir /usr/share/man/man1"
+    )]
+    Man {
+        /// Write tokengate.1 and tokengate-COMMAND.1 pages into this folder instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Show which token the remote CLI acts with.
     #[command(after_help = "Example:\n  tokengate whoami --profile staging")]
     Whoami {
@@ -119,6 +165,100 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+const LOGIN_EXAMPLES: &str = "\
+Examples:
+  pbpaste | tokengate login --url http://127.0.0.1:9090
+  TOKENGATE_TOKEN=\"$T\" tokengate login --profile staging --url https://gw.example.com:9090
+  tokengate login --keyring --url https://gw.example.com:9090 < token.txt
+
+The token is never read from the command line: pipe it on stdin, paste it at the prompt, or set
+TOKENGATE_TOKEN. Credentials: $XDG_CONFIG_HOME/tokengate/credentials (else
+~/.config/tokengate/credentials), mode 0600; with --keyring the token is kept in the system
+keyring and the file keeps only a reference.";
+
+/// `login` options.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Keep the token in the system keyring (Secret Service, macOS Keychain, Windows Credential
+    /// Manager); the credentials file keeps only a reference to it.
+    #[arg(long)]
+    pub keyring: bool,
+    /// Refused: tokens are never read from argv (they would land in shell history and `ps`).
+    #[arg(long, hide = true, value_name = "TOKEN", num_args = 0..=1, default_missing_value = "")]
+    pub token: Option<String>,
+}
+
+/// `auth` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuthCmd {
+    /// Same as `tokengate login`.
+    #[command(after_help = LOGIN_EXAMPLES)]
+    Login(LoginArgs),
+    /// Same as `tokengate logout`.
+    #[command(after_help = "Example:\n  tokengate auth logout --profile staging")]
+    Logout,
+    /// Who the CLI acts as, on which gateway, until when, and what needs attention.
+    #[command(
+        after_help = "Examples:\n  tokengate auth status\n  tokengate --profile staging auth status --json"
+    )]
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every detail of the token the CLI uses (id, permissions, scopes, expiry, last use).
+    #[command(after_help = "Example:\n  tokengate auth token-info --json")]
+    TokenInfo {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate the profile's own token and save the successor in its place; the old one works
+    /// until the new one is first used or the grace ends.
+    #[command(
+        after_help = "Examples:\n  tokengate auth refresh\n  tokengate --profile ci auth refresh --grace 10m"
+    )]
+    Refresh {
+        /// How long the old token stays valid at most (default tokens.rotation_grace).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Revoke the token the profile uses and remove the profile.
+    #[command(after_help = "Example:\n  tokengate auth revoke --reason \"laptop lost\"")]
+    Revoke {
+        /// Why (kept in the store and the audit log).
+        #[arg(long, default_value = "revoked by its holder")]
+        reason: String,
+    },
+}
+
+/// `context` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ContextCmd {
+    /// Set the profile's default account and scope.
+    #[command(
+        after_help = "Example:\n  tokengate context use --account billing-team --scope app=billing"
+    )]
+    Use {
+        /// Default account of `token create` and `token list`.
+        #[arg(long)]
+        account: Option<String>,
+        /// Default scope of `token create`: KEY=V1,V2 (repeatable).
+        #[arg(long = "scope", value_name = "KEY=V1,V2")]
+        scope: Vec<String>,
+    },
+    /// Show the profile's context.
+    #[command(after_help = "Example:\n  tokengate context show --json")]
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the profile's context.
+    #[command(after_help = "Example:\n  tokengate context clear")]
+    Clear,
 }
 
 /// `demo` options.
@@ -252,24 +392,25 @@ pub enum TokenCmd {
 
 /// `token create` options.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("grant").required(true).args(["role", "permission"])))]
+#[command(group(clap::ArgGroup::new("grant").required(true).multiple(true).args(["role", "permission"])))]
 pub struct CreateArgs {
-    /// Owning account.
+    /// Owning account (remotely: default from `tokengate context use --account`).
     #[arg(long)]
-    pub account: String,
+    pub account: Option<String>,
     /// Label shown in lists and logs.
     #[arg(long)]
     pub name: String,
     /// Role whose permissions are copied onto the token.
     #[arg(long)]
     pub role: Option<String>,
-    /// Explicit permission (repeatable), e.g. apps:read.
+    /// Explicit permission (repeatable), e.g. apps:read; with --role, added to the role's.
     #[arg(long = "permission", value_name = "PERMISSION")]
     pub permission: Vec<String>,
     /// Expiry preset: 7d, 30d, 90d, 180d, 365d or never.
     #[arg(long)]
     pub expires: Option<String>,
-    /// Restrict a captured name: KEY=V1,V2 (repeatable; `*` globs).
+    /// Restrict a captured name: KEY=V1,V2 (repeatable; `*` globs); remotely, default from
+    /// `tokengate context use --scope`.
     #[arg(long = "scope", value_name = "KEY=V1,V2")]
     pub scope: Vec<String>,
     /// Allowed client network (repeatable), IPv4 or IPv6 CIDR.
@@ -329,6 +470,7 @@ pub struct AuditArgs {
 
 /// `audit verify`.
 #[derive(Debug, Subcommand)]
+#[command(after_help = "Example:\n  tokengate audit verify audit.log.2 audit.log.1 audit.log")]
 pub enum AuditCmd {
     /// Check the hash chain; prints OK with the line count, or the first bad line.
     #[command(after_help = "Example:\n  tokengate audit verify audit.log.2 audit.log.1 audit.log")]
@@ -447,9 +589,13 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Serve | Command::Demo(_) => unreachable!("handled by main"),
         Command::Config(ConfigCmd::Check) => local::config_check(config),
-        Command::Login => remote::login(cli),
-        Command::Logout => remote::logout(cli),
+        Command::Login(a) | Command::Auth(AuthCmd::Login(a)) => remote::login(cli, a),
+        Command::Logout | Command::Auth(AuthCmd::Logout) => remote::logout(cli),
         Command::Whoami { json } => remote::whoami(cli, *json),
+        Command::Auth(cmd) => remote::auth(cli, cmd),
+        Command::Context(cmd) => remote::context(cli, cmd),
+        Command::Completions { shell } => shell::completions(*shell),
+        Command::Man { dir } => shell::man(dir.as_deref()),
         Command::Account(cmd) => match remote::target(cli)? {
             Some(t) => remote::run(&t, &cli.command),
             None => local::account(config, cmd),
@@ -463,6 +609,14 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
         Command::Store(StoreCmd::Copy { from, to }) => local::store_copy(from, to),
         Command::Store(StoreCmd::Init) => local::store_init(config),
     }
+}
+
+/// "this is not a tokengate token", without saying it twice: the parse error's own words.
+fn not_a_token(e: crate::token::TokenError) -> CliError {
+    CliError::usage(match e {
+        crate::token::TokenError::Format => "this is not a tokengate token".to_string(),
+        e => format!("this is not a valid tokengate token: {e}"),
+    })
 }
 
 /// `token identify`'s token: one line of stdin (never argv), trimmed.

@@ -12,9 +12,71 @@ use std::io::Write;
 
 use serde_json::Value;
 
+/// `println!` for the CLI's stdout: a reader that went away (`tokengate token list | head -1`)
+/// ends the command quietly with exit 0 instead of a panic; see [`write_out`].
+macro_rules! outln {
+    () => { $crate::cli::print::write_out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::print::write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+pub(crate) use outln;
+
+/// Writes to stdout. A closed pipe (EPIPE) means the reader has all it wanted: the process ends
+/// at once with exit 0, silently. Any other write error ends it with exit 1 and a message.
+/// Every line the CLI prints on stdout goes through here, so no command panics on `| head -1`.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.flush()) {
+        exit_on_write_error(&e);
+    }
+}
+
+/// Ends the process after a failed write to stdout: quietly with 0 when the reader closed the
+/// pipe, else with 1 and the cause on stderr.
+pub fn exit_on_write_error(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    let _ = writeln!(std::io::stderr(), "error: cannot write to stdout: {e}");
+    std::process::exit(i32::from(super::EXIT_FAILURE));
+}
+
+/// Stdout as an `io::Write` for code that writes streams (`tokengate audit`): write errors end
+/// the process as in [`write_out`].
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout()
+            .write(buf)
+            .or_else(|e| exit_on_write_error(&e))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout()
+            .flush()
+            .or_else(|e| exit_on_write_error(&e))
+    }
+}
+
 /// Pretty JSON on stdout.
 pub fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+/// A duration in the largest unit that divides it exactly: `1h`, `90m`, `2d`, `45s`, as a user
+/// would type it (`--grace 1h` is echoed as `1h`, not `3600s`).
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `1 rule`, `3 rules`.
+pub fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// `2026-01-02 03:04` from an RFC 3339 string; `-` for none.
@@ -44,11 +106,10 @@ pub fn join(v: &Value) -> String {
 /// stdout's first line (or the whole view with `--json`); the reminder on stderr.
 pub fn new_token(v: &Value, json: bool, verb: &str) {
     if json {
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!("{}", str_of(v, "token"));
+        outln!("{}", str_of(v, "token"));
     }
-    let _ = std::io::stdout().flush();
     eprintln!(
         "{verb} token {} ({}) for account {}, expires {}. Copy it now: it will not be shown again.",
         str_of(v, "id"),
@@ -61,15 +122,65 @@ pub fn new_token(v: &Value, json: bool, verb: &str) {
 /// After a rotation: how long the old token keeps working (stderr).
 pub fn rotated(old: &str, grace_seconds: u64) {
     eprintln!(
-        "the old token {old} keeps working until the new one is first used, or for {grace_seconds}s at most"
+        "the old token {old} keeps working until the new one is first used, or for {} at most",
+        human_secs(grace_seconds)
     );
+}
+
+/// `token list`: the JSON array of views, or the table.
+pub fn token_list(rows: &[Value], json: bool) {
+    if json {
+        print_json(&rows);
+    } else {
+        token_table(rows);
+    }
+}
+
+/// `token show`, `token identify`: the view as JSON, or one `key value` line per field.
+pub fn token_show(v: &Value, json: bool) {
+    if json {
+        print_json(v);
+    } else {
+        token_detail(v);
+    }
+}
+
+/// `account list`: the JSON array of account views (the admin API's shape, RFC 3339 times and
+/// `status`), or the table; the same whether the list came from the local store or remotely.
+pub fn account_list(list: &[Value], json: bool) {
+    if json {
+        print_json(&list);
+    } else {
+        account_table(list);
+    }
+}
+
+/// `account create`: the account view as JSON, or one line.
+pub fn account_created(v: &Value, json: bool) {
+    if json {
+        print_json(v);
+    } else {
+        outln!(
+            "created account {} ({})",
+            str_of(v, "name"),
+            str_of(v, "id")
+        );
+    }
 }
 
 /// Tokens (JSON views) as a table.
 pub fn token_table(rows: &[Value]) {
-    println!(
+    outln!(
         "{:<21} {:<20} {:<12} {:<14} {:<9} {:<20} {:<16} {:<16} {:<16} STATUS",
-        "ID", "NAME", "PREFIX", "ACCOUNT", "ROLE", "SCOPES", "CREATED", "EXPIRES", "LAST USED"
+        "ID",
+        "NAME",
+        "PREFIX",
+        "ACCOUNT",
+        "ROLE",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED"
     );
     for t in rows {
         let scopes = match t["scopes"].as_object() {
@@ -88,7 +199,7 @@ pub fn token_table(rows: &[Value]) {
                 .join(";"),
             _ => "-".to_string(),
         };
-        println!(
+        outln!(
             "{:<21} {:<20} {:<12} {:<14} {:<9} {:<20} {:<16} {:<16} {:<16} {}",
             str_of(t, "id"),
             str_of(t, "name"),
@@ -116,19 +227,22 @@ pub fn token_detail(v: &Value) {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("{k:<18} {s}");
+            outln!("{k:<18} {s}");
         }
     }
 }
 
 /// Accounts (JSON views: name, id, email, created_at, status) as a table.
 pub fn account_table(list: &[Value]) {
-    println!(
+    outln!(
         "{:<24} {:<22} {:<28} {:<17} STATUS",
-        "NAME", "ID", "EMAIL", "CREATED"
+        "NAME",
+        "ID",
+        "EMAIL",
+        "CREATED"
     );
     for a in list {
-        println!(
+        outln!(
             "{:<24} {:<22} {:<28} {:<17} {}",
             str_of(a, "name"),
             str_of(a, "id"),

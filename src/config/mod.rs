@@ -84,6 +84,9 @@ pub struct ServerConfig {
     pub realm: String,
     /// Peers allowed to set `X-Forwarded-For`.
     pub trusted_proxies: Vec<IpNet>,
+    /// Accept Bearer tokens over plain HTTP from any peer (default false: only over TLS, from
+    /// loopback, or through a trusted proxy that says the client used HTTPS).
+    pub allow_plaintext_tokens: bool,
     /// Prefix answered by the gateway itself (starts and ends with `/`).
     pub reserved_prefix: String,
     /// The public health endpoint (under `reserved_prefix`), answered without a token; None: off.
@@ -578,6 +581,7 @@ mod tests {
         assert!(c.admin.listen.ip().is_loopback());
         assert_eq!(c.server.realm, DEFAULT_REALM);
         assert!(c.server.trusted_proxies.is_empty());
+        assert!(!c.server.allow_plaintext_tokens);
         assert_eq!(c.server.reserved_prefix, DEFAULT_RESERVED_PREFIX);
         assert_eq!(c.store.path, PathBuf::from("/etc/tokengate/tokengate.db"));
         assert_eq!(c.tokens.prefix, "tg");

@@ -127,6 +127,7 @@ pub(super) struct RawServer {
     pub(super) tls: Option<RawTls>,
     pub(super) realm: Option<String>,
     pub(super) trusted_proxies: Vec<String>,
+    pub(super) allow_plaintext_tokens: bool,
     pub(super) reserved_prefix: Option<String>,
     pub(super) health_path: Option<String>,
     pub(super) methods: Option<Vec<String>>,

@@ -538,6 +538,9 @@ pub struct Options {
     pub audit_path: Option<String>,
     /// Extra keys in `[audit]` (lines like `max_bytes = 4000` or `on_failure = "continue"`).
     pub audit: String,
+    /// `[server] listen` (default `127.0.0.1:0`), e.g. `0.0.0.0:0` to be reached from a
+    /// non-loopback address of this host.
+    pub listen: Option<String>,
 }
 
 impl Default for Options {
@@ -552,6 +555,7 @@ impl Default for Options {
             upstream_override: None,
             audit_path: None,
             audit: String::new(),
+            listen: None,
         }
     }
 }
@@ -605,7 +609,7 @@ pub fn run_started(
 pub fn write_config(dir: &Path, upstream: &str, o: &Options) -> PathBuf {
     let text = format!(
         r#"[server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 {server}
 
 [admin]
@@ -640,6 +644,7 @@ upstream = "http://{upstream}"
             .replace('\\', "\\\\")
             .replace('"', "\\\""),
         audit = o.audit,
+        listen = o.listen.as_deref().unwrap_or("127.0.0.1:0"),
     );
     let p = dir.join("tokengate.toml");
     std::fs::write(&p, text).unwrap();

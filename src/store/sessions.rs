@@ -323,7 +323,7 @@ impl Store {
         owner: Option<&str>,
     ) -> Result<Option<SessionRow>, StoreError> {
         let sql = format!(
-            "DELETE FROM admin_sessions WHERE public_id = $1 AND ($2 IS NULL OR owner = $2) RETURNING {COLUMNS}"
+            "DELETE FROM admin_sessions WHERE public_id = $1 AND (CAST($2 AS TEXT) IS NULL OR owner = CAST($2 AS TEXT)) RETURNING {COLUMNS}"
         );
         let ps = vec![
             P::T(Some(public_id.into())),

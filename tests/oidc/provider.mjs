@@ -54,7 +54,7 @@ const provider = new Provider(issuer, {
 });
 
 function page(uid) {
-  return `<!doctype html><meta charset="utf-8"><title>Test provider sign-in</title>
+  return `<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>Test provider sign-in</title>
 <h1>Test provider</h1>
 <form method="post" action="/interaction/${uid}/login">
 <label for="login">Login</label> <input id="login" name="login" autofocus>

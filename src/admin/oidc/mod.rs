@@ -509,6 +509,7 @@ async fn callback(
     // carry the new SameSite=Strict cookie; a navigation started by our own page does.
     let html = format!(
         "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={0}\">\
+         <link rel=\"icon\" href=\"/assets/icon.svg\" type=\"image/svg+xml\">\
          <title>Signed in · tokengate</title><p>Signed in. <a href=\"{0}\">Continue</a></p>\n",
         attr(&l.return_to)
     );

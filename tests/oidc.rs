@@ -414,8 +414,19 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
     assert_eq!(list["tokens"].as_array().unwrap().len(), 2);
     // The issued token works on the public listener, within viewer.
     let tok = t["token"].as_str().unwrap();
-    let r = support::get_bearer(&support::client(), tg.url("/apps/billing/status"), tok).await;
+    // The browser's gateway cookies (session and sign-in binding) never reach the upstream.
+    let r = support::client()
+        .get(tg.url("/apps/billing/status"))
+        .bearer_auth(tok)
+        .header(
+            "cookie",
+            format!("tokengate_session={cookie}; tokengate_oidc=x; theme=dark"),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
+    assert_eq!(tg.upstream.received()[0].headers["cookie"], "theme=dark");
 
     // Audited: the account's creation, the session, and the token, all naming the person.
     let created = events(&tg, "session.created").await;

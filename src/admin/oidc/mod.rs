@@ -43,8 +43,9 @@ pub const JWKS_REFETCH_MS: i64 = 60_000;
 const METADATA_TTL_MS: i64 = 3_600_000;
 /// Largest discovery, JWKS or token answer read.
 const MAX_ANSWER_BYTES: usize = 512 * 1024;
-/// Cookie binding a sign-in in progress to the browser that started it.
-pub const BINDING_COOKIE: &str = "tokengate_oidc";
+/// Cookie binding a sign-in in progress to the browser that started it (named in `hygiene`,
+/// which strips it upstream).
+pub use crate::hygiene::OIDC_BINDING_COOKIE as BINDING_COOKIE;
 
 /// The provider's metadata (the fields we use).
 #[derive(Debug, Clone, Deserialize)]
@@ -364,6 +365,8 @@ async fn login(
         .metadata(o, now)
         .await
         .map_err(unavailable)?;
+    // Sign-ins never finished are swept with expired sessions (at most once a minute).
+    session::purge(gw).await;
     let (state, nonce, verifier, binding) = (
         session::random_hex(),
         session::random_hex(),

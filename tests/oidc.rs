@@ -359,6 +359,7 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
         (Some("ada@example.com"), Some("self"), Some("session"))
     );
     assert_eq!(me["id"], "oidc:ada@example.com");
+    assert_eq!(me["person"]["sub"], "ada");
 
     // Their policy is the `viewer` role: a viewer token is fine, a deployer token is stronger.
     let (s, t) = b
@@ -465,6 +466,23 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
         tg.upstream.count(),
         1,
         "only the token's own call went upstream"
+    );
+
+    // Disabling the person's account ends their session, and they cannot sign in again.
+    tg.gw
+        .store()
+        .disable_account("ada@example.com", "test", tg.gw.now_ms())
+        .unwrap();
+    let (s, e) = b.api(&tg, Method::GET, "/v1/whoami", None).await;
+    assert_eq!(
+        (s, e["error"].as_str()),
+        (401, Some("not_signed_in")),
+        "{e}"
+    );
+    assert_eq!(b.sign_in(&tg, "ada").await.status, 403);
+    assert_eq!(
+        request_reason(&tg, "/oidc/callback").await,
+        "account_disabled"
     );
     tg.stop().await;
 }

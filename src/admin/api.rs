@@ -337,6 +337,9 @@ fn whoami_json(actor: &Actor, now: i64) -> serde_json::Value {
     let mut v = token_json(&actor.row, now);
     v["auth_type"] = actor.auth_type.into();
     v["access"] = if actor.admin { "admin" } else { "self" }.into();
+    if let Some(p) = &actor.person {
+        v["person"] = serde_json::json!({"sub": p.subject, "email": p.email});
+    }
     v
 }
 

@@ -223,8 +223,60 @@ async fn a_second_replica_on_postgresql_sees_sessions_and_their_revocation() {
     );
     let log = std::fs::read_to_string(dbb.path().join("audit.log")).unwrap();
     assert!(log.contains("\"session.revoked\""));
+    let store = b.gw.store().clone();
+    tokio::task::spawn_blocking(move || sign_ins_are_taken_once_and_bounded(&store))
+        .await
+        .unwrap();
     a.stop().await;
     b.stop().await;
+}
+
+/// Sign-ins in progress: taken once, bounded, swept when expired.
+fn sign_ins_are_taken_once_and_bounded(store: &tokengate::store::Store) {
+    let l = |n: u8, expires_at: i64| tokengate::store::LoginState {
+        state_hash: format!("{n:064x}"),
+        binding_hash: "b".repeat(64),
+        nonce: "n".into(),
+        verifier: "v".into(),
+        return_to: "/".into(),
+        expires_at,
+    };
+    assert!(store.login_put(&l(1, 1_000), 2).unwrap());
+    assert!(store.login_put(&l(2, 5_000), 2).unwrap());
+    assert!(
+        !store.login_put(&l(3, 5_000), 2).unwrap(),
+        "the table is bounded"
+    );
+    assert_eq!(
+        store
+            .login_take(&l(1, 0).state_hash)
+            .unwrap()
+            .unwrap()
+            .expires_at,
+        1_000
+    );
+    assert!(
+        store.login_take(&l(1, 0).state_hash).unwrap().is_none(),
+        "taken once"
+    );
+    assert!(store.login_put(&l(3, 5_000), 2).unwrap(), "room again");
+    store.session_purge(5_000, 0).unwrap();
+    assert!(
+        store.login_take(&l(2, 0).state_hash).unwrap().is_none(),
+        "expired: swept"
+    );
+    assert!(store.login_take(&l(3, 0).state_hash).unwrap().is_none());
+}
+
+#[test]
+fn sign_ins_in_progress_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tokengate::store::Store::open(
+        &dir.path().join("t.db"),
+        std::time::Duration::from_millis(250),
+    )
+    .unwrap();
+    sign_ins_are_taken_once_and_bounded(&store);
 }
 
 /// A JWKS endpoint that counts its fetches.

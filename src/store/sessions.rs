@@ -364,32 +364,50 @@ impl Store {
         Ok(gone)
     }
 
-    /// Stores a sign-in in progress.
-    pub fn login_put(&self, l: &LoginState) -> Result<(), StoreError> {
+    /// Stores a sign-in in progress, unless `max_pending` are stored already (an unauthenticated
+    /// caller starts them: the table stays bounded); false when it was not stored.
+    pub fn login_put(&self, l: &LoginState, max_pending: i64) -> Result<bool, StoreError> {
         let l = l.clone();
+        const SQL: &str = "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM oidc_logins) < $7";
         match &self.inner.backend {
             Backend::Sqlite(b) => b.write(|tx| {
                 tx.execute(
-                    "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![l.state_hash, l.binding_hash, l.nonce, l.verifier, l.return_to, l.expires_at],
+                    &SQL.replace('$', "?"),
+                    params![
+                        l.state_hash,
+                        l.binding_hash,
+                        l.nonce,
+                        l.verifier,
+                        l.return_to,
+                        l.expires_at,
+                        max_pending
+                    ],
                 )
                 .map_err(b.err())
-                .map(|_| ())
+                .map(|n| n == 1)
             }),
             Backend::Postgres(b) => {
                 let db = b.db.clone();
                 b.run(async move {
                     let c = db.conn().await?;
-                    c.execute(
-                        "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                        &[&l.state_hash, &l.binding_hash, &l.nonce, &l.verifier, &l.return_to, &l.expires_at],
-                    )
-                    .await
-                    .map_err(|e| db.err(e))?;
+                    let n = c
+                        .execute(
+                            SQL,
+                            &[
+                                &l.state_hash,
+                                &l.binding_hash,
+                                &l.nonce,
+                                &l.verifier,
+                                &l.return_to,
+                                &l.expires_at,
+                                &max_pending,
+                            ],
+                        )
+                        .await
+                        .map_err(|e| db.err(e))?;
                     db.wrote();
-                    Ok(())
+                    Ok(n == 1)
                 })
             }
         }

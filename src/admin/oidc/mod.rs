@@ -37,6 +37,9 @@ use crate::store::LoginState;
 
 /// How long a sign-in may take at the provider.
 pub const LOGIN_TIMEOUT_MS: i64 = 10 * 60_000;
+/// Most sign-ins in progress kept at once (each `GET /oidc/login` stores one, unauthenticated;
+/// they end after [`LOGIN_TIMEOUT_MS`]).
+pub const MAX_PENDING_SIGN_INS: i64 = 10_000;
 /// Least time between two JWKS fetches caused by an unknown `kid`.
 pub const JWKS_REFETCH_MS: i64 = 60_000;
 /// Metadata and keys are refreshed this often anyway.
@@ -381,9 +384,23 @@ async fn login(
         return_to: safe_return_to(query_param(parts, "return_to").as_deref()),
         expires_at: now + LOGIN_TIMEOUT_MS,
     };
-    gw.store_call(move |s| s.login_put(&l))
+    let stored = gw
+        .store_call(move |s| s.login_put(&l, MAX_PENDING_SIGN_INS))
         .await
         .map_err(|_| AdminError::Reject(Reject::StoreUnavailable))?;
+    if !stored {
+        crate::coalesced!(
+            warn,
+            "oidc_too_many_sign_ins",
+            "too many OpenID Connect sign-ins in progress: refusing new ones until some finish or expire"
+        );
+        return Err(AdminError::status(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sign_ins",
+            "oidc_too_many_sign_ins",
+            "Too many sign-ins are in progress; try again in a few minutes.",
+        ));
+    }
     let sep = if m.authorization_endpoint.contains('?') {
         '&'
     } else {

@@ -117,9 +117,14 @@ pub const IDENTITY_HEADERS: &[&str] = &[
 ];
 
 /// Cookie names the gateway itself issues (the admin web UI session, with and without the
-/// `__Host-` prefix). A browser signed in to the admin UI sends them to every listener of the same
-/// host name, whatever the port, so they are removed from everything forwarded upstream.
-pub const GATEWAY_COOKIES: &[&str] = &[SESSION_COOKIE, SESSION_COOKIE_TLS];
+/// `__Host-` prefix, and the OpenID Connect sign-in binding). A browser signed in to the admin UI
+/// sends them to every listener of the same host name, whatever the port, so they are removed from
+/// everything forwarded upstream.
+pub const GATEWAY_COOKIES: &[&str] = &[SESSION_COOKIE, SESSION_COOKIE_TLS, OIDC_BINDING_COOKIE];
+
+/// Binds an OpenID Connect sign-in in progress to the browser that started it
+/// (`admin::oidc::BINDING_COOKIE`).
+pub const OIDC_BINDING_COOKIE: &str = "tokengate_oidc";
 
 /// The admin web UI's session cookie on plain HTTP (`admin::session::COOKIE`).
 pub const SESSION_COOKIE: &str = "tokengate_session";

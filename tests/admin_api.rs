@@ -1141,10 +1141,23 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
             .keys()
             .cloned()
             .collect();
+        // A session to revoke: signed in with the root token just before (revoke-all, which
+        // sorts first, ended the earlier ones).
+        let session_id = if path.starts_with("/v1/sessions/{") {
+            let origin = format!("http://{}", tg.admin_addr);
+            let r = support::post_session(&a.c, a.url("/session"), &origin, &root).await;
+            assert_eq!(r.status(), 200);
+            let (_, l) = a.get(&root, "/v1/sessions").await;
+            l["sessions"][0]["id"].as_str().unwrap().to_string()
+        } else {
+            String::new()
+        };
         let concrete = path.replace("{name}", "spare").replace(
             "{id}",
             if path.ends_with("rotate") {
                 &rot_id
+            } else if path.starts_with("/v1/sessions/") {
+                &session_id
             } else if method == "DELETE" {
                 &del_id
             } else {

@@ -1,6 +1,8 @@
-//! Runs the headless-Chromium test of the web UI (`tests/browser/run.sh`): sign in, issue a token,
+//! Runs the headless-Chromium tests of the web UI (`tests/browser/run.sh`): sign in, issue a token,
 //! read it from the reveal box, call the public listener with it (200), revoke it in the table,
-//! and see the next call get 401.
+//! and see the next call get 401 (ui.test.mjs); and sign in with OpenID Connect at a real provider,
+//! issue tokens for one's own account within policy and the cap, revoke sessions and sign out
+//! everywhere (oidc.test.mjs).
 //!
 //! It runs when `CI` is set (run.sh then installs Chromium and playwright-core itself) or when
 //! `/usr/bin/chromium` exists; otherwise it says why it is skipped.
@@ -33,5 +35,9 @@ fn web_ui_in_headless_chromium() {
         "browser test failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status.code()
     );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    assert_eq!(
+        stdout.matches(" passed, 0 failed").count(),
+        2,
+        "both browser scripts ran and passed: {stdout}"
+    );
 }

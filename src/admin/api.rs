@@ -51,6 +51,9 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/tokens/{id}", &["GET", "DELETE"]),
     ("/v1/tokens/{id}/revoke", &["POST"]),
     ("/v1/tokens/{id}/rotate", &["POST"]),
+    ("/v1/sessions", &["GET"]),
+    ("/v1/sessions/revoke-all", &["POST"]),
+    ("/v1/sessions/{id}", &["DELETE"]),
 ];
 
 /// Longest `{id}` / `{name}` path parameter accepted.
@@ -69,6 +72,8 @@ enum Route {
     Token,
     Revoke,
     Rotate,
+    /// `/v1/sessions...`, answered by [`super::session::api`].
+    Sessions,
 }
 
 /// Matches a path to (route, its index in [`ROUTES`], the path parameter).
@@ -85,6 +90,9 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
         ["v1", "tokens", id] => (Route::Token, 6, Some(param(id)?)),
         ["v1", "tokens", id, "revoke"] => (Route::Revoke, 7, Some(param(id)?)),
         ["v1", "tokens", id, "rotate"] => (Route::Rotate, 8, Some(param(id)?)),
+        ["v1", "sessions"] => (Route::Sessions, 9, None),
+        ["v1", "sessions", "revoke-all"] => (Route::Sessions, 10, None),
+        ["v1", "sessions", id] => (Route::Sessions, 11, Some(param(id)?)),
         _ => return None,
     };
     Some(r)
@@ -185,6 +193,9 @@ async fn serve(
             let b = read_json(parts, body, false).await?;
             let row = revoke(gw, cfg, &actor, ctx, &p, b).await?;
             Ok(ok(StatusCode::OK, token_json(&row, gw.now_ms())))
+        }
+        Route::Sessions => {
+            super::session::api(gw, &actor, ctx, parts, conn.tls, template, &p).await
         }
         Route::Rotate => {
             rotate(
@@ -338,6 +349,9 @@ fn whoami_json(actor: &Actor, now: i64) -> serde_json::Value {
     let mut v = token_json(&actor.row, now);
     v["auth_type"] = actor.auth_type.into();
     v["access"] = if actor.admin { "admin" } else { "self" }.into();
+    if let Some(p) = &actor.person {
+        v["person"] = serde_json::json!({"sub": p.subject, "email": p.email});
+    }
     v
 }
 
@@ -695,7 +709,7 @@ async fn revoke_row(
         .revoke(&t.id, &actor.label(), &reason)
         .await
         .map_err(store_err)?;
-    gw.sessions().remove_token(&row.id);
+    let _ = super::session::remove_token(gw, &row.id).await;
     let mut rec = ctx.event(actor, "token.revoked", Some(&row.id), Some(&row));
     rec.reason = Some(reason);
     res.send(Entry::Admin(rec));

@@ -3,12 +3,14 @@
 //! Loopback by default (`admin.listen`). Routes:
 //! - `/healthz`, `/readyz`, `/metrics` — operations, no authentication;
 //! - `/v1/...` — the JSON API ([`api`]), a Bearer token or a web UI session;
-//! - `/`, `/assets/...`, `/session`, `/session/logout` — the web UI ([`ui`], [`session`]).
+//! - `/`, `/assets/...`, `/session`, `/session/logout` — the web UI ([`ui`], [`session`]);
+//! - `/oidc/login`, `/oidc/callback` — sign-in with OpenID Connect ([`oidc`]).
 //!
 //! Owns the admin listener's state, [`Admin`]: the gateway handle plus the web UI sessions (the
 //! gateway and the pipeline know nothing of sessions and never import this module).
 
 pub mod api;
+pub mod oidc;
 pub mod session;
 pub mod ui;
 
@@ -191,6 +193,9 @@ pub struct Actor {
     pub auth_type: &'static str,
     /// Holds `tokengate:admin` (all accounts); otherwise `tokengate:self` (own account only).
     pub admin: bool,
+    /// The person, when signed in with OpenID Connect (`row` is then built from their account
+    /// and access, not read from the tokens table).
+    pub person: Option<session::Person>,
 }
 
 impl Actor {
@@ -207,10 +212,58 @@ impl Actor {
             row,
             auth_type,
             admin,
+            person: None,
         })
     }
 
-    /// The `actor` of audit records and `created_by`/`revoked_by` in the store: the token id.
+    /// A person signed in with OpenID Connect, acting for `account`: an admin, or their own
+    /// account with the permissions of `self_role` (`role_permissions`) and `tokengate:self`.
+    /// Their powers are a token row's, so "never stronger than the caller" applies unchanged.
+    pub fn person(
+        person: session::Person,
+        account: &crate::store::Account,
+        self_role: &str,
+        role_permissions: &[String],
+        signed_in_at: i64,
+    ) -> Actor {
+        let mut permissions = role_permissions.to_vec();
+        permissions.push(if person.admin { PERM_ADMIN } else { PERM_SELF }.to_string());
+        let row = TokenRow {
+            id: person.label(),
+            account_id: account.id.clone(),
+            account: account.name.clone(),
+            name: person
+                .email
+                .clone()
+                .unwrap_or_else(|| person.subject.clone()),
+            prefix: String::new(),
+            role: (!person.admin).then(|| self_role.to_string()),
+            permissions,
+            scopes: Default::default(),
+            allowed_cidrs: vec![],
+            rate: None,
+            created_at: signed_in_at,
+            created_by: "oidc".into(),
+            expires_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+            rotated_from: None,
+            rotation_deadline: None,
+            account_disabled_at: account.disabled_at,
+        };
+        Actor {
+            admin: person.admin,
+            row,
+            auth_type: "session",
+            person: Some(person),
+        }
+    }
+
+    /// The `actor` of audit records and `created_by`/`revoked_by` in the store: the token id, or
+    /// `oidc:` and the person's email.
     pub fn label(&self) -> String {
         self.row.id.clone()
     }
@@ -315,6 +368,8 @@ pub(crate) struct ApiCall {
     pub(crate) user_agent: Option<String>,
     pub(crate) token_prefix: Option<String>,
     pub(crate) token: Option<TokenRow>,
+    /// The account of a person signed in with OpenID Connect (no token acts).
+    pub(crate) account: Option<String>,
     pub(crate) auth_type: &'static str,
     pub(crate) rule: Option<String>,
     pub(crate) permission: Option<String>,
@@ -350,6 +405,7 @@ impl ApiCall {
                 .map(|s| s.chars().take(256).collect()),
             token_prefix: None,
             token: None,
+            account: None,
             auth_type: "none",
             rule: None,
             permission: None,
@@ -358,8 +414,12 @@ impl ApiCall {
 
     /// Notes the authenticated actor for the request line.
     pub(crate) fn set_actor(&mut self, a: &Actor) {
-        self.token_prefix = Some(a.row.prefix.clone());
-        self.token = Some(a.row.clone());
+        if a.person.is_some() {
+            self.account = Some(a.row.account.clone());
+        } else {
+            self.token_prefix = Some(a.row.prefix.clone());
+            self.token = Some(a.row.clone());
+        }
         self.auth_type = a.auth_type;
         self.permission = Some(if a.admin { PERM_ADMIN } else { PERM_SELF }.to_string());
     }
@@ -374,7 +434,7 @@ impl ApiCall {
             api_token_id: row.map(|r| r.id.clone()),
             api_token_name: row.map(|r| r.name.clone()),
             token_prefix: self.token_prefix.clone(),
-            account: row.map(|r| r.account.clone()),
+            account: row.map(|r| r.account.clone()).or(self.account.clone()),
             method: crate::audit::method_name(&self.method),
             path: self.path.clone(),
             status_code: status.as_u16(),
@@ -411,6 +471,15 @@ impl ApiCall {
         target: Option<&str>,
         row: Option<&TokenRow>,
     ) -> AdminRecord {
+        let mut details = serde_json::json!({
+            "actor_name": actor.row.name,
+            "actor_account": actor.row.account,
+            "request_id": self.request_id,
+        });
+        if let Some(p) = &actor.person {
+            details["sub"] = p.subject.clone().into();
+            details["email"] = p.email.clone().into();
+        }
         AdminRecord {
             timestamp: crate::audit::now_rfc3339(),
             event: event.to_string(),
@@ -422,11 +491,7 @@ impl ApiCall {
             token_prefix: row.map(|r| r.prefix.clone()),
             reason: None,
             client_ip: Some(self.client_ip.to_string()),
-            details: Some(serde_json::json!({
-                "actor_name": actor.row.name,
-                "actor_account": actor.row.account,
-                "request_id": self.request_id,
-            })),
+            details: Some(details),
         }
     }
 }
@@ -506,7 +571,8 @@ pub(crate) fn check_origin(parts: &http::request::Parts, tls: bool) -> Result<()
     }
 }
 
-/// Shared by API and UI: the live token behind a session cookie (None: no or dead session).
+/// Shared by API and UI: the live session behind the cookie and who acts through it (None: no or
+/// dead session). A token session re-reads its token; a person's session re-reads their account.
 pub(crate) async fn session_actor(
     gw: &Admin,
     headers: &HeaderMap,
@@ -515,18 +581,51 @@ pub(crate) async fn session_actor(
     let Some(id) = session_cookie(headers) else {
         return Ok(None);
     };
-    let idle = gw.config().admin.session_idle_timeout.as_millis() as i64;
-    let Some(sess) = gw.sessions().touch(&id, gw.now_ms(), idle) else {
+    let store_err = |e: crate::store::StoreError| {
+        crate::coalesced!(warn, "session_store_failed", error = %e, "web UI session lookup failed");
+        AdminError::Reject(Reject::StoreUnavailable)
+    };
+    let Some(sess) = session::live(gw, &id).await.map_err(store_err)? else {
         return Ok(None);
     };
-    match gw.authenticate_id(&sess.token_id, client_ip).await {
+    if let Some(person) = session::person_of(&sess) {
+        let cfg = gw.config();
+        let Some(oidc) = cfg.admin.oidc.as_ref() else {
+            // Sign-in with OpenID Connect was turned off: its sessions end.
+            let _ = session::remove(gw, &id).await;
+            return Ok(None);
+        };
+        let name = person.account.clone();
+        let account = match gw.store_call(move |s| s.get_account(&name)).await {
+            Ok(a) if a.disabled_at.is_none() => a,
+            Ok(_) | Err(crate::store::StoreError::NoAccount(_)) => {
+                let _ = session::remove(gw, &id).await;
+                return Err(AdminError::status(
+                    StatusCode::UNAUTHORIZED,
+                    "not_signed_in",
+                    "account_disabled",
+                    "Your account is disabled or gone: the session ended.",
+                ));
+            }
+            Err(e) => return Err(store_err(e)),
+        };
+        let perms = cfg
+            .roles
+            .get(&oidc.self_role)
+            .map(|r| r.permissions.clone())
+            .unwrap_or_default();
+        let actor = Actor::person(person, &account, &oidc.self_role, &perms, sess.created_at);
+        return Ok(Some((id, sess, actor)));
+    }
+    let token_id = sess.token_id.clone().unwrap_or_default();
+    match gw.authenticate_id(&token_id, client_ip).await {
         Ok(row) => {
             let actor = Actor::new(row, "session")?;
             Ok(Some((id, sess, actor)))
         }
         Err(Reject::InvalidToken { reason }) => {
             // The sign-in token was revoked, expired or disabled since: the session ends with it.
-            gw.sessions().remove(&id);
+            let _ = session::remove(gw, &id).await;
             Err(AdminError::Reject(Reject::InvalidToken { reason }))
         }
         Err(e) => Err(e.into()),

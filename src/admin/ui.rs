@@ -29,6 +29,8 @@ const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
 const ICON_SVG: &str = include_str!("assets/icon.svg");
+const SIGNIN_JS: &str = include_str!("assets/signin.js");
+const SESSIONS_JS: &str = include_str!("assets/sessions.js");
 
 /// Content-Security-Policy of the page: only our own script, style and API; no framing.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -42,8 +44,12 @@ pub fn is_ui_path(path: &str) -> bool {
             | "/assets/app.js"
             | "/assets/app.css"
             | "/assets/icon.svg"
+            | "/assets/signin.js"
+            | "/assets/sessions.js"
             | "/session"
             | "/session/logout"
+            | "/oidc/login"
+            | "/oidc/callback"
     )
 }
 
@@ -56,6 +62,9 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
         (true, "/assets/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
         (true, "/assets/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
         (true, "/assets/icon.svg") => asset(ICON_SVG, "image/svg+xml"),
+        (true, "/assets/signin.js") => asset(SIGNIN_JS, "text/javascript; charset=utf-8"),
+        (true, "/assets/sessions.js") => asset(SESSIONS_JS, "text/javascript; charset=utf-8"),
+        (true, "/oidc/login" | "/oidc/callback") => super::oidc::handle(gw, parts, conn).await,
         (true, "/" | "/index.html") => index(gw, &parts, conn).await,
         (false, "/session" | "/session/logout") if parts.method == Method::POST => {
             let cfg = gw.config();
@@ -105,7 +114,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
 }
 
 /// Cookie attributes: HttpOnly and SameSite=Strict always; Secure (and the `__Host-` name) under TLS.
-pub fn cookie(tls: bool, value: &str, clear: bool) -> String {
+pub(crate) fn cookie(tls: bool, value: &str, clear: bool) -> String {
     let name = if tls {
         session::COOKIE_TLS
     } else {
@@ -121,7 +130,7 @@ pub fn cookie(tls: bool, value: &str, clear: bool) -> String {
     c
 }
 
-fn set_cookie(h: &mut HeaderMap, v: &str) {
+pub(crate) fn set_cookie(h: &mut HeaderMap, v: &str) {
     if let Ok(v) = HeaderValue::from_str(v) {
         h.append(header::SET_COOKIE, v);
     }
@@ -146,7 +155,14 @@ async fn index(gw: &Admin, parts: &Parts, conn: ConnInfo) -> Response<Body> {
         Ok(Some((_, s, _))) => s.csrf.clone(),
         _ => String::new(),
     };
-    let html = INDEX_HTML.replace("{{CSRF}}", &attr(&csrf));
+    let sso = if gw.config().admin.oidc.is_some() {
+        "on"
+    } else {
+        ""
+    };
+    let html = INDEX_HTML
+        .replace("{{CSRF}}", &attr(&csrf))
+        .replace("{{OIDC}}", sso);
     let mut r = Response::new(full(html));
     let h = r.headers_mut();
     h.insert(
@@ -204,9 +220,18 @@ async fn login(
     ctx.set_actor(&actor);
     let res = ctx.reserve(gw)?;
     let idle = gw.config().admin.session_idle_timeout;
-    let (id, sess) = gw
-        .sessions()
-        .create(&actor.row.id, gw.now_ms(), idle.as_millis() as i64);
+    // A sign-in always starts a new session (no fixation); the one the browser held ends.
+    if let Some(old) = super::session_cookie(&parts.headers) {
+        let _ = session::remove(gw, &old).await;
+    }
+    let (id, sess) = session::create(
+        gw,
+        &session::Owner::Token(actor.row.id.clone()),
+        Some(ctx.client_ip.to_string()),
+        ctx.user_agent.clone(),
+    )
+    .await
+    .map_err(|_| AdminError::Reject(Reject::StoreUnavailable))?;
     let mut rec = ctx.event(
         &actor,
         "session.login",
@@ -215,6 +240,7 @@ async fn login(
     );
     if let Some(d) = rec.details.as_mut() {
         d["idle_timeout_seconds"] = idle.as_secs().into();
+        d["session"] = sess.public_id.clone().into();
     }
     res.send(Entry::Admin(rec));
     let mut r = json(
@@ -255,13 +281,27 @@ async fn logout(
     ctx.set_actor(&actor);
     check_csrf(parts, conn.tls, &sess.csrf)?;
     let res = ctx.reserve(gw)?;
-    gw.sessions().remove(&id);
-    res.send(Entry::Admin(ctx.event(
-        &actor,
-        "session.logout",
-        Some(&actor.row.id),
-        Some(&actor.row),
-    )));
+    session::remove(gw, &id)
+        .await
+        .map_err(|_| AdminError::Reject(Reject::StoreUnavailable))?;
+    if actor.person.is_some() {
+        // A person's sign-out: `session.revoked`, naming them.
+        let mut rec = session::event(
+            &sess,
+            "session.revoked",
+            &actor.label(),
+            Some(ctx.client_ip.to_string()),
+        );
+        rec.reason = Some("signed_out".into());
+        res.send(Entry::Admin(rec));
+    } else {
+        res.send(Entry::Admin(ctx.event(
+            &actor,
+            "session.logout",
+            Some(&actor.row.id),
+            Some(&actor.row),
+        )));
+    }
     let mut r = json(StatusCode::OK, serde_json::json!({"signed_out": true}));
     set_cookie(r.headers_mut(), &cookie(conn.tls, "", true));
     Ok(r)

@@ -20,8 +20,15 @@ use crate::audit::OnFailure;
 use crate::authz::RuleTable;
 pub use crate::ratelimit::Rate;
 
+mod oidc;
 mod raw;
 mod validate;
+
+pub use oidc::{
+    DEFAULT_ACCOUNT_CLAIM, DEFAULT_CLOCK_SKEW, DEFAULT_GROUPS_CLAIM, DEFAULT_OIDC_SCOPES,
+    DEFAULT_SELF_ROLE, DEFAULT_SESSION_ABSOLUTE_TIMEOUT, DefaultAccess, OidcConfig, Secret,
+    check_provider_url,
+};
 
 pub use raw::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_ALLOWED_EXPIRY, DEFAULT_AUDIT_PATH, DEFAULT_AUDIT_QUEUE,
@@ -131,6 +138,10 @@ pub struct AdminConfig {
     pub tls: Option<TlsFiles>,
     /// Web UI session idle timeout.
     pub session_idle_timeout: Duration,
+    /// Web UI session absolute lifetime (from sign-in).
+    pub session_absolute_timeout: Duration,
+    /// `[admin.oidc]`: sign-in with OpenID Connect, when configured.
+    pub oidc: Option<OidcConfig>,
 }
 
 /// `[store]`.

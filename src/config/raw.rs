@@ -159,6 +159,8 @@ pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
     pub(super) tls: Option<RawTls>,
     pub(super) session_idle_timeout: Option<String>,
+    pub(super) session_absolute_timeout: Option<String>,
+    pub(super) oidc: Option<super::oidc::RawOidc>,
 }
 
 #[derive(Debug, Default, Deserialize)]

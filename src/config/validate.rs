@@ -72,12 +72,16 @@ impl Checker<'_> {
 pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigError> {
     let cx = Checker { path };
     let server = server(&cx, base, &raw.server)?;
-    let admin = admin(&cx, base, &raw.admin, &server)?;
+    let mut admin = admin(&cx, base, &raw.admin, &server)?;
     let store = store(&cx, base, &raw.store)?;
     let tokens = tokens(&cx, &raw.tokens)?;
     let audit = audit(base, &raw.audit);
     let rate_limit = rate_limit(&cx, &raw.rate_limit)?;
     let roles = roles(&cx, &raw.roles)?;
+    if let Some(o) = &raw.admin.oidc {
+        let o = super::oidc::oidc(base, o, &roles).map_err(|(k, m)| cx.invalid(&k, m))?;
+        admin.oidc = Some(o);
+    }
     let routes = routes(&cx, base, raw.routes, &server)?;
     let forward_auth = forward_auth(&cx, raw.forward_auth.as_ref(), &server)?;
     Ok(Config {
@@ -278,6 +282,13 @@ fn admin(
             &a.session_idle_timeout,
             DEFAULT_SESSION_IDLE_TIMEOUT,
         )?,
+        session_absolute_timeout: cx.duration(
+            "admin.session_absolute_timeout",
+            &a.session_absolute_timeout,
+            super::DEFAULT_SESSION_ABSOLUTE_TIMEOUT,
+        )?,
+        // Checked once the roles are known (`self_role`), in `validate`.
+        oidc: None,
     };
     if admin.listen == server.listen && admin.listen.port() != 0 {
         return Err(cx.invalid("admin.listen", "must differ from server.listen"));

@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::token::{NewToken, TokenHash};
 
 pub mod postgres;
+pub mod sessions;
 pub mod sqlite;
 
 mod file;
@@ -33,10 +34,11 @@ mod row;
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;
 pub use copy::{DumpAccount, DumpChange, DumpToken, StoreDump};
 pub(crate) use row::{NewTokenRow, TOKEN_COLUMNS, cap_reached};
+pub use sessions::{LoginState, SessionRow};
 
 /// Schema version this build creates and understands (the number of migrations; equal on both
 /// engines).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub use crate::clock::system_now_ms;
 

@@ -77,6 +77,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         line TEXT NOT NULL
     );",
+    // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
+    super::sessions::SQLITE_MIGRATION,
 ];
 
 /// `PRAGMA mmap_size` of every connection: 0, reads go through `pread`. Mapping the file (1 GiB
@@ -160,7 +162,7 @@ impl Sqlite {
         &self.path
     }
 
-    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    pub(super) fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
@@ -194,7 +196,7 @@ impl Sqlite {
         out
     }
 
-    fn write<T>(
+    pub(super) fn write<T>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Browser test of the web UI: installs what it needs (Debian's chromium, playwright-core from the
 # committed package-lock.json), builds tokengate unless TOKENGATE_BIN is given, and runs
-# ui.test.mjs against a real gateway. Exits non-zero on failure.
+# ui.test.mjs (token sign-in) and oidc.test.mjs (OpenID Connect sign-in against a real provider)
+# against a real gateway. Exits non-zero on failure.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -26,4 +27,6 @@ if [ -z "${TOKENGATE_BIN:-}" ]; then
 fi
 export TOKENGATE_BIN
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
-exec node "$here/ui.test.mjs"
+node "$here/ui.test.mjs"
+# Sign-in with OpenID Connect against the provider of tests/oidc (its run.sh runs `npm ci` there).
+exec node "$here/oidc.test.mjs"

@@ -376,7 +376,7 @@
       if ($("signin").hidden) showSignin(e.message);
       return;
     }
-    $("who-name").textContent = me.name + " (" + me.prefix + ")";
+    $("who-name").textContent = me.prefix ? me.name + " (" + me.prefix + ")" : me.name;
     $("who-account").textContent = me.account;
     $("who-access").textContent = me.access === "admin" ? "admin: all accounts" : "your account";
     $("who").hidden = false;

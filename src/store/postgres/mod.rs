@@ -62,14 +62,14 @@ pub(crate) struct Postgres {
     /// dropped inside another runtime).
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
-    db: Db,
+    pub(in crate::store) db: Db,
     feed: Arc<Feed>,
     timeout: Duration,
 }
 
 /// What one store call needs, cheap to move into a future.
 #[derive(Clone)]
-struct Db {
+pub(in crate::store) struct Db {
     pool: Pool,
     target: Arc<str>,
     writes: Arc<AtomicU64>,
@@ -199,7 +199,7 @@ impl Postgres {
     }
 
     /// Runs `fut` on the store's runtime and waits for it, within the call deadline.
-    fn run<T: Send + 'static>(
+    pub(in crate::store) fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -627,18 +627,18 @@ impl Postgres {
 }
 
 impl Db {
-    fn err(&self, e: tokio_postgres::Error) -> StoreError {
+    pub(in crate::store) fn err(&self, e: tokio_postgres::Error) -> StoreError {
         StoreError::Postgres {
             target: self.target.to_string(),
             message: chain(&e),
         }
     }
 
-    fn wrote(&self) {
+    pub(in crate::store) fn wrote(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
 
-    async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    pub(in crate::store) async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| StoreError::Postgres {
             target: self.target.to_string(),
             message: chain(&e),

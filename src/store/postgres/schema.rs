@@ -66,6 +66,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         id BIGSERIAL PRIMARY KEY,
         line TEXT NOT NULL
     );",
+    // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
+    crate::store::sessions::PG_MIGRATION,
 ];
 
 /// Advisory lock serialising migrations of concurrently starting replicas.

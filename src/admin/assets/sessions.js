@@ -1,0 +1,72 @@
+// tokengate web UI: the "Sessions" section. Lists the signed-in person's (or token's) sessions
+// (GET /v1/sessions), revokes one (DELETE /v1/sessions/{id}) or all (POST
+// /v1/sessions/revoke-all). Data is rendered with textContent only; mutations send the CSRF token.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const csrf = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+
+  async function call(method, path) {
+    const headers = { "Accept": "application/json" };
+    if (method !== "GET") headers["X-CSRF-Token"] = csrf;
+    const r = await fetch(path, { method, headers, credentials: "same-origin", cache: "no-store" });
+    let data = {};
+    try { data = await r.json(); } catch (_) { /* 204 */ }
+    if (!r.ok) throw new Error(data.message || ("Request failed (" + r.status + ")."));
+    return data;
+  }
+
+  function when(s) {
+    return s ? new Date(s).toLocaleString() : "";
+  }
+
+  function cell(tr, text) {
+    const td = document.createElement("td");
+    td.textContent = text || "";
+    tr.appendChild(td);
+  }
+
+  async function load() {
+    const data = await call("GET", "/v1/sessions");
+    const body = $("sessions-list");
+    body.replaceChildren();
+    for (const s of data.sessions) {
+      const tr = document.createElement("tr");
+      tr.dataset.session = s.id;
+      cell(tr, (s.email || s.token_id || s.sub || "") + (s.current ? " (this browser)" : ""));
+      cell(tr, s.client_ip);
+      cell(tr, when(s.created_at));
+      cell(tr, when(s.last_seen_at));
+      cell(tr, when(s.expires_at));
+      const td = document.createElement("td");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "danger";
+      b.textContent = s.current ? "Sign out" : "Revoke";
+      b.setAttribute("aria-label", "Revoke session started " + when(s.created_at));
+      b.addEventListener("click", async () => {
+        try {
+          await call("DELETE", "/v1/sessions/" + encodeURIComponent(s.id));
+          if (s.current) { window.location.reload(); return; }
+          await load();
+        } catch (e) { $("sessions-error").textContent = e.message; }
+      });
+      td.appendChild(b);
+      tr.appendChild(td);
+      body.appendChild(tr);
+    }
+    $("sessions").hidden = false;
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    if (!csrf || !$("sessions")) return;
+    $("sessions-revoke-all").addEventListener("click", async () => {
+      try {
+        await call("POST", "/v1/sessions/revoke-all");
+        window.location.reload();
+      } catch (e) { $("sessions-error").textContent = e.message; }
+    });
+    load().catch(() => { /* not signed in: app.js shows the sign-in form */ });
+  });
+})();

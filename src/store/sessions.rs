@@ -1,0 +1,468 @@
+//! Web UI sessions and pending OpenID Connect sign-ins, kept in the store so that they survive a
+//! restart and every replica on the same PostgreSQL database sees them.
+//!
+//! A session row is keyed by SHA-256 of its cookie value (the value itself is never stored); a
+//! sign-in in progress by SHA-256 of its `state`, and it is taken (read and deleted) exactly once.
+//! The lifetimes are the caller's: every call that judges a session gets the idle and absolute
+//! limits from it. Schema migration 3 creates both tables on both engines.
+//!
+//! Owns: the `admin_sessions` and `oidc_logins` tables and their SQL. Never imports: `config`,
+//! `admin`, `gateway`, `audit` or `cli`.
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Backend, Store, StoreError};
+
+/// Migration 3 on SQLite: web UI sessions and pending OpenID Connect sign-ins.
+pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
+        id_hash TEXT PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        token_id TEXT,
+        subject TEXT,
+        email TEXT,
+        account TEXT,
+        access TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        mfa_verified_at INTEGER,
+        client_ip TEXT,
+        user_agent TEXT
+    );
+    CREATE INDEX admin_sessions_owner ON admin_sessions(owner);
+    CREATE TABLE oidc_logins (
+        state_hash TEXT PRIMARY KEY,
+        binding_hash TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        verifier TEXT NOT NULL,
+        return_to TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    );";
+
+/// Migration 3 on PostgreSQL (the same tables in its types).
+pub(crate) const PG_MIGRATION: &str = "CREATE TABLE admin_sessions (
+        id_hash TEXT PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        token_id TEXT,
+        subject TEXT,
+        email TEXT,
+        account TEXT,
+        access TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        last_seen_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        mfa_verified_at BIGINT,
+        client_ip TEXT,
+        user_agent TEXT
+    );
+    CREATE INDEX admin_sessions_owner ON admin_sessions(owner);
+    CREATE TABLE oidc_logins (
+        state_hash TEXT PRIMARY KEY,
+        binding_hash TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        verifier TEXT NOT NULL,
+        return_to TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );";
+
+const COLUMNS: &str = "id_hash, public_id, owner, kind, token_id, subject, email, account, access, csrf, \
+     created_at, last_seen_at, expires_at, mfa_verified_at, client_ip, user_agent";
+
+/// One web UI session as stored (the cookie value is not: `id_hash` is its SHA-256, hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionRow {
+    /// SHA-256 of the cookie value, hex.
+    #[serde(skip)]
+    pub id_hash: String,
+    /// The id shown in lists and used to revoke it (`ses_...`): not a credential.
+    pub public_id: String,
+    /// Whose session: `token:<token id>` or `oidc:<issuer subject>`; "one's sessions" share it.
+    pub owner: String,
+    /// `token` (signed in with an API token) or `oidc` (signed in with OpenID Connect).
+    pub kind: String,
+    /// The token that signed in (kind `token`).
+    pub token_id: Option<String>,
+    /// The provider's `sub` (kind `oidc`).
+    pub subject: Option<String>,
+    /// The person's email (kind `oidc`).
+    pub email: Option<String>,
+    /// The account the person acts for (kind `oidc`).
+    pub account: Option<String>,
+    /// `self` or `admin` (kind `oidc`; a token session's access is its token's).
+    pub access: String,
+    /// CSRF token the page echoes in `X-CSRF-Token`.
+    #[serde(skip)]
+    pub csrf: String,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last request (ms); the idle lifetime counts from here.
+    pub last_seen_at: i64,
+    /// End of the absolute lifetime (ms).
+    pub expires_at: i64,
+    /// Last MFA step-up (ms), when there was one in this session.
+    pub mfa_verified_at: Option<i64>,
+    /// Client address at sign-in.
+    pub client_ip: Option<String>,
+    /// User agent at sign-in.
+    pub user_agent: Option<String>,
+}
+
+impl SessionRow {
+    /// Expired when idle for `idle_ms` or past its absolute end.
+    pub fn expired(&self, now: i64, idle_ms: i64) -> bool {
+        now >= self.expires_at || now - self.last_seen_at >= idle_ms
+    }
+}
+
+/// A sign-in in progress: what the callback must find again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginState {
+    /// SHA-256 of `state`, hex.
+    pub state_hash: String,
+    /// SHA-256 of the browser-binding cookie, hex.
+    pub binding_hash: String,
+    /// The nonce sent in the authorization request.
+    pub nonce: String,
+    /// The PKCE code verifier.
+    pub verifier: String,
+    /// Where to send the browser afterwards (a local path).
+    pub return_to: String,
+    /// Ends (ms).
+    pub expires_at: i64,
+}
+
+fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id_hash: r.get(0)?,
+        public_id: r.get(1)?,
+        owner: r.get(2)?,
+        kind: r.get(3)?,
+        token_id: r.get(4)?,
+        subject: r.get(5)?,
+        email: r.get(6)?,
+        account: r.get(7)?,
+        access: r.get(8)?,
+        csrf: r.get(9)?,
+        created_at: r.get(10)?,
+        last_seen_at: r.get(11)?,
+        expires_at: r.get(12)?,
+        mfa_verified_at: r.get(13)?,
+        client_ip: r.get(14)?,
+        user_agent: r.get(15)?,
+    })
+}
+
+fn pg_row(r: &tokio_postgres::Row) -> Result<SessionRow, tokio_postgres::Error> {
+    Ok(SessionRow {
+        id_hash: r.try_get(0)?,
+        public_id: r.try_get(1)?,
+        owner: r.try_get(2)?,
+        kind: r.try_get(3)?,
+        token_id: r.try_get(4)?,
+        subject: r.try_get(5)?,
+        email: r.try_get(6)?,
+        account: r.try_get(7)?,
+        access: r.try_get(8)?,
+        csrf: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        last_seen_at: r.try_get(11)?,
+        expires_at: r.try_get(12)?,
+        mfa_verified_at: r.try_get(13)?,
+        client_ip: r.try_get(14)?,
+        user_agent: r.try_get(15)?,
+    })
+}
+
+/// A parameter of [`Store::session_rows`]: TEXT or BIGINT, bound as `?N` on SQLite and `$N` on
+/// PostgreSQL.
+#[derive(Debug, Clone)]
+enum P {
+    T(Option<String>),
+    I(Option<i64>),
+}
+
+impl Store {
+    /// Runs one statement that returns session rows (`RETURNING` or `SELECT`), on either engine.
+    fn session_rows(&self, sql: &str, ps: Vec<P>) -> Result<Vec<SessionRow>, StoreError> {
+        match &self.inner.backend {
+            Backend::Sqlite(b) => {
+                let sql = sql.replace('$', "?");
+                b.write(|tx| {
+                    let vals: Vec<Box<dyn rusqlite::ToSql>> = ps
+                        .iter()
+                        .map(|p| -> Box<dyn rusqlite::ToSql> {
+                            match p {
+                                P::T(v) => Box::new(v.clone()),
+                                P::I(v) => Box::new(*v),
+                            }
+                        })
+                        .collect();
+                    let mut st = tx.prepare_cached(&sql).map_err(b.err())?;
+                    let rows = st
+                        .query_map(rusqlite::params_from_iter(vals.iter()), sqlite_row)
+                        .map_err(b.err())?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(b.err())
+                })
+            }
+            Backend::Postgres(b) => {
+                let (db, sql) = (b.db.clone(), sql.to_string());
+                b.run(async move {
+                    let c = db.conn().await?;
+                    let vals: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = ps
+                        .into_iter()
+                        .map(|p| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+                            match p {
+                                P::T(v) => Box::new(v),
+                                P::I(v) => Box::new(v),
+                            }
+                        })
+                        .collect();
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vals
+                        .iter()
+                        .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                        .collect();
+                    let rows = c.query(&sql, &refs).await.map_err(|e| db.err(e))?;
+                    db.wrote();
+                    rows.iter()
+                        .map(pg_row)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| db.err(e))
+                })
+            }
+        }
+    }
+
+    /// Stores a new session.
+    pub fn session_insert(&self, s: &SessionRow) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO admin_sessions ({COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING {COLUMNS}"
+        );
+        let ps = vec![
+            P::T(Some(s.id_hash.clone())),
+            P::T(Some(s.public_id.clone())),
+            P::T(Some(s.owner.clone())),
+            P::T(Some(s.kind.clone())),
+            P::T(s.token_id.clone()),
+            P::T(s.subject.clone()),
+            P::T(s.email.clone()),
+            P::T(s.account.clone()),
+            P::T(Some(s.access.clone())),
+            P::T(Some(s.csrf.clone())),
+            P::I(Some(s.created_at)),
+            P::I(Some(s.last_seen_at)),
+            P::I(Some(s.expires_at)),
+            P::I(s.mfa_verified_at),
+            P::T(s.client_ip.clone()),
+            P::T(s.user_agent.clone()),
+        ];
+        self.session_rows(&sql, ps).map(|_| ())
+    }
+
+    /// The session whose cookie hashes to `id_hash`, whatever its age.
+    pub fn session_get(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM admin_sessions WHERE id_hash = $1");
+        Ok(self
+            .session_rows(&sql, vec![P::T(Some(id_hash.into()))])?
+            .pop())
+    }
+
+    /// Records a request at `now` (restarts the idle lifetime).
+    pub fn session_touch(&self, id_hash: &str, now: i64) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE admin_sessions SET last_seen_at = $2 WHERE id_hash = $1 RETURNING {COLUMNS}"
+        );
+        self.session_rows(&sql, vec![P::T(Some(id_hash.into())), P::I(Some(now))])
+            .map(|_| ())
+    }
+
+    /// Records an MFA step-up at `now`; false when the session is gone.
+    pub fn session_set_mfa(&self, id_hash: &str, now: i64) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE admin_sessions SET mfa_verified_at = $2 WHERE id_hash = $1 RETURNING {COLUMNS}"
+        );
+        Ok(!self
+            .session_rows(&sql, vec![P::T(Some(id_hash.into())), P::I(Some(now))])?
+            .is_empty())
+    }
+
+    /// Every session of `owner`, newest first.
+    pub fn session_list(&self, owner: &str) -> Result<Vec<SessionRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM admin_sessions WHERE owner = $1 ORDER BY created_at DESC, public_id"
+        );
+        self.session_rows(&sql, vec![P::T(Some(owner.into()))])
+    }
+
+    /// Every session, newest first (for an admin).
+    pub fn session_list_all(&self) -> Result<Vec<SessionRow>, StoreError> {
+        let sql =
+            format!("SELECT {COLUMNS} FROM admin_sessions ORDER BY created_at DESC, public_id");
+        self.session_rows(&sql, vec![])
+    }
+
+    /// Deletes the session whose cookie hashes to `id_hash`; returns it when it existed.
+    pub fn session_delete(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
+        let sql = format!("DELETE FROM admin_sessions WHERE id_hash = $1 RETURNING {COLUMNS}");
+        Ok(self
+            .session_rows(&sql, vec![P::T(Some(id_hash.into()))])?
+            .pop())
+    }
+
+    /// Deletes the session `public_id`, when `owner` (None: any owner) holds it.
+    pub fn session_delete_public(
+        &self,
+        public_id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<SessionRow>, StoreError> {
+        let sql = format!(
+            "DELETE FROM admin_sessions WHERE public_id = $1 AND (CAST($2 AS TEXT) IS NULL OR owner = CAST($2 AS TEXT)) RETURNING {COLUMNS}"
+        );
+        let ps = vec![
+            P::T(Some(public_id.into())),
+            P::T(owner.map(str::to_string)),
+        ];
+        Ok(self.session_rows(&sql, ps)?.pop())
+    }
+
+    /// Deletes every session of `owner` (sign out everywhere); returns them.
+    pub fn session_delete_owner(&self, owner: &str) -> Result<Vec<SessionRow>, StoreError> {
+        let sql = format!("DELETE FROM admin_sessions WHERE owner = $1 RETURNING {COLUMNS}");
+        self.session_rows(&sql, vec![P::T(Some(owner.into()))])
+    }
+
+    /// Deletes the sessions idle since `idle_before` or past their absolute end at `now`, and
+    /// the sign-ins in progress that ended; returns the sessions.
+    pub fn session_purge(&self, now: i64, idle_before: i64) -> Result<Vec<SessionRow>, StoreError> {
+        let sql = format!(
+            "DELETE FROM admin_sessions WHERE expires_at <= $1 OR last_seen_at <= $2 RETURNING {COLUMNS}"
+        );
+        let gone = self.session_rows(&sql, vec![P::I(Some(now)), P::I(Some(idle_before))])?;
+        match &self.inner.backend {
+            Backend::Sqlite(b) => b.write(|tx| {
+                tx.execute("DELETE FROM oidc_logins WHERE expires_at <= ?1", [now])
+                    .map_err(b.err())
+            })?,
+            Backend::Postgres(b) => {
+                let db = b.db.clone();
+                b.run(async move {
+                    let c = db.conn().await?;
+                    c.execute("DELETE FROM oidc_logins WHERE expires_at <= $1", &[&now])
+                        .await
+                        .map_err(|e| db.err(e))
+                        .map(|n| n as usize)
+                })?
+            }
+        };
+        Ok(gone)
+    }
+
+    /// Stores a sign-in in progress, unless `max_pending` are stored already (an unauthenticated
+    /// caller starts them: the table stays bounded); false when it was not stored.
+    pub fn login_put(&self, l: &LoginState, max_pending: i64) -> Result<bool, StoreError> {
+        let l = l.clone();
+        const SQL: &str = "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM oidc_logins) < $7";
+        match &self.inner.backend {
+            Backend::Sqlite(b) => b.write(|tx| {
+                tx.execute(
+                    &SQL.replace('$', "?"),
+                    params![
+                        l.state_hash,
+                        l.binding_hash,
+                        l.nonce,
+                        l.verifier,
+                        l.return_to,
+                        l.expires_at,
+                        max_pending
+                    ],
+                )
+                .map_err(b.err())
+                .map(|n| n == 1)
+            }),
+            Backend::Postgres(b) => {
+                let db = b.db.clone();
+                b.run(async move {
+                    let c = db.conn().await?;
+                    let n = c
+                        .execute(
+                            SQL,
+                            &[
+                                &l.state_hash,
+                                &l.binding_hash,
+                                &l.nonce,
+                                &l.verifier,
+                                &l.return_to,
+                                &l.expires_at,
+                                &max_pending,
+                            ],
+                        )
+                        .await
+                        .map_err(|e| db.err(e))?;
+                    db.wrote();
+                    Ok(n == 1)
+                })
+            }
+        }
+    }
+
+    /// Takes (reads and deletes, once) the sign-in whose `state` hashes to `state_hash`.
+    pub fn login_take(&self, state_hash: &str) -> Result<Option<LoginState>, StoreError> {
+        let h = state_hash.to_string();
+        match &self.inner.backend {
+            Backend::Sqlite(b) => b.write(|tx| {
+                tx.query_row(
+                    "DELETE FROM oidc_logins WHERE state_hash = ?1 \
+                     RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
+                    [&h],
+                    |r| {
+                        Ok(LoginState {
+                            state_hash: r.get(0)?,
+                            binding_hash: r.get(1)?,
+                            nonce: r.get(2)?,
+                            verifier: r.get(3)?,
+                            return_to: r.get(4)?,
+                            expires_at: r.get(5)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(b.err())
+            }),
+            Backend::Postgres(b) => {
+                let db = b.db.clone();
+                b.run(async move {
+                    let c = db.conn().await?;
+                    let r = c
+                        .query_opt(
+                            "DELETE FROM oidc_logins WHERE state_hash = $1 \
+                             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
+                            &[&h],
+                        )
+                        .await
+                        .map_err(|e| db.err(e))?;
+                    db.wrote();
+                    let Some(r) = r else { return Ok(None) };
+                    let get = || -> Result<LoginState, tokio_postgres::Error> {
+                        Ok(LoginState {
+                            state_hash: r.try_get(0)?,
+                            binding_hash: r.try_get(1)?,
+                            nonce: r.try_get(2)?,
+                            verifier: r.try_get(3)?,
+                            return_to: r.try_get(4)?,
+                            expires_at: r.try_get(5)?,
+                        })
+                    };
+                    get().map(Some).map_err(|e| db.err(e))
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,282 @@
+// Browser test of signing in with OpenID Connect, in Debian's headless Chromium, against a real
+// provider (the certified oidc-provider package, tests/oidc/provider.mjs) and a real gateway
+// (`tokengate serve`): a person clicks "Sign in with single sign-on", types their login at the
+// provider, comes back signed in, issues a token for their own account (and only within their
+// policy and the per-account cap), sees and revokes their sessions, and signs out everywhere.
+// The audit log tells the story with the person's identity.
+//
+// Usage: node oidc.test.mjs   (env: TOKENGATE_BIN, CHROMIUM, SCREENSHOT_DIR)
+import { spawn, execFileSync } from "node:child_process";
+import fs from "node:fs";
+import http from "node:http";
+import os from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+import { fileURLToPath } from "node:url";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const bin = process.env.TOKENGATE_BIN;
+if (!bin) throw new Error("set TOKENGATE_BIN to the tokengate binary");
+const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const shots = process.env.SCREENSHOT_DIR || fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-shots-"));
+fs.mkdirSync(shots, { recursive: true });
+
+let passed = 0;
+let failed = 0;
+const cleanups = [];
+async function step(name, fn) {
+  try {
+    await fn();
+    passed += 1;
+    console.log(`ok - ${name}`);
+  } catch (e) {
+    failed += 1;
+    console.log(`not ok - ${name}\n  ${String(e && e.stack || e).split("\n").join("\n  ")}`);
+    throw e;
+  }
+}
+
+// ------------------------------------------------------------------ the OpenID provider
+const provider = spawn("bash", [path.join(here, "..", "oidc", "run.sh")], { stdio: ["ignore", "pipe", "inherit"] });
+cleanups.push(() => provider.kill("SIGTERM"));
+const issuer = await new Promise((resolve, reject) => {
+  const timer = setTimeout(() => reject(new Error("the OpenID provider did not start")), 180000);
+  readline.createInterface({ input: provider.stdout }).on("line", (l) => {
+    const m = l.match(/^listening (\d+)$/);
+    if (m) { clearTimeout(timer); resolve(`http://127.0.0.1:${m[1]}`); }
+  });
+  provider.on("exit", (c) => reject(new Error(`the provider exited ${c}`)));
+});
+
+// ------------------------------------------------------------------ recording upstream
+const received = [];
+const upstream = http.createServer((req, res) => {
+  received.push({ method: req.method, url: req.url, headers: req.headers });
+  res.writeHead(200, { "content-type": "application/json" });
+  res.end(JSON.stringify({ upstream: "ok" }));
+});
+await new Promise((r) => upstream.listen(0, "127.0.0.1", r));
+cleanups.push(() => upstream.close());
+
+// ------------------------------------------------------------------ gateway
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-oidc-ui-"));
+fs.writeFileSync(path.join(dir, "client-secret"), "tokengate-test-secret\n", { mode: 0o600 });
+const config = path.join(dir, "tokengate.toml");
+fs.writeFileSync(config, `[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[admin.oidc]
+issuer = "${issuer}"
+client_id = "tokengate"
+client_secret_file = "client-secret"
+allowed_email_domains = ["example.com"]
+admin_groups = ["platform-admins"]
+self_role = "viewer"
+create_accounts = true
+
+[store]
+path = "tokengate.db"
+
+[audit]
+path = "audit.log"
+
+[tokens]
+max_active_per_account = 2
+
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "http://127.0.0.1:${upstream.address().port}"
+
+[[routes.rules]]
+methods = ["GET", "HEAD"]
+path = "/apps/{app}/**"
+permission = "apps:read"
+
+[[routes.rules]]
+methods = ["POST"]
+path = "/apps/{app}/deploy"
+permission = "apps:deploy"
+`);
+execFileSync(bin, ["--config", config, "store", "init"], { stdio: "ignore" });
+const gw = spawn(bin, ["--config", config, "--log-format", "json", "serve"], { stdio: ["ignore", "ignore", "pipe"] });
+cleanups.push(() => gw.kill("SIGTERM"));
+const { publicUrl, adminUrl } = await new Promise((resolve, reject) => {
+  let buf = "";
+  const timer = setTimeout(() => reject(new Error("gateway did not start:\n" + buf)), 20000);
+  gw.stderr.on("data", (d) => {
+    buf += d.toString();
+    for (const line of buf.split("\n")) {
+      try {
+        const f = JSON.parse(line).fields || {};
+        if (f.public && f.admin) {
+          clearTimeout(timer);
+          resolve({ publicUrl: `http://${f.public}`, adminUrl: `http://${f.admin}` });
+        }
+      } catch (_) { /* not JSON yet */ }
+    }
+  });
+  gw.on("exit", (c) => reject(new Error(`gateway exited ${c}:\n${buf}`)));
+});
+
+// ------------------------------------------------------------------ the browser
+const browser = await chromium.launch({
+  executablePath: chromiumPath,
+  headless: true,
+  args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
+});
+cleanups.push(() => browser.close());
+const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+const page = await context.newPage();
+const consoleErrors = [];
+page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+page.on("pageerror", (e) => consoleErrors.push(String(e)));
+
+async function signIn(p, login) {
+  await p.goto(adminUrl + "/");
+  await p.getByRole("link", { name: "Sign in with single sign-on" }).click();
+  await p.getByLabel("Login").fill(login);
+  await p.getByRole("button", { name: "Sign in" }).click();
+}
+
+let first = null;
+try {
+  await step("the sign-in page offers the provider's button next to token sign-in", async () => {
+    await page.goto(adminUrl + "/");
+    await page.getByRole("heading", { name: "Sign in" }).waitFor();
+    await page.getByRole("link", { name: "Sign in with single sign-on" }).waitFor();
+    assert.ok(await page.getByLabel("API token").isVisible(), "token sign-in stays for automation and break-glass");
+    await page.screenshot({ path: path.join(shots, "oidc-signin.png") });
+  });
+
+  await step("a person signs in at the provider and comes back signed in, with a strict session cookie", async () => {
+    await signIn(page, "ada");
+    await page.getByRole("heading", { name: "Issue a token" }).waitFor();
+    assert.match(await page.locator("#who").innerText(), /ada@example\.com/);
+    assert.match(await page.locator("#who").innerText(), /your account/);
+    const c = (await context.cookies(adminUrl)).find((x) => x.name === "tokengate_session");
+    assert.ok(c, "session cookie");
+    assert.equal(c.httpOnly, true);
+    assert.equal(c.sameSite, "Strict");
+    assert.equal((await context.cookies(adminUrl)).some((x) => x.name === "tokengate_oidc"), false, "the binding cookie is gone");
+  });
+
+  await step("they issue a token for their own account and it works on the public listener", async () => {
+    await page.getByLabel("Name").fill("ada-laptop");
+    await page.getByLabel("Role").selectOption("viewer");
+    await page.getByRole("button", { name: "Issue token" }).click();
+    await page.locator("#reveal").waitFor({ state: "visible" });
+    first = await page.getByLabel("Token", { exact: true }).inputValue();
+    assert.match(first, /^tg_/);
+    const row = page.locator("#tokens tr", { hasText: "ada-laptop" });
+    await row.waitFor();
+    assert.match(await row.innerText(), /ada@example\.com/);
+    const r = await fetch(`${publicUrl}/apps/billing/status`, { headers: { authorization: `Bearer ${first}` } });
+    assert.equal(r.status, 200);
+    await page.getByRole("button", { name: /hide it/ }).click();
+  });
+
+  await step("they cannot exceed their policy: a stronger role is not offered, and refused when asked", async () => {
+    const deployer = page.locator("#issue-role option[value=deployer]");
+    assert.equal(await deployer.getAttribute("disabled"), "");
+    assert.match(await deployer.innerText(), /not allowed/);
+    const r = await page.evaluate(async () => {
+      const csrf = document.querySelector('meta[name="csrf-token"]').content;
+      const resp = await fetch("/v1/tokens", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-csrf-token": csrf },
+        body: JSON.stringify({ name: "sneaky", role: "deployer" }),
+      });
+      return { status: resp.status, body: await resp.json() };
+    });
+    assert.equal(r.status, 403);
+    assert.equal(r.body.error, "forbidden");
+    const other = await page.evaluate(async () => {
+      const csrf = document.querySelector('meta[name="csrf-token"]').content;
+      const resp = await fetch("/v1/tokens", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-csrf-token": csrf },
+        body: JSON.stringify({ name: "elsewhere", role: "viewer", account: "root@example.com" }),
+      });
+      return resp.status;
+    });
+    assert.equal(other, 403, "another account's token");
+  });
+
+  await step("they issue up to the cap, then are told to revoke one", async () => {
+    await page.getByLabel("Name").fill("ada-ci");
+    await page.getByRole("button", { name: "Issue token" }).click();
+    await page.locator("#reveal").waitFor({ state: "visible" });
+    await page.getByRole("button", { name: /hide it/ }).click();
+    await page.getByLabel("Name").fill("ada-third");
+    await page.getByRole("button", { name: "Issue token" }).click();
+    await page.locator("#issue-error").filter({ hasText: /already has 2 active tokens/ }).waitFor();
+    await page.screenshot({ path: path.join(shots, "oidc-tokens.png"), fullPage: true });
+  });
+
+  await step("their sessions are listed, another browser's can be revoked", async () => {
+    const ctx2 = await browser.newContext();
+    const p2 = await ctx2.newPage();
+    await signIn(p2, "ada");
+    await p2.getByRole("heading", { name: "Issue a token" }).waitFor();
+    await page.reload();
+    await page.getByRole("heading", { name: "Sessions" }).waitFor();
+    const rows = page.locator("#sessions-list tr");
+    await rows.nth(1).waitFor();
+    assert.equal(await rows.count(), 2);
+    assert.match(await page.locator("#sessions-list").innerText(), /this browser/);
+    await page.screenshot({ path: path.join(shots, "oidc-sessions.png"), fullPage: true });
+    const other = page.locator("#sessions-list tr", { hasNotText: "this browser" });
+    await other.getByRole("button").click();
+    await page.waitForFunction(() => document.querySelectorAll("#sessions-list tr").length === 1);
+    const s = await p2.evaluate(async () => (await fetch("/v1/whoami")).status);
+    assert.equal(s, 401, "the other browser is signed out");
+    await ctx2.close();
+  });
+
+  await step("revoking all sessions signs them out everywhere", async () => {
+    await page.getByRole("button", { name: "Revoke all sessions" }).click();
+    await page.getByRole("heading", { name: "Sign in" }).waitFor();
+    const s = await page.evaluate(async () => (await fetch("/v1/whoami")).status);
+    assert.equal(s, 401);
+  });
+
+  await step("the audit log tells the story with the person's identity, and no secret", async () => {
+    await new Promise((r) => setTimeout(r, 300));
+    const text = fs.readFileSync(path.join(dir, "audit.log"), "utf8");
+    const lines = text.trim().split("\n").map((l) => JSON.parse(l));
+    const ev = (name) => lines.filter((l) => l.kind === "admin" && l.event === name);
+    assert.equal(ev("account.created")[0].target, "ada@example.com");
+    const created = ev("session.created");
+    assert.equal(created.length, 2);
+    for (const c of created) {
+      assert.equal(c.auth_type, "session");
+      assert.equal(c.actor, "oidc:ada@example.com");
+      assert.equal(c.details.sub, "ada");
+      assert.equal(c.details.email, "ada@example.com");
+    }
+    assert.equal(ev("token.created").filter((l) => l.actor === "oidc:ada@example.com").length, 2);
+    assert.ok(ev("token.refused").length >= 1, "the stronger token was refused and audited");
+    const revoked = ev("session.revoked");
+    assert.deepEqual(revoked.map((l) => l.reason).sort(), ["revoked", "signed_out_everywhere"]);
+    assert.equal(text.includes(first), false);
+    const verify = execFileSync(bin, ["--config", config, "audit", "verify"], { encoding: "utf8" });
+    assert.match(verify, /ok|verified|intact/i);
+    assert.deepEqual(consoleErrors.filter((e) => !/401|403|409|Unauthorized|Forbidden|Conflict/.test(e)), []);
+  });
+} catch (_) {
+  // already reported by step()
+} finally {
+  for (const c of cleanups.reverse()) {
+    try { await c(); } catch (_) { /* best effort */ }
+  }
+  fs.rmSync(dir, { recursive: true, force: true });
+}
+console.log(`screenshots in ${shots}`);
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 && passed > 0 ? 0 : 1);

@@ -72,6 +72,7 @@ pub(crate) mod hygiene;
 pub(crate) mod lifecycle;
 pub(crate) mod logging;
 pub mod metrics;
+pub mod mfa;
 pub mod path;
 pub(crate) mod pipeline;
 pub mod pool;

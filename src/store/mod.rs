@@ -30,13 +30,14 @@ pub mod sqlite;
 mod file;
 mod row;
 
+pub use approvals::{ApprovalRow, MfaRow};
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;
 pub use copy::{DumpAccount, DumpChange, DumpToken, StoreDump};
 pub(crate) use row::{NewTokenRow, RawTokenRow, TOKEN_COLUMNS, cap_reached};
 
 /// Schema version this build creates and understands (the number of migrations; equal on both
 /// engines).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub use crate::clock::system_now_ms;
 
@@ -417,7 +418,8 @@ macro_rules! on_backend {
     };
 }
 
-// Declared after `on_backend!`, which it uses.
+// Declared after `on_backend!`, which they use.
+pub mod approvals;
 mod copy;
 
 /// True when `location` names a PostgreSQL server rather than a SQLite file.

@@ -76,6 +76,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         line TEXT NOT NULL
     );",
+    // 3: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).
+    super::approvals::SQLITE_MIGRATION,
 ];
 
 /// `PRAGMA mmap_size` of every connection: 0, reads go through `pread`. Mapping the file (1 GiB
@@ -159,7 +161,7 @@ impl Sqlite {
         &self.path
     }
 
-    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    pub(super) fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
@@ -172,7 +174,7 @@ impl Sqlite {
 
     /// Runs `f` on a pooled reader, once the file is checked; a failed read checks it again, so
     /// a file lost during the read is reported as such.
-    fn with_reader<T>(
+    pub(super) fn with_reader<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -193,7 +195,7 @@ impl Sqlite {
         out
     }
 
-    fn write<T>(
+    pub(super) fn write<T>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -209,7 +211,7 @@ impl Sqlite {
     }
 
     /// Runs `sql` with `params` and maps every row with `f`.
-    fn query_all<T>(
+    pub(super) fn query_all<T>(
         &self,
         c: &Connection,
         sql: &str,

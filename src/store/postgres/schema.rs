@@ -66,6 +66,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         id BIGSERIAL PRIMARY KEY,
         line TEXT NOT NULL
     );",
+    // 3: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).
+    crate::store::approvals::PG_MIGRATION,
 ];
 
 /// Advisory lock serialising migrations of concurrently starting replicas.

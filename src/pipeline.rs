@@ -65,6 +65,8 @@ struct Ctx {
     forward_auth: bool,
     /// The decision line was written ahead of forwarding: what follows is a completion line.
     decided: bool,
+    /// The matched rule needs a person's approval: the rule and the parameters it captured.
+    gate: Option<(Arc<crate::config::NamedRule>, String)>,
 }
 
 impl Ctx {
@@ -88,6 +90,7 @@ impl Ctx {
             reservation: None,
             forward_auth: false,
             decided: false,
+            gate: None,
         }
     }
 }
@@ -271,6 +274,10 @@ impl Gateway {
         }
         if !checked.reserved {
             self.authorise(cfg, checked.lookup.as_ref(), ctx)?;
+            if let (Some((rule, params)), Some(token)) = (&ctx.gate, &ctx.token) {
+                self.approval_gate(rule, params, token, ctx.client_ip, &ctx.request_id)
+                    .await?;
+            }
         }
         self.rate_limit(cfg, ctx).await?;
         self.reserve(ctx)?;
@@ -342,6 +349,10 @@ impl Gateway {
         if let (Some((_, (_, ids))), Some(m)) = (tables, enforced) {
             ctx.rule = Some(ids[m.index].clone());
             ctx.permission = m.rule.permission.clone();
+            ctx.gate = cfg
+                .approvals
+                .gate(&ids[m.index])
+                .map(|g| (g.clone(), crate::approval::params_of(&m.captures)));
         }
         ctx.public = enforced.is_some_and(|m| m.rule.public);
         Ok(Checked {

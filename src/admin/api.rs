@@ -51,6 +51,14 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/tokens/{id}", &["GET", "DELETE"]),
     ("/v1/tokens/{id}/revoke", &["POST"]),
     ("/v1/tokens/{id}/rotate", &["POST"]),
+    ("/v1/approvals", &["GET", "POST"]),
+    ("/v1/approvals/{id}", &["GET"]),
+    ("/v1/approvals/{id}/approve", &["POST"]),
+    ("/v1/approvals/{id}/reject", &["POST"]),
+    ("/v1/mfa", &["GET"]),
+    ("/v1/mfa/enroll", &["POST"]),
+    ("/v1/mfa/confirm", &["POST"]),
+    ("/v1/mfa/verify", &["POST"]),
 ];
 
 /// Longest `{id}` / `{name}` path parameter accepted.
@@ -69,6 +77,8 @@ enum Route {
     Token,
     Revoke,
     Rotate,
+    /// Approvals and MFA (`super::approvals`), which authenticate on their own.
+    People,
 }
 
 /// Matches a path to (route, its index in [`ROUTES`], the path parameter).
@@ -85,6 +95,14 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
         ["v1", "tokens", id] => (Route::Token, 6, Some(param(id)?)),
         ["v1", "tokens", id, "revoke"] => (Route::Revoke, 7, Some(param(id)?)),
         ["v1", "tokens", id, "rotate"] => (Route::Rotate, 8, Some(param(id)?)),
+        ["v1", "approvals"] => (Route::People, 9, None),
+        ["v1", "approvals", id] => (Route::People, 10, Some(param(id)?)),
+        ["v1", "approvals", id, "approve"] => (Route::People, 11, Some(param(id)?)),
+        ["v1", "approvals", id, "reject"] => (Route::People, 12, Some(param(id)?)),
+        ["v1", "mfa"] => (Route::People, 13, None),
+        ["v1", "mfa", "enroll"] => (Route::People, 14, None),
+        ["v1", "mfa", "confirm"] => (Route::People, 15, None),
+        ["v1", "mfa", "verify"] => (Route::People, 16, None),
         _ => return None,
     };
     Some(r)
@@ -136,7 +154,13 @@ async fn serve(
     conn: ConnInfo,
     ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
+    if let Some((Route::People, idx, param)) = match_route(parts.uri.path()) {
+        let (template, methods) = ROUTES[idx];
+        return super::approvals::serve(gw, cfg, parts, body, conn, ctx, template, methods, param)
+            .await;
+    }
     let actor = authenticate(gw, parts, conn, ctx).await?;
+    super::mfa::require_for_admin(gw, cfg, parts, &actor)?;
     let Some((route, idx, param)) = match_route(parts.uri.path()) else {
         return Err(AdminError::not_found(
             "No such API endpoint; see docs/openapi.yaml.",
@@ -155,6 +179,8 @@ async fn serve(
     let p = param.unwrap_or_default();
     let get = parts.method == Method::GET;
     match route {
+        // Answered above, before the token-API authentication.
+        Route::People => Err(AdminError::not_found("No such API endpoint.")),
         Route::Whoami => Ok(ok(StatusCode::OK, whoami_json(&actor, gw.now_ms()))),
         Route::Policy => Ok(ok(StatusCode::OK, policy_json(cfg, &actor))),
         Route::Accounts if get => list_accounts(gw, &actor).await,
@@ -240,7 +266,7 @@ fn ok(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 
 /// Reads a JSON body: at most 64 KiB, `Content-Type: application/json`, unknown fields refused.
 /// An empty body is allowed when `required` is false (it means "all defaults").
-async fn read_json<T: DeserializeOwned + Default>(
+pub(crate) async fn read_json<T: DeserializeOwned + Default>(
     parts: &Parts,
     body: Incoming,
     required: bool,

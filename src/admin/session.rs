@@ -33,6 +33,8 @@ pub struct Session {
     pub created_ms: i64,
     /// Last request (ms, gateway clock); the idle timeout counts from here.
     pub last_seen_ms: i64,
+    /// MFA step-up: a TOTP check in this session counts until then (ms, gateway clock).
+    pub step_up_until_ms: Option<i64>,
 }
 
 /// The session store. Lock choice: DashMap (sharded), as each request touches one session and
@@ -87,6 +89,7 @@ impl Sessions {
             csrf: random_hex(),
             created_ms: now_ms,
             last_seen_ms: now_ms,
+            step_up_until_ms: None,
         };
         self.map.insert(key(&id), s.clone());
         (id, s)
@@ -104,6 +107,18 @@ impl Sessions {
         }
         e.last_seen_ms = now_ms;
         Some(e.clone())
+    }
+
+    /// Marks a session step-up verified until `until_ms` (a TOTP check just passed in it);
+    /// false when there is no such session.
+    pub fn set_step_up(&self, id: &str, until_ms: i64) -> bool {
+        match self.map.get_mut(&key(id)) {
+            Some(mut e) => {
+                e.step_up_until_ms = Some(until_ms);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Ends a session; returns it when it existed.

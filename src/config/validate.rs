@@ -21,6 +21,8 @@ use super::{
 };
 use crate::authz::{self, Rule, RuleTable};
 
+mod approvals;
+
 /// Checks one config file: turns a failed check into an error that names the file and the key.
 struct Checker<'a> {
     path: &'a Path,
@@ -78,7 +80,11 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
     let audit = audit(base, &raw.audit);
     let rate_limit = rate_limit(&cx, &raw.rate_limit)?;
     let roles = roles(&cx, &raw.roles)?;
+    let mfa = approvals::mfa(&cx, base, &raw.admin)?;
+    let named = approvals::named_raw(&raw.routes);
     let routes = routes(&cx, base, raw.routes, &server)?;
+    let approvals =
+        approvals::approvals(&cx, &named, &routes, raw.approvals.as_ref(), mfa.as_ref())?;
     let forward_auth = forward_auth(&cx, raw.forward_auth.as_ref(), &server)?;
     Ok(Config {
         source: None,
@@ -91,6 +97,8 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
         roles,
         routes,
         forward_auth,
+        mfa,
+        approvals,
     })
 }
 

@@ -196,8 +196,16 @@ impl Gateway {
 const MAX_IN_FLIGHT: usize = 256;
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// First retry delay; doubled after each failed attempt.
-pub const WEBHOOK_FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The pauses between webhook attempts: `first`, doubled after each failure, at most 5 minutes.
+pub fn backoff_schedule(first: Duration, attempts: u32) -> Vec<Duration> {
+    let mut out = Vec::new();
+    let mut d = first;
+    for _ in 1..attempts {
+        out.push(d);
+        d = (d * 2).min(Duration::from_secs(300));
+    }
+    out
+}
 
 /// The `X-Tokengate-Signature` value of `body` sent at `unix_secs`: `sha256=` and the hex
 /// HMAC-SHA256 of `"{unix_secs}.{body}"` under the shared secret. The receiver recomputes it and
@@ -273,18 +281,16 @@ async fn deliver(
     a: &ApprovalRow,
     body: String,
 ) {
-    let mut backoff = WEBHOOK_FIRST_BACKOFF;
-    let mut last = String::new();
-    for attempt in 1..=hook.max_attempts {
-        match attempt_once(gw, hook, name, &body).await {
-            Ok(()) => return,
-            Err(e) => last = e,
+    let mut pauses = backoff_schedule(hook.retry_backoff, hook.max_attempts).into_iter();
+    let last = loop {
+        let Err(e) = attempt_once(gw, hook, name, &body).await else {
+            return;
+        };
+        match pauses.next() {
+            Some(p) => tokio::time::sleep(p).await,
+            None => break e,
         }
-        if attempt < hook.max_attempts {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(300));
-        }
-    }
+    };
     webhook_failed(gw, name, a, hook.max_attempts, &last);
 }
 
@@ -365,6 +371,24 @@ mod tests {
     fn params_are_canonical() {
         let p = params_of(&[("b", "2".into()), ("a", "1".into())]);
         assert_eq!(p, r#"{"a":"1","b":"2"}"#);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let s = backoff_schedule(Duration::from_secs(1), 5);
+        assert_eq!(s, [1, 2, 4, 8].map(Duration::from_secs));
+        let s = backoff_schedule(Duration::from_secs(200), 4);
+        assert_eq!(s, [200, 300, 300].map(Duration::from_secs));
+        assert!(backoff_schedule(Duration::from_secs(1), 1).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_waits_on_tokio_time() {
+        let start = tokio::time::Instant::now();
+        for p in backoff_schedule(Duration::from_secs(1), 4) {
+            tokio::time::sleep(p).await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const DEFAULT_MFA_ISSUER: &str = "tokengate";
 pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(60 * 60);
 /// Attempts at delivering one webhook notification.
 pub const DEFAULT_WEBHOOK_MAX_ATTEMPTS: u32 = 5;
+/// First pause before a webhook retry; doubled after each failed attempt.
+pub const DEFAULT_WEBHOOK_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Deadline of one webhook attempt.
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -100,6 +102,8 @@ pub struct WebhookConfig {
     pub max_attempts: u32,
     /// Deadline of one attempt.
     pub timeout: Duration,
+    /// First pause before a retry (doubled each time, at most 5 minutes).
+    pub retry_backoff: Duration,
 }
 
 impl std::fmt::Debug for WebhookConfig {

@@ -26,8 +26,8 @@ mod validate;
 
 pub use approvals::{
     ApprovalPolicy, ApprovalsConfig, Approver, DEFAULT_MFA_ISSUER, DEFAULT_REQUEST_TTL,
-    DEFAULT_STEP_UP_TTL, DEFAULT_WEBHOOK_MAX_ATTEMPTS, DEFAULT_WEBHOOK_TIMEOUT, MfaConfig,
-    NamedRule, WebhookConfig,
+    DEFAULT_STEP_UP_TTL, DEFAULT_WEBHOOK_MAX_ATTEMPTS, DEFAULT_WEBHOOK_RETRY_BACKOFF,
+    DEFAULT_WEBHOOK_TIMEOUT, MfaConfig, NamedRule, WebhookConfig,
 };
 
 pub use raw::{

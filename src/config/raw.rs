@@ -131,6 +131,8 @@ pub(super) struct RawWebhook {
     pub(super) max_attempts: Option<u32>,
     #[serde(default)]
     pub(super) timeout: Option<String>,
+    #[serde(default)]
+    pub(super) retry_backoff: Option<String>,
 }
 
 /// `[admin.mfa]`.

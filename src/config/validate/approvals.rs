@@ -102,12 +102,6 @@ pub(in crate::config) fn approvals(
                         "a public rule has no token to approve",
                     ));
                 }
-                if mfa.is_none() {
-                    return Err(cx.invalid(
-                        &format!("{key}.approval"),
-                        "needs `[admin.mfa]` (approving takes a TOTP code)",
-                    ));
-                }
                 let window = crate::config::parse_duration(&a.window)
                     .map_err(|m| cx.invalid(&format!("{key}.approval.window"), m))?;
                 if window.is_zero() {
@@ -131,6 +125,12 @@ pub(in crate::config) fn approvals(
                             ));
                         }
                     });
+                }
+                if mfa.is_none() {
+                    return Err(cx.invalid(
+                        &format!("{key}.approval"),
+                        "needs `[admin.mfa]` (approving takes a TOTP code)",
+                    ));
                 }
                 Some(ApprovalPolicy { window, approvers })
             }
@@ -236,6 +236,11 @@ fn webhook(
             "approvals.webhook.timeout",
             &w.timeout,
             DEFAULT_WEBHOOK_TIMEOUT,
+        )?,
+        retry_backoff: cx.duration(
+            "approvals.webhook.retry_backoff",
+            &w.retry_backoff,
+            DEFAULT_WEBHOOK_RETRY_BACKOFF,
         )?,
     })
 }

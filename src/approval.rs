@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use ring::hmac;
 use crate::audit::{AdminRecord, Entry};
 use crate::cache::CachedToken;
 use crate::clock::rfc3339;
-use crate::config::{Approver, NamedRule, WebhookConfig};
+use crate::config::{Approver, Config, NamedRule, WebhookConfig};
 use crate::error::Reject;
 use crate::gateway::Gateway;
 use crate::store::ApprovalRow;
@@ -111,8 +112,7 @@ impl Gateway {
     /// are expired and audited.
     pub(crate) async fn approval_gate(
         &self,
-        rule: &NamedRule,
-        params: &str,
+        (rule, params): &(Arc<NamedRule>, String),
         token: &CachedToken,
         client_ip: IpAddr,
         request_id: &str,
@@ -337,7 +337,19 @@ fn webhook_failed(gw: &Gateway, name: &str, a: &ApprovalRow, attempts: u32, erro
     let _ = gw.audit().record(Entry::Admin(rec));
 }
 
-/// For tests: the bound parameters of a rule match, as [`canonical_params`] stores them.
+/// The approval gate of the rule with audit id `rule_id`, when it has one: the rule and the
+/// parameters this match captured (what an approval must be bound to).
+pub(crate) fn gate_of(
+    cfg: &Config,
+    rule_id: &str,
+    captures: &[(&str, String)],
+) -> Option<(Arc<NamedRule>, String)> {
+    cfg.approvals
+        .gate(rule_id)
+        .map(|g| (g.clone(), params_of(captures)))
+}
+
+/// The bound parameters of a rule match, as [`canonical_params`] stores them.
 pub fn params_of(captures: &[(&str, String)]) -> String {
     let m: BTreeMap<String, String> = captures
         .iter()

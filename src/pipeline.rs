@@ -274,8 +274,8 @@ impl Gateway {
         }
         if !checked.reserved {
             self.authorise(cfg, checked.lookup.as_ref(), ctx)?;
-            if let (Some((rule, params)), Some(token)) = (&ctx.gate, &ctx.token) {
-                self.approval_gate(rule, params, token, ctx.client_ip, &ctx.request_id)
+            if let (Some(g), Some(t)) = (&ctx.gate, &ctx.token) {
+                self.approval_gate(g, t, ctx.client_ip, &ctx.request_id)
                     .await?;
             }
         }
@@ -349,10 +349,7 @@ impl Gateway {
         if let (Some((_, (_, ids))), Some(m)) = (tables, enforced) {
             ctx.rule = Some(ids[m.index].clone());
             ctx.permission = m.rule.permission.clone();
-            ctx.gate = cfg
-                .approvals
-                .gate(&ids[m.index])
-                .map(|g| (g.clone(), crate::approval::params_of(&m.captures)));
+            ctx.gate = crate::approval::gate_of(cfg, &ids[m.index], &m.captures);
         }
         ctx.public = enforced.is_some_and(|m| m.rule.public);
         Ok(Checked {

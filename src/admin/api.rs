@@ -77,7 +77,6 @@ enum Route {
     Token,
     Revoke,
     Rotate,
-    /// Approvals and MFA (`super::approvals`), which authenticate on their own.
     People,
 }
 
@@ -95,14 +94,10 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
         ["v1", "tokens", id] => (Route::Token, 6, Some(param(id)?)),
         ["v1", "tokens", id, "revoke"] => (Route::Revoke, 7, Some(param(id)?)),
         ["v1", "tokens", id, "rotate"] => (Route::Rotate, 8, Some(param(id)?)),
-        ["v1", "approvals"] => (Route::People, 9, None),
-        ["v1", "approvals", id] => (Route::People, 10, Some(param(id)?)),
-        ["v1", "approvals", id, "approve"] => (Route::People, 11, Some(param(id)?)),
-        ["v1", "approvals", id, "reject"] => (Route::People, 12, Some(param(id)?)),
-        ["v1", "mfa"] => (Route::People, 13, None),
-        ["v1", "mfa", "enroll"] => (Route::People, 14, None),
-        ["v1", "mfa", "confirm"] => (Route::People, 15, None),
-        ["v1", "mfa", "verify"] => (Route::People, 16, None),
+        ["v1", "approvals" | "mfa", ..] => {
+            let (t, p) = super::approvals::matched(&segs[1..], param)?;
+            (Route::People, ROUTES.iter().position(|r| r.0 == t)?, p)
+        }
         _ => return None,
     };
     Some(r)
@@ -179,7 +174,6 @@ async fn serve(
     let p = param.unwrap_or_default();
     let get = parts.method == Method::GET;
     match route {
-        // Answered above, before the token-API authentication.
         Route::People => Err(AdminError::not_found("No such API endpoint.")),
         Route::Whoami => Ok(ok(StatusCode::OK, whoami_json(&actor, gw.now_ms()))),
         Route::Policy => Ok(ok(StatusCode::OK, policy_json(cfg, &actor))),

@@ -77,6 +77,24 @@ pub(crate) fn person(c: &Caller) -> Result<(&str, &Actor), AdminError> {
     }
 }
 
+/// The route template of an approvals or MFA path (`segs` after `v1`), with its `{id}`.
+pub(crate) fn matched(
+    segs: &[&str],
+    param: impl Fn(&str) -> Option<String>,
+) -> Option<(&'static str, Option<String>)> {
+    Some(match segs {
+        ["approvals"] => ("/v1/approvals", None),
+        ["approvals", id] => ("/v1/approvals/{id}", Some(param(id)?)),
+        ["approvals", id, "approve"] => ("/v1/approvals/{id}/approve", Some(param(id)?)),
+        ["approvals", id, "reject"] => ("/v1/approvals/{id}/reject", Some(param(id)?)),
+        ["mfa"] => ("/v1/mfa", None),
+        ["mfa", "enroll"] => ("/v1/mfa/enroll", None),
+        ["mfa", "confirm"] => ("/v1/mfa/confirm", None),
+        ["mfa", "verify"] => ("/v1/mfa/verify", None),
+        _ => return None,
+    })
+}
+
 /// The web UI session (cookie, with CSRF on mutations), else a Bearer token.
 async fn caller(
     gw: &Admin,

@@ -351,6 +351,55 @@ async fn totp_enrolment_step_up_replay_drift_rate_limit_and_a_sealed_secret() {
     tg.stop().await;
 }
 
+#[tokio::test]
+async fn required_for_admin_asks_a_session_for_a_fresh_step_up_and_leaves_tokens_alone() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("mfa.key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let tg = TestGateway::start_with(Options {
+        sections: format!(
+            "[admin.mfa]\nkey_file = \"{}\"\nrequired_for_admin = true\nstep_up_ttl = \"5m\"\n",
+            key.display()
+        ),
+        ..Options::default()
+    })
+    .await;
+    let (admin, _) = tg.token("ops", "ana", &["tokengate:admin"]);
+    let mut p = sign_in(&tg, &admin).await;
+    let (s, v) = p.post("/v1/accounts", json!({"name": "one"})).await;
+    assert_eq!(
+        (s.as_u16(), v["error"].as_str()),
+        (403, Some("mfa_required"))
+    );
+    let (s, _) = p.call(Method::GET, "/v1/accounts", None, false).await;
+    assert_eq!(s, 200, "reading needs no step-up");
+    // Enrolling (confirming) steps the session up.
+    p.enrol(&tg).await;
+    let (s, _) = p.post("/v1/accounts", json!({"name": "two"})).await;
+    assert_eq!(s, 201);
+    // The step-up ends; a fresh code renews it.
+    tg.gw.clock().advance_ms(5 * MIN + 1);
+    let (s, _) = p.post("/v1/accounts", json!({"name": "three"})).await;
+    assert_eq!(s, 403);
+    let (s, _) = p
+        .post("/v1/mfa/verify", json!({"code": p.code(&tg, 0)}))
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = p.post("/v1/accounts", json!({"name": "three"})).await;
+    assert_eq!(s, 201);
+    // A Bearer admin token (automation, break-glass) is not a session and is not asked.
+    let (s, _) = bearer(
+        &tg,
+        &admin,
+        Method::POST,
+        "/v1/accounts",
+        Some(json!({"name": "four"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    tg.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The whole story: refused, requested, approved, used, expired.
 

@@ -28,6 +28,7 @@ use crate::gateway::ConnInfo;
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
+const APPROVALS_JS: &str = include_str!("assets/approvals.js");
 const ICON_SVG: &str = include_str!("assets/icon.svg");
 
 /// Content-Security-Policy of the page: only our own script, style and API; no framing.
@@ -41,6 +42,7 @@ pub fn is_ui_path(path: &str) -> bool {
         "/" | "/index.html"
             | "/assets/app.js"
             | "/assets/app.css"
+            | "/assets/approvals.js"
             | "/assets/icon.svg"
             | "/session"
             | "/session/logout"
@@ -55,6 +57,7 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
     match (get, path.as_str()) {
         (true, "/assets/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
         (true, "/assets/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
+        (true, "/assets/approvals.js") => asset(APPROVALS_JS, "text/javascript; charset=utf-8"),
         (true, "/assets/icon.svg") => asset(ICON_SVG, "image/svg+xml"),
         (true, "/" | "/index.html") => index(gw, &parts, conn).await,
         (false, "/session" | "/session/logout") if parts.method == Method::POST => {

@@ -83,8 +83,14 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
     let mfa = approvals::mfa(&cx, base, &raw.admin)?;
     let named = approvals::named_raw(&raw.routes);
     let routes = routes(&cx, base, raw.routes, &server)?;
-    let approvals =
-        approvals::approvals(&cx, &named, &routes, raw.approvals.as_ref(), mfa.as_ref())?;
+    let approvals = approvals::approvals(
+        &cx,
+        base,
+        &named,
+        &routes,
+        raw.approvals.as_ref(),
+        mfa.as_ref(),
+    )?;
     let forward_auth = forward_auth(&cx, raw.forward_auth.as_ref(), &server)?;
     Ok(Config {
         source: None,

@@ -61,6 +61,7 @@ fn captures(path: &str) -> Vec<String> {
 /// `[approvals]`.
 pub(in crate::config) fn approvals(
     cx: &Checker<'_>,
+    base: &Path,
     raw_routes: &[NamedRaw],
     routes: &[RouteConfig],
     raw: Option<&RawApprovals>,
@@ -171,7 +172,7 @@ pub(in crate::config) fn approvals(
     )?;
     let webhook = match raw.and_then(|r| r.webhook.as_ref()) {
         None => None,
-        Some(w) => Some(webhook(cx, w)?),
+        Some(w) => Some(webhook(cx, base, w)?),
     };
     Ok(ApprovalsConfig {
         rules,
@@ -183,8 +184,10 @@ pub(in crate::config) fn approvals(
 
 fn webhook(
     cx: &Checker<'_>,
+    base: &Path,
     w: &super::super::raw::RawWebhook,
 ) -> Result<WebhookConfig, ConfigError> {
+    let secret_file = base.join(&w.secret_file);
     let url: http::Uri = w
         .url
         .parse()
@@ -202,10 +205,10 @@ fn webhook(
     let Some(authority) = url.authority().cloned() else {
         return Err(cx.invalid("approvals.webhook.url", "needs a host"));
     };
-    let secret = std::fs::read(&w.secret_file).map_err(|e| {
+    let secret = std::fs::read(&secret_file).map_err(|e| {
         cx.invalid(
             "approvals.webhook.secret_file",
-            format!("cannot read {}: {e}", w.secret_file.display()),
+            format!("cannot read {}: {e}", secret_file.display()),
         )
     })?;
     let secret: Vec<u8> = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();

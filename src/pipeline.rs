@@ -274,12 +274,12 @@ impl Gateway {
         }
         if !checked.reserved {
             self.authorise(cfg, checked.lookup.as_ref(), ctx)?;
-            if let (Some(g), Some(t)) = (&ctx.gate, &ctx.token) {
-                self.approval_gate(g, t, ctx.client_ip, &ctx.request_id)
-                    .await?;
-            }
         }
         self.rate_limit(cfg, ctx).await?;
+        if let (Some(g), Some(t)) = (&ctx.gate, &ctx.token) {
+            self.approval_gate(g, t, ctx.client_ip, &ctx.request_id)
+                .await?;
+        }
         self.reserve(ctx)?;
         self.route(cfg, checked, ctx)
     }

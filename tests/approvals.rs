@@ -805,8 +805,11 @@ async fn cli_approval_request_wait_exits_by_outcome() {
     let (s, _) = public(&tg, &ci, "/apps/billing/deploy").await;
     assert_eq!(s, 200);
 
-    // Rejected: exit 10. (The approval above is still live, so the CLI asks a new request only
-    // after it is used up: expire it first.)
+    // Asked again inside the window: the live approval is answered at once, exit 0.
+    let (code, err) = exit_of(cli_request(&tg, &ci, "60s")).await;
+    assert_eq!(code, 0, "{err}");
+
+    // Rejected: exit 10 (after the window, a new request).
     tg.gw.clock().advance_ms(16 * MIN);
     let child = cli_request(&tg, &ci, "60s");
     let id = pending_id(&tg, &ci).await;

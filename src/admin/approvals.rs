@@ -201,7 +201,8 @@ struct RequestBody {
 
 /// `POST /v1/approvals`: the calling token asks for an approval of `rule` with `params` (its
 /// capture values). The token must hold the rule's permission within its scopes. A pending
-/// request with the same binding is answered again (200) rather than duplicated.
+/// request, or a live approval, with the same binding is answered again (200) rather than
+/// duplicated: a re-run pipeline inside the window goes on at once.
 async fn request(
     gw: &Admin,
     cfg: &Config,
@@ -273,7 +274,12 @@ async fn request(
         .await
         .map_err(store_err)?;
     for r in bound {
-        if r.status == PENDING && r.requested_at + ttl > now {
+        let live = match r.status.as_str() {
+            PENDING => r.requested_at + ttl > now,
+            APPROVED => r.expires_at.is_some_and(|e| e > now),
+            _ => false,
+        };
+        if live {
             return Ok(json(StatusCode::OK, approval_json(&r, now)));
         }
     }

@@ -26,4 +26,5 @@ if [ -z "${TOKENGATE_BIN:-}" ]; then
 fi
 export TOKENGATE_BIN
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
-exec node "$here/ui.test.mjs"
+node "$here/ui.test.mjs"
+exec node "$here/approvals.test.mjs"

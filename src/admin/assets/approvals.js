@@ -35,6 +35,8 @@
 
   // ---------------------------------------------------------------- the page
 
+  // The tokens page's own heading, hidden while this page shows.
+  const tokensH1 = document.querySelector("main > h1");
   const page = el("section", { id: "approvals", "aria-labelledby": "approvals-h", hidden: "" });
   const h = el("h1", { id: "approvals-h" }, "Approvals");
   const back = el("p", {});
@@ -51,6 +53,7 @@
   const head = el("div", { class: "cardhead" });
   head.append(el("h2", { id: "list-h" }, "Approval requests"));
   const filter = el("select", { id: "approvals-filter", "aria-label": "Show" });
+  filter.style.width = "auto";
   for (const [v, t] of [["pending", "Pending"], ["", "All"]]) filter.append(el("option", { value: v }, t));
   head.append(filter);
   const wrap = el("div", { class: "tablewrap" });
@@ -137,10 +140,14 @@
       return td;
     }
     const form = el("form", { class: "decide", novalidate: "" });
+    // Layout through the CSSOM (the page's CSP allows no inline style attributes).
+    Object.assign(form.style, { display: "flex", flexWrap: "wrap", gap: ".4rem", alignItems: "center" });
     const totp = el("input", { "aria-label": "TOTP code for " + a.id, placeholder: "TOTP code", inputmode: "numeric", autocomplete: "one-time-code", maxlength: "11", size: "8" });
     const note = el("input", { "aria-label": "Note for " + a.id, placeholder: "Note", maxlength: "500", size: "12" });
     const ok = el("button", { type: "submit", class: "primary small", value: "approve" }, "Approve");
     const no = el("button", { type: "submit", class: "danger small", value: "reject" }, "Reject");
+    totp.style.width = "7.5rem";
+    note.style.width = "11rem";
     form.append(totp, note, ok, no);
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
@@ -180,6 +187,7 @@
   function route() {
     const on = window.location.hash === "#approvals";
     page.hidden = !on;
+    if (tokensH1) tokensH1.hidden = on;
     const app = $("app");
     if (app && !$("who").hidden) app.hidden = on;
     if (on) { loadMfa(); load(); }

@@ -707,6 +707,15 @@ fn mfa_steps_only_go_up_and_recovery_codes_are_single_use(s: &Store) {
         (got.active, got.last_step, got.recovery),
         (true, 5, vec!["h2".to_string()])
     );
+    // `store copy` carries both tables (secrets still sealed) to another engine's empty store.
+    s.approval_insert(&approval("apr_c", "tok_1", "{}"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Store::open(&dir.path().join("copy.db"), Duration::from_millis(250)).unwrap();
+    s.copy_to(&dest).unwrap();
+    assert_eq!(dest.mfa_all().unwrap(), s.mfa_all().unwrap());
+    assert_eq!(dest.approval_all().unwrap(), s.approval_all().unwrap());
+    assert!(matches!(s.copy_to(&dest), Err(StoreError::NotEmpty { .. })));
     assert!(s.mfa_remove("acc_1").unwrap());
     assert!(s.mfa_get("acc_1").unwrap().is_none());
 }

@@ -452,6 +452,53 @@ impl Store {
         )? == 1)
     }
 
+    /// Every approval request, by id (for `store copy`).
+    pub fn approval_all(&self) -> Result<Vec<ApprovalRow>, StoreError> {
+        let rows = self.query_cells(
+            &format!("SELECT {APPROVAL_COLUMNS} FROM approvals ORDER BY id"),
+            vec![],
+            APPROVAL_KINDS,
+        )?;
+        Ok(rows.iter().map(|c| approval_from(c)).collect())
+    }
+
+    /// Every MFA enrolment, by account (for `store copy`; secrets stay sealed).
+    pub fn mfa_all(&self) -> Result<Vec<MfaRow>, StoreError> {
+        let rows = self.query_cells(
+            "SELECT account_id, secret, active, last_step, created_at, recovery FROM mfa ORDER BY account_id",
+            vec![],
+            MFA_KINDS,
+        )?;
+        Ok(rows.iter().map(|c| mfa_from(c)).collect())
+    }
+
+    /// `store copy`, after the main tables: approval requests and MFA enrolments, row by row,
+    /// into `dest` (whose own are empty), then read back and compared.
+    pub(crate) fn copy_people_to(&self, dest: &Store) -> Result<(), StoreError> {
+        let (approvals, mfa) = (self.approval_all()?, self.mfa_all()?);
+        let (there_a, there_m) = (dest.approval_all()?.len(), dest.mfa_all()?.len());
+        if there_a + there_m > 0 {
+            return Err(StoreError::NotEmpty {
+                target: dest.location(),
+                what: format!("{there_a} approval requests, {there_m} MFA enrolments"),
+            });
+        }
+        for a in &approvals {
+            dest.approval_insert(a)?;
+        }
+        for m in &mfa {
+            dest.mfa_begin(m)?;
+        }
+        if dest.approval_all()? != approvals || dest.mfa_all()? != mfa {
+            return Err(StoreError::CopyMismatch(format!(
+                "wrote {} approval requests and {} MFA enrolments; read back something else",
+                approvals.len(),
+                mfa.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Removes an account's enrolment (an admin reset).
     pub fn mfa_remove(&self, account_id: &str) -> Result<bool, StoreError> {
         Ok(self.exec_args("DELETE FROM mfa WHERE account_id = $1", vec![t(account_id)])? == 1)

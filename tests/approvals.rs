@@ -347,6 +347,21 @@ async fn totp_enrolment_step_up_replay_drift_rate_limit_and_a_sealed_secret() {
     }
     let log = std::fs::read_to_string(tg.audit_path()).unwrap();
     assert!(!log.contains(&secret_b32) && !log.contains(&recovery[1]));
+
+    // A lost phone: an operator resets the enrolment on the store; the person enrols again.
+    let out = support::cli(&tg.config_path, &["account", "reset-mfa", "ops"]);
+    support::assert_success(&out);
+    let (_, v) = p.call(Method::GET, "/v1/mfa", None, false).await;
+    assert_eq!(v["enrolled"], false);
+    support::eventually(
+        "mfa.reset in the audit log",
+        std::time::Duration::from_secs(20),
+        || async { events(&tg, "mfa.reset").await.into_iter().next() },
+    )
+    .await;
+    let again = support::cli(&tg.config_path, &["account", "reset-mfa", "ops"]);
+    assert_eq!(again.status.code(), Some(1), "nothing to reset");
+    p.enrol(&tg).await;
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }

@@ -370,6 +370,22 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
             );
             Ok(())
         }
+        AccountCmd::ResetMfa { name } => {
+            l.can_audit()?;
+            let acc = l.store.get_account(name)?;
+            if !l.store.mfa_remove(&acc.id)? {
+                return Err(CliError::failure(format!(
+                    "account {} has no TOTP enrolment",
+                    acc.name
+                )));
+            }
+            l.account_event("mfa.reset", &acc.id, &acc.name)?;
+            println!(
+                "removed the TOTP enrolment of {}: it enrols again in the web UI",
+                acc.name
+            );
+            Ok(())
+        }
     }
 }
 

@@ -221,6 +221,16 @@ pub enum AccountCmd {
         /// Account name or id.
         name: String,
     },
+    /// Remove an account's TOTP enrolment (a lost phone and no recovery code left): the person
+    /// enrols again at the next sign-in. Local store only.
+    #[command(
+        name = "reset-mfa",
+        after_help = "Example:\n  tokengate account reset-mfa alice"
+    )]
+    ResetMfa {
+        /// Account name or id.
+        name: String,
+    },
 }
 
 /// `token` subcommands.

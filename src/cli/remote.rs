@@ -548,6 +548,11 @@ pub fn run(t: &Target, command: &Command) -> Result<(), CliError> {
 
 fn account(c: &Client, cmd: &AccountCmd) -> Result<(), CliError> {
     match cmd {
+        AccountCmd::ResetMfa { .. } => {
+            return Err(CliError::usage(
+                "`account reset-mfa` runs on the local store only (use --config, not --url)",
+            ));
+        }
         AccountCmd::Create { name, email, json } => {
             let v = c.call(
                 Method::POST,

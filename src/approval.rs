@@ -7,7 +7,7 @@
 //! through under it is audited `approval.used`; an approval found past its window (or a request
 //! past `approvals.request_ttl`) is moved to `expired` and audited `approval.expired`.
 //!
-//! Owns: [`Gateway::approval_gate`], [`canonical_params`], [`may_approve`], [`approval_json`],
+//! Owns: `Gateway::approval_gate`, [`canonical_params`], [`may_approve`], [`approval_json`],
 //! [`notify`]. Must never import `admin`, `pipeline` or `cli`.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,6 @@
-//! Validation of `[admin.mfa]`, `[approvals]` and the rules' `name` / `approval` keys.
+//! Validation of `[admin.mfa]`, `[approvals]` and the rules' `name` / `approval` keys: each error
+//! names its dotted key. Reads the MFA key file and the webhook secret file at load.
+//! Never imports: `cli`, `gateway`, `admin` or `server`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Approval requests and MFA enrolments (issue 19), on both engines.
 //!
 //! The SQL here is written once with `$n` placeholders and the same column types on both engines
-//! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small [`Arg`]/[`Cell`]
+//! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`/`Cell`
 //! bridge (`exec_args`, `query_cells`). Every state change is a conditional `UPDATE` (from one
 //! status to the next, or a TOTP step only upwards), so two replicas racing on the same approval
 //! or the same code cannot both win.

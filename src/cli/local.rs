@@ -318,6 +318,31 @@ pub(super) fn config_check(config: Option<&Path>) -> Result<(), CliError> {
     if cfg.routes.is_empty() {
         println!("  warning: no [[routes]]: every request will be denied (403 no_rule)");
     }
+    if let Some(m) = &cfg.mfa {
+        println!(
+            "  mfa              TOTP, key {} (required_for_admin = {}, step-up {:?})",
+            m.key_file.display(),
+            m.required_for_admin,
+            m.step_up_ttl
+        );
+    }
+    for r in cfg.approvals.rules.values() {
+        if let Some(a) = &r.approval {
+            let who: Vec<String> = a.approvers.iter().map(|x| x.to_string()).collect();
+            println!(
+                "  approval {:<14} {} {} ({}), window {:?}, approvers {}",
+                r.name,
+                r.route,
+                r.path,
+                r.permission.as_deref().unwrap_or("-"),
+                a.window,
+                who.join(", ")
+            );
+        }
+    }
+    if let Some(w) = &cfg.approvals.webhook {
+        println!("  approval webhook {} ({} attempts)", w.url, w.max_attempts);
+    }
     if !cfg.admin.listen.ip().is_loopback() && cfg.admin.tls.is_none() {
         println!("  warning: the admin listener is not on loopback and has no TLS");
     }

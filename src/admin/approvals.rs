@@ -250,6 +250,17 @@ async fn request(
             "Parameter values are 1-256 characters, without `/` or control characters.",
         ));
     }
+    // On a case-insensitive route the gate sees the captures lower-cased: bind them so.
+    let mut b = b;
+    if cfg
+        .routes
+        .iter()
+        .any(|r| r.name == rule.route && !r.case_sensitive)
+    {
+        for v in b.params.values_mut() {
+            *v = v.to_ascii_lowercase();
+        }
+    }
     let message = clean_text("message", &b.message)?;
     let row = c.row();
     let perm = rule.permission.as_deref().unwrap_or("");

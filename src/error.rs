@@ -58,6 +58,14 @@ pub enum Reject {
         /// Required permission, when a rule matched.
         permission: Option<String>,
     },
+    /// Step 6: the rule needs a person's approval and this token holds none that is live
+    /// (issue 19). 403 `approval_required`, with the pending request's id when there is one.
+    ApprovalRequired {
+        /// The rule's name.
+        rule: String,
+        /// The pending request bound to this token, rule and parameters, if any.
+        approval_id: Option<String>,
+    },
     /// Step 7: per-token rate limit.
     RateLimited {
         /// Seconds to wait.
@@ -120,6 +128,7 @@ impl Reject {
             Reject::InvalidToken { reason } => reason,
             Reject::Forbidden { reason, .. } => reason,
             Reject::RateLimited { .. } => "rate_limited",
+            Reject::ApprovalRequired { .. } => "approval_required",
             Reject::StoreUnavailable => "store_unavailable",
             Reject::AuditUnavailable => "audit_unavailable",
             Reject::UpgradeRefused => "upgrade_refused",
@@ -178,9 +187,10 @@ impl Reject {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Reject::MissingToken { .. } | Reject::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
-            Reject::Forbidden { .. } | Reject::ForwardAuthUntrusted | Reject::PlaintextToken => {
-                StatusCode::FORBIDDEN
-            }
+            Reject::Forbidden { .. }
+            | Reject::ForwardAuthUntrusted
+            | Reject::PlaintextToken
+            | Reject::ApprovalRequired { .. } => StatusCode::FORBIDDEN,
             Reject::StoreUnavailable | Reject::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -207,6 +217,7 @@ impl Reject {
             Reject::MissingToken { .. } => "unauthorized",
             Reject::InvalidToken { .. } => "invalid_token",
             Reject::Forbidden { .. } => "insufficient_scope",
+            Reject::ApprovalRequired { .. } => "approval_required",
             Reject::StoreUnavailable | Reject::AuditUnavailable => "unavailable",
             Reject::NotFound => "not_found",
             Reject::Misdirected { .. } => "misdirected_request",
@@ -257,6 +268,15 @@ impl Reject {
                 ..
             } => format!("The API token lacks the permission `{p}` for this request."),
             Reject::Forbidden { .. } => "No rule allows this request.".into(),
+            Reject::ApprovalRequired {
+                rule,
+                approval_id: Some(id),
+            } => format!(
+                "This request needs a person's approval (rule `{rule}`); request {id} is pending."
+            ),
+            Reject::ApprovalRequired { rule, .. } => format!(
+                "This request needs a person's approval (rule `{rule}`): ask with `tokengate approval request --rule {rule}` or POST /v1/approvals."
+            ),
             Reject::RateLimited { .. } => "Rate limit exceeded for this token; retry later.".into(),
             Reject::StoreUnavailable | Reject::AuditUnavailable => {
                 "The gateway cannot serve this request right now; retry later.".into()
@@ -380,6 +400,10 @@ pub fn body_json(reject: &Reject, request_id: &str) -> String {
     } = reject
     {
         body["required_permission"] = p.clone().into();
+    }
+    if let Reject::ApprovalRequired { rule, approval_id } = reject {
+        body["rule"] = rule.clone().into();
+        body["approval_id"] = approval_id.clone().into();
     }
     body.to_string()
 }

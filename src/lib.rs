@@ -13,10 +13,10 @@
 //! modules (`scripts/module-graph` checks all of it).
 //!
 //! - `main.rs` — thin binary: parses the CLI, sets up tracing, calls into this library.
-//! - [`cli`] (`cli/{mod,local,print,shell}.rs`, `cli/remote/{mod,client,credentials}.rs`) — clap
-//!   definitions and exit codes; local-store commands, remote commands (`auth`, `context`, the
-//!   admin API client, the credentials file and keyring) and the one printer both use; shell
-//!   completions and man pages.
+//! - [`cli`] (`cli/{mod,local,approval,print,shell}.rs`, `cli/remote/{mod,client,credentials}.rs`) —
+//!   clap definitions and exit codes; local-store commands, remote commands (`auth`, `context`,
+//!   `approval`, the admin API client, the credentials file and keyring) and the one printer both
+//!   use; shell completions and man pages.
 //! - [`app`] — process lifecycle for `serve`: start, SIGHUP reload, SIGTERM drain.
 //! - [`demo`] — `tokengate demo` (plain options) and the built-in echo upstream.
 //! - [`config`] (`config/{mod,raw,validate}.rs`) — TOML config: raw serde structs → validated
@@ -37,6 +37,10 @@
 //!   a token may be accepted on this transport (TLS, loopback, or a trusted proxy saying HTTPS).
 //! - [`auth`] — credential extraction and token judgement (steps 3–5).
 //! - [`authz`] — rule templates, matching, permissions, scopes and `decide()` (step 6).
+//! - [`approval`] — approval-gated rules: the gate after step 7, the binding of an approval to
+//!   its token, rule and parameters, who may approve, and the signed webhook notifications.
+//! - [`mfa`] — TOTP (RFC 6238), sealing of TOTP secrets (AES-256-GCM), recovery codes, the
+//!   per-account failure window.
 //! - [`ratelimit`] (`ratelimit/{mod,redis}.rs`) — per-token GCRA limiter and per-IP failed-auth
 //!   limiter (steps 2, 7), owning [`ratelimit::Rate`]; exact across replicas in Redis.
 //! - [`audit`] (`audit/{mod,writer,sink,line,verify,reader}.rs`) — the audit log: bounded
@@ -50,13 +54,15 @@
 //! - `sdnotify` (crate) — systemd `Type=notify` readiness, reload and stop notifications.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
 //! - `tls` (crate) — rustls server configs from PEM files; TLS to `https://` upstreams.
-//! - [`admin`] (`admin/{mod,api,ui,session}.rs`) — the admin listener: health, readiness,
-//!   metrics, JSON API ([`admin::api`]), web UI and its sessions ([`admin::session`]).
+//! - [`admin`] (`admin/{mod,api,ui,session,approvals,mfa}.rs`) — the admin listener: health,
+//!   readiness, metrics, JSON API ([`admin::api`]), web UI and its sessions
+//!   ([`admin::session`]), the approvals and MFA routes.
 //! - `metrics` (crate) — Prometheus counters and histograms.
 //! - [`clock`] — wall clock in ms (advanceable in tests) and RFC 3339 formatting.
 
 pub mod admin;
 pub mod app;
+pub mod approval;
 pub mod audit;
 pub mod auth;
 pub mod authz;
@@ -75,6 +81,7 @@ pub(crate) mod hygiene;
 pub(crate) mod lifecycle;
 pub(crate) mod logging;
 pub mod metrics;
+pub mod mfa;
 pub mod path;
 pub(crate) mod pipeline;
 pub mod pool;

@@ -66,6 +66,8 @@ struct Ctx {
     forward_auth: bool,
     /// The decision line was written ahead of forwarding: what follows is a completion line.
     decided: bool,
+    /// The matched rule needs a person's approval: the rule and the parameters it captured.
+    gate: Option<(Arc<crate::config::NamedRule>, String)>,
 }
 
 impl Ctx {
@@ -89,6 +91,7 @@ impl Ctx {
             reservation: None,
             forward_auth: false,
             decided: false,
+            gate: None,
         }
     }
 }
@@ -275,6 +278,10 @@ impl Gateway {
             self.authorise(cfg, checked.lookup.as_ref(), ctx)?;
         }
         self.rate_limit(cfg, ctx).await?;
+        if let (Some(g), Some(t)) = (&ctx.gate, &ctx.token) {
+            self.approval_gate(g, t, ctx.client_ip, &ctx.request_id)
+                .await?;
+        }
         self.reserve(ctx)?;
         self.route(cfg, checked, ctx)
     }
@@ -344,6 +351,7 @@ impl Gateway {
         if let (Some((_, (_, ids))), Some(m)) = (tables, enforced) {
             ctx.rule = Some(ids[m.index].clone());
             ctx.permission = m.rule.permission.clone();
+            ctx.gate = crate::approval::gate_of(cfg, &ids[m.index], &m.captures);
         }
         ctx.public = enforced.is_some_and(|m| m.rule.public);
         Ok(Checked {

@@ -58,6 +58,8 @@ suite!(
     count_active_counts_expiring,
     copy_round_trip_and_refuses_non_empty_destination,
     integrity_and_ping,
+    approvals_are_decided_once_and_used_inside_their_window,
+    mfa_steps_only_go_up_and_recovery_codes_are_single_use,
 );
 
 fn spec(account: &str, name: &str) -> NewTokenSpec {
@@ -580,4 +582,140 @@ fn postgres_reopen_keeps_schema_and_unreachable_server_fails_fast() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("pg_dump"), "{e}");
+}
+
+fn approval(id: &str, token: &str, params: &str) -> tokengate::store::ApprovalRow {
+    tokengate::store::ApprovalRow {
+        id: id.into(),
+        rule: "deploy".into(),
+        params: params.into(),
+        message: "release".into(),
+        token_id: token.into(),
+        token_prefix: "tg_x".into(),
+        account: "ci".into(),
+        status: "pending".into(),
+        requested_at: 10,
+        decided_at: None,
+        decided_by: None,
+        note: None,
+        window_ms: 900_000,
+        expires_at: None,
+        used_count: 0,
+        last_used_at: None,
+    }
+}
+
+fn approvals_are_decided_once_and_used_inside_their_window(s: &Store) {
+    let billing = r#"{"app":"billing"}"#;
+    s.approval_insert(&approval("apr_1", "tok_1", billing))
+        .unwrap();
+    s.approval_insert(&approval("apr_2", "tok_2", billing))
+        .unwrap();
+    assert!(
+        !s.approval_use("apr_1", 20).unwrap(),
+        "pending is not usable"
+    );
+    assert!(
+        s.approval_transition(
+            "apr_1",
+            "pending",
+            "approved",
+            Some(20),
+            Some("ops"),
+            Some("ok"),
+            Some(100)
+        )
+        .unwrap()
+    );
+    assert!(
+        !s.approval_transition(
+            "apr_1",
+            "pending",
+            "rejected",
+            Some(21),
+            Some("x"),
+            None,
+            None
+        )
+        .unwrap(),
+        "decided once"
+    );
+    assert!(s.approval_use("apr_1", 50).unwrap());
+    assert!(!s.approval_use("apr_1", 100).unwrap(), "window ended");
+    let a = s.approval_get("apr_1").unwrap().unwrap();
+    assert_eq!(a.status, "approved");
+    assert_eq!(
+        (a.used_count, a.last_used_at, a.expires_at),
+        (1, Some(50), Some(100))
+    );
+    assert_eq!(
+        (a.decided_by.as_deref(), a.note.as_deref()),
+        (Some("ops"), Some("ok"))
+    );
+    assert_eq!(
+        s.approval_bound("tok_1", "deploy", billing).unwrap().len(),
+        1
+    );
+    assert!(
+        s.approval_bound("tok_1", "deploy", r#"{"app":"web"}"#)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.approval_bound("tok_1", "restart", billing)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.approval_list(None, 10).unwrap().len(), 2);
+    assert_eq!(s.approval_list(Some("tok_2"), 10).unwrap()[0].id, "apr_2");
+    assert!(s.approval_get("apr_9").unwrap().is_none());
+    assert!(
+        s.approval_transition("apr_1", "approved", "expired", None, None, None, None)
+            .unwrap()
+    );
+    assert!(
+        s.approval_bound("tok_1", "deploy", billing)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn mfa_steps_only_go_up_and_recovery_codes_are_single_use(s: &Store) {
+    let r = tokengate::store::MfaRow {
+        account_id: "acc_1".into(),
+        secret: vec![0, 1, 2, 255],
+        active: false,
+        last_step: 0,
+        created_at: 1,
+        recovery: vec!["h1".into(), "h2".into()],
+    };
+    assert!(s.mfa_begin(&r).unwrap());
+    assert!(
+        s.mfa_begin(&r).unwrap(),
+        "an unconfirmed enrolment restarts"
+    );
+    assert!(s.mfa_activate("acc_1").unwrap());
+    assert!(!s.mfa_begin(&r).unwrap(), "an active one is kept");
+    assert!(s.mfa_use_step("acc_1", 5).unwrap());
+    assert!(!s.mfa_use_step("acc_1", 5).unwrap(), "replay");
+    assert!(!s.mfa_use_step("acc_1", 4).unwrap());
+    assert!(s.mfa_use_recovery("acc_1", "h1").unwrap());
+    assert!(!s.mfa_use_recovery("acc_1", "h1").unwrap());
+    let got = s.mfa_get("acc_1").unwrap().unwrap();
+    assert_eq!(got.secret, vec![0, 1, 2, 255]);
+    assert_eq!(
+        (got.active, got.last_step, got.recovery),
+        (true, 5, vec!["h2".to_string()])
+    );
+    // `store copy` carries both tables (secrets still sealed) to another engine's empty store.
+    s.approval_insert(&approval("apr_c", "tok_1", "{}"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = Store::open(&dir.path().join("copy.db"), Duration::from_millis(250)).unwrap();
+    s.copy_to(&dest).unwrap();
+    assert_eq!(dest.mfa_all().unwrap(), s.mfa_all().unwrap());
+    assert_eq!(dest.approval_all().unwrap(), s.approval_all().unwrap());
+    assert!(matches!(s.copy_to(&dest), Err(StoreError::NotEmpty { .. })));
+    assert!(s.mfa_remove("acc_1").unwrap());
+    assert!(s.mfa_get("acc_1").unwrap().is_none());
 }

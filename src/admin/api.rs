@@ -54,6 +54,14 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/sessions", &["GET"]),
     ("/v1/sessions/revoke-all", &["POST"]),
     ("/v1/sessions/{id}", &["DELETE"]),
+    ("/v1/approvals", &["GET", "POST"]),
+    ("/v1/approvals/{id}", &["GET"]),
+    ("/v1/approvals/{id}/approve", &["POST"]),
+    ("/v1/approvals/{id}/reject", &["POST"]),
+    ("/v1/mfa", &["GET"]),
+    ("/v1/mfa/enroll", &["POST"]),
+    ("/v1/mfa/confirm", &["POST"]),
+    ("/v1/mfa/verify", &["POST"]),
 ];
 
 /// Longest `{id}` / `{name}` path parameter accepted.
@@ -74,6 +82,7 @@ enum Route {
     Rotate,
     /// `/v1/sessions...`, answered by [`super::session::api`].
     Sessions,
+    People,
 }
 
 /// Matches a path to (route, its index in [`ROUTES`], the path parameter).
@@ -93,6 +102,10 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
         ["v1", "sessions"] => (Route::Sessions, 9, None),
         ["v1", "sessions", "revoke-all"] => (Route::Sessions, 10, None),
         ["v1", "sessions", id] => (Route::Sessions, 11, Some(param(id)?)),
+        ["v1", "approvals" | "mfa", ..] => {
+            let (t, p) = super::approvals::matched(&segs[1..], param)?;
+            (Route::People, ROUTES.iter().position(|r| r.0 == t)?, p)
+        }
         _ => return None,
     };
     Some(r)
@@ -144,7 +157,13 @@ async fn serve(
     conn: ConnInfo,
     ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
+    if let Some((Route::People, idx, param)) = match_route(parts.uri.path()) {
+        let (template, methods) = ROUTES[idx];
+        return super::approvals::serve(gw, cfg, parts, body, conn, ctx, template, methods, param)
+            .await;
+    }
     let actor = authenticate(gw, parts, conn, ctx).await?;
+    super::mfa::require_for_admin(gw, cfg, parts, &actor).await?;
     let Some((route, idx, param)) = match_route(parts.uri.path()) else {
         return Err(AdminError::not_found(
             "No such API endpoint; see docs/openapi.yaml.",
@@ -163,6 +182,7 @@ async fn serve(
     let p = param.unwrap_or_default();
     let get = parts.method == Method::GET;
     match route {
+        Route::People => Err(AdminError::not_found("No such API endpoint.")),
         Route::Whoami => Ok(ok(StatusCode::OK, whoami_json(&actor, gw.now_ms()))),
         Route::Policy => Ok(ok(StatusCode::OK, policy_json(cfg, &actor))),
         Route::Accounts if get => list_accounts(gw, &actor).await,
@@ -263,7 +283,7 @@ fn ok(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 
 /// Reads a JSON body: at most 64 KiB, `Content-Type: application/json`, unknown fields refused.
 /// An empty body is allowed when `required` is false (it means "all defaults").
-async fn read_json<T: DeserializeOwned + Default>(
+pub(crate) async fn read_json<T: DeserializeOwned + Default>(
     parts: &Parts,
     body: Incoming,
     required: bool,

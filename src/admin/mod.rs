@@ -10,6 +10,8 @@
 //! gateway and the pipeline know nothing of sessions and never import this module).
 
 pub mod api;
+pub(crate) mod approvals;
+pub(crate) mod mfa;
 pub mod oidc;
 pub mod session;
 pub mod ui;
@@ -40,12 +42,22 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct Admin {
     gw: Gateway,
     sessions: Arc<session::Sessions>,
+    mfa_failures: Arc<crate::mfa::Failures>,
 }
 
 impl Admin {
     /// The admin side of `gw`, with its sessions (shared by every admin connection).
     pub fn new(gw: Gateway, sessions: Arc<session::Sessions>) -> Admin {
-        Admin { gw, sessions }
+        Admin {
+            gw,
+            sessions,
+            mfa_failures: Arc::default(),
+        }
+    }
+
+    /// Failed MFA checks per account (the step-up rate limit).
+    pub fn mfa_failures(&self) -> &crate::mfa::Failures {
+        &self.mfa_failures
     }
 
     /// Web UI sessions.

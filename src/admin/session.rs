@@ -209,7 +209,6 @@ pub(crate) async fn live(
 
 /// Records an MFA step-up in the session whose cookie value is `id` (the TOTP check calls this
 /// once the code is verified); false when the session is gone.
-#[allow(dead_code)] // The TOTP step-up (issue 19) is its caller.
 pub(crate) async fn set_mfa_verified(
     gw: &Admin,
     id: &str,

@@ -28,6 +28,7 @@ use crate::gateway::ConnInfo;
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
+const APPROVALS_JS: &str = include_str!("assets/approvals.js");
 const ICON_SVG: &str = include_str!("assets/icon.svg");
 const SIGNIN_JS: &str = include_str!("assets/signin.js");
 const SESSIONS_JS: &str = include_str!("assets/sessions.js");
@@ -43,6 +44,7 @@ pub fn is_ui_path(path: &str) -> bool {
         "/" | "/index.html"
             | "/assets/app.js"
             | "/assets/app.css"
+            | "/assets/approvals.js"
             | "/assets/icon.svg"
             | "/assets/signin.js"
             | "/assets/sessions.js"
@@ -61,6 +63,7 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
     match (get, path.as_str()) {
         (true, "/assets/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
         (true, "/assets/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
+        (true, "/assets/approvals.js") => asset(APPROVALS_JS, "text/javascript; charset=utf-8"),
         (true, "/assets/icon.svg") => asset(ICON_SVG, "image/svg+xml"),
         (true, "/assets/signin.js") => asset(SIGNIN_JS, "text/javascript; charset=utf-8"),
         (true, "/assets/sessions.js") => asset(SESSIONS_JS, "text/javascript; charset=utf-8"),

@@ -321,6 +321,31 @@ pub(super) fn config_check(config: Option<&Path>) -> Result<(), CliError> {
     if cfg.routes.is_empty() {
         outln!("  warning: no [[routes]]: every request will be denied (403 no_rule)");
     }
+    if let Some(m) = &cfg.mfa {
+        println!(
+            "  mfa              TOTP, key {} (required_for_admin = {}, step-up {:?})",
+            m.key_file.display(),
+            m.required_for_admin,
+            m.step_up_ttl
+        );
+    }
+    for r in cfg.approvals.rules.values() {
+        if let Some(a) = &r.approval {
+            let who: Vec<String> = a.approvers.iter().map(|x| x.to_string()).collect();
+            println!(
+                "  approval {:<14} {} {} ({}), window {:?}, approvers {}",
+                r.name,
+                r.route,
+                r.path,
+                r.permission.as_deref().unwrap_or("-"),
+                a.window,
+                who.join(", ")
+            );
+        }
+    }
+    if let Some(w) = &cfg.approvals.webhook {
+        println!("  approval webhook {} ({} attempts)", w.url, w.max_attempts);
+    }
     if !cfg.admin.listen.ip().is_loopback() && cfg.admin.tls.is_none() {
         outln!("  warning: the admin listener is not on loopback and has no TLS");
     }
@@ -361,6 +386,22 @@ pub(super) fn account(config: Option<&Path>, cmd: &AccountCmd) -> Result<(), Cli
             l.account_event("account.disabled", &acc.id, &acc.name)?;
             outln!(
                 "disabled account {}: its tokens are rejected from now on",
+                acc.name
+            );
+            Ok(())
+        }
+        AccountCmd::ResetMfa { name } => {
+            l.can_audit()?;
+            let acc = l.store.get_account(name)?;
+            if !l.store.mfa_remove(&acc.id)? {
+                return Err(CliError::failure(format!(
+                    "account {} has no TOTP enrolment",
+                    acc.name
+                )));
+            }
+            l.account_event("mfa.reset", &acc.id, &acc.name)?;
+            println!(
+                "removed the TOTP enrolment of {}: it enrols again in the web UI",
                 acc.name
             );
             Ok(())

@@ -6,15 +6,19 @@
 //! - [`print`] — the one printer both use (tables, details, the new-token line, JSON).
 //!
 //! Exit codes: 0 ok, 64 bad usage or config, 1 failure, 3 (`audit verify`) chain intact but
-//! forwarded requests without completion. Tokens are printed once, at creation or
+//! forwarded requests without completion, 10 / 11 (`approval request --wait`) rejected / timed
+//! out. Tokens are printed once, at creation or
 //! rotation, on stdout's first line; they are never read from argv (`token identify` reads stdin).
 //! Every token change goes through [`crate::lifecycle`]. Nothing outside `src/cli/` and `main.rs`
 //! imports this module.
 
+mod approval;
 mod local;
 mod print;
 mod remote;
 mod shell;
+
+pub use approval::{EXIT_REJECTED, EXIT_TIMED_OUT};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -141,6 +145,12 @@ pub enum Command {
         after_help = "Examples:\n  tokengate context use --account billing-team --scope app=billing\n  tokengate token create --name deploy --role cicd     # --account and --scope from the context\n  tokengate context show\n  tokengate context clear"
     )]
     Context(ContextCmd),
+    /// Ask a person to approve an approval-gated rule, and wait for the answer (remote).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tokengate approval request --rule deploy --param app=billing --wait 10m\n  tokengate approval list --pending"
+    )]
+    Approval(ApprovalCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Examples:\n  tokengate completions bash > /etc/bash_completion.d/tokengate\n  tokengate completions zsh > \"${fpath[1]}/_tokengate\"\n  tokengate completions fish > ~/.config/fish/completions/tokengate.fish"
@@ -261,6 +271,56 @@ pub enum ContextCmd {
     Clear,
 }
 
+/// `approval` subcommands: always against a gateway's admin API (`--url` or TOKENGATE_URL, token
+/// from TOKENGATE_TOKEN or the saved profile).
+#[derive(Debug, Subcommand)]
+pub enum ApprovalCmd {
+    /// Ask for an approval of a rule (`[[routes.rules]] name`) for this token; with --wait,
+    /// block until a person decides. Exit codes: 0 approved (or asked, without --wait),
+    /// 10 rejected, 11 not decided within --wait (or expired), 1 other failures.
+    #[command(
+        after_help = "Examples:\n  TOKENGATE_URL=https://gw.example.com:9090 TOKENGATE_TOKEN=\"$CI_TOKEN\" \\\n    tokengate approval request --rule deploy --param app=billing --message \"release 4.2\" --wait 10m\n\nApproving is not a CLI command: a person approves in the web UI (Approvals page) with a TOTP\ncode. A token alone, even an admin token, is always refused."
+    )]
+    Request {
+        /// The rule's name.
+        #[arg(long)]
+        rule: String,
+        /// A path parameter of the rule, NAME=VALUE (repeat for each).
+        #[arg(long, value_name = "NAME=VALUE")]
+        param: Vec<String>,
+        /// Why: shown to the approvers and in the notification.
+        #[arg(long)]
+        message: Option<String>,
+        /// Wait this long for the decision (e.g. 10m), polling with backoff.
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List approval requests (this token's; all for an admin token).
+    #[command(
+        after_help = "Examples:\n  tokengate approval list --pending\n  tokengate approval list --json"
+    )]
+    List {
+        /// Only pending ones.
+        #[arg(long)]
+        pending: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one approval request.
+    #[command(after_help = "Example:\n  tokengate approval show apr_0123456789abcdef --json")]
+    Show {
+        /// The request id (`apr_...`).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// `demo` options.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -305,6 +365,16 @@ pub enum AccountCmd {
     /// Disable an account: all of its tokens are rejected at once.
     #[command(after_help = "Example:\n  tokengate account disable ci-bot")]
     Disable {
+        /// Account name or id.
+        name: String,
+    },
+    /// Remove an account's TOTP enrolment (a lost phone and no recovery code left): the person
+    /// enrols again at the next sign-in. Local store only.
+    #[command(
+        name = "reset-mfa",
+        after_help = "Example:\n  tokengate account reset-mfa alice"
+    )]
+    ResetMfa {
         /// Account name or id.
         name: String,
     },
@@ -603,6 +673,12 @@ pub fn run_local(cli: &Cli) -> Result<(), CliError> {
         Command::Token(cmd) => match remote::target(cli)? {
             Some(t) => remote::run(&t, &cli.command),
             None => local::token(config, cmd),
+        },
+        Command::Approval(cmd) => match remote::target(cli)? {
+            Some(t) => approval::run(&t, cmd),
+            None => Err(CliError::usage(
+                "approval commands run against a gateway: pass --url (or TOKENGATE_URL) with TOKENGATE_TOKEN, or run `tokengate login`",
+            )),
         },
         Command::Audit(args) => local::audit_cmd(config, args),
         Command::Store(StoreCmd::Backup { file }) => local::store_backup(config, file),

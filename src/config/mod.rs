@@ -20,10 +20,16 @@ use crate::audit::OnFailure;
 use crate::authz::RuleTable;
 pub use crate::ratelimit::Rate;
 
+mod approvals;
 mod oidc;
 mod raw;
 mod validate;
 
+pub use approvals::{
+    ApprovalPolicy, ApprovalsConfig, Approver, DEFAULT_MFA_ISSUER, DEFAULT_REQUEST_TTL,
+    DEFAULT_STEP_UP_TTL, DEFAULT_WEBHOOK_MAX_ATTEMPTS, DEFAULT_WEBHOOK_RETRY_BACKOFF,
+    DEFAULT_WEBHOOK_TIMEOUT, MfaConfig, NamedRule, WebhookConfig,
+};
 pub use oidc::{
     DEFAULT_ACCOUNT_CLAIM, DEFAULT_CLOCK_SKEW, DEFAULT_GROUPS_CLAIM, DEFAULT_OIDC_SCOPES,
     DEFAULT_SELF_ROLE, DEFAULT_SESSION_ABSOLUTE_TIMEOUT, DefaultAccess, OidcConfig, Secret,
@@ -382,6 +388,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[forward_auth]`: the endpoint front proxies ask; None = not served.
     pub forward_auth: Option<ForwardAuthConfig>,
+    /// `[admin.mfa]`: TOTP step-up for people; None = MFA is off.
+    pub mfa: Option<MfaConfig>,
+    /// Named rules, approval-gated rules and `[approvals]`.
+    pub approvals: ApprovalsConfig,
 }
 
 /// `[forward_auth]` (docs/forward-auth.md).

@@ -110,6 +110,47 @@ pub(super) struct RawConfig {
     pub(super) roles: BTreeMap<String, RawRole>,
     pub(super) routes: Vec<RawRoute>,
     pub(super) forward_auth: Option<RawForwardAuth>,
+    pub(super) approvals: Option<RawApprovals>,
+}
+
+/// `[approvals]` (issue 19).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawApprovals {
+    pub(super) request_ttl: Option<String>,
+    pub(super) webhook: Option<RawWebhook>,
+}
+
+/// `[approvals.webhook]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub(super) url: String,
+    pub(super) secret_file: PathBuf,
+    #[serde(default)]
+    pub(super) max_attempts: Option<u32>,
+    #[serde(default)]
+    pub(super) timeout: Option<String>,
+    #[serde(default)]
+    pub(super) retry_backoff: Option<String>,
+}
+
+/// `[admin.mfa]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMfa {
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) required_for_admin: Option<bool>,
+    pub(super) step_up_ttl: Option<String>,
+    pub(super) issuer: Option<String>,
+}
+
+/// A rule's `approval = { window, approvers }`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApproval {
+    pub(super) window: String,
+    pub(super) approvers: Vec<String>,
 }
 
 /// `[forward_auth]`: present = the endpoint is served (unless `enabled = false`).
@@ -161,6 +202,7 @@ pub(super) struct RawAdmin {
     pub(super) session_idle_timeout: Option<String>,
     pub(super) session_absolute_timeout: Option<String>,
     pub(super) oidc: Option<super::oidc::RawOidc>,
+    pub(super) mfa: Option<RawMfa>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -286,6 +328,10 @@ pub(super) struct RawRule {
     pub(super) shadow: bool,
     #[serde(default)]
     pub(super) host: Option<String>,
+    #[serde(default)]
+    pub(super) name: Option<String>,
+    #[serde(default)]
+    pub(super) approval: Option<RawApproval>,
 }
 
 // ---------------------------------------------------------------- validated stage

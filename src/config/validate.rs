@@ -21,6 +21,8 @@ use super::{
 };
 use crate::authz::{self, Rule, RuleTable};
 
+mod approvals;
+
 /// Checks one config file: turns a failed check into an error that names the file and the key.
 struct Checker<'a> {
     path: &'a Path,
@@ -82,7 +84,17 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
         let o = super::oidc::oidc(base, o, &roles).map_err(|(k, m)| cx.invalid(&k, m))?;
         admin.oidc = Some(o);
     }
+    let mfa = approvals::mfa(&cx, base, &raw.admin)?;
+    let named = approvals::named_raw(&raw.routes);
     let routes = routes(&cx, base, raw.routes, &server)?;
+    let approvals = approvals::approvals(
+        &cx,
+        base,
+        &named,
+        &routes,
+        raw.approvals.as_ref(),
+        mfa.as_ref(),
+    )?;
     let forward_auth = forward_auth(&cx, raw.forward_auth.as_ref(), &server)?;
     Ok(Config {
         source: None,
@@ -95,6 +107,8 @@ pub(super) fn validate(raw: RawConfig, path: &Path, base: &Path) -> Result<Confi
         roles,
         routes,
         forward_auth,
+        mfa,
+        approvals,
     })
 }
 

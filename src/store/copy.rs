@@ -144,6 +144,7 @@ impl Store {
                 back.summary()
             )));
         }
+        self.copy_people_to(dest)?;
         Ok(dump)
     }
 }

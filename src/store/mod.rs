@@ -31,6 +31,7 @@ pub mod sqlite;
 mod file;
 mod row;
 
+pub use approvals::{ApprovalRow, MfaRow};
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;
 pub use copy::{DumpAccount, DumpChange, DumpToken, StoreDump};
 pub(crate) use row::{NewTokenRow, TOKEN_COLUMNS, cap_reached};
@@ -38,7 +39,7 @@ pub use sessions::{LoginState, SessionRow};
 
 /// Schema version this build creates and understands (the number of migrations; equal on both
 /// engines).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 pub use crate::clock::system_now_ms;
 
@@ -419,7 +420,8 @@ macro_rules! on_backend {
     };
 }
 
-// Declared after `on_backend!`, which it uses.
+// Declared after `on_backend!`, which they use.
+pub mod approvals;
 mod copy;
 
 /// True when `location` names a PostgreSQL server rather than a SQLite file.

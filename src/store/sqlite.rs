@@ -79,6 +79,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
     // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
     super::sessions::SQLITE_MIGRATION,
+    // 4: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).
+    super::approvals::SQLITE_MIGRATION,
 ];
 
 /// `PRAGMA mmap_size` of every connection: 0, reads go through `pread`. Mapping the file (1 GiB
@@ -175,7 +177,7 @@ impl Sqlite {
 
     /// Runs `f` on a pooled reader, once the file is checked; a failed read checks it again, so
     /// a file lost during the read is reported as such.
-    fn with_reader<T>(
+    pub(super) fn with_reader<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -212,7 +214,7 @@ impl Sqlite {
     }
 
     /// Runs `sql` with `params` and maps every row with `f`.
-    fn query_all<T>(
+    pub(super) fn query_all<T>(
         &self,
         c: &Connection,
         sql: &str,

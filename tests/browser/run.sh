@@ -29,4 +29,6 @@ export TOKENGATE_BIN
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 node "$here/ui.test.mjs"
 # Sign-in with OpenID Connect against the provider of tests/oidc (its run.sh runs `npm ci` there).
-exec node "$here/oidc.test.mjs"
+node "$here/oidc.test.mjs"
+# Approvals: a CI token asks, a person enrols TOTP and approves.
+exec node "$here/approvals.test.mjs"

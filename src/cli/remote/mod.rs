@@ -55,7 +55,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn client(&self) -> Result<Client, CliError> {
+    pub(crate) fn client(&self) -> Result<Client, CliError> {
         Client::new(&self.url, &self.token, self.allow_plaintext)
     }
 }
@@ -671,6 +671,11 @@ pub fn run(t: &Target, command: &Command) -> Result<(), CliError> {
 
 fn account(c: &Client, cmd: &AccountCmd) -> Result<(), CliError> {
     match cmd {
+        AccountCmd::ResetMfa { .. } => {
+            return Err(CliError::usage(
+                "`account reset-mfa` runs on the local store only (use --config, not --url)",
+            ));
+        }
         AccountCmd::Create { name, email, json } => {
             let v = c.call(
                 Method::POST,

@@ -42,6 +42,7 @@ use super::{
     Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, LastUsed, NewTokenRow, PgOptions,
     StoreError, TOKEN_COLUMNS, TokenRow, cap_reached, redact_url, row,
 };
+use crate::store::approvals::{Arg, Cell, Kind};
 use crate::token::TokenHash;
 
 mod copy;
@@ -611,6 +612,55 @@ impl Postgres {
         })
     }
 
+    /// Runs one statement of `store::approvals`; rows changed.
+    pub(crate) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
+        let (db, sql) = (self.db.clone(), sql.to_string());
+        self.run(async move {
+            let c = db.conn().await?;
+            let boxed: Vec<Box<dyn ToSql + Sync + Send>> = args.into_iter().map(pg_arg).collect();
+            let params: Vec<&(dyn ToSql + Sync)> = boxed
+                .iter()
+                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            let n = c.execute(&sql, &params).await.map_err(|e| db.err(e))?;
+            db.wrote();
+            Ok(n)
+        })
+    }
+
+    /// Runs one query of `store::approvals`; each row's cells typed by `kinds`.
+    pub(crate) fn query_cells(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        kinds: &'static [Kind],
+    ) -> Result<Vec<Vec<Cell>>, StoreError> {
+        let (db, sql) = (self.db.clone(), sql.to_string());
+        self.run(async move {
+            let c = db.conn().await?;
+            let boxed: Vec<Box<dyn ToSql + Sync + Send>> = args.into_iter().map(pg_arg).collect();
+            let params: Vec<&(dyn ToSql + Sync)> = boxed
+                .iter()
+                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            query_map(&c, &sql, &params, |r| {
+                kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        Ok(match k {
+                            Kind::I => Cell::I(r.try_get(i)?),
+                            Kind::T => Cell::T(r.try_get(i)?),
+                            Kind::B => Cell::B(r.try_get(i)?),
+                        })
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|e| db.err(e))
+        })
+    }
+
     pub(crate) fn integrity_check(&self) -> Result<String, StoreError> {
         let db = self.db.clone();
         self.run(async move {
@@ -718,6 +768,15 @@ async fn query_map<T>(
     row: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
 ) -> Result<Vec<T>, tokio_postgres::Error> {
     c.query(sql, params).await?.iter().map(row).collect()
+}
+
+/// A dynamic SQL argument as PostgreSQL binds it.
+fn pg_arg(a: Arg) -> Box<dyn ToSql + Sync + Send> {
+    match a {
+        Arg::I(v) => Box::new(v),
+        Arg::T(v) => Box::new(v),
+        Arg::B(v) => Box::new(v),
+    }
 }
 
 /// rustls client config: the CA file when given, else the system's roots (not read at all when

@@ -68,6 +68,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
     // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
     crate::store::sessions::PG_MIGRATION,
+    // 4: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).
+    crate::store::approvals::PG_MIGRATION,
 ];
 
 /// Advisory lock serialising migrations of concurrently starting replicas.

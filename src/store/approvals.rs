@@ -1,0 +1,665 @@
+//! Approval requests and MFA enrolments (issue 19), on both engines.
+//!
+//! The SQL here is written once with `$n` placeholders and the same column types on both engines
+//! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`/`Cell`
+//! bridge (`exec_args`, `query_cells`). Every state change is a conditional `UPDATE` (from one
+//! status to the next, or a TOTP step only upwards), so two replicas racing on the same approval
+//! or the same code cannot both win.
+//!
+//! Owns: the `approvals` and `mfa` tables (schema migration 3), [`ApprovalRow`], [`MfaRow`].
+//! Never imports: `config`, `gateway`, `admin` or `cli`.
+
+use serde::Serialize;
+
+use super::Backend;
+
+use super::{Store, StoreError};
+
+/// Migration 3 on SQLite.
+pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        params TEXT NOT NULL,
+        message TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        token_prefix TEXT NOT NULL,
+        account TEXT NOT NULL,
+        status TEXT NOT NULL,
+        requested_at INTEGER NOT NULL,
+        decided_at INTEGER,
+        decided_by TEXT,
+        note TEXT,
+        window_ms INTEGER NOT NULL,
+        expires_at INTEGER,
+        used_count INTEGER NOT NULL DEFAULT 0,
+        last_used_at INTEGER
+    );
+    CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
+    CREATE INDEX approvals_requested ON approvals(requested_at);
+    CREATE TABLE mfa (
+        account_id TEXT PRIMARY KEY,
+        secret BLOB NOT NULL,
+        active INTEGER NOT NULL,
+        last_step INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        recovery TEXT NOT NULL
+    );";
+
+/// Migration 3 on PostgreSQL.
+pub(crate) const PG_MIGRATION: &str = "CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        params TEXT NOT NULL,
+        message TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        token_prefix TEXT NOT NULL,
+        account TEXT NOT NULL,
+        status TEXT NOT NULL,
+        requested_at BIGINT NOT NULL,
+        decided_at BIGINT,
+        decided_by TEXT,
+        note TEXT,
+        window_ms BIGINT NOT NULL,
+        expires_at BIGINT,
+        used_count BIGINT NOT NULL DEFAULT 0,
+        last_used_at BIGINT
+    );
+    CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
+    CREATE INDEX approvals_requested ON approvals(requested_at);
+    CREATE TABLE mfa (
+        account_id TEXT PRIMARY KEY,
+        secret BYTEA NOT NULL,
+        active BIGINT NOT NULL,
+        last_step BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        recovery TEXT NOT NULL
+    );";
+
+/// A bound parameter.
+#[derive(Debug, Clone)]
+pub(crate) enum Arg {
+    /// BIGINT / INTEGER.
+    I(Option<i64>),
+    /// TEXT.
+    T(Option<String>),
+    /// BYTEA / BLOB.
+    B(Vec<u8>),
+}
+
+/// The type of a selected column.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    I,
+    T,
+    B,
+}
+
+/// A selected value.
+#[derive(Debug, Clone)]
+pub(crate) enum Cell {
+    I(Option<i64>),
+    T(Option<String>),
+    B(Option<Vec<u8>>),
+}
+
+impl Cell {
+    fn i(&self) -> Option<i64> {
+        match self {
+            Cell::I(v) => *v,
+            _ => None,
+        }
+    }
+    fn t(&self) -> Option<String> {
+        match self {
+            Cell::T(v) => v.clone(),
+            _ => None,
+        }
+    }
+    fn b(&self) -> Option<Vec<u8>> {
+        match self {
+            Cell::B(v) => v.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// `$n` placeholders as SQLite writes them (`?n`).
+pub(crate) fn sqlite_sql(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+/// One approval request, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalRow {
+    /// `apr_...`.
+    pub id: String,
+    /// The rule's `name`.
+    pub rule: String,
+    /// The captured parameters it is bound to, canonical JSON (an object, keys sorted).
+    pub params: String,
+    /// Why (from the requester).
+    pub message: String,
+    /// The requesting token's id.
+    pub token_id: String,
+    /// Its display prefix.
+    pub token_prefix: String,
+    /// Its account's name.
+    pub account: String,
+    /// `pending`, `approved`, `rejected`, `expired`.
+    pub status: String,
+    /// Unix ms.
+    pub requested_at: i64,
+    /// Unix ms of approval or rejection.
+    pub decided_at: Option<i64>,
+    /// Who decided: `account/token id` of the person's session.
+    pub decided_by: Option<String>,
+    /// The decider's note.
+    pub note: Option<String>,
+    /// The rule's window, ms.
+    pub window_ms: i64,
+    /// Approved: end of the window (Unix ms).
+    pub expires_at: Option<i64>,
+    /// Calls that went through under it.
+    pub used_count: i64,
+    /// Last such call (Unix ms).
+    pub last_used_at: Option<i64>,
+}
+
+const APPROVAL_COLUMNS: &str = "id, rule, params, message, token_id, token_prefix, account, status, requested_at, decided_at, decided_by, note, window_ms, expires_at, used_count, last_used_at";
+const APPROVAL_KINDS: &[Kind] = &[
+    Kind::T,
+    Kind::T,
+    Kind::T,
+    Kind::T,
+    Kind::T,
+    Kind::T,
+    Kind::T,
+    Kind::T,
+    Kind::I,
+    Kind::I,
+    Kind::T,
+    Kind::T,
+    Kind::I,
+    Kind::I,
+    Kind::I,
+    Kind::I,
+];
+
+fn approval_from(c: &[Cell]) -> ApprovalRow {
+    ApprovalRow {
+        id: c[0].t().unwrap_or_default(),
+        rule: c[1].t().unwrap_or_default(),
+        params: c[2].t().unwrap_or_default(),
+        message: c[3].t().unwrap_or_default(),
+        token_id: c[4].t().unwrap_or_default(),
+        token_prefix: c[5].t().unwrap_or_default(),
+        account: c[6].t().unwrap_or_default(),
+        status: c[7].t().unwrap_or_default(),
+        requested_at: c[8].i().unwrap_or_default(),
+        decided_at: c[9].i(),
+        decided_by: c[10].t(),
+        note: c[11].t(),
+        window_ms: c[12].i().unwrap_or_default(),
+        expires_at: c[13].i(),
+        used_count: c[14].i().unwrap_or_default(),
+        last_used_at: c[15].i(),
+    }
+}
+
+/// One account's TOTP enrolment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MfaRow {
+    /// The account (`acc_...`).
+    pub account_id: String,
+    /// The secret, sealed (nonce ‖ AES-GCM ciphertext ‖ tag); never stored in clear.
+    pub secret: Vec<u8>,
+    /// Confirmed with a first code.
+    pub active: bool,
+    /// The last TOTP step accepted (a code is used once).
+    pub last_step: i64,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unused recovery codes, as SHA-256 hex hashes.
+    pub recovery: Vec<String>,
+}
+
+fn mfa_from(c: &[Cell]) -> MfaRow {
+    MfaRow {
+        account_id: c[0].t().unwrap_or_default(),
+        secret: c[1].b().unwrap_or_default(),
+        active: c[2].i().unwrap_or_default() != 0,
+        last_step: c[3].i().unwrap_or_default(),
+        created_at: c[4].i().unwrap_or_default(),
+        recovery: serde_json::from_str(&c[5].t().unwrap_or_default()).unwrap_or_default(),
+    }
+}
+
+const MFA_KINDS: &[Kind] = &[Kind::T, Kind::B, Kind::I, Kind::I, Kind::I, Kind::T];
+
+fn t(s: &str) -> Arg {
+    Arg::T(Some(s.to_string()))
+}
+fn ot(s: Option<&str>) -> Arg {
+    Arg::T(s.map(str::to_string))
+}
+fn i(v: i64) -> Arg {
+    Arg::I(Some(v))
+}
+
+impl Store {
+    fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
+        on_backend!(self, b => b.exec_args(sql, args))
+    }
+
+    fn query_cells(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        kinds: &'static [Kind],
+    ) -> Result<Vec<Vec<Cell>>, StoreError> {
+        on_backend!(self, b => b.query_cells(sql, args, kinds))
+    }
+
+    // ------------------------------------------------------------ approvals
+
+    /// Stores a new (pending) approval request.
+    pub fn approval_insert(&self, a: &ApprovalRow) -> Result<(), StoreError> {
+        self.exec_args(
+            &format!(
+                "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+            ),
+            vec![
+                t(&a.id),
+                t(&a.rule),
+                t(&a.params),
+                t(&a.message),
+                t(&a.token_id),
+                t(&a.token_prefix),
+                t(&a.account),
+                t(&a.status),
+                i(a.requested_at),
+                Arg::I(a.decided_at),
+                ot(a.decided_by.as_deref()),
+                ot(a.note.as_deref()),
+                i(a.window_ms),
+                Arg::I(a.expires_at),
+                i(a.used_count),
+                Arg::I(a.last_used_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// One approval request by id.
+    pub fn approval_get(&self, id: &str) -> Result<Option<ApprovalRow>, StoreError> {
+        let rows = self.query_cells(
+            &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"),
+            vec![t(id)],
+            APPROVAL_KINDS,
+        )?;
+        Ok(rows.first().map(|c| approval_from(c)))
+    }
+
+    /// The newest `limit` approval requests, optionally only those of one token.
+    pub fn approval_list(
+        &self,
+        token_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApprovalRow>, StoreError> {
+        let rows = match token_id {
+            Some(tok) => self.query_cells(
+                &format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE token_id = $1 ORDER BY requested_at DESC, id LIMIT $2"
+                ),
+                vec![t(tok), i(limit as i64)],
+                APPROVAL_KINDS,
+            )?,
+            None => self.query_cells(
+                &format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals ORDER BY requested_at DESC, id LIMIT $1"
+                ),
+                vec![i(limit as i64)],
+                APPROVAL_KINDS,
+            )?,
+        };
+        Ok(rows.iter().map(|c| approval_from(c)).collect())
+    }
+
+    /// The live (pending or approved) requests bound to exactly this token, rule and parameters.
+    pub fn approval_bound(
+        &self,
+        token_id: &str,
+        rule: &str,
+        params: &str,
+    ) -> Result<Vec<ApprovalRow>, StoreError> {
+        let rows = self.query_cells(
+            &format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE token_id = $1 AND rule = $2 AND params = $3 AND status IN ('pending', 'approved') ORDER BY requested_at DESC, id"
+            ),
+            vec![t(token_id), t(rule), t(params)],
+            APPROVAL_KINDS,
+        )?;
+        Ok(rows.iter().map(|c| approval_from(c)).collect())
+    }
+
+    /// Moves a request from `from` to `to` (approve, reject, expire); false when it was no longer
+    /// in `from` (another replica or person decided first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn approval_transition(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        decided_at: Option<i64>,
+        decided_by: Option<&str>,
+        note: Option<&str>,
+        expires_at: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let n = self.exec_args(
+            "UPDATE approvals SET status = $1, decided_at = COALESCE($2, decided_at), decided_by = COALESCE($3, decided_by), note = COALESCE($4, note), expires_at = COALESCE($5, expires_at) WHERE id = $6 AND status = $7",
+            vec![
+                t(to),
+                Arg::I(decided_at),
+                ot(decided_by),
+                ot(note),
+                Arg::I(expires_at),
+                t(id),
+                t(from),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Counts one call made under an approved request still inside its window; false when it is
+    /// no longer approved or its window has ended.
+    pub fn approval_use(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let n = self.exec_args(
+            "UPDATE approvals SET used_count = used_count + 1, last_used_at = $1 WHERE id = $2 AND status = 'approved' AND expires_at > $3",
+            vec![i(now), t(id), i(now)],
+        )?;
+        Ok(n == 1)
+    }
+
+    // ------------------------------------------------------------ MFA
+
+    /// An account's enrolment.
+    pub fn mfa_get(&self, account_id: &str) -> Result<Option<MfaRow>, StoreError> {
+        let rows = self.query_cells(
+            "SELECT account_id, secret, active, last_step, created_at, recovery FROM mfa WHERE account_id = $1",
+            vec![t(account_id)],
+            MFA_KINDS,
+        )?;
+        Ok(rows.first().map(|c| mfa_from(c)))
+    }
+
+    /// Starts (or restarts) an enrolment that is not active yet; false when the account already
+    /// has an active one.
+    pub fn mfa_begin(&self, row: &MfaRow) -> Result<bool, StoreError> {
+        self.exec_args(
+            "DELETE FROM mfa WHERE account_id = $1 AND active = 0",
+            vec![t(&row.account_id)],
+        )?;
+        let existing = self.mfa_get(&row.account_id)?;
+        if existing.is_some() {
+            return Ok(false);
+        }
+        let recovery = serde_json::to_string(&row.recovery).unwrap_or_else(|_| "[]".into());
+        self.exec_args(
+            "INSERT INTO mfa (account_id, secret, active, last_step, created_at, recovery) VALUES ($1, $2, $3, $4, $5, $6)",
+            vec![
+                t(&row.account_id),
+                Arg::B(row.secret.clone()),
+                i(row.active as i64),
+                i(row.last_step),
+                i(row.created_at),
+                t(&recovery),
+            ],
+        )?;
+        Ok(true)
+    }
+
+    /// Marks the enrolment confirmed.
+    pub fn mfa_activate(&self, account_id: &str) -> Result<bool, StoreError> {
+        Ok(self.exec_args(
+            "UPDATE mfa SET active = 1 WHERE account_id = $1",
+            vec![t(account_id)],
+        )? == 1)
+    }
+
+    /// Records `step` as used, only when it is above the last one (false: a replay).
+    pub fn mfa_use_step(&self, account_id: &str, step: i64) -> Result<bool, StoreError> {
+        Ok(self.exec_args(
+            "UPDATE mfa SET last_step = $1 WHERE account_id = $2 AND last_step < $3",
+            vec![i(step), t(account_id), i(step)],
+        )? == 1)
+    }
+
+    /// Spends one recovery code (by its hash); false when it is not (or no longer) there.
+    pub fn mfa_use_recovery(&self, account_id: &str, hash: &str) -> Result<bool, StoreError> {
+        let Some(row) = self.mfa_get(account_id)? else {
+            return Ok(false);
+        };
+        if !row.recovery.iter().any(|h| h == hash) {
+            return Ok(false);
+        }
+        let old = serde_json::to_string(&row.recovery).unwrap_or_default();
+        let left: Vec<&String> = row.recovery.iter().filter(|h| *h != hash).collect();
+        let new = serde_json::to_string(&left).unwrap_or_default();
+        // Compare-and-swap on the whole list: two uses of the same code cannot both succeed.
+        Ok(self.exec_args(
+            "UPDATE mfa SET recovery = $1 WHERE account_id = $2 AND recovery = $3",
+            vec![t(&new), t(account_id), t(&old)],
+        )? == 1)
+    }
+
+    /// Every approval request, by id (for `store copy`).
+    pub fn approval_all(&self) -> Result<Vec<ApprovalRow>, StoreError> {
+        let rows = self.query_cells(
+            &format!("SELECT {APPROVAL_COLUMNS} FROM approvals ORDER BY id"),
+            vec![],
+            APPROVAL_KINDS,
+        )?;
+        Ok(rows.iter().map(|c| approval_from(c)).collect())
+    }
+
+    /// Every MFA enrolment, by account (for `store copy`; secrets stay sealed).
+    pub fn mfa_all(&self) -> Result<Vec<MfaRow>, StoreError> {
+        let rows = self.query_cells(
+            "SELECT account_id, secret, active, last_step, created_at, recovery FROM mfa ORDER BY account_id",
+            vec![],
+            MFA_KINDS,
+        )?;
+        Ok(rows.iter().map(|c| mfa_from(c)).collect())
+    }
+
+    /// `store copy`, after the main tables: approval requests and MFA enrolments, row by row,
+    /// into `dest` (whose own are empty), then read back and compared.
+    pub(crate) fn copy_people_to(&self, dest: &Store) -> Result<(), StoreError> {
+        let (approvals, mfa) = (self.approval_all()?, self.mfa_all()?);
+        let (there_a, there_m) = (dest.approval_all()?.len(), dest.mfa_all()?.len());
+        if there_a + there_m > 0 {
+            return Err(StoreError::NotEmpty {
+                target: dest.location(),
+                what: format!("{there_a} approval requests, {there_m} MFA enrolments"),
+            });
+        }
+        for a in &approvals {
+            dest.approval_insert(a)?;
+        }
+        for m in &mfa {
+            dest.mfa_begin(m)?;
+        }
+        if dest.approval_all()? != approvals || dest.mfa_all()? != mfa {
+            return Err(StoreError::CopyMismatch(format!(
+                "wrote {} approval requests and {} MFA enrolments; read back something else",
+                approvals.len(),
+                mfa.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes an account's enrolment (an admin reset).
+    pub fn mfa_remove(&self, account_id: &str) -> Result<bool, StoreError> {
+        Ok(self.exec_args("DELETE FROM mfa WHERE account_id = $1", vec![t(account_id)])? == 1)
+    }
+}
+
+impl super::sqlite::Sqlite {
+    /// Runs one statement of `store::approvals` (`$n` placeholders); rows changed.
+    pub(crate) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
+        let sql = sqlite_sql(sql);
+        self.write(|tx| {
+            let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
+            let n = tx
+                .execute(&sql, rusqlite::params_from_iter(params.iter()))
+                .map_err(self.err())?;
+            Ok(n as u64)
+        })
+    }
+
+    /// Runs one query of `store::approvals`; each row's cells typed by `kinds`.
+    pub(crate) fn query_cells(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        kinds: &'static [Kind],
+    ) -> Result<Vec<Vec<Cell>>, StoreError> {
+        let sql = sqlite_sql(sql);
+        self.with_reader(|c| {
+            let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
+            self.query_all(c, &sql, rusqlite::params_from_iter(params.iter()), |r| {
+                kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        Ok(match k {
+                            Kind::I => Cell::I(r.get(i)?),
+                            Kind::T => Cell::T(r.get(i)?),
+                            Kind::B => Cell::B(r.get(i)?),
+                        })
+                    })
+                    .collect()
+            })
+        })
+    }
+}
+
+fn sqlite_arg(a: Arg) -> Box<dyn rusqlite::ToSql> {
+    match a {
+        Arg::I(v) => Box::new(v),
+        Arg::T(v) => Box::new(v),
+        Arg::B(v) => Box::new(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, status: &str) -> ApprovalRow {
+        ApprovalRow {
+            id: id.into(),
+            rule: "deploy".into(),
+            params: r#"{"app":"billing"}"#.into(),
+            message: "release".into(),
+            token_id: "tok_1".into(),
+            token_prefix: "tg_x".into(),
+            account: "ci".into(),
+            status: status.into(),
+            requested_at: 10,
+            decided_at: None,
+            decided_by: None,
+            note: None,
+            window_ms: 900_000,
+            expires_at: None,
+            used_count: 0,
+            last_used_at: None,
+        }
+    }
+
+    #[test]
+    fn approvals_move_once_and_are_used_inside_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db"), super::super::DEFAULT_BUSY_TIMEOUT).unwrap();
+        s.approval_insert(&row("apr_1", "pending")).unwrap();
+        assert_eq!(s.approval_get("apr_1").unwrap().unwrap().status, "pending");
+        assert!(
+            !s.approval_use("apr_1", 20).unwrap(),
+            "pending is not usable"
+        );
+        assert!(
+            s.approval_transition(
+                "apr_1",
+                "pending",
+                "approved",
+                Some(20),
+                Some("ops"),
+                Some("ok"),
+                Some(100)
+            )
+            .unwrap()
+        );
+        assert!(
+            !s.approval_transition(
+                "apr_1",
+                "pending",
+                "rejected",
+                Some(21),
+                Some("x"),
+                None,
+                None
+            )
+            .unwrap(),
+            "decided once"
+        );
+        assert!(s.approval_use("apr_1", 50).unwrap());
+        assert!(!s.approval_use("apr_1", 100).unwrap(), "window ended");
+        let a = s.approval_get("apr_1").unwrap().unwrap();
+        assert_eq!((a.used_count, a.note.as_deref()), (1, Some("ok")));
+        assert_eq!(
+            s.approval_bound("tok_1", "deploy", r#"{"app":"billing"}"#)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            s.approval_bound("tok_1", "deploy", r#"{"app":"web"}"#)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.approval_list(None, 10).unwrap().len(), 1);
+        assert!(s.approval_list(Some("tok_2"), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn mfa_steps_only_go_up_and_recovery_codes_are_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db"), super::super::DEFAULT_BUSY_TIMEOUT).unwrap();
+        let r = MfaRow {
+            account_id: "acc_1".into(),
+            secret: vec![1, 2, 3],
+            active: false,
+            last_step: 0,
+            created_at: 1,
+            recovery: vec!["h1".into(), "h2".into()],
+        };
+        assert!(s.mfa_begin(&r).unwrap());
+        assert!(
+            s.mfa_begin(&r).unwrap(),
+            "an unconfirmed enrolment restarts"
+        );
+        assert!(s.mfa_activate("acc_1").unwrap());
+        assert!(!s.mfa_begin(&r).unwrap(), "an active one is kept");
+        assert!(s.mfa_use_step("acc_1", 5).unwrap());
+        assert!(!s.mfa_use_step("acc_1", 5).unwrap());
+        assert!(!s.mfa_use_step("acc_1", 4).unwrap());
+        assert!(s.mfa_use_recovery("acc_1", "h1").unwrap());
+        assert!(!s.mfa_use_recovery("acc_1", "h1").unwrap());
+        let got = s.mfa_get("acc_1").unwrap().unwrap();
+        assert_eq!(
+            (got.active, got.last_step, got.recovery),
+            (true, 5, vec!["h2".to_string()])
+        );
+    }
+}

@@ -21,9 +21,10 @@
     return s ? new Date(s).toLocaleString() : "";
   }
 
-  function cell(tr, text) {
+  function cell(tr, text, label) {
     const td = document.createElement("td");
     td.textContent = text || "";
+    td.dataset.label = label;
     tr.appendChild(td);
   }
 
@@ -34,12 +35,13 @@
     for (const s of data.sessions) {
       const tr = document.createElement("tr");
       tr.dataset.session = s.id;
-      cell(tr, (s.email || s.token_id || s.sub || "") + (s.current ? " (this browser)" : ""));
-      cell(tr, s.client_ip);
-      cell(tr, when(s.created_at));
-      cell(tr, when(s.last_seen_at));
-      cell(tr, when(s.expires_at));
+      cell(tr, (s.email || s.token_id || s.sub || "") + (s.current ? " (this browser)" : ""), "Signed in as");
+      cell(tr, s.client_ip, "From");
+      cell(tr, when(s.created_at), "Started");
+      cell(tr, when(s.last_seen_at), "Last active");
+      cell(tr, when(s.expires_at), "Ends");
       const td = document.createElement("td");
+      td.className = "act";
       const b = document.createElement("button");
       b.type = "button";
       b.className = "danger";

@@ -46,13 +46,16 @@
 //! - [`audit`] (`audit/{mod,writer,sink,line,verify,reader}.rs`) — the audit log: bounded
 //!   writer, file sink, line format and hash chain, verify, reader (step 8).
 //! - [`proxy`] — forwarding to upstreams, streaming bodies (step 9).
-//! - [`pool`] (`pool/{mod,h2_conn}.rs`) — keep-alive connection pool to the upstreams (hyper
+//! - [`pool`] (`pool/{mod,h2_conn,raw}.rs`) — keep-alive connection pool to the upstreams (hyper
 //!   `client::conn`), over TCP or TLS, HTTP/1.1 or HTTP/2.
 //! - [`body`] — body types and the streaming size/idle guard.
 //! - [`gateway`] — the state handle, config swap and background jobs.
 //! - `pipeline` (crate) — the request pipeline, one function per phase, on the gateway's state.
 //! - `sdnotify` (crate) — systemd `Type=notify` readiness, reload and stop notifications.
 //! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
+//! - [`h1`] (`h1/{mod,parse,framing,forward,io,differential}.rs`) — the HTTP/1 fast path: plain
+//!   HTTP/1.1 requests forwarded by the connection's own task over pooled raw upstream
+//!   connections, the pipeline's phases unchanged; declines to hyper what it does not cover.
 //! - `tls` (crate) — rustls server configs from PEM files; TLS to `https://` upstreams.
 //! - [`admin`] (`admin/{mod,api,ui,session,approvals,mfa}.rs`) — the admin listener: health,
 //!   readiness, metrics, JSON API ([`admin::api`]), web UI and its sessions
@@ -76,6 +79,7 @@ pub mod error;
 pub(crate) mod forward_auth;
 pub(crate) mod forwarded;
 pub mod gateway;
+pub mod h1;
 pub(crate) mod health;
 pub(crate) mod hygiene;
 pub(crate) mod lifecycle;

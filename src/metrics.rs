@@ -152,6 +152,10 @@ pub struct Metrics {
     /// Set when the drain deadline passes: requests dropped from then on were cut by the
     /// shutdown (their audit reason says `shutdown`, not `client_closed`).
     pub shutdown_cut: AtomicBool,
+    /// Requests served by the HTTP/1 fast path (`src/h1/`).
+    pub h1_fast_path: AtomicU64,
+    /// Connections the HTTP/1 fast path handed to hyper (something it does not cover).
+    pub h1_declined: AtomicU64,
     /// Process start, Unix seconds.
     started_at: f64,
     /// Last token counts. A tokio mutex: the scrape holds it across the store query so that
@@ -173,6 +177,8 @@ impl Default for Metrics {
             listening: AtomicBool::new(false),
             http_errors: std::array::from_fn(|_| AtomicU64::new(0)),
             shutdown_cut: AtomicBool::new(false),
+            h1_fast_path: AtomicU64::new(0),
+            h1_declined: AtomicU64::new(0),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64().floor()),
@@ -515,6 +521,20 @@ impl Metrics {
                 self.http_errors(kind)
             );
         }
+        single(
+            &mut out,
+            "tokengate_http1_fast_path_requests_total",
+            "counter",
+            "Requests served by the HTTP/1 fast path.",
+            load(&self.h1_fast_path),
+        );
+        single(
+            &mut out,
+            "tokengate_http1_fast_path_declined_total",
+            "counter",
+            "Connections the HTTP/1 fast path handed to hyper.",
+            load(&self.h1_declined),
+        );
         single(
             &mut out,
             "tokengate_config_reloads_total",

@@ -39,9 +39,10 @@ use crate::ratelimit::Allowance;
 use crate::token::TokenHash;
 
 mod answer;
-mod completion;
+pub(crate) mod completion;
+pub(crate) mod exchange;
 mod transport;
-use completion::{Completing, send_completion};
+use completion::send_completion;
 
 /// Per-request facts collected for the audit line.
 struct Ctx {
@@ -638,6 +639,22 @@ impl Gateway {
         start: Instant,
         result: Result<Response<Body>, Reject>,
     ) -> Response<Body> {
+        match self.conclude_pending(cfg, ctx, start, result) {
+            (response, None) => response,
+            // Forwarded and answered: the completion is written when the body ends.
+            (response, Some(pending)) => completion::completing(response, pending),
+        }
+    }
+
+    /// [`conclude`](Self::conclude), handing back the completion still to write instead of
+    /// wrapping the body (the HTTP/1 fast path streams the body itself).
+    fn conclude_pending(
+        &self,
+        cfg: &Config,
+        ctx: &mut Ctx,
+        start: Instant,
+        result: Result<Response<Body>, Reject>,
+    ) -> (Response<Body>, Option<completion::Pending>) {
         let (reason, allowed, response) = match result {
             Ok(resp) => ("ok", true, resp),
             Err(reject) => {
@@ -672,19 +689,10 @@ impl Gateway {
                 ..CompletionRecord::default()
             };
             return match (allowed && reason == "ok", reservation) {
-                // Forwarded and answered: the completion is written when the body ends.
-                (true, Some(r)) => {
-                    let (parts, body) = response.into_parts();
-                    let body = Completing {
-                        inner: body,
-                        pending: Some((r, completion, start)),
-                        bytes: 0,
-                    };
-                    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
-                }
+                (true, Some(r)) => (response, Some((r, completion, start))),
                 (_, r) => {
                     send_completion(self, r, completion, "none", 0, start);
-                    response
+                    (response, None)
                 }
             };
         }
@@ -698,7 +706,7 @@ impl Gateway {
                 }
             }
         }
-        response
+        (response, None)
     }
 
     /// The request's audit record. Moves the context's strings into it (the request is over).

@@ -95,20 +95,42 @@ pub fn upstream_request(
     info: &ForwardInfo<'_>,
     outcome: BodyOutcome,
 ) -> Request<Body> {
+    let uri = Uri::builder()
+        .scheme(route.upstream_scheme.clone())
+        .authority(route.upstream.clone())
+        .path_and_query(path_and_query(info))
+        .build()
+        .expect("canonical path and validated query form a URI");
+    let headers = upstream_headers(parts.headers, route, info);
+    let body = Guarded::new(body, info.max_body_bytes, info.body_idle, outcome).boxed_unsync();
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// The upstream request's target: the canonical path plus the untouched query.
+pub fn path_and_query(info: &ForwardInfo<'_>) -> String {
     let mut pq = String::with_capacity(info.path.len() + info.query.map_or(0, |q| q.len() + 1));
     pq.push_str(info.path);
     if let Some(q) = info.query {
         pq.push('?');
         pq.push_str(q);
     }
-    let uri = Uri::builder()
-        .scheme(route.upstream_scheme.clone())
-        .authority(route.upstream.clone())
-        .path_and_query(pq)
-        .build()
-        .expect("canonical path and validated query form a URI");
+    pq
+}
 
-    let mut headers = parts.headers;
+/// The upstream request's headers (hyper's path and the HTTP/1 fast path share them): hop-by-hop
+/// headers, client copies of gateway-owned headers, the client's framing and session cookie
+/// removed, then the Host, forwarding, request id and identity headers set. Framing
+/// (`Content-Length`, `Transfer-Encoding`) is the sender's to add.
+pub fn upstream_headers(
+    mut headers: http::HeaderMap,
+    route: &RouteConfig,
+    info: &ForwardInfo<'_>,
+) -> http::HeaderMap {
     hygiene::strip_hop_by_hop(&mut headers);
     hygiene::strip_owned(&mut headers);
     hygiene::strip_invalid_trace_context(&mut headers);
@@ -166,14 +188,7 @@ pub fn upstream_request(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
-
-    let body = Guarded::new(body, info.max_body_bytes, info.body_idle, outcome).boxed_unsync();
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    req
+    headers
 }
 
 /// Sets the identity headers of a token (`X-Tokengate-Token-Id`, `-Token-Name`, `-Account`,

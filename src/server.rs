@@ -351,6 +351,22 @@ async fn serve_connection(
         peer,
         tls: acceptor.is_some(),
     };
+    // Plain HTTP/1.1 on the public listener: the fast path (`h1`), until it declines a request.
+    let (stream, buffered) = if public && acceptor.is_none() && cfg.server.http1_fast_path {
+        let c = crate::h1::Conn {
+            gw: &gw,
+            info: conn,
+            stop: stop.clone(),
+            phase: h1_phase,
+            busy: &shared.busy,
+        };
+        match crate::h1::serve(stream, c).await {
+            crate::h1::Served::Done => return,
+            crate::h1::Served::Declined { stream, buffered } => (stream, buffered),
+        }
+    } else {
+        (stream, bytes::BytesMut::new())
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -394,7 +410,7 @@ async fn serve_connection(
         None => {
             let c = builder.serve_connection_with_upgrades(
                 TokioIo::new(SendDeadline::new(
-                    ProtocolDeadline::new(stream, deadline),
+                    ProtocolDeadline::new(crate::h1::Prefixed::new(stream, buffered), deadline),
                     send_timeout,
                 )),
                 svc,
@@ -433,6 +449,16 @@ async fn serve_connection(
                 connection_error(&gw, peer, public, &*e);
             }
         }
+    }
+}
+
+/// The server's phase as the HTTP/1 fast path reads it.
+fn h1_phase(p: &Phase) -> crate::h1::Stop {
+    match p {
+        Phase::Serving => crate::h1::Stop::Serving,
+        Phase::Draining => crate::h1::Stop::Draining,
+        Phase::Closing => crate::h1::Stop::Closing,
+        Phase::Cut => crate::h1::Stop::Cut,
     }
 }
 

@@ -133,6 +133,9 @@ pub struct ServerConfig {
     pub h2_idle_timeout: Duration,
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Plain HTTP/1.1 requests take the purpose-built forwarding path (`src/h1/`) instead of
+    /// hyper's; off: hyper serves everything.
+    pub http1_fast_path: bool,
 }
 
 /// `[admin]`.

@@ -185,6 +185,7 @@ pub(super) struct RawServer {
     pub(super) h2_max_concurrent_streams: Option<u32>,
     pub(super) h2_idle_timeout: Option<String>,
     pub(super) shutdown_grace: Option<String>,
+    pub(super) http1_fast_path: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -274,6 +274,7 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
             &s.shutdown_grace,
             DEFAULT_SHUTDOWN_GRACE,
         )?,
+        http1_fast_path: s.http1_fast_path.unwrap_or(true),
     };
     if server.realm.contains('"') || server.realm.contains('\\') {
         return Err(cx.invalid("server.realm", "must not contain `\"` or `\\`"));

@@ -101,21 +101,71 @@ pub(super) fn send_completion(
 /// (`client_closed`).
 pub(super) struct Completing {
     pub(super) inner: Body,
-    pub(super) pending: Option<(Reservation, CompletionRecord, Instant)>,
+    pub(super) pending: Option<Pending>,
     pub(super) bytes: u64,
+}
+
+/// A forwarded request's response, its body wrapped in [`Completing`]: the completion line is
+/// written when the body ends.
+pub(super) fn completing(response: http::Response<Body>, pending: Pending) -> http::Response<Body> {
+    let (parts, body) = response.into_parts();
+    let body = Completing {
+        inner: body,
+        pending: Some(pending),
+        bytes: 0,
+    };
+    http::Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+}
+
+/// A forwarded request's completion, still to be written: its slot, its record, its start.
+pub(crate) type Pending = (Reservation, CompletionRecord, Instant);
+
+/// Writes a pending completion line (once): `outcome` as in [`Completing`].
+fn finish_pending(pending: &mut Option<Pending>, outcome: &'static str, bytes: u64) {
+    if let Some((slot, mut c, start)) = pending.take() {
+        if outcome != "complete" {
+            c.reason = outcome.into();
+        }
+        c.outcome = outcome.into();
+        c.bytes = bytes;
+        c.duration_ms = ms(start.elapsed());
+        slot.send(Entry::Completion(c));
+    }
 }
 
 impl Completing {
     fn finish(&mut self, outcome: &'static str) {
-        if let Some((slot, mut c, start)) = self.pending.take() {
-            if outcome != "complete" {
-                c.reason = outcome.into();
-            }
-            c.outcome = outcome.into();
-            c.bytes = self.bytes;
-            c.duration_ms = ms(start.elapsed());
-            slot.send(Entry::Completion(c));
-        }
+        finish_pending(&mut self.pending, outcome, self.bytes);
+    }
+}
+
+/// The completion of a forwarded request whose body the HTTP/1 fast path streams itself: the
+/// same outcomes as [`Completing`] (`complete`, `upstream_reset`, `upstream_idle`, and
+/// `client_closed` when dropped before [`finish`](Self::finish)).
+pub(crate) struct CompletionSlot {
+    pending: Option<Pending>,
+    bytes: u64,
+}
+
+impl CompletionSlot {
+    pub(super) fn new(pending: Option<Pending>) -> CompletionSlot {
+        CompletionSlot { pending, bytes: 0 }
+    }
+
+    /// Counts `n` more body bytes sent to the client.
+    pub(crate) fn sent(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+
+    /// Writes the completion line with `outcome`.
+    pub(crate) fn finish(&mut self, outcome: &'static str) {
+        finish_pending(&mut self.pending, outcome, self.bytes);
+    }
+}
+
+impl Drop for CompletionSlot {
+    fn drop(&mut self) {
+        finish_pending(&mut self.pending, "client_closed", self.bytes);
     }
 }
 

@@ -44,6 +44,8 @@ use crate::tls::UpstreamConnector;
 
 mod h2_conn;
 use h2_conn::H2Idle;
+mod raw;
+pub use raw::RawConn;
 
 /// How long a connection may sit idle in the pool before it is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -205,6 +207,7 @@ impl Builder {
                 reaper_running: AtomicBool::new(false),
                 opened: AtomicU64::new(0),
                 retried: AtomicU64::new(0),
+                raw: raw::RawIdle::default(),
             }),
         }
     }
@@ -242,6 +245,8 @@ struct Shared {
     reaper_running: AtomicBool,
     opened: AtomicU64,
     retried: AtomicU64,
+    /// Raw HTTP/1.1 connections of the fast path ([`raw`]).
+    raw: raw::RawIdle,
 }
 
 /// One upstream authority (and TLS connector) and its idle connections.

@@ -41,6 +41,8 @@ use crate::token::TokenHash;
 mod answer;
 pub(crate) mod completion;
 pub(crate) mod exchange;
+mod guard;
+use guard::AuditGuard;
 mod transport;
 use completion::send_completion;
 
@@ -806,63 +808,6 @@ impl Gateway {
                         t.predecessor_retired.store(false, Ordering::Release);
                         crate::coalesced!(warn, "retire_predecessor_failed", error = %e, "could not retire a rotated token; will retry on next use");
                     }
-                }
-            }
-        }
-    }
-}
-
-/// Writes the audit line of a request whose handling was abandoned before it answered.
-struct AuditGuard<'a> {
-    gw: &'a Gateway,
-    ctx: Ctx,
-    start: Instant,
-    armed: bool,
-}
-
-impl Drop for AuditGuard<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        // 499: the client closed the request before a response; 503 `shutdown`: the drain
-        // deadline cut it (the client got no response either way).
-        let gw = self.gw;
-        let (code, reason) = if gw.inner.metrics.shutdown_cut.load(Ordering::Acquire) {
-            (503, "shutdown")
-        } else {
-            (499, "client_closed")
-        };
-        let status = StatusCode::from_u16(code).expect("valid code");
-        let decision = if self.ctx.upstream.is_some() {
-            "allow"
-        } else {
-            "deny"
-        };
-        gw.inner.metrics.request(decision, reason, code);
-        let reservation = self.ctx.reservation.take();
-        if self.ctx.decided {
-            let completion = CompletionRecord {
-                request_id: std::mem::take(&mut self.ctx.request_id),
-                status_code: code,
-                reason: reason.into(),
-                ..CompletionRecord::default()
-            };
-            send_completion(gw, reservation, completion, "none", 0, self.start);
-            return;
-        }
-        let record = gw.audit_record(
-            &mut self.ctx,
-            status,
-            decision,
-            reason,
-            self.start.elapsed(),
-        );
-        match reservation {
-            Some(r) => r.send(Entry::Request(record)),
-            None => {
-                if let Err(e) = gw.inner.audit.record(Entry::Request(record)) {
-                    crate::coalesced!(error, "audit_abandoned_unqueued", error = %e, "audit record for an abandoned request could not be queued");
                 }
             }
         }

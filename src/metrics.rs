@@ -2,6 +2,7 @@
 //! on the hot path. Every metric is listed with its meaning in `docs/operations.md`.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -130,7 +131,11 @@ pub struct TokenCounts {
 pub struct Metrics {
     /// Finished requests by (decision, reason, status / 100). DashMap: the key set is small and
     /// fixed after warm-up, so the hot path is a shard read lock and an atomic add.
-    requests: DashMap<(&'static str, &'static str, u16), AtomicU64>,
+    /// By (route, decision, reason, status class); `-` is the route of requests no route served.
+    requests: DashMap<(Arc<str>, &'static str, &'static str, u16), AtomicU64>,
+    /// The `route` label of requests refused before routing, answered by the gateway itself, or
+    /// on a path no route serves.
+    no_route: Arc<str>,
     /// Whole-request latency.
     pub request_latency: Histogram,
     /// Upstream response-head latency per route name (bounded by the routes in the config).
@@ -167,6 +172,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             requests: DashMap::new(),
+            no_route: Arc::from("-"),
             request_latency: Histogram::default(),
             upstream_latency: DashMap::new(),
             in_flight: AtomicI64::new(0),
@@ -248,9 +254,17 @@ impl Drop for InFlight<'_> {
 }
 
 impl Metrics {
-    /// Counts one finished request.
-    pub fn request(&self, decision: &'static str, reason: &'static str, status: u16) {
-        let key = (decision, reason, status / 100);
+    /// Counts one finished request of `route` (`None`: refused before routing, the gateway's
+    /// own endpoints, or a path no route serves: counted as route `-`).
+    pub fn request(
+        &self,
+        route: Option<&Arc<str>>,
+        decision: &'static str,
+        reason: &'static str,
+        status: u16,
+    ) {
+        let route = route.unwrap_or(&self.no_route).clone();
+        let key = (route, decision, reason, status / 100);
         if let Some(c) = self.requests.get(&key) {
             c.fetch_add(1, Ordering::Relaxed);
             return;
@@ -289,11 +303,11 @@ impl Metrics {
             .observe(d);
     }
 
-    /// Requests counted so far for one (decision, reason, status class) series.
+    /// Requests counted so far for one (decision, reason, status class), summed over routes.
     pub fn requests_count(&self, decision: &str, reason: &str, status_class: u16) -> u64 {
         self.requests
             .iter()
-            .filter(|e| e.key().0 == decision && e.key().1 == reason && e.key().2 == status_class)
+            .filter(|e| e.key().1 == decision && e.key().2 == reason && e.key().3 == status_class)
             .map(|e| e.value().load(Ordering::Relaxed))
             .sum()
     }
@@ -335,20 +349,21 @@ impl Metrics {
             &mut out,
             "tokengate_requests_total",
             "counter",
-            "Requests handled on the public listener, by decision, reason and status class.",
+            "Requests handled on the public listener, by decision, reason, route and status class.",
         );
         let mut rows: Vec<_> = self
             .requests
             .iter()
-            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
             .collect();
         rows.sort();
-        for ((decision, reason, class), n) in rows {
+        for ((route, decision, reason, class), n) in rows {
             let _ = writeln!(
                 out,
-                "tokengate_requests_total{{decision=\"{}\",reason=\"{}\",status_class=\"{class}xx\"}} {n}",
+                "tokengate_requests_total{{decision=\"{}\",reason=\"{}\",route=\"{}\",status_class=\"{class}xx\"}} {n}",
                 escape_label(decision),
                 escape_label(reason),
+                escape_label(&route),
             );
         }
         single(
@@ -751,15 +766,23 @@ mod tests {
     #[test]
     fn requests_are_counted_by_series() {
         let m = Metrics::default();
-        m.request("allow", "ok", 200);
-        m.request("allow", "ok", 204);
-        m.request("deny", "no_rule", 403);
-        assert_eq!(m.requests_count("allow", "ok", 2), 2);
+        let api: Arc<str> = Arc::from("api");
+        m.request(Some(&api), "allow", "ok", 200);
+        // A reload builds a new name: the same series goes on.
+        m.request(Some(&Arc::from("api")), "allow", "ok", 204);
+        m.request(Some(&Arc::from("web")), "allow", "ok", 200);
+        m.request(Some(&api), "deny", "no_rule", 403);
+        m.request(None, "deny", "missing_token", 401);
+        assert_eq!(m.requests_count("allow", "ok", 2), 3);
         assert_eq!(m.requests_count("deny", "no_rule", 4), 1);
         let out = m.render(&Snapshot::default());
-        assert!(out.contains(
-            "tokengate_requests_total{decision=\"allow\",reason=\"ok\",status_class=\"2xx\"} 2\n"
-        ));
+        for line in [
+            "tokengate_requests_total{decision=\"allow\",reason=\"ok\",route=\"api\",status_class=\"2xx\"} 2\n",
+            "tokengate_requests_total{decision=\"allow\",reason=\"ok\",route=\"web\",status_class=\"2xx\"} 1\n",
+            "tokengate_requests_total{decision=\"deny\",reason=\"missing_token\",route=\"-\",status_class=\"4xx\"} 1\n",
+        ] {
+            assert!(out.contains(line), "{line} missing from:\n{out}");
+        }
     }
 }
 

@@ -60,6 +60,8 @@ struct Ctx {
     rule: Option<String>,
     shadow_decision: Option<&'static str>,
     upstream: Option<String>,
+    /// The route the path belongs to, once step 1 found it (the metrics' `route` label).
+    route: Option<Arc<str>>,
     trace_id: Option<String>,
     ratelimit: Option<Allowance>,
     /// The audit slot, once step 8 reserved it: the request's line goes there, whatever follows.
@@ -89,6 +91,7 @@ impl Ctx {
             rule: None,
             shadow_decision: None,
             upstream: None,
+            route: None,
             trace_id: None,
             ratelimit: None,
             reservation: None,
@@ -329,6 +332,7 @@ impl Gateway {
         } else {
             cfg.route_for(&canon.path)
         };
+        ctx.route = route.map(|r| r.label.clone());
         if canon.has_non_ascii && !route.is_some_and(|r| r.allow_non_ascii) {
             return Err(Reject::BadRequest {
                 reason: "bad_path",
@@ -680,7 +684,7 @@ impl Gateway {
         let decision = if allowed { "allow" } else { "deny" };
         self.inner
             .metrics
-            .request(decision, reason, status.as_u16());
+            .request(ctx.route.as_ref(), decision, reason, status.as_u16());
         self.inner.metrics.request_latency.observe(elapsed);
         let reservation = ctx.reservation.take();
         if ctx.decided {
@@ -760,7 +764,9 @@ impl Gateway {
         let mut ctx = Ctx::empty(peer, Method::GET);
         ctx.request_id = self.next_request_id();
         let reason = "bad_request_http";
-        self.inner.metrics.request("deny", reason, status.as_u16());
+        self.inner
+            .metrics
+            .request(None, "deny", reason, status.as_u16());
         let mut record = self.audit_record(&mut ctx, status, "deny", reason, Duration::ZERO);
         // The method was never parsed.
         record.method = std::borrow::Cow::Borrowed("");

@@ -744,7 +744,7 @@ async fn full_disk_reject(mut rig: Rig) {
     assert!(body.contains("audit: FAILED"), "{body}");
     assert!(rig.metric("tokengate_audit_write_failures_total").await > 0.0);
     assert_eq!(rig.metric("tokengate_audit_healthy").await, 0.0);
-    let refusals = r#"tokengate_requests_total{decision="deny",reason="audit_unavailable",status_class="5xx"}"#;
+    let refusals = r#"tokengate_requests_total{decision="deny",reason="audit_unavailable",route="api",status_class="5xx"}"#;
     assert_eq!(
         rig.metric(refusals).await,
         refused.len() as f64,

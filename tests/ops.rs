@@ -844,6 +844,123 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     tg.stop().await;
 }
 
+/// The `route` label of `tokengate_requests_total`: the route the path belongs to (also when the
+/// request was refused on it), `-` for what no route serves (the gateway's own endpoints, a path
+/// outside every prefix); a reload that keeps a route's name keeps its series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_per_route_and_reloads_keep_the_series() {
+    let tg = TestGateway::start().await;
+    let (token, _) = tg.token("ci", "reporter", &["apps:read", "reports:read"]);
+    let tls = tg.tls.clone().unwrap();
+    let up = tg.upstream.addr.to_string();
+    let reports_route = |rules: &str| {
+        format!(
+            "\n[[routes]]\nname = \"reports\"\nprefix = \"/reports\"\nupstream = \"http://{up}\"\n{rules}"
+        )
+    };
+    write_config(
+        tg.dir.path(),
+        &up,
+        &Options {
+            extra_routes: reports_route(REPORTS_RULE),
+            ..Options::default()
+        },
+    );
+    assert!(tokengate::app::reload(&tg.gw, &tls, &tg.config_path).await);
+    let c = client();
+    let get = |path: &str, auth: bool| {
+        let mut r = c.get(tg.url(path));
+        if auth {
+            r = r.header("authorization", bearer(&token));
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    let before = scrape(tg.admin_addr).await;
+    assert_eq!(get("/apps/billing/status", true).await, 200);
+    assert_eq!(get("/reports/q1", true).await, 200);
+    assert_eq!(get("/reports/q2", true).await, 200);
+    assert_eq!(get("/reports/q3", false).await, 401);
+    assert_eq!(get("/_tokengate/health", false).await, 200);
+    assert_eq!(tg.upstream.count(), 3);
+
+    let series = |route: &'static str, d: &'static str, r: &'static str, c: &'static str| {
+        [
+            ("route", route),
+            ("decision", d),
+            ("reason", r),
+            ("status_class", c),
+        ]
+    };
+    let delta = |after: &[prom::Family], labels: &[(&str, &str)]| {
+        v(after, "tokengate_requests_total", labels)
+            - v(&before, "tokengate_requests_total", labels)
+    };
+    let after = scrape(tg.admin_addr).await;
+    assert_eq!(delta(&after, &series("api", "allow", "ok", "2xx")), 1.0);
+    assert_eq!(delta(&after, &series("reports", "allow", "ok", "2xx")), 2.0);
+    assert_eq!(
+        delta(&after, &series("reports", "deny", "missing_token", "4xx")),
+        1.0,
+        "a refusal is counted on the route it was refused on"
+    );
+    assert_eq!(
+        delta(&after, &series("-", "allow", "ok", "2xx")),
+        1.0,
+        "the health endpoint is the gateway's own: route -"
+    );
+    let total: f64 = after
+        .iter()
+        .filter(|f| f.name == "tokengate_requests_total")
+        .flat_map(|f| &f.samples)
+        .map(|s| {
+            assert!(
+                s.labels.contains_key("route"),
+                "{:?} has no route",
+                s.labels
+            );
+            s.value
+        })
+        .sum::<f64>()
+        - before
+            .iter()
+            .filter(|f| f.name == "tokengate_requests_total")
+            .flat_map(|f| &f.samples)
+            .map(|s| s.value)
+            .sum::<f64>();
+    assert_eq!(total, 5.0, "every request counted once");
+
+    // A reload that rebuilds the route under the same name: the series goes on from where it was.
+    write_config(
+        tg.dir.path(),
+        &up,
+        &Options {
+            extra_routes: reports_route(&format!("{REPORTS_RULE}\n# reloaded\n")),
+            ..Options::default()
+        },
+    );
+    assert!(tokengate::app::reload(&tg.gw, &tls, &tg.config_path).await);
+    assert_eq!(get("/reports/q4", true).await, 200);
+    let reloaded = scrape(tg.admin_addr).await;
+    assert_eq!(
+        delta(&reloaded, &series("reports", "allow", "ok", "2xx")),
+        3.0
+    );
+    let reports_ok = reloaded
+        .iter()
+        .filter(|f| f.name == "tokengate_requests_total")
+        .flat_map(|f| &f.samples)
+        .filter(|s| {
+            s.labels.get("route").map(String::as_str) == Some("reports")
+                && s.labels.get("reason").map(String::as_str) == Some("ok")
+        })
+        .count();
+    assert_eq!(
+        reports_ok, 1,
+        "one series per route name, not per config generation"
+    );
+    tg.stop().await;
+}
+
 // =================================================================================================
 // /healthz and /readyz
 // =================================================================================================

@@ -275,6 +275,9 @@ pub struct RoleConfig {
 pub struct RouteConfig {
     /// Route name (audit `upstream` field uses it).
     pub name: String,
+    /// The name again, shared: the `route` label of the request metrics (counting a request
+    /// clones the `Arc`, it does not allocate; a reload keeps the series of a route by name).
+    pub label: std::sync::Arc<str>,
     /// Path prefix (segment boundary respected).
     pub prefix: String,
     /// Upstream authority and scheme.

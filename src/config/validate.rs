@@ -734,6 +734,7 @@ fn routes(
             });
         }
         routes.push(RouteConfig {
+            label: r.name.as_str().into(),
             name: r.name,
             prefix: r.prefix,
             upstream: authority,

@@ -29,7 +29,9 @@ impl Drop for AuditGuard<'_> {
         } else {
             "deny"
         };
-        gw.inner.metrics.request(decision, reason, code);
+        gw.inner
+            .metrics
+            .request(self.ctx.route.as_ref(), decision, reason, code);
         let reservation = self.ctx.reservation.take();
         if self.ctx.decided {
             let completion = CompletionRecord {

@@ -18,7 +18,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::{
-    DEFAULT_RULES, Options, TestGateway, Upstream, assert_success, client, eventually, write_config,
+    DEFAULT_RULES, Options, TestGateway, Upstream, assert_success, client, eventually, get_bearer,
+    write_config,
 };
 use tokengate::config::Config;
 use tokengate::store::{RateOverride, Store};
@@ -688,12 +689,7 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
 
     let c = client();
     for _ in 0..2 {
-        let r = c
-            .get(tg.url("/apps/billing/status"))
-            .header("authorization", bearer(&ok_token))
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/billing/status"), &ok_token).await;
         assert_eq!(r.status(), 200);
     }
     // Denials: no token (401), no rule (403), rate limited (429 on the second request).
@@ -703,12 +699,7 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
         r.headers()["www-authenticate"],
         "Bearer realm=\"tokengate\""
     );
-    let r = c
-        .get(tg.url("/nothing/here"))
-        .header("authorization", bearer(&ok_token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/nothing/here"), &ok_token).await;
     assert_eq!(r.status(), 403);
     assert!(
         r.headers()["www-authenticate"]
@@ -716,19 +707,9 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
             .unwrap()
             .contains("error=\"insufficient_scope\"")
     );
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .header("authorization", bearer(&slow_token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &slow_token).await;
     assert_eq!(r.status(), 200);
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .header("authorization", bearer(&slow_token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &slow_token).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
@@ -1121,12 +1102,7 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     assert_eq!(v(&m, "tokengate_audit_healthy", &[]), 0.0);
     assert!(v(&m, "tokengate_audit_write_failures_total", &[]) >= 1.0);
     // Meanwhile requests are refused, never forwarded unaudited.
-    let r = client()
-        .get(tg.url("/apps/a/b"))
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/a/b"), &token).await;
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "unavailable");
@@ -1173,12 +1149,7 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     let c = client();
 
     // Before: no rule for /reports -> 403 no_rule, nothing forwarded.
-    let r = c
-        .get(tg.url("/reports/q1"))
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/reports/q1"), &token).await;
     assert_eq!(r.status(), 403);
     assert!(
         r.headers()["www-authenticate"]
@@ -1199,12 +1170,7 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
         },
     );
     assert!(tokengate::app::reload(&tg.gw, &tls, &tg.config_path).await);
-    let r = c
-        .get(tg.url("/reports/q1"))
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/reports/q1"), &token).await;
     assert_eq!(r.status(), 200);
     assert_eq!(tg.upstream.received().last().unwrap().target, "/reports/q1");
     let line = tg.last_request_line().await;
@@ -1219,12 +1185,7 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
             let mut statuses = Vec::new();
             for i in 0..60 {
                 let c = if i % 2 == 0 { keep.clone() } else { client() };
-                let r = c
-                    .get(&url)
-                    .header("authorization", bearer(&token))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = get_bearer(&c, &url, &token).await;
                 statuses.push(r.status().as_u16());
             }
             statuses
@@ -1261,12 +1222,7 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     let statuses = traffic.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     // The old config (with the reports rule) is still in force.
-    let r = c
-        .get(tg.url("/reports/q2"))
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/reports/q2"), &token).await;
     assert_eq!(r.status(), 200);
 
     // Audited, counted.
@@ -1308,12 +1264,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
     .await;
     let c = client();
     let url = format!("http://{}/reports/q1", p.public);
-    let r = c
-        .get(&url)
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, &url, &token).await;
     assert_eq!(r.status(), 403);
     assert!(
         r.headers()["www-authenticate"]
@@ -1338,12 +1289,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
         || {
             let (c, url, token) = (c.clone(), url.clone(), token.clone());
             async move {
-                let r = c
-                    .get(&url)
-                    .header("authorization", bearer(&token))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = get_bearer(&c, &url, &token).await;
                 (r.status() == 200).then_some(())
             }
         },
@@ -1367,12 +1313,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
         "the process must survive a bad reload"
     );
     for _ in 0..5 {
-        let r = c
-            .get(&url)
-            .header("authorization", bearer(&token))
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, &url, &token).await;
         assert_eq!(r.status(), 200);
     }
 
@@ -1574,12 +1515,7 @@ async fn sigterm_drain(one_cpu: bool) {
     );
     let (token, token_id) = ids;
     let c = client();
-    let r = c
-        .get(format!("http://{}/apps/a/b", p.public))
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, format!("http://{}/apps/a/b", p.public), &token).await;
     assert_eq!(r.status(), 200);
 
     // A slow request: the upstream answers after 4 s.
@@ -1587,12 +1523,7 @@ async fn sigterm_drain(one_cpu: bool) {
         let url = format!("http://{}/delay/4000", p.public);
         let token = token.clone();
         tokio::spawn(async move {
-            let r = client()
-                .get(&url)
-                .header("authorization", bearer(&token))
-                .send()
-                .await
-                .unwrap();
+            let r = get_bearer(&client(), &url, &token).await;
             let status = r.status().as_u16();
             let connection = r
                 .headers()
@@ -1689,12 +1620,7 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
         token = issue(db, "ci", "reader", &["apps:read"]).0
     })
     .await;
-    let r = client()
-        .get(format!("http://{}/apps/a/b", p.public))
-        .header("authorization", bearer(&token))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), format!("http://{}/apps/a/b", p.public), &token).await;
     assert_eq!(r.status(), 200);
     // `/slow` never answers.
     let stuck = {
@@ -1757,12 +1683,7 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let tg = TestGateway::start().await;
     let (before, before_id) = tg.token("ci", "before-backup", &["apps:read"]);
     let c = client();
-    let r = c
-        .get(tg.url("/apps/a/b"))
-        .header("authorization", bearer(&before))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), &before).await;
     assert_eq!(r.status(), 200);
 
     // Online: the gateway keeps running (and writing last-used) during the backup.
@@ -1811,21 +1732,21 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
         200
     );
     let seen = tg.upstream.count();
-    let r = c
-        .get(format!("http://{}/apps/restored/x", restored.addr))
-        .header("authorization", bearer(&before))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(
+        &c,
+        format!("http://{}/apps/restored/x", restored.addr),
+        &before,
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(tg.upstream.count(), seen + 1);
     // The token issued after the backup is unknown there: 401, not forwarded, audited.
-    let r = c
-        .get(format!("http://{}/apps/restored/y", restored.addr))
-        .header("authorization", bearer(&after))
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(
+        &c,
+        format!("http://{}/apps/restored/y", restored.addr),
+        &after,
+    )
+    .await;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]

@@ -813,7 +813,7 @@ pub fn client() -> reqwest::Client {
 /// `GET url` with a bearer token on client `c`.
 pub async fn get_bearer(
     c: &reqwest::Client,
-    url: String,
+    url: impl reqwest::IntoUrl,
     token: impl std::fmt::Display,
 ) -> reqwest::Response {
     c.get(url).bearer_auth(token).send().await.unwrap()

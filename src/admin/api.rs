@@ -171,14 +171,7 @@ async fn serve(
     };
     let (template, methods) = ROUTES[idx];
     ctx.rule = Some(format!("admin:{} {template}", parts.method));
-    if !methods.contains(&parts.method.as_str()) {
-        return Err(AdminError::status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method_not_allowed",
-            format!("{template} accepts {}.", methods.join(", ")),
-        ));
-    }
+    AdminError::check_method(template, methods, &parts.method)?;
     let p = param.unwrap_or_default();
     let get = parts.method == Method::GET;
     match route {

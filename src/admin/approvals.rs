@@ -139,14 +139,7 @@ pub(crate) async fn serve(
 ) -> Result<Response<Body>, AdminError> {
     let c = caller(gw, parts, conn, ctx).await?;
     ctx.rule = Some(format!("admin:{} {template}", parts.method));
-    if !methods.contains(&parts.method.as_str()) {
-        return Err(AdminError::status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method_not_allowed",
-            format!("{template} accepts {}.", methods.join(", ")),
-        ));
-    }
+    AdminError::check_method(template, methods, &parts.method)?;
     let id = param.unwrap_or_default();
     let get = parts.method == Method::GET;
     match template {

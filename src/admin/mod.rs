@@ -338,6 +338,18 @@ impl AdminError {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::status(StatusCode::NOT_FOUND, "not_found", "not_found", message)
     }
+    /// 405 unless `method` is one of the `methods` the endpoint `template` accepts.
+    pub fn check_method(template: &str, methods: &[&str], method: &Method) -> Result<(), Self> {
+        if methods.contains(&method.as_str()) {
+            return Ok(());
+        }
+        Err(Self::status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method_not_allowed",
+            format!("{template} accepts {}.", methods.join(", ")),
+        ))
+    }
     /// Audit reason.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -259,7 +259,8 @@ try {
     const wrong = hotp(key, Math.floor(Date.now() / 1000 / 30) + 5);
     await page.getByLabel("Code from the app").fill(wrong);
     await page.getByRole("button", { name: "Confirm" }).click();
-    await page.locator("#mfa-error").filter({ hasText: /\S/ }).waitFor();
+    await page.locator("#mfa-error").filter({ hasText: "Wrong or already used code" }).waitFor();
+    assert.equal(await page.getByRole("img", { name: "QR code of the authenticator key" }).isVisible(), true, "the enrolment waits");
     await page.getByLabel("Code from the app").fill(nextCode(key));
     await page.getByRole("button", { name: "Confirm" }).click();
     await page.getByText("Two-factor authentication is set up.").waitFor();
@@ -405,7 +406,8 @@ try {
     // A wrong code is refused; the request stays pending and the command keeps waiting.
     await page.getByLabel(`TOTP code for ${approvalId}`).fill(hotp(key, Math.floor(Date.now() / 1000 / 30) + 7));
     await row.getByRole("button", { name: "Approve" }).click();
-    await page.locator("#approvals-error").filter({ hasText: /\S/ }).waitFor();
+    await page.locator("#approvals-error").filter({ hasText: "Wrong or already used code" }).waitFor();
+    assert.match(await row.innerText(), /pending/, "still pending");
     assert.equal(waiterOut.code, undefined, "still waiting after a wrong code");
     assert.equal(waiter.exitCode, null);
     await page.getByLabel(`TOTP code for ${approvalId}`).fill(nextCode(key));
@@ -516,7 +518,10 @@ try {
     assert.equal(enrolled.auth_type, "session");
     const mfaFailed = admin("mfa.failed");
     assert.equal(mfaFailed.length, 2, "the two wrong codes");
-    for (const f of mfaFailed) assert.equal(f.actor, person);
+    for (const f of mfaFailed) {
+      assert.equal(f.actor, person);
+      assert.equal(f.reason, "wrong_or_reused_code");
+    }
 
     const created = admin("token.created").filter((l) => l.actor === person);
     assert.equal(created.length, 1);
@@ -592,7 +597,7 @@ try {
 
     // execFileSync throws unless the command exits 0.
     const verify = execFileSync(bin, ["--config", config, "audit", "verify"], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-    assert.equal(verify.trim(), `OK: ${lines.length} lines, chain intact`);
+    assert.equal(verify.trim(), `OK: ${auditLines().length} lines, chain intact`);
   });
 
   await step("no unexpected console errors (only the refusals the test provoked)", async () => {

@@ -248,6 +248,15 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
             assert_eq!(l["details"]["actor_name"], "root");
         }
     }
+    // Account events name the account by id in `target` and by name in `account`, as the CLI's do.
+    for ev in ["account.created", "account.disabled"] {
+        let l = &events(&tg, ev).await[0];
+        assert_eq!(
+            (l["target"].as_str(), l["account"].as_str()),
+            (acc["id"].as_str(), Some("ci")),
+            "{l}"
+        );
+    }
     let created_ev = &events(&tg, "token.created").await[0];
     assert_eq!(
         (

@@ -2,7 +2,11 @@
 //! read it from the reveal box, call the public listener with it (200), revoke it in the table,
 //! and see the next call get 401 (ui.test.mjs); and sign in with OpenID Connect at a real provider,
 //! issue tokens for one's own account within policy and the cap, revoke sessions and sign out
-//! everywhere (oidc.test.mjs).
+//! everywhere (oidc.test.mjs); enrol TOTP and approve a CI token's request (approvals.test.mjs);
+//! and the whole story of issue 19 end to end: OpenID sign-in, TOTP enrolment, own tokens within
+//! policy and the cap, a gated CI call refused, `tokengate approval request --wait` blocking until
+//! the person approves, the call going through, refused again after the window, and the audit log
+//! verified (story.test.mjs).
 //!
 //! It runs when `CI` is set (run.sh then installs Chromium and playwright-core itself) or when
 //! `/usr/bin/chromium` exists; otherwise it says why it is skipped.
@@ -37,7 +41,11 @@ fn web_ui_in_headless_chromium() {
     );
     assert_eq!(
         stdout.matches(" passed, 0 failed").count(),
-        2,
-        "both browser scripts ran and passed: {stdout}"
+        3,
+        "the counting browser scripts (ui, oidc, story) ran and passed: {stdout}"
+    );
+    assert!(
+        stdout.contains("approvals browser test passed"),
+        "approvals.test.mjs ran and passed: {stdout}"
     );
 }

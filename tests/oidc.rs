@@ -436,9 +436,15 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
     assert_eq!(created[0]["actor"], "oidc:ada@example.com");
     assert_eq!(created[0]["details"]["sub"], "ada");
     assert_eq!(created[0]["details"]["email"], "ada@example.com");
-    assert_eq!(
-        events(&tg, "account.created").await[0]["target"],
-        "ada@example.com"
+    // The target is the account id (as for the CLI and the admin API), the name is `account`.
+    let acc_created = &events(&tg, "account.created").await[0];
+    assert_eq!(acc_created["account"], "ada@example.com");
+    assert_eq!(acc_created["target"], acc_created["details"]["account_id"]);
+    assert!(
+        acc_created["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("acc_")),
+        "{acc_created}"
     );
     let tc = events(&tg, "token.created").await;
     assert_eq!(tc[0]["actor"], "oidc:ada@example.com");

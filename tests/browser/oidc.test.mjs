@@ -251,7 +251,10 @@ try {
     const text = fs.readFileSync(path.join(dir, "audit.log"), "utf8");
     const lines = text.trim().split("\n").map((l) => JSON.parse(l));
     const ev = (name) => lines.filter((l) => l.kind === "admin" && l.event === name);
-    assert.equal(ev("account.created")[0].target, "ada@example.com");
+    const acc = ev("account.created")[0];
+    assert.equal(acc.account, "ada@example.com");
+    assert.match(acc.target, /^acc_/, "the target is the account id, the name is `account`");
+    assert.equal(acc.target, acc.details.account_id);
     const created = ev("session.created");
     assert.equal(created.length, 2);
     for (const c of created) {

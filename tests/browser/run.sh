@@ -2,7 +2,10 @@
 # Browser test of the web UI: installs what it needs (Debian's chromium, playwright-core from the
 # committed package-lock.json), builds tokengate unless TOKENGATE_BIN is given, and runs
 # ui.test.mjs (token sign-in) and oidc.test.mjs (OpenID Connect sign-in against a real provider)
-# against a real gateway. Exits non-zero on failure.
+# against a real gateway, approvals.test.mjs (TOTP and approvals with token sign-in), and
+# story.test.mjs (issue 19 end to end: OpenID sign-in, TOTP, own tokens within policy, an
+# approval-gated CI call, `tokengate approval request --wait`, the window, the audit log).
+# Exits non-zero on failure.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -31,4 +34,6 @@ node "$here/ui.test.mjs"
 # Sign-in with OpenID Connect against the provider of tests/oidc (its run.sh runs `npm ci` there).
 node "$here/oidc.test.mjs"
 # Approvals: a CI token asks, a person enrols TOTP and approves.
-exec node "$here/approvals.test.mjs"
+node "$here/approvals.test.mjs"
+# The whole story, end to end, against the provider, the gateway and the CLI.
+exec node "$here/story.test.mjs"

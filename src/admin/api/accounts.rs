@@ -90,7 +90,8 @@ pub(super) fn account_done(
     status: StatusCode,
     acc: &Account,
 ) -> Response<Body> {
-    let mut rec = ctx.event(actor, event, Some(&acc.name), None);
+    // The target is the account id, as the CLI writes it (docs/audit.md); the name is `account`.
+    let mut rec = ctx.event(actor, event, Some(&acc.id), None);
     rec.account = Some(acc.name.clone());
     res.send(Entry::Admin(rec));
     ok(status, account_json(acc))

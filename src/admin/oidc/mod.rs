@@ -695,7 +695,7 @@ async fn ensure_account(gw: &Admin, o: &OidcConfig, p: &Person) -> Result<(), Ad
                         event: "account.created".into(),
                         actor: p.label(),
                         auth_type: "session".into(),
-                        target: Some(a.name.clone()),
+                        target: Some(a.id.clone()),
                         account: Some(a.name.clone()),
                         api_token_id: None,
                         token_prefix: None,

@@ -6,65 +6,21 @@
 // The audit log tells the story with the person's identity.
 //
 // Usage: node oidc.test.mjs   (env: TOKENGATE_BIN, CHROMIUM, SCREENSHOT_DIR)
-import { spawn, execFileSync } from "node:child_process";
-import fs from "node:fs";
-import http from "node:http";
-import os from "node:os";
 import path from "node:path";
-import readline from "node:readline";
-import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const bin = process.env.TOKENGATE_BIN;
-if (!bin) throw new Error("set TOKENGATE_BIN to the tokengate binary");
-const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
-const shots = process.env.SCREENSHOT_DIR || fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-shots-"));
-fs.mkdirSync(shots, { recursive: true });
-
-let passed = 0;
-let failed = 0;
-const cleanups = [];
-async function step(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`not ok - ${name}\n  ${String(e && e.stack || e).split("\n").join("\n  ")}`);
-    throw e;
-  }
-}
+import {
+  adminEvents, auditLines, auditText, launchBrowser, openPage, prepareGateway, runSteps, shots, sleep,
+  startGateway, startProvider, startUpstream, step,
+} from "./harness.mjs";
 
 // ------------------------------------------------------------------ the OpenID provider
-const provider = spawn("bash", [path.join(here, "..", "oidc", "run.sh")], { stdio: ["ignore", "pipe", "inherit"] });
-cleanups.push(() => provider.kill("SIGTERM"));
-const issuer = await new Promise((resolve, reject) => {
-  const timer = setTimeout(() => reject(new Error("the OpenID provider did not start")), 180000);
-  readline.createInterface({ input: provider.stdout }).on("line", (l) => {
-    const m = l.match(/^listening (\d+)$/);
-    if (m) { clearTimeout(timer); resolve(`http://127.0.0.1:${m[1]}`); }
-  });
-  provider.on("exit", (c) => reject(new Error(`the provider exited ${c}`)));
-});
+const issuer = await startProvider();
 
 // ------------------------------------------------------------------ recording upstream
-const received = [];
-const upstream = http.createServer((req, res) => {
-  received.push({ method: req.method, url: req.url, headers: req.headers });
-  res.writeHead(200, { "content-type": "application/json" });
-  res.end(JSON.stringify({ upstream: "ok" }));
-});
-await new Promise((r) => upstream.listen(0, "127.0.0.1", r));
-cleanups.push(() => upstream.close());
+const { url: upstreamUrl } = await startUpstream();
 
 // ------------------------------------------------------------------ gateway
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-oidc-ui-"));
-fs.writeFileSync(path.join(dir, "client-secret"), "tokengate-test-secret\n", { mode: 0o600 });
-const config = path.join(dir, "tokengate.toml");
-fs.writeFileSync(config, `[server]
+const { dir, cli, config } = prepareGateway("tokengate-oidc-ui-", `[server]
 listen = "127.0.0.1:0"
 
 [admin]
@@ -91,7 +47,7 @@ max_active_per_account = 2
 [[routes]]
 name = "api"
 prefix = "/"
-upstream = "http://127.0.0.1:${upstream.address().port}"
+upstream = "${upstreamUrl}"
 
 [[routes.rules]]
 methods = ["GET", "HEAD"]
@@ -102,40 +58,13 @@ permission = "apps:read"
 methods = ["POST"]
 path = "/apps/{app}/deploy"
 permission = "apps:deploy"
-`);
-execFileSync(bin, ["--config", config, "store", "init"], { stdio: "ignore" });
-const gw = spawn(bin, ["--config", config, "--log-format", "json", "serve"], { stdio: ["ignore", "ignore", "pipe"] });
-cleanups.push(() => gw.kill("SIGTERM"));
-const { publicUrl, adminUrl } = await new Promise((resolve, reject) => {
-  let buf = "";
-  const timer = setTimeout(() => reject(new Error("gateway did not start:\n" + buf)), 20000);
-  gw.stderr.on("data", (d) => {
-    buf += d.toString();
-    for (const line of buf.split("\n")) {
-      try {
-        const f = JSON.parse(line).fields || {};
-        if (f.public && f.admin) {
-          clearTimeout(timer);
-          resolve({ publicUrl: `http://${f.public}`, adminUrl: `http://${f.admin}` });
-        }
-      } catch (_) { /* not JSON yet */ }
-    }
-  });
-  gw.on("exit", (c) => reject(new Error(`gateway exited ${c}:\n${buf}`)));
-});
+`, { clientSecret: true });
+cli("store", "init");
+const { publicUrl, adminUrl } = await startGateway(config);
 
 // ------------------------------------------------------------------ the browser
-const browser = await chromium.launch({
-  executablePath: chromiumPath,
-  headless: true,
-  args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
-});
-cleanups.push(() => browser.close());
-const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-const page = await context.newPage();
-const consoleErrors = [];
-page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
-page.on("pageerror", (e) => consoleErrors.push(String(e)));
+const browser = await launchBrowser();
+const { context, page, consoleErrors } = await openPage(browser, { viewport: { width: 1280, height: 900 } });
 
 async function signIn(p, login) {
   await p.goto(adminUrl + "/");
@@ -145,7 +74,7 @@ async function signIn(p, login) {
 }
 
 let first = null;
-try {
+await runSteps(async () => {
   await step("the sign-in page offers the provider's button next to token sign-in", async () => {
     await page.goto(adminUrl + "/");
     await page.getByRole("heading", { name: "Sign in" }).waitFor();
@@ -247,10 +176,10 @@ try {
   });
 
   await step("the audit log tells the story with the person's identity, and no secret", async () => {
-    await new Promise((r) => setTimeout(r, 300));
-    const text = fs.readFileSync(path.join(dir, "audit.log"), "utf8");
-    const lines = text.trim().split("\n").map((l) => JSON.parse(l));
-    const ev = (name) => lines.filter((l) => l.kind === "admin" && l.event === name);
+    await sleep(300);
+    const text = auditText(dir);
+    const lines = auditLines(dir);
+    const ev = (name) => adminEvents(lines, name);
     const acc = ev("account.created")[0];
     assert.equal(acc.account, "ada@example.com");
     assert.match(acc.target, /^acc_/, "the target is the account id, the name is `account`");
@@ -268,18 +197,8 @@ try {
     const revoked = ev("session.revoked");
     assert.deepEqual(revoked.map((l) => l.reason).sort(), ["revoked", "signed_out_everywhere"]);
     assert.equal(text.includes(first), false);
-    const verify = execFileSync(bin, ["--config", config, "audit", "verify"], { encoding: "utf8" });
+    const verify = cli("audit", "verify");
     assert.match(verify, /ok|verified|intact/i);
     assert.deepEqual(consoleErrors.filter((e) => !/401|403|409|Unauthorized|Forbidden|Conflict/.test(e)), []);
   });
-} catch (_) {
-  // already reported by step()
-} finally {
-  for (const c of cleanups.reverse()) {
-    try { await c(); } catch (_) { /* best effort */ }
-  }
-  fs.rmSync(dir, { recursive: true, force: true });
-}
-console.log(`screenshots in ${shots}`);
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 && passed > 0 ? 0 : 1);
+}, { dir });

@@ -5,6 +5,8 @@
 # against a real gateway, approvals.test.mjs (TOTP and approvals with token sign-in), and
 # story.test.mjs (issue 19 end to end: OpenID sign-in, TOTP, own tokens within policy, an
 # approval-gated CI call, `tokengate approval request --wait`, the window, the audit log).
+# What the scripts share (steps, provider, upstream, gateway, Chromium, TOTP, audit log) is in
+# harness.mjs.
 # Exits non-zero on failure.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -24,69 +24,23 @@
 // even on a slow machine, and the test waits only for what is left of it.
 //
 // Usage: node story.test.mjs   (env: TOKENGATE_BIN, CHROMIUM, SCREENSHOT_DIR)
-import { spawn, execFileSync } from "node:child_process";
-import crypto from "node:crypto";
-import fs from "node:fs";
-import http from "node:http";
+import { spawn } from "node:child_process";
 import os from "node:os";
 import path from "node:path";
-import readline from "node:readline";
-import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const bin = process.env.TOKENGATE_BIN;
-if (!bin) throw new Error("set TOKENGATE_BIN to the tokengate binary");
-const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
-const shots = process.env.SCREENSHOT_DIR || fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-shots-"));
-fs.mkdirSync(shots, { recursive: true });
+import {
+  adminEvents, auditLines, auditText, base32, bin, hotp, launchBrowser, onCleanup, openPage, prepareGateway,
+  runSteps, shots, sleep, startGateway, startProvider, startUpstream, step, timeStep, totp,
+} from "./harness.mjs";
 
 const WINDOW_SECONDS = 30;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-let passed = 0;
-let failed = 0;
-const cleanups = [];
-async function step(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`not ok - ${name}\n  ${String(e && e.stack || e).split("\n").join("\n  ")}`);
-    throw e;
-  }
-}
 
 // ------------------------------------------------------------------ an authenticator app
-// RFC 6238 (HMAC-SHA1, 6 digits, 30 s steps). The gateway refuses a step already used, so each
-// code is for a step after the last one used (the current step, or the next one: ±1 is accepted).
-function base32(s) {
-  const abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-  let bits = 0, value = 0;
-  const out = [];
-  for (const c of s.replace(/=+$/, "")) {
-    const i = abc.indexOf(c);
-    if (i < 0) throw new Error(`not base32: ${c}`);
-    value = (value << 5) | i;
-    bits += 5;
-    if (bits >= 8) { out.push((value >>> (bits - 8)) & 255); bits -= 8; }
-  }
-  return Buffer.from(out);
-}
-function hotp(key, counter) {
-  const msg = Buffer.alloc(8);
-  msg.writeBigUInt64BE(BigInt(counter));
-  const h = crypto.createHmac("sha1", key).update(msg).digest();
-  const o = h[h.length - 1] & 15;
-  const n = ((h[o] & 0x7f) << 24) | (h[o + 1] << 16) | (h[o + 2] << 8) | h[o + 3];
-  return String(n % 1000000).padStart(6, "0");
-}
+// The gateway refuses a step already used, so each code is for a step after the last one used
+// (the current step, or the next one: ±1 is accepted).
 let lastStep = -1;
 function nextCode(key) {
-  const now = Math.floor(Date.now() / 1000 / 30);
+  const now = timeStep();
   const s = Math.max(now, lastStep + 1);
   assert.ok(s <= now + 1, "a fresh step is within the accepted drift");
   lastStep = s;
@@ -94,33 +48,16 @@ function nextCode(key) {
 }
 
 // ------------------------------------------------------------------ the OpenID provider
-const provider = spawn("bash", [path.join(here, "..", "oidc", "run.sh")], { stdio: ["ignore", "pipe", "inherit"] });
-cleanups.push(() => provider.kill("SIGTERM"));
-const issuer = await new Promise((resolve, reject) => {
-  const timer = setTimeout(() => reject(new Error("the OpenID provider did not start")), 180000);
-  readline.createInterface({ input: provider.stdout }).on("line", (l) => {
-    const m = l.match(/^listening (\d+)$/);
-    if (m) { clearTimeout(timer); resolve(`http://127.0.0.1:${m[1]}`); }
-  });
-  provider.on("exit", (c) => reject(new Error(`the provider exited ${c}`)));
-});
+const issuer = await startProvider();
 
 // ------------------------------------------------------------------ recording upstream
-const received = [];
-const upstream = http.createServer((req, res) => {
-  received.push({ method: req.method, url: req.url, requestId: req.headers["x-request-id"], authorization: req.headers.authorization });
-  res.writeHead(200, { "content-type": "application/json" });
-  res.end(JSON.stringify({ upstream: "ok", url: req.url }));
+const { received, url: upstreamUrl } = await startUpstream({
+  record: (req) => ({ method: req.method, url: req.url, requestId: req.headers["x-request-id"], authorization: req.headers.authorization }),
+  body: (req) => ({ upstream: "ok", url: req.url }),
 });
-await new Promise((r) => upstream.listen(0, "127.0.0.1", r));
-cleanups.push(() => upstream.close());
 
 // ------------------------------------------------------------------ gateway
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-story-"));
-fs.writeFileSync(path.join(dir, "client-secret"), "tokengate-test-secret\n", { mode: 0o600 });
-fs.writeFileSync(path.join(dir, "mfa.key"), crypto.randomBytes(32).toString("hex"), { mode: 0o600 });
-const config = path.join(dir, "tokengate.toml");
-fs.writeFileSync(config, `[server]
+const { dir, cli, config } = prepareGateway("tokengate-story-", `[server]
 listen = "127.0.0.1:0"
 
 [admin]
@@ -150,7 +87,7 @@ max_active_per_account = 1
 [[routes]]
 name = "api"
 prefix = "/"
-upstream = "http://127.0.0.1:${upstream.address().port}"
+upstream = "${upstreamUrl}"
 
 [[routes.rules]]
 methods = ["GET", "HEAD"]
@@ -163,8 +100,7 @@ path = "/apps/{app}/deploy"
 permission = "apps:deploy"
 name = "deploy"
 approval = { window = "${WINDOW_SECONDS}s", approvers = ["account:ada@example.com"] }
-`);
-const cli = (...args) => execFileSync(bin, ["--config", config, ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+`, { clientSecret: true, mfaKey: true });
 cli("store", "init");
 cli("account", "create", "ci-bots");
 // The CI token, as an operator bootstraps it; the plaintext stays in this process's memory.
@@ -172,41 +108,13 @@ const ciCreated = JSON.parse(cli("token", "create", "--account", "ci-bots", "--n
 const ci = ciCreated.token;
 assert.match(ci, /^tg_/);
 
-const gw = spawn(bin, ["--config", config, "--log-format", "json", "serve"], { stdio: ["ignore", "ignore", "pipe"] });
-cleanups.push(() => gw.kill("SIGTERM"));
-const { publicUrl, adminUrl } = await new Promise((resolve, reject) => {
-  let buf = "";
-  const timer = setTimeout(() => reject(new Error("gateway did not start:\n" + buf)), 20000);
-  gw.stderr.on("data", (d) => {
-    buf += d.toString();
-    for (const line of buf.split("\n")) {
-      try {
-        const f = JSON.parse(line).fields || {};
-        if (f.public && f.admin) {
-          clearTimeout(timer);
-          resolve({ publicUrl: `http://${f.public}`, adminUrl: `http://${f.admin}` });
-        }
-      } catch (_) { /* not JSON yet */ }
-    }
-  });
-  gw.on("exit", (c) => reject(new Error(`gateway exited ${c}:\n${buf}`)));
-});
+const { publicUrl, adminUrl } = await startGateway(config);
 
-const auditLines = () => fs.readFileSync(path.join(dir, "audit.log"), "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l));
 const deploy = () => fetch(`${publicUrl}/apps/billing/deploy`, { method: "POST", headers: { authorization: `Bearer ${ci}` } });
 
 // ------------------------------------------------------------------ the browser
-const browser = await chromium.launch({
-  executablePath: chromiumPath,
-  headless: true,
-  args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
-});
-cleanups.push(() => browser.close());
-const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-const page = await context.newPage();
-const consoleErrors = [];
-page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
-page.on("pageerror", (e) => consoleErrors.push(String(e)));
+const browser = await launchBrowser();
+const { context, page, consoleErrors } = await openPage(browser, { viewport: { width: 1280, height: 900 } });
 
 let key = null;          // the TOTP key, as the authenticator app holds it
 let personal = null;     // the token ada issued for herself
@@ -217,7 +125,7 @@ const refusals = [];     // request ids of the gated 403s
 let allowedRequestId = null;
 let approvedAt = null;
 
-try {
+await runSteps(async () => {
   // ---------------------------------------------------------------- 1. sign in at the provider
   await step("1. a person signs in through the provider: single sign-on button, their login typed at the provider", async () => {
     await page.goto(adminUrl + "/");
@@ -256,7 +164,7 @@ try {
     assert.equal(new Set(recovery).size, 10);
     await page.screenshot({ path: path.join(shots, "story-mfa-enrol.png") });
     // A wrong code is refused and the page says so; the enrolment waits for a right one.
-    const wrong = hotp(key, Math.floor(Date.now() / 1000 / 30) + 5);
+    const wrong = totp(key, 5);
     await page.getByLabel("Code from the app").fill(wrong);
     await page.getByRole("button", { name: "Confirm" }).click();
     await page.locator("#mfa-error").filter({ hasText: "Wrong or already used code" }).waitFor();
@@ -359,7 +267,7 @@ try {
     const env = { ...process.env, TOKENGATE_TOKEN: ci, HOME: dir, XDG_CONFIG_HOME: path.join(dir, "xdg") };
     for (const k of ["TOKENGATE_URL", "TOKENGATE_PROFILE", "TOKENGATE_CONFIG"]) delete env[k];
     waiter = spawn(bin, args, { env, cwd: os.tmpdir(), stdio: ["ignore", "pipe", "pipe"] });
-    cleanups.push(() => { if (waiterOut.code === undefined) waiter.kill("SIGTERM"); });
+    onCleanup(() => { if (waiterOut.code === undefined) waiter.kill("SIGTERM"); });
     waiter.stdout.on("data", (d) => { waiterOut.stdout += d; });
     waiter.stderr.on("data", (d) => { waiterOut.stderr += d; });
     waiter.on("exit", (c) => { waiterOut.code = c; });
@@ -380,7 +288,7 @@ try {
     assert.equal(body.approval_id, approvalId);
     refusals.push(r.headers.get("x-request-id"));
     // It blocks: after its first poll (1 s) it is still running, with nothing on stdout yet.
-    const polls = () => auditLines().filter((l) => l.kind === "request" && l.method === "GET" && l.path === `/v1/approvals/${approvalId}`).length;
+    const polls = () => auditLines(dir).filter((l) => l.kind === "request" && l.method === "GET" && l.path === `/v1/approvals/${approvalId}`).length;
     while (polls() < 1) {
       assert.ok(Date.now() < deadline, "the command polls the request");
       await sleep(100);
@@ -404,7 +312,7 @@ try {
     assert.match(text, /pending/);
     await page.screenshot({ path: path.join(shots, "story-approvals.png") });
     // A wrong code is refused; the request stays pending and the command keeps waiting.
-    await page.getByLabel(`TOTP code for ${approvalId}`).fill(hotp(key, Math.floor(Date.now() / 1000 / 30) + 7));
+    await page.getByLabel(`TOTP code for ${approvalId}`).fill(totp(key, 7));
     await row.getByRole("button", { name: "Approve" }).click();
     await page.locator("#approvals-error").filter({ hasText: "Wrong or already used code" }).waitFor();
     assert.match(await row.innerText(), /pending/, "still pending");
@@ -480,14 +388,14 @@ try {
   // ---------------------------------------------------------------- 9. the audit log
   await step("9. the audit log holds the whole story in order, no token plaintext, and `audit verify` exits 0", async () => {
     await sleep(300);
-    const text = fs.readFileSync(path.join(dir, "audit.log"), "utf8");
+    const text = auditText(dir);
     assert.equal(text.includes(ci), false, "no CI token plaintext");
     assert.equal(text.includes(personal), false, "no personal token plaintext");
     for (const k of [key.toString("hex")]) assert.equal(text.includes(k), false, "no TOTP key");
-    const lines = auditLines();
+    const lines = auditLines(dir);
     const seqs = lines.map((l) => l.seq);
     assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), "in order");
-    const admin = (event) => lines.filter((l) => l.kind === "admin" && l.event === event);
+    const admin = (event) => adminEvents(lines, event);
     const one = (event) => {
       const found = admin(event);
       assert.equal(found.length, 1, `exactly one ${event}: ${JSON.stringify(found)}`);
@@ -595,23 +503,13 @@ try {
     const sorted = [...order].sort((a, b) => a[1] - b[1]).map((o) => o[0]);
     assert.deepEqual(sorted, order.map((o) => o[0]));
 
-    // execFileSync throws unless the command exits 0.
-    const verify = execFileSync(bin, ["--config", config, "audit", "verify"], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-    assert.equal(verify.trim(), `OK: ${auditLines().length} lines, chain intact`);
+    // cli() throws unless the command exits 0.
+    const verify = cli("audit", "verify");
+    assert.equal(verify.trim(), `OK: ${auditLines(dir).length} lines, chain intact`);
   });
 
   await step("no unexpected console errors (only the refusals the test provoked)", async () => {
     const provoked = /Failed to load resource: the server responded with a status of (403|409)/;
     assert.deepEqual(consoleErrors.filter((e) => !provoked.test(e)), []);
   });
-} catch (_) {
-  // already reported by step()
-} finally {
-  for (const c of cleanups.reverse()) {
-    try { await c(); } catch (_) { /* best effort */ }
-  }
-  fs.rmSync(dir, { recursive: true, force: true });
-}
-console.log(`screenshots in ${shots}`);
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 && passed > 0 ? 0 : 1);
+}, { dir });

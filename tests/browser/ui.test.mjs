@@ -12,50 +12,18 @@
 // ui-1280.png and ui-375.png among them).
 //
 // Usage: node ui.test.mjs   (env: TOKENGATE_BIN, CHROMIUM, SCREENSHOT_DIR)
-import { spawn, execFileSync } from "node:child_process";
-import fs from "node:fs";
-import http from "node:http";
-import os from "node:os";
 import path from "node:path";
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
-
-const bin = process.env.TOKENGATE_BIN;
-if (!bin) throw new Error("set TOKENGATE_BIN to the tokengate binary");
-const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
-const shots = process.env.SCREENSHOT_DIR || fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-shots-"));
-fs.mkdirSync(shots, { recursive: true });
-
-let passed = 0;
-let failed = 0;
-const cleanups = [];
-async function step(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`not ok - ${name}\n  ${String(e && e.stack || e).split("\n").join("\n  ")}`);
-    throw e;
-  }
-}
+import {
+  adminEvents, auditLines, auditText, launchBrowser, openPage, prepareGateway, runSteps, shots, sleep,
+  startGateway, startUpstream, step,
+} from "./harness.mjs";
 
 // ------------------------------------------------------------------ recording upstream
-const received = [];
-const upstream = http.createServer((req, res) => {
-  received.push({ method: req.method, url: req.url, headers: req.headers });
-  res.writeHead(200, { "content-type": "application/json" });
-  res.end(JSON.stringify({ upstream: "ok", path: req.url }));
-});
-await new Promise((r) => upstream.listen(0, "127.0.0.1", r));
-cleanups.push(() => upstream.close());
-const upstreamAddr = `127.0.0.1:${upstream.address().port}`;
+const { received, url: upstreamUrl } = await startUpstream({ body: (req) => ({ upstream: "ok", path: req.url }) });
 
 // ------------------------------------------------------------------ gateway
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-ui-"));
-const config = path.join(dir, "tokengate.toml");
-fs.writeFileSync(config, `[server]
+const { dir, cli, config } = prepareGateway("tokengate-ui-", `[server]
 listen = "127.0.0.1:0"
 
 [admin]
@@ -73,7 +41,7 @@ path = "audit.log"
 [[routes]]
 name = "api"
 prefix = "/"
-upstream = "http://${upstreamAddr}"
+upstream = "${upstreamUrl}"
 
 [[routes.rules]]
 methods = ["GET", "HEAD"]
@@ -85,7 +53,6 @@ methods = ["GET"]
 path = "/public/**"
 public = true
 `);
-const cli = (...args) => execFileSync(bin, ["--config", config, ...args], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
 cli("store", "init"); // no other command creates the store
 cli("account", "create", "platform", "--email", "platform@example.com");
 cli("account", "create", "ci-bots");
@@ -98,25 +65,7 @@ cli("token", "create", "--account", "ci-bots", "--name", "release-soon", "--role
 cli("account", "create", "dana");
 const custom = JSON.parse(cli("token", "create", "--account", "dana", "--name", "dana-laptop", "--permission", "tokengate:self", "--permission", "apps:read", "--expires", "30d", "--json"));
 
-const gw = spawn(bin, ["--config", config, "--log-format", "json", "serve"], { stdio: ["ignore", "ignore", "pipe"] });
-cleanups.push(() => gw.kill("SIGTERM"));
-const { publicUrl, adminUrl } = await new Promise((resolve, reject) => {
-  let buf = "";
-  const timer = setTimeout(() => reject(new Error("gateway did not start:\n" + buf)), 20000);
-  gw.stderr.on("data", (d) => {
-    buf += d.toString();
-    for (const line of buf.split("\n")) {
-      try {
-        const f = JSON.parse(line).fields || {};
-        if (f.public && f.admin) {
-          clearTimeout(timer);
-          resolve({ publicUrl: `http://${f.public}`, adminUrl: `http://${f.admin}` });
-        }
-      } catch (_) { /* not JSON yet */ }
-    }
-  });
-  gw.on("exit", (c) => reject(new Error(`gateway exited ${c}:\n${buf}`)));
-});
+const { publicUrl, adminUrl } = await startGateway(config);
 
 async function callPublic(token) {
   const r = await fetch(`${publicUrl}/apps/billing/status`, { headers: { authorization: `Bearer ${token}` } });
@@ -124,21 +73,12 @@ async function callPublic(token) {
 }
 
 // ------------------------------------------------------------------ the browser
-const browser = await chromium.launch({
-  executablePath: chromiumPath,
-  headless: true,
-  args: ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
-});
-cleanups.push(() => browser.close());
-const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
+const browser = await launchBrowser();
+const { context, page, consoleErrors } = await openPage(browser, { viewport: { width: 1280, height: 800 }, deviceScaleFactor: 1 });
 await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: adminUrl });
-const page = await context.newPage();
-const consoleErrors = [];
-page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
-page.on("pageerror", (e) => consoleErrors.push(String(e)));
 
 let issued = null;
-try {
+await runSteps(async () => {
   await step("the page asks for a token to sign in", async () => {
     await page.goto(adminUrl + "/");
     await page.getByRole("heading", { name: "Sign in" }).waitFor();
@@ -399,9 +339,9 @@ try {
   });
 
   await step("the audit log has the session's actions, and no token", async () => {
-    await new Promise((r) => setTimeout(r, 300));
-    const lines = fs.readFileSync(path.join(dir, "audit.log"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
-    const ev = (name) => lines.filter((l) => l.kind === "admin" && l.event === name);
+    await sleep(300);
+    const lines = auditLines(dir);
+    const ev = (name) => adminEvents(lines, name);
     for (const name of ["session.login", "token.created", "token.revoked", "session.logout"]) {
       const found = ev(name).filter((l) => l.auth_type === "session" && l.actor === signin.id);
       // Signed in on the desktop page and again at phone width; one of everything else.
@@ -409,20 +349,10 @@ try {
       else assert.equal(found.length, 1, name);
       assert.equal(found[0].actor, signin.id, name);
     }
-    const text = fs.readFileSync(path.join(dir, "audit.log"), "utf8");
+    const text = auditText(dir);
     assert.equal(text.includes(issued), false);
     assert.equal(text.includes(signinToken), false);
     // 401 after sign-out, 409 of the cap step: expected answers the page handles.
     assert.deepEqual(consoleErrors.filter((e) => !/401|Unauthorized|409 \(Conflict\)/.test(e)), []);
   });
-} catch (_) {
-  // already reported by step()
-} finally {
-  for (const c of cleanups.reverse()) {
-    try { await c(); } catch (_) { /* best effort */ }
-  }
-  fs.rmSync(dir, { recursive: true, force: true });
-}
-console.log(`screenshots in ${shots}`);
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 && passed > 0 ? 0 : 1);
+}, { dir });

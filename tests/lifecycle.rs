@@ -322,6 +322,9 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .unwrap();
         let t0 = Instant::now();
         loop {
+            // The promise is about requests sent a second after the revoke: one sent before
+            // and answered later (a loaded machine) may still be a 200.
+            let sent = t0.elapsed();
             let r = c
                 .get(format!("http://{}/apps/x/y", b.addr))
                 .bearer_auth(&new.plaintext)
@@ -333,8 +336,8 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             }
             assert_eq!(r.status(), 200);
             assert!(
-                t0.elapsed() < Duration::from_secs(1),
-                "trial {i}: still accepted after 1 s"
+                sent < Duration::from_secs(1),
+                "trial {i}: a request sent {sent:?} after the revoke was accepted"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -348,7 +351,6 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
         "cross-process revocation: p50 {p50:?}, p99 {p99:?}, max {:?}",
         latencies[99]
     );
-    assert!(latencies[99] < Duration::from_secs(1));
     drop((a, b));
     tg.stop().await;
 }

@@ -236,6 +236,7 @@ impl SharedBuf {
     }
 }
 
+mod json;
 mod reader;
 mod verify;
 mod writer;

@@ -236,6 +236,7 @@ impl SharedBuf {
     }
 }
 
+mod inline;
 mod json;
 mod reader;
 mod verify;

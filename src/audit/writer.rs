@@ -91,8 +91,8 @@ struct Shared {
     slots: AtomicUsize,
     /// Sent-but-unwritten records (queued, or encoded and waiting in the core).
     depth: AtomicUsize,
-    /// Lines written inline whose write failed: they wait at the front of the core's `pending`
-    /// with a slot but no ticket. Changed under the core lock; read by `flush`.
+    /// Inline lines not yet written (their write failed): they wait in the core's `pending` with
+    /// a slot but no ticket. Changed under the core lock; read by `flush`.
     untracked: AtomicUsize,
     healthy: AtomicBool,
     closed: AtomicBool,
@@ -210,6 +210,7 @@ impl AuditLog {
             seq,
             prev,
             pending: Default::default(),
+            spare: Vec::new(),
             chunk: Vec::with_capacity(CHUNK_BYTES),
             ends: Vec::new(),
             repair,
@@ -424,10 +425,10 @@ impl Reservation {
     ///
     /// When the writer is idle and healthy, the line is written here, on the caller's thread,
     /// under the writer's own lock (taken with `try_lock`: a busy writer is never waited for),
-    /// and the returned [`Durable`] is already resolved: no wake-up of the writer thread, none
-    /// back. Otherwise the record is queued for the writer: records committed while it is busy
-    /// go out together in its next write (group commit), and it publishes its progress once
-    /// per batch.
+    /// after whatever was queued before it, in the same `write()`; the returned [`Durable`] is
+    /// already resolved: no wake-up of the writer thread, none back. Otherwise the record is
+    /// queued for the writer: records committed while it is busy go out together in its next
+    /// write (group commit), and it publishes its progress once per batch.
     pub fn commit(mut self, entry: Entry) -> Durable {
         let Some(s) = self.shared.clone() else {
             return Durable::done(Err(AuditError::Closed));
@@ -440,8 +441,8 @@ impl Reservation {
         let entry = match entry {
             Inline::Declined(entry) => entry,
             Inline::Written => {
-                // The line is written: its slot is free (what dropping the reservation does).
-                drop(self);
+                // The slot went with the line (as for every written line).
+                self.shared = None;
                 return Durable::done(Ok(()));
             }
             Inline::Failed => {

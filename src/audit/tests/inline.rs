@@ -202,3 +202,42 @@ fn a_file_cut_behind_the_writers_back_is_not_rotated_or_padded() {
     assert!(!bytes.contains(&0), "no hole of zeros");
     assert_eq!(request_ids(&[path]), ["b0", "b1", "b2"]);
 }
+
+#[tokio::test]
+async fn an_inline_line_never_overtakes_records_queued_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(cfg(&path)).unwrap();
+    for round in 0..50 {
+        // Queued (a refusal, a completion), then committed write-ahead: whoever writes them, the
+        // writer thread or the committing request, the file has them in this order.
+        log.reserve()
+            .unwrap()
+            .send(req(&format!("q{round}a")).into());
+        log.reserve()
+            .unwrap()
+            .send(completion(&format!("q{round}b")));
+        let d = log.reserve().unwrap().commit(line(&format!("d{round}")));
+        d.written().await.unwrap();
+    }
+    log.flush().unwrap();
+    log.shutdown();
+    let mut want = Vec::new();
+    for round in 0..50 {
+        want.extend([
+            format!("q{round}a"),
+            format!("q{round}b"),
+            format!("d{round}"),
+        ]);
+    }
+    let got: Vec<String> = lines_of(&path)
+        .iter()
+        .map(|l| match serde_json::from_str::<Entry>(l).unwrap() {
+            Entry::Request(r) => r.request_id,
+            Entry::Completion(c) => c.request_id,
+            Entry::Admin(a) => a.event,
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_intact(&[path], 150);
+}

@@ -4,8 +4,9 @@
 //!
 //! It lives behind [`Shared::core`](super::Shared), a mutex taken by the writer thread for each
 //! batch and, without waiting (`try_lock`), by a request that writes its own decision line
-//! ([`Core::write_inline`]) while the writer is idle and healthy. Whoever holds it assigns the
-//! next `seq` and writes that line before letting go, so the file stays in `seq` order.
+//! ([`Core::write_inline`]) while the writer is idle and healthy. Whoever holds it takes what is
+//! queued (under the core lock, so records keep the order they were queued in), numbers it,
+//! and writes it before letting go: the file stays in `seq` order and in queue order.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -36,10 +37,10 @@ pub(super) enum Repair {
 
 /// What [`Core::write_inline`] did with a record.
 pub(super) enum Inline {
-    /// The line is written (`write()` returned).
+    /// The line is written (`write()` returned); its slot has been released with it.
     Written,
     /// The write failed: the line is encoded and waits in `pending` (it keeps its slot), the
-    /// writer is marked failing and must be woken to retry.
+    /// writer is marked failing and must be woken to retry. Its slot is the line's now.
     Failed,
     /// Not attempted (the writer has work or trouble of its own): queue the record instead.
     Declined(Entry),
@@ -60,9 +61,12 @@ pub(super) struct Core {
     pub(super) seq: u64,
     /// chain of the last encoded line (hex).
     pub(super) prev: String,
-    /// Encoded lines not yet written, in seq order. Never dropped or reordered: the chain
-    /// of every later line depends on them.
-    pub(super) pending: VecDeque<Vec<u8>>,
+    /// Encoded lines not yet written, in seq order, each with whether it was queued (it has a
+    /// ticket; false for a line written inline). Never dropped or reordered: the chain of every
+    /// later line depends on them. Each holds one slot until it is written.
+    pub(super) pending: VecDeque<(Vec<u8>, bool)>,
+    /// The queue's entries, swapped out by an inline writer (kept for its capacity).
+    pub(super) spare: Vec<Entry>,
     pub(super) chunk: Vec<u8>,
     pub(super) ends: Vec<usize>,
     pub(super) repair: Repair,
@@ -108,57 +112,64 @@ impl Core {
         }
     }
 
-    /// Seals the entry as the next line of the chain and queues it for writing.
-    pub(super) fn encode(&mut self, mut entry: Entry) {
+    /// Seals the entry as the next line of the chain and adds it to the lines to write;
+    /// `queued`: it came through the queue (it has a ticket), else it is an inline line.
+    pub(super) fn encode(&mut self, shared: &Shared, mut entry: Entry, queued: bool) {
         self.prepare(&mut entry);
         self.seq += 1;
         let (line, chain) = line::encode(&entry, self.seq, &self.prev);
         self.prev = chain;
-        self.pending.push_back(line);
+        self.pending.push_back((line, queued));
+        if !queued {
+            shared.depth.fetch_add(1, Ordering::Relaxed);
+            shared.untracked.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Writes `entry` now, on the caller's thread, when nothing stands in the way: the writer is
-    /// healthy, has no line waiting, no tail to repair, no rotation due, and has not stopped.
-    /// The caller holds the lock, so the line takes the next `seq` and lands in order.
-    pub(super) fn write_inline(&mut self, shared: &Shared, mut entry: Entry) -> Inline {
+    /// healthy, has no line waiting, no tail to repair, no rotation near and no reopen asked,
+    /// and has not stopped. Whatever is queued goes first, in the same `write()` (the caller
+    /// does one round of the writer's work: queue order is kept, and a busy moment costs one
+    /// write for many records, not one each).
+    pub(super) fn write_inline(&mut self, shared: &Shared, entry: Entry) -> Inline {
         if self.gone
             || self.sink.is_none()
             || self.repair != Repair::None
             || self.next_retry.is_some()
             || !self.pending.is_empty()
+            || self.rotation_near()
         {
             return Inline::Declined(entry);
         }
-        self.prepare(&mut entry);
-        let (line, chain) = line::encode(&entry, self.seq + 1, &self.prev);
-        if self.rotation_due(line.len()) {
-            return Inline::Declined(entry);
-        }
-        let Some(sink) = self.sink.as_mut() else {
-            return Inline::Declined(entry);
-        };
-        self.seq += 1;
-        self.prev = chain;
-        let (n, err) = write_counted(sink.as_mut(), &line);
-        let flushed = if err.is_none() { sink.flush() } else { Ok(()) };
-        self.grow(n);
-        let Some(e) = err else {
-            shared.lines_written.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = flushed {
-                // The line was handed over; the stream refused to flush: retry like a failed batch.
-                self.failed(shared, &e);
+        let mut queued = std::mem::take(&mut self.spare);
+        {
+            let mut q = lock(&shared.queue);
+            if q.reopen {
+                drop(q);
+                self.spare = queued;
+                return Inline::Declined(entry);
             }
-            return Inline::Written;
-        };
-        if n > 0 {
-            self.cut_back(n);
+            std::mem::swap(&mut q.entries, &mut queued);
+            q.urgent = false;
         }
-        // The line keeps its seq: it is written first when the writer retries.
-        self.pending.push_back(line);
-        shared.untracked.fetch_add(1, Ordering::AcqRel);
-        shared.depth.fetch_add(1, Ordering::Relaxed);
-        self.failed(shared, &e);
-        Inline::Failed
+        for e in queued.drain(..) {
+            self.encode(shared, e, true);
+        }
+        self.spare = queued;
+        self.encode(shared, entry, false);
+        self.try_write(shared);
+        if self.pending.is_empty() {
+            Inline::Written
+        } else {
+            Inline::Failed
+        }
+    }
+
+    /// The file is within a chunk of `max_bytes`: leave the rotation (and its `fsync`) to the
+    /// writer thread.
+    fn rotation_near(&self) -> bool {
+        matches!((self.max_bytes, self.len),
+            (Some(max), Some(len)) if len + CHUNK_BYTES as u64 > max)
     }
 
     /// The next line (`next` bytes) would take the file over `max_bytes` and a rotation may be
@@ -252,6 +263,10 @@ impl Core {
     /// A write succeeded. Called before the written lines are published, so a `flush` that
     /// returns never sees the writer still marked unhealthy.
     fn recovered(&mut self, shared: &Shared) {
+        if self.next_retry.is_none() && self.failures_in_row == 0 {
+            // Never failed since the last recovery: nothing to publish.
+            return;
+        }
         if self.next_retry.take().is_some() {
             tracing::warn!(
                 failed_attempts = self.failures_in_row,
@@ -319,7 +334,7 @@ impl Core {
             }
             self.repair = Repair::None;
         }
-        while let Some(front) = self.pending.front() {
+        while let Some((front, _)) = self.pending.front() {
             if self.rotation_due(front.len()) {
                 let Some(sink) = self.sink.as_mut() else {
                     break;
@@ -336,7 +351,7 @@ impl Core {
             let start = self.len;
             self.chunk.clear();
             self.ends.clear();
-            for line in &self.pending {
+            for (line, _) in &self.pending {
                 if !self.chunk.is_empty() {
                     if self.chunk.len() + line.len() > CHUNK_BYTES {
                         break;
@@ -380,13 +395,11 @@ impl Core {
 
     /// The first `n` pending lines are in the file: drop them and publish them.
     fn written(&mut self, shared: &Shared, n: usize) {
-        self.pending.drain(..n);
-        // Inline lines that failed are at the front of `pending` (an inline write needs it empty).
-        let untracked = n.min(shared.untracked.load(Ordering::Acquire));
-        if untracked > 0 {
-            shared.untracked.fetch_sub(untracked, Ordering::AcqRel);
+        let queued = self.pending.drain(..n).filter(|(_, q)| *q).count();
+        if queued < n {
+            shared.untracked.fetch_sub(n - queued, Ordering::AcqRel);
         }
-        mark_written(shared, n, n - untracked);
+        mark_written(shared, n, queued);
     }
 
     /// `audit.log` → `audit.log.1` (older ones shift, keep 5), then a fresh file; the chain continues.
@@ -426,8 +439,8 @@ impl Core {
 }
 
 /// Publishes `lines` lines as written, `ticketed` of them queued ones (the rest were written
-/// inline and failed; nobody waits on a ticket for them): frees their slots, moves the queue's
-/// progress for `flush` and write-ahead waiters, and wakes `flush` waiters only if some wait.
+/// inline: no ticket): frees their slots, moves the queue's progress for `flush` and
+/// write-ahead waiters, and wakes `flush` waiters only if some wait.
 fn mark_written(s: &Shared, lines: usize, ticketed: usize) {
     if lines == 0 {
         return;

@@ -24,14 +24,14 @@ pub(super) fn run(shared: Arc<Shared>) {
     let mut busy = false;
     let mut batch: Vec<Entry> = Vec::new();
     loop {
-        // What the core says, read before the queue lock (the core is never locked while the
-        // queue is): a request that makes the core fail after this sets `kick`.
+        // What the core says, read before the queue lock (the core is never taken while the
+        // queue is held): a request that makes the core fail after this sets `kick`.
         let (next_retry, nothing_pending) = {
             let c = lock(&shared.core);
             (c.next_retry, c.pending.is_empty())
         };
         let idle = nothing_pending && shared.slots.load(Ordering::Acquire) == 0;
-        let (reopen, closing) = {
+        {
             let mut q = lock(&shared.queue);
             if busy && !q.closing && !q.reopen && !q.urgent && !q.kick && q.entries.len() < WAKE_AT
             {
@@ -79,6 +79,12 @@ pub(super) fn run(shared: Arc<Shared>) {
                     }
                 }
             }
+        }
+        // The batch is taken with the core held (core, then queue: the one lock order), so no
+        // request writing inline can take later records before this batch is written.
+        let mut c = lock(&shared.core);
+        let (reopen, closing) = {
+            let mut q = lock(&shared.queue);
             let reopen = std::mem::take(&mut q.reopen);
             q.urgent = false;
             q.kick = false;
@@ -88,9 +94,8 @@ pub(super) fn run(shared: Arc<Shared>) {
         };
         busy = !batch.is_empty();
         let idle = {
-            let mut c = lock(&shared.core);
             for entry in batch.drain(..) {
-                c.encode(entry);
+                c.encode(&shared, entry, true);
             }
             if reopen {
                 c.reopen(&shared);
@@ -98,6 +103,7 @@ pub(super) fn run(shared: Arc<Shared>) {
             c.try_write(&shared);
             c.pending.is_empty() && shared.slots.load(Ordering::Acquire) == 0
         };
+        drop(c);
         if closing {
             let since = *closing_since.get_or_insert_with(Instant::now);
             let drained = lock(&shared.queue).entries.is_empty();

@@ -36,6 +36,9 @@ pub(super) enum Repair {
 }
 
 /// What [`Core::write_inline`] did with a record.
+// The declined entry moves back once, by value, to be queued: boxing it would allocate per
+// request for nothing (as for `Entry` itself).
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Inline {
     /// The line is written (`write()` returned); its slot has been released with it.
     Written,

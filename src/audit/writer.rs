@@ -429,6 +429,11 @@ impl Reservation {
     /// already resolved: no wake-up of the writer thread, none back. Otherwise the record is
     /// queued for the writer: records committed while it is busy go out together in its next
     /// write (group commit), and it publishes its progress once per batch.
+    ///
+    /// The inline `write()` is a blocking call on the caller's thread (an async worker): an
+    /// append to the page cache, microseconds. When the disk holds it up, the worker waits where
+    /// the request would have waited for the writer thread; rotation (with its `fsync`) is left
+    /// to the writer thread.
     pub fn commit(mut self, entry: Entry) -> Durable {
         let Some(s) = self.shared.clone() else {
             return Durable::done(Err(AuditError::Closed));

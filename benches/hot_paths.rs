@@ -347,8 +347,9 @@ fn sample_record() -> RequestRecord {
     }
 }
 
-/// The writer thread's encoding (`audit::Writer::encode` is private, so this mirrors it):
-/// serde JSON of the entry, `,"seq":N`, then `"chain"` = SHA-256(prev chain ‖ line) in hex.
+/// A chained line as serde would encode it: serde JSON of the entry, `,"seq":N`, then `"chain"`
+/// = SHA-256(prev chain ‖ line) in hex. The writer's own encoder (`audit::line`, private) writes
+/// the same bytes without serde for request and completion records.
 fn encode_line(entry: &Entry, seq: u64, prev: &str) -> (Vec<u8>, String) {
     let mut line = Vec::with_capacity(512);
     serde_json::to_writer(&mut line, entry).expect("serializable");

@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 use super::{AuditError, Entry};
 use crate::token::hex;
 
+mod json;
+
 /// How many size-rotated files are kept (`audit.log.1` ..= `audit.log.5`).
 pub const ROTATE_KEEP: u32 = 5;
 /// The `prev` of the first line of a brand-new log.
@@ -33,11 +35,24 @@ pub(super) fn rotated_name(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The JSON object of `entry` as serde_json writes it, through the hand-written encoder for
+/// request and completion records (for the property test that holds the two equal).
+#[cfg(test)]
+pub(super) fn entry_json(entry: &Entry) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if !json::write_entry(&mut buf, entry) {
+        buf = serde_json::to_vec(entry).unwrap_or_default();
+    }
+    buf
+}
+
 /// Seals `entry` as line `seq` of the chain whose last link is `prev` (hex):
 /// `{"kind":...,...,"seq":N,"chain":"<hex>"}\n`. Returns the line and its chain.
 pub(super) fn encode(entry: &Entry, seq: u64, prev: &str) -> (Vec<u8>, String) {
     let mut line = Vec::with_capacity(512);
-    if serde_json::to_writer(&mut line, entry).is_err() || line.last() != Some(&b'}') {
+    let written = json::write_entry(&mut line, entry)
+        || (serde_json::to_writer(&mut line, entry).is_ok() && line.last() == Some(&b'}'));
+    if !written {
         // Unreachable for these types; keep the seq continuous rather than drop a record.
         tracing::error!("an audit record could not be serialized");
         line.clear();
@@ -45,7 +60,7 @@ pub(super) fn encode(entry: &Entry, seq: u64, prev: &str) -> (Vec<u8>, String) {
     }
     line.pop();
     line.extend_from_slice(b",\"seq\":");
-    line.extend_from_slice(seq.to_string().as_bytes());
+    json::integer(&mut line, seq);
     line.push(b'}');
     let chain = chain_hex(prev.as_bytes(), &[&line]);
     line.pop();

@@ -236,6 +236,8 @@ impl SharedBuf {
     }
 }
 
+mod inline;
+mod json;
 mod reader;
 mod verify;
 mod writer;

@@ -27,6 +27,8 @@ pub struct Durable {
     pub(super) rx: Option<tokio::sync::watch::Receiver<Mark>>,
     pub(super) on_failure: OnFailure,
     pub(super) ticket: u64,
+    /// Already settled when `commit` returned (written inline, failed inline, writer gone).
+    pub(super) done: Option<Result<(), AuditError>>,
 }
 
 impl Durable {
@@ -35,6 +37,9 @@ impl Durable {
     /// when the writer stopped. With `on_failure = "continue"` a failing log does not hold the
     /// request: it resolves at once (the line waits in memory, as every record then does).
     pub async fn written(self) -> Result<(), AuditError> {
+        if let Some(done) = self.done {
+            return done;
+        }
         let Some(mut rx) = self.rx else {
             return Err(AuditError::Closed);
         };
@@ -59,6 +64,24 @@ impl Durable {
     }
 }
 
+impl Durable {
+    /// Whether `commit` settled it (the line was written inline, or that write failed).
+    #[cfg(test)]
+    pub(in crate::audit) fn settled(&self) -> bool {
+        self.done.is_some()
+    }
+
+    /// A record whose fate `commit` already knows.
+    pub(super) fn done(result: Result<(), AuditError>) -> Durable {
+        Durable {
+            rx: None,
+            on_failure: OnFailure::Reject,
+            ticket: 0,
+            done: Some(result),
+        }
+    }
+}
+
 impl fmt::Debug for Durable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Durable")
@@ -68,6 +91,13 @@ impl fmt::Debug for Durable {
 }
 
 impl AuditLog {
+    /// The writer thread is parked, waiting for a producer's wake-up (so it does not touch the
+    /// core until something is queued).
+    #[cfg(test)]
+    pub(in crate::audit) fn writer_parked(&self) -> bool {
+        lock(&self.inner.shared.queue).parked
+    }
+
     /// Whether the log can take a record now, checked without writing to the log: the writer is
     /// healthy and the file system under the log accepts [`ROOM_PROBE`] bytes (written to the
     /// writer's own lock file `<path>.lock`, then cut back to zero). For the CLI, which must not

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,6 +26,9 @@ use crate::admin;
 use crate::config::Config;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::tls::{self, TlsError};
+
+mod admission;
+use admission::Admission;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -239,28 +241,6 @@ enum Role {
     Admin,
 }
 
-/// Counts connections per client IP; the guard gives the slot back.
-struct ConnSlot {
-    ip: IpAddr,
-    per_ip: Arc<DashMap<IpAddr, usize>>,
-    gw: Gateway,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.gw
-            .metrics()
-            .open_connections
-            .fetch_sub(1, Ordering::Relaxed);
-        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(self.ip) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ArcSwapOption<TlsAcceptor>>,
@@ -271,7 +251,7 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
 ) {
     let mut stop = shared.stop.clone();
-    let per_ip: Arc<DashMap<IpAddr, usize>> = Arc::new(DashMap::new());
+    let admission = Admission::new();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -287,29 +267,11 @@ async fn accept_loop(
         };
         let cfg = gw.config();
         let slot = if role == Role::Public {
-            let open = gw.metrics().open_connections.load(Ordering::Relaxed);
-            if open >= cfg.server.max_connections as i64 {
-                tracing::debug!(%peer, "connection limit reached; closing");
-                continue;
+            match admission.admit(&gw, &cfg, peer) {
+                Some(slot) => Some(slot),
+                // Dropping the stream closes the connection unanswered.
+                None => continue,
             }
-            // IPv6 by /64, like the failed-auth limiter: one host usually holds the whole /64.
-            let ip = crate::ratelimit::client_key(peer.ip());
-            {
-                let mut n = per_ip.entry(ip).or_insert(0);
-                if *n >= cfg.server.max_connections_per_ip {
-                    tracing::debug!(%peer, "per-IP connection limit reached; closing");
-                    continue;
-                }
-                *n += 1;
-            }
-            gw.metrics()
-                .open_connections
-                .fetch_add(1, Ordering::Relaxed);
-            Some(ConnSlot {
-                ip,
-                per_ip: per_ip.clone(),
-                gw: gw.clone(),
-            })
         } else {
             None
         };

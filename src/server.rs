@@ -300,25 +300,17 @@ async fn serve_connection(
     watcher: Watcher,
     shared: Shared,
 ) {
-    let cfg = gw.config();
-    let public = admin_state.is_none();
-    let stop = shared.stop.clone();
-    // A client that accepts no byte of what is written to it for this long is cut (nginx's
-    // `send_timeout`): its response, and the upstream connection feeding it, are dropped.
-    let send_timeout = cfg.server.body_idle_timeout;
-    // Requests in flight on this connection, for the idle timeout.
-    let (in_flight, idle_rx) = watch::channel(0usize);
-    let in_flight = Arc::new(in_flight);
     let conn = ConnInfo {
         peer,
         tls: acceptor.is_some(),
     };
     // Plain HTTP/1.1 on the public listener: the fast path (`h1`), until it declines a request.
-    let (stream, buffered) = if public && acceptor.is_none() && cfg.server.http1_fast_path {
+    let fast = admin_state.is_none() && acceptor.is_none() && gw.config().server.http1_fast_path;
+    let (stream, buffered) = if fast {
         let c = crate::h1::Conn {
             gw: &gw,
             info: conn,
-            stop: stop.clone(),
+            stop: shared.stop.clone(),
             phase: h1_phase,
             busy: &shared.busy,
         };
@@ -329,6 +321,46 @@ async fn serve_connection(
     } else {
         (stream, bytes::BytesMut::new())
     };
+    // Boxed: hyper's connection state is several KiB; inline it would size the task of every
+    // connection, the fast path's idle ones included (docs/performance.md, "Idle connections").
+    // Built inside `Box::pin(..)`: a `let` binding of the unboxed future would keep its storage
+    // in this future's state across the `.await`, which is the size this avoids.
+    Box::pin(serve_hyper(
+        stream,
+        buffered,
+        conn,
+        acceptor,
+        gw,
+        admin_state,
+        watcher,
+        shared,
+    ))
+    .await;
+}
+
+/// Serves a connection with hyper: TLS, HTTP/2, the admin listener, and whatever the fast path
+/// declined (`buffered`: the bytes it had read).
+#[allow(clippy::too_many_arguments)]
+async fn serve_hyper(
+    stream: TcpStream,
+    buffered: bytes::BytesMut,
+    conn: ConnInfo,
+    acceptor: Option<Arc<TlsAcceptor>>,
+    gw: Gateway,
+    admin_state: Option<admin::Admin>,
+    watcher: Watcher,
+    shared: Shared,
+) {
+    let cfg = gw.config();
+    let peer = conn.peer;
+    let public = admin_state.is_none();
+    let stop = shared.stop.clone();
+    // A client that accepts no byte of what is written to it for this long is cut (nginx's
+    // `send_timeout`): its response, and the upstream connection feeding it, are dropped.
+    let send_timeout = cfg.server.body_idle_timeout;
+    // Requests in flight on this connection, for the idle timeout.
+    let (in_flight, idle_rx) = watch::channel(0usize);
+    let in_flight = Arc::new(in_flight);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

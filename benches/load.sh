@@ -6,7 +6,14 @@
 #   bash benches/load.sh --profile tg-full --only-profile   # perf profile of one system under wrk load
 #   bash benches/load.sh --systems "tg-full tg-fwdauth" --reps 1 --duration 2 --rates ""
 #                                   # smoke run of forward-auth beside proxy mode, closed loop only
-#   options: --reps N  --duration S  --conns N  --rates "5000 15000" (empty: no open loop, no oha)
+#   bash benches/load.sh --systems "nginx haproxy tg-full" --reps 1 --duration 3 --rates ""
+#                                   # smoke run of the three proxies, closed loop only
+#   options: --reps N  --duration S  --rates "5000 15000" (empty: no open loop, no oha)
+#            --conns N (connections of wrk and oha; default 50)
+#            --cores N (CPU cores per system under test, default 1: the last N cores; nginx gets N
+#            workers, HAProxy N threads, tokengate N runtime threads (it sizes its runtime from the
+#            cores it may run on); the load generator and upstream get the cores left, or core 0
+#            shared with the systems when N leaves none, which the summary flags)
 #            --keep (keep the work dir)  --systems "LIST" (measure only these of the systems below)
 #            --profile "SYSTEM..." (after the measurements, one more closed-loop run of each SYSTEM under
 #            `perf record -e cpu-clock`, software sampling: this machine has no hardware counters;
@@ -25,6 +32,8 @@
 #        upstream      the backend every proxy forwards to          (core 0, with the load generator)
 #        direct        a second upstream, measured without a proxy   (core 1)
 #        nginx         plain reverse proxy: 1 worker, upstream keepalive, access_log off (core 1)
+#        haproxy       plain reverse proxy (Debian's HAProxy): 1 thread, HTTP keep-alive both
+#                      sides, idle upstream connections reused (`http-reuse always`), no log (core 1)
 #        tg-full       tokengate, full pipeline: valid token, rules, rate limit (never triggers),
 #                      audit to a file                                            (core 1)
 #        tg-noauth     tokengate, same config but the benchmarked rule is `public = true`
@@ -34,7 +43,8 @@
 #                      `/_tokengate/auth` with `X-Original-URI` = the benchmarked path and the
 #                      token; same rules, store and token as tg-full; nothing is forwarded, so its
 #                      req/s are decisions per second                                   (core 1)
-#      Every system under test is pinned to core 1 (`taskset -c 1`), the load generator to core 0.
+#      Every system under test is pinned to core 1 (`taskset -c 1`), the load generator to core 0;
+#      with --cores N, to the last N cores (N workers/threads each), the load generator to the rest.
 #   4. closed loop, throughput: wrk, 1 thread, N connections (default 50), per system, in rotating
 #      order, R repetitions (default 5);
 #   5. open loop, latency: oha at fixed rates (default 5k and 15k req/s) with `--latency-correction`
@@ -59,6 +69,7 @@ ONLY_PROFILE=0
 CANDIDATE=""
 BASE_BIN=""
 ONLY_SYSTEMS=""
+CORES=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
@@ -72,7 +83,8 @@ while [ $# -gt 0 ]; do
         --candidate) CANDIDATE="$(realpath "$2")"; shift ;;
         --bin) BASE_BIN="$(realpath "$2")"; shift ;;
         --systems) ONLY_SYSTEMS="$2"; shift ;;
-        -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+        --cores) CORES="$2"; shift ;;
+        -h|--help) sed -n '2,58p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -85,8 +97,24 @@ if [ "$(nproc --all)" -lt 2 ]; then
     echo "load.sh: needs 2 cores (proxy on core 1, load generator on core 0)" >&2
     exit 1
 fi
-LOADGEN="taskset -c 0"
-SUT="taskset -c 1"
+NPROC="$(nproc --all)"
+case "$CORES" in ''|*[!0-9]*|0) echo "load.sh: --cores needs a positive number" >&2; exit 64 ;; esac
+if [ "$CORES" -ge "$NPROC" ]; then
+    # Nothing left for the load generator: it shares core 0 with the systems (noted in the summary).
+    CORES="$NPROC"
+    SUT_CPUS="0-$((NPROC - 1))"
+    LOAD_CPUS="0"
+    SHARED_NOTE="load generator and upstream SHARE core 0 with the systems under test"
+else
+    SUT_CPUS="$((NPROC - CORES))-$((NPROC - 1))"
+    LOAD_CPUS="0-$((NPROC - CORES - 1))"
+    # "1" rather than "1-1" (taskset takes both; the summary reads better).
+    [ "$CORES" = 1 ] && SUT_CPUS="$((NPROC - 1))"
+    [ "$((NPROC - CORES))" = 1 ] && LOAD_CPUS="0"
+    SHARED_NOTE="load generator and upstream on cores $LOAD_CPUS"
+fi
+LOADGEN="taskset -c $LOAD_CPUS"
+SUT="taskset -c $SUT_CPUS"
 BENCH_PATH="/apps/billing/items"
 
 log() { printf '== %s\n' "$*" >&2; }
@@ -94,6 +122,7 @@ log() { printf '== %s\n' "$*" >&2; }
 # ---------------------------------------------------------------- tools
 need_apt=()
 command -v nginx >/dev/null || need_apt+=(nginx)
+command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v curl >/dev/null || need_apt+=(curl)
@@ -159,6 +188,7 @@ wait_http() { # url [header]
 
 start_upstream() { # name core: sets PID_<name> and PORT_<name>
     local name="$1" core="$2" out="$WORK/$1.out" i
+    : >"$out"
     taskset -c "$core" "$UPSTREAM_BIN" 127.0.0.1:0 >"$out" 2>&1 &
     PIDS+=($!)
     eval "PID_$name=$!"
@@ -169,8 +199,8 @@ start_upstream() { # name core: sets PID_<name> and PORT_<name>
     eval "PORT_$name=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$out")"
 }
 
-start_upstream upstream 0
-start_upstream direct 1
+start_upstream upstream "$LOAD_CPUS"
+start_upstream direct "$SUT_CPUS"
 UP_PORT="$PORT_upstream"
 DIRECT_PORT="$PORT_direct"
 
@@ -178,7 +208,7 @@ DIRECT_PORT="$PORT_direct"
 NGINX_PORT="$(free_port)"
 mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes $CORES;
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/logs/error.log warn;
@@ -209,6 +239,36 @@ EOF
 $SUT nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
 PIDS+=($!)
 PID_nginx=$!
+
+# HAProxy: plain reverse proxy on the same upstream, one thread per core, keep-alive on both
+# sides, idle upstream connections shared between client connections (as nginx's `keepalive`),
+# no log. One process (threads), so its CPU time is the process's.
+HAPROXY_PORT="$(free_port)"
+mkdir -p "$WORK/haproxy"
+# HAProxy needs two descriptors per connection and will not start if it cannot have them.
+HAPROXY_MAXCONN=$(( ($(ulimit -n) - 100) / 2 ))
+[ "$HAPROXY_MAXCONN" -gt 20000 ] && HAPROXY_MAXCONN=20000
+cat >"$WORK/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread $CORES
+    maxconn $HAPROXY_MAXCONN
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    option http-keep-alive
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend upstream
+backend upstream
+    server up 127.0.0.1:$UP_PORT pool-max-conn 128
+EOF
+$SUT haproxy -db -f "$WORK/haproxy/haproxy.cfg" 2>"$WORK/haproxy/stderr.log" &
+PIDS+=($!)
+PID_haproxy=$!
 
 # tokengate: full pipeline and no-auth mode (same config, the benchmarked rule made public).
 tg_config() { # name public(true|false) [extra server keys] -> writes $WORK/name/tokengate.toml, prints its path
@@ -283,7 +343,7 @@ PID_tg_fwdauth=$!
 FWD_PORT="$(port_of "$FWD_CFG")"
 FWD_HEADER="X-Original-URI: $BENCH_PATH"
 
-SYSTEMS="direct nginx tg-full tg-noauth tg-fwdauth"
+SYSTEMS="direct nginx haproxy tg-full tg-noauth tg-fwdauth"
 if [ -n "$CANDIDATE" ]; then
     # Same store (so the same token works; SQLite in WAL mode serves both), own ports and audit.
     CAND_CFG="$(tg_config cand-full false)"
@@ -298,6 +358,7 @@ url_of() {
     case "$1" in
         direct) echo "http://127.0.0.1:$DIRECT_PORT$BENCH_PATH" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT$BENCH_PATH" ;;
+        haproxy) echo "http://127.0.0.1:$HAPROXY_PORT$BENCH_PATH" ;;
         tg-full) echo "http://127.0.0.1:$FULL_PORT$BENCH_PATH" ;;
         tg-noauth) echo "http://127.0.0.1:$NOAUTH_PORT$BENCH_PATH" ;;
         cand-full) echo "http://127.0.0.1:$CAND_PORT$BENCH_PATH" ;;
@@ -314,6 +375,7 @@ pid_of() {
     case "$1" in
         direct) echo "$PID_direct" ;;
         nginx) echo "$PID_nginx" ;;
+        haproxy) echo "$PID_haproxy" ;;
         tg-full) echo "$PID_tg_full" ;;
         tg-noauth) echo "$PID_tg_noauth" ;;
         cand-full) echo "$PID_cand_full" ;;
@@ -479,15 +541,15 @@ FWD_DENIED="$(grep '"mode":"forward_auth"' "$WORK/tg-fwdauth/audit.log" | grep -
     | grep -vc '"reason":"client_closed"' || true)"
 NOAUTH_TOKEN_LINES="$(grep '"kind":"request"' "$WORK/tg-noauth/audit.log" | grep -c '"auth_type":"api_token"' || true)"
 
-python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" "$FWD_LINES" "$FWD_DENIED" <<'PY'
+python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" "$FWD_LINES" "$FWD_DENIED" "$SUT_CPUS" "$SHARED_NOTE" <<'PY'
 import statistics as st, sys, collections
-path, reps, dur, conns, lines, denied, noauth_tok, fwd_lines, fwd_denied = sys.argv[1:10]
+path, reps, dur, conns, lines, denied, noauth_tok, fwd_lines, fwd_denied, sut_cpus, shared = sys.argv[1:12]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 by = collections.defaultdict(list)
 for mode, s, rep, rps, p50, p99, p999, cpu, busy in rows:
     by[(mode, s)].append(dict(rps=float(rps), p50=float(p50), p99=float(p99),
                               p999=float(p999) if p999 else None, cpu=float(cpu), busy=busy))
-systems = ["direct", "nginx", "tg-full", "tg-noauth", "tg-fwdauth", "cand-full"]
+systems = ["direct", "nginx", "haproxy", "tg-full", "tg-noauth", "tg-fwdauth", "cand-full"]
 modes = sorted({m for m, _ in by}, key=lambda m: (m != "closed", len(m), m))
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -497,7 +559,7 @@ def fmt(xs, unit="", prec=0):
     if not xs:
         return "-"
     return f"{st.median(xs):.{prec}f}{unit} ({min(xs):.{prec}f}..{max(xs):.{prec}f})"
-print(f"\n# tokengate load benchmark: {reps} repetition(s) x {dur} s, {conns} connections, systems on core 1, load on core 0")
+print(f"\n# tokengate load benchmark: {reps} repetition(s) x {dur} s, {conns} connections, systems on cores {sut_cpus}, {shared}")
 busy = sum(r["busy"] == "busy" for v in by.values() for r in v)
 print(f"# runs with other builds (rustc/cc1) active on the machine: {busy} of {len(rows)}: figures are noisy, compare ratios")
 for mode in modes:
@@ -529,9 +591,12 @@ def line(label, r, target=None, higher_better=True):
         ok += f" (target {'>=' if higher_better else '<='} {target})"
     print(f"{label:<50} {r:6.3f}{ok}")
 line("throughput tg-full / nginx", ratio("closed", "rps", "tg-full", "nginx"), 1.15)
+line("throughput tg-full / haproxy", ratio("closed", "rps", "tg-full", "haproxy"))
+line("throughput haproxy / nginx", ratio("closed", "rps", "haproxy", "nginx"))
 line("throughput tg-full / direct", ratio("closed", "rps", "tg-full", "direct"))
 line("throughput tg-full / tg-noauth", ratio("closed", "rps", "tg-full", "tg-noauth"), 0.95)
 line("CPU per request tg-full / nginx", ratio("closed", "cpu", "tg-full", "nginx"), None)
+line("CPU per request tg-full / haproxy", ratio("closed", "cpu", "tg-full", "haproxy"), None)
 line("CPU per request tg-full / tg-noauth", ratio("closed", "cpu", "tg-full", "tg-noauth"), None)
 line("throughput cand-full / tg-full (candidate build)", ratio("closed", "rps", "cand-full", "tg-full"))
 line("throughput cand-full / nginx", ratio("closed", "rps", "cand-full", "nginx"), 1.15)

@@ -18,15 +18,27 @@ use std::time::{Duration, Instant};
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
 /// Per-kind state: when the next line may go out, and how many were held back meanwhile.
-#[derive(Debug, Default)]
+///
+/// Time is milliseconds on any clock that does not go backwards much: [`Coalescer::allow_at`]
+/// takes an `Instant`, [`Coalescer::allow_at_ms`] a timestamp in ms, e.g. the gateway's clock,
+/// which tests can advance. Use one kind of time per coalescer.
+#[derive(Debug)]
 pub struct Coalescer {
     kinds: Mutex<HashMap<&'static str, Slot>>,
-    interval: Duration,
+    interval_ms: i64,
+    /// The origin of [`Coalescer::allow_at`]'s instants.
+    base: Instant,
+}
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer::new(INTERVAL)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    next: Instant,
+    next_ms: i64,
     suppressed: u64,
 }
 
@@ -35,29 +47,37 @@ impl Coalescer {
     pub fn new(interval: Duration) -> Self {
         Coalescer {
             kinds: Mutex::new(HashMap::new()),
-            interval,
+            interval_ms: i64::try_from(interval.as_millis()).unwrap_or(i64::MAX),
+            base: Instant::now(),
         }
     }
 
     /// Whether a line of `kind` may be logged at `now`: `Some(suppressed)` (the lines of this
     /// kind left out since the last one) or `None` (leave it out; it is counted).
     pub fn allow_at(&self, kind: &'static str, now: Instant) -> Option<u64> {
+        let ms = now.saturating_duration_since(self.base).as_millis();
+        self.allow_at_ms(kind, i64::try_from(ms).unwrap_or(i64::MAX))
+    }
+
+    /// [`Coalescer::allow_at`] with the time as milliseconds (e.g. `Gateway::now_ms`).
+    pub fn allow_at_ms(&self, kind: &'static str, now_ms: i64) -> Option<u64> {
         let mut kinds = self.kinds.lock().unwrap_or_else(PoisonError::into_inner);
+        let next_ms = now_ms.saturating_add(self.interval_ms);
         match kinds.get_mut(kind) {
-            Some(slot) if now < slot.next => {
+            Some(slot) if now_ms < slot.next_ms => {
                 slot.suppressed += 1;
                 None
             }
             Some(slot) => {
                 let suppressed = std::mem::take(&mut slot.suppressed);
-                slot.next = now + self.interval;
+                slot.next_ms = next_ms;
                 Some(suppressed)
             }
             None => {
                 kinds.insert(
                     kind,
                     Slot {
-                        next: now + self.interval,
+                        next_ms,
                         suppressed: 0,
                     },
                 );
@@ -102,5 +122,15 @@ mod tests {
         assert_eq!(c.allow_at("audit", t0 + Duration::from_secs(10)), Some(500));
         assert_eq!(c.allow_at("audit", t0 + Duration::from_secs(11)), None);
         assert_eq!(c.allow_at("audit", t0 + Duration::from_secs(21)), Some(1));
+    }
+
+    #[test]
+    fn milliseconds_from_any_clock_work_alike() {
+        let c = Coalescer::new(Duration::from_secs(10));
+        let t0 = 1_800_000_000_000;
+        assert_eq!(c.allow_at_ms("conn", t0), Some(0));
+        assert_eq!(c.allow_at_ms("conn", t0 + 1), None);
+        assert_eq!(c.allow_at_ms("conn", t0 + 9_999), None);
+        assert_eq!(c.allow_at_ms("conn", t0 + 10_000), Some(2));
     }
 }

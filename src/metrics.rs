@@ -154,6 +154,8 @@ pub struct Metrics {
     pub listening: AtomicBool,
     /// Connections that ended with an error, by [`HttpErrorKind`].
     http_errors: [AtomicU64; HttpErrorKind::ALL.len()],
+    /// Connections the accept loop refused, by [`ConnLimit`].
+    connections_refused: [AtomicU64; ConnLimit::ALL.len()],
     /// Set when the drain deadline passes: requests dropped from then on were cut by the
     /// shutdown (their audit reason says `shutdown`, not `client_closed`).
     pub shutdown_cut: AtomicBool,
@@ -182,6 +184,7 @@ impl Default for Metrics {
             last_reload_ok: AtomicBool::new(true),
             listening: AtomicBool::new(false),
             http_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            connections_refused: std::array::from_fn(|_| AtomicU64::new(0)),
             shutdown_cut: AtomicBool::new(false),
             h1_fast_path: AtomicU64::new(0),
             h1_declined: AtomicU64::new(0),
@@ -243,6 +246,36 @@ impl HttpErrorKind {
     }
 }
 
+/// The limit a refused connection hit (`tokengate_connections_refused_total{limit}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnLimit {
+    /// `server.max_connections_per_ip`: the client address already held that many.
+    PerIp,
+    /// `server.max_connections`: the listener already held that many.
+    Total,
+}
+
+impl ConnLimit {
+    /// Every limit, in the order of the counters.
+    pub const ALL: [ConnLimit; 2] = [ConnLimit::PerIp, ConnLimit::Total];
+
+    /// The `limit` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnLimit::PerIp => "per_ip",
+            ConnLimit::Total => "total",
+        }
+    }
+
+    /// The config key that sets it.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            ConnLimit::PerIp => "server.max_connections_per_ip",
+            ConnLimit::Total => "server.max_connections",
+        }
+    }
+}
+
 /// Counts a request as in flight until dropped (also when the request future is cancelled).
 #[must_use = "the request counts as in flight only while the guard lives"]
 pub struct InFlight<'a>(&'a AtomicI64);
@@ -283,6 +316,16 @@ impl Metrics {
     /// Connections counted so far for `kind`.
     pub fn http_errors(&self, kind: HttpErrorKind) -> u64 {
         self.http_errors[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts one connection refused at `limit`.
+    pub fn connection_refused(&self, limit: ConnLimit) {
+        self.connections_refused[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections refused so far at `limit`.
+    pub fn connections_refused(&self, limit: ConnLimit) -> u64 {
+        self.connections_refused[limit as usize].load(Ordering::Relaxed)
     }
 
     /// Marks one request as in flight for the guard's lifetime.
@@ -534,6 +577,20 @@ impl Metrics {
                 "tokengate_http_errors_total{{kind=\"{}\"}} {}",
                 kind.label(),
                 self.http_errors(kind)
+            );
+        }
+        header(
+            &mut out,
+            "tokengate_connections_refused_total",
+            "counter",
+            "Client connections closed at accept because a connection limit was reached, by limit (per_ip: server.max_connections_per_ip; total: server.max_connections).",
+        );
+        for limit in ConnLimit::ALL {
+            let _ = writeln!(
+                out,
+                "tokengate_connections_refused_total{{limit=\"{}\"}} {}",
+                limit.label(),
+                self.connections_refused(limit)
             );
         }
         single(

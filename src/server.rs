@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,6 +26,9 @@ use crate::admin;
 use crate::config::Config;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::tls::{self, TlsError};
+
+mod admission;
+use admission::Admission;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -239,28 +241,6 @@ enum Role {
     Admin,
 }
 
-/// Counts connections per client IP; the guard gives the slot back.
-struct ConnSlot {
-    ip: IpAddr,
-    per_ip: Arc<DashMap<IpAddr, usize>>,
-    gw: Gateway,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.gw
-            .metrics()
-            .open_connections
-            .fetch_sub(1, Ordering::Relaxed);
-        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(self.ip) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ArcSwapOption<TlsAcceptor>>,
@@ -271,7 +251,7 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
 ) {
     let mut stop = shared.stop.clone();
-    let per_ip: Arc<DashMap<IpAddr, usize>> = Arc::new(DashMap::new());
+    let admission = Admission::new();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -287,29 +267,11 @@ async fn accept_loop(
         };
         let cfg = gw.config();
         let slot = if role == Role::Public {
-            let open = gw.metrics().open_connections.load(Ordering::Relaxed);
-            if open >= cfg.server.max_connections as i64 {
-                tracing::debug!(%peer, "connection limit reached; closing");
-                continue;
+            match admission.admit(&gw, &cfg, peer) {
+                Some(slot) => Some(slot),
+                // Dropping the stream closes the connection unanswered.
+                None => continue,
             }
-            // IPv6 by /64, like the failed-auth limiter: one host usually holds the whole /64.
-            let ip = crate::ratelimit::client_key(peer.ip());
-            {
-                let mut n = per_ip.entry(ip).or_insert(0);
-                if *n >= cfg.server.max_connections_per_ip {
-                    tracing::debug!(%peer, "per-IP connection limit reached; closing");
-                    continue;
-                }
-                *n += 1;
-            }
-            gw.metrics()
-                .open_connections
-                .fetch_add(1, Ordering::Relaxed);
-            Some(ConnSlot {
-                ip,
-                per_ip: per_ip.clone(),
-                gw: gw.clone(),
-            })
         } else {
             None
         };
@@ -338,25 +300,17 @@ async fn serve_connection(
     watcher: Watcher,
     shared: Shared,
 ) {
-    let cfg = gw.config();
-    let public = admin_state.is_none();
-    let stop = shared.stop.clone();
-    // A client that accepts no byte of what is written to it for this long is cut (nginx's
-    // `send_timeout`): its response, and the upstream connection feeding it, are dropped.
-    let send_timeout = cfg.server.body_idle_timeout;
-    // Requests in flight on this connection, for the idle timeout.
-    let (in_flight, idle_rx) = watch::channel(0usize);
-    let in_flight = Arc::new(in_flight);
     let conn = ConnInfo {
         peer,
         tls: acceptor.is_some(),
     };
     // Plain HTTP/1.1 on the public listener: the fast path (`h1`), until it declines a request.
-    let (stream, buffered) = if public && acceptor.is_none() && cfg.server.http1_fast_path {
+    let fast = admin_state.is_none() && acceptor.is_none() && gw.config().server.http1_fast_path;
+    let (stream, buffered) = if fast {
         let c = crate::h1::Conn {
             gw: &gw,
             info: conn,
-            stop: stop.clone(),
+            stop: shared.stop.clone(),
             phase: h1_phase,
             busy: &shared.busy,
         };
@@ -367,6 +321,46 @@ async fn serve_connection(
     } else {
         (stream, bytes::BytesMut::new())
     };
+    // Boxed: hyper's connection state is several KiB; inline it would size the task of every
+    // connection, the fast path's idle ones included (docs/performance.md, "Idle connections").
+    // Built inside `Box::pin(..)`: a `let` binding of the unboxed future would keep its storage
+    // in this future's state across the `.await`, which is the size this avoids.
+    Box::pin(serve_hyper(
+        stream,
+        buffered,
+        conn,
+        acceptor,
+        gw,
+        admin_state,
+        watcher,
+        shared,
+    ))
+    .await;
+}
+
+/// Serves a connection with hyper: TLS, HTTP/2, the admin listener, and whatever the fast path
+/// declined (`buffered`: the bytes it had read).
+#[allow(clippy::too_many_arguments)]
+async fn serve_hyper(
+    stream: TcpStream,
+    buffered: bytes::BytesMut,
+    conn: ConnInfo,
+    acceptor: Option<Arc<TlsAcceptor>>,
+    gw: Gateway,
+    admin_state: Option<admin::Admin>,
+    watcher: Watcher,
+    shared: Shared,
+) {
+    let cfg = gw.config();
+    let peer = conn.peer;
+    let public = admin_state.is_none();
+    let stop = shared.stop.clone();
+    // A client that accepts no byte of what is written to it for this long is cut (nginx's
+    // `send_timeout`): its response, and the upstream connection feeding it, are dropped.
+    let send_timeout = cfg.server.body_idle_timeout;
+    // Requests in flight on this connection, for the idle timeout.
+    let (in_flight, idle_rx) = watch::channel(0usize);
+    let in_flight = Arc::new(in_flight);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use support::*;
+use tokengate::metrics::ConnLimit;
 use tokengate::store::RateOverride;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -1126,6 +1127,9 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         closed && got.is_empty(),
         "the 4th connection from one IP is closed unanswered"
     );
+    let refused = |limit| tg.gw.metrics().connections_refused(limit);
+    assert_eq!(refused(ConnLimit::PerIp), 1, "the refusal is counted");
+    assert_eq!(refused(ConnLimit::Total), 0);
 
     // Another address still gets in, until the global limit of 5.
     let mut other = vec![
@@ -1138,6 +1142,14 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
     assert!(
         closed && got.is_empty(),
         "the 6th connection overall is closed unanswered"
+    );
+    assert_eq!(refused(ConnLimit::Total), 1);
+    assert_eq!(refused(ConnLimit::PerIp), 1);
+    let text = tg.gw.metrics().render(&tg.gw.snapshot());
+    assert!(
+        text.contains("tokengate_connections_refused_total{limit=\"per_ip\"} 1")
+            && text.contains("tokengate_connections_refused_total{limit=\"total\"} 1"),
+        "{text}"
     );
     assert_eq!(tg.upstream.count(), 0);
 
@@ -1168,6 +1180,169 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         "only the two served /health requests were forwarded"
     );
     drop(other);
+    tg.stop().await;
+}
+
+/// A `/health` request on `s`; true when it was answered 200.
+async fn health_ok(s: &mut TcpStream) -> bool {
+    let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
+    if s.write_all(req).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1024];
+    matches!(s.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 200"))
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_is_not_capped_per_address_but_the_global_cap_still_applies() {
+    let tg = TestGateway::start_with(Options {
+        server:
+            "max_connections_per_ip = 2\nmax_connections = 8\ntrusted_proxies = [\"127.0.0.3/32\"]"
+                .into(),
+        ..Options::default()
+    })
+    .await;
+    let addr = tg.addr;
+    let refused = |limit| tg.gw.metrics().connections_refused(limit);
+    // The load balancer's address holds five connections, over the per-address cap of 2, and
+    // every one of them is served.
+    let mut lb = Vec::new();
+    for i in 0..5 {
+        let mut s = tcp_from("127.0.0.3", addr).await;
+        assert!(health_ok(&mut s).await, "trusted connection {i} is served");
+        lb.push(s);
+    }
+    assert_eq!(refused(ConnLimit::PerIp), 0);
+    // An untrusted address is still capped at 2.
+    let mut other = vec![
+        tcp_from("127.0.0.4", addr).await,
+        tcp_from("127.0.0.4", addr).await,
+    ];
+    assert!(health_ok(&mut other[0]).await);
+    let mut third = tcp_from("127.0.0.4", addr).await;
+    let (got, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
+    assert!(
+        closed && got.is_empty(),
+        "the untrusted 3rd connection is closed"
+    );
+    assert_eq!(refused(ConnLimit::PerIp), 1);
+    assert_eq!(refused(ConnLimit::Total), 0);
+    // Seven open of the global 8: the proxy's next one fits, the one after that does not.
+    let mut sixth = tcp_from("127.0.0.3", addr).await;
+    assert!(
+        health_ok(&mut sixth).await,
+        "the proxy's 6th connection fits the global cap"
+    );
+    let mut seventh = tcp_from("127.0.0.3", addr).await;
+    let (got, closed) = read_until_closed(&mut seventh, Duration::from_secs(5)).await;
+    assert!(
+        closed && got.is_empty(),
+        "the global cap applies to the proxy too"
+    );
+    assert_eq!(refused(ConnLimit::Total), 1);
+    assert_eq!(refused(ConnLimit::PerIp), 1);
+    drop((lb, other, sixth));
+    tg.stop().await;
+}
+
+/// Log lines written through `tracing` on this thread since [`capture_logs`] (`#[tokio::test]`
+/// runs the gateway's tasks on it).
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<LogCapture>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes to this thread's capture, if any.
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|c| {
+            if let Some(c) = c.borrow().as_ref() {
+                c.0.lock().unwrap().extend_from_slice(b);
+            }
+        });
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures this thread's log lines from here on. The subscriber is the process-wide default
+/// (installed once): a thread-scoped one misses events whose call site another test's thread
+/// reached first, because `tracing` caches a call site's interest process-wide.
+fn capture_logs() -> LogCapture {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(|| ThreadWriter)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+    let capture = LogCapture::default();
+    CAPTURE.with(|c| *c.borrow_mut() = Some(capture.clone()));
+    capture
+}
+
+impl LogCapture {
+    fn lines(&self, containing: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(containing))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_refused_connections_logs_one_warning_then_one_with_the_count() {
+    let capture = capture_logs();
+    let tg = TestGateway::start_with(Options {
+        server: "max_connections_per_ip = 2".into(),
+        ..Options::default()
+    })
+    .await;
+    let addr = tg.addr;
+    let held = vec![
+        tcp_from("127.0.0.6", addr).await,
+        tcp_from("127.0.0.6", addr).await,
+    ];
+    let refuse_one = || async {
+        let mut s = tcp_from("127.0.0.6", addr).await;
+        let (got, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert!(closed && got.is_empty(), "over the cap: closed unanswered");
+    };
+    for _ in 0..5 {
+        refuse_one().await;
+    }
+    assert_eq!(tg.gw.metrics().connections_refused(ConnLimit::PerIp), 5);
+    let warned = capture.lines("connection refused");
+    assert_eq!(warned.len(), 1, "one line for the burst: {warned:#?}");
+    let first = &warned[0];
+    for part in [
+        "WARN",
+        "peer=127.0.0.6",
+        "server.max_connections_per_ip",
+        "server.trusted_proxies",
+        "max=2",
+        "suppressed=0",
+    ] {
+        assert!(first.contains(part), "{part} in {first}");
+    }
+    // The coalescing interval passes on the gateway clock: the next refusal is logged with
+    // the count of the four left out.
+    tg.gw.clock().advance_ms(10_000);
+    refuse_one().await;
+    let warned = capture.lines("connection refused");
+    assert_eq!(warned.len(), 2, "{warned:#?}");
+    assert!(warned[1].contains("suppressed=4"), "{}", warned[1]);
+    assert_eq!(tg.gw.metrics().connections_refused(ConnLimit::PerIp), 6);
+    drop(held);
     tg.stop().await;
 }
 

@@ -96,7 +96,9 @@ pub(crate) fn max_buf(cfg: &Config) -> usize {
 
 /// Serves `stream` until it closes or a request is declined.
 pub(crate) async fn serve<P>(mut stream: TcpStream, mut c: Conn<'_, P>) -> Served {
-    let mut buf = BytesMut::with_capacity(INIT_BUF);
+    // No buffer until the first bytes arrive (`read_more`): a connection that has sent nothing
+    // yet holds none, like an idle keep-alive one.
+    let mut buf = BytesMut::new();
     let mut first = true;
     let watch = c.stop.clone();
     let phase = c.phase;
@@ -154,8 +156,17 @@ pub(crate) async fn serve<P>(mut stream: TcpStream, mut c: Conn<'_, P>) -> Serve
         c.busy.fetch_add(1, Ordering::AcqRel);
         let _busy = Busy(c.busy);
         let keep = {
-            let ex = forward::exchange(&mut stream, &mut buf, head, c.gw, c.info, &phase_now, cfg);
-            tokio::pin!(ex);
+            // Boxed, once per request: the exchange's state (~5 KiB) would otherwise be part of
+            // this future, and so of every connection's task while it idles.
+            let mut ex = Box::pin(forward::exchange(
+                &mut stream,
+                &mut buf,
+                head,
+                c.gw,
+                c.info,
+                &phase_now,
+                cfg,
+            ));
             loop {
                 tokio::select! {
                     keep = &mut ex => break keep,

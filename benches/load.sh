@@ -382,6 +382,14 @@ pid_of() {
         tg-fwdauth) echo "$PID_tg_fwdauth" ;;
     esac
 }
+# Only the systems measured must answer (a saved older build may not know every system's config,
+# e.g. `[forward_auth]` before issue 17).
+if [ -n "$ONLY_SYSTEMS" ]; then
+    for s in $ONLY_SYSTEMS; do
+        case " $SYSTEMS " in *" $s "*) ;; *) echo "load.sh: unknown system $s (of: $SYSTEMS)" >&2; exit 64 ;; esac
+    done
+    SYSTEMS="$ONLY_SYSTEMS"
+fi
 # Every proxy gets the same header, so the request bytes are identical everywhere.
 for s in $SYSTEMS; do
     if [ "$s" = tg-fwdauth ]; then
@@ -392,12 +400,6 @@ for s in $SYSTEMS; do
         wait_http "$(url_of "$s")" "$AUTH"
     fi
 done
-if [ -n "$ONLY_SYSTEMS" ]; then
-    for s in $ONLY_SYSTEMS; do
-        case " $SYSTEMS " in *" $s "*) ;; *) echo "load.sh: unknown system $s (of: $SYSTEMS)" >&2; exit 64 ;; esac
-    done
-    SYSTEMS="$ONLY_SYSTEMS"
-fi
 curl -fsS -o /dev/null -w '' "$(url_of tg-full)" 2>/dev/null && { echo "load.sh: tg-full answered without a token" >&2; exit 1; }
 
 # CPU time (user + system, clock ticks) of a process and its children's threads (nginx worker).

@@ -51,26 +51,12 @@ done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-log() { printf '== %s\n' "$*" >&2; }
+PROG=idle.sh
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
 
-need_apt=()
-for t in nginx haproxy python3 curl; do command -v "$t" >/dev/null || need_apt+=("$t"); done
-if [ ${#need_apt[@]} -gt 0 ]; then
-    log "installing ${need_apt[*]} (apt-get)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-
-UPSTREAM_BIN="$TARGET_DIR/release/examples/bench_upstream"
-if [ -n "$BASE_BIN" ]; then
-    TG="$BASE_BIN"
-    [ -x "$UPSTREAM_BIN" ] || cargo build --release --quiet --example bench_upstream
-else
-    log "building release (tokengate, bench_upstream)"
-    cargo build --release --quiet --bin tokengate --example bench_upstream
-    TG="$TARGET_DIR/release/tokengate"
-fi
+apt_need nginx:nginx haproxy:haproxy python3:python3 curl:curl
+build_bins
 
 ulimit -n "$(ulimit -Hn)"
 NOFILE="$(ulimit -n)"
@@ -90,18 +76,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() {
-    local i
-    for i in $(seq 1 100); do
-        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "idle.sh: $1 did not answer 200" >&2
-    return 1
-}
 
 : >"$WORK/upstream.out"
 taskset -c 0 "$UPSTREAM_BIN" 127.0.0.1:0 >"$WORK/upstream.out" 2>&1 &

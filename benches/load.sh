@@ -93,6 +93,9 @@ done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+PROG=load.sh
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
 if [ "$(nproc --all)" -lt 2 ]; then
     echo "load.sh: needs 2 cores (proxy on core 1, load generator on core 0)" >&2
     exit 1
@@ -117,22 +120,9 @@ LOADGEN="taskset -c $LOAD_CPUS"
 SUT="taskset -c $SUT_CPUS"
 BENCH_PATH="/apps/billing/items"
 
-log() { printf '== %s\n' "$*" >&2; }
-
 # ---------------------------------------------------------------- tools
-need_apt=()
-command -v nginx >/dev/null || need_apt+=(nginx)
-command -v haproxy >/dev/null || need_apt+=(haproxy)
-command -v wrk >/dev/null || need_apt+=(wrk)
-command -v python3 >/dev/null || need_apt+=(python3)
-command -v curl >/dev/null || need_apt+=(curl)
-if [ -n "$PROFILE" ]; then command -v perf >/dev/null || need_apt+=(linux-perf); fi
-if [ ${#need_apt[@]} -gt 0 ]; then
-    log "installing ${need_apt[*]} (apt-get)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_need nginx:nginx haproxy:haproxy wrk:wrk python3:python3 curl:curl
+if [ -n "$PROFILE" ]; then apt_need perf:linux-perf; fi
 OHA="$(command -v oha || true)"
 if [ -z "$OHA" ] && [ -x "$HOME/.cargo/bin/oha" ]; then OHA="$HOME/.cargo/bin/oha"; fi
 if [ -z "$OHA" ] && [ -n "$RATES" ]; then
@@ -141,16 +131,7 @@ if [ -z "$OHA" ] && [ -n "$RATES" ]; then
     OHA="$HOME/.cargo/bin/oha"
 fi
 
-UPSTREAM_BIN="$TARGET_DIR/release/examples/bench_upstream"
-if [ -n "$BASE_BIN" ]; then
-    # A given build (e.g. the previous commit's) instead of the working tree.
-    TG="$BASE_BIN"
-    [ -x "$UPSTREAM_BIN" ] || cargo build --release --quiet --example bench_upstream
-else
-    log "building release (tokengate, bench_upstream)"
-    cargo build --release --quiet --bin tokengate --example bench_upstream
-    TG="$TARGET_DIR/release/tokengate"
-fi
+build_bins
 
 # ---------------------------------------------------------------- processes
 WORK="$(mktemp -d /tmp/tokengate-load.XXXXXX)"
@@ -172,19 +153,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_http() { # url [header]
-    local i
-    for i in $(seq 1 100); do
-        if curl -fsS -o /dev/null ${2:+-H "$2"} "$1" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "load.sh: $1 did not answer 200" >&2
-    return 1
-}
 
 start_upstream() { # name core: sets PID_<name> and PORT_<name>
     local name="$1" core="$2" out="$WORK/$1.out" i

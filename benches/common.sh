@@ -1,5 +1,5 @@
-# Shared by benches/load.sh and benches/idle.sh (sourced, not run). Expects ROOT, TARGET_DIR and
-# BASE_BIN set; `PROG` names the script in messages.
+# Shared by benches/load.sh and benches/idle.sh (sourced, not run). Expects ROOT, TARGET_DIR,
+# BASE_BIN and KEEP set; `PROG` names the script in messages.
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -47,4 +47,42 @@ wait_http() {
     done
     echo "$PROG: $1 did not answer 200" >&2
     return 1
+}
+
+# Makes the work dir WORK (`/tmp/tokengate-NAME.XXXXXX`) and the list PIDS of the processes started
+# in it; on exit they are stopped and the dir is removed (kept with KEEP=1).
+start_work() {
+    WORK="$(mktemp -d "/tmp/tokengate-$1.XXXXXX")"
+    PIDS=()
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "$KEEP" = 1 ]; then
+        echo "work dir kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+
+# Starts the benchmark upstream (UPSTREAM_BIN) on `core`: sets PID_<name> and PORT_<name>.
+start_upstream() { # name core
+    local name="$1" core="$2" out="$WORK/$1.out" i
+    : >"$out"
+    taskset -c "$core" "$UPSTREAM_BIN" 127.0.0.1:0 >"$out" 2>&1 &
+    PIDS+=($!)
+    eval "PID_$name=$!"
+    for i in $(seq 1 100); do
+        if grep -q '^listening on ' "$out"; then break; fi
+        sleep 0.05
+    done
+    eval "PORT_$name=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$out")"
 }

@@ -65,23 +65,9 @@ if [ "$NOFILE" -lt $((CONNS + 500)) ]; then
     exit 1
 fi
 
-WORK="$(mktemp -d /tmp/tokengate-idle.XXXXXX)"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ "$KEEP" = 1 ]; then echo "work dir kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
-: >"$WORK/upstream.out"
-taskset -c 0 "$UPSTREAM_BIN" 127.0.0.1:0 >"$WORK/upstream.out" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 100); do grep -q '^listening on ' "$WORK/upstream.out" && break; sleep 0.05; done
-UP_PORT="$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$WORK/upstream.out")"
+start_work idle
+start_upstream upstream 0
+UP_PORT="$PORT_upstream"
 MAXCONN=$((CONNS + 200))
 
 # nginx: one worker, the upstream kept alive, no log, idle timeouts out of the way.

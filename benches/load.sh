@@ -134,38 +134,7 @@ fi
 build_bins
 
 # ---------------------------------------------------------------- processes
-WORK="$(mktemp -d /tmp/tokengate-load.XXXXXX)"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP" = 1 ]; then
-        echo "work dir kept: $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
-start_upstream() { # name core: sets PID_<name> and PORT_<name>
-    local name="$1" core="$2" out="$WORK/$1.out" i
-    : >"$out"
-    taskset -c "$core" "$UPSTREAM_BIN" 127.0.0.1:0 >"$out" 2>&1 &
-    PIDS+=($!)
-    eval "PID_$name=$!"
-    for i in $(seq 1 100); do
-        if grep -q '^listening on ' "$out"; then break; fi
-        sleep 0.05
-    done
-    eval "PORT_$name=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$out")"
-}
+start_work load
 
 start_upstream upstream "$LOAD_CPUS"
 start_upstream direct "$SUT_CPUS"

@@ -131,7 +131,7 @@ pub fn describe<B>(
     peer: IpAddr,
     trusted: &[ipnet::IpNet],
 ) -> Result<Request<()>, Reject> {
-    if !trusted.iter().any(|n| n.contains(&peer)) {
+    if !crate::forwarded::is_trusted(peer, trusted) {
         return Err(Reject::ForwardAuthUntrusted);
     }
     let h = req.headers();

@@ -1,8 +1,9 @@
 //! The client address of a request: the TCP peer, or the last untrusted hop of
 //! `X-Forwarded-For` when the peer is a configured trusted proxy (SPEC §1, `trusted_proxies`).
 //!
-//! Owns: [`client_ip`] and [`secure_transport`] (tokens only over HTTPS), used by the pipeline
-//! and the admin listener alike.
+//! Owns: [`is_trusted`] (the one test of a peer against `trusted_proxies`), [`client_ip`] and
+//! [`secure_transport`] (tokens only over HTTPS), used by the pipeline, forward-auth, the
+//! listener's connection limits and the admin listener alike.
 //! Must never import anything of ours: it is a pure function of the peer, the headers and the
 //! trusted networks (so `gateway`, `pipeline` and `admin` can all use it without a circle).
 
@@ -13,11 +14,15 @@ use http::header::HeaderName;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Whether `ip` is in one of the `trusted` networks (`server.trusted_proxies`).
+pub fn is_trusted(ip: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
 /// The client address: the TCP peer, or — only when the peer is a trusted proxy — the last
 /// untrusted hop of `X-Forwarded-For` (walking right to left past trusted proxies).
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if trusted.is_empty() || !is_trusted(&peer) {
+    if trusted.is_empty() || !is_trusted(peer, trusted) {
         return peer;
     }
     let hops: Vec<&str> = headers
@@ -32,7 +37,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
         match hop.parse::<IpAddr>() {
             Ok(ip) => {
                 client = ip;
-                if !is_trusted(&ip) {
+                if !is_trusted(ip, trusted) {
                     return ip;
                 }
             }
@@ -56,7 +61,7 @@ pub fn secure_transport(
     if tls || peer.is_loopback() || peer.to_canonical().is_loopback() {
         return true;
     }
-    if !trusted.iter().any(|n| n.contains(&peer)) {
+    if !is_trusted(peer, trusted) {
         return false;
     }
     // The hop nearest to us wrote the last value: that is the one the trusted proxy vouches for.
@@ -94,7 +99,7 @@ pub fn trusted_request_id(
     headers: &HeaderMap,
     trusted: &[ipnet::IpNet],
 ) -> Option<String> {
-    if !trusted.iter().any(|n| n.contains(&peer)) {
+    if !is_trusted(peer, trusted) {
         return None;
     }
     let mut values = headers.get_all(X_REQUEST_ID).iter();

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use dashmap::DashMap;
 
 use crate::config::Config;
+use crate::forwarded::is_trusted;
 use crate::gateway::Gateway;
 use crate::metrics::ConnLimit;
 
@@ -65,11 +66,9 @@ impl Admission {
             return None;
         }
         let peer_ip = peer.ip();
-        let trusted = cfg
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(&peer_ip) || n.contains(&peer_ip.to_canonical()));
+        let proxies = &cfg.server.trusted_proxies;
+        // An IPv4 proxy reaching a dual-stack listener shows as `::ffff:a.b.c.d`.
+        let trusted = is_trusted(peer_ip, proxies) || is_trusted(peer_ip.to_canonical(), proxies);
         let ip = if trusted {
             None
         } else {

@@ -35,14 +35,19 @@ pub(super) fn rotated_name(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The JSON object of `entry` as serde_json writes it, through the hand-written encoder for
-/// request and completion records (for the property test that holds the two equal).
+/// Appends the JSON object of `entry`: the hand-written encoder for request and completion
+/// records, serde_json for the others. False when nothing usable was written.
+fn write_object(buf: &mut Vec<u8>, entry: &Entry) -> bool {
+    json::write_entry(buf, entry)
+        || (serde_json::to_writer(&mut *buf, entry).is_ok() && buf.last() == Some(&b'}'))
+}
+
+/// The JSON object of `entry` as [`encode`] writes it (for the property test that holds the
+/// hand-written encoder to serde_json's output).
 #[cfg(test)]
 pub(super) fn entry_json(entry: &Entry) -> Vec<u8> {
     let mut buf = Vec::new();
-    if !json::write_entry(&mut buf, entry) {
-        buf = serde_json::to_vec(entry).unwrap_or_default();
-    }
+    write_object(&mut buf, entry);
     buf
 }
 
@@ -50,9 +55,7 @@ pub(super) fn entry_json(entry: &Entry) -> Vec<u8> {
 /// `{"kind":...,...,"seq":N,"chain":"<hex>"}\n`. Returns the line and its chain.
 pub(super) fn encode(entry: &Entry, seq: u64, prev: &str) -> (Vec<u8>, String) {
     let mut line = Vec::with_capacity(512);
-    let written = json::write_entry(&mut line, entry)
-        || (serde_json::to_writer(&mut line, entry).is_ok() && line.last() == Some(&b'}'));
-    if !written {
+    if !write_object(&mut line, entry) {
         // Unreachable for these types; keep the seq continuous rather than drop a record.
         tracing::error!("an audit record could not be serialized");
         line.clear();

@@ -129,9 +129,9 @@ pub struct TokenCounts {
 
 /// Counters owned by the gateway.
 pub struct Metrics {
-    /// Finished requests by (decision, reason, status / 100). DashMap: the key set is small and
-    /// fixed after warm-up, so the hot path is a shard read lock and an atomic add.
-    /// By (route, decision, reason, status class); `-` is the route of requests no route served.
+    /// Finished requests by (route, decision, reason, status / 100); `-` is the route of requests
+    /// no route served. DashMap: the key set is small and fixed after warm-up, so the hot path
+    /// is a shard read lock and an atomic add.
     requests: DashMap<(Arc<str>, &'static str, &'static str, u16), AtomicU64>,
     /// The `route` label of requests refused before routing, answered by the gateway itself, or
     /// on a path no route serves.

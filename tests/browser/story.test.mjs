@@ -111,6 +111,19 @@ assert.match(ci, /^tg_/);
 const { publicUrl, adminUrl } = await startGateway(config);
 
 const deploy = () => fetch(`${publicUrl}/apps/billing/deploy`, { method: "POST", headers: { authorization: `Bearer ${ci}` } });
+// The CI call, refused at the gate: 403 approval_required for rule `deploy`, naming `approvalId`
+// (null: no pending request), nothing forwarded; its request id joins `refusals`.
+async function gatedRefusal(approvalId, why) {
+  const before = received.length;
+  const r = await deploy();
+  assert.equal(r.status, 403);
+  const body = await r.json();
+  assert.equal(body.error, "approval_required");
+  assert.equal(body.rule, "deploy");
+  assert.equal(body.approval_id, approvalId, why);
+  refusals.push(r.headers.get("x-request-id"));
+  assert.equal(received.length, before, "upstream received nothing");
+}
 
 // ------------------------------------------------------------------ the browser
 const browser = await launchBrowser();
@@ -247,16 +260,8 @@ await runSteps(async () => {
 
   // ---------------------------------------------------------------- 4. the gate
   await step("4. the CI token's call to the approval-gated rule is 403 approval_required; nothing reaches the upstream", async () => {
-    const before = received.length;
-    const r = await deploy();
-    assert.equal(r.status, 403);
-    const body = await r.json();
-    assert.equal(body.error, "approval_required");
-    assert.equal(body.rule, "deploy");
-    assert.equal(body.approval_id, null, "nothing asked yet");
-    refusals.push(r.headers.get("x-request-id"));
+    await gatedRefusal(null, "nothing asked yet");
     assert.ok(refusals[0], "the refusal carries a request id");
-    assert.equal(received.length, before, "upstream received nothing");
   });
 
   // ---------------------------------------------------------------- 5. the waiting command
@@ -281,12 +286,7 @@ await runSteps(async () => {
     approvalId = waiterOut.stderr.match(/approval (\S+) for rule/)[1];
     assert.match(approvalId, /^apr_/);
     // The gated call now names the pending request, and is still refused.
-    const r = await deploy();
-    assert.equal(r.status, 403);
-    const body = await r.json();
-    assert.equal(body.error, "approval_required");
-    assert.equal(body.approval_id, approvalId);
-    refusals.push(r.headers.get("x-request-id"));
+    await gatedRefusal(approvalId, "the refusal names the pending request");
     // It blocks: after its first poll (1 s) it is still running, with nothing on stdout yet.
     const polls = () => auditLines(dir).filter((l) => l.kind === "request" && l.method === "GET" && l.path === `/v1/approvals/${approvalId}`).length;
     while (polls() < 1) {
@@ -369,15 +369,7 @@ await runSteps(async () => {
   await step(`8. after the ${WINDOW_SECONDS} s window the call is 403 approval_required again`, async () => {
     const left = approvedAt + WINDOW_SECONDS * 1000 - Date.now();
     await sleep(Math.max(0, left) + 1500);
-    const before = received.length;
-    const r = await deploy();
-    assert.equal(r.status, 403);
-    const body = await r.json();
-    assert.equal(body.error, "approval_required");
-    assert.equal(body.rule, "deploy");
-    assert.equal(body.approval_id, null, "the expired approval is not pending");
-    refusals.push(r.headers.get("x-request-id"));
-    assert.equal(received.length, before, "upstream received nothing");
+    await gatedRefusal(null, "the expired approval is not pending");
     const shown = await fetch(`${adminUrl}/v1/approvals/${approvalId}`, { headers: { authorization: `Bearer ${ci}` } });
     assert.equal(shown.status, 200);
     const a = await shown.json();

@@ -666,6 +666,16 @@ fn open_conn(path: &Path, busy: Duration, create: bool) -> rusqlite::Result<Conn
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "FULL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
+    // Grow and shrink the file in whole pages, and grow it *before* a checkpoint copies pages
+    // into it: SQLite only acts on a checkpoint's size hint when a chunk size is set. Without
+    // it, a checkpoint writes page 1 (with the new page count) before the pages that extend the
+    // file, and for that moment the file looks shorter than its header says — which
+    // [`super::file::FileIdentity`] would have to tell from a real truncation by waiting.
+    let mut page: i32 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    c.file_control(
+        rusqlite::DEFAULT_NAME,
+        rusqlite::FileControl::ChunkSize(&mut page),
+    )?;
     // Never map the file ([`READER_MMAP_SIZE`]); SQLite answers with the size it applied.
     let _: i64 = c.query_row(&format!("PRAGMA mmap_size = {READER_MMAP_SIZE}"), [], |r| {
         r.get(0)
@@ -798,6 +808,45 @@ mod tests {
             expires_at: None,
             created_by: "test".into(),
         }
+    }
+
+    /// A checkpoint that grows the file never shows it shorter than its header says: our
+    /// connections extend the file before copying pages in (the chunk size in `open_conn`), so a
+    /// request that checks the file mid-checkpoint does not take it for a truncated one.
+    #[test]
+    fn a_growing_checkpoint_never_looks_like_a_truncation() {
+        use super::super::file::{FileIdentity, Look};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.db");
+        let c = super::open_conn(&path, Duration::from_secs(5), true).unwrap();
+        c.execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE b (x BLOB);")
+            .unwrap();
+        let id = FileIdentity::of(&path).unwrap();
+        let done = &AtomicBool::new(false);
+        let (looks, short) = std::thread::scope(|s| {
+            s.spawn(move || {
+                for _ in 0..300 {
+                    c.execute("INSERT INTO b VALUES (zeroblob(40000))", [])
+                        .unwrap();
+                    c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        .unwrap();
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+            let (mut looks, mut short) = (0u64, Vec::new());
+            while !done.load(Ordering::SeqCst) {
+                match id.look(&path) {
+                    Look::Whole => {}
+                    other => short.push(other),
+                }
+                looks += 1;
+            }
+            (looks, short)
+        });
+        assert!(looks > 300, "the file was looked at {looks} times");
+        assert_eq!(short, vec![], "{} of {looks} looks", short.len());
+        assert!(std::fs::metadata(&path).unwrap().len() > 300 * 40_000);
     }
 
     #[test]

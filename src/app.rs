@@ -335,6 +335,9 @@ pub async fn reload(gw: &Gateway, tls: &TlsHandle, path: &Path) -> bool {
             if old.server.listen != cfg.server.listen || old.admin.listen != cfg.admin.listen {
                 tracing::warn!("listen addresses changed: restart tokengate to apply them");
             }
+            if old.server.workers != cfg.server.workers {
+                tracing::warn!("server.workers changed: restart tokengate to apply it");
+            }
             gw.set_config(cfg);
             gw.audit().reopen();
             gw.metrics().reloads_ok.fetch_add(1, Ordering::Relaxed);

@@ -28,6 +28,7 @@ use crate::gateway::{ConnInfo, Gateway};
 use crate::tls::{self, TlsError};
 
 mod admission;
+mod workers;
 use admission::Admission;
 
 /// Errors starting the server.
@@ -44,17 +45,29 @@ pub enum ServerError {
     /// TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A `server.workers` runtime could not be built.
+    #[error("cannot start a worker runtime (server.workers): {source}")]
+    Runtime {
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// A bound server, not yet running.
 pub struct Server {
     gateway: Gateway,
-    public: TcpListener,
+    public: Public,
     admin: TcpListener,
     public_tls: Arc<ArcSwapOption<TlsAcceptor>>,
     admin_tls: Arc<ArcSwapOption<TlsAcceptor>>,
     /// Web UI sessions: state of the admin listener, which owns them (the gateway does not).
     sessions: Arc<admin::session::Sessions>,
+}
+
+/// The public listener: one socket on the shared runtime, or one per `server.workers` runtime.
+enum Public {
+    Shared(TcpListener),
+    Workers(Vec<workers::Worker>),
 }
 
 /// Handle to a running server's TLS material, for reloads.
@@ -92,7 +105,10 @@ impl Server {
                 .await
                 .map_err(|source| ServerError::Bind { addr, source })
         };
-        let public = bind(cfg.server.listen).await?;
+        let public = match cfg.server.workers {
+            0 => Public::Shared(bind(cfg.server.listen).await?),
+            n => Public::Workers(workers::bind(cfg.server.listen, n)?),
+        };
         let admin = bind(cfg.admin.listen).await?;
         Ok(Server {
             gateway,
@@ -106,7 +122,10 @@ impl Server {
 
     /// Public listener address.
     pub fn public_addr(&self) -> SocketAddr {
-        self.public.local_addr().expect("bound")
+        match &self.public {
+            Public::Shared(l) => l.local_addr().expect("bound"),
+            Public::Workers(w) => w[0].local_addr(),
+        }
     }
 
     /// Admin listener address.
@@ -136,24 +155,51 @@ impl Server {
         let gw = self.gateway.clone();
         // Bound in `bind`, accepting from the next line on (readiness reports this).
         gw.metrics().listening.store(true, Ordering::Relaxed);
-        let public = tokio::spawn(accept_loop(
-            self.public,
-            self.public_tls.clone(),
-            Role::Public,
-            gw.clone(),
-            None,
-            Shared {
-                stop: stop_rx.clone(),
-                busy: busy.clone(),
-            },
-            graceful.clone(),
-        ));
+        let admission = Arc::new(Admission::new());
+        let public_shared = Shared {
+            stop: stop_rx.clone(),
+            busy: busy.clone(),
+        };
+        let mut public = match self.public {
+            Public::Shared(l) => Accepting::Shared(tokio::spawn(accept_loop(
+                l,
+                self.public_tls.clone(),
+                Role::Public(admission),
+                gw.clone(),
+                public_shared,
+                graceful.clone(),
+            ))),
+            Public::Workers(w) => {
+                let n = w.len();
+                let common = workers::Common {
+                    tls: self.public_tls.clone(),
+                    gw: gw.clone(),
+                    shared: public_shared,
+                    graceful: graceful.clone(),
+                    admission,
+                };
+                match workers::start(w, common) {
+                    Ok(running) => {
+                        tracing::info!(
+                            workers = n,
+                            "public listener served by one runtime per worker"
+                        );
+                        Accepting::Workers(running)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the worker threads (server.workers); the public listener is not served");
+                        // `/readyz` fails, so a load balancer or orchestrator notices.
+                        gw.metrics().listening.store(false, Ordering::Relaxed);
+                        Accepting::None
+                    }
+                }
+            }
+        };
         let admin = tokio::spawn(accept_loop(
             self.admin,
             self.admin_tls.clone(),
-            Role::Admin,
+            Role::Admin(self.sessions.clone()),
             gw.clone(),
-            Some(self.sessions.clone()),
             Shared {
                 stop: stop_rx,
                 busy: busy.clone(),
@@ -165,7 +211,13 @@ impl Server {
         gw.metrics().listening.store(false, Ordering::Relaxed);
         let _ = stop_tx.send(Phase::Draining);
         // The accept loops return and drop their listeners: new connections are refused from here.
-        let _ = public.await;
+        match &mut public {
+            Accepting::Shared(h) => {
+                let _ = h.await;
+            }
+            Accepting::Workers(w) => w.closed().await,
+            Accepting::None => {}
+        }
         let _ = admin.await;
         let grace = gw.config().server.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
@@ -205,12 +257,23 @@ impl Server {
             }
             Err(_) => tracing::warn!("connection tracker still shared; skipping drain"),
         }
+        if let Accepting::Workers(w) = public {
+            w.finish().await;
+        }
         gw.flush_last_used().await;
         if let Err(e) = gw.audit().flush_async().await {
             tracing::error!(error = %e, "audit log flush at shutdown failed");
         }
         tracing::info!("stopped");
     }
+}
+
+/// The public listener's accept loop(s) while the server runs.
+enum Accepting {
+    Shared(tokio::task::JoinHandle<()>),
+    Workers(workers::Running),
+    /// The worker threads could not start (logged).
+    None,
 }
 
 /// Where the server is in its life; connections watch it.
@@ -235,10 +298,12 @@ struct Shared {
     busy: Arc<AtomicUsize>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which listener an accept loop serves, with that listener's own state.
 enum Role {
-    Public,
-    Admin,
+    /// The public listener and its connection limits.
+    Public(Arc<Admission>),
+    /// The admin listener and its web UI sessions.
+    Admin(Arc<admin::session::Sessions>),
 }
 
 async fn accept_loop(
@@ -246,12 +311,10 @@ async fn accept_loop(
     tls: Arc<ArcSwapOption<TlsAcceptor>>,
     role: Role,
     gw: Gateway,
-    sessions: Option<Arc<admin::session::Sessions>>,
     shared: Shared,
     graceful: Arc<GracefulShutdown>,
 ) {
     let mut stop = shared.stop.clone();
-    let admission = Admission::new();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -266,22 +329,22 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let cfg = gw.config();
-        let slot = if role == Role::Public {
-            match admission.admit(&gw, &cfg, peer) {
+        let slot = match &role {
+            Role::Public(admission) => match admission.admit(&gw, &cfg, peer) {
                 Some(slot) => Some(slot),
                 // Dropping the stream closes the connection unanswered.
                 None => continue,
-            }
-        } else {
-            None
+            },
+            Role::Admin(_) => None,
         };
         let _ = stream.set_nodelay(true);
         let acceptor = tls.load_full();
         let gw = gw.clone();
         // The admin listener's state (its sessions); None on the public listener.
-        let admin_state = sessions
-            .as_ref()
-            .map(|s| admin::Admin::new(gw.clone(), s.clone()));
+        let admin_state = match &role {
+            Role::Admin(sessions) => Some(admin::Admin::new(gw.clone(), sessions.clone())),
+            Role::Public(_) => None,
+        };
         let watcher = graceful.watcher();
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -610,35 +673,7 @@ impl<I: AsyncRead> AsyncRead for ProtocolDeadline<I> {
     }
 }
 
-impl<I: AsyncWrite> AsyncWrite for ProtocolDeadline<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
-}
+crate::h1::write_through!(ProtocolDeadline);
 
 pin_project_lite::pin_project! {
     /// Fails writes with [`SendStalled`] once the client has accepted no byte for `timeout`

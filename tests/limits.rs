@@ -1183,6 +1183,111 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
     tg.stop().await;
 }
 
+// ------------------------------------------------------------------ server.workers
+
+/// `server.workers = 2`: the kernel spreads new connections over two sockets, each served by
+/// its own single-threaded runtime (its own thread), and each runtime keeps its own idle
+/// upstream connections. Every request gets the whole pipeline: 200, forwarded once, audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connections() {
+    let tg = TestGateway::start_with(Options {
+        server: "workers = 2".into(),
+        ..Options::default()
+    })
+    .await;
+    let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+    // 40 connections, one request each: the kernel picks a socket by the connection's
+    // addresses and ports, so both workers get some (all on one: probability 2^-39).
+    for i in 0..40 {
+        let req = format!(
+            "GET /apps/{i} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n"
+        );
+        let rs = raw_all(tg.addr, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(rs.len(), 1, "{rs:?}");
+        assert_eq!(rs[0].status, 200, "{}", rs[0].raw);
+    }
+    // The two runtimes' threads (named after their slots).
+    let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    for name in ["tg-worker-1", "tg-worker-2"] {
+        assert!(threads.contains(&name.to_string()), "{threads:?}");
+    }
+    let got = tg.upstream.received();
+    assert_eq!(got.len(), 40);
+    assert!(
+        got.iter()
+            .all(|r| r.headers["x-tokengate-token-id"] == id.as_str())
+    );
+    // Each runtime returned its upstream connections to its own idle list (runtime slots 1 and
+    // 2; slot 0, the shared runtime, serves only the admin listener here).
+    let by_runtime = tg.gw.upstream_pool().idle_raw_by_runtime();
+    assert_eq!(
+        by_runtime.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2],
+        "{by_runtime:?}"
+    );
+    let lines = tg.request_lines().await;
+    assert_eq!(lines.len(), 40);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["api_token_id"] == id.as_str() && l["status_code"] == 200)
+    );
+    tg.stop().await;
+}
+
+/// The connection limits count across workers: three held connections from one address fill
+/// `max_connections_per_ip = 3` whichever sockets they reached, and the fourth is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_ip_limit_is_shared_by_all_workers() {
+    let tg = TestGateway::start_with(Options {
+        server: "workers = 2\nmax_connections_per_ip = 3".into(),
+        ..Options::default()
+    })
+    .await;
+    let addr = tg.addr;
+    let open = || {
+        tg.gw
+            .metrics()
+            .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut held = Vec::new();
+    for n in 1..=3 {
+        held.push(tcp_from("127.0.0.1", addr).await);
+        eventually("the connection to be admitted", WAIT_LIMIT, || async {
+            (open() == n).then_some(())
+        })
+        .await;
+    }
+    for _ in 0..4 {
+        let mut extra = tcp_from("127.0.0.1", addr).await;
+        let _ = extra
+            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        let (got, closed) = read_until_closed(&mut extra, Duration::from_secs(5)).await;
+        assert!(
+            closed && got.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(tg.gw.metrics().connections_refused(ConnLimit::PerIp), 4);
+    assert_eq!(open(), 3);
+    for s in &mut held {
+        assert!(health_ok(s).await);
+    }
+    assert_eq!(
+        tg.upstream.count(),
+        3,
+        "only the held connections' requests"
+    );
+    tg.stop().await;
+}
+
 /// A `/health` request on `s`; true when it was answered 200.
 async fn health_ok(s: &mut TcpStream) -> bool {
     let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";

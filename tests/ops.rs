@@ -1476,21 +1476,28 @@ async fn reload_serves_a_new_certificate_to_new_connections_and_keeps_old_ones()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_refuses_new_connections_and_flushes() {
-    sigterm_drain(false).await;
+    sigterm_drain(false, 0).await;
+}
+
+/// The same drain with `server.workers = 2`: the public listener is two sockets on two
+/// single-threaded runtimes; both close at SIGTERM, and the request running on one finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_workers_sigterm_closes_every_socket_and_drains_the_same() {
+    sigterm_drain(false, 2).await;
 }
 
 /// The same drain with the process limited to one CPU: the binary then runs tokio's
 /// current-thread runtime (its start-up line says so), and everything must work the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_cpu_the_current_thread_runtime_serves_and_drains_the_same() {
-    sigterm_drain(true).await;
+    sigterm_drain(true, 0).await;
 }
 
-async fn sigterm_drain(one_cpu: bool) {
+async fn sigterm_drain(one_cpu: bool, workers: usize) {
     let upstream = Upstream::start().await;
     let mut ids = (String::new(), String::new());
     let o = Options {
-        server: "shutdown_grace = \"30s\"".into(),
+        server: format!("shutdown_grace = \"30s\"\nworkers = {workers}"),
         // last-used is written only at shutdown in this test: the flush must come from the drain.
         sections: "[tokens]\nlast_used_flush_interval = \"1h\"\n".into(),
         rules: rules_with_delay(),
@@ -1512,6 +1519,11 @@ async fn sigterm_drain(one_cpu: bool) {
     assert!(
         p.stderr_has(runtime),
         "the start-up line should say {runtime}"
+    );
+    assert_eq!(
+        p.stderr_has(r#""workers":2"#),
+        workers == 2,
+        "the workers' start line"
     );
     let (token, token_id) = ids;
     let c = client();

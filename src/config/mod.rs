@@ -136,6 +136,10 @@ pub struct ServerConfig {
     /// Plain HTTP/1.1 requests take the purpose-built forwarding path (`src/h1/`) instead of
     /// hyper's; off: hyper serves everything.
     pub http1_fast_path: bool,
+    /// Runtimes serving the public listener, each a single thread with its own socket on the
+    /// listen address (`SO_REUSEPORT`: the kernel spreads new connections over them). 0: one
+    /// shared runtime with a worker thread per CPU. Applied at start (a reload warns).
+    pub workers: usize,
 }
 
 /// `[admin]`.
@@ -604,6 +608,7 @@ mod tests {
     fn minimal_file_yields_documented_defaults() {
         let c = load("").unwrap();
         assert_eq!(c.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.server.workers, 0, "one shared runtime unless asked");
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
         assert!(c.admin.listen.ip().is_loopback());
         assert_eq!(c.server.realm, DEFAULT_REALM);
@@ -673,6 +678,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[server]\nworkers = 257\n", "server.workers"),
             ("[tokens]\nprefix = \"TG\"\n", "tokens.prefix"),
             (
                 "[server]\nheader_read_timeout = \"10 parsecs\"\n",

@@ -52,6 +52,8 @@ pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long SIGTERM waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The most runtimes `server.workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
 /// Idle timeout of a web UI session.
 pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// SQLite file name, relative to the config file.
@@ -186,6 +188,7 @@ pub(super) struct RawServer {
     pub(super) h2_idle_timeout: Option<String>,
     pub(super) shutdown_grace: Option<String>,
     pub(super) http1_fast_path: Option<bool>,
+    pub(super) workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -275,7 +275,16 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
             DEFAULT_SHUTDOWN_GRACE,
         )?,
         http1_fast_path: s.http1_fast_path.unwrap_or(true),
+        workers: s.workers.unwrap_or(0),
     };
+    if server.workers > MAX_WORKERS {
+        return Err(cx.invalid(
+            "server.workers",
+            format!(
+                "must be 0 (one shared runtime) or at most {MAX_WORKERS} (one per CPU is the useful most)"
+            ),
+        ));
+    }
     if server.realm.contains('"') || server.realm.contains('\\') {
         return Err(cx.invalid("server.realm", "must not contain `\"` or `\\`"));
     }

@@ -58,22 +58,11 @@ pub(super) async fn exchange(
     let decided = timeout_at(req_deadline, ex.decide(info, req)).await;
     let out = match decided {
         Ok(Ok(out)) => out,
-        Ok(Err(resp)) => {
-            return answer_local(
-                client,
-                buf,
-                resp,
-                body_left,
-                keep_client,
-                is_head,
-                phase,
-                gw,
-                &cfg,
-            )
-            .await;
-        }
-        Err(_) => {
-            let resp = ex.fail(Reject::RequestTimeout);
+        refused => {
+            let resp = match refused {
+                Ok(Err(resp)) => resp,
+                _ => ex.fail(Reject::RequestTimeout),
+            };
             return answer_local(
                 client,
                 buf,

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use io::Prefixed;
+pub(crate) use io::write_through;
 use parse::{Head, Limits, Parsed};
 
 use crate::config::Config;

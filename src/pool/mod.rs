@@ -45,7 +45,7 @@ use crate::tls::UpstreamConnector;
 mod h2_conn;
 use h2_conn::H2Idle;
 mod raw;
-pub use raw::RawConn;
+pub use raw::{RawConn, set_runtime_slot};
 
 /// How long a connection may sit idle in the pool before it is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

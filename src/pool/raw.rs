@@ -20,10 +20,29 @@ use tokio::time::Instant;
 
 use super::{Pool, PoolError, lock};
 
-/// Idle raw connections per upstream authority, most recently returned last.
+/// Idle raw connections per runtime and upstream authority, most recently returned last.
 #[derive(Default)]
 pub(super) struct RawIdle {
-    idle: Mutex<HashMap<Authority, Vec<(TcpStream, Instant)>>>,
+    idle: Mutex<HashMap<IdleKey, Vec<(TcpStream, Instant)>>>,
+}
+
+/// The runtime slot ([`set_runtime_slot`]) and the upstream authority.
+type IdleKey = (usize, Authority);
+
+thread_local! {
+    /// Which runtime this thread serves: 0 for the shared runtime, 1.. for the single-threaded
+    /// ones of `server.workers`. A socket is registered with the I/O driver of the runtime that
+    /// opened it, so an idle one is only handed out again on that runtime.
+    static RUNTIME_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as the one thread of runtime `slot` (`server.workers`).
+pub fn set_runtime_slot(slot: usize) {
+    RUNTIME_SLOT.with(|s| s.set(slot));
+}
+
+fn runtime_slot() -> usize {
+    RUNTIME_SLOT.with(std::cell::Cell::get)
 }
 
 /// An upstream connection borrowed for one exchange; give it back with [`Pool::return_raw`].
@@ -32,6 +51,8 @@ pub struct RawConn {
     /// The socket.
     pub stream: TcpStream,
     authority: Authority,
+    /// The runtime whose I/O driver the socket is registered with ([`set_runtime_slot`]).
+    slot: usize,
     reused: bool,
 }
 
@@ -50,6 +71,7 @@ impl Pool {
             return Ok(RawConn {
                 stream,
                 authority: authority.clone(),
+                slot: runtime_slot(),
                 reused: true,
             });
         }
@@ -64,6 +86,7 @@ impl Pool {
         Ok(RawConn {
             stream,
             authority: authority.clone(),
+            slot: runtime_slot(),
             reused: false,
         })
     }
@@ -73,7 +96,7 @@ impl Pool {
         let now = self.now();
         let settings = &self.shared.settings;
         let mut idle = lock(&self.shared.raw.idle);
-        let list = idle.entry(conn.authority).or_default();
+        let list = idle.entry((conn.slot, conn.authority)).or_default();
         list.retain(|(_, since)| now.saturating_duration_since(*since) < settings.idle_timeout);
         if list.len() >= settings.max_idle_per_host {
             list.remove(0);
@@ -86,11 +109,22 @@ impl Pool {
         lock(&self.shared.raw.idle).values().map(Vec::len).sum()
     }
 
+    /// Idle raw connections per runtime slot ([`set_runtime_slot`]), across authorities (tests:
+    /// which runtimes served requests).
+    pub fn idle_raw_by_runtime(&self) -> std::collections::BTreeMap<usize, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        for ((slot, _), list) in lock(&self.shared.raw.idle).iter() {
+            *by.entry(*slot).or_default() += list.len();
+        }
+        by
+    }
+
     fn checkout_raw(&self, authority: &Authority) -> Option<TcpStream> {
         let now = self.now();
         let timeout = self.shared.settings.idle_timeout;
         loop {
-            let (stream, since) = lock(&self.shared.raw.idle).get_mut(authority)?.pop()?;
+            let key = (runtime_slot(), authority.clone());
+            let (stream, since) = lock(&self.shared.raw.idle).get_mut(&key)?.pop()?;
             if now.saturating_duration_since(since) >= timeout {
                 continue;
             }

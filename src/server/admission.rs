@@ -60,8 +60,11 @@ impl Admission {
 
     /// A slot for a new connection from `peer`, or None (refused: counted and logged).
     pub(super) fn admit(&self, gw: &Gateway, cfg: &Config, peer: SocketAddr) -> Option<ConnSlot> {
-        let open = gw.metrics().open_connections.load(Ordering::Relaxed);
-        if open >= cfg.server.max_connections as i64 {
+        // Counted first and given back when refused: exact even with several accept loops
+        // (`server.workers`) admitting at once.
+        let open = &gw.metrics().open_connections;
+        if open.fetch_add(1, Ordering::Relaxed) >= cfg.server.max_connections as i64 {
+            open.fetch_sub(1, Ordering::Relaxed);
             self.refuse(gw, peer, ConnLimit::Total, cfg.server.max_connections);
             return None;
         }
@@ -82,15 +85,13 @@ impl Admission {
                 if empty {
                     self.per_ip.remove_if(&ip, |_, n| *n == 0);
                 }
+                open.fetch_sub(1, Ordering::Relaxed);
                 self.refuse(gw, peer, ConnLimit::PerIp, max);
                 return None;
             }
             *n += 1;
             Some(ip)
         };
-        gw.metrics()
-            .open_connections
-            .fetch_add(1, Ordering::Relaxed);
         Some(ConnSlot {
             ip,
             per_ip: self.per_ip.clone(),

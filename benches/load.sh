@@ -24,6 +24,10 @@
 #            --candidate BIN (also measure another tokengate build, e.g. an optimisation being
 #            tried, as system `cand-full`: full pipeline, same store and token as tg-full, its own
 #            audit file; before/after side by side in one run)
+#            --workers N (tg-full, tg-noauth, tg-fwdauth get `server.workers = N`: N single-threaded
+#            runtimes, one SO_REUSEPORT socket each; default: the key is not written, one shared
+#            runtime)  --cand-workers N (the same for cand-full only: with `--candidate` set to the
+#            same binary as the one measured, an A/B of the two runtime models in one run)
 #
 # What it does:
 #   1. installs what is missing: nginx and wrk (Debian packages), oha (crates.io, `cargo install`);
@@ -70,6 +74,8 @@ CANDIDATE=""
 BASE_BIN=""
 ONLY_SYSTEMS=""
 CORES=1
+TG_SERVER_EXTRA=""
+CAND_SERVER_EXTRA=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; REPS=1; DURATION=3; RATES="5000" ;;
@@ -84,7 +90,9 @@ while [ $# -gt 0 ]; do
         --bin) BASE_BIN="$(realpath "$2")"; shift ;;
         --systems) ONLY_SYSTEMS="$2"; shift ;;
         --cores) CORES="$2"; shift ;;
-        -h|--help) sed -n '2,58p' "$0"; exit 0 ;;
+        --workers) TG_SERVER_EXTRA="workers = $2"; shift ;;
+        --cand-workers) CAND_SERVER_EXTRA="workers = $2"; shift ;;
+        -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -250,8 +258,8 @@ public = true
 EOF
     echo "$dir/tokengate.toml"
 }
-FULL_CFG="$(tg_config tg-full false)"
-NOAUTH_CFG="$(tg_config tg-noauth true)"
+FULL_CFG="$(tg_config tg-full false "$TG_SERVER_EXTRA")"
+NOAUTH_CFG="$(tg_config tg-noauth true "$TG_SERVER_EXTRA")"
 # Builds since the store-faults change create the store only with `store init`; older builds
 # (measured with --bin) create it on first use and do not know the command.
 "$TG" --config "$FULL_CFG" store init >/dev/null 2>&1 || true
@@ -271,7 +279,8 @@ FULL_PORT="$(port_of "$FULL_CFG")"
 NOAUTH_PORT="$(port_of "$NOAUTH_CFG")"
 
 # Forward-auth mode: its own process on the same store (same token), the load generator trusted.
-FWD_CFG="$(tg_config tg-fwdauth false 'trusted_proxies = ["127.0.0.1/32"]')"
+FWD_CFG="$(tg_config tg-fwdauth false "trusted_proxies = [\"127.0.0.1/32\"]
+$TG_SERVER_EXTRA")"
 printf '\n[forward_auth]\n' >>"$FWD_CFG"
 sed -i "s|^path = \"tokengate.db\"|path = \"$(dirname "$FULL_CFG")/tokengate.db\"|" "$FWD_CFG"
 (cd "$(dirname "$FWD_CFG")" && exec $SUT "$TG" --config "$FWD_CFG" serve 2>"$(dirname "$FWD_CFG")/stderr.log") &
@@ -283,7 +292,7 @@ FWD_HEADER="X-Original-URI: $BENCH_PATH"
 SYSTEMS="direct nginx haproxy tg-full tg-noauth tg-fwdauth"
 if [ -n "$CANDIDATE" ]; then
     # Same store (so the same token works; SQLite in WAL mode serves both), own ports and audit.
-    CAND_CFG="$(tg_config cand-full false)"
+    CAND_CFG="$(tg_config cand-full false "$CAND_SERVER_EXTRA")"
     sed -i "s|^path = \"tokengate.db\"|path = \"$(dirname "$FULL_CFG")/tokengate.db\"|" "$CAND_CFG"
     (cd "$(dirname "$CAND_CFG")" && exec $SUT "$CANDIDATE" --config "$CAND_CFG" serve 2>"$(dirname "$CAND_CFG")/stderr.log") &
     PIDS+=($!)
@@ -480,7 +489,8 @@ FWD_DENIED="$(grep '"mode":"forward_auth"' "$WORK/tg-fwdauth/audit.log" | grep -
     | grep -vc '"reason":"client_closed"' || true)"
 NOAUTH_TOKEN_LINES="$(grep '"kind":"request"' "$WORK/tg-noauth/audit.log" | grep -c '"auth_type":"api_token"' || true)"
 
-python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" "$FWD_LINES" "$FWD_DENIED" "$SUT_CPUS" "$SHARED_NOTE" <<'PY'
+RUNTIMES="tokengate runtime: ${TG_SERVER_EXTRA:-one shared}${CANDIDATE:+, cand-full: ${CAND_SERVER_EXTRA:-one shared}}"
+python3 - "$RESULTS" "$REPS" "$DURATION" "$CONNS" "$FULL_LINES" "$FULL_DENIED" "$NOAUTH_TOKEN_LINES" "$FWD_LINES" "$FWD_DENIED" "$SUT_CPUS" "$SHARED_NOTE; $RUNTIMES" <<'PY'
 import statistics as st, sys, collections
 path, reps, dur, conns, lines, denied, noauth_tok, fwd_lines, fwd_denied, sut_cpus, shared = sys.argv[1:12]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]

@@ -52,7 +52,8 @@
 //! - [`gateway`] — the state handle, config swap and background jobs.
 //! - `pipeline` (crate) — the request pipeline, one function per phase, on the gateway's state.
 //! - `sdnotify` (crate) — systemd `Type=notify` readiness, reload and stop notifications.
-//! - [`server`] — listeners, TLS handshake, hyper connections, graceful drain.
+//! - [`server`] (`server.rs`, `server/{admission,workers}.rs`) — listeners, connection limits,
+//!   TLS handshake, hyper connections, the `server.workers` runtimes, graceful drain.
 //! - [`h1`] (`h1/{mod,parse,framing,forward,io,differential}.rs`) — the HTTP/1 fast path: plain
 //!   HTTP/1.1 requests forwarded by the connection's own task over pooled raw upstream
 //!   connections, the pipeline's phases unchanged; declines to hyper what it does not cover.

@@ -829,3 +829,47 @@ fn connection_error(
         gw.audit_http_refusal(peer.ip(), status);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's task future is allocated whole at `tokio::spawn` and lives as long as the
+    /// connection, so 10,000 idle connections hold 10,000 of them (docs/performance.md, "Idle
+    /// connections": 1,648 bytes in release once hyper's path and a fast-path exchange were
+    /// boxed, from 7,520). This guards the size in the build the tests run in: if it grows past
+    /// the bound, something large was inlined into the connection again (box it, or measure
+    /// `benches/idle.sh` and raise the bound with the figures).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[store]\npath = \"{0}/t.db\"\n[audit]\npath = \"{0}/audit.log\"\n",
+            dir.path().display()
+        );
+        let cfg = Config::from_toml(&toml, &dir.path().join("t.toml")).unwrap();
+        let store =
+            crate::store::Store::open(&dir.path().join("t.db"), Duration::from_secs(1)).unwrap();
+        let audit = crate::audit::AuditLog::open(crate::app::audit_config(&cfg)).unwrap();
+        let gw = Gateway::new(cfg, store, audit);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let peer = stream.local_addr().unwrap();
+        let (_stop, stop) = watch::channel(Phase::Serving);
+        let graceful = GracefulShutdown::new();
+        let shared = Shared {
+            stop,
+            busy: Arc::new(AtomicUsize::new(0)),
+        };
+        let task = serve_connection(stream, peer, None, gw, None, graceful.watcher(), shared);
+        let size = std::mem::size_of_val(&task);
+        // 1,440 bytes in the debug build when this was written.
+        let bound = 2048;
+        assert!(
+            size <= bound,
+            "a connection's task is {size} bytes (bound {bound})"
+        );
+    }
+}

@@ -224,6 +224,8 @@ tg_config() { # name public(true|false) [extra server keys] -> writes $WORK/name
     cat >"$dir/tokengate.toml" <<EOF
 [server]
 listen = "127.0.0.1:$(free_port)"
+# The load generator is one client address holding --conns connections.
+max_connections_per_ip = $((CONNS > 512 ? CONNS : 512))
 $server_extra
 [admin]
 listen = "127.0.0.1:$(free_port)"

@@ -579,18 +579,7 @@ impl Gateway {
         let query = req.uri().query().map(str::to_string);
         let (parts, body) = req.into_parts();
         let outcome = BodyOutcome::default();
-        let info = ForwardInfo {
-            path: &canon.path,
-            query: query.as_deref(),
-            client_ip: ctx.client_ip,
-            proto: if conn.tls { "https" } else { "http" },
-            host: facts.host.clone(),
-            request_id: &ctx.request_id,
-            token: ctx.token.as_deref(),
-            websocket: facts.websocket,
-            max_body_bytes: cfg.server.max_body_bytes,
-            body_idle: cfg.server.body_idle_timeout,
-        };
+        let info = forward_info(cfg, conn, ctx, &canon.path, query.as_deref(), &facts);
         let up_req = proxy::upstream_request(parts, body, route, &info, outcome.clone());
         self.write_ahead(ctx, start).await?;
         let up_start = Instant::now();
@@ -856,6 +845,30 @@ fn token_rate(cfg: &Config, t: &CachedToken) -> Rate {
         .and_then(|name| cfg.roles.get(name))
         .and_then(|r| r.rate_limit)
         .unwrap_or(cfg.rate_limit.default)
+}
+
+/// What the forwarded request says about its caller (`proxy`'s forwarded headers), for both
+/// forwarding paths (hyper's, and the fast path's [`Exchange`]).
+fn forward_info<'a>(
+    cfg: &Config,
+    conn: ConnInfo,
+    ctx: &'a Ctx,
+    path: &'a str,
+    query: Option<&'a str>,
+    facts: &hygiene::RequestFacts,
+) -> ForwardInfo<'a> {
+    ForwardInfo {
+        path,
+        query,
+        client_ip: ctx.client_ip,
+        proto: if conn.tls { "https" } else { "http" },
+        host: facts.host.clone(),
+        request_id: &ctx.request_id,
+        token: ctx.token.as_deref(),
+        websocket: facts.websocket,
+        max_body_bytes: cfg.server.max_body_bytes,
+        body_idle: cfg.server.body_idle_timeout,
+    }
 }
 
 #[cfg(test)]

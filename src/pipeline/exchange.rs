@@ -22,7 +22,7 @@ use crate::error::Reject;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::hygiene;
 use crate::metrics::InFlight;
-use crate::proxy::{self, ForwardInfo};
+use crate::proxy;
 
 /// One request on the fast path, from its head to its audit line(s). Dropped before it
 /// concluded (connection cut, drain deadline), it writes the abandoned request's line like
@@ -97,18 +97,7 @@ impl Exchange<'_> {
         };
         let (parts, ()) = req.into_parts();
         let ctx = &mut self.guard.ctx;
-        let info = ForwardInfo {
-            path: &canon.path,
-            query: parts.uri.query(),
-            client_ip: ctx.client_ip,
-            proto: if conn.tls { "https" } else { "http" },
-            host: facts.host.clone(),
-            request_id: &ctx.request_id,
-            token: ctx.token.as_deref(),
-            websocket: facts.websocket,
-            max_body_bytes: cfg.server.max_body_bytes,
-            body_idle: cfg.server.body_idle_timeout,
-        };
+        let info = super::forward_info(&cfg, conn, ctx, &canon.path, parts.uri.query(), &facts);
         let target = proxy::path_and_query(&info);
         let headers = proxy::upstream_headers(parts.headers, route, &info);
         let out = Outbound {

@@ -539,21 +539,11 @@ impl Pool {
         };
         let connector = tokio_rustls::TlsConnector::from(tls.client_config(offer_h2));
         let handshake = connector.connect(tls.server_name().clone(), stream);
-        let stream = match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(PoolError::Tls {
-                    authority: host.authority.clone(),
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(PoolError::ConnectTimeout {
-                    authority: host.authority.clone(),
-                    timeout: self.shared.settings.connect_timeout,
-                });
-            }
-        };
+        let stream = self.in_time(
+            host,
+            tokio::time::timeout_at(deadline, handshake).await,
+            |authority, source| PoolError::Tls { authority, source },
+        )?;
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             let (tx, conn) = self
                 .shared
@@ -598,24 +588,32 @@ impl Pool {
         Ok(Conn::H1(tx))
     }
 
+    /// A connect step's outcome under the connect timeout: its own error turned into a
+    /// [`PoolError`] by `err`, or [`PoolError::ConnectTimeout`].
+    fn in_time<T>(
+        &self,
+        host: &Host,
+        r: Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+        err: impl FnOnce(Authority, std::io::Error) -> PoolError,
+    ) -> Result<T, PoolError> {
+        match r {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(source)) => Err(err(host.authority.clone(), source)),
+            Err(_) => Err(PoolError::ConnectTimeout {
+                authority: host.authority.clone(),
+                timeout: self.shared.settings.connect_timeout,
+            }),
+        }
+    }
+
     async fn connect_tcp(&self, host: &Host) -> Result<TcpStream, PoolError> {
         let settings = &self.shared.settings;
         let connect = TcpStream::connect((&*host.connect_host, host.port));
-        let stream = match tokio::time::timeout(settings.connect_timeout, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(PoolError::Connect {
-                    authority: host.authority.clone(),
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(PoolError::ConnectTimeout {
-                    authority: host.authority.clone(),
-                    timeout: settings.connect_timeout,
-                });
-            }
-        };
+        let stream = self.in_time(
+            host,
+            tokio::time::timeout(settings.connect_timeout, connect).await,
+            |authority, source| PoolError::Connect { authority, source },
+        )?;
         stream
             .set_nodelay(true)
             .map_err(|source| PoolError::Connect {

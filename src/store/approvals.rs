@@ -102,6 +102,21 @@ pub(crate) enum Cell {
     B(Option<Vec<u8>>),
 }
 
+/// A selected row's values, read as `kinds` says, from either engine.
+pub(crate) fn cells<R: super::row::ReadRow>(r: &R, kinds: &[Kind]) -> Result<Vec<Cell>, R::Error> {
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            Ok(match k {
+                Kind::I => Cell::I(r.cell(i)?),
+                Kind::T => Cell::T(r.cell(i)?),
+                Kind::B => Cell::B(r.cell(i)?),
+            })
+        })
+        .collect()
+}
+
 impl Cell {
     fn i(&self) -> Option<i64> {
         match self {
@@ -529,17 +544,7 @@ impl super::sqlite::Sqlite {
         self.with_reader(|c| {
             let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
             self.query_all(c, &sql, rusqlite::params_from_iter(params.iter()), |r| {
-                kinds
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| {
-                        Ok(match k {
-                            Kind::I => Cell::I(r.get(i)?),
-                            Kind::T => Cell::T(r.get(i)?),
-                            Kind::B => Cell::B(r.get(i)?),
-                        })
-                    })
-                    .collect()
+                cells(r, kinds)
             })
         })
     }

@@ -42,7 +42,7 @@ use super::{
     Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, LastUsed, NewTokenRow, PgOptions,
     StoreError, TOKEN_COLUMNS, TokenRow, cap_reached, redact_url, row,
 };
-use crate::store::approvals::{Arg, Cell, Kind};
+use crate::store::approvals::{Arg, Cell, Kind, cells};
 use crate::token::TokenHash;
 
 mod copy;
@@ -643,21 +643,9 @@ impl Postgres {
                 .iter()
                 .map(|b| b.as_ref() as &(dyn ToSql + Sync))
                 .collect();
-            query_map(&c, &sql, &params, |r| {
-                kinds
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| {
-                        Ok(match k {
-                            Kind::I => Cell::I(r.try_get(i)?),
-                            Kind::T => Cell::T(r.try_get(i)?),
-                            Kind::B => Cell::B(r.try_get(i)?),
-                        })
-                    })
-                    .collect()
-            })
-            .await
-            .map_err(|e| db.err(e))
+            query_map(&c, &sql, &params, |r| cells(r, kinds))
+                .await
+                .map_err(|e| db.err(e))
         })
     }
 

@@ -52,6 +52,8 @@ pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long SIGTERM waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// `server.workers`: one shared runtime (a worker thread per CPU), not one runtime per worker.
+pub const DEFAULT_WORKERS: usize = 0;
 /// The most runtimes `server.workers` may ask for.
 pub const MAX_WORKERS: usize = 256;
 /// Idle timeout of a web UI session.

@@ -275,7 +275,7 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
             DEFAULT_SHUTDOWN_GRACE,
         )?,
         http1_fast_path: s.http1_fast_path.unwrap_or(true),
-        workers: s.workers.unwrap_or(0),
+        workers: s.workers.unwrap_or(DEFAULT_WORKERS),
     };
     if server.workers > MAX_WORKERS {
         return Err(cx.invalid(

@@ -1136,10 +1136,9 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
     );
 
     // One unauthenticated call per operation: more than the default failed-auth quota.
-    let tg = TestGateway::start_with(Options {
-        sections: "[rate_limit]\nfailed_auth_per_minute = 100\n".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::sections(
+        "[rate_limit]\nfailed_auth_per_minute = 100\n",
+    ))
     .await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (victim, victim_id) = tg.token("ci", "victim", &["apps:read"]);
@@ -1217,10 +1216,9 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
 
 #[tokio::test]
 async fn the_failed_auth_limiter_refuses_bad_bearer_tokens_not_a_valid_one() {
-    let tg = TestGateway::start_with(Options {
-        sections: "[rate_limit]\nfailed_auth_per_minute = 3\n".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::sections(
+        "[rate_limit]\nfailed_auth_per_minute = 3\n",
+    ))
     .await;
     let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
     let a = Admin::new(&tg);

@@ -64,11 +64,7 @@ struct World {
 }
 
 async fn world() -> World {
-    let tg = TestGateway::start_with(Options {
-        sections: "[tokens]\nallowed_expiry = [\"7d\", \"30d\", \"90d\", \"never\"]\ndefault_expiry = \"90d\"\nmax_active_per_account = 100\n".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::sections("[tokens]\nallowed_expiry = [\"7d\", \"30d\", \"90d\", \"never\"]\ndefault_expiry = \"90d\"\nmax_active_per_account = 100\n")).await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (me, me_id) = tg.token_with("alice", "me", &["tokengate:self", "apps:read"], |s| {
         me_spec(&tg, s)

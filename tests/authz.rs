@@ -235,11 +235,7 @@ async fn ip_allowlist_uses_the_tcp_peer_and_ignores_spoofed_forwarded_for() {
 
 #[tokio::test]
 async fn trusted_proxy_makes_the_last_untrusted_forwarded_for_hop_the_client() {
-    let tg = TestGateway::start_with(Options {
-        server: "trusted_proxies = [\"127.0.0.0/8\"]".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("trusted_proxies = [\"127.0.0.0/8\"]")).await;
     let perms = &["apps:read"];
     let (tenner, _) = tg.token_with("ops", "tenner", perms, |s| {
         s.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()]
@@ -420,11 +416,7 @@ permission = "apps:deploy"
 
 #[tokio::test]
 async fn shadow_rules_are_logged_but_never_enforced() {
-    let tg = TestGateway::start_with(Options {
-        rules: SHADOW_RULES.into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::rules(SHADOW_RULES)).await;
     let (reader, _) = tg.token("ops", "reader", &["apps:read"]);
     let (secrets, _) = tg.token("ops", "secrets", &["apps:read", "apps:secrets"]);
 
@@ -579,11 +571,7 @@ type Expect<'a> = (Option<&'a str>, &'a str, u16, &'a str, Option<&'a str>);
 
 #[tokio::test]
 async fn the_most_specific_rule_wins_end_to_end() {
-    let tg = TestGateway::start_with(Options {
-        rules: SPECIFIC_RULES.into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::rules(SPECIFIC_RULES)).await;
     let (reader, _) = tg.token("ops", "reader", &["apps:read"]);
     let (billing, _) = tg.token("ops", "billing", &["apps:read", "billing:secrets"]);
     let (apps_all, _) = tg.token("ops", "apps-all", &["apps:*"]);
@@ -727,11 +715,7 @@ async fn the_most_specific_rule_wins_end_to_end() {
 
 #[tokio::test]
 async fn roles_expand_at_creation_and_editing_a_role_never_widens_old_tokens() {
-    let tg = TestGateway::start_with(Options {
-        rules: SPECIFIC_RULES.into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::rules(SPECIFIC_RULES)).await;
     tg.account("ci");
     let cfg = tg.config_path.clone();
     let deployer = cli_token(
@@ -845,11 +829,7 @@ fn upgrade_request(
 
 #[tokio::test]
 async fn websocket_upgrade_is_refused_unless_the_route_allows_it() {
-    let tg = TestGateway::start_with(Options {
-        rules: WS_RULES.into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::rules(WS_RULES)).await;
     let (tok, _) = tg.token("ops", "ws", &["apps:read"]);
     let r = raw(
         tg.addr,

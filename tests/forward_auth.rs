@@ -293,11 +293,7 @@ async fn rate_limited_decision_is_the_proxys_429() {
 
 #[tokio::test]
 async fn without_the_table_the_endpoint_is_not_served() {
-    let tg = TestGateway::start_with(Options {
-        server: "trusted_proxies = [\"127.0.0.1/32\"]".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("trusted_proxies = [\"127.0.0.1/32\"]")).await;
     let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
     let r = raw(
         tg.addr,

@@ -603,11 +603,7 @@ async fn big_upload_and_download_stream_without_buffering() {
 
 #[tokio::test]
 async fn oversized_body_is_413_counted_while_streaming() {
-    let tg = TestGateway::start_with(Options {
-        server: "max_body_bytes = 1000".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("max_body_bytes = 1000")).await;
     let (tok, _) = tg.token("ci", "b", &["apps:read"]);
     let c = client();
     let r = c
@@ -696,11 +692,8 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
 
 #[tokio::test]
 async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
-    let tg = TestGateway::start_with(Options {
-        server: r#"trusted_proxies = ["127.0.0.1/32"]"#.into(),
-        ..Options::default()
-    })
-    .await;
+    let tg =
+        TestGateway::start_with(Options::server(r#"trusted_proxies = ["127.0.0.1/32"]"#)).await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
     let resp = client()
         .get(tg.url("/apps/billing/status"))

@@ -212,10 +212,9 @@ async fn expiry_policy_is_enforced_at_creation() {
 /// `revoke` returns, no request may succeed. 1,000 repetitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() {
-    let tg = TestGateway::start_with(Options {
-        sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::sections(
+        "[rate_limit]\nfailed_auth_per_minute = 1000000\n",
+    ))
     .await;
     let slow = Arc::new(AtomicBool::new(false));
     let s2 = slow.clone();
@@ -463,10 +462,9 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
 async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
     // The periodic flush would fire every 10 s of real time, so a slow run would see more
     // writes: keep it out of the way and drive the flush explicitly below.
-    let tg = TestGateway::start_with(Options {
-        sections: "[tokens]\nlast_used_flush_interval = \"24h\"\n".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::sections(
+        "[tokens]\nlast_used_flush_interval = \"24h\"\n",
+    ))
     .await;
     let (tok, id) = tg.token_with("ci", "busy", &["apps:read"], |s| {
         s.rate = Some(tokengate::store::RateOverride {

@@ -735,10 +735,9 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
     const TIMEOUT: Duration = Duration::from_secs(3);
     // 500 client sockets and 500 accepted ones live in this one process.
     ensure_open_files(2 * SLOW as u64 + 200);
-    let tg = TestGateway::start_with(Options {
-        server: "header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::server(
+        "header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000",
+    ))
     .await;
     let (tok, _) = tg.token("ci", "normal", &["apps:read"]);
     let addr = tg.addr;
@@ -837,11 +836,7 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
 
 #[tokio::test]
 async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_header_read_timeout() {
-    let tg = TestGateway::start_with(Options {
-        server: "header_read_timeout = \"1s\"".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("header_read_timeout = \"1s\"")).await;
     let addr = tg.addr;
     // hyper-util's protocol detection reads the first bytes without a timer of its own; the
     // gateway's ProtocolDeadline closes these at the header read timeout.
@@ -1108,10 +1103,9 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
 
 #[tokio::test]
 async fn connections_over_the_per_ip_and_global_limits_are_closed() {
-    let tg = TestGateway::start_with(Options {
-        server: "max_connections_per_ip = 3\nmax_connections = 5".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::server(
+        "max_connections_per_ip = 3\nmax_connections = 5",
+    ))
     .await;
     let addr = tg.addr;
     let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
@@ -1190,11 +1184,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
 /// upstream connections. Every request gets the whole pipeline: 200, forwarded once, audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connections() {
-    let tg = TestGateway::start_with(Options {
-        server: "workers = 2".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("workers = 2")).await;
     let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
     // 40 connections, one request each: the kernel picks a socket by the connection's
     // addresses and ports, so both workers get some (all on one: probability 2^-39).
@@ -1243,11 +1233,8 @@ async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connecti
 /// `max_connections_per_ip = 3` whichever sockets they reached, and the fourth is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_ip_limit_is_shared_by_all_workers() {
-    let tg = TestGateway::start_with(Options {
-        server: "workers = 2\nmax_connections_per_ip = 3".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg =
+        TestGateway::start_with(Options::server("workers = 2\nmax_connections_per_ip = 3")).await;
     let addr = tg.addr;
     let open = || {
         tg.gw
@@ -1407,11 +1394,7 @@ impl LogCapture {
 #[tokio::test]
 async fn a_burst_of_refused_connections_logs_one_warning_then_one_with_the_count() {
     let capture = capture_logs();
-    let tg = TestGateway::start_with(Options {
-        server: "max_connections_per_ip = 2".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("max_connections_per_ip = 2")).await;
     let addr = tg.addr;
     let held = vec![
         tcp_from("127.0.0.6", addr).await,
@@ -1568,11 +1551,7 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
 
 #[tokio::test]
 async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
-    let tg = TestGateway::start_with(Options {
-        server: "body_idle_timeout = \"1s\"".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("body_idle_timeout = \"1s\"")).await;
     let (tok, _) = tg.token("ci", "idle", &["apps:read"]);
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
     let start = Instant::now();
@@ -1610,10 +1589,9 @@ async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
 
 #[tokio::test]
 async fn the_total_request_deadline_answers_504() {
-    let tg = TestGateway::start_with(Options {
-        server: "request_timeout = \"1s\"\nshutdown_grace = \"1s\"".into(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::server(
+        "request_timeout = \"1s\"\nshutdown_grace = \"1s\"",
+    ))
     .await;
     let (tok, _) = tg.token("ci", "deadline", &["apps:read"]);
     let r = get_bearer(&client(), tg.url("/slow/x"), &tok).await;

@@ -999,19 +999,11 @@ async fn public_health_endpoint_answers_without_a_token_and_follows_readiness() 
 
 #[tokio::test]
 async fn health_path_is_configurable_and_can_be_turned_off() {
-    let tg = TestGateway::start_with(Options {
-        server: "health_path = \"/_tokengate/lb\"".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("health_path = \"/_tokengate/lb\"")).await;
     assert_eq!(get_text(&tg.url("/_tokengate/lb")).await.0, 200);
     assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
     tg.stop().await;
-    let tg = TestGateway::start_with(Options {
-        server: "health_path = \"\"".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("health_path = \"\"")).await;
     assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;

@@ -609,11 +609,7 @@ upstream = \"http://{addr}\"
 
 #[tokio::test]
 async fn an_http2_connection_with_no_stream_is_closed_after_the_idle_timeout() {
-    let tg = TestGateway::start_with(Options {
-        server: "h2_idle_timeout = \"300ms\"".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::server("h2_idle_timeout = \"300ms\"")).await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
     let stream = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
     let (mut send, conn) =

@@ -543,6 +543,32 @@ pub struct Options {
     pub listen: Option<String>,
 }
 
+impl Options {
+    /// The defaults with extra `[server]` keys.
+    pub fn server(keys: impl Into<String>) -> Options {
+        Options {
+            server: keys.into(),
+            ..Options::default()
+        }
+    }
+
+    /// The defaults with extra top-level sections.
+    pub fn sections(toml: impl Into<String>) -> Options {
+        Options {
+            sections: toml.into(),
+            ..Options::default()
+        }
+    }
+
+    /// The defaults with these rules instead of [`DEFAULT_RULES`].
+    pub fn rules(toml: impl Into<String>) -> Options {
+        Options {
+            rules: toml.into(),
+            ..Options::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {

@@ -193,6 +193,8 @@ pub async fn serve(config: Option<&Path>) -> Result<(), AppError> {
             tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
             _ => "multi_thread",
         },
+        // 0: the public listener is served on that runtime; N: on N runtimes of its own.
+        workers = gw.config().server.workers,
         "tokengate listening"
     );
     // Under systemd `Type=notify`: the listeners are bound (connections queue from here on).

@@ -180,10 +180,7 @@ impl Server {
                 };
                 match workers::start(w, common) {
                     Ok(running) => {
-                        tracing::info!(
-                            workers = n,
-                            "public listener served by one runtime per worker"
-                        );
+                        tracing::debug!(workers = n, "worker runtimes started");
                         Accepting::Workers(running)
                     }
                     Err(e) => {

@@ -1512,10 +1512,10 @@ async fn sigterm_drain(one_cpu: bool, workers: usize) {
         p.stderr_has(runtime),
         "the start-up line should say {runtime}"
     );
-    assert_eq!(
-        p.stderr_has(r#""workers":2"#),
-        workers == 2,
-        "the workers' start line"
+    // The same start-up line says how many runtimes of their own serve the public listener.
+    assert!(
+        p.stderr_has(&format!(r#""workers":{workers}"#)),
+        "the start-up line should say workers {workers}"
     );
     let (token, token_id) = ids;
     let c = client();

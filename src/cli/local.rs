@@ -265,8 +265,13 @@ pub(super) fn config_check(config: Option<&Path>) -> Result<(), CliError> {
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     outln!("{src}: OK");
+    let workers = match cfg.server.workers {
+        0 => String::new(),
+        1 => " on 1 worker runtime of its own (server.workers)".to_string(),
+        n => format!(" on {n} worker runtimes of their own (server.workers)"),
+    };
     outln!(
-        "  public listener  {}{}",
+        "  public listener  {}{}{workers}",
         cfg.server.listen,
         tls_note(cfg.server.tls.is_some())
     );

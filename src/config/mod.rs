@@ -609,6 +609,10 @@ mod tests {
         let c = load("").unwrap();
         assert_eq!(c.server.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(c.server.workers, 0, "one shared runtime unless asked");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = load("[server]\nworkers = \"auto\"\n").unwrap();
+        assert_eq!(auto.server.workers, cpus, "auto: one runtime per CPU");
+        assert_eq!(load("[server]\nworkers = 3\n").unwrap().server.workers, 3);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
         assert!(c.admin.listen.ip().is_loopback());
         assert_eq!(c.server.realm, DEFAULT_REALM);
@@ -679,6 +683,8 @@ mod tests {
         let cases = [
             ("[server]\nlisten = \"nope\"\n", "server.listen"),
             ("[server]\nworkers = 257\n", "server.workers"),
+            ("[server]\nworkers = -1\n", "server.workers"),
+            ("[server]\nworkers = \"all\"\n", "server.workers"),
             ("[tokens]\nprefix = \"TG\"\n", "tokens.prefix"),
             (
                 "[server]\nheader_read_timeout = \"10 parsecs\"\n",

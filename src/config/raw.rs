@@ -190,7 +190,15 @@ pub(super) struct RawServer {
     pub(super) h2_idle_timeout: Option<String>,
     pub(super) shutdown_grace: Option<String>,
     pub(super) http1_fast_path: Option<bool>,
-    pub(super) workers: Option<usize>,
+    pub(super) workers: Option<RawWorkers>,
+}
+
+/// `server.workers`: a number of runtimes, or a word (`"auto"`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub(super) enum RawWorkers {
+    Count(i64),
+    Word(String),
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -275,20 +275,37 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
             DEFAULT_SHUTDOWN_GRACE,
         )?,
         http1_fast_path: s.http1_fast_path.unwrap_or(true),
-        workers: s.workers.unwrap_or(DEFAULT_WORKERS),
+        workers: workers(cx, &s.workers)?,
     };
-    if server.workers > MAX_WORKERS {
-        return Err(cx.invalid(
-            "server.workers",
-            format!(
-                "must be 0 (one shared runtime) or at most {MAX_WORKERS} (one per CPU is the useful most)"
-            ),
-        ));
-    }
     if server.realm.contains('"') || server.realm.contains('\\') {
         return Err(cx.invalid("server.realm", "must not contain `\"` or `\\`"));
     }
     Ok(server)
+}
+
+/// `server.workers`: 0 (one shared runtime), 1 to [`MAX_WORKERS`], or `"auto"` (one per CPU this
+/// process may run on: `available_parallelism` honours the affinity mask and cgroup quotas).
+fn workers(cx: &Checker<'_>, raw: &Option<RawWorkers>) -> Result<usize, ConfigError> {
+    let bad = |what: String| {
+        cx.invalid(
+            "server.workers",
+            format!(
+                "{what}: use 0 (one shared runtime), a number of runtimes up to {MAX_WORKERS} (one \
+                 per CPU is the useful most), or \"auto\" (one per CPU)"
+            ),
+        )
+    };
+    match raw {
+        None => Ok(DEFAULT_WORKERS),
+        Some(RawWorkers::Count(n)) => match usize::try_from(*n) {
+            Ok(n) if n <= MAX_WORKERS => Ok(n),
+            _ => Err(bad(format!("{n} is not a number of runtimes"))),
+        },
+        Some(RawWorkers::Word(w)) if w == "auto" => {
+            Ok(std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS)))
+        }
+        Some(RawWorkers::Word(w)) => Err(bad(format!("`{w}` is not a number"))),
+    }
 }
 
 /// `[admin]`; its listener must differ from the public one.

@@ -7,6 +7,7 @@
 //!
 //! Imports nothing of ours: every module may use it, it uses none of them.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use time::OffsetDateTime;
@@ -23,7 +24,8 @@ pub fn system_now_ms() -> i64 {
 /// The gateway's wall clock: system time plus an offset (0 outside tests).
 #[derive(Debug, Default)]
 pub struct Clock {
-    offset_ms: AtomicI64,
+    /// Shared with the clocks that follow this one ([`Clock::offset`]: the rate limiters').
+    offset_ms: Arc<AtomicI64>,
 }
 
 impl Clock {
@@ -32,10 +34,16 @@ impl Clock {
         system_now_ms() + self.offset_ms.load(Ordering::Relaxed)
     }
 
-    /// Moves this clock forward (tests: expiry, rotation grace).
+    /// Moves this clock forward (tests: expiry, rotation grace, rate limits).
     #[doc(hidden)]
     pub fn advance_ms(&self, ms: i64) {
         self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// The offset this clock adds to system time, shared: a monotonic clock elsewhere (the rate
+    /// limiters') adds it too, so advancing this clock advances that one.
+    pub fn offset(&self) -> Arc<AtomicI64> {
+        self.offset_ms.clone()
     }
 }
 

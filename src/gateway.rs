@@ -26,7 +26,7 @@ use crate::error::Reject;
 use crate::metrics::{Metrics, Snapshot};
 use crate::proxy::{self, UpstreamClient};
 use crate::ratelimit::redis::RedisLimiter;
-use crate::ratelimit::{FailedAuthLimiter, TokenLimiter};
+use crate::ratelimit::{FailedAuthLimiter, LimiterClock, TokenLimiter};
 use crate::store::{ChangeSignal, LastUsed, Store, StoreError, TokenRow};
 
 /// Facts about the client connection a request arrived on.
@@ -51,15 +51,16 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) cache: TokenCache,
     pub(crate) audit: AuditLog,
-    pub(crate) limiter: TokenLimiter,
+    /// On the gateway clock ([`LimiterClock`]), like the two address limiters.
+    pub(crate) limiter: TokenLimiter<LimiterClock>,
     /// Limits exact across replicas (`rate_limit.redis`); None = the in-process `limiter` only.
     /// ArcSwap: a reload that changes the Redis settings replaces it without a lock.
     pub(crate) redis_limiter: arc_swap::ArcSwapOption<RedisLimiter>,
     /// ArcSwap: a reload with a new `failed_auth_per_minute` replaces the limiter.
-    pub(crate) failed_auth: ArcSwap<FailedAuthLimiter>,
+    pub(crate) failed_auth: ArcSwap<FailedAuthLimiter<LimiterClock>>,
     /// Store lookups that found no token, per client address, on the same quota: a cache miss
     /// from an address over it is refused without a lookup (see `pipeline::lookup`).
-    pub(crate) unknown_lookups: ArcSwap<FailedAuthLimiter>,
+    pub(crate) unknown_lookups: ArcSwap<FailedAuthLimiter<LimiterClock>>,
     pub(crate) metrics: Metrics,
     pub(crate) client: UpstreamClient,
     pub(crate) clock: Clock,
@@ -96,13 +97,13 @@ impl Drop for BackgroundGuard {
 impl Gateway {
     /// Builds the gateway over an opened store and audit log.
     pub fn new(config: Config, store: Store, audit: AuditLog) -> Gateway {
-        let failed = address_limiter(&config);
-        let unknown = address_limiter(&config);
+        let clock = Clock::default();
+        let failed = address_limiter(&config, &clock);
+        let unknown = address_limiter(&config, &clock);
         let change_seq = store.last_change_seq().unwrap_or(0).max(0) as u64;
         let redis_limiter = arc_swap::ArcSwapOption::new(RedisLimiter::from_options(
             &config.rate_limit.redis_options(),
         ));
-        let clock = Clock::default();
         let now = clock.now_ms();
         Gateway {
             inner: Arc::new(Inner {
@@ -110,7 +111,7 @@ impl Gateway {
                 store,
                 cache: TokenCache::new(),
                 audit,
-                limiter: TokenLimiter::new(),
+                limiter: TokenLimiter::with_clock(LimiterClock::following(&clock)),
                 redis_limiter,
                 failed_auth: ArcSwap::from_pointee(failed),
                 unknown_lookups: ArcSwap::from_pointee(unknown),
@@ -141,10 +142,10 @@ impl Gateway {
         {
             self.inner
                 .failed_auth
-                .store(Arc::new(address_limiter(&config)));
+                .store(Arc::new(address_limiter(&config, &self.inner.clock)));
             self.inner
                 .unknown_lookups
-                .store(Arc::new(address_limiter(&config)));
+                .store(Arc::new(address_limiter(&config, &self.inner.clock)));
         }
         let redis_changed = match self.inner.redis_limiter.load().as_ref() {
             Some(r) => !r.matches(&config.rate_limit.redis_options()),
@@ -516,9 +517,10 @@ impl Gateway {
 }
 
 /// A per-address limiter on the failed-auth quota (`rate_limit.failed_auth_*`).
-fn address_limiter(config: &Config) -> FailedAuthLimiter {
-    FailedAuthLimiter::new(
+fn address_limiter(config: &Config, clock: &Clock) -> FailedAuthLimiter<LimiterClock> {
+    FailedAuthLimiter::with_clock(
         config.rate_limit.failed_auth_per_minute,
         config.rate_limit.failed_auth_max_clients,
+        LimiterClock::following(clock),
     )
 }

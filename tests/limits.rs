@@ -175,8 +175,8 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     assert_eq!(header(&r, "ratelimit-reset"), "1");
 
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
-    // a fake clock in ratelimit/mod.rs).
-    tokio::time::sleep(Duration::from_millis(1050)).await;
+    // a fake clock in ratelimit/mod.rs). The limiter runs on the gateway clock: advance it.
+    tg.gw.clock().advance_ms(1050);
     let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "ratelimit-limit"), "3");
@@ -199,7 +199,7 @@ async fn a_fast_override_refills_within_milliseconds() {
         let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "ratelimit-limit"), "3");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tg.gw.clock().advance_ms(5);
     }
     // Refilled: the burst is (almost) whole again after a few ms.
     let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
@@ -263,6 +263,50 @@ rate_limit = { requests_per_second = 2, burst = 4 }
 }
 
 // ------------------------------------------------------------------ failed-auth limiter
+
+/// The address limiters run on the gateway clock: a blocked address is judged again once the
+/// clock has passed its `Retry-After`, with no real wait; until then it is refused without a
+/// lookup, and nothing is forwarded either way.
+#[tokio::test]
+async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_after() {
+    let tg = TestGateway::start_with(Options::sections(
+        "[rate_limit]\nfailed_auth_per_minute = 2\n",
+    ))
+    .await;
+    let c = client();
+    let unknown = || tokengate::token::generate("tg").plaintext;
+    for _ in 0..2 {
+        let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
+        assert_eq!(r.status(), 401);
+    }
+    let lookups = tg.gw.store().lookup_count();
+    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
+    assert_eq!(r.status(), 429);
+    let wait: i64 = header(&r, "retry-after").parse().unwrap();
+    assert!(
+        (1..=30).contains(&wait),
+        "one failure back every 30 s: {wait}"
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_failures");
+    assert_rejection_line(&tg.last_request_line().await, 429, "client_blocked");
+    // Still blocked a second before the end of the wait.
+    tg.gw.clock().advance_ms(wait * 1000 - 1000);
+    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(tg.gw.store().lookup_count(), lookups, "blocked: no lookup");
+    // Past it: judged again (looked up, 401), then blocked again by the next failure.
+    tg.gw.clock().advance_ms(1000);
+    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
+    assert_eq!(r.status(), 401);
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 401, "unknown_token");
+    assert_eq!(tg.gw.store().lookup_count(), lookups + 1);
+    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(tg.upstream.count(), 0);
+    tg.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {

@@ -9,13 +9,14 @@
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed, keyed::DefaultKeyedStateStore};
 use governor::{Quota, RateLimiter};
 
@@ -68,6 +69,34 @@ fn quota(rate: Rate) -> Quota {
 }
 
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+
+/// The gateway's limiters' clock: governor's monotonic clock, moved forward by the gateway
+/// clock's offset ([`crate::clock::Clock::offset`]; zero outside tests), so a test that advances
+/// the gateway clock refills buckets and ends blocks without sleeping.
+#[derive(Clone, Debug, Default)]
+pub struct LimiterClock {
+    base: DefaultClock,
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl LimiterClock {
+    /// A clock following the offset of `clock`.
+    pub fn following(clock: &crate::clock::Clock) -> Self {
+        LimiterClock {
+            base: DefaultClock::default(),
+            offset_ms: clock.offset(),
+        }
+    }
+}
+
+impl Clock for LimiterClock {
+    type Instant = <DefaultClock as Clock>::Instant;
+
+    fn now(&self) -> Self::Instant {
+        let offset = self.offset_ms.load(Ordering::Relaxed).max(0) as u64;
+        self.base.now() + Nanos::from(Duration::from_millis(offset))
+    }
+}
 
 struct Bucket<C: Clock> {
     rate: Rate,
@@ -312,6 +341,24 @@ impl<C: Clock + Clone> FailedAuthLimiter<C> {
 mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
+
+    #[test]
+    fn the_limiter_clock_follows_the_gateway_clock() {
+        let gateway = crate::clock::Clock::default();
+        let clock = LimiterClock::following(&gateway);
+        let before = clock.now();
+        gateway.advance_ms(90_000);
+        let moved: Duration = clock.now().duration_since(before).into();
+        assert!(moved >= Duration::from_secs(90), "{moved:?}");
+        // A limiter on it: a blocked address (1 failure a minute) is judged again after the
+        // gateway clock moved a minute on.
+        let f = FailedAuthLimiter::with_clock(1, 1000, LimiterClock::following(&gateway));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        f.record_failure(ip);
+        assert!(f.blocked(ip).is_some());
+        gateway.advance_ms(60_000);
+        assert_eq!(f.blocked(ip), None);
+    }
 
     fn rate(requests_per_second: f64, burst: u32) -> Rate {
         Rate {

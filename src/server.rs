@@ -325,6 +325,10 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        // A dual-stack listener (`[::]`) shows an IPv4 client as `::ffff:a.b.c.d`: from here on
+        // it is that IPv4 address, for the limits, trusted proxies, token networks, the
+        // forwarded headers and the audit line alike.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let cfg = gw.config();
         let slot = match &role {
             Role::Public(admission) => match admission.admit(&gw, &cfg, peer) {

@@ -325,6 +325,49 @@ async fn start_v6() -> V6Gateway {
     }
 }
 
+/// On a dual-stack listener (`[::]`), an IPv4 client arrives as `::ffff:a.b.c.d`. The gateway
+/// takes it for the IPv4 address everywhere: a trusted proxy is believed (its
+/// `X-Forwarded-For` is the client), token networks written in IPv4 match, and the forwarded
+/// headers and the audit line name `127.0.0.1`, as on an IPv4 listener.
+#[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
+    let tg = TestGateway::start_with(Options {
+        listen: Some("[::]:0".into()),
+        ..Options::server("trusted_proxies = [\"127.0.0.1/32\"]")
+    })
+    .await;
+    let v4 = SocketAddr::from(([127, 0, 0, 1], tg.addr.port()));
+    let (tok, _) = tg.token_with("ci", "lo", &["apps:read"], |s| {
+        s.allowed_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    // Straight from 127.0.0.1: the token's network matches.
+    let r = get(v4, "/apps/x", Some(&tok), "").await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let got = tg.upstream.received();
+    assert_eq!(got[0].headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(
+        got[0].headers["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"gw.test\""
+    );
+    let line = tg.last_request_line().await;
+    assert_eq!(line["client_ip"], "127.0.0.1", "{line}");
+    // Through 127.0.0.1 as a trusted proxy: its X-Forwarded-For names the client, whose
+    // address is outside the token's networks.
+    let r = get(
+        v4,
+        "/apps/x",
+        Some(&tok),
+        "X-Forwarded-For: 203.0.113.9\r\n",
+    )
+    .await;
+    assert_invalid_token(&r);
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, 401, "ip_not_allowed");
+    assert_eq!(line["client_ip"], "203.0.113.9", "{line}");
+    assert_eq!(tg.upstream.count(), 1);
+    tg.stop().await;
+}
+
 #[tokio::test]
 async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
     let v6 = start_v6().await;

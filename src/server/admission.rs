@@ -69,9 +69,8 @@ impl Admission {
             return None;
         }
         let peer_ip = peer.ip();
-        let proxies = &cfg.server.trusted_proxies;
-        // An IPv4 proxy reaching a dual-stack listener shows as `::ffff:a.b.c.d`.
-        let trusted = is_trusted(peer_ip, proxies) || is_trusted(peer_ip.to_canonical(), proxies);
+        // The accept loop has made an IPv4-mapped peer (`::ffff:a.b.c.d`) its IPv4 address.
+        let trusted = is_trusted(peer_ip, &cfg.server.trusted_proxies);
         let ip = if trusted {
             None
         } else {

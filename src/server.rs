@@ -841,18 +841,39 @@ mod tests {
     /// boxed, from 7,520). This guards the size in the build the tests run in: if it grows past
     /// the bound, something large was inlined into the connection again (box it, or measure
     /// `benches/idle.sh` and raise the bound with the figures).
+    /// A gateway on a store and audit log in `dir`, its config the defaults plus `server`
+    /// (`[server]` keys) and loopback listeners on free ports.
+    fn gateway(dir: &std::path::Path, server: &str) -> Gateway {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [store]\npath = \"{0}/t.db\"\n[audit]\npath = \"{0}/audit.log\"\n",
+            dir.display()
+        );
+        let cfg = Config::from_toml(&toml, &dir.join("t.toml")).unwrap();
+        let store = crate::store::Store::open(&dir.join("t.db"), Duration::from_secs(1)).unwrap();
+        let audit = crate::audit::AuditLog::open(crate::app::audit_config(&cfg)).unwrap();
+        Gateway::new(cfg, store, audit)
+    }
+
+    /// A server bound with `server.workers` and dropped without running (a start that fails
+    /// after binding) lets its worker runtimes go without blocking the caller's runtime (which
+    /// panics), and frees the port.
+    #[tokio::test]
+    async fn a_server_with_workers_dropped_unstarted_frees_its_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::bind(gateway(dir.path(), "workers = 2"))
+            .await
+            .unwrap();
+        let addr = server.public_addr();
+        drop(server);
+        let err = TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let dir = tempfile::tempdir().unwrap();
-        let toml = format!(
-            "[store]\npath = \"{0}/t.db\"\n[audit]\npath = \"{0}/audit.log\"\n",
-            dir.path().display()
-        );
-        let cfg = Config::from_toml(&toml, &dir.path().join("t.toml")).unwrap();
-        let store =
-            crate::store::Store::open(&dir.path().join("t.db"), Duration::from_secs(1)).unwrap();
-        let audit = crate::audit::AuditLog::open(crate::app::audit_config(&cfg)).unwrap();
-        let gw = Gateway::new(cfg, store, audit);
+        let gw = gateway(dir.path(), "");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap())
             .await

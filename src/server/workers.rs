@@ -20,8 +20,18 @@ use crate::gateway::Gateway;
 /// One worker's socket and runtime, bound and built at start (a failure is a start error, not
 /// a thread that quietly never accepts).
 pub(super) struct Worker {
-    listener: std::net::TcpListener,
-    runtime: tokio::runtime::Runtime,
+    /// Taken by the worker's thread. A worker dropped unstarted (a server bound, never run)
+    /// shuts its runtime down without blocking: dropping a runtime inside the caller's runtime
+    /// panics.
+    parts: Option<(std::net::TcpListener, tokio::runtime::Runtime)>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some((_, rt)) = self.parts.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Binds `n` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one got) and
@@ -41,7 +51,9 @@ pub(super) fn bind(addr: SocketAddr, n: usize) -> Result<Vec<Worker>, ServerErro
             .enable_all()
             .build()
             .map_err(|source| ServerError::Runtime { source })?;
-        workers.push(Worker { listener, runtime });
+        workers.push(Worker {
+            parts: Some((listener, runtime)),
+        });
     }
     Ok(workers)
 }
@@ -59,7 +71,8 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 
 impl Worker {
     pub(super) fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound")
+        let (listener, _) = self.parts.as_ref().expect("not started");
+        listener.local_addr().expect("bound")
     }
 }
 
@@ -88,7 +101,7 @@ pub(super) fn start(workers: Vec<Worker>, common: Common) -> std::io::Result<Run
         finished,
         threads: Vec::new(),
     };
-    for (i, w) in workers.into_iter().enumerate() {
+    for (i, mut w) in workers.into_iter().enumerate() {
         let slot = i + 1;
         let (closed_tx, closed_rx) = oneshot::channel();
         let mut finished = finished_rx.clone();
@@ -103,7 +116,7 @@ pub(super) fn start(workers: Vec<Worker>, common: Common) -> std::io::Result<Run
             .name(format!("tg-worker-{slot}"))
             .spawn(move || {
                 crate::pool::set_runtime_slot(slot);
-                let Worker { listener, runtime } = w;
+                let (listener, runtime) = w.parts.take().expect("a worker starts once");
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(l) => {

@@ -36,6 +36,8 @@
 #        upstream      the backend every proxy forwards to          (core 0, with the load generator)
 #        direct        a second upstream, measured without a proxy   (core 1)
 #        nginx         plain reverse proxy: 1 worker, upstream keepalive, access_log off (core 1)
+#        nginx-log     the same nginx writing a JSON access log line per request to a file, as it
+#                      happens (no buffer): what tokengate's audit line costs, nginx's way (core 1)
 #        haproxy       plain reverse proxy (Debian's HAProxy): 1 thread, HTTP keep-alive both
 #                      sides, idle upstream connections reused (`http-reuse always`), no log (core 1)
 #        tg-full       tokengate, full pipeline: valid token, rules, rate limit (never triggers),
@@ -92,7 +94,7 @@ while [ $# -gt 0 ]; do
         --cores) CORES="$2"; shift ;;
         --workers) TG_SERVER_EXTRA="workers = $2"; shift ;;
         --cand-workers) CAND_SERVER_EXTRA="workers = $2"; shift ;;
-        -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,64p' "$0"; exit 0 ;;
         *) echo "load.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
     esac
     shift
@@ -149,22 +151,29 @@ start_upstream direct "$SUT_CPUS"
 UP_PORT="$PORT_upstream"
 DIRECT_PORT="$PORT_direct"
 
-# nginx: plain reverse proxy, one worker, upstream keepalive, no access log.
-NGINX_PORT="$(free_port)"
-mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
-cat >"$WORK/nginx/nginx.conf" <<EOF
+# nginx: plain reverse proxy, one worker, upstream keepalive, no access log; `nginx-log` is the
+# same with a JSON access log line per request written to a file as it happens (no `buffer=`),
+# the closest nginx comes to tokengate's audit line.
+start_nginx() { # name port access_log_directive
+    local dir="$WORK/$1"
+    mkdir -p "$dir/logs" "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
 worker_processes $CORES;
 daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
 events { worker_connections 4096; multi_accept on; }
 http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/tmp/body;
-    proxy_temp_path $WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $WORK/nginx/tmp/scgi;
+    log_format audit escape=json '{"time":"\$time_iso8601","request_id":"\$request_id",'
+        '"client_ip":"\$remote_addr","method":"\$request_method","path":"\$uri",'
+        '"status":\$status,"bytes":\$body_bytes_sent,"duration":\$request_time,'
+        '"upstream":"\$upstream_addr","user_agent":"\$http_user_agent"}';
+    $3
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
     keepalive_requests 1000000;
     upstream backend {
         server 127.0.0.1:$UP_PORT;
@@ -172,7 +181,7 @@ http {
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT;
+        listen 127.0.0.1:$2;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -181,9 +190,15 @@ http {
     }
 }
 EOF
-$SUT nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
-PIDS+=($!)
+    $SUT nginx -p "$dir" -c "$dir/nginx.conf" &
+    PIDS+=($!)
+}
+NGINX_PORT="$(free_port)"
+start_nginx nginx "$NGINX_PORT" "access_log off;"
 PID_nginx=$!
+NGINX_LOG_PORT="$(free_port)"
+start_nginx nginx-log "$NGINX_LOG_PORT" "access_log $WORK/nginx-log/logs/access.log audit;"
+PID_nginx_log=$!
 
 # HAProxy: plain reverse proxy on the same upstream, one thread per core, keep-alive on both
 # sides, idle upstream connections shared between client connections (as nginx's `keepalive`),
@@ -291,7 +306,7 @@ PID_tg_fwdauth=$!
 FWD_PORT="$(port_of "$FWD_CFG")"
 FWD_HEADER="X-Original-URI: $BENCH_PATH"
 
-SYSTEMS="direct nginx haproxy tg-full tg-noauth tg-fwdauth"
+SYSTEMS="direct nginx nginx-log haproxy tg-full tg-noauth tg-fwdauth"
 if [ -n "$CANDIDATE" ]; then
     # Same store (so the same token works; SQLite in WAL mode serves both), own ports and audit.
     CAND_CFG="$(tg_config cand-full false "$CAND_SERVER_EXTRA")"
@@ -306,6 +321,7 @@ url_of() {
     case "$1" in
         direct) echo "http://127.0.0.1:$DIRECT_PORT$BENCH_PATH" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT$BENCH_PATH" ;;
+        nginx-log) echo "http://127.0.0.1:$NGINX_LOG_PORT$BENCH_PATH" ;;
         haproxy) echo "http://127.0.0.1:$HAPROXY_PORT$BENCH_PATH" ;;
         tg-full) echo "http://127.0.0.1:$FULL_PORT$BENCH_PATH" ;;
         tg-noauth) echo "http://127.0.0.1:$NOAUTH_PORT$BENCH_PATH" ;;
@@ -323,6 +339,7 @@ pid_of() {
     case "$1" in
         direct) echo "$PID_direct" ;;
         nginx) echo "$PID_nginx" ;;
+        nginx-log) echo "$PID_nginx_log" ;;
         haproxy) echo "$PID_haproxy" ;;
         tg-full) echo "$PID_tg_full" ;;
         tg-noauth) echo "$PID_tg_noauth" ;;
@@ -500,7 +517,7 @@ by = collections.defaultdict(list)
 for mode, s, rep, rps, p50, p99, p999, cpu, busy in rows:
     by[(mode, s)].append(dict(rps=float(rps), p50=float(p50), p99=float(p99),
                               p999=float(p999) if p999 else None, cpu=float(cpu), busy=busy))
-systems = ["direct", "nginx", "haproxy", "tg-full", "tg-noauth", "tg-fwdauth", "cand-full"]
+systems = ["direct", "nginx", "nginx-log", "haproxy", "tg-full", "tg-noauth", "tg-fwdauth", "cand-full"]
 modes = sorted({m for m, _ in by}, key=lambda m: (m != "closed", len(m), m))
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -547,6 +564,8 @@ line("throughput haproxy / nginx", ratio("closed", "rps", "haproxy", "nginx"))
 line("throughput tg-full / direct", ratio("closed", "rps", "tg-full", "direct"))
 line("throughput tg-full / tg-noauth", ratio("closed", "rps", "tg-full", "tg-noauth"), 0.95)
 line("CPU per request tg-full / nginx", ratio("closed", "cpu", "tg-full", "nginx"), None)
+line("throughput tg-full / nginx-log", ratio("closed", "rps", "tg-full", "nginx-log"))
+line("CPU per request tg-full / nginx-log", ratio("closed", "cpu", "tg-full", "nginx-log"), None)
 line("CPU per request tg-full / haproxy", ratio("closed", "cpu", "tg-full", "haproxy"), None)
 line("CPU per request tg-full / tg-noauth", ratio("closed", "cpu", "tg-full", "tg-noauth"), None)
 line("throughput cand-full / tg-full (candidate build)", ratio("closed", "rps", "cand-full", "tg-full"))
@@ -563,6 +582,9 @@ for mode in modes:
 print(f"\n# tg-full audit log: {lines} request lines, {denied} not allowed; tg-noauth lines with a token: {noauth_tok}")
 print(f"# tg-fwdauth audit log: {fwd_lines} forward-auth decisions, {fwd_denied} not allowed")
 PY
+case " $SYSTEMS " in *" nginx-log "*)
+    echo "# nginx-log access log: $(wc -l <"$WORK/nginx-log/logs/access.log" 2>/dev/null || echo 0) lines" ;;
+esac
 if [ "$FWD_DENIED" != 0 ]; then
     echo "load.sh: tg-fwdauth refused $FWD_DENIED decisions: the figures are not valid" >&2
     exit 1

@@ -98,6 +98,20 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Runs `$body` in a transaction `$tx` on a pooled connection of `$db`, commits, counts the
+/// write and answers `Ok` with the body's value. Inside an `async` block returning
+/// `Result<_, StoreError>`: a `?` or `return Err(..)` in the body leaves without committing.
+macro_rules! write_tx {
+    ($db:expr, |$tx:ident| $body:block) => {{
+        let mut c = $db.conn().await?;
+        let $tx = c.transaction().await.map_err(|e| $db.err(e))?;
+        let out = $body;
+        $tx.commit().await.map_err(|e| $db.err(e))?;
+        $db.wrote();
+        Ok(out)
+    }};
+}
+
 impl Postgres {
     pub(crate) fn open(url: &str, o: &PgOptions) -> Result<Postgres, StoreError> {
         let target: Arc<str> = Arc::from(redact_url(url));
@@ -239,22 +253,19 @@ impl Postgres {
     pub(crate) fn create_account(&self, acc: &Account) -> Result<(), StoreError> {
         let (db, acc) = (self.db.clone(), acc.clone());
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let n = tx
-                .execute(
-                    "INSERT INTO accounts (id, name, email, created_at, created_by) VALUES ($1, $2, $3, $4, $5) \
-                     ON CONFLICT (name) DO NOTHING",
-                    &[&acc.id, &acc.name, &acc.email, &acc.created_at, &acc.created_by],
-                )
-                .await
-                .map_err(|e| db.err(e))?;
-            if n == 0 {
-                return Err(StoreError::AccountExists(acc.name));
-            }
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
+            write_tx!(db, |tx| {
+                let n = tx
+                    .execute(
+                        "INSERT INTO accounts (id, name, email, created_at, created_by) VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (name) DO NOTHING",
+                        &[&acc.id, &acc.name, &acc.email, &acc.created_at, &acc.created_by],
+                    )
+                    .await
+                    .map_err(|e| db.err(e))?;
+                if n == 0 {
+                    return Err(StoreError::AccountExists(acc.name));
+                }
+            })
         })
     }
 
@@ -296,28 +307,26 @@ impl Postgres {
     ) -> Result<Account, StoreError> {
         let (db, key, actor) = (self.db.clone(), name_or_id.to_string(), actor.to_string());
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let mut acc = lock_account(&tx, &key)
-                .await
-                .map_err(|e| db.err(e))?
-                .ok_or_else(|| StoreError::NoAccount(key.clone()))?;
-            if acc.disabled_at.is_some() {
-                return Err(StoreError::AccountDisabled(acc.name));
-            }
-            tx.execute(
-                "UPDATE accounts SET disabled_at = $1, disabled_by = $2 WHERE id = $3",
-                &[&now, &actor, &acc.id],
-            )
-            .await
-            .map_err(|e| db.err(e))?;
-            record_change(&tx, now, "account_disable", None, Some(&acc.id))
+            write_tx!(db, |tx| {
+                let mut acc = lock_account(&tx, &key)
+                    .await
+                    .map_err(|e| db.err(e))?
+                    .ok_or_else(|| StoreError::NoAccount(key.clone()))?;
+                if acc.disabled_at.is_some() {
+                    return Err(StoreError::AccountDisabled(acc.name));
+                }
+                tx.execute(
+                    "UPDATE accounts SET disabled_at = $1, disabled_by = $2 WHERE id = $3",
+                    &[&now, &actor, &acc.id],
+                )
                 .await
                 .map_err(|e| db.err(e))?;
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            acc.disabled_at = Some(now);
-            Ok(acc)
+                record_change(&tx, now, "account_disable", None, Some(&acc.id))
+                    .await
+                    .map_err(|e| db.err(e))?;
+                acc.disabled_at = Some(now);
+                acc
+            })
         })
     }
 
@@ -330,34 +339,31 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let (db, key, row) = (self.db.clone(), account.to_string(), row.clone());
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            // The account row lock serialises creations for one account across replicas, so
-            // the cap check below cannot be raced.
-            let acc = lock_account(&tx, &key)
+            write_tx!(db, |tx| {
+                // The account row lock serialises creations for one account across replicas, so
+                // the cap check below cannot be raced.
+                let acc = lock_account(&tx, &key)
+                    .await
+                    .map_err(|e| db.err(e))?
+                    .ok_or_else(|| StoreError::NoAccount(key.clone()))?;
+                if acc.disabled_at.is_some() {
+                    return Err(StoreError::AccountDisabled(acc.name));
+                }
+                let active = query_map(
+                    &tx,
+                    "SELECT id, name, display_prefix FROM tokens WHERE account_id = $1 AND revoked_at IS NULL \
+                     AND (expires_at IS NULL OR expires_at > $2) AND (rotation_deadline IS NULL OR rotation_deadline > $2) \
+                     ORDER BY created_at",
+                    &[&acc.id, &now],
+                    |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
+                )
                 .await
-                .map_err(|e| db.err(e))?
-                .ok_or_else(|| StoreError::NoAccount(key.clone()))?;
-            if acc.disabled_at.is_some() {
-                return Err(StoreError::AccountDisabled(acc.name));
-            }
-            let active = query_map(
-                &tx,
-                "SELECT id, name, display_prefix FROM tokens WHERE account_id = $1 AND revoked_at IS NULL \
-                 AND (expires_at IS NULL OR expires_at > $2) AND (rotation_deadline IS NULL OR rotation_deadline > $2) \
-                 ORDER BY created_at",
-                &[&acc.id, &now],
-                |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
-            )
-            .await
-            .map_err(|e| db.err(e))?;
-            if active.len() as u32 >= max_active {
-                return Err(cap_reached(acc.name, max_active, &active));
-            }
-            insert_token(&tx, &acc.id, &row).await.map_err(|e| db.err(e))?;
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
+                .map_err(|e| db.err(e))?;
+                if active.len() as u32 >= max_active {
+                    return Err(cap_reached(acc.name, max_active, &active));
+                }
+                insert_token(&tx, &acc.id, &row).await.map_err(|e| db.err(e))?;
+            })
         })
     }
 
@@ -412,51 +418,46 @@ impl Postgres {
             reason.to_string(),
         );
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let n = tx
-                .execute(
-                    "UPDATE tokens SET revoked_at = $1, revoked_by = $2, revoke_reason = $3 WHERE id = $4 AND revoked_at IS NULL",
-                    &[&now, &actor, &reason, &id],
-                )
-                .await
-                .map_err(|e| db.err(e))?;
-            if n == 0 {
-                let exists = tx
-                    .query_opt("SELECT 1 FROM tokens WHERE id = $1", &[&id])
+            write_tx!(db, |tx| {
+                let n = tx
+                    .execute(
+                        "UPDATE tokens SET revoked_at = $1, revoked_by = $2, revoke_reason = $3 WHERE id = $4 AND revoked_at IS NULL",
+                        &[&now, &actor, &reason, &id],
+                    )
                     .await
                     .map_err(|e| db.err(e))?;
-                return Err(match exists {
-                    Some(_) => StoreError::AlreadyRevoked(id),
-                    None => StoreError::NoToken(id),
-                });
-            }
-            record_change(&tx, now, "revoke", Some(&id), None).await.map_err(|e| db.err(e))?;
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
+                if n == 0 {
+                    let exists = tx
+                        .query_opt("SELECT 1 FROM tokens WHERE id = $1", &[&id])
+                        .await
+                        .map_err(|e| db.err(e))?;
+                    return Err(match exists {
+                        Some(_) => StoreError::AlreadyRevoked(id),
+                        None => StoreError::NoToken(id),
+                    });
+                }
+                record_change(&tx, now, "revoke", Some(&id), None).await.map_err(|e| db.err(e))?;
+            })
         })
     }
 
     pub(crate) fn retire_rotated(&self, old_id: &str, now: i64) -> Result<bool, StoreError> {
         let (db, id) = (self.db.clone(), old_id.to_string());
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let n = tx
-                .execute(
-                    "UPDATE tokens SET revoked_at = $1, revoked_by = 'tokengate', revoke_reason = 'rotated' \
-                     WHERE id = $2 AND revoked_at IS NULL",
-                    &[&now, &id],
-                )
-                .await
-                .map_err(|e| db.err(e))?;
-            if n > 0 {
-                record_change(&tx, now, "revoke", Some(&id), None).await.map_err(|e| db.err(e))?;
-            }
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(n > 0)
+            write_tx!(db, |tx| {
+                let n = tx
+                    .execute(
+                        "UPDATE tokens SET revoked_at = $1, revoked_by = 'tokengate', revoke_reason = 'rotated' \
+                         WHERE id = $2 AND revoked_at IS NULL",
+                        &[&now, &id],
+                    )
+                    .await
+                    .map_err(|e| db.err(e))?;
+                if n > 0 {
+                    record_change(&tx, now, "revoke", Some(&id), None).await.map_err(|e| db.err(e))?;
+                }
+                n > 0
+            })
         })
     }
 
@@ -475,50 +476,44 @@ impl Postgres {
             row.clone(),
         );
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let still = tx
-                .query_opt("SELECT 1 FROM tokens WHERE id = $1 AND revoked_at IS NULL FOR UPDATE", &[&old_id])
+            write_tx!(db, |tx| {
+                let still = tx
+                    .query_opt("SELECT 1 FROM tokens WHERE id = $1 AND revoked_at IS NULL FOR UPDATE", &[&old_id])
+                    .await
+                    .map_err(|e| db.err(e))?;
+                if still.is_none() {
+                    return Err(StoreError::AlreadyRevoked(old_id));
+                }
+                insert_token(&tx, &account_id, &row).await.map_err(|e| db.err(e))?;
+                tx.execute(
+                    "UPDATE tokens SET rotation_deadline = LEAST(COALESCE(rotation_deadline, $1), $1) WHERE id = $2",
+                    &[&deadline, &old_id],
+                )
                 .await
                 .map_err(|e| db.err(e))?;
-            if still.is_none() {
-                return Err(StoreError::AlreadyRevoked(old_id));
-            }
-            insert_token(&tx, &account_id, &row).await.map_err(|e| db.err(e))?;
-            tx.execute(
-                "UPDATE tokens SET rotation_deadline = LEAST(COALESCE(rotation_deadline, $1), $1) WHERE id = $2",
-                &[&deadline, &old_id],
-            )
-            .await
-            .map_err(|e| db.err(e))?;
-            record_change(&tx, now, "rotate", Some(&old_id), None).await.map_err(|e| db.err(e))?;
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
+                record_change(&tx, now, "rotate", Some(&old_id), None).await.map_err(|e| db.err(e))?;
+            })
         })
     }
 
     pub(crate) fn flush_last_used(&self, batch: &[LastUsed]) -> Result<(), StoreError> {
         let (db, batch) = (self.db.clone(), batch.to_vec());
         self.run(async move {
-            let mut c = db.conn().await?;
-            let tx = c.transaction().await.map_err(|e| db.err(e))?;
-            let st = tx
-                .prepare(
-                    "UPDATE tokens SET last_used_at = $1, last_used_ip = $2 \
-                     WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
-                )
-                .await
-                .map_err(|e| db.err(e))?;
-            // `batch` is sorted by token id (see `Store::flush_last_used`): a fixed lock order.
-            for u in &batch {
-                tx.execute(&st, &[&u.at, &u.ip, &u.token_id])
+            write_tx!(db, |tx| {
+                let st = tx
+                    .prepare(
+                        "UPDATE tokens SET last_used_at = $1, last_used_ip = $2 \
+                         WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
+                    )
                     .await
                     .map_err(|e| db.err(e))?;
-            }
-            tx.commit().await.map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
+                // `batch` is sorted by token id (see `Store::flush_last_used`): a fixed lock order.
+                for u in &batch {
+                    tx.execute(&st, &[&u.at, &u.ip, &u.token_id])
+                        .await
+                        .map_err(|e| db.err(e))?;
+                }
+            })
         })
     }
 

@@ -863,6 +863,48 @@ mod tests {
         assert_eq!((&*h.connect_host, h.port), ("::1", 8080));
     }
 
+    /// The raw idle list: the most recently returned connection is borrowed first, at most
+    /// `max_idle_per_host` stay (the oldest go), and the expired ones are dropped when one is
+    /// returned or borrowed (on the pool's clock, advanced here instead of waiting).
+    #[tokio::test]
+    async fn raw_connections_are_reused_newest_first_capped_and_expired() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let pool = Pool::builder()
+            .max_idle_per_host(2)
+            .idle_timeout(Duration::from_secs(10))
+            .build();
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.borrow_raw(&authority).await.unwrap());
+        }
+        assert!(conns.iter().all(|c| !c.reused()));
+        let ports: Vec<u16> = conns
+            .iter()
+            .map(|c| c.stream.local_addr().unwrap().port())
+            .collect();
+        for c in conns {
+            pool.return_raw(c);
+        }
+        assert_eq!(pool.idle_raw_connections(), 2, "the oldest was dropped");
+        let newest = pool.borrow_raw(&authority).await.unwrap();
+        assert!(newest.reused());
+        assert_eq!(newest.stream.local_addr().unwrap().port(), ports[2]);
+        // The one left idle expires; returning another drops it.
+        pool.advance_clock(Duration::from_secs(11));
+        pool.return_raw(newest);
+        assert_eq!(pool.idle_raw_connections(), 1);
+        let again = pool.borrow_raw(&authority).await.unwrap();
+        assert_eq!(again.stream.local_addr().unwrap().port(), ports[2]);
+        assert_eq!(pool.idle_raw_connections(), 0);
+    }
+
     /// A hyper upstream that records (connection index, method, path, body) of every request.
     async fn upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<(usize, String)>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -10,7 +10,7 @@
 //!
 //! Must never import `config`, `gateway`, `pipeline`, `proxy` or `h1`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
@@ -20,10 +20,11 @@ use tokio::time::Instant;
 
 use super::{Pool, PoolError, lock};
 
-/// Idle raw connections per runtime and upstream authority, most recently returned last.
+/// Idle raw connections per runtime and upstream authority, most recently returned last (so the
+/// expired ones are at the front, and returning one costs O(1) whatever the list's length).
 #[derive(Default)]
 pub(super) struct RawIdle {
-    idle: Mutex<HashMap<IdleKey, Vec<(TcpStream, Instant)>>>,
+    idle: Mutex<HashMap<IdleKey, VecDeque<(TcpStream, Instant)>>>,
 }
 
 /// The runtime slot ([`set_runtime_slot`]) and the upstream authority.
@@ -95,18 +96,28 @@ impl Pool {
     pub fn return_raw(&self, conn: RawConn) {
         let now = self.now();
         let settings = &self.shared.settings;
+        if settings.max_idle_per_host == 0 {
+            return;
+        }
         let mut idle = lock(&self.shared.raw.idle);
         let list = idle.entry((conn.slot, conn.authority)).or_default();
-        list.retain(|(_, since)| now.saturating_duration_since(*since) < settings.idle_timeout);
-        if list.len() >= settings.max_idle_per_host {
-            list.remove(0);
+        while list.front().is_some_and(|(_, since)| {
+            now.saturating_duration_since(*since) >= settings.idle_timeout
+        }) {
+            list.pop_front();
         }
-        list.push((conn.stream, now));
+        if list.len() >= settings.max_idle_per_host {
+            list.pop_front();
+        }
+        list.push_back((conn.stream, now));
     }
 
     /// Idle raw connections across all authorities (tests).
     pub fn idle_raw_connections(&self) -> usize {
-        lock(&self.shared.raw.idle).values().map(Vec::len).sum()
+        lock(&self.shared.raw.idle)
+            .values()
+            .map(VecDeque::len)
+            .sum()
     }
 
     /// Idle raw connections per runtime slot ([`set_runtime_slot`]), across authorities (tests:
@@ -124,7 +135,7 @@ impl Pool {
         let timeout = self.shared.settings.idle_timeout;
         loop {
             let key = (runtime_slot(), authority.clone());
-            let (stream, since) = lock(&self.shared.raw.idle).get_mut(&key)?.pop()?;
+            let (stream, since) = lock(&self.shared.raw.idle).get_mut(&key)?.pop_back()?;
             if now.saturating_duration_since(since) >= timeout {
                 continue;
             }

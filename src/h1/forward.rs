@@ -56,99 +56,85 @@ pub(super) async fn exchange(
     let send_timeout = cfg.server.body_idle_timeout;
     let req_deadline = Instant::now() + cfg.server.request_timeout;
     let decided = timeout_at(req_deadline, ex.decide(info, req)).await;
-    let out = match decided {
-        Ok(Ok(out)) => out,
-        refused => {
-            let resp = match refused {
-                Ok(Err(resp)) => resp,
-                _ => ex.fail(Reject::RequestTimeout),
-            };
-            return answer_local(
-                client,
-                buf,
-                resp,
-                body_left,
-                keep_client,
-                is_head,
-                phase,
-                gw,
-                &cfg,
-            )
-            .await;
-        }
+    // A refusal (by the pipeline, or an upstream that failed before its response head) leaves
+    // this block with the answer to write; a forwarded exchange returns from inside it.
+    let refusal = 'refused: {
+        let out = match decided {
+            Ok(Ok(out)) => out,
+            Ok(Err(resp)) => break 'refused resp,
+            Err(_) => break 'refused ex.fail(Reject::RequestTimeout),
+        };
+        let up_start = std::time::Instant::now();
+        let sent = send_request(
+            gw,
+            client,
+            buf,
+            &out,
+            content_length,
+            &mut body_left,
+            &cfg,
+            req_deadline,
+        )
+        .await;
+        let received = match sent {
+            // As hyper does, a client that hangs up while the upstream thinks drops the exchange
+            // (its audit line says `client_closed`) and the upstream connection with it.
+            Ok(up) => tokio::select! {
+                r = read_response_head(up, &out, is_head, req_deadline) => r,
+                () = client_gone(client, buf, super::max_buf(&cfg)) => return false,
+            },
+            Err(e) => Err(e),
+        };
+        ex.upstream_answered(&out.route, up_start.elapsed());
+        let (up, mut upbuf, rh) = match received {
+            Ok(r) => r,
+            Err(reject) => break 'refused ex.fail(reject),
+        };
+        let closing = !keep_client || phase() >= Stop::Draining;
+        let ResponseHead {
+            len,
+            status,
+            headers,
+            framing,
+            reusable,
+        } = rh;
+        upbuf.advance(len);
+        let (resp, mut slot) = ex.answer(status, headers);
+        drop(ex);
+        let mut wire = Vec::with_capacity(512 + upbuf.len().min(UP_BUF));
+        push_head(
+            &mut wire,
+            resp.status(),
+            resp.headers(),
+            framing_header(framing),
+            closing,
+        );
+        let ok = stream_body(
+            client,
+            up,
+            upbuf,
+            wire,
+            framing,
+            reusable,
+            &mut slot,
+            gw,
+            send_timeout,
+        )
+        .await;
+        return ok && !closing;
     };
-    let up_start = std::time::Instant::now();
-    let sent = send_request(
-        gw,
+    answer_local(
         client,
         buf,
-        &out,
-        content_length,
-        &mut body_left,
-        &cfg,
-        req_deadline,
-    )
-    .await;
-    let received = match sent {
-        // As hyper does, a client that hangs up while the upstream thinks drops the exchange
-        // (its audit line says `client_closed`) and the upstream connection with it.
-        Ok(up) => tokio::select! {
-            r = read_response_head(up, &out, is_head, req_deadline) => r,
-            () = client_gone(client, buf, super::max_buf(&cfg)) => return false,
-        },
-        Err(e) => Err(e),
-    };
-    ex.upstream_answered(&out.route, up_start.elapsed());
-    let (up, mut upbuf, rh) = match received {
-        Ok(r) => r,
-        Err(reject) => {
-            let resp = ex.fail(reject);
-            return answer_local(
-                client,
-                buf,
-                resp,
-                body_left,
-                keep_client,
-                is_head,
-                phase,
-                gw,
-                &cfg,
-            )
-            .await;
-        }
-    };
-    let closing = !keep_client || phase() >= Stop::Draining;
-    let ResponseHead {
-        len,
-        status,
-        headers,
-        framing,
-        reusable,
-    } = rh;
-    upbuf.advance(len);
-    let (resp, mut slot) = ex.answer(status, headers);
-    drop(ex);
-    let mut wire = Vec::with_capacity(512 + upbuf.len().min(UP_BUF));
-    push_head(
-        &mut wire,
-        resp.status(),
-        resp.headers(),
-        framing_header(framing),
-        closing,
-    );
-    let ok = stream_body(
-        client,
-        up,
-        upbuf,
-        wire,
-        framing,
-        reusable,
-        &mut slot,
+        refusal,
+        body_left,
+        keep_client,
+        is_head,
+        phase,
         gw,
-        send_timeout,
+        &cfg,
     )
-    .await;
-    ok && !closing
+    .await
 }
 
 /// Sends the request head and body; the upstream connection it was sent on.

@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -444,66 +444,6 @@ permission = "apps:read"
 // 2. A full disk
 // ---------------------------------------------------------------------------------------------
 
-/// A tmpfs mounted for one test; unmounted when dropped, even when the test fails.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    /// None when mounting is not possible here (not root, no tmpfs) or
-    /// `TOKENGATE_TEST_NO_MOUNT` is set (forces the RLIMIT_FSIZE fallback).
-    fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
-        if std::env::var_os("TOKENGATE_TEST_NO_MOUNT").is_some() {
-            return None;
-        }
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={bytes},mode=0700"),
-                "tokengate-test",
-            ])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs {
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut c = Command::new("umount");
-            if lazy {
-                // Files may still be open (a gateway task not yet dropped): detach now.
-                c.arg("-l");
-            }
-            c.arg(&self.dir)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !umount(false) {
-            umount(true);
-        }
-    }
-}
-
-/// Fills a file system: writes until ENOSPC, then byte by byte into the last page.
-fn fill(dir: &Path) -> PathBuf {
-    let p = dir.join("filler");
-    let mut f = std::fs::File::create(&p).unwrap();
-    let big = vec![0u8; 64 * 1024];
-    while matches!(f.write(&big), Ok(n) if n > 0) {}
-    while matches!(f.write(&[0u8]), Ok(1)) {}
-    p
-}
-
 /// How the disk runs out of room.
 enum Backend {
     /// In-process gateway with its audit log on a small tmpfs.
@@ -537,7 +477,12 @@ impl Rig {
         if !force_fsize {
             let mnt_dir = tempfile::tempdir().unwrap();
             let mnt = mnt_dir.path().join("mnt");
-            if let Some(fs) = Tmpfs::mount(&mnt, 256 * 1024) {
+            // `TOKENGATE_TEST_NO_MOUNT` forces the RLIMIT_FSIZE fallback below.
+            let mounted = std::env::var_os("TOKENGATE_TEST_NO_MOUNT")
+                .is_none()
+                .then(|| Tmpfs::mount(&mnt, 256 * 1024))
+                .flatten();
+            if let Some(fs) = mounted {
                 let log = mnt.join("audit.log");
                 let tg = TestGateway::start_with(Options {
                     audit_path: Some(log.to_str().unwrap().to_string()),

@@ -10,14 +10,15 @@
 mod support;
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{DEFAULT_RULES, Options, TestGateway, Upstream, client, write_config};
+use support::{
+    DEFAULT_RULES, MOUNT_NEEDED, Options, TestGateway, Tmpfs, Upstream, client, fill, write_config,
+};
 use tokengate::store::{NewTokenSpec, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -99,56 +100,6 @@ impl Drop for Served {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A tmpfs mounted for one test; unmounted when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    /// None when mounting is not possible here (not root).
-    fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={bytes},mode=0700"),
-                "tokengate-test",
-            ])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs {
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
-/// Fills a file system: writes until ENOSPC, then byte by byte into the last page.
-fn fill(dir: &Path) -> PathBuf {
-    let p = dir.join("filler");
-    let mut f = std::fs::File::create(&p).unwrap();
-    let big = vec![0u8; 64 * 1024];
-    while matches!(f.write(&big), Ok(n) if n > 0) {}
-    while matches!(f.write(&[0u8]), Ok(1)) {}
-    p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,10 +339,7 @@ async fn a_client_that_leaves_mid_body_is_audited_as_client_closed() {
 async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("audit");
-    let Some(_fs) = Tmpfs::mount(&mnt, 256 * 1024) else {
-        println!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let _fs = Tmpfs::mount(&mnt, 256 * 1024).expect(MOUNT_NEEDED);
     let upstream = Upstream::start().await;
     let o = Options {
         audit_path: Some(mnt.join("audit.log").to_str().unwrap().to_string()),
@@ -512,10 +460,7 @@ async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() 
 fn cli_token_create_with_a_full_audit_disk_and_no_gateway_fails_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("audit");
-    let Some(_fs) = Tmpfs::mount(&mnt, 64 * 1024) else {
-        println!("skipped: cannot mount a tmpfs here (needs root)");
-        return;
-    };
+    let _fs = Tmpfs::mount(&mnt, 64 * 1024).expect(MOUNT_NEEDED);
     let o = Options {
         audit_path: Some(mnt.join("audit.log").to_str().unwrap().to_string()),
         ..Options::default()

@@ -996,3 +996,66 @@ pub fn assert_rejection_line(line: &serde_json::Value, status: u16, reason: &str
     assert_eq!(line["rbac_decision"], "deny", "{line}");
     assert!(line["upstream"].is_null(), "{line}");
 }
+
+/// A tmpfs mounted for one test (a small, really full disk); unmounted when dropped, even when
+/// the test fails (lazily when files on it are still open).
+pub struct Tmpfs {
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+/// Why a test that needs a tmpfs failed to get one.
+pub const MOUNT_NEEDED: &str = "cannot mount a tmpfs: these tests need root (as .ci/run runs them)";
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` at `dir` (created); None when that is not possible here (not
+    /// root, no tmpfs).
+    pub fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0700"),
+                "tokengate-test",
+            ])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                // Files may still be open (a gateway task not yet dropped): detach now.
+                c.arg("-l");
+            }
+            c.arg(&self.dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !umount(false) {
+            umount(true);
+        }
+    }
+}
+
+/// Fills a file system: writes until ENOSPC, then byte by byte into the last page.
+pub fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let big = vec![0u8; 64 * 1024];
+    while matches!(f.write(&big), Ok(n) if n > 0) {}
+    while matches!(f.write(&[0u8]), Ok(1)) {}
+    p
+}

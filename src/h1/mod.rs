@@ -124,6 +124,14 @@ pub(crate) async fn serve<P>(mut stream: TcpStream, mut c: Conn<'_, P>) -> Serve
             if phase == Stop::Cut || (buf.is_empty() && phase >= Stop::Closing) {
                 return Served::Done;
             }
+            // One timer: an idle keep-alive connection (nothing of a next head yet) closes at
+            // the earlier of the two deadlines; a head being read has only its own.
+            let idle = buf.is_empty() && !first;
+            let deadline = if idle {
+                head_deadline.min(idle_deadline)
+            } else {
+                head_deadline
+            };
             tokio::select! {
                 r = read_more(&mut stream, &mut buf) => match r {
                     Ok(0) if buf.is_empty() => return Served::Done,
@@ -132,15 +140,12 @@ pub(crate) async fn serve<P>(mut stream: TcpStream, mut c: Conn<'_, P>) -> Serve
                     Ok(_) => {}
                     Err(_) => return Served::Done,
                 },
-                _ = tokio::time::sleep_until(head_deadline) => {
-                    // As hyper: a connection that sent nothing yet, or part of a head, counts;
-                    // an idle keep-alive connection just closes.
-                    if first || !buf.is_empty() {
+                _ = tokio::time::sleep_until(deadline) => {
+                    // As hyper: a connection that sent nothing yet, or part of a head, counts
+                    // as a header timeout; an idle keep-alive connection just closes.
+                    if !idle {
                         c.gw.metrics().http_error(HttpErrorKind::HeaderTimeout);
                     }
-                    return Served::Done;
-                }
-                _ = tokio::time::sleep_until(idle_deadline), if buf.is_empty() && !first => {
                     return Served::Done;
                 }
                 r = c.stop.changed(), if stop_open => stop_open = r.is_ok(),

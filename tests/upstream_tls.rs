@@ -143,6 +143,16 @@ struct UpstreamSetup<'a> {
 }
 
 impl TlsUpstream {
+    /// An upstream serving `leaf`, asking no client certificate, keeping connections open.
+    async fn serving(leaf: &Leaf) -> TlsUpstream {
+        TlsUpstream::start(UpstreamSetup {
+            leaf,
+            client_ca: None,
+            close: false,
+        })
+        .await
+    }
+
     async fn start(s: UpstreamSetup<'_>) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -326,6 +336,13 @@ fn pki() -> Pki {
     Pki { dir, ca, ca_file }
 }
 
+impl Pki {
+    /// The `[routes.upstream_tls]` line that trusts this CA.
+    fn ca_line(&self) -> String {
+        format!("ca_file = \"{}\"", toml_path(&self.ca_file))
+    }
+}
+
 /// An upstream serving `leaf` (no client certificate asked; `close` answers each request with
 /// `Connection: close`) and a gateway whose secure route reaches it at `https://{host}:{port}`
 /// trusting the test CA, with a token for `ci` that may read.
@@ -343,7 +360,7 @@ async fn verified_pair(
     .await;
     let tg = TestGateway::start_with(tls_route(
         &format!("https://{host}:{}", up.addr.port()),
-        &format!("ca_file = \"{}\"", toml_path(&pki.ca_file)),
+        &pki.ca_line(),
     ))
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
@@ -402,14 +419,9 @@ async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
 async fn a_certificate_for_another_name_is_a_502_and_server_name_fixes_it() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["api.internal"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: false,
-    })
-    .await;
+    let up = TlsUpstream::serving(&leaf).await;
     let url = format!("https://127.0.0.1:{}", up.addr.port());
-    let ca = format!("ca_file = \"{}\"", toml_path(&pki.ca_file));
+    let ca = pki.ca_line();
     let tg = TestGateway::start_with(tls_route(&url, &ca)).await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
     let (status, body) = get(&tg, &tok).await;
@@ -446,12 +458,7 @@ async fn the_log_says_why_a_handshake_failed() {
         (&expired, "localhost", "expired"),
     ];
     for (leaf, name, want) in cases {
-        let up = TlsUpstream::start(UpstreamSetup {
-            leaf,
-            client_ca: None,
-            close: false,
-        })
-        .await;
+        let up = TlsUpstream::serving(leaf).await;
         let connector = Arc::new(
             UpstreamConnector::new(
                 "127.0.0.1",
@@ -529,7 +536,7 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
     })
     .await;
     let url = format!("https://localhost:{}", up.addr.port());
-    let ca = format!("ca_file = \"{}\"", toml_path(&pki.ca_file));
+    let ca = pki.ca_line();
 
     let tg = TestGateway::start_with(tls_route(&url, &ca)).await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
@@ -567,14 +574,9 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
 async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: None,
-        close: false,
-    })
-    .await;
+    let up = TlsUpstream::serving(&leaf).await;
     let url = format!("https://localhost:{}", up.addr.port());
-    let ca = format!("ca_file = \"{}\"", toml_path(&pki.ca_file));
+    let ca = pki.ca_line();
 
     // http2 = false (the default): HTTP/1.1 though the upstream offers h2.
     let tg = TestGateway::start_with(tls_route(&url, &format!("{ca}\nhttp2 = false"))).await;

@@ -278,22 +278,12 @@ async fn revoke_in_process_is_instant() {
     let (tok, id) = tg.token("ci", "bot", &["apps:read"]);
     let c = client();
     assert_eq!(
-        c.get(tg.url("/apps/a/x"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_bearer(&c, tg.url("/apps/a/x"), &tok).await.status(),
         200
     );
     tg.gw.revoke(&id, "test", "test").await.unwrap();
     assert_eq!(
-        c.get(tg.url("/apps/a/x"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_bearer(&c, tg.url("/apps/a/x"), &tok).await.status(),
         401
     );
     tg.stop().await;
@@ -465,12 +455,7 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
     // Use it, list it, show it, fail with it.
     let c = client();
     assert_eq!(
-        c.get(tg.url("/apps/a/b"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_bearer(&c, tg.url("/apps/a/b"), &token).await.status(),
         200
     );
     let _ = c
@@ -561,12 +546,7 @@ async fn big_upload_and_download_stream_without_buffering() {
     let c = client();
     // Warm up connections and allocator.
     assert_eq!(
-        c.get(tg.url("/apps/a/b"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_bearer(&c, tg.url("/apps/a/b"), &tok).await.status(),
         200
     );
     let before = rss_kib();

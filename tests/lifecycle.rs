@@ -48,12 +48,7 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
     );
     assert_eq!(tg.last_request_line().await["reason"], "expired");
     assert_eq!(
-        c.get(tg.url("/apps/a/b"))
-            .bearer_auth(&far)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_bearer(&c, tg.url("/apps/a/b"), &far).await.status(),
         200
     );
     assert_eq!(tg.upstream.count(), 3);
@@ -362,15 +357,7 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
     let (other, _) = tg.token("other", "c", &["apps:read"]);
     let c = client();
     for t in [&t1, &t2, &other] {
-        assert_eq!(
-            c.get(tg.url("/apps/a/b"))
-                .bearer_auth(t)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(get_bearer(&c, tg.url("/apps/a/b"), t).await.status(), 200);
     }
     let o = cli(&tg.config_path, &["account", "disable", "team"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -387,12 +374,7 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
     }
     assert_eq!(tg.last_request_line().await["reason"], "account_disabled");
     assert_eq!(
-        c.get(tg.url("/apps/a/b"))
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_bearer(&c, tg.url("/apps/a/b"), &other).await.status(),
         200
     );
     tg.stop().await;
@@ -404,15 +386,7 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
     let c = client();
     let get = |t: String| {
         let (c, url) = (c.clone(), tg.url("/apps/a/b"));
-        async move {
-            c.get(url)
-                .bearer_auth(t)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        async move { get_bearer(&c, url, t).await.status().as_u16() }
     };
     // Case 1: the new token's first use retires the old one.
     let (old, old_id) = tg.token("ci", "rot", &["apps:read"]);

@@ -377,11 +377,22 @@ async fn http2_prior_knowledge_works() {
 
 #[tokio::test]
 async fn tls_with_a_certificate_made_in_the_test_serves_h1_and_h2() {
+    tls_serves_h1_and_h2(0).await;
+}
+
+/// The same over `server.workers = 2`: the TLS handshake, ALPN and HTTP/2 (its streams spawned
+/// on the worker's runtime) work on a worker runtime as on the shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_worker_runtimes_serves_h1_and_h2() {
+    tls_serves_h1_and_h2(2).await;
+}
+
+async fn tls_serves_h1_and_h2(workers: usize) {
     let certs = LocalhostCert::new();
-    let tg = TestGateway::start_with(Options {
-        server: certs.server_tls(),
-        ..Options::default()
-    })
+    let tg = TestGateway::start_with(Options::server(format!(
+        "{}\nworkers = {workers}",
+        certs.server_tls()
+    )))
     .await;
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
     let ca = certs.reqwest_root();

@@ -835,12 +835,6 @@ fn connection_error(
 mod tests {
     use super::*;
 
-    /// A connection's task future is allocated whole at `tokio::spawn` and lives as long as the
-    /// connection, so 10,000 idle connections hold 10,000 of them (docs/performance.md, "Idle
-    /// connections": 1,648 bytes in release once hyper's path and a fast-path exchange were
-    /// boxed, from 7,520). This guards the size in the build the tests run in: if it grows past
-    /// the bound, something large was inlined into the connection again (box it, or measure
-    /// `benches/idle.sh` and raise the bound with the figures).
     /// A gateway on a store and audit log in `dir`, its config the defaults plus `server`
     /// (`[server]` keys) and loopback listeners on free ports.
     fn gateway(dir: &std::path::Path, server: &str) -> Gateway {
@@ -870,6 +864,12 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     }
 
+    /// A connection's task future is allocated whole at `tokio::spawn` and lives as long as the
+    /// connection, so 10,000 idle connections hold 10,000 of them (docs/performance.md, "Idle
+    /// connections": 1,648 bytes in release once hyper's path and a fast-path exchange were
+    /// boxed, from 7,520). This guards the size in the build the tests run in: if it grows past
+    /// the bound, something large was inlined into the connection again (box it, or measure
+    /// `benches/idle.sh` and raise the bound with the figures).
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let dir = tempfile::tempdir().unwrap();

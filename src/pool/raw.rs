@@ -133,8 +133,8 @@ impl Pool {
     fn checkout_raw(&self, authority: &Authority) -> Option<TcpStream> {
         let now = self.now();
         let timeout = self.shared.settings.idle_timeout;
+        let key = (runtime_slot(), authority.clone());
         loop {
-            let key = (runtime_slot(), authority.clone());
             let (stream, since) = lock(&self.shared.raw.idle).get_mut(&key)?.pop_back()?;
             if now.saturating_duration_since(since) >= timeout {
                 continue;

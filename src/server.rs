@@ -156,26 +156,25 @@ impl Server {
         // Bound in `bind`, accepting from the next line on (readiness reports this).
         gw.metrics().listening.store(true, Ordering::Relaxed);
         let admission = Arc::new(Admission::new());
-        let public_shared = Shared {
-            stop: stop_rx.clone(),
-            busy: busy.clone(),
+        let public_serving = Serving {
+            tls: self.public_tls.clone(),
+            gw: gw.clone(),
+            shared: Shared {
+                stop: stop_rx.clone(),
+                busy: busy.clone(),
+            },
+            graceful: graceful.clone(),
         };
         let mut public = match self.public {
             Public::Shared(l) => Accepting::Shared(tokio::spawn(accept_loop(
                 l,
-                self.public_tls.clone(),
                 Role::Public(admission),
-                gw.clone(),
-                public_shared,
-                graceful.clone(),
+                public_serving,
             ))),
             Public::Workers(w) => {
                 let n = w.len();
                 let common = workers::Common {
-                    tls: self.public_tls.clone(),
-                    gw: gw.clone(),
-                    shared: public_shared,
-                    graceful: graceful.clone(),
+                    serving: public_serving,
                     admission,
                 };
                 match workers::start(w, common) {
@@ -194,14 +193,16 @@ impl Server {
         };
         let admin = tokio::spawn(accept_loop(
             self.admin,
-            self.admin_tls.clone(),
             Role::Admin(self.sessions.clone()),
-            gw.clone(),
-            Shared {
-                stop: stop_rx,
-                busy: busy.clone(),
+            Serving {
+                tls: self.admin_tls.clone(),
+                gw: gw.clone(),
+                shared: Shared {
+                    stop: stop_rx,
+                    busy: busy.clone(),
+                },
+                graceful: graceful.clone(),
             },
-            graceful.clone(),
         ));
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining in-flight requests");
@@ -295,6 +296,26 @@ struct Shared {
     busy: Arc<AtomicUsize>,
 }
 
+/// What an accept loop serves its listener's connections with.
+#[derive(Clone)]
+struct Serving {
+    /// The listener's TLS acceptor (None: plain), swapped by a reload.
+    tls: Arc<ArcSwapOption<TlsAcceptor>>,
+    gw: Gateway,
+    shared: Shared,
+    graceful: Arc<GracefulShutdown>,
+}
+
+/// What one connection's task carries besides its socket.
+struct Carried {
+    acceptor: Option<Arc<TlsAcceptor>>,
+    gw: Gateway,
+    /// The admin listener's state (its sessions); None on the public listener.
+    admin_state: Option<admin::Admin>,
+    watcher: Watcher,
+    shared: Shared,
+}
+
 /// Which listener an accept loop serves, with that listener's own state.
 enum Role {
     /// The public listener and its connection limits.
@@ -303,14 +324,13 @@ enum Role {
     Admin(Arc<admin::session::Sessions>),
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Arc<ArcSwapOption<TlsAcceptor>>,
-    role: Role,
-    gw: Gateway,
-    shared: Shared,
-    graceful: Arc<GracefulShutdown>,
-) {
+async fn accept_loop(listener: TcpListener, role: Role, serving: Serving) {
+    let Serving {
+        tls,
+        gw,
+        shared,
+        graceful,
+    } = serving;
     let mut stop = shared.stop.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -339,44 +359,39 @@ async fn accept_loop(
             Role::Admin(_) => None,
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = tls.load_full();
-        let gw = gw.clone();
-        // The admin listener's state (its sessions); None on the public listener.
-        let admin_state = match &role {
-            Role::Admin(sessions) => Some(admin::Admin::new(gw.clone(), sessions.clone())),
-            Role::Public(_) => None,
+        let carried = Carried {
+            acceptor: tls.load_full(),
+            gw: gw.clone(),
+            admin_state: match &role {
+                Role::Admin(sessions) => Some(admin::Admin::new(gw.clone(), sessions.clone())),
+                Role::Public(_) => None,
+            },
+            watcher: graceful.watcher(),
+            shared: shared.clone(),
         };
-        let watcher = graceful.watcher();
-        let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(stream, peer, acceptor, gw, admin_state, watcher, shared).await;
+            serve_connection(stream, peer, carried).await;
         });
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    acceptor: Option<Arc<TlsAcceptor>>,
-    gw: Gateway,
-    admin_state: Option<admin::Admin>,
-    watcher: Watcher,
-    shared: Shared,
-) {
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, carried: Carried) {
     let conn = ConnInfo {
         peer,
-        tls: acceptor.is_some(),
+        tls: carried.acceptor.is_some(),
     };
     // Plain HTTP/1.1 on the public listener: the fast path (`h1`), until it declines a request.
-    let fast = admin_state.is_none() && acceptor.is_none() && gw.config().server.http1_fast_path;
+    let fast = carried.admin_state.is_none()
+        && carried.acceptor.is_none()
+        && carried.gw.config().server.http1_fast_path;
     let (stream, buffered) = if fast {
         let c = crate::h1::Conn {
-            gw: &gw,
+            gw: &carried.gw,
             info: conn,
-            stop: shared.stop.clone(),
+            stop: carried.shared.stop.clone(),
             phase: h1_phase,
-            busy: &shared.busy,
+            busy: &carried.shared.busy,
         };
         match crate::h1::serve(stream, c).await {
             crate::h1::Served::Done => return,
@@ -389,32 +404,24 @@ async fn serve_connection(
     // connection, the fast path's idle ones included (docs/performance.md, "Idle connections").
     // Built inside `Box::pin(..)`: a `let` binding of the unboxed future would keep its storage
     // in this future's state across the `.await`, which is the size this avoids.
-    Box::pin(serve_hyper(
-        stream,
-        buffered,
-        conn,
+    Box::pin(serve_hyper(stream, buffered, conn, carried)).await;
+}
+
+/// Serves a connection with hyper: TLS, HTTP/2, the admin listener, and whatever the fast path
+/// declined (`buffered`: the bytes it had read).
+async fn serve_hyper(
+    stream: TcpStream,
+    buffered: bytes::BytesMut,
+    conn: ConnInfo,
+    carried: Carried,
+) {
+    let Carried {
         acceptor,
         gw,
         admin_state,
         watcher,
         shared,
-    ))
-    .await;
-}
-
-/// Serves a connection with hyper: TLS, HTTP/2, the admin listener, and whatever the fast path
-/// declined (`buffered`: the bytes it had read).
-#[allow(clippy::too_many_arguments)]
-async fn serve_hyper(
-    stream: TcpStream,
-    buffered: bytes::BytesMut,
-    conn: ConnInfo,
-    acceptor: Option<Arc<TlsAcceptor>>,
-    gw: Gateway,
-    admin_state: Option<admin::Admin>,
-    watcher: Watcher,
-    shared: Shared,
-) {
+    } = carried;
     let cfg = gw.config();
     let peer = conn.peer;
     let public = admin_state.is_none();
@@ -464,7 +471,8 @@ async fn serve_hyper(
     // hyper's header read timeout starts only once it knows the protocol; until then (no byte
     // yet, or a dribbled HTTP/2 preface) this deadline holds the connection to the same limit.
     let deadline = cfg.server.header_read_timeout;
-    match acceptor {
+    let idle = cfg.server.h2_idle_timeout;
+    let served = match acceptor {
         None => {
             let c = builder.serve_connection_with_upgrades(
                 TokioIo::new(SendDeadline::new(
@@ -473,10 +481,7 @@ async fn serve_hyper(
                 )),
                 svc,
             );
-            let idle = cfg.server.h2_idle_timeout;
-            if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
-                connection_error(&gw, peer, public, &*e);
-            }
+            drive(c.into_owned(), watcher, stop, idle_rx, idle).await
         }
         Some(acceptor) => {
             let tls = match tokio::time::timeout(
@@ -502,11 +507,11 @@ async fn serve_hyper(
                 )),
                 svc,
             );
-            let idle = cfg.server.h2_idle_timeout;
-            if let Err(e) = drive(c.into_owned(), watcher, stop, idle_rx, idle).await {
-                connection_error(&gw, peer, public, &*e);
-            }
+            drive(c.into_owned(), watcher, stop, idle_rx, idle).await
         }
+    };
+    if let Err(e) = served {
+        connection_error(&gw, peer, public, &*e);
     }
 }
 
@@ -885,7 +890,14 @@ mod tests {
             stop,
             busy: Arc::new(AtomicUsize::new(0)),
         };
-        let task = serve_connection(stream, peer, None, gw, None, graceful.watcher(), shared);
+        let carried = Carried {
+            acceptor: None,
+            gw,
+            admin_state: None,
+            watcher: graceful.watcher(),
+            shared,
+        };
+        let task = serve_connection(stream, peer, carried);
         let size = std::mem::size_of_val(&task);
         // 1,440 bytes in the debug build when this was written.
         let bound = 2048;

@@ -2,15 +2,14 @@
 //! sends a byte, and the completion line written when the response body ends — complete, cut by
 //! the upstream, stalled, or dropped because the client left.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::audit::{CompletionRecord, Entry, RequestRecord, Reservation};
+use crate::audit::{CompletionRecord, Entry, Reservation};
 use crate::body::Body;
 use crate::error::Reject;
 use crate::gateway::Gateway;
-use crate::proxy;
 
-use super::{Ctx, ms};
+use super::{Ctx, Strings, ms, record_of};
 
 impl Gateway {
     /// Write-ahead (before step 9 sends a byte): the decision line of the request is written to
@@ -25,7 +24,8 @@ impl Gateway {
         let Some(decision_slot) = ctx.reservation.replace(completion) else {
             return Err(Reject::Internal);
         };
-        let mut record = self.decision_record(ctx, start.elapsed());
+        // The context so far, copied (the request goes on); no status yet.
+        let mut record = record_of(ctx, Strings::Copy, 0, "allow", "ok", start.elapsed());
         record.phase = Some("decision".into());
         ctx.decided = true;
         decision_slot
@@ -33,41 +33,6 @@ impl Gateway {
             .written()
             .await
             .map_err(|_| Reject::AuditUnavailable)
-    }
-
-    /// The decision line of a forwarded request: the context so far (copied: the request goes
-    /// on), no status yet.
-    fn decision_record(&self, ctx: &Ctx, elapsed: Duration) -> RequestRecord {
-        let row = ctx.token.as_deref();
-        RequestRecord {
-            timestamp: crate::audit::now_rfc3339(),
-            request_id: ctx.request_id.clone(),
-            auth_type: if ctx.token_prefix.is_some() {
-                "api_token"
-            } else {
-                "none"
-            }
-            .into(),
-            api_token_id: row.map(|r| r.id().to_string()),
-            api_token_name: row.map(|r| r.name().to_string()),
-            token_prefix: ctx.token_prefix.clone(),
-            account: row.map(|r| r.account().to_string()),
-            method: crate::audit::method_name(&ctx.method),
-            path: ctx.path.clone(),
-            status_code: 0,
-            rbac_decision: "allow".into(),
-            reason: "ok".into(),
-            permission: ctx.permission.clone(),
-            rule: ctx.rule.clone(),
-            shadow_decision: ctx.shadow_decision.map(Into::into),
-            client_ip: proxy::ip_text(ctx.client_ip),
-            user_agent: ctx.user_agent.clone(),
-            upstream: ctx.upstream.clone(),
-            duration_ms: ms(elapsed),
-            mode: Some(crate::forward_auth::mode(ctx.forward_auth).into()),
-            phase: None,
-            trace_id: ctx.trace_id.clone(),
-        }
     }
 }
 

@@ -7,15 +7,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio_rustls::TlsAcceptor;
 
 use super::admission::Admission;
-use super::{Role, ServerError, Shared, accept_loop};
-use crate::gateway::Gateway;
+use super::{Role, ServerError, Serving, accept_loop};
 
 /// One worker's socket and runtime, bound and built at start (a failure is a start error, not
 /// a thread that quietly never accepts).
@@ -86,10 +82,7 @@ pub(super) struct Running {
 
 /// What every worker's accept loop shares with the server.
 pub(super) struct Common {
-    pub(super) tls: Arc<ArcSwapOption<TlsAcceptor>>,
-    pub(super) gw: Gateway,
-    pub(super) shared: Shared,
-    pub(super) graceful: Arc<GracefulShutdown>,
+    pub(super) serving: Serving,
     pub(super) admission: Arc<Admission>,
 }
 
@@ -105,13 +98,7 @@ pub(super) fn start(workers: Vec<Worker>, common: Common) -> std::io::Result<Run
         let slot = i + 1;
         let (closed_tx, closed_rx) = oneshot::channel();
         let mut finished = finished_rx.clone();
-        let (tls, gw, shared, graceful, admission) = (
-            common.tls.clone(),
-            common.gw.clone(),
-            common.shared.clone(),
-            common.graceful.clone(),
-            common.admission.clone(),
-        );
+        let (serving, admission) = (common.serving.clone(), common.admission.clone());
         let thread = std::thread::Builder::new()
             .name(format!("tg-worker-{slot}"))
             .spawn(move || {
@@ -119,10 +106,7 @@ pub(super) fn start(workers: Vec<Worker>, common: Common) -> std::io::Result<Run
                 let (listener, runtime) = w.parts.take().expect("a worker starts once");
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            let role = Role::Public(admission);
-                            accept_loop(l, tls, role, gw, shared, graceful).await
-                        }
+                        Ok(l) => accept_loop(l, Role::Public(admission), serving).await,
                         Err(e) => {
                             tracing::error!(worker = slot, error = %e, "worker cannot accept")
                         }

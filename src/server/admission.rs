@@ -108,26 +108,21 @@ impl Admission {
             return;
         };
         let key = limit.config_key();
-        match limit {
-            ConnLimit::PerIp => tracing::warn!(
-                kind,
-                suppressed,
-                peer = %peer.ip(),
-                limit = key,
-                max,
-                "connection refused: this client address already holds {max} connections \
-                 ({key}); raise {key}, or list the address in server.trusted_proxies if it is \
-                 a load balancer or proxy (those are not capped per address)"
+        let (holder, advice) = match limit {
+            ConnLimit::PerIp => (
+                "this client address",
+                ", or list the address in server.trusted_proxies if it is a load balancer or \
+                 proxy (those are not capped per address)",
             ),
-            ConnLimit::Total => tracing::warn!(
-                kind,
-                suppressed,
-                peer = %peer.ip(),
-                limit = key,
-                max,
-                "connection refused: the public listener already holds {max} connections \
-                 ({key}); raise {key} (and the open-files limit with it)"
-            ),
-        }
+            ConnLimit::Total => ("the public listener", " (and the open-files limit with it)"),
+        };
+        tracing::warn!(
+            kind,
+            suppressed,
+            peer = %peer.ip(),
+            limit = key,
+            max,
+            "connection refused: {holder} already holds {max} connections ({key}); raise {key}{advice}"
+        );
     }
 }

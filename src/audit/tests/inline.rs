@@ -186,12 +186,7 @@ fn a_file_cut_behind_the_writers_back_is_not_rotated_or_padded() {
     };
     let log = open_rotating(&path, probe * 7 / 2);
     write_n(&log, "a", 3);
-    OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    truncate_in_place(&path);
     write_n(&log, "b", 3);
     log.shutdown();
     assert!(

@@ -90,6 +90,16 @@ fn lines_of(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Empties the file in place, as logrotate's `copytruncate` does.
+fn truncate_in_place(path: &Path) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+}
+
 fn set_lines(path: &Path, lines: &[String]) {
     fs::write(
         path,

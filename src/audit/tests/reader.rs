@@ -388,12 +388,7 @@ fn follow_prints_new_lines_across_rotation_and_truncation() {
 
     // copytruncate-style: truncated in place, then written again.
     log.shutdown();
-    OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    truncate_in_place(&path);
     let log = AuditLog::open(cfg(&path)).unwrap();
     write_n(&log, "c", 1);
     wait_until("lines after truncation", || has("c0"));

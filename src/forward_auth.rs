@@ -29,6 +29,7 @@ use crate::body::Body;
 use crate::cache::CachedToken;
 use crate::config::Config;
 use crate::error::Reject;
+use crate::proxy::{X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::{hygiene, proxy};
 
 const X_TOKENGATE_ERROR: HeaderName = HeaderName::from_static("x-tokengate-error");
@@ -37,8 +38,6 @@ const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The describing headers: never part of the described request.
 const DESCRIBING: [HeaderName; 6] = [

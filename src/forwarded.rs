@@ -154,47 +154,33 @@ mod tests {
         // A trusted proxy vouches with X-Forwarded-Proto or Forwarded; its last value counts.
         assert!(secure_transport(proxy, false, &https, &trusted));
         assert!(!secure_transport(proxy, false, &none, &trusted));
-        assert!(!secure_transport(
-            proxy,
-            false,
-            &headers(&[("x-forwarded-proto", "http")]),
-            &trusted
-        ));
-        assert!(!secure_transport(
-            proxy,
-            false,
-            &headers(&[("x-forwarded-proto", "https, http")]),
-            &trusted
-        ));
-        assert!(secure_transport(
-            proxy,
-            false,
-            &headers(&[
-                ("x-forwarded-proto", "http"),
-                ("x-forwarded-proto", "HTTPS")
-            ]),
-            &trusted
-        ));
-        assert!(secure_transport(
-            proxy,
-            false,
-            &headers(&[("forwarded", "for=192.0.2.7;proto=https")]),
-            &trusted
-        ));
-        assert!(secure_transport(
-            proxy,
-            false,
-            &headers(&[(
-                "forwarded",
-                "for=1.2.3.4;proto=http, for=192.0.2.7;Proto=\"https\""
-            )]),
-            &trusted
-        ));
-        assert!(!secure_transport(
-            proxy,
-            false,
-            &headers(&[("forwarded", "for=192.0.2.7;proto=http")]),
-            &trusted
-        ));
+        // What a trusted proxy's headers say: (headers, secure?).
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("x-forwarded-proto", "http")], false),
+            (&[("x-forwarded-proto", "https, http")], false),
+            (
+                &[
+                    ("x-forwarded-proto", "http"),
+                    ("x-forwarded-proto", "HTTPS"),
+                ],
+                true,
+            ),
+            (&[("forwarded", "for=192.0.2.7;proto=https")], true),
+            (
+                &[(
+                    "forwarded",
+                    "for=1.2.3.4;proto=http, for=192.0.2.7;Proto=\"https\"",
+                )],
+                true,
+            ),
+            (&[("forwarded", "for=192.0.2.7;proto=http")], false),
+        ];
+        for (pairs, secure) in cases {
+            assert_eq!(
+                secure_transport(proxy, false, &headers(pairs), &trusted),
+                *secure,
+                "{pairs:?}"
+            );
+        }
     }
 }

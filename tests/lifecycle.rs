@@ -13,6 +13,27 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokengate::store::Store;
 
+/// `token create --account ci --name NAME --role viewer` followed by `extra`.
+fn viewer_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "token",
+        "create",
+        "--account",
+        "ci",
+        "--name",
+        name,
+        "--role",
+        "viewer",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs `token create` for a viewer token of account `ci` (see [`viewer_args`]).
+fn create_viewer(cfg: &std::path::Path, name: &str, extra: &[&str]) -> std::process::Output {
+    cli(cfg, &viewer_args(name, extra))
+}
+
 #[tokio::test]
 async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before() {
     let tg = TestGateway::start().await;
@@ -66,38 +87,13 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     let mut ids = Vec::new();
     for i in 0..5 {
-        let o = cli(
-            &cfg,
-            &[
-                "token",
-                "create",
-                "--account",
-                "ci",
-                "--name",
-                &format!("t{i}"),
-                "--role",
-                "viewer",
-                "--json",
-            ],
-        );
+        let o = create_viewer(&cfg, &format!("t{i}"), &["--json"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(v["token"].as_str().unwrap().starts_with("tg_"));
         ids.push(v["id"].as_str().unwrap().to_string());
     }
-    let o = cli(
-        &cfg,
-        &[
-            "token",
-            "create",
-            "--account",
-            "ci",
-            "--name",
-            "t5",
-            "--role",
-            "viewer",
-        ],
-    );
+    let o = create_viewer(&cfg, "t5", &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty(), "no token printed");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -118,19 +114,7 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
             .status
             .success()
     );
-    let o = cli(
-        &cfg,
-        &[
-            "token",
-            "create",
-            "--account",
-            "ci",
-            "--name",
-            "t5",
-            "--role",
-            "viewer",
-        ],
-    );
+    let o = create_viewer(&cfg, "t5", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The gateway owns the audit log: CLI events reach it through the store's outbox.
     tg.gw.drain_outbox().await.unwrap();
@@ -158,43 +142,14 @@ async fn expiry_policy_is_enforced_at_creation() {
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     for bad in ["never", "180d", "365d", "12d"] {
-        let o = cli(
-            &cfg,
-            &[
-                "token",
-                "create",
-                "--account",
-                "ci",
-                "--name",
-                "x",
-                "--role",
-                "viewer",
-                "--expires",
-                bad,
-            ],
-        );
+        let o = create_viewer(&cfg, "x", &["--expires", bad]);
         assert_eq!(o.status.code(), Some(64), "{bad}");
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("not allowed")
                 || String::from_utf8_lossy(&o.stderr).contains("expiry")
         );
     }
-    let o = cli(
-        &cfg,
-        &[
-            "token",
-            "create",
-            "--account",
-            "ci",
-            "--name",
-            "x",
-            "--role",
-            "viewer",
-            "--expires",
-            "7d",
-            "--json",
-        ],
-    );
+    let o = create_viewer(&cfg, "x", &["--expires", "7d", "--json"]);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let exp = tokengate::clock::parse_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
@@ -271,25 +226,20 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     })
     .await;
     // Same store, each process its own audit log (one writer per log file).
-    let cfg = tg.config_path.clone();
-    let cfg_b = tg.dir.path().join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("path = \"audit.log\"", "path = \"audit-b.log\""),
-    )
-    .unwrap();
-    let a = serve_binary(&cfg_b);
-    let cfg_c = tg.dir.path().join("c.toml");
-    std::fs::write(
-        &cfg_c,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("path = \"audit.log\"", "path = \"audit-c.log\""),
-    )
-    .unwrap();
-    let b = serve_binary(&cfg_c);
+    let serve_copy = |name: &str| {
+        let copy = tg.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &copy,
+            std::fs::read_to_string(&tg.config_path).unwrap().replace(
+                "path = \"audit.log\"",
+                &format!("path = \"audit-{name}.log\""),
+            ),
+        )
+        .unwrap();
+        serve_binary(&copy)
+    };
+    let a = serve_copy("b");
+    let b = serve_copy("c");
     let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     store.create_account("ci", None, "test", 0).unwrap();
     let c = client();
@@ -300,12 +250,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .create_token(&spec, "tg", 1000, tokengate::store::system_now_ms())
             .unwrap();
         for p in [&a, &b] {
-            let r = c
-                .get(format!("http://{}/apps/x/y", p.addr))
-                .bearer_auth(&new.plaintext)
-                .send()
-                .await
-                .unwrap();
+            let r = get_bearer(&c, format!("http://{}/apps/x/y", p.addr), &new.plaintext).await;
             assert_eq!(r.status(), 200);
         }
         // Trials would otherwise lock onto the poller's phase: start each at a random offset.
@@ -319,12 +264,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             // The promise is about requests sent a second after the revoke: one sent before
             // and answered later (a loaded machine) may still be a 200.
             let sent = t0.elapsed();
-            let r = c
-                .get(format!("http://{}/apps/x/y", b.addr))
-                .bearer_auth(&new.plaintext)
-                .send()
-                .await
-                .unwrap();
+            let r = get_bearer(&c, format!("http://{}/apps/x/y", b.addr), &new.plaintext).await;
             if r.status() == 401 {
                 break;
             }
@@ -528,22 +468,26 @@ async fn list_filters_and_identify_of_a_leaked_token() {
     assert!(t.contains("LAST USED") && t.contains("leaky") && t.contains("EXPIRES"));
 
     // identify reads stdin, never argv, and revokes on request.
-    let mut child = Command::new(bin())
-        .arg("--config")
-        .arg(&tg.config_path)
-        .args(["token", "identify", "--revoke", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("  {leaked}\n").as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let identify = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(bin())
+            .arg("--config")
+            .arg(&tg.config_path)
+            .args(["token", "identify"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let o = identify(&["--revoke", "--json"], &format!("  {leaked}\n"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["id"], leaked_id.as_str());
@@ -567,22 +511,7 @@ async fn list_filters_and_identify_of_a_leaked_token() {
             .any(|e| e["event"] == "token.revoked" && e["reason"] == "leaked")
     );
     // A token-looking string that is not ours fails clearly.
-    let mut child = Command::new(bin())
-        .arg("--config")
-        .arg(&tg.config_path)
-        .args(["token", "identify"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(tokengate::token::generate("tg").plaintext.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = identify(&[], &tokengate::token::generate("tg").plaintext);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not in this store"));
     tg.stop().await;
@@ -601,16 +530,7 @@ fn kill_9_during_token_creation_never_leaves_a_half_created_token() {
         let mut child = Command::new(bin())
             .arg("--config")
             .arg(&cfg)
-            .args([
-                "token",
-                "create",
-                "--account",
-                "ci",
-                "--name",
-                &format!("k{i}"),
-                "--role",
-                "viewer",
-            ])
+            .args(viewer_args(&format!("k{i}"), &[]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

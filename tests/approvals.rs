@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, post_session};
+use support::{Options, TestGateway, client, get_bearer, post_session};
 use tokengate::mfa;
 
 const RULES: &str = r#"
@@ -439,12 +439,7 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     assert_eq!(line["api_token_id"], ci_id);
     assert_eq!(tg.upstream.count(), 0);
     // A named rule without `approval` is an ordinary rule.
-    let r = client()
-        .get(tg.url("/apps/billing"))
-        .bearer_auth(&ci)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/billing"), &ci).await;
     assert_eq!(r.status(), 200);
     tg.upstream.clear();
 

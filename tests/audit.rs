@@ -563,12 +563,12 @@ impl Rig {
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        client()
-            .get(format!("http://{}{path}", self.addr))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
+        get_bearer(
+            &client(),
+            format!("http://{}{path}", self.addr),
+            &self.token,
+        )
+        .await
     }
 
     /// `n` requests that must be answered 200; their request ids.
@@ -884,7 +884,7 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
         } else {
             "/apps/billing/status"
         };
-        c.get(tg.url(path)).bearer_auth(&tok).send().await.unwrap();
+        get_bearer(&c, tg.url(path), &tok).await;
     }
     c.get(tg.url("/apps/billing/status")).send().await.unwrap();
     let lines = tg.audit_lines().await;
@@ -1404,7 +1404,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
             } else {
                 "/admin/users"
             };
-            let r = c.get(tg.url(path)).bearer_auth(&tok).send().await.unwrap();
+            let r = get_bearer(&c, tg.url(path), &tok).await;
             let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
             if r.status() == 403 {
                 denied.push(rid.clone());
@@ -1591,12 +1591,7 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     };
     let mut rids = Vec::new();
     let mut req = async || {
-        let r = c
-            .get(tg.url("/apps/billing/status"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/billing/status"), &tok).await;
         assert_eq!(r.status(), 200);
         rids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
     };

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::{Options, Upstream, client, write_config};
-use tokengate::store::{NewTokenSpec, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 
@@ -127,24 +126,10 @@ fn names_in(dir: &Path) -> Vec<String> {
 // missing store.
 // =================================================================================================
 
-/// Issues a token straight into the store file (the gateway runs as a separate process).
+/// Issues a token with `apps:read` of account `ci` straight into the store file (the gateway
+/// runs as a separate process).
 fn issue(db: &Path, name: &str) -> (String, String) {
-    let store = Store::open(db, Duration::from_secs(5)).unwrap();
-    let now = tokengate::store::system_now_ms();
-    let _ = store.create_account("ci", None, "test", now);
-    let spec = NewTokenSpec {
-        account: "ci".into(),
-        name: name.into(),
-        role: None,
-        permissions: vec!["apps:read".into()],
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(now + 30 * 86_400_000),
-        created_by: "test".into(),
-    };
-    let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
-    (new.plaintext, row.id)
+    support::issue_into(db, "ci", name, &["apps:read"])
 }
 
 #[derive(Clone, Copy, Debug)]

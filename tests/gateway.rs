@@ -407,7 +407,7 @@ async fn tls_serves_h1_and_h2(workers: usize) {
             b = b.http1_only();
         }
         let c = b.build().unwrap();
-        let r = c.get(&url).bearer_auth(&tok).send().await.unwrap();
+        let r = get_bearer(&c, &url, &tok).await;
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.version(),
@@ -574,12 +574,7 @@ async fn big_upload_and_download_stream_without_buffering() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("upstream ok {SIZE}"));
-    let mut r = c
-        .get(tg.url(&format!("/download/{SIZE}")))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let mut r = get_bearer(&c, tg.url(&format!("/download/{SIZE}")), &tok).await;
     assert_eq!(r.status(), 200);
     let mut got = 0u64;
     while let Some(ch) = r.chunk().await.unwrap() {

@@ -196,7 +196,7 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
                 for _ in 0..4 {
                     // Read the flag *before* sending: a request sent after revoke returned must fail.
                     let after = revoked.load(Ordering::SeqCst);
-                    let st = c.get(&url).bearer_auth(&tok).send().await.unwrap().status();
+                    let st = get_bearer(&c, &url, &tok).await.status();
                     if after && st == 200 {
                         late.fetch_add(1, Ordering::Relaxed);
                     }
@@ -393,10 +393,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
         let (c, tok, url) = (c.clone(), tok.clone(), tg.url("/apps/a/b"));
         tasks.push(tokio::spawn(async move {
             for _ in 0..1250 {
-                assert_eq!(
-                    c.get(&url).bearer_auth(&tok).send().await.unwrap().status(),
-                    200
-                );
+                assert_eq!(get_bearer(&c, &url, &tok).await.status(), 200);
             }
         }));
     }

@@ -393,14 +393,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
             let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
             let answered = answered.clone();
             async move {
-                let st = c
-                    .get(url)
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16();
+                let st = get_bearer(&c, url, t).await.status().as_u16();
                 answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 st
             }
@@ -631,7 +624,7 @@ async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
         .map(|t| {
             let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
             async move {
-                let r = c.get(url).bearer_auth(t).send().await.unwrap();
+                let r = get_bearer(&c, url, t).await;
                 let status = r.status().as_u16();
                 let body: serde_json::Value = r.json().await.unwrap();
                 (
@@ -983,12 +976,12 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
         .no_proxy()
         .build()
         .unwrap();
-    let r = c
-        .get(format!("https://localhost:{}/apps/a/b", addr.port()))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(
+        &c,
+        format!("https://localhost:{}/apps/a/b", addr.port()),
+        &tok,
+    )
+    .await;
     assert_eq!(r.status(), 200);
 
     for t in stalled {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, assert_success, client};
+use support::{Upstream, assert_success, client, get_bearer};
 use tokengate::config::Config;
 use tokengate::gateway::Gateway;
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
@@ -101,12 +101,12 @@ permission = "apps:read"
     }
 
     async fn get(&self, token: &str) -> reqwest::Response {
-        client()
-            .get(format!("http://{}/apps/billing/x", self.addr))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
+        get_bearer(
+            &client(),
+            format!("http://{}/apps/billing/x", self.addr),
+            token,
+        )
+        .await
     }
 
     /// Request rows (a forwarded request's decision and completion merged), once every

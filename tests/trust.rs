@@ -303,7 +303,7 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
     for name in names {
         tgs.upstream.clear();
         let url = format!("https://{name}:{}/apps/web/x", tgs.addr.port());
-        let r = c.get(&url).bearer_auth(&tok_s).send().await.unwrap();
+        let r = get_bearer(&c, &url, &tok_s).await;
         assert_eq!(r.status(), 200, "{name}");
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         let got = tgs.upstream.received();

@@ -594,7 +594,7 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
         let url = tg.url("/tls/hello");
         let tok = tok.clone();
         tasks.push(tokio::spawn(async move {
-            let r = client().get(url).bearer_auth(tok).send().await.unwrap();
+            let r = get_bearer(&client(), url, tok).await;
             (r.status().as_u16(), r.text().await.unwrap())
         }));
     }

@@ -86,9 +86,44 @@ impl Upstream {
     pub fn clear(&self) {
         self.requests.lock().unwrap().clear();
     }
+
+    /// Waits (at most [`WAIT_LIMIT`]) until a request for `target` has reached the upstream.
+    pub async fn wait_for(&self, target: &str) {
+        eventually(
+            &format!("the request for {target} to reach the upstream"),
+            WAIT_LIMIT,
+            || async {
+                self.received()
+                    .iter()
+                    .any(|r| r.target == target)
+                    .then_some(())
+            },
+        )
+        .await
+    }
 }
 
-type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+/// A response body of the upstreams here.
+pub type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `total` bytes of `x`, streamed in 64 KiB chunks (what `/download/N` answers).
+pub fn download_body(total: u64) -> UpBody {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= total {
+                return None;
+            }
+            let n = (total - sent).min(chunk.len() as u64);
+            Some((
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
+                sent + n,
+            ))
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
 
 async fn handle_upstream(
     req: Request<Incoming>,
@@ -163,22 +198,7 @@ async fn handle_upstream(
         return Ok(r);
     }
     if let Some(n) = path.strip_prefix("/download/") {
-        let total: u64 = n.parse().unwrap_or(0);
-        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        let stream = futures_util::stream::unfold(0u64, move |sent| {
-            let chunk = chunk.clone();
-            async move {
-                if sent >= total {
-                    return None;
-                }
-                let n = (total - sent).min(chunk.len() as u64);
-                Some((
-                    Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
-                    sent + n,
-                ))
-            }
-        });
-        let mut r = Response::new(StreamBody::new(stream).boxed());
+        let mut r = Response::new(download_body(n.parse().unwrap_or(0)));
         r.headers_mut()
             .insert("content-type", "application/octet-stream".parse().unwrap());
         return Ok(r);
@@ -378,6 +398,173 @@ pub fn serve_binary(cfg: &Path) -> Served {
         admin,
         stderr,
     }
+}
+
+/// The real `tokengate serve` in a child process (killed when dropped), with its temp folder
+/// (config, store, audit log) and its stderr lines (JSON logs).
+pub struct Proc {
+    /// The process.
+    pub child: std::process::Child,
+    /// The temp folder.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// Public address.
+    pub public: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Every stderr line.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Writes a config in a temp folder (in front of `upstream`), lets `prepare` seed the store
+    /// (its path is passed), starts the binary and waits for its "listening" line.
+    pub async fn start(upstream: SocketAddr, o: &Options, prepare: impl FnOnce(&Path)) -> Proc {
+        Proc::start_by(std::process::Command::new(bin()), upstream, o, prepare).await
+    }
+
+    /// [`Proc::start`] with the binary started by `cmd` (see [`spawn_serve_logged_by`]).
+    pub async fn start_by(
+        cmd: std::process::Command,
+        upstream: SocketAddr,
+        o: &Options,
+        prepare: impl FnOnce(&Path),
+    ) -> Proc {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &upstream.to_string(), o);
+        prepare(&dir.path().join("tokengate.db"));
+        let (child, public, admin, stderr) = spawn_serve_logged_by(cmd, &config).await;
+        Proc {
+            child,
+            dir,
+            config,
+            public,
+            admin,
+            stderr,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether a stderr line contains `needle`.
+    pub fn stderr_has(&self, needle: &str) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// The audit log.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "tokengate did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `field` of /proc/PID/status in KiB (`VmRSS`, `RssAnon`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends signal `sig` (like `-TERM`) to process `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid} failed");
+}
+
+/// Waits (at most [`WAIT_LIMIT`]) until connecting to `addr` is refused (its listener closed).
+pub async fn wait_refused(what: &str, addr: SocketAddr) {
+    eventually(what, WAIT_LIMIT, || async {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+/// The `/metrics` text of the admin listener at `admin`.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// An audit log file's lines as written (each must be JSON).
+pub fn read_audit_file(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// Issues a token straight into the store file `db` (for a gateway run as a separate process),
+/// creating `account` if needed; it expires in 30 days. Returns (plaintext, id).
+pub fn issue_into(db: &Path, account: &str, name: &str, perms: &[&str]) -> (String, String) {
+    issue_into_with(db, account, name, perms, |_| {})
+}
+
+/// [`issue_into`], letting the caller adjust the spec.
+pub fn issue_into_with(
+    db: &Path,
+    account: &str,
+    name: &str,
+    perms: &[&str],
+    f: impl FnOnce(&mut NewTokenSpec),
+) -> (String, String) {
+    let store = tokengate::store::Store::open(db, Duration::from_secs(5)).unwrap();
+    let now = tokengate::store::system_now_ms();
+    let _ = store.create_account(account, None, "test", now);
+    let mut spec = token_spec(account, name, perms, Some(now + 30 * 86_400_000));
+    f(&mut spec);
+    let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
+    (new.plaintext, row.id)
 }
 
 /// Percent-decodes once, as a backend would (bytes; `%` without two hex digits stays).

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 use tokengate::audit;
-use tokengate::store::{NewTokenSpec, RateOverride, Store};
+use tokengate::store::{NewTokenSpec, Store};
 
 /// Liveness bound for things that happen in the background (writer retries every 250 ms, the
 /// outbox is drained every 200 ms, `--follow` polls every 200 ms). Not a speed goal.
@@ -284,18 +284,8 @@ permission = "apps:read"
         ..Options::default()
     })
     .await;
-    let (fast, _) = tg.token_with("acme", "fast", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 1_000_000.0,
-            burst: 1_000_000,
-        })
-    });
-    let (slow, _) = tg.token_with("acme", "slow", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 1.0,
-            burst: 1,
-        })
-    });
+    let (fast, _) = tg.rated_token("acme", "fast", 1_000_000.0, 1_000_000);
+    let (slow, _) = tg.rated_token("acme", "slow", 1.0, 1);
 
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -1033,12 +1023,7 @@ async fn audit_reader_filters_on_a_generated_log() {
     let tg = TestGateway::start().await;
     let (deployer, dep_id) = tg.token("acme", "deployer", &["apps:read", "apps:deploy"]);
     // One request per 1000 s: the second one is 429 whatever the machine's speed.
-    let (reader, _) = tg.token_with("globex", "reader", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (reader, _) = tg.rated_token("globex", "reader", 0.001, 1);
     let dep_prefix = tg.gw.store().find_token(&dep_id).unwrap().prefix;
     let unknown = {
         // Well-formed and checksummed, but never stored.

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use support::*;
 use tokengate::path::canonicalise;
-use tokengate::store::RateOverride;
 
 const EP: &str = "/_tokengate/auth";
 const HOST: &str = "gw.test";
@@ -255,12 +254,7 @@ async fn missing_and_ambiguous_descriptions_are_400() {
 #[tokio::test]
 async fn rate_limited_decision_is_the_proxys_429() {
     let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token_with("acme", "slow", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (tok, _) = tg.rated_token("acme", "slow", 0.001, 1);
     let req = get(
         EP,
         &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\n"),
@@ -710,12 +704,7 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
     assert_eq!(line["path"], "/admin/users");
 
     // 429 with Retry-After and RateLimit-*.
-    let (slow, _) = tg.token_with("acme", "slow", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (slow, _) = tg.rated_token("acme", "slow", 0.001, 1);
     let slow_auth = format!("Host: {HOST}\r\nAuthorization: Bearer {slow}\r\n");
     let r = send(front.addr, "/apps/x", &slow_auth).await;
     assert_eq!(r.status, 200, "{}", r.raw);

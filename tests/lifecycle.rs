@@ -380,12 +380,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
         "[tokens]\nlast_used_flush_interval = \"24h\"\n",
     ))
     .await;
-    let (tok, id) = tg.token_with("ci", "busy", &["apps:read"], |s| {
-        s.rate = Some(tokengate::store::RateOverride {
-            requests_per_second: 1e6,
-            burst: 1_000_000,
-        })
-    });
+    let (tok, id) = tg.rated_token("ci", "busy", 1e6, 1_000_000);
     let writes_before = tg.gw.store().write_count();
     let c = client();
     let mut tasks = Vec::new();

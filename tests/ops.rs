@@ -22,7 +22,7 @@ use support::{
     get_bearer, issue_into, read_audit_file, signal, wait_refused, write_config,
 };
 use tokengate::config::Config;
-use tokengate::store::{RateOverride, Store};
+use tokengate::store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -564,12 +564,7 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     let (_soon, _) = tg.token_with("ci", "soon", &["apps:read"], |s| {
         s.expires_at = Some(tg.gw.now_ms() + 3 * 86_400_000)
     });
-    let (slow_token, _) = tg.token_with("ci", "limited", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (slow_token, _) = tg.rated_token("ci", "limited", 0.001, 1);
 
     let before = scrape(tg.admin_addr).await;
     assert_eq!(v(&before, "tokengate_listening", &[]), 1.0);

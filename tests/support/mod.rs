@@ -952,6 +952,16 @@ impl TestGateway {
         (new.plaintext, row.id)
     }
 
+    /// Issues a token holding `apps:read` with its own rate limit (`rps` a second, `burst`).
+    pub fn rated_token(&self, account: &str, name: &str, rps: f64, burst: u32) -> (String, String) {
+        self.token_with(account, name, &["apps:read"], |s| {
+            s.rate = Some(tokengate::store::RateOverride {
+                requests_per_second: rps,
+                burst,
+            })
+        })
+    }
+
     /// The audit log file (`[audit] path` of the config).
     pub fn audit_path(&self) -> PathBuf {
         self.gw

@@ -10,9 +10,9 @@ use serde_json::Value;
 use support::{LocalhostCert, Options, TestGateway, client, get_bearer};
 use tokio::io::AsyncWriteExt;
 
-/// Runs the binary with a private HOME, no inherited TOKENGATE_* variables, in `cwd` (which has
-/// no tokengate.toml), feeding `stdin`.
-async fn run(home: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> Output {
+/// The binary with `args`, a private HOME, no inherited TOKENGATE_* variables, in `home` (which
+/// has no tokengate.toml); stdout and stderr piped.
+fn command(home: &Path, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
     cmd.args(args)
         .current_dir(home)
@@ -23,9 +23,15 @@ async fn run(home: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> O
         .env_remove("TOKENGATE_PROFILE")
         .env_remove("TOKENGATE_CONFIG")
         .env_remove("TOKENGATE_CA_FILE")
-        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Runs [`command`] with the variables `env` set, feeding `stdin`.
+async fn run(home: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> Output {
+    let mut cmd = command(home, args);
+    cmd.stdin(std::process::Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -45,6 +51,16 @@ fn ok(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the run exited with `code` and said `needle` on stderr.
+fn fails_with(o: &Output, code: i32, needle: &str) {
+    assert_eq!(o.status.code(), Some(code), "{}", err(o));
+    assert!(err(o).contains(needle), "{}", err(o));
 }
 
 fn mode(p: &Path) -> u32 {
@@ -257,12 +273,7 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("404"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    fails_with(&o, 1, "404");
     let r = get_bearer(&client(), tg.url("/apps/x/y"), &bob_plain).await;
     assert_eq!(r.status(), 200);
     let o = run(
@@ -272,19 +283,13 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("403"));
+    fails_with(&o, 1, "403");
 
     // A saved token is never sent to a URL it was not saved for: the recording upstream stands in
     // for a foreign server and must receive nothing.
     let foreign = format!("http://{}", tg.upstream.addr);
     let o = run(h, &x, &["--url", &foreign, "token", "list"], "").await;
-    assert_eq!(o.status.code(), Some(64));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("no token for"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    fails_with(&o, 64, "no token for");
     assert_eq!(tg.upstream.count(), 1, "only the one public call above");
 
     // A wrong or non-tokengate token is refused at login and nothing is saved.
@@ -350,25 +355,12 @@ async fn login_over_tls_with_a_ca_made_in_the_test() {
     tg.stop().await;
 }
 
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Runs the binary with its stdout's reading end already closed (as `| head -1` leaves it).
 async fn run_closed_stdout(home: &Path, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
-    cmd.args(args)
-        .current_dir(home)
-        .env("HOME", home)
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("TOKENGATE_TOKEN")
-        .env_remove("TOKENGATE_URL")
-        .env_remove("TOKENGATE_PROFILE")
-        .env_remove("TOKENGATE_CONFIG")
+    let mut child = command(home, args)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+        .spawn()
+        .unwrap();
     drop(child.stdout.take());
     child.wait_with_output().await.unwrap()
 }
@@ -547,8 +539,7 @@ async fn default_context_feeds_account_and_scope() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(64));
-    assert!(err(&o).contains("--account is required"), "{}", err(&o));
+    fails_with(&o, 64, "--account is required");
     tg.stop().await;
 }
 
@@ -709,17 +700,36 @@ fn non_loopback_addr() -> std::net::IpAddr {
     panic!("this host has no non-loopback IPv4 address: the plain-HTTP refusal test needs one");
 }
 
-#[tokio::test]
-async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_proxy() {
-    let here = non_loopback_addr();
+/// A gateway listening on every address with the `[server]` keys `server`, a token with
+/// `apps:read`, and the URL of `/apps/billing/x` through the non-loopback address `here`.
+async fn on_the_lan(here: std::net::IpAddr, server: String) -> (TestGateway, String, String) {
     let tg = TestGateway::start_with(Options {
         listen: Some("0.0.0.0:0".into()),
-        server: format!("trusted_proxies = [\"{here}/32\"]"),
+        server,
         ..Options::default()
     })
     .await;
     let (t, _) = tg.token("ops", "ci", &["apps:read"]);
     let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    (tg, t, via_lan)
+}
+
+/// `GET url` with the bearer `token` and one more header; the status.
+async fn get_with_header(url: &str, token: &str, header: (&str, &str)) -> reqwest::StatusCode {
+    client()
+        .get(url)
+        .bearer_auth(token)
+        .header(header.0, header.1)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_proxy() {
+    let here = non_loopback_addr();
+    let (tg, t, via_lan) = on_the_lan(here, format!("trusted_proxies = [\"{here}/32\"]")).await;
     let via_lo = format!("http://127.0.0.1:{}/apps/billing/x", tg.addr.port());
 
     // From a non-loopback peer, over plain HTTP: 403 with how to fix, audited, nothing forwarded.
@@ -738,22 +748,10 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     assert_eq!(line["token_prefix"], &t[..11]);
     assert_eq!(tg.upstream.count(), 0);
     // A trusted proxy that says the client used HTTPS is believed; one that says http is not.
-    let r = client()
-        .get(via_lan.clone())
-        .bearer_auth(&t)
-        .header("x-forwarded-proto", "https")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = client()
-        .get(via_lan.clone())
-        .bearer_auth(&t)
-        .header("forwarded", "for=192.0.2.9;proto=http")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    let r = get_with_header(&via_lan, &t, ("x-forwarded-proto", "https")).await;
+    assert_eq!(r, 200);
+    let r = get_with_header(&via_lan, &t, ("forwarded", "for=192.0.2.9;proto=http")).await;
+    assert_eq!(r, 403);
     assert_eq!(tg.upstream.count(), 1);
     // Loopback: the exception.
     assert_eq!(get_bearer(&client(), via_lo, &t).await.status(), 200);
@@ -762,30 +760,11 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     tg.stop().await;
 
     // Untrusted non-loopback peer: even a claimed HTTPS is refused; the switch lifts it.
-    let tg = TestGateway::start_with(Options {
-        listen: Some("0.0.0.0:0".into()),
-        ..Options::default()
-    })
-    .await;
-    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
-    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
-    let r = client()
-        .get(via_lan)
-        .bearer_auth(&t)
-        .header("x-forwarded-proto", "https")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    let (tg, t, via_lan) = on_the_lan(here, String::new()).await;
+    let r = get_with_header(&via_lan, &t, ("x-forwarded-proto", "https")).await;
+    assert_eq!(r, 403);
     tg.stop().await;
-    let tg = TestGateway::start_with(Options {
-        listen: Some("0.0.0.0:0".into()),
-        server: "allow_plaintext_tokens = true".into(),
-        ..Options::default()
-    })
-    .await;
-    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
-    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    let (tg, t, via_lan) = on_the_lan(here, "allow_plaintext_tokens = true".into()).await;
     assert_eq!(get_bearer(&client(), via_lan, &t).await.status(), 200);
     tg.stop().await;
 }
@@ -860,8 +839,7 @@ async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
-    assert!(err(&o).contains("401"), "{}", err(&o));
+    fails_with(&o, 1, "401");
     let request = seen.join().unwrap();
     assert!(request.contains(&format!("Bearer {root}")), "{request}");
     tg.stop().await;

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, get_bearer, post_session};
+use support::{Options, TestGateway, client, get_bearer, post_session, sign_in_session};
 
 struct Admin<'a> {
     tg: &'a TestGateway,
@@ -763,15 +763,11 @@ struct Browser<'a> {
 async fn sign_in<'a>(tg: &'a TestGateway, token: &str) -> Browser<'a> {
     let a = Admin::new(tg);
     let origin = format!("http://{}", tg.admin_addr);
-    let r = post_session(&a.c, a.url("/session"), &origin, token).await;
-    assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    let cookie = set.split(';').next().unwrap().to_string();
-    let body: Value = r.json().await.unwrap();
+    let (cookie, csrf) = sign_in_session(&a.c, &origin, token).await;
     Browser {
         a,
         cookie,
-        csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        csrf,
         origin,
     }
 }

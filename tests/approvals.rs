@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, get_bearer, post_session};
+use support::{Options, TestGateway, client, get_bearer, sign_in_session};
 use tokengate::mfa;
 
 const RULES: &str = r#"
@@ -65,21 +65,12 @@ struct Person {
 async fn sign_in(tg: &TestGateway, token: &str) -> Person {
     let c = client();
     let base = format!("http://{}", tg.admin_addr);
-    let r = post_session(&c, format!("{base}/session"), &base, token).await;
-    assert_eq!(r.status(), 200);
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let body: Value = r.json().await.unwrap();
+    let (cookie, csrf) = sign_in_session(&c, &base, token).await;
     Person {
         c,
         base,
         cookie,
-        csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        csrf,
         secret: Vec::new(),
     }
 }

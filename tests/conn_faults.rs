@@ -22,8 +22,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::{
-    DEFAULT_RULES, Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually,
-    issue_into, metrics_text, parse_responses, raw, read_audit_file, signal, wait_refused,
+    Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually, issue_into,
+    metrics_text, parse_responses, raw, read_audit_file, rules_with_delay, signal, wait_refused,
 };
 use tokengate::metrics::HttpErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -365,13 +365,6 @@ async fn the_upstream_timeout_still_applies_once_the_body_is_sent_and_a_stalled_
 // =================================================================================================
 // Item 9: the drain answers instead of dropping, and its deadline cuts with an audit line
 // =================================================================================================
-
-/// Rules with a slow-answer route (the recording upstream's `/delay/{ms}`).
-fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
-}
 
 /// Reads one response with a `Content-Length` body from a kept-alive connection.
 async fn read_one(s: &mut TcpStream) -> support::RawResponse {

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::{
     DEFAULT_RULES, Options, Proc, TestGateway, Upstream, assert_success, client, eventually,
-    get_bearer, issue_into, read_audit_file, signal, wait_refused, write_config,
+    get_bearer, issue_into, read_audit_file, rules_with_delay, signal, wait_refused, write_config,
 };
 use tokengate::config::Config;
 use tokengate::store::Store;
@@ -455,13 +455,6 @@ fn run_cli(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Rules for the binary and reload tests: the defaults plus a slow-answer route for drains.
-fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
-}
-
 const REPORTS_RULE: &str = "\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/reports/**\"\npermission = \"reports:read\"\n";
 
 /// [`Proc::start`], or with `one_cpu` under `taskset -c 0`, so that the binary may use one CPU
@@ -480,40 +473,6 @@ async fn start_on(
         StdCommand::new(BIN)
     };
     Proc::start_by(cmd, upstream.addr, o, prepare).await
-}
-
-/// A gateway started from an existing config file (for the backup test), run in this process.
-struct Running {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _bg: tokengate::gateway::BackgroundGuard,
-}
-
-impl Running {
-    async fn start(config: &Path) -> Running {
-        let cfg = Config::load(config).unwrap();
-        let started = tokengate::app::start(cfg)
-            .await
-            .map_err(|e| e.message)
-            .unwrap();
-        let addr = started.server.public_addr();
-        let admin = started.server.admin_addr();
-        let (tx, task, background) = support::run_started(started);
-        Running {
-            addr,
-            admin,
-            stop: Some(tx),
-            task,
-            _bg: background,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _ = (&mut self.task).await;
-    }
 }
 
 /// Makes sure a system tool exists: installs its Debian package when running as root in CI,
@@ -1585,7 +1544,7 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
         .unwrap()
         .replace("path = \"tokengate.db\"", &format!("path = {:?}", file));
     std::fs::write(&config, text).unwrap();
-    let restored = Running::start(&config).await;
+    let restored = support::Running::start(&config).await;
     assert_eq!(
         get_text(&format!("http://{}/readyz", restored.admin))
             .await

@@ -8,7 +8,6 @@
 mod services;
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -16,18 +15,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{Upstream, assert_success, client, get_bearer};
-use tokengate::config::Config;
-use tokengate::gateway::Gateway;
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
 
 /// One in-process gateway with its own config and audit log.
 struct Replica {
     dir: tempfile::TempDir,
-    gw: Gateway,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _bg: tokengate::gateway::BackgroundGuard,
+    run: support::Running,
+}
+
+impl std::ops::Deref for Replica {
+    type Target = support::Running;
+
+    fn deref(&self) -> &support::Running {
+        &self.run
+    }
 }
 
 impl Replica {
@@ -61,35 +62,8 @@ permission = "apps:read"
 "#,
             up = upstream.addr
         );
-        let path = dir.path().join("tokengate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("replica config: {e}"));
-        let started = tokengate::app::start(cfg)
-            .await
-            .map_err(|e| e.message)
-            .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started {
-            gateway,
-            server,
-            background,
-        } = started;
-        let (addr, admin) = (server.public_addr(), server.admin_addr());
-        tokio::spawn(async move {
-            server
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Replica {
-            dir,
-            gw: gateway,
-            addr,
-            admin,
-            stop: Some(tx),
-            _bg: background,
-        }
+        let run = support::Running::start_text(dir.path(), &text).await;
+        Replica { dir, run }
     }
 
     /// A replica on PostgreSQL `url`; the change poll is slow on purpose (30 s), so anything
@@ -132,14 +106,6 @@ permission = "apps:read"
             .into_iter()
             .filter(|l| l["kind"] == "request")
             .collect()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
     }
 }
 

@@ -15,15 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
-use tokengate::config::Config;
 
 /// One gateway process-in-a-task on a config file; stopped on drop.
 struct Gw {
-    gw: tokengate::gateway::Gateway,
-    admin: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _bg: tokengate::gateway::BackgroundGuard,
+    run: support::Running,
 }
 
 impl Gw {
@@ -52,53 +47,19 @@ prefix = "/"
 upstream = "http://127.0.0.1:9"
 "#
         );
-        let path = dir.join("tokengate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
-        let started = tokengate::app::start(cfg)
-            .await
-            .map_err(|e| e.message)
-            .unwrap();
-        let (gw, admin) = (started.gateway.clone(), started.server.admin_addr());
-        let (tx, task, bg) = support::run_started(started);
         Gw {
-            gw,
-            admin,
-            stop: Some(tx),
-            task: Some(task),
-            _bg: bg,
+            run: support::Running::start_text(dir, &text).await,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    async fn stop(self) {
+        self.run.stop().await
     }
 
     /// Signs in with `token`; returns (cookie header value, CSRF token).
     async fn sign_in(&self, token: &str) -> (String, String) {
-        let origin = format!("http://{}", self.admin);
-        let r = support::post_session(
-            &support::client(),
-            format!("{origin}/session"),
-            &origin,
-            token,
-        )
-        .await;
-        assert_eq!(r.status(), 200);
-        let cookie = r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
-        let v: Value = r.json().await.unwrap();
-        (cookie, v["csrf_token"].as_str().unwrap().to_string())
+        let origin = format!("http://{}", self.run.admin);
+        support::sign_in_session(&support::client(), &origin, token).await
     }
 
     async fn call(
@@ -109,10 +70,10 @@ upstream = "http://127.0.0.1:9"
         csrf: &str,
     ) -> (u16, Value) {
         let r = support::client()
-            .request(method, format!("http://{}{path}", self.admin))
+            .request(method, format!("http://{}{path}", self.run.admin))
             .header("cookie", cookie)
             .header("x-csrf-token", csrf)
-            .header("origin", format!("http://{}", self.admin))
+            .header("origin", format!("http://{}", self.run.admin))
             .send()
             .await
             .unwrap();
@@ -121,7 +82,7 @@ upstream = "http://127.0.0.1:9"
     }
 
     fn token(&self, account: &str) -> String {
-        let store = self.gw.store();
+        let store = self.run.gw.store();
         let now = tokengate::store::system_now_ms();
         let _ = store.create_account(account, None, "test", now);
         let spec = support::token_spec(account, "ui", &["tokengate:self"], Some(now + 86_400_000));
@@ -223,7 +184,7 @@ async fn a_second_replica_on_postgresql_sees_sessions_and_their_revocation() {
     );
     let log = std::fs::read_to_string(dbb.path().join("audit.log")).unwrap();
     assert!(log.contains("\"session.revoked\""));
-    let store = b.gw.store().clone();
+    let store = b.run.gw.store().clone();
     tokio::task::spawn_blocking(move || sign_ins_are_taken_once_and_bounded(&store))
         .await
         .unwrap();
@@ -282,15 +243,9 @@ fn sign_ins_in_progress_on_sqlite() {
 /// A JWKS endpoint that counts its fetches.
 async fn jwks_server(hits: Arc<AtomicUsize>) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            let hits = hits.clone();
-            tokio::spawn(async move {
+    support::tcp_server(move |mut s| {
+        let hits = hits.clone();
+        async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
                 let n = hits.fetch_add(1, Ordering::SeqCst);
@@ -302,10 +257,9 @@ async fn jwks_server(hits: Arc<AtomicUsize>) -> SocketAddr {
                     body.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
-            });
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test]

@@ -17,20 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    DEFAULT_RULES, MOUNT_NEEDED, Options, TestGateway, Tmpfs, Upstream, client, fill, get_bearer,
-    read_audit_file, write_config,
+    MOUNT_NEEDED, Options, TestGateway, Tmpfs, Upstream, client, fill, get_bearer, read_audit_file,
+    rules_with_delay, write_config,
 };
 use tokengate::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
-}
 
 /// Issues a token (never expiring) straight into a store file.
 fn issue(db: &Path) -> String {
@@ -182,35 +176,37 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
     assert_eq!(report.unfinished.len(), 20, "{report}");
 }
 
+/// The audit line (as the reader shows it) of the request `rid`.
+async fn line_of(tg: &TestGateway, rid: &str) -> serde_json::Value {
+    tg.audit_lines()
+        .await
+        .into_iter()
+        .find(|l| l["request_id"] == rid)
+        .unwrap_or_else(|| panic!("no audit line for {rid}"))
+}
+
 /// An upstream that promises `Content-Length: 100000`, sends 1000 bytes and closes.
 async fn cutting_upstream() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\ncontent-type: text/plain\r\n\r\n")
-                    .await;
-                let _ = s.write_all(&[b'x'; 1000]).await;
-                let _ = s.flush().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                // Dropped: the connection closes mid-body.
-            });
+    support::tcp_server(|mut s| async move {
+        let mut buf = vec![0u8; 8192];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    addr
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\ncontent-type: text/plain\r\n\r\n",
+            )
+            .await;
+        let _ = s.write_all(&[b'x'; 1000]).await;
+        let _ = s.flush().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Dropped: the connection closes mid-body.
+    })
+    .await
 }
 
 #[tokio::test]
@@ -235,12 +231,7 @@ async fn a_response_cut_by_the_upstream_is_audited_with_its_outcome_and_bytes() 
         .find(|l| l["request_id"] == rid.as_str() && l["kind"] == "request")
         .unwrap();
     assert_eq!(decision["phase"], "decision");
-    let line = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .unwrap();
+    let line = line_of(&tg, &rid).await;
     assert_eq!(line["status_code"], 200, "{line}");
     assert_eq!(line["outcome"], "upstream_reset", "{line}");
     assert_eq!(line["reason"], "upstream_reset", "{line}");
@@ -250,12 +241,7 @@ async fn a_response_cut_by_the_upstream_is_audited_with_its_outcome_and_bytes() 
     let r = get_bearer(&client(), tg.url("/download/200000"), &tok).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(r.bytes().await.unwrap().len(), 200_000);
-    let line = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .unwrap();
+    let line = line_of(&tg, &rid).await;
     assert_eq!(line["outcome"], "complete", "{line}");
     assert_eq!(line["reason"], "ok", "{line}");
     assert_eq!(line["bytes"], 200_000, "{line}");
@@ -286,12 +272,7 @@ async fn a_client_that_leaves_mid_body_is_audited_as_client_closed() {
         .trim()
         .to_string();
     drop(s);
-    let line = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .unwrap();
+    let line = line_of(&tg, &rid).await;
     assert_eq!(line["outcome"], "client_closed", "{line}");
     assert_eq!(line["reason"], "client_closed", "{line}");
     assert!(line["bytes"].as_u64().unwrap() < 50_000_000, "{line}");

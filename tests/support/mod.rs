@@ -249,6 +249,23 @@ where
     }
 }
 
+/// A bare TCP server on a free port of 127.0.0.1: `handle` serves each accepted connection in
+/// a task of its own. Returns the address.
+pub async fn tcp_server<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(handle(s));
+        }
+    });
+    addr
+}
+
 /// The built `tokengate` binary.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tokengate")
@@ -704,6 +721,13 @@ path = "/admin/**"
 permission = "admin:all"
 "#;
 
+/// [`DEFAULT_RULES`] and a rule for the upstream's `/delay/{ms}` (a slow answer, for drains).
+pub fn rules_with_delay() -> String {
+    format!(
+        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
+    )
+}
+
 /// Options for a test gateway.
 pub struct Options {
     /// Extra TOML appended to `[server]` (lines like `max_body_bytes = 10`).
@@ -816,6 +840,67 @@ pub fn run_started(
             .await;
     });
     (tx, task, background)
+}
+
+/// A gateway started in this process from a config file; told to stop when dropped.
+pub struct Running {
+    /// The gateway.
+    pub gw: Gateway,
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _bg: tokengate::gateway::BackgroundGuard,
+}
+
+impl Running {
+    /// Loads `config` and serves it.
+    pub async fn start(config: &Path) -> Running {
+        let cfg =
+            Config::load(config).unwrap_or_else(|e| panic!("config {}: {e}", config.display()));
+        let started = tokengate::app::start(cfg)
+            .await
+            .map_err(|e| e.message)
+            .unwrap();
+        let gw = started.gateway.clone();
+        let (addr, admin) = (started.server.public_addr(), started.server.admin_addr());
+        let (tx, task, bg) = run_started(started);
+        Running {
+            gw,
+            addr,
+            admin,
+            stop: Some(tx),
+            task: Some(task),
+            _bg: bg,
+        }
+    }
+
+    /// Writes `text` to `dir/tokengate.toml` and serves it.
+    pub async fn start_text(dir: &Path, text: &str) -> Running {
+        let path = dir.join("tokengate.toml");
+        std::fs::write(&path, text).unwrap();
+        Running::start(&path).await
+    }
+
+    /// Stops the server and waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// Writes a config file for tests.
@@ -1055,6 +1140,19 @@ pub async fn post_session(
         .send()
         .await
         .unwrap()
+}
+
+/// Signs in to the web UI of the admin listener at `origin` (`http://host:port`) with `token` on
+/// client `c`; asserts 200 and returns the session cookie (`name=value`) and the CSRF token.
+pub async fn sign_in_session(c: &reqwest::Client, origin: &str, token: &str) -> (String, String) {
+    let r = post_session(c, format!("{origin}/session"), origin, token).await;
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let body: serde_json::Value = r.json().await.unwrap();
+    (
+        set.split(';').next().unwrap().to_string(),
+        body["csrf_token"].as_str().unwrap().to_string(),
+    )
 }
 
 /// A raw response parsed from bytes.

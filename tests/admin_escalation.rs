@@ -326,11 +326,7 @@ async fn perform(tg: &TestGateway, k: &Kind, op: &Op<'_>) -> Outcome {
 }
 
 async fn refused_events(tg: &TestGateway) -> Vec<Value> {
-    tg.audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["kind"] == "admin" && l["event"] == "token.refused")
-        .collect()
+    tg.admin_events("token.refused").await
 }
 
 /// Asserts a refusal naming `attribute`, with its audit event, and that the store is unchanged.

@@ -11,19 +11,21 @@ use support::*;
 async fn valid_token_is_forwarded_with_identity_and_without_authorization() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "deploy-bot", &["apps:read"]);
-    let resp = client()
-        .get(tg.url("/apps/billing/status?verbose=1&x=%2F"))
-        .bearer_auth(&tok)
-        .header("x-tokengate-token-id", "spoofed")
-        .header("x-forwarded-for", "6.6.6.6")
-        .header("x-real-ip", "6.6.6.6")
-        .header("forwarded", "for=6.6.6.6")
-        .header("x-original-url", "/admin/secrets")
-        .header("x-http-method-override", "DELETE")
-        .header("connection", "X-Tokengate-Token-Id, X-Forwarded-For")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with(
+        &client(),
+        tg.url("/apps/billing/status?verbose=1&x=%2F"),
+        Some(&tok),
+        &[
+            ("x-tokengate-token-id", "spoofed"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-original-url", "/admin/secrets"),
+            ("x-http-method-override", "DELETE"),
+            ("connection", "X-Tokengate-Token-Id, X-Forwarded-For"),
+        ],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-upstream"], "yes");
     assert_eq!(resp.headers()["content-type"], "text/plain");
@@ -256,10 +258,7 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
     loop {
         let r = get_bearer(&c, tg.url("/apps/a/x"), &tok).await;
         if r.status() == 401 {
-            let www = r.headers()["www-authenticate"]
-                .to_str()
-                .unwrap()
-                .to_string();
+            let www = challenge(&r).to_string();
             assert!(www.contains("revoked"), "{www}");
             break;
         }
@@ -676,18 +675,23 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
     tg.stop().await;
 }
 
+/// `GET /apps/billing/status` with the bearer `tok` (when given) and `X-Request-Id: id`.
+async fn with_request_id(tg: &TestGateway, tok: Option<&str>, id: &str) -> reqwest::Response {
+    get_with(
+        &client(),
+        tg.url("/apps/billing/status"),
+        tok,
+        &[("x-request-id", id)],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
     let tg =
         TestGateway::start_with(Options::server(r#"trusted_proxies = ["127.0.0.1/32"]"#)).await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .bearer_auth(&tok)
-        .header("x-request-id", "lb-7f3a9c")
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, Some(&tok), "lb-7f3a9c").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-request-id"], "lb-7f3a9c");
     let got = tg.upstream.received();
@@ -695,24 +699,13 @@ async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
     assert_eq!(got[0].headers.get_all("x-request-id").iter().count(), 1);
     assert_eq!(tg.last_request_line().await["request_id"], "lb-7f3a9c");
     // A refusal carries it too.
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .header("x-request-id", "lb-refused")
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, None, "lb-refused").await;
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.headers()["x-request-id"], "lb-refused");
     assert_eq!(tg.last_request_line().await["request_id"], "lb-refused");
     // Not sane (too long): the gateway's own id.
     let long = "a".repeat(129);
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .bearer_auth(&tok)
-        .header("x-request-id", &long)
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, Some(&tok), &long).await;
     let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_ne!(own, long);
     assert_eq!(
@@ -727,13 +720,7 @@ async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
 async fn request_id_from_an_untrusted_peer_is_replaced() {
     let tg = TestGateway::start().await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .bearer_auth(&tok)
-        .header("x-request-id", "forged-id")
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, Some(&tok), "forged-id").await;
     assert_eq!(resp.status(), 200);
     let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_ne!(own, "forged-id");
@@ -791,12 +778,13 @@ async fn a_valid_traceparent_is_forwarded_and_audited_an_invalid_one_dropped() {
     assert!(last.headers.get("traceparent").is_none());
     assert!(last.headers.get("tracestate").is_none());
     // A refusal records it too.
-    let r = client()
-        .get(tg.url("/apps/billing/status"))
-        .header("traceparent", valid)
-        .send()
-        .await
-        .unwrap();
+    let r = get_with(
+        &client(),
+        tg.url("/apps/billing/status"),
+        None,
+        &[("traceparent", valid)],
+    )
+    .await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         tg.last_request_line().await["trace_id"],

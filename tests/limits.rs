@@ -361,13 +361,13 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     // lookups, not valid tokens): it is not cached yet, and the address has used only half of its
     // unknown-token lookups, so it is looked up once. A spoofed X-Forwarded-For from an untrusted
     // peer changes nothing: the line names 127.0.0.1.
-    let r = attacker
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&good)
-        .header("x-forwarded-for", "127.0.0.2")
-        .send()
-        .await
-        .unwrap();
+    let r = get_with(
+        &attacker,
+        tg.url("/apps/a/b"),
+        Some(&good),
+        &[("x-forwarded-for", "127.0.0.2")],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "ok", "{line}");

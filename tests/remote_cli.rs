@@ -716,13 +716,8 @@ async fn on_the_lan(here: std::net::IpAddr, server: String) -> (TestGateway, Str
 
 /// `GET url` with the bearer `token` and one more header; the status.
 async fn get_with_header(url: &str, token: &str, header: (&str, &str)) -> reqwest::StatusCode {
-    client()
-        .get(url)
-        .bearer_auth(token)
-        .header(header.0, header.1)
-        .send()
+    support::get_with(&client(), url, Some(token), &[header])
         .await
-        .unwrap()
         .status()
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, assert_success, client, get_bearer};
+use support::{Upstream, assert_success, challenge, client, get_bearer};
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
 
 /// One in-process gateway with its own config and audit log.
@@ -35,34 +35,15 @@ impl Replica {
     /// Starts a replica whose `[store]` section is `store` (plus `extra` top-level TOML).
     async fn start(store: &str, extra: &str, upstream: &Upstream) -> Replica {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[store]
-{store}
-
-[audit]
-path = "audit.log"
-
-{extra}
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "http://{up}"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{{app}}/**"
-permission = "apps:read"
-"#,
-            up = upstream.addr
-        );
-        let run = support::Running::start_text(dir.path(), &text).await;
+        let o = support::Options {
+            store: Some(store.into()),
+            sections: extra.into(),
+            rules: "[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/apps/{app}/**\"\npermission = \"apps:read\"\n"
+                .into(),
+            ..support::Options::default()
+        };
+        let config = support::write_config(dir.path(), &upstream.addr.to_string(), &o);
+        let run = support::Running::start(&config).await;
         Replica { dir, run }
     }
 
@@ -147,10 +128,7 @@ async fn issue(
 /// A 401 for a token that is no longer valid: status, challenge, JSON body.
 async fn assert_invalid_token(resp: reqwest::Response, what: &str) {
     assert_eq!(resp.status(), 401, "{what}");
-    let challenge = resp.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let challenge = challenge(&resp).to_string();
     assert!(
         challenge.starts_with("Bearer realm=\"tokengate\"")
             && challenge.contains("error=\"invalid_token\""),

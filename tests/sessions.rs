@@ -25,30 +25,16 @@ impl Gw {
     /// `audit` is the audit file's name: a restarted gateway takes a new one, as the old
     /// writer may still hold its lock while it finishes.
     async fn start(dir: &Path, store: &str, audit: &str) -> Gw {
-        let text = format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[store]
-{store}
-
-[audit]
-path = "{audit}"
-
-[rate_limit]
-failed_auth_per_minute = 1000000
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "http://127.0.0.1:9"
-"#
-        );
+        let o = support::Options {
+            store: Some(store.into()),
+            audit_path: Some(audit.into()),
+            sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
+            rules: String::new(),
+            ..support::Options::default()
+        };
+        let config = support::write_config(dir, "127.0.0.1:9", &o);
         Gw {
-            run: support::Running::start_text(dir, &text).await,
+            run: support::Running::start(&config).await,
         }
     }
 

@@ -111,12 +111,13 @@ async fn the_admin_session_cookie_never_reaches_an_upstream_over_h1_or_h2() {
         }
     }
     // The session still works where it belongs.
-    let r = client()
-        .get(format!("http://{}/v1/tokens", tg.admin_addr))
-        .header("cookie", &session)
-        .send()
-        .await
-        .unwrap();
+    let r = get_with(
+        &client(),
+        format!("http://{}/v1/tokens", tg.admin_addr),
+        None,
+        &[("cookie", session.as_str())],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     tg.stop().await;
 }

@@ -752,6 +752,8 @@ pub struct Options {
     /// `[server] listen` (default `127.0.0.1:0`), e.g. `0.0.0.0:0` to be reached from a
     /// non-loopback address of this host.
     pub listen: Option<String>,
+    /// The `[store]` keys (default `path = "tokengate.db"`), e.g. a PostgreSQL `url`.
+    pub store: Option<String>,
 }
 
 impl Options {
@@ -793,6 +795,7 @@ impl Default for Options {
             audit_path: None,
             audit: String::new(),
             listen: None,
+            store: None,
         }
     }
 }
@@ -877,13 +880,6 @@ impl Running {
         }
     }
 
-    /// Writes `text` to `dir/tokengate.toml` and serves it.
-    pub async fn start_text(dir: &Path, text: &str) -> Running {
-        let path = dir.join("tokengate.toml");
-        std::fs::write(&path, text).unwrap();
-        Running::start(&path).await
-    }
-
     /// Stops the server and waits for the drain.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -914,7 +910,7 @@ listen = "{listen}"
 listen = "127.0.0.1:0"
 
 [store]
-path = "tokengate.db"
+{store}
 
 [audit]
 path = "{audit_path}"
@@ -943,6 +939,7 @@ upstream = "http://{upstream}"
             .replace('"', "\\\""),
         audit = o.audit,
         listen = o.listen.as_deref().unwrap_or("127.0.0.1:0"),
+        store = o.store.as_deref().unwrap_or("path = \"tokengate.db\""),
     );
     let p = dir.join("tokengate.toml");
     std::fs::write(&p, text).unwrap();
@@ -1098,6 +1095,28 @@ impl TestGateway {
         .await
     }
 
+    /// The admin event lines (`kind` admin) of `event`.
+    pub async fn admin_events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit_lines()
+            .await
+            .into_iter()
+            .filter(|l| l["kind"] == "admin" && l["event"] == event)
+            .collect()
+    }
+
+    /// The last request line for `path` (waits for it, at most [`WAIT_LIMIT`]).
+    pub async fn last_line_for(&self, path: &str) -> serde_json::Value {
+        let what = format!("a request line for {path}");
+        eventually(&what, WAIT_LIMIT, || async {
+            self.request_lines()
+                .await
+                .into_iter()
+                .rev()
+                .find(|l| l["path"] == path)
+        })
+        .await
+    }
+
     /// Stops the server and waits for the drain.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -1125,6 +1144,28 @@ pub async fn get_bearer(
     token: impl std::fmt::Display,
 ) -> reqwest::Response {
     c.get(url).bearer_auth(token).send().await.unwrap()
+}
+
+/// `GET url` on client `c` with the bearer `token` (when given) and the headers `headers`.
+pub async fn get_with(
+    c: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = c.get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
+/// The `WWW-Authenticate` header of `r` (which must have one).
+pub fn challenge(r: &reqwest::Response) -> &str {
+    r.headers()["www-authenticate"].to_str().unwrap()
 }
 
 /// Signs in to the web UI (`POST url` with an `Origin` header and the token as JSON) on client `c`.

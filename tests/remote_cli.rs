@@ -63,6 +63,19 @@ fn fails_with(o: &Output, code: i32, needle: &str) {
     assert!(err(o).contains(needle), "{}", err(o));
 }
 
+/// A gateway with a token `name` of `account` holding `perms`, a private HOME for the CLI, and
+/// the admin listener's URL.
+async fn gateway_and_home(
+    account: &str,
+    name: &str,
+    perms: &[&str],
+) -> (TestGateway, (String, String), tempfile::TempDir, String) {
+    let tg = TestGateway::start().await;
+    let token = tg.token(account, name, perms);
+    let url = format!("http://{}", tg.admin_addr);
+    (tg, token, tempfile::tempdir().unwrap(), url)
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -70,11 +83,9 @@ fn mode(p: &Path) -> u32 {
 
 #[tokio::test]
 async fn login_create_list_revoke_whoami_logout_round_trip() {
-    let tg = TestGateway::start().await;
-    let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (root, root_id), home, url) =
+        gateway_and_home("ops", "root", &["tokengate:admin"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
 
     // login: the token comes from stdin, never argv; the file is private.
     let out = ok(&run(h, &[], &["login", "--url", &url], &format!("{root}\n")).await);
@@ -367,11 +378,9 @@ async fn run_closed_stdout(home: &Path, args: &[&str]) -> Output {
 
 #[tokio::test]
 async fn auth_status_token_info_refresh_and_revoke_round_trip() {
-    let tg = TestGateway::start().await;
-    let (me, me_id) = tg.token("ops", "laptop", &["tokengate:self", "apps:read"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (me, me_id), home, url) =
+        gateway_and_home("ops", "laptop", &["tokengate:self", "apps:read"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
     let cred = h.join(".config/tokengate/credentials");
 
     // login with the token on stdin, status, token-info.
@@ -472,12 +481,9 @@ async fn auth_status_token_info_refresh_and_revoke_round_trip() {
 
 #[tokio::test]
 async fn default_context_feeds_account_and_scope() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
-    tg.account("billing-team");
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (root, _), home, url) = gateway_and_home("ops", "root", &["tokengate:admin"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
+    tg.account("billing-team");
     ok(&run(h, &[], &["login", "--url", &url], &root).await);
     let out = ok(&run(
         h,
@@ -545,11 +551,8 @@ async fn default_context_feeds_account_and_scope() {
 
 #[tokio::test]
 async fn reported_bugs_stay_fixed() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (root, _), home, url) = gateway_and_home("ops", "root", &["tokengate:admin"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
     let cfg = tg.config_path.to_str().unwrap().to_string();
 
     // `login --token X` explains where tokens come from; nothing is saved.
@@ -917,11 +920,9 @@ impl Drop for SecretService {
 #[tokio::test]
 async fn login_keyring_round_trip_on_a_real_secret_service() {
     let ss = SecretService::start();
-    let tg = TestGateway::start().await;
-    let (me, me_id) = tg.token("ops", "desk", &["tokengate:self", "apps:read"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (me, me_id), home, url) =
+        gateway_and_home("ops", "desk", &["tokengate:self", "apps:read"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
     let bus = [("DBUS_SESSION_BUS_ADDRESS", ss.bus.as_str())];
     let out = ok(&run(h, &bus, &["login", "--keyring", "--url", &url], &me).await);
     assert!(out.contains("system keyring"), "{out}");

@@ -67,11 +67,7 @@ fn verify_audit(path: &Path) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::assert_success(&out);
 }
 
 /// An upstream that counts its open connections and requests; `/download/N` streams N bytes in

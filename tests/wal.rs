@@ -12,13 +12,12 @@ mod support;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    MOUNT_NEEDED, Options, TestGateway, Tmpfs, Upstream, client, fill, get_bearer, read_audit_file,
-    rules_with_delay, write_config,
+    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, client, fill, get_bearer,
+    read_audit_file, rules_with_delay, write_config,
 };
 use tokengate::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,46 +28,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// Issues a token (never expiring) straight into a store file.
 fn issue(db: &Path) -> String {
     support::issue_into_with(db, "acme", "ci", &["apps:read"], |s| s.expires_at = None).0
-}
-
-/// `tokengate serve` in a child process, its stderr (JSON logs) collected.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Served {
-    async fn start(config: &Path) -> Served {
-        let (child, addr, _admin, stderr) = support::spawn_serve_logged(config).await;
-        Served {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn kill9(&mut self) {
-        let st = Command::new("kill")
-            .args(["-9", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

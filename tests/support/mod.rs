@@ -302,6 +302,50 @@ pub struct Served {
     pub stderr: Arc<Mutex<Vec<String>>>,
 }
 
+impl Served {
+    /// Starts the binary on `config` (see [`spawn_serve_logged`]: every stderr line is kept).
+    pub async fn start(config: &Path) -> Served {
+        let (child, addr, admin, stderr) = spawn_serve_logged(config).await;
+        Served {
+            child,
+            addr,
+            admin,
+            stderr,
+        }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Panics with the log when the process is gone (a crash: SIGBUS was exit 135).
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!(
+                "tokengate exited ({st:?}); stderr:\n{}",
+                self.stderr.lock().unwrap().join("\n")
+            );
+        }
+    }
+
+    /// How many stderr lines contain `needle`.
+    pub fn log_lines_with(&self, needle: &str) -> usize {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        signal(self.child.id(), "-9");
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -962,6 +962,18 @@ struct Smuggle {
     upstream: Vec<(&'static str, u64)>,
 }
 
+impl Smuggle {
+    /// An attempt the gateway must refuse outright: one 400 on the connection, nothing forwarded.
+    fn refused(name: &'static str, bytes: String) -> Smuggle {
+        Smuggle {
+            name,
+            bytes,
+            statuses: vec![400],
+            upstream: vec![],
+        }
+    }
+}
+
 fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
     let head = |target: &str, extra: &str| {
         format!(
@@ -1016,85 +1028,64 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
             statuses: vec![200, 401],
             upstream: vec![("/echo/comma", 3)],
         },
-        Smuggle {
-            name: "Transfer-Encoding: chunked, identity",
-            bytes: head(
+        Smuggle::refused(
+            "Transfer-Encoding: chunked, identity",
+            head(
                 "/echo/te-identity",
                 "Transfer-Encoding: chunked, identity\r\n",
             ) + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "two Transfer-Encoding lines, chunked then identity",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "two Transfer-Encoding lines, chunked then identity",
+            head(
                 "/echo/te-two",
                 "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
             ) + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding: xchunked",
-            bytes: head("/echo/te-x", "Transfer-Encoding: xchunked\r\n") + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding: identity",
-            bytes: head("/echo/te-only-identity", "Transfer-Encoding: identity\r\n")
-                + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding with a space before the colon",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding: xchunked",
+            head("/echo/te-x", "Transfer-Encoding: xchunked\r\n") + &chunk_of_smuggled,
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding: identity",
+            head("/echo/te-only-identity", "Transfer-Encoding: identity\r\n") + &chunk_of_smuggled,
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding with a space before the colon",
+            head(
                 "/echo/te-space",
                 "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
             ) + &cl_te_body,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding folded onto a continuation line (obs-fold)",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding folded onto a continuation line (obs-fold)",
+            head(
                 "/echo/te-fold",
                 "Transfer-Encoding:\r\n chunked\r\nContent-Length: 5\r\n",
             ) + &cl_te_body,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "obs-fold continuation of an ordinary header",
-            bytes: format!(
+        ),
+        Smuggle::refused(
+            "obs-fold continuation of an ordinary header",
+            format!(
                 "GET /apps/fold HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX-Note: a\r\n b\r\nConnection: close\r\n\r\n"
             ),
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "two differing Content-Length headers",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "two differing Content-Length headers",
+            head(
                 "/echo/cl-two",
                 "Content-Length: 3\r\nContent-Length: 40\r\n",
             ) + "abc"
                 + SMUGGLED,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Content-Length list with differing values",
-            bytes: head("/echo/cl-list", "Content-Length: 3, 40\r\n") + "abc" + SMUGGLED,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Content-Length with a sign",
-            bytes: head("/echo/cl-sign", "Content-Length: +3\r\n") + "abc" + SMUGGLED,
-            statuses: vec![400],
-            upstream: vec![],
-        },
+        ),
+        Smuggle::refused(
+            "Content-Length list with differing values",
+            head("/echo/cl-list", "Content-Length: 3, 40\r\n") + "abc" + SMUGGLED,
+        ),
+        Smuggle::refused(
+            "Content-Length with a sign",
+            head("/echo/cl-sign", "Content-Length: +3\r\n") + "abc" + SMUGGLED,
+        ),
         Smuggle {
             name: "Content-Length shorter than the bytes sent: the rest is the next request, authorised on its own",
             bytes: head("/echo/cl-short", "Content-Length: 3\r\n") + "abc" + SMUGGLED,
@@ -1122,22 +1113,18 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
             statuses: vec![200],
             upstream: vec![("/echo/chunked-body", SMUGGLED.len() as u64)],
         },
-        Smuggle {
-            name: "X_Auth_User (underscore header name)",
-            bytes: format!(
+        Smuggle::refused(
+            "X_Auth_User (underscore header name)",
+            format!(
                 "GET /apps/underscore HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n"
             ),
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "X-Forwarded_For (underscore header name)",
-            bytes: format!(
+        ),
+        Smuggle::refused(
+            "X-Forwarded_For (underscore header name)",
+            format!(
                 "GET /apps/underscore HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX-Forwarded_For: 10.0.0.1\r\nConnection: close\r\n\r\n"
             ),
-            statuses: vec![400],
-            upstream: vec![],
-        },
+        ),
         Smuggle {
             name: "pipelined requests are authorised one by one",
             bytes: format!(

@@ -357,11 +357,7 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
 async fn http2_prior_knowledge_works() {
     let tg = TestGateway::start().await;
     let (tok, _) = tg.token("ci", "h2", &["apps:read"]);
-    let c = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .no_proxy()
-        .build()
-        .unwrap();
+    let c = h2_client();
     let r = get_bearer(&c, tg.url("/apps/x/y"), &tok).await;
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);

@@ -27,22 +27,13 @@ struct Provider {
 
 impl Provider {
     async fn start() -> Provider {
-        use tokio::io::AsyncBufReadExt;
         // No skip: CI installs node (.ci/run); a machine without it fails here, saying so.
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oidc/run.sh");
-        let mut child = tokio::process::Command::new("bash")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("bash runs tests/oidc/run.sh");
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(std::time::Duration::from_secs(180), lines.next_line())
-            .await
-            .expect("the OpenID provider starts (is node installed? .ci/run installs it)")
-            .unwrap()
-            .expect("a listening line");
-        let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+        let (child, port) = support::start_listening_script(
+            "tests/oidc/run.sh",
+            std::time::Duration::from_secs(180),
+            "the OpenID provider (is node installed? .ci/run installs it)",
+        )
+        .await;
         Provider {
             child,
             issuer: format!("http://127.0.0.1:{port}"),

@@ -1457,11 +1457,7 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
 async fn spoofed_headers_over_http2_are_replaced_too() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let mut req = h2.get(tg.url("/apps/billing/h2")).bearer_auth(&tok);
     for (k, v) in SPOOFED {
         req = req.header(*k, *v);

@@ -448,27 +448,18 @@ struct Express {
 impl Express {
     /// None (with a note) when node is not installed and CI is not set.
     async fn start() -> Option<Express> {
-        use tokio::io::AsyncBufReadExt;
         let node = std::process::Command::new("node").arg("--version").output();
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
         if node.is_err() && !ci {
             eprintln!("SKIPPED: node is not installed (tests/lenient needs it)");
             return None;
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lenient/run.sh");
-        let mut child = tokio::process::Command::new("bash")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("bash runs");
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
-            .await
-            .expect("express starts")
-            .unwrap()
-            .expect("a listening line");
-        let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+        let (child, port) = start_listening_script(
+            "tests/lenient/run.sh",
+            std::time::Duration::from_secs(120),
+            "express",
+        )
+        .await;
         Some(Express {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

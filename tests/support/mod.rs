@@ -266,6 +266,41 @@ where
     addr
 }
 
+/// Runs `bash script` (a node server of tests/, `script` relative to the crate) and waits, at
+/// most `limit`, for its `listening PORT` line; `what` names the server in failures. Returns the
+/// child (killed on drop) and the port.
+pub async fn start_listening_script(
+    script: &str,
+    limit: Duration,
+    what: &str,
+) -> (tokio::process::Child, u16) {
+    use tokio::io::AsyncBufReadExt;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let mut child = tokio::process::Command::new("bash")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("bash runs {script}: {e}"));
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(limit, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{what} starts"))
+        .unwrap()
+        .expect("a listening line");
+    let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+    (child, port)
+}
+
+/// A reqwest client that speaks HTTP/2 without TLS (prior knowledge).
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 /// The built `tokengate` binary.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tokengate")

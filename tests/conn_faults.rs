@@ -506,8 +506,7 @@ async fn the_drain_deadline_cuts_a_running_request_and_audits_it_as_shutdown() {
 
 #[tokio::test]
 async fn requests_refused_by_the_http_layer_have_an_audit_line_and_a_metric() {
-    let tg = TestGateway::start().await;
-    let (token, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, token, _) = TestGateway::with_reader().await;
     let auth = format!("Authorization: Bearer {token}\r\n");
     let many_headers: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
     // A TLS ClientHello's first bytes on the plain listener.

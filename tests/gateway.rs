@@ -714,8 +714,7 @@ async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
 
 #[tokio::test]
 async fn request_id_from_an_untrusted_peer_is_replaced() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let resp = with_request_id(&tg, Some(&tok), "forged-id").await;
     assert_eq!(resp.status(), 200);
     let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -728,8 +727,7 @@ async fn request_id_from_an_untrusted_peer_is_replaced() {
 
 #[tokio::test]
 async fn a_valid_traceparent_is_forwarded_and_audited_an_invalid_one_dropped() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let send = |tp: Option<&'static str>| {
         let mut r = client()

@@ -518,8 +518,7 @@ fn read_repo(rel: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
-    let tg = TestGateway::start().await;
-    let (ok_token, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, ok_token, _) = TestGateway::with_reader().await;
     // Expires in 3 days: counted by tokengate_tokens_expiring_7d.
     let (_soon, _) = tg.token_with("ci", "soon", &["apps:read"], |s| {
         s.expires_at = Some(tg.gw.now_ms() + 3 * 86_400_000)
@@ -868,8 +867,7 @@ async fn health_path_is_configurable_and_can_be_turned_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
-    let tg = TestGateway::start().await;
-    let (token, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, token, _) = TestGateway::with_reader().await;
     let base = format!("http://{}", tg.admin_addr);
     let (s, _, body) = get_text(&format!("{base}/healthz")).await;
     assert_eq!((s, body.as_str()), (200, "ok\n"));

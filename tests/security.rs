@@ -1146,8 +1146,7 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
 
 #[tokio::test]
 async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let cases = smuggling_cases(&tok);
     let mut failures = Vec::new();
     let mut answered = Vec::new();
@@ -1228,8 +1227,7 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
 
 #[tokio::test]
 async fn underscore_header_is_refused_with_an_audit_line_and_nothing_forwarded() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let r = raw(
         tg.addr,
         format!("GET /apps/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n")
@@ -1328,8 +1326,7 @@ fn assert_no_spoofed_value(r: &Recorded) {
 
 #[tokio::test]
 async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     // Every header the gateway sets is also named in Connection: it must still arrive, with the
     // gateway's value, because hop-by-hop stripping happens before the gateway sets its own.
     let connection = "close, X-Tokengate-Token-Id, X-Tokengate-Token-Name, X-Tokengate-Account, \
@@ -1396,8 +1393,7 @@ async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
 
 #[tokio::test]
 async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     for auth in [None, Some(tok.as_str())] {
         tg.upstream.clear();
         let conn = "close, X-Tokengate-Token-Id";
@@ -1428,8 +1424,7 @@ async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one(
 
 #[tokio::test]
 async fn spoofed_headers_on_a_refused_request_reach_nothing() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     // The method-override and URL-override family cannot turn an allowed request into an admin
     // one, and cannot make a refused one pass.
     let r = raw(
@@ -1455,8 +1450,7 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
 
 #[tokio::test]
 async fn spoofed_headers_over_http2_are_replaced_too() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     let h2 = h2_client();
     let mut req = h2.get(tg.url("/apps/billing/h2")).bearer_auth(&tok);
     for (k, v) in SPOOFED {

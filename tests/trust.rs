@@ -124,8 +124,7 @@ async fn the_admin_session_cookie_never_reaches_an_upstream_over_h1_or_h2() {
 
 #[tokio::test]
 async fn two_http2_cookie_fields_reach_the_upstream_as_one_line() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let bearer = format!("Bearer {tok}");
     let status = h2_request(
         tg.addr,
@@ -146,8 +145,7 @@ async fn two_http2_cookie_fields_reach_the_upstream_as_one_line() {
 
 #[tokio::test]
 async fn identity_headers_backends_trust_are_removed() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let names = [
         "Remote-User",
         "X-Remote-User",
@@ -191,8 +189,7 @@ async fn identity_headers_backends_trust_are_removed() {
 
 #[tokio::test]
 async fn transfer_codings_other_than_chunked_are_answered_501_and_not_forwarded() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     for te in ["gzip, chunked", "deflate,chunked", "chunked, chunked"] {
         let r = raw(
             tg.addr,
@@ -321,8 +318,7 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
 
 #[tokio::test]
 async fn invalid_host_values_are_refused_400_and_not_forwarded() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     for host in [
         "a:99999", "a:0", "a:65536", "", "user@a", "a!b", "%61dmin", "a_b", "a:80:80", "[::1",
         "[zz]", ".a",

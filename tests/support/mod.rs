@@ -1075,6 +1075,14 @@ impl TestGateway {
         }
     }
 
+    /// A default gateway and a token `reader` of account `ci` holding `apps:read`:
+    /// (gateway, plaintext, id).
+    pub async fn with_reader() -> (TestGateway, String, String) {
+        let tg = Self::start().await;
+        let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+        (tg, tok, id)
+    }
+
     /// `http://addr{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)

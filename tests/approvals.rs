@@ -201,13 +201,16 @@ async fn refused_for_approval(tg: &TestGateway, token: &str, path: &str) -> Valu
     v
 }
 
+/// `POST /v1/approvals` with `body`, as the holder of `token`.
+async fn ask_approval(tg: &TestGateway, token: &str, body: Value) -> (StatusCode, Value) {
+    bearer(tg, token, Method::POST, "/v1/approvals", Some(body)).await
+}
+
 async fn request(tg: &TestGateway, token: &str, rule: &str, app: &str) -> Value {
-    let (s, v) = bearer(
+    let (s, v) = ask_approval(
         tg,
         token,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": rule, "params": {"app": app}, "message": "release 4.2"})),
+        json!({"rule": rule, "params": {"app": app}, "message": "release 4.2"}),
     )
     .await;
     assert_eq!(s, 201, "{v}");
@@ -446,12 +449,10 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     // 2. The CI token asks; the refusal now names the pending request.
     let a = request(&tg, &ci, "deploy", "billing").await;
     let id = a["id"].as_str().unwrap().to_string();
-    let (s, again) = bearer(
+    let (s, again) = ask_approval(
         &tg,
         &ci,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "deploy", "params": {"app": "billing"}})),
+        json!({"rule": "deploy", "params": {"app": "billing"}}),
     )
     .await;
     assert_eq!(
@@ -689,34 +690,28 @@ async fn an_approval_is_bound_to_its_token_rule_and_parameters() {
     .await;
     assert_eq!(s, 404);
     // Parameters must be exactly the rule's; a token without the permission cannot ask.
-    let (s, _) = bearer(
+    let (s, _) = ask_approval(
         &tg,
         &ci,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "deploy", "params": {"env": "prod"}})),
+        json!({"rule": "deploy", "params": {"env": "prod"}}),
     )
     .await;
     assert_eq!(s, 400);
     let (reader, _) = tg.token("ci", "reader", &["apps:read"]);
-    let (s, v) = bearer(
+    let (s, v) = ask_approval(
         &tg,
         &reader,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "deploy", "params": {"app": "billing"}})),
+        json!({"rule": "deploy", "params": {"app": "billing"}}),
     )
     .await;
     assert_eq!(
         (s.as_u16(), v["error"].as_str()),
         (403, Some("insufficient_scope"))
     );
-    let (s, _) = bearer(
+    let (s, _) = ask_approval(
         &tg,
         &ci,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "read-app", "params": {"app": "billing"}})),
+        json!({"rule": "read-app", "params": {"app": "billing"}}),
     )
     .await;
     assert_eq!(s, 400, "a rule without approval");

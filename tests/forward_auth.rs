@@ -33,6 +33,13 @@ async fn gateway(trusted: &str) -> TestGateway {
     .await
 }
 
+/// [`gateway`] with a token `reader` of account `acme` holding `apps:read`: (gateway, token, id).
+async fn reader_gateway(trusted: &str) -> (TestGateway, String, String) {
+    let tg = gateway(trusted).await;
+    let (tok, id) = tg.token("acme", "reader", &["apps:read"]);
+    (tg, tok, id)
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
 }
@@ -76,8 +83,7 @@ async fn fa_lines(tg: &TestGateway) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, id) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, id) = reader_gateway("127.0.0.1/32").await;
     let headers = format!(
         "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\nX-Forwarded-Host: {HOST}\r\n"
     );
@@ -113,8 +119,7 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
 
 #[tokio::test]
 async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     // Traefik: POST to deploy needs apps:deploy → the proxy's 403 with its body and challenge.
     let headers = format!(
         "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Host: {HOST}\r\nX-Forwarded-Proto: https\r\n"
@@ -176,8 +181,7 @@ async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() 
 #[tokio::test]
 async fn untrusted_peers_are_refused_and_audited() {
     // 127.0.0.1 is not a trusted proxy here.
-    let tg = gateway("10.0.0.0/8").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("10.0.0.0/8").await;
     let headers = format!(
         "Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\nX-Forwarded-For: 10.1.2.3\r\n"
     );
@@ -213,8 +217,7 @@ async fn untrusted_peers_are_refused_and_audited() {
 
 #[tokio::test]
 async fn missing_and_ambiguous_descriptions_are_400() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
     for (extra, reason) in [
         ("", "forward_auth_missing_uri"),
@@ -354,8 +357,7 @@ const CORPUS: &[&str] = &[
 
 #[tokio::test]
 async fn described_paths_are_judged_exactly_as_proxy_mode_judges_them() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
     for target in CORPUS {
         let proxied = send(tg.addr, target, &auth).await;

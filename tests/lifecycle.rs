@@ -73,11 +73,7 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
 
 #[tokio::test]
 async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_through() {
-    let tg = TestGateway::start_with(Options {
-        serve: false,
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::unserved()).await;
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     let mut ids = Vec::new();
@@ -129,9 +125,8 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
 #[tokio::test]
 async fn expiry_policy_is_enforced_at_creation() {
     let tg = TestGateway::start_with(Options {
-        serve: false,
         sections: "[tokens]\nmax_lifetime_days = 90\n".into(),
-        ..Options::default()
+        ..Options::unserved()
     })
     .await;
     let cfg = tg.config_path.clone();
@@ -215,9 +210,8 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
 async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     // Every trial ends with one 401 from the same client IP: lift the failed-auth limit.
     let tg = TestGateway::start_with(Options {
-        serve: false,
         sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
-        ..Options::default()
+        ..Options::unserved()
     })
     .await;
     // Same store, each process its own audit log (one writer per log file).
@@ -405,11 +399,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
 
 #[tokio::test]
 async fn list_filters_and_identify_of_a_leaked_token() {
-    let tg = TestGateway::start_with(Options {
-        serve: false,
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::unserved()).await;
     let now = tg.gw.now_ms();
     let day = 86_400_000;
     let (_, fresh) = tg.token_with("ci", "fresh", &["apps:read"], |s| {

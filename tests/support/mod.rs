@@ -852,6 +852,14 @@ impl Options {
         }
     }
 
+    /// The defaults, built (config, store, gateway) but not served.
+    pub fn unserved() -> Options {
+        Options {
+            serve: false,
+            ..Options::default()
+        }
+    }
+
     /// The defaults with these rules instead of [`DEFAULT_RULES`].
     pub fn rules(toml: impl Into<String>) -> Options {
         Options {

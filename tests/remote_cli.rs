@@ -171,12 +171,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
         401,
         "revoked from the remote CLI, rejected at once"
     );
-    let ev: Vec<Value> = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["event"] == "token.revoked")
-        .collect();
+    let ev = tg.admin_events("token.revoked").await;
     assert_eq!(
         (ev[0]["actor"].as_str(), ev[0]["reason"].as_str()),
         (Some(root_id.as_str()), Some("round trip"))
@@ -454,12 +449,7 @@ async fn auth_status_token_info_refresh_and_revoke_round_trip() {
     );
     let o = run(h, &[], &["auth", "status"], "").await;
     assert_eq!(o.status.code(), Some(64), "{}", err(&o));
-    let ev: Vec<Value> = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["event"] == "token.revoked")
-        .collect();
+    let ev = tg.admin_events("token.revoked").await;
     assert_eq!(ev.last().unwrap()["reason"], "laptop lost");
 
     // login with the token in TOKENGATE_TOKEN; status then says where the token comes from.

@@ -109,12 +109,7 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
         tg.upstream.clear();
         let r = get(tg.addr, target, Some(&tok), "").await;
         assert_eq!(r.status, 200, "{target}: {}", r.raw);
-        let got: Vec<String> = tg
-            .upstream
-            .received()
-            .into_iter()
-            .map(|r| r.target)
-            .collect();
+        let got: Vec<String> = tg.upstream.targets();
         assert_eq!(got, [forwarded], "{target}");
         let line = tg.last_request_line().await;
         assert_eq!(line["reason"], "ok", "{target}");

@@ -1560,12 +1560,7 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
         tg.upstream.count() >= MAX as usize
     })
     .await;
-    let targets: Vec<String> = tg
-        .upstream
-        .received()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let targets: Vec<String> = tg.upstream.targets();
     assert_eq!(targets.len(), MAX as usize, "{targets:?}");
     assert!(!targets.contains(&format!("/slow/{MAX}")), "{targets:?}");
     drop(s);

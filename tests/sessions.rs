@@ -48,6 +48,12 @@ impl Gw {
         support::sign_in_session(&support::client(), &origin, token).await
     }
 
+    /// `GET /v1/whoami` with the session `cookie` and `csrf` token: (status, body).
+    async fn whoami(&self, cookie: &str, csrf: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, "/v1/whoami", cookie, csrf)
+            .await
+    }
+
     async fn call(
         &self,
         method: reqwest::Method,
@@ -87,18 +93,11 @@ async fn a_session_survives_a_restart_on_sqlite() {
     let a = Gw::start(dir.path(), store, "audit.log").await;
     let token = a.token("alice");
     let (cookie, csrf) = a.sign_in(&token).await;
-    assert_eq!(
-        a.call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-            .await
-            .0,
-        200
-    );
+    assert_eq!(a.whoami(&cookie, &csrf).await.0, 200);
     a.stop().await;
 
     let b = Gw::start(dir.path(), store, "audit-2.log").await;
-    let (s, me) = b
-        .call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-        .await;
+    let (s, me) = b.whoami(&cookie, &csrf).await;
     assert_eq!((s, me["account"].as_str()), (200, Some("alice")), "{me}");
     let (s, l) = b
         .call(reqwest::Method::GET, "/v1/sessions", &cookie, &csrf)
@@ -115,12 +114,7 @@ async fn a_session_survives_a_restart_on_sqlite() {
         )
         .await;
     assert_eq!((s, r["revoked"].as_u64()), (200, Some(1)), "{r}");
-    assert_eq!(
-        b.call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-            .await
-            .0,
-        401
-    );
+    assert_eq!(b.whoami(&cookie, &csrf).await.0, 401);
     // The store never held the cookie's value.
     let db = std::fs::read(dir.path().join("tokengate.db")).unwrap();
     let id = cookie.split_once('=').unwrap().1;
@@ -140,9 +134,7 @@ async fn a_second_replica_on_postgresql_sees_sessions_and_their_revocation() {
     let b = Gw::start(dbb.path(), &store, "audit.log").await;
     let token = a.token("alice");
     let (cookie, csrf) = a.sign_in(&token).await;
-    let (s, me) = b
-        .call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-        .await;
+    let (s, me) = b.whoami(&cookie, &csrf).await;
     assert_eq!(
         (s, me["account"].as_str()),
         (200, Some("alice")),
@@ -162,12 +154,7 @@ async fn a_second_replica_on_postgresql_sees_sessions_and_their_revocation() {
         )
         .await;
     assert_eq!(s, 204);
-    assert_eq!(
-        a.call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-            .await
-            .0,
-        401
-    );
+    assert_eq!(a.whoami(&cookie, &csrf).await.0, 401);
     let log = std::fs::read_to_string(dbb.path().join("audit.log")).unwrap();
     assert!(log.contains("\"session.revoked\""));
     let store = b.run.gw.store().clone();

@@ -77,6 +77,11 @@ impl Upstream {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The request targets received, in order.
+    pub fn targets(&self) -> Vec<String> {
+        self.received().into_iter().map(|r| r.target).collect()
+    }
+
     /// Number of requests received.
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()

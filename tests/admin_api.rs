@@ -57,6 +57,11 @@ impl<'a> Admin<'a> {
     }
 }
 
+/// The `Set-Cookie` header of `r` (which must have one).
+fn set_cookie(r: &reqwest::Response) -> &str {
+    r.headers()["set-cookie"].to_str().unwrap()
+}
+
 fn realm_challenge(h: &reqwest::header::HeaderMap) -> String {
     h.get("www-authenticate")
         .map(|v| v.to_str().unwrap().to_string())
@@ -748,6 +753,11 @@ async fn sign_in<'a>(tg: &'a TestGateway, token: &str) -> Browser<'a> {
 }
 
 impl Browser<'_> {
+    /// `GET path` with the session cookie.
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.req(Method::GET, path).send().await.unwrap()
+    }
+
     fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         self.a
             .c
@@ -803,7 +813,7 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
 
     let r = post_session(&a.c, a.url("/session"), &origin, &alice).await;
     assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let set = set_cookie(&r).to_string();
     assert!(set.starts_with("tokengate_session="), "{set}");
     for flag in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(flag), "{set}");
@@ -870,7 +880,7 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
     let body = json!({"name": "from-ui", "role": "viewer"});
 
     // Reads work with the cookie alone.
-    let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
+    let r = b.get("/v1/whoami").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["auth_type"], "session");
 
@@ -953,13 +963,8 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(
-        r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .contains("Max-Age=0")
-    );
-    let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
+    assert!(set_cookie(&r).contains("Max-Age=0"));
+    let r = b.get("/v1/whoami").await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         tg.admin_events("session.logout").await[0]["auth_type"],
@@ -977,39 +982,23 @@ async fn sessions_end_when_idle_or_when_their_token_is_revoked() {
     let b = sign_in(&tg, &alice).await;
     tg.gw.clock().advance_ms(idle - 1000);
     assert_eq!(
-        b.req(Method::GET, "/v1/whoami")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        b.get("/v1/whoami").await.status(),
         200,
         "use restarts the idle timer"
     );
     tg.gw.clock().advance_ms(idle - 1000);
-    assert_eq!(
-        b.req(Method::GET, "/v1/whoami")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(b.get("/v1/whoami").await.status(), 200);
     tg.gw.clock().advance_ms(idle);
-    let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
+    let r = b.get("/v1/whoami").await;
     assert_eq!(r.status(), 401, "idle past the timeout");
     assert!(realm_challenge(r.headers()).starts_with("Bearer realm="));
     // The page drops a dead cookie.
-    let r = b.req(Method::GET, "/").send().await.unwrap();
-    assert!(
-        r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .contains("Max-Age=0")
-    );
+    let r = b.get("/").await;
+    assert!(set_cookie(&r).contains("Max-Age=0"));
 
     let b = sign_in(&tg, &alice).await;
     tg.gw.revoke(&alice_id, "test", "test").await.unwrap();
-    let r = b.req(Method::GET, "/v1/tokens").send().await.unwrap();
+    let r = b.get("/v1/tokens").await;
     assert_eq!(r.status(), 401, "the sign-in token was revoked");
     assert!(realm_challenge(r.headers()).contains("revoked"));
     tg.stop().await;
@@ -1034,7 +1023,7 @@ async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
     let origin = format!("https://localhost:{}", tg.admin_addr.port());
     let r = post_session(&c, format!("{origin}/session"), &origin, &root).await;
     assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let set = set_cookie(&r).to_string();
     assert!(
         set.starts_with("__Host-tokengate_session=")
             && set.contains("; Secure")

@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, get_bearer, post_session};
+use support::{
+    Options, TestGateway, challenge, client, get_bearer, get_with, post_session, sign_in_session,
+};
 
 struct Admin<'a> {
     tg: &'a TestGateway,
@@ -55,26 +57,9 @@ impl<'a> Admin<'a> {
     }
 }
 
-/// Admin event lines with this event name.
-async fn events(tg: &TestGateway, event: &str) -> Vec<Value> {
-    tg.audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["kind"] == "admin" && l["event"] == event)
-        .collect()
-}
-
-/// The request audit line for the last admin request to `path`.
-async fn request_line(tg: &TestGateway, path: &str) -> Value {
-    let what = format!("a request line for {path}");
-    support::eventually(&what, support::WAIT_LIMIT, || async {
-        tg.request_lines()
-            .await
-            .into_iter()
-            .rev()
-            .find(|l| l["path"] == path)
-    })
-    .await
+/// The `Set-Cookie` header of `r` (which must have one).
+fn set_cookie(r: &reqwest::Response) -> &str {
+    r.headers()["set-cookie"].to_str().unwrap()
 }
 
 fn realm_challenge(h: &reqwest::header::HeaderMap) -> String {
@@ -213,12 +198,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     // Revocation is instant on this process's public listener.
     let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
     assert_eq!(r.status(), 401);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("revoked")
-    );
+    assert!(challenge(&r).contains("revoked"));
     let (s, _) = a
         .post(&root, &format!("/v1/tokens/{new_id}/revoke"), json!({}))
         .await;
@@ -239,7 +219,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         "token.revoked",
         "account.disabled",
     ] {
-        let lines = events(&tg, ev).await;
+        let lines = tg.admin_events(ev).await;
         assert!(!lines.is_empty(), "{ev} missing");
         // (The rotation's automatic retirement of the old token is the gateway's own act.)
         for l in lines.iter().filter(|l| l["actor"] != "tokengate") {
@@ -250,14 +230,14 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     }
     // Account events name the account by id in `target` and by name in `account`, as the CLI's do.
     for ev in ["account.created", "account.disabled"] {
-        let l = &events(&tg, ev).await[0];
+        let l = &tg.admin_events(ev).await[0];
         assert_eq!(
             (l["target"].as_str(), l["account"].as_str()),
             (acc["id"].as_str(), Some("ci")),
             "{l}"
         );
     }
-    let created_ev = &events(&tg, "token.created").await[0];
+    let created_ev = &tg.admin_events("token.created").await[0];
     assert_eq!(
         (
             created_ev["target"].as_str(),
@@ -266,7 +246,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         (Some(id.as_str()), Some("ci"))
     );
     // Request lines for the admin API carry the caller and never a token.
-    let line = request_line(&tg, "/v1/tokens").await;
+    let line = tg.last_line_for("/v1/tokens").await;
     assert_eq!(
         (line["auth_type"].as_str(), line["api_token_id"].as_str()),
         (Some("api_token"), Some(root_id.as_str()))
@@ -401,7 +381,7 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
         .post(&alice, &format!("/v1/tokens/{alice_ci}/revoke"), json!({}))
         .await;
     assert_eq!(s, 200);
-    let audit = events(&tg, "token.revoked").await;
+    let audit = tg.admin_events("token.revoked").await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
         (audit[0]["actor"].as_str(), audit[0]["target"].as_str()),
@@ -567,7 +547,7 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
             let body: Value = r.json().await.unwrap();
             assert_eq!(body["error"], c.error);
             assert!(body["request_id"].is_string());
-            let line = request_line(&tg, path).await;
+            let line = tg.last_line_for(path).await;
             assert_eq!(
                 (line["status_code"].as_u64(), line["reason"].as_str()),
                 (Some(c.status as u64), Some(c.reason)),
@@ -592,7 +572,7 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
         (s, b["required_permission"].as_str()),
         (StatusCode::FORBIDDEN, Some("tokengate:self"))
     );
-    let line = request_line(&tg, "/v1/whoami").await;
+    let line = tg.last_line_for("/v1/whoami").await;
     assert_eq!(line["api_token_id"], viewer_id.as_str());
     // A token in the query string is refused, as on the public side.
     let (s, _, b) = a
@@ -609,7 +589,7 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
     );
     // Nothing was created by any refused request, and the upstream saw none of the admin calls.
     assert!(tg.gw.store().get_account("never-created").is_err());
-    assert!(events(&tg, "account.created").await.is_empty());
+    assert!(tg.admin_events("account.created").await.is_empty());
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }
@@ -763,20 +743,21 @@ struct Browser<'a> {
 async fn sign_in<'a>(tg: &'a TestGateway, token: &str) -> Browser<'a> {
     let a = Admin::new(tg);
     let origin = format!("http://{}", tg.admin_addr);
-    let r = post_session(&a.c, a.url("/session"), &origin, token).await;
-    assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    let cookie = set.split(';').next().unwrap().to_string();
-    let body: Value = r.json().await.unwrap();
+    let (cookie, csrf) = sign_in_session(&a.c, &origin, token).await;
     Browser {
         a,
         cookie,
-        csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        csrf,
         origin,
     }
 }
 
 impl Browser<'_> {
+    /// `GET path` with the session cookie.
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.req(Method::GET, path).send().await.unwrap()
+    }
+
     fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         self.a
             .c
@@ -832,7 +813,7 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
 
     let r = post_session(&a.c, a.url("/session"), &origin, &alice).await;
     assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let set = set_cookie(&r).to_string();
     assert!(set.starts_with("tokengate_session="), "{set}");
     for flag in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(flag), "{set}");
@@ -855,7 +836,7 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     // The session holds the token's id, never the token.
     assert!(!format!("{:?}", tg.sessions).contains(&alice));
 
-    let login = events(&tg, "session.login").await;
+    let login = tg.admin_events("session.login").await;
     assert_eq!(login.len(), 1);
     assert_eq!(
         (login[0]["auth_type"].as_str(), login[0]["actor"].as_str()),
@@ -868,12 +849,13 @@ async fn sign_in_sets_a_strict_httponly_session_cookie_and_is_audited() {
     );
 
     // The page now carries the CSRF token in its meta tag.
-    let r =
-        a.c.get(a.url("/"))
-            .header("cookie", format!("tokengate_session={id}"))
-            .send()
-            .await
-            .unwrap();
+    let r = get_with(
+        &a.c,
+        a.url("/"),
+        None,
+        &[("cookie", &format!("tokengate_session={id}"))],
+    )
+    .await;
     let html = r.text().await.unwrap();
     assert!(html.contains(&format!(
         "content=\"{}\"",
@@ -898,7 +880,7 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
     let body = json!({"name": "from-ui", "role": "viewer"});
 
     // Reads work with the cookie alone.
-    let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
+    let r = b.get("/v1/whoami").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["auth_type"], "session");
 
@@ -938,7 +920,7 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
         let r = rb.json(&body).send().await.unwrap();
         assert_eq!(r.status(), 403);
         assert_eq!(r.json::<Value>().await.unwrap()["error"], code);
-        let line = request_line(&tg, "/v1/tokens").await;
+        let line = tg.last_line_for("/v1/tokens").await;
         assert_eq!(
             (line["reason"].as_str(), line["auth_type"].as_str()),
             (Some(code), Some("session"))
@@ -966,7 +948,7 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(count(), 2);
-    let ev = events(&tg, "token.created").await;
+    let ev = tg.admin_events("token.created").await;
     assert_eq!(
         (ev[0]["auth_type"].as_str(), ev[0]["actor"].as_str()),
         (Some("session"), Some(alice_id.as_str()))
@@ -981,16 +963,11 @@ async fn session_mutations_need_the_csrf_token_and_a_same_origin() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(
-        r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .contains("Max-Age=0")
-    );
-    let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
+    assert!(set_cookie(&r).contains("Max-Age=0"));
+    let r = b.get("/v1/whoami").await;
     assert_eq!(r.status(), 401);
     assert_eq!(
-        events(&tg, "session.logout").await[0]["auth_type"],
+        tg.admin_events("session.logout").await[0]["auth_type"],
         "session"
     );
     assert_eq!(tg.upstream.count(), 0);
@@ -1005,39 +982,23 @@ async fn sessions_end_when_idle_or_when_their_token_is_revoked() {
     let b = sign_in(&tg, &alice).await;
     tg.gw.clock().advance_ms(idle - 1000);
     assert_eq!(
-        b.req(Method::GET, "/v1/whoami")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        b.get("/v1/whoami").await.status(),
         200,
         "use restarts the idle timer"
     );
     tg.gw.clock().advance_ms(idle - 1000);
-    assert_eq!(
-        b.req(Method::GET, "/v1/whoami")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(b.get("/v1/whoami").await.status(), 200);
     tg.gw.clock().advance_ms(idle);
-    let r = b.req(Method::GET, "/v1/whoami").send().await.unwrap();
+    let r = b.get("/v1/whoami").await;
     assert_eq!(r.status(), 401, "idle past the timeout");
     assert!(realm_challenge(r.headers()).starts_with("Bearer realm="));
     // The page drops a dead cookie.
-    let r = b.req(Method::GET, "/").send().await.unwrap();
-    assert!(
-        r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .contains("Max-Age=0")
-    );
+    let r = b.get("/").await;
+    assert!(set_cookie(&r).contains("Max-Age=0"));
 
     let b = sign_in(&tg, &alice).await;
     tg.gw.revoke(&alice_id, "test", "test").await.unwrap();
-    let r = b.req(Method::GET, "/v1/tokens").send().await.unwrap();
+    let r = b.get("/v1/tokens").await;
     assert_eq!(r.status(), 401, "the sign-in token was revoked");
     assert!(realm_challenge(r.headers()).contains("revoked"));
     tg.stop().await;
@@ -1062,7 +1023,7 @@ async fn under_tls_the_cookie_is_secure_and_host_prefixed() {
     let origin = format!("https://localhost:{}", tg.admin_addr.port());
     let r = post_session(&c, format!("{origin}/session"), &origin, &root).await;
     assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let set = set_cookie(&r).to_string();
     assert!(
         set.starts_with("__Host-tokengate_session=")
             && set.contains("; Secure")

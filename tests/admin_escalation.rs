@@ -13,7 +13,7 @@ use std::path::Path;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, post_session};
+use support::{Options, TestGateway, client, sign_in_session};
 use tokengate::store::{RateOverride, TokenRow};
 use tokio::io::AsyncWriteExt;
 
@@ -168,13 +168,10 @@ impl Kind {
 /// Signs in through the web UI endpoint (as the browser does) and keeps cookie and CSRF token.
 async fn session(tg: &TestGateway, token: &str) -> Kind {
     let origin = format!("http://{}", tg.admin_addr);
-    let r = post_session(&client(), format!("{origin}/session"), &origin, token).await;
-    assert_eq!(r.status(), 200);
-    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    let body: Value = r.json().await.unwrap();
+    let (cookie, csrf) = sign_in_session(&client(), &origin, token).await;
     Kind::Session {
-        cookie: set.split(';').next().unwrap().to_string(),
-        csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        cookie,
+        csrf,
         origin,
     }
 }
@@ -329,11 +326,7 @@ async fn perform(tg: &TestGateway, k: &Kind, op: &Op<'_>) -> Outcome {
 }
 
 async fn refused_events(tg: &TestGateway) -> Vec<Value> {
-    tg.audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["kind"] == "admin" && l["event"] == "token.refused")
-        .collect()
+    tg.admin_events("token.refused").await
 }
 
 /// Asserts a refusal naming `attribute`, with its audit event, and that the store is unchanged.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, post_session};
+use support::{Options, TestGateway, client, get_bearer, sign_in_session};
 use tokengate::mfa;
 
 const RULES: &str = r#"
@@ -65,21 +65,12 @@ struct Person {
 async fn sign_in(tg: &TestGateway, token: &str) -> Person {
     let c = client();
     let base = format!("http://{}", tg.admin_addr);
-    let r = post_session(&c, format!("{base}/session"), &base, token).await;
-    assert_eq!(r.status(), 200);
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let body: Value = r.json().await.unwrap();
+    let (cookie, csrf) = sign_in_session(&c, &base, token).await;
     Person {
         c,
         base,
         cookie,
-        csrf: body["csrf_token"].as_str().unwrap().to_string(),
+        csrf,
         secret: Vec::new(),
     }
 }
@@ -193,21 +184,33 @@ async fn public(tg: &TestGateway, token: &str, path: &str) -> (StatusCode, Value
     )
 }
 
-async fn events(tg: &TestGateway, name: &str) -> Vec<Value> {
-    tg.audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["kind"] == "admin" && l["event"] == name)
-        .collect()
+/// Asserts the gateway's audit log verifies (chain intact).
+fn assert_audit_verifies(tg: &TestGateway) {
+    let report = tokengate::audit::verify(std::slice::from_ref(&tg.audit_path())).unwrap();
+    assert!(report.is_ok(), "{report}");
+}
+
+/// [`public`], which must be refused for want of an approval (403 `approval_required`): the body.
+async fn refused_for_approval(tg: &TestGateway, token: &str, path: &str) -> Value {
+    let (s, v) = public(tg, token, path).await;
+    assert_eq!(
+        (s.as_u16(), v["error"].as_str()),
+        (403, Some("approval_required")),
+        "{path}"
+    );
+    v
+}
+
+/// `POST /v1/approvals` with `body`, as the holder of `token`.
+async fn ask_approval(tg: &TestGateway, token: &str, body: Value) -> (StatusCode, Value) {
+    bearer(tg, token, Method::POST, "/v1/approvals", Some(body)).await
 }
 
 async fn request(tg: &TestGateway, token: &str, rule: &str, app: &str) -> Value {
-    let (s, v) = bearer(
+    let (s, v) = ask_approval(
         tg,
         token,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": rule, "params": {"app": app}, "message": "release 4.2"})),
+        json!({"rule": rule, "params": {"app": app}, "message": "release 4.2"}),
     )
     .await;
     assert_eq!(s, 201, "{v}");
@@ -310,9 +313,9 @@ async fn totp_enrolment_step_up_replay_drift_rate_limit_and_a_sealed_secret() {
     );
     assert!(v["step_up_until"].is_string());
 
-    assert_eq!(events(&tg, "mfa.enrolled").await.len(), 1);
-    assert!(events(&tg, "mfa.verified").await.len() >= 4);
-    let failed = events(&tg, "mfa.failed").await;
+    assert_eq!(tg.admin_events("mfa.enrolled").await.len(), 1);
+    assert!(tg.admin_events("mfa.verified").await.len() >= 4);
+    let failed = tg.admin_events("mfa.failed").await;
     assert_eq!(failed.len(), 9, "{failed:?}");
     assert!(failed.iter().any(|l| l["reason"] == "locked"));
     assert!(
@@ -356,7 +359,7 @@ async fn totp_enrolment_step_up_replay_drift_rate_limit_and_a_sealed_secret() {
     support::eventually(
         "mfa.reset in the audit log",
         std::time::Duration::from_secs(20),
-        || async { events(&tg, "mfa.reset").await.into_iter().next() },
+        || async { tg.admin_events("mfa.reset").await.into_iter().next() },
     )
     .await;
     let again = support::cli(&tg.config_path, &["account", "reset-mfa", "ops"]);
@@ -439,24 +442,17 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     assert_eq!(line["api_token_id"], ci_id);
     assert_eq!(tg.upstream.count(), 0);
     // A named rule without `approval` is an ordinary rule.
-    let r = client()
-        .get(tg.url("/apps/billing"))
-        .bearer_auth(&ci)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/apps/billing"), &ci).await;
     assert_eq!(r.status(), 200);
     tg.upstream.clear();
 
     // 2. The CI token asks; the refusal now names the pending request.
     let a = request(&tg, &ci, "deploy", "billing").await;
     let id = a["id"].as_str().unwrap().to_string();
-    let (s, again) = bearer(
+    let (s, again) = ask_approval(
         &tg,
         &ci,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "deploy", "params": {"app": "billing"}})),
+        json!({"rule": "deploy", "params": {"app": "billing"}}),
     )
     .await;
     assert_eq!(
@@ -496,21 +492,17 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     let (s, _) = public(&tg, &ci, "/apps/billing/deploy").await;
     assert_eq!(s, 200);
     assert_eq!(tg.upstream.count(), 1);
-    let used = events(&tg, "approval.used").await;
+    let used = tg.admin_events("approval.used").await;
     assert_eq!(used.len(), 1);
     assert_eq!(used[0]["target"], id.as_str());
     assert_eq!(used[0]["api_token_id"], ci_id);
 
     // 5. After the window: 403 again, the approval audited as expired.
     tg.gw.clock().advance_ms(15 * MIN + 1);
-    let (s, v) = public(&tg, &ci, "/apps/billing/deploy").await;
-    assert_eq!(
-        (s.as_u16(), v["error"].as_str()),
-        (403, Some("approval_required"))
-    );
+    let v = refused_for_approval(&tg, &ci, "/apps/billing/deploy").await;
     assert!(v["approval_id"].is_null());
     assert_eq!(tg.upstream.count(), 1);
-    let expired = events(&tg, "approval.expired").await;
+    let expired = tg.admin_events("approval.expired").await;
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0]["target"], id.as_str());
     let (_, v) = bearer(&tg, &ci, Method::GET, &format!("/v1/approvals/{id}"), None).await;
@@ -538,11 +530,10 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
             "approval.expired"
         ]
     );
-    let approved = &events(&tg, "approval.approved").await[0];
+    let approved = &tg.admin_events("approval.approved").await[0];
     assert_eq!(approved["auth_type"], "session");
     assert_eq!(approved["details"]["decided_by_account"], "ops");
-    let report = tokengate::audit::verify(std::slice::from_ref(&tg.audit_path())).unwrap();
-    assert!(report.is_ok(), "{report}");
+    assert_audit_verifies(&tg);
     tg.stop().await;
 }
 
@@ -626,7 +617,7 @@ async fn only_a_person_other_than_the_requester_with_a_fresh_totp_code_decides()
         (403, Some("self_approval"))
     );
     // Nothing got approved by any of that.
-    assert!(events(&tg, "approval.approved").await.is_empty());
+    assert!(tg.admin_events("approval.approved").await.is_empty());
     let (s, _) = public(&tg, &ci, "/apps/billing/deploy").await;
     assert_eq!(s, 403);
 
@@ -643,11 +634,7 @@ async fn only_a_person_other_than_the_requester_with_a_fresh_totp_code_decides()
         (200, Some("rejected")),
         "{v}"
     );
-    let (s, v) = public(&tg, &ci, "/apps/billing/deploy").await;
-    assert_eq!(
-        (s.as_u16(), v["error"].as_str()),
-        (403, Some("approval_required"))
-    );
+    let v = refused_for_approval(&tg, &ci, "/apps/billing/deploy").await;
     assert!(v["approval_id"].is_null());
     next_step(&tg);
     let (s, v) = p.post(&approve, json!({"totp": p.code(&tg, 0)})).await;
@@ -657,7 +644,7 @@ async fn only_a_person_other_than_the_requester_with_a_fresh_totp_code_decides()
     );
     let again = request(&tg, &ci, "deploy", "billing").await;
     assert_ne!(again["id"], id.as_str());
-    let rejected = events(&tg, "approval.rejected").await;
+    let rejected = tg.admin_events("approval.rejected").await;
     assert_eq!(rejected.len(), 1);
     assert_eq!(rejected[0]["details"]["note"], "not today");
     assert_eq!(tg.upstream.count(), 0);
@@ -687,12 +674,7 @@ async fn an_approval_is_bound_to_its_token_rule_and_parameters() {
         (&ci, "/apps/web/deploy"),
         (&other, "/apps/billing/deploy"),
     ] {
-        let (s, v) = public(&tg, token, path).await;
-        assert_eq!(
-            (s.as_u16(), v["error"].as_str()),
-            (403, Some("approval_required")),
-            "{path}"
-        );
+        refused_for_approval(&tg, token, path).await;
         let line = tg.last_request_line().await;
         support::assert_rejection_line(&line, 403, "approval_required");
     }
@@ -708,34 +690,28 @@ async fn an_approval_is_bound_to_its_token_rule_and_parameters() {
     .await;
     assert_eq!(s, 404);
     // Parameters must be exactly the rule's; a token without the permission cannot ask.
-    let (s, _) = bearer(
+    let (s, _) = ask_approval(
         &tg,
         &ci,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "deploy", "params": {"env": "prod"}})),
+        json!({"rule": "deploy", "params": {"env": "prod"}}),
     )
     .await;
     assert_eq!(s, 400);
     let (reader, _) = tg.token("ci", "reader", &["apps:read"]);
-    let (s, v) = bearer(
+    let (s, v) = ask_approval(
         &tg,
         &reader,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "deploy", "params": {"app": "billing"}})),
+        json!({"rule": "deploy", "params": {"app": "billing"}}),
     )
     .await;
     assert_eq!(
         (s.as_u16(), v["error"].as_str()),
         (403, Some("insufficient_scope"))
     );
-    let (s, _) = bearer(
+    let (s, _) = ask_approval(
         &tg,
         &ci,
-        Method::POST,
-        "/v1/approvals",
-        Some(json!({"rule": "read-app", "params": {"app": "billing"}})),
+        json!({"rule": "read-app", "params": {"app": "billing"}}),
     )
     .await;
     assert_eq!(s, 400, "a rule without approval");
@@ -942,7 +918,7 @@ async fn webhooks_are_signed_retried_and_a_final_failure_is_audited() {
             tokengate::approval::signature(b"s3cr3t-webhook-key-0123456789", ts, body.as_bytes())
         );
     }
-    assert!(events(&tg, "webhook.failed").await.is_empty());
+    assert!(tg.admin_events("webhook.failed").await.is_empty());
     tg.stop().await;
 
     // A webhook that never answers well: the failure is audited, the request path unaffected.
@@ -957,14 +933,13 @@ async fn webhooks_are_signed_retried_and_a_final_failure_is_audited() {
     let failed = support::eventually(
         "webhook.failed",
         std::time::Duration::from_secs(20),
-        || async { events(&tg, "webhook.failed").await.into_iter().next() },
+        || async { tg.admin_events("webhook.failed").await.into_iter().next() },
     )
     .await;
     assert_eq!(hook.seen.lock().unwrap().len(), 2);
     assert_eq!(failed["details"]["attempts"], 2);
     assert_eq!(failed["details"]["notification"], "approval.requested");
-    let report = tokengate::audit::verify(std::slice::from_ref(&tg.audit_path())).unwrap();
-    assert!(report.is_ok(), "{report}");
+    assert_audit_verifies(&tg);
     tg.stop().await;
 }
 

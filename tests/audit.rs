@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 use tokengate::audit;
-use tokengate::store::{NewTokenSpec, RateOverride, Store};
+use tokengate::store::{NewTokenSpec, Store};
 
 /// Liveness bound for things that happen in the background (writer retries every 250 ms, the
 /// outbox is drained every 200 ms, `--follow` polls every 200 ms). Not a speed goal.
@@ -284,18 +284,8 @@ permission = "apps:read"
         ..Options::default()
     })
     .await;
-    let (fast, _) = tg.token_with("acme", "fast", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 1_000_000.0,
-            burst: 1_000_000,
-        })
-    });
-    let (slow, _) = tg.token_with("acme", "slow", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 1.0,
-            burst: 1,
-        })
-    });
+    let (fast, _) = tg.rated_token("acme", "fast", 1_000_000.0, 1_000_000);
+    let (slow, _) = tg.rated_token("acme", "slow", 1.0, 1);
 
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -563,12 +553,12 @@ impl Rig {
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        client()
-            .get(format!("http://{}{path}", self.addr))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
+        get_bearer(
+            &client(),
+            format!("http://{}{path}", self.addr),
+            &self.token,
+        )
+        .await
     }
 
     /// `n` requests that must be answered 200; their request ids.
@@ -884,7 +874,7 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
         } else {
             "/apps/billing/status"
         };
-        c.get(tg.url(path)).bearer_auth(&tok).send().await.unwrap();
+        get_bearer(&c, tg.url(path), &tok).await;
     }
     c.get(tg.url("/apps/billing/status")).send().await.unwrap();
     let lines = tg.audit_lines().await;
@@ -1033,12 +1023,7 @@ async fn audit_reader_filters_on_a_generated_log() {
     let tg = TestGateway::start().await;
     let (deployer, dep_id) = tg.token("acme", "deployer", &["apps:read", "apps:deploy"]);
     // One request per 1000 s: the second one is 429 whatever the machine's speed.
-    let (reader, _) = tg.token_with("globex", "reader", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (reader, _) = tg.rated_token("globex", "reader", 0.001, 1);
     let dep_prefix = tg.gw.store().find_token(&dep_id).unwrap().prefix;
     let unknown = {
         // Well-formed and checksummed, but never stored.
@@ -1404,7 +1389,7 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
             } else {
                 "/admin/users"
             };
-            let r = c.get(tg.url(path)).bearer_auth(&tok).send().await.unwrap();
+            let r = get_bearer(&c, tg.url(path), &tok).await;
             let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
             if r.status() == 403 {
                 denied.push(rid.clone());
@@ -1591,12 +1576,7 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     };
     let mut rids = Vec::new();
     let mut req = async || {
-        let r = c
-            .get(tg.url("/apps/billing/status"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, tg.url("/apps/billing/status"), &tok).await;
         assert_eq!(r.status(), 200);
         rids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
     };

@@ -109,12 +109,7 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
         tg.upstream.clear();
         let r = get(tg.addr, target, Some(&tok), "").await;
         assert_eq!(r.status, 200, "{target}: {}", r.raw);
-        let got: Vec<String> = tg
-            .upstream
-            .received()
-            .into_iter()
-            .map(|r| r.target)
-            .collect();
+        let got: Vec<String> = tg.upstream.targets();
         assert_eq!(got, [forwarded], "{target}");
         let line = tg.last_request_line().await;
         assert_eq!(line["reason"], "ok", "{target}");
@@ -284,47 +279,6 @@ async fn trusted_proxy_makes_the_last_untrusted_forwarded_for_hop_the_client() {
     tg.stop().await;
 }
 
-/// A gateway listening on `[::1]:0`, for a real IPv6 peer.
-struct V6Gateway {
-    addr: SocketAddr,
-    gw: tokengate::gateway::Gateway,
-    upstream: Upstream,
-    dir: tempfile::TempDir,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-    _bg: tokengate::gateway::BackgroundGuard,
-}
-
-async fn start_v6() -> V6Gateway {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
-    let text = std::fs::read_to_string(&path).unwrap().replacen(
-        "listen = \"127.0.0.1:0\"",
-        "listen = \"[::1]:0\"",
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
-    let cfg = Config::load(&path).unwrap();
-    let started = tokengate::app::start(cfg)
-        .await
-        .map_err(|e| e.message)
-        .unwrap();
-    let addr = started.server.public_addr();
-    assert!(addr.is_ipv6());
-    let gw = started.gateway.clone();
-    let (stop, task, background) = run_started(started);
-    V6Gateway {
-        addr,
-        gw,
-        upstream,
-        dir,
-        stop,
-        task,
-        _bg: background,
-    }
-}
-
 /// On a dual-stack listener (`[::]`), an IPv4 client arrives as `::ffff:a.b.c.d`. The gateway
 /// takes it for the IPv4 address everywhere: a trusted proxy is believed (its
 /// `X-Forwarded-For` is the client), token networks written in IPv4 match, and the forwarded
@@ -370,20 +324,20 @@ async fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
 
 #[tokio::test]
 async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
-    let v6 = start_v6().await;
-    let store = v6.gw.store();
+    // A gateway listening on `[::1]:0`, for a real IPv6 peer.
+    let v6 = TestGateway::start_with(Options {
+        listen: Some("[::1]:0".into()),
+        ..Options::default()
+    })
+    .await;
+    assert!(v6.addr.is_ipv6());
     let now = v6.gw.now_ms();
-    store.create_account("ops", None, "test", now).unwrap();
     let make = |name: &str, cidr: &str| {
-        let spec = tokengate::store::NewTokenSpec {
-            allowed_cidrs: vec![cidr.parse().unwrap()],
-            ..token_spec("ops", name, &["apps:read"], Some(now + 86_400_000))
-        };
-        store
-            .create_token(&spec, "tg", 1000, now)
-            .unwrap()
-            .1
-            .plaintext
+        v6.token_with("ops", name, &["apps:read"], |s| {
+            s.allowed_cidrs = vec![cidr.parse().unwrap()];
+            s.expires_at = Some(now + 86_400_000);
+        })
+        .0
     };
     let loopback = make("loopback", "::1/128");
     let doc = make("doc", "2001:db8::/32");
@@ -408,21 +362,14 @@ async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
         assert_invalid_token(&r);
     }
     assert_eq!(v6.upstream.count(), 1);
-    v6.gw.audit().flush_async().await.unwrap();
-    let text = std::fs::read_to_string(v6.dir.path().join("audit.log")).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|l| l["kind"] == "request")
-        .collect();
+    let lines = v6.request_lines().await;
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["client_ip"], "::1");
     for l in &lines[1..] {
         assert_rejection_line(l, 401, "ip_not_allowed");
         assert_eq!(l["client_ip"], "::1");
     }
-    let _ = v6.stop.send(());
-    let _ = v6.task.await;
+    v6.stop().await;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -11,24 +11,21 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command as StdCommand, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::{
-    DEFAULT_RULES, Options, TestGateway, Upstream, assert_rejection_line, parse_responses, raw,
-    write_config,
+    Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually, issue_into,
+    metrics_text, parse_responses, raw, read_audit_file, rules_with_delay, signal, wait_refused,
 };
 use tokengate::metrics::HttpErrorKind;
-use tokengate::store::{NewTokenSpec, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -38,139 +35,30 @@ const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 // Harness: the real binary, a token issued into its store, an upstream that counts connections.
 // =================================================================================================
 
-/// Issues a token straight into a store file (before the gateway process starts).
-fn issue(db: &Path, perms: &[&str]) -> String {
-    let store = Store::open(db, Duration::from_secs(5)).unwrap();
-    let now = tokengate::store::system_now_ms();
-    let _ = store.create_account("ci", None, "test", now);
-    let spec = NewTokenSpec {
-        account: "ci".into(),
-        name: "reader".into(),
-        role: None,
-        permissions: perms.iter().map(|s| s.to_string()).collect(),
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(now + 30 * 86_400_000),
-        created_by: "test".into(),
-    };
-    store
-        .create_token(&spec, "tg", 1000, now)
-        .unwrap()
-        .1
-        .plaintext
+/// The real binary (see [`Proc`]) in front of `upstream`, with a token holding `apps:read` issued
+/// into its store before it starts. Returns the process and the token.
+async fn start(upstream: SocketAddr, o: &Options) -> (Proc, String) {
+    let mut token = String::new();
+    let p = Proc::start(upstream, o, |db| {
+        token = issue_into(db, "ci", "reader", &["apps:read"]).0;
+    })
+    .await;
+    (p, token)
 }
 
-/// The real `tokengate serve` in a child process.
-struct Proc {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    public: SocketAddr,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    /// Config in a temp dir in front of `upstream`, a token with `apps:read` in its store; waits
-    /// for the "listening" line. Returns the process and the token.
-    async fn start(upstream: SocketAddr, o: &Options) -> (Proc, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &upstream.to_string(), o);
-        let token = issue(&dir.path().join("tokengate.db"), &["apps:read"]);
-        let (child, public, admin, stderr) = support::spawn_serve_logged(&config).await;
-        (
-            Proc {
-                child,
-                dir,
-                public,
-                admin,
-                stderr,
-            },
-            token,
-        )
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn audit_path(&self) -> PathBuf {
-        self.dir.path().join("audit.log")
-    }
-
-    fn stderr_has(&self, needle: &str) -> bool {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// `field` of /proc/PID/status in KiB (`VmRSS`, `RssAnon`).
-    fn status_kib(&self, field: &str) -> u64 {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> i32 {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            if start.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "tokengate did not exit within {limit:?}; stderr:\n{}",
-                    self.stderr.lock().unwrap().join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in /metrics"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let st = StdCommand::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill {sig} {pid} failed");
+/// The value of `series` in the `/metrics` of `p`.
+async fn metric_of(p: &Proc, series: &str) -> f64 {
+    metrics_text(p.admin)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
 /// The audit file as the reader shows it: each forwarded request's completion merged into its
 /// write-ahead decision line.
 fn audit_file_lines(path: &Path) -> Vec<serde_json::Value> {
-    let lines = std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    support::merge_completions(lines).0
+    support::merge_completions(read_audit_file(path)).0
 }
 
 fn verify_audit(path: &Path) {
@@ -179,26 +67,7 @@ fn verify_audit(path: &Path) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(t) = f().await {
-            return t;
-        }
-        assert!(start.elapsed() < limit, "gave up waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    support::assert_success(&out);
 }
 
 /// An upstream that counts its open connections and requests; `/download/N` streams N bytes in
@@ -234,21 +103,7 @@ impl CountingUpstream {
                                 .strip_prefix("/download/")
                                 .and_then(|n| n.parse().ok())
                                 .unwrap_or(0);
-                            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-                            let stream = futures_util::stream::unfold(0u64, move |sent| {
-                                let chunk = chunk.clone();
-                                async move {
-                                    if sent >= total {
-                                        return None;
-                                    }
-                                    let n = (total - sent).min(chunk.len() as u64);
-                                    Some((
-                                        Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
-                                        sent + n,
-                                    ))
-                                }
-                            });
-                            Ok::<_, Infallible>(Response::new(StreamBody::new(stream).boxed()))
+                            Ok::<_, Infallible>(Response::new(support::download_body(total)))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -284,7 +139,7 @@ async fn clients_that_never_read_are_cut_and_release_their_upstream_connections(
         sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n".into(),
         ..Options::default()
     };
-    let (p, token) = Proc::start(upstream.addr, &o).await;
+    let (p, token) = start(upstream.addr, &o).await;
     let request = format!(
         "GET /download/1073741824 HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\n\r\n"
     );
@@ -394,13 +249,13 @@ async fn clients_that_never_read_are_cut_and_release_their_upstream_connections(
     eventually(
         "every stalled write to be counted as a send timeout",
         Duration::from_secs(10),
-        || async { (p.metric(metric).await == stalled as f64).then_some(()) },
+        || async { (metric_of(&p, metric).await == stalled as f64).then_some(()) },
     )
     .await;
     eventually(
         "no open connection left",
         Duration::from_secs(10),
-        || async { (p.metric("tokengate_open_connections").await == 0.0).then_some(()) },
+        || async { (metric_of(&p, "tokengate_open_connections").await == 0.0).then_some(()) },
     )
     .await;
 }
@@ -507,13 +362,6 @@ async fn the_upstream_timeout_still_applies_once_the_body_is_sent_and_a_stalled_
 // Item 9: the drain answers instead of dropping, and its deadline cuts with an audit line
 // =================================================================================================
 
-/// Rules with a slow-answer route (the recording upstream's `/delay/{ms}`).
-fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
-}
-
 /// Reads one response with a `Content-Length` body from a kept-alive connection.
 async fn read_one(s: &mut TcpStream) -> support::RawResponse {
     let mut buf = Vec::new();
@@ -553,7 +401,7 @@ async fn a_request_on_a_connection_idle_at_sigterm_is_served_with_connection_clo
         rules: rules_with_delay(),
         ..Options::default()
     };
-    let (mut p, token) = Proc::start(upstream.addr, &o).await;
+    let (mut p, token) = start(upstream.addr, &o).await;
     let get = |path: &str| {
         format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\n\r\n")
     };
@@ -569,26 +417,9 @@ async fn a_request_on_a_connection_idle_at_sigterm_is_served_with_connection_clo
     // Another client's request keeps the drain going for 3 s.
     let mut busy = TcpStream::connect(p.public).await.unwrap();
     busy.write_all(get("/delay/3000").as_bytes()).await.unwrap();
-    eventually(
-        "the slow request to reach the upstream",
-        Duration::from_secs(10),
-        || async {
-            upstream
-                .received()
-                .iter()
-                .any(|r| r.target == "/delay/3000")
-                .then_some(())
-        },
-    )
-    .await;
+    upstream.wait_for("/delay/3000").await;
     signal(p.pid(), "-TERM");
-    eventually("the listener to close", Duration::from_secs(10), || async {
-        match TcpStream::connect(p.public).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    wait_refused("the listener to close", p.public).await;
 
     // The connection that was idle at SIGTERM sends a request: it is answered, with
     // `Connection: close`, and then closed.
@@ -638,7 +469,7 @@ async fn the_drain_deadline_cuts_a_running_request_and_audits_it_as_shutdown() {
         server: "shutdown_grace = \"1s\"".into(),
         ..Options::default()
     };
-    let (mut p, token) = Proc::start(upstream.addr, &o).await;
+    let (mut p, token) = start(upstream.addr, &o).await;
     // `/slow` never answers.
     let mut stuck = TcpStream::connect(p.public).await.unwrap();
     stuck
@@ -648,18 +479,7 @@ async fn the_drain_deadline_cuts_a_running_request_and_audits_it_as_shutdown() {
         )
         .await
         .unwrap();
-    eventually(
-        "the stuck request to reach the upstream",
-        Duration::from_secs(10),
-        || async {
-            upstream
-                .received()
-                .iter()
-                .any(|r| r.target == "/slow/forever")
-                .then_some(())
-        },
-    )
-    .await;
+    upstream.wait_for("/slow/forever").await;
     signal(p.pid(), "-TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
     assert!(p.stderr_has("drain deadline passed"));
@@ -686,8 +506,7 @@ async fn the_drain_deadline_cuts_a_running_request_and_audits_it_as_shutdown() {
 
 #[tokio::test]
 async fn requests_refused_by_the_http_layer_have_an_audit_line_and_a_metric() {
-    let tg = TestGateway::start().await;
-    let (token, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, token, _) = TestGateway::with_reader().await;
     let auth = format!("Authorization: Bearer {token}\r\n");
     let many_headers: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
     // A TLS ClientHello's first bytes on the plain listener.
@@ -760,12 +579,7 @@ async fn requests_refused_by_the_http_layer_have_an_audit_line_and_a_metric() {
         assert_eq!(tg.upstream.count(), 0, "{name}: forwarded");
     }
     // The metric is exported.
-    let text = reqwest::get(format!("http://{}/metrics", tg.admin_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(tg.admin_addr).await;
     assert!(
         text.contains("tokengate_http_errors_total{kind=\"bad_request\"} 4"),
         "{text}"

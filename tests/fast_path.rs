@@ -28,8 +28,7 @@ fn get(path: &str, tok: &str, extra: &str) -> String {
 
 #[tokio::test]
 async fn plain_requests_take_the_fast_path_with_every_gateway_header() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     // Two pipelined requests on one connection, the second closing it.
     let bytes = get("/apps/one?x=1", &tok, "X-Tokengate-Account: root\r\n")
         + &get("/apps/two", &tok, "Connection: close\r\n");

@@ -7,80 +7,19 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command as StdCommand, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{Options, Upstream, client, write_config};
-use tokengate::store::{NewTokenSpec, Store};
+use support::{Options, Served, Upstream, client, write_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 
 // =================================================================================================
 // Shared helpers: the real binary, its stderr, bounded waits.
 // =================================================================================================
-
-/// `tokengate serve` in a child process, with its JSON log lines (stderr) collected.
-struct Served {
-    child: std::process::Child,
-    public: SocketAddr,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Served {
-    /// Starts the binary on `config` and waits (bounded) for its "listening" line.
-    async fn start(config: &Path) -> Served {
-        let (child, public, admin, stderr) = support::spawn_serve_logged(config).await;
-        Served {
-            child,
-            public,
-            admin,
-            stderr,
-        }
-    }
-
-    /// Panics with the log when the process is gone (a crash: SIGBUS was exit 135).
-    fn assert_alive(&mut self) {
-        if let Some(st) = self.child.try_wait().unwrap() {
-            panic!(
-                "tokengate exited ({st:?}); stderr:\n{}",
-                self.stderr.lock().unwrap().join("\n")
-            );
-        }
-    }
-
-    fn log_lines_with(&self, needle: &str) -> usize {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn run_cli(config: &Path, args: &[&str]) -> std::process::Output {
-    StdCommand::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 /// Polls `f` every 20 ms until it yields, for at most `limit` (a bound, not a timing claim).
 async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
@@ -127,24 +66,10 @@ fn names_in(dir: &Path) -> Vec<String> {
 // missing store.
 // =================================================================================================
 
-/// Issues a token straight into the store file (the gateway runs as a separate process).
+/// Issues a token with `apps:read` of account `ci` straight into the store file (the gateway
+/// runs as a separate process).
 fn issue(db: &Path, name: &str) -> (String, String) {
-    let store = Store::open(db, Duration::from_secs(5)).unwrap();
-    let now = tokengate::store::system_now_ms();
-    let _ = store.create_account("ci", None, "test", now);
-    let spec = NewTokenSpec {
-        account: "ci".into(),
-        name: name.into(),
-        role: None,
-        permissions: vec!["apps:read".into()],
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: Some(now + 30 * 86_400_000),
-        created_by: "test".into(),
-    };
-    let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
-    (new.plaintext, row.id)
+    support::issue_into(db, "ci", name, &["apps:read"])
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -197,7 +122,7 @@ async fn store_fault_under_load(fault: StoreFault) {
     let (revoked, revoked_id) = issue(&db, "revoked");
     let (uncached, uncached_id) = issue(&db, "uncached");
     let mut gw = Served::start(&config).await;
-    let base = format!("http://{}", gw.public);
+    let base = format!("http://{}", gw.addr);
     let admin = format!("http://{}", gw.admin);
     assert_eq!(get(&format!("{base}/apps/a/b"), Some(&valid)).await.0, 200);
     assert_eq!(
@@ -205,9 +130,9 @@ async fn store_fault_under_load(fault: StoreFault) {
         200
     );
     let backup = dir.path().join("before-revoke.db");
-    let out = run_cli(&config, &["store", "backup", backup.to_str().unwrap()]);
+    let out = support::cli(&config, &["store", "backup", backup.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
-    let out = run_cli(
+    let out = support::cli(
         &config,
         &["token", "revoke", &revoked_id, "--reason", "test"],
     );
@@ -383,12 +308,12 @@ async fn store_fault_under_load(fault: StoreFault) {
     // The next CLI command does not start over with an empty store where one is expected.
     if let StoreFault::Delete = fault {
         let before = names_in(dir.path());
-        let out = run_cli(&config, &["token", "revoke", &uncached_id]);
+        let out = support::cli(&config, &["token", "revoke", &uncached_id]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("tokengate store init"), "{err}");
         // The deleted store's -wal/-shm are still there: even `store init` refuses.
-        let out = run_cli(&config, &["store", "init"]);
+        let out = support::cli(&config, &["store", "init"]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("-wal") && err.contains("deleted"), "{err}");
@@ -399,7 +324,7 @@ async fn store_fault_under_load(fault: StoreFault) {
     // Nor does it take an emptied file for a new store (SQLite would write a schema into it,
     // in the very inode the gateway holds).
     if let StoreFault::Truncate = fault {
-        let out = run_cli(&config, &["token", "revoke", &uncached_id]);
+        let out = support::cli(&config, &["token", "revoke", &uncached_id]);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is empty"), "{err}");
@@ -435,7 +360,7 @@ async fn store_moved_away_and_back_recovers_by_itself() {
     let db = dir.path().join("tokengate.db");
     let (token, _) = issue(&db, "t");
     let mut gw = Served::start(&config).await;
-    let base = format!("http://{}", gw.public);
+    let base = format!("http://{}", gw.addr);
     let admin = format!("http://{}", gw.admin);
     let aside = dir.path().join("aside.db");
     std::fs::rename(&db, &aside).unwrap();
@@ -501,7 +426,7 @@ async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
         &["store", "backup", backup.to_str().unwrap()],
     ];
     for args in commands {
-        let out = run_cli(&config, args);
+        let out = support::cli(&config, args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -514,16 +439,16 @@ async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
     }
 
     // `store init` creates it; a second one changes nothing.
-    let out = run_cli(&config, &["store", "init"]);
+    let out = support::cli(&config, &["store", "init"]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("created an empty store"));
     assert!(db.is_file());
-    let out = run_cli(&config, &["account", "create", "ci"]);
+    let out = support::cli(&config, &["account", "create", "ci"]);
     assert!(out.status.success(), "{out:?}");
-    let out = run_cli(&config, &["store", "init"]);
+    let out = support::cli(&config, &["store", "init"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
-    let out = run_cli(&config, &["account", "list"]);
+    let out = support::cli(&config, &["account", "list"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("ci"),
         "{out:?}"
@@ -541,7 +466,7 @@ async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
     assert_eq!(gw.log_lines_with("first start"), 1);
     let audit = fresh.path().join("audit.log");
     assert_eq!(
-        get(&format!("http://{}/apps/a/b", gw.public), None).await.0,
+        get(&format!("http://{}/apps/a/b", gw.addr), None).await.0,
         401
     );
     eventually("an audit line", Duration::from_secs(10), || async {

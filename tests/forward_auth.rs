@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use support::*;
 use tokengate::path::canonicalise;
-use tokengate::store::RateOverride;
 
 const EP: &str = "/_tokengate/auth";
 const HOST: &str = "gw.test";
@@ -34,6 +33,13 @@ async fn gateway(trusted: &str) -> TestGateway {
     .await
 }
 
+/// [`gateway`] with a token `reader` of account `acme` holding `apps:read`: (gateway, token, id).
+async fn reader_gateway(trusted: &str) -> (TestGateway, String, String) {
+    let tg = gateway(trusted).await;
+    let (tok, id) = tg.token("acme", "reader", &["apps:read"]);
+    (tg, tok, id)
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
 }
@@ -41,6 +47,27 @@ fn json(body: &str) -> serde_json::Value {
 /// A raw GET to `path` with the given header lines (each ending in CRLF).
 fn get(path: &str, headers: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n").into_bytes()
+}
+
+/// Sends [`get`]`(path, headers)` to `addr` and reads the response.
+async fn send(addr: SocketAddr, path: &str, headers: &str) -> RawResponse {
+    raw(addr, &get(path, headers)).await
+}
+
+/// Checks a 403 for want of `permission`: body, `insufficient_scope` challenge; returns the body.
+fn assert_insufficient_scope(r: &RawResponse, permission: &str) -> serde_json::Value {
+    assert_eq!(r.status, 403, "{}", r.raw);
+    let body = json(&r.body);
+    assert_eq!(body["error"], "insufficient_scope");
+    assert_eq!(body["required_permission"], permission);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("insufficient_scope"),
+        "{}",
+        r.raw
+    );
+    body
 }
 
 /// The audit lines of forward-auth decisions.
@@ -56,18 +83,11 @@ async fn fa_lines(tg: &TestGateway) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, id) = tg.token("acme", "reader", &["apps:read"]);
-    let r = raw(
-        tg.addr,
-        &get(
-            EP,
-            &format!(
-                "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\nX-Forwarded-Host: {HOST}\r\n"
-            ),
-        ),
-    )
-    .await;
+    let (tg, tok, id) = reader_gateway("127.0.0.1/32").await;
+    let headers = format!(
+        "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\nX-Forwarded-Host: {HOST}\r\n"
+    );
+    let r = send(tg.addr, EP, &headers).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     assert_eq!(r.body, "");
     assert_eq!(r.header("x-tokengate-token-id"), Some(id.as_str()));
@@ -88,7 +108,7 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
     assert_eq!(tg.upstream.count(), 0, "forward-auth never forwards");
     // Proxy-mode lines say so.
     let (proxied, _) = (
-        raw(tg.addr, &get("/health", &format!("Host: {HOST}\r\n"))).await,
+        send(tg.addr, "/health", &format!("Host: {HOST}\r\n")).await,
         (),
     );
     assert_eq!(proxied.status, 200);
@@ -99,28 +119,13 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
 
 #[tokio::test]
 async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     // Traefik: POST to deploy needs apps:deploy → the proxy's 403 with its body and challenge.
-    let r = raw(
-        tg.addr,
-        &get(
-            EP,
-            &format!(
-                "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Host: {HOST}\r\nX-Forwarded-Proto: https\r\n"
-            ),
-        ),
-    )
-    .await;
-    assert_eq!(r.status, 403, "{}", r.raw);
-    let body = json(&r.body);
-    assert_eq!(body["error"], "insufficient_scope");
-    assert_eq!(body["required_permission"], "apps:deploy");
-    assert!(
-        r.header("www-authenticate")
-            .unwrap()
-            .contains("insufficient_scope")
+    let headers = format!(
+        "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Host: {HOST}\r\nX-Forwarded-Proto: https\r\n"
     );
+    let r = send(tg.addr, EP, &headers).await;
+    let body = assert_insufficient_scope(&r, "apps:deploy");
     // The body is also offered as a header, for nginx.
     assert_eq!(json(r.header("x-tokengate-error").unwrap()), body);
     let line = tg.last_request_line().await;
@@ -132,12 +137,10 @@ async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() 
     assert_eq!(line["mode"], "forward_auth");
 
     // Caddy: no credentials → the proxy's 401.
-    let r = raw(
+    let r = send(
         tg.addr,
-        &get(
-            EP,
-            &format!("Host: {HOST}\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /apps/x\r\n"),
-        ),
+        EP,
+        &format!("Host: {HOST}\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /apps/x\r\n"),
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.raw);
@@ -151,12 +154,10 @@ async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() 
     assert_eq!(line["path"], "/apps/x");
 
     // Envoy: the original path follows the endpoint; method and Host are the request's own.
-    let r = raw(
+    let r = send(
         tg.addr,
-        &get(
-            &format!("{EP}/apps/y/items?page=2"),
-            &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
-        ),
+        &format!("{EP}/apps/y/items?page=2"),
+        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.raw);
@@ -165,12 +166,10 @@ async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() 
         (line["path"].as_str(), line["reason"].as_str()),
         (Some("/apps/y/items"), Some("ok"))
     );
-    let r = raw(
+    let r = send(
         tg.addr,
-        &get(
-            &format!("{EP}/apps/y/%2e%2e/%2e%2e/admin"),
-            &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
-        ),
+        &format!("{EP}/apps/y/%2e%2e/%2e%2e/admin"),
+        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.raw);
@@ -182,18 +181,11 @@ async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() 
 #[tokio::test]
 async fn untrusted_peers_are_refused_and_audited() {
     // 127.0.0.1 is not a trusted proxy here.
-    let tg = gateway("10.0.0.0/8").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
-    let r = raw(
-        tg.addr,
-        &get(
-            EP,
-            &format!(
-                "Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\nX-Forwarded-For: 10.1.2.3\r\n"
-            ),
-        ),
-    )
-    .await;
+    let (tg, tok, _) = reader_gateway("10.0.0.0/8").await;
+    let headers = format!(
+        "Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\nX-Forwarded-For: 10.1.2.3\r\n"
+    );
+    let r = send(tg.addr, EP, &headers).await;
     assert_eq!(r.status, 403, "{}", r.raw);
     let body = json(&r.body);
     assert_eq!(body["error"], "forbidden");
@@ -211,12 +203,10 @@ async fn untrusted_peers_are_refused_and_audited() {
     assert_eq!(line["client_ip"], "127.0.0.1");
     assert!(line["api_token_id"].is_null());
     // Envoy's form from an untrusted peer too.
-    let r = raw(
+    let r = send(
         tg.addr,
-        &get(
-            &format!("{EP}/apps/x"),
-            &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
-        ),
+        &format!("{EP}/apps/x"),
+        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
     )
     .await;
     assert_eq!(r.status, 403);
@@ -227,8 +217,7 @@ async fn untrusted_peers_are_refused_and_audited() {
 
 #[tokio::test]
 async fn missing_and_ambiguous_descriptions_are_400() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
     for (extra, reason) in [
         ("", "forward_auth_missing_uri"),
@@ -254,7 +243,7 @@ async fn missing_and_ambiguous_descriptions_are_400() {
             "bad_host",
         ),
     ] {
-        let r = raw(tg.addr, &get(EP, &format!("{auth}{extra}"))).await;
+        let r = send(tg.addr, EP, &format!("{auth}{extra}")).await;
         assert_eq!(r.status, 400, "{extra}: {}", r.raw);
         assert_eq!(json(&r.body)["error"], "invalid_request", "{extra}");
         let line = tg.last_request_line().await;
@@ -268,12 +257,7 @@ async fn missing_and_ambiguous_descriptions_are_400() {
 #[tokio::test]
 async fn rate_limited_decision_is_the_proxys_429() {
     let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token_with("acme", "slow", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (tok, _) = tg.rated_token("acme", "slow", 0.001, 1);
     let req = get(
         EP,
         &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\n"),
@@ -295,12 +279,10 @@ async fn rate_limited_decision_is_the_proxys_429() {
 async fn without_the_table_the_endpoint_is_not_served() {
     let tg = TestGateway::start_with(Options::server("trusted_proxies = [\"127.0.0.1/32\"]")).await;
     let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
-    let r = raw(
+    let r = send(
         tg.addr,
-        &get(
-            EP,
-            &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\n"),
-        ),
+        EP,
+        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\n"),
     )
     .await;
     assert_eq!(r.status, 404, "{}", r.raw);
@@ -375,19 +357,14 @@ const CORPUS: &[&str] = &[
 
 #[tokio::test]
 async fn described_paths_are_judged_exactly_as_proxy_mode_judges_them() {
-    let tg = gateway("127.0.0.1/32").await;
-    let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
+    let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
     for target in CORPUS {
-        let proxied = raw(tg.addr, &get(target, &auth)).await;
+        let proxied = send(tg.addr, target, &auth).await;
         let proxy_line = tg.last_request_line().await;
-        let described = raw(
-            tg.addr,
-            &get(EP, &format!("{auth}X-Original-URI: {target}\r\n")),
-        )
-        .await;
+        let described = send(tg.addr, EP, &format!("{auth}X-Original-URI: {target}\r\n")).await;
         let fa_line = tg.last_request_line().await;
-        let envoy = raw(tg.addr, &get(&format!("{EP}{target}"), &auth)).await;
+        let envoy = send(tg.addr, &format!("{EP}{target}"), &auth).await;
         let envoy_line = tg.last_request_line().await;
         assert_eq!(fa_line["mode"], "forward_auth", "{target}");
         for (what, r, line) in [
@@ -448,6 +425,30 @@ struct Front {
     child: Child,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
+}
+
+/// Starts the front proxy `bin` (Debian's package `what`) on a free port: `setup(dir, port)`
+/// writes its config into the temp folder `dir` and returns the command to run and its log file.
+async fn start_front(
+    bin: &str,
+    what: &str,
+    setup: impl FnOnce(&Path, u16) -> (Command, std::path::PathBuf),
+) -> Front {
+    assert!(
+        Path::new(bin).exists(),
+        "{bin} is missing: install Debian's `{what}` (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (mut cmd, log) = setup(dir.path(), port);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, &mut child, what, &log).await;
+    Front {
+        child,
+        addr,
+        _dir: dir,
+    }
 }
 
 impl Drop for Front {
@@ -558,32 +559,20 @@ fn is_root() -> bool {
 
 async fn start_nginx(tokengate: SocketAddr, upstream: SocketAddr) -> Front {
     let bin = "/usr/sbin/nginx";
-    assert!(
-        Path::new(bin).exists(),
-        "{bin} is missing: install Debian's `nginx` (.ci/run does)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = dir.path().join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(dir.path(), port, tokengate, upstream)).unwrap();
-    let log = dir.path().join("error.log");
-    let mut child = Command::new(bin)
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&conf)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr, &mut child, "nginx", &log).await;
-    Front {
-        child,
-        addr,
-        _dir: dir,
-    }
+    start_front(bin, "nginx", |dir, port| {
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(dir, port, tokengate, upstream)).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        (cmd, dir.join("error.log"))
+    })
+    .await
 }
 
 /// The Caddyfile of docs/forward-auth.md, with the port a test needs.
@@ -616,32 +605,21 @@ http://:{port} {{
 
 async fn start_caddy(tokengate: SocketAddr, upstream: SocketAddr) -> Front {
     let bin = "/usr/bin/caddy";
-    assert!(
-        Path::new(bin).exists(),
-        "{bin} is missing: install Debian's `caddy` (.ci/run does)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = dir.path().join("Caddyfile");
-    std::fs::write(&conf, caddyfile(port, tokengate, upstream)).unwrap();
-    let log = dir.path().join("caddy.log");
-    let mut child = Command::new(bin)
-        .args(["run", "--adapter", "caddyfile", "--config"])
-        .arg(&conf)
-        .env("HOME", dir.path())
-        .env("XDG_DATA_HOME", dir.path())
-        .env("XDG_CONFIG_HOME", dir.path())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start caddy");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr, &mut child, "caddy", &log).await;
-    Front {
-        child,
-        addr,
-        _dir: dir,
-    }
+    start_front(bin, "caddy", |dir, port| {
+        let conf = dir.join("Caddyfile");
+        std::fs::write(&conf, caddyfile(port, tokengate, upstream)).unwrap();
+        let log = dir.join("caddy.log");
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&conf)
+            .env("HOME", dir)
+            .env("XDG_DATA_HOME", dir)
+            .env("XDG_CONFIG_HOME", dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        (cmd, log)
+    })
+    .await
 }
 
 /// Allowed, 401, 403 and 429 through a real front proxy. `allowed_ratelimit_headers`: the
@@ -652,12 +630,10 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
     let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
 
     // Allowed: the upstream gets the request and the identity, not the client's copies.
-    let r = raw(
+    let r = send(
         front.addr,
-        &get(
-            "/apps/x/logs?tail=1",
-            &format!("{auth}X-Tokengate-Account: root\r\nX-Request-Id: forged\r\n"),
-        ),
+        "/apps/x/logs?tail=1",
+        &format!("{auth}X-Tokengate-Account: root\r\nX-Request-Id: forged\r\n"),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.raw);
@@ -684,13 +660,11 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
 
     // Public rule: no identity, and the client's forged identity does not pass either.
     tg.upstream.clear();
-    let r = raw(
+    let r = send(
         front.addr,
-        &get(
-            "/health",
-            &format!(
-                "Host: {HOST}\r\nX-Tokengate-Account: root\r\nX-Tokengate-Token-Id: tok_forged\r\n"
-            ),
+        "/health",
+        &format!(
+            "Host: {HOST}\r\nX-Tokengate-Account: root\r\nX-Tokengate-Token-Id: tok_forged\r\n"
         ),
     )
     .await;
@@ -709,7 +683,7 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
     tg.upstream.clear();
 
     // 401 with tokengate's body and challenge.
-    let r = raw(front.addr, &get("/apps/x", &format!("Host: {HOST}\r\n"))).await;
+    let r = send(front.addr, "/apps/x", &format!("Host: {HOST}\r\n")).await;
     assert_eq!(r.status, 401, "{}", r.raw);
     let body = json(&r.body);
     assert_eq!(body["error"], "unauthorized");
@@ -725,37 +699,22 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
     assert_eq!(body["request_id"], line["request_id"]);
 
     // 403 with the required permission.
-    let r = raw(front.addr, &get("/admin/users", &auth)).await;
-    assert_eq!(r.status, 403, "{}", r.raw);
-    let body = json(&r.body);
-    assert_eq!(body["error"], "insufficient_scope");
-    assert_eq!(body["required_permission"], "admin:all");
-    assert!(
-        r.header("www-authenticate")
-            .unwrap()
-            .contains("insufficient_scope"),
-        "{}",
-        r.raw
-    );
+    let r = send(front.addr, "/admin/users", &auth).await;
+    assert_insufficient_scope(&r, "admin:all");
     let line = fa_lines(tg).await.pop().unwrap();
     assert_rejection_line(&line, 403, "insufficient_permission");
     assert_eq!(line["path"], "/admin/users");
 
     // 429 with Retry-After and RateLimit-*.
-    let (slow, _) = tg.token_with("acme", "slow", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (slow, _) = tg.rated_token("acme", "slow", 0.001, 1);
     let slow_auth = format!("Host: {HOST}\r\nAuthorization: Bearer {slow}\r\n");
-    let r = raw(front.addr, &get("/apps/x", &slow_auth)).await;
+    let r = send(front.addr, "/apps/x", &slow_auth).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     if allowed_ratelimit_headers {
         assert_eq!(r.header("ratelimit-limit"), Some("1"), "{}", r.raw);
     }
     tg.upstream.clear();
-    let r = raw(front.addr, &get("/apps/x", &slow_auth)).await;
+    let r = send(front.addr, "/apps/x", &slow_auth).await;
     assert_eq!(r.status, 429, "{}", r.raw);
     assert_eq!(json(&r.body)["error"], "rate_limited");
     assert!(r.header("retry-after").is_some(), "{}", r.raw);
@@ -841,24 +800,27 @@ async fn corpus_through(front: &Front, tg: &TestGateway) {
     }
 }
 
-#[tokio::test]
-async fn nginx_auth_request_in_front() {
+/// The decisions and the corpus through the front proxy `start` puts before a gateway.
+async fn in_front<F: std::future::Future<Output = Front>>(
+    start: impl FnOnce(SocketAddr, SocketAddr) -> F,
+    allowed_ratelimit_headers: bool,
+) {
     let tg = gateway("127.0.0.1/32").await;
-    let front = start_nginx(tg.addr, tg.upstream.addr).await;
-    decisions_through(&front, &tg, true).await;
+    let front = start(tg.addr, tg.upstream.addr).await;
+    decisions_through(&front, &tg, allowed_ratelimit_headers).await;
     corpus_through(&front, &tg).await;
     drop(front);
     tg.stop().await;
 }
 
 #[tokio::test]
+async fn nginx_auth_request_in_front() {
+    in_front(start_nginx, true).await;
+}
+
+#[tokio::test]
 async fn caddy_forward_auth_in_front() {
-    let tg = gateway("127.0.0.1/32").await;
-    let front = start_caddy(tg.addr, tg.upstream.addr).await;
-    decisions_through(&front, &tg, false).await;
-    corpus_through(&front, &tg).await;
-    drop(front);
-    tg.stop().await;
+    in_front(start_caddy, false).await;
 }
 
 #[tokio::test]

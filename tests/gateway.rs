@@ -11,19 +11,21 @@ use support::*;
 async fn valid_token_is_forwarded_with_identity_and_without_authorization() {
     let tg = TestGateway::start().await;
     let (tok, id) = tg.token("ci", "deploy-bot", &["apps:read"]);
-    let resp = client()
-        .get(tg.url("/apps/billing/status?verbose=1&x=%2F"))
-        .bearer_auth(&tok)
-        .header("x-tokengate-token-id", "spoofed")
-        .header("x-forwarded-for", "6.6.6.6")
-        .header("x-real-ip", "6.6.6.6")
-        .header("forwarded", "for=6.6.6.6")
-        .header("x-original-url", "/admin/secrets")
-        .header("x-http-method-override", "DELETE")
-        .header("connection", "X-Tokengate-Token-Id, X-Forwarded-For")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with(
+        &client(),
+        tg.url("/apps/billing/status?verbose=1&x=%2F"),
+        Some(&tok),
+        &[
+            ("x-tokengate-token-id", "spoofed"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-original-url", "/admin/secrets"),
+            ("x-http-method-override", "DELETE"),
+            ("connection", "X-Tokengate-Token-Id, X-Forwarded-For"),
+        ],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-upstream"], "yes");
     assert_eq!(resp.headers()["content-type"], "text/plain");
@@ -256,10 +258,7 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
     loop {
         let r = get_bearer(&c, tg.url("/apps/a/x"), &tok).await;
         if r.status() == 401 {
-            let www = r.headers()["www-authenticate"]
-                .to_str()
-                .unwrap()
-                .to_string();
+            let www = challenge(&r).to_string();
             assert!(www.contains("revoked"), "{www}");
             break;
         }
@@ -358,11 +357,7 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
 async fn http2_prior_knowledge_works() {
     let tg = TestGateway::start().await;
     let (tok, _) = tg.token("ci", "h2", &["apps:read"]);
-    let c = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .no_proxy()
-        .build()
-        .unwrap();
+    let c = h2_client();
     let r = get_bearer(&c, tg.url("/apps/x/y"), &tok).await;
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
@@ -407,7 +402,7 @@ async fn tls_serves_h1_and_h2(workers: usize) {
             b = b.http1_only();
         }
         let c = b.build().unwrap();
-        let r = c.get(&url).bearer_auth(&tok).send().await.unwrap();
+        let r = get_bearer(&c, &url, &tok).await;
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.version(),
@@ -574,12 +569,7 @@ async fn big_upload_and_download_stream_without_buffering() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("upstream ok {SIZE}"));
-    let mut r = c
-        .get(tg.url(&format!("/download/{SIZE}")))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let mut r = get_bearer(&c, tg.url(&format!("/download/{SIZE}")), &tok).await;
     assert_eq!(r.status(), 200);
     let mut got = 0u64;
     while let Some(ch) = r.chunk().await.unwrap() {
@@ -681,18 +671,23 @@ async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line()
     tg.stop().await;
 }
 
+/// `GET /apps/billing/status` with the bearer `tok` (when given) and `X-Request-Id: id`.
+async fn with_request_id(tg: &TestGateway, tok: Option<&str>, id: &str) -> reqwest::Response {
+    get_with(
+        &client(),
+        tg.url("/apps/billing/status"),
+        tok,
+        &[("x-request-id", id)],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
     let tg =
         TestGateway::start_with(Options::server(r#"trusted_proxies = ["127.0.0.1/32"]"#)).await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .bearer_auth(&tok)
-        .header("x-request-id", "lb-7f3a9c")
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, Some(&tok), "lb-7f3a9c").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-request-id"], "lb-7f3a9c");
     let got = tg.upstream.received();
@@ -700,24 +695,13 @@ async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
     assert_eq!(got[0].headers.get_all("x-request-id").iter().count(), 1);
     assert_eq!(tg.last_request_line().await["request_id"], "lb-7f3a9c");
     // A refusal carries it too.
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .header("x-request-id", "lb-refused")
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, None, "lb-refused").await;
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.headers()["x-request-id"], "lb-refused");
     assert_eq!(tg.last_request_line().await["request_id"], "lb-refused");
     // Not sane (too long): the gateway's own id.
     let long = "a".repeat(129);
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .bearer_auth(&tok)
-        .header("x-request-id", &long)
-        .send()
-        .await
-        .unwrap();
+    let resp = with_request_id(&tg, Some(&tok), &long).await;
     let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_ne!(own, long);
     assert_eq!(
@@ -730,15 +714,8 @@ async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
 
 #[tokio::test]
 async fn request_id_from_an_untrusted_peer_is_replaced() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
-    let resp = client()
-        .get(tg.url("/apps/billing/status"))
-        .bearer_auth(&tok)
-        .header("x-request-id", "forged-id")
-        .send()
-        .await
-        .unwrap();
+    let (tg, tok, _) = TestGateway::with_reader().await;
+    let resp = with_request_id(&tg, Some(&tok), "forged-id").await;
     assert_eq!(resp.status(), 200);
     let own = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_ne!(own, "forged-id");
@@ -750,8 +727,7 @@ async fn request_id_from_an_untrusted_peer_is_replaced() {
 
 #[tokio::test]
 async fn a_valid_traceparent_is_forwarded_and_audited_an_invalid_one_dropped() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let send = |tp: Option<&'static str>| {
         let mut r = client()
@@ -796,12 +772,13 @@ async fn a_valid_traceparent_is_forwarded_and_audited_an_invalid_one_dropped() {
     assert!(last.headers.get("traceparent").is_none());
     assert!(last.headers.get("tracestate").is_none());
     // A refusal records it too.
-    let r = client()
-        .get(tg.url("/apps/billing/status"))
-        .header("traceparent", valid)
-        .send()
-        .await
-        .unwrap();
+    let r = get_with(
+        &client(),
+        tg.url("/apps/billing/status"),
+        None,
+        &[("traceparent", valid)],
+    )
+    .await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         tg.last_request_line().await["trace_id"],

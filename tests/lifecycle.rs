@@ -13,6 +13,27 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokengate::store::Store;
 
+/// `token create --account ci --name NAME --role viewer` followed by `extra`.
+fn viewer_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "token",
+        "create",
+        "--account",
+        "ci",
+        "--name",
+        name,
+        "--role",
+        "viewer",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Runs `token create` for a viewer token of account `ci` (see [`viewer_args`]).
+fn create_viewer(cfg: &std::path::Path, name: &str, extra: &[&str]) -> std::process::Output {
+    cli(cfg, &viewer_args(name, extra))
+}
+
 #[tokio::test]
 async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before() {
     let tg = TestGateway::start().await;
@@ -40,12 +61,7 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
     tg.gw.clock().advance_ms(3 * 86_400_000 + 1);
     let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
     assert_eq!(r.status(), 401);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("expired")
-    );
+    assert!(challenge(&r).contains("expired"));
     assert_eq!(tg.last_request_line().await["reason"], "expired");
     assert_eq!(
         get_bearer(&c, tg.url("/apps/a/b"), &far).await.status(),
@@ -57,47 +73,18 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
 
 #[tokio::test]
 async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_through() {
-    let tg = TestGateway::start_with(Options {
-        serve: false,
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::unserved()).await;
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     let mut ids = Vec::new();
     for i in 0..5 {
-        let o = cli(
-            &cfg,
-            &[
-                "token",
-                "create",
-                "--account",
-                "ci",
-                "--name",
-                &format!("t{i}"),
-                "--role",
-                "viewer",
-                "--json",
-            ],
-        );
+        let o = create_viewer(&cfg, &format!("t{i}"), &["--json"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(v["token"].as_str().unwrap().starts_with("tg_"));
         ids.push(v["id"].as_str().unwrap().to_string());
     }
-    let o = cli(
-        &cfg,
-        &[
-            "token",
-            "create",
-            "--account",
-            "ci",
-            "--name",
-            "t5",
-            "--role",
-            "viewer",
-        ],
-    );
+    let o = create_viewer(&cfg, "t5", &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(o.stdout.is_empty(), "no token printed");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -118,19 +105,7 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
             .status
             .success()
     );
-    let o = cli(
-        &cfg,
-        &[
-            "token",
-            "create",
-            "--account",
-            "ci",
-            "--name",
-            "t5",
-            "--role",
-            "viewer",
-        ],
-    );
+    let o = create_viewer(&cfg, "t5", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The gateway owns the audit log: CLI events reach it through the store's outbox.
     tg.gw.drain_outbox().await.unwrap();
@@ -150,51 +125,21 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
 #[tokio::test]
 async fn expiry_policy_is_enforced_at_creation() {
     let tg = TestGateway::start_with(Options {
-        serve: false,
         sections: "[tokens]\nmax_lifetime_days = 90\n".into(),
-        ..Options::default()
+        ..Options::unserved()
     })
     .await;
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
     for bad in ["never", "180d", "365d", "12d"] {
-        let o = cli(
-            &cfg,
-            &[
-                "token",
-                "create",
-                "--account",
-                "ci",
-                "--name",
-                "x",
-                "--role",
-                "viewer",
-                "--expires",
-                bad,
-            ],
-        );
+        let o = create_viewer(&cfg, "x", &["--expires", bad]);
         assert_eq!(o.status.code(), Some(64), "{bad}");
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("not allowed")
                 || String::from_utf8_lossy(&o.stderr).contains("expiry")
         );
     }
-    let o = cli(
-        &cfg,
-        &[
-            "token",
-            "create",
-            "--account",
-            "ci",
-            "--name",
-            "x",
-            "--role",
-            "viewer",
-            "--expires",
-            "7d",
-            "--json",
-        ],
-    );
+    let o = create_viewer(&cfg, "x", &["--expires", "7d", "--json"]);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let exp = tokengate::clock::parse_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
@@ -241,7 +186,7 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
                 for _ in 0..4 {
                     // Read the flag *before* sending: a request sent after revoke returned must fail.
                     let after = revoked.load(Ordering::SeqCst);
-                    let st = c.get(&url).bearer_auth(&tok).send().await.unwrap().status();
+                    let st = get_bearer(&c, &url, &tok).await.status();
                     if after && st == 200 {
                         late.fetch_add(1, Ordering::Relaxed);
                     }
@@ -265,31 +210,25 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
 async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     // Every trial ends with one 401 from the same client IP: lift the failed-auth limit.
     let tg = TestGateway::start_with(Options {
-        serve: false,
         sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
-        ..Options::default()
+        ..Options::unserved()
     })
     .await;
     // Same store, each process its own audit log (one writer per log file).
-    let cfg = tg.config_path.clone();
-    let cfg_b = tg.dir.path().join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("path = \"audit.log\"", "path = \"audit-b.log\""),
-    )
-    .unwrap();
-    let a = serve_binary(&cfg_b);
-    let cfg_c = tg.dir.path().join("c.toml");
-    std::fs::write(
-        &cfg_c,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("path = \"audit.log\"", "path = \"audit-c.log\""),
-    )
-    .unwrap();
-    let b = serve_binary(&cfg_c);
+    let serve_copy = |name: &str| {
+        let copy = tg.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &copy,
+            std::fs::read_to_string(&tg.config_path).unwrap().replace(
+                "path = \"audit.log\"",
+                &format!("path = \"audit-{name}.log\""),
+            ),
+        )
+        .unwrap();
+        serve_binary(&copy)
+    };
+    let a = serve_copy("b");
+    let b = serve_copy("c");
     let store = Store::open(&tg.dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
     store.create_account("ci", None, "test", 0).unwrap();
     let c = client();
@@ -300,12 +239,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .create_token(&spec, "tg", 1000, tokengate::store::system_now_ms())
             .unwrap();
         for p in [&a, &b] {
-            let r = c
-                .get(format!("http://{}/apps/x/y", p.addr))
-                .bearer_auth(&new.plaintext)
-                .send()
-                .await
-                .unwrap();
+            let r = get_bearer(&c, format!("http://{}/apps/x/y", p.addr), &new.plaintext).await;
             assert_eq!(r.status(), 200);
         }
         // Trials would otherwise lock onto the poller's phase: start each at a random offset.
@@ -319,12 +253,7 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             // The promise is about requests sent a second after the revoke: one sent before
             // and answered later (a loaded machine) may still be a 200.
             let sent = t0.elapsed();
-            let r = c
-                .get(format!("http://{}/apps/x/y", b.addr))
-                .bearer_auth(&new.plaintext)
-                .send()
-                .await
-                .unwrap();
+            let r = get_bearer(&c, format!("http://{}/apps/x/y", b.addr), &new.plaintext).await;
             if r.status() == 401 {
                 break;
             }
@@ -440,12 +369,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
         "[tokens]\nlast_used_flush_interval = \"24h\"\n",
     ))
     .await;
-    let (tok, id) = tg.token_with("ci", "busy", &["apps:read"], |s| {
-        s.rate = Some(tokengate::store::RateOverride {
-            requests_per_second: 1e6,
-            burst: 1_000_000,
-        })
-    });
+    let (tok, id) = tg.rated_token("ci", "busy", 1e6, 1_000_000);
     let writes_before = tg.gw.store().write_count();
     let c = client();
     let mut tasks = Vec::new();
@@ -453,10 +377,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
         let (c, tok, url) = (c.clone(), tok.clone(), tg.url("/apps/a/b"));
         tasks.push(tokio::spawn(async move {
             for _ in 0..1250 {
-                assert_eq!(
-                    c.get(&url).bearer_auth(&tok).send().await.unwrap().status(),
-                    200
-                );
+                assert_eq!(get_bearer(&c, &url, &tok).await.status(), 200);
             }
         }));
     }
@@ -478,11 +399,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
 
 #[tokio::test]
 async fn list_filters_and_identify_of_a_leaked_token() {
-    let tg = TestGateway::start_with(Options {
-        serve: false,
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::unserved()).await;
     let now = tg.gw.now_ms();
     let day = 86_400_000;
     let (_, fresh) = tg.token_with("ci", "fresh", &["apps:read"], |s| {
@@ -528,22 +445,26 @@ async fn list_filters_and_identify_of_a_leaked_token() {
     assert!(t.contains("LAST USED") && t.contains("leaky") && t.contains("EXPIRES"));
 
     // identify reads stdin, never argv, and revokes on request.
-    let mut child = Command::new(bin())
-        .arg("--config")
-        .arg(&tg.config_path)
-        .args(["token", "identify", "--revoke", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("  {leaked}\n").as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let identify = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(bin())
+            .arg("--config")
+            .arg(&tg.config_path)
+            .args(["token", "identify"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let o = identify(&["--revoke", "--json"], &format!("  {leaked}\n"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["id"], leaked_id.as_str());
@@ -567,22 +488,7 @@ async fn list_filters_and_identify_of_a_leaked_token() {
             .any(|e| e["event"] == "token.revoked" && e["reason"] == "leaked")
     );
     // A token-looking string that is not ours fails clearly.
-    let mut child = Command::new(bin())
-        .arg("--config")
-        .arg(&tg.config_path)
-        .args(["token", "identify"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(tokengate::token::generate("tg").plaintext.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = identify(&[], &tokengate::token::generate("tg").plaintext);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not in this store"));
     tg.stop().await;
@@ -601,16 +507,7 @@ fn kill_9_during_token_creation_never_leaves_a_half_created_token() {
         let mut child = Command::new(bin())
             .arg("--config")
             .arg(&cfg)
-            .args([
-                "token",
-                "create",
-                "--account",
-                "ci",
-                "--name",
-                &format!("k{i}"),
-                "--role",
-                "viewer",
-            ])
+            .args(viewer_args(&format!("k{i}"), &[]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -55,6 +55,19 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool
     }
 }
 
+/// A gateway whose failed-auth limiter allows `limit` failures a minute per address.
+async fn failed_auth_limited(limit: usize) -> TestGateway {
+    TestGateway::start_with(Options::sections(format!(
+        "[rate_limit]\nfailed_auth_per_minute = {limit}\n"
+    )))
+    .await
+}
+
+/// How many cells a failed-auth limiter of `limit` a minute gives back in `elapsed` (rounded up).
+fn refills(elapsed: Duration, limit: usize) -> usize {
+    (elapsed.as_secs_f64() / (60.0 / limit as f64)).ceil() as usize
+}
+
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
     r.headers()
         .get(name)
@@ -125,12 +138,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     let tg = TestGateway::start().await;
     // 1 request a second, burst 3: the four requests below take milliseconds on loopback, far
     // inside the one second a cell takes to come back.
-    let (hot, hot_id) = tg.token_with("ci", "hot", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 1.0,
-            burst: 3,
-        })
-    });
+    let (hot, hot_id) = tg.rated_token("ci", "hot", 1.0, 3);
     let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
     let c = client();
     for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
@@ -188,12 +196,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
 async fn a_fast_override_refills_within_milliseconds() {
     let tg = TestGateway::start().await;
     // 1000/s, burst 3: a used cell is back after 1 ms.
-    let (fast, _) = tg.token_with("ci", "fast", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 1000.0,
-            burst: 3,
-        })
-    });
+    let (fast, _) = tg.rated_token("ci", "fast", 1000.0, 3);
     let c = client();
     for _ in 0..3 {
         let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
@@ -269,10 +272,7 @@ rate_limit = { requests_per_second = 2, burst = 4 }
 /// lookup, and nothing is forwarded either way.
 #[tokio::test]
 async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_after() {
-    let tg = TestGateway::start_with(Options::sections(
-        "[rate_limit]\nfailed_auth_per_minute = 2\n",
-    ))
-    .await;
+    let tg = failed_auth_limited(2).await;
     let c = client();
     let unknown = || tokengate::token::generate("tg").plaintext;
     for _ in 0..2 {
@@ -312,11 +312,7 @@ async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_a
 async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     const LIMIT: usize = 20;
     const TOTAL: usize = 10_000;
-    let tg = TestGateway::start_with(Options {
-        sections: format!("[rate_limit]\nfailed_auth_per_minute = {LIMIT}\n"),
-        ..Options::default()
-    })
-    .await;
+    let tg = failed_auth_limited(LIMIT).await;
     let (good, _) = tg.token("ci", "good", &["apps:read"]);
     // Half fail the checksum (no lookup even before the limit), half are well-formed tokens the
     // store has never seen (each costs a lookup until the client is blocked).
@@ -365,13 +361,13 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     // lookups, not valid tokens): it is not cached yet, and the address has used only half of its
     // unknown-token lookups, so it is looked up once. A spoofed X-Forwarded-For from an untrusted
     // peer changes nothing: the line names 127.0.0.1.
-    let r = attacker
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(&good)
-        .header("x-forwarded-for", "127.0.0.2")
-        .send()
-        .await
-        .unwrap();
+    let r = get_with(
+        &attacker,
+        tg.url("/apps/a/b"),
+        Some(&good),
+        &[("x-forwarded-for", "127.0.0.2")],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "ok", "{line}");
@@ -393,14 +389,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
             let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
             let answered = answered.clone();
             async move {
-                let st = c
-                    .get(url)
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16();
+                let st = get_bearer(&c, url, t).await.status().as_u16();
                 answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 st
             }
@@ -430,7 +419,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     let refused = statuses.iter().filter(|s| **s == 429).count();
     let judged = statuses.iter().filter(|s| **s == 401).count();
     assert_eq!(refused + judged, statuses.len(), "only 429 or 401");
-    let refills = (flood.as_secs_f64() / (60.0 / LIMIT as f64)).ceil() as usize;
+    let refills = refills(flood, LIMIT);
     // Up to 8 requests are in flight when a cell comes back; each may pass the blocked check
     // before the first of them records its failure.
     assert!(
@@ -544,11 +533,7 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
 #[tokio::test]
 async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
     const LIMIT: usize = 20;
-    let tg = TestGateway::start_with(Options {
-        sections: format!("[rate_limit]\nfailed_auth_per_minute = {LIMIT}\n"),
-        ..Options::default()
-    })
-    .await;
+    let tg = failed_auth_limited(LIMIT).await;
     let (good, id) = tg.token("ci", "good", &["apps:read"]);
     let client = client_from("127.0.0.5");
     let lookups_before = tg.gw.store().lookup_count();
@@ -615,11 +600,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
 async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
     const LIMIT: usize = 20;
     const TOTAL: usize = 10_000;
-    let tg = TestGateway::start_with(Options {
-        sections: format!("[rate_limit]\nfailed_auth_per_minute = {LIMIT}\n"),
-        ..Options::default()
-    })
-    .await;
+    let tg = failed_auth_limited(LIMIT).await;
     // Well-formed tokens with a valid checksum that the store has never seen.
     let unknown: Vec<String> = (0..TOTAL)
         .map(|_| tokengate::token::generate("tg").plaintext)
@@ -631,7 +612,7 @@ async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
         .map(|t| {
             let (c, url) = (attacker.clone(), tg.url("/apps/a/b"));
             async move {
-                let r = c.get(url).bearer_auth(t).send().await.unwrap();
+                let r = get_bearer(&c, url, t).await;
                 let status = r.status().as_u16();
                 let body: serde_json::Value = r.json().await.unwrap();
                 (
@@ -644,7 +625,7 @@ async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
         .collect::<Vec<(u16, String)>>()
         .await;
     let elapsed = start.elapsed();
-    let refills = (elapsed.as_secs_f64() / (60.0 / LIMIT as f64)).ceil() as usize;
+    let refills = refills(elapsed, LIMIT);
     let lookups = (tg.gw.store().lookup_count() - lookups_before) as usize;
     let judged = statuses.iter().filter(|(s, _)| *s == 401).count();
     let refused = statuses
@@ -983,12 +964,12 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
         .no_proxy()
         .build()
         .unwrap();
-    let r = c
-        .get(format!("https://localhost:{}/apps/a/b", addr.port()))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(
+        &c,
+        format!("https://localhost:{}/apps/a/b", addr.port()),
+        &tok,
+    )
+    .await;
     assert_eq!(r.status(), 200);
 
     for t in stalled {
@@ -1579,12 +1560,7 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
         tg.upstream.count() >= MAX as usize
     })
     .await;
-    let targets: Vec<String> = tg
-        .upstream
-        .received()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let targets: Vec<String> = tg.upstream.targets();
     assert_eq!(targets.len(), MAX as usize, "{targets:?}");
     assert!(!targets.contains(&format!("/slow/{MAX}")), "{targets:?}");
     drop(s);

@@ -27,22 +27,13 @@ struct Provider {
 
 impl Provider {
     async fn start() -> Provider {
-        use tokio::io::AsyncBufReadExt;
         // No skip: CI installs node (.ci/run); a machine without it fails here, saying so.
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oidc/run.sh");
-        let mut child = tokio::process::Command::new("bash")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("bash runs tests/oidc/run.sh");
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(std::time::Duration::from_secs(180), lines.next_line())
-            .await
-            .expect("the OpenID provider starts (is node installed? .ci/run installs it)")
-            .unwrap()
-            .expect("a listening line");
-        let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+        let (child, port) = support::start_listening_script(
+            "tests/oidc/run.sh",
+            std::time::Duration::from_secs(180),
+            "the OpenID provider (is node installed? .ci/run installs it)",
+        )
+        .await;
         Provider {
             child,
             issuer: format!("http://127.0.0.1:{port}"),
@@ -236,6 +227,11 @@ impl Browser {
         self.send(Method::GET, &cb, None).await
     }
 
+    /// Issues a token through the API (`POST /v1/tokens` with `spec`).
+    async fn issue(&mut self, tg: &TestGateway, spec: Value) -> (u16, Value) {
+        self.api(tg, Method::POST, "/v1/tokens", Some(spec)).await
+    }
+
     async fn api(
         &mut self,
         tg: &TestGateway,
@@ -298,25 +294,11 @@ fn query(url: &str, name: &str) -> String {
         .to_string()
 }
 
-async fn events(tg: &TestGateway, event: &str) -> Vec<Value> {
-    tg.audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["kind"] == "admin" && l["event"] == event)
-        .collect()
-}
-
 async fn request_reason(tg: &TestGateway, path: &str) -> String {
-    let what = format!("a request line for {path}");
-    let l = support::eventually(&what, support::WAIT_LIMIT, || async {
-        tg.request_lines()
-            .await
-            .into_iter()
-            .rev()
-            .find(|l| l["path"] == path)
-    })
-    .await;
-    l["reason"].as_str().unwrap().to_string()
+    tg.last_line_for(path).await["reason"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
@@ -363,51 +345,32 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
 
     // Their policy is the `viewer` role: a viewer token is fine, a deployer token is stronger.
     let (s, t) = b
-        .api(
-            &tg,
-            Method::POST,
-            "/v1/tokens",
-            Some(serde_json::json!({"name": "laptop", "role": "viewer"})),
-        )
+        .issue(&tg, serde_json::json!({"name": "laptop", "role": "viewer"}))
         .await;
     assert_eq!(s, 201, "{t}");
     assert_eq!(t["account"], "ada@example.com");
     assert_eq!(t["created_by"], "oidc:ada@example.com");
     let (s, e) = b
-        .api(
+        .issue(
             &tg,
-            Method::POST,
-            "/v1/tokens",
-            Some(serde_json::json!({"name": "deploy", "role": "deployer"})),
+            serde_json::json!({"name": "deploy", "role": "deployer"}),
         )
         .await;
     assert_eq!((s, e["error"].as_str()), (403, Some("forbidden")), "{e}");
     let (s, e) = b
-        .api(
+        .issue(
             &tg,
-            Method::POST,
-            "/v1/tokens",
-            Some(serde_json::json!({"name": "other", "account": "someone-else"})),
+            serde_json::json!({"name": "other", "account": "someone-else"}),
         )
         .await;
     assert_eq!(s, 403, "another account: {e}");
     // Up to the cap (2 in this test), then 409 token_limit.
     let (s, _) = b
-        .api(
-            &tg,
-            Method::POST,
-            "/v1/tokens",
-            Some(serde_json::json!({"name": "ci", "role": "viewer"})),
-        )
+        .issue(&tg, serde_json::json!({"name": "ci", "role": "viewer"}))
         .await;
     assert_eq!(s, 201);
     let (s, e) = b
-        .api(
-            &tg,
-            Method::POST,
-            "/v1/tokens",
-            Some(serde_json::json!({"name": "third", "role": "viewer"})),
-        )
+        .issue(&tg, serde_json::json!({"name": "third", "role": "viewer"}))
         .await;
     assert_eq!((s, e["error"].as_str()), (409, Some("token_limit")), "{e}");
     let (s, list) = b.api(&tg, Method::GET, "/v1/tokens", None).await;
@@ -430,14 +393,14 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
     assert_eq!(tg.upstream.received()[0].headers["cookie"], "theme=dark");
 
     // Audited: the account's creation, the session, and the token, all naming the person.
-    let created = events(&tg, "session.created").await;
+    let created = tg.admin_events("session.created").await;
     assert_eq!(created.len(), 1);
     assert_eq!(created[0]["auth_type"], "session");
     assert_eq!(created[0]["actor"], "oidc:ada@example.com");
     assert_eq!(created[0]["details"]["sub"], "ada");
     assert_eq!(created[0]["details"]["email"], "ada@example.com");
     // The target is the account id (as for the CLI and the admin API), the name is `account`.
-    let acc_created = &events(&tg, "account.created").await[0];
+    let acc_created = &tg.admin_events("account.created").await[0];
     assert_eq!(acc_created["account"], "ada@example.com");
     assert_eq!(acc_created["target"], acc_created["details"]["account_id"]);
     assert!(
@@ -446,7 +409,7 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
             .is_some_and(|t| t.starts_with("acc_")),
         "{acc_created}"
     );
-    let tc = events(&tg, "token.created").await;
+    let tc = tg.admin_events("token.created").await;
     assert_eq!(tc[0]["actor"], "oidc:ada@example.com");
     assert_eq!(tc[0]["details"]["email"], "ada@example.com");
     let log = std::fs::read_to_string(tg.dir.path().join("audit.log")).unwrap();
@@ -520,7 +483,7 @@ async fn sessions_are_listed_revoked_signed_out_everywhere_and_expire() {
         .await;
     assert_eq!(s, 204);
     assert_eq!(two.api(&tg, Method::GET, "/v1/whoami", None).await.0, 401);
-    let rev = events(&tg, "session.revoked").await;
+    let rev = tg.admin_events("session.revoked").await;
     assert_eq!(
         (rev[0]["target"].as_str(), rev[0]["auth_type"].as_str()),
         (Some(other.as_str()), Some("session"))
@@ -556,7 +519,7 @@ async fn sessions_are_listed_revoked_signed_out_everywhere_and_expire() {
     let idle = tg.gw.config().admin.session_idle_timeout.as_millis() as i64;
     tg.gw.clock().advance_ms(idle + 1);
     assert_eq!(one.api(&tg, Method::GET, "/v1/whoami", None).await.0, 401);
-    let exp = events(&tg, "session.expired").await;
+    let exp = tg.admin_events("session.expired").await;
     assert_eq!(
         (exp[0]["reason"].as_str(), exp[0]["auth_type"].as_str()),
         (Some("idle_timeout"), Some("session"))
@@ -587,7 +550,7 @@ async fn the_absolute_lifetime_ends_a_busy_session() {
     tg.gw.clock().advance_ms(abs - t);
     assert_eq!(b.api(&tg, Method::GET, "/v1/whoami", None).await.0, 401);
     assert_eq!(
-        events(&tg, "session.expired").await[0]["reason"],
+        tg.admin_events("session.expired").await[0]["reason"],
         "absolute_timeout"
     );
     tg.stop().await;
@@ -648,7 +611,7 @@ async fn forged_replayed_and_foreign_callbacks_are_refused() {
     assert!(c.session(&tg).is_none());
 
     assert_eq!(
-        events(&tg, "session.created").await.len(),
+        tg.admin_events("session.created").await.len(),
         1,
         "only the one good sign-in"
     );
@@ -727,7 +690,7 @@ async fn people_outside_the_policy_cannot_sign_in() {
         assert!(b.session(&tg).is_none());
         assert_eq!(request_reason(&tg, "/oidc/callback").await, reason);
     }
-    assert!(events(&tg, "session.created").await.is_empty());
+    assert!(tg.admin_events("session.created").await.is_empty());
     assert!(
         tg.gw.store().get_account("mallory@evil.example").is_err(),
         "no account made"

@@ -9,20 +9,21 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command as StdCommand, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::{
-    DEFAULT_RULES, Options, TestGateway, Upstream, assert_success, client, eventually, get_bearer,
+    DEFAULT_RULES, Options, Proc, TestGateway, Upstream, assert_success, challenge, client,
+    eventually, get_bearer, issue_into, read_audit_file, rules_with_delay, signal, wait_refused,
     write_config,
 };
 use tokengate::config::Config;
-use tokengate::store::{RateOverride, Store};
+use tokengate::store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -160,6 +161,24 @@ mod prom {
         name
     }
 
+    /// Starts the family `name` after the last one, whose samples are closed from then on.
+    fn open_family<'a>(
+        families: &'a mut Vec<Family>,
+        closed: &mut HashSet<String>,
+        name: &str,
+    ) -> &'a mut Family {
+        if let Some(prev) = families.last() {
+            closed.insert(prev.name.clone());
+        }
+        families.push(Family {
+            name: name.into(),
+            kind: "untyped".into(),
+            help: None,
+            samples: vec![],
+        });
+        families.last_mut().unwrap()
+    }
+
     /// Parses and validates a whole exposition. Errors name the line.
     pub fn parse(text: &str) -> Result<Vec<Family>, String> {
         if !text.ends_with('\n') {
@@ -193,18 +212,7 @@ mod prom {
                 }
                 let fam = match families.iter_mut().rev().find(|f| f.name == name) {
                     Some(f) => f,
-                    None => {
-                        if let Some(prev) = families.last() {
-                            closed.insert(prev.name.clone());
-                        }
-                        families.push(Family {
-                            name: name.into(),
-                            kind: "untyped".into(),
-                            help: None,
-                            samples: vec![],
-                        });
-                        families.last_mut().unwrap()
-                    }
+                    None => open_family(&mut families, &mut closed, name),
                 };
                 if keyword == "HELP" {
                     if !helped.insert(name.to_string()) {
@@ -270,15 +278,7 @@ mod prom {
             }
             let is_last = families.last().is_some_and(|f| f.name == fam_name);
             if !is_last {
-                if let Some(prev) = families.last() {
-                    closed.insert(prev.name.clone());
-                }
-                families.push(Family {
-                    name: fam_name.clone(),
-                    kind: "untyped".into(),
-                    help: None,
-                    samples: vec![],
-                });
+                open_family(&mut families, &mut closed, &fam_name);
             }
             let fam = families.last_mut().unwrap();
             match fam.kind.as_str() {
@@ -448,26 +448,6 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// Issues a token straight into a store file (for gateways that run as a separate process).
-fn issue(db: &Path, account: &str, name: &str, perms: &[&str]) -> (String, String) {
-    let store = Store::open(db, Duration::from_secs(5)).unwrap();
-    let now = tokengate::store::system_now_ms();
-    let _ = store.create_account(account, None, "test", now);
-    let spec = support::token_spec(account, name, perms, Some(now + 30 * 86_400_000));
-    let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
-    (new.plaintext, row.id)
-}
-
-fn audit_file_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
-        })
-        .collect()
-}
-
 fn run_cli(args: &[&str]) -> std::process::Output {
     StdCommand::new(BIN)
         .args(args)
@@ -476,145 +456,24 @@ fn run_cli(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn signal(pid: u32, sig: &str) {
-    let st = StdCommand::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill {sig} {pid} failed");
-}
-
-/// Rules for the binary and reload tests: the defaults plus a slow-answer route for drains.
-fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
-}
-
 const REPORTS_RULE: &str = "\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/reports/**\"\npermission = \"reports:read\"\n";
 
-/// The real `tokengate serve` in a child process.
-struct Proc {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    public: SocketAddr,
-    admin: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    /// Writes a config in a temp dir (in front of `upstream`), lets `prepare` seed the store,
-    /// starts the binary and waits for its "listening" line (JSON logs on stderr).
-    async fn start(upstream: &Upstream, o: &Options, prepare: impl FnOnce(&Path)) -> Proc {
-        Proc::start_on(upstream, o, prepare, false).await
-    }
-
-    /// `one_cpu`: run the binary under `taskset -c 0`, so it may use one CPU only (and picks
-    /// tokio's current-thread runtime).
-    async fn start_on(
-        upstream: &Upstream,
-        o: &Options,
-        prepare: impl FnOnce(&Path),
-        one_cpu: bool,
-    ) -> Proc {
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &upstream.addr.to_string(), o);
-        prepare(&dir.path().join("tokengate.db"));
-        let cmd = if one_cpu {
-            let mut c = StdCommand::new("taskset");
-            c.args(["-c", "0", BIN]);
-            c
-        } else {
-            StdCommand::new(BIN)
-        };
-        let (child, public, admin, stderr) = support::spawn_serve_logged_by(cmd, &config).await;
-        Proc {
-            child,
-            dir,
-            config,
-            public,
-            admin,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stderr_has(&self, needle: &str) -> bool {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    fn audit_path(&self) -> PathBuf {
-        self.dir.path().join("audit.log")
-    }
-
-    /// Waits (bounded) for the process to exit and returns its exit code.
-    async fn wait_exit(&mut self, limit: Duration) -> i32 {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            if start.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "tokengate did not exit within {limit:?}; stderr:\n{}",
-                    self.stderr.lock().unwrap().join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A gateway started from an existing config file (for the backup test), run in this process.
-struct Running {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _bg: tokengate::gateway::BackgroundGuard,
-}
-
-impl Running {
-    async fn start(config: &Path) -> Running {
-        let cfg = Config::load(config).unwrap();
-        let started = tokengate::app::start(cfg)
-            .await
-            .map_err(|e| e.message)
-            .unwrap();
-        let addr = started.server.public_addr();
-        let admin = started.server.admin_addr();
-        let (tx, task, background) = support::run_started(started);
-        Running {
-            addr,
-            admin,
-            stop: Some(tx),
-            task,
-            _bg: background,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _ = (&mut self.task).await;
-    }
+/// [`Proc::start`], or with `one_cpu` under `taskset -c 0`, so that the binary may use one CPU
+/// only (and picks tokio's current-thread runtime).
+async fn start_on(
+    upstream: &Upstream,
+    o: &Options,
+    prepare: impl FnOnce(&Path),
+    one_cpu: bool,
+) -> Proc {
+    let cmd = if one_cpu {
+        let mut c = StdCommand::new("taskset");
+        c.args(["-c", "0", BIN]);
+        c
+    } else {
+        StdCommand::new(BIN)
+    };
+    Proc::start_by(cmd, upstream.addr, o, prepare).await
 }
 
 /// Makes sure a system tool exists: installs its Debian package when running as root in CI,
@@ -659,18 +518,12 @@ fn read_repo(rel: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
-    let tg = TestGateway::start().await;
-    let (ok_token, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, ok_token, _) = TestGateway::with_reader().await;
     // Expires in 3 days: counted by tokengate_tokens_expiring_7d.
     let (_soon, _) = tg.token_with("ci", "soon", &["apps:read"], |s| {
         s.expires_at = Some(tg.gw.now_ms() + 3 * 86_400_000)
     });
-    let (slow_token, _) = tg.token_with("ci", "limited", &["apps:read"], |s| {
-        s.rate = Some(RateOverride {
-            requests_per_second: 0.001,
-            burst: 1,
-        })
-    });
+    let (slow_token, _) = tg.rated_token("ci", "limited", 0.001, 1);
 
     let before = scrape(tg.admin_addr).await;
     assert_eq!(v(&before, "tokengate_listening", &[]), 1.0);
@@ -701,12 +554,7 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     );
     let r = get_bearer(&c, tg.url("/nothing/here"), &ok_token).await;
     assert_eq!(r.status(), 403);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("error=\"insufficient_scope\"")
-    );
+    assert!(challenge(&r).contains("error=\"insufficient_scope\""));
     let r = get_bearer(&c, tg.url("/apps/a/b"), &slow_token).await;
     assert_eq!(r.status(), 200);
     let r = get_bearer(&c, tg.url("/apps/a/b"), &slow_token).await;
@@ -960,12 +808,7 @@ async fn public_health_endpoint_answers_without_a_token_and_follows_readiness() 
     assert_eq!(head.status(), 200);
     assert!(head.headers().get("x-request-id").is_some());
     // A token that would be refused is not even looked at.
-    let r = client()
-        .get(&url)
-        .bearer_auth("tg_not_a_token")
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), &url, "tg_not_a_token").await;
     assert_eq!(r.status(), 200);
     assert_eq!(tg.upstream.count(), 0, "never forwarded");
     let line = tg.last_request_line().await;
@@ -1024,8 +867,7 @@ async fn health_path_is_configurable_and_can_be_turned_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
-    let tg = TestGateway::start().await;
-    let (token, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, token, _) = TestGateway::with_reader().await;
     let base = format!("http://{}", tg.admin_addr);
     let (s, _, body) = get_text(&format!("{base}/healthz")).await;
     assert_eq!((s, body.as_str()), (200, "ok\n"));
@@ -1143,12 +985,7 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     // Before: no rule for /reports -> 403 no_rule, nothing forwarded.
     let r = get_bearer(&c, tg.url("/reports/q1"), &token).await;
     assert_eq!(r.status(), 403);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("insufficient_scope")
-    );
+    assert!(challenge(&r).contains("insufficient_scope"));
     support::assert_rejection_line(&tg.last_request_line().await, 403, "no_rule");
     assert_eq!(tg.upstream.count(), 0);
 
@@ -1250,20 +1087,15 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
 async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
     let upstream = Upstream::start().await;
     let mut token = String::new();
-    let mut p = Proc::start(&upstream, &Options::default(), |db| {
-        token = issue(db, "ci", "reporter", &["apps:read", "reports:read"]).0;
+    let mut p = Proc::start(upstream.addr, &Options::default(), |db| {
+        token = issue_into(db, "ci", "reporter", &["apps:read", "reports:read"]).0;
     })
     .await;
     let c = client();
     let url = format!("http://{}/reports/q1", p.public);
     let r = get_bearer(&c, &url, &token).await;
     assert_eq!(r.status(), 403);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("insufficient_scope")
-    );
+    assert!(challenge(&r).contains("insufficient_scope"));
     assert_eq!(upstream.count(), 0);
 
     write_config(
@@ -1311,7 +1143,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
 
     signal(p.pid(), "-TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
-    let lines = audit_file_lines(&p.audit_path());
+    let lines = read_audit_file(&p.audit_path());
     let events: Vec<&str> = lines
         .iter()
         .filter(|l| l["kind"] == "admin")
@@ -1495,10 +1327,10 @@ async fn sigterm_drain(one_cpu: bool, workers: usize) {
         rules: rules_with_delay(),
         ..Options::default()
     };
-    let mut p = Proc::start_on(
+    let mut p = start_on(
         &upstream,
         &o,
-        |db| ids = issue(db, "ci", "reader", &["apps:read"]),
+        |db| ids = issue_into(db, "ci", "reader", &["apps:read"]),
         one_cpu,
     )
     .await;
@@ -1536,32 +1368,11 @@ async fn sigterm_drain(one_cpu: bool, workers: usize) {
             (status, connection, r.text().await.unwrap(), Instant::now())
         })
     };
-    eventually(
-        "the slow request to reach the upstream",
-        Duration::from_secs(10),
-        || async {
-            upstream
-                .received()
-                .iter()
-                .any(|r| r.target == "/delay/4000")
-                .then_some(())
-        },
-    )
-    .await;
+    upstream.wait_for("/delay/4000").await;
     signal(p.pid(), "-TERM");
 
     // New connections are refused (public and admin) while the slow request is still running.
-    eventually(
-        "the listeners to close",
-        Duration::from_secs(10),
-        || async {
-            match tokio::net::TcpStream::connect(p.public).await {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    wait_refused("the listeners to close", p.public).await;
     let refused_at = Instant::now();
     assert!(
         !slow.is_finished(),
@@ -1588,7 +1399,7 @@ async fn sigterm_drain(one_cpu: bool, workers: usize) {
 
     // One audit line per request (a forwarded one's decision and completion merged), complete
     // and chained; last-used written at shutdown.
-    let lines = support::merge_completions(audit_file_lines(&p.audit_path())).0;
+    let lines = support::merge_completions(read_audit_file(&p.audit_path())).0;
     let requests: Vec<_> = lines.iter().filter(|l| l["kind"] == "request").collect();
     assert_eq!(requests.len(), 2, "{lines:?}");
     assert_eq!(requests[0]["path"], "/apps/a/b");
@@ -1620,8 +1431,8 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
         server: "shutdown_grace = \"1s\"".into(),
         ..Options::default()
     };
-    let mut p = Proc::start(&upstream, &o, |db| {
-        token = issue(db, "ci", "reader", &["apps:read"]).0
+    let mut p = Proc::start(upstream.addr, &o, |db| {
+        token = issue_into(db, "ci", "reader", &["apps:read"]).0
     })
     .await;
     let r = get_bearer(&client(), format!("http://{}/apps/a/b", p.public), &token).await;
@@ -1639,18 +1450,7 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
                 .map(|r| r.status())
         })
     };
-    eventually(
-        "the stuck request to reach the upstream",
-        Duration::from_secs(10),
-        || async {
-            upstream
-                .received()
-                .iter()
-                .any(|r| r.target == "/slow/forever")
-                .then_some(())
-        },
-    )
-    .await;
+    upstream.wait_for("/slow/forever").await;
     signal(p.pid(), "-TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
     assert!(p.stderr_has("drain deadline passed"));
@@ -1659,7 +1459,7 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
         "the stuck request is cut at the deadline"
     );
     // What was written is complete and chained.
-    let lines = audit_file_lines(&p.audit_path());
+    let lines = read_audit_file(&p.audit_path());
     assert_eq!(
         lines
             .iter()
@@ -1728,7 +1528,7 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
         .unwrap()
         .replace("path = \"tokengate.db\"", &format!("path = {:?}", file));
     std::fs::write(&config, text).unwrap();
-    let restored = Running::start(&config).await;
+    let restored = support::Running::start(&config).await;
     assert_eq!(
         get_text(&format!("http://{}/readyz", restored.admin))
             .await
@@ -1752,15 +1552,10 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     )
     .await;
     assert_eq!(r.status(), 401);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .contains("error=\"invalid_token\"")
-    );
+    assert!(challenge(&r).contains("error=\"invalid_token\""));
     assert_eq!(tg.upstream.count(), seen + 1);
     restored.stop().await;
-    let lines = audit_file_lines(&dir.path().join("audit.log"));
+    let lines = read_audit_file(&dir.path().join("audit.log"));
     support::assert_rejection_line(
         lines.iter().rev().find(|l| l["kind"] == "request").unwrap(),
         401,
@@ -2140,8 +1935,8 @@ async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
     }
     let upstream = Upstream::start().await;
     let mut token = String::new();
-    let mut p = Proc::start(&upstream, &Options::default(), |db| {
-        token = issue(db, "ci", "reader", &["apps:read"]).0
+    let mut p = Proc::start(upstream.addr, &Options::default(), |db| {
+        token = issue_into(db, "ci", "reader", &["apps:read"]).0
     })
     .await;
     let c = client();
@@ -2181,7 +1976,7 @@ async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
     eventually(
         "the audit lines to be written",
         Duration::from_secs(10),
-        || async { (audit_file_lines(&audit).len() >= 3).then_some(()) },
+        || async { (read_audit_file(&audit).len() >= 3).then_some(()) },
     )
     .await;
     let out = StdCommand::new("logrotate")
@@ -2209,8 +2004,8 @@ async fn logrotate_config_rotates_without_breaking_the_audit_chain() {
     }
     signal(p.pid(), "-TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(30)).await, 0);
-    let old = audit_file_lines(&rotated);
-    let new = audit_file_lines(&audit);
+    let old = read_audit_file(&rotated);
+    let new = read_audit_file(&audit);
     assert_eq!(old.iter().filter(|l| l["kind"] == "request").count(), 3);
     assert_eq!(new.iter().filter(|l| l["kind"] == "request").count(), 2);
     // The new file continues the sequence, and the set verifies oldest first.

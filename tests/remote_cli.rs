@@ -10,9 +10,9 @@ use serde_json::Value;
 use support::{LocalhostCert, Options, TestGateway, client, get_bearer};
 use tokio::io::AsyncWriteExt;
 
-/// Runs the binary with a private HOME, no inherited TOKENGATE_* variables, in `cwd` (which has
-/// no tokengate.toml), feeding `stdin`.
-async fn run(home: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> Output {
+/// The binary with `args`, a private HOME, no inherited TOKENGATE_* variables, in `home` (which
+/// has no tokengate.toml); stdout and stderr piped.
+fn command(home: &Path, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
     cmd.args(args)
         .current_dir(home)
@@ -23,9 +23,15 @@ async fn run(home: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> O
         .env_remove("TOKENGATE_PROFILE")
         .env_remove("TOKENGATE_CONFIG")
         .env_remove("TOKENGATE_CA_FILE")
-        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Runs [`command`] with the variables `env` set, feeding `stdin`.
+async fn run(home: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> Output {
+    let mut cmd = command(home, args);
+    cmd.stdin(std::process::Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -47,6 +53,29 @@ fn ok(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the run exited with `code` and said `needle` on stderr.
+fn fails_with(o: &Output, code: i32, needle: &str) {
+    assert_eq!(o.status.code(), Some(code), "{}", err(o));
+    assert!(err(o).contains(needle), "{}", err(o));
+}
+
+/// A gateway with a token `name` of `account` holding `perms`, a private HOME for the CLI, and
+/// the admin listener's URL.
+async fn gateway_and_home(
+    account: &str,
+    name: &str,
+    perms: &[&str],
+) -> (TestGateway, (String, String), tempfile::TempDir, String) {
+    let tg = TestGateway::start().await;
+    let token = tg.token(account, name, perms);
+    let url = format!("http://{}", tg.admin_addr);
+    (tg, token, tempfile::tempdir().unwrap(), url)
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -54,11 +83,9 @@ fn mode(p: &Path) -> u32 {
 
 #[tokio::test]
 async fn login_create_list_revoke_whoami_logout_round_trip() {
-    let tg = TestGateway::start().await;
-    let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (root, root_id), home, url) =
+        gateway_and_home("ops", "root", &["tokengate:admin"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
 
     // login: the token comes from stdin, never argv; the file is private.
     let out = ok(&run(h, &[], &["login", "--url", &url], &format!("{root}\n")).await);
@@ -144,12 +171,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
         401,
         "revoked from the remote CLI, rejected at once"
     );
-    let ev: Vec<Value> = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["event"] == "token.revoked")
-        .collect();
+    let ev = tg.admin_events("token.revoked").await;
     assert_eq!(
         (ev[0]["actor"].as_str(), ev[0]["reason"].as_str()),
         (Some(root_id.as_str()), Some("round trip"))
@@ -257,12 +279,7 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("404"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    fails_with(&o, 1, "404");
     let r = get_bearer(&client(), tg.url("/apps/x/y"), &bob_plain).await;
     assert_eq!(r.status(), 200);
     let o = run(
@@ -272,19 +289,13 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("403"));
+    fails_with(&o, 1, "403");
 
     // A saved token is never sent to a URL it was not saved for: the recording upstream stands in
     // for a foreign server and must receive nothing.
     let foreign = format!("http://{}", tg.upstream.addr);
     let o = run(h, &x, &["--url", &foreign, "token", "list"], "").await;
-    assert_eq!(o.status.code(), Some(64));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("no token for"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    fails_with(&o, 64, "no token for");
     assert_eq!(tg.upstream.count(), 1, "only the one public call above");
 
     // A wrong or non-tokengate token is refused at login and nothing is saved.
@@ -350,36 +361,21 @@ async fn login_over_tls_with_a_ca_made_in_the_test() {
     tg.stop().await;
 }
 
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Runs the binary with its stdout's reading end already closed (as `| head -1` leaves it).
 async fn run_closed_stdout(home: &Path, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengate"));
-    cmd.args(args)
-        .current_dir(home)
-        .env("HOME", home)
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("TOKENGATE_TOKEN")
-        .env_remove("TOKENGATE_URL")
-        .env_remove("TOKENGATE_PROFILE")
-        .env_remove("TOKENGATE_CONFIG")
+    let mut child = command(home, args)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+        .spawn()
+        .unwrap();
     drop(child.stdout.take());
     child.wait_with_output().await.unwrap()
 }
 
 #[tokio::test]
 async fn auth_status_token_info_refresh_and_revoke_round_trip() {
-    let tg = TestGateway::start().await;
-    let (me, me_id) = tg.token("ops", "laptop", &["tokengate:self", "apps:read"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (me, me_id), home, url) =
+        gateway_and_home("ops", "laptop", &["tokengate:self", "apps:read"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
     let cred = h.join(".config/tokengate/credentials");
 
     // login with the token on stdin, status, token-info.
@@ -453,12 +449,7 @@ async fn auth_status_token_info_refresh_and_revoke_round_trip() {
     );
     let o = run(h, &[], &["auth", "status"], "").await;
     assert_eq!(o.status.code(), Some(64), "{}", err(&o));
-    let ev: Vec<Value> = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .filter(|l| l["event"] == "token.revoked")
-        .collect();
+    let ev = tg.admin_events("token.revoked").await;
     assert_eq!(ev.last().unwrap()["reason"], "laptop lost");
 
     // login with the token in TOKENGATE_TOKEN; status then says where the token comes from.
@@ -480,12 +471,9 @@ async fn auth_status_token_info_refresh_and_revoke_round_trip() {
 
 #[tokio::test]
 async fn default_context_feeds_account_and_scope() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
-    tg.account("billing-team");
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (root, _), home, url) = gateway_and_home("ops", "root", &["tokengate:admin"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
+    tg.account("billing-team");
     ok(&run(h, &[], &["login", "--url", &url], &root).await);
     let out = ok(&run(
         h,
@@ -547,18 +535,14 @@ async fn default_context_feeds_account_and_scope() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(64));
-    assert!(err(&o).contains("--account is required"), "{}", err(&o));
+    fails_with(&o, 64, "--account is required");
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn reported_bugs_stay_fixed() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (root, _), home, url) = gateway_and_home("ops", "root", &["tokengate:admin"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
     let cfg = tg.config_path.to_str().unwrap().to_string();
 
     // `login --token X` explains where tokens come from; nothing is saved.
@@ -709,17 +693,31 @@ fn non_loopback_addr() -> std::net::IpAddr {
     panic!("this host has no non-loopback IPv4 address: the plain-HTTP refusal test needs one");
 }
 
-#[tokio::test]
-async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_proxy() {
-    let here = non_loopback_addr();
+/// A gateway listening on every address with the `[server]` keys `server`, a token with
+/// `apps:read`, and the URL of `/apps/billing/x` through the non-loopback address `here`.
+async fn on_the_lan(here: std::net::IpAddr, server: String) -> (TestGateway, String, String) {
     let tg = TestGateway::start_with(Options {
         listen: Some("0.0.0.0:0".into()),
-        server: format!("trusted_proxies = [\"{here}/32\"]"),
+        server,
         ..Options::default()
     })
     .await;
     let (t, _) = tg.token("ops", "ci", &["apps:read"]);
     let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    (tg, t, via_lan)
+}
+
+/// `GET url` with the bearer `token` and one more header; the status.
+async fn get_with_header(url: &str, token: &str, header: (&str, &str)) -> reqwest::StatusCode {
+    support::get_with(&client(), url, Some(token), &[header])
+        .await
+        .status()
+}
+
+#[tokio::test]
+async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_proxy() {
+    let here = non_loopback_addr();
+    let (tg, t, via_lan) = on_the_lan(here, format!("trusted_proxies = [\"{here}/32\"]")).await;
     let via_lo = format!("http://127.0.0.1:{}/apps/billing/x", tg.addr.port());
 
     // From a non-loopback peer, over plain HTTP: 403 with how to fix, audited, nothing forwarded.
@@ -738,22 +736,10 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     assert_eq!(line["token_prefix"], &t[..11]);
     assert_eq!(tg.upstream.count(), 0);
     // A trusted proxy that says the client used HTTPS is believed; one that says http is not.
-    let r = client()
-        .get(via_lan.clone())
-        .bearer_auth(&t)
-        .header("x-forwarded-proto", "https")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = client()
-        .get(via_lan.clone())
-        .bearer_auth(&t)
-        .header("forwarded", "for=192.0.2.9;proto=http")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    let r = get_with_header(&via_lan, &t, ("x-forwarded-proto", "https")).await;
+    assert_eq!(r, 200);
+    let r = get_with_header(&via_lan, &t, ("forwarded", "for=192.0.2.9;proto=http")).await;
+    assert_eq!(r, 403);
     assert_eq!(tg.upstream.count(), 1);
     // Loopback: the exception.
     assert_eq!(get_bearer(&client(), via_lo, &t).await.status(), 200);
@@ -762,30 +748,11 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     tg.stop().await;
 
     // Untrusted non-loopback peer: even a claimed HTTPS is refused; the switch lifts it.
-    let tg = TestGateway::start_with(Options {
-        listen: Some("0.0.0.0:0".into()),
-        ..Options::default()
-    })
-    .await;
-    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
-    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
-    let r = client()
-        .get(via_lan)
-        .bearer_auth(&t)
-        .header("x-forwarded-proto", "https")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    let (tg, t, via_lan) = on_the_lan(here, String::new()).await;
+    let r = get_with_header(&via_lan, &t, ("x-forwarded-proto", "https")).await;
+    assert_eq!(r, 403);
     tg.stop().await;
-    let tg = TestGateway::start_with(Options {
-        listen: Some("0.0.0.0:0".into()),
-        server: "allow_plaintext_tokens = true".into(),
-        ..Options::default()
-    })
-    .await;
-    let (t, _) = tg.token("ops", "ci", &["apps:read"]);
-    let via_lan = format!("http://{here}:{}/apps/billing/x", tg.addr.port());
+    let (tg, t, via_lan) = on_the_lan(here, "allow_plaintext_tokens = true".into()).await;
     assert_eq!(get_bearer(&client(), via_lan, &t).await.status(), 200);
     tg.stop().await;
 }
@@ -860,8 +827,7 @@ async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
         "",
     )
     .await;
-    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
-    assert!(err(&o).contains("401"), "{}", err(&o));
+    fails_with(&o, 1, "401");
     let request = seen.join().unwrap();
     assert!(request.contains(&format!("Bearer {root}")), "{request}");
     tg.stop().await;
@@ -944,11 +910,9 @@ impl Drop for SecretService {
 #[tokio::test]
 async fn login_keyring_round_trip_on_a_real_secret_service() {
     let ss = SecretService::start();
-    let tg = TestGateway::start().await;
-    let (me, me_id) = tg.token("ops", "desk", &["tokengate:self", "apps:read"]);
-    let home = tempfile::tempdir().unwrap();
+    let (tg, (me, me_id), home, url) =
+        gateway_and_home("ops", "desk", &["tokengate:self", "apps:read"]).await;
     let h = home.path();
-    let url = format!("http://{}", tg.admin_addr);
     let bus = [("DBUS_SESSION_BUS_ADDRESS", ss.bus.as_str())];
     let out = ok(&run(h, &bus, &["login", "--keyring", "--url", &url], &me).await);
     assert!(out.contains("system keyring"), "{out}");

@@ -8,88 +8,43 @@
 mod services;
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, assert_success, client};
-use tokengate::config::Config;
-use tokengate::gateway::Gateway;
+use support::{Upstream, assert_success, challenge, client, get_bearer};
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
 
 /// One in-process gateway with its own config and audit log.
 struct Replica {
     dir: tempfile::TempDir,
-    gw: Gateway,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _bg: tokengate::gateway::BackgroundGuard,
+    run: support::Running,
+}
+
+impl std::ops::Deref for Replica {
+    type Target = support::Running;
+
+    fn deref(&self) -> &support::Running {
+        &self.run
+    }
 }
 
 impl Replica {
     /// Starts a replica whose `[store]` section is `store` (plus `extra` top-level TOML).
     async fn start(store: &str, extra: &str, upstream: &Upstream) -> Replica {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[store]
-{store}
-
-[audit]
-path = "audit.log"
-
-{extra}
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "http://{up}"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{{app}}/**"
-permission = "apps:read"
-"#,
-            up = upstream.addr
-        );
-        let path = dir.path().join("tokengate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("replica config: {e}"));
-        let started = tokengate::app::start(cfg)
-            .await
-            .map_err(|e| e.message)
-            .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let tokengate::app::Started {
-            gateway,
-            server,
-            background,
-        } = started;
-        let (addr, admin) = (server.public_addr(), server.admin_addr());
-        tokio::spawn(async move {
-            server
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Replica {
-            dir,
-            gw: gateway,
-            addr,
-            admin,
-            stop: Some(tx),
-            _bg: background,
-        }
+        let o = support::Options {
+            store: Some(store.into()),
+            sections: extra.into(),
+            rules: "[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/apps/{app}/**\"\npermission = \"apps:read\"\n"
+                .into(),
+            ..support::Options::default()
+        };
+        let config = support::write_config(dir.path(), &upstream.addr.to_string(), &o);
+        let run = support::Running::start(&config).await;
+        Replica { dir, run }
     }
 
     /// A replica on PostgreSQL `url`; the change poll is slow on purpose (30 s), so anything
@@ -101,12 +56,12 @@ permission = "apps:read"
     }
 
     async fn get(&self, token: &str) -> reqwest::Response {
-        client()
-            .get(format!("http://{}/apps/billing/x", self.addr))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
+        get_bearer(
+            &client(),
+            format!("http://{}/apps/billing/x", self.addr),
+            token,
+        )
+        .await
     }
 
     /// Request rows (a forwarded request's decision and completion merged), once every
@@ -132,14 +87,6 @@ permission = "apps:read"
             .into_iter()
             .filter(|l| l["kind"] == "request")
             .collect()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -181,10 +128,7 @@ async fn issue(
 /// A 401 for a token that is no longer valid: status, challenge, JSON body.
 async fn assert_invalid_token(resp: reqwest::Response, what: &str) {
     assert_eq!(resp.status(), 401, "{what}");
-    let challenge = resp.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let challenge = challenge(&resp).to_string();
     assert!(
         challenge.starts_with("Bearer realm=\"tokengate\"")
             && challenge.contains("error=\"invalid_token\""),

@@ -962,6 +962,18 @@ struct Smuggle {
     upstream: Vec<(&'static str, u64)>,
 }
 
+impl Smuggle {
+    /// An attempt the gateway must refuse outright: one 400 on the connection, nothing forwarded.
+    fn refused(name: &'static str, bytes: String) -> Smuggle {
+        Smuggle {
+            name,
+            bytes,
+            statuses: vec![400],
+            upstream: vec![],
+        }
+    }
+}
+
 fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
     let head = |target: &str, extra: &str| {
         format!(
@@ -1016,85 +1028,64 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
             statuses: vec![200, 401],
             upstream: vec![("/echo/comma", 3)],
         },
-        Smuggle {
-            name: "Transfer-Encoding: chunked, identity",
-            bytes: head(
+        Smuggle::refused(
+            "Transfer-Encoding: chunked, identity",
+            head(
                 "/echo/te-identity",
                 "Transfer-Encoding: chunked, identity\r\n",
             ) + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "two Transfer-Encoding lines, chunked then identity",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "two Transfer-Encoding lines, chunked then identity",
+            head(
                 "/echo/te-two",
                 "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
             ) + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding: xchunked",
-            bytes: head("/echo/te-x", "Transfer-Encoding: xchunked\r\n") + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding: identity",
-            bytes: head("/echo/te-only-identity", "Transfer-Encoding: identity\r\n")
-                + &chunk_of_smuggled,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding with a space before the colon",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding: xchunked",
+            head("/echo/te-x", "Transfer-Encoding: xchunked\r\n") + &chunk_of_smuggled,
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding: identity",
+            head("/echo/te-only-identity", "Transfer-Encoding: identity\r\n") + &chunk_of_smuggled,
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding with a space before the colon",
+            head(
                 "/echo/te-space",
                 "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
             ) + &cl_te_body,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Transfer-Encoding folded onto a continuation line (obs-fold)",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "Transfer-Encoding folded onto a continuation line (obs-fold)",
+            head(
                 "/echo/te-fold",
                 "Transfer-Encoding:\r\n chunked\r\nContent-Length: 5\r\n",
             ) + &cl_te_body,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "obs-fold continuation of an ordinary header",
-            bytes: format!(
+        ),
+        Smuggle::refused(
+            "obs-fold continuation of an ordinary header",
+            format!(
                 "GET /apps/fold HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX-Note: a\r\n b\r\nConnection: close\r\n\r\n"
             ),
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "two differing Content-Length headers",
-            bytes: head(
+        ),
+        Smuggle::refused(
+            "two differing Content-Length headers",
+            head(
                 "/echo/cl-two",
                 "Content-Length: 3\r\nContent-Length: 40\r\n",
             ) + "abc"
                 + SMUGGLED,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Content-Length list with differing values",
-            bytes: head("/echo/cl-list", "Content-Length: 3, 40\r\n") + "abc" + SMUGGLED,
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "Content-Length with a sign",
-            bytes: head("/echo/cl-sign", "Content-Length: +3\r\n") + "abc" + SMUGGLED,
-            statuses: vec![400],
-            upstream: vec![],
-        },
+        ),
+        Smuggle::refused(
+            "Content-Length list with differing values",
+            head("/echo/cl-list", "Content-Length: 3, 40\r\n") + "abc" + SMUGGLED,
+        ),
+        Smuggle::refused(
+            "Content-Length with a sign",
+            head("/echo/cl-sign", "Content-Length: +3\r\n") + "abc" + SMUGGLED,
+        ),
         Smuggle {
             name: "Content-Length shorter than the bytes sent: the rest is the next request, authorised on its own",
             bytes: head("/echo/cl-short", "Content-Length: 3\r\n") + "abc" + SMUGGLED,
@@ -1122,22 +1113,18 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
             statuses: vec![200],
             upstream: vec![("/echo/chunked-body", SMUGGLED.len() as u64)],
         },
-        Smuggle {
-            name: "X_Auth_User (underscore header name)",
-            bytes: format!(
+        Smuggle::refused(
+            "X_Auth_User (underscore header name)",
+            format!(
                 "GET /apps/underscore HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n"
             ),
-            statuses: vec![400],
-            upstream: vec![],
-        },
-        Smuggle {
-            name: "X-Forwarded_For (underscore header name)",
-            bytes: format!(
+        ),
+        Smuggle::refused(
+            "X-Forwarded_For (underscore header name)",
+            format!(
                 "GET /apps/underscore HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX-Forwarded_For: 10.0.0.1\r\nConnection: close\r\n\r\n"
             ),
-            statuses: vec![400],
-            upstream: vec![],
-        },
+        ),
         Smuggle {
             name: "pipelined requests are authorised one by one",
             bytes: format!(
@@ -1159,8 +1146,7 @@ fn smuggling_cases(tok: &str) -> Vec<Smuggle> {
 
 #[tokio::test]
 async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let cases = smuggling_cases(&tok);
     let mut failures = Vec::new();
     let mut answered = Vec::new();
@@ -1241,8 +1227,7 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
 
 #[tokio::test]
 async fn underscore_header_is_refused_with_an_audit_line_and_nothing_forwarded() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let r = raw(
         tg.addr,
         format!("GET /apps/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n")
@@ -1341,8 +1326,7 @@ fn assert_no_spoofed_value(r: &Recorded) {
 
 #[tokio::test]
 async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     // Every header the gateway sets is also named in Connection: it must still arrive, with the
     // gateway's value, because hop-by-hop stripping happens before the gateway sets its own.
     let connection = "close, X-Tokengate-Token-Id, X-Tokengate-Token-Name, X-Tokengate-Account, \
@@ -1409,8 +1393,7 @@ async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
 
 #[tokio::test]
 async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     for auth in [None, Some(tok.as_str())] {
         tg.upstream.clear();
         let conn = "close, X-Tokengate-Token-Id";
@@ -1441,8 +1424,7 @@ async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one(
 
 #[tokio::test]
 async fn spoofed_headers_on_a_refused_request_reach_nothing() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     // The method-override and URL-override family cannot turn an allowed request into an admin
     // one, and cannot make a refused one pass.
     let r = raw(
@@ -1468,13 +1450,8 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
 
 #[tokio::test]
 async fn spoofed_headers_over_http2_are_replaced_too() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let (tg, tok, id) = TestGateway::with_reader().await;
+    let h2 = h2_client();
     let mut req = h2.get(tg.url("/apps/billing/h2")).bearer_auth(&tok);
     for (k, v) in SPOOFED {
         req = req.header(*k, *v);

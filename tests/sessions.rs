@@ -15,90 +15,43 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
-use tokengate::config::Config;
 
 /// One gateway process-in-a-task on a config file; stopped on drop.
 struct Gw {
-    gw: tokengate::gateway::Gateway,
-    admin: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _bg: tokengate::gateway::BackgroundGuard,
+    run: support::Running,
 }
 
 impl Gw {
     /// `audit` is the audit file's name: a restarted gateway takes a new one, as the old
     /// writer may still hold its lock while it finishes.
     async fn start(dir: &Path, store: &str, audit: &str) -> Gw {
-        let text = format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[store]
-{store}
-
-[audit]
-path = "{audit}"
-
-[rate_limit]
-failed_auth_per_minute = 1000000
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "http://127.0.0.1:9"
-"#
-        );
-        let path = dir.join("tokengate.toml");
-        std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
-        let started = tokengate::app::start(cfg)
-            .await
-            .map_err(|e| e.message)
-            .unwrap();
-        let (gw, admin) = (started.gateway.clone(), started.server.admin_addr());
-        let (tx, task, bg) = support::run_started(started);
+        let o = support::Options {
+            store: Some(store.into()),
+            audit_path: Some(audit.into()),
+            sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
+            rules: String::new(),
+            ..support::Options::default()
+        };
+        let config = support::write_config(dir, "127.0.0.1:9", &o);
         Gw {
-            gw,
-            admin,
-            stop: Some(tx),
-            task: Some(task),
-            _bg: bg,
+            run: support::Running::start(&config).await,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    async fn stop(self) {
+        self.run.stop().await
     }
 
     /// Signs in with `token`; returns (cookie header value, CSRF token).
     async fn sign_in(&self, token: &str) -> (String, String) {
-        let origin = format!("http://{}", self.admin);
-        let r = support::post_session(
-            &support::client(),
-            format!("{origin}/session"),
-            &origin,
-            token,
-        )
-        .await;
-        assert_eq!(r.status(), 200);
-        let cookie = r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
-        let v: Value = r.json().await.unwrap();
-        (cookie, v["csrf_token"].as_str().unwrap().to_string())
+        let origin = format!("http://{}", self.run.admin);
+        support::sign_in_session(&support::client(), &origin, token).await
+    }
+
+    /// `GET /v1/whoami` with the session `cookie` and `csrf` token: (status, body).
+    async fn whoami(&self, cookie: &str, csrf: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, "/v1/whoami", cookie, csrf)
+            .await
     }
 
     async fn call(
@@ -109,10 +62,10 @@ upstream = "http://127.0.0.1:9"
         csrf: &str,
     ) -> (u16, Value) {
         let r = support::client()
-            .request(method, format!("http://{}{path}", self.admin))
+            .request(method, format!("http://{}{path}", self.run.admin))
             .header("cookie", cookie)
             .header("x-csrf-token", csrf)
-            .header("origin", format!("http://{}", self.admin))
+            .header("origin", format!("http://{}", self.run.admin))
             .send()
             .await
             .unwrap();
@@ -121,7 +74,7 @@ upstream = "http://127.0.0.1:9"
     }
 
     fn token(&self, account: &str) -> String {
-        let store = self.gw.store();
+        let store = self.run.gw.store();
         let now = tokengate::store::system_now_ms();
         let _ = store.create_account(account, None, "test", now);
         let spec = support::token_spec(account, "ui", &["tokengate:self"], Some(now + 86_400_000));
@@ -140,18 +93,11 @@ async fn a_session_survives_a_restart_on_sqlite() {
     let a = Gw::start(dir.path(), store, "audit.log").await;
     let token = a.token("alice");
     let (cookie, csrf) = a.sign_in(&token).await;
-    assert_eq!(
-        a.call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-            .await
-            .0,
-        200
-    );
+    assert_eq!(a.whoami(&cookie, &csrf).await.0, 200);
     a.stop().await;
 
     let b = Gw::start(dir.path(), store, "audit-2.log").await;
-    let (s, me) = b
-        .call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-        .await;
+    let (s, me) = b.whoami(&cookie, &csrf).await;
     assert_eq!((s, me["account"].as_str()), (200, Some("alice")), "{me}");
     let (s, l) = b
         .call(reqwest::Method::GET, "/v1/sessions", &cookie, &csrf)
@@ -168,12 +114,7 @@ async fn a_session_survives_a_restart_on_sqlite() {
         )
         .await;
     assert_eq!((s, r["revoked"].as_u64()), (200, Some(1)), "{r}");
-    assert_eq!(
-        b.call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-            .await
-            .0,
-        401
-    );
+    assert_eq!(b.whoami(&cookie, &csrf).await.0, 401);
     // The store never held the cookie's value.
     let db = std::fs::read(dir.path().join("tokengate.db")).unwrap();
     let id = cookie.split_once('=').unwrap().1;
@@ -193,9 +134,7 @@ async fn a_second_replica_on_postgresql_sees_sessions_and_their_revocation() {
     let b = Gw::start(dbb.path(), &store, "audit.log").await;
     let token = a.token("alice");
     let (cookie, csrf) = a.sign_in(&token).await;
-    let (s, me) = b
-        .call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-        .await;
+    let (s, me) = b.whoami(&cookie, &csrf).await;
     assert_eq!(
         (s, me["account"].as_str()),
         (200, Some("alice")),
@@ -215,15 +154,10 @@ async fn a_second_replica_on_postgresql_sees_sessions_and_their_revocation() {
         )
         .await;
     assert_eq!(s, 204);
-    assert_eq!(
-        a.call(reqwest::Method::GET, "/v1/whoami", &cookie, &csrf)
-            .await
-            .0,
-        401
-    );
+    assert_eq!(a.whoami(&cookie, &csrf).await.0, 401);
     let log = std::fs::read_to_string(dbb.path().join("audit.log")).unwrap();
     assert!(log.contains("\"session.revoked\""));
-    let store = b.gw.store().clone();
+    let store = b.run.gw.store().clone();
     tokio::task::spawn_blocking(move || sign_ins_are_taken_once_and_bounded(&store))
         .await
         .unwrap();
@@ -282,15 +216,9 @@ fn sign_ins_in_progress_on_sqlite() {
 /// A JWKS endpoint that counts its fetches.
 async fn jwks_server(hits: Arc<AtomicUsize>) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            let hits = hits.clone();
-            tokio::spawn(async move {
+    support::tcp_server(move |mut s| {
+        let hits = hits.clone();
+        async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
                 let n = hits.fetch_add(1, Ordering::SeqCst);
@@ -302,10 +230,9 @@ async fn jwks_server(hits: Arc<AtomicUsize>) -> SocketAddr {
                     body.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
-            });
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test]

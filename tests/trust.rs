@@ -111,20 +111,20 @@ async fn the_admin_session_cookie_never_reaches_an_upstream_over_h1_or_h2() {
         }
     }
     // The session still works where it belongs.
-    let r = client()
-        .get(format!("http://{}/v1/tokens", tg.admin_addr))
-        .header("cookie", &session)
-        .send()
-        .await
-        .unwrap();
+    let r = get_with(
+        &client(),
+        format!("http://{}/v1/tokens", tg.admin_addr),
+        None,
+        &[("cookie", session.as_str())],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn two_http2_cookie_fields_reach_the_upstream_as_one_line() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let bearer = format!("Bearer {tok}");
     let status = h2_request(
         tg.addr,
@@ -145,8 +145,7 @@ async fn two_http2_cookie_fields_reach_the_upstream_as_one_line() {
 
 #[tokio::test]
 async fn identity_headers_backends_trust_are_removed() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let names = [
         "Remote-User",
         "X-Remote-User",
@@ -190,8 +189,7 @@ async fn identity_headers_backends_trust_are_removed() {
 
 #[tokio::test]
 async fn transfer_codings_other_than_chunked_are_answered_501_and_not_forwarded() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     for te in ["gzip, chunked", "deflate,chunked", "chunked, chunked"] {
         let r = raw(
             tg.addr,
@@ -303,7 +301,7 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
     for name in names {
         tgs.upstream.clear();
         let url = format!("https://{name}:{}/apps/web/x", tgs.addr.port());
-        let r = c.get(&url).bearer_auth(&tok_s).send().await.unwrap();
+        let r = get_bearer(&c, &url, &tok_s).await;
         assert_eq!(r.status(), 200, "{name}");
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         let got = tgs.upstream.received();
@@ -320,8 +318,7 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
 
 #[tokio::test]
 async fn invalid_host_values_are_refused_400_and_not_forwarded() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     for host in [
         "a:99999", "a:0", "a:65536", "", "user@a", "a!b", "%61dmin", "a_b", "a:80:80", "[::1",
         "[zz]", ".a",
@@ -447,27 +444,18 @@ struct Express {
 impl Express {
     /// None (with a note) when node is not installed and CI is not set.
     async fn start() -> Option<Express> {
-        use tokio::io::AsyncBufReadExt;
         let node = std::process::Command::new("node").arg("--version").output();
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
         if node.is_err() && !ci {
             eprintln!("SKIPPED: node is not installed (tests/lenient needs it)");
             return None;
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lenient/run.sh");
-        let mut child = tokio::process::Command::new("bash")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("bash runs");
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
-            .await
-            .expect("express starts")
-            .unwrap()
-            .expect("a listening line");
-        let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+        let (child, port) = start_listening_script(
+            "tests/lenient/run.sh",
+            std::time::Duration::from_secs(120),
+            "express",
+        )
+        .await;
         Some(Express {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

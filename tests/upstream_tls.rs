@@ -343,6 +343,28 @@ impl Pki {
     }
 }
 
+/// `GET uri` straight through a pool and a connector for `host` with the options `tls`, which
+/// must fail: the error.
+async fn refused_via(
+    host: &str,
+    tls: &UpstreamTlsOptions,
+    uri: String,
+) -> tokengate::pool::PoolError {
+    let connector = Arc::new(UpstreamConnector::new(host, tls).unwrap());
+    let req = Request::get(uri).body(tokengate::body::full("x")).unwrap();
+    Pool::default()
+        .request_via(req, Some(&connector))
+        .await
+        .unwrap_err()
+}
+
+/// A gateway with one TLS route (see [`tls_route`]) and a token that may read through it.
+async fn gateway_to(upstream: &str, tls_table: &str) -> (TestGateway, String) {
+    let tg = TestGateway::start_with(tls_route(upstream, tls_table)).await;
+    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    (tg, tok)
+}
+
 /// An upstream serving `leaf` (no client certificate asked; `close` answers each request with
 /// `Connection: close`) and a gateway whose secure route reaches it at `https://{host}:{port}`
 /// trusting the test CA, with a token for `ci` that may read.
@@ -358,12 +380,11 @@ async fn verified_pair(
         close,
     })
     .await;
-    let tg = TestGateway::start_with(tls_route(
+    let (tg, tok) = gateway_to(
         &format!("https://{host}:{}", up.addr.port()),
         &pki.ca_line(),
-    ))
+    )
     .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
     (up, tg, tok)
 }
 
@@ -422,20 +443,14 @@ async fn a_certificate_for_another_name_is_a_502_and_server_name_fixes_it() {
     let up = TlsUpstream::serving(&leaf).await;
     let url = format!("https://127.0.0.1:{}", up.addr.port());
     let ca = pki.ca_line();
-    let tg = TestGateway::start_with(tls_route(&url, &ca)).await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok) = gateway_to(&url, &ca).await;
     let (status, body) = get(&tg, &tok).await;
     assert_tls_refusal(&tg, status, &body).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     tg.stop().await;
 
     // The same upstream reached by address, with the name its certificate carries.
-    let tg = TestGateway::start_with(tls_route(
-        &url,
-        &format!("{ca}\nserver_name = \"api.internal\""),
-    ))
-    .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok) = gateway_to(&url, &format!("{ca}\nserver_name = \"api.internal\"")).await;
     assert_eq!(get(&tg, &tok).await.0, 200);
     assert_eq!(up.seen().len(), 1);
     tg.stop().await;
@@ -459,24 +474,12 @@ async fn the_log_says_why_a_handshake_failed() {
     ];
     for (leaf, name, want) in cases {
         let up = TlsUpstream::serving(leaf).await;
-        let connector = Arc::new(
-            UpstreamConnector::new(
-                "127.0.0.1",
-                &UpstreamTlsOptions {
-                    ca_file: Some(pki.ca_file.clone()),
-                    server_name: Some(name.into()),
-                    ..UpstreamTlsOptions::default()
-                },
-            )
-            .unwrap(),
-        );
-        let req = Request::get(format!("https://{}/x", up.addr))
-            .body(tokengate::body::full("x"))
-            .unwrap();
-        let e = Pool::default()
-            .request_via(req, Some(&connector))
-            .await
-            .unwrap_err();
+        let tls = UpstreamTlsOptions {
+            ca_file: Some(pki.ca_file.clone()),
+            server_name: Some(name.into()),
+            ..UpstreamTlsOptions::default()
+        };
+        let e = refused_via("127.0.0.1", &tls, format!("https://{}/x", up.addr)).await;
         let why = e.tls_failure().expect("a TLS failure");
         assert!(why.contains(want), "{want}: {why}");
         assert!(e.to_string().contains(want), "{e}");
@@ -492,24 +495,13 @@ async fn the_log_says_why_a_handshake_failed() {
     .await;
     // On HTTP/1.1 and on HTTP/2 (where the alert arrives on the h2 connection).
     for http2 in [false, true] {
-        let connector = Arc::new(
-            UpstreamConnector::new(
-                "localhost",
-                &UpstreamTlsOptions {
-                    ca_file: Some(pki.ca_file.clone()),
-                    http2,
-                    ..UpstreamTlsOptions::default()
-                },
-            )
-            .unwrap(),
-        );
-        let req = Request::get(format!("https://localhost:{}/x", up.addr.port()))
-            .body(tokengate::body::full("x"))
-            .unwrap();
-        let e = Pool::default()
-            .request_via(req, Some(&connector))
-            .await
-            .unwrap_err();
+        let tls = UpstreamTlsOptions {
+            ca_file: Some(pki.ca_file.clone()),
+            http2,
+            ..UpstreamTlsOptions::default()
+        };
+        let uri = format!("https://localhost:{}/x", up.addr.port());
+        let e = refused_via("localhost", &tls, uri).await;
         let why = e
             .tls_failure()
             .unwrap_or_else(|| panic!("http2 = {http2}: not a TLS failure: {e:?}"));
@@ -538,8 +530,7 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
     let url = format!("https://localhost:{}", up.addr.port());
     let ca = pki.ca_line();
 
-    let tg = TestGateway::start_with(tls_route(&url, &ca)).await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok) = gateway_to(&url, &ca).await;
     let (status, body) = get(&tg, &tok).await;
     assert_tls_refusal(&tg, status, &body).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
@@ -550,16 +541,15 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
         .ca
         .leaf("tokengate", &["tokengate.client"], true)
         .write(pki.dir.path(), "client");
-    let tg = TestGateway::start_with(tls_route(
+    let (tg, tok) = gateway_to(
         &url,
         &format!(
             "{ca}\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
             toml_path(&cert),
             toml_path(&key)
         ),
-    ))
+    )
     .await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
     assert_eq!(get(&tg, &tok).await, (200, "tls upstream ok".to_string()));
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
@@ -579,22 +569,20 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
     let ca = pki.ca_line();
 
     // http2 = false (the default): HTTP/1.1 though the upstream offers h2.
-    let tg = TestGateway::start_with(tls_route(&url, &format!("{ca}\nhttp2 = false"))).await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok) = gateway_to(&url, &format!("{ca}\nhttp2 = false")).await;
     assert_eq!(get(&tg, &tok).await.0, 200);
     assert_eq!(up.seen()[0].version, Version::HTTP_11);
     tg.stop().await;
 
     // http2 = true: h2, and concurrent requests share the one connection.
     let before = up.counts();
-    let tg = TestGateway::start_with(tls_route(&url, &format!("{ca}\nhttp2 = true"))).await;
-    let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok) = gateway_to(&url, &format!("{ca}\nhttp2 = true")).await;
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let url = tg.url("/tls/hello");
         let tok = tok.clone();
         tasks.push(tokio::spawn(async move {
-            let r = client().get(url).bearer_auth(tok).send().await.unwrap();
+            let r = get_bearer(&client(), url, tok).await;
             (r.status().as_u16(), r.text().await.unwrap())
         }));
     }

@@ -12,94 +12,22 @@ mod support;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    DEFAULT_RULES, MOUNT_NEEDED, Options, TestGateway, Tmpfs, Upstream, client, fill, write_config,
+    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, client, fill, get_bearer,
+    read_audit_file, rules_with_delay, write_config,
 };
-use tokengate::store::{NewTokenSpec, Store};
+use tokengate::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
-}
-
-/// Issues a token straight into a store file.
+/// Issues a token (never expiring) straight into a store file.
 fn issue(db: &Path) -> String {
-    let store = Store::open(db, Duration::from_secs(5)).unwrap();
-    let now = tokengate::store::system_now_ms();
-    let _ = store.create_account("acme", None, "test", now);
-    let spec = NewTokenSpec {
-        account: "acme".into(),
-        name: "ci".into(),
-        role: None,
-        permissions: vec!["apps:read".into()],
-        scopes: Default::default(),
-        allowed_cidrs: vec![],
-        rate: None,
-        expires_at: None,
-        created_by: "test".into(),
-    };
-    store
-        .create_token(&spec, "tg", 1000, now)
-        .unwrap()
-        .1
-        .plaintext
-}
-
-fn lines_of(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// `tokengate serve` in a child process, its stderr (JSON logs) collected.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Served {
-    async fn start(config: &Path) -> Served {
-        let (child, addr, _admin, stderr) = support::spawn_serve_logged(config).await;
-        Served {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn kill9(&mut self) {
-        let st = Command::new("kill")
-            .args(["-9", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    support::issue_into_with(db, "acme", "ci", &["apps:read"], |s| s.expires_at = None).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +71,7 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
         .collect();
     assert_eq!(forwarded.len(), 20);
     let log = dir.path().join("audit.log");
-    let lines = lines_of(&log);
+    let lines = read_audit_file(&log);
     let decisions: HashSet<String> = lines
         .iter()
         .filter(|l| l["kind"] == "request" && l["phase"] == "decision")
@@ -191,16 +119,14 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
 
     // A restarted gateway continues the chain; new requests complete.
     let gw = Served::start(&config).await;
-    let r = c
-        .get(gw.url("/apps/billing/status"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, gw.url("/apps/billing/status"), &token).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     let t0 = Instant::now();
-    while !lines_of(&log).iter().any(|l| l["kind"] == "completion") {
+    while !read_audit_file(&log)
+        .iter()
+        .any(|l| l["kind"] == "completion")
+    {
         assert!(t0.elapsed() < PATIENCE, "no completion line");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -209,35 +135,37 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
     assert_eq!(report.unfinished.len(), 20, "{report}");
 }
 
+/// The audit line (as the reader shows it) of the request `rid`.
+async fn line_of(tg: &TestGateway, rid: &str) -> serde_json::Value {
+    tg.audit_lines()
+        .await
+        .into_iter()
+        .find(|l| l["request_id"] == rid)
+        .unwrap_or_else(|| panic!("no audit line for {rid}"))
+}
+
 /// An upstream that promises `Content-Length: 100000`, sends 1000 bytes and closes.
 async fn cutting_upstream() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\ncontent-type: text/plain\r\n\r\n")
-                    .await;
-                let _ = s.write_all(&[b'x'; 1000]).await;
-                let _ = s.flush().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                // Dropped: the connection closes mid-body.
-            });
+    support::tcp_server(|mut s| async move {
+        let mut buf = vec![0u8; 8192];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    addr
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\ncontent-type: text/plain\r\n\r\n",
+            )
+            .await;
+        let _ = s.write_all(&[b'x'; 1000]).await;
+        let _ = s.flush().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Dropped: the connection closes mid-body.
+    })
+    .await
 }
 
 #[tokio::test]
@@ -251,12 +179,7 @@ async fn a_response_cut_by_the_upstream_is_audited_with_its_outcome_and_bytes() 
     })
     .await;
     let (tok, _) = tg.token("acme", "ci", &["apps:read"]);
-    let r = client()
-        .get(tg.url("/cut/file"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/cut/file"), &tok).await;
     assert_eq!(r.status(), 200);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(r.bytes().await.is_err(), "the body was cut");
@@ -267,32 +190,17 @@ async fn a_response_cut_by_the_upstream_is_audited_with_its_outcome_and_bytes() 
         .find(|l| l["request_id"] == rid.as_str() && l["kind"] == "request")
         .unwrap();
     assert_eq!(decision["phase"], "decision");
-    let line = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .unwrap();
+    let line = line_of(&tg, &rid).await;
     assert_eq!(line["status_code"], 200, "{line}");
     assert_eq!(line["outcome"], "upstream_reset", "{line}");
     assert_eq!(line["reason"], "upstream_reset", "{line}");
     assert_eq!(line["bytes"], 1000, "{line}");
 
     // A complete one says so, with its byte count.
-    let r = client()
-        .get(tg.url("/download/200000"))
-        .bearer_auth(&tok)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&client(), tg.url("/download/200000"), &tok).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(r.bytes().await.unwrap().len(), 200_000);
-    let line = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .unwrap();
+    let line = line_of(&tg, &rid).await;
     assert_eq!(line["outcome"], "complete", "{line}");
     assert_eq!(line["reason"], "ok", "{line}");
     assert_eq!(line["bytes"], 200_000, "{line}");
@@ -323,12 +231,7 @@ async fn a_client_that_leaves_mid_body_is_audited_as_client_closed() {
         .trim()
         .to_string();
     drop(s);
-    let line = tg
-        .audit_lines()
-        .await
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .unwrap();
+    let line = line_of(&tg, &rid).await;
     assert_eq!(line["outcome"], "client_closed", "{line}");
     assert_eq!(line["reason"], "client_closed", "{line}");
     assert!(line["bytes"].as_u64().unwrap() < 50_000_000, "{line}");
@@ -349,12 +252,7 @@ async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() 
     let token = issue(&dir.path().join("tokengate.db"));
     let gw = Served::start(&config).await;
     let c = client();
-    let r = c
-        .get(gw.url("/apps/billing/status"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let r = get_bearer(&c, gw.url("/apps/billing/status"), &token).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
 
@@ -367,7 +265,7 @@ async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() 
         tasks.push(tokio::spawn(async move {
             let mut refused = 0u64;
             while Instant::now() < until {
-                let r = c.get(&url).bearer_auth(&token).send().await.unwrap();
+                let r = get_bearer(&c, &url, &token).await;
                 if r.status() == 503 {
                     refused += 1;
                 }
@@ -418,12 +316,7 @@ async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() 
     std::fs::remove_file(filler).unwrap();
     let t0 = Instant::now();
     loop {
-        let r = c
-            .get(gw.url("/apps/billing/status"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let r = get_bearer(&c, gw.url("/apps/billing/status"), &token).await;
         if r.status() == 200 {
             break;
         }
@@ -434,7 +327,7 @@ async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() 
     let log = mnt.join("audit.log");
     let t0 = Instant::now();
     loop {
-        let decided: HashSet<String> = lines_of(&log)
+        let decided: HashSet<String> = read_audit_file(&log)
             .iter()
             .filter(|l| l["phase"] == "decision")
             .map(|l| l["request_id"].as_str().unwrap().to_string())
@@ -503,7 +396,7 @@ fn cli_token_create_with_a_full_audit_disk_and_no_gateway_fails_and_creates_noth
             .len()
     };
     let before = tokens(&db);
-    let lines_before = lines_of(&mnt.join("audit.log")).len();
+    let lines_before = read_audit_file(&mnt.join("audit.log")).len();
     let _filler = fill(&mnt);
     let o = cli(&[
         "token",
@@ -522,7 +415,7 @@ fn cli_token_create_with_a_full_audit_disk_and_no_gateway_fails_and_creates_noth
     assert!(err.contains("audit log"), "{err}");
     assert!(!out.contains("tg_"), "no secret printed: {out}");
     assert_eq!(tokens(&db), before, "no token created");
-    assert_eq!(lines_of(&mnt.join("audit.log")).len(), lines_before);
+    assert_eq!(read_audit_file(&mnt.join("audit.log")).len(), lines_before);
     // Same for a revoke and an account change.
     let o = cli(&["account", "create", "globex"]);
     assert_eq!(o.status.code(), Some(1));

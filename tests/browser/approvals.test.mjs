@@ -9,39 +9,19 @@
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  auditLines, base32, launchBrowser, openPage, prepareGateway, runCleanups, shots, startGateway,
-  startUpstream, step, tally, totp,
+  auditLines, base32, deployRule, gatewayConfig, launchBrowser, mfaAdmin, openPage, prepareGateway,
+  runCleanups, shots, startGateway, startUpstream, step, tally, totp,
 } from "./harness.mjs";
 
 const { received, url: upstreamUrl } = await startUpstream({ body: () => ({}) });
 
-const { dir, cli, config } = prepareGateway("tokengate-approvals-", `[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[admin.mfa]
-key_file = "mfa.key"
-
-[store]
-path = "tokengate.db"
-
-[audit]
-path = "audit.log"
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "${upstreamUrl}"
-
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-name = "deploy"
+const { dir, cli, config } = prepareGateway("tokengate-approvals-", gatewayConfig({
+  upstream: upstreamUrl,
+  admin: mfaAdmin,
+  rules: deployRule(`name = "deploy"
 approval = { window = "15m", approvers = ["role:admin"] }
-`, { mfaKey: true });
+`),
+}), { mfaKey: true });
 cli("store", "init");
 cli("account", "create", "platform");
 cli("account", "create", "ci-bots");

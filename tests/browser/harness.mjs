@@ -129,6 +129,66 @@ export async function startUpstream({
 // ------------------------------------------------------------------ gateway
 
 /**
+ * The config of a browser test's gateway: both listeners on 127.0.0.1:0, tokengate.db and
+ * audit.log in its directory, one route "api" to `upstream` with the rules `rules` (TOML
+ * [[routes.rules]] tables); `admin` is appended to [admin] (sections like [admin.oidc]) and
+ * `sections` are more top-level sections (like [tokens]).
+ */
+export function gatewayConfig({ upstream, admin = "", sections = "", rules }) {
+  return `[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+${admin}
+[store]
+path = "tokengate.db"
+
+[audit]
+path = "audit.log"
+
+${sections}
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "${upstream}"
+${rules}`;
+}
+
+/** [admin.oidc] for the test provider at `issuer` (with prepareGateway's client secret). */
+export const oidcAdmin = (issuer) => `[admin.oidc]
+issuer = "${issuer}"
+client_id = "tokengate"
+client_secret_file = "client-secret"
+allowed_email_domains = ["example.com"]
+admin_groups = ["platform-admins"]
+self_role = "viewer"
+create_accounts = true
+`;
+
+/** [admin.mfa] with prepareGateway's TOTP encryption key. */
+export const mfaAdmin = `[admin.mfa]
+key_file = "mfa.key"
+`;
+
+/** The rule that lets apps:read GET and HEAD /apps/{app}/**. */
+export const appsReadRule = `
+[[routes.rules]]
+methods = ["GET", "HEAD"]
+path = "/apps/{app}/**"
+permission = "apps:read"
+`;
+
+/** The rule that lets apps:deploy POST /apps/{app}/deploy, with `extra` keys (like an approval). */
+export const deployRule = (extra = "") => `
+[[routes.rules]]
+methods = ["POST"]
+path = "/apps/{app}/deploy"
+permission = "apps:deploy"
+${extra}`;
+
+/**
  * A fresh temp directory (name starting with `prefix`) holding tokengate.toml with `configText`
  * (relative paths in it are relative to that directory), and, if asked, the OpenID client secret
  * (`client-secret`) and a random TOTP encryption key (`mfa.key`). Returns { dir, config, cli }:

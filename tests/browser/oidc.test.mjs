@@ -9,8 +9,8 @@
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  adminEvents, auditLines, auditText, launchBrowser, openPage, prepareGateway, runSteps, shots, sleep,
-  startGateway, startProvider, startUpstream, step,
+  adminEvents, appsReadRule, auditLines, auditText, deployRule, gatewayConfig, launchBrowser, oidcAdmin,
+  openPage, prepareGateway, runSteps, shots, sleep, startGateway, startProvider, startUpstream, step,
 } from "./harness.mjs";
 
 // ------------------------------------------------------------------ the OpenID provider
@@ -20,45 +20,12 @@ const issuer = await startProvider();
 const { url: upstreamUrl } = await startUpstream();
 
 // ------------------------------------------------------------------ gateway
-const { dir, cli, config } = prepareGateway("tokengate-oidc-ui-", `[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[admin.oidc]
-issuer = "${issuer}"
-client_id = "tokengate"
-client_secret_file = "client-secret"
-allowed_email_domains = ["example.com"]
-admin_groups = ["platform-admins"]
-self_role = "viewer"
-create_accounts = true
-
-[store]
-path = "tokengate.db"
-
-[audit]
-path = "audit.log"
-
-[tokens]
-max_active_per_account = 2
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "${upstreamUrl}"
-
-[[routes.rules]]
-methods = ["GET", "HEAD"]
-path = "/apps/{app}/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-`, { clientSecret: true });
+const { dir, cli, config } = prepareGateway("tokengate-oidc-ui-", gatewayConfig({
+  upstream: upstreamUrl,
+  admin: oidcAdmin(issuer),
+  sections: "[tokens]\nmax_active_per_account = 2\n",
+  rules: appsReadRule + deployRule(),
+}), { clientSecret: true });
 cli("store", "init");
 const { publicUrl, adminUrl } = await startGateway(config);
 

@@ -29,8 +29,9 @@ import os from "node:os";
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  adminEvents, auditLines, auditText, base32, bin, hotp, launchBrowser, onCleanup, openPage, prepareGateway,
-  runSteps, shots, sleep, startGateway, startProvider, startUpstream, step, timeStep, totp,
+  adminEvents, appsReadRule, auditLines, auditText, base32, bin, deployRule, gatewayConfig, hotp, launchBrowser,
+  mfaAdmin, oidcAdmin, onCleanup, openPage, prepareGateway, runSteps, shots, sleep, startGateway, startProvider,
+  startUpstream, step, timeStep, totp,
 } from "./harness.mjs";
 
 const WINDOW_SECONDS = 30;
@@ -57,50 +58,14 @@ const { received, url: upstreamUrl } = await startUpstream({
 });
 
 // ------------------------------------------------------------------ gateway
-const { dir, cli, config } = prepareGateway("tokengate-story-", `[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[admin.oidc]
-issuer = "${issuer}"
-client_id = "tokengate"
-client_secret_file = "client-secret"
-allowed_email_domains = ["example.com"]
-admin_groups = ["platform-admins"]
-self_role = "viewer"
-create_accounts = true
-
-[admin.mfa]
-key_file = "mfa.key"
-
-[store]
-path = "tokengate.db"
-
-[audit]
-path = "audit.log"
-
-[tokens]
-max_active_per_account = 1
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "${upstreamUrl}"
-
-[[routes.rules]]
-methods = ["GET", "HEAD"]
-path = "/apps/{app}/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-name = "deploy"
+const { dir, cli, config } = prepareGateway("tokengate-story-", gatewayConfig({
+  upstream: upstreamUrl,
+  admin: oidcAdmin(issuer) + "\n" + mfaAdmin,
+  sections: "[tokens]\nmax_active_per_account = 1\n",
+  rules: appsReadRule + deployRule(`name = "deploy"
 approval = { window = "${WINDOW_SECONDS}s", approvers = ["account:ada@example.com"] }
-`, { clientSecret: true, mfaKey: true });
+`),
+}), { clientSecret: true, mfaKey: true });
 cli("store", "init");
 cli("account", "create", "ci-bots");
 // The CI token, as an operator bootstraps it; the plaintext stays in this process's memory.

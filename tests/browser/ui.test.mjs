@@ -15,44 +15,24 @@
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  adminEvents, auditLines, auditText, launchBrowser, openPage, prepareGateway, runSteps, shots, sleep,
-  startGateway, startUpstream, step,
+  adminEvents, appsReadRule, auditLines, auditText, gatewayConfig, launchBrowser, openPage, prepareGateway,
+  runSteps, shots, sleep, startGateway, startUpstream, step,
 } from "./harness.mjs";
 
 // ------------------------------------------------------------------ recording upstream
 const { received, url: upstreamUrl } = await startUpstream({ body: (req) => ({ upstream: "ok", path: req.url }) });
 
 // ------------------------------------------------------------------ gateway
-const { dir, cli, config } = prepareGateway("tokengate-ui-", `[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[store]
-path = "tokengate.db"
-
-[tokens]
-max_active_per_account = 3
-
-[audit]
-path = "audit.log"
-
-[[routes]]
-name = "api"
-prefix = "/"
-upstream = "${upstreamUrl}"
-
-[[routes.rules]]
-methods = ["GET", "HEAD"]
-path = "/apps/{app}/**"
-permission = "apps:read"
-
+const { dir, cli, config } = prepareGateway("tokengate-ui-", gatewayConfig({
+  upstream: upstreamUrl,
+  sections: "[tokens]\nmax_active_per_account = 3\n",
+  rules: appsReadRule + `
 [[routes.rules]]
 methods = ["GET"]
 path = "/public/**"
 public = true
-`);
+`,
+}));
 cli("store", "init"); // no other command creates the store
 cli("account", "create", "platform", "--email", "platform@example.com");
 cli("account", "create", "ci-bots");

@@ -77,6 +77,11 @@ impl Upstream {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The request targets received, in order.
+    pub fn targets(&self) -> Vec<String> {
+        self.received().into_iter().map(|r| r.target).collect()
+    }
+
     /// Number of requests received.
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
@@ -86,9 +91,44 @@ impl Upstream {
     pub fn clear(&self) {
         self.requests.lock().unwrap().clear();
     }
+
+    /// Waits (at most [`WAIT_LIMIT`]) until a request for `target` has reached the upstream.
+    pub async fn wait_for(&self, target: &str) {
+        eventually(
+            &format!("the request for {target} to reach the upstream"),
+            WAIT_LIMIT,
+            || async {
+                self.received()
+                    .iter()
+                    .any(|r| r.target == target)
+                    .then_some(())
+            },
+        )
+        .await
+    }
 }
 
-type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+/// A response body of the upstreams here.
+pub type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `total` bytes of `x`, streamed in 64 KiB chunks (what `/download/N` answers).
+pub fn download_body(total: u64) -> UpBody {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= total {
+                return None;
+            }
+            let n = (total - sent).min(chunk.len() as u64);
+            Some((
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
+                sent + n,
+            ))
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
 
 async fn handle_upstream(
     req: Request<Incoming>,
@@ -163,22 +203,7 @@ async fn handle_upstream(
         return Ok(r);
     }
     if let Some(n) = path.strip_prefix("/download/") {
-        let total: u64 = n.parse().unwrap_or(0);
-        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        let stream = futures_util::stream::unfold(0u64, move |sent| {
-            let chunk = chunk.clone();
-            async move {
-                if sent >= total {
-                    return None;
-                }
-                let n = (total - sent).min(chunk.len() as u64);
-                Some((
-                    Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
-                    sent + n,
-                ))
-            }
-        });
-        let mut r = Response::new(StreamBody::new(stream).boxed());
+        let mut r = Response::new(download_body(n.parse().unwrap_or(0)));
         r.headers_mut()
             .insert("content-type", "application/octet-stream".parse().unwrap());
         return Ok(r);
@@ -229,6 +254,58 @@ where
     }
 }
 
+/// A bare TCP server on a free port of 127.0.0.1: `handle` serves each accepted connection in
+/// a task of its own. Returns the address.
+pub async fn tcp_server<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(handle(s));
+        }
+    });
+    addr
+}
+
+/// Runs `bash script` (a node server of tests/, `script` relative to the crate) and waits, at
+/// most `limit`, for its `listening PORT` line; `what` names the server in failures. Returns the
+/// child (killed on drop) and the port.
+pub async fn start_listening_script(
+    script: &str,
+    limit: Duration,
+    what: &str,
+) -> (tokio::process::Child, u16) {
+    use tokio::io::AsyncBufReadExt;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let mut child = tokio::process::Command::new("bash")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("bash runs {script}: {e}"));
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(limit, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{what} starts"))
+        .unwrap()
+        .expect("a listening line");
+    let port: u16 = line.strip_prefix("listening ").unwrap().parse().unwrap();
+    (child, port)
+}
+
+/// A reqwest client that speaks HTTP/2 without TLS (prior knowledge).
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 /// The built `tokengate` binary.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tokengate")
@@ -263,6 +340,50 @@ pub struct Served {
     pub admin: SocketAddr,
     /// Its stderr (JSON log lines) after the listening line.
     pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Starts the binary on `config` (see [`spawn_serve_logged`]: every stderr line is kept).
+    pub async fn start(config: &Path) -> Served {
+        let (child, addr, admin, stderr) = spawn_serve_logged(config).await;
+        Served {
+            child,
+            addr,
+            admin,
+            stderr,
+        }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Panics with the log when the process is gone (a crash: SIGBUS was exit 135).
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!(
+                "tokengate exited ({st:?}); stderr:\n{}",
+                self.stderr.lock().unwrap().join("\n")
+            );
+        }
+    }
+
+    /// How many stderr lines contain `needle`.
+    pub fn log_lines_with(&self, needle: &str) -> usize {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        signal(self.child.id(), "-9");
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Served {
@@ -378,6 +499,173 @@ pub fn serve_binary(cfg: &Path) -> Served {
         admin,
         stderr,
     }
+}
+
+/// The real `tokengate serve` in a child process (killed when dropped), with its temp folder
+/// (config, store, audit log) and its stderr lines (JSON logs).
+pub struct Proc {
+    /// The process.
+    pub child: std::process::Child,
+    /// The temp folder.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// Public address.
+    pub public: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Every stderr line.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Writes a config in a temp folder (in front of `upstream`), lets `prepare` seed the store
+    /// (its path is passed), starts the binary and waits for its "listening" line.
+    pub async fn start(upstream: SocketAddr, o: &Options, prepare: impl FnOnce(&Path)) -> Proc {
+        Proc::start_by(std::process::Command::new(bin()), upstream, o, prepare).await
+    }
+
+    /// [`Proc::start`] with the binary started by `cmd` (see [`spawn_serve_logged_by`]).
+    pub async fn start_by(
+        cmd: std::process::Command,
+        upstream: SocketAddr,
+        o: &Options,
+        prepare: impl FnOnce(&Path),
+    ) -> Proc {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &upstream.to_string(), o);
+        prepare(&dir.path().join("tokengate.db"));
+        let (child, public, admin, stderr) = spawn_serve_logged_by(cmd, &config).await;
+        Proc {
+            child,
+            dir,
+            config,
+            public,
+            admin,
+            stderr,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether a stderr line contains `needle`.
+    pub fn stderr_has(&self, needle: &str) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// The audit log.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "tokengate did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `field` of /proc/PID/status in KiB (`VmRSS`, `RssAnon`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends signal `sig` (like `-TERM`) to process `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid} failed");
+}
+
+/// Waits (at most [`WAIT_LIMIT`]) until connecting to `addr` is refused (its listener closed).
+pub async fn wait_refused(what: &str, addr: SocketAddr) {
+    eventually(what, WAIT_LIMIT, || async {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+/// The `/metrics` text of the admin listener at `admin`.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// An audit log file's lines as written (each must be JSON).
+pub fn read_audit_file(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// Issues a token straight into the store file `db` (for a gateway run as a separate process),
+/// creating `account` if needed; it expires in 30 days. Returns (plaintext, id).
+pub fn issue_into(db: &Path, account: &str, name: &str, perms: &[&str]) -> (String, String) {
+    issue_into_with(db, account, name, perms, |_| {})
+}
+
+/// [`issue_into`], letting the caller adjust the spec.
+pub fn issue_into_with(
+    db: &Path,
+    account: &str,
+    name: &str,
+    perms: &[&str],
+    f: impl FnOnce(&mut NewTokenSpec),
+) -> (String, String) {
+    let store = tokengate::store::Store::open(db, Duration::from_secs(5)).unwrap();
+    let now = tokengate::store::system_now_ms();
+    let _ = store.create_account(account, None, "test", now);
+    let mut spec = token_spec(account, name, perms, Some(now + 30 * 86_400_000));
+    f(&mut spec);
+    let (row, new) = store.create_token(&spec, "tg", 1000, now).unwrap();
+    (new.plaintext, row.id)
 }
 
 /// Percent-decodes once, as a backend would (bytes; `%` without two hex digits stays).
@@ -517,6 +805,13 @@ path = "/admin/**"
 permission = "admin:all"
 "#;
 
+/// [`DEFAULT_RULES`] and a rule for the upstream's `/delay/{ms}` (a slow answer, for drains).
+pub fn rules_with_delay() -> String {
+    format!(
+        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
+    )
+}
+
 /// Options for a test gateway.
 pub struct Options {
     /// Extra TOML appended to `[server]` (lines like `max_body_bytes = 10`).
@@ -541,6 +836,8 @@ pub struct Options {
     /// `[server] listen` (default `127.0.0.1:0`), e.g. `0.0.0.0:0` to be reached from a
     /// non-loopback address of this host.
     pub listen: Option<String>,
+    /// The `[store]` keys (default `path = "tokengate.db"`), e.g. a PostgreSQL `url`.
+    pub store: Option<String>,
 }
 
 impl Options {
@@ -556,6 +853,14 @@ impl Options {
     pub fn sections(toml: impl Into<String>) -> Options {
         Options {
             sections: toml.into(),
+            ..Options::default()
+        }
+    }
+
+    /// The defaults, built (config, store, gateway) but not served.
+    pub fn unserved() -> Options {
+        Options {
+            serve: false,
             ..Options::default()
         }
     }
@@ -582,6 +887,7 @@ impl Default for Options {
             audit_path: None,
             audit: String::new(),
             listen: None,
+            store: None,
         }
     }
 }
@@ -631,6 +937,60 @@ pub fn run_started(
     (tx, task, background)
 }
 
+/// A gateway started in this process from a config file; told to stop when dropped.
+pub struct Running {
+    /// The gateway.
+    pub gw: Gateway,
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _bg: tokengate::gateway::BackgroundGuard,
+}
+
+impl Running {
+    /// Loads `config` and serves it.
+    pub async fn start(config: &Path) -> Running {
+        let cfg =
+            Config::load(config).unwrap_or_else(|e| panic!("config {}: {e}", config.display()));
+        let started = tokengate::app::start(cfg)
+            .await
+            .map_err(|e| e.message)
+            .unwrap();
+        let gw = started.gateway.clone();
+        let (addr, admin) = (started.server.public_addr(), started.server.admin_addr());
+        let (tx, task, bg) = run_started(started);
+        Running {
+            gw,
+            addr,
+            admin,
+            stop: Some(tx),
+            task: Some(task),
+            _bg: bg,
+        }
+    }
+
+    /// Stops the server and waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// Writes a config file for tests.
 pub fn write_config(dir: &Path, upstream: &str, o: &Options) -> PathBuf {
     let text = format!(
@@ -642,7 +1002,7 @@ listen = "{listen}"
 listen = "127.0.0.1:0"
 
 [store]
-path = "tokengate.db"
+{store}
 
 [audit]
 path = "{audit_path}"
@@ -671,6 +1031,7 @@ upstream = "http://{upstream}"
             .replace('"', "\\\""),
         audit = o.audit,
         listen = o.listen.as_deref().unwrap_or("127.0.0.1:0"),
+        store = o.store.as_deref().unwrap_or("path = \"tokengate.db\""),
     );
     let p = dir.join("tokengate.toml");
     std::fs::write(&p, text).unwrap();
@@ -727,6 +1088,14 @@ impl TestGateway {
         }
     }
 
+    /// A default gateway and a token `reader` of account `ci` holding `apps:read`:
+    /// (gateway, plaintext, id).
+    pub async fn with_reader() -> (TestGateway, String, String) {
+        let tg = Self::start().await;
+        let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
+        (tg, tok, id)
+    }
+
     /// `http://addr{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
@@ -763,6 +1132,16 @@ impl TestGateway {
             .create_token(&spec, "tg", 1000, self.gw.now_ms())
             .unwrap();
         (new.plaintext, row.id)
+    }
+
+    /// Issues a token holding `apps:read` with its own rate limit (`rps` a second, `burst`).
+    pub fn rated_token(&self, account: &str, name: &str, rps: f64, burst: u32) -> (String, String) {
+        self.token_with(account, name, &["apps:read"], |s| {
+            s.rate = Some(tokengate::store::RateOverride {
+                requests_per_second: rps,
+                burst,
+            })
+        })
     }
 
     /// The audit log file (`[audit] path` of the config).
@@ -816,6 +1195,28 @@ impl TestGateway {
         .await
     }
 
+    /// The admin event lines (`kind` admin) of `event`.
+    pub async fn admin_events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit_lines()
+            .await
+            .into_iter()
+            .filter(|l| l["kind"] == "admin" && l["event"] == event)
+            .collect()
+    }
+
+    /// The last request line for `path` (waits for it, at most [`WAIT_LIMIT`]).
+    pub async fn last_line_for(&self, path: &str) -> serde_json::Value {
+        let what = format!("a request line for {path}");
+        eventually(&what, WAIT_LIMIT, || async {
+            self.request_lines()
+                .await
+                .into_iter()
+                .rev()
+                .find(|l| l["path"] == path)
+        })
+        .await
+    }
+
     /// Stops the server and waits for the drain.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -845,6 +1246,28 @@ pub async fn get_bearer(
     c.get(url).bearer_auth(token).send().await.unwrap()
 }
 
+/// `GET url` on client `c` with the bearer `token` (when given) and the headers `headers`.
+pub async fn get_with(
+    c: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = c.get(url);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
+/// The `WWW-Authenticate` header of `r` (which must have one).
+pub fn challenge(r: &reqwest::Response) -> &str {
+    r.headers()["www-authenticate"].to_str().unwrap()
+}
+
 /// Signs in to the web UI (`POST url` with an `Origin` header and the token as JSON) on client `c`.
 pub async fn post_session(
     c: &reqwest::Client,
@@ -858,6 +1281,19 @@ pub async fn post_session(
         .send()
         .await
         .unwrap()
+}
+
+/// Signs in to the web UI of the admin listener at `origin` (`http://host:port`) with `token` on
+/// client `c`; asserts 200 and returns the session cookie (`name=value`) and the CSRF token.
+pub async fn sign_in_session(c: &reqwest::Client, origin: &str, token: &str) -> (String, String) {
+    let r = post_session(c, format!("{origin}/session"), origin, token).await;
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let body: serde_json::Value = r.json().await.unwrap();
+    (
+        set.split(';').next().unwrap().to_string(),
+        body["csrf_token"].as_str().unwrap().to_string(),
+    )
 }
 
 /// A raw response parsed from bytes.

@@ -6,7 +6,7 @@
 //! status to the next, or a TOTP step only upwards), so two replicas racing on the same approval
 //! or the same code cannot both win.
 //!
-//! Owns: the `approvals` and `mfa` tables (schema migration 3), [`ApprovalRow`], [`MfaRow`].
+//! Owns: the `approvals` and `mfa` tables (schema migration 4), [`ApprovalRow`], [`MfaRow`].
 //! Never imports: `config`, `gateway`, `admin` or `cli`.
 
 use serde::Serialize;
@@ -15,8 +15,12 @@ use super::Backend;
 
 use super::{Store, StoreError};
 
-/// Migration 3 on SQLite.
-pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE approvals (
+/// Migration 4, written once for both engines: `$int` and `$bytes` are the engine's 64-bit
+/// integer and byte-string types.
+macro_rules! approvals_migration {
+    ($int:literal, $bytes:literal) => {
+        concat!(
+            "CREATE TABLE approvals (
         id TEXT PRIMARY KEY,
         rule TEXT NOT NULL,
         params TEXT NOT NULL,
@@ -25,55 +29,54 @@ pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE approvals (
         token_prefix TEXT NOT NULL,
         account TEXT NOT NULL,
         status TEXT NOT NULL,
-        requested_at INTEGER NOT NULL,
-        decided_at INTEGER,
+        requested_at ",
+            $int,
+            " NOT NULL,
+        decided_at ",
+            $int,
+            ",
         decided_by TEXT,
         note TEXT,
-        window_ms INTEGER NOT NULL,
-        expires_at INTEGER,
-        used_count INTEGER NOT NULL DEFAULT 0,
-        last_used_at INTEGER
+        window_ms ",
+            $int,
+            " NOT NULL,
+        expires_at ",
+            $int,
+            ",
+        used_count ",
+            $int,
+            " NOT NULL DEFAULT 0,
+        last_used_at ",
+            $int,
+            "
     );
     CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
     CREATE INDEX approvals_requested ON approvals(requested_at);
     CREATE TABLE mfa (
         account_id TEXT PRIMARY KEY,
-        secret BLOB NOT NULL,
-        active INTEGER NOT NULL,
-        last_step INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
+        secret ",
+            $bytes,
+            " NOT NULL,
+        active ",
+            $int,
+            " NOT NULL,
+        last_step ",
+            $int,
+            " NOT NULL,
+        created_at ",
+            $int,
+            " NOT NULL,
         recovery TEXT NOT NULL
-    );";
+    );"
+        )
+    };
+}
 
-/// Migration 3 on PostgreSQL.
-pub(crate) const PG_MIGRATION: &str = "CREATE TABLE approvals (
-        id TEXT PRIMARY KEY,
-        rule TEXT NOT NULL,
-        params TEXT NOT NULL,
-        message TEXT NOT NULL,
-        token_id TEXT NOT NULL,
-        token_prefix TEXT NOT NULL,
-        account TEXT NOT NULL,
-        status TEXT NOT NULL,
-        requested_at BIGINT NOT NULL,
-        decided_at BIGINT,
-        decided_by TEXT,
-        note TEXT,
-        window_ms BIGINT NOT NULL,
-        expires_at BIGINT,
-        used_count BIGINT NOT NULL DEFAULT 0,
-        last_used_at BIGINT
-    );
-    CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
-    CREATE INDEX approvals_requested ON approvals(requested_at);
-    CREATE TABLE mfa (
-        account_id TEXT PRIMARY KEY,
-        secret BYTEA NOT NULL,
-        active BIGINT NOT NULL,
-        last_step BIGINT NOT NULL,
-        created_at BIGINT NOT NULL,
-        recovery TEXT NOT NULL
-    );";
+/// Migration 4 on SQLite.
+pub(crate) const SQLITE_MIGRATION: &str = approvals_migration!("INTEGER", "BLOB");
+
+/// Migration 4 on PostgreSQL (the same tables in its types).
+pub(crate) const PG_MIGRATION: &str = approvals_migration!("BIGINT", "BYTEA");
 
 /// A bound parameter.
 #[derive(Debug, Clone)]

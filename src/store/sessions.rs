@@ -12,10 +12,14 @@
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::row::{ReadRow, from_cells};
 use super::{Backend, Store, StoreError};
 
-/// Migration 3 on SQLite: web UI sessions and pending OpenID Connect sign-ins.
-pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
+/// Migration 3, written once for both engines: `$int` is the engine's 64-bit integer type.
+macro_rules! sessions_migration {
+    ($int:literal) => {
+        concat!(
+            "CREATE TABLE admin_sessions (
         id_hash TEXT PRIMARY KEY,
         public_id TEXT NOT NULL UNIQUE,
         owner TEXT NOT NULL,
@@ -26,10 +30,18 @@ pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
         account TEXT,
         access TEXT NOT NULL,
         csrf TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        last_seen_at INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL,
-        mfa_verified_at INTEGER,
+        created_at ",
+            $int,
+            " NOT NULL,
+        last_seen_at ",
+            $int,
+            " NOT NULL,
+        expires_at ",
+            $int,
+            " NOT NULL,
+        mfa_verified_at ",
+            $int,
+            ",
         client_ip TEXT,
         user_agent TEXT
     );
@@ -40,37 +52,19 @@ pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
         nonce TEXT NOT NULL,
         verifier TEXT NOT NULL,
         return_to TEXT NOT NULL,
-        expires_at INTEGER NOT NULL
-    );";
+        expires_at ",
+            $int,
+            " NOT NULL
+    );"
+        )
+    };
+}
+
+/// Migration 3 on SQLite.
+pub(crate) const SQLITE_MIGRATION: &str = sessions_migration!("INTEGER");
 
 /// Migration 3 on PostgreSQL (the same tables in its types).
-pub(crate) const PG_MIGRATION: &str = "CREATE TABLE admin_sessions (
-        id_hash TEXT PRIMARY KEY,
-        public_id TEXT NOT NULL UNIQUE,
-        owner TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        token_id TEXT,
-        subject TEXT,
-        email TEXT,
-        account TEXT,
-        access TEXT NOT NULL,
-        csrf TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        last_seen_at BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL,
-        mfa_verified_at BIGINT,
-        client_ip TEXT,
-        user_agent TEXT
-    );
-    CREATE INDEX admin_sessions_owner ON admin_sessions(owner);
-    CREATE TABLE oidc_logins (
-        state_hash TEXT PRIMARY KEY,
-        binding_hash TEXT NOT NULL,
-        nonce TEXT NOT NULL,
-        verifier TEXT NOT NULL,
-        return_to TEXT NOT NULL,
-        expires_at BIGINT NOT NULL
-    );";
+pub(crate) const PG_MIGRATION: &str = sessions_migration!("BIGINT");
 
 const COLUMNS: &str = "id_hash, public_id, owner, kind, token_id, subject, email, account, access, csrf, \
      created_at, last_seen_at, expires_at, mfa_verified_at, client_ip, user_agent";
@@ -138,45 +132,19 @@ pub struct LoginState {
     pub expires_at: i64,
 }
 
-fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
-    Ok(SessionRow {
-        id_hash: r.get(0)?,
-        public_id: r.get(1)?,
-        owner: r.get(2)?,
-        kind: r.get(3)?,
-        token_id: r.get(4)?,
-        subject: r.get(5)?,
-        email: r.get(6)?,
-        account: r.get(7)?,
-        access: r.get(8)?,
-        csrf: r.get(9)?,
-        created_at: r.get(10)?,
-        last_seen_at: r.get(11)?,
-        expires_at: r.get(12)?,
-        mfa_verified_at: r.get(13)?,
-        client_ip: r.get(14)?,
-        user_agent: r.get(15)?,
+/// `SELECT {COLUMNS} FROM admin_sessions`, on either engine.
+fn session<R: ReadRow>(r: &R) -> Result<SessionRow, R::Error> {
+    from_cells!(r => SessionRow {
+        id_hash, public_id, owner, kind, token_id, subject, email, account, access, csrf,
+        created_at, last_seen_at, expires_at, mfa_verified_at, client_ip, user_agent
     })
 }
 
-fn pg_row(r: &tokio_postgres::Row) -> Result<SessionRow, tokio_postgres::Error> {
-    Ok(SessionRow {
-        id_hash: r.try_get(0)?,
-        public_id: r.try_get(1)?,
-        owner: r.try_get(2)?,
-        kind: r.try_get(3)?,
-        token_id: r.try_get(4)?,
-        subject: r.try_get(5)?,
-        email: r.try_get(6)?,
-        account: r.try_get(7)?,
-        access: r.try_get(8)?,
-        csrf: r.try_get(9)?,
-        created_at: r.try_get(10)?,
-        last_seen_at: r.try_get(11)?,
-        expires_at: r.try_get(12)?,
-        mfa_verified_at: r.try_get(13)?,
-        client_ip: r.try_get(14)?,
-        user_agent: r.try_get(15)?,
+/// `SELECT state_hash, binding_hash, nonce, verifier, return_to, expires_at FROM oidc_logins`,
+/// on either engine.
+fn login<R: ReadRow>(r: &R) -> Result<LoginState, R::Error> {
+    from_cells!(r => LoginState {
+        state_hash, binding_hash, nonce, verifier, return_to, expires_at
     })
 }
 
@@ -206,7 +174,7 @@ impl Store {
                         .collect();
                     let mut st = tx.prepare_cached(&sql).map_err(b.err())?;
                     let rows = st
-                        .query_map(rusqlite::params_from_iter(vals.iter()), sqlite_row)
+                        .query_map(rusqlite::params_from_iter(vals.iter()), |r| session(r))
                         .map_err(b.err())?;
                     rows.collect::<Result<Vec<_>, _>>().map_err(b.err())
                 })
@@ -231,7 +199,7 @@ impl Store {
                     let rows = c.query(&sql, &refs).await.map_err(|e| db.err(e))?;
                     db.wrote();
                     rows.iter()
-                        .map(pg_row)
+                        .map(session)
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(|e| db.err(e))
                 })
@@ -416,51 +384,21 @@ impl Store {
     /// Takes (reads and deletes, once) the sign-in whose `state` hashes to `state_hash`.
     pub fn login_take(&self, state_hash: &str) -> Result<Option<LoginState>, StoreError> {
         let h = state_hash.to_string();
+        const SQL: &str = "DELETE FROM oidc_logins WHERE state_hash = $1 \
+             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at";
         match &self.inner.backend {
             Backend::Sqlite(b) => b.write(|tx| {
-                tx.query_row(
-                    "DELETE FROM oidc_logins WHERE state_hash = ?1 \
-                     RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
-                    [&h],
-                    |r| {
-                        Ok(LoginState {
-                            state_hash: r.get(0)?,
-                            binding_hash: r.get(1)?,
-                            nonce: r.get(2)?,
-                            verifier: r.get(3)?,
-                            return_to: r.get(4)?,
-                            expires_at: r.get(5)?,
-                        })
-                    },
-                )
-                .optional()
-                .map_err(b.err())
+                tx.query_row(&SQL.replace('$', "?"), [&h], |r| login(r))
+                    .optional()
+                    .map_err(b.err())
             }),
             Backend::Postgres(b) => {
                 let db = b.db.clone();
                 b.run(async move {
                     let c = db.conn().await?;
-                    let r = c
-                        .query_opt(
-                            "DELETE FROM oidc_logins WHERE state_hash = $1 \
-                             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
-                            &[&h],
-                        )
-                        .await
-                        .map_err(|e| db.err(e))?;
+                    let r = c.query_opt(SQL, &[&h]).await.map_err(|e| db.err(e))?;
                     db.wrote();
-                    let Some(r) = r else { return Ok(None) };
-                    let get = || -> Result<LoginState, tokio_postgres::Error> {
-                        Ok(LoginState {
-                            state_hash: r.try_get(0)?,
-                            binding_hash: r.try_get(1)?,
-                            nonce: r.try_get(2)?,
-                            verifier: r.try_get(3)?,
-                            return_to: r.try_get(4)?,
-                            expires_at: r.try_get(5)?,
-                        })
-                    };
-                    get().map(Some).map_err(|e| db.err(e))
+                    r.as_ref().map(login).transpose().map_err(|e| db.err(e))
                 })
             }
         }

@@ -2,7 +2,7 @@
 //!
 //! The SQL here is written once with `$n` placeholders and the same column types on both engines
 //! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`/`Cell`
-//! bridge (`exec_args`, `query_cells`). Every state change is a conditional `UPDATE` (from one
+//! bridge (`exec_args`, `query_args`, `write_args`, which `store::sessions` uses too). Every state change is a conditional `UPDATE` (from one
 //! status to the next, or a TOTP step only upwards), so two replicas racing on the same approval
 //! or the same code cannot both win.
 //!
@@ -265,7 +265,8 @@ fn i(v: i64) -> Arg {
 }
 
 impl Store {
-    fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
+    /// Runs one statement written with `$n` placeholders on either engine; rows changed.
+    pub(super) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
         on_backend!(self, b => b.exec_args(sql, args))
     }
 
@@ -275,7 +276,7 @@ impl Store {
         args: Vec<Arg>,
         kinds: &'static [Kind],
     ) -> Result<Vec<Vec<Cell>>, StoreError> {
-        on_backend!(self, b => b.query_cells(sql, args, kinds))
+        on_backend!(self, b => b.query_args(sql, args, move |r| cells(r, kinds)))
     }
 
     // ------------------------------------------------------------ approvals
@@ -524,41 +525,53 @@ impl Store {
 }
 
 impl super::sqlite::Sqlite {
-    /// Runs one statement of `store::approvals` (`$n` placeholders); rows changed.
+    /// Runs one statement written with `$n` placeholders, `args` bound to them; rows changed.
     pub(crate) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
         let sql = sqlite_sql(sql);
         self.write(|tx| {
-            let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
-            let n = tx
-                .execute(&sql, rusqlite::params_from_iter(params.iter()))
-                .map_err(self.err())?;
+            let n = tx.execute(&sql, sqlite_params(args)).map_err(self.err())?;
             Ok(n as u64)
         })
     }
 
-    /// Runs one query of `store::approvals`; each row's cells typed by `kinds`.
-    pub(crate) fn query_cells(
+    /// Runs one query written with `$n` placeholders on a reader, `args` bound to them; every
+    /// row mapped with `row`.
+    pub(crate) fn query_args<T>(
         &self,
         sql: &str,
         args: Vec<Arg>,
-        kinds: &'static [Kind],
-    ) -> Result<Vec<Vec<Cell>>, StoreError> {
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
         let sql = sqlite_sql(sql);
-        self.with_reader(|c| {
-            let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
-            self.query_all(c, &sql, rusqlite::params_from_iter(params.iter()), |r| {
-                cells(r, kinds)
-            })
-        })
+        self.with_reader(|c| self.query_all(c, &sql, sqlite_params(args), row))
+    }
+
+    /// Like [`Self::query_args`], in a write transaction: for a statement that writes and
+    /// returns rows (`RETURNING`).
+    pub(crate) fn write_args<T>(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let sql = sqlite_sql(sql);
+        self.write(|tx| self.query_all(tx, &sql, sqlite_params(args), row))
     }
 }
 
-fn sqlite_arg(a: Arg) -> Box<dyn rusqlite::ToSql> {
-    match a {
-        Arg::I(v) => Box::new(v),
-        Arg::T(v) => Box::new(v),
-        Arg::B(v) => Box::new(v),
-    }
+/// `args` as SQLite binds them.
+fn sqlite_params(args: Vec<Arg>) -> rusqlite::ParamsFromIter<Vec<Box<dyn rusqlite::ToSql>>> {
+    rusqlite::params_from_iter(
+        args.into_iter()
+            .map(|a| -> Box<dyn rusqlite::ToSql> {
+                match a {
+                    Arg::I(v) => Box::new(v),
+                    Arg::T(v) => Box::new(v),
+                    Arg::B(v) => Box::new(v),
+                }
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 #[cfg(test)]

@@ -25,7 +25,6 @@ use serde::Serialize;
 use crate::token::{NewToken, TokenHash};
 
 pub mod postgres;
-pub mod sessions;
 pub mod sqlite;
 
 mod file;
@@ -423,6 +422,7 @@ macro_rules! on_backend {
 // Declared after `on_backend!`, which they use.
 pub mod approvals;
 mod copy;
+pub mod sessions;
 
 /// True when `location` names a PostgreSQL server rather than a SQLite file.
 pub fn is_postgres_url(location: &str) -> bool {

@@ -4,14 +4,15 @@
 //! A session row is keyed by SHA-256 of its cookie value (the value itself is never stored); a
 //! sign-in in progress by SHA-256 of its `state`, and it is taken (read and deleted) exactly once.
 //! The lifetimes are the caller's: every call that judges a session gets the idle and absolute
-//! limits from it. Schema migration 3 creates both tables on both engines.
+//! limits from it. Schema migration 3 creates both tables on both engines; the SQL is written
+//! once with `$n` placeholders and runs on either engine through `store::approvals`' `Arg` bridge.
 //!
 //! Owns: the `admin_sessions` and `oidc_logins` tables and their SQL. Never imports: `config`,
 //! `admin`, `gateway`, `audit` or `cli`.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::approvals::Arg;
 use super::row::{ReadRow, from_cells};
 use super::{Backend, Store, StoreError};
 
@@ -148,63 +149,14 @@ fn login<R: ReadRow>(r: &R) -> Result<LoginState, R::Error> {
     })
 }
 
-/// A parameter of [`Store::session_rows`]: TEXT or BIGINT, bound as `?N` on SQLite and `$N` on
-/// PostgreSQL.
-#[derive(Debug, Clone)]
-enum P {
-    T(Option<String>),
-    I(Option<i64>),
-}
-
 impl Store {
-    /// Runs one statement that returns session rows (`RETURNING` or `SELECT`), on either engine.
-    fn session_rows(&self, sql: &str, ps: Vec<P>) -> Result<Vec<SessionRow>, StoreError> {
-        match &self.inner.backend {
-            Backend::Sqlite(b) => {
-                let sql = sql.replace('$', "?");
-                b.write(|tx| {
-                    let vals: Vec<Box<dyn rusqlite::ToSql>> = ps
-                        .iter()
-                        .map(|p| -> Box<dyn rusqlite::ToSql> {
-                            match p {
-                                P::T(v) => Box::new(v.clone()),
-                                P::I(v) => Box::new(*v),
-                            }
-                        })
-                        .collect();
-                    let mut st = tx.prepare_cached(&sql).map_err(b.err())?;
-                    let rows = st
-                        .query_map(rusqlite::params_from_iter(vals.iter()), |r| session(r))
-                        .map_err(b.err())?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(b.err())
-                })
-            }
-            Backend::Postgres(b) => {
-                let (db, sql) = (b.db.clone(), sql.to_string());
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let vals: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = ps
-                        .into_iter()
-                        .map(|p| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
-                            match p {
-                                P::T(v) => Box::new(v),
-                                P::I(v) => Box::new(v),
-                            }
-                        })
-                        .collect();
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vals
-                        .iter()
-                        .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                        .collect();
-                    let rows = c.query(&sql, &refs).await.map_err(|e| db.err(e))?;
-                    db.wrote();
-                    rows.iter()
-                        .map(session)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| db.err(e))
-                })
-            }
-        }
+    /// Runs one statement that returns session rows (`RETURNING` or `SELECT`), on either engine,
+    /// in a write transaction.
+    // The closures stay: a SQLite row borrows its statement, and a generic fn item is not
+    // general enough over that lifetime.
+    #[allow(clippy::redundant_closure)]
+    fn session_rows(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<SessionRow>, StoreError> {
+        on_backend!(self, b => b.write_args(sql, args, |r| session(r)))
     }
 
     /// Stores a new session.
@@ -214,22 +166,22 @@ impl Store {
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING {COLUMNS}"
         );
         let ps = vec![
-            P::T(Some(s.id_hash.clone())),
-            P::T(Some(s.public_id.clone())),
-            P::T(Some(s.owner.clone())),
-            P::T(Some(s.kind.clone())),
-            P::T(s.token_id.clone()),
-            P::T(s.subject.clone()),
-            P::T(s.email.clone()),
-            P::T(s.account.clone()),
-            P::T(Some(s.access.clone())),
-            P::T(Some(s.csrf.clone())),
-            P::I(Some(s.created_at)),
-            P::I(Some(s.last_seen_at)),
-            P::I(Some(s.expires_at)),
-            P::I(s.mfa_verified_at),
-            P::T(s.client_ip.clone()),
-            P::T(s.user_agent.clone()),
+            Arg::T(Some(s.id_hash.clone())),
+            Arg::T(Some(s.public_id.clone())),
+            Arg::T(Some(s.owner.clone())),
+            Arg::T(Some(s.kind.clone())),
+            Arg::T(s.token_id.clone()),
+            Arg::T(s.subject.clone()),
+            Arg::T(s.email.clone()),
+            Arg::T(s.account.clone()),
+            Arg::T(Some(s.access.clone())),
+            Arg::T(Some(s.csrf.clone())),
+            Arg::I(Some(s.created_at)),
+            Arg::I(Some(s.last_seen_at)),
+            Arg::I(Some(s.expires_at)),
+            Arg::I(s.mfa_verified_at),
+            Arg::T(s.client_ip.clone()),
+            Arg::T(s.user_agent.clone()),
         ];
         self.session_rows(&sql, ps).map(|_| ())
     }
@@ -238,7 +190,7 @@ impl Store {
     pub fn session_get(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM admin_sessions WHERE id_hash = $1");
         Ok(self
-            .session_rows(&sql, vec![P::T(Some(id_hash.into()))])?
+            .session_rows(&sql, vec![Arg::T(Some(id_hash.into()))])?
             .pop())
     }
 
@@ -247,7 +199,7 @@ impl Store {
         let sql = format!(
             "UPDATE admin_sessions SET last_seen_at = $2 WHERE id_hash = $1 RETURNING {COLUMNS}"
         );
-        self.session_rows(&sql, vec![P::T(Some(id_hash.into())), P::I(Some(now))])
+        self.session_rows(&sql, vec![Arg::T(Some(id_hash.into())), Arg::I(Some(now))])
             .map(|_| ())
     }
 
@@ -257,7 +209,7 @@ impl Store {
             "UPDATE admin_sessions SET mfa_verified_at = $2 WHERE id_hash = $1 RETURNING {COLUMNS}"
         );
         Ok(!self
-            .session_rows(&sql, vec![P::T(Some(id_hash.into())), P::I(Some(now))])?
+            .session_rows(&sql, vec![Arg::T(Some(id_hash.into())), Arg::I(Some(now))])?
             .is_empty())
     }
 
@@ -266,7 +218,7 @@ impl Store {
         let sql = format!(
             "SELECT {COLUMNS} FROM admin_sessions WHERE owner = $1 ORDER BY created_at DESC, public_id"
         );
-        self.session_rows(&sql, vec![P::T(Some(owner.into()))])
+        self.session_rows(&sql, vec![Arg::T(Some(owner.into()))])
     }
 
     /// Every session, newest first (for an admin).
@@ -280,7 +232,7 @@ impl Store {
     pub fn session_delete(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
         let sql = format!("DELETE FROM admin_sessions WHERE id_hash = $1 RETURNING {COLUMNS}");
         Ok(self
-            .session_rows(&sql, vec![P::T(Some(id_hash.into()))])?
+            .session_rows(&sql, vec![Arg::T(Some(id_hash.into()))])?
             .pop())
     }
 
@@ -294,8 +246,8 @@ impl Store {
             "DELETE FROM admin_sessions WHERE public_id = $1 AND (CAST($2 AS TEXT) IS NULL OR owner = CAST($2 AS TEXT)) RETURNING {COLUMNS}"
         );
         let ps = vec![
-            P::T(Some(public_id.into())),
-            P::T(owner.map(str::to_string)),
+            Arg::T(Some(public_id.into())),
+            Arg::T(owner.map(str::to_string)),
         ];
         Ok(self.session_rows(&sql, ps)?.pop())
     }
@@ -303,7 +255,7 @@ impl Store {
     /// Deletes every session of `owner` (sign out everywhere); returns them.
     pub fn session_delete_owner(&self, owner: &str) -> Result<Vec<SessionRow>, StoreError> {
         let sql = format!("DELETE FROM admin_sessions WHERE owner = $1 RETURNING {COLUMNS}");
-        self.session_rows(&sql, vec![P::T(Some(owner.into()))])
+        self.session_rows(&sql, vec![Arg::T(Some(owner.into()))])
     }
 
     /// Deletes the sessions idle since `idle_before` or past their absolute end at `now`, and
@@ -312,7 +264,7 @@ impl Store {
         let sql = format!(
             "DELETE FROM admin_sessions WHERE expires_at <= $1 OR last_seen_at <= $2 RETURNING {COLUMNS}"
         );
-        let gone = self.session_rows(&sql, vec![P::I(Some(now)), P::I(Some(idle_before))])?;
+        let gone = self.session_rows(&sql, vec![Arg::I(Some(now)), Arg::I(Some(idle_before))])?;
         match &self.inner.backend {
             Backend::Sqlite(b) => b.write(|tx| {
                 tx.execute("DELETE FROM oidc_logins WHERE expires_at <= ?1", [now])
@@ -335,72 +287,31 @@ impl Store {
     /// Stores a sign-in in progress, unless `max_pending` are stored already (an unauthenticated
     /// caller starts them: the table stays bounded); false when it was not stored.
     pub fn login_put(&self, l: &LoginState, max_pending: i64) -> Result<bool, StoreError> {
-        let l = l.clone();
-        const SQL: &str = "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
-             SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM oidc_logins) < $7";
-        match &self.inner.backend {
-            Backend::Sqlite(b) => b.write(|tx| {
-                tx.execute(
-                    &SQL.replace('$', "?"),
-                    params![
-                        l.state_hash,
-                        l.binding_hash,
-                        l.nonce,
-                        l.verifier,
-                        l.return_to,
-                        l.expires_at,
-                        max_pending
-                    ],
-                )
-                .map_err(b.err())
-                .map(|n| n == 1)
-            }),
-            Backend::Postgres(b) => {
-                let db = b.db.clone();
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let n = c
-                        .execute(
-                            SQL,
-                            &[
-                                &l.state_hash,
-                                &l.binding_hash,
-                                &l.nonce,
-                                &l.verifier,
-                                &l.return_to,
-                                &l.expires_at,
-                                &max_pending,
-                            ],
-                        )
-                        .await
-                        .map_err(|e| db.err(e))?;
-                    db.wrote();
-                    Ok(n == 1)
-                })
-            }
-        }
+        let n = self.exec_args(
+            "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM oidc_logins) < $7",
+            vec![
+                Arg::T(Some(l.state_hash.clone())),
+                Arg::T(Some(l.binding_hash.clone())),
+                Arg::T(Some(l.nonce.clone())),
+                Arg::T(Some(l.verifier.clone())),
+                Arg::T(Some(l.return_to.clone())),
+                Arg::I(Some(l.expires_at)),
+                Arg::I(Some(max_pending)),
+            ],
+        )?;
+        Ok(n == 1)
     }
 
     /// Takes (reads and deletes, once) the sign-in whose `state` hashes to `state_hash`.
+    #[allow(clippy::redundant_closure)] // See `session_rows`.
     pub fn login_take(&self, state_hash: &str) -> Result<Option<LoginState>, StoreError> {
-        let h = state_hash.to_string();
-        const SQL: &str = "DELETE FROM oidc_logins WHERE state_hash = $1 \
-             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at";
-        match &self.inner.backend {
-            Backend::Sqlite(b) => b.write(|tx| {
-                tx.query_row(&SQL.replace('$', "?"), [&h], |r| login(r))
-                    .optional()
-                    .map_err(b.err())
-            }),
-            Backend::Postgres(b) => {
-                let db = b.db.clone();
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let r = c.query_opt(SQL, &[&h]).await.map_err(|e| db.err(e))?;
-                    db.wrote();
-                    r.as_ref().map(login).transpose().map_err(|e| db.err(e))
-                })
-            }
-        }
+        let mut taken = on_backend!(self, b => b.write_args(
+            "DELETE FROM oidc_logins WHERE state_hash = $1 \
+             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
+            vec![Arg::T(Some(state_hash.to_string()))],
+            |r| login(r),
+        ))?;
+        Ok(taken.pop())
     }
 }

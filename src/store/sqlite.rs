@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
+use super::copy::{COUNT_ROWS, require_empty};
 use super::file::FileIdentity;
 use super::row;
 use super::{
@@ -584,23 +585,12 @@ impl Sqlite {
 
     pub(crate) fn import(&self, d: &StoreDump) -> Result<(), StoreError> {
         self.write(|tx| {
-            let counts: (i64, i64, i64, i64) = tx
-                .query_row(
-                    "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
-                     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
+            let counts = tx
+                .query_row(COUNT_ROWS, [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
                 .map_err(self.err())?;
-            if counts != (0, 0, 0, 0) {
-                return Err(StoreError::NotEmpty {
-                    target: self.path.display().to_string(),
-                    what: format!(
-                        "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
-                        counts.0, counts.1, counts.2, counts.3
-                    ),
-                });
-            }
+            require_empty(self.path.display().to_string(), counts)?;
             for a in &d.accounts {
                 tx.execute(
                     "INSERT INTO accounts (id, name, email, created_at, created_by, disabled_at, disabled_by) \

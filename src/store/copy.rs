@@ -3,8 +3,7 @@
 //! (`sqlite.rs`, `postgres/copy.rs`).
 //!
 //! Owns: the dump types, [`Store::copy_to`] and the import's emptiness check (`COUNT_ROWS`,
-//! `require_empty`). Never imports: `config` or anything outside
-//! `store`.
+//! `require_empty`). Never imports: `config` or anything outside `store`.
 
 use super::{Backend, Store, StoreError};
 

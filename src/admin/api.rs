@@ -24,8 +24,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
-    session_actor,
+    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, json, session_actor,
 };
 use crate::audit::{Entry, Reservation};
 use crate::auth;
@@ -144,9 +143,7 @@ pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) ->
             }
         }
     }
-    harden(resp.headers_mut(), &ctx.request_id);
-    ctx.record(gw, resp.status(), reason);
-    resp
+    ctx.seal(gw, resp, reason)
 }
 
 async fn serve(

@@ -78,13 +78,7 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
             } else {
                 logout(gw, &parts, conn, &mut ctx).await
             };
-            let (mut resp, reason) = match r {
-                Ok(r) => (r, "ok"),
-                Err(e) => (e.respond(&cfg.server.realm, &ctx.request_id), e.reason()),
-            };
-            harden(resp.headers_mut(), &ctx.request_id);
-            ctx.record(gw, resp.status(), reason);
-            resp
+            ctx.finish(gw, &cfg.server.realm, r)
         }
         _ => {
             let mut r = json(

@@ -29,6 +29,7 @@ pub mod sqlite;
 
 mod file;
 mod row;
+mod tables;
 
 pub use approvals::{ApprovalRow, MfaRow};
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;

@@ -27,57 +27,21 @@ use super::{
 use crate::token::TokenHash;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. The
-/// PostgreSQL engine has the same list with its own types (`postgres::MIGRATIONS`).
+/// PostgreSQL engine has the same list with its own types (`postgres::MIGRATIONS`): both expand
+/// the same templates (`store::tables`, `sessions`, `approvals`).
 pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: accounts, tokens, change log.
-    "CREATE TABLE accounts (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        email TEXT,
-        created_at INTEGER NOT NULL,
-        created_by TEXT NOT NULL,
-        disabled_at INTEGER,
-        disabled_by TEXT
-    );
-    CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
-        account_id TEXT NOT NULL REFERENCES accounts(id),
-        name TEXT NOT NULL,
-        display_prefix TEXT NOT NULL,
-        hash BLOB NOT NULL CHECK (length(hash) = 32),
-        role TEXT,
-        permissions TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        allowed_cidrs TEXT NOT NULL,
-        rate_rps REAL,
-        rate_burst INTEGER,
-        created_at INTEGER NOT NULL,
-        created_by TEXT NOT NULL,
-        expires_at INTEGER,
-        last_used_at INTEGER,
-        last_used_ip TEXT,
-        revoked_at INTEGER,
-        revoked_by TEXT,
-        revoke_reason TEXT,
-        rotated_from TEXT REFERENCES tokens(id),
-        rotation_deadline INTEGER
-    );
-    CREATE UNIQUE INDEX tokens_hash ON tokens(hash);
-    CREATE INDEX tokens_account ON tokens(account_id, revoked_at);
-    CREATE INDEX tokens_prefix ON tokens(display_prefix);
-    CREATE TABLE changes (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        token_id TEXT,
-        account_id TEXT
-    );",
+    super::tables::migration_1!(
+        int: "INTEGER",
+        bytes: "BLOB",
+        length: "length",
+        real: "REAL",
+        serial: "INTEGER PRIMARY KEY AUTOINCREMENT",
+        then: "",
+    ),
     // 2: admin audit events written by the CLI while a gateway owns the audit log; the gateway
     // moves them into the log (a transactional outbox).
-    "CREATE TABLE audit_outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        line TEXT NOT NULL
-    );",
+    super::tables::migration_2!(serial: "INTEGER PRIMARY KEY AUTOINCREMENT"),
     // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
     super::sessions::SQLITE_MIGRATION,
     // 4: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).

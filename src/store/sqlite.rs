@@ -750,6 +750,16 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
+    /// Options that open the SQLite file at `path`.
+    fn options(path: &std::path::Path) -> super::super::StoreOptions {
+        super::super::StoreOptions {
+            path: path.to_path_buf(),
+            url: None,
+            busy_timeout: Duration::from_millis(250),
+            pg: Default::default(),
+        }
+    }
+
     fn spec(account: &str, name: &str) -> NewTokenSpec {
         NewTokenSpec {
             account: account.into(),
@@ -922,12 +932,7 @@ mod tests {
         assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated"));
         // Another process does not take the emptied file for a new store either.
         f.set_len(0).unwrap();
-        let o = super::super::StoreOptions {
-            path: path.clone(),
-            url: None,
-            busy_timeout: Duration::from_millis(250),
-            pg: Default::default(),
-        };
+        let o = options(&path);
         let e = Store::open_existing(&o).err().expect("empty file");
         assert!(e.to_string().contains("is empty"), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
@@ -937,12 +942,7 @@ mod tests {
     fn open_existing_never_creates_a_file() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("t.db");
-        let o = super::super::StoreOptions {
-            path: path.clone(),
-            url: None,
-            busy_timeout: Duration::from_millis(250),
-            pg: Default::default(),
-        };
+        let o = options(&path);
         let e = Store::open_existing(&o).err().expect("missing");
         assert!(e.to_string().contains("tokengate store init"), "{e}");
         assert!(!path.exists());

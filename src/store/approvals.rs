@@ -17,10 +17,10 @@ use super::{Store, StoreError};
 
 /// Migration 4, written once for both engines: `$int` and `$bytes` are the engine's 64-bit
 /// integer and byte-string types.
+#[rustfmt::skip]
 macro_rules! approvals_migration {
     ($int:literal, $bytes:literal) => {
-        concat!(
-            "CREATE TABLE approvals (
+        concat!("CREATE TABLE approvals (
         id TEXT PRIMARY KEY,
         rule TEXT NOT NULL,
         params TEXT NOT NULL,
@@ -29,46 +29,25 @@ macro_rules! approvals_migration {
         token_prefix TEXT NOT NULL,
         account TEXT NOT NULL,
         status TEXT NOT NULL,
-        requested_at ",
-            $int,
-            " NOT NULL,
-        decided_at ",
-            $int,
-            ",
+        requested_at ", $int, " NOT NULL,
+        decided_at ", $int, ",
         decided_by TEXT,
         note TEXT,
-        window_ms ",
-            $int,
-            " NOT NULL,
-        expires_at ",
-            $int,
-            ",
-        used_count ",
-            $int,
-            " NOT NULL DEFAULT 0,
-        last_used_at ",
-            $int,
-            "
+        window_ms ", $int, " NOT NULL,
+        expires_at ", $int, ",
+        used_count ", $int, " NOT NULL DEFAULT 0,
+        last_used_at ", $int, "
     );
     CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
     CREATE INDEX approvals_requested ON approvals(requested_at);
     CREATE TABLE mfa (
         account_id TEXT PRIMARY KEY,
-        secret ",
-            $bytes,
-            " NOT NULL,
-        active ",
-            $int,
-            " NOT NULL,
-        last_step ",
-            $int,
-            " NOT NULL,
-        created_at ",
-            $int,
-            " NOT NULL,
+        secret ", $bytes, " NOT NULL,
+        active ", $int, " NOT NULL,
+        last_step ", $int, " NOT NULL,
+        created_at ", $int, " NOT NULL,
         recovery TEXT NOT NULL
-    );"
-        )
+    );")
     };
 }
 

@@ -17,10 +17,10 @@ use super::row::{ReadRow, from_cells};
 use super::{Backend, Store, StoreError};
 
 /// Migration 3, written once for both engines: `$int` is the engine's 64-bit integer type.
+#[rustfmt::skip]
 macro_rules! sessions_migration {
     ($int:literal) => {
-        concat!(
-            "CREATE TABLE admin_sessions (
+        concat!("CREATE TABLE admin_sessions (
         id_hash TEXT PRIMARY KEY,
         public_id TEXT NOT NULL UNIQUE,
         owner TEXT NOT NULL,
@@ -31,18 +31,10 @@ macro_rules! sessions_migration {
         account TEXT,
         access TEXT NOT NULL,
         csrf TEXT NOT NULL,
-        created_at ",
-            $int,
-            " NOT NULL,
-        last_seen_at ",
-            $int,
-            " NOT NULL,
-        expires_at ",
-            $int,
-            " NOT NULL,
-        mfa_verified_at ",
-            $int,
-            ",
+        created_at ", $int, " NOT NULL,
+        last_seen_at ", $int, " NOT NULL,
+        expires_at ", $int, " NOT NULL,
+        mfa_verified_at ", $int, ",
         client_ip TEXT,
         user_agent TEXT
     );
@@ -53,11 +45,8 @@ macro_rules! sessions_migration {
         nonce TEXT NOT NULL,
         verifier TEXT NOT NULL,
         return_to TEXT NOT NULL,
-        expires_at ",
-            $int,
-            " NOT NULL
-    );"
-        )
+        expires_at ", $int, " NOT NULL
+    );")
     };
 }
 

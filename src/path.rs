@@ -1,6 +1,7 @@
 //! Canonical request paths (SPEC §5): the one string that authorisation and the upstream both see.
 //!
-//! Owns: [`canonicalise`] and its errors, [`percent_encode`]. Pure: must never import anything of ours.
+//! Owns: [`canonicalise`] and its errors, [`percent_encode`]. Pure: must never import anything
+//! of ours.
 
 use std::cmp::Ordering;
 

@@ -2,12 +2,12 @@
 //!
 //! The SQL here is written once with `$n` placeholders and the same column types on both engines
 //! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`/`Cell`
-//! bridge (`exec_args`, `query_args`, `write_args`, which `store::sessions` uses too). Every state change is a conditional `UPDATE` (from one
-//! status to the next, or a TOTP step only upwards), so two replicas racing on the same approval
-//! or the same code cannot both win.
+//! bridge (`exec_args`, `query_args`, `write_args`, which `store::sessions` uses too). Every
+//! state change is a conditional `UPDATE` (from one status to the next, or a TOTP step only
+//! upwards), so two replicas racing on the same approval or the same code cannot both win.
 //!
-//! Owns: the `approvals` and `mfa` tables (schema migration 4), [`ApprovalRow`], [`MfaRow`].
-//! Never imports: `config`, `gateway`, `admin` or `cli`.
+//! Owns: the `approvals` and `mfa` tables (schema migration 4), [`ApprovalRow`], [`MfaRow`], the
+//! `Arg` bridge. Never imports: `config`, `gateway`, `admin` or `cli`.
 
 use serde::Serialize;
 

@@ -870,17 +870,14 @@ mod tests {
         RuleTable::new(rules).expect("valid rules")
     }
 
-    /// The template of the enforced rule for (method, path), or None.
-    fn winner<'t>(t: &'t RuleTable, method: &str, path: &str) -> Option<&'t str> {
-        t.lookup(method, path)
-            .enforced
-            .map(|m| m.rule.path.as_str())
-    }
+    static NO_SCOPES: BTreeMap<String, Vec<String>> = BTreeMap::new();
 
-    /// Asserts, for each `(path, template)`, which rule template wins a GET of `path`.
-    fn expect_winners(t: &RuleTable, cases: &[(&str, Option<&str>)]) {
-        for &(path, want) in cases {
-            assert_eq!(winner(t, "GET", path), want, "{path}");
+    /// A subject holding `permissions`, with no scopes and no role.
+    fn holding(permissions: &[String]) -> Subject<'_> {
+        Subject {
+            permissions,
+            scopes: &NO_SCOPES,
+            role: None,
         }
     }
 
@@ -908,24 +905,12 @@ mod tests {
                 ..rule(&["GET"], "/health", "x:y")
             },
         ]);
-        let none = BTreeMap::new();
         let perms = strings(&["apps:read"]);
-        let who = Subject {
-            permissions: &perms,
-            scopes: &none,
-            role: None,
-        };
+        let who = holding(&perms);
         let l = t.lookup("GET", "/apps/web/x");
         assert_eq!(decide(Some(&l), Some(who), &NoShadowRoles).verdict, Ok(()));
         let other = strings(&["billing:read"]);
-        let d = decide(
-            Some(&l),
-            Some(Subject {
-                permissions: &other,
-                ..who
-            }),
-            &NoShadowRoles,
-        );
+        let d = decide(Some(&l), Some(holding(&other)), &NoShadowRoles);
         assert_eq!(d.verdict, Err(Denied::InsufficientPermission("apps:read")));
         assert_eq!(d.verdict.unwrap_err().reason(), "insufficient_permission");
         assert_eq!(d.shadow, None, "no shadow rule, no shadow role");
@@ -969,13 +954,8 @@ mod tests {
             rule(&["GET"], "/apps/**", "apps:read"),
             shadow(&["GET"], "/apps/secret/**", "apps:admin"),
         ]);
-        let none = BTreeMap::new();
         let perms = strings(&["apps:read"]);
-        let who = Subject {
-            permissions: &perms,
-            scopes: &none,
-            role: None,
-        };
+        let who = holding(&perms);
         // The staged rule would refuse; the enforced one allows, and is what counts.
         let l = t.lookup("GET", "/apps/secret/a");
         let d = decide(Some(&l), Some(who), &NoShadowRoles);
@@ -1016,128 +996,108 @@ mod tests {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    /// For each set of templates (rules for every method), which template wins a GET of each
+    /// path (None: no rule matches).
     #[test]
-    fn most_specific_template_wins() {
-        let t = table(vec![
-            rule(&[], "/**", "all:read"),
-            rule(&[], "/apps/**", "apps:list"),
-            rule(&[], "/apps/{app}", "apps:read"),
-            rule(&[], "/apps/admin", "apps:admin"),
-        ]);
-        expect_winners(
-            &t,
-            &[
-                ("/apps/admin", Some("/apps/admin")),
-                ("/apps/billing", Some("/apps/{app}")),
-                ("/apps/admin/x", Some("/apps/**")),
-                ("/apps/billing/", Some("/apps/**")),
-                ("/apps", Some("/apps/**")),
-                ("/apps/", Some("/apps/**")),
-                ("/other", Some("/**")),
-                ("/", Some("/**")),
-            ],
-        );
-    }
-
-    #[test]
-    fn first_difference_from_the_left_decides() {
-        let t = table(vec![
-            rule(&[], "/{a}/x/y", "p:one"),
-            rule(&[], "/a/{b}/**", "p:two"),
-        ]);
-        // Position 0: literal `a` beats `{a}`, even though the other template is longer.
-        expect_winners(
-            &t,
-            &[("/a/x/y", Some("/a/{b}/**")), ("/b/x/y", Some("/{a}/x/y"))],
-        );
-    }
-
-    #[test]
-    fn exact_end_beats_empty_rest() {
-        let t = table(vec![
-            rule(&[], "/apps/**", "apps:list"),
-            rule(&[], "/apps", "apps:index"),
-            rule(&[], "/", "root:read"),
-            rule(&[], "/{rest...}", "any:read"),
-        ]);
-        expect_winners(
-            &t,
-            &[
-                ("/apps", Some("/apps")),
-                ("/apps/x", Some("/apps/**")),
-                ("/", Some("/")),
-                ("/x", Some("/{rest...}")),
-            ],
-        );
-    }
-
-    #[test]
-    fn param_beats_rest_and_needs_a_nonempty_segment() {
-        let t = table(vec![
-            rule(&[], "/apps/{app}/**", "apps:read"),
-            rule(&[], "/apps/**", "apps:list"),
-        ]);
-        for path in ["/apps/billing", "/apps/billing/", "/apps/billing/x/y"] {
-            assert_eq!(winner(&t, "GET", path), Some("/apps/{app}/**"), "{path}");
+    fn the_most_specific_template_wins() {
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, Option<&'a str>)]);
+        let cases: &[Case] = &[
+            // Most specific wins: literal, then parameter, then rest.
+            (
+                &["/**", "/apps/**", "/apps/{app}", "/apps/admin"],
+                &[
+                    ("/apps/admin", Some("/apps/admin")),
+                    ("/apps/billing", Some("/apps/{app}")),
+                    ("/apps/admin/x", Some("/apps/**")),
+                    ("/apps/billing/", Some("/apps/**")),
+                    ("/apps", Some("/apps/**")),
+                    ("/apps/", Some("/apps/**")),
+                    ("/other", Some("/**")),
+                    ("/", Some("/**")),
+                ],
+            ),
+            // The first difference from the left decides. Position 0: literal `a` beats `{a}`,
+            // even though the other template is longer.
+            (
+                &["/{a}/x/y", "/a/{b}/**"],
+                &[("/a/x/y", Some("/a/{b}/**")), ("/b/x/y", Some("/{a}/x/y"))],
+            ),
+            // An exact end beats an empty rest.
+            (
+                &["/apps/**", "/apps", "/", "/{rest...}"],
+                &[
+                    ("/apps", Some("/apps")),
+                    ("/apps/x", Some("/apps/**")),
+                    ("/", Some("/")),
+                    ("/x", Some("/{rest...}")),
+                ],
+            ),
+            // A parameter beats a rest, and needs a non-empty segment.
+            (
+                &["/apps/{app}/**", "/apps/**"],
+                &[
+                    ("/apps/billing", Some("/apps/{app}/**")),
+                    ("/apps/billing/", Some("/apps/{app}/**")),
+                    ("/apps/billing/x/y", Some("/apps/{app}/**")),
+                    ("/apps/", Some("/apps/**")),
+                    ("/apps", Some("/apps/**")),
+                ],
+            ),
+            // A trailing slash is significant.
+            (
+                &["/apps/"],
+                &[
+                    ("/apps/", Some("/apps/")),
+                    ("/apps", None),
+                    ("/apps/x", None),
+                ],
+            ),
+            (&["/apps"], &[("/apps", Some("/apps")), ("/apps/", None)]),
+            (
+                &["/apps/{app}/"],
+                &[
+                    ("/apps/x/", Some("/apps/{app}/")),
+                    ("/apps/x", None),
+                    ("/apps//", None),
+                ],
+            ),
+            // Segment boundaries hold.
+            (
+                &["/apps", "/apps/**", "/x/{id}"],
+                &[
+                    ("/appsX", None),
+                    ("/appsX/y", None),
+                    ("/app", None),
+                    ("/x/1/2", None),
+                    ("/xy/1", None),
+                ],
+            ),
+            // Literals are case-sensitive, and paths must be rooted.
+            (&["/Apps"], &[("/Apps", Some("/Apps")), ("/apps", None)]),
+            (&["/**"], &[("", None), ("apps", None)]),
+            // Canonical literals are accepted.
+            (
+                &[
+                    "/a:b@c!$&'()+,=~-._%20%2F",
+                    "/_tokengate/v1/whoami",
+                    "/{_x9}/{y_...}",
+                ],
+                &[
+                    (
+                        "/a:b@c!$&'()+,=~-._%20%2F",
+                        Some("/a:b@c!$&'()+,=~-._%20%2F"),
+                    ),
+                    ("/_tokengate/v1/whoami", Some("/_tokengate/v1/whoami")),
+                ],
+            ),
+        ];
+        for &(templates, paths) in cases {
+            let t = table(templates.iter().map(|p| rule(&[], p, "a:read")).collect());
+            for &(path, want) in paths {
+                let got = t.lookup("GET", path).enforced.map(|m| m.rule.path.as_str());
+                assert_eq!(got, want, "{path:?} in {templates:?}");
+            }
         }
-        expect_winners(
-            &t,
-            &[("/apps/", Some("/apps/**")), ("/apps", Some("/apps/**"))],
-        );
-    }
-
-    #[test]
-    fn trailing_slash_is_significant() {
-        let t = table(vec![rule(&[], "/apps/", "apps:list")]);
-        expect_winners(
-            &t,
-            &[
-                ("/apps/", Some("/apps/")),
-                ("/apps", None),
-                ("/apps/x", None),
-            ],
-        );
-
-        let t = table(vec![rule(&[], "/apps", "apps:list")]);
-        expect_winners(&t, &[("/apps", Some("/apps")), ("/apps/", None)]);
-
-        let t = table(vec![rule(&[], "/apps/{app}/", "apps:read")]);
-        expect_winners(
-            &t,
-            &[
-                ("/apps/x/", Some("/apps/{app}/")),
-                ("/apps/x", None),
-                ("/apps//", None),
-            ],
-        );
-    }
-
-    #[test]
-    fn segment_boundaries_hold() {
-        let t = table(vec![
-            rule(&[], "/apps", "apps:list"),
-            rule(&[], "/apps/**", "apps:read"),
-            rule(&[], "/x/{id}", "x:read"),
-        ]);
-        expect_winners(
-            &t,
-            &[
-                ("/appsX", None),
-                ("/appsX/y", None),
-                ("/app", None),
-                ("/x/1/2", None),
-                ("/xy/1", None),
-            ],
-        );
-    }
-
-    #[test]
-    fn literals_are_case_sensitive_and_paths_must_be_rooted() {
-        let t = table(vec![rule(&[], "/Apps", "apps:list")]);
-        expect_winners(&t, &[("/Apps", Some("/Apps")), ("/apps", None)]);
-        let t = table(vec![rule(&[], "/**", "all:read")]);
-        assert!(t.lookup("GET", "").enforced.is_none());
-        assert!(t.lookup("GET", "apps").enforced.is_none());
     }
 
     #[test]
@@ -1429,23 +1389,6 @@ mod tests {
         ] {
             template_error(bad);
         }
-    }
-
-    #[test]
-    fn canonical_literals_are_accepted() {
-        let t = table(vec![
-            rule(&[], "/a:b@c!$&'()+,=~-._%20%2F", "a:read"),
-            rule(&[], "/_tokengate/v1/whoami", "tokengate:self"),
-            rule(&[], "/{_x9}/{y_...}", "a:read"),
-        ]);
-        assert_eq!(
-            winner(&t, "GET", "/a:b@c!$&'()+,=~-._%20%2F"),
-            Some("/a:b@c!$&'()+,=~-._%20%2F")
-        );
-        assert_eq!(
-            winner(&t, "GET", "/_tokengate/v1/whoami"),
-            Some("/_tokengate/v1/whoami")
-        );
     }
 
     #[test]

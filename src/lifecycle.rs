@@ -1,7 +1,7 @@
 //! Token and account lifecycle: every operation that makes or changes a token, shared by the
 //! local CLI, the admin API (and so the remote CLI and the web UI) and the request pipeline:
 //! create, rotate, revoke, disable an account, retire a rotated predecessor on its successor's
-//! first use, and the JSON view of a token.
+//! first use, the JSON view of a token and the `--stale`/`--expiring` filter of a listing.
 //!
 //! It holds THE rule of the admin plane: the result of a lifecycle operation is never stronger
 //! than the credential acting. A caller that is not an admin (`tokengate:admin` or `*`) can only
@@ -657,6 +657,40 @@ pub fn retire_predecessor(
         client_ip: Some(client_ip.to_string()),
         details: None,
     }))
+}
+
+/// The `--stale` and `--expiring` of a token listing, on the CLI and the API alike: keep the
+/// tokens unused for longer than `stale` (one never used counts from its creation) and those
+/// expiring within `expiring` (not expired yet); either, when given, in ms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListFilter {
+    /// Unused for longer than this (ms).
+    pub stale: Option<i64>,
+    /// Expiring within this (ms).
+    pub expiring: Option<i64>,
+}
+
+impl ListFilter {
+    /// Parses the two durations (`90d`, `12h`, ...), `stale` first.
+    pub fn parse(stale: Option<&str>, expiring: Option<&str>) -> Result<ListFilter, String> {
+        let ms = |s: Option<&str>| {
+            s.map(|s| parse_duration(s).map(|d| d.as_millis() as i64))
+                .transpose()
+        };
+        Ok(ListFilter {
+            stale: ms(stale)?,
+            expiring: ms(expiring)?,
+        })
+    }
+
+    /// True when `t` is listed at `now`.
+    pub fn keeps(&self, t: &TokenRow, now: i64) -> bool {
+        self.stale
+            .is_none_or(|s| t.last_used_at.unwrap_or(t.created_at) < now - s)
+            && self
+                .expiring
+                .is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w))
+    }
 }
 
 /// JSON view of a token (never the hash, never the plaintext).

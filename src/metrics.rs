@@ -565,34 +565,20 @@ impl Metrics {
             "Open client connections on the public listener.",
             self.open_connections.load(Ordering::Relaxed) as f64,
         );
-        header(
+        by_label(
             &mut out,
             "tokengate_http_errors_total",
-            "counter",
             "Client connections ended by an HTTP-level error, by kind (requests hyper refused itself, header read and send timeouts).",
+            "kind",
+            HttpErrorKind::ALL.map(|kind| (kind.label(), self.http_errors(kind))),
         );
-        for kind in HttpErrorKind::ALL {
-            let _ = writeln!(
-                out,
-                "tokengate_http_errors_total{{kind=\"{}\"}} {}",
-                kind.label(),
-                self.http_errors(kind)
-            );
-        }
-        header(
+        by_label(
             &mut out,
             "tokengate_connections_refused_total",
-            "counter",
             "Client connections closed at accept because a connection limit was reached, by limit (per_ip: server.max_connections_per_ip; total: server.max_connections).",
+            "limit",
+            ConnLimit::ALL.map(|limit| (limit.label(), self.connections_refused(limit))),
         );
-        for limit in ConnLimit::ALL {
-            let _ = writeln!(
-                out,
-                "tokengate_connections_refused_total{{limit=\"{}\"}} {}",
-                limit.label(),
-                self.connections_refused(limit)
-            );
-        }
         single(
             &mut out,
             "tokengate_http1_fast_path_requests_total",
@@ -725,6 +711,20 @@ pub fn process_metrics() -> Vec<(&'static str, &'static str, &'static str, f64)>
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter with one label: one line per `(label value, count)`.
+fn by_label(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    rows: impl IntoIterator<Item = (&'static str, u64)>,
+) {
+    header(out, name, "counter", help);
+    for (value, n) in rows {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
 }
 
 fn single(out: &mut String, name: &str, kind: &str, help: &str, v: f64) {

@@ -1,6 +1,7 @@
 //! Canonical request paths (SPEC §5): the one string that authorisation and the upstream both see.
 //!
-//! Owns: [`canonicalise`] and its errors. Pure: must never import anything of ours.
+//! Owns: [`canonicalise`] and its errors, [`percent_encode`]. Pure: must never import anything
+//! of ours.
 
 use std::cmp::Ordering;
 
@@ -253,6 +254,20 @@ pub fn segments(canonical: &str) -> impl Iterator<Item = &str> {
         .then(|| rest.split('/'))
         .into_iter()
         .flatten()
+}
+
+/// Percent-encodes every byte of `s` but the unreserved characters (RFC 3986 §2.3), uppercase:
+/// a path segment or a query value that reads back as exactly `s`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Checks one finished segment, already in canonical form (unreserved escapes decoded, other

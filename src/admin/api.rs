@@ -24,19 +24,18 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, harden, json,
-    session_actor,
+    Actor, Admin, AdminError, ApiCall, MAX_BODY_BYTES, PERM_ADMIN, check_csrf, json, session_actor,
 };
 use crate::audit::{Entry, Reservation};
 use crate::auth;
 use crate::authz;
 use crate::body::Body;
 use crate::clock::rfc3339;
-use crate::config::{Config, parse_duration};
+use crate::config::Config;
 use crate::error::Reject;
 use crate::gateway::ConnInfo;
 use crate::lifecycle::{
-    self, Caller, CreateRequest, LifecycleError, Refusal, RotateRequest, token_json,
+    self, Caller, CreateRequest, LifecycleError, ListFilter, Refusal, RotateRequest, token_json,
 };
 use crate::store::{Account, StoreError, TokenRow};
 
@@ -144,9 +143,7 @@ pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) ->
             }
         }
     }
-    harden(resp.headers_mut(), &ctx.request_id);
-    ctx.record(gw, resp.status(), reason);
-    resp
+    ctx.seal(gw, resp, reason)
 }
 
 async fn serve(
@@ -412,16 +409,11 @@ async fn list_tokens(
         Some("true") | Some("1") => true,
         Some(_) => return Err(AdminError::bad_request("`all` is true or false.")),
     };
-    let dur = |k: &str| -> Result<Option<i64>, AdminError> {
-        q.get(k)
-            .map(|s| {
-                parse_duration(s)
-                    .map(|d| d.as_millis() as i64)
-                    .map_err(AdminError::bad_request)
-            })
-            .transpose()
-    };
-    let (stale, expiring) = (dur("stale")?, dur("expiring")?);
+    let list = ListFilter::parse(
+        q.get("stale").map(String::as_str),
+        q.get("expiring").map(String::as_str),
+    )
+    .map_err(AdminError::bad_request)?;
     let filter = if actor.admin {
         account
     } else {
@@ -443,8 +435,7 @@ async fn list_tokens(
         .map_err(store_err)?;
     let rows: Vec<serde_json::Value> = rows
         .iter()
-        .filter(|t| stale.is_none_or(|s| t.last_used_at.unwrap_or(t.created_at) < now - s))
-        .filter(|t| expiring.is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w)))
+        .filter(|t| list.keeps(t, now))
         .map(|t| token_json(t, now))
         .collect();
     Ok(ok(StatusCode::OK, serde_json::json!({"tokens": rows})))

@@ -480,6 +480,33 @@ impl ApiCall {
         }
     }
 
+    /// The answer to `r` (an error answered for `realm`), through [`Self::seal`].
+    pub(crate) fn finish(
+        &self,
+        gw: &Admin,
+        realm: &str,
+        r: Result<Response<Body>, AdminError>,
+    ) -> Response<Body> {
+        let (resp, reason) = match r {
+            Ok(r) => (r, "ok"),
+            Err(e) => (e.respond(realm, &self.request_id), e.reason()),
+        };
+        self.seal(gw, resp, reason)
+    }
+
+    /// The last step of every admin answer: the [`harden`]ed headers, then the request line
+    /// (with `reason`).
+    pub(crate) fn seal(
+        &self,
+        gw: &Admin,
+        mut resp: Response<Body>,
+        reason: &str,
+    ) -> Response<Body> {
+        harden(resp.headers_mut(), &self.request_id);
+        self.record(gw, resp.status(), reason);
+        resp
+    }
+
     /// Reserves the audit slot of a mutation before it is made: no change happens unaudited.
     pub(crate) fn reserve(&self, gw: &Admin) -> Result<Reservation, AdminError> {
         gw.audit()

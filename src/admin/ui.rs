@@ -26,12 +26,21 @@ use crate::error::Reject;
 use crate::gateway::ConnInfo;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
-const APP_JS: &str = include_str!("assets/app.js");
-const APP_CSS: &str = include_str!("assets/app.css");
-const APPROVALS_JS: &str = include_str!("assets/approvals.js");
-const ICON_SVG: &str = include_str!("assets/icon.svg");
-const SIGNIN_JS: &str = include_str!("assets/signin.js");
-const SESSIONS_JS: &str = include_str!("assets/sessions.js");
+
+/// The embedded asset served at `path`: its body and content type.
+fn embedded(path: &str) -> Option<(&'static str, &'static str)> {
+    const JS: &str = "text/javascript; charset=utf-8";
+    Some(match path {
+        "/assets/api.js" => (include_str!("assets/api.js"), JS),
+        "/assets/app.js" => (include_str!("assets/app.js"), JS),
+        "/assets/app.css" => (include_str!("assets/app.css"), "text/css; charset=utf-8"),
+        "/assets/approvals.js" => (include_str!("assets/approvals.js"), JS),
+        "/assets/icon.svg" => (include_str!("assets/icon.svg"), "image/svg+xml"),
+        "/assets/signin.js" => (include_str!("assets/signin.js"), JS),
+        "/assets/sessions.js" => (include_str!("assets/sessions.js"), JS),
+        _ => return None,
+    })
+}
 
 /// Content-Security-Policy of the page: only our own script, style and API; no framing.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -41,18 +50,8 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 pub fn is_ui_path(path: &str) -> bool {
     matches!(
         path,
-        "/" | "/index.html"
-            | "/assets/app.js"
-            | "/assets/app.css"
-            | "/assets/approvals.js"
-            | "/assets/icon.svg"
-            | "/assets/signin.js"
-            | "/assets/sessions.js"
-            | "/session"
-            | "/session/logout"
-            | "/oidc/login"
-            | "/oidc/callback"
-    )
+        "/" | "/index.html" | "/session" | "/session/logout" | "/oidc/login" | "/oidc/callback"
+    ) || embedded(path).is_some()
 }
 
 /// Handles one UI request.
@@ -60,13 +59,10 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let get = matches!(parts.method, Method::GET | Method::HEAD);
+    if let Some((body, kind)) = embedded(&path).filter(|_| get) {
+        return asset(body, kind);
+    }
     match (get, path.as_str()) {
-        (true, "/assets/app.js") => asset(APP_JS, "text/javascript; charset=utf-8"),
-        (true, "/assets/app.css") => asset(APP_CSS, "text/css; charset=utf-8"),
-        (true, "/assets/approvals.js") => asset(APPROVALS_JS, "text/javascript; charset=utf-8"),
-        (true, "/assets/icon.svg") => asset(ICON_SVG, "image/svg+xml"),
-        (true, "/assets/signin.js") => asset(SIGNIN_JS, "text/javascript; charset=utf-8"),
-        (true, "/assets/sessions.js") => asset(SESSIONS_JS, "text/javascript; charset=utf-8"),
         (true, "/oidc/login" | "/oidc/callback") => super::oidc::handle(gw, parts, conn).await,
         (true, "/" | "/index.html") => index(gw, &parts, conn).await,
         (false, "/session" | "/session/logout") if parts.method == Method::POST => {
@@ -78,13 +74,7 @@ pub async fn handle(gw: &Admin, req: Request<Incoming>, conn: ConnInfo) -> Respo
             } else {
                 logout(gw, &parts, conn, &mut ctx).await
             };
-            let (mut resp, reason) = match r {
-                Ok(r) => (r, "ok"),
-                Err(e) => (e.respond(&cfg.server.realm, &ctx.request_id), e.reason()),
-            };
-            harden(resp.headers_mut(), &ctx.request_id);
-            ctx.record(gw, resp.status(), reason);
-            resp
+            ctx.finish(gw, &cfg.server.realm, r)
         }
         _ => {
             let mut r = json(
@@ -332,8 +322,9 @@ mod tests {
     fn page_has_the_csrf_slot_and_assets_are_local() {
         assert!(INDEX_HTML.contains("name=\"csrf-token\" content=\"{{CSRF}}\""));
         assert!(!INDEX_HTML.contains("http://") && !INDEX_HTML.contains("https://"));
+        let (app_js, _) = embedded("/assets/app.js").unwrap();
         assert!(
-            !APP_JS.contains("innerHTML"),
+            !app_js.contains("innerHTML"),
             "data is rendered with textContent only"
         );
         assert_eq!(attr("\"><x"), "&quot;&gt;&lt;x");

@@ -16,6 +16,7 @@ use http::Method;
 use super::print::{print_json, str_of};
 use super::remote::{Client, Target};
 use super::{ApprovalCmd, CliError};
+use crate::path::percent_encode as enc;
 
 /// Exit code of `approval request --wait` when a person rejected the request.
 pub const EXIT_REJECTED: u8 = 10;
@@ -177,16 +178,4 @@ fn wait_for(
         pause = (pause * 2).min(MAX_POLL);
         v = c.call(Method::GET, &format!("/v1/approvals/{}", enc(id)), None)?;
     }
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

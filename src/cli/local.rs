@@ -13,7 +13,7 @@ use super::{AccountCmd, AuditArgs, AuditCmd, CliError, CreateArgs, EXIT_FAILURE,
 use crate::app::{audit_config, load_config as app_load_config};
 use crate::audit::{self, AdminRecord, AuditLog, Entry};
 use crate::clock::rfc3339;
-use crate::config::{Config, parse_duration};
+use crate::config::Config;
 use crate::lifecycle::{self, Caller, RotateRequest, parse_scope, token_json};
 use crate::store::{Store, TokenRow};
 
@@ -469,28 +469,15 @@ pub(super) fn token(config: Option<&Path>, cmd: &TokenCmd) -> Result<(), CliErro
             all,
             json,
         } => {
-            let stale_ms = stale
-                .as_deref()
-                .map(|s| parse_duration(s).map(|d| d.as_millis() as i64))
-                .transpose()
+            let filter = lifecycle::ListFilter::parse(stale.as_deref(), expiring.as_deref())
                 .map_err(CliError::usage)?;
-            let exp_ms = expiring
-                .as_deref()
-                .map(|s| parse_duration(s).map(|d| d.as_millis() as i64))
-                .transpose()
-                .map_err(CliError::usage)?;
-            let rows: Vec<TokenRow> = l
+            let views: Vec<_> = l
                 .store
                 .list_tokens(account.as_deref(), *all, now)?
-                .into_iter()
-                .filter(|t| {
-                    stale_ms.is_none_or(|s| t.last_used_at.unwrap_or(t.created_at) < now - s)
-                })
-                .filter(|t| {
-                    exp_ms.is_none_or(|w| t.expires_at.is_some_and(|e| e > now && e <= now + w))
-                })
+                .iter()
+                .filter(|t| filter.keeps(t, now))
+                .map(|t| token_json(t, now))
                 .collect();
-            let views: Vec<_> = rows.iter().map(|t| token_json(t, now)).collect();
             print::token_list(&views, *json);
             Ok(())
         }

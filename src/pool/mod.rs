@@ -23,7 +23,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -229,6 +231,9 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// The pool's hosts, by authority and TLS connector id (see `Shared::hosts`).
+type Hosts = HashMap<(Authority, u64), Arc<Host>>;
+
 struct Shared {
     settings: Builder,
     h1: http1::Builder,
@@ -238,7 +243,7 @@ struct Shared {
     /// Plain entries are never removed: the set of upstreams is the routes' (bounded), and an
     /// empty entry costs a few words. A TLS entry goes once its connector is no longer in any
     /// config (after a reload), with its connections.
-    hosts: RwLock<HashMap<(Authority, u64), Arc<Host>>>,
+    hosts: RwLock<Hosts>,
     /// Added to the monotonic clock: tests advance it instead of sleeping through the idle timeout.
     clock_offset_ms: AtomicU64,
     /// A reaper task is running (at most one; it exits when no connection is idle).
@@ -465,11 +470,7 @@ impl Pool {
 
     /// Idle connections across all authorities (closed or expired ones included until pruned).
     pub fn idle_connections(&self) -> usize {
-        let hosts = self
-            .shared
-            .hosts
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let hosts = self.shared.read_hosts();
         hosts
             .values()
             .map(|h| lock(&h.idle).len() + usize::from(lock(&h.h2).is_some()))
@@ -480,11 +481,7 @@ impl Pool {
     /// the pool has seen the FIN instead of sleeping).
     #[doc(hidden)]
     pub fn closed_idle_connections(&self) -> usize {
-        let hosts = self
-            .shared
-            .hosts
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let hosts = self.shared.read_hosts();
         hosts
             .values()
             .map(|h| lock(&h.idle).iter().filter(|c| c.tx.is_closed()).count())
@@ -506,20 +503,12 @@ impl Pool {
     fn host(&self, authority: &Authority, tls: Option<&Arc<UpstreamConnector>>) -> Arc<Host> {
         let key = (authority.clone(), tls.map_or(0, |t| t.id()));
         {
-            let hosts = self
-                .shared
-                .hosts
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let hosts = self.shared.read_hosts();
             if let Some(h) = hosts.get(&key) {
                 return h.clone();
             }
         }
-        let mut hosts = self
-            .shared
-            .hosts
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut hosts = self.shared.write_hosts();
         // A new connector is seen after a reload: drop the hosts of the connectors it replaced.
         hosts.retain(|_, h| !h.stale());
         hosts
@@ -657,6 +646,17 @@ impl Pool {
 }
 
 impl Shared {
+    /// The hosts, for a lookup (a poisoned lock is taken anyway: no writer leaves the map half
+    /// changed).
+    fn read_hosts(&self) -> RwLockReadGuard<'_, Hosts> {
+        self.hosts.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The hosts, to add or drop some.
+    fn write_hosts(&self) -> RwLockWriteGuard<'_, Hosts> {
+        self.hosts.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn now(&self) -> Instant {
         Instant::now() + Duration::from_millis(self.clock_offset_ms.load(Ordering::Relaxed))
     }
@@ -682,7 +682,7 @@ impl Shared {
     fn prune_all(&self) -> Option<Instant> {
         let now = self.now();
         {
-            let hosts = self.hosts.read().unwrap_or_else(PoisonError::into_inner);
+            let hosts = self.read_hosts();
             if !hosts.values().any(|h| h.stale()) {
                 return hosts
                     .values()
@@ -690,7 +690,7 @@ impl Shared {
                     .min();
             }
         }
-        let mut hosts = self.hosts.write().unwrap_or_else(PoisonError::into_inner);
+        let mut hosts = self.write_hosts();
         hosts.retain(|_, h| !h.stale());
         hosts
             .values()

@@ -2,12 +2,12 @@
 //!
 //! The SQL here is written once with `$n` placeholders and the same column types on both engines
 //! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`/`Cell`
-//! bridge (`exec_args`, `query_cells`). Every state change is a conditional `UPDATE` (from one
-//! status to the next, or a TOTP step only upwards), so two replicas racing on the same approval
-//! or the same code cannot both win.
+//! bridge (`exec_args`, `query_args`, `write_args`, which `store::sessions` uses too). Every
+//! state change is a conditional `UPDATE` (from one status to the next, or a TOTP step only
+//! upwards), so two replicas racing on the same approval or the same code cannot both win.
 //!
-//! Owns: the `approvals` and `mfa` tables (schema migration 3), [`ApprovalRow`], [`MfaRow`].
-//! Never imports: `config`, `gateway`, `admin` or `cli`.
+//! Owns: the `approvals` and `mfa` tables (schema migration 4), [`ApprovalRow`], [`MfaRow`], the
+//! `Arg` bridge. Never imports: `config`, `gateway`, `admin` or `cli`.
 
 use serde::Serialize;
 
@@ -15,8 +15,12 @@ use super::Backend;
 
 use super::{Store, StoreError};
 
-/// Migration 3 on SQLite.
-pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE approvals (
+/// Migration 4, written once for both engines: `$int` and `$bytes` are the engine's 64-bit
+/// integer and byte-string types.
+#[rustfmt::skip]
+macro_rules! approvals_migration {
+    ($int:literal, $bytes:literal) => {
+        concat!("CREATE TABLE approvals (
         id TEXT PRIMARY KEY,
         rule TEXT NOT NULL,
         params TEXT NOT NULL,
@@ -25,55 +29,33 @@ pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE approvals (
         token_prefix TEXT NOT NULL,
         account TEXT NOT NULL,
         status TEXT NOT NULL,
-        requested_at INTEGER NOT NULL,
-        decided_at INTEGER,
+        requested_at ", $int, " NOT NULL,
+        decided_at ", $int, ",
         decided_by TEXT,
         note TEXT,
-        window_ms INTEGER NOT NULL,
-        expires_at INTEGER,
-        used_count INTEGER NOT NULL DEFAULT 0,
-        last_used_at INTEGER
+        window_ms ", $int, " NOT NULL,
+        expires_at ", $int, ",
+        used_count ", $int, " NOT NULL DEFAULT 0,
+        last_used_at ", $int, "
     );
     CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
     CREATE INDEX approvals_requested ON approvals(requested_at);
     CREATE TABLE mfa (
         account_id TEXT PRIMARY KEY,
-        secret BLOB NOT NULL,
-        active INTEGER NOT NULL,
-        last_step INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
+        secret ", $bytes, " NOT NULL,
+        active ", $int, " NOT NULL,
+        last_step ", $int, " NOT NULL,
+        created_at ", $int, " NOT NULL,
         recovery TEXT NOT NULL
-    );";
+    );")
+    };
+}
 
-/// Migration 3 on PostgreSQL.
-pub(crate) const PG_MIGRATION: &str = "CREATE TABLE approvals (
-        id TEXT PRIMARY KEY,
-        rule TEXT NOT NULL,
-        params TEXT NOT NULL,
-        message TEXT NOT NULL,
-        token_id TEXT NOT NULL,
-        token_prefix TEXT NOT NULL,
-        account TEXT NOT NULL,
-        status TEXT NOT NULL,
-        requested_at BIGINT NOT NULL,
-        decided_at BIGINT,
-        decided_by TEXT,
-        note TEXT,
-        window_ms BIGINT NOT NULL,
-        expires_at BIGINT,
-        used_count BIGINT NOT NULL DEFAULT 0,
-        last_used_at BIGINT
-    );
-    CREATE INDEX approvals_binding ON approvals(token_id, rule, status);
-    CREATE INDEX approvals_requested ON approvals(requested_at);
-    CREATE TABLE mfa (
-        account_id TEXT PRIMARY KEY,
-        secret BYTEA NOT NULL,
-        active BIGINT NOT NULL,
-        last_step BIGINT NOT NULL,
-        created_at BIGINT NOT NULL,
-        recovery TEXT NOT NULL
-    );";
+/// Migration 4 on SQLite.
+pub(crate) const SQLITE_MIGRATION: &str = approvals_migration!("INTEGER", "BLOB");
+
+/// Migration 4 on PostgreSQL (the same tables in its types).
+pub(crate) const PG_MIGRATION: &str = approvals_migration!("BIGINT", "BYTEA");
 
 /// A bound parameter.
 #[derive(Debug, Clone)]
@@ -262,7 +244,8 @@ fn i(v: i64) -> Arg {
 }
 
 impl Store {
-    fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
+    /// Runs one statement written with `$n` placeholders on either engine; rows changed.
+    pub(super) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
         on_backend!(self, b => b.exec_args(sql, args))
     }
 
@@ -272,7 +255,7 @@ impl Store {
         args: Vec<Arg>,
         kinds: &'static [Kind],
     ) -> Result<Vec<Vec<Cell>>, StoreError> {
-        on_backend!(self, b => b.query_cells(sql, args, kinds))
+        on_backend!(self, b => b.query_args(sql, args, move |r| cells(r, kinds)))
     }
 
     // ------------------------------------------------------------ approvals
@@ -521,41 +504,53 @@ impl Store {
 }
 
 impl super::sqlite::Sqlite {
-    /// Runs one statement of `store::approvals` (`$n` placeholders); rows changed.
+    /// Runs one statement written with `$n` placeholders, `args` bound to them; rows changed.
     pub(crate) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
         let sql = sqlite_sql(sql);
         self.write(|tx| {
-            let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
-            let n = tx
-                .execute(&sql, rusqlite::params_from_iter(params.iter()))
-                .map_err(self.err())?;
+            let n = tx.execute(&sql, sqlite_params(args)).map_err(self.err())?;
             Ok(n as u64)
         })
     }
 
-    /// Runs one query of `store::approvals`; each row's cells typed by `kinds`.
-    pub(crate) fn query_cells(
+    /// Runs one query written with `$n` placeholders on a reader, `args` bound to them; every
+    /// row mapped with `row`.
+    pub(crate) fn query_args<T>(
         &self,
         sql: &str,
         args: Vec<Arg>,
-        kinds: &'static [Kind],
-    ) -> Result<Vec<Vec<Cell>>, StoreError> {
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
         let sql = sqlite_sql(sql);
-        self.with_reader(|c| {
-            let params: Vec<Box<dyn rusqlite::ToSql>> = args.into_iter().map(sqlite_arg).collect();
-            self.query_all(c, &sql, rusqlite::params_from_iter(params.iter()), |r| {
-                cells(r, kinds)
-            })
-        })
+        self.with_reader(|c| self.query_all(c, &sql, sqlite_params(args), row))
+    }
+
+    /// Like [`Self::query_args`], in a write transaction: for a statement that writes and
+    /// returns rows (`RETURNING`).
+    pub(crate) fn write_args<T>(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let sql = sqlite_sql(sql);
+        self.write(|tx| self.query_all(tx, &sql, sqlite_params(args), row))
     }
 }
 
-fn sqlite_arg(a: Arg) -> Box<dyn rusqlite::ToSql> {
-    match a {
-        Arg::I(v) => Box::new(v),
-        Arg::T(v) => Box::new(v),
-        Arg::B(v) => Box::new(v),
-    }
+/// `args` as SQLite binds them.
+fn sqlite_params(args: Vec<Arg>) -> rusqlite::ParamsFromIter<Vec<Box<dyn rusqlite::ToSql>>> {
+    rusqlite::params_from_iter(
+        args.into_iter()
+            .map(|a| -> Box<dyn rusqlite::ToSql> {
+                match a {
+                    Arg::I(v) => Box::new(v),
+                    Arg::T(v) => Box::new(v),
+                    Arg::B(v) => Box::new(v),
+                }
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! engines with a read-back check. Each engine reads and writes the rows itself
 //! (`sqlite.rs`, `postgres/copy.rs`).
 //!
-//! Owns: the dump types and [`Store::copy_to`]. Never imports: `config` or anything outside
-//! `store`.
+//! Owns: the dump types, [`Store::copy_to`] and the import's emptiness check (`COUNT_ROWS`,
+//! `require_empty`). Never imports: `config` or anything outside `store`.
 
 use super::{Backend, Store, StoreError};
 
@@ -119,6 +119,27 @@ impl StoreDump {
 pub(crate) const DUMP_TOKEN_COLUMNS: &str = "id, account_id, name, display_prefix, hash, role, permissions, scopes, \
      allowed_cidrs, rate_rps, rate_burst, created_at, created_by, expires_at, last_used_at, last_used_ip, \
      revoked_at, revoked_by, revoke_reason, rotated_from, rotation_deadline";
+
+/// How many rows each table `store copy` fills holds already, on either engine.
+pub(crate) const COUNT_ROWS: &str = "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
+     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)";
+
+/// An import's first check: refuses `target` unless [`COUNT_ROWS`] found nothing.
+pub(crate) fn require_empty(
+    target: String,
+    counts: (i64, i64, i64, i64),
+) -> Result<(), StoreError> {
+    if counts == (0, 0, 0, 0) {
+        return Ok(());
+    }
+    Err(StoreError::NotEmpty {
+        target,
+        what: format!(
+            "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
+            counts.0, counts.1, counts.2, counts.3
+        ),
+    })
+}
 
 impl Store {
     /// Every row of every table, as stored.

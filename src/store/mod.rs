@@ -25,11 +25,11 @@ use serde::Serialize;
 use crate::token::{NewToken, TokenHash};
 
 pub mod postgres;
-pub mod sessions;
 pub mod sqlite;
 
 mod file;
 mod row;
+mod tables;
 
 pub use approvals::{ApprovalRow, MfaRow};
 pub(crate) use copy::DUMP_TOKEN_COLUMNS;
@@ -423,6 +423,7 @@ macro_rules! on_backend {
 // Declared after `on_backend!`, which they use.
 pub mod approvals;
 mod copy;
+pub mod sessions;
 
 /// True when `location` names a PostgreSQL server rather than a SQLite file.
 pub fn is_postgres_url(location: &str) -> bool {

@@ -2,8 +2,8 @@
 //! its account) and its decoding into [`TokenRow`], the "account is full" error, and one decoder
 //! per selected row shape that reads a row of either engine ([`ReadRow`]).
 //!
-//! Owns: [`NewTokenRow`], [`RawTokenRow`], `TOKEN_COLUMNS`. Never imports: `config` or anything
-//! outside `store` but `token`.
+//! Owns: [`NewTokenRow`], [`RawTokenRow`], `TOKEN_COLUMNS`, `from_cells!`. Never imports:
+//! `config` or anything outside `store` but `token`.
 
 use super::{
     Account, Change, DumpAccount, DumpChange, DumpToken, NewTokenSpec, RateOverride, StoreError,
@@ -242,16 +242,23 @@ impl ReadRow for tokio_postgres::Row {
     }
 }
 
+/// Decodes a selected row of either engine into `Type { a, b, .. }`: column 0 into `a`, 1 into
+/// `b`, and so on, so the fields are named in the order of the select list and the column
+/// numbers are never written out.
+macro_rules! from_cells {
+    ($r:expr => $ty:ident { $($field:ident),* $(,)? }) => {{
+        let r = $r;
+        let mut column = 0..;
+        Ok($ty {
+            $($field: $crate::store::row::ReadRow::cell(r, column.next().expect("unbounded"))?,)*
+        })
+    }};
+}
+pub(crate) use from_cells;
+
 /// `SELECT id, name, email, created_at, created_by, disabled_at FROM accounts`.
 pub(crate) fn account<R: ReadRow>(r: &R) -> Result<Account, R::Error> {
-    Ok(Account {
-        id: r.cell(0)?,
-        name: r.cell(1)?,
-        email: r.cell(2)?,
-        created_at: r.cell(3)?,
-        created_by: r.cell(4)?,
-        disabled_at: r.cell(5)?,
-    })
+    from_cells!(r => Account { id, name, email, created_at, created_by, disabled_at })
 }
 
 /// `SELECT {TOKEN_COLUMNS}`.
@@ -265,12 +272,7 @@ pub(crate) fn raw_token<R: ReadRow>(r: &R) -> Result<RawTokenRow, R::Error> {
 
 /// `SELECT seq, kind, token_id, account_id FROM changes`.
 pub(crate) fn change<R: ReadRow>(r: &R) -> Result<Change, R::Error> {
-    Ok(Change {
-        seq: r.cell(0)?,
-        kind: r.cell(1)?,
-        token_id: r.cell(2)?,
-        account_id: r.cell(3)?,
-    })
+    from_cells!(r => Change { seq, kind, token_id, account_id })
 }
 
 /// `SELECT id, line FROM audit_outbox`.
@@ -280,51 +282,22 @@ pub(crate) fn outbox<R: ReadRow>(r: &R) -> Result<(i64, String), R::Error> {
 
 /// `SELECT id, name, email, created_at, created_by, disabled_at, disabled_by FROM accounts`.
 pub(crate) fn dump_account<R: ReadRow>(r: &R) -> Result<DumpAccount, R::Error> {
-    Ok(DumpAccount {
-        id: r.cell(0)?,
-        name: r.cell(1)?,
-        email: r.cell(2)?,
-        created_at: r.cell(3)?,
-        created_by: r.cell(4)?,
-        disabled_at: r.cell(5)?,
-        disabled_by: r.cell(6)?,
+    from_cells!(r => DumpAccount {
+        id, name, email, created_at, created_by, disabled_at, disabled_by
     })
 }
 
 /// `SELECT {DUMP_TOKEN_COLUMNS} FROM tokens`.
 pub(crate) fn dump_token<R: ReadRow>(r: &R) -> Result<DumpToken, R::Error> {
-    Ok(DumpToken {
-        id: r.cell(0)?,
-        account_id: r.cell(1)?,
-        name: r.cell(2)?,
-        display_prefix: r.cell(3)?,
-        hash: r.cell(4)?,
-        role: r.cell(5)?,
-        permissions: r.cell(6)?,
-        scopes: r.cell(7)?,
-        allowed_cidrs: r.cell(8)?,
-        rate_rps: r.cell(9)?,
-        rate_burst: r.cell(10)?,
-        created_at: r.cell(11)?,
-        created_by: r.cell(12)?,
-        expires_at: r.cell(13)?,
-        last_used_at: r.cell(14)?,
-        last_used_ip: r.cell(15)?,
-        revoked_at: r.cell(16)?,
-        revoked_by: r.cell(17)?,
-        revoke_reason: r.cell(18)?,
-        rotated_from: r.cell(19)?,
-        rotation_deadline: r.cell(20)?,
+    from_cells!(r => DumpToken {
+        id, account_id, name, display_prefix, hash, role, permissions, scopes,
+        allowed_cidrs, rate_rps, rate_burst, created_at, created_by, expires_at,
+        last_used_at, last_used_ip, revoked_at, revoked_by, revoke_reason, rotated_from,
+        rotation_deadline
     })
 }
 
 /// `SELECT seq, at, kind, token_id, account_id FROM changes`.
 pub(crate) fn dump_change<R: ReadRow>(r: &R) -> Result<DumpChange, R::Error> {
-    Ok(DumpChange {
-        seq: r.cell(0)?,
-        at: r.cell(1)?,
-        kind: r.cell(2)?,
-        token_id: r.cell(3)?,
-        account_id: r.cell(4)?,
-    })
+    from_cells!(r => DumpChange { seq, at, kind, token_id, account_id })
 }

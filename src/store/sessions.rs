@@ -4,18 +4,23 @@
 //! A session row is keyed by SHA-256 of its cookie value (the value itself is never stored); a
 //! sign-in in progress by SHA-256 of its `state`, and it is taken (read and deleted) exactly once.
 //! The lifetimes are the caller's: every call that judges a session gets the idle and absolute
-//! limits from it. Schema migration 3 creates both tables on both engines.
+//! limits from it. Schema migration 3 creates both tables on both engines; the SQL is written
+//! once with `$n` placeholders and runs on either engine through `store::approvals`' `Arg` bridge.
 //!
 //! Owns: the `admin_sessions` and `oidc_logins` tables and their SQL. Never imports: `config`,
 //! `admin`, `gateway`, `audit` or `cli`.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
+use super::approvals::Arg;
+use super::row::{ReadRow, from_cells};
 use super::{Backend, Store, StoreError};
 
-/// Migration 3 on SQLite: web UI sessions and pending OpenID Connect sign-ins.
-pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
+/// Migration 3, written once for both engines: `$int` is the engine's 64-bit integer type.
+#[rustfmt::skip]
+macro_rules! sessions_migration {
+    ($int:literal) => {
+        concat!("CREATE TABLE admin_sessions (
         id_hash TEXT PRIMARY KEY,
         public_id TEXT NOT NULL UNIQUE,
         owner TEXT NOT NULL,
@@ -26,10 +31,10 @@ pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
         account TEXT,
         access TEXT NOT NULL,
         csrf TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        last_seen_at INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL,
-        mfa_verified_at INTEGER,
+        created_at ", $int, " NOT NULL,
+        last_seen_at ", $int, " NOT NULL,
+        expires_at ", $int, " NOT NULL,
+        mfa_verified_at ", $int, ",
         client_ip TEXT,
         user_agent TEXT
     );
@@ -40,37 +45,16 @@ pub(crate) const SQLITE_MIGRATION: &str = "CREATE TABLE admin_sessions (
         nonce TEXT NOT NULL,
         verifier TEXT NOT NULL,
         return_to TEXT NOT NULL,
-        expires_at INTEGER NOT NULL
-    );";
+        expires_at ", $int, " NOT NULL
+    );")
+    };
+}
+
+/// Migration 3 on SQLite.
+pub(crate) const SQLITE_MIGRATION: &str = sessions_migration!("INTEGER");
 
 /// Migration 3 on PostgreSQL (the same tables in its types).
-pub(crate) const PG_MIGRATION: &str = "CREATE TABLE admin_sessions (
-        id_hash TEXT PRIMARY KEY,
-        public_id TEXT NOT NULL UNIQUE,
-        owner TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        token_id TEXT,
-        subject TEXT,
-        email TEXT,
-        account TEXT,
-        access TEXT NOT NULL,
-        csrf TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        last_seen_at BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL,
-        mfa_verified_at BIGINT,
-        client_ip TEXT,
-        user_agent TEXT
-    );
-    CREATE INDEX admin_sessions_owner ON admin_sessions(owner);
-    CREATE TABLE oidc_logins (
-        state_hash TEXT PRIMARY KEY,
-        binding_hash TEXT NOT NULL,
-        nonce TEXT NOT NULL,
-        verifier TEXT NOT NULL,
-        return_to TEXT NOT NULL,
-        expires_at BIGINT NOT NULL
-    );";
+pub(crate) const PG_MIGRATION: &str = sessions_migration!("BIGINT");
 
 const COLUMNS: &str = "id_hash, public_id, owner, kind, token_id, subject, email, account, access, csrf, \
      created_at, last_seen_at, expires_at, mfa_verified_at, client_ip, user_agent";
@@ -138,105 +122,30 @@ pub struct LoginState {
     pub expires_at: i64,
 }
 
-fn sqlite_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
-    Ok(SessionRow {
-        id_hash: r.get(0)?,
-        public_id: r.get(1)?,
-        owner: r.get(2)?,
-        kind: r.get(3)?,
-        token_id: r.get(4)?,
-        subject: r.get(5)?,
-        email: r.get(6)?,
-        account: r.get(7)?,
-        access: r.get(8)?,
-        csrf: r.get(9)?,
-        created_at: r.get(10)?,
-        last_seen_at: r.get(11)?,
-        expires_at: r.get(12)?,
-        mfa_verified_at: r.get(13)?,
-        client_ip: r.get(14)?,
-        user_agent: r.get(15)?,
+/// `SELECT {COLUMNS} FROM admin_sessions`, on either engine.
+fn session<R: ReadRow>(r: &R) -> Result<SessionRow, R::Error> {
+    from_cells!(r => SessionRow {
+        id_hash, public_id, owner, kind, token_id, subject, email, account, access, csrf,
+        created_at, last_seen_at, expires_at, mfa_verified_at, client_ip, user_agent
     })
 }
 
-fn pg_row(r: &tokio_postgres::Row) -> Result<SessionRow, tokio_postgres::Error> {
-    Ok(SessionRow {
-        id_hash: r.try_get(0)?,
-        public_id: r.try_get(1)?,
-        owner: r.try_get(2)?,
-        kind: r.try_get(3)?,
-        token_id: r.try_get(4)?,
-        subject: r.try_get(5)?,
-        email: r.try_get(6)?,
-        account: r.try_get(7)?,
-        access: r.try_get(8)?,
-        csrf: r.try_get(9)?,
-        created_at: r.try_get(10)?,
-        last_seen_at: r.try_get(11)?,
-        expires_at: r.try_get(12)?,
-        mfa_verified_at: r.try_get(13)?,
-        client_ip: r.try_get(14)?,
-        user_agent: r.try_get(15)?,
+/// `SELECT state_hash, binding_hash, nonce, verifier, return_to, expires_at FROM oidc_logins`,
+/// on either engine.
+fn login<R: ReadRow>(r: &R) -> Result<LoginState, R::Error> {
+    from_cells!(r => LoginState {
+        state_hash, binding_hash, nonce, verifier, return_to, expires_at
     })
-}
-
-/// A parameter of [`Store::session_rows`]: TEXT or BIGINT, bound as `?N` on SQLite and `$N` on
-/// PostgreSQL.
-#[derive(Debug, Clone)]
-enum P {
-    T(Option<String>),
-    I(Option<i64>),
 }
 
 impl Store {
-    /// Runs one statement that returns session rows (`RETURNING` or `SELECT`), on either engine.
-    fn session_rows(&self, sql: &str, ps: Vec<P>) -> Result<Vec<SessionRow>, StoreError> {
-        match &self.inner.backend {
-            Backend::Sqlite(b) => {
-                let sql = sql.replace('$', "?");
-                b.write(|tx| {
-                    let vals: Vec<Box<dyn rusqlite::ToSql>> = ps
-                        .iter()
-                        .map(|p| -> Box<dyn rusqlite::ToSql> {
-                            match p {
-                                P::T(v) => Box::new(v.clone()),
-                                P::I(v) => Box::new(*v),
-                            }
-                        })
-                        .collect();
-                    let mut st = tx.prepare_cached(&sql).map_err(b.err())?;
-                    let rows = st
-                        .query_map(rusqlite::params_from_iter(vals.iter()), sqlite_row)
-                        .map_err(b.err())?;
-                    rows.collect::<Result<Vec<_>, _>>().map_err(b.err())
-                })
-            }
-            Backend::Postgres(b) => {
-                let (db, sql) = (b.db.clone(), sql.to_string());
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let vals: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = ps
-                        .into_iter()
-                        .map(|p| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
-                            match p {
-                                P::T(v) => Box::new(v),
-                                P::I(v) => Box::new(v),
-                            }
-                        })
-                        .collect();
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vals
-                        .iter()
-                        .map(|v| v.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                        .collect();
-                    let rows = c.query(&sql, &refs).await.map_err(|e| db.err(e))?;
-                    db.wrote();
-                    rows.iter()
-                        .map(pg_row)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| db.err(e))
-                })
-            }
-        }
+    /// Runs one statement that returns session rows (`RETURNING` or `SELECT`), on either engine,
+    /// in a write transaction.
+    // The closures stay: a SQLite row borrows its statement, and a generic fn item is not
+    // general enough over that lifetime.
+    #[allow(clippy::redundant_closure)]
+    fn session_rows(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<SessionRow>, StoreError> {
+        on_backend!(self, b => b.write_args(sql, args, |r| session(r)))
     }
 
     /// Stores a new session.
@@ -246,22 +155,22 @@ impl Store {
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING {COLUMNS}"
         );
         let ps = vec![
-            P::T(Some(s.id_hash.clone())),
-            P::T(Some(s.public_id.clone())),
-            P::T(Some(s.owner.clone())),
-            P::T(Some(s.kind.clone())),
-            P::T(s.token_id.clone()),
-            P::T(s.subject.clone()),
-            P::T(s.email.clone()),
-            P::T(s.account.clone()),
-            P::T(Some(s.access.clone())),
-            P::T(Some(s.csrf.clone())),
-            P::I(Some(s.created_at)),
-            P::I(Some(s.last_seen_at)),
-            P::I(Some(s.expires_at)),
-            P::I(s.mfa_verified_at),
-            P::T(s.client_ip.clone()),
-            P::T(s.user_agent.clone()),
+            Arg::T(Some(s.id_hash.clone())),
+            Arg::T(Some(s.public_id.clone())),
+            Arg::T(Some(s.owner.clone())),
+            Arg::T(Some(s.kind.clone())),
+            Arg::T(s.token_id.clone()),
+            Arg::T(s.subject.clone()),
+            Arg::T(s.email.clone()),
+            Arg::T(s.account.clone()),
+            Arg::T(Some(s.access.clone())),
+            Arg::T(Some(s.csrf.clone())),
+            Arg::I(Some(s.created_at)),
+            Arg::I(Some(s.last_seen_at)),
+            Arg::I(Some(s.expires_at)),
+            Arg::I(s.mfa_verified_at),
+            Arg::T(s.client_ip.clone()),
+            Arg::T(s.user_agent.clone()),
         ];
         self.session_rows(&sql, ps).map(|_| ())
     }
@@ -270,7 +179,7 @@ impl Store {
     pub fn session_get(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM admin_sessions WHERE id_hash = $1");
         Ok(self
-            .session_rows(&sql, vec![P::T(Some(id_hash.into()))])?
+            .session_rows(&sql, vec![Arg::T(Some(id_hash.into()))])?
             .pop())
     }
 
@@ -279,7 +188,7 @@ impl Store {
         let sql = format!(
             "UPDATE admin_sessions SET last_seen_at = $2 WHERE id_hash = $1 RETURNING {COLUMNS}"
         );
-        self.session_rows(&sql, vec![P::T(Some(id_hash.into())), P::I(Some(now))])
+        self.session_rows(&sql, vec![Arg::T(Some(id_hash.into())), Arg::I(Some(now))])
             .map(|_| ())
     }
 
@@ -289,7 +198,7 @@ impl Store {
             "UPDATE admin_sessions SET mfa_verified_at = $2 WHERE id_hash = $1 RETURNING {COLUMNS}"
         );
         Ok(!self
-            .session_rows(&sql, vec![P::T(Some(id_hash.into())), P::I(Some(now))])?
+            .session_rows(&sql, vec![Arg::T(Some(id_hash.into())), Arg::I(Some(now))])?
             .is_empty())
     }
 
@@ -298,7 +207,7 @@ impl Store {
         let sql = format!(
             "SELECT {COLUMNS} FROM admin_sessions WHERE owner = $1 ORDER BY created_at DESC, public_id"
         );
-        self.session_rows(&sql, vec![P::T(Some(owner.into()))])
+        self.session_rows(&sql, vec![Arg::T(Some(owner.into()))])
     }
 
     /// Every session, newest first (for an admin).
@@ -312,7 +221,7 @@ impl Store {
     pub fn session_delete(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
         let sql = format!("DELETE FROM admin_sessions WHERE id_hash = $1 RETURNING {COLUMNS}");
         Ok(self
-            .session_rows(&sql, vec![P::T(Some(id_hash.into()))])?
+            .session_rows(&sql, vec![Arg::T(Some(id_hash.into()))])?
             .pop())
     }
 
@@ -326,8 +235,8 @@ impl Store {
             "DELETE FROM admin_sessions WHERE public_id = $1 AND (CAST($2 AS TEXT) IS NULL OR owner = CAST($2 AS TEXT)) RETURNING {COLUMNS}"
         );
         let ps = vec![
-            P::T(Some(public_id.into())),
-            P::T(owner.map(str::to_string)),
+            Arg::T(Some(public_id.into())),
+            Arg::T(owner.map(str::to_string)),
         ];
         Ok(self.session_rows(&sql, ps)?.pop())
     }
@@ -335,7 +244,7 @@ impl Store {
     /// Deletes every session of `owner` (sign out everywhere); returns them.
     pub fn session_delete_owner(&self, owner: &str) -> Result<Vec<SessionRow>, StoreError> {
         let sql = format!("DELETE FROM admin_sessions WHERE owner = $1 RETURNING {COLUMNS}");
-        self.session_rows(&sql, vec![P::T(Some(owner.into()))])
+        self.session_rows(&sql, vec![Arg::T(Some(owner.into()))])
     }
 
     /// Deletes the sessions idle since `idle_before` or past their absolute end at `now`, and
@@ -344,7 +253,7 @@ impl Store {
         let sql = format!(
             "DELETE FROM admin_sessions WHERE expires_at <= $1 OR last_seen_at <= $2 RETURNING {COLUMNS}"
         );
-        let gone = self.session_rows(&sql, vec![P::I(Some(now)), P::I(Some(idle_before))])?;
+        let gone = self.session_rows(&sql, vec![Arg::I(Some(now)), Arg::I(Some(idle_before))])?;
         match &self.inner.backend {
             Backend::Sqlite(b) => b.write(|tx| {
                 tx.execute("DELETE FROM oidc_logins WHERE expires_at <= ?1", [now])
@@ -367,102 +276,31 @@ impl Store {
     /// Stores a sign-in in progress, unless `max_pending` are stored already (an unauthenticated
     /// caller starts them: the table stays bounded); false when it was not stored.
     pub fn login_put(&self, l: &LoginState, max_pending: i64) -> Result<bool, StoreError> {
-        let l = l.clone();
-        const SQL: &str = "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
-             SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM oidc_logins) < $7";
-        match &self.inner.backend {
-            Backend::Sqlite(b) => b.write(|tx| {
-                tx.execute(
-                    &SQL.replace('$', "?"),
-                    params![
-                        l.state_hash,
-                        l.binding_hash,
-                        l.nonce,
-                        l.verifier,
-                        l.return_to,
-                        l.expires_at,
-                        max_pending
-                    ],
-                )
-                .map_err(b.err())
-                .map(|n| n == 1)
-            }),
-            Backend::Postgres(b) => {
-                let db = b.db.clone();
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let n = c
-                        .execute(
-                            SQL,
-                            &[
-                                &l.state_hash,
-                                &l.binding_hash,
-                                &l.nonce,
-                                &l.verifier,
-                                &l.return_to,
-                                &l.expires_at,
-                                &max_pending,
-                            ],
-                        )
-                        .await
-                        .map_err(|e| db.err(e))?;
-                    db.wrote();
-                    Ok(n == 1)
-                })
-            }
-        }
+        let n = self.exec_args(
+            "INSERT INTO oidc_logins (state_hash, binding_hash, nonce, verifier, return_to, expires_at) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT count(*) FROM oidc_logins) < $7",
+            vec![
+                Arg::T(Some(l.state_hash.clone())),
+                Arg::T(Some(l.binding_hash.clone())),
+                Arg::T(Some(l.nonce.clone())),
+                Arg::T(Some(l.verifier.clone())),
+                Arg::T(Some(l.return_to.clone())),
+                Arg::I(Some(l.expires_at)),
+                Arg::I(Some(max_pending)),
+            ],
+        )?;
+        Ok(n == 1)
     }
 
     /// Takes (reads and deletes, once) the sign-in whose `state` hashes to `state_hash`.
+    #[allow(clippy::redundant_closure)] // See `session_rows`.
     pub fn login_take(&self, state_hash: &str) -> Result<Option<LoginState>, StoreError> {
-        let h = state_hash.to_string();
-        match &self.inner.backend {
-            Backend::Sqlite(b) => b.write(|tx| {
-                tx.query_row(
-                    "DELETE FROM oidc_logins WHERE state_hash = ?1 \
-                     RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
-                    [&h],
-                    |r| {
-                        Ok(LoginState {
-                            state_hash: r.get(0)?,
-                            binding_hash: r.get(1)?,
-                            nonce: r.get(2)?,
-                            verifier: r.get(3)?,
-                            return_to: r.get(4)?,
-                            expires_at: r.get(5)?,
-                        })
-                    },
-                )
-                .optional()
-                .map_err(b.err())
-            }),
-            Backend::Postgres(b) => {
-                let db = b.db.clone();
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let r = c
-                        .query_opt(
-                            "DELETE FROM oidc_logins WHERE state_hash = $1 \
-                             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
-                            &[&h],
-                        )
-                        .await
-                        .map_err(|e| db.err(e))?;
-                    db.wrote();
-                    let Some(r) = r else { return Ok(None) };
-                    let get = || -> Result<LoginState, tokio_postgres::Error> {
-                        Ok(LoginState {
-                            state_hash: r.try_get(0)?,
-                            binding_hash: r.try_get(1)?,
-                            nonce: r.try_get(2)?,
-                            verifier: r.try_get(3)?,
-                            return_to: r.try_get(4)?,
-                            expires_at: r.try_get(5)?,
-                        })
-                    };
-                    get().map(Some).map_err(|e| db.err(e))
-                })
-            }
-        }
+        let mut taken = on_backend!(self, b => b.write_args(
+            "DELETE FROM oidc_logins WHERE state_hash = $1 \
+             RETURNING state_hash, binding_hash, nonce, verifier, return_to, expires_at",
+            vec![Arg::T(Some(state_hash.to_string()))],
+            |r| login(r),
+        ))?;
+        Ok(taken.pop())
     }
 }

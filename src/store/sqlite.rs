@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
+use super::copy::{COUNT_ROWS, require_empty};
 use super::file::FileIdentity;
 use super::row;
 use super::{
@@ -26,57 +27,21 @@ use super::{
 use crate::token::TokenHash;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran. The
-/// PostgreSQL engine has the same list with its own types (`postgres::MIGRATIONS`).
+/// PostgreSQL engine has the same list with its own types (`postgres::MIGRATIONS`): both expand
+/// the same templates (`store::tables`, `sessions`, `approvals`).
 pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: accounts, tokens, change log.
-    "CREATE TABLE accounts (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        email TEXT,
-        created_at INTEGER NOT NULL,
-        created_by TEXT NOT NULL,
-        disabled_at INTEGER,
-        disabled_by TEXT
-    );
-    CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
-        account_id TEXT NOT NULL REFERENCES accounts(id),
-        name TEXT NOT NULL,
-        display_prefix TEXT NOT NULL,
-        hash BLOB NOT NULL CHECK (length(hash) = 32),
-        role TEXT,
-        permissions TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        allowed_cidrs TEXT NOT NULL,
-        rate_rps REAL,
-        rate_burst INTEGER,
-        created_at INTEGER NOT NULL,
-        created_by TEXT NOT NULL,
-        expires_at INTEGER,
-        last_used_at INTEGER,
-        last_used_ip TEXT,
-        revoked_at INTEGER,
-        revoked_by TEXT,
-        revoke_reason TEXT,
-        rotated_from TEXT REFERENCES tokens(id),
-        rotation_deadline INTEGER
-    );
-    CREATE UNIQUE INDEX tokens_hash ON tokens(hash);
-    CREATE INDEX tokens_account ON tokens(account_id, revoked_at);
-    CREATE INDEX tokens_prefix ON tokens(display_prefix);
-    CREATE TABLE changes (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        token_id TEXT,
-        account_id TEXT
-    );",
+    super::tables::migration_1!(
+        int: "INTEGER",
+        bytes: "BLOB",
+        length: "length",
+        real: "REAL",
+        serial: "INTEGER PRIMARY KEY AUTOINCREMENT",
+        then: "",
+    ),
     // 2: admin audit events written by the CLI while a gateway owns the audit log; the gateway
     // moves them into the log (a transactional outbox).
-    "CREATE TABLE audit_outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        line TEXT NOT NULL
-    );",
+    super::tables::migration_2!(serial: "INTEGER PRIMARY KEY AUTOINCREMENT"),
     // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
     super::sessions::SQLITE_MIGRATION,
     // 4: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).
@@ -584,23 +549,12 @@ impl Sqlite {
 
     pub(crate) fn import(&self, d: &StoreDump) -> Result<(), StoreError> {
         self.write(|tx| {
-            let counts: (i64, i64, i64, i64) = tx
-                .query_row(
-                    "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
-                     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
+            let counts = tx
+                .query_row(COUNT_ROWS, [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
                 .map_err(self.err())?;
-            if counts != (0, 0, 0, 0) {
-                return Err(StoreError::NotEmpty {
-                    target: self.path.display().to_string(),
-                    what: format!(
-                        "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
-                        counts.0, counts.1, counts.2, counts.3
-                    ),
-                });
-            }
+            require_empty(self.path.display().to_string(), counts)?;
             for a in &d.accounts {
                 tx.execute(
                     "INSERT INTO accounts (id, name, email, created_at, created_by, disabled_at, disabled_by) \
@@ -796,6 +750,16 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
+    /// Options that open the SQLite file at `path`.
+    fn options(path: &std::path::Path) -> super::super::StoreOptions {
+        super::super::StoreOptions {
+            path: path.to_path_buf(),
+            url: None,
+            busy_timeout: Duration::from_millis(250),
+            pg: Default::default(),
+        }
+    }
+
     fn spec(account: &str, name: &str) -> NewTokenSpec {
         NewTokenSpec {
             account: account.into(),
@@ -968,12 +932,7 @@ mod tests {
         assert!(lost(s.lookup_hash(&new.hash)).contains("was truncated"));
         // Another process does not take the emptied file for a new store either.
         f.set_len(0).unwrap();
-        let o = super::super::StoreOptions {
-            path: path.clone(),
-            url: None,
-            busy_timeout: Duration::from_millis(250),
-            pg: Default::default(),
-        };
+        let o = options(&path);
         let e = Store::open_existing(&o).err().expect("empty file");
         assert!(e.to_string().contains("is empty"), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
@@ -983,12 +942,7 @@ mod tests {
     fn open_existing_never_creates_a_file() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("t.db");
-        let o = super::super::StoreOptions {
-            path: path.clone(),
-            url: None,
-            busy_timeout: Duration::from_millis(250),
-            pg: Default::default(),
-        };
+        let o = options(&path);
         let e = Store::open_existing(&o).err().expect("missing");
         assert!(e.to_string().contains("tokengate store init"), "{e}");
         assert!(!path.exists());

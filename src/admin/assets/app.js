@@ -20,23 +20,12 @@
   }
 
   async function api(method, path, body) {
-    const headers = { "Accept": "application/json" };
-    if (method !== "GET") headers["X-CSRF-Token"] = csrf;
-    if (body !== undefined) headers["Content-Type"] = "application/json";
-    const r = await fetch(path, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-      credentials: "same-origin",
-      cache: "no-store",
-    });
-    let data = {};
-    try { data = await r.json(); } catch (_) { /* empty body */ }
-    if (r.status === 401) {
+    const { ok, status, data } = await window.tokengate.send(method, path, body);
+    if (status === 401) {
       showSignin("Your session has ended. Sign in again.");
       throw new Error(data.message || "Not signed in.");
     }
-    if (!r.ok) throw new Error(readable(r.status, data));
+    if (!ok) throw new Error(readable(status, data));
     return data;
   }
 

@@ -17,19 +17,8 @@
   }
 
   async function api(method, path, body) {
-    const headers = { "Accept": "application/json" };
-    if (method !== "GET") headers["X-CSRF-Token"] = csrf;
-    if (body !== undefined) headers["Content-Type"] = "application/json";
-    const r = await fetch(path, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-      credentials: "same-origin",
-      cache: "no-store",
-    });
-    let data = {};
-    try { data = await r.json(); } catch (_) { /* empty body */ }
-    if (!r.ok) throw new Error(data.message || ("Request failed (" + r.status + ")."));
+    const { ok, status, data } = await window.tokengate.send(method, path, body);
+    if (!ok) throw new Error(data.message || ("Request failed (" + status + ")."));
     return data;
   }
 

@@ -8,12 +8,8 @@
   const csrf = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
 
   async function call(method, path) {
-    const headers = { "Accept": "application/json" };
-    if (method !== "GET") headers["X-CSRF-Token"] = csrf;
-    const r = await fetch(path, { method, headers, credentials: "same-origin", cache: "no-store" });
-    let data = {};
-    try { data = await r.json(); } catch (_) { /* 204 */ }
-    if (!r.ok) throw new Error(data.message || ("Request failed (" + r.status + ")."));
+    const { ok, status, data } = await window.tokengate.send(method, path);
+    if (!ok) throw new Error(data.message || ("Request failed (" + status + ")."));
     return data;
   }
 

@@ -27,12 +27,13 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::session::{self, Owner, Person};
-use super::{Admin, AdminError, ApiCall, harden};
+use super::{Admin, AdminError, ApiCall};
 use crate::audit::Entry;
 use crate::body::{Body, full};
 use crate::config::{DefaultAccess, OidcConfig};
 use crate::error::Reject;
 use crate::gateway::ConnInfo;
+use crate::path::percent_encode as enc;
 use crate::store::LoginState;
 
 /// How long a sign-in may take at the provider.
@@ -254,18 +255,6 @@ fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn cookie_value(parts: &Parts, name: &str) -> Option<String> {
     parts
         .headers
@@ -309,6 +298,15 @@ fn redirect_url(cfg: &OidcConfig, parts: &Parts, tls: bool) -> String {
     })
 }
 
+/// The provider's metadata, or the answer for an unreachable provider.
+async fn metadata(gw: &Admin, o: &OidcConfig, now: i64) -> Result<Metadata, AdminError> {
+    gw.sessions()
+        .provider
+        .metadata(o, now)
+        .await
+        .map_err(unavailable)
+}
+
 fn unavailable(e: String) -> AdminError {
     crate::coalesced!(warn, "oidc_provider_unavailable", error = %e, "OpenID provider unreachable or misconfigured");
     AdminError::status(
@@ -346,13 +344,7 @@ pub async fn handle(gw: &Admin, parts: Parts, conn: ConnInfo) -> Response<Body> 
         Some(o) if path == "/oidc/login" => login(gw, o, &parts, conn).await,
         Some(o) => callback(gw, o, &parts, conn, &mut ctx).await,
     };
-    let (mut resp, reason) = match r {
-        Ok(r) => (r, "ok"),
-        Err(e) => (e.respond(&cfg.server.realm, &ctx.request_id), e.reason()),
-    };
-    harden(resp.headers_mut(), &ctx.request_id);
-    ctx.record(gw, resp.status(), reason);
-    resp
+    ctx.finish(gw, &cfg.server.realm, r)
 }
 
 async fn login(
@@ -362,12 +354,7 @@ async fn login(
     conn: ConnInfo,
 ) -> Result<Response<Body>, AdminError> {
     let now = gw.now_ms();
-    let m = gw
-        .sessions()
-        .provider
-        .metadata(o, now)
-        .await
-        .map_err(unavailable)?;
+    let m = metadata(gw, o, now).await?;
     // Sign-ins never finished are swept with expired sessions (at most once a minute).
     session::purge(gw).await;
     let (state, nonce, verifier, binding) = (
@@ -456,12 +443,7 @@ async fn callback(
         ));
     }
     let code = query_param(parts, "code").ok_or_else(|| AdminError::bad_request("No code."))?;
-    let m = gw
-        .sessions()
-        .provider
-        .metadata(o, now)
-        .await
-        .map_err(unavailable)?;
+    let m = metadata(gw, o, now).await?;
     let mut form = vec![
         ("grant_type", "authorization_code".to_string()),
         ("code", code),

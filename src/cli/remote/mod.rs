@@ -24,6 +24,7 @@ use super::{
     AccountCmd, AuthCmd, Cli, CliError, Command, ContextCmd, LoginArgs, TokenCmd, not_a_token,
 };
 use crate::lifecycle::parse_scope;
+use crate::path::percent_encode as enc;
 pub use client::{Client, check_transport};
 pub use credentials::{
     Context, Profile, credentials_path, keyring_delete, keyring_reference, keyring_set,
@@ -819,19 +820,6 @@ fn token(c: &Client, ctx: &Context, cmd: &TokenCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-/// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

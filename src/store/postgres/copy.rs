@@ -7,6 +7,7 @@
 use tokio_postgres::types::ToSql;
 
 use super::{INSERT_TOKEN, Postgres, query_map};
+use crate::store::copy::{COUNT_ROWS, require_empty};
 use crate::store::row;
 use crate::store::{DUMP_TOKEN_COLUMNS, StoreDump, StoreError};
 
@@ -65,29 +66,14 @@ impl Postgres {
             tx.batch_execute("LOCK TABLE accounts, tokens, changes, audit_outbox IN EXCLUSIVE MODE")
                 .await
                 .map_err(e)?;
-            let r = tx
-                .query_one(
-                    "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM tokens), \
-                     (SELECT count(*) FROM changes), (SELECT count(*) FROM audit_outbox)",
-                    &[],
-                )
-                .await
-                .map_err(e)?;
-            let counts: (i64, i64, i64, i64) = (
+            let r = tx.query_one(COUNT_ROWS, &[]).await.map_err(e)?;
+            let counts = (
                 r.try_get(0).map_err(e)?,
                 r.try_get(1).map_err(e)?,
                 r.try_get(2).map_err(e)?,
                 r.try_get(3).map_err(e)?,
             );
-            if counts != (0, 0, 0, 0) {
-                return Err(StoreError::NotEmpty {
-                    target: db.target.to_string(),
-                    what: format!(
-                        "{} accounts, {} tokens, {} change-log entries, {} queued audit events",
-                        counts.0, counts.1, counts.2, counts.3
-                    ),
-                });
-            }
+            require_empty(db.target.to_string(), counts)?;
             let ins = tx
                 .prepare(
                     "INSERT INTO accounts (id, name, email, created_at, created_by, disabled_at, disabled_by) \

@@ -42,7 +42,7 @@ use super::{
     Account, Change, ChangeSignal, DUMP_TOKEN_COLUMNS, LastUsed, NewTokenRow, PgOptions,
     StoreError, TOKEN_COLUMNS, TokenRow, cap_reached, redact_url, row,
 };
-use crate::store::approvals::{Arg, Cell, Kind, cells};
+use crate::store::approvals::Arg;
 use crate::token::TokenHash;
 
 mod copy;
@@ -270,18 +270,11 @@ impl Postgres {
     }
 
     pub(crate) fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
-        let db = self.db.clone();
-        self.run(async move {
-            let c = db.conn().await?;
-            query_map(
-                &c,
-                "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name",
-                &[],
-                row::account,
-            )
-            .await
-            .map_err(|e| db.err(e))
-        })
+        self.query_args(
+            "SELECT id, name, email, created_at, created_by, disabled_at FROM accounts ORDER BY name",
+            vec![],
+            row::account,
+        )
     }
 
     pub(crate) fn find_account(&self, name_or_id: &str) -> Result<Option<Account>, StoreError> {
@@ -530,18 +523,11 @@ impl Postgres {
     }
 
     pub(crate) fn changes_since(&self, seq: i64) -> Result<Vec<Change>, StoreError> {
-        let db = self.db.clone();
-        self.run(async move {
-            let c = db.conn().await?;
-            query_map(
-                &c,
-                "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
-                &[&seq],
-                row::change,
-            )
-            .await
-            .map_err(|e| db.err(e))
-        })
+        self.query_args(
+            "SELECT seq, kind, token_id, account_id FROM changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
+            vec![Arg::I(Some(seq))],
+            row::change,
+        )
     }
 
     pub(crate) fn count_active(
@@ -569,77 +555,80 @@ impl Postgres {
     }
 
     pub(crate) fn outbox_push(&self, json: &str) -> Result<(), StoreError> {
-        let (db, json) = (self.db.clone(), json.to_string());
-        self.run(async move {
-            let c = db.conn().await?;
-            c.execute("INSERT INTO audit_outbox (line) VALUES ($1)", &[&json])
-                .await
-                .map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
-        })
+        self.exec_args(
+            "INSERT INTO audit_outbox (line) VALUES ($1)",
+            vec![Arg::T(Some(json.to_string()))],
+        )
+        .map(drop)
     }
 
     pub(crate) fn outbox_peek(&self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        let db = self.db.clone();
-        self.run(async move {
-            let c = db.conn().await?;
-            query_map(
-                &c,
-                "SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1",
-                &[&(limit as i64)],
-                row::outbox,
-            )
-            .await
-            .map_err(|e| db.err(e))
-        })
+        self.query_args(
+            "SELECT id, line FROM audit_outbox ORDER BY id LIMIT $1",
+            vec![Arg::I(Some(limit as i64))],
+            row::outbox,
+        )
     }
 
     pub(crate) fn outbox_ack(&self, id: i64) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        self.run(async move {
-            let c = db.conn().await?;
-            c.execute("DELETE FROM audit_outbox WHERE id <= $1", &[&id])
-                .await
-                .map_err(|e| db.err(e))?;
-            db.wrote();
-            Ok(())
-        })
+        self.exec_args(
+            "DELETE FROM audit_outbox WHERE id <= $1",
+            vec![Arg::I(Some(id))],
+        )
+        .map(drop)
     }
 
-    /// Runs one statement of `store::approvals`; rows changed.
+    /// Runs one statement with `args` bound to `$n`, outside a transaction; counts the write;
+    /// rows changed.
     pub(crate) fn exec_args(&self, sql: &str, args: Vec<Arg>) -> Result<u64, StoreError> {
         let (db, sql) = (self.db.clone(), sql.to_string());
         self.run(async move {
             let c = db.conn().await?;
-            let boxed: Vec<Box<dyn ToSql + Sync + Send>> = args.into_iter().map(pg_arg).collect();
-            let params: Vec<&(dyn ToSql + Sync)> = boxed
-                .iter()
-                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
-                .collect();
-            let n = c.execute(&sql, &params).await.map_err(|e| db.err(e))?;
+            let n = c
+                .execute(&sql, &params(&bind(args)))
+                .await
+                .map_err(|e| db.err(e))?;
             db.wrote();
             Ok(n)
         })
     }
 
-    /// Runs one query of `store::approvals`; each row's cells typed by `kinds`.
-    pub(crate) fn query_cells(
+    /// Runs one query with `args` bound to `$n`, outside a transaction; every row mapped with
+    /// `row`.
+    pub(crate) fn query_args<T: Send + 'static>(
         &self,
         sql: &str,
         args: Vec<Arg>,
-        kinds: &'static [Kind],
-    ) -> Result<Vec<Vec<Cell>>, StoreError> {
+        row: impl Fn(&Row) -> Result<T, tokio_postgres::Error> + Send + 'static,
+    ) -> Result<Vec<T>, StoreError> {
         let (db, sql) = (self.db.clone(), sql.to_string());
         self.run(async move {
             let c = db.conn().await?;
-            let boxed: Vec<Box<dyn ToSql + Sync + Send>> = args.into_iter().map(pg_arg).collect();
-            let params: Vec<&(dyn ToSql + Sync)> = boxed
-                .iter()
-                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
-                .collect();
-            query_map(&c, &sql, &params, |r| cells(r, kinds))
+            query_map(&c, &sql, &params(&bind(args)), row)
                 .await
+                .map_err(|e| db.err(e))
+        })
+    }
+
+    /// Like [`Self::query_args`], counting a write: for a statement that writes and returns
+    /// rows (`RETURNING`).
+    pub(crate) fn write_args<T: Send + 'static>(
+        &self,
+        sql: &str,
+        args: Vec<Arg>,
+        row: impl Fn(&Row) -> Result<T, tokio_postgres::Error> + Send + 'static,
+    ) -> Result<Vec<T>, StoreError> {
+        let (db, sql) = (self.db.clone(), sql.to_string());
+        self.run(async move {
+            let c = db.conn().await?;
+            let rows = c
+                .query(&sql, &params(&bind(args)))
+                .await
+                .map_err(|e| db.err(e))?;
+            db.wrote();
+            rows.iter()
+                .map(row)
+                .collect::<Result<_, _>>()
                 .map_err(|e| db.err(e))
         })
     }
@@ -753,13 +742,25 @@ async fn query_map<T>(
     c.query(sql, params).await?.iter().map(row).collect()
 }
 
-/// A dynamic SQL argument as PostgreSQL binds it.
-fn pg_arg(a: Arg) -> Box<dyn ToSql + Sync + Send> {
-    match a {
-        Arg::I(v) => Box::new(v),
-        Arg::T(v) => Box::new(v),
-        Arg::B(v) => Box::new(v),
-    }
+/// Dynamic SQL arguments as PostgreSQL binds them (owned, so they can move into a call).
+fn bind(args: Vec<Arg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    args.into_iter()
+        .map(|a| -> Box<dyn ToSql + Sync + Send> {
+            match a {
+                Arg::I(v) => Box::new(v),
+                Arg::T(v) => Box::new(v),
+                Arg::B(v) => Box::new(v),
+            }
+        })
+        .collect()
+}
+
+/// The parameter list of a query, borrowed from [`bind`]'s answer.
+fn params(bound: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    bound
+        .iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 /// rustls client config: the CA file when given, else the system's roots (not read at all when

@@ -12,48 +12,13 @@ use crate::store::StoreError;
 /// `schema_version` table records how many ran.
 pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: accounts, tokens, change log (+ the NOTIFY trigger that pushes it).
-    "CREATE TABLE accounts (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        email TEXT,
-        created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL,
-        disabled_at BIGINT,
-        disabled_by TEXT
-    );
-    CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
-        account_id TEXT NOT NULL REFERENCES accounts(id),
-        name TEXT NOT NULL,
-        display_prefix TEXT NOT NULL,
-        hash BYTEA NOT NULL CHECK (octet_length(hash) = 32),
-        role TEXT,
-        permissions TEXT NOT NULL,
-        scopes TEXT NOT NULL,
-        allowed_cidrs TEXT NOT NULL,
-        rate_rps DOUBLE PRECISION,
-        rate_burst BIGINT,
-        created_at BIGINT NOT NULL,
-        created_by TEXT NOT NULL,
-        expires_at BIGINT,
-        last_used_at BIGINT,
-        last_used_ip TEXT,
-        revoked_at BIGINT,
-        revoked_by TEXT,
-        revoke_reason TEXT,
-        rotated_from TEXT REFERENCES tokens(id),
-        rotation_deadline BIGINT
-    );
-    CREATE UNIQUE INDEX tokens_hash ON tokens(hash);
-    CREATE INDEX tokens_account ON tokens(account_id, revoked_at);
-    CREATE INDEX tokens_prefix ON tokens(display_prefix);
-    CREATE TABLE changes (
-        seq BIGSERIAL PRIMARY KEY,
-        at BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        token_id TEXT,
-        account_id TEXT
-    );
+    crate::store::tables::migration_1!(
+        int: "BIGINT",
+        bytes: "BYTEA",
+        length: "octet_length",
+        real: "DOUBLE PRECISION",
+        serial: "BIGSERIAL PRIMARY KEY",
+        then: "
     CREATE FUNCTION tokengate_notify_changes() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         PERFORM pg_notify('tokengate_changes', '');
@@ -61,11 +26,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER changes_notify AFTER INSERT ON changes
         FOR EACH STATEMENT EXECUTE FUNCTION tokengate_notify_changes();",
+    ),
     // 2: admin audit events written by the CLI while a gateway owns the audit log.
-    "CREATE TABLE audit_outbox (
-        id BIGSERIAL PRIMARY KEY,
-        line TEXT NOT NULL
-    );",
+    crate::store::tables::migration_2!(serial: "BIGSERIAL PRIMARY KEY"),
     // 3: web UI sessions and pending OpenID Connect sign-ins (`store::sessions`).
     crate::store::sessions::PG_MIGRATION,
     // 4: approval requests and MFA enrolments (issue 19; SQL in `store::approvals`).

@@ -23,9 +23,10 @@
 //!   [`config::Config`], one function per section, named defaults; route matching helpers.
 //! - [`error`] — [`error::Reject`] and the one function that turns a rejection into a response.
 //! - [`token`] — token format: generate, parse, checksum, display prefix, SHA-256.
-//! - [`store`] (`store/{mod,row,copy,sqlite}.rs`, `store/postgres/`) — the token store behind one
-//!   handle, with its own options type: SQLite ([`store::sqlite`]) or PostgreSQL
-//!   ([`store::postgres`], LISTEN/NOTIFY change push); migrations, accounts, tokens, change log.
+//! - [`store`] (`store/{mod,row,tables,copy,file,sessions,approvals,sqlite}.rs`,
+//!   `store/postgres/`) — the token store behind one handle, with its own options type: SQLite
+//!   ([`store::sqlite`]) or PostgreSQL ([`store::postgres`], LISTEN/NOTIFY change push);
+//!   migrations (written once in `tables`, expanded per engine), accounts, tokens, change log.
 //! - [`cache`] — in-memory token cache with race-free invalidation.
 //! - `lifecycle` (crate) — every token/account operation (create, rotate, revoke, disable,
 //!   retire-on-first-use) and the rule that their result is never stronger than the caller.

@@ -27,8 +27,7 @@ fn completion(id: &str) -> Entry {
 
 #[tokio::test]
 async fn an_idle_writer_lets_the_request_write_its_own_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     wait_until("the writer parked", || log.writer_parked());
     for i in 0..3 {
@@ -50,8 +49,7 @@ async fn an_idle_writer_lets_the_request_write_its_own_line() {
 
 #[test]
 fn inline_and_queued_lines_from_many_threads_keep_one_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -101,8 +99,7 @@ fn inline_and_queued_lines_from_many_threads_keep_one_chain() {
 
 #[tokio::test]
 async fn a_failed_inline_write_refuses_the_request_and_the_line_is_written_on_recovery() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let (log, faults) = faulty(cfg(&path));
     write_n(&log, "ok", 2);
     wait_until("the writer parked", || log.writer_parked());
@@ -146,8 +143,7 @@ async fn a_failed_inline_write_refuses_the_request_and_the_line_is_written_on_re
 
 #[tokio::test]
 async fn continue_mode_serves_through_a_failed_inline_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let (log, faults) = faulty(AuditConfig {
         on_failure: OnFailure::Continue,
         ..cfg(&path)
@@ -178,8 +174,7 @@ async fn continue_mode_serves_through_a_failed_inline_write() {
 fn a_file_cut_behind_the_writers_back_is_not_rotated_or_padded() {
     // logrotate's copytruncate: the file is emptied while the writer holds it open in append
     // mode. The writer tracks the length it wrote; before rotating it asks the file.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let probe = {
         let (_d, p) = make_log(1);
         fs::metadata(&p).unwrap().len()
@@ -200,8 +195,7 @@ fn a_file_cut_behind_the_writers_back_is_not_rotated_or_padded() {
 
 #[tokio::test]
 async fn an_inline_line_never_overtakes_records_queued_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     for round in 0..50 {
         // Queued (a refusal, a completion), then committed write-ahead: whoever writes them, the

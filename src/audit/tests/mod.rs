@@ -128,10 +128,17 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A log of `n` request lines, written and closed.
-fn make_log(n: usize) -> (tempfile::TempDir, PathBuf) {
+/// A fresh temporary directory and the `audit.log` path in it (the file not yet created); the
+/// directory is removed when the returned guard drops.
+fn temp_log_path() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
+    (dir, path)
+}
+
+/// A log of `n` request lines, written and closed.
+fn make_log(n: usize) -> (tempfile::TempDir, PathBuf) {
+    let (dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     write_n(&log, "r", n);
     log.shutdown();

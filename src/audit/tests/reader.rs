@@ -9,8 +9,7 @@ fn at(hour: u8) -> String {
 }
 
 fn mixed_log() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     let anon = |id: &str, hour, status, reason: &str, prefix: Option<&str>| RequestRecord {
         timestamp: at(hour),
@@ -353,8 +352,7 @@ fn time_arguments() {
 
 #[test]
 fn follow_prints_new_lines_across_rotation_and_truncation() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = open_rotating(&path, 3_000);
     write_n(&log, "a", 3);
     let per_file = 3_000 / (lines_of(&path)[0].len() + 1);

@@ -159,8 +159,7 @@ fn tamper_missing_chain_and_appended_line() {
 
 #[test]
 fn verify_rotated_set_must_be_complete_and_ordered() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = open_rotating(&path, 2_000);
     write_n(&log, "r", 12);
     log.shutdown();

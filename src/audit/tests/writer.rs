@@ -37,8 +37,7 @@ fn line_layout_kind_first_seq_and_chain_last() {
 
 #[test]
 fn admin_lines_and_query_string_safety_net() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     let mut r = req("q");
     r.path = "/apps/x?access_token=secret".into();
@@ -68,8 +67,7 @@ fn admin_lines_and_query_string_safety_net() {
 
 #[test]
 fn chain_continues_across_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     for round in 0..3 {
         let log = AuditLog::open(cfg(&path)).unwrap();
         write_n(&log, &format!("round{round}-"), 4);
@@ -151,8 +149,7 @@ fn reopen_of_an_empty_file_continues_from_dot_one() {
 
 #[test]
 fn reopen_follows_external_rotation() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     write_n(&log, "a", 3);
     fs::rename(&path, rotated_name(&path, 1)).unwrap();
@@ -170,8 +167,7 @@ fn reopen_follows_external_rotation() {
 
 #[test]
 fn rotation_by_size_keeps_five_and_verifies_oldest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let max = 1_500;
     let log = open_rotating(&path, max);
     write_n(&log, "a", 8);
@@ -231,8 +227,7 @@ fn rotation_by_size_keeps_five_and_verifies_oldest_first() {
 
 #[test]
 fn reject_mode_refuses_while_failing_and_recovers_without_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let (log, faults) = faulty(cfg(&path));
     write_n(&log, "ok", 3);
     faults.partial.store(true, Ordering::SeqCst);
@@ -266,8 +261,7 @@ fn reject_mode_refuses_while_failing_and_recovers_without_loss() {
 
 #[test]
 fn failed_truncation_leaves_a_terminated_remnant_that_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let (log, faults) = faulty(cfg(&path));
     write_n(&log, "ok", 2);
     faults.partial.store(true, Ordering::SeqCst);
@@ -291,8 +285,7 @@ fn failed_truncation_leaves_a_terminated_remnant_that_verifies() {
 
 #[test]
 fn continue_mode_keeps_accepting_counts_failures_and_is_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let (log, faults) = faulty(AuditConfig {
         on_failure: OnFailure::Continue,
         queue: 20,
@@ -333,8 +326,7 @@ fn continue_mode_keeps_accepting_counts_failures_and_is_bounded() {
 
 #[test]
 fn reservations_release_and_shutdown_is_idempotent() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(AuditConfig {
         queue: 2,
         ..cfg(&path)
@@ -370,8 +362,7 @@ fn reservations_release_and_shutdown_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_from_async_code_and_flush_async() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     let mut tasks = Vec::new();
     for t in 0..4 {
@@ -394,8 +385,7 @@ async fn reserve_from_async_code_and_flush_async() {
 
 #[test]
 fn concurrency_8_threads_80k_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    let (_dir, path) = temp_log_path();
     let log = AuditLog::open(cfg(&path)).unwrap();
     let threads: Vec<_> = (0..8)
         .map(|t| {

@@ -62,6 +62,15 @@ pub fn print_json(v: &impl serde::Serialize) {
     outln!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
+/// `v` as pretty JSON with `--json`, else `text(v)`.
+fn json_or<T: serde::Serialize + ?Sized>(v: &T, json: bool, text: impl FnOnce(&T)) {
+    if json {
+        print_json(&v);
+    } else {
+        text(v);
+    }
+}
+
 /// A duration in the largest unit that divides it exactly: `1h`, `90m`, `2d`, `45s`, as a user
 /// would type it (`--grace 1h` is echoed as `1h`, not `3600s`).
 pub fn human_secs(secs: u64) -> String {
@@ -129,43 +138,29 @@ pub fn rotated(old: &str, grace_seconds: u64) {
 
 /// `token list`: the JSON array of views, or the table.
 pub fn token_list(rows: &[Value], json: bool) {
-    if json {
-        print_json(&rows);
-    } else {
-        token_table(rows);
-    }
+    json_or(rows, json, token_table);
 }
 
 /// `token show`, `token identify`: the view as JSON, or one `key value` line per field.
 pub fn token_show(v: &Value, json: bool) {
-    if json {
-        print_json(v);
-    } else {
-        token_detail(v);
-    }
+    json_or(v, json, token_detail);
 }
 
 /// `account list`: the JSON array of account views (the admin API's shape, RFC 3339 times and
 /// `status`), or the table; the same whether the list came from the local store or remotely.
 pub fn account_list(list: &[Value], json: bool) {
-    if json {
-        print_json(&list);
-    } else {
-        account_table(list);
-    }
+    json_or(list, json, account_table);
 }
 
 /// `account create`: the account view as JSON, or one line.
 pub fn account_created(v: &Value, json: bool) {
-    if json {
-        print_json(v);
-    } else {
+    json_or(v, json, |v| {
         outln!(
             "created account {} ({})",
             str_of(v, "name"),
             str_of(v, "id")
-        );
-    }
+        )
+    });
 }
 
 /// Tokens (JSON views) as a table.

@@ -341,13 +341,7 @@ impl Sqlite {
         now: i64,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
-            let n = tx
-                .execute(
-                    "UPDATE tokens SET revoked_at = ?1, revoked_by = ?2, revoke_reason = ?3 WHERE id = ?4 AND revoked_at IS NULL",
-                    params![now, actor, reason, id],
-                )
-                .map_err(self.err())?;
-            if n == 0 {
+            if !mark_revoked(tx, id, actor, reason, now).map_err(self.err())? {
                 let exists: Option<i64> = tx
                     .query_row("SELECT 1 FROM tokens WHERE id = ?1", [id], |r| r.get(0))
                     .optional()
@@ -357,25 +351,12 @@ impl Sqlite {
                     None => StoreError::NoToken(id.to_string()),
                 });
             }
-            record_change(tx, now, "revoke", Some(id), None).map_err(self.err())?;
             Ok(())
         })
     }
 
     pub(crate) fn retire_rotated(&self, old_id: &str, now: i64) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            let n = tx
-                .execute(
-                    "UPDATE tokens SET revoked_at = ?1, revoked_by = 'tokengate', revoke_reason = 'rotated' \
-                     WHERE id = ?2 AND revoked_at IS NULL",
-                    params![now, old_id],
-                )
-                .map_err(self.err())?;
-            if n > 0 {
-                record_change(tx, now, "revoke", Some(old_id), None).map_err(self.err())?;
-            }
-            Ok(n > 0)
-        })
+        self.write(|tx| mark_revoked(tx, old_id, "tokengate", "rotated", now).map_err(self.err()))
     }
 
     pub(crate) fn rotate(
@@ -679,6 +660,25 @@ fn migrate(c: &Connection, path: &Path) -> Result<(), StoreError> {
         })?;
     }
     Ok(())
+}
+
+/// Revokes token `id` (by `actor`, for `reason`) if it is not revoked yet, with its change-log
+/// entry; false (and nothing written) if it was already revoked or does not exist.
+fn mark_revoked(
+    tx: &Connection,
+    id: &str,
+    actor: &str,
+    reason: &str,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let n = tx.execute(
+        "UPDATE tokens SET revoked_at = ?1, revoked_by = ?2, revoke_reason = ?3 WHERE id = ?4 AND revoked_at IS NULL",
+        params![now, actor, reason, id],
+    )?;
+    if n > 0 {
+        record_change(tx, now, "revoke", Some(id), None)?;
+    }
+    Ok(n > 0)
 }
 
 fn record_change(

@@ -412,14 +412,10 @@ impl Postgres {
         );
         self.run(async move {
             write_tx!(db, |tx| {
-                let n = tx
-                    .execute(
-                        "UPDATE tokens SET revoked_at = $1, revoked_by = $2, revoke_reason = $3 WHERE id = $4 AND revoked_at IS NULL",
-                        &[&now, &actor, &reason, &id],
-                    )
+                if !mark_revoked(&tx, &id, &actor, &reason, now)
                     .await
-                    .map_err(|e| db.err(e))?;
-                if n == 0 {
+                    .map_err(|e| db.err(e))?
+                {
                     let exists = tx
                         .query_opt("SELECT 1 FROM tokens WHERE id = $1", &[&id])
                         .await
@@ -429,7 +425,6 @@ impl Postgres {
                         None => StoreError::NoToken(id),
                     });
                 }
-                record_change(&tx, now, "revoke", Some(&id), None).await.map_err(|e| db.err(e))?;
             })
         })
     }
@@ -438,18 +433,9 @@ impl Postgres {
         let (db, id) = (self.db.clone(), old_id.to_string());
         self.run(async move {
             write_tx!(db, |tx| {
-                let n = tx
-                    .execute(
-                        "UPDATE tokens SET revoked_at = $1, revoked_by = 'tokengate', revoke_reason = 'rotated' \
-                         WHERE id = $2 AND revoked_at IS NULL",
-                        &[&now, &id],
-                    )
+                mark_revoked(&tx, &id, "tokengate", "rotated", now)
                     .await
-                    .map_err(|e| db.err(e))?;
-                if n > 0 {
-                    record_change(&tx, now, "revoke", Some(&id), None).await.map_err(|e| db.err(e))?;
-                }
-                n > 0
+                    .map_err(|e| db.err(e))?
             })
         })
     }
@@ -692,6 +678,27 @@ async fn lock_account(
         )
         .await?;
     rows.first().map(row::account).transpose()
+}
+
+/// Revokes token `id` (by `actor`, for `reason`) if it is not revoked yet, with its change-log
+/// entry; false (and nothing written) if it was already revoked or does not exist.
+async fn mark_revoked(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+    actor: &str,
+    reason: &str,
+    now: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = tx
+        .execute(
+            "UPDATE tokens SET revoked_at = $1, revoked_by = $2, revoke_reason = $3 WHERE id = $4 AND revoked_at IS NULL",
+            &[&now, &actor, &reason, &id],
+        )
+        .await?;
+    if n > 0 {
+        record_change(tx, now, "revoke", Some(id), None).await?;
+    }
+    Ok(n > 0)
 }
 
 async fn record_change(

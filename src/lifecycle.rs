@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use crate::audit::AdminRecord;
 use crate::authz;
 use crate::clock::rfc3339;
-use crate::config::{Config, Expiry, parse_duration};
+use crate::config::{Config, Expiry, parse_duration, parse_net};
 use crate::store::{Account, NewTokenSpec, RateOverride, Store, StoreError, TokenRow};
 use crate::token::NewToken;
 
@@ -275,14 +275,11 @@ pub fn build_spec(
     }
     let mut allowed_cidrs = Vec::new();
     for c in &r.allowed_cidrs {
-        let net = c
-            .parse::<IpNet>()
-            .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                invalid(format!(
-                    "`{c}` is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"
-                ))
-            })?;
+        let net = parse_net(c).ok_or_else(|| {
+            invalid(format!(
+                "`{c}` is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"
+            ))
+        })?;
         allowed_cidrs.push(net);
     }
     let rate = r

@@ -3,7 +3,8 @@
 //!
 //! Owns: the validated section types, loading a file, and the conversions at the edge into the
 //! option types the subsystems own ([`crate::store::StoreOptions`],
-//! [`crate::ratelimit::redis::RedisOptions`]); [`Rate`] is the rate limiter's type, re-used here.
+//! [`crate::ratelimit::redis::RedisOptions`]); the value parsers settings and commands share
+//! ([`parse_duration`], [`parse_net`]); [`Rate`] is the rate limiter's type, re-used here.
 //! Every default is a named `DEFAULT_*` constant and is listed in `docs/configuration.md`.
 //! Unknown keys are rejected (serde `deny_unknown_fields`), and the error names the key.
 //! Never imports: `cli`, `gateway`, `admin`, `server` or `app` (they import config, not the
@@ -450,6 +451,14 @@ pub fn default_roles() -> BTreeMap<String, RoleConfig> {
 /// The longest duration any setting or command accepts (100 years): every timestamp computed
 /// from a duration (now + grace, in milliseconds) stays far inside `i64`.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses a network: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address, taken as its
+/// `/32` or `/128`; None if it is neither.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
 
 /// Parses a duration like `250ms`, `10s`, `5m`, `24h`, `7d`, or a compound of them in any order
 /// without repeats, like `1h30m` or `1d12h`. Arithmetic is checked: a value that overflows or

@@ -11,13 +11,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
-
 use super::raw::*;
 use super::{
     AdminConfig, AuditSection, Config, ConfigError, Expiry, ForwardAuthConfig, HostRules, Rate,
     RateLimitConfig, RoleConfig, RouteConfig, ServerConfig, StoreConfig, TlsFiles, TokensConfig,
-    TrailingSlash, UpstreamConnector, UpstreamTlsOptions, default_roles, parse_duration,
+    TrailingSlash, UpstreamConnector, UpstreamTlsOptions, default_roles, parse_duration, parse_net,
 };
 use crate::authz::{self, Rule, RuleTable};
 
@@ -187,15 +185,12 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
     };
     let mut trusted_proxies = Vec::new();
     for p in &s.trusted_proxies {
-        let net = p
-            .parse::<IpNet>()
-            .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                cx.invalid(
-                    "server.trusted_proxies",
-                    format!("`{p}` is not a CIDR like `10.0.0.0/8`"),
-                )
-            })?;
+        let net = parse_net(p).ok_or_else(|| {
+            cx.invalid(
+                "server.trusted_proxies",
+                format!("`{p}` is not a CIDR like `10.0.0.0/8`"),
+            )
+        })?;
         trusted_proxies.push(net);
     }
     let methods: Vec<String> = match &s.methods {

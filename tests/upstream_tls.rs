@@ -153,6 +153,11 @@ impl TlsUpstream {
         .await
     }
 
+    /// `https://{host}:{port}`: this upstream, reached by the name `host`.
+    fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}", self.addr.port())
+    }
+
     async fn start(s: UpstreamSetup<'_>) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -307,10 +312,12 @@ async fn get(tg: &TestGateway, tok: &str) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
-/// Checks a 502 `upstream_tls_error`: body, audit line (allowed, then failed upstream).
-async fn assert_tls_refusal(tg: &TestGateway, status: u16, body: &str) {
+/// Sends `GET /tls/hello` with `tok` and checks a 502 `upstream_tls_error`: body, audit line
+/// (allowed, then failed upstream).
+async fn assert_tls_refusal(tg: &TestGateway, tok: &str) {
+    let (status, body) = get(tg, tok).await;
     assert_eq!(status, 502, "{body}");
-    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "bad_gateway", "{body}");
     assert!(
         v["message"].as_str().unwrap().contains("TLS"),
@@ -380,11 +387,7 @@ async fn verified_pair(
         close,
     })
     .await;
-    let (tg, tok) = gateway_to(
-        &format!("https://{host}:{}", up.addr.port()),
-        &pki.ca_line(),
-    )
-    .await;
+    let (tg, tok) = gateway_to(&up.url(host), &pki.ca_line()).await;
     (up, tg, tok)
 }
 
@@ -429,8 +432,7 @@ async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
     let other = Ca::new("somebody else's CA");
     let leaf = other.leaf("upstream", &["localhost", "127.0.0.1"], false);
     let (up, tg, tok) = verified_pair(&pki, &leaf, "127.0.0.1", false).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     assert_eq!(up.counts().1, 0, "no handshake completed");
     tg.stop().await;
@@ -441,11 +443,10 @@ async fn a_certificate_for_another_name_is_a_502_and_server_name_fixes_it() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["api.internal"], false);
     let up = TlsUpstream::serving(&leaf).await;
-    let url = format!("https://127.0.0.1:{}", up.addr.port());
+    let url = up.url("127.0.0.1");
     let ca = pki.ca_line();
     let (tg, tok) = gateway_to(&url, &ca).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     tg.stop().await;
 
@@ -527,12 +528,11 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
         close: false,
     })
     .await;
-    let url = format!("https://localhost:{}", up.addr.port());
+    let url = up.url("localhost");
     let ca = pki.ca_line();
 
     let (tg, tok) = gateway_to(&url, &ca).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     assert_eq!(up.counts().1, 0, "the upstream completed no handshake");
     tg.stop().await;
@@ -565,7 +565,7 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
     let up = TlsUpstream::serving(&leaf).await;
-    let url = format!("https://localhost:{}", up.addr.port());
+    let url = up.url("localhost");
     let ca = pki.ca_line();
 
     // http2 = false (the default): HTTP/1.1 though the upstream offers h2.
@@ -643,8 +643,7 @@ async fn a_reload_reads_the_tls_files_again() {
     let other = Ca::new("the CA the upstream moves to");
     let leaf = other.leaf("upstream", &["localhost"], false);
     let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
 
     // The operator installs the new CA and sends SIGHUP.
     std::fs::write(&pki.ca_file, other.pem()).unwrap();

@@ -8,14 +8,11 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command as StdCommand, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{Options, Served, Upstream, client, write_config};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
+use support::{Options, Served, Upstream, cli, client, write_config};
 
 // =================================================================================================
 // Shared helpers: the real binary, its stderr, bounded waits.
@@ -480,13 +477,7 @@ async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
     for f in ["tokengate.db", "tokengate.db-wal", "tokengate.db-shm"] {
         let _ = std::fs::remove_file(fresh.path().join(f));
     }
-    let out = StdCommand::new(BIN)
-        .arg("--config")
-        .arg(&fresh_config)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cli(&fresh_config, &["serve"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

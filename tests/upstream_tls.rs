@@ -677,12 +677,7 @@ fn config_file(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
 }
 
 fn config_check(path: &Path) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .arg("--config")
-        .arg(path)
-        .args(["config", "check"])
-        .output()
-        .unwrap();
+    let out = cli(path, &["config", "check"]);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)

@@ -347,6 +347,14 @@ async fn store_replaced_under_load_no_crash_no_revoked_token_accepted() {
     store_fault_under_load(StoreFault::Replace).await;
 }
 
+/// Waits (up to 10 s) until exactly one line of `gw`'s stderr contains `needle`.
+async fn logged_once(gw: &Served, what: &str, needle: &str) {
+    eventually(what, Duration::from_secs(10), || async {
+        (gw.log_lines_with(needle) == 1).then_some(())
+    })
+    .await
+}
+
 /// The file moved away and back (a mistaken `mv`, a volume remounted): the gateway recovers by
 /// itself, serving uncached tokens again, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,10 +378,10 @@ async fn store_moved_away_and_back_recovers_by_itself() {
     assert_eq!(get(&format!("{base}/apps/a/b"), Some(&token)).await.0, 503);
     assert_eq!(upstream.count(), 0);
 
-    eventually(
+    logged_once(
+        &gw,
         "the change poller to log it",
-        Duration::from_secs(10),
-        || async { (gw.log_lines_with("cannot read the store's change log") == 1).then_some(()) },
+        "cannot read the store's change log",
     )
     .await;
     std::fs::rename(&aside, &db).unwrap();
@@ -383,12 +391,7 @@ async fn store_moved_away_and_back_recovers_by_itself() {
     .await;
     assert_eq!(get(&format!("{base}/apps/a/b"), Some(&token)).await.0, 200);
     assert_eq!(upstream.count(), 1);
-    eventually(
-        "the recovery to be logged",
-        Duration::from_secs(10),
-        || async { (gw.log_lines_with("readable again") == 1).then_some(()) },
-    )
-    .await;
+    logged_once(&gw, "the recovery to be logged", "readable again").await;
     gw.assert_alive();
 }
 

@@ -408,6 +408,13 @@ fn no_open_idle(pool: &Pool) -> bool {
     pool.idle_connections() == pool.closed_idle_connections()
 }
 
+/// Waits until the upstream has closed `ended` connections in all, then until `pool` has seen
+/// the close ([`no_open_idle`]).
+async fn wait_closed(up: &RawUpstream, pool: &Pool, ended: usize, what: &str) {
+    wait_until(what, || up.ended() == ended).await;
+    wait_until("the pool saw the close", || no_open_idle(pool)).await;
+}
+
 #[tokio::test]
 async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once() {
     // Every connection answers one request, then the upstream closes it a moment later without
@@ -421,14 +428,14 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
     let c = client();
     for i in 0..3 {
         assert_eq!(get(&tg, &tok, "/apps/a/x").await, (200, "done".to_string()));
-        wait_until("the upstream closed its idle connection", || {
-            up.ended() == 2 * i + 1
-        })
-        .await;
-        // The gateway's connection task has read the FIN: no open idle connection is left.
-        wait_until("the gateway's pool saw the close", || {
-            no_open_idle(tg.gw.upstream_pool())
-        })
+        // The upstream closed it, and the gateway's connection task has read the FIN: no open
+        // idle connection is left.
+        wait_closed(
+            &up,
+            tg.gw.upstream_pool(),
+            2 * i + 1,
+            "the upstream closed its idle connection",
+        )
         .await;
         let r = c
             .post(tg.url("/apps/a/deploy"))
@@ -439,13 +446,12 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
             .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "done");
-        wait_until("the upstream closed the POST's connection", || {
-            up.ended() == 2 * i + 2
-        })
-        .await;
-        wait_until("the gateway's pool saw the close", || {
-            no_open_idle(tg.gw.upstream_pool())
-        })
+        wait_closed(
+            &up,
+            tg.gw.upstream_pool(),
+            2 * i + 2,
+            "the upstream closed the POST's connection",
+        )
         .await;
     }
     let seen = up.seen();
@@ -626,8 +632,7 @@ async fn a_connection_the_upstream_closed_is_dropped_from_the_pool() {
     .await;
     let pool = Pool::default();
     assert_eq!(send(&pool, request(&up, "/a")).await.0, 200);
-    wait_until("the upstream closed", || up.ended() == 1).await;
-    wait_until("the pool saw the close", || no_open_idle(&pool)).await;
+    wait_closed(&up, &pool, 1, "the upstream closed").await;
     assert_eq!(
         send(&pool, request(&up, "/b")).await,
         (200, Bytes::from("hi"))

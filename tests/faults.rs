@@ -7,30 +7,36 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{Options, Served, Upstream, cli, client, write_config};
+use support::{Options, Served, Upstream, cli, client, eventually, write_config};
 
 // =================================================================================================
 // Shared helpers: the real binary, its stderr, bounded waits.
 // =================================================================================================
 
-/// Polls `f` every 20 ms until it yields, for at most `limit` (a bound, not a timing claim).
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// An upstream, a temporary folder with a config (`o`) that forwards to it, and the path of
+/// the store that config names (not created).
+struct Site {
+    upstream: Upstream,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    db: PathBuf,
+}
+
+async fn site(o: &Options) -> Site {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.addr.to_string(), o);
+    let db = dir.path().join("tokengate.db");
+    Site {
+        upstream,
+        dir,
+        config,
+        db,
     }
 }
 
@@ -103,14 +109,12 @@ fn store_fault_options() -> Options {
 /// CLI after it was used (a CLI write: the trigger of the SIGBUS in issue 16), a valid token
 /// never used (uncached), and a client loop on the first two; then `fault`.
 async fn store_fault_under_load(fault: StoreFault) {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &upstream.addr.to_string(),
-        &store_fault_options(),
-    );
-    let db = dir.path().join("tokengate.db");
+    let Site {
+        upstream,
+        dir,
+        config,
+        db,
+    } = site(&store_fault_options()).await;
     // Enough rows that the file spans many pages, as a real store does.
     for i in 0..200 {
         issue(&db, &format!("filler-{i}"));
@@ -359,10 +363,12 @@ async fn logged_once(gw: &Served, what: &str, needle: &str) {
 /// itself, serving uncached tokens again, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_moved_away_and_back_recovers_by_itself() {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
-    let db = dir.path().join("tokengate.db");
+    let Site {
+        upstream,
+        dir,
+        config,
+        db,
+    } = site(&Options::default()).await;
     let (token, _) = issue(&db, "t");
     let mut gw = Served::start(&config).await;
     let base = format!("http://{}", gw.addr);
@@ -399,10 +405,12 @@ async fn store_moved_away_and_back_recovers_by_itself() {
 /// nothing; `store init` creates it once; `serve` creates one only on a first start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
-    let db = dir.path().join("tokengate.db");
+    let Site {
+        upstream,
+        dir,
+        config,
+        db,
+    } = site(&Options::default()).await;
     let before = names_in(dir.path());
     let backup = dir.path().join("b.db");
     let commands: &[&[&str]] = &[

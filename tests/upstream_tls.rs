@@ -348,6 +348,14 @@ impl Pki {
     fn ca_line(&self) -> String {
         format!("ca_file = \"{}\"", toml_path(&self.ca_file))
     }
+
+    /// An upstream serving a leaf of the test CA for `names` (no client certificate asked), and
+    /// its URL by the name `host`.
+    async fn serve(&self, names: &[&str], host: &str) -> (TlsUpstream, String) {
+        let up = TlsUpstream::serving(&self.ca.leaf("upstream", names, false)).await;
+        let url = up.url(host);
+        (up, url)
+    }
 }
 
 /// `GET uri` straight through a pool and a connector for `host` with the options `tls`, which
@@ -391,15 +399,20 @@ async fn verified_pair(
     (up, tg, tok)
 }
 
+/// [`verified_pair`] with a leaf of the test CA for `localhost`, reached as `localhost`.
+async fn localhost_pair(pki: &Pki, close: bool) -> (TlsUpstream, TestGateway, String) {
+    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
+    verified_pair(pki, &leaf, "localhost", close).await
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test]
 async fn a_verified_upstream_gets_the_request_and_sni_comes_from_the_host() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
     // `localhost`: the certificate's only name, checked against the upstream host (no
     // server_name configured).
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
+    let (up, tg, tok) = localhost_pair(&pki, false).await;
     let (status, body) = get(&tg, &tok).await;
     assert_eq!((status, body.as_str()), (200, "tls upstream ok"));
     let seen = up.seen();
@@ -441,9 +454,7 @@ async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
 #[tokio::test]
 async fn a_certificate_for_another_name_is_a_502_and_server_name_fixes_it() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["api.internal"], false);
-    let up = TlsUpstream::serving(&leaf).await;
-    let url = up.url("127.0.0.1");
+    let (up, url) = pki.serve(&["api.internal"], "127.0.0.1").await;
     let ca = pki.ca_line();
     let (tg, tok) = gateway_to(&url, &ca).await;
     assert_tls_refusal(&tg, &tok).await;
@@ -563,9 +574,7 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
 #[tokio::test]
 async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::serving(&leaf).await;
-    let url = up.url("localhost");
+    let (up, url) = pki.serve(&["localhost"], "localhost").await;
     let ca = pki.ca_line();
 
     // http2 = false (the default): HTTP/1.1 though the upstream offers h2.
@@ -609,8 +618,7 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
 #[tokio::test]
 async fn twenty_sequential_requests_use_one_connection_and_one_handshake() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
+    let (up, tg, tok) = localhost_pair(&pki, false).await;
     for _ in 0..20 {
         assert_eq!(get(&tg, &tok).await.0, 200);
     }
@@ -622,9 +630,8 @@ async fn twenty_sequential_requests_use_one_connection_and_one_handshake() {
 #[tokio::test]
 async fn a_new_connection_resumes_the_tls_session() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
     // `Connection: close` on every answer: each request needs a new connection.
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", true).await;
+    let (up, tg, tok) = localhost_pair(&pki, true).await;
     for _ in 0..3 {
         assert_eq!(get(&tg, &tok).await.0, 200);
     }

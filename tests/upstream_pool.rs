@@ -178,16 +178,31 @@ fn find(buf: &[u8], pat: &[u8]) -> Option<usize> {
     buf.windows(pat.len()).position(|w| w == pat)
 }
 
-/// Reads one request (Content-Length or chunked body); None when the peer closed.
-async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Option<Seen> {
-    let head_end = loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            break i;
+/// Reads until `buf` holds `pat`: where it starts; None when the peer closed first.
+async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, pat: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = find(buf, pat) {
+            return Some(i);
         }
         if !fill(s, buf).await {
             return None;
         }
-    };
+    }
+}
+
+/// Reads until `buf` holds at least `n` bytes; None when the peer closed first.
+async fn read_at_least(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Option<()> {
+    while buf.len() < n {
+        if !fill(s, buf).await {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Reads one request (Content-Length or chunked body); None when the peer closed.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Option<Seen> {
+    let head_end = read_until(s, buf, b"\r\n\r\n").await?;
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     buf.drain(..head_end + 4);
     let mut lines = head.split("\r\n");
@@ -202,14 +217,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
-            let line_end = loop {
-                if let Some(i) = find(buf, b"\r\n") {
-                    break i;
-                }
-                if !fill(s, buf).await {
-                    return None;
-                }
-            };
+            let line_end = read_until(s, buf, b"\r\n").await?;
             let size = usize::from_str_radix(
                 String::from_utf8_lossy(&buf[..line_end])
                     .split(';')
@@ -222,14 +230,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
             if size == 0 {
                 // Trailer section: lines until an empty one.
                 loop {
-                    let end = loop {
-                        if let Some(i) = find(buf, b"\r\n") {
-                            break i;
-                        }
-                        if !fill(s, buf).await {
-                            return None;
-                        }
-                    };
+                    let end = read_until(s, buf, b"\r\n").await?;
                     buf.drain(..end + 2);
                     if end == 0 {
                         break;
@@ -237,20 +238,12 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
                 }
                 break;
             }
-            while buf.len() < size + 2 {
-                if !fill(s, buf).await {
-                    return None;
-                }
-            }
+            read_at_least(s, buf, size + 2).await?;
             body.extend_from_slice(&buf[..size]);
             buf.drain(..size + 2);
         }
     } else if let Some(n) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        while buf.len() < n {
-            if !fill(s, buf).await {
-                return None;
-            }
-        }
+        read_at_least(s, buf, n).await?;
         body.extend(buf.drain(..n));
     }
     Some(Seen {

@@ -19,25 +19,13 @@ use support::{Options, Served, Upstream, cli, client, eventually, write_config};
 // =================================================================================================
 
 /// An upstream, a temporary folder with a config (`o`) that forwards to it, and the path of
-/// the store that config names (not created).
-struct Site {
-    upstream: Upstream,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    db: PathBuf,
-}
-
-async fn site(o: &Options) -> Site {
+/// the store that config names (not created): (upstream, folder, config, store).
+async fn site(o: &Options) -> (Upstream, tempfile::TempDir, PathBuf, PathBuf) {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &upstream.addr.to_string(), o);
     let db = dir.path().join("tokengate.db");
-    Site {
-        upstream,
-        dir,
-        config,
-        db,
-    }
+    (upstream, dir, config, db)
 }
 
 async fn get(url: &str, token: Option<&str>) -> (u16, String) {
@@ -109,12 +97,7 @@ fn store_fault_options() -> Options {
 /// CLI after it was used (a CLI write: the trigger of the SIGBUS in issue 16), a valid token
 /// never used (uncached), and a client loop on the first two; then `fault`.
 async fn store_fault_under_load(fault: StoreFault) {
-    let Site {
-        upstream,
-        dir,
-        config,
-        db,
-    } = site(&store_fault_options()).await;
+    let (upstream, dir, config, db) = site(&store_fault_options()).await;
     // Enough rows that the file spans many pages, as a real store does.
     for i in 0..200 {
         issue(&db, &format!("filler-{i}"));
@@ -363,12 +346,7 @@ async fn logged_once(gw: &Served, what: &str, needle: &str) {
 /// itself, serving uncached tokens again, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_moved_away_and_back_recovers_by_itself() {
-    let Site {
-        upstream,
-        dir,
-        config,
-        db,
-    } = site(&Options::default()).await;
+    let (upstream, dir, config, db) = site(&Options::default()).await;
     let (token, _) = issue(&db, "t");
     let mut gw = Served::start(&config).await;
     let base = format!("http://{}", gw.addr);
@@ -405,12 +383,7 @@ async fn store_moved_away_and_back_recovers_by_itself() {
 /// nothing; `store init` creates it once; `serve` creates one only on a first start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
-    let Site {
-        upstream,
-        dir,
-        config,
-        db,
-    } = site(&Options::default()).await;
+    let (upstream, dir, config, db) = site(&Options::default()).await;
     let before = names_in(dir.path());
     let backup = dir.path().join("b.db");
     let commands: &[&[&str]] = &[

@@ -290,39 +290,13 @@ async fn perform(tg: &TestGateway, k: &Kind, op: &Op<'_>) -> Outcome {
         };
         return cli(tg, home.path(), token, &args).await;
     }
-    match op {
-        Op::Create(b) => http(tg, k, Method::POST, "/v1/tokens", b.clone()).await,
-        Op::Rotate(id, b) => {
-            http(
-                tg,
-                k,
-                Method::POST,
-                &format!("/v1/tokens/{id}/rotate"),
-                b.clone(),
-            )
-            .await
-        }
-        Op::Revoke(id) => {
-            http(
-                tg,
-                k,
-                Method::POST,
-                &format!("/v1/tokens/{id}/revoke"),
-                json!({}),
-            )
-            .await
-        }
-        Op::Delete(id) => {
-            http(
-                tg,
-                k,
-                Method::DELETE,
-                &format!("/v1/tokens/{id}"),
-                json!({}),
-            )
-            .await
-        }
-    }
+    let (method, path, body) = match op {
+        Op::Create(b) => (Method::POST, "/v1/tokens".to_string(), b.clone()),
+        Op::Rotate(id, b) => (Method::POST, format!("/v1/tokens/{id}/rotate"), b.clone()),
+        Op::Revoke(id) => (Method::POST, format!("/v1/tokens/{id}/revoke"), json!({})),
+        Op::Delete(id) => (Method::DELETE, format!("/v1/tokens/{id}"), json!({})),
+    };
+    http(tg, k, method, &path, body).await
 }
 
 async fn refused_events(tg: &TestGateway) -> Vec<Value> {

@@ -65,6 +65,16 @@ fn request_ids(lines: &[serde_json::Value]) -> Vec<String> {
         .collect()
 }
 
+/// A response header's value, as text.
+fn header(h: &http::HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// The `X-Request-Id` every answer carries (panics, naming `status`, when it is missing).
+fn request_id(status: u16, h: &http::HeaderMap) -> String {
+    header(h, "x-request-id").unwrap_or_else(|| panic!("{status} without X-Request-Id"))
+}
+
 /// Polls `cond` until it holds; panics after [`PATIENCE`].
 async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
     wait_until_within(what, PATIENCE, cond).await
@@ -159,17 +169,8 @@ impl Conn {
             .await
             .expect("request failed on the client side");
         let status = resp.status().as_u16();
-        let rid = resp
-            .headers()
-            .get("x-request-id")
-            .unwrap_or_else(|| panic!("{status} without X-Request-Id"))
-            .to_str()
-            .unwrap()
-            .to_string();
-        let www = resp
-            .headers()
-            .get("www-authenticate")
-            .map(|v| v.to_str().unwrap().to_string());
+        let rid = request_id(status, resp.headers());
+        let www = header(resp.headers(), "www-authenticate");
         let close = resp
             .headers()
             .get("connection")
@@ -618,15 +619,9 @@ fn prlimit(pid: u32, soft: &str) {
 /// The id the gateway gave a request: `X-Request-Id`, also in error bodies.
 async fn status_and_id(r: reqwest::Response) -> (u16, String, String) {
     let status = r.status().as_u16();
-    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let www = r
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().unwrap().to_string());
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
+    let rid = request_id(status, r.headers());
+    let www = header(r.headers(), "www-authenticate");
+    let retry = header(r.headers(), "retry-after");
     let body = r.text().await.unwrap();
     if status == 503 {
         // The client learns "retry later", not which part of the gateway failed; the reason

@@ -1010,12 +1010,7 @@ permission = "apps:write"
             ..Options::default()
         },
     );
-    let out = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .args(["config", "check"])
-        .output()
-        .unwrap();
+    let out = cli(&path, &["config", "check"]);
     assert_eq!(
         out.status.code(),
         Some(64),
@@ -1055,12 +1050,7 @@ permission = "apps:write"
                 ..Options::default()
             },
         );
-        let out = std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
+        let out = cli(&path, &["config", "check"]);
         assert!(
             out.status.success(),
             "{ok}: {}",

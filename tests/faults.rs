@@ -7,34 +7,25 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command as StdCommand, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{Options, Served, Upstream, client, write_config};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
+use support::{Options, Served, Upstream, cli, client, eventually, write_config};
 
 // =================================================================================================
 // Shared helpers: the real binary, its stderr, bounded waits.
 // =================================================================================================
 
-/// Polls `f` every 20 ms until it yields, for at most `limit` (a bound, not a timing claim).
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// An upstream, a temporary folder with a config (`o`) that forwards to it, and the path of
+/// the store that config names (not created): (upstream, folder, config, store).
+async fn site(o: &Options) -> (Upstream, tempfile::TempDir, PathBuf, PathBuf) {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &upstream.addr.to_string(), o);
+    let db = dir.path().join("tokengate.db");
+    (upstream, dir, config, db)
 }
 
 async fn get(url: &str, token: Option<&str>) -> (u16, String) {
@@ -106,14 +97,7 @@ fn store_fault_options() -> Options {
 /// CLI after it was used (a CLI write: the trigger of the SIGBUS in issue 16), a valid token
 /// never used (uncached), and a client loop on the first two; then `fault`.
 async fn store_fault_under_load(fault: StoreFault) {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &upstream.addr.to_string(),
-        &store_fault_options(),
-    );
-    let db = dir.path().join("tokengate.db");
+    let (upstream, dir, config, db) = site(&store_fault_options()).await;
     // Enough rows that the file spans many pages, as a real store does.
     for i in 0..200 {
         issue(&db, &format!("filler-{i}"));
@@ -350,14 +334,19 @@ async fn store_replaced_under_load_no_crash_no_revoked_token_accepted() {
     store_fault_under_load(StoreFault::Replace).await;
 }
 
+/// Waits (up to 10 s) until exactly one line of `gw`'s stderr contains `needle`.
+async fn logged_once(gw: &Served, what: &str, needle: &str) {
+    eventually(what, Duration::from_secs(10), || async {
+        (gw.log_lines_with(needle) == 1).then_some(())
+    })
+    .await
+}
+
 /// The file moved away and back (a mistaken `mv`, a volume remounted): the gateway recovers by
 /// itself, serving uncached tokens again, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_moved_away_and_back_recovers_by_itself() {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
-    let db = dir.path().join("tokengate.db");
+    let (upstream, dir, config, db) = site(&Options::default()).await;
     let (token, _) = issue(&db, "t");
     let mut gw = Served::start(&config).await;
     let base = format!("http://{}", gw.addr);
@@ -373,10 +362,10 @@ async fn store_moved_away_and_back_recovers_by_itself() {
     assert_eq!(get(&format!("{base}/apps/a/b"), Some(&token)).await.0, 503);
     assert_eq!(upstream.count(), 0);
 
-    eventually(
+    logged_once(
+        &gw,
         "the change poller to log it",
-        Duration::from_secs(10),
-        || async { (gw.log_lines_with("cannot read the store's change log") == 1).then_some(()) },
+        "cannot read the store's change log",
     )
     .await;
     std::fs::rename(&aside, &db).unwrap();
@@ -386,12 +375,7 @@ async fn store_moved_away_and_back_recovers_by_itself() {
     .await;
     assert_eq!(get(&format!("{base}/apps/a/b"), Some(&token)).await.0, 200);
     assert_eq!(upstream.count(), 1);
-    eventually(
-        "the recovery to be logged",
-        Duration::from_secs(10),
-        || async { (gw.log_lines_with("readable again") == 1).then_some(()) },
-    )
-    .await;
+    logged_once(&gw, "the recovery to be logged", "readable again").await;
     gw.assert_alive();
 }
 
@@ -399,10 +383,7 @@ async fn store_moved_away_and_back_recovers_by_itself() {
 /// nothing; `store init` creates it once; `serve` creates one only on a first start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &upstream.addr.to_string(), &Options::default());
-    let db = dir.path().join("tokengate.db");
+    let (upstream, dir, config, db) = site(&Options::default()).await;
     let before = names_in(dir.path());
     let backup = dir.path().join("b.db");
     let commands: &[&[&str]] = &[
@@ -480,13 +461,7 @@ async fn cli_against_a_missing_store_fails_clearly_and_creates_nothing() {
     for f in ["tokengate.db", "tokengate.db-wal", "tokengate.db-shm"] {
         let _ = std::fs::remove_file(fresh.path().join(f));
     }
-    let out = StdCommand::new(BIN)
-        .arg("--config")
-        .arg(&fresh_config)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cli(&fresh_config, &["serve"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

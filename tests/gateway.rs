@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -243,16 +244,7 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
     let c = client();
     let ok = get_bearer(&c, tg.url("/apps/a/x"), &tok).await;
     assert_eq!(ok.status(), 200);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .args([
-            "--config",
-            tg.config_path.to_str().unwrap(),
-            "token",
-            "revoke",
-            &id,
-        ])
-        .output()
-        .unwrap();
+    let out = cli(&tg.config_path, &["token", "revoke", &id]);
     assert_success(&out);
     let revoked_at = Instant::now();
     loop {
@@ -427,16 +419,7 @@ async fn tls_serves_h1_and_h2(workers: usize) {
 #[tokio::test]
 async fn no_plaintext_token_in_db_wal_audit_or_output() {
     let tg = TestGateway::start().await;
-    let bin = env!("CARGO_BIN_EXE_tokengate");
-    let cfgp = tg.config_path.to_str().unwrap().to_string();
-    let run = |args: &[&str]| {
-        std::process::Command::new(bin)
-            .arg("--config")
-            .arg(&cfgp)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| cli(&tg.config_path, args);
     assert!(run(&["account", "create", "ci"]).status.success());
     let out = run(&[
         "token",
@@ -485,8 +468,10 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
         outputs.push_str(&String::from_utf8_lossy(&o.stdout));
         outputs.push_str(&String::from_utf8_lossy(&o.stderr));
     }
-    let o = std::process::Command::new(bin)
-        .args(["--config", &cfgp, "token", "identify"])
+    let o = std::process::Command::new(bin())
+        .arg("--config")
+        .arg(&tg.config_path)
+        .args(["token", "identify"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -614,12 +599,8 @@ async fn oversized_body_is_413_counted_while_streaming() {
 
 #[test]
 fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
-    let bin = env!("CARGO_BIN_EXE_tokengate");
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokengate.toml");
-    let out = std::process::Command::new(bin)
-        .args(["--config", example, "config", "check"])
-        .output()
-        .unwrap();
+    let out = cli(Path::new(example), &["config", "check"]);
     assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
     let dir = tempfile::tempdir().unwrap();
@@ -628,20 +609,17 @@ fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
         .unwrap()
         .replacen("realm =", "relam =", 1);
     std::fs::write(&bad, text).unwrap();
-    let out = std::process::Command::new(bin)
-        .args(["--config", bad.to_str().unwrap(), "config", "check"])
-        .output()
-        .unwrap();
+    let out = cli(&bad, &["config", "check"]);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("relam"), "{err}");
     // Unknown command or flag: usage error 64.
-    let out = std::process::Command::new(bin)
+    let out = std::process::Command::new(bin())
         .args(["token", "frobnicate"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    let out = std::process::Command::new(bin)
+    let out = std::process::Command::new(bin())
         .args(["token", "create", "--help"])
         .output()
         .unwrap();

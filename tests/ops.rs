@@ -1536,21 +1536,11 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
         200
     );
     let seen = tg.upstream.count();
-    let r = get_bearer(
-        &c,
-        format!("http://{}/apps/restored/x", restored.addr),
-        &before,
-    )
-    .await;
+    let r = get_bearer(&c, restored.url("/apps/restored/x"), &before).await;
     assert_eq!(r.status(), 200);
     assert_eq!(tg.upstream.count(), seen + 1);
     // The token issued after the backup is unknown there: 401, not forwarded, audited.
-    let r = get_bearer(
-        &c,
-        format!("http://{}/apps/restored/y", restored.addr),
-        &after,
-    )
-    .await;
+    let r = get_bearer(&c, restored.url("/apps/restored/y"), &after).await;
     assert_eq!(r.status(), 401);
     assert!(challenge(&r).contains("error=\"invalid_token\""));
     assert_eq!(tg.upstream.count(), seen + 1);

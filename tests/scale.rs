@@ -56,12 +56,24 @@ impl Replica {
     }
 
     async fn get(&self, token: &str) -> reqwest::Response {
-        get_bearer(
-            &client(),
-            format!("http://{}/apps/billing/x", self.addr),
-            token,
-        )
-        .await
+        get_bearer(&client(), self.url("/apps/billing/x"), token).await
+    }
+
+    /// Asks with `token` until it is refused, for at most 10 s; the refusal must be an
+    /// `invalid_token` 401 ([`assert_invalid_token`]).
+    async fn wait_refused(&self, token: &str, what: &str) {
+        let t0 = Instant::now();
+        loop {
+            let resp = self.get(token).await;
+            if resp.status() == 401 {
+                assert_invalid_token(resp, what).await;
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what}: not propagated after 10 s"
+            );
+        }
     }
 
     /// Request rows (a forwarded request's decision and completion merged), once every
@@ -261,18 +273,7 @@ async fn account_disable_and_rotation_reach_the_other_replicas() {
     assert_invalid_token(b.get(&token).await, "retired predecessor").await;
     // Account disable through A: B rejects every token of the account.
     a.gw.disable_account("team", "test").await.unwrap();
-    let t0 = Instant::now();
-    loop {
-        let resp = b.get(&other).await;
-        if resp.status() == 401 {
-            assert_invalid_token(resp, "disabled account").await;
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "account disable not propagated"
-        );
-    }
+    b.wait_refused(&other, "disabled account").await;
     let lines = b.audit().await;
     let last = lines.last().unwrap();
     support::assert_rejection_line(last, 401, "account_disabled");
@@ -345,18 +346,8 @@ async fn a_replica_cut_off_from_notifications_never_serves_a_token_revoked_meanw
     assert_eq!(c.get(&t2).await.status(), 200);
     assert_eq!(c.gw.cache().len(), 1);
     a.gw.revoke(&id2, "test", "after recovery").await.unwrap();
-    let t0 = Instant::now();
-    loop {
-        let resp = c.get(&t2).await;
-        if resp.status() == 401 {
-            assert_invalid_token(resp, "revoked after recovery").await;
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "push did not resume"
-        );
-    }
+    // Push resumed.
+    c.wait_refused(&t2, "revoked after recovery").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

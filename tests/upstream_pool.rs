@@ -178,16 +178,31 @@ fn find(buf: &[u8], pat: &[u8]) -> Option<usize> {
     buf.windows(pat.len()).position(|w| w == pat)
 }
 
-/// Reads one request (Content-Length or chunked body); None when the peer closed.
-async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Option<Seen> {
-    let head_end = loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            break i;
+/// Reads until `buf` holds `pat`: where it starts; None when the peer closed first.
+async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, pat: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = find(buf, pat) {
+            return Some(i);
         }
         if !fill(s, buf).await {
             return None;
         }
-    };
+    }
+}
+
+/// Reads until `buf` holds at least `n` bytes; None when the peer closed first.
+async fn read_at_least(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Option<()> {
+    while buf.len() < n {
+        if !fill(s, buf).await {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Reads one request (Content-Length or chunked body); None when the peer closed.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Option<Seen> {
+    let head_end = read_until(s, buf, b"\r\n\r\n").await?;
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     buf.drain(..head_end + 4);
     let mut lines = head.split("\r\n");
@@ -202,14 +217,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
     let mut body = Vec::new();
     if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
-            let line_end = loop {
-                if let Some(i) = find(buf, b"\r\n") {
-                    break i;
-                }
-                if !fill(s, buf).await {
-                    return None;
-                }
-            };
+            let line_end = read_until(s, buf, b"\r\n").await?;
             let size = usize::from_str_radix(
                 String::from_utf8_lossy(&buf[..line_end])
                     .split(';')
@@ -222,14 +230,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
             if size == 0 {
                 // Trailer section: lines until an empty one.
                 loop {
-                    let end = loop {
-                        if let Some(i) = find(buf, b"\r\n") {
-                            break i;
-                        }
-                        if !fill(s, buf).await {
-                            return None;
-                        }
-                    };
+                    let end = read_until(s, buf, b"\r\n").await?;
                     buf.drain(..end + 2);
                     if end == 0 {
                         break;
@@ -237,20 +238,12 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Opti
                 }
                 break;
             }
-            while buf.len() < size + 2 {
-                if !fill(s, buf).await {
-                    return None;
-                }
-            }
+            read_at_least(s, buf, size + 2).await?;
             body.extend_from_slice(&buf[..size]);
             buf.drain(..size + 2);
         }
     } else if let Some(n) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        while buf.len() < n {
-            if !fill(s, buf).await {
-                return None;
-            }
-        }
+        read_at_least(s, buf, n).await?;
         body.extend(buf.drain(..n));
     }
     Some(Seen {
@@ -408,6 +401,13 @@ fn no_open_idle(pool: &Pool) -> bool {
     pool.idle_connections() == pool.closed_idle_connections()
 }
 
+/// Waits until the upstream has closed `ended` connections in all, then until `pool` has seen
+/// the close ([`no_open_idle`]).
+async fn wait_closed(up: &RawUpstream, pool: &Pool, ended: usize, what: &str) {
+    wait_until(what, || up.ended() == ended).await;
+    wait_until("the pool saw the close", || no_open_idle(pool)).await;
+}
+
 #[tokio::test]
 async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once() {
     // Every connection answers one request, then the upstream closes it a moment later without
@@ -421,14 +421,14 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
     let c = client();
     for i in 0..3 {
         assert_eq!(get(&tg, &tok, "/apps/a/x").await, (200, "done".to_string()));
-        wait_until("the upstream closed its idle connection", || {
-            up.ended() == 2 * i + 1
-        })
-        .await;
-        // The gateway's connection task has read the FIN: no open idle connection is left.
-        wait_until("the gateway's pool saw the close", || {
-            no_open_idle(tg.gw.upstream_pool())
-        })
+        // The upstream closed it, and the gateway's connection task has read the FIN: no open
+        // idle connection is left.
+        wait_closed(
+            &up,
+            tg.gw.upstream_pool(),
+            2 * i + 1,
+            "the upstream closed its idle connection",
+        )
         .await;
         let r = c
             .post(tg.url("/apps/a/deploy"))
@@ -439,13 +439,12 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
             .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "done");
-        wait_until("the upstream closed the POST's connection", || {
-            up.ended() == 2 * i + 2
-        })
-        .await;
-        wait_until("the gateway's pool saw the close", || {
-            no_open_idle(tg.gw.upstream_pool())
-        })
+        wait_closed(
+            &up,
+            tg.gw.upstream_pool(),
+            2 * i + 2,
+            "the upstream closed the POST's connection",
+        )
         .await;
     }
     let seen = up.seen();
@@ -626,8 +625,7 @@ async fn a_connection_the_upstream_closed_is_dropped_from_the_pool() {
     .await;
     let pool = Pool::default();
     assert_eq!(send(&pool, request(&up, "/a")).await.0, 200);
-    wait_until("the upstream closed", || up.ended() == 1).await;
-    wait_until("the pool saw the close", || no_open_idle(&pool)).await;
+    wait_closed(&up, &pool, 1, "the upstream closed").await;
     assert_eq!(
         send(&pool, request(&up, "/b")).await,
         (200, Bytes::from("hi"))

@@ -153,6 +153,11 @@ impl TlsUpstream {
         .await
     }
 
+    /// `https://{host}:{port}`: this upstream, reached by the name `host`.
+    fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}", self.addr.port())
+    }
+
     async fn start(s: UpstreamSetup<'_>) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -307,10 +312,12 @@ async fn get(tg: &TestGateway, tok: &str) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
-/// Checks a 502 `upstream_tls_error`: body, audit line (allowed, then failed upstream).
-async fn assert_tls_refusal(tg: &TestGateway, status: u16, body: &str) {
+/// Sends `GET /tls/hello` with `tok` and checks a 502 `upstream_tls_error`: body, audit line
+/// (allowed, then failed upstream).
+async fn assert_tls_refusal(tg: &TestGateway, tok: &str) {
+    let (status, body) = get(tg, tok).await;
     assert_eq!(status, 502, "{body}");
-    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "bad_gateway", "{body}");
     assert!(
         v["message"].as_str().unwrap().contains("TLS"),
@@ -340,6 +347,14 @@ impl Pki {
     /// The `[routes.upstream_tls]` line that trusts this CA.
     fn ca_line(&self) -> String {
         format!("ca_file = \"{}\"", toml_path(&self.ca_file))
+    }
+
+    /// An upstream serving a leaf of the test CA for `names` (no client certificate asked), and
+    /// its URL by the name `host`.
+    async fn serve(&self, names: &[&str], host: &str) -> (TlsUpstream, String) {
+        let up = TlsUpstream::serving(&self.ca.leaf("upstream", names, false)).await;
+        let url = up.url(host);
+        (up, url)
     }
 }
 
@@ -380,12 +395,14 @@ async fn verified_pair(
         close,
     })
     .await;
-    let (tg, tok) = gateway_to(
-        &format!("https://{host}:{}", up.addr.port()),
-        &pki.ca_line(),
-    )
-    .await;
+    let (tg, tok) = gateway_to(&up.url(host), &pki.ca_line()).await;
     (up, tg, tok)
+}
+
+/// [`verified_pair`] with a leaf of the test CA for `localhost`, reached as `localhost`.
+async fn localhost_pair(pki: &Pki, close: bool) -> (TlsUpstream, TestGateway, String) {
+    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
+    verified_pair(pki, &leaf, "localhost", close).await
 }
 
 // ---------------------------------------------------------------- tests
@@ -393,10 +410,9 @@ async fn verified_pair(
 #[tokio::test]
 async fn a_verified_upstream_gets_the_request_and_sni_comes_from_the_host() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
     // `localhost`: the certificate's only name, checked against the upstream host (no
     // server_name configured).
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
+    let (up, tg, tok) = localhost_pair(&pki, false).await;
     let (status, body) = get(&tg, &tok).await;
     assert_eq!((status, body.as_str()), (200, "tls upstream ok"));
     let seen = up.seen();
@@ -429,8 +445,7 @@ async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
     let other = Ca::new("somebody else's CA");
     let leaf = other.leaf("upstream", &["localhost", "127.0.0.1"], false);
     let (up, tg, tok) = verified_pair(&pki, &leaf, "127.0.0.1", false).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     assert_eq!(up.counts().1, 0, "no handshake completed");
     tg.stop().await;
@@ -439,13 +454,10 @@ async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
 #[tokio::test]
 async fn a_certificate_for_another_name_is_a_502_and_server_name_fixes_it() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["api.internal"], false);
-    let up = TlsUpstream::serving(&leaf).await;
-    let url = format!("https://127.0.0.1:{}", up.addr.port());
+    let (up, url) = pki.serve(&["api.internal"], "127.0.0.1").await;
     let ca = pki.ca_line();
     let (tg, tok) = gateway_to(&url, &ca).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     tg.stop().await;
 
@@ -527,12 +539,11 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
         close: false,
     })
     .await;
-    let url = format!("https://localhost:{}", up.addr.port());
+    let url = up.url("localhost");
     let ca = pki.ca_line();
 
     let (tg, tok) = gateway_to(&url, &ca).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
     assert!(up.seen().is_empty(), "nothing reached the handler");
     assert_eq!(up.counts().1, 0, "the upstream completed no handshake");
     tg.stop().await;
@@ -563,9 +574,7 @@ async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one
 #[tokio::test]
 async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::serving(&leaf).await;
-    let url = format!("https://localhost:{}", up.addr.port());
+    let (up, url) = pki.serve(&["localhost"], "localhost").await;
     let ca = pki.ca_line();
 
     // http2 = false (the default): HTTP/1.1 though the upstream offers h2.
@@ -609,8 +618,7 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
 #[tokio::test]
 async fn twenty_sequential_requests_use_one_connection_and_one_handshake() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
+    let (up, tg, tok) = localhost_pair(&pki, false).await;
     for _ in 0..20 {
         assert_eq!(get(&tg, &tok).await.0, 200);
     }
@@ -622,9 +630,8 @@ async fn twenty_sequential_requests_use_one_connection_and_one_handshake() {
 #[tokio::test]
 async fn a_new_connection_resumes_the_tls_session() {
     let pki = pki();
-    let leaf = pki.ca.leaf("upstream", &["localhost"], false);
     // `Connection: close` on every answer: each request needs a new connection.
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", true).await;
+    let (up, tg, tok) = localhost_pair(&pki, true).await;
     for _ in 0..3 {
         assert_eq!(get(&tg, &tok).await.0, 200);
     }
@@ -643,8 +650,7 @@ async fn a_reload_reads_the_tls_files_again() {
     let other = Ca::new("the CA the upstream moves to");
     let leaf = other.leaf("upstream", &["localhost"], false);
     let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
-    let (status, body) = get(&tg, &tok).await;
-    assert_tls_refusal(&tg, status, &body).await;
+    assert_tls_refusal(&tg, &tok).await;
 
     // The operator installs the new CA and sends SIGHUP.
     std::fs::write(&pki.ca_file, other.pem()).unwrap();
@@ -678,12 +684,7 @@ fn config_file(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
 }
 
 fn config_check(path: &Path) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .arg("--config")
-        .arg(path)
-        .args(["config", "check"])
-        .output()
-        .unwrap();
+    let out = cli(path, &["config", "check"]);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)

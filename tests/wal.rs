@@ -12,17 +12,15 @@ mod support;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, client, fill, get_bearer,
+    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, cli, client, fill, get_bearer,
     read_audit_file, rules_with_delay, write_config,
 };
 use tokengate::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Issues a token (never expiring) straight into a store file.
@@ -87,10 +85,7 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
     }
 
     // verify: the chain is intact, 20 requests have no completion (exit 3), each named.
-    let o = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "audit", "verify"])
-        .output()
-        .unwrap();
+    let o = cli(&config, &["audit", "verify"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert_eq!(o.status.code(), Some(3), "{out}");
     assert!(
@@ -105,10 +100,7 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
         assert!(out.contains(id.as_str()), "{id} not named: {out}");
     }
     // The reader shows them as one row each, marked.
-    let o = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "audit", "--json"])
-        .output()
-        .unwrap();
+    let o = cli(&config, &["audit", "--json"]);
     assert_eq!(o.status.code(), Some(0));
     let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -361,15 +353,7 @@ fn cli_token_create_with_a_full_audit_disk_and_no_gateway_fails_and_creates_noth
     let config = write_config(dir.path(), "127.0.0.1:9", &o);
     let db = dir.path().join("tokengate.db");
     issue(&db);
-    let cli = |args: &[&str]| {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| support::cli(&config, args);
     // Writable: works.
     let ok = cli(&[
         "token",

@@ -972,6 +972,11 @@ impl Running {
         }
     }
 
+    /// `http://{public address}{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
     /// Stops the server and waits for the drain.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {

@@ -60,6 +60,7 @@ suite!(
     integrity_and_ping,
     approvals_are_decided_once_and_used_inside_their_window,
     mfa_steps_only_go_up_and_recovery_codes_are_single_use,
+    purging_sessions_counts_its_writes_on_either_engine,
 );
 
 fn spec(account: &str, name: &str) -> NewTokenSpec {
@@ -718,4 +719,16 @@ fn mfa_steps_only_go_up_and_recovery_codes_are_single_use(s: &Store) {
     assert!(matches!(s.copy_to(&dest), Err(StoreError::NotEmpty { .. })));
     assert!(s.mfa_remove("acc_1").unwrap());
     assert!(s.mfa_get("acc_1").unwrap().is_none());
+}
+
+/// `tokengate_store_writes_total` means the same on both engines: purging sessions is two writes
+/// (the expired sessions, then the ended sign-ins), whichever engine holds them.
+fn purging_sessions_counts_its_writes_on_either_engine(s: &Store) {
+    let writes = s.write_count();
+    assert!(s.session_purge(10_000, 0).unwrap().is_empty());
+    assert_eq!(
+        s.write_count() - writes,
+        2,
+        "the session delete and the sign-in sweep"
+    );
 }

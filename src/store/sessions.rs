@@ -263,10 +263,13 @@ impl Store {
                 let db = b.db.clone();
                 b.run(async move {
                     let c = db.conn().await?;
-                    c.execute("DELETE FROM oidc_logins WHERE expires_at <= $1", &[&now])
+                    let n = c
+                        .execute("DELETE FROM oidc_logins WHERE expires_at <= $1", &[&now])
                         .await
-                        .map_err(|e| db.err(e))
-                        .map(|n| n as usize)
+                        .map_err(|e| db.err(e))?;
+                    // Counted like every other write (SQLite counts its transaction).
+                    db.wrote();
+                    Ok(n as usize)
                 })?
             }
         };

@@ -254,25 +254,10 @@ impl Store {
             "DELETE FROM admin_sessions WHERE expires_at <= $1 OR last_seen_at <= $2 RETURNING {COLUMNS}"
         );
         let gone = self.session_rows(&sql, vec![Arg::I(Some(now)), Arg::I(Some(idle_before))])?;
-        match &self.inner.backend {
-            Backend::Sqlite(b) => b.write(|tx| {
-                tx.execute("DELETE FROM oidc_logins WHERE expires_at <= ?1", [now])
-                    .map_err(b.err())
-            })?,
-            Backend::Postgres(b) => {
-                let db = b.db.clone();
-                b.run(async move {
-                    let c = db.conn().await?;
-                    let n = c
-                        .execute("DELETE FROM oidc_logins WHERE expires_at <= $1", &[&now])
-                        .await
-                        .map_err(|e| db.err(e))?;
-                    // Counted like every other write (SQLite counts its transaction).
-                    db.wrote();
-                    Ok(n as usize)
-                })?
-            }
-        };
+        self.exec_args(
+            "DELETE FROM oidc_logins WHERE expires_at <= $1",
+            vec![Arg::I(Some(now))],
+        )?;
         Ok(gone)
     }
 

@@ -173,11 +173,7 @@ impl Server {
             ))),
             Public::Workers(w) => {
                 let n = w.len();
-                let common = workers::Common {
-                    serving: public_serving,
-                    admission,
-                };
-                match workers::start(w, common) {
+                match workers::start(w, public_serving, admission) {
                     Ok(running) => {
                         tracing::debug!(workers = n, "worker runtimes started");
                         Accepting::Workers(running)

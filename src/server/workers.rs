@@ -80,14 +80,13 @@ pub(super) struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// What every worker's accept loop shares with the server.
-pub(super) struct Common {
-    pub(super) serving: Serving,
-    pub(super) admission: Arc<Admission>,
-}
-
-/// Starts one thread per worker, runtime slot 1.. (see `crate::pool::set_runtime_slot`).
-pub(super) fn start(workers: Vec<Worker>, common: Common) -> std::io::Result<Running> {
+/// Starts one thread per worker, runtime slot 1.. (see `crate::pool::set_runtime_slot`); every
+/// accept loop serves with `serving` and shares the public listener's `admission`.
+pub(super) fn start(
+    workers: Vec<Worker>,
+    serving: Serving,
+    admission: Arc<Admission>,
+) -> std::io::Result<Running> {
     let (finished, finished_rx) = watch::channel(false);
     let mut running = Running {
         closed: Vec::new(),
@@ -98,7 +97,7 @@ pub(super) fn start(workers: Vec<Worker>, common: Common) -> std::io::Result<Run
         let slot = i + 1;
         let (closed_tx, closed_rx) = oneshot::channel();
         let mut finished = finished_rx.clone();
-        let (serving, admission) = (common.serving.clone(), common.admission.clone());
+        let (serving, admission) = (serving.clone(), admission.clone());
         let thread = std::thread::Builder::new()
             .name(format!("tg-worker-{slot}"))
             .spawn(move || {

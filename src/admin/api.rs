@@ -110,6 +110,31 @@ fn match_route(path: &str) -> Option<(Route, usize, Option<String>)> {
     Some(r)
 }
 
+/// A request matched to one of [`ROUTES`]: the template it matched and its path parameter
+/// (empty when the template has none).
+pub(crate) struct Matched {
+    pub(crate) template: &'static str,
+    pub(crate) param: String,
+    methods: &'static [&'static str],
+}
+
+impl Matched {
+    fn new(index: usize, param: Option<String>) -> Self {
+        let (template, methods) = ROUTES[index];
+        Matched {
+            template,
+            param: param.unwrap_or_default(),
+            methods,
+        }
+    }
+
+    /// Names the route in the audit line's rule and refuses a method it does not take (405).
+    pub(crate) fn admit(&self, method: &Method, ctx: &mut ApiCall) -> Result<(), AdminError> {
+        ctx.rule = Some(format!("admin:{method} {}", self.template));
+        AdminError::check_method(self.template, self.methods, method)
+    }
+}
+
 /// Handles one `/v1/...` request: authenticate, route, answer, and write the request audit line.
 pub async fn handle(gw: &Admin, req: http::Request<Incoming>, conn: ConnInfo) -> Response<Body> {
     let cfg = gw.config();
@@ -155,9 +180,8 @@ async fn serve(
     ctx: &mut ApiCall,
 ) -> Result<Response<Body>, AdminError> {
     if let Some((Route::People, idx, param)) = match_route(parts.uri.path()) {
-        let (template, methods) = ROUTES[idx];
-        return super::approvals::serve(gw, cfg, parts, body, conn, ctx, template, methods, param)
-            .await;
+        let m = Matched::new(idx, param);
+        return super::approvals::serve(gw, cfg, parts, body, conn, ctx, m).await;
     }
     let actor = authenticate(gw, parts, conn, ctx).await?;
     super::mfa::require_for_admin(gw, cfg, parts, &actor).await?;
@@ -166,10 +190,9 @@ async fn serve(
             "No such API endpoint; see docs/openapi.yaml.",
         ));
     };
-    let (template, methods) = ROUTES[idx];
-    ctx.rule = Some(format!("admin:{} {template}", parts.method));
-    AdminError::check_method(template, methods, &parts.method)?;
-    let p = param.unwrap_or_default();
+    let m = Matched::new(idx, param);
+    m.admit(&parts.method, ctx)?;
+    let p = m.param;
     let get = parts.method == Method::GET;
     match route {
         Route::People => Err(AdminError::not_found("No such API endpoint.")),
@@ -205,7 +228,7 @@ async fn serve(
             Ok(ok(StatusCode::OK, token_json(&row, gw.now_ms())))
         }
         Route::Sessions => {
-            super::session::api(gw, &actor, ctx, parts, conn.tls, template, &p).await
+            super::session::api(gw, &actor, ctx, parts, conn.tls, m.template, &p).await
         }
         Route::Rotate => {
             rotate(

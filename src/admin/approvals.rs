@@ -18,7 +18,7 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::api::read_json;
+use super::api::{Matched, read_json};
 use super::{Actor, Admin, AdminError, ApiCall, check_csrf, json, mfa, session_actor};
 use crate::approval::{self, APPROVED, EXPIRED, PENDING, REJECTED, approval_json};
 use crate::audit::Entry;
@@ -124,8 +124,7 @@ async fn caller(
     Ok(Caller::Token(row))
 }
 
-/// Handles a matched approvals or MFA route (`template` from `api::ROUTES`).
-#[allow(clippy::too_many_arguments)]
+/// Handles a matched approvals or MFA route.
 pub(crate) async fn serve(
     gw: &Admin,
     cfg: &Config,
@@ -133,16 +132,13 @@ pub(crate) async fn serve(
     body: Incoming,
     conn: ConnInfo,
     ctx: &mut ApiCall,
-    template: &str,
-    methods: &[&str],
-    param: Option<String>,
+    m: Matched,
 ) -> Result<Response<Body>, AdminError> {
     let c = caller(gw, parts, conn, ctx).await?;
-    ctx.rule = Some(format!("admin:{} {template}", parts.method));
-    AdminError::check_method(template, methods, &parts.method)?;
-    let id = param.unwrap_or_default();
+    m.admit(&parts.method, ctx)?;
+    let id = m.param;
     let get = parts.method == Method::GET;
-    match template {
+    match m.template {
         "/v1/approvals" if get => list(gw, cfg, &c, parts.uri.query()).await,
         "/v1/approvals" => request(gw, cfg, ctx, &c, read_json(parts, body, true).await?).await,
         "/v1/approvals/{id}" => show(gw, cfg, &c, &id).await,

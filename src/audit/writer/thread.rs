@@ -3,10 +3,10 @@
 //! writes everything accepted (waiting up to a grace period for outstanding reservations).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Entry, Shared, lock};
+use super::{Entry, Queue, Shared, lock};
 
 /// At shutdown, how long the writer keeps retrying a failing sink / waiting for outstanding
 /// reservations before it gives up (and logs how many records were lost).
@@ -18,6 +18,26 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// Producers wake a napping writer early once this many records are queued.
 pub(super) const WAKE_AT: usize = 1024;
+
+/// Sleeps on the writer's condition variable, at most `timeout` (`None`: until woken), with the
+/// flag `flag` picks (`napping` or `parked`: how producers tell whether to wake it) set meanwhile.
+fn sleep<'a>(
+    shared: &'a Shared,
+    mut q: MutexGuard<'a, Queue>,
+    flag: fn(&mut Queue) -> &mut bool,
+    timeout: Option<Duration>,
+) -> MutexGuard<'a, Queue> {
+    *flag(&mut q) = true;
+    q = match timeout {
+        Some(t) => {
+            let woken = shared.wake.wait_timeout(q, t);
+            woken.unwrap_or_else(PoisonError::into_inner).0
+        }
+        None => shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
+    };
+    *flag(&mut q) = false;
+    q
+}
 
 pub(super) fn run(shared: Arc<Shared>) {
     let mut closing_since: Option<Instant> = None;
@@ -37,13 +57,7 @@ pub(super) fn run(shared: Arc<Shared>) {
             {
                 // Let a batch gather; producers do not wake us meanwhile (parked = false),
                 // except the first write-ahead record, which must not wait for the nap.
-                q.napping = true;
-                q = shared
-                    .wake
-                    .wait_timeout(q, BATCH_WINDOW)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-                q.napping = false;
+                q = sleep(&shared, q, |q| &mut q.napping, Some(BATCH_WINDOW));
             }
             loop {
                 if !q.entries.is_empty() || q.reopen || q.kick {
@@ -63,20 +77,10 @@ pub(super) fn run(shared: Arc<Shared>) {
                 match wait {
                     Some(w) if w.is_zero() => break,
                     Some(w) => {
-                        q.parked = true;
-                        q = shared
-                            .wake
-                            .wait_timeout(q, w)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                        q.parked = false;
+                        q = sleep(&shared, q, |q| &mut q.parked, Some(w));
                         break;
                     }
-                    None => {
-                        q.parked = true;
-                        q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
-                        q.parked = false;
-                    }
+                    None => q = sleep(&shared, q, |q| &mut q.parked, None),
                 }
             }
         }

@@ -7,6 +7,15 @@
 
 use crate::audit::{CompletionRecord, Entry, RequestRecord};
 
+/// Appends `,"name":` and the value, written by `write` (`string`, `opt_string`, `integer` or
+/// `float`).
+macro_rules! field {
+    ($buf:expr, $name:literal, $write:ident($value:expr)) => {{
+        $buf.extend_from_slice(concat!(",\"", $name, "\":").as_bytes());
+        $write($buf, $value);
+    }};
+}
+
 /// Appends the JSON object of `entry` (`{"kind":...}`) to `buf`; false (nothing written) for
 /// the kinds it does not encode (admin records), which the caller serializes with serde.
 pub(in crate::audit) fn write_entry(buf: &mut Vec<u8>, entry: &Entry) -> bool {
@@ -19,74 +28,55 @@ pub(in crate::audit) fn write_entry(buf: &mut Vec<u8>, entry: &Entry) -> bool {
 }
 
 fn request(buf: &mut Vec<u8>, r: &RequestRecord) {
-    buf.extend_from_slice(b"{\"kind\":\"request\",\"timestamp\":");
-    string(buf, &r.timestamp);
-    buf.extend_from_slice(b",\"request_id\":");
-    string(buf, &r.request_id);
-    buf.extend_from_slice(b",\"auth_type\":");
-    string(buf, &r.auth_type);
-    buf.extend_from_slice(b",\"api_token_id\":");
-    opt_string(buf, r.api_token_id.as_deref());
-    buf.extend_from_slice(b",\"api_token_name\":");
-    opt_string(buf, r.api_token_name.as_deref());
-    buf.extend_from_slice(b",\"token_prefix\":");
-    opt_string(buf, r.token_prefix.as_deref());
-    buf.extend_from_slice(b",\"account\":");
-    opt_string(buf, r.account.as_deref());
-    buf.extend_from_slice(b",\"method\":");
-    string(buf, &r.method);
-    buf.extend_from_slice(b",\"path\":");
-    string(buf, &r.path);
+    buf.extend_from_slice(b"{\"kind\":\"request\"");
+    field!(buf, "timestamp", string(&r.timestamp));
+    field!(buf, "request_id", string(&r.request_id));
+    field!(buf, "auth_type", string(&r.auth_type));
+    field!(buf, "api_token_id", opt_string(r.api_token_id.as_deref()));
+    field!(
+        buf,
+        "api_token_name",
+        opt_string(r.api_token_name.as_deref())
+    );
+    field!(buf, "token_prefix", opt_string(r.token_prefix.as_deref()));
+    field!(buf, "account", opt_string(r.account.as_deref()));
+    field!(buf, "method", string(&r.method));
+    field!(buf, "path", string(&r.path));
     // `skip_serializing_if = "status_pending"`: a decision line has no status.
     if r.status_code != 0 {
-        buf.extend_from_slice(b",\"status_code\":");
-        integer(buf, u64::from(r.status_code));
+        field!(buf, "status_code", integer(u64::from(r.status_code)));
     }
-    buf.extend_from_slice(b",\"rbac_decision\":");
-    string(buf, &r.rbac_decision);
-    buf.extend_from_slice(b",\"reason\":");
-    string(buf, &r.reason);
-    buf.extend_from_slice(b",\"permission\":");
-    opt_string(buf, r.permission.as_deref());
-    buf.extend_from_slice(b",\"rule\":");
-    opt_string(buf, r.rule.as_deref());
-    buf.extend_from_slice(b",\"shadow_decision\":");
-    opt_string(buf, r.shadow_decision.as_deref());
-    buf.extend_from_slice(b",\"client_ip\":");
-    string(buf, &r.client_ip);
-    buf.extend_from_slice(b",\"user_agent\":");
-    opt_string(buf, r.user_agent.as_deref());
-    buf.extend_from_slice(b",\"upstream\":");
-    opt_string(buf, r.upstream.as_deref());
-    buf.extend_from_slice(b",\"duration_ms\":");
-    float(buf, r.duration_ms);
-    buf.extend_from_slice(b",\"mode\":");
-    opt_string(buf, r.mode.as_deref());
+    field!(buf, "rbac_decision", string(&r.rbac_decision));
+    field!(buf, "reason", string(&r.reason));
+    field!(buf, "permission", opt_string(r.permission.as_deref()));
+    field!(buf, "rule", opt_string(r.rule.as_deref()));
+    field!(
+        buf,
+        "shadow_decision",
+        opt_string(r.shadow_decision.as_deref())
+    );
+    field!(buf, "client_ip", string(&r.client_ip));
+    field!(buf, "user_agent", opt_string(r.user_agent.as_deref()));
+    field!(buf, "upstream", opt_string(r.upstream.as_deref()));
+    field!(buf, "duration_ms", float(r.duration_ms));
+    field!(buf, "mode", opt_string(r.mode.as_deref()));
     // `skip_serializing_if = "Option::is_none"`.
     if let Some(phase) = &r.phase {
-        buf.extend_from_slice(b",\"phase\":");
-        string(buf, phase);
+        field!(buf, "phase", string(phase));
     }
-    buf.extend_from_slice(b",\"trace_id\":");
-    opt_string(buf, r.trace_id.as_deref());
+    field!(buf, "trace_id", opt_string(r.trace_id.as_deref()));
     buf.push(b'}');
 }
 
 fn completion(buf: &mut Vec<u8>, c: &CompletionRecord) {
-    buf.extend_from_slice(b"{\"kind\":\"completion\",\"timestamp\":");
-    string(buf, &c.timestamp);
-    buf.extend_from_slice(b",\"request_id\":");
-    string(buf, &c.request_id);
-    buf.extend_from_slice(b",\"status_code\":");
-    integer(buf, u64::from(c.status_code));
-    buf.extend_from_slice(b",\"reason\":");
-    string(buf, &c.reason);
-    buf.extend_from_slice(b",\"outcome\":");
-    string(buf, &c.outcome);
-    buf.extend_from_slice(b",\"bytes\":");
-    integer(buf, c.bytes);
-    buf.extend_from_slice(b",\"duration_ms\":");
-    float(buf, c.duration_ms);
+    buf.extend_from_slice(b"{\"kind\":\"completion\"");
+    field!(buf, "timestamp", string(&c.timestamp));
+    field!(buf, "request_id", string(&c.request_id));
+    field!(buf, "status_code", integer(u64::from(c.status_code)));
+    field!(buf, "reason", string(&c.reason));
+    field!(buf, "outcome", string(&c.outcome));
+    field!(buf, "bytes", integer(c.bytes));
+    field!(buf, "duration_ms", float(c.duration_ms));
     buf.push(b'}');
 }
 

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store, StoreError};
+use tokengate::store::{
+    LastUsed, NewTokenSpec, PgOptions, RateOverride, SessionRow, Store, StoreError,
+};
 
 /// Keeps the backing file or database alive while the store is used.
 #[allow(dead_code)]
@@ -61,6 +63,7 @@ suite!(
     approvals_are_decided_once_and_used_inside_their_window,
     mfa_steps_only_go_up_and_recovery_codes_are_single_use,
     purging_sessions_counts_its_writes_on_either_engine,
+    reading_sessions_takes_no_write,
 );
 
 fn spec(account: &str, name: &str) -> NewTokenSpec {
@@ -730,5 +733,39 @@ fn purging_sessions_counts_its_writes_on_either_engine(s: &Store) {
         s.write_count() - writes,
         2,
         "the session delete and the sign-in sweep"
+    );
+}
+
+fn reading_sessions_takes_no_write(s: &Store) {
+    let row = SessionRow {
+        id_hash: "h1".into(),
+        public_id: "ses_1".into(),
+        owner: "token:tok_1".into(),
+        kind: "token".into(),
+        token_id: Some("tok_1".into()),
+        subject: None,
+        email: None,
+        account: None,
+        access: "self".into(),
+        csrf: "c".into(),
+        created_at: 1,
+        last_seen_at: 1,
+        expires_at: 100,
+        mfa_verified_at: None,
+        client_ip: None,
+        user_agent: None,
+    };
+    s.session_insert(&row).unwrap();
+    let writes = s.write_count();
+    assert_eq!(s.session_get("h1").unwrap(), Some(row.clone()));
+    assert_eq!(s.session_list("token:tok_1").unwrap(), vec![row.clone()]);
+    assert_eq!(s.session_list_all().unwrap(), vec![row]);
+    assert_eq!(s.write_count(), writes, "reads run on a reader");
+    s.session_touch("h1", 5).unwrap();
+    assert_eq!(s.write_count(), writes + 1);
+    assert_eq!(
+        s.session_get("h1").unwrap().unwrap().last_seen_at,
+        5,
+        "a read sees the write before it"
     );
 }

@@ -139,13 +139,20 @@ fn login<R: ReadRow>(r: &R) -> Result<LoginState, R::Error> {
 }
 
 impl Store {
-    /// Runs one statement that returns session rows (`RETURNING` or `SELECT`), on either engine,
+    /// Runs one statement that writes and returns session rows (`RETURNING`), on either engine,
     /// in a write transaction.
     // The closures stay: a SQLite row borrows its statement, and a generic fn item is not
     // general enough over that lifetime.
     #[allow(clippy::redundant_closure)]
     fn session_rows(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<SessionRow>, StoreError> {
         on_backend!(self, b => b.write_args(sql, args, |r| session(r)))
+    }
+
+    /// Runs one `SELECT` of session rows on a reader, on either engine: no write lock taken,
+    /// no write counted.
+    #[allow(clippy::redundant_closure)]
+    fn session_select(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<SessionRow>, StoreError> {
+        on_backend!(self, b => b.query_args(sql, args, |r| session(r)))
     }
 
     /// Stores a new session.
@@ -179,7 +186,7 @@ impl Store {
     pub fn session_get(&self, id_hash: &str) -> Result<Option<SessionRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM admin_sessions WHERE id_hash = $1");
         Ok(self
-            .session_rows(&sql, vec![Arg::T(Some(id_hash.into()))])?
+            .session_select(&sql, vec![Arg::T(Some(id_hash.into()))])?
             .pop())
     }
 
@@ -207,14 +214,14 @@ impl Store {
         let sql = format!(
             "SELECT {COLUMNS} FROM admin_sessions WHERE owner = $1 ORDER BY created_at DESC, public_id"
         );
-        self.session_rows(&sql, vec![Arg::T(Some(owner.into()))])
+        self.session_select(&sql, vec![Arg::T(Some(owner.into()))])
     }
 
     /// Every session, newest first (for an admin).
     pub fn session_list_all(&self) -> Result<Vec<SessionRow>, StoreError> {
         let sql =
             format!("SELECT {COLUMNS} FROM admin_sessions ORDER BY created_at DESC, public_id");
-        self.session_rows(&sql, vec![])
+        self.session_select(&sql, vec![])
     }
 
     /// Deletes the session whose cookie hashes to `id_hash`; returns it when it existed.

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::{
-    Options, TestGateway, challenge, client, get_bearer, get_with, post_session, sign_in_session,
+    Options, TestGateway, challenge, client, get_bearer, get_bearer_expect, get_with, post_session,
+    sign_in_session,
 };
 
 struct Admin<'a> {
@@ -137,8 +138,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
 
     // The new token works on the public listener.
     let pc = client();
-    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &plain).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&pc, tg.url("/apps/billing/x"), &plain, 200).await;
 
     let (s, shown) = a.get(&root, &format!("/v1/tokens/{id}")).await;
     assert_eq!(s, 200);
@@ -182,8 +182,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     let new_id = rotated["id"].as_str().unwrap().to_string();
     assert_eq!(rotated["rotated_from"].as_str(), Some(id.as_str()));
     assert_eq!(rotated["grace_seconds"], 3600);
-    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&pc, tg.url("/apps/billing/x"), &new_plain, 200).await;
 
     let (s, revoked) = a
         .post(
@@ -196,8 +195,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     assert_eq!(revoked["status"], "revoked");
     assert_eq!(revoked["revoke_reason"], "test over");
     // Revocation is instant on this process's public listener.
-    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
-    assert_eq!(r.status(), 401);
+    let r = get_bearer_expect(&pc, tg.url("/apps/billing/x"), &new_plain, 401).await;
     assert!(challenge(&r).contains("revoked"));
     let (s, _) = a
         .post(&root, &format!("/v1/tokens/{new_id}/revoke"), json!({}))
@@ -1097,10 +1095,7 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
     );
 
     // One unauthenticated call per operation: more than the default failed-auth quota.
-    let tg = TestGateway::start_with(Options::sections(
-        "[rate_limit]\nfailed_auth_per_minute = 100\n",
-    ))
-    .await;
+    let tg = TestGateway::failed_auth_limited(100).await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (victim, victim_id) = tg.token("ci", "victim", &["apps:read"]);
     let (_, rot_id) = tg.token("ci", "rotate-me", &["apps:read"]);
@@ -1177,10 +1172,7 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
 
 #[tokio::test]
 async fn the_failed_auth_limiter_refuses_bad_bearer_tokens_not_a_valid_one() {
-    let tg = TestGateway::start_with(Options::sections(
-        "[rate_limit]\nfailed_auth_per_minute = 3\n",
-    ))
-    .await;
+    let tg = TestGateway::failed_auth_limited(3).await;
     let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
     let a = Admin::new(&tg);
     let good = tokengate::token::generate("tg").plaintext;

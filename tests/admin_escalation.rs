@@ -13,7 +13,7 @@ use std::path::Path;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, sign_in_session};
+use support::{TestGateway, client, sign_in_session};
 use tokengate::store::{RateOverride, TokenRow};
 use tokio::io::AsyncWriteExt;
 
@@ -64,7 +64,10 @@ struct World {
 }
 
 async fn world() -> World {
-    let tg = TestGateway::start_with(Options::sections("[tokens]\nallowed_expiry = [\"7d\", \"30d\", \"90d\", \"never\"]\ndefault_expiry = \"90d\"\nmax_active_per_account = 100\n")).await;
+    let tg = TestGateway::with_sections(
+        "[tokens]\nallowed_expiry = [\"7d\", \"30d\", \"90d\", \"never\"]\ndefault_expiry = \"90d\"\nmax_active_per_account = 100\n",
+    )
+    .await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (me, me_id) = tg.token_with("alice", "me", &["tokengate:self", "apps:read"], |s| {
         me_spec(&tg, s)

@@ -10,29 +10,31 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, get_bearer, sign_in_session};
+use support::{Options, TestGateway, client, get_bearer_expect, permission_rule, sign_in_session};
 use tokengate::mfa;
 
-const RULES: &str = r#"
-[[routes.rules]]
-path = "/apps/{app}/deploy"
-methods = ["POST"]
-permission = "apps:deploy"
-name = "deploy"
-approval = { window = "15m", approvers = ["role:admin"] }
+/// A rule named `name` letting holders of `permission` POST to `path` once `approvers` approved.
+fn gated_post(path: &str, permission: &str, name: &str, approvers: &str) -> String {
+    permission_rule(&["POST"], path, permission)
+        + &format!(
+            "name = {name:?}\napproval = {{ window = \"15m\", approvers = [{approvers:?}] }}\n"
+        )
+}
 
-[[routes.rules]]
-path = "/apps/{app}/restart"
-methods = ["POST"]
-permission = "apps:restart"
-name = "restart"
-approval = { window = "15m", approvers = ["account:ops"] }
-
-[[routes.rules]]
-path = "/apps/{app}"
-permission = "apps:read"
-name = "read-app"
-"#;
+/// Deploy gated on an admin's approval, restart on the account `ops`'s, and an ungated read.
+fn rules() -> String {
+    [
+        gated_post("/apps/{app}/deploy", "apps:deploy", "deploy", "role:admin"),
+        gated_post(
+            "/apps/{app}/restart",
+            "apps:restart",
+            "restart",
+            "account:ops",
+        ),
+        permission_rule(&[], "/apps/{app}", "apps:read") + "name = \"read-app\"\n",
+    ]
+    .concat()
+}
 
 const MIN: i64 = 60_000;
 
@@ -46,7 +48,7 @@ async fn start(extra: &str) -> (TestGateway, tempfile::TempDir) {
             "[admin.mfa]\nkey_file = \"{}\"\nstep_up_ttl = \"10m\"\n\n[rate_limit]\nfailed_auth_per_minute = 1000\n\n{extra}\n",
             key.display()
         ),
-        rules: RULES.into(),
+        rules: rules(),
         ..Options::default()
     })
     .await;
@@ -374,13 +376,10 @@ async fn required_for_admin_asks_a_session_for_a_fresh_step_up_and_leaves_tokens
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("mfa.key");
     std::fs::write(&key, [9u8; 32]).unwrap();
-    let tg = TestGateway::start_with(Options {
-        sections: format!(
-            "[admin.mfa]\nkey_file = \"{}\"\nrequired_for_admin = true\nstep_up_ttl = \"5m\"\n",
-            key.display()
-        ),
-        ..Options::default()
-    })
+    let tg = TestGateway::with_sections(format!(
+        "[admin.mfa]\nkey_file = \"{}\"\nrequired_for_admin = true\nstep_up_ttl = \"5m\"\n",
+        key.display()
+    ))
     .await;
     let (admin, _) = tg.token("ops", "ana", &["tokengate:admin"]);
     let mut p = sign_in(&tg, &admin).await;
@@ -442,8 +441,7 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     assert_eq!(line["api_token_id"], ci_id);
     assert_eq!(tg.upstream.count(), 0);
     // A named rule without `approval` is an ordinary rule.
-    let r = get_bearer(&client(), tg.url("/apps/billing"), &ci).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client(), tg.url("/apps/billing"), &ci, 200).await;
     tg.upstream.clear();
 
     // 2. The CI token asks; the refusal now names the pending request.

@@ -283,7 +283,7 @@ async fn rate_limited_decision_is_the_proxys_429() {
 
 #[tokio::test]
 async fn without_the_table_the_endpoint_is_not_served() {
-    let tg = TestGateway::start_with(Options::server("trusted_proxies = [\"127.0.0.1/32\"]")).await;
+    let tg = TestGateway::with_server("trusted_proxies = [\"127.0.0.1/32\"]").await;
     let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
     judged(&tg, &nginx_get(&tok, "/apps/x"), 404).await;
     assert_proxy_mode_line(&tg).await;

@@ -55,14 +55,6 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool
     }
 }
 
-/// A gateway whose failed-auth limiter allows `limit` failures a minute per address.
-async fn failed_auth_limited(limit: usize) -> TestGateway {
-    TestGateway::start_with(Options::sections(format!(
-        "[rate_limit]\nfailed_auth_per_minute = {limit}\n"
-    )))
-    .await
-}
-
 /// How many cells a failed-auth limiter of `limit` a minute gives back in `elapsed` (rounded up).
 fn refills(elapsed: Duration, limit: usize) -> usize {
     (elapsed.as_secs_f64() / (60.0 / limit as f64)).ceil() as usize
@@ -142,8 +134,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
     let c = client();
     for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
-        assert_eq!(r.status(), 200);
+        let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &hot, 200).await;
         assert_eq!(header(&r, "ratelimit-limit"), "3");
         assert_eq!(header(&r, "ratelimit-remaining"), remaining.to_string());
         // Seconds until the whole burst is back: one second per used cell at 1/s.
@@ -151,8 +142,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     }
     assert_eq!(tg.upstream.count(), 3);
 
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
-    assert_eq!(r.status(), 429);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &hot, 429).await;
     assert_eq!(header(&r, "retry-after"), "1");
     assert_eq!(header(&r, "ratelimit-limit"), "3");
     assert_eq!(header(&r, "ratelimit-remaining"), "0");
@@ -176,8 +166,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     assert_eq!(tg.upstream.count(), 3, "the 429 was not forwarded");
 
     // Another token is unaffected.
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &calm).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &calm, 200).await;
     assert_eq!(header(&r, "ratelimit-limit"), "100");
     assert_eq!(header(&r, "ratelimit-remaining"), "99");
     assert_eq!(header(&r, "ratelimit-reset"), "1");
@@ -185,8 +174,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
     // a fake clock in ratelimit/mod.rs). The limiter runs on the gateway clock: advance it.
     tg.gw.clock().advance_ms(1050);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &hot, 200).await;
     assert_eq!(header(&r, "ratelimit-limit"), "3");
     assert_eq!(tg.upstream.count(), 5);
     tg.stop().await;
@@ -199,14 +187,12 @@ async fn a_fast_override_refills_within_milliseconds() {
     let (fast, _) = tg.rated_token("ci", "fast", 1000.0, 3);
     let c = client();
     for _ in 0..3 {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
-        assert_eq!(r.status(), 200);
+        let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &fast, 200).await;
         assert_eq!(header(&r, "ratelimit-limit"), "3");
         tg.gw.clock().advance_ms(5);
     }
     // Refilled: the burst is (almost) whole again after a few ms.
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &fast, 200).await;
     assert_eq!(header(&r, "ratelimit-remaining"), "2");
     assert_eq!(
         header(&r, "ratelimit-reset"),
@@ -250,16 +236,13 @@ rate_limit = { requests_per_second = 2, burst = 4 }
     });
     let c = client();
     for (tok, limit) in [(&over, 2), (&by_role, 4), (&plain, 7), (&gone, 7)] {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), tok).await;
-        assert_eq!(r.status(), 200);
+        let r = get_bearer_expect(&c, tg.url("/apps/a/b"), tok, 200).await;
         assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
         assert_eq!(header(&r, "ratelimit-remaining"), (limit - 1).to_string());
     }
     // The override's burst of 2 is really enforced, not just advertised.
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &over).await;
-    assert_eq!(r.status(), 200);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &over).await;
-    assert_eq!(r.status(), 429);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &over, 200).await;
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &over, 429).await;
     assert_eq!(header(&r, "ratelimit-limit"), "2");
     assert_eq!(tg.upstream.count(), 5);
     tg.stop().await;
@@ -272,16 +255,14 @@ rate_limit = { requests_per_second = 2, burst = 4 }
 /// lookup, and nothing is forwarded either way.
 #[tokio::test]
 async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_after() {
-    let tg = failed_auth_limited(2).await;
+    let tg = TestGateway::failed_auth_limited(2).await;
     let c = client();
     let unknown = || tokengate::token::generate("tg").plaintext;
     for _ in 0..2 {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-        assert_eq!(r.status(), 401);
+        get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 401).await;
     }
     let lookups = tg.gw.store().lookup_count();
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 429);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 429).await;
     let wait: i64 = header(&r, "retry-after").parse().unwrap();
     assert!(
         (1..=30).contains(&wait),
@@ -292,18 +273,15 @@ async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_a
     assert_rejection_line(&tg.last_request_line().await, 429, "client_blocked");
     // Still blocked a second before the end of the wait.
     tg.gw.clock().advance_ms(wait * 1000 - 1000);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 429);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 429).await;
     assert_eq!(tg.gw.store().lookup_count(), lookups, "blocked: no lookup");
     // Past it: judged again (looked up, 401), then blocked again by the next failure.
     tg.gw.clock().advance_ms(1000);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 401);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 401).await;
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 401, "unknown_token");
     assert_eq!(tg.gw.store().lookup_count(), lookups + 1);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 429);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 429).await;
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }
@@ -312,7 +290,7 @@ async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_a
 async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     const LIMIT: usize = 20;
     const TOTAL: usize = 10_000;
-    let tg = failed_auth_limited(LIMIT).await;
+    let tg = TestGateway::failed_auth_limited(LIMIT).await;
     let (good, _) = tg.token("ci", "good", &["apps:read"]);
     // Half fail the checksum (no lookup even before the limit), half are well-formed tokens the
     // store has never seen (each costs a lookup until the client is blocked).
@@ -339,8 +317,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     );
 
     // From now on: 429 before any lookup.
-    let r = get_bearer(&attacker, tg.url("/apps/a/b"), &bad[LIMIT]).await;
-    assert_eq!(r.status(), 429);
+    let r = get_bearer_expect(&attacker, tg.url("/apps/a/b"), &bad[LIMIT], 429).await;
     let wait: u64 = header(&r, "retry-after").parse().unwrap();
     assert!(
         (1..=3).contains(&wait),
@@ -462,7 +439,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
 async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
     let tg = TestGateway::start_with(Options {
         server: r#"trusted_proxies = ["127.0.0.3/32"]"#.into(),
-        sections: "[rate_limit]\nfailed_auth_per_minute = 3\n".into(),
+        sections: failed_auth_limit(3),
         ..Options::default()
     })
     .await;
@@ -533,7 +510,7 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
 #[tokio::test]
 async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
     const LIMIT: usize = 20;
-    let tg = failed_auth_limited(LIMIT).await;
+    let tg = TestGateway::failed_auth_limited(LIMIT).await;
     let (good, id) = tg.token("ci", "good", &["apps:read"]);
     let client = client_from("127.0.0.5");
     let lookups_before = tg.gw.store().lookup_count();
@@ -572,8 +549,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
 
     // A valid token from the same address: served, and its audit line names it. Not cached yet,
     // so it costs one lookup (the address has used none of its unknown-token lookups).
-    let r = get_bearer(&client, tg.url("/apps/a/b"), &good).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&client, tg.url("/apps/a/b"), &good, 200).await;
     assert_eq!(header(&r, "ratelimit-limit"), "100");
     let line = tg.last_request_line().await;
     assert_eq!(line["status_code"], 200, "{line}");
@@ -589,8 +565,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
     assert_eq!(tg.upstream.count(), 1);
     assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     // Again: a cache hit, no lookup, still served.
-    let r = get_bearer(&client, tg.url("/apps/a/b"), &good).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client, tg.url("/apps/a/b"), &good, 200).await;
     assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
@@ -600,7 +575,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
 async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
     const LIMIT: usize = 20;
     const TOTAL: usize = 10_000;
-    let tg = failed_auth_limited(LIMIT).await;
+    let tg = TestGateway::failed_auth_limited(LIMIT).await;
     // Well-formed tokens with a valid checksum that the store has never seen.
     let unknown: Vec<String> = (0..TOTAL)
         .map(|_| tokengate::token::generate("tg").plaintext)
@@ -760,10 +735,9 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
     const TIMEOUT: Duration = Duration::from_secs(3);
     // 500 client sockets and 500 accepted ones live in this one process.
     ensure_open_files(2 * SLOW as u64 + 200);
-    let tg = TestGateway::start_with(Options::server(
-        "header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000",
-    ))
-    .await;
+    let tg =
+        TestGateway::with_server("header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000")
+            .await;
     let (tok, _) = tg.token("ci", "normal", &["apps:read"]);
     let addr = tg.addr;
     // Each connection sends one byte of a request head, then another every 2 s. hyper's
@@ -812,8 +786,7 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
         started.load(std::sync::atomic::Ordering::Relaxed) == SLOW
     })
     .await;
-    let r = get_bearer(&client(), tg.url("/apps/a/b"), &tok).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&client(), tg.url("/apps/a/b"), &tok, 200).await;
     assert_eq!(r.text().await.unwrap(), "upstream ok 0");
 
     let mut late = Vec::new();
@@ -861,7 +834,7 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
 
 #[tokio::test]
 async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_header_read_timeout() {
-    let tg = TestGateway::start_with(Options::server("header_read_timeout = \"1s\"")).await;
+    let tg = TestGateway::with_server("header_read_timeout = \"1s\"").await;
     let addr = tg.addr;
     // hyper-util's protocol detection reads the first bytes without a timer of its own; the
     // gateway's ProtocolDeadline closes these at the header read timeout.
@@ -927,13 +900,10 @@ async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_heade
 #[tokio::test]
 async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handshake_timeout() {
     let certs = LocalhostCert::new();
-    let tg = TestGateway::start_with(Options {
-        server: format!(
-            "{}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
-            certs.server_tls()
-        ),
-        ..Options::default()
-    })
+    let tg = TestGateway::with_server(format!(
+        "{}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
+        certs.server_tls()
+    ))
     .await;
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
     let addr = tg.addr;
@@ -996,11 +966,10 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
 
 #[tokio::test]
 async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded() {
-    let tg = TestGateway::start_with(Options {
-        // hyper's head buffer is max(2048 + 1024 + 4096, 8192) = 8192 bytes.
-        server: "max_header_bytes = 2048\nmax_uri_bytes = 1024\nmax_body_bytes = 1000".into(),
-        ..Options::default()
-    })
+    // hyper's head buffer is max(2048 + 1024 + 4096, 8192) = 8192 bytes.
+    let tg = TestGateway::with_server(
+        "max_header_bytes = 2048\nmax_uri_bytes = 1024\nmax_body_bytes = 1000",
+    )
     .await;
     let (tok, _) = tg.token("ci", "sizes", &["apps:read"]);
     let auth = format!("Authorization: Bearer {tok}\r\n");
@@ -1033,7 +1002,7 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         ),
     ];
     for (name, req, status, reason) in cases {
-        let r = raw(tg.addr, req.as_bytes()).await;
+        let r = raw(tg.addr, &req).await;
         assert_eq!(r.status, status, "{name}: {}", r.raw);
         assert_eq!(r.header("content-type"), Some("application/json"), "{name}");
         assert_eq!(r.header("connection"), Some("close"), "{name}");
@@ -1071,7 +1040,7 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         ),
     ];
     for (name, req) in hyper_cases {
-        let r = raw(tg.addr, req.as_bytes()).await;
+        let r = raw(tg.addr, &req).await;
         assert_eq!(r.status, 431, "{name}: {}", r.raw);
         assert_eq!(tg.upstream.count(), 0, "{name}");
         audited += 1;
@@ -1128,10 +1097,7 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
 
 #[tokio::test]
 async fn connections_over_the_per_ip_and_global_limits_are_closed() {
-    let tg = TestGateway::start_with(Options::server(
-        "max_connections_per_ip = 3\nmax_connections = 5",
-    ))
-    .await;
+    let tg = TestGateway::with_server("max_connections_per_ip = 3\nmax_connections = 5").await;
     let addr = tg.addr;
     let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
     // Holds three connections from 127.0.0.1; the accept loop takes them in order.
@@ -1209,7 +1175,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
 /// upstream connections. Every request gets the whole pipeline: 200, forwarded once, audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connections() {
-    let tg = TestGateway::start_with(Options::server("workers = 2")).await;
+    let tg = TestGateway::with_server("workers = 2").await;
     let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
     // 40 connections, one request each: the kernel picks a socket by the connection's
     // addresses and ports, so both workers get some (all on one: probability 2^-39).
@@ -1258,8 +1224,7 @@ async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connecti
 /// `max_connections_per_ip = 3` whichever sockets they reached, and the fourth is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_ip_limit_is_shared_by_all_workers() {
-    let tg =
-        TestGateway::start_with(Options::server("workers = 2\nmax_connections_per_ip = 3")).await;
+    let tg = TestGateway::with_server("workers = 2\nmax_connections_per_ip = 3").await;
     let addr = tg.addr;
     let open = || {
         tg.gw
@@ -1419,7 +1384,7 @@ impl LogCapture {
 #[tokio::test]
 async fn a_burst_of_refused_connections_logs_one_warning_then_one_with_the_count() {
     let capture = capture_logs();
-    let tg = TestGateway::start_with(Options::server("max_connections_per_ip = 2")).await;
+    let tg = TestGateway::with_server("max_connections_per_ip = 2").await;
     let addr = tg.addr;
     let held = vec![
         tcp_from("127.0.0.6", addr).await,
@@ -1571,7 +1536,7 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
 
 #[tokio::test]
 async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
-    let tg = TestGateway::start_with(Options::server("body_idle_timeout = \"1s\"")).await;
+    let tg = TestGateway::with_server("body_idle_timeout = \"1s\"").await;
     let (tok, _) = tg.token("ci", "idle", &["apps:read"]);
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
     let start = Instant::now();
@@ -1609,13 +1574,9 @@ async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
 
 #[tokio::test]
 async fn the_total_request_deadline_answers_504() {
-    let tg = TestGateway::start_with(Options::server(
-        "request_timeout = \"1s\"\nshutdown_grace = \"1s\"",
-    ))
-    .await;
+    let tg = TestGateway::with_server("request_timeout = \"1s\"\nshutdown_grace = \"1s\"").await;
     let (tok, _) = tg.token("ci", "deadline", &["apps:read"]);
-    let r = get_bearer(&client(), tg.url("/slow/x"), &tok).await;
-    assert_eq!(r.status(), 504);
+    let r = get_bearer_expect(&client(), tg.url("/slow/x"), &tok, 504).await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout");
     let line = tg.last_request_line().await;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, assert_success, challenge, client, get_bearer};
+use support::{Upstream, assert_success, challenge, client, failed_auth_limit, get_bearer};
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
 
 /// One in-process gateway with its own config and audit log.
@@ -51,7 +51,7 @@ impl Replica {
     /// faster is the push.
     async fn postgres(url: &str, extra: &str, upstream: &Upstream) -> Replica {
         let store = format!("url = \"{url}\"\nchange_poll_interval = \"30s\"");
-        let extra = format!("[rate_limit]\nfailed_auth_per_minute = 1000000\n{extra}");
+        let extra = format!("{}{extra}", failed_auth_limit(1_000_000));
         Self::start(&store, &extra, upstream).await
     }
 

@@ -546,17 +546,10 @@ name = "intl"
 prefix = "/intl"
 upstream = "http://{}"
 allow_non_ascii = true
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/intl/**"
-permission = "apps:read"
-
-[[routes.rules]]
-path = "/intl/admin/**"
-permission = "admin:all"
-"#,
-        up.addr
+{}{}"#,
+        up.addr,
+        permission_rule(&["GET"], "/intl/**", "apps:read"),
+        permission_rule(&[], "/intl/admin/**", "admin:all"),
     );
     TestGateway::start_with(Options {
         sections: NO_RATE_LIMIT.into(),
@@ -1179,7 +1172,7 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
         let clean = format!("/apps/clean-{i}");
         let r = raw(
             tg.addr,
-            format!("GET {clean} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {clean} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n"),
         )
         .await;
         let got: Vec<String> = tg.upstream.received()[before..]
@@ -1230,8 +1223,7 @@ async fn underscore_header_is_refused_with_an_audit_line_and_nothing_forwarded()
     let (tg, tok, _) = TestGateway::with_reader().await;
     let r = raw(
         tg.addr,
-        format!("GET /apps/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!("GET /apps/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n"),
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.raw);
@@ -1336,7 +1328,7 @@ async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
         tg.upstream.clear();
         let r = raw(
             tg.addr,
-            spoofed_request("/apps/billing/status", Some(&tok), conn).as_bytes(),
+            spoofed_request("/apps/billing/status", Some(&tok), conn),
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.raw);
@@ -1397,7 +1389,7 @@ async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one(
     for auth in [None, Some(tok.as_str())] {
         tg.upstream.clear();
         let conn = "close, X-Tokengate-Token-Id";
-        let r = raw(tg.addr, spoofed_request("/health", auth, conn).as_bytes()).await;
+        let r = raw(tg.addr, spoofed_request("/health", auth, conn)).await;
         assert_eq!(r.status, 200, "{}", r.raw);
         let got = tg.upstream.received();
         assert_eq!(got.len(), 1);
@@ -1429,7 +1421,7 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
     // one, and cannot make a refused one pass.
     let r = raw(
         tg.addr,
-        spoofed_request("/admin/users", Some(&tok), "close").as_bytes(),
+        spoofed_request("/admin/users", Some(&tok), "close"),
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.raw);

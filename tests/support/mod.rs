@@ -393,31 +393,24 @@ impl Drop for Served {
     }
 }
 
-/// `tokengate serve` on `config` with JSON logs at `RUST_LOG=info`, started as a child process.
-/// Every stderr line is kept (those before the listening line too); waits, at most 60 s, for the
-/// "tokengate listening" line. Returns the child, the public and admin addresses, and the lines.
-pub async fn spawn_serve_logged(
-    config: &Path,
-) -> (
+/// A `tokengate serve` child process, its public and admin addresses, and its stderr lines so far.
+pub type LoggedServe = (
     std::process::Child,
     SocketAddr,
     SocketAddr,
     Arc<Mutex<Vec<String>>>,
-) {
+);
+
+/// `tokengate serve` on `config` with JSON logs at `RUST_LOG=info`, started as a child process.
+/// Every stderr line is kept (those before the listening line too); waits, at most 60 s, for the
+/// "tokengate listening" line. Returns the child, the public and admin addresses, and the lines.
+pub async fn spawn_serve_logged(config: &Path) -> LoggedServe {
     spawn_serve_logged_by(std::process::Command::new(bin()), config).await
 }
 
 /// [`spawn_serve_logged`] with the binary started by `cmd` (for example `taskset -c 0 BIN`):
 /// the `serve` arguments are appended to it.
-pub async fn spawn_serve_logged_by(
-    mut cmd: std::process::Command,
-    config: &Path,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    SocketAddr,
-    Arc<Mutex<Vec<String>>>,
-) {
+pub async fn spawn_serve_logged_by(mut cmd: std::process::Command, config: &Path) -> LoggedServe {
     use std::io::BufRead;
     use std::process::Stdio;
     let mut child = cmd
@@ -763,53 +756,55 @@ pub fn token_spec(
     }
 }
 
+/// A `[[routes.rules]]` table for `methods` (none: any method) on `path`, with `keys` (TOML lines).
+pub fn rule(methods: &[&str], path: &str, keys: &str) -> String {
+    let methods = if methods.is_empty() {
+        String::new()
+    } else {
+        format!("methods = {methods:?}\n")
+    };
+    format!("\n[[routes.rules]]\n{methods}path = {path:?}\n{keys}\n")
+}
+
+/// A rule letting holders of `permission` use `methods` (none: any method) on `path`.
+pub fn permission_rule(methods: &[&str], path: &str, permission: &str) -> String {
+    rule(methods, path, &format!("permission = {permission:?}"))
+}
+
+/// A rule opening `methods` on `path` to anyone, without a token.
+pub fn public_rule(methods: &[&str], path: &str) -> String {
+    rule(methods, path, "public = true")
+}
+
+/// `rule` staged as a shadow rule: its decision is logged, never enforced.
+pub fn shadow(rule: String) -> String {
+    rule + "shadow = true\n"
+}
+
 /// The rules every test gateway starts with.
-pub const DEFAULT_RULES: &str = r#"
-[[routes.rules]]
-methods = ["GET", "HEAD"]
-path = "/apps/{app}/**"
-permission = "apps:read"
+pub fn default_rules() -> String {
+    [
+        permission_rule(&["GET", "HEAD"], "/apps/{app}/**", "apps:read"),
+        permission_rule(&["POST"], "/apps/{app}/deploy", "apps:deploy"),
+        permission_rule(&["GET", "POST", "PUT"], "/echo/**", "apps:read"),
+        public_rule(&["GET"], "/health"),
+        permission_rule(&["GET", "POST"], "/slow/**", "apps:read"),
+        permission_rule(&["GET"], "/status/{code}", "apps:read"),
+        permission_rule(&["GET"], "/download/{n}", "apps:read"),
+        permission_rule(&[], "/admin/**", "admin:all"),
+    ]
+    .concat()
+}
 
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-
-[[routes.rules]]
-methods = ["GET", "POST", "PUT"]
-path = "/echo/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/health"
-public = true
-
-[[routes.rules]]
-methods = ["GET", "POST"]
-path = "/slow/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/status/{code}"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/download/{n}"
-permission = "apps:read"
-
-[[routes.rules]]
-path = "/admin/**"
-permission = "admin:all"
-"#;
-
-/// [`DEFAULT_RULES`] and a rule for the upstream's `/delay/{ms}` (a slow answer, for drains).
+/// [`default_rules`] and a rule for the upstream's `/delay/{ms}` (a slow answer, for drains).
 pub fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
+    default_rules() + &permission_rule(&["GET"], "/delay/{ms}", "apps:read")
+}
+
+/// A `[rate_limit]` section letting each client address fail authentication `per_minute` times a
+/// minute before it is refused.
+pub fn failed_auth_limit(per_minute: usize) -> String {
+    format!("[rate_limit]\nfailed_auth_per_minute = {per_minute}\n")
 }
 
 /// Options for a test gateway.
@@ -820,7 +815,7 @@ pub struct Options {
     pub sections: String,
     /// Extra keys on the route (e.g. `websocket = true`).
     pub route: String,
-    /// Rules (default: [`DEFAULT_RULES`]).
+    /// Rules (default: [`default_rules`]).
     pub rules: String,
     /// Extra routes appended at the end.
     pub extra_routes: String,
@@ -857,6 +852,22 @@ impl Options {
         }
     }
 
+    /// The defaults with extra keys in `[audit]`.
+    pub fn audit(keys: impl Into<String>) -> Options {
+        Options {
+            audit: keys.into(),
+            ..Options::default()
+        }
+    }
+
+    /// The defaults with extra top-level sections, built (config, store, gateway) but not served.
+    pub fn unserved_sections(toml: impl Into<String>) -> Options {
+        Options {
+            sections: toml.into(),
+            ..Options::unserved()
+        }
+    }
+
     /// The defaults, built (config, store, gateway) but not served.
     pub fn unserved() -> Options {
         Options {
@@ -865,7 +876,7 @@ impl Options {
         }
     }
 
-    /// The defaults with these rules instead of [`DEFAULT_RULES`].
+    /// The defaults with these rules instead of [`default_rules`].
     pub fn rules(toml: impl Into<String>) -> Options {
         Options {
             rules: toml.into(),
@@ -880,7 +891,7 @@ impl Default for Options {
             server: String::new(),
             sections: String::new(),
             route: String::new(),
-            rules: DEFAULT_RULES.to_string(),
+            rules: default_rules(),
             extra_routes: String::new(),
             serve: true,
             upstream_override: None,
@@ -1093,6 +1104,21 @@ impl TestGateway {
         }
     }
 
+    /// A default gateway with extra `[server]` keys ([`Options::server`]).
+    pub async fn with_server(keys: impl Into<String>) -> TestGateway {
+        Self::start_with(Options::server(keys)).await
+    }
+
+    /// A default gateway with extra top-level sections ([`Options::sections`]).
+    pub async fn with_sections(toml: impl Into<String>) -> TestGateway {
+        Self::start_with(Options::sections(toml)).await
+    }
+
+    /// A default gateway with the failed-auth limit [`failed_auth_limit`]`(per_minute)`.
+    pub async fn failed_auth_limited(per_minute: usize) -> TestGateway {
+        Self::start_with(Options::sections(failed_auth_limit(per_minute))).await
+    }
+
     /// A default gateway and a token `reader` of account `ci` holding `apps:read`:
     /// (gateway, plaintext, id).
     pub async fn with_reader() -> (TestGateway, String, String) {
@@ -1251,6 +1277,18 @@ pub async fn get_bearer(
     c.get(url).bearer_auth(token).send().await.unwrap()
 }
 
+/// [`get_bearer`] that checks the answer's status is `status`; returns the response.
+pub async fn get_bearer_expect(
+    c: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    token: impl std::fmt::Display,
+    status: u16,
+) -> reqwest::Response {
+    let r = get_bearer(c, url, token).await;
+    assert_eq!(r.status(), status, "GET {}", r.url().path());
+    r
+}
+
 /// `GET url` on client `c` with the bearer `token` (when given) and the headers `headers`.
 pub async fn get_with(
     c: &reqwest::Client,
@@ -1325,8 +1363,8 @@ impl RawResponse {
 }
 
 /// Sends raw bytes and reads until the server closes or `timeout` passes; parses the first response.
-pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
-    raw_all(addr, bytes, Duration::from_secs(3))
+pub async fn raw(addr: SocketAddr, bytes: impl AsRef<[u8]>) -> RawResponse {
+    raw_all(addr, bytes.as_ref(), Duration::from_secs(3))
         .await
         .into_iter()
         .next()

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{TestGateway, client, sign_in_session};
+use support::{TestGateway, assert_error_message, client, sign_in_session};
 use tokengate::store::{RateOverride, TokenRow};
 use tokio::io::AsyncWriteExt;
 
@@ -527,15 +527,7 @@ async fn an_admin_may_exceed_itself_within_policy() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert!(
-        v["message"]
-            .as_str()
-            .unwrap()
-            .contains("not allowed by policy"),
-        "{v}"
-    );
+    assert_error_message(r, 400, "not allowed by policy").await;
     // Rotating the strongest token keeps its expiry; a new lifetime only when asked.
     let star = &w.wide[0].1;
     let old = tg.gw.store().get_token(star).unwrap();

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
-use support::{LocalhostCert, Options, TestGateway, client, get_bearer, get_bearer_expect};
+use support::{
+    LocalhostCert, Options, TestGateway, assert_error_message, client, get_bearer,
+    get_bearer_expect,
+};
 use tokio::io::AsyncWriteExt;
 
 /// The binary with `args`, a private HOME, no inherited TOKENGATE_* variables, in `home` (which
@@ -214,8 +217,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
 
 #[tokio::test]
 async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     let (alice, _) = tg.token("alice", "alice-cli", &["tokengate:self", "apps:read"]);
     let (bob_plain, bob_id) = tg.token("bob", "bob-ci", &["apps:read"]);
     let home = tempfile::tempdir().unwrap();
@@ -644,15 +646,8 @@ async fn reported_bugs_stay_fixed() {
     // A disabled account gets its own message.
     let (bob, _) = tg.token("bob", "bob-ci", &["apps:read"]);
     ok(&run(h, &[], &["account", "disable", "bob"], "").await);
-    let r = get_bearer_expect(&client(), tg.url("/apps/billing/x"), &bob, 401).await;
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("account that owns this API token is disabled"),
-        "{body}"
-    );
+    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &bob).await;
+    assert_error_message(r, 401, "account that owns this API token is disabled").await;
     assert_eq!(
         tg.upstream.count(),
         0,
@@ -749,8 +744,7 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
 #[tokio::test]
 async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
     let here = non_loopback_addr();
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     // A listener on the non-loopback address stands in for a remote gateway: it must see nothing.
     let spy = std::net::TcpListener::bind((here, 0)).unwrap();
     spy.set_nonblocking(true).unwrap();

@@ -836,52 +836,44 @@ pub struct Options {
 }
 
 impl Options {
+    /// The defaults, changed by `change`.
+    fn defaults_with(change: impl FnOnce(&mut Options)) -> Options {
+        let mut o = Options::default();
+        change(&mut o);
+        o
+    }
+
     /// The defaults with extra `[server]` keys.
     pub fn server(keys: impl Into<String>) -> Options {
-        Options {
-            server: keys.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.server = keys.into())
     }
 
     /// The defaults with extra top-level sections.
     pub fn sections(toml: impl Into<String>) -> Options {
-        Options {
-            sections: toml.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.sections = toml.into())
     }
 
     /// The defaults with extra keys in `[audit]`.
     pub fn audit(keys: impl Into<String>) -> Options {
-        Options {
-            audit: keys.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.audit = keys.into())
     }
 
     /// The defaults with extra top-level sections, built (config, store, gateway) but not served.
     pub fn unserved_sections(toml: impl Into<String>) -> Options {
-        Options {
-            sections: toml.into(),
-            ..Options::unserved()
-        }
+        Self::defaults_with(|o| {
+            o.sections = toml.into();
+            o.serve = false;
+        })
     }
 
     /// The defaults, built (config, store, gateway) but not served.
     pub fn unserved() -> Options {
-        Options {
-            serve: false,
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.serve = false)
     }
 
     /// The defaults with these rules instead of [`default_rules`].
     pub fn rules(toml: impl Into<String>) -> Options {
-        Options {
-            rules: toml.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.rules = toml.into())
     }
 }
 
@@ -1119,6 +1111,14 @@ impl TestGateway {
         Self::start_with(Options::sections(failed_auth_limit(per_minute))).await
     }
 
+    /// A default gateway and an admin token `root` of account `ops` holding `tokengate:admin`:
+    /// (gateway, plaintext, id).
+    pub async fn with_admin() -> (TestGateway, String, String) {
+        let tg = Self::start().await;
+        let (tok, id) = tg.token("ops", "root", &["tokengate:admin"]);
+        (tg, tok, id)
+    }
+
     /// A default gateway and a token `reader` of account `ci` holding `apps:read`:
     /// (gateway, plaintext, id).
     pub async fn with_reader() -> (TestGateway, String, String) {
@@ -1304,6 +1304,22 @@ pub async fn get_with(
         r = r.header(*k, *v);
     }
     r.send().await.unwrap()
+}
+
+/// Checks that `r` answers `status` with a JSON body whose `message` contains `needle`; returns
+/// the body.
+pub async fn assert_error_message(
+    r: reqwest::Response,
+    status: u16,
+    needle: &str,
+) -> serde_json::Value {
+    assert_eq!(r.status(), status, "{}", r.url().path());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains(needle)),
+        "{needle:?} not in {body}"
+    );
+    body
 }
 
 /// The `WWW-Authenticate` header of `r` (which must have one).

@@ -726,12 +726,12 @@ fn upgrade_request(
 async fn websocket_upgrade_is_refused_unless_the_route_allows_it() {
     let tg = TestGateway::start_with(Options::rules(ws_rules())).await;
     let (tok, _) = tg.token("ops", "ws", &["apps:read"]);
-    let r = raw(
+    let r = raw_expect(
         tg.addr,
         upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade, close"),
+        400,
     )
     .await;
-    assert_eq!(r.status, 400, "{}", r.raw);
     assert!(r.header("www-authenticate").is_none());
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "invalid_request");

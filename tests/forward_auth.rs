@@ -271,8 +271,7 @@ async fn rate_limited_decision_is_the_proxys_429() {
     let (tok, _) = tg.rated_token("acme", "slow", 0.001, 1);
     let req = get(EP, &nginx_get(&tok, "/apps/x"));
     assert_eq!(raw(tg.addr, &req).await.status, 200);
-    let r = raw(tg.addr, &req).await;
-    assert_eq!(r.status, 429, "{}", r.raw);
+    let r = raw_expect(tg.addr, &req, 429).await;
     assert_eq!(json(&r.body)["error"], "rate_limited");
     assert!(r.header("retry-after").is_some());
     assert_eq!(r.header("ratelimit-limit"), Some("1"));
@@ -851,15 +850,13 @@ public = true
             ),
         )
     };
-    let r = raw(tg.addr, &ask("api.example")).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, &ask("api.example"), 200).await;
     let line = tg.last_request_line().await;
     assert_eq!(
         (line["reason"].as_str(), line["upstream"].as_str()),
         (Some("ok"), Some("hosted"))
     );
-    let r = raw(tg.addr, &ask("evil.test")).await;
-    assert_eq!(r.status, 421, "{}", r.raw);
+    raw_expect(tg.addr, &ask("evil.test"), 421).await;
     assert_rejection_line(&tg.last_request_line().await, 421, "host_not_allowed");
     tg.stop().await;
 }

@@ -55,9 +55,46 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool
     }
 }
 
+/// Checks that the last request was refused with `status` and `reason` while its body was on
+/// the way, the upstream having received at most `max_body` bytes of any body.
+async fn assert_body_cut_off(tg: &TestGateway, status: u16, reason: &str, max_body: u64) {
+    tg.assert_last_line(status, reason).await;
+    tg.upstream.assert_bodies_at_most(max_body);
+}
+
+/// Checks that the server closes `s` (within 5 s) without answering a byte.
+async fn assert_closed_unanswered(s: &mut TcpStream, what: &str) {
+    let (got, closed) = read_until_closed(s, Duration::from_secs(5)).await;
+    assert!(closed && got.is_empty(), "{what}");
+}
+
+/// Checks that a connection `what` was closed (`closed`, after `after`) at a timeout of 1 s,
+/// without a reply (`got`).
+fn assert_closed_silently_at_1s(what: &str, after: Duration, closed: bool, got: &[u8]) {
+    assert!(closed, "{what}: still open after {after:?}");
+    assert!(got.is_empty(), "{what}: no reply is owed, got {got:?}");
+    assert!(
+        after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
+        "{what}: closed after {after:?}, not at ~1 s"
+    );
+}
+
 /// How many cells a failed-auth limiter of `limit` a minute gives back in `elapsed` (rounded up).
 fn refills(elapsed: Duration, limit: usize) -> usize {
     (elapsed.as_secs_f64() / (60.0 / limit as f64)).ceil() as usize
+}
+
+/// GET `/apps/a/b` with `tok`: checks the status and the advertised `RateLimit-Limit`.
+async fn get_limited(
+    c: &reqwest::Client,
+    tg: &TestGateway,
+    tok: &str,
+    status: u16,
+    limit: impl ToString,
+) -> reqwest::Response {
+    let r = get_bearer_expect(c, tg.url("/apps/a/b"), tok, status).await;
+    assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
+    r
 }
 
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
@@ -134,8 +171,7 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
     let c = client();
     for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
-        let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &hot, 200).await;
-        assert_eq!(header(&r, "ratelimit-limit"), "3");
+        let r = get_limited(&c, &tg, &hot, 200, "3").await;
         assert_eq!(header(&r, "ratelimit-remaining"), remaining.to_string());
         // Seconds until the whole burst is back: one second per used cell at 1/s.
         assert_eq!(header(&r, "ratelimit-reset"), reset.to_string());
@@ -166,16 +202,14 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     assert_eq!(tg.upstream.count(), 3, "the 429 was not forwarded");
 
     // Another token is unaffected.
-    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &calm, 200).await;
-    assert_eq!(header(&r, "ratelimit-limit"), "100");
+    let r = get_limited(&c, &tg, &calm, 200, "100").await;
     assert_eq!(header(&r, "ratelimit-remaining"), "99");
     assert_eq!(header(&r, "ratelimit-reset"), "1");
 
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
     // a fake clock in ratelimit/mod.rs). The limiter runs on the gateway clock: advance it.
     tg.gw.clock().advance_ms(1050);
-    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &hot, 200).await;
-    assert_eq!(header(&r, "ratelimit-limit"), "3");
+    get_limited(&c, &tg, &hot, 200, "3").await;
     assert_eq!(tg.upstream.count(), 5);
     tg.stop().await;
 }
@@ -187,8 +221,7 @@ async fn a_fast_override_refills_within_milliseconds() {
     let (fast, _) = tg.rated_token("ci", "fast", 1000.0, 3);
     let c = client();
     for _ in 0..3 {
-        let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &fast, 200).await;
-        assert_eq!(header(&r, "ratelimit-limit"), "3");
+        get_limited(&c, &tg, &fast, 200, "3").await;
         tg.gw.clock().advance_ms(5);
     }
     // Refilled: the burst is (almost) whole again after a few ms.
@@ -236,19 +269,22 @@ rate_limit = { requests_per_second = 2, burst = 4 }
     });
     let c = client();
     for (tok, limit) in [(&over, 2), (&by_role, 4), (&plain, 7), (&gone, 7)] {
-        let r = get_bearer_expect(&c, tg.url("/apps/a/b"), tok, 200).await;
-        assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
+        let r = get_limited(&c, &tg, tok, 200, limit).await;
         assert_eq!(header(&r, "ratelimit-remaining"), (limit - 1).to_string());
     }
     // The override's burst of 2 is really enforced, not just advertised.
     get_bearer_expect(&c, tg.url("/apps/a/b"), &over, 200).await;
-    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &over, 429).await;
-    assert_eq!(header(&r, "ratelimit-limit"), "2");
+    get_limited(&c, &tg, &over, 429, "2").await;
     assert_eq!(tg.upstream.count(), 5);
     tg.stop().await;
 }
 
 // ------------------------------------------------------------------ failed-auth limiter
+
+/// The failed-auth limit (failures a minute per address) of the tests that flood it.
+const LIMIT: usize = 20;
+/// How many bad tokens a flood sends.
+const TOTAL: usize = 10_000;
 
 /// The address limiters run on the gateway clock: a blocked address is judged again once the
 /// clock has passed its `Retry-After`, with no real wait; until then it is refused without a
@@ -288,8 +324,6 @@ async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
-    const LIMIT: usize = 20;
-    const TOTAL: usize = 10_000;
     let tg = TestGateway::failed_auth_limited(LIMIT).await;
     let (good, _) = tg.token("ci", "good", &["apps:read"]);
     // Half fail the checksum (no lookup even before the limit), half are well-formed tokens the
@@ -445,71 +479,52 @@ async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
     .await;
     let (good, _) = tg.token("ci", "good", &["apps:read"]);
     let junk = bad_checksum(&good);
-    let get = |c: &reqwest::Client, tok: &str, xff: Option<&str>| {
+    // The status of a GET with `tok` on client `c`, claiming to be forwarded for `xff`.
+    let status = |c: &reqwest::Client, tok: &str, xff: Option<&str>| {
         let mut b = c.get(tg.url("/apps/a/b")).bearer_auth(tok);
         if let Some(x) = xff {
             b = b.header("x-forwarded-for", x);
         }
-        b.send()
+        async move { b.send().await.unwrap().status() }
     };
 
     // Behind the trusted proxy 127.0.0.3, the client is the forwarded address.
     let proxy = client_from("127.0.0.3");
     for _ in 0..3 {
-        assert_eq!(
-            get(&proxy, &junk, Some("203.0.113.5"))
-                .await
-                .unwrap()
-                .status(),
-            401
-        );
+        assert_eq!(status(&proxy, &junk, Some("203.0.113.5")).await, 401);
     }
-    let r = get(&proxy, &junk, Some("203.0.113.5")).await.unwrap();
-    assert_eq!(r.status(), 429, "203.0.113.5 is blocked");
+    assert_eq!(
+        status(&proxy, &junk, Some("203.0.113.5")).await,
+        429,
+        "203.0.113.5 is blocked"
+    );
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "203.0.113.5");
     // Blocked for failures, not for valid tokens.
-    assert_eq!(
-        get(&proxy, &good, Some("203.0.113.5"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&proxy, &good, Some("203.0.113.5")).await, 200);
     // Other clients of the same proxy, and the proxy itself, are not.
-    assert_eq!(
-        get(&proxy, &good, Some("203.0.113.6"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(get(&proxy, &good, None).await.unwrap().status(), 200);
+    assert_eq!(status(&proxy, &good, Some("203.0.113.6")).await, 200);
+    assert_eq!(status(&proxy, &good, None).await, 200);
 
     // An untrusted peer's X-Forwarded-For is ignored: the block follows the TCP peer, whatever
     // address it claims on each request.
     let direct = client_from("127.0.0.4");
     for i in 0..3 {
         let claim = format!("198.51.100.{i}");
-        assert_eq!(
-            get(&direct, &junk, Some(&claim)).await.unwrap().status(),
-            401
-        );
+        assert_eq!(status(&direct, &junk, Some(&claim)).await, 401);
     }
-    let r = get(&direct, &junk, Some("198.51.100.99")).await.unwrap();
-    assert_eq!(r.status(), 429);
+    assert_eq!(status(&direct, &junk, Some("198.51.100.99")).await, 429);
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "127.0.0.4");
-    assert_eq!(get(&direct, &good, None).await.unwrap().status(), 200);
+    assert_eq!(status(&direct, &good, None).await, 200);
     assert_eq!(tg.upstream.count(), 4);
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
-    const LIMIT: usize = 20;
     let tg = TestGateway::failed_auth_limited(LIMIT).await;
     let (good, id) = tg.token("ci", "good", &["apps:read"]);
     let client = client_from("127.0.0.5");
@@ -573,8 +588,6 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
-    const LIMIT: usize = 20;
-    const TOTAL: usize = 10_000;
     let tg = TestGateway::failed_auth_limited(LIMIT).await;
     // Well-formed tokens with a valid checksum that the store has never seen.
     let unknown: Vec<String> = (0..TOTAL)
@@ -866,15 +879,7 @@ async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_heade
     let all: Vec<_> = silent.chain(dribble).collect();
     for t in all {
         let (after, closed, got) = t.await.unwrap();
-        assert!(closed, "still open after {after:?}");
-        assert!(
-            got.is_empty(),
-            "no response to a client that sent no request"
-        );
-        assert!(
-            after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
-            "closed after {after:?}"
-        );
+        assert_closed_silently_at_1s("a client that sent no request", after, closed, &got);
     }
     assert_eq!(tg.upstream.count(), 0);
     assert!(tg.request_lines().await.is_empty());
@@ -944,18 +949,9 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
 
     for t in stalled {
         let (sent, after, closed, got) = t.await.unwrap();
-        assert!(
-            closed,
-            "a stalled handshake ({sent} bytes) was still open after {after:?}"
-        );
-        assert!(
-            got.is_empty(),
-            "no TLS alert or HTTP reply is owed to a half-open handshake"
-        );
-        assert!(
-            after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
-            "a stalled handshake ({sent} bytes) was closed after {after:?}, not at ~1 s"
-        );
+        // No TLS alert or HTTP reply is owed to a half-open handshake.
+        let what = format!("a stalled handshake ({sent} bytes)");
+        assert_closed_silently_at_1s(&what, after, closed, &got);
     }
     assert_eq!(tg.upstream.count(), 1);
     assert_eq!(tg.request_lines().await.len(), 1);
@@ -1075,21 +1071,11 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         req.extend_from_slice(format!("64\r\n{}\r\n", "b".repeat(100)).as_bytes());
     }
     req.extend_from_slice(b"0\r\n\r\n");
-    let r = raw(tg.addr, &req).await;
-    assert_eq!(r.status, 413, "{}", r.raw);
+    let r = raw_expect(tg.addr, &req, 413).await;
     assert_eq!(r.header("connection"), Some("close"));
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "body_too_large");
-    let line = tg.last_request_line().await;
-    assert_eq!(line["status_code"], 413);
-    assert_eq!(line["reason"], "body_too_large");
-    for seen in tg.upstream.received() {
-        assert!(
-            seen.body_len <= 1000,
-            "the upstream got {} body bytes",
-            seen.body_len
-        );
-    }
+    assert_body_cut_off(&tg, 413, "body_too_large", 1000).await;
     tg.stop().await;
 }
 
@@ -1105,13 +1091,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
     for _ in 0..3 {
         held.push(tcp_from("127.0.0.1", addr).await);
     }
-    let mut fourth = tcp_from("127.0.0.1", addr).await;
-    let _ = fourth.write_all(req).await;
-    let (got, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the 4th connection from one IP is closed unanswered"
-    );
+    assert_request_unanswered("127.0.0.1", addr, req, "the 4th connection from one IP").await;
     let refused = |limit| tg.gw.metrics().connections_refused(limit);
     assert_eq!(refused(ConnLimit::PerIp), 1, "the refusal is counted");
     assert_eq!(refused(ConnLimit::Total), 0);
@@ -1121,13 +1101,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         tcp_from("127.0.0.2", addr).await,
         tcp_from("127.0.0.2", addr).await,
     ];
-    let mut sixth = tcp_from("127.0.0.5", addr).await;
-    let _ = sixth.write_all(req).await;
-    let (got, closed) = read_until_closed(&mut sixth, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the 6th connection overall is closed unanswered"
-    );
+    assert_request_unanswered("127.0.0.5", addr, req, "the 6th connection overall").await;
     assert_eq!(refused(ConnLimit::Total), 1);
     assert_eq!(refused(ConnLimit::PerIp), 1);
     let text = tg.gw.metrics().render(&tg.gw.snapshot());
@@ -1265,6 +1239,13 @@ async fn the_per_ip_limit_is_shared_by_all_workers() {
     tg.stop().await;
 }
 
+/// Checks that a new connection from `from` that sends `req` is closed unanswered.
+async fn assert_request_unanswered(from: &str, addr: SocketAddr, req: &[u8], what: &str) {
+    let mut s = tcp_from(from, addr).await;
+    let _ = s.write_all(req).await;
+    assert_closed_unanswered(&mut s, &format!("{what} is closed unanswered")).await;
+}
+
 /// A `/health` request on `s`; true when it was answered 200.
 async fn health_ok(s: &mut TcpStream) -> bool {
     let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
@@ -1302,11 +1283,7 @@ async fn a_trusted_proxy_is_not_capped_per_address_but_the_global_cap_still_appl
     ];
     assert!(health_ok(&mut other[0]).await);
     let mut third = tcp_from("127.0.0.4", addr).await;
-    let (got, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the untrusted 3rd connection is closed"
-    );
+    assert_closed_unanswered(&mut third, "the untrusted 3rd connection is closed").await;
     assert_eq!(refused(ConnLimit::PerIp), 1);
     assert_eq!(refused(ConnLimit::Total), 0);
     // Seven open of the global 8: the proxy's next one fits, the one after that does not.
@@ -1316,11 +1293,7 @@ async fn a_trusted_proxy_is_not_capped_per_address_but_the_global_cap_still_appl
         "the proxy's 6th connection fits the global cap"
     );
     let mut seventh = tcp_from("127.0.0.3", addr).await;
-    let (got, closed) = read_until_closed(&mut seventh, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the global cap applies to the proxy too"
-    );
+    assert_closed_unanswered(&mut seventh, "the global cap applies to the proxy too").await;
     assert_eq!(refused(ConnLimit::Total), 1);
     assert_eq!(refused(ConnLimit::PerIp), 1);
     drop((lb, other, sixth));
@@ -1560,15 +1533,8 @@ async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "request_timeout");
     assert!(after >= Duration::from_millis(900), "{after:?}");
-    let line = tg.last_request_line().await;
-    assert_eq!(line["status_code"], 408);
-    assert_eq!(line["reason"], "body_idle");
-    for seen in tg.upstream.received() {
-        assert!(
-            seen.body_len <= 10,
-            "the upstream got only what the client sent"
-        );
-    }
+    // The upstream got only what the client sent.
+    assert_body_cut_off(&tg, 408, "body_idle", 10).await;
     tg.stop().await;
 }
 
@@ -1579,8 +1545,6 @@ async fn the_total_request_deadline_answers_504() {
     let r = get_bearer_expect(&client(), tg.url("/slow/x"), &tok, 504).await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout");
-    let line = tg.last_request_line().await;
-    assert_eq!(line["status_code"], 504);
-    assert_eq!(line["reason"], "request_timeout");
+    tg.assert_last_line(504, "request_timeout").await;
     tg.stop().await;
 }

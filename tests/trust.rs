@@ -11,6 +11,11 @@ use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
+/// [`h2_request`] with the one header `Authorization: Bearer tok`.
+async fn h2_bearer(addr: SocketAddr, uri: &str, tok: &str) -> u16 {
+    h2_request(addr, uri, &[("authorization", &format!("Bearer {tok}"))]).await
+}
+
 /// One HTTP/2 (prior knowledge, cleartext) request with exact headers; `cookie` may repeat.
 async fn h2_request(addr: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> u16 {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -77,14 +82,11 @@ async fn the_admin_session_cookie_never_reaches_an_upstream_over_h1_or_h2() {
         for path in ["/health", "/apps/a/b"] {
             // HTTP/1.1
             tg.upstream.clear();
-            let r = raw(
+            raw_expect(
                 tg.addr,
                 format!(
                     "GET {path} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: {bearer}\r\nCookie: {mix}\r\nConnection: close\r\n\r\n"
-                ),
-            )
-            .await;
-            assert_eq!(r.status, 200, "{}", r.raw);
+                ), 200).await;
             // HTTP/2, the cookies split over several fields as browsers send them.
             let mut fields: Vec<(&str, &str)> = vec![("authorization", &bearer)];
             for c in mix.split(';') {
@@ -170,8 +172,7 @@ async fn identity_headers_backends_trust_are_removed() {
         req.push_str(&format!("{n}: admin@evil.test\r\n"));
     }
     req.push_str("X-Keep: 1\r\nConnection: close\r\n\r\n");
-    let r = raw(tg.addr, &req).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, &req, 200).await;
     let got = tg.upstream.received();
     assert_eq!(got.len(), 1);
     for n in names {
@@ -282,13 +283,10 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
     }
     // h2c with :authority admin.internal.
     plain.upstream.clear();
-    let status = h2_request(
-        plain.addr,
-        "http://admin.internal/apps/web/x",
-        &[("authorization", &bearer)],
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(
+        h2_bearer(plain.addr, "http://admin.internal/apps/web/x", &tok).await,
+        200
+    );
     let got = plain.upstream.received();
     assert_eq!(got[0].headers["host"], own.as_str());
     assert_eq!(got[0].headers["x-forwarded-host"], "admin.internal");
@@ -387,28 +385,21 @@ async fn a_pass_host_route_forwards_only_allowed_hosts_and_may_have_host_specifi
         let line = tg.last_request_line().await;
         assert_rejection_line(&line, 421, "host_not_allowed");
     }
-    let bearer = format!("Bearer {tok}");
-    let status = h2_request(
-        tg.addr,
-        "http://evil.test/apps/a/b",
-        &[("authorization", &bearer)],
-    )
-    .await;
-    assert_eq!(status, 421);
+    assert_eq!(
+        h2_bearer(tg.addr, "http://evil.test/apps/a/b", &tok).await,
+        421
+    );
     assert_eq!(tg.upstream.count(), 0);
 
     // The host-specific rule: /docs is public on api.example.com only.
-    let r = raw(tg.addr, get("api.example.com", "/docs/intro", false)).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, get("api.example.com", "/docs/intro", false), 200).await;
     let line = tg.last_request_line().await;
     assert_eq!(
         line["rule"], "api:GET /docs/** host=api.example.com",
         "{line}"
     );
-    let r = raw(tg.addr, get("eu.example.com", "/docs/intro", false)).await;
-    assert_eq!(r.status, 401, "{}", r.raw);
-    let r = raw(tg.addr, get("eu.example.com", "/docs/intro", true)).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, get("eu.example.com", "/docs/intro", false), 401).await;
+    raw_expect(tg.addr, get("eu.example.com", "/docs/intro", true), 200).await;
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
 }

@@ -87,6 +87,18 @@ impl Upstream {
         self.requests.lock().unwrap().len()
     }
 
+    /// Checks that no request body the upstream received was longer than `max` bytes.
+    pub fn assert_bodies_at_most(&self, max: u64) {
+        for seen in self.received() {
+            assert!(
+                seen.body_len <= max,
+                "the upstream got {} body bytes of {}",
+                seen.body_len,
+                seen.target
+            );
+        }
+    }
+
     /// Forgets what was received.
     pub fn clear(&self) {
         self.requests.lock().unwrap().clear();
@@ -1226,6 +1238,14 @@ impl TestGateway {
         .await
     }
 
+    /// Checks the last request line's `status_code` and `reason`; returns the line.
+    pub async fn assert_last_line(&self, status: u16, reason: &str) -> serde_json::Value {
+        let line = self.last_request_line().await;
+        assert_eq!(line["status_code"], status, "{line}");
+        assert_eq!(line["reason"], reason, "{line}");
+        line
+    }
+
     /// The admin event lines (`kind` admin) of `event`.
     pub async fn admin_events(&self, event: &str) -> Vec<serde_json::Value> {
         self.audit_lines()
@@ -1376,6 +1396,13 @@ impl RawResponse {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// [`raw`] that checks the response's status; returns the response.
+pub async fn raw_expect(addr: SocketAddr, bytes: impl AsRef<[u8]>, status: u16) -> RawResponse {
+    let r = raw(addr, bytes).await;
+    assert_eq!(r.status, status, "{}", r.raw);
+    r
 }
 
 /// Sends raw bytes and reads until the server closes or `timeout` passes; parses the first response.

@@ -915,13 +915,7 @@ fn ambiguous_rules_are_refused_by_config_check_and_at_start_naming_both() {
         "apps:write",
     ));
     let (path, out) = config_check(dir.path(), rules);
-    assert_eq!(
-        out.status.code(),
-        Some(64),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = assert_exit_code(&out, 64);
     assert!(err.contains("ambiguous"), "{err}");
     assert!(
         err.contains("GET /apps/{app}"),

@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::{
-    Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually, issue_into,
-    metrics_text, parse_responses, raw, read_audit_file, rules_with_delay, signal, wait_refused,
+    NO_RATE_LIMIT, Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually,
+    issue_into, metrics_text, parse_responses, raw, read_audit_file, rules_with_delay, signal,
+    wait_refused,
 };
 use tokengate::metrics::HttpErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -136,7 +137,7 @@ async fn clients_that_never_read_are_cut_and_release_their_upstream_connections(
     let upstream = CountingUpstream::start().await;
     let o = Options {
         server: "body_idle_timeout = \"2s\"\nmax_connections_per_ip = 1000".into(),
-        sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n".into(),
+        sections: NO_RATE_LIMIT.into(),
         ..Options::default()
     };
     let (p, token) = start(upstream.addr, &o).await;

@@ -26,8 +26,7 @@ const HOST: &str = "gw.test";
 async fn gateway(trusted: &str) -> TestGateway {
     TestGateway::start_with(Options {
         server: format!("trusted_proxies = [\"{trusted}\"]"),
-        sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n\n[forward_auth]\n"
-            .into(),
+        sections: format!("{NO_RATE_LIMIT}\n[forward_auth]\n"),
         ..Options::default()
     })
     .await
@@ -74,10 +73,12 @@ async fn envoy(tg: &TestGateway, original: &str, tok: &str, status: u16) -> RawR
     r
 }
 
-/// The header lines of a front proxy's auth subrequest (to its own name for the gateway) bearing
-/// `tok` and describing the client's request by the lines of `description`.
+/// The header lines of a front proxy's auth subrequest (to its own name for the gateway) for a
+/// client request to `HOST` bearing `tok`, described by the lines of `description`.
 fn subrequest(tok: &str, description: &str) -> String {
-    format!("Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\n{description}")
+    format!(
+        "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Forwarded-Host: {HOST}\r\n{description}"
+    )
 }
 
 /// nginx's form of a GET of `uri` bearing `tok`: the header lines.
@@ -129,10 +130,8 @@ async fn fa_lines(tg: &TestGateway) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
     let (tg, tok, id) = reader_gateway("127.0.0.1/32").await;
-    let description = format!(
-        "X-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\nX-Forwarded-Host: {HOST}\r\n"
-    );
-    let r = judged(&tg, &subrequest(&tok, &description), 200).await;
+    let description = "X-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\n";
+    let r = judged(&tg, &subrequest(&tok, description), 200).await;
     assert_eq!(r.body, "");
     assert_eq!(r.header("x-tokengate-token-id"), Some(id.as_str()));
     assert_eq!(r.header("x-tokengate-token-name"), Some("reader"));
@@ -161,10 +160,8 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
 async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() {
     let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     // Traefik: POST to deploy needs apps:deploy → the proxy's 403 with its body and challenge.
-    let description = format!(
-        "X-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Host: {HOST}\r\nX-Forwarded-Proto: https\r\n"
-    );
-    let r = judged(&tg, &subrequest(&tok, &description), 403).await;
+    let description = "X-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Proto: https\r\n";
+    let r = judged(&tg, &subrequest(&tok, description), 403).await;
     let body = assert_insufficient_scope(&r, "apps:deploy");
     // The body is also offered as a header, for nginx.
     assert_eq!(json(r.header("x-tokengate-error").unwrap()), body);

@@ -357,9 +357,8 @@ fn generator_reaches_every_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_gateway_agrees_with_the_reference_and_forwards_the_canonical_path() {
     let tg = TestGateway::start_with(Options {
-        rules: rules_toml(),
-        sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n".into(),
-        ..Options::default()
+        sections: NO_RATE_LIMIT.into(),
+        ..Options::rules(rules_toml())
     })
     .await;
     let (tok, _) = tg.token("ci", "diff", PERMISSIONS);

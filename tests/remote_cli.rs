@@ -8,8 +8,8 @@ use std::process::Output;
 
 use serde_json::Value;
 use support::{
-    LocalhostCert, Options, TestGateway, assert_error_message, client, get_bearer,
-    get_bearer_expect,
+    LocalhostCert, Options, TestGateway, assert_error_message, assert_exit_code, client,
+    get_bearer, get_bearer_expect,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -199,12 +199,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
             .contains("[default]")
     );
     let o = run(h, &[], &["whoami"], "").await;
-    assert_eq!(
-        o.status.code(),
-        Some(64),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_exit_code(&o, 64);
     assert_eq!(
         tg.upstream.count(),
         1,
@@ -337,14 +332,8 @@ async fn login_over_tls_with_a_ca_made_in_the_test() {
         &root,
     )
     .await;
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     // The certificate error is told in words, with what to do; no Rust Debug value.
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = assert_exit_code(&o, 1);
     assert!(
         e.contains("not signed by an authority this computer trusts")
             && e.contains("TOKENGATE_CA_FILE"),

@@ -14,9 +14,6 @@ use tokengate::path::canonicalise;
 /// The Host every corpus request uses.
 const HOST: &str = "gw.test";
 
-/// Per-token rate limit high enough that 400 requests never hit it.
-const NO_RATE_LIMIT: &str = "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n";
-
 /// What a corpus case must lead to.
 #[derive(Debug, Clone)]
 enum Want {

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::{
-    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, cli, client, fill, get_bearer,
-    get_bearer_expect, read_audit_file, rules_with_delay, write_config,
+    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, assert_exit_code, cli, client,
+    fill, get_bearer, get_bearer_expect, read_audit_file, rules_with_delay, write_config,
 };
 use tokengate::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -362,12 +362,7 @@ fn cli_token_create_with_a_full_audit_disk_and_no_gateway_fails_and_creates_noth
         "--permission",
         "apps:read",
     ]);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_exit_code(&ok, 0);
 
     let tokens = |db: &Path| {
         Store::open(db, Duration::from_secs(5))

@@ -333,6 +333,19 @@ pub fn cli(cfg: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Checks that a command exited with `code` (showing what it printed otherwise); returns its
+/// stderr.
+pub fn assert_exit_code(out: &std::process::Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 /// Asserts a CLI run succeeded, showing its stderr when not.
 pub fn assert_success(out: &std::process::Output) {
     assert!(
@@ -812,6 +825,10 @@ pub fn default_rules() -> String {
 pub fn rules_with_delay() -> String {
     default_rules() + &permission_rule(&["GET"], "/delay/{ms}", "apps:read")
 }
+
+/// A `[rate_limit]` section with a per-token rate limit high enough that the corpus and load
+/// tests never hit it.
+pub const NO_RATE_LIMIT: &str = "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n";
 
 /// A `[rate_limit]` section letting each client address fail authentication `per_minute` times a
 /// minute before it is refused.

@@ -125,6 +125,23 @@ impl Person {
     fn code(&self, tg: &TestGateway, delta: i64) -> String {
         mfa::code_at(&self.secret, mfa::step_of(tg.gw.now_ms() / 1000) + delta)
     }
+
+    /// Decides (`approve` or `reject`) the approval request `id` with the current TOTP code and
+    /// the `note`, if any.
+    async fn decide(
+        &self,
+        tg: &TestGateway,
+        id: &str,
+        verdict: &str,
+        note: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut body = json!({"totp": self.code(tg, 0)});
+        if let Some(n) = note {
+            body["note"] = json!(n);
+        }
+        self.post(&format!("/v1/approvals/{id}/{verdict}"), body)
+            .await
+    }
 }
 
 /// Moves the gateway clock to the middle of the next TOTP step (a code is used once per step).
@@ -206,6 +223,11 @@ async fn refused_for_approval(tg: &TestGateway, token: &str, path: &str) -> Valu
 /// `POST /v1/approvals` with `body`, as the holder of `token`.
 async fn ask_approval(tg: &TestGateway, token: &str, body: Value) -> (StatusCode, Value) {
     bearer(tg, token, Method::POST, "/v1/approvals", Some(body)).await
+}
+
+/// [`ask_approval`] for `rule` with the path parameters `params` (no message).
+async fn ask(tg: &TestGateway, token: &str, rule: &str, params: Value) -> (StatusCode, Value) {
+    ask_approval(tg, token, json!({"rule": rule, "params": params})).await
 }
 
 async fn request(tg: &TestGateway, token: &str, rule: &str, app: &str) -> Value {
@@ -447,12 +469,7 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     // 2. The CI token asks; the refusal now names the pending request.
     let a = request(&tg, &ci, "deploy", "billing").await;
     let id = a["id"].as_str().unwrap().to_string();
-    let (s, again) = ask_approval(
-        &tg,
-        &ci,
-        json!({"rule": "deploy", "params": {"app": "billing"}}),
-    )
-    .await;
+    let (s, again) = ask(&tg, &ci, "deploy", json!({"app": "billing"})).await;
     assert_eq!(
         (s.as_u16(), again["id"].as_str()),
         (200, Some(id.as_str())),
@@ -476,12 +493,7 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     assert_eq!(s, 200);
     assert_eq!(list["approvals"][0]["id"], id.as_str());
     assert_eq!(list["approvals"][0]["message"], "release 4.2");
-    let (s, v) = p
-        .post(
-            &format!("/v1/approvals/{id}/approve"),
-            json!({"note": "go", "totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, v) = p.decide(&tg, &id, "approve", Some("go")).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["status"], "approved");
     assert_eq!(v["window_seconds"], 900);
@@ -621,12 +633,7 @@ async fn only_a_person_other_than_the_requester_with_a_fresh_totp_code_decides()
 
     // Reject, then the token asks again.
     next_step(&tg);
-    let (s, v) = p
-        .post(
-            &format!("/v1/approvals/{id}/reject"),
-            json!({"note": "not today", "totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, v) = p.decide(&tg, &id, "reject", Some("not today")).await;
     assert_eq!(
         (s.as_u16(), v["status"].as_str()),
         (200, Some("rejected")),
@@ -688,30 +695,15 @@ async fn an_approval_is_bound_to_its_token_rule_and_parameters() {
     .await;
     assert_eq!(s, 404);
     // Parameters must be exactly the rule's; a token without the permission cannot ask.
-    let (s, _) = ask_approval(
-        &tg,
-        &ci,
-        json!({"rule": "deploy", "params": {"env": "prod"}}),
-    )
-    .await;
+    let (s, _) = ask(&tg, &ci, "deploy", json!({"env": "prod"})).await;
     assert_eq!(s, 400);
     let (reader, _) = tg.token("ci", "reader", &["apps:read"]);
-    let (s, v) = ask_approval(
-        &tg,
-        &reader,
-        json!({"rule": "deploy", "params": {"app": "billing"}}),
-    )
-    .await;
+    let (s, v) = ask(&tg, &reader, "deploy", json!({"app": "billing"})).await;
     assert_eq!(
         (s.as_u16(), v["error"].as_str()),
         (403, Some("insufficient_scope"))
     );
-    let (s, _) = ask_approval(
-        &tg,
-        &ci,
-        json!({"rule": "read-app", "params": {"app": "billing"}}),
-    )
-    .await;
+    let (s, _) = ask(&tg, &ci, "read-app", json!({"app": "billing"})).await;
     assert_eq!(s, 400, "a rule without approval");
     // The right token, rule and parameters go through.
     let (s, _) = public(&tg, &ci, "/apps/billing/deploy").await;
@@ -781,12 +773,7 @@ async fn cli_approval_request_wait_exits_by_outcome() {
     // Approved: exit 0.
     let child = cli_request(&tg, &ci, "60s");
     let id = pending_id(&tg, &ci).await;
-    let (s, _) = p
-        .post(
-            &format!("/v1/approvals/{id}/approve"),
-            json!({"totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, _) = p.decide(&tg, &id, "approve", None).await;
     assert_eq!(s, 200);
     let (code, err) = exit_of(child).await;
     assert_eq!(code, 0, "{err}");
@@ -803,12 +790,7 @@ async fn cli_approval_request_wait_exits_by_outcome() {
     let child = cli_request(&tg, &ci, "60s");
     let id = pending_id(&tg, &ci).await;
     next_step(&tg);
-    let (s, _) = p
-        .post(
-            &format!("/v1/approvals/{id}/reject"),
-            json!({"note": "no", "totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, _) = p.decide(&tg, &id, "reject", Some("no")).await;
     assert_eq!(s, 200);
     let (code, err) = exit_of(child).await;
     assert_eq!(code, tokengate::cli::EXIT_REJECTED as i32, "{err}");

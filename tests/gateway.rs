@@ -426,12 +426,7 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
     // Use it, list it, show it, fail with it.
     let c = client();
     get_bearer_expect(&c, tg.url("/apps/a/b"), &token, 200).await;
-    let _ = c
-        .post(tg.url("/apps/a/deploy"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let _ = send_bearer(c.post(tg.url("/apps/a/deploy")), &token).await;
     let _ = c
         .get(tg.url(&format!("/apps/a/b?access_token={token}")))
         .send()
@@ -521,13 +516,12 @@ async fn big_upload_and_download_stream_without_buffering() {
     let n = (SIZE / chunk.len() as u64) as usize;
     let stream =
         futures_util::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
-    let r = c
-        .post(tg.url("/echo/upload"))
-        .bearer_auth(&tok)
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(
+        c.post(tg.url("/echo/upload"))
+            .body(reqwest::Body::wrap_stream(stream)),
+        &tok,
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("upstream ok {SIZE}"));
     let mut r = get_bearer(&c, tg.url(&format!("/download/{SIZE}")), &tok).await;
@@ -548,25 +542,18 @@ async fn oversized_body_is_413_counted_while_streaming() {
     let tg = TestGateway::with_server("max_body_bytes = 1000").await;
     let (tok, _) = tg.token("ci", "b", &["apps:read"]);
     let c = client();
-    let r = c
-        .post(tg.url("/echo/x"))
-        .bearer_auth(&tok)
-        .body(vec![0u8; 2000])
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(c.post(tg.url("/echo/x")).body(vec![0u8; 2000]), &tok).await;
     assert_eq!(r.status(), 413, "declared length");
     assert_eq!(tg.upstream.count(), 0);
     let chunks = futures_util::stream::iter(
         (0..20).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 100]))),
     );
-    let r = c
-        .post(tg.url("/echo/x"))
-        .bearer_auth(&tok)
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(
+        c.post(tg.url("/echo/x"))
+            .body(reqwest::Body::wrap_stream(chunks)),
+        &tok,
+    )
+    .await;
     assert_eq!(r.status(), 413, "chunked body over the limit");
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "body_too_large");

@@ -553,12 +553,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
         "no credential, no lookup"
     );
     // Still blocked for failures: a malformed credential is refused without being judged.
-    let r = client
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(bad_checksum(&good))
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(client.get(tg.url("/apps/a/b")), bad_checksum(&good)).await;
     assert_eq!(r.status(), 429);
     assert_rejection_line(&tg.last_request_line().await, 429, "client_blocked");
 

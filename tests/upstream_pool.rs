@@ -67,6 +67,14 @@ fn ok(body: &str) -> Reply {
     ))
 }
 
+/// `reply`, after which the upstream closes the connection.
+fn closing(reply: Reply) -> Reply {
+    Reply {
+        then: Then::Close,
+        ..reply
+    }
+}
+
 fn raw(text: &str) -> Reply {
     Reply {
         barrier: None,
@@ -312,12 +320,7 @@ async fn bodiless_chunked_and_head_responses_all_return_their_connection() {
     let (tg, tok) = gateway_for(&up).await;
     let c = client();
     for _ in 0..3 {
-        let r = c
-            .head(tg.url("/apps/a/x"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap();
+        let r = send_bearer(c.head(tg.url("/apps/a/x")), &tok).await;
         assert_eq!(r.status(), 200);
         assert_eq!(get(&tg, &tok, "/status/204").await, (204, String::new()));
         assert_eq!(get(&tg, &tok, "/apps/a/empty").await, (200, String::new()));
@@ -381,9 +384,10 @@ async fn concurrent_requests_open_at_most_the_concurrency_and_are_all_reused() {
 
 #[tokio::test]
 async fn connection_close_response_is_not_reused() {
-    let up = RawUpstream::start(|_| Reply {
-        then: Then::Close,
-        ..raw("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye")
+    let up = RawUpstream::start(|_| {
+        closing(raw(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye",
+        ))
     })
     .await;
     let (tg, tok) = gateway_for(&up).await;
@@ -430,13 +434,12 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
             "the upstream closed its idle connection",
         )
         .await;
-        let r = c
-            .post(tg.url("/apps/a/deploy"))
-            .bearer_auth(&tok)
-            .body(format!("payload-{i}"))
-            .send()
-            .await
-            .unwrap();
+        let r = send_bearer(
+            c.post(tg.url("/apps/a/deploy"))
+                .body(format!("payload-{i}")),
+            &tok,
+        )
+        .await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "done");
         wait_closed(
@@ -470,10 +473,7 @@ async fn a_post_that_may_have_been_sent_is_never_replayed() {
     // request may have been acted on, so the gateway answers 502 and does not send it again.
     let up = RawUpstream::start(|s| {
         if s.method == "POST" {
-            Reply {
-                then: Then::Close,
-                ..raw("")
-            }
+            closing(raw(""))
         } else {
             ok("warm")
         }
@@ -618,11 +618,7 @@ async fn idle_connections_close_on_time_without_further_traffic() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_is_dropped_from_the_pool() {
-    let up = RawUpstream::start(|_| Reply {
-        then: Then::Close,
-        ..ok("hi")
-    })
-    .await;
+    let up = RawUpstream::start(|_| closing(ok("hi"))).await;
     let pool = Pool::default();
     assert_eq!(send(&pool, request(&up, "/a")).await.0, 200);
     wait_closed(&up, &pool, 1, "the upstream closed").await;

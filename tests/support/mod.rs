@@ -1326,6 +1326,14 @@ pub async fn get_bearer_expect(
     r
 }
 
+/// Sends the request `rb` built, with the bearer `token`.
+pub async fn send_bearer(
+    rb: reqwest::RequestBuilder,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    rb.bearer_auth(token).send().await.unwrap()
+}
+
 /// `GET url` on client `c` with the bearer `token` (when given) and the headers `headers`.
 pub async fn get_with(
     c: &reqwest::Client,

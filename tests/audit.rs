@@ -103,12 +103,6 @@ async fn wait_for_empty_outbox(db: &Path) {
     .await;
 }
 
-/// An address nothing listens on (for 502s).
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// A token string with a valid shape and a wrong checksum (401 `bad_checksum`, no lookup).
 const BAD_CHECKSUM_TOKEN: &str = "tg_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 

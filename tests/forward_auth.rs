@@ -392,11 +392,7 @@ async fn described_paths_are_judged_exactly_as_proxy_mode_judges_them() {
 // -------------------------------------------------------------------- real front proxies
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    dead_addr().port()
 }
 
 async fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) {

@@ -273,11 +273,7 @@ async fn revoke_in_process_is_instant() {
 
 #[tokio::test]
 async fn upstream_down_is_502_and_silent_upstream_is_504() {
-    // A port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let tg = TestGateway::start_with(Options {
         upstream_override: Some(dead.to_string()),
         ..Options::default()

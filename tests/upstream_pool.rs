@@ -422,18 +422,14 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
     })
     .await;
     let (tg, tok) = gateway_for(&up).await;
+    // [`wait_closed`] for the gateway's pool.
+    let closed = |ended, what| wait_closed(&up, tg.gw.upstream_pool(), ended, what);
     let c = client();
     for i in 0..3 {
         assert_eq!(get(&tg, &tok, "/apps/a/x").await, (200, "done".to_string()));
         // The upstream closed it, and the gateway's connection task has read the FIN: no open
         // idle connection is left.
-        wait_closed(
-            &up,
-            tg.gw.upstream_pool(),
-            2 * i + 1,
-            "the upstream closed its idle connection",
-        )
-        .await;
+        closed(2 * i + 1, "the upstream closed its idle connection").await;
         let r = send_bearer(
             c.post(tg.url("/apps/a/deploy"))
                 .body(format!("payload-{i}")),
@@ -442,13 +438,7 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
         .await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "done");
-        wait_closed(
-            &up,
-            tg.gw.upstream_pool(),
-            2 * i + 2,
-            "the upstream closed the POST's connection",
-        )
-        .await;
+        closed(2 * i + 2, "the upstream closed the POST's connection").await;
     }
     let seen = up.seen();
     let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
@@ -653,10 +643,7 @@ async fn host_comes_from_the_authority_only_when_the_request_has_none() {
 
 #[tokio::test]
 async fn a_refused_connect_is_an_error_not_a_hang() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let pool = Pool::default();
     let req = http::Request::get(format!("http://{dead}/x"))
         .body(tokengate::body::empty())

@@ -826,6 +826,13 @@ pub fn rules_with_delay() -> String {
     default_rules() + &permission_rule(&["GET"], "/delay/{ms}", "apps:read")
 }
 
+/// A loopback address nothing listens on (its port was free a moment ago): for 502s and refused
+/// connections.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// A `[rate_limit]` section with a per-token rate limit high enough that the corpus and load
 /// tests never hit it.
 pub const NO_RATE_LIMIT: &str = "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n";

@@ -818,8 +818,7 @@ async fn webhook_server(fail_first: usize) -> (SocketAddr, Hook) {
         seen: Arc::default(),
         fail_first,
     };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let (l, addr) = support::loopback_listener().await;
     let h = hook.clone();
     tokio::spawn(async move {
         loop {

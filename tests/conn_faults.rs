@@ -28,7 +28,7 @@ use support::{
 };
 use tokengate::metrics::HttpErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 
@@ -82,8 +82,7 @@ struct CountingUpstream {
 
 impl CountingUpstream {
     async fn start() -> CountingUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, addr) = support::loopback_listener().await;
         let open = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (o, r) = (open.clone(), requests.clone());

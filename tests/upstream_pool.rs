@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokengate::pool::Pool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Barrier;
 
 use support::*;
@@ -99,9 +99,9 @@ struct RawUpstream {
 impl RawUpstream {
     async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> RawUpstream {
         let script: Script = Arc::new(script);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (listener, addr) = loopback_listener().await;
         let up = RawUpstream {
-            addr: listener.local_addr().unwrap(),
+            addr,
             accepted: Arc::default(),
             ended: Arc::default(),
             seen: Arc::default(),

@@ -30,7 +30,6 @@ use rustls::server::WebPkiClientVerifier;
 use tokengate::config::{Config, UpstreamConnector, UpstreamTlsOptions};
 use tokengate::pool::Pool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use support::*;
 
@@ -193,9 +192,9 @@ impl TlsUpstream {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (listener, addr) = loopback_listener().await;
         let up = TlsUpstream {
-            addr: listener.local_addr().unwrap(),
+            addr,
             accepted: Arc::default(),
             handshakes: Arc::default(),
             resumed: Arc::default(),

@@ -48,11 +48,17 @@ pub struct Upstream {
     pub requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
+/// A listener on a free loopback port, and its address.
+pub async fn loopback_listener() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
 impl Upstream {
     /// Starts one on a free port.
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, addr) = loopback_listener().await;
         let requests = Arc::new(Mutex::new(Vec::new()));
         let rec = requests.clone();
         tokio::spawn(async move {
@@ -273,8 +279,7 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let (l, addr) = loopback_listener().await;
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(handle(s));

@@ -321,8 +321,6 @@ async fn get(tg: &TestGateway, tok: &str) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
-/// Sends `GET /tls/hello` with `tok` and checks a 502 `upstream_tls_error`: body, audit line
-/// (allowed, then failed upstream).
 /// [`assert_tls_refusal`], and nothing reached `up`'s handler.
 async fn assert_refused_unseen(tg: &TestGateway, tok: &str, up: &TlsUpstream) {
     assert_tls_refusal(tg, tok).await;
@@ -336,6 +334,8 @@ async fn get_ok_times(tg: &TestGateway, tok: &str, n: usize) {
     }
 }
 
+/// Sends `GET /tls/hello` with `tok` and checks a 502 `upstream_tls_error`: body, audit line
+/// (allowed, then failed upstream).
 async fn assert_tls_refusal(tg: &TestGateway, tok: &str) {
     let (status, body) = get(tg, tok).await;
     assert_eq!(status, 502, "{body}");
@@ -402,9 +402,6 @@ async fn gateway_to(upstream: &str, tls_table: &str) -> (TestGateway, String) {
     (tg, tok)
 }
 
-/// An upstream serving `leaf` (no client certificate asked; `close` answers each request with
-/// `Connection: close`) and a gateway whose secure route reaches it at `https://{host}:{port}`
-/// trusting the test CA, with a token for `ci` that may read.
 /// [`verified_pair`] with an upstream whose certificate for `names` another CA, `other_name`,
 /// signed, reached by the last of `names`: (that CA, upstream, gateway, token).
 async fn pair_signed_by_another_ca(
@@ -418,6 +415,9 @@ async fn pair_signed_by_another_ca(
     (other, up, tg, tok)
 }
 
+/// An upstream serving `leaf` (no client certificate asked; `close` answers each request with
+/// `Connection: close`) and a gateway whose secure route reaches it at `https://{host}:{port}`
+/// trusting the test CA, with a token for `ci` that may read.
 async fn verified_pair(
     pki: &Pki,
     leaf: &Leaf,

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::{
-    Options, TestGateway, challenge, client, get_bearer, get_with, post_session, sign_in_session,
+    Options, TestGateway, assert_error_message, challenge, client, get_bearer, get_bearer_expect,
+    get_with, post_session, sign_in_session,
 };
 
 struct Admin<'a> {
@@ -55,6 +56,20 @@ impl<'a> Admin<'a> {
         let (s, _, v) = self.call(Some(token), Method::POST, path, Some(body)).await;
         (s, v)
     }
+
+    /// [`Admin::get`] that checks the answer's status; returns the body.
+    async fn get_expect(&self, token: &str, path: &str, status: u16) -> Value {
+        let (s, v) = self.get(token, path).await;
+        assert_eq!(s, status, "GET {path}: {v}");
+        v
+    }
+
+    /// [`Admin::post`] that checks the answer's status; returns the body.
+    async fn post_expect(&self, token: &str, path: &str, body: Value, status: u16) -> Value {
+        let (s, v) = self.post(token, path, body).await;
+        assert_eq!(s, status, "POST {path}: {v}");
+        v
+    }
 }
 
 /// The `Set-Cookie` header of `r` (which must have one).
@@ -70,12 +85,10 @@ fn realm_challenge(h: &reqwest::header::HeaderMap) -> String {
 
 #[tokio::test]
 async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
-    let tg = TestGateway::start().await;
-    let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, root_id) = TestGateway::with_admin().await;
     let a = Admin::new(&tg);
 
-    let (s, me) = a.get(&root, "/v1/whoami").await;
-    assert_eq!(s, 200);
+    let me = a.get_expect(&root, "/v1/whoami", 200).await;
     assert_eq!(
         (
             me["id"].as_str(),
@@ -89,8 +102,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         "whoami never echoes the token"
     );
 
-    let (s, pol) = a.get(&root, "/v1/policy").await;
-    assert_eq!(s, 200);
+    let pol = a.get_expect(&root, "/v1/policy", 200).await;
     assert!(
         pol["roles"]
             .as_array()
@@ -100,19 +112,18 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
     );
     assert_eq!(pol["expiry"]["default"], "90d");
 
-    let (s, acc) = a
-        .post(
+    let acc = a
+        .post_expect(
             &root,
             "/v1/accounts",
             json!({"name": "ci", "email": "ci@example.com"}),
+            201,
         )
         .await;
-    assert_eq!(s, 201, "{acc}");
     assert_eq!(acc["status"], "active");
-    let (s, _) = a.post(&root, "/v1/accounts", json!({"name": "ci"})).await;
-    assert_eq!(s, 409);
-    let (s, list) = a.get(&root, "/v1/accounts").await;
-    assert_eq!(s, 200);
+    a.post_expect(&root, "/v1/accounts", json!({"name": "ci"}), 409)
+        .await;
+    let list = a.get_expect(&root, "/v1/accounts", 200).await;
     let names: BTreeSet<&str> = list["accounts"]
         .as_array()
         .unwrap()
@@ -121,10 +132,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         .collect();
     assert_eq!(names, BTreeSet::from(["ci", "ops"]));
 
-    let (s, created) = a
-        .post(&root, "/v1/tokens", json!({"account": "ci", "name": "deploy", "role": "viewer", "expires": "30d", "scopes": {"app": ["billing"]}}))
-        .await;
-    assert_eq!(s, 201, "{created}");
+    let created = a.post_expect(&root, "/v1/tokens", json!({"account": "ci", "name": "deploy", "role": "viewer", "expires": "30d", "scopes": {"app": ["billing"]}}), 201).await;
     let plain = created["token"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
     assert!(
@@ -137,11 +145,9 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
 
     // The new token works on the public listener.
     let pc = client();
-    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &plain).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&pc, tg.url("/apps/billing/x"), &plain, 200).await;
 
-    let (s, shown) = a.get(&root, &format!("/v1/tokens/{id}")).await;
-    assert_eq!(s, 200);
+    let shown = a.get_expect(&root, &format!("/v1/tokens/{id}"), 200).await;
     assert!(
         shown.get("token").is_none(),
         "the plaintext is returned once, at creation"
@@ -157,8 +163,7 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         (StatusCode::OK, Some(id.as_str()))
     );
 
-    let (s, list) = a.get(&root, "/v1/tokens?account=ci").await;
-    assert_eq!(s, 200);
+    let list = a.get_expect(&root, "/v1/tokens?account=ci", 200).await;
     assert_eq!(list["tokens"].as_array().unwrap().len(), 1);
     assert!(!list.to_string().contains(&plain));
 
@@ -170,34 +175,32 @@ async fn every_route_works_for_an_admin_token_and_each_mutation_is_audited() {
         (StatusCode::OK, Some(id.as_str()), Some(false))
     );
 
-    let (s, rotated) = a
-        .post(
+    let rotated = a
+        .post_expect(
             &root,
             &format!("/v1/tokens/{id}/rotate"),
             json!({"grace": "1h"}),
+            201,
         )
         .await;
-    assert_eq!(s, 201, "{rotated}");
     let new_plain = rotated["token"].as_str().unwrap().to_string();
     let new_id = rotated["id"].as_str().unwrap().to_string();
     assert_eq!(rotated["rotated_from"].as_str(), Some(id.as_str()));
     assert_eq!(rotated["grace_seconds"], 3600);
-    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&pc, tg.url("/apps/billing/x"), &new_plain, 200).await;
 
-    let (s, revoked) = a
-        .post(
+    let revoked = a
+        .post_expect(
             &root,
             &format!("/v1/tokens/{new_id}/revoke"),
             json!({"reason": "test over"}),
+            200,
         )
         .await;
-    assert_eq!(s, 200);
     assert_eq!(revoked["status"], "revoked");
     assert_eq!(revoked["revoke_reason"], "test over");
     // Revocation is instant on this process's public listener.
-    let r = get_bearer(&pc, tg.url("/apps/billing/x"), &new_plain).await;
-    assert_eq!(r.status(), 401);
+    let r = get_bearer_expect(&pc, tg.url("/apps/billing/x"), &new_plain, 401).await;
     assert!(challenge(&r).contains("revoked"));
     let (s, _) = a
         .post(&root, &format!("/v1/tokens/{new_id}/revoke"), json!({}))
@@ -279,8 +282,7 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
     assert_eq!((s, me["access"].as_str()), (StatusCode::OK, Some("self")));
 
     // Lists are filtered to the own account.
-    let (s, list) = a.get(&alice, "/v1/tokens").await;
-    assert_eq!(s, 200);
+    let list = a.get_expect(&alice, "/v1/tokens", 200).await;
     let ids: BTreeSet<&str> = list["tokens"]
         .as_array()
         .unwrap()
@@ -288,8 +290,7 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
         .map(|t| t["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, BTreeSet::from([alice_id.as_str(), alice_ci.as_str()]));
-    let (s, accounts) = a.get(&alice, "/v1/accounts").await;
-    assert_eq!(s, 200);
+    let accounts = a.get_expect(&alice, "/v1/accounts", 200).await;
     assert_eq!(accounts["accounts"].as_array().unwrap().len(), 1);
     assert_eq!(accounts["accounts"][0]["name"], "alice");
     let (s, body) = a.get(&alice, "/v1/tokens?account=bob").await;
@@ -317,14 +318,14 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
             .await;
         assert_eq!(s, 404, "{verb}");
     }
-    let (s, body) = a
-        .post(
+    let body = a
+        .post_expect(
             &alice,
             "/v1/tokens/identify",
             json!({"token": bob_plain, "revoke": true}),
+            404,
         )
         .await;
-    assert_eq!(s, 404);
     assert!(
         !body.to_string().contains("bob"),
         "nothing about bob's token leaks: {body}"
@@ -341,17 +342,14 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
     );
 
     // Accounts belong to admins.
-    let (s, body) = a
-        .post(&alice, "/v1/accounts", json!({"name": "mallory"}))
+    let body = a
+        .post_expect(&alice, "/v1/accounts", json!({"name": "mallory"}), 403)
         .await;
-    assert_eq!(s, 403);
     assert_eq!(body["required_permission"], "tokengate:admin");
-    let (s, _) = a.post(&alice, "/v1/accounts/bob/disable", json!({})).await;
-    assert_eq!(s, 403);
-    let (s, _) = a
-        .post(&alice, "/v1/accounts/alice/disable", json!({}))
+    a.post_expect(&alice, "/v1/accounts/bob/disable", json!({}), 403)
         .await;
-    assert_eq!(s, 403);
+    a.post_expect(&alice, "/v1/accounts/alice/disable", json!({}), 403)
+        .await;
     let (s, body) = a
         .post(
             &alice,
@@ -366,21 +364,24 @@ async fn a_self_token_cannot_see_or_touch_another_account() {
     assert!(tg.gw.store().get_account("mallory").is_err());
 
     // Its own account: create (defaults to the own account), show, rotate, revoke.
-    let (s, t) = a
-        .post(
+    let t = a
+        .post_expect(
             &alice,
             "/v1/tokens",
             json!({"name": "mine", "role": "viewer"}),
+            201,
         )
         .await;
-    assert_eq!(s, 201, "{t}");
     assert_eq!(t["account"], "alice");
-    let (s, _) = a.get(&alice, &format!("/v1/tokens/{alice_ci}")).await;
-    assert_eq!(s, 200);
-    let (s, _) = a
-        .post(&alice, &format!("/v1/tokens/{alice_ci}/revoke"), json!({}))
+    a.get_expect(&alice, &format!("/v1/tokens/{alice_ci}"), 200)
         .await;
-    assert_eq!(s, 200);
+    a.post_expect(
+        &alice,
+        &format!("/v1/tokens/{alice_ci}/revoke"),
+        json!({}),
+        200,
+    )
+    .await;
     let audit = tg.admin_events("token.revoked").await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
@@ -413,8 +414,7 @@ async fn a_self_token_never_mints_a_stronger_token() {
             "{body}"
         );
     }
-    let (s, pol) = a.get(&alice, "/v1/policy").await;
-    assert_eq!(s, 200);
+    let pol = a.get_expect(&alice, "/v1/policy", 200).await;
     let admin_role = pol["roles"]
         .as_array()
         .unwrap()
@@ -424,14 +424,14 @@ async fn a_self_token_never_mints_a_stronger_token() {
         .clone();
     assert_eq!(admin_role["grantable"], false);
     // A narrower token is fine, and inherits the scope when none is asked for.
-    let (s, t) = a
-        .post(
+    let t = a
+        .post_expect(
             &alice,
             "/v1/tokens",
             json!({"name": "ok", "permissions": ["apps:read"]}),
+            201,
         )
         .await;
-    assert_eq!(s, 201, "{t}");
     assert_eq!(t["scopes"]["app"][0], "web-*");
     assert_eq!(
         tg.gw
@@ -446,8 +446,7 @@ async fn a_self_token_never_mints_a_stronger_token() {
 
 #[tokio::test]
 async fn rejections_are_the_public_listeners_and_are_audited() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     let (viewer, viewer_id) = tg.token("ops", "viewer", &["apps:read"]);
     let (gone, gone_id) = tg.token("ops", "gone", &["tokengate:admin"]);
     tg.gw.revoke(&gone_id, "test", "test").await.unwrap();
@@ -596,8 +595,7 @@ async fn rejections_are_the_public_listeners_and_are_audited() {
 
 #[tokio::test]
 async fn bodies_are_json_size_limited_and_validated() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     let a = Admin::new(&tg);
     let send = |ct: &'static str, body: Vec<u8>| {
         a.c.post(a.url("/v1/tokens"))
@@ -620,13 +618,7 @@ async fn bodies_are_json_size_limited_and_validated() {
     let r = send("application/json", b"{not json".to_vec())
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    assert!(
-        r.json::<Value>().await.unwrap()["message"]
-            .as_str()
-            .unwrap()
-            .contains("Invalid JSON")
-    );
+    assert_error_message(r, 400, "Invalid JSON").await;
     for (body, needle) in [
         (
             json!({"name": "x", "role": "viewer", "colour": "red"}),
@@ -697,19 +689,17 @@ async fn bodies_are_json_size_limited_and_validated() {
 
 #[tokio::test]
 async fn the_per_account_cap_is_a_clear_409() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     let a = Admin::new(&tg);
     tg.account("ci");
     for i in 0..5 {
-        let (s, _) = a
-            .post(
-                &root,
-                "/v1/tokens",
-                json!({"account": "ci", "name": format!("t{i}"), "role": "viewer"}),
-            )
-            .await;
-        assert_eq!(s, 201);
+        a.post_expect(
+            &root,
+            "/v1/tokens",
+            json!({"account": "ci", "name": format!("t{i}"), "role": "viewer"}),
+            201,
+        )
+        .await;
     }
     let (s, b) = a
         .post(
@@ -1097,10 +1087,7 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
     );
 
     // One unauthenticated call per operation: more than the default failed-auth quota.
-    let tg = TestGateway::start_with(Options::sections(
-        "[rate_limit]\nfailed_auth_per_minute = 100\n",
-    ))
-    .await;
+    let tg = TestGateway::failed_auth_limited(100).await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (victim, victim_id) = tg.token("ci", "victim", &["apps:read"]);
     let (_, rot_id) = tg.token("ci", "rotate-me", &["apps:read"]);
@@ -1177,10 +1164,7 @@ async fn openapi_documents_every_route_and_each_answers_as_documented() {
 
 #[tokio::test]
 async fn the_failed_auth_limiter_refuses_bad_bearer_tokens_not_a_valid_one() {
-    let tg = TestGateway::start_with(Options::sections(
-        "[rate_limit]\nfailed_auth_per_minute = 3\n",
-    ))
-    .await;
+    let tg = TestGateway::failed_auth_limited(3).await;
     let (root, root_id) = tg.token("ops", "root", &["tokengate:admin"]);
     let a = Admin::new(&tg);
     let good = tokengate::token::generate("tg").plaintext;
@@ -1192,13 +1176,11 @@ async fn the_failed_auth_limiter_refuses_bad_bearer_tokens_not_a_valid_one() {
     for _ in 0..3 {
         assert_eq!(a.get(&bad, "/v1/whoami").await.0, 401);
     }
-    let (s, body) = a.get(&bad, "/v1/whoami").await;
-    assert_eq!(s, 429);
+    let body = a.get_expect(&bad, "/v1/whoami", 429).await;
     assert_eq!(body["error"], "too_many_failures");
     // A valid token from the blocked address is served (one lookup, then cached).
     let lookups = tg.gw.store().lookup_count();
-    let (s, me) = a.get(&root, "/v1/whoami").await;
-    assert_eq!(s, 200, "{me}");
+    let me = a.get_expect(&root, "/v1/whoami", 200).await;
     assert_eq!(me["id"], root_id.as_str());
     assert_eq!(tg.gw.store().lookup_count(), lookups + 1);
     // Unknown tokens: looked up until the address's unknown-token quota (3) is used, then

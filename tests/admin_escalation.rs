@@ -13,7 +13,7 @@ use std::path::Path;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, sign_in_session};
+use support::{TestGateway, assert_error_message, client, sign_in_session};
 use tokengate::store::{RateOverride, TokenRow};
 use tokio::io::AsyncWriteExt;
 
@@ -64,7 +64,10 @@ struct World {
 }
 
 async fn world() -> World {
-    let tg = TestGateway::start_with(Options::sections("[tokens]\nallowed_expiry = [\"7d\", \"30d\", \"90d\", \"never\"]\ndefault_expiry = \"90d\"\nmax_active_per_account = 100\n")).await;
+    let tg = TestGateway::with_sections(
+        "[tokens]\nallowed_expiry = [\"7d\", \"30d\", \"90d\", \"never\"]\ndefault_expiry = \"90d\"\nmax_active_per_account = 100\n",
+    )
+    .await;
     let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
     let (me, me_id) = tg.token_with("alice", "me", &["tokengate:self", "apps:read"], |s| {
         me_spec(&tg, s)
@@ -524,15 +527,7 @@ async fn an_admin_may_exceed_itself_within_policy() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert!(
-        v["message"]
-            .as_str()
-            .unwrap()
-            .contains("not allowed by policy"),
-        "{v}"
-    );
+    assert_error_message(r, 400, "not allowed by policy").await;
     // Rotating the strongest token keeps its expiry; a new lifetime only when asked.
     let star = &w.wide[0].1;
     let old = tg.gw.store().get_token(star).unwrap();

@@ -10,29 +10,31 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Options, TestGateway, client, get_bearer, sign_in_session};
+use support::{Options, TestGateway, client, get_bearer_expect, permission_rule, sign_in_session};
 use tokengate::mfa;
 
-const RULES: &str = r#"
-[[routes.rules]]
-path = "/apps/{app}/deploy"
-methods = ["POST"]
-permission = "apps:deploy"
-name = "deploy"
-approval = { window = "15m", approvers = ["role:admin"] }
+/// A rule named `name` letting holders of `permission` POST to `path` once `approvers` approved.
+fn gated_post(path: &str, permission: &str, name: &str, approvers: &str) -> String {
+    permission_rule(&["POST"], path, permission)
+        + &format!(
+            "name = {name:?}\napproval = {{ window = \"15m\", approvers = [{approvers:?}] }}\n"
+        )
+}
 
-[[routes.rules]]
-path = "/apps/{app}/restart"
-methods = ["POST"]
-permission = "apps:restart"
-name = "restart"
-approval = { window = "15m", approvers = ["account:ops"] }
-
-[[routes.rules]]
-path = "/apps/{app}"
-permission = "apps:read"
-name = "read-app"
-"#;
+/// Deploy gated on an admin's approval, restart on the account `ops`'s, and an ungated read.
+fn rules() -> String {
+    [
+        gated_post("/apps/{app}/deploy", "apps:deploy", "deploy", "role:admin"),
+        gated_post(
+            "/apps/{app}/restart",
+            "apps:restart",
+            "restart",
+            "account:ops",
+        ),
+        permission_rule(&[], "/apps/{app}", "apps:read") + "name = \"read-app\"\n",
+    ]
+    .concat()
+}
 
 const MIN: i64 = 60_000;
 
@@ -46,7 +48,7 @@ async fn start(extra: &str) -> (TestGateway, tempfile::TempDir) {
             "[admin.mfa]\nkey_file = \"{}\"\nstep_up_ttl = \"10m\"\n\n[rate_limit]\nfailed_auth_per_minute = 1000\n\n{extra}\n",
             key.display()
         ),
-        rules: RULES.into(),
+        rules: rules(),
         ..Options::default()
     })
     .await;
@@ -122,6 +124,23 @@ impl Person {
     /// The TOTP code `delta` steps from the gateway's now.
     fn code(&self, tg: &TestGateway, delta: i64) -> String {
         mfa::code_at(&self.secret, mfa::step_of(tg.gw.now_ms() / 1000) + delta)
+    }
+
+    /// Decides (`approve` or `reject`) the approval request `id` with the current TOTP code and
+    /// the `note`, if any.
+    async fn decide(
+        &self,
+        tg: &TestGateway,
+        id: &str,
+        verdict: &str,
+        note: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut body = json!({"totp": self.code(tg, 0)});
+        if let Some(n) = note {
+            body["note"] = json!(n);
+        }
+        self.post(&format!("/v1/approvals/{id}/{verdict}"), body)
+            .await
     }
 }
 
@@ -204,6 +223,11 @@ async fn refused_for_approval(tg: &TestGateway, token: &str, path: &str) -> Valu
 /// `POST /v1/approvals` with `body`, as the holder of `token`.
 async fn ask_approval(tg: &TestGateway, token: &str, body: Value) -> (StatusCode, Value) {
     bearer(tg, token, Method::POST, "/v1/approvals", Some(body)).await
+}
+
+/// [`ask_approval`] for `rule` with the path parameters `params` (no message).
+async fn ask(tg: &TestGateway, token: &str, rule: &str, params: Value) -> (StatusCode, Value) {
+    ask_approval(tg, token, json!({"rule": rule, "params": params})).await
 }
 
 async fn request(tg: &TestGateway, token: &str, rule: &str, app: &str) -> Value {
@@ -374,13 +398,10 @@ async fn required_for_admin_asks_a_session_for_a_fresh_step_up_and_leaves_tokens
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("mfa.key");
     std::fs::write(&key, [9u8; 32]).unwrap();
-    let tg = TestGateway::start_with(Options {
-        sections: format!(
-            "[admin.mfa]\nkey_file = \"{}\"\nrequired_for_admin = true\nstep_up_ttl = \"5m\"\n",
-            key.display()
-        ),
-        ..Options::default()
-    })
+    let tg = TestGateway::with_sections(format!(
+        "[admin.mfa]\nkey_file = \"{}\"\nrequired_for_admin = true\nstep_up_ttl = \"5m\"\n",
+        key.display()
+    ))
     .await;
     let (admin, _) = tg.token("ops", "ana", &["tokengate:admin"]);
     let mut p = sign_in(&tg, &admin).await;
@@ -442,19 +463,13 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     assert_eq!(line["api_token_id"], ci_id);
     assert_eq!(tg.upstream.count(), 0);
     // A named rule without `approval` is an ordinary rule.
-    let r = get_bearer(&client(), tg.url("/apps/billing"), &ci).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client(), tg.url("/apps/billing"), &ci, 200).await;
     tg.upstream.clear();
 
     // 2. The CI token asks; the refusal now names the pending request.
     let a = request(&tg, &ci, "deploy", "billing").await;
     let id = a["id"].as_str().unwrap().to_string();
-    let (s, again) = ask_approval(
-        &tg,
-        &ci,
-        json!({"rule": "deploy", "params": {"app": "billing"}}),
-    )
-    .await;
+    let (s, again) = ask(&tg, &ci, "deploy", json!({"app": "billing"})).await;
     assert_eq!(
         (s.as_u16(), again["id"].as_str()),
         (200, Some(id.as_str())),
@@ -478,12 +493,7 @@ async fn a_gated_call_is_refused_until_a_person_approves_and_again_after_the_win
     assert_eq!(s, 200);
     assert_eq!(list["approvals"][0]["id"], id.as_str());
     assert_eq!(list["approvals"][0]["message"], "release 4.2");
-    let (s, v) = p
-        .post(
-            &format!("/v1/approvals/{id}/approve"),
-            json!({"note": "go", "totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, v) = p.decide(&tg, &id, "approve", Some("go")).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["status"], "approved");
     assert_eq!(v["window_seconds"], 900);
@@ -623,12 +633,7 @@ async fn only_a_person_other_than_the_requester_with_a_fresh_totp_code_decides()
 
     // Reject, then the token asks again.
     next_step(&tg);
-    let (s, v) = p
-        .post(
-            &format!("/v1/approvals/{id}/reject"),
-            json!({"note": "not today", "totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, v) = p.decide(&tg, &id, "reject", Some("not today")).await;
     assert_eq!(
         (s.as_u16(), v["status"].as_str()),
         (200, Some("rejected")),
@@ -690,30 +695,15 @@ async fn an_approval_is_bound_to_its_token_rule_and_parameters() {
     .await;
     assert_eq!(s, 404);
     // Parameters must be exactly the rule's; a token without the permission cannot ask.
-    let (s, _) = ask_approval(
-        &tg,
-        &ci,
-        json!({"rule": "deploy", "params": {"env": "prod"}}),
-    )
-    .await;
+    let (s, _) = ask(&tg, &ci, "deploy", json!({"env": "prod"})).await;
     assert_eq!(s, 400);
     let (reader, _) = tg.token("ci", "reader", &["apps:read"]);
-    let (s, v) = ask_approval(
-        &tg,
-        &reader,
-        json!({"rule": "deploy", "params": {"app": "billing"}}),
-    )
-    .await;
+    let (s, v) = ask(&tg, &reader, "deploy", json!({"app": "billing"})).await;
     assert_eq!(
         (s.as_u16(), v["error"].as_str()),
         (403, Some("insufficient_scope"))
     );
-    let (s, _) = ask_approval(
-        &tg,
-        &ci,
-        json!({"rule": "read-app", "params": {"app": "billing"}}),
-    )
-    .await;
+    let (s, _) = ask(&tg, &ci, "read-app", json!({"app": "billing"})).await;
     assert_eq!(s, 400, "a rule without approval");
     // The right token, rule and parameters go through.
     let (s, _) = public(&tg, &ci, "/apps/billing/deploy").await;
@@ -783,12 +773,7 @@ async fn cli_approval_request_wait_exits_by_outcome() {
     // Approved: exit 0.
     let child = cli_request(&tg, &ci, "60s");
     let id = pending_id(&tg, &ci).await;
-    let (s, _) = p
-        .post(
-            &format!("/v1/approvals/{id}/approve"),
-            json!({"totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, _) = p.decide(&tg, &id, "approve", None).await;
     assert_eq!(s, 200);
     let (code, err) = exit_of(child).await;
     assert_eq!(code, 0, "{err}");
@@ -805,12 +790,7 @@ async fn cli_approval_request_wait_exits_by_outcome() {
     let child = cli_request(&tg, &ci, "60s");
     let id = pending_id(&tg, &ci).await;
     next_step(&tg);
-    let (s, _) = p
-        .post(
-            &format!("/v1/approvals/{id}/reject"),
-            json!({"note": "no", "totp": p.code(&tg, 0)}),
-        )
-        .await;
+    let (s, _) = p.decide(&tg, &id, "reject", Some("no")).await;
     assert_eq!(s, 200);
     let (code, err) = exit_of(child).await;
     assert_eq!(code, tokengate::cli::EXIT_REJECTED as i32, "{err}");
@@ -838,8 +818,7 @@ async fn webhook_server(fail_first: usize) -> (SocketAddr, Hook) {
         seen: Arc::default(),
         fail_first,
     };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let (l, addr) = support::loopback_listener().await;
     let h = hook.clone();
     tokio::spawn(async move {
         loop {

@@ -103,12 +103,6 @@ async fn wait_for_empty_outbox(db: &Path) {
     .await;
 }
 
-/// An address nothing listens on (for 502s).
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// A token string with a valid shape and a wrong checksum (401 `bad_checksum`, no lookup).
 const BAD_CHECKSUM_TOKEN: &str = "tg_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
@@ -268,19 +262,15 @@ async fn exactly_one_line_per_request_over_100k_mixed_requests() {
     let dead = dead_addr();
     let tg = TestGateway::start_with(Options {
         // 401s must stay 401s, not turn into the per-IP limiter's 429.
-        sections: "[rate_limit]\nfailed_auth_per_minute = 100000000\n".into(),
+        sections: failed_auth_limit(100_000_000),
         extra_routes: format!(
             r#"
 [[routes]]
 name = "dead"
 prefix = "/dead/"
 upstream = "http://{dead}"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/dead/**"
-permission = "apps:read"
-"#
+{}"#,
+            permission_rule(&["GET"], "/dead/**", "apps:read")
         ),
         ..Options::default()
     })
@@ -505,10 +495,7 @@ impl Rig {
         let config = write_config(
             dir.path(),
             &upstream.addr.to_string(),
-            &Options {
-                audit: format!("on_failure = \"{on_failure}\"\n"),
-                ..Options::default()
-            },
+            &Options::audit(format!("on_failure = \"{on_failure}\"\n")),
         );
         let store = Store::open(&dir.path().join("tokengate.db"), Duration::from_secs(5)).unwrap();
         let now = tokengate::store::system_now_ms();
@@ -1000,6 +987,14 @@ async fn audit_verify_binary_detects_each_kind_of_tamper_and_names_the_first_bad
 // 4. The reader: filters and --follow through the binary
 // ---------------------------------------------------------------------------------------------
 
+/// The [`line_id`] of each of these JSON lines.
+fn line_ids(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| line_id(&serde_json::from_str(l).unwrap()))
+        .collect()
+}
+
 /// An id per line: the request id, or `event:target` for admin lines.
 fn line_id(l: &serde_json::Value) -> String {
     if l["kind"] == "admin" {
@@ -1367,11 +1362,7 @@ impl Drop for Follower {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_rename() {
-    let tg = TestGateway::start_with(Options {
-        audit: "max_bytes = 4000\n".into(),
-        ..Options::default()
-    })
-    .await;
+    let tg = TestGateway::start_with(Options::audit("max_bytes = 4000\n")).await;
     let (tok, _) = tg.token("acme", "ci", &["apps:read"]);
     let c = client();
     let mut sent = Vec::new();
@@ -1488,18 +1479,8 @@ async fn audit_follow_picks_up_new_lines_across_size_rotation_and_a_logrotate_re
         .collect();
     assert_eq!(seqs.len(), sent.len());
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    let got_ids: Vec<String> = all
-        .got
-        .iter()
-        .map(|l| line_id(&serde_json::from_str(l).unwrap()))
-        .collect();
-    assert_eq!(got_ids, sent);
-    let deny_ids: Vec<String> = deny
-        .got
-        .iter()
-        .map(|l| line_id(&serde_json::from_str(l).unwrap()))
-        .collect();
-    assert_eq!(deny_ids, denied);
+    assert_eq!(line_ids(&all.got), sent);
+    assert_eq!(line_ids(&deny.got), denied);
     assert!(table.got[0].starts_with("TIME "), "{:?}", table.got[0]);
     assert_eq!(table.got.len(), 1 + ok.len());
     // (`all` printed every line, checked above.)
@@ -1571,8 +1552,7 @@ async fn cli_admin_events_while_the_gateway_runs_are_logged_exactly_once() {
     };
     let mut rids = Vec::new();
     let mut req = async || {
-        let r = get_bearer(&c, tg.url("/apps/billing/status"), &tok).await;
-        assert_eq!(r.status(), 200);
+        let r = get_bearer_expect(&c, tg.url("/apps/billing/status"), &tok, 200).await;
         rids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
     };
     req().await;

@@ -14,19 +14,20 @@ use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 
-/// `tokengate --config CFG token create ARGS...`: returns the plaintext (first stdout line).
-async fn cli_token(config: &std::path::Path, args: &[&str]) -> String {
+/// `tokengate --config CFG token create --account ACCOUNT --name NAME ARGS...`: returns the
+/// plaintext (first stdout line).
+async fn cli_token(config: &std::path::Path, account: &str, name: &str, args: &[&str]) -> String {
     let out = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(config)
-        .args(["token", "create"])
+        .args(["token", "create", "--account", account, "--name", name])
         .args(args)
         .output()
         .await
         .unwrap();
     assert!(
         out.status.success(),
-        "token create {args:?}: {}",
+        "token create {account}/{name} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -41,7 +42,7 @@ async fn get(addr: SocketAddr, target: &str, tok: Option<&str>, extra: &str) -> 
     }
     r.push_str(extra);
     r.push_str("Connection: close\r\n\r\n");
-    raw(addr, r.as_bytes()).await
+    raw(addr, &r).await
 }
 
 /// Asserts a 403 with its challenge, JSON body and required permission.
@@ -83,16 +84,9 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
     tg.account("ops");
     let tok = cli_token(
         &tg.config_path,
-        &[
-            "--account",
-            "ops",
-            "--name",
-            "scoped",
-            "--permission",
-            "apps:read",
-            "--scope",
-            "app=billing,web-*",
-        ],
+        "ops",
+        "scoped",
+        &["--permission", "apps:read", "--scope", "app=billing,web-*"],
     )
     .await;
 
@@ -154,53 +148,25 @@ async fn scope_limits_a_captured_name_to_the_listed_values() {
 // ------------------------------------------------------------------------------------------------
 // IP allowlists and trusted proxies.
 
+/// A CLI-created token of `ops` holding `apps:read`, usable only from addresses in `net`.
+async fn ip_bound_reader(cfg: &std::path::Path, name: &str, net: &str) -> String {
+    cli_token(
+        cfg,
+        "ops",
+        name,
+        &["--permission", "apps:read", "--allow-ip", net],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn ip_allowlist_uses_the_tcp_peer_and_ignores_spoofed_forwarded_for() {
     let tg = TestGateway::start().await;
     tg.account("ops");
     let cfg = tg.config_path.clone();
-    let local = cli_token(
-        &cfg,
-        &[
-            "--account",
-            "ops",
-            "--name",
-            "local",
-            "--permission",
-            "apps:read",
-            "--allow-ip",
-            "127.0.0.0/8",
-        ],
-    )
-    .await;
-    let tenner = cli_token(
-        &cfg,
-        &[
-            "--account",
-            "ops",
-            "--name",
-            "tenner",
-            "--permission",
-            "apps:read",
-            "--allow-ip",
-            "10.0.0.0/8",
-        ],
-    )
-    .await;
-    let v6only = cli_token(
-        &cfg,
-        &[
-            "--account",
-            "ops",
-            "--name",
-            "v6",
-            "--permission",
-            "apps:read",
-            "--allow-ip",
-            "2001:db8::/32",
-        ],
-    )
-    .await;
+    let local = ip_bound_reader(&cfg, "local", "127.0.0.0/8").await;
+    let tenner = ip_bound_reader(&cfg, "tenner", "10.0.0.0/8").await;
+    let v6only = ip_bound_reader(&cfg, "v6", "2001:db8::/32").await;
 
     let r = get(tg.addr, "/apps/x", Some(&local), "").await;
     assert_eq!(r.status, 200, "{}", r.raw);
@@ -230,7 +196,7 @@ async fn ip_allowlist_uses_the_tcp_peer_and_ignores_spoofed_forwarded_for() {
 
 #[tokio::test]
 async fn trusted_proxy_makes_the_last_untrusted_forwarded_for_hop_the_client() {
-    let tg = TestGateway::start_with(Options::server("trusted_proxies = [\"127.0.0.0/8\"]")).await;
+    let tg = TestGateway::with_server("trusted_proxies = [\"127.0.0.0/8\"]").await;
     let perms = &["apps:read"];
     let (tenner, _) = tg.token_with("ops", "tenner", perms, |s| {
         s.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()]
@@ -375,38 +341,25 @@ async fn ip_allowlist_with_ipv6_cidrs_on_an_ipv6_listener() {
 // ------------------------------------------------------------------------------------------------
 // Shadow rules and shadow roles.
 
-const SHADOW_RULES: &str = r#"
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}/secrets/**"
-permission = "apps:secrets"
-shadow = true
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/reports/**"
-permission = "reports:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/reports/public/**"
-public = true
-shadow = true
-
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-"#;
+/// Rules with a staged (shadow) rule that would deny and one that would open a path.
+fn shadow_rules() -> String {
+    [
+        permission_rule(&["GET"], "/apps/{app}/**", "apps:read"),
+        shadow(permission_rule(
+            &["GET"],
+            "/apps/{app}/secrets/**",
+            "apps:secrets",
+        )),
+        permission_rule(&["GET"], "/reports/**", "reports:read"),
+        shadow(public_rule(&["GET"], "/reports/public/**")),
+        permission_rule(&["POST"], "/apps/{app}/deploy", "apps:deploy"),
+    ]
+    .concat()
+}
 
 #[tokio::test]
 async fn shadow_rules_are_logged_but_never_enforced() {
-    let tg = TestGateway::start_with(Options::rules(SHADOW_RULES)).await;
+    let tg = TestGateway::start_with(Options::rules(shadow_rules())).await;
     let (reader, _) = tg.token("ops", "reader", &["apps:read"]);
     let (secrets, _) = tg.token("ops", "secrets", &["apps:read", "apps:secrets"]);
 
@@ -464,7 +417,7 @@ shadow = true
 "#;
     let tg = TestGateway::start_with(Options {
         sections: roles.into(),
-        rules: SHADOW_RULES.into(),
+        rules: shadow_rules(),
         ..Options::default()
     })
     .await;
@@ -491,8 +444,7 @@ shadow = true
                 addr,
                 format!(
                     "POST /apps/x/deploy HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
-                .as_bytes(),
+                ),
             )
             .await
         }
@@ -520,48 +472,26 @@ shadow = true
 // ------------------------------------------------------------------------------------------------
 // Roles, wildcards, most specific rule.
 
-const SPECIFIC_RULES: &str = r#"
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}/secrets/**"
-permission = "apps:secrets"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/billing/secrets/**"
-permission = "billing:secrets"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}/status"
-public = true
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}/logs/{file...}"
-permission = "logs:read"
-
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-
-[[routes.rules]]
-path = "/admin/**"
-permission = "admin:all"
-"#;
+/// Overlapping rules, from `/apps/{app}/**` down to literal and public paths under it.
+fn specific_rules() -> String {
+    [
+        permission_rule(&["GET"], "/apps/{app}/**", "apps:read"),
+        permission_rule(&["GET"], "/apps/{app}/secrets/**", "apps:secrets"),
+        permission_rule(&["GET"], "/apps/billing/secrets/**", "billing:secrets"),
+        public_rule(&["GET"], "/apps/{app}/status"),
+        permission_rule(&["GET"], "/apps/{app}/logs/{file...}", "logs:read"),
+        permission_rule(&["POST"], "/apps/{app}/deploy", "apps:deploy"),
+        permission_rule(&[], "/admin/**", "admin:all"),
+    ]
+    .concat()
+}
 
 /// (token, target, status, rule that decided, required permission)
 type Expect<'a> = (Option<&'a str>, &'a str, u16, &'a str, Option<&'a str>);
 
 #[tokio::test]
 async fn the_most_specific_rule_wins_end_to_end() {
-    let tg = TestGateway::start_with(Options::rules(SPECIFIC_RULES)).await;
+    let tg = TestGateway::start_with(Options::rules(specific_rules())).await;
     let (reader, _) = tg.token("ops", "reader", &["apps:read"]);
     let (billing, _) = tg.token("ops", "billing", &["apps:read", "billing:secrets"]);
     let (apps_all, _) = tg.token("ops", "apps-all", &["apps:*"]);
@@ -705,26 +635,11 @@ async fn the_most_specific_rule_wins_end_to_end() {
 
 #[tokio::test]
 async fn roles_expand_at_creation_and_editing_a_role_never_widens_old_tokens() {
-    let tg = TestGateway::start_with(Options::rules(SPECIFIC_RULES)).await;
+    let tg = TestGateway::start_with(Options::rules(specific_rules())).await;
     tg.account("ci");
     let cfg = tg.config_path.clone();
-    let deployer = cli_token(
-        &cfg,
-        &[
-            "--account",
-            "ci",
-            "--name",
-            "deployer",
-            "--role",
-            "deployer",
-        ],
-    )
-    .await;
-    let viewer = cli_token(
-        &cfg,
-        &["--account", "ci", "--name", "viewer", "--role", "viewer"],
-    )
-    .await;
+    let deployer = cli_token(&cfg, "ci", "deployer", &["--role", "deployer"]).await;
+    let viewer = cli_token(&cfg, "ci", "viewer", &["--role", "viewer"]).await;
 
     let r = get(tg.addr, "/_tokengate/v1/whoami", Some(&deployer), "").await;
     let me: serde_json::Value = serde_json::from_str(&r.body).unwrap();
@@ -745,8 +660,8 @@ async fn roles_expand_at_creation_and_editing_a_role_never_widens_old_tokens() {
             "POST /apps/x/deploy HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )
     };
-    assert_eq!(raw(tg.addr, post(&deployer).as_bytes()).await.status, 200);
-    let r = raw(tg.addr, post(&viewer).as_bytes()).await;
+    assert_eq!(raw(tg.addr, post(&deployer)).await.status, 200);
+    let r = raw(tg.addr, post(&viewer)).await;
     assert_forbidden(&r, Some("apps:deploy"));
     assert_rejection_line(
         &tg.last_request_line().await,
@@ -762,14 +677,10 @@ async fn roles_expand_at_creation_and_editing_a_role_never_widens_old_tokens() {
     );
     std::fs::write(&cfg, widened).unwrap();
     tg.gw.set_config(Config::load(&cfg).unwrap());
-    let r = raw(tg.addr, post(&viewer).as_bytes()).await;
+    let r = raw(tg.addr, post(&viewer)).await;
     assert_forbidden(&r, Some("apps:deploy"));
-    let new_viewer = cli_token(
-        &cfg,
-        &["--account", "ci", "--name", "viewer-2", "--role", "viewer"],
-    )
-    .await;
-    assert_eq!(raw(tg.addr, post(&new_viewer).as_bytes()).await.status, 200);
+    let new_viewer = cli_token(&cfg, "ci", "viewer-2", &["--role", "viewer"]).await;
+    assert_eq!(raw(tg.addr, post(&new_viewer)).await.status, 200);
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
 }
@@ -777,21 +688,15 @@ async fn roles_expand_at_creation_and_editing_a_role_never_widens_old_tokens() {
 // ------------------------------------------------------------------------------------------------
 // Upgrades.
 
-const WS_RULES: &str = r#"
-[[routes.rules]]
-methods = ["GET"]
-path = "/ws"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET", "POST"]
-path = "/apps/{app}/**"
-permission = "apps:read"
-
-[[routes.rules]]
-path = "/admin/**"
-permission = "admin:all"
-"#;
+/// Rules for the WebSocket tests: `/ws`, the apps, and the admin paths.
+fn ws_rules() -> String {
+    [
+        permission_rule(&["GET"], "/ws", "apps:read"),
+        permission_rule(&["GET", "POST"], "/apps/{app}/**", "apps:read"),
+        permission_rule(&[], "/admin/**", "admin:all"),
+    ]
+    .concat()
+}
 
 fn upgrade_request(
     method: &str,
@@ -819,14 +724,14 @@ fn upgrade_request(
 
 #[tokio::test]
 async fn websocket_upgrade_is_refused_unless_the_route_allows_it() {
-    let tg = TestGateway::start_with(Options::rules(WS_RULES)).await;
+    let tg = TestGateway::start_with(Options::rules(ws_rules())).await;
     let (tok, _) = tg.token("ops", "ws", &["apps:read"]);
-    let r = raw(
+    let r = raw_expect(
         tg.addr,
-        upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade, close").as_bytes(),
+        upgrade_request("GET", "/ws", Some(&tok), "websocket", "Upgrade, close"),
+        400,
     )
     .await;
-    assert_eq!(r.status, 400, "{}", r.raw);
     assert!(r.header("www-authenticate").is_none());
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "invalid_request");
@@ -838,7 +743,7 @@ async fn websocket_upgrade_is_refused_unless_the_route_allows_it() {
 #[tokio::test]
 async fn websocket_round_trip_works_where_allowed_and_h2c_never_passes() {
     let tg = TestGateway::start_with(Options {
-        rules: WS_RULES.into(),
+        rules: ws_rules(),
         route: "websocket = true".into(),
         ..Options::default()
     })
@@ -922,7 +827,7 @@ async fn websocket_round_trip_works_where_allowed_and_h2c_never_passes() {
         ),
     ];
     for (req, status, reason) in &refusals {
-        let r = raw(tg.addr, req.as_bytes()).await;
+        let r = raw(tg.addr, &req).await;
         assert_eq!(r.status, *status, "{req}: {}", r.raw);
         assert_ne!(r.status, 101);
         assert_rejection_line(&tg.last_request_line().await, *status, reason);
@@ -988,36 +893,29 @@ async fn websocket_round_trip_works_where_allowed_and_h2c_never_passes() {
 // ------------------------------------------------------------------------------------------------
 // Ambiguous rules.
 
+/// Writes a config with `rules` into `dir` and runs `tokengate config check` on it.
+fn config_check(
+    dir: &std::path::Path,
+    rules: String,
+) -> (std::path::PathBuf, std::process::Output) {
+    let path = write_config(dir, "127.0.0.1:9", &Options::rules(rules));
+    let out = cli(&path, &["config", "check"]);
+    (path, out)
+}
+
 #[test]
 fn ambiguous_rules_are_refused_by_config_check_and_at_start_naming_both() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = r#"
-[[routes.rules]]
-methods = ["GET"]
-path = "/apps/{app}"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["POST", "GET"]
-path = "/apps/{name}"
-permission = "apps:write"
-"#;
-    let path = write_config(
-        dir.path(),
-        "127.0.0.1:9",
-        &Options {
-            rules: rules.into(),
-            ..Options::default()
-        },
-    );
-    let out = cli(&path, &["config", "check"]);
-    assert_eq!(
-        out.status.code(),
-        Some(64),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `GET /apps/{app}` and then `second`.
+    let after_get =
+        |second: String| permission_rule(&["GET"], "/apps/{app}", "apps:read") + &second;
+    let rules = after_get(permission_rule(
+        &["POST", "GET"],
+        "/apps/{name}",
+        "apps:write",
+    ));
+    let (path, out) = config_check(dir.path(), rules);
+    let err = assert_exit_code(&out, 64);
     assert!(err.contains("ambiguous"), "{err}");
     assert!(
         err.contains("GET /apps/{app}"),
@@ -1036,21 +934,14 @@ permission = "apps:write"
 
     // A staged (shadow) replacement of the same shape is not ambiguous; disjoint methods are not either.
     for ok in [
-        rules.replace(
-            "permission = \"apps:write\"",
-            "permission = \"apps:write\"\nshadow = true",
-        ),
-        rules.replace("[\"POST\", \"GET\"]", "[\"POST\"]"),
+        after_get(shadow(permission_rule(
+            &["POST", "GET"],
+            "/apps/{name}",
+            "apps:write",
+        ))),
+        after_get(permission_rule(&["POST"], "/apps/{name}", "apps:write")),
     ] {
-        let path = write_config(
-            dir.path(),
-            "127.0.0.1:9",
-            &Options {
-                rules: ok.clone(),
-                ..Options::default()
-            },
-        );
-        let out = cli(&path, &["config", "check"]);
+        let (_, out) = config_check(dir.path(), ok.clone());
         assert!(
             out.status.success(),
             "{ok}: {}",

@@ -22,12 +22,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use support::{
-    Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually, issue_into,
-    metrics_text, parse_responses, raw, read_audit_file, rules_with_delay, signal, wait_refused,
+    NO_RATE_LIMIT, Options, Proc, TestGateway, Upstream, assert_rejection_line, eventually,
+    issue_into, metrics_text, parse_responses, raw, read_audit_file, rules_with_delay, signal,
+    wait_refused,
 };
 use tokengate::metrics::HttpErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
 
@@ -81,8 +82,7 @@ struct CountingUpstream {
 
 impl CountingUpstream {
     async fn start() -> CountingUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, addr) = support::loopback_listener().await;
         let open = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (o, r) = (open.clone(), requests.clone());
@@ -136,7 +136,7 @@ async fn clients_that_never_read_are_cut_and_release_their_upstream_connections(
     let upstream = CountingUpstream::start().await;
     let o = Options {
         server: "body_idle_timeout = \"2s\"\nmax_connections_per_ip = 1000".into(),
-        sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n".into(),
+        sections: NO_RATE_LIMIT.into(),
         ..Options::default()
     };
     let (p, token) = start(upstream.addr, &o).await;
@@ -297,10 +297,8 @@ async fn slow_upload(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_steady_upload_of_30_s_gets_200_with_a_2_s_upstream_timeout() {
-    let tg = TestGateway::start_with(Options::server(
-        "upstream_timeout = \"2s\"\nbody_idle_timeout = \"3s\"",
-    ))
-    .await;
+    let tg =
+        TestGateway::with_server("upstream_timeout = \"2s\"\nbody_idle_timeout = \"3s\"").await;
     let (token, _) = tg.token("ci", "uploader", &["apps:read"]);
     // 60 KiB over 30 s: a chunk every 500 ms, well inside the body idle timeout; the upload
     // alone lasts 15 times the upstream timeout.
@@ -324,10 +322,8 @@ async fn a_slow_steady_upload_of_30_s_gets_200_with_a_2_s_upstream_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_timeout_still_applies_once_the_body_is_sent_and_a_stalled_upload_is_cut() {
-    let tg = TestGateway::start_with(Options::server(
-        "upstream_timeout = \"1s\"\nbody_idle_timeout = \"1s\"",
-    ))
-    .await;
+    let tg =
+        TestGateway::with_server("upstream_timeout = \"1s\"\nbody_idle_timeout = \"1s\"").await;
     let (token, _) = tg.token("ci", "uploader", &["apps:read"]);
     // The upstream reads the body, then never answers: 504 after the body.
     let r = slow_upload(tg.addr, &token, "/slow/x", 3, Duration::from_millis(300)).await;
@@ -588,7 +584,7 @@ async fn requests_refused_by_the_http_layer_have_an_audit_line_and_a_metric() {
 
     // A connection that sends nothing is closed at the header timeout: counted, not audited
     // (there was no request).
-    let tg = TestGateway::start_with(Options::server("header_read_timeout = \"500ms\"")).await;
+    let tg = TestGateway::with_server("header_read_timeout = \"500ms\"").await;
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
     s.write_all(b"GET /apps/a/b HTTP/1.1\r\n").await.unwrap();
     let mut buf = Vec::new();

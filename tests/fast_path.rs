@@ -8,7 +8,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{Options, RawResponse, TestGateway, raw_all};
+use support::{RawResponse, TestGateway, raw_all};
 
 fn served(tg: &TestGateway) -> (u64, u64) {
     let m = tg.gw.metrics();
@@ -192,7 +192,7 @@ async fn what_the_fast_path_does_not_cover_goes_to_hyper() {
 
 #[tokio::test]
 async fn the_switch_turns_the_fast_path_off() {
-    let tg = TestGateway::start_with(Options::server("http1_fast_path = false")).await;
+    let tg = TestGateway::with_server("http1_fast_path = false").await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
     let rs = send(&tg, &get("/apps/x", &tok, "Connection: close\r\n")).await;
     assert_eq!(rs[0].status, 200);
@@ -219,7 +219,7 @@ fn comparable(r: &RawResponse) -> (u16, Vec<(String, String)>, String) {
 #[tokio::test]
 async fn fast_path_and_hyper_answer_the_same_bytes_alike() {
     let on = TestGateway::start().await;
-    let off = TestGateway::start_with(Options::server("http1_fast_path = false")).await;
+    let off = TestGateway::with_server("http1_fast_path = false").await;
     let (tok_on, _) = on.token("ci", "reader", &["apps:read"]);
     let (tok_off, _) = off.token("ci", "reader", &["apps:read"]);
     let cases = [

@@ -26,8 +26,7 @@ const HOST: &str = "gw.test";
 async fn gateway(trusted: &str) -> TestGateway {
     TestGateway::start_with(Options {
         server: format!("trusted_proxies = [\"{trusted}\"]"),
-        sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n\n[forward_auth]\n"
-            .into(),
+        sections: format!("{NO_RATE_LIMIT}\n[forward_auth]\n"),
         ..Options::default()
     })
     .await
@@ -52,6 +51,53 @@ fn get(path: &str, headers: &str) -> Vec<u8> {
 /// Sends [`get`]`(path, headers)` to `addr` and reads the response.
 async fn send(addr: SocketAddr, path: &str, headers: &str) -> RawResponse {
     raw(addr, &get(path, headers)).await
+}
+
+/// The header lines of a request to `HOST` bearing `tok`.
+fn bearer_to_host(tok: &str) -> String {
+    format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n")
+}
+
+/// Sends the endpoint a request described by `headers`; checks the answer's status, returns it.
+async fn judged(tg: &TestGateway, headers: &str, status: u16) -> RawResponse {
+    let r = send(tg.addr, EP, headers).await;
+    assert_eq!(r.status, status, "{}", r.raw);
+    r
+}
+
+/// Envoy's form: the described request's target `original` after the endpoint, bearing `tok`;
+/// checks the answer's status, returns it.
+async fn envoy(tg: &TestGateway, original: &str, tok: &str, status: u16) -> RawResponse {
+    let r = send(tg.addr, &format!("{EP}{original}"), &bearer_to_host(tok)).await;
+    assert_eq!(r.status, status, "{}", r.raw);
+    r
+}
+
+/// The header lines of a front proxy's auth subrequest (to its own name for the gateway) for a
+/// client request to `HOST` bearing `tok`, described by the lines of `description`.
+fn subrequest(tok: &str, description: &str) -> String {
+    format!(
+        "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Forwarded-Host: {HOST}\r\n{description}"
+    )
+}
+
+/// nginx's form of a GET of `uri` bearing `tok`: the header lines.
+fn nginx_get(tok: &str, uri: &str) -> String {
+    format!("{}X-Original-URI: {uri}\r\n", bearer_to_host(tok))
+}
+
+/// Checks the last audit line is a proxy-mode one (not a forward-auth decision).
+async fn assert_proxy_mode_line(tg: &TestGateway) {
+    let line = tg.last_request_line().await;
+    assert_eq!(line["mode"], "proxy", "{line}");
+}
+
+/// Checks the last audit line is a forward-auth rejection with `status` and `reason`; returns it.
+async fn assert_fa_rejection(tg: &TestGateway, status: u16, reason: &str) -> serde_json::Value {
+    let line = tg.last_request_line().await;
+    assert_rejection_line(&line, status, reason);
+    assert_eq!(line["mode"], "forward_auth", "{line}");
+    line
 }
 
 /// Checks a 403 for want of `permission`: body, `insufficient_scope` challenge; returns the body.
@@ -84,11 +130,8 @@ async fn fa_lines(tg: &TestGateway) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
     let (tg, tok, id) = reader_gateway("127.0.0.1/32").await;
-    let headers = format!(
-        "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\nX-Forwarded-Host: {HOST}\r\n"
-    );
-    let r = send(tg.addr, EP, &headers).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    let description = "X-Original-URI: /apps/x/logs?tail=1\r\nX-Original-Method: GET\r\n";
+    let r = judged(&tg, &subrequest(&tok, description), 200).await;
     assert_eq!(r.body, "");
     assert_eq!(r.header("x-tokengate-token-id"), Some(id.as_str()));
     assert_eq!(r.header("x-tokengate-token-name"), Some("reader"));
@@ -107,13 +150,9 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
     assert_eq!(line["api_token_id"], id.as_str());
     assert_eq!(tg.upstream.count(), 0, "forward-auth never forwards");
     // Proxy-mode lines say so.
-    let (proxied, _) = (
-        send(tg.addr, "/health", &format!("Host: {HOST}\r\n")).await,
-        (),
-    );
+    let proxied = send(tg.addr, "/health", &format!("Host: {HOST}\r\n")).await;
     assert_eq!(proxied.status, 200);
-    let line = tg.last_request_line().await;
-    assert_eq!(line["mode"], "proxy", "{line}");
+    assert_proxy_mode_line(&tg).await;
     tg.stop().await;
 }
 
@@ -121,29 +160,20 @@ async fn nginx_dialect_allowed_answers_200_with_identity_headers() {
 async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() {
     let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
     // Traefik: POST to deploy needs apps:deploy → the proxy's 403 with its body and challenge.
-    let headers = format!(
-        "Host: tokengate.internal\r\nAuthorization: Bearer {tok}\r\nX-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Host: {HOST}\r\nX-Forwarded-Proto: https\r\n"
-    );
-    let r = send(tg.addr, EP, &headers).await;
+    let description = "X-Forwarded-Method: POST\r\nX-Forwarded-Uri: /apps/x/deploy\r\nX-Forwarded-Proto: https\r\n";
+    let r = judged(&tg, &subrequest(&tok, description), 403).await;
     let body = assert_insufficient_scope(&r, "apps:deploy");
     // The body is also offered as a header, for nginx.
     assert_eq!(json(r.header("x-tokengate-error").unwrap()), body);
-    let line = tg.last_request_line().await;
-    assert_rejection_line(&line, 403, "insufficient_permission");
+    let line = assert_fa_rejection(&tg, 403, "insufficient_permission").await;
     assert_eq!(
         (line["method"].as_str(), line["path"].as_str()),
         (Some("POST"), Some("/apps/x/deploy"))
     );
-    assert_eq!(line["mode"], "forward_auth");
 
     // Caddy: no credentials → the proxy's 401.
-    let r = send(
-        tg.addr,
-        EP,
-        &format!("Host: {HOST}\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /apps/x\r\n"),
-    )
-    .await;
-    assert_eq!(r.status, 401, "{}", r.raw);
+    let caddy = format!("Host: {HOST}\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /apps/x\r\n");
+    let r = judged(&tg, &caddy, 401).await;
     assert_eq!(json(&r.body)["error"], "unauthorized");
     assert_eq!(
         r.header("www-authenticate"),
@@ -154,25 +184,13 @@ async fn traefik_caddy_and_envoy_dialects_are_judged_on_the_described_request() 
     assert_eq!(line["path"], "/apps/x");
 
     // Envoy: the original path follows the endpoint; method and Host are the request's own.
-    let r = send(
-        tg.addr,
-        &format!("{EP}/apps/y/items?page=2"),
-        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    envoy(&tg, "/apps/y/items?page=2", &tok, 200).await;
     let line = tg.last_request_line().await;
     assert_eq!(
         (line["path"].as_str(), line["reason"].as_str()),
         (Some("/apps/y/items"), Some("ok"))
     );
-    let r = send(
-        tg.addr,
-        &format!("{EP}/apps/y/%2e%2e/%2e%2e/admin"),
-        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
-    )
-    .await;
-    assert_eq!(r.status, 400, "{}", r.raw);
+    envoy(&tg, "/apps/y/%2e%2e/%2e%2e/admin", &tok, 400).await;
     assert_rejection_line(&tg.last_request_line().await, 400, "bad_path");
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
@@ -183,10 +201,10 @@ async fn untrusted_peers_are_refused_and_audited() {
     // 127.0.0.1 is not a trusted proxy here.
     let (tg, tok, _) = reader_gateway("10.0.0.0/8").await;
     let headers = format!(
-        "Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\nX-Forwarded-For: 10.1.2.3\r\n"
+        "{}X-Forwarded-For: 10.1.2.3\r\n",
+        nginx_get(&tok, "/apps/x")
     );
-    let r = send(tg.addr, EP, &headers).await;
-    assert_eq!(r.status, 403, "{}", r.raw);
+    let r = judged(&tg, &headers, 403).await;
     let body = json(&r.body);
     assert_eq!(body["error"], "forbidden");
     assert!(
@@ -196,21 +214,13 @@ async fn untrusted_peers_are_refused_and_audited() {
             .contains("trusted_proxies")
     );
     assert!(r.header("x-tokengate-token-id").is_none());
-    let line = tg.last_request_line().await;
-    assert_rejection_line(&line, 403, "forward_auth_untrusted");
-    assert_eq!(line["mode"], "forward_auth");
+    let line = assert_fa_rejection(&tg, 403, "forward_auth_untrusted").await;
     assert_eq!(line["path"], EP, "the described path is not believed");
     assert_eq!(line["client_ip"], "127.0.0.1");
     assert!(line["api_token_id"].is_null());
     // Envoy's form from an untrusted peer too.
-    let r = send(
-        tg.addr,
-        &format!("{EP}/apps/x"),
-        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n"),
-    )
-    .await;
-    assert_eq!(r.status, 403);
-    assert_rejection_line(&tg.last_request_line().await, 403, "forward_auth_untrusted");
+    envoy(&tg, "/apps/x", &tok, 403).await;
+    assert_fa_rejection(&tg, 403, "forward_auth_untrusted").await;
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }
@@ -218,7 +228,7 @@ async fn untrusted_peers_are_refused_and_audited() {
 #[tokio::test]
 async fn missing_and_ambiguous_descriptions_are_400() {
     let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
-    let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
+    let auth = bearer_to_host(&tok);
     for (extra, reason) in [
         ("", "forward_auth_missing_uri"),
         (
@@ -246,9 +256,7 @@ async fn missing_and_ambiguous_descriptions_are_400() {
         let r = send(tg.addr, EP, &format!("{auth}{extra}")).await;
         assert_eq!(r.status, 400, "{extra}: {}", r.raw);
         assert_eq!(json(&r.body)["error"], "invalid_request", "{extra}");
-        let line = tg.last_request_line().await;
-        assert_rejection_line(&line, 400, reason);
-        assert_eq!(line["mode"], "forward_auth");
+        assert_fa_rejection(&tg, 400, reason).await;
     }
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
@@ -258,36 +266,23 @@ async fn missing_and_ambiguous_descriptions_are_400() {
 async fn rate_limited_decision_is_the_proxys_429() {
     let tg = gateway("127.0.0.1/32").await;
     let (tok, _) = tg.rated_token("acme", "slow", 0.001, 1);
-    let req = get(
-        EP,
-        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\n"),
-    );
+    let req = get(EP, &nginx_get(&tok, "/apps/x"));
     assert_eq!(raw(tg.addr, &req).await.status, 200);
-    let r = raw(tg.addr, &req).await;
-    assert_eq!(r.status, 429, "{}", r.raw);
+    let r = raw_expect(tg.addr, &req, 429).await;
     assert_eq!(json(&r.body)["error"], "rate_limited");
     assert!(r.header("retry-after").is_some());
     assert_eq!(r.header("ratelimit-limit"), Some("1"));
     assert_eq!(r.header("ratelimit-remaining"), Some("0"));
-    let line = tg.last_request_line().await;
-    assert_rejection_line(&line, 429, "rate_limited");
-    assert_eq!(line["mode"], "forward_auth");
+    assert_fa_rejection(&tg, 429, "rate_limited").await;
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn without_the_table_the_endpoint_is_not_served() {
-    let tg = TestGateway::start_with(Options::server("trusted_proxies = [\"127.0.0.1/32\"]")).await;
+    let tg = TestGateway::with_server("trusted_proxies = [\"127.0.0.1/32\"]").await;
     let (tok, _) = tg.token("acme", "reader", &["apps:read"]);
-    let r = send(
-        tg.addr,
-        EP,
-        &format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\nX-Original-URI: /apps/x\r\n"),
-    )
-    .await;
-    assert_eq!(r.status, 404, "{}", r.raw);
-    let line = tg.last_request_line().await;
-    assert_eq!(line["mode"], "proxy", "{line}");
+    judged(&tg, &nginx_get(&tok, "/apps/x"), 404).await;
+    assert_proxy_mode_line(&tg).await;
     tg.stop().await;
 }
 
@@ -358,7 +353,7 @@ const CORPUS: &[&str] = &[
 #[tokio::test]
 async fn described_paths_are_judged_exactly_as_proxy_mode_judges_them() {
     let (tg, tok, _) = reader_gateway("127.0.0.1/32").await;
-    let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
+    let auth = bearer_to_host(&tok);
     for target in CORPUS {
         let proxied = send(tg.addr, target, &auth).await;
         let proxy_line = tg.last_request_line().await;
@@ -397,11 +392,7 @@ async fn described_paths_are_judged_exactly_as_proxy_mode_judges_them() {
 // -------------------------------------------------------------------- real front proxies
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    dead_addr().port()
 }
 
 async fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) {
@@ -627,7 +618,7 @@ async fn start_caddy(tokengate: SocketAddr, upstream: SocketAddr) -> Front {
 /// `forward_auth` copies headers to the upstream request only).
 async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_headers: bool) {
     let (tok, id) = tg.token("acme", "reader", &["apps:read"]);
-    let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
+    let auth = bearer_to_host(&tok);
 
     // Allowed: the upstream gets the request and the identity, not the client's copies.
     let r = send(
@@ -707,7 +698,7 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
 
     // 429 with Retry-After and RateLimit-*.
     let (slow, _) = tg.rated_token("acme", "slow", 0.001, 1);
-    let slow_auth = format!("Host: {HOST}\r\nAuthorization: Bearer {slow}\r\n");
+    let slow_auth = bearer_to_host(&slow);
     let r = send(front.addr, "/apps/x", &slow_auth).await;
     assert_eq!(r.status, 200, "{}", r.raw);
     if allowed_ratelimit_headers {
@@ -731,7 +722,7 @@ async fn decisions_through(front: &Front, tg: &TestGateway, allowed_ratelimit_he
 /// received must have a forward-auth line allowing exactly its (canonical) path and method.
 async fn corpus_through(front: &Front, tg: &TestGateway) {
     let (tok, _) = tg.token("acme", "corpus", &["apps:read"]);
-    let auth = format!("Host: {HOST}\r\nAuthorization: Bearer {tok}\r\n");
+    let auth = bearer_to_host(&tok);
     tg.upstream.clear();
     let mut requests: Vec<Vec<u8>> = CORPUS.iter().map(|t| get(t, &auth)).collect();
     let bearer = format!("Authorization: Bearer {tok}\r\n");
@@ -852,15 +843,13 @@ public = true
             ),
         )
     };
-    let r = raw(tg.addr, &ask("api.example")).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, &ask("api.example"), 200).await;
     let line = tg.last_request_line().await;
     assert_eq!(
         (line["reason"].as_str(), line["upstream"].as_str()),
         (Some("ok"), Some("hosted"))
     );
-    let r = raw(tg.addr, &ask("evil.test")).await;
-    assert_eq!(r.status, 421, "{}", r.raw);
+    raw_expect(tg.addr, &ask("evil.test"), 421).await;
     assert_rejection_line(&tg.last_request_line().await, 421, "host_not_allowed");
     tg.stop().await;
 }

@@ -201,7 +201,7 @@ async fn every_authentication_rejection_has_its_status_challenge_body_and_audit_
             req.push_str(&format!("Authorization: {a}\r\n"));
         }
         req.push_str("Connection: close\r\n\r\n");
-        let resp = raw(tg.addr, req.as_bytes()).await;
+        let resp = raw(tg.addr, &req).await;
         assert_eq!(resp.status, c.status, "{}: {}", c.name, resp.raw);
         let www = resp.header("www-authenticate").unwrap_or("");
         if let Some(ch) = c.challenge {
@@ -239,11 +239,9 @@ async fn every_authentication_rejection_has_its_status_challenge_body_and_audit_
 
 #[tokio::test]
 async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     let c = client();
-    let ok = get_bearer(&c, tg.url("/apps/a/x"), &tok).await;
-    assert_eq!(ok.status(), 200);
+    get_bearer_expect(&c, tg.url("/apps/a/x"), &tok, 200).await;
     let out = cli(&tg.config_path, &["token", "revoke", &id]);
     assert_success(&out);
     let revoked_at = Instant::now();
@@ -265,36 +263,24 @@ async fn revoke_through_the_cli_reaches_the_running_gateway_within_a_second() {
 
 #[tokio::test]
 async fn revoke_in_process_is_instant() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "bot", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     let c = client();
-    assert_eq!(
-        get_bearer(&c, tg.url("/apps/a/x"), &tok).await.status(),
-        200
-    );
+    get_bearer_expect(&c, tg.url("/apps/a/x"), &tok, 200).await;
     tg.gw.revoke(&id, "test", "test").await.unwrap();
-    assert_eq!(
-        get_bearer(&c, tg.url("/apps/a/x"), &tok).await.status(),
-        401
-    );
+    get_bearer_expect(&c, tg.url("/apps/a/x"), &tok, 401).await;
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn upstream_down_is_502_and_silent_upstream_is_504() {
-    // A port nothing listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let tg = TestGateway::start_with(Options {
         upstream_override: Some(dead.to_string()),
         ..Options::default()
     })
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
-    let r = get_bearer(&client(), tg.url("/apps/a/x"), &tok).await;
-    assert_eq!(r.status(), 502);
+    get_bearer_expect(&client(), tg.url("/apps/a/x"), &tok, 502).await;
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "upstream_error");
     assert_eq!(line["upstream"], "api");
@@ -307,8 +293,7 @@ async fn upstream_down_is_502_and_silent_upstream_is_504() {
     .await;
     let (tok, _) = tg.token("ci", "bot", &["apps:read"]);
     let start = Instant::now();
-    let r = get_bearer(&client(), tg.url("/slow/x"), &tok).await;
-    assert_eq!(r.status(), 504);
+    get_bearer_expect(&client(), tg.url("/slow/x"), &tok, 504).await;
     assert!(start.elapsed() < Duration::from_secs(5));
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "upstream_timeout");
@@ -323,8 +308,7 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
     let (tok, id) = tg.token_with("ci", "who", &["apps:read"], |s| {
         s.scopes.insert("app".into(), vec!["billing".into()]);
     });
-    let r = get_bearer(&c, tg.url("/_tokengate/v1/whoami"), &tok).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, tg.url("/_tokengate/v1/whoami"), &tok, 200).await;
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["id"], id.as_str());
     assert_eq!(v["name"], "who");
@@ -347,8 +331,7 @@ async fn public_rule_needs_no_token_and_whoami_describes_the_caller() {
 
 #[tokio::test]
 async fn http2_prior_knowledge_works() {
-    let tg = TestGateway::start().await;
-    let (tok, _) = tg.token("ci", "h2", &["apps:read"]);
+    let (tg, tok, _) = TestGateway::with_reader().await;
     let c = h2_client();
     let r = get_bearer(&c, tg.url("/apps/x/y"), &tok).await;
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
@@ -376,11 +359,7 @@ async fn tls_on_worker_runtimes_serves_h1_and_h2() {
 
 async fn tls_serves_h1_and_h2(workers: usize) {
     let certs = LocalhostCert::new();
-    let tg = TestGateway::start_with(Options::server(format!(
-        "{}\nworkers = {workers}",
-        certs.server_tls()
-    )))
-    .await;
+    let tg = TestGateway::with_server(format!("{}\nworkers = {workers}", certs.server_tls())).await;
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
     let ca = certs.reqwest_root();
     let url = format!("https://localhost:{}/apps/a/b", tg.addr.port());
@@ -394,8 +373,7 @@ async fn tls_serves_h1_and_h2(workers: usize) {
             b = b.http1_only();
         }
         let c = b.build().unwrap();
-        let r = get_bearer(&c, &url, &tok).await;
-        assert_eq!(r.status(), 200);
+        let r = get_bearer_expect(&c, &url, &tok, 200).await;
         assert_eq!(
             r.version(),
             if h2 {
@@ -443,16 +421,8 @@ async fn no_plaintext_token_in_db_wal_audit_or_output() {
     );
     // Use it, list it, show it, fail with it.
     let c = client();
-    assert_eq!(
-        get_bearer(&c, tg.url("/apps/a/b"), &token).await.status(),
-        200
-    );
-    let _ = c
-        .post(tg.url("/apps/a/deploy"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &token, 200).await;
+    let _ = send_bearer(c.post(tg.url("/apps/a/deploy")), &token).await;
     let _ = c
         .get(tg.url(&format!("/apps/a/b?access_token={token}")))
         .send()
@@ -536,22 +506,18 @@ async fn big_upload_and_download_stream_without_buffering() {
     let (tok, _) = tg.token("ci", "big", &["apps:read"]);
     let c = client();
     // Warm up connections and allocator.
-    assert_eq!(
-        get_bearer(&c, tg.url("/apps/a/b"), &tok).await.status(),
-        200
-    );
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &tok, 200).await;
     let before = rss_kib();
     let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
     let n = (SIZE / chunk.len() as u64) as usize;
     let stream =
         futures_util::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
-    let r = c
-        .post(tg.url("/echo/upload"))
-        .bearer_auth(&tok)
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(
+        c.post(tg.url("/echo/upload"))
+            .body(reqwest::Body::wrap_stream(stream)),
+        &tok,
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("upstream ok {SIZE}"));
     let mut r = get_bearer(&c, tg.url(&format!("/download/{SIZE}")), &tok).await;
@@ -569,28 +535,21 @@ async fn big_upload_and_download_stream_without_buffering() {
 
 #[tokio::test]
 async fn oversized_body_is_413_counted_while_streaming() {
-    let tg = TestGateway::start_with(Options::server("max_body_bytes = 1000")).await;
+    let tg = TestGateway::with_server("max_body_bytes = 1000").await;
     let (tok, _) = tg.token("ci", "b", &["apps:read"]);
     let c = client();
-    let r = c
-        .post(tg.url("/echo/x"))
-        .bearer_auth(&tok)
-        .body(vec![0u8; 2000])
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(c.post(tg.url("/echo/x")).body(vec![0u8; 2000]), &tok).await;
     assert_eq!(r.status(), 413, "declared length");
     assert_eq!(tg.upstream.count(), 0);
     let chunks = futures_util::stream::iter(
         (0..20).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 100]))),
     );
-    let r = c
-        .post(tg.url("/echo/x"))
-        .bearer_auth(&tok)
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(
+        c.post(tg.url("/echo/x"))
+            .body(reqwest::Body::wrap_stream(chunks)),
+        &tok,
+    )
+    .await;
     assert_eq!(r.status(), 413, "chunked body over the limit");
     let line = tg.last_request_line().await;
     assert_eq!(line["reason"], "body_too_large");
@@ -629,8 +588,7 @@ fn config_check_passes_on_the_example_and_names_a_misspelled_key() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_before_the_answer_still_gets_its_audit_line() {
-    let tg = TestGateway::start().await;
-    let (tok, id) = tg.token("ci", "impatient", &["apps:read"]);
+    let (tg, tok, id) = TestGateway::with_reader().await;
     let req =
         format!("GET /slow/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n\r\n");
     {
@@ -662,8 +620,7 @@ async fn with_request_id(tg: &TestGateway, tok: Option<&str>, id: &str) -> reqwe
 
 #[tokio::test]
 async fn request_id_from_a_trusted_proxy_is_kept_and_audited() {
-    let tg =
-        TestGateway::start_with(Options::server(r#"trusted_proxies = ["127.0.0.1/32"]"#)).await;
+    let tg = TestGateway::with_server(r#"trusted_proxies = ["127.0.0.1/32"]"#).await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
     let resp = with_request_id(&tg, Some(&tok), "lb-7f3a9c").await;
     assert_eq!(resp.status(), 200);

@@ -45,8 +45,7 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
         s.expires_at = Some(now + 60 * 86_400_000)
     });
     let c = client();
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &tok, 200).await;
     let warn = r.headers()["token-expires-at"]
         .to_str()
         .unwrap()
@@ -59,14 +58,10 @@ async fn a_token_that_expires_while_cached_is_refused_at_once_and_warns_before()
     );
     assert_eq!(tg.gw.cache().len(), 2, "both cached");
     tg.gw.clock().advance_ms(3 * 86_400_000 + 1);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &tok).await;
-    assert_eq!(r.status(), 401);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &tok, 401).await;
     assert!(challenge(&r).contains("expired"));
     assert_eq!(tg.last_request_line().await["reason"], "expired");
-    assert_eq!(
-        get_bearer(&c, tg.url("/apps/a/b"), &far).await.status(),
-        200
-    );
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &far, 200).await;
     assert_eq!(tg.upstream.count(), 3);
     tg.stop().await;
 }
@@ -124,10 +119,9 @@ async fn the_sixth_token_is_refused_with_the_limit_and_revoking_one_lets_it_thro
 
 #[tokio::test]
 async fn expiry_policy_is_enforced_at_creation() {
-    let tg = TestGateway::start_with(Options {
-        sections: "[tokens]\nmax_lifetime_days = 90\n".into(),
-        ..Options::unserved()
-    })
+    let tg = TestGateway::start_with(Options::unserved_sections(
+        "[tokens]\nmax_lifetime_days = 90\n",
+    ))
     .await;
     let cfg = tg.config_path.clone();
     assert!(cli(&cfg, &["account", "create", "ci"]).status.success());
@@ -152,10 +146,7 @@ async fn expiry_policy_is_enforced_at_creation() {
 /// `revoke` returns, no request may succeed. 1,000 repetitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() {
-    let tg = TestGateway::start_with(Options::sections(
-        "[rate_limit]\nfailed_auth_per_minute = 1000000\n",
-    ))
-    .await;
+    let tg = TestGateway::failed_auth_limited(1_000_000).await;
     let slow = Arc::new(AtomicBool::new(false));
     let s2 = slow.clone();
     tg.gw.store().set_lookup_hook(Some(Arc::new(move || {
@@ -209,11 +200,8 @@ async fn no_request_succeeds_after_revoke_returns_even_with_a_slow_store_read() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
     // Every trial ends with one 401 from the same client IP: lift the failed-auth limit.
-    let tg = TestGateway::start_with(Options {
-        sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
-        ..Options::unserved()
-    })
-    .await;
+    let tg =
+        TestGateway::start_with(Options::unserved_sections(failed_auth_limit(1_000_000))).await;
     // Same store, each process its own audit log (one writer per log file).
     let serve_copy = |name: &str| {
         let copy = tg.dir.path().join(format!("{name}.toml"));
@@ -239,8 +227,13 @@ async fn two_gateway_processes_on_one_store_see_a_revoke_within_a_second() {
             .create_token(&spec, "tg", 1000, tokengate::store::system_now_ms())
             .unwrap();
         for p in [&a, &b] {
-            let r = get_bearer(&c, format!("http://{}/apps/x/y", p.addr), &new.plaintext).await;
-            assert_eq!(r.status(), 200);
+            get_bearer_expect(
+                &c,
+                format!("http://{}/apps/x/y", p.addr),
+                &new.plaintext,
+                200,
+            )
+            .await;
         }
         // Trials would otherwise lock onto the poller's phase: start each at a random offset.
         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
@@ -286,7 +279,7 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
     let (other, _) = tg.token("other", "c", &["apps:read"]);
     let c = client();
     for t in [&t1, &t2, &other] {
-        assert_eq!(get_bearer(&c, tg.url("/apps/a/b"), t).await.status(), 200);
+        get_bearer_expect(&c, tg.url("/apps/a/b"), t, 200).await;
     }
     let o = cli(&tg.config_path, &["account", "disable", "team"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -302,10 +295,7 @@ async fn disabling_an_account_rejects_all_its_tokens_in_a_running_gateway() {
         }
     }
     assert_eq!(tg.last_request_line().await["reason"], "account_disabled");
-    assert_eq!(
-        get_bearer(&c, tg.url("/apps/a/b"), &other).await.status(),
-        200
-    );
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &other, 200).await;
     tg.stop().await;
 }
 
@@ -365,10 +355,7 @@ async fn rotation_old_token_works_until_the_new_one_is_used_or_the_grace_ends() 
 async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
     // The periodic flush would fire every 10 s of real time, so a slow run would see more
     // writes: keep it out of the way and drive the flush explicitly below.
-    let tg = TestGateway::start_with(Options::sections(
-        "[tokens]\nlast_used_flush_interval = \"24h\"\n",
-    ))
-    .await;
+    let tg = TestGateway::with_sections("[tokens]\nlast_used_flush_interval = \"24h\"\n").await;
     let (tok, id) = tg.rated_token("ci", "busy", 1e6, 1_000_000);
     let writes_before = tg.gw.store().write_count();
     let c = client();
@@ -377,7 +364,7 @@ async fn ten_thousand_requests_cause_only_a_handful_of_store_writes() {
         let (c, tok, url) = (c.clone(), tok.clone(), tg.url("/apps/a/b"));
         tasks.push(tokio::spawn(async move {
             for _ in 0..1250 {
-                assert_eq!(get_bearer(&c, &url, &tok).await.status(), 200);
+                get_bearer_expect(&c, &url, &tok, 200).await;
             }
         }));
     }

@@ -55,17 +55,46 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool
     }
 }
 
-/// A gateway whose failed-auth limiter allows `limit` failures a minute per address.
-async fn failed_auth_limited(limit: usize) -> TestGateway {
-    TestGateway::start_with(Options::sections(format!(
-        "[rate_limit]\nfailed_auth_per_minute = {limit}\n"
-    )))
-    .await
+/// Checks that the last request was refused with `status` and `reason` while its body was on
+/// the way, the upstream having received at most `max_body` bytes of any body.
+async fn assert_body_cut_off(tg: &TestGateway, status: u16, reason: &str, max_body: u64) {
+    tg.assert_last_line(status, reason).await;
+    tg.upstream.assert_bodies_at_most(max_body);
+}
+
+/// Checks that the server closes `s` (within 5 s) without answering a byte.
+async fn assert_closed_unanswered(s: &mut TcpStream, what: &str) {
+    let (got, closed) = read_until_closed(s, Duration::from_secs(5)).await;
+    assert!(closed && got.is_empty(), "{what}");
+}
+
+/// Checks that a connection `what` was closed (`closed`, after `after`) at a timeout of 1 s,
+/// without a reply (`got`).
+fn assert_closed_silently_at_1s(what: &str, after: Duration, closed: bool, got: &[u8]) {
+    assert!(closed, "{what}: still open after {after:?}");
+    assert!(got.is_empty(), "{what}: no reply is owed, got {got:?}");
+    assert!(
+        after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
+        "{what}: closed after {after:?}, not at ~1 s"
+    );
 }
 
 /// How many cells a failed-auth limiter of `limit` a minute gives back in `elapsed` (rounded up).
 fn refills(elapsed: Duration, limit: usize) -> usize {
     (elapsed.as_secs_f64() / (60.0 / limit as f64)).ceil() as usize
+}
+
+/// GET `/apps/a/b` with `tok`: checks the status and the advertised `RateLimit-Limit`.
+async fn get_limited(
+    c: &reqwest::Client,
+    tg: &TestGateway,
+    tok: &str,
+    status: u16,
+    limit: impl ToString,
+) -> reqwest::Response {
+    let r = get_bearer_expect(c, tg.url("/apps/a/b"), tok, status).await;
+    assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
+    r
 }
 
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
@@ -142,17 +171,14 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     let (calm, _) = tg.token("ci", "calm", &["apps:read"]);
     let c = client();
     for (remaining, reset) in [(2, 1), (1, 2), (0, 3)] {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
-        assert_eq!(r.status(), 200);
-        assert_eq!(header(&r, "ratelimit-limit"), "3");
+        let r = get_limited(&c, &tg, &hot, 200, "3").await;
         assert_eq!(header(&r, "ratelimit-remaining"), remaining.to_string());
         // Seconds until the whole burst is back: one second per used cell at 1/s.
         assert_eq!(header(&r, "ratelimit-reset"), reset.to_string());
     }
     assert_eq!(tg.upstream.count(), 3);
 
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
-    assert_eq!(r.status(), 429);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &hot, 429).await;
     assert_eq!(header(&r, "retry-after"), "1");
     assert_eq!(header(&r, "ratelimit-limit"), "3");
     assert_eq!(header(&r, "ratelimit-remaining"), "0");
@@ -176,18 +202,14 @@ async fn one_token_bursts_into_429_while_another_is_unaffected_then_refills() {
     assert_eq!(tg.upstream.count(), 3, "the 429 was not forwarded");
 
     // Another token is unaffected.
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &calm).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "ratelimit-limit"), "100");
+    let r = get_limited(&c, &tg, &calm, 200, "100").await;
     assert_eq!(header(&r, "ratelimit-remaining"), "99");
     assert_eq!(header(&r, "ratelimit-reset"), "1");
 
     // After Retry-After, one cell is back (GCRA guarantees it; exact refill timing is proven on
     // a fake clock in ratelimit/mod.rs). The limiter runs on the gateway clock: advance it.
     tg.gw.clock().advance_ms(1050);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &hot).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "ratelimit-limit"), "3");
+    get_limited(&c, &tg, &hot, 200, "3").await;
     assert_eq!(tg.upstream.count(), 5);
     tg.stop().await;
 }
@@ -199,14 +221,11 @@ async fn a_fast_override_refills_within_milliseconds() {
     let (fast, _) = tg.rated_token("ci", "fast", 1000.0, 3);
     let c = client();
     for _ in 0..3 {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
-        assert_eq!(r.status(), 200);
-        assert_eq!(header(&r, "ratelimit-limit"), "3");
+        get_limited(&c, &tg, &fast, 200, "3").await;
         tg.gw.clock().advance_ms(5);
     }
     // Refilled: the burst is (almost) whole again after a few ms.
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &fast).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &fast, 200).await;
     assert_eq!(header(&r, "ratelimit-remaining"), "2");
     assert_eq!(
         header(&r, "ratelimit-reset"),
@@ -250,38 +269,36 @@ rate_limit = { requests_per_second = 2, burst = 4 }
     });
     let c = client();
     for (tok, limit) in [(&over, 2), (&by_role, 4), (&plain, 7), (&gone, 7)] {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), tok).await;
-        assert_eq!(r.status(), 200);
-        assert_eq!(header(&r, "ratelimit-limit"), limit.to_string());
+        let r = get_limited(&c, &tg, tok, 200, limit).await;
         assert_eq!(header(&r, "ratelimit-remaining"), (limit - 1).to_string());
     }
     // The override's burst of 2 is really enforced, not just advertised.
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &over).await;
-    assert_eq!(r.status(), 200);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &over).await;
-    assert_eq!(r.status(), 429);
-    assert_eq!(header(&r, "ratelimit-limit"), "2");
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &over, 200).await;
+    get_limited(&c, &tg, &over, 429, "2").await;
     assert_eq!(tg.upstream.count(), 5);
     tg.stop().await;
 }
 
 // ------------------------------------------------------------------ failed-auth limiter
 
+/// The failed-auth limit (failures a minute per address) of the tests that flood it.
+const LIMIT: usize = 20;
+/// How many bad tokens a flood sends.
+const TOTAL: usize = 10_000;
+
 /// The address limiters run on the gateway clock: a blocked address is judged again once the
 /// clock has passed its `Retry-After`, with no real wait; until then it is refused without a
 /// lookup, and nothing is forwarded either way.
 #[tokio::test]
 async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_after() {
-    let tg = failed_auth_limited(2).await;
+    let tg = TestGateway::failed_auth_limited(2).await;
     let c = client();
     let unknown = || tokengate::token::generate("tg").plaintext;
     for _ in 0..2 {
-        let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-        assert_eq!(r.status(), 401);
+        get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 401).await;
     }
     let lookups = tg.gw.store().lookup_count();
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 429);
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 429).await;
     let wait: i64 = header(&r, "retry-after").parse().unwrap();
     assert!(
         (1..=30).contains(&wait),
@@ -292,27 +309,22 @@ async fn a_blocked_address_is_judged_again_once_the_gateway_clock_passes_retry_a
     assert_rejection_line(&tg.last_request_line().await, 429, "client_blocked");
     // Still blocked a second before the end of the wait.
     tg.gw.clock().advance_ms(wait * 1000 - 1000);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 429);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 429).await;
     assert_eq!(tg.gw.store().lookup_count(), lookups, "blocked: no lookup");
     // Past it: judged again (looked up, 401), then blocked again by the next failure.
     tg.gw.clock().advance_ms(1000);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 401);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 401).await;
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 401, "unknown_token");
     assert_eq!(tg.gw.store().lookup_count(), lookups + 1);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), unknown()).await;
-    assert_eq!(r.status(), 429);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), unknown(), 429).await;
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
-    const LIMIT: usize = 20;
-    const TOTAL: usize = 10_000;
-    let tg = failed_auth_limited(LIMIT).await;
+    let tg = TestGateway::failed_auth_limited(LIMIT).await;
     let (good, _) = tg.token("ci", "good", &["apps:read"]);
     // Half fail the checksum (no lookup even before the limit), half are well-formed tokens the
     // store has never seen (each costs a lookup until the client is blocked).
@@ -339,8 +351,7 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
     );
 
     // From now on: 429 before any lookup.
-    let r = get_bearer(&attacker, tg.url("/apps/a/b"), &bad[LIMIT]).await;
-    assert_eq!(r.status(), 429);
+    let r = get_bearer_expect(&attacker, tg.url("/apps/a/b"), &bad[LIMIT], 429).await;
     let wait: u64 = header(&r, "retry-after").parse().unwrap();
     assert!(
         (1..=3).contains(&wait),
@@ -462,78 +473,59 @@ async fn ten_thousand_bad_tokens_from_one_ip_are_cut_off_before_any_lookup() {
 async fn forwarded_for_keys_the_limiter_only_behind_a_trusted_proxy() {
     let tg = TestGateway::start_with(Options {
         server: r#"trusted_proxies = ["127.0.0.3/32"]"#.into(),
-        sections: "[rate_limit]\nfailed_auth_per_minute = 3\n".into(),
+        sections: failed_auth_limit(3),
         ..Options::default()
     })
     .await;
     let (good, _) = tg.token("ci", "good", &["apps:read"]);
     let junk = bad_checksum(&good);
-    let get = |c: &reqwest::Client, tok: &str, xff: Option<&str>| {
+    // The status of a GET with `tok` on client `c`, claiming to be forwarded for `xff`.
+    let status = |c: &reqwest::Client, tok: &str, xff: Option<&str>| {
         let mut b = c.get(tg.url("/apps/a/b")).bearer_auth(tok);
         if let Some(x) = xff {
             b = b.header("x-forwarded-for", x);
         }
-        b.send()
+        async move { b.send().await.unwrap().status() }
     };
 
     // Behind the trusted proxy 127.0.0.3, the client is the forwarded address.
     let proxy = client_from("127.0.0.3");
     for _ in 0..3 {
-        assert_eq!(
-            get(&proxy, &junk, Some("203.0.113.5"))
-                .await
-                .unwrap()
-                .status(),
-            401
-        );
+        assert_eq!(status(&proxy, &junk, Some("203.0.113.5")).await, 401);
     }
-    let r = get(&proxy, &junk, Some("203.0.113.5")).await.unwrap();
-    assert_eq!(r.status(), 429, "203.0.113.5 is blocked");
+    assert_eq!(
+        status(&proxy, &junk, Some("203.0.113.5")).await,
+        429,
+        "203.0.113.5 is blocked"
+    );
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "203.0.113.5");
     // Blocked for failures, not for valid tokens.
-    assert_eq!(
-        get(&proxy, &good, Some("203.0.113.5"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&proxy, &good, Some("203.0.113.5")).await, 200);
     // Other clients of the same proxy, and the proxy itself, are not.
-    assert_eq!(
-        get(&proxy, &good, Some("203.0.113.6"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(get(&proxy, &good, None).await.unwrap().status(), 200);
+    assert_eq!(status(&proxy, &good, Some("203.0.113.6")).await, 200);
+    assert_eq!(status(&proxy, &good, None).await, 200);
 
     // An untrusted peer's X-Forwarded-For is ignored: the block follows the TCP peer, whatever
     // address it claims on each request.
     let direct = client_from("127.0.0.4");
     for i in 0..3 {
         let claim = format!("198.51.100.{i}");
-        assert_eq!(
-            get(&direct, &junk, Some(&claim)).await.unwrap().status(),
-            401
-        );
+        assert_eq!(status(&direct, &junk, Some(&claim)).await, 401);
     }
-    let r = get(&direct, &junk, Some("198.51.100.99")).await.unwrap();
-    assert_eq!(r.status(), 429);
+    assert_eq!(status(&direct, &junk, Some("198.51.100.99")).await, 429);
     let line = tg.last_request_line().await;
     assert_rejection_line(&line, 429, "client_blocked");
     assert_eq!(line["client_ip"], "127.0.0.4");
-    assert_eq!(get(&direct, &good, None).await.unwrap().status(), 200);
+    assert_eq!(status(&direct, &good, None).await, 200);
     assert_eq!(tg.upstream.count(), 4);
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
-    const LIMIT: usize = 20;
-    let tg = failed_auth_limited(LIMIT).await;
+    let tg = TestGateway::failed_auth_limited(LIMIT).await;
     let (good, id) = tg.token("ci", "good", &["apps:read"]);
     let client = client_from("127.0.0.5");
     let lookups_before = tg.gw.store().lookup_count();
@@ -561,19 +553,13 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
         "no credential, no lookup"
     );
     // Still blocked for failures: a malformed credential is refused without being judged.
-    let r = client
-        .get(tg.url("/apps/a/b"))
-        .bearer_auth(bad_checksum(&good))
-        .send()
-        .await
-        .unwrap();
+    let r = send_bearer(client.get(tg.url("/apps/a/b")), bad_checksum(&good)).await;
     assert_eq!(r.status(), 429);
     assert_rejection_line(&tg.last_request_line().await, 429, "client_blocked");
 
     // A valid token from the same address: served, and its audit line names it. Not cached yet,
     // so it costs one lookup (the address has used none of its unknown-token lookups).
-    let r = get_bearer(&client, tg.url("/apps/a/b"), &good).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&client, tg.url("/apps/a/b"), &good, 200).await;
     assert_eq!(header(&r, "ratelimit-limit"), "100");
     let line = tg.last_request_line().await;
     assert_eq!(line["status_code"], 200, "{line}");
@@ -589,8 +575,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
     assert_eq!(tg.upstream.count(), 1);
     assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     // Again: a cache hit, no lookup, still served.
-    let r = get_bearer(&client, tg.url("/apps/a/b"), &good).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client, tg.url("/apps/a/b"), &good, 200).await;
     assert_eq!(tg.gw.store().lookup_count(), lookups_before + 1);
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
@@ -598,9 +583,7 @@ async fn a_valid_token_is_served_from_an_address_blocked_for_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tokens_from_one_address_stop_costing_lookups_at_the_limit() {
-    const LIMIT: usize = 20;
-    const TOTAL: usize = 10_000;
-    let tg = failed_auth_limited(LIMIT).await;
+    let tg = TestGateway::failed_auth_limited(LIMIT).await;
     // Well-formed tokens with a valid checksum that the store has never seen.
     let unknown: Vec<String> = (0..TOTAL)
         .map(|_| tokengate::token::generate("tg").plaintext)
@@ -760,10 +743,9 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
     const TIMEOUT: Duration = Duration::from_secs(3);
     // 500 client sockets and 500 accepted ones live in this one process.
     ensure_open_files(2 * SLOW as u64 + 200);
-    let tg = TestGateway::start_with(Options::server(
-        "header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000",
-    ))
-    .await;
+    let tg =
+        TestGateway::with_server("header_read_timeout = \"3s\"\nmax_connections_per_ip = 1000")
+            .await;
     let (tok, _) = tg.token("ci", "normal", &["apps:read"]);
     let addr = tg.addr;
     // Each connection sends one byte of a request head, then another every 2 s. hyper's
@@ -812,8 +794,7 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
         started.load(std::sync::atomic::Ordering::Relaxed) == SLOW
     })
     .await;
-    let r = get_bearer(&client(), tg.url("/apps/a/b"), &tok).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&client(), tg.url("/apps/a/b"), &tok, 200).await;
     assert_eq!(r.text().await.unwrap(), "upstream ok 0");
 
     let mut late = Vec::new();
@@ -861,7 +842,7 @@ async fn slowloris_connections_are_closed_at_the_header_read_timeout_while_a_nor
 
 #[tokio::test]
 async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_header_read_timeout() {
-    let tg = TestGateway::start_with(Options::server("header_read_timeout = \"1s\"")).await;
+    let tg = TestGateway::with_server("header_read_timeout = \"1s\"").await;
     let addr = tg.addr;
     // hyper-util's protocol detection reads the first bytes without a timer of its own; the
     // gateway's ProtocolDeadline closes these at the header read timeout.
@@ -893,15 +874,7 @@ async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_heade
     let all: Vec<_> = silent.chain(dribble).collect();
     for t in all {
         let (after, closed, got) = t.await.unwrap();
-        assert!(closed, "still open after {after:?}");
-        assert!(
-            got.is_empty(),
-            "no response to a client that sent no request"
-        );
-        assert!(
-            after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
-            "closed after {after:?}"
-        );
+        assert_closed_silently_at_1s("a client that sent no request", after, closed, &got);
     }
     assert_eq!(tg.upstream.count(), 0);
     assert!(tg.request_lines().await.is_empty());
@@ -927,13 +900,10 @@ async fn silent_connections_and_a_dribbled_http2_preface_are_closed_at_the_heade
 #[tokio::test]
 async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handshake_timeout() {
     let certs = LocalhostCert::new();
-    let tg = TestGateway::start_with(Options {
-        server: format!(
-            "{}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
-            certs.server_tls()
-        ),
-        ..Options::default()
-    })
+    let tg = TestGateway::with_server(format!(
+        "{}\ntls_handshake_timeout = \"1s\"\nheader_read_timeout = \"10s\"",
+        certs.server_tls()
+    ))
     .await;
     let (tok, _) = tg.token("ci", "tls", &["apps:read"]);
     let addr = tg.addr;
@@ -974,18 +944,9 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
 
     for t in stalled {
         let (sent, after, closed, got) = t.await.unwrap();
-        assert!(
-            closed,
-            "a stalled handshake ({sent} bytes) was still open after {after:?}"
-        );
-        assert!(
-            got.is_empty(),
-            "no TLS alert or HTTP reply is owed to a half-open handshake"
-        );
-        assert!(
-            after >= Duration::from_millis(900) && after <= Duration::from_secs(2),
-            "a stalled handshake ({sent} bytes) was closed after {after:?}, not at ~1 s"
-        );
+        // No TLS alert or HTTP reply is owed to a half-open handshake.
+        let what = format!("a stalled handshake ({sent} bytes)");
+        assert_closed_silently_at_1s(&what, after, closed, &got);
     }
     assert_eq!(tg.upstream.count(), 1);
     assert_eq!(tg.request_lines().await.len(), 1);
@@ -996,11 +957,10 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_dropped_at_the_handsh
 
 #[tokio::test]
 async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded() {
-    let tg = TestGateway::start_with(Options {
-        // hyper's head buffer is max(2048 + 1024 + 4096, 8192) = 8192 bytes.
-        server: "max_header_bytes = 2048\nmax_uri_bytes = 1024\nmax_body_bytes = 1000".into(),
-        ..Options::default()
-    })
+    // hyper's head buffer is max(2048 + 1024 + 4096, 8192) = 8192 bytes.
+    let tg = TestGateway::with_server(
+        "max_header_bytes = 2048\nmax_uri_bytes = 1024\nmax_body_bytes = 1000",
+    )
     .await;
     let (tok, _) = tg.token("ci", "sizes", &["apps:read"]);
     let auth = format!("Authorization: Bearer {tok}\r\n");
@@ -1033,7 +993,7 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         ),
     ];
     for (name, req, status, reason) in cases {
-        let r = raw(tg.addr, req.as_bytes()).await;
+        let r = raw(tg.addr, &req).await;
         assert_eq!(r.status, status, "{name}: {}", r.raw);
         assert_eq!(r.header("content-type"), Some("application/json"), "{name}");
         assert_eq!(r.header("connection"), Some("close"), "{name}");
@@ -1071,7 +1031,7 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         ),
     ];
     for (name, req) in hyper_cases {
-        let r = raw(tg.addr, req.as_bytes()).await;
+        let r = raw(tg.addr, &req).await;
         assert_eq!(r.status, 431, "{name}: {}", r.raw);
         assert_eq!(tg.upstream.count(), 0, "{name}");
         audited += 1;
@@ -1106,21 +1066,11 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
         req.extend_from_slice(format!("64\r\n{}\r\n", "b".repeat(100)).as_bytes());
     }
     req.extend_from_slice(b"0\r\n\r\n");
-    let r = raw(tg.addr, &req).await;
-    assert_eq!(r.status, 413, "{}", r.raw);
+    let r = raw_expect(tg.addr, &req, 413).await;
     assert_eq!(r.header("connection"), Some("close"));
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "body_too_large");
-    let line = tg.last_request_line().await;
-    assert_eq!(line["status_code"], 413);
-    assert_eq!(line["reason"], "body_too_large");
-    for seen in tg.upstream.received() {
-        assert!(
-            seen.body_len <= 1000,
-            "the upstream got {} body bytes",
-            seen.body_len
-        );
-    }
+    assert_body_cut_off(&tg, 413, "body_too_large", 1000).await;
     tg.stop().await;
 }
 
@@ -1128,10 +1078,7 @@ async fn oversized_headers_uri_and_body_get_431_414_413_and_nothing_is_forwarded
 
 #[tokio::test]
 async fn connections_over_the_per_ip_and_global_limits_are_closed() {
-    let tg = TestGateway::start_with(Options::server(
-        "max_connections_per_ip = 3\nmax_connections = 5",
-    ))
-    .await;
+    let tg = TestGateway::with_server("max_connections_per_ip = 3\nmax_connections = 5").await;
     let addr = tg.addr;
     let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
     // Holds three connections from 127.0.0.1; the accept loop takes them in order.
@@ -1139,13 +1086,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
     for _ in 0..3 {
         held.push(tcp_from("127.0.0.1", addr).await);
     }
-    let mut fourth = tcp_from("127.0.0.1", addr).await;
-    let _ = fourth.write_all(req).await;
-    let (got, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the 4th connection from one IP is closed unanswered"
-    );
+    assert_request_unanswered("127.0.0.1", addr, req, "the 4th connection from one IP").await;
     let refused = |limit| tg.gw.metrics().connections_refused(limit);
     assert_eq!(refused(ConnLimit::PerIp), 1, "the refusal is counted");
     assert_eq!(refused(ConnLimit::Total), 0);
@@ -1155,13 +1096,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
         tcp_from("127.0.0.2", addr).await,
         tcp_from("127.0.0.2", addr).await,
     ];
-    let mut sixth = tcp_from("127.0.0.5", addr).await;
-    let _ = sixth.write_all(req).await;
-    let (got, closed) = read_until_closed(&mut sixth, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the 6th connection overall is closed unanswered"
-    );
+    assert_request_unanswered("127.0.0.5", addr, req, "the 6th connection overall").await;
     assert_eq!(refused(ConnLimit::Total), 1);
     assert_eq!(refused(ConnLimit::PerIp), 1);
     let text = tg.gw.metrics().render(&tg.gw.snapshot());
@@ -1209,7 +1144,7 @@ async fn connections_over_the_per_ip_and_global_limits_are_closed() {
 /// upstream connections. Every request gets the whole pipeline: 200, forwarded once, audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connections() {
-    let tg = TestGateway::start_with(Options::server("workers = 2")).await;
+    let tg = TestGateway::with_server("workers = 2").await;
     let (tok, id) = tg.token("ci", "reader", &["apps:read"]);
     // 40 connections, one request each: the kernel picks a socket by the connection's
     // addresses and ports, so both workers get some (all on one: probability 2^-39).
@@ -1258,8 +1193,7 @@ async fn two_workers_both_serve_connections_and_each_keeps_its_upstream_connecti
 /// `max_connections_per_ip = 3` whichever sockets they reached, and the fourth is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_ip_limit_is_shared_by_all_workers() {
-    let tg =
-        TestGateway::start_with(Options::server("workers = 2\nmax_connections_per_ip = 3")).await;
+    let tg = TestGateway::with_server("workers = 2\nmax_connections_per_ip = 3").await;
     let addr = tg.addr;
     let open = || {
         tg.gw
@@ -1300,6 +1234,13 @@ async fn the_per_ip_limit_is_shared_by_all_workers() {
     tg.stop().await;
 }
 
+/// Checks that a new connection from `from` that sends `req` is closed unanswered.
+async fn assert_request_unanswered(from: &str, addr: SocketAddr, req: &[u8], what: &str) {
+    let mut s = tcp_from(from, addr).await;
+    let _ = s.write_all(req).await;
+    assert_closed_unanswered(&mut s, &format!("{what} is closed unanswered")).await;
+}
+
 /// A `/health` request on `s`; true when it was answered 200.
 async fn health_ok(s: &mut TcpStream) -> bool {
     let req = b"GET /health HTTP/1.1\r\nHost: tokengate\r\n\r\n";
@@ -1337,11 +1278,7 @@ async fn a_trusted_proxy_is_not_capped_per_address_but_the_global_cap_still_appl
     ];
     assert!(health_ok(&mut other[0]).await);
     let mut third = tcp_from("127.0.0.4", addr).await;
-    let (got, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the untrusted 3rd connection is closed"
-    );
+    assert_closed_unanswered(&mut third, "the untrusted 3rd connection is closed").await;
     assert_eq!(refused(ConnLimit::PerIp), 1);
     assert_eq!(refused(ConnLimit::Total), 0);
     // Seven open of the global 8: the proxy's next one fits, the one after that does not.
@@ -1351,11 +1288,7 @@ async fn a_trusted_proxy_is_not_capped_per_address_but_the_global_cap_still_appl
         "the proxy's 6th connection fits the global cap"
     );
     let mut seventh = tcp_from("127.0.0.3", addr).await;
-    let (got, closed) = read_until_closed(&mut seventh, Duration::from_secs(5)).await;
-    assert!(
-        closed && got.is_empty(),
-        "the global cap applies to the proxy too"
-    );
+    assert_closed_unanswered(&mut seventh, "the global cap applies to the proxy too").await;
     assert_eq!(refused(ConnLimit::Total), 1);
     assert_eq!(refused(ConnLimit::PerIp), 1);
     drop((lb, other, sixth));
@@ -1419,7 +1352,7 @@ impl LogCapture {
 #[tokio::test]
 async fn a_burst_of_refused_connections_logs_one_warning_then_one_with_the_count() {
     let capture = capture_logs();
-    let tg = TestGateway::start_with(Options::server("max_connections_per_ip = 2")).await;
+    let tg = TestGateway::with_server("max_connections_per_ip = 2").await;
     let addr = tg.addr;
     let held = vec![
         tcp_from("127.0.0.6", addr).await,
@@ -1571,7 +1504,7 @@ async fn http2_max_concurrent_streams_is_advertised_and_enforced() {
 
 #[tokio::test]
 async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
-    let tg = TestGateway::start_with(Options::server("body_idle_timeout = \"1s\"")).await;
+    let tg = TestGateway::with_server("body_idle_timeout = \"1s\"").await;
     let (tok, _) = tg.token("ci", "idle", &["apps:read"]);
     let mut s = TcpStream::connect(tg.addr).await.unwrap();
     let start = Instant::now();
@@ -1595,31 +1528,18 @@ async fn a_stalled_request_body_is_cut_off_at_the_body_idle_timeout() {
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "request_timeout");
     assert!(after >= Duration::from_millis(900), "{after:?}");
-    let line = tg.last_request_line().await;
-    assert_eq!(line["status_code"], 408);
-    assert_eq!(line["reason"], "body_idle");
-    for seen in tg.upstream.received() {
-        assert!(
-            seen.body_len <= 10,
-            "the upstream got only what the client sent"
-        );
-    }
+    // The upstream got only what the client sent.
+    assert_body_cut_off(&tg, 408, "body_idle", 10).await;
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn the_total_request_deadline_answers_504() {
-    let tg = TestGateway::start_with(Options::server(
-        "request_timeout = \"1s\"\nshutdown_grace = \"1s\"",
-    ))
-    .await;
+    let tg = TestGateway::with_server("request_timeout = \"1s\"\nshutdown_grace = \"1s\"").await;
     let (tok, _) = tg.token("ci", "deadline", &["apps:read"]);
-    let r = get_bearer(&client(), tg.url("/slow/x"), &tok).await;
-    assert_eq!(r.status(), 504);
+    let r = get_bearer_expect(&client(), tg.url("/slow/x"), &tok, 504).await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "gateway_timeout");
-    let line = tg.last_request_line().await;
-    assert_eq!(line["status_code"], 504);
-    assert_eq!(line["reason"], "request_timeout");
+    tg.assert_last_line(504, "request_timeout").await;
     tg.stop().await;
 }

@@ -77,6 +77,13 @@ async fn gateway(p: &Provider, extra: &str) -> TestGateway {
     .await
 }
 
+/// A fresh provider (kept alive by the caller) and a [`gateway`] signing in with it.
+async fn provider_and_gateway() -> (Provider, TestGateway) {
+    let p = Provider::start().await;
+    let tg = gateway(&p, "").await;
+    (p, tg)
+}
+
 /// A browser: cookies per host (name → value), redirects followed by hand.
 struct Browser {
     c: reqwest::Client,
@@ -97,6 +104,13 @@ impl Browser {
             c: support::client(),
             jar: BTreeMap::new(),
         }
+    }
+
+    /// A new browser signed in (200) as `login`.
+    async fn signed_in(tg: &TestGateway, login: &str) -> Browser {
+        let mut b = Browser::new();
+        assert_eq!(b.sign_in(tg, login).await.status, 200, "{login} signs in");
+        b
     }
 
     fn host(url: &str) -> String {
@@ -303,8 +317,7 @@ async fn request_reason(tg: &TestGateway, path: &str) -> String {
 
 #[tokio::test]
 async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy() {
-    let p = Provider::start().await;
-    let tg = gateway(&p, "").await;
+    let (_provider, tg) = provider_and_gateway().await;
     // The page offers the provider's button.
     let mut b = Browser::new();
     let page = b
@@ -419,8 +432,7 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
     );
 
     // An admin by group sees every account.
-    let mut root = Browser::new();
-    assert_eq!(root.sign_in(&tg, "root").await.status, 200);
+    let mut root = Browser::signed_in(&tg, "root").await;
     let (s, me) = root.api(&tg, Method::GET, "/v1/whoami", None).await;
     assert_eq!((s, me["access"].as_str()), (200, Some("admin")));
     let (s, all) = root
@@ -458,8 +470,7 @@ async fn a_person_signs_in_and_issues_tokens_for_their_own_account_within_policy
 
 #[tokio::test]
 async fn sessions_are_listed_revoked_signed_out_everywhere_and_expire() {
-    let p = Provider::start().await;
-    let tg = gateway(&p, "").await;
+    let (_provider, tg) = provider_and_gateway().await;
     let (mut one, mut two) = (Browser::new(), Browser::new());
     assert_eq!(one.sign_in(&tg, "ada").await.status, 200);
     assert_eq!(two.sign_in(&tg, "ada").await.status, 200);
@@ -490,8 +501,7 @@ async fn sessions_are_listed_revoked_signed_out_everywhere_and_expire() {
     );
     assert_eq!(rev[0]["details"]["email"], "ada@example.com");
     // A session of someone else is not found for a person (they see only their own).
-    let mut root = Browser::new();
-    assert_eq!(root.sign_in(&tg, "root").await.status, 200);
+    let mut root = Browser::signed_in(&tg, "root").await;
     let (_, rl) = root.api(&tg, Method::GET, "/v1/sessions", None).await;
     let root_sess = rl["sessions"][0]["id"].as_str().unwrap().to_string();
     let (s, _) = one
@@ -531,10 +541,8 @@ async fn sessions_are_listed_revoked_signed_out_everywhere_and_expire() {
 
 #[tokio::test]
 async fn the_absolute_lifetime_ends_a_busy_session() {
-    let p = Provider::start().await;
-    let tg = gateway(&p, "").await;
-    let mut b = Browser::new();
-    assert_eq!(b.sign_in(&tg, "ada").await.status, 200);
+    let (_provider, tg) = provider_and_gateway().await;
+    let mut b = Browser::signed_in(&tg, "ada").await;
     let abs = tg.gw.config().admin.session_absolute_timeout.as_millis() as i64;
     let idle = tg.gw.config().admin.session_idle_timeout.as_millis() as i64;
     let mut t = 0;
@@ -558,8 +566,7 @@ async fn the_absolute_lifetime_ends_a_busy_session() {
 
 #[tokio::test]
 async fn forged_replayed_and_foreign_callbacks_are_refused() {
-    let p = Provider::start().await;
-    let tg = gateway(&p, "").await;
+    let (_provider, tg) = provider_and_gateway().await;
     let cb_path = "/oidc/callback";
 
     // A forged state (never issued): 400, no session.
@@ -621,8 +628,7 @@ async fn forged_replayed_and_foreign_callbacks_are_refused() {
 
 #[tokio::test]
 async fn sign_in_starts_a_new_session_and_never_redirects_off_site() {
-    let p = Provider::start().await;
-    let tg = gateway(&p, "").await;
+    let (_provider, tg) = provider_and_gateway().await;
     // Session fixation: a session cookie planted before sign-in is not the one after it, and a
     // session the browser held ends.
     let mut b = Browser::new();
@@ -677,8 +683,7 @@ async fn sign_in_starts_a_new_session_and_never_redirects_off_site() {
 
 #[tokio::test]
 async fn people_outside_the_policy_cannot_sign_in() {
-    let p = Provider::start().await;
-    let tg = gateway(&p, "").await;
+    let (p, tg) = provider_and_gateway().await;
     for (login, reason) in [
         ("mallory", "oidc_domain_not_allowed"),
         ("unverified", "oidc_email_unverified"),

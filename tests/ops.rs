@@ -18,9 +18,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::{
-    DEFAULT_RULES, Options, Proc, TestGateway, Upstream, assert_success, challenge, client,
-    eventually, get_bearer, issue_into, read_audit_file, rules_with_delay, signal, wait_refused,
-    write_config,
+    Options, Proc, TestGateway, Upstream, assert_success, challenge, client, default_rules,
+    eventually, get_bearer, get_bearer_expect, issue_into, permission_rule, read_audit_file,
+    rules_with_delay, signal, wait_refused, write_config,
 };
 use tokengate::config::Config;
 use tokengate::store::Store;
@@ -456,7 +456,10 @@ fn run_cli(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-const REPORTS_RULE: &str = "\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/reports/**\"\npermission = \"reports:read\"\n";
+/// The rule that lets holders of `reports:read` read `/reports/**`.
+fn reports_rule() -> String {
+    permission_rule(&["GET"], "/reports/**", "reports:read")
+}
 
 /// [`Proc::start`], or with `one_cpu` under `taskset -c 0`, so that the binary may use one CPU
 /// only (and picks tokio's current-thread runtime).
@@ -542,8 +545,7 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
 
     let c = client();
     for _ in 0..2 {
-        let r = get_bearer(&c, tg.url("/apps/billing/status"), &ok_token).await;
-        assert_eq!(r.status(), 200);
+        get_bearer_expect(&c, tg.url("/apps/billing/status"), &ok_token, 200).await;
     }
     // Denials: no token (401), no rule (403), rate limited (429 on the second request).
     let r = c.get(tg.url("/apps/billing/status")).send().await.unwrap();
@@ -552,13 +554,10 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
         r.headers()["www-authenticate"],
         "Bearer realm=\"tokengate\""
     );
-    let r = get_bearer(&c, tg.url("/nothing/here"), &ok_token).await;
-    assert_eq!(r.status(), 403);
+    let r = get_bearer_expect(&c, tg.url("/nothing/here"), &ok_token, 403).await;
     assert!(challenge(&r).contains("error=\"insufficient_scope\""));
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &slow_token).await;
-    assert_eq!(r.status(), 200);
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &slow_token).await;
-    assert_eq!(r.status(), 429);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &slow_token, 200).await;
+    let r = get_bearer_expect(&c, tg.url("/apps/a/b"), &slow_token, 429).await;
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "rate_limited");
@@ -673,15 +672,22 @@ async fn metrics_move_with_requests_and_parse_as_prometheus_text() {
     tg.stop().await;
 }
 
+/// A default gateway, a token `reporter` holding `apps:read` and `reports:read`, the gateway's TLS
+/// handle (for reloads) and its upstream's address.
+async fn reporter_gateway() -> (TestGateway, String, tokengate::server::TlsHandle, String) {
+    let tg = TestGateway::start().await;
+    let (token, _) = tg.token("ci", "reporter", &["apps:read", "reports:read"]);
+    let tls = tg.tls.clone().unwrap();
+    let up = tg.upstream.addr.to_string();
+    (tg, token, tls, up)
+}
+
 /// The `route` label of `tokengate_requests_total`: the route the path belongs to (also when the
 /// request was refused on it), `-` for what no route serves (the gateway's own endpoints, a path
 /// outside every prefix); a reload that keeps a route's name keeps its series.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_counted_per_route_and_reloads_keep_the_series() {
-    let tg = TestGateway::start().await;
-    let (token, _) = tg.token("ci", "reporter", &["apps:read", "reports:read"]);
-    let tls = tg.tls.clone().unwrap();
-    let up = tg.upstream.addr.to_string();
+    let (tg, token, tls, up) = reporter_gateway().await;
     let reports_route = |rules: &str| {
         format!(
             "\n[[routes]]\nname = \"reports\"\nprefix = \"/reports\"\nupstream = \"http://{up}\"\n{rules}"
@@ -691,7 +697,7 @@ async fn requests_are_counted_per_route_and_reloads_keep_the_series() {
         tg.dir.path(),
         &up,
         &Options {
-            extra_routes: reports_route(REPORTS_RULE),
+            extra_routes: reports_route(&reports_rule()),
             ..Options::default()
         },
     );
@@ -763,7 +769,7 @@ async fn requests_are_counted_per_route_and_reloads_keep_the_series() {
         tg.dir.path(),
         &up,
         &Options {
-            extra_routes: reports_route(&format!("{REPORTS_RULE}\n# reloaded\n")),
+            extra_routes: reports_route(&format!("{}\n# reloaded\n", reports_rule())),
             ..Options::default()
         },
     );
@@ -808,8 +814,7 @@ async fn public_health_endpoint_answers_without_a_token_and_follows_readiness() 
     assert_eq!(head.status(), 200);
     assert!(head.headers().get("x-request-id").is_some());
     // A token that would be refused is not even looked at.
-    let r = get_bearer(&client(), &url, "tg_not_a_token").await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client(), &url, "tg_not_a_token", 200).await;
     assert_eq!(tg.upstream.count(), 0, "never forwarded");
     let line = tg.last_request_line().await;
     assert_eq!(line["path"], "/_tokengate/health");
@@ -842,11 +847,11 @@ async fn public_health_endpoint_answers_without_a_token_and_follows_readiness() 
 
 #[tokio::test]
 async fn health_path_is_configurable_and_can_be_turned_off() {
-    let tg = TestGateway::start_with(Options::server("health_path = \"/_tokengate/lb\"")).await;
+    let tg = TestGateway::with_server("health_path = \"/_tokengate/lb\"").await;
     assert_eq!(get_text(&tg.url("/_tokengate/lb")).await.0, 200);
     assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
     tg.stop().await;
-    let tg = TestGateway::start_with(Options::server("health_path = \"\"")).await;
+    let tg = TestGateway::with_server("health_path = \"\"").await;
     assert_eq!(get_text(&tg.url("/_tokengate/health")).await.0, 401);
     assert_eq!(tg.upstream.count(), 0);
     tg.stop().await;
@@ -936,8 +941,7 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
     assert_eq!(v(&m, "tokengate_audit_healthy", &[]), 0.0);
     assert!(v(&m, "tokengate_audit_write_failures_total", &[]) >= 1.0);
     // Meanwhile requests are refused, never forwarded unaudited.
-    let r = get_bearer(&client(), tg.url("/apps/a/b"), &token).await;
-    assert_eq!(r.status(), 503);
+    let r = get_bearer_expect(&client(), tg.url("/apps/a/b"), &token, 503).await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "unavailable");
     assert_eq!(tg.upstream.count(), 0);
@@ -976,15 +980,11 @@ async fn readyz_follows_the_store_the_audit_log_and_the_listeners() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
-    let tg = TestGateway::start().await;
-    let (token, _) = tg.token("ci", "reporter", &["apps:read", "reports:read"]);
-    let tls = tg.tls.clone().unwrap();
-    let up = tg.upstream.addr.to_string();
+    let (tg, token, tls, up) = reporter_gateway().await;
     let c = client();
 
     // Before: no rule for /reports -> 403 no_rule, nothing forwarded.
-    let r = get_bearer(&c, tg.url("/reports/q1"), &token).await;
-    assert_eq!(r.status(), 403);
+    let r = get_bearer_expect(&c, tg.url("/reports/q1"), &token, 403).await;
     assert!(challenge(&r).contains("insufficient_scope"));
     support::assert_rejection_line(&tg.last_request_line().await, 403, "no_rule");
     assert_eq!(tg.upstream.count(), 0);
@@ -994,13 +994,12 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
         tg.dir.path(),
         &up,
         &Options {
-            rules: format!("{DEFAULT_RULES}{REPORTS_RULE}"),
+            rules: default_rules() + &reports_rule(),
             ..Options::default()
         },
     );
     assert!(tokengate::app::reload(&tg.gw, &tls, &tg.config_path).await);
-    let r = get_bearer(&c, tg.url("/reports/q1"), &token).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&c, tg.url("/reports/q1"), &token, 200).await;
     assert_eq!(tg.upstream.received().last().unwrap().target, "/reports/q1");
     let line = tg.last_request_line().await;
     assert_eq!(line["rule"], "api:GET /reports/**");
@@ -1051,8 +1050,7 @@ async fn reload_applies_a_new_rule_and_refuses_a_broken_config_while_serving() {
     let statuses = traffic.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     // The old config (with the reports rule) is still in force.
-    let r = get_bearer(&c, tg.url("/reports/q2"), &token).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&c, tg.url("/reports/q2"), &token, 200).await;
 
     // Audited, counted.
     let admin: Vec<_> = tg
@@ -1093,8 +1091,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
     .await;
     let c = client();
     let url = format!("http://{}/reports/q1", p.public);
-    let r = get_bearer(&c, &url, &token).await;
-    assert_eq!(r.status(), 403);
+    let r = get_bearer_expect(&c, &url, &token, 403).await;
     assert!(challenge(&r).contains("insufficient_scope"));
     assert_eq!(upstream.count(), 0);
 
@@ -1102,7 +1099,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
         p.dir.path(),
         &upstream.addr.to_string(),
         &Options {
-            rules: format!("{DEFAULT_RULES}{REPORTS_RULE}"),
+            rules: default_rules() + &reports_rule(),
             ..Options::default()
         },
     );
@@ -1137,8 +1134,7 @@ async fn sighup_reloads_the_real_binary_and_keeps_serving_on_a_broken_config() {
         "the process must survive a bad reload"
     );
     for _ in 0..5 {
-        let r = get_bearer(&c, &url, &token).await;
-        assert_eq!(r.status(), 200);
+        get_bearer_expect(&c, &url, &token, 200).await;
     }
 
     signal(p.pid(), "-TERM");
@@ -1351,8 +1347,7 @@ async fn sigterm_drain(one_cpu: bool, workers: usize) {
     );
     let (token, token_id) = ids;
     let c = client();
-    let r = get_bearer(&c, format!("http://{}/apps/a/b", p.public), &token).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&c, format!("http://{}/apps/a/b", p.public), &token, 200).await;
 
     // A slow request: the upstream answers after 4 s.
     let slow = {
@@ -1435,8 +1430,13 @@ async fn sigterm_stops_waiting_at_the_drain_deadline_and_still_exits_zero() {
         token = issue_into(db, "ci", "reader", &["apps:read"]).0
     })
     .await;
-    let r = get_bearer(&client(), format!("http://{}/apps/a/b", p.public), &token).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(
+        &client(),
+        format!("http://{}/apps/a/b", p.public),
+        &token,
+        200,
+    )
+    .await;
     // `/slow` never answers.
     let stuck = {
         let url = format!("http://{}/slow/forever", p.public);
@@ -1487,8 +1487,7 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
     let tg = TestGateway::start().await;
     let (before, before_id) = tg.token("ci", "before-backup", &["apps:read"]);
     let c = client();
-    let r = get_bearer(&c, tg.url("/apps/a/b"), &before).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&c, tg.url("/apps/a/b"), &before, 200).await;
 
     // Online: the gateway keeps running (and writing last-used) during the backup.
     let backups = tempfile::tempdir().unwrap();
@@ -1536,12 +1535,10 @@ async fn store_backup_is_consistent_online_and_serves_the_same_tokens() {
         200
     );
     let seen = tg.upstream.count();
-    let r = get_bearer(&c, restored.url("/apps/restored/x"), &before).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&c, restored.url("/apps/restored/x"), &before, 200).await;
     assert_eq!(tg.upstream.count(), seen + 1);
     // The token issued after the backup is unknown there: 401, not forwarded, audited.
-    let r = get_bearer(&c, restored.url("/apps/restored/y"), &after).await;
-    assert_eq!(r.status(), 401);
+    let r = get_bearer_expect(&c, restored.url("/apps/restored/y"), &after, 401).await;
     assert!(challenge(&r).contains("error=\"invalid_token\""));
     assert_eq!(tg.upstream.count(), seen + 1);
     restored.stop().await;

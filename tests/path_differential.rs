@@ -39,20 +39,13 @@ const RULES: &[(&[&str], &str, Option<&str>)] = &[
 const PERMISSIONS: &[&str] = &["apps:read", "billing:secrets", "e:*", "docs:write"];
 
 fn rules_toml() -> String {
-    let mut out = String::new();
-    for (methods, path, perm) in RULES {
-        out.push_str("\n[[routes.rules]]\n");
-        if !methods.is_empty() {
-            let list: Vec<String> = methods.iter().map(|m| format!("{m:?}")).collect();
-            out.push_str(&format!("methods = [{}]\n", list.join(", ")));
-        }
-        out.push_str(&format!("path = {path:?}\n"));
-        match perm {
-            Some(p) => out.push_str(&format!("permission = {p:?}\n")),
-            None => out.push_str("public = true\n"),
-        }
-    }
-    out
+    RULES
+        .iter()
+        .map(|(methods, path, perm)| match perm {
+            Some(p) => permission_rule(methods, path, p),
+            None => public_rule(methods, path),
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -364,9 +357,8 @@ fn generator_reaches_every_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_gateway_agrees_with_the_reference_and_forwards_the_canonical_path() {
     let tg = TestGateway::start_with(Options {
-        rules: rules_toml(),
-        sections: "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n".into(),
-        ..Options::default()
+        sections: NO_RATE_LIMIT.into(),
+        ..Options::rules(rules_toml())
     })
     .await;
     let (tok, _) = tg.token("ci", "diff", PERMISSIONS);
@@ -391,7 +383,7 @@ async fn live_gateway_agrees_with_the_reference_and_forwards_the_canonical_path(
                 let req = format!(
                     "{method} {path}{query} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\n{body}Connection: close\r\n\r\n"
                 );
-                let resp = raw(tg.addr, req.as_bytes()).await;
+                let resp = raw(tg.addr, &req).await;
                 let got: Vec<String> = tg.upstream.received()[before..].iter().map(|r| r.target.clone()).collect();
                 let id = resp.header("x-request-id").map(str::to_string);
                 prop_assert!(id.is_some(), "{} {:?}: the parser refused what the gateway should judge: {}", method, path, resp.raw);

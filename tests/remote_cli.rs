@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
-use support::{LocalhostCert, Options, TestGateway, client, get_bearer};
+use support::{
+    LocalhostCert, Options, TestGateway, assert_error_message, assert_exit_code, client,
+    get_bearer, get_bearer_expect,
+};
 use tokio::io::AsyncWriteExt;
 
 /// The binary with `args`, a private HOME, no inherited TOKENGATE_* variables, in `home` (which
@@ -196,12 +199,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
             .contains("[default]")
     );
     let o = run(h, &[], &["whoami"], "").await;
-    assert_eq!(
-        o.status.code(),
-        Some(64),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_exit_code(&o, 64);
     assert_eq!(
         tg.upstream.count(),
         1,
@@ -214,8 +212,7 @@ async fn login_create_list_revoke_whoami_logout_round_trip() {
 
 #[tokio::test]
 async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     let (alice, _) = tg.token("alice", "alice-cli", &["tokengate:self", "apps:read"]);
     let (bob_plain, bob_id) = tg.token("bob", "bob-ci", &["apps:read"]);
     let home = tempfile::tempdir().unwrap();
@@ -280,8 +277,7 @@ async fn profiles_env_token_precedence_and_no_token_to_a_foreign_url() {
     )
     .await;
     fails_with(&o, 1, "404");
-    let r = get_bearer(&client(), tg.url("/apps/x/y"), &bob_plain).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client(), tg.url("/apps/x/y"), &bob_plain, 200).await;
     let o = run(
         h,
         &x,
@@ -336,14 +332,8 @@ async fn login_over_tls_with_a_ca_made_in_the_test() {
         &root,
     )
     .await;
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     // The certificate error is told in words, with what to do; no Rust Debug value.
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = assert_exit_code(&o, 1);
     assert!(
         e.contains("not signed by an authority this computer trusts")
             && e.contains("TOKENGATE_CA_FILE"),
@@ -433,15 +423,13 @@ async fn auth_status_token_info_refresh_and_revoke_round_trip() {
             .trim_matches('"')
             .to_string()
     };
-    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &new_plain).await;
-    assert_eq!(r.status(), 200);
+    get_bearer_expect(&client(), tg.url("/apps/billing/x"), &new_plain, 200).await;
     let out = ok(&run(h, &[], &["auth", "revoke", "--reason", "laptop lost"], "").await);
     assert!(
         out.contains(&format!("Revoked {new_id}")) && out.contains("removed"),
         "{out}"
     );
-    let r = get_bearer(&client(), tg.url("/apps/billing/x"), &new_plain).await;
-    assert_eq!(r.status(), 401);
+    get_bearer_expect(&client(), tg.url("/apps/billing/x"), &new_plain, 401).await;
     assert!(
         !std::fs::read_to_string(&cred)
             .unwrap()
@@ -506,15 +494,9 @@ async fn default_context_feeds_account_and_scope() {
     assert_eq!(v["account"], "billing-team");
     assert_eq!(v["scopes"]["app"][0], "billing");
     let plain = v["token"].as_str().unwrap();
-    assert_eq!(
-        get_bearer(&client(), tg.url("/apps/billing/x"), plain)
-            .await
-            .status(),
-        200
-    );
+    get_bearer_expect(&client(), tg.url("/apps/billing/x"), plain, 200).await;
     // The scoped token outside its scope is told so, not that it lacks the permission.
-    let r = get_bearer(&client(), tg.url("/apps/web/x"), plain).await;
-    assert_eq!(r.status(), 403);
+    let r = get_bearer_expect(&client(), tg.url("/apps/web/x"), plain, 403).await;
     let body: Value = r.json().await.unwrap();
     let msg = body["message"].as_str().unwrap();
     assert!(
@@ -654,15 +636,7 @@ async fn reported_bugs_stay_fixed() {
     let (bob, _) = tg.token("bob", "bob-ci", &["apps:read"]);
     ok(&run(h, &[], &["account", "disable", "bob"], "").await);
     let r = get_bearer(&client(), tg.url("/apps/billing/x"), &bob).await;
-    assert_eq!(r.status(), 401);
-    let body: Value = r.json().await.unwrap();
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("account that owns this API token is disabled"),
-        "{body}"
-    );
+    assert_error_message(r, 401, "account that owns this API token is disabled").await;
     assert_eq!(
         tg.upstream.count(),
         0,
@@ -721,8 +695,7 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     let via_lo = format!("http://127.0.0.1:{}/apps/billing/x", tg.addr.port());
 
     // From a non-loopback peer, over plain HTTP: 403 with how to fix, audited, nothing forwarded.
-    let r = get_bearer(&client(), via_lan.clone(), &t).await;
-    assert_eq!(r.status(), 403);
+    let r = get_bearer_expect(&client(), via_lan.clone(), &t, 403).await;
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "https_required");
     let msg = body["message"].as_str().unwrap();
@@ -742,7 +715,7 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     assert_eq!(r, 403);
     assert_eq!(tg.upstream.count(), 1);
     // Loopback: the exception.
-    assert_eq!(get_bearer(&client(), via_lo, &t).await.status(), 200);
+    get_bearer_expect(&client(), via_lo, &t, 200).await;
     // Without a token nothing changes: the usual 401.
     assert_eq!(client().get(via_lan).send().await.unwrap().status(), 401);
     tg.stop().await;
@@ -753,15 +726,14 @@ async fn bearer_tokens_over_plain_http_only_from_loopback_or_a_trusted_https_pro
     assert_eq!(r, 403);
     tg.stop().await;
     let (tg, t, via_lan) = on_the_lan(here, "allow_plaintext_tokens = true".into()).await;
-    assert_eq!(get_bearer(&client(), via_lan, &t).await.status(), 200);
+    get_bearer_expect(&client(), via_lan, &t, 200).await;
     tg.stop().await;
 }
 
 #[tokio::test]
 async fn remote_cli_refuses_plain_http_to_a_host_that_is_not_loopback() {
     let here = non_loopback_addr();
-    let tg = TestGateway::start().await;
-    let (root, _) = tg.token("ops", "root", &["tokengate:admin"]);
+    let (tg, root, _) = TestGateway::with_admin().await;
     // A listener on the non-loopback address stands in for a remote gateway: it must see nothing.
     let spy = std::net::TcpListener::bind((here, 0)).unwrap();
     spy.set_nonblocking(true).unwrap();

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Upstream, assert_success, challenge, client, get_bearer};
+use support::{
+    Upstream, assert_success, challenge, client, dead_addr, failed_auth_limit, get_bearer,
+};
 use tokengate::store::{LastUsed, NewTokenSpec, PgOptions, RateOverride, Store};
 
 /// One in-process gateway with its own config and audit log.
@@ -51,7 +53,7 @@ impl Replica {
     /// faster is the push.
     async fn postgres(url: &str, extra: &str, upstream: &Upstream) -> Replica {
         let store = format!("url = \"{url}\"\nchange_poll_interval = \"30s\"");
-        let extra = format!("[rate_limit]\nfailed_auth_per_minute = 1000000\n{extra}");
+        let extra = format!("{}{extra}", failed_auth_limit(1_000_000));
         Self::start(&store, &extra, upstream).await
     }
 
@@ -431,9 +433,7 @@ async fn a_global_limit_of_100_over_3_replicas_with_redis_admits_100() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_replica_falls_back_to_its_share_and_says_so() {
     // A port nobody listens on: Redis "down". The store is SQLite: this is about limits only.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let port = dead_addr().port();
     let upstream = Upstream::start().await;
     let extra = format!(
         "[rate_limit]\nredis = \"redis://127.0.0.1:{port}/\"\nreplicas = 2\nredis_timeout = \"200ms\""

@@ -14,9 +14,6 @@ use tokengate::path::canonicalise;
 /// The Host every corpus request uses.
 const HOST: &str = "gw.test";
 
-/// Per-token rate limit high enough that 400 requests never hit it.
-const NO_RATE_LIMIT: &str = "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n";
-
 /// What a corpus case must lead to.
 #[derive(Debug, Clone)]
 enum Want {
@@ -546,17 +543,10 @@ name = "intl"
 prefix = "/intl"
 upstream = "http://{}"
 allow_non_ascii = true
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/intl/**"
-permission = "apps:read"
-
-[[routes.rules]]
-path = "/intl/admin/**"
-permission = "admin:all"
-"#,
-        up.addr
+{}{}"#,
+        up.addr,
+        permission_rule(&["GET"], "/intl/**", "apps:read"),
+        permission_rule(&[], "/intl/admin/**", "admin:all"),
     );
     TestGateway::start_with(Options {
         sections: NO_RATE_LIMIT.into(),
@@ -1179,7 +1169,7 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
         let clean = format!("/apps/clean-{i}");
         let r = raw(
             tg.addr,
-            format!("GET {clean} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {clean} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n"),
         )
         .await;
         let got: Vec<String> = tg.upstream.received()[before..]
@@ -1228,13 +1218,9 @@ async fn smuggling_attempts_reach_the_upstream_only_as_the_requests_they_are() {
 #[tokio::test]
 async fn underscore_header_is_refused_with_an_audit_line_and_nothing_forwarded() {
     let (tg, tok, _) = TestGateway::with_reader().await;
-    let r = raw(
+    let r = raw_expect(
         tg.addr,
-        format!("GET /apps/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 400, "{}", r.raw);
+        format!("GET /apps/x HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nX_Auth_User: admin\r\nConnection: close\r\n\r\n"), 400).await;
     assert!(r.header("www-authenticate").is_none());
     let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(body["error"], "invalid_request");
@@ -1334,12 +1320,12 @@ async fn spoofed_identity_and_forwarding_headers_are_replaced_by_the_gateway() {
                       Forwarded, X-Real-IP, X-Request-Id, Host";
     for conn in ["close", connection] {
         tg.upstream.clear();
-        let r = raw(
+        let r = raw_expect(
             tg.addr,
-            spoofed_request("/apps/billing/status", Some(&tok), conn).as_bytes(),
+            spoofed_request("/apps/billing/status", Some(&tok), conn),
+            200,
         )
         .await;
-        assert_eq!(r.status, 200, "{}", r.raw);
         let got = tg.upstream.received();
         assert_eq!(got.len(), 1);
         let up = &got[0];
@@ -1397,8 +1383,7 @@ async fn public_rule_forwards_no_identity_header_even_when_the_client_sends_one(
     for auth in [None, Some(tok.as_str())] {
         tg.upstream.clear();
         let conn = "close, X-Tokengate-Token-Id";
-        let r = raw(tg.addr, spoofed_request("/health", auth, conn).as_bytes()).await;
-        assert_eq!(r.status, 200, "{}", r.raw);
+        raw_expect(tg.addr, spoofed_request("/health", auth, conn), 200).await;
         let got = tg.upstream.received();
         assert_eq!(got.len(), 1);
         let up = &got[0];
@@ -1427,12 +1412,12 @@ async fn spoofed_headers_on_a_refused_request_reach_nothing() {
     let (tg, tok, _) = TestGateway::with_reader().await;
     // The method-override and URL-override family cannot turn an allowed request into an admin
     // one, and cannot make a refused one pass.
-    let r = raw(
+    let r = raw_expect(
         tg.addr,
-        spoofed_request("/admin/users", Some(&tok), "close").as_bytes(),
+        spoofed_request("/admin/users", Some(&tok), "close"),
+        403,
     )
     .await;
-    assert_eq!(r.status, 403, "{}", r.raw);
     assert!(
         r.header("www-authenticate")
             .unwrap()

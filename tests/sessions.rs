@@ -28,7 +28,7 @@ impl Gw {
         let o = support::Options {
             store: Some(store.into()),
             audit_path: Some(audit.into()),
-            sections: "[rate_limit]\nfailed_auth_per_minute = 1000000\n".into(),
+            sections: support::failed_auth_limit(1_000_000),
             rules: String::new(),
             ..support::Options::default()
         };

@@ -11,6 +11,11 @@ use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
+/// [`h2_request`] with the one header `Authorization: Bearer tok`.
+async fn h2_bearer(addr: SocketAddr, uri: &str, tok: &str) -> u16 {
+    h2_request(addr, uri, &[("authorization", &format!("Bearer {tok}"))]).await
+}
+
 /// One HTTP/2 (prior knowledge, cleartext) request with exact headers; `cookie` may repeat.
 async fn h2_request(addr: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> u16 {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -77,15 +82,11 @@ async fn the_admin_session_cookie_never_reaches_an_upstream_over_h1_or_h2() {
         for path in ["/health", "/apps/a/b"] {
             // HTTP/1.1
             tg.upstream.clear();
-            let r = raw(
+            raw_expect(
                 tg.addr,
                 format!(
                     "GET {path} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: {bearer}\r\nCookie: {mix}\r\nConnection: close\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .await;
-            assert_eq!(r.status, 200, "{}", r.raw);
+                ), 200).await;
             // HTTP/2, the cookies split over several fields as browsers send them.
             let mut fields: Vec<(&str, &str)> = vec![("authorization", &bearer)];
             for c in mix.split(';') {
@@ -171,8 +172,7 @@ async fn identity_headers_backends_trust_are_removed() {
         req.push_str(&format!("{n}: admin@evil.test\r\n"));
     }
     req.push_str("X-Keep: 1\r\nConnection: close\r\n\r\n");
-    let r = raw(tg.addr, req.as_bytes()).await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, &req, 200).await;
     let got = tg.upstream.received();
     assert_eq!(got.len(), 1);
     for n in names {
@@ -195,8 +195,7 @@ async fn transfer_codings_other_than_chunked_are_answered_501_and_not_forwarded(
             tg.addr,
             format!(
                 "POST /echo/te HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {tok}\r\nTransfer-Encoding: {te}\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-            )
-            .as_bytes(),
+            ),
         )
         .await;
         assert_eq!(r.status, 501, "{te}: {}", r.raw);
@@ -265,7 +264,7 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
         plain.upstream.clear();
         let r = raw(
             plain.addr,
-            format!("{head}Authorization: {bearer}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("{head}Authorization: {bearer}\r\nConnection: close\r\n\r\n"),
         )
         .await;
         assert_eq!(r.status, 200, "{label}: {}", r.raw);
@@ -284,13 +283,10 @@ async fn the_upstream_sees_its_own_host_whatever_host_or_authority_the_client_se
     }
     // h2c with :authority admin.internal.
     plain.upstream.clear();
-    let status = h2_request(
-        plain.addr,
-        "http://admin.internal/apps/web/x",
-        &[("authorization", &bearer)],
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(
+        h2_bearer(plain.addr, "http://admin.internal/apps/web/x", &tok).await,
+        200
+    );
     let got = plain.upstream.received();
     assert_eq!(got[0].headers["host"], own.as_str());
     assert_eq!(got[0].headers["x-forwarded-host"], "admin.internal");
@@ -327,8 +323,7 @@ async fn invalid_host_values_are_refused_400_and_not_forwarded() {
             tg.addr,
             format!(
                 "GET /apps/web/x HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
+            ),
         )
         .await;
         // hyper refuses some of these itself (a bare 400, no audit line); the rest are ours.
@@ -342,22 +337,16 @@ async fn invalid_host_values_are_refused_400_and_not_forwarded() {
     tg.stop().await;
 }
 
+/// A rule opening `GET /docs/**` to anyone, on the host `api.example.com` only.
+fn docs_public_on_api_host() -> String {
+    public_rule(&["GET"], "/docs/**") + "host = \"api.example.com\"\n"
+}
+
 #[tokio::test]
 async fn a_pass_host_route_forwards_only_allowed_hosts_and_may_have_host_specific_rules() {
-    let rules = format!(
-        "{DEFAULT_RULES}
-[[routes.rules]]
-methods = [\"GET\"]
-path = \"/docs/**\"
-permission = \"apps:read\"
-
-[[routes.rules]]
-methods = [\"GET\"]
-path = \"/docs/**\"
-public = true
-host = \"api.example.com\"
-"
-    );
+    let rules = default_rules()
+        + &permission_rule(&["GET"], "/docs/**", "apps:read")
+        + &docs_public_on_api_host();
     let tg = TestGateway::start_with(Options {
         route: "pass_host = true\nallowed_hosts = [\"api.example.com\", \"*.example.com\"]".into(),
         rules,
@@ -376,7 +365,7 @@ host = \"api.example.com\"
     // Allowed hosts reach the upstream with the client's Host.
     for host in ["api.example.com", "API.Example.com:8443", "eu.example.com"] {
         tg.upstream.clear();
-        let r = raw(tg.addr, get(host, "/apps/a/b", true).as_bytes()).await;
+        let r = raw(tg.addr, get(host, "/apps/a/b", true)).await;
         assert_eq!(r.status, 200, "{host}: {}", r.raw);
         let got = tg.upstream.received();
         assert_eq!(got.len(), 1);
@@ -390,46 +379,27 @@ host = \"api.example.com\"
         "api.example.com.evil.test",
         "xexample.com",
     ] {
-        let r = raw(tg.addr, get(host, "/apps/a/b", true).as_bytes()).await;
+        let r = raw(tg.addr, get(host, "/apps/a/b", true)).await;
         assert_eq!(r.status, 421, "{host}: {}", r.raw);
         assert!(r.body.contains("misdirected_request"), "{}", r.body);
         let line = tg.last_request_line().await;
         assert_rejection_line(&line, 421, "host_not_allowed");
     }
-    let bearer = format!("Bearer {tok}");
-    let status = h2_request(
-        tg.addr,
-        "http://evil.test/apps/a/b",
-        &[("authorization", &bearer)],
-    )
-    .await;
-    assert_eq!(status, 421);
+    assert_eq!(
+        h2_bearer(tg.addr, "http://evil.test/apps/a/b", &tok).await,
+        421
+    );
     assert_eq!(tg.upstream.count(), 0);
 
     // The host-specific rule: /docs is public on api.example.com only.
-    let r = raw(
-        tg.addr,
-        get("api.example.com", "/docs/intro", false).as_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, get("api.example.com", "/docs/intro", false), 200).await;
     let line = tg.last_request_line().await;
     assert_eq!(
         line["rule"], "api:GET /docs/** host=api.example.com",
         "{line}"
     );
-    let r = raw(
-        tg.addr,
-        get("eu.example.com", "/docs/intro", false).as_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 401, "{}", r.raw);
-    let r = raw(
-        tg.addr,
-        get("eu.example.com", "/docs/intro", true).as_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.raw);
+    raw_expect(tg.addr, get("eu.example.com", "/docs/intro", false), 401).await;
+    raw_expect(tg.addr, get("eu.example.com", "/docs/intro", true), 200).await;
     assert_eq!(tg.upstream.count(), 2);
     tg.stop().await;
 }
@@ -530,7 +500,7 @@ upstream = \"http://{addr}\"
     let get =
         |path: &str| format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n");
     // Sanity: the public part is served, and Express really is lenient (asked directly).
-    let r = raw(tg.addr, get("/x/about").as_bytes()).await;
+    let r = raw(tg.addr, get("/x/about")).await;
     assert_eq!(
         (r.status, r.body.as_str()),
         (200, "public page"),
@@ -563,7 +533,7 @@ upstream = \"http://{addr}\"
         "/X/admin/panel",
         "/X/SETTINGS/",
     ] {
-        let r = raw(tg.addr, get(p).as_bytes()).await;
+        let r = raw(tg.addr, get(p)).await;
         assert_eq!(r.status, 401, "{p}: {}", r.raw);
         let line = tg.last_request_line().await;
         assert_rejection_line(&line, 401, "missing_token");
@@ -581,11 +551,11 @@ upstream = \"http://{addr}\"
 
     // The unsafe combination (documented): the default strict route in front of Express lets
     // case and trailing-slash variants past the rule, into the protected handler.
-    let r = raw(tg.addr, get("/y/admin/panel").as_bytes()).await;
+    let r = raw(tg.addr, get("/y/admin/panel")).await;
     assert_eq!(r.status, 401);
     let mut leaked = Vec::new();
     for p in ["/y/ADMIN/panel", "/y/settings/"] {
-        let r = raw(tg.addr, get(p).as_bytes()).await;
+        let r = raw(tg.addr, get(p)).await;
         if r.status == 200 && r.body.starts_with("protected") {
             leaked.push(p);
         }
@@ -597,7 +567,7 @@ upstream = \"http://{addr}\"
 
 #[tokio::test]
 async fn an_http2_connection_with_no_stream_is_closed_after_the_idle_timeout() {
-    let tg = TestGateway::start_with(Options::server("h2_idle_timeout = \"300ms\"")).await;
+    let tg = TestGateway::with_server("h2_idle_timeout = \"300ms\"").await;
     let (tok, _) = tg.token("ci", "reader", &["apps:read"]);
     let stream = tokio::net::TcpStream::connect(tg.addr).await.unwrap();
     let (mut send, conn) =
@@ -622,26 +592,20 @@ async fn an_http2_connection_with_no_stream_is_closed_after_the_idle_timeout() {
 #[test]
 fn the_new_route_keys_are_validated() {
     let dir = tempfile::tempdir().unwrap();
-    let host_rule = format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/docs/**\"\npublic = true\nhost = \"api.example.com\"\n"
-    );
+    let host_rule = default_rules() + &docs_public_on_api_host();
     for (route, rules, key) in [
-        ("pass_host = true", DEFAULT_RULES.to_string(), "pass_host"),
+        ("pass_host = true", default_rules(), "pass_host"),
         (
             "trailing_slash = \"loose\"",
-            DEFAULT_RULES.to_string(),
+            default_rules(),
             "trailing_slash",
         ),
         (
             "allowed_hosts = [\"api.example.com:443\"]",
-            DEFAULT_RULES.to_string(),
+            default_rules(),
             "allowed_hosts",
         ),
-        (
-            "allowed_hosts = [\"*\"]",
-            DEFAULT_RULES.to_string(),
-            "allowed_hosts",
-        ),
+        ("allowed_hosts = [\"*\"]", default_rules(), "allowed_hosts"),
         ("", host_rule.clone(), ".host"),
         (
             "allowed_hosts = [\"api.example.com\"]",

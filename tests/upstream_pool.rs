@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokengate::pool::Pool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Barrier;
 
 use support::*;
@@ -67,6 +67,14 @@ fn ok(body: &str) -> Reply {
     ))
 }
 
+/// `reply`, after which the upstream closes the connection.
+fn closing(reply: Reply) -> Reply {
+    Reply {
+        then: Then::Close,
+        ..reply
+    }
+}
+
 fn raw(text: &str) -> Reply {
     Reply {
         barrier: None,
@@ -91,9 +99,9 @@ struct RawUpstream {
 impl RawUpstream {
     async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> RawUpstream {
         let script: Script = Arc::new(script);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (listener, addr) = loopback_listener().await;
         let up = RawUpstream {
-            addr: listener.local_addr().unwrap(),
+            addr,
             accepted: Arc::default(),
             ended: Arc::default(),
             seen: Arc::default(),
@@ -312,12 +320,7 @@ async fn bodiless_chunked_and_head_responses_all_return_their_connection() {
     let (tg, tok) = gateway_for(&up).await;
     let c = client();
     for _ in 0..3 {
-        let r = c
-            .head(tg.url("/apps/a/x"))
-            .bearer_auth(&tok)
-            .send()
-            .await
-            .unwrap();
+        let r = send_bearer(c.head(tg.url("/apps/a/x")), &tok).await;
         assert_eq!(r.status(), 200);
         assert_eq!(get(&tg, &tok, "/status/204").await, (204, String::new()));
         assert_eq!(get(&tg, &tok, "/apps/a/empty").await, (200, String::new()));
@@ -381,9 +384,10 @@ async fn concurrent_requests_open_at_most_the_concurrency_and_are_all_reused() {
 
 #[tokio::test]
 async fn connection_close_response_is_not_reused() {
-    let up = RawUpstream::start(|_| Reply {
-        then: Then::Close,
-        ..raw("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye")
+    let up = RawUpstream::start(|_| {
+        closing(raw(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye",
+        ))
     })
     .await;
     let (tg, tok) = gateway_for(&up).await;
@@ -418,34 +422,23 @@ async fn upstream_closing_an_idle_connection_is_survived_and_a_post_is_sent_once
     })
     .await;
     let (tg, tok) = gateway_for(&up).await;
+    // [`wait_closed`] for the gateway's pool.
+    let closed = |ended, what| wait_closed(&up, tg.gw.upstream_pool(), ended, what);
     let c = client();
     for i in 0..3 {
         assert_eq!(get(&tg, &tok, "/apps/a/x").await, (200, "done".to_string()));
         // The upstream closed it, and the gateway's connection task has read the FIN: no open
         // idle connection is left.
-        wait_closed(
-            &up,
-            tg.gw.upstream_pool(),
-            2 * i + 1,
-            "the upstream closed its idle connection",
+        closed(2 * i + 1, "the upstream closed its idle connection").await;
+        let r = send_bearer(
+            c.post(tg.url("/apps/a/deploy"))
+                .body(format!("payload-{i}")),
+            &tok,
         )
         .await;
-        let r = c
-            .post(tg.url("/apps/a/deploy"))
-            .bearer_auth(&tok)
-            .body(format!("payload-{i}"))
-            .send()
-            .await
-            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "done");
-        wait_closed(
-            &up,
-            tg.gw.upstream_pool(),
-            2 * i + 2,
-            "the upstream closed the POST's connection",
-        )
-        .await;
+        closed(2 * i + 2, "the upstream closed the POST's connection").await;
     }
     let seen = up.seen();
     let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
@@ -470,10 +463,7 @@ async fn a_post_that_may_have_been_sent_is_never_replayed() {
     // request may have been acted on, so the gateway answers 502 and does not send it again.
     let up = RawUpstream::start(|s| {
         if s.method == "POST" {
-            Reply {
-                then: Then::Close,
-                ..raw("")
-            }
+            closing(raw(""))
         } else {
             ok("warm")
         }
@@ -618,11 +608,7 @@ async fn idle_connections_close_on_time_without_further_traffic() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_is_dropped_from_the_pool() {
-    let up = RawUpstream::start(|_| Reply {
-        then: Then::Close,
-        ..ok("hi")
-    })
-    .await;
+    let up = RawUpstream::start(|_| closing(ok("hi"))).await;
     let pool = Pool::default();
     assert_eq!(send(&pool, request(&up, "/a")).await.0, 200);
     wait_closed(&up, &pool, 1, "the upstream closed").await;
@@ -657,10 +643,7 @@ async fn host_comes_from_the_authority_only_when_the_request_has_none() {
 
 #[tokio::test]
 async fn a_refused_connect_is_an_error_not_a_hang() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let pool = Pool::default();
     let req = http::Request::get(format!("http://{dead}/x"))
         .body(tokengate::body::empty())

@@ -30,7 +30,6 @@ use rustls::server::WebPkiClientVerifier;
 use tokengate::config::{Config, UpstreamConnector, UpstreamTlsOptions};
 use tokengate::pool::Pool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use support::*;
 
@@ -153,6 +152,16 @@ impl TlsUpstream {
         .await
     }
 
+    /// An upstream serving `leaf` that requires a client certificate signed by `client_ca`.
+    async fn requiring_client_certs(leaf: &Leaf, client_ca: &Ca) -> TlsUpstream {
+        TlsUpstream::start(UpstreamSetup {
+            leaf,
+            client_ca: Some(client_ca),
+            close: false,
+        })
+        .await
+    }
+
     /// `https://{host}:{port}`: this upstream, reached by the name `host`.
     fn url(&self, host: &str) -> String {
         format!("https://{host}:{}", self.addr.port())
@@ -183,9 +192,9 @@ impl TlsUpstream {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (listener, addr) = loopback_listener().await;
         let up = TlsUpstream {
-            addr: listener.local_addr().unwrap(),
+            addr,
             accepted: Arc::default(),
             handshakes: Arc::default(),
             resumed: Arc::default(),
@@ -312,6 +321,19 @@ async fn get(tg: &TestGateway, tok: &str) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
+/// [`assert_tls_refusal`], and nothing reached `up`'s handler.
+async fn assert_refused_unseen(tg: &TestGateway, tok: &str, up: &TlsUpstream) {
+    assert_tls_refusal(tg, tok).await;
+    assert!(up.seen().is_empty(), "nothing reached the handler");
+}
+
+/// `n` GETs through the TLS route, each answered 200.
+async fn get_ok_times(tg: &TestGateway, tok: &str, n: usize) {
+    for i in 0..n {
+        assert_eq!(get(tg, tok).await.0, 200, "request {i}");
+    }
+}
+
 /// Sends `GET /tls/hello` with `tok` and checks a 502 `upstream_tls_error`: body, audit line
 /// (allowed, then failed upstream).
 async fn assert_tls_refusal(tg: &TestGateway, tok: &str) {
@@ -380,6 +402,19 @@ async fn gateway_to(upstream: &str, tls_table: &str) -> (TestGateway, String) {
     (tg, tok)
 }
 
+/// [`verified_pair`] with an upstream whose certificate for `names` another CA, `other_name`,
+/// signed, reached by the last of `names`: (that CA, upstream, gateway, token).
+async fn pair_signed_by_another_ca(
+    pki: &Pki,
+    other_name: &str,
+    names: &[&str],
+) -> (Ca, TlsUpstream, TestGateway, String) {
+    let other = Ca::new(other_name);
+    let leaf = other.leaf("upstream", names, false);
+    let (up, tg, tok) = verified_pair(pki, &leaf, names.last().unwrap(), false).await;
+    (other, up, tg, tok)
+}
+
 /// An upstream serving `leaf` (no client certificate asked; `close` answers each request with
 /// `Connection: close`) and a gateway whose secure route reaches it at `https://{host}:{port}`
 /// trusting the test CA, with a token for `ci` that may read.
@@ -442,11 +477,9 @@ async fn a_verified_upstream_gets_the_request_and_sni_comes_from_the_host() {
 #[tokio::test]
 async fn an_upstream_signed_by_another_ca_is_a_502_and_nothing_is_sent() {
     let pki = pki();
-    let other = Ca::new("somebody else's CA");
-    let leaf = other.leaf("upstream", &["localhost", "127.0.0.1"], false);
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "127.0.0.1", false).await;
-    assert_tls_refusal(&tg, &tok).await;
-    assert!(up.seen().is_empty(), "nothing reached the handler");
+    let names = ["localhost", "127.0.0.1"];
+    let (_, up, tg, tok) = pair_signed_by_another_ca(&pki, "somebody else's CA", &names).await;
+    assert_refused_unseen(&tg, &tok, &up).await;
     assert_eq!(up.counts().1, 0, "no handshake completed");
     tg.stop().await;
 }
@@ -457,8 +490,7 @@ async fn a_certificate_for_another_name_is_a_502_and_server_name_fixes_it() {
     let (up, url) = pki.serve(&["api.internal"], "127.0.0.1").await;
     let ca = pki.ca_line();
     let (tg, tok) = gateway_to(&url, &ca).await;
-    assert_tls_refusal(&tg, &tok).await;
-    assert!(up.seen().is_empty(), "nothing reached the handler");
+    assert_refused_unseen(&tg, &tok, &up).await;
     tg.stop().await;
 
     // The same upstream reached by address, with the name its certificate carries.
@@ -499,12 +531,7 @@ async fn the_log_says_why_a_handshake_failed() {
 
     // mTLS required, no client certificate: the upstream's alert, in words.
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: Some(&pki.ca),
-        close: false,
-    })
-    .await;
+    let up = TlsUpstream::requiring_client_certs(&leaf, &pki.ca).await;
     // On HTTP/1.1 and on HTTP/2 (where the alert arrives on the h2 connection).
     for http2 in [false, true] {
         let tls = UpstreamTlsOptions {
@@ -533,18 +560,12 @@ async fn the_log_says_why_a_handshake_failed() {
 async fn mtls_upstream_refuses_without_a_client_certificate_and_accepts_with_one() {
     let pki = pki();
     let leaf = pki.ca.leaf("upstream", &["localhost"], false);
-    let up = TlsUpstream::start(UpstreamSetup {
-        leaf: &leaf,
-        client_ca: Some(&pki.ca),
-        close: false,
-    })
-    .await;
+    let up = TlsUpstream::requiring_client_certs(&leaf, &pki.ca).await;
     let url = up.url("localhost");
     let ca = pki.ca_line();
 
     let (tg, tok) = gateway_to(&url, &ca).await;
-    assert_tls_refusal(&tg, &tok).await;
-    assert!(up.seen().is_empty(), "nothing reached the handler");
+    assert_refused_unseen(&tg, &tok, &up).await;
     assert_eq!(up.counts().1, 0, "the upstream completed no handshake");
     tg.stop().await;
 
@@ -619,9 +640,7 @@ async fn http2_through_alpn_when_the_route_asks_and_http1_otherwise() {
 async fn twenty_sequential_requests_use_one_connection_and_one_handshake() {
     let pki = pki();
     let (up, tg, tok) = localhost_pair(&pki, false).await;
-    for _ in 0..20 {
-        assert_eq!(get(&tg, &tok).await.0, 200);
-    }
+    get_ok_times(&tg, &tok, 20).await;
     assert_eq!(up.seen().len(), 20);
     assert_eq!(up.counts(), (1, 1), "(TCP connections, TLS handshakes)");
     tg.stop().await;
@@ -632,9 +651,7 @@ async fn a_new_connection_resumes_the_tls_session() {
     let pki = pki();
     // `Connection: close` on every answer: each request needs a new connection.
     let (up, tg, tok) = localhost_pair(&pki, true).await;
-    for _ in 0..3 {
-        assert_eq!(get(&tg, &tok).await.0, 200);
-    }
+    get_ok_times(&tg, &tok, 3).await;
     assert_eq!(up.counts(), (3, 3));
     assert_eq!(
         up.resumed.load(Ordering::SeqCst),
@@ -647,9 +664,8 @@ async fn a_new_connection_resumes_the_tls_session() {
 #[tokio::test]
 async fn a_reload_reads_the_tls_files_again() {
     let pki = pki();
-    let other = Ca::new("the CA the upstream moves to");
-    let leaf = other.leaf("upstream", &["localhost"], false);
-    let (up, tg, tok) = verified_pair(&pki, &leaf, "localhost", false).await;
+    let new_ca = "the CA the upstream moves to";
+    let (other, up, tg, tok) = pair_signed_by_another_ca(&pki, new_ca, &["localhost"]).await;
     assert_tls_refusal(&tg, &tok).await;
 
     // The operator installs the new CA and sends SIGHUP.

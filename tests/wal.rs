@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::{
-    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, cli, client, fill, get_bearer,
-    read_audit_file, rules_with_delay, write_config,
+    MOUNT_NEEDED, Options, Served, TestGateway, Tmpfs, Upstream, assert_exit_code, cli, client,
+    fill, get_bearer, get_bearer_expect, read_audit_file, rules_with_delay, write_config,
 };
 use tokengate::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -111,8 +111,7 @@ async fn kill_9_with_20_requests_in_flight_leaves_20_decisions_that_verify_names
 
     // A restarted gateway continues the chain; new requests complete.
     let gw = Served::start(&config).await;
-    let r = get_bearer(&c, gw.url("/apps/billing/status"), &token).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, gw.url("/apps/billing/status"), &token, 200).await;
     r.bytes().await.unwrap();
     let t0 = Instant::now();
     while !read_audit_file(&log)
@@ -171,8 +170,7 @@ async fn a_response_cut_by_the_upstream_is_audited_with_its_outcome_and_bytes() 
     })
     .await;
     let (tok, _) = tg.token("acme", "ci", &["apps:read"]);
-    let r = get_bearer(&client(), tg.url("/cut/file"), &tok).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&client(), tg.url("/cut/file"), &tok, 200).await;
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(r.bytes().await.is_err(), "the body was cut");
 
@@ -244,8 +242,7 @@ async fn a_full_audit_disk_for_20_s_under_load_logs_fewer_than_10_error_lines() 
     let token = issue(&dir.path().join("tokengate.db"));
     let gw = Served::start(&config).await;
     let c = client();
-    let r = get_bearer(&c, gw.url("/apps/billing/status"), &token).await;
-    assert_eq!(r.status(), 200);
+    let r = get_bearer_expect(&c, gw.url("/apps/billing/status"), &token, 200).await;
     r.bytes().await.unwrap();
 
     let filler = fill(&mnt);
@@ -365,12 +362,7 @@ fn cli_token_create_with_a_full_audit_disk_and_no_gateway_fails_and_creates_noth
         "--permission",
         "apps:read",
     ]);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_exit_code(&ok, 0);
 
     let tokens = |db: &Path| {
         Store::open(db, Duration::from_secs(5))

@@ -258,6 +258,17 @@ export async function openPage(browser, contextOptions) {
   return { context, page, consoleErrors };
 }
 
+/** The status of `GET /v1/whoami` from `page`, with its cookies: 401 once it is signed out. */
+export const whoamiStatus = (page) => page.evaluate(async () => (await fetch("/v1/whoami")).status);
+
+/** Clicks the button named `button` on `page`; checks it lands on the sign-in page, signed out. */
+export async function signOutWith(page, button) {
+  await page.getByRole("button", { name: button }).click();
+  await page.getByRole("heading", { name: "Sign in" }).waitFor();
+  const status = await whoamiStatus(page);
+  if (status !== 401) throw new Error(`still signed in after "${button}": whoami ${status}`);
+}
+
 // ------------------------------------------------------------------ an authenticator app
 // RFC 6238 (HMAC-SHA1, 6 digits, 30 s steps), as an authenticator app computes it.
 
@@ -302,3 +313,13 @@ export const auditLines = (dir) => auditText(dir).split("\n").filter(Boolean).ma
 
 /** The admin events named `event` among the parsed audit `lines`. */
 export const adminEvents = (lines, event) => lines.filter((l) => l.kind === "admin" && l.event === event);
+
+/**
+ * The audit log of the gateway in `dir` once its last lines are written (after 300 ms): its
+ * `text`, its parsed `lines`, and `ev(name)`, the admin events named `name`.
+ */
+export async function settledAudit(dir) {
+  await sleep(300);
+  const lines = auditLines(dir);
+  return { text: auditText(dir), lines, ev: (name) => adminEvents(lines, name) };
+}

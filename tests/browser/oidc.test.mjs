@@ -9,8 +9,8 @@
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  adminEvents, appsReadRule, auditLines, auditText, deployRule, gatewayConfig, launchBrowser, oidcAdmin,
-  openPage, prepareGateway, runSteps, shots, sleep, startGateway, startProvider, startUpstream, step,
+  appsReadRule, deployRule, gatewayConfig, launchBrowser, oidcAdmin, openPage, prepareGateway, runSteps,
+  settledAudit, shots, signOutWith, startGateway, startProvider, startUpstream, step, whoamiStatus,
 } from "./harness.mjs";
 
 // ------------------------------------------------------------------ the OpenID provider
@@ -130,23 +130,16 @@ await runSteps(async () => {
     const other = page.locator("#sessions-list tr", { hasNotText: "this browser" });
     await other.getByRole("button").click();
     await page.waitForFunction(() => document.querySelectorAll("#sessions-list tr").length === 1);
-    const s = await p2.evaluate(async () => (await fetch("/v1/whoami")).status);
-    assert.equal(s, 401, "the other browser is signed out");
+    assert.equal(await whoamiStatus(p2), 401, "the other browser is signed out");
     await ctx2.close();
   });
 
   await step("revoking all sessions signs them out everywhere", async () => {
-    await page.getByRole("button", { name: "Revoke all sessions" }).click();
-    await page.getByRole("heading", { name: "Sign in" }).waitFor();
-    const s = await page.evaluate(async () => (await fetch("/v1/whoami")).status);
-    assert.equal(s, 401);
+    await signOutWith(page, "Revoke all sessions");
   });
 
   await step("the audit log tells the story with the person's identity, and no secret", async () => {
-    await sleep(300);
-    const text = auditText(dir);
-    const lines = auditLines(dir);
-    const ev = (name) => adminEvents(lines, name);
+    const { text, ev } = await settledAudit(dir);
     const acc = ev("account.created")[0];
     assert.equal(acc.account, "ada@example.com");
     assert.match(acc.target, /^acc_/, "the target is the account id, the name is `account`");

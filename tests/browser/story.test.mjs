@@ -29,8 +29,8 @@ import os from "node:os";
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  adminEvents, appsReadRule, auditLines, auditText, base32, bin, deployRule, gatewayConfig, hotp, launchBrowser,
-  mfaAdmin, oidcAdmin, onCleanup, openPage, prepareGateway, runSteps, shots, sleep, startGateway, startProvider,
+  adminEvents, appsReadRule, auditLines, base32, bin, deployRule, gatewayConfig, hotp, launchBrowser, mfaAdmin,
+  oidcAdmin, onCleanup, openPage, prepareGateway, runSteps, settledAudit, shots, sleep, startGateway, startProvider,
   startUpstream, step, timeStep, totp,
 } from "./harness.mjs";
 
@@ -93,6 +93,15 @@ async function gatedRefusal(approvalId, why) {
 // ------------------------------------------------------------------ the browser
 const browser = await launchBrowser();
 const { context, page, consoleErrors } = await openPage(browser, { viewport: { width: 1280, height: 900 } });
+
+// Fills the "Issue a token" form with `name` and `role` and submits it; returns the API's answer.
+async function issueInPage(name, role) {
+  await page.getByLabel("Name").fill(name);
+  await page.getByLabel("Role").selectOption(role);
+  const answer = page.waitForResponse((r) => r.url() === `${adminUrl}/v1/tokens` && r.request().method() === "POST");
+  await page.getByRole("button", { name: "Issue token" }).click();
+  return answer;
+}
 
 let key = null;          // the TOTP key, as the authenticator app holds it
 let personal = null;     // the token ada issued for herself
@@ -159,11 +168,7 @@ await runSteps(async () => {
   await step("3a. they issue a token for their own account in the UI; it works within their policy", async () => {
     await page.getByRole("link", { name: "Back to API tokens" }).click();
     await page.getByRole("heading", { name: "Issue a token" }).waitFor();
-    await page.getByLabel("Name").fill("ada-laptop");
-    await page.getByLabel("Role").selectOption("viewer");
-    const answer = page.waitForResponse((r) => r.url() === `${adminUrl}/v1/tokens` && r.request().method() === "POST");
-    await page.getByRole("button", { name: "Issue token" }).click();
-    assert.equal((await answer).status(), 201);
+    assert.equal((await issueInPage("ada-laptop", "viewer")).status(), 201);
     await page.locator("#reveal").waitFor({ state: "visible" });
     personal = await page.getByLabel("Token", { exact: true }).inputValue();
     assert.match(personal, /^tg_/);
@@ -193,11 +198,7 @@ await runSteps(async () => {
     assert.match(await deployer.innerText(), /not allowed for this sign-in/);
     // What someone editing the page would do: re-enable the option and submit it.
     await page.evaluate(() => document.querySelector("#issue-role option[value=deployer]").removeAttribute("disabled"));
-    await page.getByLabel("Name").fill("ada-deployer");
-    await page.getByLabel("Role").selectOption("deployer");
-    const answer = page.waitForResponse((r) => r.url() === `${adminUrl}/v1/tokens` && r.request().method() === "POST");
-    await page.getByRole("button", { name: "Issue token" }).click();
-    const r = await answer;
+    const r = await issueInPage("ada-deployer", "deployer");
     assert.equal(r.status(), 403);
     const body = await r.json();
     assert.equal(body.error, "forbidden");
@@ -210,11 +211,7 @@ await runSteps(async () => {
     await page.reload();
     await page.getByRole("heading", { name: "Issue a token" }).waitFor();
     await page.locator("#tokens tr", { hasText: "ada-laptop" }).waitFor();
-    await page.getByLabel("Name").fill("ada-second");
-    await page.getByLabel("Role").selectOption("viewer");
-    const answer = page.waitForResponse((r) => r.url() === `${adminUrl}/v1/tokens` && r.request().method() === "POST");
-    await page.getByRole("button", { name: "Issue token" }).click();
-    const r = await answer;
+    const r = await issueInPage("ada-second", "viewer");
     assert.equal(r.status(), 409);
     assert.equal((await r.json()).error, "token_limit");
     await page.locator("#issue-error").filter({ hasText: /already has 1 active tokens, the most it may have\. Revoke one/ }).waitFor();
@@ -344,8 +341,7 @@ await runSteps(async () => {
 
   // ---------------------------------------------------------------- 9. the audit log
   await step("9. the audit log holds the whole story in order, no token plaintext, and `audit verify` exits 0", async () => {
-    await sleep(300);
-    const text = auditText(dir);
+    const { text } = await settledAudit(dir);
     assert.equal(text.includes(ci), false, "no CI token plaintext");
     assert.equal(text.includes(personal), false, "no personal token plaintext");
     for (const k of [key.toString("hex")]) assert.equal(text.includes(k), false, "no TOTP key");

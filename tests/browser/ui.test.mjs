@@ -15,8 +15,8 @@
 import path from "node:path";
 import assert from "node:assert/strict";
 import {
-  adminEvents, appsReadRule, auditLines, auditText, gatewayConfig, launchBrowser, openPage, prepareGateway,
-  runSteps, shots, sleep, startGateway, startUpstream, step,
+  appsReadRule, auditText, gatewayConfig, launchBrowser, openPage, prepareGateway, runSteps, settledAudit,
+  shots, signOutWith, startGateway, startUpstream, step,
 } from "./harness.mjs";
 
 // ------------------------------------------------------------------ recording upstream
@@ -312,16 +312,11 @@ await runSteps(async () => {
   });
 
   await step("sign out ends the session", async () => {
-    await page.getByRole("button", { name: "Sign out" }).click();
-    await page.getByRole("heading", { name: "Sign in" }).waitFor();
-    const r = await page.evaluate(async () => (await fetch("/v1/whoami")).status);
-    assert.equal(r, 401);
+    await signOutWith(page, "Sign out");
   });
 
   await step("the audit log has the session's actions, and no token", async () => {
-    await sleep(300);
-    const lines = auditLines(dir);
-    const ev = (name) => adminEvents(lines, name);
+    const { ev } = await settledAudit(dir);
     for (const name of ["session.login", "token.created", "token.revoked", "session.logout"]) {
       const found = ev(name).filter((l) => l.auth_type === "session" && l.actor === signin.id);
       // Signed in on the desktop page and again at phone width; one of everything else.

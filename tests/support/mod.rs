@@ -48,11 +48,17 @@ pub struct Upstream {
     pub requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
+/// A listener on a free loopback port, and its address.
+pub async fn loopback_listener() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
 impl Upstream {
     /// Starts one on a free port.
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, addr) = loopback_listener().await;
         let requests = Arc::new(Mutex::new(Vec::new()));
         let rec = requests.clone();
         tokio::spawn(async move {
@@ -85,6 +91,18 @@ impl Upstream {
     /// Number of requests received.
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
+    }
+
+    /// Checks that no request body the upstream received was longer than `max` bytes.
+    pub fn assert_bodies_at_most(&self, max: u64) {
+        for seen in self.received() {
+            assert!(
+                seen.body_len <= max,
+                "the upstream got {} body bytes of {}",
+                seen.body_len,
+                seen.target
+            );
+        }
     }
 
     /// Forgets what was received.
@@ -261,8 +279,7 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    let (l, addr) = loopback_listener().await;
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(handle(s));
@@ -319,6 +336,19 @@ pub fn cli(cfg: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// Checks that a command exited with `code` (showing what it printed otherwise); returns its
+/// stderr.
+pub fn assert_exit_code(out: &std::process::Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
 }
 
 /// Asserts a CLI run succeeded, showing its stderr when not.
@@ -393,31 +423,24 @@ impl Drop for Served {
     }
 }
 
-/// `tokengate serve` on `config` with JSON logs at `RUST_LOG=info`, started as a child process.
-/// Every stderr line is kept (those before the listening line too); waits, at most 60 s, for the
-/// "tokengate listening" line. Returns the child, the public and admin addresses, and the lines.
-pub async fn spawn_serve_logged(
-    config: &Path,
-) -> (
+/// A `tokengate serve` child process, its public and admin addresses, and its stderr lines so far.
+pub type LoggedServe = (
     std::process::Child,
     SocketAddr,
     SocketAddr,
     Arc<Mutex<Vec<String>>>,
-) {
+);
+
+/// `tokengate serve` on `config` with JSON logs at `RUST_LOG=info`, started as a child process.
+/// Every stderr line is kept (those before the listening line too); waits, at most 60 s, for the
+/// "tokengate listening" line. Returns the child, the public and admin addresses, and the lines.
+pub async fn spawn_serve_logged(config: &Path) -> LoggedServe {
     spawn_serve_logged_by(std::process::Command::new(bin()), config).await
 }
 
 /// [`spawn_serve_logged`] with the binary started by `cmd` (for example `taskset -c 0 BIN`):
 /// the `serve` arguments are appended to it.
-pub async fn spawn_serve_logged_by(
-    mut cmd: std::process::Command,
-    config: &Path,
-) -> (
-    std::process::Child,
-    SocketAddr,
-    SocketAddr,
-    Arc<Mutex<Vec<String>>>,
-) {
+pub async fn spawn_serve_logged_by(mut cmd: std::process::Command, config: &Path) -> LoggedServe {
     use std::io::BufRead;
     use std::process::Stdio;
     let mut child = cmd
@@ -763,53 +786,66 @@ pub fn token_spec(
     }
 }
 
+/// A `[[routes.rules]]` table for `methods` (none: any method) on `path`, with `keys` (TOML lines).
+pub fn rule(methods: &[&str], path: &str, keys: &str) -> String {
+    let methods = if methods.is_empty() {
+        String::new()
+    } else {
+        format!("methods = {methods:?}\n")
+    };
+    format!("\n[[routes.rules]]\n{methods}path = {path:?}\n{keys}\n")
+}
+
+/// A rule letting holders of `permission` use `methods` (none: any method) on `path`.
+pub fn permission_rule(methods: &[&str], path: &str, permission: &str) -> String {
+    rule(methods, path, &format!("permission = {permission:?}"))
+}
+
+/// A rule opening `methods` on `path` to anyone, without a token.
+pub fn public_rule(methods: &[&str], path: &str) -> String {
+    rule(methods, path, "public = true")
+}
+
+/// `rule` staged as a shadow rule: its decision is logged, never enforced.
+pub fn shadow(rule: String) -> String {
+    rule + "shadow = true\n"
+}
+
 /// The rules every test gateway starts with.
-pub const DEFAULT_RULES: &str = r#"
-[[routes.rules]]
-methods = ["GET", "HEAD"]
-path = "/apps/{app}/**"
-permission = "apps:read"
+pub fn default_rules() -> String {
+    [
+        permission_rule(&["GET", "HEAD"], "/apps/{app}/**", "apps:read"),
+        permission_rule(&["POST"], "/apps/{app}/deploy", "apps:deploy"),
+        permission_rule(&["GET", "POST", "PUT"], "/echo/**", "apps:read"),
+        public_rule(&["GET"], "/health"),
+        permission_rule(&["GET", "POST"], "/slow/**", "apps:read"),
+        permission_rule(&["GET"], "/status/{code}", "apps:read"),
+        permission_rule(&["GET"], "/download/{n}", "apps:read"),
+        permission_rule(&[], "/admin/**", "admin:all"),
+    ]
+    .concat()
+}
 
-[[routes.rules]]
-methods = ["POST"]
-path = "/apps/{app}/deploy"
-permission = "apps:deploy"
-
-[[routes.rules]]
-methods = ["GET", "POST", "PUT"]
-path = "/echo/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/health"
-public = true
-
-[[routes.rules]]
-methods = ["GET", "POST"]
-path = "/slow/**"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/status/{code}"
-permission = "apps:read"
-
-[[routes.rules]]
-methods = ["GET"]
-path = "/download/{n}"
-permission = "apps:read"
-
-[[routes.rules]]
-path = "/admin/**"
-permission = "admin:all"
-"#;
-
-/// [`DEFAULT_RULES`] and a rule for the upstream's `/delay/{ms}` (a slow answer, for drains).
+/// [`default_rules`] and a rule for the upstream's `/delay/{ms}` (a slow answer, for drains).
 pub fn rules_with_delay() -> String {
-    format!(
-        "{DEFAULT_RULES}\n[[routes.rules]]\nmethods = [\"GET\"]\npath = \"/delay/{{ms}}\"\npermission = \"apps:read\"\n"
-    )
+    default_rules() + &permission_rule(&["GET"], "/delay/{ms}", "apps:read")
+}
+
+/// A loopback address nothing listens on (its port was free a moment ago): for 502s and refused
+/// connections.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A `[rate_limit]` section with a per-token rate limit high enough that the corpus and load
+/// tests never hit it.
+pub const NO_RATE_LIMIT: &str = "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n";
+
+/// A `[rate_limit]` section letting each client address fail authentication `per_minute` times a
+/// minute before it is refused.
+pub fn failed_auth_limit(per_minute: usize) -> String {
+    format!("[rate_limit]\nfailed_auth_per_minute = {per_minute}\n")
 }
 
 /// Options for a test gateway.
@@ -820,7 +856,7 @@ pub struct Options {
     pub sections: String,
     /// Extra keys on the route (e.g. `websocket = true`).
     pub route: String,
-    /// Rules (default: [`DEFAULT_RULES`]).
+    /// Rules (default: [`default_rules`]).
     pub rules: String,
     /// Extra routes appended at the end.
     pub extra_routes: String,
@@ -841,36 +877,44 @@ pub struct Options {
 }
 
 impl Options {
+    /// The defaults, changed by `change`.
+    fn defaults_with(change: impl FnOnce(&mut Options)) -> Options {
+        let mut o = Options::default();
+        change(&mut o);
+        o
+    }
+
     /// The defaults with extra `[server]` keys.
     pub fn server(keys: impl Into<String>) -> Options {
-        Options {
-            server: keys.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.server = keys.into())
     }
 
     /// The defaults with extra top-level sections.
     pub fn sections(toml: impl Into<String>) -> Options {
-        Options {
-            sections: toml.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.sections = toml.into())
+    }
+
+    /// The defaults with extra keys in `[audit]`.
+    pub fn audit(keys: impl Into<String>) -> Options {
+        Self::defaults_with(|o| o.audit = keys.into())
+    }
+
+    /// The defaults with extra top-level sections, built (config, store, gateway) but not served.
+    pub fn unserved_sections(toml: impl Into<String>) -> Options {
+        Self::defaults_with(|o| {
+            o.sections = toml.into();
+            o.serve = false;
+        })
     }
 
     /// The defaults, built (config, store, gateway) but not served.
     pub fn unserved() -> Options {
-        Options {
-            serve: false,
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.serve = false)
     }
 
-    /// The defaults with these rules instead of [`DEFAULT_RULES`].
+    /// The defaults with these rules instead of [`default_rules`].
     pub fn rules(toml: impl Into<String>) -> Options {
-        Options {
-            rules: toml.into(),
-            ..Options::default()
-        }
+        Self::defaults_with(|o| o.rules = toml.into())
     }
 }
 
@@ -880,7 +924,7 @@ impl Default for Options {
             server: String::new(),
             sections: String::new(),
             route: String::new(),
-            rules: DEFAULT_RULES.to_string(),
+            rules: default_rules(),
             extra_routes: String::new(),
             serve: true,
             upstream_override: None,
@@ -1093,6 +1137,29 @@ impl TestGateway {
         }
     }
 
+    /// A default gateway with extra `[server]` keys ([`Options::server`]).
+    pub async fn with_server(keys: impl Into<String>) -> TestGateway {
+        Self::start_with(Options::server(keys)).await
+    }
+
+    /// A default gateway with extra top-level sections ([`Options::sections`]).
+    pub async fn with_sections(toml: impl Into<String>) -> TestGateway {
+        Self::start_with(Options::sections(toml)).await
+    }
+
+    /// A default gateway with the failed-auth limit [`failed_auth_limit`]`(per_minute)`.
+    pub async fn failed_auth_limited(per_minute: usize) -> TestGateway {
+        Self::start_with(Options::sections(failed_auth_limit(per_minute))).await
+    }
+
+    /// A default gateway and an admin token `root` of account `ops` holding `tokengate:admin`:
+    /// (gateway, plaintext, id).
+    pub async fn with_admin() -> (TestGateway, String, String) {
+        let tg = Self::start().await;
+        let (tok, id) = tg.token("ops", "root", &["tokengate:admin"]);
+        (tg, tok, id)
+    }
+
     /// A default gateway and a token `reader` of account `ci` holding `apps:read`:
     /// (gateway, plaintext, id).
     pub async fn with_reader() -> (TestGateway, String, String) {
@@ -1200,6 +1267,14 @@ impl TestGateway {
         .await
     }
 
+    /// Checks the last request line's `status_code` and `reason`; returns the line.
+    pub async fn assert_last_line(&self, status: u16, reason: &str) -> serde_json::Value {
+        let line = self.last_request_line().await;
+        assert_eq!(line["status_code"], status, "{line}");
+        assert_eq!(line["reason"], reason, "{line}");
+        line
+    }
+
     /// The admin event lines (`kind` admin) of `event`.
     pub async fn admin_events(&self, event: &str) -> Vec<serde_json::Value> {
         self.audit_lines()
@@ -1251,6 +1326,26 @@ pub async fn get_bearer(
     c.get(url).bearer_auth(token).send().await.unwrap()
 }
 
+/// [`get_bearer`] that checks the answer's status is `status`; returns the response.
+pub async fn get_bearer_expect(
+    c: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    token: impl std::fmt::Display,
+    status: u16,
+) -> reqwest::Response {
+    let r = get_bearer(c, url, token).await;
+    assert_eq!(r.status(), status, "GET {}", r.url().path());
+    r
+}
+
+/// Sends the request `rb` built, with the bearer `token`.
+pub async fn send_bearer(
+    rb: reqwest::RequestBuilder,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    rb.bearer_auth(token).send().await.unwrap()
+}
+
 /// `GET url` on client `c` with the bearer `token` (when given) and the headers `headers`.
 pub async fn get_with(
     c: &reqwest::Client,
@@ -1266,6 +1361,22 @@ pub async fn get_with(
         r = r.header(*k, *v);
     }
     r.send().await.unwrap()
+}
+
+/// Checks that `r` answers `status` with a JSON body whose `message` contains `needle`; returns
+/// the body.
+pub async fn assert_error_message(
+    r: reqwest::Response,
+    status: u16,
+    needle: &str,
+) -> serde_json::Value {
+    assert_eq!(r.status(), status, "{}", r.url().path());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains(needle)),
+        "{needle:?} not in {body}"
+    );
+    body
 }
 
 /// The `WWW-Authenticate` header of `r` (which must have one).
@@ -1324,9 +1435,16 @@ impl RawResponse {
     }
 }
 
+/// [`raw`] that checks the response's status; returns the response.
+pub async fn raw_expect(addr: SocketAddr, bytes: impl AsRef<[u8]>, status: u16) -> RawResponse {
+    let r = raw(addr, bytes).await;
+    assert_eq!(r.status, status, "{}", r.raw);
+    r
+}
+
 /// Sends raw bytes and reads until the server closes or `timeout` passes; parses the first response.
-pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> RawResponse {
-    raw_all(addr, bytes, Duration::from_secs(3))
+pub async fn raw(addr: SocketAddr, bytes: impl AsRef<[u8]>) -> RawResponse {
+    raw_all(addr, bytes.as_ref(), Duration::from_secs(3))
         .await
         .into_iter()
         .next()

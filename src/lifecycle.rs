@@ -275,11 +275,7 @@ pub fn build_spec(
     }
     let mut allowed_cidrs = Vec::new();
     for c in &r.allowed_cidrs {
-        let net = parse_net(c).ok_or_else(|| {
-            invalid(format!(
-                "`{c}` is not a CIDR like 10.0.0.0/8 or 2001:db8::/32"
-            ))
-        })?;
+        let net = parse_net(c).map_err(invalid)?;
         allowed_cidrs.push(net);
     }
     let rate = r

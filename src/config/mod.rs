@@ -453,11 +453,16 @@ pub fn default_roles() -> BTreeMap<String, RoleConfig> {
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Parses a network: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address, taken as its
-/// `/32` or `/128`; None if it is neither.
-pub fn parse_net(s: &str) -> Option<IpNet> {
+/// `/32` or `/128`; an error that says what it takes if it is neither.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .ok()
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .ok_or_else(|| {
+            format!(
+                "`{s}` is neither an IP address nor a CIDR like `10.0.0.0/8` or `2001:db8::/32`"
+            )
+        })
 }
 
 /// Parses a duration like `250ms`, `10s`, `5m`, `24h`, `7d`, or a compound of them in any order
@@ -712,6 +717,24 @@ mod tests {
             let e = load(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn networks_take_an_address_or_a_cidr_and_say_so_when_neither() {
+        assert_eq!(parse_net("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_net("192.0.2.1").unwrap().to_string(), "192.0.2.1/32");
+        assert_eq!(
+            parse_net("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        let e = load("[server]\ntrusted_proxies = [\"10/8/8\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.trusted_proxies")
+                && e.contains("`10/8/8` is neither an IP address nor a CIDR like `10.0.0.0/8`"),
+            "{e}"
+        );
     }
 
     #[test]

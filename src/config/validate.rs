@@ -185,12 +185,7 @@ fn server(cx: &Checker<'_>, base: &Path, s: &RawServer) -> Result<ServerConfig, 
     };
     let mut trusted_proxies = Vec::new();
     for p in &s.trusted_proxies {
-        let net = parse_net(p).ok_or_else(|| {
-            cx.invalid(
-                "server.trusted_proxies",
-                format!("`{p}` is not a CIDR like `10.0.0.0/8`"),
-            )
-        })?;
+        let net = parse_net(p).map_err(|e| cx.invalid("server.trusted_proxies", e))?;
         trusted_proxies.push(net);
     }
     let methods: Vec<String> = match &s.methods {

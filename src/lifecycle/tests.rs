@@ -405,7 +405,10 @@ fn creation_requests_are_checked_against_policy() {
     assert!(with(&|r| r.permissions = vec!["bad perm".into()]).contains("bad perm"));
     assert!(with(&|r| r.expires = Some("90d".into())).contains("not allowed by policy"));
     assert!(with(&|r| r.expires = Some("soon".into())).contains("not an expiry"));
-    assert!(with(&|r| r.allowed_cidrs = vec!["10/8/8".into()]).contains("not a CIDR"));
+    assert!(
+        with(&|r| r.allowed_cidrs = vec!["10/8/8".into()])
+            .contains("neither an IP address nor a CIDR")
+    );
     assert!(with(&|r| r.rate = Some("fast".into())).contains("RPS/BURST"));
 }
 

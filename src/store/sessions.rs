@@ -150,6 +150,7 @@ impl Store {
 
     /// Runs one `SELECT` of session rows on a reader, on either engine: no write lock taken,
     /// no write counted.
+    // The closure stays, as in `session_rows`.
     #[allow(clippy::redundant_closure)]
     fn session_select(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<SessionRow>, StoreError> {
         on_backend!(self, b => b.query_args(sql, args, |r| session(r)))

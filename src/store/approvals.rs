@@ -1,7 +1,7 @@
 //! Approval requests and MFA enrolments (issue 19), on both engines.
 //!
 //! The SQL here is written once with `$n` placeholders and the same column types on both engines
-//! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`/`Cell`
+//! (BIGINT/INTEGER, TEXT, BYTEA/BLOB); each engine runs it through its small `Arg`
 //! bridge (`exec_args`, `query_args`, `write_args`, which `store::sessions` uses too). Every
 //! state change is a conditional `UPDATE` (from one status to the next, or a TOTP step only
 //! upwards), so two replicas racing on the same approval or the same code cannot both win.
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::Backend;
 
+use super::row::{ReadRow, from_cells};
 use super::{Store, StoreError};
 
 /// Migration 4, written once for both engines: `$int` and `$bytes` are the engine's 64-bit
@@ -68,58 +69,6 @@ pub(crate) enum Arg {
     B(Vec<u8>),
 }
 
-/// The type of a selected column.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Kind {
-    I,
-    T,
-    B,
-}
-
-/// A selected value.
-#[derive(Debug, Clone)]
-pub(crate) enum Cell {
-    I(Option<i64>),
-    T(Option<String>),
-    B(Option<Vec<u8>>),
-}
-
-/// A selected row's values, read as `kinds` says, from either engine.
-pub(crate) fn cells<R: super::row::ReadRow>(r: &R, kinds: &[Kind]) -> Result<Vec<Cell>, R::Error> {
-    kinds
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            Ok(match k {
-                Kind::I => Cell::I(r.cell(i)?),
-                Kind::T => Cell::T(r.cell(i)?),
-                Kind::B => Cell::B(r.cell(i)?),
-            })
-        })
-        .collect()
-}
-
-impl Cell {
-    fn i(&self) -> Option<i64> {
-        match self {
-            Cell::I(v) => *v,
-            _ => None,
-        }
-    }
-    fn t(&self) -> Option<String> {
-        match self {
-            Cell::T(v) => v.clone(),
-            _ => None,
-        }
-    }
-    fn b(&self) -> Option<Vec<u8>> {
-        match self {
-            Cell::B(v) => v.clone(),
-            _ => None,
-        }
-    }
-}
-
 /// `$n` placeholders as SQLite writes them (`?n`).
 pub(crate) fn sqlite_sql(sql: &str) -> String {
     sql.replace('$', "?")
@@ -163,44 +112,12 @@ pub struct ApprovalRow {
 }
 
 const APPROVAL_COLUMNS: &str = "id, rule, params, message, token_id, token_prefix, account, status, requested_at, decided_at, decided_by, note, window_ms, expires_at, used_count, last_used_at";
-const APPROVAL_KINDS: &[Kind] = &[
-    Kind::T,
-    Kind::T,
-    Kind::T,
-    Kind::T,
-    Kind::T,
-    Kind::T,
-    Kind::T,
-    Kind::T,
-    Kind::I,
-    Kind::I,
-    Kind::T,
-    Kind::T,
-    Kind::I,
-    Kind::I,
-    Kind::I,
-    Kind::I,
-];
-
-fn approval_from(c: &[Cell]) -> ApprovalRow {
-    ApprovalRow {
-        id: c[0].t().unwrap_or_default(),
-        rule: c[1].t().unwrap_or_default(),
-        params: c[2].t().unwrap_or_default(),
-        message: c[3].t().unwrap_or_default(),
-        token_id: c[4].t().unwrap_or_default(),
-        token_prefix: c[5].t().unwrap_or_default(),
-        account: c[6].t().unwrap_or_default(),
-        status: c[7].t().unwrap_or_default(),
-        requested_at: c[8].i().unwrap_or_default(),
-        decided_at: c[9].i(),
-        decided_by: c[10].t(),
-        note: c[11].t(),
-        window_ms: c[12].i().unwrap_or_default(),
-        expires_at: c[13].i(),
-        used_count: c[14].i().unwrap_or_default(),
-        last_used_at: c[15].i(),
-    }
+/// `SELECT {APPROVAL_COLUMNS} FROM approvals`, on either engine.
+fn approval<R: ReadRow>(r: &R) -> Result<ApprovalRow, R::Error> {
+    from_cells!(r => ApprovalRow {
+        id, rule, params, message, token_id, token_prefix, account, status, requested_at,
+        decided_at, decided_by, note, window_ms, expires_at, used_count, last_used_at
+    })
 }
 
 /// One account's TOTP enrolment.
@@ -220,18 +137,35 @@ pub struct MfaRow {
     pub recovery: Vec<String>,
 }
 
-fn mfa_from(c: &[Cell]) -> MfaRow {
-    MfaRow {
-        account_id: c[0].t().unwrap_or_default(),
-        secret: c[1].b().unwrap_or_default(),
-        active: c[2].i().unwrap_or_default() != 0,
-        last_step: c[3].i().unwrap_or_default(),
-        created_at: c[4].i().unwrap_or_default(),
-        recovery: serde_json::from_str(&c[5].t().unwrap_or_default()).unwrap_or_default(),
-    }
+/// `SELECT {MFA_COLUMNS} FROM mfa`, on either engine: `active` is stored as 0 or 1, the
+/// recovery hashes as a JSON list.
+fn mfa<R: ReadRow>(r: &R) -> Result<MfaRow, R::Error> {
+    let (account_id, secret, active, last_step, created_at, recovery): (
+        String,
+        Vec<u8>,
+        i64,
+        i64,
+        i64,
+        String,
+    ) = (
+        r.cell(0)?,
+        r.cell(1)?,
+        r.cell(2)?,
+        r.cell(3)?,
+        r.cell(4)?,
+        r.cell(5)?,
+    );
+    Ok(MfaRow {
+        account_id,
+        secret,
+        active: active != 0,
+        last_step,
+        created_at,
+        recovery: serde_json::from_str(&recovery).unwrap_or_default(),
+    })
 }
 
-const MFA_KINDS: &[Kind] = &[Kind::T, Kind::B, Kind::I, Kind::I, Kind::I, Kind::T];
+const MFA_COLUMNS: &str = "account_id, secret, active, last_step, created_at, recovery";
 
 fn t(s: &str) -> Arg {
     Arg::T(Some(s.to_string()))
@@ -249,13 +183,16 @@ impl Store {
         on_backend!(self, b => b.exec_args(sql, args))
     }
 
-    fn query_cells(
-        &self,
-        sql: &str,
-        args: Vec<Arg>,
-        kinds: &'static [Kind],
-    ) -> Result<Vec<Vec<Cell>>, StoreError> {
-        on_backend!(self, b => b.query_args(sql, args, move |r| cells(r, kinds)))
+    // The closures stay: a SQLite row borrows its statement, and a generic fn item is not
+    // general enough over that lifetime.
+    #[allow(clippy::redundant_closure)]
+    fn approval_rows(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<ApprovalRow>, StoreError> {
+        on_backend!(self, b => b.query_args(sql, args, |r| approval(r)))
+    }
+
+    #[allow(clippy::redundant_closure)]
+    fn mfa_rows(&self, sql: &str, args: Vec<Arg>) -> Result<Vec<MfaRow>, StoreError> {
+        on_backend!(self, b => b.query_args(sql, args, |r| mfa(r)))
     }
 
     // ------------------------------------------------------------ approvals
@@ -290,12 +227,11 @@ impl Store {
 
     /// One approval request by id.
     pub fn approval_get(&self, id: &str) -> Result<Option<ApprovalRow>, StoreError> {
-        let rows = self.query_cells(
+        let rows = self.approval_rows(
             &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"),
             vec![t(id)],
-            APPROVAL_KINDS,
         )?;
-        Ok(rows.first().map(|c| approval_from(c)))
+        Ok(rows.into_iter().next())
     }
 
     /// The newest `limit` approval requests, optionally only those of one token.
@@ -304,23 +240,20 @@ impl Store {
         token_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ApprovalRow>, StoreError> {
-        let rows = match token_id {
-            Some(tok) => self.query_cells(
+        match token_id {
+            Some(tok) => self.approval_rows(
                 &format!(
                     "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE token_id = $1 ORDER BY requested_at DESC, id LIMIT $2"
                 ),
                 vec![t(tok), i(limit as i64)],
-                APPROVAL_KINDS,
-            )?,
-            None => self.query_cells(
+            ),
+            None => self.approval_rows(
                 &format!(
                     "SELECT {APPROVAL_COLUMNS} FROM approvals ORDER BY requested_at DESC, id LIMIT $1"
                 ),
                 vec![i(limit as i64)],
-                APPROVAL_KINDS,
-            )?,
-        };
-        Ok(rows.iter().map(|c| approval_from(c)).collect())
+            ),
+        }
     }
 
     /// The live (pending or approved) requests bound to exactly this token, rule and parameters.
@@ -330,14 +263,12 @@ impl Store {
         rule: &str,
         params: &str,
     ) -> Result<Vec<ApprovalRow>, StoreError> {
-        let rows = self.query_cells(
+        self.approval_rows(
             &format!(
                 "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE token_id = $1 AND rule = $2 AND params = $3 AND status IN ('pending', 'approved') ORDER BY requested_at DESC, id"
             ),
-            vec![t(token_id), t(rule), t(params)],
-            APPROVAL_KINDS,
-        )?;
-        Ok(rows.iter().map(|c| approval_from(c)).collect())
+            vec![t(token_id), t(rule), t(params)]
+        )
     }
 
     /// Moves a request from `from` to `to` (approve, reject, expire); false when it was no longer
@@ -382,12 +313,11 @@ impl Store {
 
     /// An account's enrolment.
     pub fn mfa_get(&self, account_id: &str) -> Result<Option<MfaRow>, StoreError> {
-        let rows = self.query_cells(
-            "SELECT account_id, secret, active, last_step, created_at, recovery FROM mfa WHERE account_id = $1",
+        let rows = self.mfa_rows(
+            &format!("SELECT {MFA_COLUMNS} FROM mfa WHERE account_id = $1"),
             vec![t(account_id)],
-            MFA_KINDS,
         )?;
-        Ok(rows.first().map(|c| mfa_from(c)))
+        Ok(rows.into_iter().next())
     }
 
     /// Starts (or restarts) an enrolment that is not active yet; false when the account already
@@ -403,7 +333,7 @@ impl Store {
         }
         let recovery = serde_json::to_string(&row.recovery).unwrap_or_else(|_| "[]".into());
         self.exec_args(
-            "INSERT INTO mfa (account_id, secret, active, last_step, created_at, recovery) VALUES ($1, $2, $3, $4, $5, $6)",
+            &format!("INSERT INTO mfa ({MFA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
             vec![
                 t(&row.account_id),
                 Arg::B(row.secret.clone()),
@@ -452,22 +382,18 @@ impl Store {
 
     /// Every approval request, by id (for `store copy`).
     pub fn approval_all(&self) -> Result<Vec<ApprovalRow>, StoreError> {
-        let rows = self.query_cells(
+        self.approval_rows(
             &format!("SELECT {APPROVAL_COLUMNS} FROM approvals ORDER BY id"),
             vec![],
-            APPROVAL_KINDS,
-        )?;
-        Ok(rows.iter().map(|c| approval_from(c)).collect())
+        )
     }
 
     /// Every MFA enrolment, by account (for `store copy`; secrets stay sealed).
     pub fn mfa_all(&self) -> Result<Vec<MfaRow>, StoreError> {
-        let rows = self.query_cells(
-            "SELECT account_id, secret, active, last_step, created_at, recovery FROM mfa ORDER BY account_id",
+        self.mfa_rows(
+            &format!("SELECT {MFA_COLUMNS} FROM mfa ORDER BY account_id"),
             vec![],
-            MFA_KINDS,
-        )?;
-        Ok(rows.iter().map(|c| mfa_from(c)).collect())
+        )
     }
 
     /// `store copy`, after the main tables: approval requests and MFA enrolments, row by row,

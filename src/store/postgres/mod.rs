@@ -596,27 +596,17 @@ impl Postgres {
         })
     }
 
-    /// Like [`Self::query_args`], counting a write: for a statement that writes and returns
-    /// rows (`RETURNING`).
+    /// [`Self::query_args`], counting a write: for a statement that writes and returns rows
+    /// (`RETURNING`; one statement, so its own transaction).
     pub(crate) fn write_args<T: Send + 'static>(
         &self,
         sql: &str,
         args: Vec<Arg>,
         row: impl Fn(&Row) -> Result<T, tokio_postgres::Error> + Send + 'static,
     ) -> Result<Vec<T>, StoreError> {
-        let (db, sql) = (self.db.clone(), sql.to_string());
-        self.run(async move {
-            let c = db.conn().await?;
-            let rows = c
-                .query(&sql, &params(&bind(args)))
-                .await
-                .map_err(|e| db.err(e))?;
-            db.wrote();
-            rows.iter()
-                .map(row)
-                .collect::<Result<_, _>>()
-                .map_err(|e| db.err(e))
-        })
+        let rows = self.query_args(sql, args, row)?;
+        self.db.wrote();
+        Ok(rows)
     }
 
     pub(crate) fn integrity_check(&self) -> Result<String, StoreError> {
